@@ -1,0 +1,335 @@
+"""The REPL loop that runs inside a sandbox child.
+
+The fork server forks, calls :func:`main`, and never gets control back: the
+child locks itself down (:mod:`sandbox.isolation`), says ``hello`` and then
+serves ``exec``/``set``/``get`` frames from the host until ``bye`` or EOF.
+Variables persist in one namespace between ``exec`` calls. Host functions are
+stubs that send a ``call`` frame and block until the host's ``reply``.
+
+Output is captured here and cut at ``max_output_bytes`` (the host cuts again:
+this copy only keeps a runaway ``print`` loop from filling memory). Nothing in
+this module enforces a limit the host relies on; CPU, wall time, memory,
+processes, files and disk are the kernel's and the host's business.
+
+Stdlib and msgpack only (RestrictedPython in restricted mode, via the guard).
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import io
+import linecache
+import os
+import socket
+import sys
+import traceback
+from typing import Any, NoReturn
+
+from sandbox import isolation, protocol
+from sandbox.guard import GuardError, Runtime, make_runtime
+
+__all__ = ["HostFunctionError", "OutputLimitExceeded", "main"]
+
+TRUNCATION_MARKER = "\n[... output truncated at {limit} bytes by policy {policy!r}]\n"
+
+
+class HostFunctionError(Exception):
+    """A host function raised; its message is the host's error text."""
+
+
+class OutputLimitExceeded(BaseException):
+    """The code printed more than ``max_output_bytes``.
+
+    A BaseException so that a bare ``except Exception`` in a print loop does
+    not swallow it and keep the loop spinning.
+    """
+
+
+class _ChannelLost(BaseException):
+    """The host went away or spoke out of turn; the child must exit."""
+
+
+class _Capture:
+    """stdout and stderr of one execute, sharing one byte budget."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.truncated = False
+        self.parts: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+    def stream(self, which: str) -> io.TextIOBase:
+        capture = self
+
+        class Stream(io.TextIOBase):
+            def writable(self) -> bool:
+                return True
+
+            def write(self, s: str) -> int:
+                if not isinstance(s, str):
+                    raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+                capture.add(which, s)
+                return len(s)
+
+        return Stream()
+
+    def add(self, which: str, s: str) -> None:
+        if self.truncated:
+            raise OutputLimitExceeded(f"output is over the limit of {self.limit} bytes")
+        size = len(s) if s.isascii() else len(s.encode("utf-8", "surrogatepass"))
+        room = self.limit - self.used
+        if size <= room:
+            self.parts[which].append(s)
+            self.used += size
+            return
+        self.parts[which].append(s.encode("utf-8", "surrogatepass")[:room].decode("utf-8", "ignore"))
+        self.used = self.limit
+        self.truncated = True
+        raise OutputLimitExceeded(f"output is over the limit of {self.limit} bytes")
+
+    def text(self, which: str) -> str:
+        s = "".join(self.parts[which])
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+        return s
+
+
+def _limit_hint(exc: BaseException) -> str | None:
+    """Which limit an exception inside the code most likely came from (labelling only)."""
+    if isinstance(exc, MemoryError):
+        return "memory"
+    if isinstance(exc, OutputLimitExceeded):
+        return "output"
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return "files"
+        if exc.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT):
+            return "disk"
+        if exc.errno == errno.EAGAIN and isinstance(exc, BlockingIOError):
+            return "processes"
+    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+        return "processes"
+    return None
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:
+        return "<exception message could not be rendered>"
+
+
+class Child:
+    """One child's state: its channel, its namespace, its guard."""
+
+    def __init__(self, sock: socket.socket, config: dict[str, Any], runtime: Runtime) -> None:
+        policy = config["policy"]
+        self.sock = sock
+        self.policy_name: str = policy["name"]
+        self.max_output = int(policy["limits"]["max_output_bytes"])
+        self.max_message = int(policy["limits"]["max_message_mb"]) * 1024 * 1024
+        self.reader = protocol.FrameReader(min(self.max_message, protocol.DEFAULT_MAX_FRAME))
+        self.fds: list[int] = []
+        self.runtime = runtime
+        self.call_id = 0
+        self.exec_count = 0
+        builtins_ns = dict(runtime.builtins)
+        builtins_ns["HostFunctionError"] = HostFunctionError
+        for name in config.get("host_functions", []):
+            builtins_ns[name] = self._stub(name)
+        self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins_ns}
+        self.ns.update(runtime.extra_globals)
+
+    # -- channel ---------------------------------------------------------
+    def recv(self) -> dict[str, Any]:
+        while True:
+            try:
+                msg = next(self.reader, None)
+            except protocol.WireError as exc:
+                raise _ChannelLost(str(exc)) from None
+            if msg is not None:
+                try:
+                    return protocol.check(msg, "host")
+                except protocol.WireError as exc:
+                    raise _ChannelLost(str(exc)) from None
+            try:
+                alive = protocol.recv_frames(self.sock, self.reader, self.fds)
+            except OSError as exc:
+                raise _ChannelLost(str(exc)) from None
+            if not alive:
+                raise _ChannelLost("host closed the channel")
+
+    def send(self, msg: dict[str, Any], fd: int | None = None) -> None:
+        try:
+            protocol.send_message(self.sock, msg, fd)
+        except OSError as exc:
+            raise _ChannelLost(str(exc)) from None
+
+    def take_value(self, msg: dict[str, Any]) -> Any:
+        if "shm" in msg:
+            if not self.fds:
+                raise _ChannelLost("out-of-band value announced without a descriptor")
+            return protocol.read_shm(self.fds.pop(0), msg["shm"], self.max_message, mapped=True)
+        return msg.get("value")
+
+    def send_value(self, kind: str, value: Any, **extra: Any) -> None:
+        """Send ``value`` in a frame of type *kind*, out of band if it is large."""
+        data = protocol.pack_value(value)
+        if len(data) > self.max_message:
+            raise protocol.WireError(f"value of {len(data)} bytes is over the policy's max_message_mb")
+        if len(data) <= protocol.INLINE_LIMIT:
+            self.send({"t": kind, "value": value, **extra})
+            return
+        fd = protocol.write_shm(data)
+        try:
+            self.send({"t": kind, "shm": len(data), **extra}, fd)
+        finally:
+            os.close(fd)
+
+    # -- host functions ----------------------------------------------------
+    def _stub(self, name: str) -> Any:
+        child = self
+
+        def host_function(*args: Any, **kwargs: Any) -> Any:
+            child.call_id += 1
+            cid = child.call_id
+            msg = {"t": "call", "id": cid, "fn": name, "args": list(args), "kwargs": kwargs}
+            try:
+                protocol.check_plain(msg)
+                frame = protocol.encode(msg)
+            except (protocol.WireError, TypeError, ValueError, OverflowError) as exc:
+                raise TypeError(f"{name}(): arguments must be plain data: {exc}") from None
+            if len(frame) > child.reader.max_frame:
+                raise ValueError(f"{name}(): arguments are {len(frame)} bytes, over the message cap")
+            try:
+                protocol.send_frame(child.sock, frame)
+            except OSError as exc:
+                raise _ChannelLost(str(exc)) from None
+            reply = child.recv()
+            if reply["t"] != "reply" or reply["id"] != cid:
+                raise _ChannelLost(f"expected reply {cid}, got {reply['t']!r}")
+            if reply["ok"]:
+                return child.take_value(reply)
+            raise HostFunctionError(reply.get("error", f"{name}() failed"))
+
+        host_function.__name__ = name
+        host_function.__qualname__ = name
+        return host_function
+
+    # -- execute -----------------------------------------------------------
+    def execute(self, exec_id: int, code: str) -> dict[str, Any]:
+        self.exec_count += 1
+        filename = f"<cell-{self.exec_count}>"
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        capture = _Capture(self.max_output)
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = capture.stream("stdout"), capture.stream("stderr")  # type: ignore[assignment]
+        error: BaseException | None = None
+        try:
+            tree = ast.parse(code, filename, "exec")
+            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+            exec(self.runtime.compile_exec(tree, filename), self.ns)
+            if last is not None:
+                value = eval(self.runtime.compile_eval(ast.Expression(last.value), filename), self.ns)
+                if value is not None:
+                    print(repr(value))
+        except _ChannelLost:
+            raise
+        except BaseException as exc:  # the code's exception is a result, not our failure
+            error = exc
+        finally:
+            sys.stdout, sys.stderr = saved
+        done: dict[str, Any] = {
+            "t": "done",
+            "id": exec_id,
+            "ok": error is None,
+            "stdout": capture.text("stdout"),
+            "stderr": capture.text("stderr"),
+            "truncated": capture.truncated,
+        }
+        if capture.truncated:
+            marker = TRUNCATION_MARKER.format(limit=self.max_output, policy=self.policy_name)
+            done["stdout" if capture.parts["stdout"] else "stderr"] += marker
+        if error is not None:
+            done["error_type"] = "GuardError" if isinstance(error, GuardError) else type(error).__name__
+            done["error_message"] = _safe_str(error)
+            done["traceback"] = self.format_traceback(error, filename)
+            hint = _limit_hint(error)
+            if hint is not None:
+                done["limit_hint"] = hint
+        return done
+
+    @staticmethod
+    def format_traceback(exc: BaseException, filename: str) -> str:
+        """The traceback from the first frame of the executed code onwards."""
+        try:
+            if isinstance(exc, (SyntaxError, GuardError)):
+                return "".join(traceback.format_exception_only(type(exc), exc))
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+                tb = tb.tb_next
+            return "".join(traceback.format_exception(type(exc), exc, tb))
+        except BaseException:
+            return f"{type(exc).__name__}: {_safe_str(exc)}\n"
+
+    # -- loop --------------------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            msg = self.recv()
+            kind = msg["t"]
+            if kind == "exec":
+                self.send(self.execute(msg["id"], msg["code"]))
+            elif kind == "set":
+                try:
+                    self.ns[msg["name"]] = self.take_value(msg)
+                    self.send({"t": "ack", "ok": True})
+                except (protocol.WireError, OSError, ValueError, MemoryError) as exc:
+                    self.send({"t": "ack", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            elif kind == "get":
+                self.get(msg["name"])
+            elif kind == "bye":
+                return
+            else:
+                raise _ChannelLost(f"unexpected {kind!r} frame")
+
+    def get(self, name: str) -> None:
+        if name not in self.ns or name.startswith("__"):
+            self.send({"t": "value", "ok": False, "error": f"no variable named {name!r}"})
+            return
+        value = self.ns[name]
+        try:
+            self.send_value("value", value, ok=True)
+        except (protocol.WireError, TypeError, ValueError, OverflowError, MemoryError) as exc:
+            self.send({"t": "value", "ok": False, "error": f"variable {name!r}: {exc}"})
+
+
+def main(config: dict[str, Any], chan_fd: int, prepared: Any) -> NoReturn:
+    """Entry point in the freshly forked child; never returns."""
+    code = 0
+    try:
+        sock = socket.socket(fileno=chan_fd)
+        try:
+            layers = isolation.apply(prepared, config, chan_fd)
+        except isolation.LayerFailure as exc:
+            protocol.send_message(
+                sock,
+                {"t": "hello", "version": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "layers": {},
+                 "error": exc.reason, "layer": exc.layer},
+            )  # fmt: skip
+            os._exit(3)
+        policy = config["policy"]
+        runtime = make_runtime(
+            policy["python"]["guard"], policy["python"]["allowed_imports"], policy["name"], config["scratch"]
+        )
+        child = Child(sock, config, runtime)
+        child.send({"t": "hello", "version": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "layers": layers})
+        child.serve()
+    except _ChannelLost:
+        code = 2
+    except BaseException:
+        code = 4
+    finally:
+        os._exit(code)

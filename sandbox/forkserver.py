@@ -1,0 +1,280 @@
+"""The warm fork server: starts sandbox children in about a millisecond.
+
+Spawning ``python -I`` per sandbox costs 20-30 ms; forking a warm process
+costs about 1 ms. So the host starts one fork server (``python -I`` with an
+empty environment, stdin/stdout/stderr on /dev/null, its own session) the
+first time a sandbox is opened, and asks it for children over a socket pair.
+The host itself is never forked: its memory holds API keys.
+
+The server preloads each policy's allowed modules before forking, so a child
+that has dropped to an unprivileged uid (which cannot read a stdlib under a
+0700 home) still has them. It reports each child's pid together with a pidfd
+(``SCM_RIGHTS``), reaps children, and reports each one's exit status, peak
+RSS and CPU time (from ``wait4``) back to the host. It dies with the host
+(``PR_SET_PDEATHSIG``) and, on end of file, kills every child first.
+
+:class:`ForkServer` is the host's client. One per host process is shared by
+all sandboxes (:func:`shared`); :func:`shutdown` stops it and waits for it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sandbox import protocol
+
+__all__ = ["ExitInfo", "ForkServer", "serve", "shared", "shutdown"]
+
+_CONTROL_FRAME_CAP = 1024 * 1024
+
+
+class ExitInfo:
+    """How a child ended, from the fork server's ``wait4``."""
+
+    __slots__ = ("cpu", "maxrss", "pid", "status")
+
+    def __init__(self, pid: int, status: int, maxrss: int, cpu: float) -> None:
+        self.pid, self.status, self.maxrss, self.cpu = pid, status, maxrss, cpu
+
+    @property
+    def signal(self) -> int | None:
+        return os.WTERMSIG(self.status) if os.WIFSIGNALED(self.status) else None
+
+    @property
+    def exit_code(self) -> int | None:
+        return os.WEXITSTATUS(self.status) if os.WIFEXITED(self.status) else None
+
+
+# ---------------------------------------------------------------- server side
+def serve(ctl_fd: int) -> None:
+    """Fork-server main loop (runs in the ``python -I`` helper process)."""
+    from sandbox import child, isolation
+
+    isolation.libc().prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:
+        os._exit(0)
+    ctl = socket.socket(fileno=ctl_fd)
+    reader = protocol.FrameReader(_CONTROL_FRAME_CAP)
+    fds: list[int] = []
+    sel = selectors.DefaultSelector()
+    sel.register(ctl, selectors.EVENT_READ, None)
+    children: dict[int, int] = {}  # pid -> pidfd
+    prepared: dict[str, Any] = {}
+
+    def reap(pid: int) -> None:
+        pidfd = children.pop(pid)
+        sel.unregister(pidfd)
+        os.close(pidfd)
+        _, status, usage = os.wait4(pid, 0)
+        cpu = usage.ru_utime + usage.ru_stime
+        msg = {"t": "exited", "pid": pid, "status": status, "maxrss": usage.ru_maxrss * 1024, "cpu": cpu}
+        protocol.send_message(ctl, msg)
+
+    def spawn(config: dict[str, Any], chan_fd: int) -> None:
+        key = config["policy_sha256"]
+        if key not in prepared:
+            prepared[key] = isolation.prepare(config["policy"])
+        config["server_pid"] = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into this loop
+            try:
+                sel.close()
+                ctl.detach()
+                child.main(config, chan_fd, prepared[key])
+            finally:
+                os._exit(5)
+        os.close(chan_fd)
+        pidfd = os.pidfd_open(pid)
+        children[pid] = pidfd
+        sel.register(pidfd, selectors.EVENT_READ, pid)
+        protocol.send_message(ctl, {"t": "spawned", "pid": pid}, pidfd)
+
+    try:
+        while True:
+            for key, _ in sel.select():
+                if key.data is not None:
+                    reap(key.data)
+                    continue
+                if not protocol.recv_frames(ctl, reader, fds):
+                    return
+                for raw in reader:
+                    msg = protocol.check(raw, "host")
+                    if msg["t"] != "spawn" or not fds:
+                        raise protocol.WireError(f"fork server got {msg['t']!r} without a channel")
+                    try:
+                        spawn(msg["config"], fds.pop(0))
+                    except Exception as exc:
+                        protocol.send_message(ctl, {"t": "failed", "error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        for pid, pidfd in list(children.items()):
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in list(children):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
+# ------------------------------------------------------------------ host side
+_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from sandbox.forkserver import serve; serve(int(sys.argv[2]))"
+
+
+class ForkServer:
+    """Host-side handle on one fork server process. Thread-safe."""
+
+    def __init__(self) -> None:
+        from sandbox.errors import SandboxStartError
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        root = str(Path(__file__).resolve().parent.parent)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", _BOOT, root, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                env={},
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            ours.close()
+            raise SandboxStartError(f"cannot start the fork server: {exc}") from None
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.owner_pid = os.getpid()
+        self._lock = threading.Lock()
+        self._reader = protocol.FrameReader(_CONTROL_FRAME_CAP)
+        self._fds: list[int] = []
+        self._exits: dict[int, ExitInfo] = {}
+        self.closed = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read_one(self, timeout: float | None) -> dict[str, Any] | None:
+        """Next server frame, or None on timeout. Caller holds the lock."""
+        from sandbox.errors import SandboxStartError
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            raw = next(self._reader, None)
+            if raw is not None:
+                msg = protocol.check(raw, "server")
+                if msg["t"] == "exited":
+                    self._exits[msg["pid"]] = ExitInfo(msg["pid"], msg["status"], msg["maxrss"], msg["cpu"])
+                return msg
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.sock.settimeout(left)
+            else:
+                self.sock.settimeout(None)
+            try:
+                alive = protocol.recv_frames(self.sock, self._reader, self._fds)
+            except TimeoutError:
+                return None
+            if not alive:
+                self.closed = True
+                raise SandboxStartError("the fork server exited")
+
+    def spawn(self, config: dict[str, Any], chan_fd: int, timeout: float = 30.0) -> tuple[int, int]:
+        """Ask for a child on *chan_fd*; return ``(pid, pidfd)``."""
+        from sandbox.errors import SandboxStartError
+
+        with self._lock:
+            if self.closed:
+                raise SandboxStartError("the fork server is closed")
+            protocol.send_message(self.sock, {"t": "spawn", "config": config}, chan_fd)
+            while True:
+                msg = self._read_one(timeout)
+                if msg is None:
+                    raise SandboxStartError("the fork server did not answer a spawn request")
+                if msg["t"] == "failed":
+                    raise SandboxStartError(f"the fork server could not start a child: {msg['error']}")
+                if msg["t"] == "spawned":
+                    if not self._fds:
+                        raise SandboxStartError("the fork server sent no pidfd")
+                    return msg["pid"], self._fds.pop(0)
+
+    def wait_exit(self, pid: int, timeout: float) -> ExitInfo | None:
+        """The exit report of child *pid*, waiting up to *timeout* seconds."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while pid not in self._exits:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.closed:
+                    return None
+                try:
+                    self._read_one(left)
+                except Exception:
+                    return None
+            return self._exits.pop(pid)
+
+    def forget(self, pid: int) -> None:
+        """Drop a buffered exit report nobody will ask for."""
+        with self._lock:
+            self._exits.pop(pid, None)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the server (it kills its children first) and wait for it."""
+        with self._lock:
+            if self.closed and self.proc.poll() is not None:
+                return
+            self.closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
+            for fd in self._fds:
+                os.close(fd)
+            self._fds.clear()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_shared: ForkServer | None = None
+_shared_lock = threading.Lock()
+
+
+def shared() -> ForkServer:
+    """The host process's fork server, started on first use (and again after a fork of the host)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared.owner_pid != os.getpid() or _shared.closed:
+            _shared = ForkServer()
+        return _shared
+
+
+def shutdown() -> None:
+    """Stop the shared fork server, if one is running; the next sandbox starts a new one."""
+    global _shared
+    with _shared_lock:
+        server, _shared = _shared, None
+    if server is not None and server.owner_pid == os.getpid():
+        server.close()
+
+
+atexit.register(shutdown)

@@ -1,0 +1,257 @@
+"""Policies: what a sandbox may do, declared in versioned TOML files.
+
+:class:`Policy` is the schema's single source of truth: every key a policy
+file may hold is a field below, with its unit and default in the field's
+description. Models are frozen and refuse unknown keys, so a typo in a policy
+is an error naming the file and the key, never a silently ignored setting.
+
+``load_policy("default")`` loads a policy shipped with the package (the
+``policies/`` directory of the checkout, packaged as ``sandbox/policies``);
+anything that contains a path separator or ends in ``.toml`` is a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sandbox.errors import PolicyError
+
+__all__ = [
+    "LAYERS",
+    "SCHEMA_VERSION",
+    "AuditSettings",
+    "IsolationSettings",
+    "Limits",
+    "Policy",
+    "PythonSettings",
+    "load_policy",
+    "shipped_policies",
+]
+
+SCHEMA_VERSION = 1
+
+#: Every protection layer, in the order the child applies them.
+LAYERS: tuple[str, ...] = (
+    "no_new_privs",
+    "rlimits",
+    "cgroup",
+    "scratch_fs",
+    "network",
+    "landlock",
+    "identity",
+    "seccomp",
+)
+
+DEFAULT_IMPORTS: tuple[str, ...] = (
+    "re", "json", "math", "cmath", "statistics", "random", "string", "textwrap",
+    "collections", "itertools", "functools", "operator", "heapq", "bisect",
+    "datetime", "time", "calendar", "decimal", "fractions", "numbers",
+    "dataclasses", "enum", "typing", "copy", "pprint", "difflib", "unicodedata",
+    "csv", "io", "base64", "hashlib", "hmac", "binascii", "zlib", "struct",
+    "array", "uuid", "html", "html.parser", "urllib.parse", "ast",
+)  # fmt: skip
+
+_MODEL = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class Limits(BaseModel):
+    """Resource limits, applied per ``execute`` call unless stated otherwise."""
+
+    model_config = _MODEL
+
+    cpu_seconds: float = Field(10.0, gt=0, description="CPU time one execute may use, in seconds. Default 10.")
+    wall_seconds: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Wall-clock time one execute may take, in seconds; the host kills the child's process "
+            "group at the deadline. Time the host spends inside host functions is not counted. Default 30."
+        ),
+    )
+    memory_mb: int = Field(
+        1024, gt=16, description="Address space of the child process, in MiB (RLIMIT_AS). Default 1024."
+    )
+    max_output_bytes: int = Field(
+        1_000_000,
+        gt=0,
+        description="stdout plus stderr one execute may print, in bytes; the rest is cut with a marker. Default 1000000.",
+    )
+    max_processes: int = Field(
+        0, ge=0, description="Extra processes or threads the code may start. Default 0 (none)."
+    )
+    max_open_files: int = Field(64, ge=8, description="Open file descriptors (RLIMIT_NOFILE). Default 64.")
+    max_file_mb: int = Field(64, ge=0, description="Size of any one written file, in MiB (RLIMIT_FSIZE). Default 64.")
+    disk_mb: int = Field(
+        256, ge=1, description="Total size of everything in the scratch directory, in MiB. Default 256."
+    )
+    max_message_mb: int = Field(
+        256,
+        ge=1,
+        description=(
+            "Largest value or message that may cross between host and child, in MiB. "
+            "Frames over 64 MiB always travel out of band. Default 256."
+        ),
+    )
+
+
+class PythonSettings(BaseModel):
+    """The Python-level guard: readable errors for the model, not the security boundary."""
+
+    model_config = _MODEL
+
+    guard: Literal["allowlist", "restricted", "none"] = Field(
+        "allowlist",
+        description=(
+            "'allowlist': imports limited to allowed_imports and host-reaching builtins removed; "
+            "'restricted': compiled with RestrictedPython and every guard; 'none': plain exec. Default 'allowlist'."
+        ),
+    )
+    allowed_imports: tuple[str, ...] = Field(
+        DEFAULT_IMPORTS,
+        description="Modules the code may import (a package allows its submodules). Default: a safe stdlib set.",
+    )
+
+
+class IsolationSettings(BaseModel):
+    """Kernel layers applied in the child before any model code runs."""
+
+    model_config = _MODEL
+
+    no_new_privs: bool = Field(True, description="Set PR_SET_NO_NEW_PRIVS and a parent-death signal. Default true.")
+    rlimits: bool = Field(True, description="Apply the [limits] as kernel rlimits (and RLIMIT_CORE=0). Default true.")
+    cgroup: bool = Field(True, description="Put the child in its own pids and memory cgroup. Default true.")
+    scratch_fs: bool = Field(
+        True, description="Mount a private tmpfs of disk_mb MiB as the scratch directory. Default true."
+    )
+    network: bool = Field(True, description="Move the child into a new, empty network namespace. Default true.")
+    landlock: bool = Field(
+        True, description="Landlock: reads only where Python lives, read_paths and scratch; writes only scratch; no TCP; scoped signals. Default true."
+    )
+    identity: bool = Field(
+        True, description="Run as an unprivileged identity: a fresh uid/gid when started as root, else a user namespace. Default true."
+    )
+    seccomp: bool = Field(True, description="seccomp-bpf filter refusing dangerous system calls. Default true.")
+    allowed_sockets: tuple[Literal["unix", "inet", "inet6"], ...] = Field(
+        (), description="Socket families the code may create (seccomp). Default none."
+    )
+    read_paths: tuple[str, ...] = Field((), description="Extra paths the code may read (Landlock). Default none.")
+    require: tuple[str, ...] = Field(
+        (),
+        description="Layers that must be active; the sandbox refuses to start without them. Default none.",
+    )
+
+
+class AuditSettings(BaseModel):
+    """Where the tamper-evident execution log goes."""
+
+    model_config = _MODEL
+
+    enabled: bool = Field(True, description="Append one hash-chained line per execute. Default true.")
+    path: str | None = Field(
+        None,
+        description="Log file; '~' is expanded. Default: $XDG_STATE_HOME/rlm/audit.jsonl (~/.local/state/rlm/audit.jsonl).",
+    )
+
+
+class Policy(BaseModel):
+    """A sandbox policy (schema version 1)."""
+
+    model_config = _MODEL
+
+    schema_version: Literal[1] = Field(description="Version of this schema; only 1 exists.")
+    name: str = Field(min_length=1, description="Short name, reported in every result and audit line.")
+    description: str = Field(description="What the policy is for and what it gives up.")
+    limits: Limits = Field(default_factory=Limits, description="Resource limits.")
+    python: PythonSettings = Field(default_factory=PythonSettings, description="The Python-level guard.")
+    isolation: IsolationSettings = Field(default_factory=IsolationSettings, description="Kernel layers.")
+    audit: AuditSettings = Field(default_factory=AuditSettings, description="The audit log.")
+
+    def model_post_init(self, __context: Any) -> None:
+        unknown = [layer for layer in self.isolation.require if layer not in LAYERS]
+        if unknown:
+            raise ValueError(f"isolation.require names unknown layer(s) {unknown}; known: {list(LAYERS)}")
+        off = [layer for layer in self.isolation.require if not getattr(self.isolation, layer)]
+        if off:
+            raise ValueError(f"isolation.require lists layer(s) {off} that the policy switches off")
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the canonical JSON of the policy: identifies exactly what was enforced."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def override(self, changes: dict[str, Any]) -> Policy:
+        """A validated copy with dotted keys replaced: ``p.override({"python.guard": "none"})``."""
+        data = self.model_dump()
+        for dotted, value in changes.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise PolicyError(f"policy {self.name!r}: unknown key {dotted!r}")
+                node = node[part]
+            if leaf not in node:
+                raise PolicyError(f"policy {self.name!r}: unknown key {dotted!r}")
+            node[leaf] = value
+        return _validate(data, f"policy {self.name!r} (override)")
+
+
+def _shipped_dir() -> Path:
+    return Path(__file__).resolve().parent / "policies"
+
+
+def shipped_policies() -> dict[str, Path]:
+    """Names of the policies shipped with the package, and their files."""
+    return {p.stem: p for p in sorted(_shipped_dir().glob("*.toml"))}
+
+
+def _validate(data: Any, where: str) -> Policy:
+    if not isinstance(data, dict):
+        raise PolicyError(f"{where}: a policy must be a TOML table")
+    version = data.get("schema_version")
+    if version is None:
+        raise PolicyError(f"{where}: missing key 'schema_version' (this version reads schema_version = 1)")
+    if version != SCHEMA_VERSION:
+        raise PolicyError(f"{where}: unknown schema_version {version!r} (this version reads schema_version = 1)")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "<top>"
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif first["type"] == "missing":
+            msg = "missing key"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise PolicyError(f"{where}: key {key!r}: {msg}{more}") from None
+    except ValueError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
+
+
+def load_policy(name_or_path: str | Path) -> Policy:
+    """Load a shipped policy by bare name (``"default"``) or a policy file by path."""
+    text = str(name_or_path)
+    is_path = isinstance(name_or_path, Path) or "/" in text or text.endswith(".toml") or text.startswith(".")
+    if is_path:
+        path = Path(text).expanduser()
+    else:
+        shipped = shipped_policies()
+        if text not in shipped:
+            raise PolicyError(f"no shipped policy named {text!r} (shipped: {', '.join(shipped) or 'none'})")
+        path = shipped[text]
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PolicyError(f"{path}: not valid TOML: {exc}") from None
+    return _validate(data, str(path))

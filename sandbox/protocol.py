@@ -1,0 +1,352 @@
+"""The wire format between the host and a sandbox child; this module owns it alone.
+
+Frames are a 4-byte big-endian length followed by one msgpack map. Every map
+has a string ``"t"`` (its type); the other keys and their types are declared
+in :data:`MESSAGES`, and :func:`check` validates a decoded frame against that
+table and against the direction it travelled. Only plain data crosses:
+``None, bool, int, float, str, bytes, list, dict`` (msgpack extension types,
+timestamps included, are refused). Nothing received is ever pickled, eval'ed
+or repr'ed.
+
+Large values (``set`` and ``value`` of more than :data:`INLINE_LIMIT` bytes)
+travel out of band: the sender packs them into a memfd whose descriptor rides
+on the same ``sendmsg`` as the frame (``SCM_RIGHTS``), and the frame carries
+``shm=<size>`` instead of ``value``. That keeps a 100 MB context to three
+memory copies instead of a trip through the socket buffer.
+
+This module is imported by the child, so it may use only the stdlib and msgpack.
+
+Conversation (host = H, child = C)::
+
+    C: hello{version, pid, layers, error?}          once, after the child has locked itself down
+    H: exec{id, code}  -> C: call{id, fn, args, kwargs}* ... done{id, ...}
+                          (each call is answered by H: reply{id, ok, value|error} before the next)
+    H: set{name, value|shm}  -> C: ack{ok, error?}
+    H: get{name}             -> C: value{ok, value|shm, error?}
+    H: bye{}                 -> C exits
+"""
+
+from __future__ import annotations
+
+import array
+import mmap
+import os
+import socket
+import stat
+import struct
+from collections.abc import Iterator
+from typing import Any, Final
+
+import msgpack
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "HEADER",
+    "INLINE_LIMIT",
+    "MESSAGES",
+    "PROTOCOL_VERSION",
+    "FrameReader",
+    "WireError",
+    "check",
+    "check_plain",
+    "encode",
+    "encode_with_value",
+    "pack_value",
+    "read_shm",
+    "recv_frames",
+    "send_frame",
+    "send_message",
+    "unpack_value",
+    "write_shm",
+]
+
+PROTOCOL_VERSION: Final = 1
+HEADER: Final = struct.Struct(">I")
+#: Frames longer than this are refused before a byte of their body is read.
+DEFAULT_MAX_FRAME: Final = 64 * 1024 * 1024
+#: Packed values larger than this travel in a memfd rather than inline.
+INLINE_LIMIT: Final = 1024 * 1024
+#: How deep plain data may nest (msgpack itself stops at the C stack).
+MAX_DEPTH: Final = 100
+
+_ANY = object()  # marker: any plain value
+_OPT = "?"  # a key ending in "?" is optional
+
+
+class WireError(Exception):
+    """A frame is malformed, oversized, out of turn or of the wrong shape.
+
+    Stdlib-only so the child can raise it too; the host turns it into
+    :class:`sandbox.errors.ProtocolError`.
+    """
+
+
+# Message table: type -> (sender, {key: type}). "host" frames go to the child,
+# "child" frames come from it, "server" frames are the fork server's.
+MESSAGES: Final[dict[str, tuple[str, dict[str, Any]]]] = {
+    # child -> host
+    "hello": ("child", {"version": int, "pid": int, "layers": dict, "error?": str, "layer?": str}),
+    "done": (
+        "child",
+        {
+            "id": int,
+            "ok": bool,
+            "stdout": str,
+            "stderr": str,
+            "error_type?": str,
+            "error_message?": str,
+            "traceback?": str,
+            "truncated": bool,
+            "limit_hint?": str,
+        },
+    ),
+    "call": ("child", {"id": int, "fn": str, "args": list, "kwargs": dict}),
+    "ack": ("child", {"ok": bool, "error?": str}),
+    "value": ("child", {"ok": bool, "value?": _ANY, "shm?": int, "error?": str}),
+    # host -> child
+    "exec": ("host", {"id": int, "code": str}),
+    "reply": ("host", {"id": int, "ok": bool, "value?": _ANY, "shm?": int, "error?": str}),
+    "set": ("host", {"name": str, "value?": _ANY, "shm?": int}),
+    "get": ("host", {"name": str}),
+    "bye": ("host", {}),
+    # host <-> fork server
+    "spawn": ("host", {"config": dict}),
+    "spawned": ("server", {"pid": int}),
+    "exited": ("server", {"pid": int, "status": int, "maxrss": int, "cpu": float}),
+    "failed": ("server", {"error": str}),
+}
+
+
+def _ext_refused(code: int, data: bytes) -> Any:
+    raise WireError(f"msgpack extension type {code} is not plain data")
+
+
+# unpackb bounds every string, array and map by the length of its input, so a
+# frame cannot announce more elements than it has bytes.
+_UNPACK: Final[dict[str, Any]] = {
+    "raw": False,
+    "use_list": True,
+    "strict_map_key": False,
+    "ext_hook": _ext_refused,
+    "timestamp": 0,
+}
+
+
+def check_plain(value: Any, depth: int = 0) -> None:
+    """Raise :class:`WireError` unless *value* is plain msgpack data."""
+    if depth > MAX_DEPTH:
+        raise WireError("value nests too deeply")
+    t = type(value)
+    if value is None or t in (bool, int, float, str, bytes):
+        return
+    if t is list or t is tuple:  # tuples travel as lists
+        for item in value:
+            check_plain(item, depth + 1)
+        return
+    if t is dict:
+        for k, v in value.items():
+            if not (k is None or type(k) in (bool, int, float, str, bytes)):
+                raise WireError(f"dict key of type {type(k).__name__} is not plain data")
+            check_plain(v, depth + 1)
+        return
+    raise WireError(f"{t.__name__} is not plain data (allowed: None, bool, int, float, str, bytes, list, dict)")
+
+
+def pack_value(value: Any) -> bytes:
+    """msgpack-encode a plain value (tuples are refused, not silently listed)."""
+    check_plain(value)
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack_value(data: bytes | bytearray | memoryview | mmap.mmap, max_len: int) -> Any:
+    if len(data) > max_len:
+        raise WireError(f"value of {len(data)} bytes is over the cap of {max_len}")
+    try:
+        value = msgpack.unpackb(data, **_UNPACK)
+    except WireError:
+        raise
+    except Exception as exc:  # msgpack raises many types for garbage
+        raise WireError(f"undecodable value: {type(exc).__name__}") from None
+    check_plain(value)
+    return value
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    """One frame: header plus packed map."""
+    body: bytes = msgpack.packb(msg, use_bin_type=True)
+    return HEADER.pack(len(body)) + body
+
+
+def encode_with_value(head: dict[str, Any], packed: bytes) -> bytes:
+    """One frame for *head* plus ``"value": <packed>``, where *packed* is already
+    msgpack (from :func:`pack_value`): large values are not packed twice."""
+    n = len(head) + 1
+    if n >= 1 << 16:
+        raise WireError("too many keys in a frame")
+    body: bytes = msgpack.packb(head, use_bin_type=True)
+    rest = body[3:] if body[0] == 0xDE else body[1:]  # drop the map header, keep the entries
+    header = bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big")
+    body = header + rest + msgpack.packb("value") + packed
+    return HEADER.pack(len(body)) + body
+
+
+def check(msg: Any, sender: str) -> dict[str, Any]:
+    """Validate a decoded frame's shape against :data:`MESSAGES`; return it."""
+    if type(msg) is not dict:
+        raise WireError("frame is not a map")
+    t = msg.get("t")
+    spec = MESSAGES.get(t) if type(t) is str else None
+    if spec is None:
+        raise WireError(f"unknown message type {t!r}" if type(t) is str else "frame has no type")
+    if spec[0] != sender:
+        raise WireError(f"message {t!r} may not be sent by the {sender}")
+    fields = spec[1]
+    allowed = {k.rstrip(_OPT) for k in fields} | {"t"}
+    for key in msg:
+        if key not in allowed:
+            raise WireError(f"message {t!r} has unexpected key {key!r}")
+    for key, typ in fields.items():
+        name = key.rstrip(_OPT)
+        if name not in msg:
+            if key.endswith(_OPT):
+                continue
+            raise WireError(f"message {t!r} lacks key {name!r}")
+        val = msg[name]
+        if typ is _ANY:
+            check_plain(val)
+        elif typ is float:
+            if type(val) not in (int, float):
+                raise WireError(f"message {t!r}: {name!r} must be a number")
+        elif type(val) is not typ:
+            raise WireError(f"message {t!r}: {name!r} must be {typ.__name__}")
+    return msg
+
+
+class FrameReader:
+    """Incremental frame decoder with a size cap.
+
+    ``feed(bytes)`` then iterate: yields each complete, decoded (not yet
+    shape-checked) frame. A length prefix over ``max_frame`` raises
+    :class:`WireError` at once, before any body is buffered.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._need: int | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self._buf += data
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        buf = self._buf
+        if self._need is None:
+            if len(buf) < HEADER.size:
+                raise StopIteration
+            (size,) = HEADER.unpack_from(buf)
+            if size > self.max_frame:
+                raise WireError(f"frame of {size} bytes exceeds the cap of {self.max_frame} bytes")
+            if size == 0:
+                raise WireError("empty frame")
+            self._need = size
+            del buf[: HEADER.size]
+        if len(buf) < self._need:
+            raise StopIteration
+        size, self._need = self._need, None
+        body = bytes(buf[:size])
+        del buf[:size]
+        try:
+            return msgpack.unpackb(body, **_UNPACK)
+        except WireError:
+            raise
+        except Exception as exc:
+            raise WireError(f"undecodable frame: {type(exc).__name__}") from None
+
+
+_FD_SPACE: Final = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+
+
+def recv_frames(sock: socket.socket, reader: FrameReader, fds: list[int] | None) -> bool:
+    """Read once from *sock* into *reader*; collect passed descriptors into *fds*.
+
+    With ``fds=None`` descriptors are not accepted (the kernel closes any that
+    were sent). Returns False on end of file.
+    """
+    if fds is None:
+        data = sock.recv(262144)
+    else:
+        data, anc, _flags, _addr = sock.recvmsg(262144, _FD_SPACE)
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(payload[: len(payload) - (len(payload) % got.itemsize)])
+                fds.extend(got)
+    if not data:
+        return False
+    reader.feed(data)
+    return True
+
+
+def send_frame(sock: socket.socket, frame: bytes, fd: int | None = None) -> None:
+    """Send one encoded frame, with *fd* riding on its first byte if given."""
+    if fd is None:
+        sock.sendall(frame)
+        return
+    sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    if sent < len(frame):
+        sock.sendall(frame[sent:])
+
+
+def send_message(sock: socket.socket, msg: dict[str, Any], fd: int | None = None) -> None:
+    send_frame(sock, encode(msg), fd)
+
+
+def write_shm(data: bytes) -> int:
+    """Copy *data* into a fresh memfd; return its descriptor (caller closes)."""
+    fd = os.memfd_create("sandbox-value", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_shm(fd: int, size: int, max_len: int, *, mapped: bool) -> Any:
+    """Unpack the value in a memfd of *size* bytes; always closes *fd*.
+
+    ``mapped=True`` maps it (no copy; only for a sender that cannot shrink it
+    under us, i.e. the host). The host reads what a child sends with
+    ``mapped=False``: a child could truncate its memfd while the host reads,
+    and a mapping would then kill the host with SIGBUS.
+    """
+    try:
+        if size <= 0 or size > max_len:
+            raise WireError(f"out-of-band value of {size} bytes is outside the allowed range")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < size:
+            raise WireError("out-of-band value is not a memory file of the announced size")
+        if mapped:
+            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+                return unpack_value(mm, max_len)
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = os.preadv(fd, [view[got:]], got)
+            if n <= 0:
+                raise WireError("out-of-band value is shorter than announced")
+            got += n
+        return unpack_value(buf, max_len)
+    finally:
+        os.close(fd)

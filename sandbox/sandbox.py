@@ -1,0 +1,672 @@
+"""The host side of a sandbox: :class:`Sandbox` and its asyncio twin :class:`AsyncSandbox`.
+
+A ``Sandbox`` owns one child process at a time (forked by the shared fork
+server, see :mod:`sandbox.forkserver`) and talks to it over a socket pair in
+the frames of :mod:`sandbox.protocol`. Around each ``execute`` the host:
+
+- sets a kernel CPU backstop (``prlimit``) and resets the child's peak-RSS counter;
+- waits for frames with a deadline: the wall limit (host-function time is not
+  counted) and the CPU limit, read from the child's CPU clock only when it could
+  have been reached, so a fast execute costs no extra system calls;
+- services ``call`` frames by running host functions, replying in order;
+- kills the child's process group at a deadline, on a protocol violation, or
+  when it hangs up, and classifies how it ended (limit, crash);
+- measures CPU time and peak RSS from the kernel, and appends an audit line.
+
+When a child has died, the next call starts a fresh one and the next
+``ExecResult`` says ``state_lost=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import select
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from sandbox import forkserver, limits, protocol
+from sandbox.audit import AuditLog, default_audit_path
+from sandbox.errors import (
+    LayerUnavailableError,
+    ProtocolError,
+    SandboxClosedError,
+    SandboxStartError,
+    VariableError,
+)
+from sandbox.policy import Policy, load_policy
+from sandbox.result import ExecResult, LimitName
+
+__all__ = ["AsyncSandbox", "HostFunction", "Sandbox"]
+
+HostFunction = Callable[..., Any]
+
+_START_TIMEOUT = 15.0
+_UID_BASE = 1_200_000
+_UID_SPAN = 1 << 20
+_uid_counter = 0
+_uid_lock = threading.Lock()
+
+
+def _next_identity() -> tuple[int, int] | None:
+    """A uid/gid no other live sandbox of this host process uses (root only)."""
+    global _uid_counter
+    if os.geteuid() != 0:
+        return None
+    with _uid_lock:
+        _uid_counter += 1
+        n = (os.getpid() * 4099 + _uid_counter) % _UID_SPAN
+    return _UID_BASE + n, _UID_BASE + n
+
+
+def _resolve(policy: Policy | str | Path) -> Policy:
+    return policy if isinstance(policy, Policy) else load_policy(policy)
+
+
+class _Child:
+    """Host-side record of one live child."""
+
+    def __init__(self, pid: int, pidfd: int, sock: socket.socket, scratch: str, layers: dict[str, str], max_frame: int):
+        self.pid = pid
+        self.pidfd = pidfd
+        self.sock = sock
+        self.scratch = scratch
+        self.layers = layers
+        self.reader = protocol.FrameReader(max_frame)
+        self.fds: list[int] = []
+        self.poll = select.poll()
+        self.poll.register(sock.fileno(), select.POLLIN)
+        self.poll.register(pidfd, select.POLLIN)
+        self.dead = False
+
+    def kill(self) -> None:
+        if self.dead:
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.dead = True
+
+    def drop_fds(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+class _Died(Exception):
+    """The child hung up or exited while we waited for it."""
+
+
+class _Timeout(Exception):
+    """A deadline passed while we waited for a frame."""
+
+
+class Sandbox:
+    """A persistent Python REPL in a locked-down child process.
+
+    >>> with Sandbox("default", host_functions={"double": lambda x: 2 * x}) as sb:
+    ...     sb.set_variable("context", "some text")
+    ...     r = sb.execute("print(len(context)); y = double(21)")
+    ...     sb.get_variable("y")
+    42
+    """
+
+    def __init__(
+        self,
+        policy: Policy | str | Path = "default",
+        *,
+        host_functions: Mapping[str, HostFunction] | None = None,
+        audit_log: str | Path | None = None,
+    ) -> None:
+        self.policy = _resolve(policy)
+        self.id = uuid.uuid4().hex[:16]
+        self._host: dict[str, HostFunction] = {}
+        for name, fn in (host_functions or {}).items():
+            if not name.isidentifier() or name.startswith("_"):
+                raise ValueError(f"host function name {name!r} must be an identifier not starting with '_'")
+            if not callable(fn):
+                raise TypeError(f"host function {name!r} is not callable")
+            self._host[name] = fn
+        self._policy_dump = self.policy.model_dump(mode="json")
+        self._policy_sha = self.policy.sha256
+        lim = self.policy.limits
+        self._max_message = lim.max_message_mb * 1024 * 1024
+        self._max_frame = min(self._max_message, protocol.DEFAULT_MAX_FRAME)
+        self._audit: AuditLog | None = None
+        if self.policy.audit.enabled:
+            path = audit_log or self.policy.audit.path or default_audit_path()
+            self._audit = AuditLog(path)
+        self._lock = threading.RLock()
+        self._child: _Child | None = None
+        self._seq = 0
+        self._exec_id = 0
+        self._lost = False
+        self._layers: dict[str, str] = {}
+        self.closed = False
+        self._server = forkserver.shared()
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------- public
+    @property
+    def audit_path(self) -> Path | None:
+        """Where this sandbox's audit lines go (None when auditing is off)."""
+        return self._audit.path if self._audit else None
+
+    @property
+    def layers(self) -> dict[str, str]:
+        """Each protection layer of the current child -> 'active', 'off' or 'unavailable: <reason>'."""
+        return dict(self._layers)
+
+    @property
+    def alive(self) -> bool:
+        """True while the current child is running (False after a limit or crash killed it)."""
+        child = self._child
+        return child is not None and not child.dead
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid if self._child else None
+
+    def execute(self, code: str) -> ExecResult:
+        """Run *code* in the persistent namespace and report what happened."""
+        if not isinstance(code, str):
+            raise TypeError(f"code must be str, not {type(code).__name__}")
+        with self._lock:
+            child = self._ensure_child()
+            state_lost, self._lost = self._lost, False
+            result = self._run(child, code, state_lost)
+            self._audit_line(code, result)
+            return result
+
+    def set_variable(self, name: str, value: Any) -> None:
+        """Bind *name* to a copy of *value* (plain data: None, bool, int, float, str, bytes, list, dict)."""
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("__"):
+            raise VariableError(f"{name!r} is not a valid variable name")
+        try:
+            data = protocol.pack_value(value)
+        except (protocol.WireError, TypeError, ValueError, OverflowError) as exc:
+            raise VariableError(f"cannot set {name!r}: {exc}") from None
+        if len(data) > self._max_message:
+            raise VariableError(
+                f"cannot set {name!r}: {len(data)} bytes is over the policy's max_message_mb ({self.policy.limits.max_message_mb} MiB)"
+            )
+        with self._lock:
+            child = self._ensure_child()
+            if len(data) <= protocol.INLINE_LIMIT:
+                self._send(child, protocol.encode_with_value({"t": "set", "name": name}, data))
+            else:
+                fd = protocol.write_shm(data)
+                try:
+                    self._send(child, protocol.encode({"t": "set", "name": name, "shm": len(data)}), fd)
+                finally:
+                    os.close(fd)
+            msg = self._expect(child, "ack", self.policy.limits.wall_seconds + 30)
+            if not msg["ok"]:
+                raise VariableError(f"cannot set {name!r}: {msg.get('error', 'refused by the child')}")
+
+    def get_variable(self, name: str) -> Any:
+        """A copy of the variable *name* (plain data only, else :class:`VariableError`)."""
+        if not isinstance(name, str):
+            raise VariableError("variable name must be a str")
+        with self._lock:
+            child = self._ensure_child()
+            self._send(child, protocol.encode({"t": "get", "name": name}))
+            msg = self._expect(child, "value", self.policy.limits.wall_seconds + 30)
+            if not msg["ok"]:
+                child.drop_fds()
+                raise VariableError(msg.get("error", f"cannot get {name!r}"))
+            if "shm" in msg:
+                if not child.fds:
+                    self._fail(child, "value announced out of band without a descriptor")
+                try:
+                    return protocol.read_shm(child.fds.pop(0), msg["shm"], self._max_message, mapped=False)
+                except protocol.WireError as exc:
+                    self._fail(child, str(exc))
+                finally:
+                    child.drop_fds()
+            child.drop_fds()
+            return msg.get("value")
+
+    def close(self) -> None:
+        """Stop the child and delete its scratch directory. Idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            if self._child is not None:
+                self._stop_child(self._child, graceful=True)
+                self._child = None
+            if self._audit is not None:
+                self._audit.close()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    # --------------------------------------------------------------- children
+    def _ensure_child(self) -> _Child:
+        if self.closed:
+            raise SandboxClosedError("this sandbox is closed")
+        child = self._child
+        if child is not None and not child.dead:
+            return child
+        if child is not None:
+            self._stop_child(child, graceful=False)
+            self._child = None
+            self._lost = True
+        return self._start()
+
+    def _start(self) -> _Child:
+        identity = _next_identity() if self.policy.isolation.identity else None
+        scratch = tempfile.mkdtemp(prefix=f"sandbox-{self.id}-")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if identity is not None:
+                os.chown(scratch, identity[0], identity[1])
+            config = {
+                "policy": self._policy_dump,
+                "policy_sha256": self._policy_sha,
+                "scratch": scratch,
+                "uid": identity[0] if identity else None,
+                "gid": identity[1] if identity else None,
+                "host_functions": sorted(self._host),
+                "sandbox_id": self.id,
+            }
+            pid, pidfd = self._server.spawn(config, theirs.fileno())
+        except BaseException:
+            ours.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        finally:
+            theirs.close()
+        child = _Child(pid, pidfd, ours, scratch, {}, self._max_frame)
+        try:
+            hello = self._expect(child, "hello", _START_TIMEOUT)
+        except ProtocolError as exc:
+            self._stop_child(child, graceful=False)
+            raise SandboxStartError(f"the sandbox child did not start: {exc}") from None
+        if hello["version"] != protocol.PROTOCOL_VERSION:
+            self._stop_child(child, graceful=False)
+            raise SandboxStartError(f"child speaks protocol {hello['version']}, host {protocol.PROTOCOL_VERSION}")
+        if "error" in hello:
+            self._stop_child(child, graceful=False)
+            raise LayerUnavailableError(hello.get("layer", "?"), hello["error"])
+        child.layers = {str(k): str(v) for k, v in hello["layers"].items()}
+        self._layers = child.layers
+        self._child = child
+        return child
+
+    def _stop_child(self, child: _Child, graceful: bool) -> None:
+        if graceful and not child.dead:
+            try:
+                child.sock.sendall(protocol.encode({"t": "bye"}))
+                child.poll.unregister(child.sock.fileno())
+                if not child.poll.poll(500):
+                    child.kill()
+            except OSError:
+                child.kill()
+        child.kill()
+        self._server.wait_exit(child.pid, 10.0)
+        child.drop_fds()
+        child.sock.close()
+        os.close(child.pidfd)
+        shutil.rmtree(child.scratch, ignore_errors=True)
+
+    # ---------------------------------------------------------------- framing
+    def _send(self, child: _Child, frame: bytes, fd: int | None = None) -> None:
+        try:
+            protocol.send_frame(child.sock, frame, fd)
+        except OSError as exc:
+            child.kill()
+            raise ProtocolError(f"cannot write to the sandbox child: {exc.strerror or exc}") from None
+
+    def _next_frame(self, child: _Child, timeout: float | None) -> dict[str, Any]:
+        """Next valid frame from the child; raises _Timeout, _Died or protocol.WireError."""
+        while True:
+            raw = next(child.reader, None)
+            if raw is not None:
+                return protocol.check(raw, "child")
+            if child.dead:
+                raise _Died()
+            events = child.poll.poll(None if timeout is None else max(0, int(timeout * 1000)))
+            if not events:
+                raise _Timeout()
+            if any(fd == child.sock.fileno() for fd, _ in events):
+                try:
+                    alive = protocol.recv_frames(child.sock, child.reader, child.fds)
+                except OSError:
+                    alive = False
+                if not alive:
+                    raise _Died()
+                if len(child.fds) > 4:
+                    raise protocol.WireError("child sent descriptors nobody asked for")
+            else:  # pidfd readable: the child exited; drain what it wrote first
+                child.poll.unregister(child.pidfd)
+                child.dead = True
+
+    def _expect(self, child: _Child, kind: str, timeout: float) -> dict[str, Any]:
+        try:
+            msg = self._next_frame(child, timeout)
+        except _Timeout:
+            self._fail(child, f"no {kind!r} from the child within {timeout:.0f} s")
+        except _Died:
+            child.kill()
+            raise ProtocolError(f"the sandbox child exited while the host waited for {kind!r}") from None
+        except protocol.WireError as exc:
+            self._fail(child, str(exc))
+        if msg["t"] != kind:
+            self._fail(child, f"expected {kind!r}, got {msg['t']!r}")
+        return msg
+
+    def _fail(self, child: _Child, why: str) -> Any:
+        child.kill()
+        raise ProtocolError(f"sandbox child broke the protocol and was killed: {why}")
+
+    # ---------------------------------------------------------------- execute
+    def _run(self, child: _Child, code: str, state_lost: bool) -> ExecResult:
+        lim = self.policy.limits
+        pid = child.pid
+        self._exec_id += 1
+        exec_id = self._exec_id
+        cpu_start = limits.cpu_seconds(pid) or 0.0
+        limits.set_cpu_backstop(pid, cpu_start, lim.cpu_seconds)
+        limits.reset_peak_rss(pid)
+        t0 = time.perf_counter()
+        host_time = 0.0
+        cpu_rate = 1 + lim.max_processes  # CPU seconds per wall second the code can burn at most
+        next_cpu_check = t0 + lim.cpu_seconds / cpu_rate
+        killed_for: LimitName | None = None
+        done: dict[str, Any] | None = None
+        protocol_error: str | None = None
+        cpu_used = 0.0
+        self._send(child, protocol.encode({"t": "exec", "id": exec_id, "code": code}))
+        while True:
+            now = time.perf_counter()
+            wall_deadline = t0 + host_time + lim.wall_seconds
+            timeout = min(wall_deadline, next_cpu_check) - now
+            try:
+                msg = self._next_frame(child, max(timeout, 0.0))
+            except _Timeout:
+                now = time.perf_counter()
+                used = (limits.cpu_seconds(pid) or cpu_start) - cpu_start
+                if used >= lim.cpu_seconds:
+                    killed_for = "cpu"
+                elif now >= wall_deadline:
+                    killed_for = "wall"
+                else:
+                    next_cpu_check = now + max(0.005, (lim.cpu_seconds - used) / cpu_rate)
+                    continue
+                cpu_used = used
+                child.kill()
+                break
+            except _Died:
+                break
+            except protocol.WireError as exc:
+                protocol_error = str(exc)
+                child.kill()
+                break
+            if msg["t"] == "done" and msg["id"] == exec_id:
+                done = msg
+                break
+            if msg["t"] == "call":
+                h0 = time.perf_counter()
+                try:
+                    self._serve_call(child, msg)
+                except protocol.WireError as exc:
+                    protocol_error = str(exc)
+                    child.kill()
+                    break
+                host_time += time.perf_counter() - h0
+                continue
+            protocol_error = f"unexpected {msg['t']!r} frame during execute"
+            child.kill()
+            break
+        child.drop_fds()
+        duration = time.perf_counter() - t0
+        return self._result(child, done, killed_for, protocol_error, duration, cpu_start, cpu_used, state_lost)
+
+    def _serve_call(self, child: _Child, msg: dict[str, Any]) -> None:
+        name = msg["fn"]
+        fn = self._host.get(name)
+        reply: dict[str, Any] = {"t": "reply", "id": msg["id"]}
+        try:
+            if fn is None:
+                raise LookupError(f"no host function named {name!r}")
+            value = fn(*msg["args"], **msg["kwargs"])
+            data = protocol.pack_value(value)
+        except Exception as exc:  # the host function's failure is the child's HostFunctionError
+            reply.update(ok=False, error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            self._send(child, protocol.encode(reply))
+            return
+        except BaseException:
+            child.kill()
+            raise
+        if len(data) > self._max_message:
+            reply.update(ok=False, error=f"{name}() returned {len(data)} bytes, over max_message_mb")
+            self._send(child, protocol.encode(reply))
+        elif len(data) <= protocol.INLINE_LIMIT:
+            reply["ok"] = True
+            self._send(child, protocol.encode_with_value(reply, data))
+        else:
+            fd = protocol.write_shm(data)
+            try:
+                self._send(child, protocol.encode({**reply, "ok": True, "shm": len(data)}), fd)
+            finally:
+                os.close(fd)
+
+    def _result(
+        self,
+        child: _Child,
+        done: dict[str, Any] | None,
+        killed_for: LimitName | None,
+        protocol_error: str | None,
+        duration: float,
+        cpu_start: float,
+        cpu_used: float,
+        state_lost: bool,
+    ) -> ExecResult:
+        lim = self.policy.limits
+        common: dict[str, Any] = {
+            "duration_s": duration,
+            "state_lost": state_lost,
+            "policy_name": self.policy.name,
+            "policy_sha256": self._policy_sha,
+            "layers": dict(child.layers),
+        }
+        if done is not None:
+            cpu = limits.cpu_seconds(child.pid)
+            rss = limits.peak_rss_bytes(child.pid)
+            stdout, stderr = done["stdout"], done["stderr"]
+            truncated = bool(done["truncated"])
+            # The host enforces the output cap itself: the child's copy is a courtesy.
+            if len(stdout) + len(stderr) > lim.max_output_bytes + 200:
+                stdout, stderr, truncated = stdout[: lim.max_output_bytes], stderr[: max(0, lim.max_output_bytes - len(stdout))], True
+            hint = done.get("limit_hint")
+            limit: LimitName | None = hint if hint in ("memory", "output", "processes", "files", "disk") else None  # type: ignore[assignment]
+            if truncated:
+                limit = limit or "output"
+            return ExecResult(
+                ok=bool(done["ok"]) and limit is None,
+                stdout=stdout,
+                stderr=stderr,
+                error_type=done.get("error_type"),
+                error_message=done.get("error_message"),
+                traceback=done.get("traceback"),
+                limit=limit,
+                output_truncated=truncated,
+                cpu_s=max(0.0, (cpu if cpu is not None else cpu_start) - cpu_start),
+                max_rss_bytes=rss or 0,
+                **common,
+            )
+        # The child is gone (or being killed): learn how it ended from the fork server.
+        child.kill()
+        info = self._server.wait_exit(child.pid, 10.0)
+        cpu_total = info.cpu if info else cpu_start + cpu_used
+        maxrss = info.maxrss if info else 0
+        sig = info.signal if info else None
+        limit = killed_for
+        crashed = False
+        error_type: str | None
+        if protocol_error is not None:
+            error_type, message = "ProtocolError", f"sandbox child broke the protocol and was killed: {protocol_error}"
+        elif killed_for == "cpu":
+            error_type, message = "CPULimitExceeded", f"CPU time limit of {lim.cpu_seconds:g} s exceeded; the child was killed"
+        elif killed_for == "wall":
+            error_type, message = "WallLimitExceeded", f"wall-time limit of {lim.wall_seconds:g} s exceeded; the child was killed"
+        elif sig in (signal.SIGXCPU,) or (sig == signal.SIGKILL and cpu_total - cpu_start >= lim.cpu_seconds):
+            limit, error_type, message = "cpu", "CPULimitExceeded", f"CPU time limit of {lim.cpu_seconds:g} s exceeded (kernel)"
+        elif sig == signal.SIGXFSZ:
+            limit, error_type, message = "disk", "FileSizeLimitExceeded", "file size limit exceeded"
+        elif sig is not None and maxrss >= 0.8 * lim.memory_mb * 1024 * 1024:
+            limit, error_type, message = "memory", "MemoryLimitExceeded", f"memory limit of {lim.memory_mb} MiB reached; the child was killed by signal {signal.Signals(sig).name}"
+        elif sig is not None:
+            crashed = True
+            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+            error_type, message = "ChildCrashed", f"the sandbox child died of signal {name}"
+        else:
+            crashed = True
+            code = info.exit_code if info else None
+            error_type, message = "ChildExited", f"the sandbox child exited (status {code})"
+        return ExecResult(
+            ok=False,
+            error_type=error_type,
+            error_message=message,
+            limit=limit,
+            crashed=crashed,
+            cpu_s=max(0.0, cpu_total - cpu_start),
+            max_rss_bytes=maxrss,
+            **common,
+        )
+
+    def _audit_line(self, code: str, result: ExecResult) -> None:
+        if self._audit is None:
+            return
+        import hashlib
+
+        self._seq += 1
+        if result.ok:
+            outcome = "ok"
+        elif result.limit:
+            outcome = f"limit:{result.limit}"
+        elif result.crashed:
+            outcome = "crashed"
+        else:
+            outcome = f"error:{result.error_type}"
+        self._audit.append(
+            {
+                "time": datetime.now(UTC).isoformat(timespec="microseconds"),
+                "sandbox_id": self.id,
+                "seq": self._seq,
+                "policy": self.policy.name,
+                "schema_version": self.policy.schema_version,
+                "policy_sha256": self._policy_sha,
+                "code_sha256": hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest(),
+                "code": code,
+                "outcome": outcome,
+                "duration_s": round(result.duration_s, 6),
+                "cpu_s": round(result.cpu_s, 6),
+                "max_rss_bytes": result.max_rss_bytes,
+            }
+        )
+
+
+class AsyncSandbox:
+    """The asyncio twin of :class:`Sandbox`: the same methods, as coroutines.
+
+    Blocking work runs in a worker thread, so the event loop keeps serving.
+    Host functions may be coroutine functions; they run on the event loop that
+    called ``execute``.
+    """
+
+    def __init__(
+        self,
+        policy: Policy | str | Path = "default",
+        *,
+        host_functions: Mapping[str, HostFunction] | None = None,
+        audit_log: str | Path | None = None,
+    ) -> None:
+        self.policy = _resolve(policy)
+        self._host = dict(host_functions or {})
+        self._audit_log = audit_log
+        self._sync: Sandbox | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _wrap(self, fn: HostFunction) -> HostFunction:
+        if not inspect.iscoroutinefunction(fn):
+            return fn
+
+        def run_on_loop(*args: Any, **kwargs: Any) -> Any:
+            assert self._loop is not None
+            return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._loop).result()
+
+        return run_on_loop
+
+    async def _sandbox(self) -> Sandbox:
+        self._loop = asyncio.get_running_loop()
+        if self._sync is None:
+            host = {name: self._wrap(fn) for name, fn in self._host.items()}
+            self._sync = await asyncio.to_thread(Sandbox, self.policy, host_functions=host, audit_log=self._audit_log)
+        return self._sync
+
+    async def start(self) -> AsyncSandbox:
+        await self._sandbox()
+        return self
+
+    @property
+    def layers(self) -> dict[str, str]:
+        return self._sync.layers if self._sync else {}
+
+    @property
+    def alive(self) -> bool:
+        return self._sync is not None and self._sync.alive
+
+    async def execute(self, code: str) -> ExecResult:
+        sb = await self._sandbox()
+        return await asyncio.to_thread(sb.execute, code)
+
+    async def set_variable(self, name: str, value: Any) -> None:
+        sb = await self._sandbox()
+        await asyncio.to_thread(sb.set_variable, name, value)
+
+    async def get_variable(self, name: str) -> Any:
+        sb = await self._sandbox()
+        return await asyncio.to_thread(sb.get_variable, name)
+
+    async def close(self) -> None:
+        if self._sync is not None:
+            await asyncio.to_thread(self._sync.close)
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
