@@ -1,0 +1,198 @@
+"""The ``rlm`` command line: parse arguments, call the library, map errors to exit codes.
+
+Exit status: 0 success, 1 the code/run failed (error, limit, crash, no answer),
+2 usage or policy errors (message on stderr). Nothing here imports litellm:
+``rlm --help``, ``rlm exec``, ``rlm policy``, ``rlm audit`` and ``rlm doctor``
+stay fast; ``rlm run`` pays for litellm on its first model call only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # usage errors exit 2 with one line
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"rlm: {message}", file=sys.stderr)
+    return code
+
+
+# ------------------------------------------------------------------- exec
+def _read_source(arg: str) -> str:
+    if arg == "-":
+        return sys.stdin.read()
+    return Path(arg).read_text(encoding="utf-8")
+
+
+def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise ValueError(f"--set expects NAME=@FILE or NAME=TEXT, got {item!r}")
+        if spec.startswith("@"):
+            path = Path(spec[1:])
+            data = path.read_bytes()
+            try:
+                values[name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                values[name] = data
+        else:
+            values[name] = spec
+    return values
+
+
+def _cmd_exec(args: argparse.Namespace) -> int:
+    from sandbox import Sandbox, load_policy, shutdown
+    from sandbox.errors import PolicyError, SandboxError
+
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        return _fail(str(exc))
+    try:
+        code = _read_source(args.file)
+        variables = _parse_sets(args.set or [])
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc) if isinstance(exc, ValueError) else f"{exc.filename}: {exc.strerror}")
+    try:
+        with Sandbox(policy, audit_log=args.audit_log) as sb:
+            for name, value in variables.items():
+                sb.set_variable(name, value)
+            result = sb.execute(code)
+            audit_path = sb.audit_path
+    except SandboxError as exc:
+        return _fail(str(exc))
+    finally:
+        shutdown()  # no helper process outlives the command
+    if args.json:
+        payload = result.model_dump(mode="json")
+        payload["audit_log"] = str(audit_path) if audit_path else None
+        print(json.dumps(payload))
+    else:
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        if not result.ok:
+            what = f"limit: {result.limit}" if result.limit else ("crashed" if result.crashed else "error")
+            detail = result.traceback or f"{result.error_type}: {result.error_message}\n"
+            sys.stderr.write(detail if detail.endswith("\n") else detail + "\n")
+            sys.stderr.write(f"rlm exec: {what} ({result.error_type})\n")
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+# ----------------------------------------------------------------- policy
+def _cmd_policy(args: argparse.Namespace) -> int:
+    from sandbox import load_policy
+    from sandbox.errors import PolicyError
+
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        return _fail(str(exc))
+    if args.policy_cmd == "check":
+        print(f"{args.policy}: ok (policy {policy.name!r}, schema_version {policy.schema_version}, sha256 {policy.sha256[:16]}...)")
+        return EXIT_OK
+    data = policy.model_dump(mode="json")
+    data["sha256"] = policy.sha256
+    print(json.dumps(data, indent=2))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ audit
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from sandbox.audit import verify
+    from sandbox.errors import AuditError
+
+    try:
+        report = verify(args.log)
+    except AuditError as exc:
+        return _fail(str(exc))
+    if report.ok:
+        print(f"{args.log}: ok, {report.lines} line(s), hash chain intact")
+        return EXIT_OK
+    print(f"{args.log}: line {report.bad_line}: {report.reason}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+# ----------------------------------------------------------------- doctor
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from sandbox.doctor import layer_report
+
+    report = layer_report()
+    width = max(len(k) for k in report)
+    for layer, state in report.items():
+        print(f"{layer:<{width}}  {state}")
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------- run
+def _add_run_parser(sub: Any) -> None:
+    p = sub.add_parser("run", help="answer a question about a long context with a Recursive Language Model")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return _fail("`rlm run` is not implemented yet")
+
+
+# ------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rlm", description="Recursive Language Models on a hardened sandbox.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("exec", help="run a Python file in a fresh sandbox")
+    p.add_argument("file", help="the code to run, or - for standard input")
+    p.add_argument("--policy", default="default", help="a shipped policy name or a .toml path (default: default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the ExecResult fields")
+    p.add_argument("--audit-log", help="append the audit line here instead of the policy's log")
+    p.add_argument("--set", action="append", metavar="NAME=@FILE", help="bind a variable to a file's contents (repeatable)")
+    p.set_defaults(func=_cmd_exec)
+
+    p = sub.add_parser("policy", help="show or check a policy")
+    psub = p.add_subparsers(dest="policy_cmd", required=True, parser_class=_Parser)
+    q = psub.add_parser("show", help="print a policy's effective values, defaults included")
+    q.add_argument("policy", metavar="NAME|PATH")
+    q = psub.add_parser("check", help="validate a policy file")
+    q.add_argument("policy", metavar="PATH")
+    p.set_defaults(func=_cmd_policy)
+
+    p = sub.add_parser("audit", help="work with audit logs")
+    asub = p.add_subparsers(dest="audit_cmd", required=True, parser_class=_Parser)
+    q = asub.add_parser("verify", help="check an audit log's hash chain; name the first bad line")
+    q.add_argument("log")
+    p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("doctor", help="show which protection layers work on this machine")
+    p.set_defaults(func=_cmd_doctor)
+
+    _add_run_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
