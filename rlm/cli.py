@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,7 +105,9 @@ def _cmd_policy(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         return _fail(str(exc))
     if args.policy_cmd == "check":
-        print(f"{args.policy}: ok (policy {policy.name!r}, schema_version {policy.schema_version}, sha256 {policy.sha256[:16]}...)")
+        print(
+            f"{args.policy}: ok (policy {policy.name!r}, schema_version {policy.schema_version}, sha256 {policy.sha256[:16]}...)"
+        )
         return EXIT_OK
     data = policy.model_dump(mode="json")
     data["sha256"] = policy.sha256
@@ -158,10 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("exec", help="run a Python file in a fresh sandbox")
     p.add_argument("file", help="the code to run, or - for standard input")
-    p.add_argument("--policy", default="default", help="a shipped policy name or a .toml path (default: default)")
+    p.add_argument(
+        "--policy", default="default", help="a shipped policy name or a .toml path (default: default)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with the ExecResult fields")
     p.add_argument("--audit-log", help="append the audit line here instead of the policy's log")
-    p.add_argument("--set", action="append", metavar="NAME=@FILE", help="bind a variable to a file's contents (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="NAME=@FILE",
+        help="bind a variable to a file's contents (repeatable)",
+    )
     p.set_defaults(func=_cmd_exec)
 
     p = sub.add_parser("policy", help="show or check a policy")

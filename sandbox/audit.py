@@ -39,10 +39,14 @@ def _canonical(record: dict[str, Any]) -> bytes:
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def _hash_of(prev_hash: str, body: bytes) -> str:
+    return hashlib.sha256(prev_hash.encode() + b"\n" + body).hexdigest()
+
+
 def line_hash(record: dict[str, Any]) -> str:
     """The ``hash`` a record must carry (computed over everything but ``hash``)."""
     body = {k: v for k, v in record.items() if k != "hash"}
-    return hashlib.sha256(str(record.get("prev_hash", "")).encode() + b"\n" + _canonical(body)).hexdigest()
+    return _hash_of(str(record.get("prev_hash", "")), _canonical(body))
 
 
 class AuditLog:
@@ -67,8 +71,10 @@ class AuditLog:
                 if size != self._end:
                     self._last = _last_hash(self.path, size)
                 record = dict(record, prev_hash=self._last)
-                record["hash"] = line_hash(record)
-                line = _canonical(record) + b"\n"
+                body = _canonical(record)
+                record["hash"] = _hash_of(self._last, body)
+                # Encode once: the line is the hashed body with "hash" spliced in.
+                line = body[:-1] + b',"hash":"' + record["hash"].encode() + b'"}\n'
                 os.write(self._fd, line)
                 self._end = size + len(line)
                 self._last = record["hash"]
@@ -124,20 +130,26 @@ def verify(path: str | Path) -> VerifyReport:
     prev = GENESIS
     count = 0
     try:
-        f = open(Path(path).expanduser(), "rb")
+        lines = Path(path).expanduser().read_bytes().splitlines()
     except OSError as exc:
         raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from None
-    with f:
-        for count, raw in enumerate(f, start=1):
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                return VerifyReport(False, count, count, "not valid JSON")
-            if not isinstance(record, dict) or not isinstance(record.get("hash"), str):
-                return VerifyReport(False, count, count, "not an audit record")
-            if record.get("prev_hash") != prev:
-                return VerifyReport(False, count, count, "prev_hash does not match the line before (a line was dropped, inserted or moved)")
-            if line_hash(record) != record["hash"]:
-                return VerifyReport(False, count, count, "hash does not match the line's content (the line was edited)")
-            prev = record["hash"]
+    for count, raw in enumerate(lines, start=1):
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            return VerifyReport(False, count, count, "not valid JSON")
+        if not isinstance(record, dict) or not isinstance(record.get("hash"), str):
+            return VerifyReport(False, count, count, "not an audit record")
+        if record.get("prev_hash") != prev:
+            return VerifyReport(
+                False,
+                count,
+                count,
+                "prev_hash does not match the line before (a line was dropped, inserted or moved)",
+            )
+        if line_hash(record) != record["hash"]:
+            return VerifyReport(
+                False, count, count, "hash does not match the line's content (the line was edited)"
+            )
+        prev = record["hash"]
     return VerifyReport(True, count)

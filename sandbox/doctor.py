@@ -13,4 +13,6 @@ def layer_report() -> dict[str, str]:
     policy = load_policy("default").override({"isolation.require": [], "audit.enabled": False})
     with Sandbox(policy) as sb:
         layers = sb.layers
-    return {layer: "works" if layers.get(layer) == "active" else layers.get(layer, "unknown") for layer in LAYERS}
+    return {
+        layer: "works" if layers.get(layer) == "active" else layers.get(layer, "unknown") for layer in LAYERS
+    }

@@ -20,6 +20,7 @@ all sandboxes (:func:`shared`); :func:`shutdown` stops it and waits for it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import selectors
 import signal
@@ -123,10 +124,8 @@ def serve(ctl_fd: int) -> None:
             except OSError:
                 pass
         for pid in list(children):
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
 
 
 # ------------------------------------------------------------------ host side
@@ -240,10 +239,8 @@ class ForkServer:
             if self.closed and self.proc.poll() is not None:
                 return
             self.closed = True
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self.sock.close()
             for fd in self._fds:
                 os.close(fd)

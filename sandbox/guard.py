@@ -29,9 +29,10 @@ import ast
 import builtins
 import operator
 import os
+import re
 import sys
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 __all__ = ["FORBIDDEN_NAMES", "GuardError", "Runtime", "make_runtime"]
@@ -67,8 +68,11 @@ class Runtime:
         compile_exec: Callable[[ast.Module, str], types.CodeType],
         compile_eval: Callable[[ast.Expression, str], types.CodeType],
         extra_globals: dict[str, Any],
+        check: Callable[[ast.Module, str], None] | None = None,
     ) -> None:
         self.guard = guard
+        #: Called with the parsed cell and its source before it is compiled.
+        self.check = check
         self.builtins = builtins_ns
         self.compile_exec = compile_exec
         self.compile_eval = compile_eval
@@ -84,7 +88,11 @@ def _make_import(allowed: frozenset[str], policy: str) -> Callable[..., Any]:
     real_import = builtins.__import__
 
     def guarded_import(
-        name: str, globals: Any = None, locals: Any = None, fromlist: Iterable[str] | None = (), level: int = 0
+        name: str,
+        globals: Any = None,
+        locals: Any = None,
+        fromlist: Sequence[str] | None = (),
+        level: int = 0,
     ) -> Any:
         if level:
             raise ImportError("relative imports are not available in the sandbox")
@@ -125,7 +133,12 @@ def _stub(name: str, policy: str) -> Callable[..., Any]:
     return unavailable
 
 
-def _check_names(tree: ast.AST, policy: str) -> None:
+_FORBIDDEN_RE = re.compile(r"\b(?:" + "|".join(sorted(FORBIDDEN_NAMES)) + r")\b")
+
+
+def _check_names(tree: ast.AST, source: str, policy: str) -> None:
+    if not _FORBIDDEN_RE.search(source):  # the common case: skip the tree walk
+        return
     for node in ast.walk(tree):
         name = None
         if isinstance(node, ast.Attribute):
@@ -133,7 +146,9 @@ def _check_names(tree: ast.AST, policy: str) -> None:
         elif isinstance(node, ast.Name):
             name = node.id
         if name is not None and name in FORBIDDEN_NAMES:
-            raise GuardError(f"line {getattr(node, 'lineno', '?')}: access to {name!r} is not allowed by policy {policy!r}")
+            raise GuardError(
+                f"line {getattr(node, 'lineno', '?')}: access to {name!r} is not allowed by policy {policy!r}"
+            )
 
 
 def _allowlist(policy: str, allowed: frozenset[str], scratch: str) -> Runtime:
@@ -163,25 +178,22 @@ def _allowlist(policy: str, allowed: frozenset[str], scratch: str) -> Runtime:
     ns["getattr"], ns["setattr"], ns["delattr"] = guarded_getattr, guarded_setattr, guarded_delattr
     ns["vars"] = _stub("vars", policy)
 
-    def compile_exec(tree: ast.Module, filename: str) -> types.CodeType:
-        _check_names(tree, policy)
-        return compile(tree, filename, "exec", dont_inherit=True)
+    def check(tree: ast.Module, source: str) -> None:
+        _check_names(tree, source, policy)
 
-    def compile_eval(tree: ast.Expression, filename: str) -> types.CodeType:
-        _check_names(tree, policy)
-        return compile(tree, filename, "eval", dont_inherit=True)
+    return Runtime("allowlist", ns, _compile_exec, _compile_eval, {}, check)
 
-    return Runtime("allowlist", ns, compile_exec, compile_eval, {})
+
+def _compile_exec(tree: ast.Module, filename: str) -> types.CodeType:
+    return compile(tree, filename, "exec", dont_inherit=True)
+
+
+def _compile_eval(tree: ast.Expression, filename: str) -> types.CodeType:
+    return compile(tree, filename, "eval", dont_inherit=True)
 
 
 def _plain(policy: str) -> Runtime:
-    def compile_exec(tree: ast.Module, filename: str) -> types.CodeType:
-        return compile(tree, filename, "exec", dont_inherit=True)
-
-    def compile_eval(tree: ast.Expression, filename: str) -> types.CodeType:
-        return compile(tree, filename, "eval", dont_inherit=True)
-
-    return Runtime("none", dict(vars(builtins)), compile_exec, compile_eval, {})
+    return Runtime("none", dict(vars(builtins)), _compile_exec, _compile_eval, {})
 
 
 _INPLACE_OPS: dict[str, Callable[[Any, Any], Any]] = {
@@ -195,7 +207,7 @@ _UNSUBSCRIPTABLE = (types.ModuleType, types.FrameType, types.CodeType, types.Tra
 
 
 def _restricted(policy: str, allowed: frozenset[str], scratch: str) -> Runtime:
-    from RestrictedPython import compile_restricted  # only in restricted mode
+    from RestrictedPython.compile import compile_restricted  # only in restricted mode
     from RestrictedPython.Guards import (
         full_write_guard,
         guarded_iter_unpack_sequence,

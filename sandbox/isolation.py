@@ -23,7 +23,16 @@ from sandbox import limits
 
 __all__ = ["LAYER_ORDER", "LayerFailure", "Prepared", "apply", "prepare"]
 
-LAYER_ORDER = ("no_new_privs", "rlimits", "cgroup", "scratch_fs", "network", "landlock", "identity", "seccomp")
+LAYER_ORDER = (
+    "no_new_privs",
+    "rlimits",
+    "cgroup",
+    "scratch_fs",
+    "network",
+    "landlock",
+    "identity",
+    "seccomp",
+)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38

@@ -14,6 +14,7 @@ catches a host that could not.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -22,10 +23,9 @@ import time
 from typing import Any
 
 __all__ = [
+    "RSSMeter",
     "apply_rlimits",
     "cpu_seconds",
-    "peak_rss_bytes",
-    "reset_peak_rss",
     "set_cpu_backstop",
 ]
 
@@ -74,26 +74,47 @@ def set_cpu_backstop(pid: int, used: float, budget: float) -> None:
         pass  # the host's own CPU watch still enforces the limit
 
 
-def reset_peak_rss(pid: int) -> None:
-    try:
-        fd = os.open(f"/proc/{pid}/clear_refs", os.O_WRONLY)
-    except OSError:
-        return
-    try:
-        os.write(fd, b"5")
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+class RSSMeter:
+    """Peak resident memory of one process, per execute.
 
+    Keeps ``/proc/<pid>/status`` and ``/proc/<pid>/clear_refs`` open for the
+    child's lifetime; writing ``5`` to ``clear_refs`` resets the peak (VmHWM).
+    """
 
-def peak_rss_bytes(pid: int) -> int | None:
-    """Peak resident set of a live process since the last reset, or None if gone."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    def __init__(self, pid: int) -> None:
+        self._status = self._open(f"/proc/{pid}/status", os.O_RDONLY)
+        self._clear = self._open(f"/proc/{pid}/clear_refs", os.O_WRONLY)
+
+    @staticmethod
+    def _open(path: str, flags: int) -> int:
+        try:
+            return os.open(path, flags | os.O_CLOEXEC)
+        except OSError:
+            return -1
+
+    def reset(self) -> None:
+        if self._clear >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._clear, b"5")
+
+    def peak(self) -> int | None:
+        """Peak RSS in bytes since the last reset, or None if the process is gone."""
+        if self._status < 0:
+            return None
+        try:
+            data = os.pread(self._status, 4096, 0)
+        except OSError:
+            return None
+        at = data.find(b"VmHWM:")
+        if at < 0:
+            return None
+        try:
+            return int(data[at + 6 : data.index(b"kB", at)]) * 1024
+        except ValueError:
+            return None
+
+    def close(self) -> None:
+        for fd in (self._status, self._clear):
+            if fd >= 0:
+                os.close(fd)
+        self._status = self._clear = -1

@@ -65,7 +65,9 @@ class Limits(BaseModel):
 
     model_config = _MODEL
 
-    cpu_seconds: float = Field(10.0, gt=0, description="CPU time one execute may use, in seconds. Default 10.")
+    cpu_seconds: float = Field(
+        10.0, gt=0, description="CPU time one execute may use, in seconds. Default 10."
+    )
     wall_seconds: float = Field(
         30.0,
         gt=0,
@@ -86,7 +88,9 @@ class Limits(BaseModel):
         0, ge=0, description="Extra processes or threads the code may start. Default 0 (none)."
     )
     max_open_files: int = Field(64, ge=8, description="Open file descriptors (RLIMIT_NOFILE). Default 64.")
-    max_file_mb: int = Field(64, ge=0, description="Size of any one written file, in MiB (RLIMIT_FSIZE). Default 64.")
+    max_file_mb: int = Field(
+        64, ge=0, description="Size of any one written file, in MiB (RLIMIT_FSIZE). Default 64."
+    )
     disk_mb: int = Field(
         256, ge=1, description="Total size of everything in the scratch directory, in MiB. Default 256."
     )
@@ -123,24 +127,36 @@ class IsolationSettings(BaseModel):
 
     model_config = _MODEL
 
-    no_new_privs: bool = Field(True, description="Set PR_SET_NO_NEW_PRIVS and a parent-death signal. Default true.")
-    rlimits: bool = Field(True, description="Apply the [limits] as kernel rlimits (and RLIMIT_CORE=0). Default true.")
+    no_new_privs: bool = Field(
+        True, description="Set PR_SET_NO_NEW_PRIVS and a parent-death signal. Default true."
+    )
+    rlimits: bool = Field(
+        True, description="Apply the [limits] as kernel rlimits (and RLIMIT_CORE=0). Default true."
+    )
     cgroup: bool = Field(True, description="Put the child in its own pids and memory cgroup. Default true.")
     scratch_fs: bool = Field(
         True, description="Mount a private tmpfs of disk_mb MiB as the scratch directory. Default true."
     )
-    network: bool = Field(True, description="Move the child into a new, empty network namespace. Default true.")
+    network: bool = Field(
+        True, description="Move the child into a new, empty network namespace. Default true."
+    )
     landlock: bool = Field(
-        True, description="Landlock: reads only where Python lives, read_paths and scratch; writes only scratch; no TCP; scoped signals. Default true."
+        True,
+        description="Landlock: reads only where Python lives, read_paths and scratch; writes only scratch; no TCP; scoped signals. Default true.",
     )
     identity: bool = Field(
-        True, description="Run as an unprivileged identity: a fresh uid/gid when started as root, else a user namespace. Default true."
+        True,
+        description="Run as an unprivileged identity: a fresh uid/gid when started as root, else a user namespace. Default true.",
     )
-    seccomp: bool = Field(True, description="seccomp-bpf filter refusing dangerous system calls. Default true.")
+    seccomp: bool = Field(
+        True, description="seccomp-bpf filter refusing dangerous system calls. Default true."
+    )
     allowed_sockets: tuple[Literal["unix", "inet", "inet6"], ...] = Field(
         (), description="Socket families the code may create (seccomp). Default none."
     )
-    read_paths: tuple[str, ...] = Field((), description="Extra paths the code may read (Landlock). Default none.")
+    read_paths: tuple[str, ...] = Field(
+        (), description="Extra paths the code may read (Landlock). Default none."
+    )
     require: tuple[str, ...] = Field(
         (),
         description="Layers that must be active; the sandbox refuses to start without them. Default none.",
@@ -218,7 +234,9 @@ def _validate(data: Any, where: str) -> Policy:
     if version is None:
         raise PolicyError(f"{where}: missing key 'schema_version' (this version reads schema_version = 1)")
     if version != SCHEMA_VERSION:
-        raise PolicyError(f"{where}: unknown schema_version {version!r} (this version reads schema_version = 1)")
+        raise PolicyError(
+            f"{where}: unknown schema_version {version!r} (this version reads schema_version = 1)"
+        )
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:

@@ -149,7 +149,9 @@ def check_plain(value: Any, depth: int = 0) -> None:
                 raise WireError(f"dict key of type {type(k).__name__} is not plain data")
             check_plain(v, depth + 1)
         return
-    raise WireError(f"{t.__name__} is not plain data (allowed: None, bool, int, float, str, bytes, list, dict)")
+    raise WireError(
+        f"{t.__name__} is not plain data (allowed: None, bool, int, float, str, bytes, list, dict)"
+    )
 
 
 def pack_value(value: Any) -> bytes:
@@ -273,16 +275,20 @@ class FrameReader:
 _FD_SPACE: Final = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
 
-def recv_frames(sock: socket.socket, reader: FrameReader, fds: list[int] | None) -> bool:
+def recv_frames(
+    sock: socket.socket, reader: FrameReader, fds: list[int] | None, *, wait: bool = True
+) -> bool:
     """Read once from *sock* into *reader*; collect passed descriptors into *fds*.
 
     With ``fds=None`` descriptors are not accepted (the kernel closes any that
-    were sent). Returns False on end of file.
+    were sent). ``wait=False`` raises BlockingIOError when nothing is there.
+    Returns False on end of file.
     """
+    flags = 0 if wait else socket.MSG_DONTWAIT
     if fds is None:
-        data = sock.recv(262144)
+        data = sock.recv(262144, flags)
     else:
-        data, anc, _flags, _addr = sock.recvmsg(262144, _FD_SPACE)
+        data, anc, _flags, _addr = sock.recvmsg(262144, _FD_SPACE, flags)
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 got = array.array("i")

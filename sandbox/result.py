@@ -34,10 +34,13 @@ class ExecResult(BaseModel):
     )
     output_truncated: bool = Field(False, description="Output went over max_output_bytes and was cut.")
     duration_s: float = Field(0.0, description="Wall time of the execute, in seconds, measured by the host.")
-    cpu_s: float = Field(0.0, description="CPU time the child used during it, in seconds (kernel accounting).")
+    cpu_s: float = Field(
+        0.0, description="CPU time the child used during it, in seconds (kernel accounting)."
+    )
     max_rss_bytes: int = Field(0, description="Peak resident memory of the child during it, in bytes.")
     policy_name: str = Field("", description="Name of the policy enforced.")
     policy_sha256: str = Field("", description="sha256 of the canonical JSON of the policy enforced.")
     layers: dict[str, str] = Field(
-        default_factory=dict, description="Each protection layer -> 'active', 'off' or 'unavailable: <reason>'."
+        default_factory=dict,
+        description="Each protection layer -> 'active', 'off' or 'unavailable: <reason>'.",
     )
