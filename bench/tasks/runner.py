@@ -176,8 +176,10 @@ def run_direct(task: Task, cfg: BenchConfig) -> DirectOutcome:
     messages = direct_messages(task)
     try:
         window = llm.max_input_tokens(cfg.direct_model)
-        if window is not None and llm.count_tokens(cfg.direct_model, messages) > window:
-            return DirectOutcome("does not fit")
+        if window is not None:
+            tokens = llm.count_tokens(cfg.direct_model, messages)
+            if tokens > window:
+                return DirectOutcome("does not fit", error=f"{tokens:,} prompt tokens > {window:,} window")
     except Exception:  # no window or no tokenizer for this model: try the call
         pass
     start = time.perf_counter()
