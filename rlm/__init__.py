@@ -1,9 +1,88 @@
 """Recursive Language Models on a hardened sandbox.
 
+``rlm.run(query, context, model=...)`` and ``rlm.RLM(...).completion(context,
+root_prompt=...)`` answer a question about a context far longer than a prompt
+window: the context lives in a sandboxed REPL, the model explores it with code
+and sub-model calls, and ends with ``FINAL(answer)``.
+
 Public names are loaded lazily: ``import rlm`` (and ``rlm --help``) does not
 import litellm or start anything.
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "RLM",
+    "AuthenticationError",
+    "BudgetExceeded",
+    "Completion",
+    "ConfigurationError",
+    "ContextWindowExceeded",
+    "LiteLLMBackend",
+    "ModelBackend",
+    "ModelError",
+    "ModelUsage",
+    "RLMError",
+    "RLMResult",
+    "RateLimited",
+    "SandboxFailure",
+    "ScriptedBackend",
+    "UnknownModelError",
+    "run",
+]
+
+_EXPORTS = {
+    "RLM": "rlm.core",
+    "run": "rlm.core",
+    "RLMResult": "rlm.result",
+    "ModelUsage": "rlm.result",
+    "Completion": "rlm.llm",
+    "LiteLLMBackend": "rlm.backend",
+    "ModelBackend": "rlm.backend",
+    "ScriptedBackend": "rlm.backend",
+    **{
+        name: "rlm.errors"
+        for name in (
+            "AuthenticationError",
+            "BudgetExceeded",
+            "ConfigurationError",
+            "ContextWindowExceeded",
+            "ModelError",
+            "RLMError",
+            "RateLimited",
+            "SandboxFailure",
+            "UnknownModelError",
+        )
+    },
+}
+
+if TYPE_CHECKING:
+    from rlm.backend import LiteLLMBackend, ModelBackend, ScriptedBackend
+    from rlm.core import RLM, run
+    from rlm.errors import (
+        AuthenticationError,
+        BudgetExceeded,
+        ConfigurationError,
+        ContextWindowExceeded,
+        ModelError,
+        RateLimited,
+        RLMError,
+        SandboxFailure,
+        UnknownModelError,
+    )
+    from rlm.llm import Completion
+    from rlm.result import ModelUsage, RLMResult
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rlm' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

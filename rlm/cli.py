@@ -144,12 +144,115 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------- run
 def _add_run_parser(sub: Any) -> None:
-    p = sub.add_parser("run", help="answer a question about a long context with a Recursive Language Model")
+    import os
+
+    p = sub.add_parser(
+        "run",
+        help="answer a question about a long context with a Recursive Language Model",
+        description=(
+            "Answer --query about the text in --context with a Recursive Language Model. API keys are read "
+            "from the provider's usual environment variables (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...), never "
+            "from the command line. Exit status: 0 with an answer, 1 without one, 2 for usage errors."
+        ),
+    )
+    p.add_argument(
+        "-m",
+        "--model",
+        default=os.environ.get("RLM_MODEL"),
+        help="litellm model string (default: $RLM_MODEL)",
+    )
+    p.add_argument("--sub-model", help="model for llm_query sub-calls (default: the root model)")
+    p.add_argument("--api-base", help="base URL of an OpenAI-compatible or proxy endpoint, for every model")
+    p.add_argument(
+        "--context", required=True, metavar="FILE|-", help="the context: a text file, or - for standard input"
+    )
+    p.add_argument("--query", required=True, help="the question to answer")
+    p.add_argument("--max-iterations", type=int, default=20, metavar="N", help="root turns (default: 20)")
+    p.add_argument(
+        "--max-depth",
+        type=int,
+        default=1,
+        metavar="N",
+        help="1: rlm_query is a plain sub-call; 2: one level of child RLMs",
+    )
+    p.add_argument("--policy", default="default", help="sandbox policy name or .toml path (default: default)")
+    p.add_argument("--log-dir", help="write the JSONL trajectory and the audit log here")
+    p.add_argument("--budget-usd", type=float, metavar="X", help="stop when the run has cost this much")
+    p.add_argument("--max-sub-calls", type=int, metavar="N", help="stop after this many sub-calls")
+    p.add_argument("--max-time", type=float, metavar="SECONDS", help="stop after this much wall time")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the RLMResult fields")
+    p.add_argument("--verbose", action="store_true", help="show each turn live (on stderr)")
     p.set_defaults(func=_cmd_run)
 
 
+def _run_error(args: argparse.Namespace, message: str, code: int) -> int:
+    """Report an error as one line on stderr (and as a result object with --json)."""
+    if args.json:
+        print(
+            json.dumps(
+                {"answer": None, "stop_reason": "error", "error": message, "root_model": args.model or ""}
+            )
+        )
+    return _fail(message, code)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    return _fail("`rlm run` is not implemented yet")
+    from rlm.errors import AuthenticationError, ConfigurationError, RLMError, UnknownModelError
+
+    if not args.model:
+        return _run_error(args, "no model: pass -m MODEL or set RLM_MODEL", EXIT_USAGE)
+    for flag, value in (("--max-iterations", args.max_iterations), ("--max-depth", args.max_depth)):
+        if value < 1:
+            return _run_error(args, f"{flag} must be at least 1", EXIT_USAGE)
+    try:
+        context = _read_source(args.context)
+    except OSError as exc:
+        return _run_error(args, f"{exc.filename}: {exc.strerror}", EXIT_USAGE)
+    except UnicodeDecodeError:
+        return _run_error(args, f"{args.context}: not UTF-8 text", EXIT_USAGE)
+    from rlm.core import run
+
+    try:
+        result = run(
+            args.query,
+            context,
+            model=args.model,
+            sub_model=args.sub_model,
+            api_base=args.api_base,
+            max_iterations=args.max_iterations,
+            max_depth=args.max_depth,
+            policy=args.policy,
+            log_dir=args.log_dir,
+            max_cost_usd=args.budget_usd,
+            max_sub_calls=args.max_sub_calls,
+            max_time_s=args.max_time,
+            verbose=args.verbose,
+        )
+    except (ConfigurationError, AuthenticationError, UnknownModelError) as exc:
+        return _run_error(args, str(exc), EXIT_USAGE)
+    except RLMError as exc:
+        return _run_error(args, str(exc), EXIT_FAILED)
+    finally:
+        from sandbox import shutdown
+
+        shutdown()
+    if args.json:
+        print(result.model_dump_json())
+    elif result.answer is not None:
+        print(result.answer)
+    if result.answer is None:
+        why = f": {result.error}" if result.error else ""
+        print(f"rlm: stopped without an answer ({result.stop_reason}){why}", file=sys.stderr)
+        return EXIT_FAILED
+    if not args.json:
+        cost = "unknown" if result.cost_usd is None else f"${result.cost_usd:.4f}"
+        print(
+            f"rlm: {result.stop_reason}, {result.iterations} turn(s), {result.sub_calls} sub-call(s), "
+            f"{result.total_input_tokens + result.total_output_tokens} tokens, cost {cost}"
+            + (f", log {result.log_path}" if result.log_path else ""),
+            file=sys.stderr,
+        )
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------- main

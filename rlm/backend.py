@@ -1,0 +1,149 @@
+"""Model backends: what the loop calls to talk to a model.
+
+:class:`LiteLLMBackend` (the default) calls real models through
+:mod:`rlm.llm`. :class:`ScriptedBackend` answers from a script, with no
+network: unit tests and examples drive the whole loop with it. Any object
+with the three methods of :class:`ModelBackend` can be given to
+``RLM(backend=...)``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from rlm.errors import ModelError
+from rlm.llm import Completion
+
+__all__ = ["LiteLLMBackend", "ModelBackend", "ScriptedBackend"]
+
+Messages = list[dict[str, Any]]
+
+
+@runtime_checkable
+class ModelBackend(Protocol):
+    """How the loop calls models. ``complete`` may be called from several threads at once."""
+
+    def complete(self, model: str, messages: Messages, **kwargs: Any) -> Completion: ...
+
+    def count_tokens(self, model: str, messages: Messages) -> int: ...
+
+    def max_input_tokens(self, model: str) -> int | None: ...
+
+
+class LiteLLMBackend:
+    """Calls models through litellm; *api_base* and *api_key* apply to every model it calls."""
+
+    def __init__(
+        self, *, api_base: str | None = None, api_key: str | None = None, **call_kwargs: Any
+    ) -> None:
+        self.api_base = api_base
+        self._api_key = api_key
+        self._kwargs = call_kwargs
+
+    def __repr__(self) -> str:  # never show the key
+        return f"LiteLLMBackend(api_base={self.api_base!r}, api_key={'***' if self._api_key else None})"
+
+    def complete(self, model: str, messages: Messages, **kwargs: Any) -> Completion:
+        from rlm import llm
+
+        return llm.complete(
+            model, messages, api_base=self.api_base, api_key=self._api_key, **{**self._kwargs, **kwargs}
+        )
+
+    def count_tokens(self, model: str, messages: Messages) -> int:
+        from rlm import llm
+
+        return llm.count_tokens(model, messages)
+
+    def max_input_tokens(self, model: str) -> int | None:
+        from rlm import llm
+
+        return llm.max_input_tokens(model)
+
+
+Responder = Callable[[str, Messages], "str | Completion"]
+
+
+class ScriptedBackend:
+    """A model that replies from a script. No network, deterministic.
+
+    *script* is one of:
+
+    - a list of replies, consumed in order by every call whatever the model;
+    - a mapping ``model -> list of replies``, one queue per model;
+    - a function ``(model, messages) -> str | Completion`` (called from
+      several threads during batches: keep it thread-safe).
+
+    A reply that is an exception instance is raised instead of answered.
+    Tokens are counted as whitespace-separated words (1 per message extra for
+    the input). *price_per_token* gives every call a cost (``None``: unknown
+    price). *latency_s* sleeps in each call. ``calls`` records
+    ``(model, messages)`` for every call, in order.
+    """
+
+    def __init__(
+        self,
+        script: Sequence[str | BaseException] | Mapping[str, Sequence[str | BaseException]] | Responder,
+        *,
+        price_per_token: float | None = None,
+        latency_s: float = 0.0,
+        context_window: int | None = None,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._fn: Responder | None = None
+        self._queues: dict[str | None, list[str | BaseException]] = {}
+        if callable(script):
+            self._fn = script
+        elif isinstance(script, Mapping):
+            self._queues = {k: list(v) for k, v in script.items()}
+        else:
+            self._queues = {None: list(script)}
+        self.price_per_token = price_per_token
+        self.latency_s = latency_s
+        self.context_window = context_window
+        self.calls: list[tuple[str, Messages]] = []
+
+    @staticmethod
+    def _words(messages: Messages) -> int:
+        return sum(len(str(m.get("content") or "").split()) + 1 for m in messages)
+
+    def _next(self, model: str, messages: Messages) -> str | Completion | BaseException:
+        if self._fn is not None:
+            return self._fn(model, messages)
+        with self._lock:
+            key: str | None = model if model in self._queues else None
+            queue = self._queues.get(key)
+            if not queue:
+                return ModelError(f"scripted model {model!r} has no reply left", model=model)
+            return queue.pop(0)
+
+    @property
+    def remaining(self) -> int:
+        """Replies not used yet (all queues)."""
+        with self._lock:
+            return sum(len(q) for q in self._queues.values())
+
+    def complete(self, model: str, messages: Messages, **kwargs: Any) -> Completion:
+        started = time.perf_counter()
+        with self._lock:
+            self.calls.append((model, [dict(m) for m in messages]))
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        reply = self._next(model, messages)
+        if isinstance(reply, BaseException):
+            raise reply
+        if isinstance(reply, Completion):
+            return reply
+        text = str(reply)
+        n_in, n_out = self._words(messages), max(1, len(text.split()))
+        cost = None if self.price_per_token is None else (n_in + n_out) * self.price_per_token
+        return Completion(text, model, n_in, n_out, cost, time.perf_counter() - started)
+
+    def count_tokens(self, model: str, messages: Messages) -> int:
+        return self._words(messages)
+
+    def max_input_tokens(self, model: str) -> int | None:
+        return self.context_window

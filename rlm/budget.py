@@ -1,0 +1,134 @@
+"""Usage accounting and budgets, shared by a run and every child RLM it starts.
+
+One :class:`Ledger` per root run. Every model call of the tree is recorded in
+it (per model: calls, tokens, cost) and asks it first whether a budget still
+allows the call. Budgets are enforced here, in the parent process; nothing in
+the sandbox can see or change them. It also bounds how many model calls are
+in flight at once across the tree (``max_concurrency``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from rlm.errors import BudgetExceeded, ConfigurationError
+from rlm.llm import Completion
+from rlm.result import ModelUsage
+
+__all__ = ["Budgets", "Ledger"]
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Limits of one run, over the whole tree. ``None`` means no limit."""
+
+    max_sub_calls: int | None = None
+    max_tokens: int | None = None
+    max_cost_usd: float | None = None
+    max_time_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_sub_calls", "max_tokens", "max_cost_usd", "max_time_s"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigurationError(f"{name} must be >= 0, got {value!r}")
+
+
+class Ledger:
+    """Thread-safe usage totals and budget checks for one run tree."""
+
+    def __init__(self, budgets: Budgets, max_concurrency: int = 16) -> None:
+        if max_concurrency < 1:
+            raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
+        self.budgets = budgets
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._usage: dict[str, ModelUsage] = {}
+        self.sub_calls = 0
+        self.stopped_by: str | None = None  # the first budget that ran out
+
+    # -- checks ------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def time_left(self) -> float | None:
+        limit = self.budgets.max_time_s
+        return None if limit is None else limit - self.elapsed()
+
+    def _over(self) -> tuple[str, str] | None:
+        """(limit, message) of a token/cost/time budget that is used up (lock held)."""
+        b = self.budgets
+        tokens = sum(u.input_tokens + u.output_tokens for u in self._usage.values())
+        if b.max_tokens is not None and tokens >= b.max_tokens:
+            return "max_tokens", f"token budget used up ({tokens} of {b.max_tokens})"
+        if b.max_cost_usd is not None:
+            cost = sum(u.cost_usd or 0.0 for u in self._usage.values())
+            if cost >= b.max_cost_usd:
+                return "max_cost_usd", f"cost budget used up (${cost:.6f} of ${b.max_cost_usd:g})"
+        if b.max_time_s is not None and self.elapsed() >= b.max_time_s:
+            return "max_time_s", f"time budget used up ({self.elapsed():.1f} s of {b.max_time_s:g} s)"
+        return None
+
+    def check(self, *, sub_call: bool) -> None:
+        """Allow one model call or raise :class:`BudgetExceeded`. A sub-call is counted here."""
+        with self._lock:
+            over = self._over()
+            if over is None and sub_call:
+                limit = self.budgets.max_sub_calls
+                if limit is not None and self.sub_calls >= limit:
+                    over = "max_sub_calls", f"sub-call budget used up ({self.sub_calls} of {limit})"
+                else:
+                    self.sub_calls += 1
+            if over is not None:
+                if self.stopped_by is None:
+                    self.stopped_by = over[0]
+                raise BudgetExceeded(*over)
+
+    def exhausted(self) -> str | None:
+        """The budget that stops the run, if one does (checked now, so time counts)."""
+        with self._lock:
+            over = self._over()
+            if over is not None and self.stopped_by is None:
+                self.stopped_by = over[0]
+            return self.stopped_by
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one of the ``max_concurrency`` model-call slots."""
+        with self._slots:
+            yield
+
+    # -- accounting --------------------------------------------------------
+    def record(self, model_key: str, completion: Completion) -> None:
+        with self._lock:
+            u = self._usage.get(model_key) or ModelUsage()
+            known = u.cost_usd is not None or u.calls == 0
+            cost = (
+                (u.cost_usd or 0.0) + completion.cost_usd
+                if known and completion.cost_usd is not None
+                else None
+            )
+            self._usage[model_key] = ModelUsage(
+                calls=u.calls + 1,
+                input_tokens=u.input_tokens + completion.input_tokens,
+                output_tokens=u.output_tokens + completion.output_tokens,
+                cost_usd=cost,
+            )
+
+    def usage(self) -> dict[str, ModelUsage]:
+        with self._lock:
+            return dict(self._usage)
+
+    def totals(self) -> tuple[int, int, float | None]:
+        """(input tokens, output tokens, cost in USD or None when any price is unknown)."""
+        with self._lock:
+            usage = list(self._usage.values())
+        cost: float | None = sum(u.cost_usd or 0.0 for u in usage)
+        if any(u.cost_usd is None for u in usage):
+            cost = None
+        return sum(u.input_tokens for u in usage), sum(u.output_tokens for u in usage), cost

@@ -1,0 +1,767 @@
+"""The Recursive Language Model loop: :class:`RLM` and :func:`run`.
+
+A run puts the context in a fresh sandbox as the variable ``context`` and
+gives the root model only the question and a description of the context.
+Each turn the model's ```repl blocks run in the sandbox, in order, and their
+output (or error) is fed back, until the model gives ``FINAL``/``FINAL_VAR``
+or a limit stops the run.
+
+``llm_query``, ``llm_query_batched``, ``rlm_query``, ``rlm_query_batched``
+and ``rlm_submit_final`` are *host functions*: the sandboxed code calls them,
+this process services them. The child never holds a key or a client. Depth,
+iterations and every budget are enforced here (see :mod:`rlm.budget`).
+``FINAL`` and ``FINAL_VAR`` are defined in the sandbox by a small prelude
+(run again whenever the sandbox restarts) that resolves the variable in the
+child and hands its value to ``rlm_submit_final``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from rlm.backend import LiteLLMBackend, ModelBackend
+from rlm.budget import Budgets, Ledger
+from rlm.errors import (
+    AuthenticationError,
+    BudgetExceeded,
+    ConfigurationError,
+    ModelError,
+    RLMError,
+    SandboxFailure,
+    UnknownModelError,
+)
+from rlm.final import extract_code_blocks, find_final
+from rlm.llm import Completion
+from rlm.result import RLMResult
+from rlm.trajectory import TrajectoryLogger, new_run_id
+
+__all__ = ["RLM", "run"]
+
+Context = str | list[Any] | dict[str, Any]
+Messages = list[dict[str, Any]]
+
+PREVIEW_CHARS = 300
+LISTED_ITEMS = 20
+
+#: Defined in the sandbox at start and after every restart. Only plain
+#: identifiers not starting with "_", so it also compiles under RestrictedPython.
+PRELUDE = '''
+def FINAL(answer):
+    """Submit the final answer; the task ends after this block."""
+    try:
+        rlm_submit_final(answer, "value")
+    except TypeError:
+        rlm_submit_final(str(answer), "value")
+
+
+def FINAL_VAR(name):
+    """Submit the value of the variable called name (or name itself if there is no such variable)."""
+    try:
+        scope = globals()
+    except NameError:
+        rlm_submit_final(name if isinstance(name, str) else str(name), "name" if isinstance(name, str) else "value")
+        return
+    key = name.strip().strip("\\"'") if isinstance(name, str) else None
+    value = scope[key] if key and key in scope else name
+    try:
+        rlm_submit_final(value, "value")
+    except TypeError:
+        rlm_submit_final(str(value), "value")
+
+
+def rlm_describe_vars():
+    import json
+    hidden = ("FINAL", "FINAL_VAR", "rlm_describe_vars")
+    try:
+        scope = globals()
+    except NameError:
+        scope = {}
+    out = {}
+    for key in list(scope):
+        if key.startswith("_") or key in hidden or len(out) >= 50:
+            continue
+        value = scope[key]
+        kind = type(value).__name__
+        if kind in ("module", "function", "type", "builtin_function_or_method"):
+            out[key] = "<" + kind + " " + key + ">"
+            continue
+        if isinstance(value, (str, bytes, list, dict, tuple, set)) and len(value) > 200:
+            out[key] = "<" + kind + " of length " + str(len(value)) + ">"
+            continue
+        try:
+            text = repr(value)
+        except Exception:
+            text = "<" + kind + ">"
+        out[key] = text[:200]
+    print(json.dumps(out))
+'''
+
+CLOSING_PROMPT = (
+    "You have used all your turns. Reply now with your best final answer to the question, "
+    "as plain text, with no code."
+)
+
+
+def system_prompt() -> str:
+    """The system prompt shipped as package data (``rlm/prompts/system.md``)."""
+    return (Path(__file__).resolve().parent / "prompts" / "system.md").read_text(encoding="utf-8")
+
+
+def _item_length(item: Any) -> int:
+    if isinstance(item, str):
+        return len(item)
+    try:
+        return len(json.dumps(item, ensure_ascii=False, default=str))
+    except (TypeError, ValueError):
+        return len(repr(item))
+
+
+def _preview(context: Context) -> str:
+    if isinstance(context, str):
+        return context[:PREVIEW_CHARS]
+    parts: list[str] = []
+    size = 0
+    items = context.items() if isinstance(context, dict) else enumerate(context)
+    for key, value in items:
+        piece = json.dumps(
+            {str(key): value} if isinstance(context, dict) else value, ensure_ascii=False, default=str
+        )
+        parts.append(piece)
+        size += len(piece) + 2
+        if size > PREVIEW_CHARS:
+            break
+    return ", ".join(parts)[:PREVIEW_CHARS]
+
+
+def describe_context(context: Context) -> str:
+    """What the root model is told about the context: type, sizes, a short preview. Nothing more."""
+    if isinstance(context, str):
+        head = f"`context` is a str of {len(context):,} characters."
+    else:
+        lengths = [_item_length(v) for v in (context.values() if isinstance(context, dict) else context)]
+        kind = "dict" if isinstance(context, dict) else "list"
+        shown = ", ".join(f"{n:,}" for n in lengths[:LISTED_ITEMS])
+        more = f", ... ({len(lengths) - LISTED_ITEMS} more)" if len(lengths) > LISTED_ITEMS else ""
+        head = (
+            f"`context` is a {kind} of {len(lengths):,} items, {sum(lengths):,} characters in total. "
+            f"Item lengths in characters: [{shown}{more}]."
+        )
+    preview = _preview(context)
+    cut = " (cut)" if len(preview) >= PREVIEW_CHARS else ""
+    return f"{head}\nIts beginning{cut}:\n<<<\n{preview}\n>>>"
+
+
+def _clip(text: str, cap: int) -> str:
+    """*text* with its middle cut out when it is longer than *cap* characters (head and tail kept)."""
+    if cap <= 0 or len(text) <= cap:
+        return text
+    head = cap * 3 // 5
+    tail = cap - head
+    omitted = len(text) - head - tail
+    return f"{text[:head]}\n[... {omitted:,} characters omitted ...]\n{text[len(text) - tail :]}"
+
+
+def _as_answer(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"Error: {type(exc).__name__}: {exc}"
+
+
+def _check_context(context: Any) -> Context:
+    if isinstance(context, (str, list, dict)):
+        return context
+    if isinstance(context, tuple):
+        return list(context)
+    raise ConfigurationError(f"context must be a str, a list or a dict, not {type(context).__name__}")
+
+
+class RLM:
+    """A Recursive Language Model.
+
+    ``RLM(model, sub_model=..., max_depth=1, max_iterations=20, ...).completion(context, root_prompt=...)``
+    runs one task and returns an :class:`~rlm.result.RLMResult`. The object
+    holds configuration only: it may run many tasks, one after another or at
+    the same time.
+
+    *model* and *sub_model* are litellm model strings (``sub_model`` defaults
+    to *model*); *api_base* and *api_key* apply to both and to child RLMs.
+    Budgets (``max_sub_calls``, ``max_tokens``, ``max_cost_usd``,
+    ``max_time_s``) cover the whole tree of calls; when one runs out the run
+    stops and ``stop_reason`` names it. *max_output_chars* caps the output of
+    a block shown to the model (head and tail kept). *backend* replaces
+    litellm (see :mod:`rlm.backend`).
+    """
+
+    def __init__(
+        self,
+        model: str = "gpt-4o-mini",
+        *,
+        sub_model: str | None = None,
+        max_depth: int = 1,
+        max_iterations: int = 20,
+        policy: Any = "default",
+        log_dir: str | Path | None = None,
+        verbose: bool = False,
+        api_base: str | None = None,
+        api_key: str | None = None,
+        max_sub_calls: int | None = None,
+        max_tokens: int | None = None,
+        max_cost_usd: float | None = None,
+        max_time_s: float | None = None,
+        max_concurrency: int = 16,
+        max_output_chars: int = 20_000,
+        backend: ModelBackend | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, str) or not model.strip():
+            raise ConfigurationError("model must be a non-empty model string")
+        if max_depth < 1:
+            raise ConfigurationError(f"max_depth must be >= 1, got {max_depth!r}")
+        if max_iterations < 1:
+            raise ConfigurationError(f"max_iterations must be >= 1, got {max_iterations!r}")
+        if max_concurrency < 1:
+            raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
+        self.model = model
+        self.sub_model = sub_model or model
+        self.max_depth = max_depth
+        self.max_iterations = max_iterations
+        self.policy = self._load_policy(policy)
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.verbose = verbose
+        self.api_base = api_base
+        self._api_key = api_key
+        self.budgets = Budgets(max_sub_calls, max_tokens, max_cost_usd, max_time_s)
+        self.max_concurrency = max_concurrency
+        self.max_output_chars = max_output_chars
+        self.backend: ModelBackend = backend or LiteLLMBackend(
+            api_base=api_base, api_key=api_key, **(model_kwargs or {})
+        )
+
+    @staticmethod
+    def _load_policy(policy: Any) -> Any:
+        from sandbox import Policy, load_policy
+        from sandbox.errors import PolicyError
+
+        if isinstance(policy, Policy):
+            return policy
+        try:
+            return load_policy(policy)
+        except PolicyError as exc:
+            raise ConfigurationError(str(exc)) from None
+
+    def __repr__(self) -> str:
+        return f"RLM(model={self.model!r}, sub_model={self.sub_model!r}, max_depth={self.max_depth}, max_iterations={self.max_iterations})"
+
+    def completion(self, context: Any, root_prompt: str | None = None) -> RLMResult:
+        """Answer *root_prompt* about *context* (str, list or dict; it goes into the REPL, never the prompt)."""
+        ledger = Ledger(self.budgets, self.max_concurrency)
+        return _Run(self, ledger, depth=0, model=self.model).execute(_check_context(context), root_prompt)
+
+    async def acompletion(self, context: Any, root_prompt: str | None = None) -> RLMResult:
+        """The asyncio twin of :meth:`completion` (the run happens in a worker thread)."""
+        return await asyncio.to_thread(self.completion, context, root_prompt)
+
+
+def run(query: str | None, context: Any, model: str = "gpt-4o-mini", **kwargs: Any) -> RLMResult:
+    """Answer *query* about *context* with a Recursive Language Model; *kwargs* are those of :class:`RLM`."""
+    return RLM(model=model, **kwargs).completion(context, root_prompt=query)
+
+
+class _Run:
+    """One run of the loop (the root, or a child RLM started by ``rlm_query``)."""
+
+    def __init__(
+        self, cfg: RLM, ledger: Ledger, *, depth: int, model: str, parent_id: str | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.ledger = ledger
+        self.depth = depth
+        self.model = model
+        self.parent_id = parent_id
+        self.run_id = new_run_id()
+        self.logger = (
+            TrajectoryLogger(cfg.log_dir, self.run_id, secrets=[cfg._api_key])
+            if cfg.log_dir is not None
+            else None
+        )
+        self.view: Any = None
+        if cfg.verbose:
+            from rlm.display import LiveView
+
+            self.view = LiveView(depth, self.run_id)
+        self.context: Context = ""
+        self.final: str | None = None
+        self.pending_name: str | None = None
+        self.fatal: ModelError | None = None
+        self.calls: list[dict[str, Any]] = []
+        self.code_executions = 0
+        self.root_calls = 0
+
+    # ------------------------------------------------------------ model calls
+    def _call(self, model: str, messages: Messages, *, sub: bool) -> Completion:
+        self.ledger.check(sub_call=sub or self.depth > 0)
+        kwargs: dict[str, Any] = {}
+        left = self.ledger.time_left()
+        if left is not None:
+            kwargs["timeout"] = max(1.0, left)
+        with self.ledger.slot():
+            completion = self.cfg.backend.complete(model, messages, **kwargs)
+        self.ledger.record(model, completion)
+        return completion
+
+    def _log_call(self, entry: dict[str, Any]) -> None:
+        self.calls.append(entry)  # list.append is atomic; entries of a batch arrive in completion order
+
+    def _sub_query(self, prompt: Any, model: Any, *, raise_errors: bool) -> str:
+        text = prompt if isinstance(prompt, str) else _as_answer(prompt)
+        name = model if isinstance(model, str) and model else self.cfg.sub_model
+        started = time.perf_counter()
+        entry: dict[str, Any] = {"root_model": name, "prompt": text}
+        try:
+            completion = self._call(name, [{"role": "user", "content": text}], sub=True)
+        except (BudgetExceeded, ModelError) as exc:
+            if isinstance(exc, (AuthenticationError, UnknownModelError)) and self.fatal is None:
+                self.fatal = exc
+            entry.update(response="", error=str(exc), error_type=type(exc).__name__)
+            entry["execution_time"] = time.perf_counter() - started
+            entry["usage_summary"] = {"model_usage_summaries": {}}
+            self._log_call(entry)
+            if raise_errors:
+                raise
+            return _error_text(exc)
+        entry["response"] = completion.text
+        entry["usage_summary"] = {
+            "model_usage_summaries": {
+                name: {
+                    "total_calls": 1,
+                    "total_input_tokens": completion.input_tokens,
+                    "total_output_tokens": completion.output_tokens,
+                    "cost_usd": completion.cost_usd,
+                }
+            }
+        }
+        entry["execution_time"] = time.perf_counter() - started
+        self._log_call(entry)
+        return completion.text
+
+    def _batch(self, fn: Any, items: list[Any]) -> list[str]:
+        if not items:
+            return []
+        workers = min(self.cfg.max_concurrency, len(items))
+        if workers == 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(workers, thread_name_prefix="rlm-batch") as pool:
+            return list(pool.map(fn, items))
+
+    @staticmethod
+    def _prompt_list(prompts: Any, fn: str) -> list[Any]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, list):
+            raise TypeError(f"{fn}() takes a list of prompts, not {type(prompts).__name__}")
+        return prompts
+
+    # -------------------------------------------------------- host functions
+    def host_functions(self) -> dict[str, Any]:
+        def llm_query(prompt: Any, model: Any = None) -> str:
+            return self._sub_query(prompt, model, raise_errors=True)
+
+        def llm_query_batched(prompts: Any, model: Any = None) -> list[str]:
+            items = self._prompt_list(prompts, "llm_query_batched")
+            return self._batch(lambda p: self._sub_query(p, model, raise_errors=False), items)
+
+        def rlm_query(prompt: Any, context: Any = None, model: Any = None) -> str:
+            return self._rlm_query(prompt, context, model, raise_errors=True)
+
+        def rlm_query_batched(prompts: Any, contexts: Any = None, model: Any = None) -> list[str]:
+            items = self._prompt_list(prompts, "rlm_query_batched")
+            if contexts is not None and (not isinstance(contexts, list) or len(contexts) != len(items)):
+                raise ValueError("rlm_query_batched(): contexts must be a list as long as prompts")
+            pairs = list(zip(items, contexts if contexts is not None else [None] * len(items), strict=True))
+            return self._batch(lambda pc: self._rlm_query(pc[0], pc[1], model, raise_errors=False), pairs)
+
+        def rlm_submit_final(value: Any, mode: Any = "value") -> None:
+            if mode == "name":
+                if self.final is None and self.pending_name is None:
+                    self.pending_name = _as_answer(value)
+            elif self.final is None:
+                self.final = _as_answer(value)
+
+        return {
+            "llm_query": llm_query,
+            "llm_query_batched": llm_query_batched,
+            "rlm_query": rlm_query,
+            "rlm_query_batched": rlm_query_batched,
+            "rlm_submit_final": rlm_submit_final,
+        }
+
+    def _rlm_query(self, prompt: Any, context: Any, model: Any, *, raise_errors: bool) -> str:
+        text = prompt if isinstance(prompt, str) else _as_answer(prompt)
+        if self.depth + 1 >= self.cfg.max_depth:  # no child RLM allowed: a plain sub-call
+            if context is not None:
+                body = (
+                    context
+                    if isinstance(context, str)
+                    else json.dumps(context, ensure_ascii=False, default=str)
+                )
+                text = f"{text}\n\n{body}"
+            return self._sub_query(text, model, raise_errors=raise_errors)
+        name = model if isinstance(model, str) and model else self.cfg.model
+        started = time.perf_counter()
+        entry: dict[str, Any] = {"root_model": name, "prompt": text, "type": "rlm", "depth": self.depth + 1}
+        child = _Run(self.cfg, self.ledger, depth=self.depth + 1, model=name, parent_id=self.run_id)
+        try:
+            result = child.execute(_check_context(context if context is not None else text), text)
+        except (RLMError, ValueError) as exc:
+            if isinstance(exc, (AuthenticationError, UnknownModelError)) and self.fatal is None:
+                self.fatal = exc
+            entry.update(response="", error=str(exc), error_type=type(exc).__name__)
+            entry["execution_time"] = time.perf_counter() - started
+            self._log_call(entry)
+            if raise_errors:
+                raise
+            return _error_text(exc)
+        entry.update(
+            response=result.answer or "",
+            stop_reason=result.stop_reason,
+            iterations=result.iterations,
+            trajectory=result.log_path,
+            run_id=result.run_id,
+            usage_summary={"model_usage_summaries": {}},
+            execution_time=time.perf_counter() - started,
+        )
+        self._log_call(entry)
+        if result.answer is None:
+            message = f"the sub-RLM stopped without an answer (stop_reason={result.stop_reason})"
+            if raise_errors:
+                raise RuntimeError(message)
+            return f"Error: {message}"
+        return result.answer
+
+    # ---------------------------------------------------------------- sandbox
+    def _open_sandbox(self) -> Any:
+        from sandbox import Sandbox
+        from sandbox.errors import SandboxError
+
+        audit = self.logger.audit_path if self.logger is not None else None
+        try:
+            sb = Sandbox(self.cfg.policy, host_functions=self.host_functions(), audit_log=audit)
+        except SandboxError as exc:
+            raise SandboxFailure(f"cannot start the sandbox: {exc}") from None
+        try:
+            self._load(sb)
+        except BaseException:
+            sb.close()
+            raise
+        return sb
+
+    def _load(self, sb: Any) -> None:
+        """Put ``context`` and the prelude into a (fresh) sandbox."""
+        from sandbox.errors import SandboxError
+
+        try:
+            sb.set_variable("context", self.context)
+            result = sb.execute(PRELUDE)
+        except SandboxError as exc:
+            raise SandboxFailure(f"cannot load the context into the sandbox: {exc}") from None
+        if not result.ok:
+            raise SandboxFailure(
+                f"the sandbox refused the RLM prelude: {result.error_type}: {result.error_message}"
+            )
+
+    def _describe_vars(self, sb: Any) -> dict[str, Any]:
+        try:
+            result = sb.execute("rlm_describe_vars()")
+            if result.ok:
+                value = json.loads(result.stdout.strip() or "{}")
+                return value if isinstance(value, dict) else {}
+        except Exception:
+            pass
+        return {}
+
+    def _run_block(self, sb: Any, code: str) -> tuple[dict[str, Any], str, bool]:
+        """Run one block; return (log entry, text for the model, ok)."""
+        self.calls = []
+        result = sb.execute(code)
+        self.code_executions += 1
+        calls = list(self.calls)
+        pieces: list[str] = []
+        if result.stdout:
+            pieces.append(result.stdout.rstrip("\n"))
+        if result.stderr:
+            pieces.append("[stderr]\n" + result.stderr.rstrip("\n"))
+        if not result.ok:
+            if result.limit or result.crashed:
+                pieces.append(f"[the sandbox stopped this block] {result.error_type}: {result.error_message}")
+            else:
+                pieces.append(
+                    (result.traceback or f"{result.error_type}: {result.error_message}").rstrip("\n")
+                )
+        text = _clip("\n".join(pieces), self.cfg.max_output_chars) or "(no output)"
+        if result.state_lost:
+            text = (
+                "[note: the sandbox had restarted before this block; variables from earlier blocks were gone]\n"
+                + text
+            )
+        local_vars: dict[str, Any] = {}
+        if sb.alive:
+            local_vars = self._describe_vars(sb)
+        else:
+            self._load(sb)
+            text += (
+                "\n[the sandbox was restarted: all your variables are gone. `context` was loaded again and "
+                "the REPL functions are available.]"
+            )
+        if self.pending_name is not None and self.final is None:
+            self._resolve_name(sb, self.pending_name)
+        entry = {
+            "code": code,
+            "result": {
+                "stdout": result.stdout,
+                "stderr": result.stderr
+                if result.ok
+                else (result.stderr + (result.traceback or f"{result.error_type}: {result.error_message}")),
+                "locals": local_vars,
+                "execution_time": result.duration_s,
+                "rlm_calls": calls,
+            },
+        }
+        return entry, text, result.ok
+
+    def _resolve_name(self, sb: Any, name: str) -> None:
+        """FINAL_VAR by name, resolved from the host (RestrictedPython has no globals())."""
+        from sandbox.errors import SandboxError
+
+        self.pending_name = None
+        key = name.strip().strip("\"'")
+        try:
+            self.final = _as_answer(sb.get_variable(key)) if key.isidentifier() else name
+        except SandboxError:
+            self.final = name
+
+    def _resolve_text_final(self, sb: Any, response: str) -> None:
+        directive = find_final(response)
+        if directive is None or self.final is not None:
+            return
+        if directive.kind == "FINAL":
+            self.final = directive.argument
+            return
+        try:
+            sb.execute(f"FINAL_VAR({directive.argument!r})")
+        except Exception:
+            pass
+        if self.pending_name is not None and self.final is None:
+            self._resolve_name(sb, self.pending_name)
+        if self.final is None:
+            self.final = directive.argument
+
+    # ------------------------------------------------------------------ loop
+    def _fit(self, messages: Messages) -> Messages:
+        """Elide the oldest REPL outputs when the messages would not fit the model's window."""
+        window = self.cfg.backend.max_input_tokens(self.model)
+        if not window:
+            return messages
+        budget = int(window * 0.85)
+        if self.cfg.backend.count_tokens(self.model, messages) <= budget:
+            return messages
+        fitted = [dict(m) for m in messages]
+        for i in range(2, len(fitted) - 1):
+            if fitted[i]["role"] == "user":
+                fitted[i]["content"] = "[output of this turn elided to fit the context window]"
+                if self.cfg.backend.count_tokens(self.model, fitted) <= budget:
+                    break
+        return fitted
+
+    def _first_message(self, query: str | None) -> str:
+        question = (
+            f"Question: {query}"
+            if query
+            else "The task is described inside the context itself: read its beginning first."
+        )
+        return (
+            f"{question}\n\n{describe_context(self.context)}\n\n"
+            f"You have {self.cfg.max_iterations} turns. You have not looked at the context yet: "
+            "start by exploring it in a ```repl block."
+        )
+
+    def execute(self, context: Context, query: str | None) -> RLMResult:
+        self.context = context
+        started = time.perf_counter()
+        description = describe_context(context)
+        if self.logger is not None:
+            self.logger.metadata(
+                run_id=self.run_id,
+                parent_run_id=self.parent_id,
+                root_model=self.model,
+                sub_model=self.cfg.sub_model,
+                depth=self.depth,
+                max_depth=self.cfg.max_depth,
+                max_iterations=self.cfg.max_iterations,
+                backend="litellm"
+                if isinstance(self.cfg.backend, LiteLLMBackend)
+                else type(self.cfg.backend).__name__,
+                backend_kwargs={"model_name": self.model, "api_base": self.cfg.api_base},
+                environment_type="sandbox",
+                environment_kwargs={"policy": self.cfg.policy.name, "policy_sha256": self.cfg.policy.sha256},
+                other_backends=[self.cfg.sub_model] if self.cfg.sub_model != self.model else None,
+                budgets={k: v for k, v in vars(self.cfg.budgets).items() if v is not None},
+                query=query,
+                context_description=description,
+                audit_log=str(self.logger.audit_path),
+            )
+        if self.view is not None:
+            self.view.start(self.model, query, description)
+        sb = self._open_sandbox()
+        try:
+            return self._loop(sb, query, started)
+        finally:
+            sb.close()
+
+    def _loop(self, sb: Any, query: str | None, started: float) -> RLMResult:
+        messages: Messages = [
+            {"role": "system", "content": system_prompt()},
+            {"role": "user", "content": self._first_message(query)},
+        ]
+        history: list[dict[str, Any]] = []
+        stop_reason: str | None = None
+        error: str | None = None
+        iterations = 0
+        for turn in range(1, self.cfg.max_iterations + 1):
+            if self.ledger.exhausted():
+                stop_reason = self.ledger.stopped_by
+                break
+            turn_started = time.perf_counter()
+            sent = self._fit(messages)
+            try:
+                completion = self._call(self.model, sent, sub=False)
+            except BudgetExceeded as exc:
+                stop_reason = exc.limit
+                break
+            except ModelError as exc:
+                if isinstance(exc, (AuthenticationError, UnknownModelError)) or turn == 1:
+                    raise
+                stop_reason, error = "model_error", str(exc)
+                break
+            iterations = turn
+            response = completion.text
+            if self.view is not None:
+                self.view.turn(turn, self.cfg.max_iterations, response)
+            blocks = extract_code_blocks(response)
+            code_entries: list[dict[str, Any]] = []
+            outputs: list[str] = []
+            for index, code in enumerate(blocks, 1):
+                entry, text, ok = self._run_block(sb, code)
+                code_entries.append(entry)
+                outputs.append(text)
+                if self.view is not None:
+                    self.view.block(index, code, text, len(entry["result"]["rlm_calls"]), ok)
+                if self.fatal is not None:
+                    raise self.fatal
+                if self.final is not None or self.ledger.stopped_by is not None:
+                    break
+            self._resolve_text_final(sb, response)
+            record = {
+                "response": response,
+                "code_blocks": code_entries,
+                "final_answer": self.final,
+                "iteration_time": time.perf_counter() - turn_started,
+            }
+            history.append({"iteration": turn, **record})
+            if self.logger is not None:
+                self.logger.iteration(prompt=sent, **record)
+            if self.view is not None:
+                self.view.usage(*self._totals(), self.ledger.sub_calls, self.ledger.elapsed())
+            if self.final is not None:
+                stop_reason = "final"
+                break
+            messages.append({"role": "assistant", "content": response})
+            messages.append({"role": "user", "content": self._feedback(blocks, outputs, turn)})
+            if self.ledger.exhausted():
+                stop_reason = self.ledger.stopped_by
+                break
+        answer = self.final
+        closing: str | None = None
+        if stop_reason is None or stop_reason == "max_sub_calls":
+            stop_reason = stop_reason or "max_iterations"
+            answer, closing = self._closing_answer(sb, messages)
+        result = self._result(answer, stop_reason, iterations, history, started, error)
+        if self.logger is not None:
+            self.logger.result(
+                closing_response=closing, **result.model_dump(mode="json", exclude={"history"})
+            )
+        if self.view is not None:
+            self.view.finish(result.answer, result.stop_reason)
+        return result
+
+    def _feedback(self, blocks: list[str], outputs: list[str], turn: int) -> str:
+        left = self.cfg.max_iterations - turn
+        if not blocks:
+            body = (
+                "Your reply had no ```repl block and no FINAL(...). Write code in a ```repl block to make "
+                "progress, or give your final answer."
+            )
+        else:
+            body = "\n\n".join(
+                f"Output of block {i} of {len(blocks)}:\n{text}" for i, text in enumerate(outputs, 1)
+            )
+            if len(outputs) < len(blocks):
+                body += f"\n\n[blocks {len(outputs) + 1} to {len(blocks)} were not run]"
+        return f"{body}\n\n[{left} turn{'s' if left != 1 else ''} left]"
+
+    def _closing_answer(self, sb: Any, messages: Messages) -> tuple[str | None, str | None]:
+        """One last call for the best answer when the run stops without FINAL."""
+        closing = [*messages[:-1], dict(messages[-1])]
+        closing[-1]["content"] = f"{closing[-1]['content']}\n\n{CLOSING_PROMPT}"
+        if self.view is not None:
+            self.view.note("no FINAL: asking for the best answer")
+        try:
+            completion = self._call(self.model, self._fit(closing), sub=False)
+        except (BudgetExceeded, ModelError):
+            return None, None
+        text = completion.text
+        if find_final(text) is not None:
+            self._resolve_text_final(sb, text)
+            return self.final, text
+        answer = text.strip()
+        return (answer or None), text
+
+    def _totals(self) -> tuple[int, int, float | None]:
+        return self.ledger.totals()
+
+    def _result(
+        self,
+        answer: str | None,
+        stop_reason: str,
+        iterations: int,
+        history: list[dict[str, Any]],
+        started: float,
+        error: str | None,
+    ) -> RLMResult:
+        input_tokens, output_tokens, cost = self._totals()
+        return RLMResult(
+            answer=answer,
+            stop_reason=stop_reason,
+            iterations=iterations,
+            code_executions=self.code_executions,
+            sub_calls=self.ledger.sub_calls,
+            total_input_tokens=input_tokens,
+            total_output_tokens=output_tokens,
+            cost_usd=cost,
+            execution_time=time.perf_counter() - started,
+            usage=self.ledger.usage(),
+            history=history,
+            root_model=self.model,
+            run_id=self.run_id,
+            log_path=str(self.logger.path) if self.logger is not None else None,
+            audit_log_path=str(self.logger.audit_path) if self.logger is not None else None,
+            error=error,
+        )

@@ -1,0 +1,78 @@
+"""Errors raised by the ``rlm`` package.
+
+An exception raised by *model-written code* is never one of these: it is
+shown to the model as the output of its code block. These are failures of
+the run itself: a model that cannot be called, a sandbox that cannot start,
+bad arguments. Budgets reached during a run are not raised to the caller
+either: the run stops cleanly and says why in ``RLMResult.stop_reason``.
+
+The tree::
+
+    RLMError                        root of everything this package raises
+    ├── ConfigurationError          bad arguments: context type, policy, limits (also a ValueError)
+    ├── ModelError                  a model call failed (root of model-call failures)
+    │   ├── AuthenticationError     no API key for the provider, or the key was rejected
+    │   ├── UnknownModelError       litellm cannot route the model string to a provider
+    │   ├── ContextWindowExceeded   the prompt does not fit the model's context window
+    │   └── RateLimited             the provider refused the call for rate or quota reasons
+    ├── BudgetExceeded              a budget (sub-calls, tokens, cost, time) is used up
+    └── SandboxFailure              the sandbox could not be started or used
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "BudgetExceeded",
+    "ConfigurationError",
+    "ContextWindowExceeded",
+    "ModelError",
+    "RLMError",
+    "RateLimited",
+    "SandboxFailure",
+    "UnknownModelError",
+]
+
+
+class RLMError(Exception):
+    """Root of every error raised by the rlm package."""
+
+
+class ConfigurationError(RLMError, ValueError):
+    """An argument cannot be used: unsupported context type, unknown policy, bad limit."""
+
+
+class ModelError(RLMError):
+    """A model call failed. ``model`` is the model string as the caller gave it."""
+
+    def __init__(self, message: str, *, model: str | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class AuthenticationError(ModelError):
+    """No API key is configured for the model's provider, or the provider rejected it."""
+
+
+class UnknownModelError(ModelError):
+    """litellm cannot route this model string to any provider (or the provider does not know it)."""
+
+
+class ContextWindowExceeded(ModelError):
+    """The messages are longer than the model's context window."""
+
+
+class RateLimited(ModelError):
+    """The provider refused the call: rate limit or exhausted quota."""
+
+
+class BudgetExceeded(RLMError):
+    """A budget of the run is used up. ``limit`` names it (``"max_tokens"``, ``"max_cost_usd"`` ...)."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class SandboxFailure(RLMError):
+    """The sandbox could not be started, or refused the context."""

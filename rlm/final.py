@@ -1,0 +1,138 @@
+"""Reading a model's reply: its ```repl code blocks and a FINAL(...) written in the text.
+
+Rules (pinned by the project's contract):
+
+- code to run is in fenced blocks whose info string is ``repl``;
+- ``FINAL(answer)`` / ``FINAL_VAR(name)`` in the reply text count only at the
+  start of a line (leading spaces allowed) and outside any fenced block;
+- the argument may span lines and contain parentheses: a balanced closing
+  parenthesis that ends its line closes the call; failing that, a ``)``
+  ending the call's first line; failing that, the last ``)`` ending a line;
+  failing that, the balanced one (text may follow it); an unclosed call takes
+  the rest of the text;
+- a quoted argument (``FINAL("...")``) is read as a Python string literal.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["FinalDirective", "extract_code_blocks", "find_final", "strip_code"]
+
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[ \t]*([^\n`]*)$", re.MULTILINE)
+_DIRECTIVE = re.compile(r"^[ \t]*(FINAL_VAR|FINAL)[ \t]*\(", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class FinalDirective:
+    """A FINAL found in the text: ``kind`` and the argument, unquoted if it was a string literal."""
+
+    kind: Literal["FINAL", "FINAL_VAR"]
+    argument: str
+    quoted: bool = False
+
+
+def _segments(text: str) -> list[tuple[bool, str, str]]:
+    """Split *text* into (is_code, info_string, body) segments; an unclosed fence runs to the end."""
+    out: list[tuple[bool, str, str]] = []
+    pos = 0
+    while True:
+        opening = _FENCE.search(text, pos)
+        if opening is None:
+            out.append((False, "", text[pos:]))
+            return out
+        out.append((False, "", text[pos : opening.start()]))
+        fence, info = opening.group(1), opening.group(2).strip()
+        body_start = opening.end() + 1
+        closing = re.compile(rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$", re.MULTILINE)
+        end = closing.search(text, body_start) if body_start <= len(text) else None
+        if end is None:
+            out.append((True, info, text[body_start:]))
+            return out
+        out.append((True, info, text[body_start : end.start()]))
+        pos = end.end()
+
+
+def extract_code_blocks(text: str, language: str = "repl") -> list[str]:
+    """The bodies of the fenced blocks tagged *language*, in order (an unclosed last block counts)."""
+    blocks = []
+    for is_code, info, body in _segments(text):
+        if is_code and info.split()[:1] == [language]:
+            code = body.rstrip("\n")
+            if code.strip():
+                blocks.append(code)
+    return blocks
+
+
+def strip_code(text: str) -> str:
+    """*text* with every fenced block removed (each replaced by a newline)."""
+    return "\n".join(body for is_code, _, body in _segments(text) if not is_code)
+
+
+def _balanced_close(region: str) -> int | None:
+    depth = 0
+    for i, ch in enumerate(region):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            if depth == 0:
+                return i
+            depth -= 1
+    return None
+
+
+def _ends_line(region: str, i: int) -> bool:
+    newline = region.find("\n", i + 1)
+    rest = region[i + 1 :] if newline < 0 else region[i + 1 : newline]
+    return not rest.strip()
+
+
+def _literal(region: str) -> tuple[str, bool] | None:
+    """A string-literal argument: the shortest prefix up to a ')' that literal_eval reads as a str."""
+    stripped = region.lstrip()
+    if not stripped or (stripped[0] not in "\"'" and not re.match(r"[rRuU]['\"]", stripped)):
+        return None
+    for m in re.finditer(r"\)", region):
+        candidate = region[: m.start()].strip()
+        try:
+            value = ast.literal_eval(candidate)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if isinstance(value, str):
+            return value, True
+    return None
+
+
+def _argument(region: str) -> tuple[str, bool]:
+    literal = _literal(region)
+    if literal is not None:
+        return literal
+    close = _balanced_close(region)
+    if close is not None and _ends_line(region, close):
+        return region[:close].strip(), False
+    first_line_end = region.find("\n")
+    line_enders = [m.start() for m in re.finditer(r"\)", region) if _ends_line(region, m.start())]
+    if line_enders:
+        on_first_line = [i for i in line_enders if first_line_end < 0 or i < first_line_end]
+        return region[: (on_first_line or line_enders)[-1]].strip(), False
+    if close is not None:
+        return region[:close].strip(), False
+    return region.strip(), False
+
+
+def find_final(text: str) -> FinalDirective | None:
+    """The first FINAL/FINAL_VAR at the start of a line outside code blocks, or None."""
+    for is_code, _, body in _segments(text):
+        if is_code:
+            continue
+        match = _DIRECTIVE.search(body)
+        if match is None:
+            continue
+        argument, quoted = _argument(body[match.end() :])
+        if match.group(1) == "FINAL_VAR":
+            return FinalDirective("FINAL_VAR", argument, quoted)
+        return FinalDirective("FINAL", argument, quoted)
+    return None

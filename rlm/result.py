@@ -1,0 +1,64 @@
+"""What a run returns: :class:`RLMResult` (a pydantic model that round-trips to JSON)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ModelUsage", "RLMResult", "StopReason"]
+
+StopReason = Literal[
+    "final",  # the model gave FINAL / FINAL_VAR
+    "max_iterations",  # out of turns (the answer, if any, is the closing call's reply)
+    "max_sub_calls",
+    "max_tokens",
+    "max_cost_usd",
+    "max_time_s",
+    "model_error",  # a root-model call failed mid-run (see ``error``)
+    "error",  # the run could not start (CLI --json only; the library raises instead)
+]
+
+
+class ModelUsage(BaseModel):
+    """Usage of one model over a whole run tree."""
+
+    model_config = ConfigDict(frozen=True)
+
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float | None = Field(0.0, description="None when litellm has no price for the model.")
+
+
+class RLMResult(BaseModel):
+    """The outcome of one RLM run.
+
+    Counters: ``iterations`` are root turns (at most ``max_iterations``);
+    ``code_executions`` are the root's repl blocks run; ``sub_calls`` are all
+    model calls other than the root's own calls, across the whole tree.
+    Tokens, cost and ``usage`` cover every call of the tree, the closing
+    "best answer" call included. ``cost_usd`` is None when a price is unknown.
+    """
+
+    answer: str | None = None
+    stop_reason: StopReason = "final"
+    iterations: int = 0
+    code_executions: int = 0
+    sub_calls: int = 0
+    total_input_tokens: int = 0
+    total_output_tokens: int = 0
+    cost_usd: float | None = None
+    execution_time: float = 0.0
+    usage: dict[str, ModelUsage] = Field(default_factory=dict)
+    history: list[dict[str, Any]] = Field(default_factory=list)
+    root_model: str = ""
+    run_id: str = ""
+    log_path: str | None = None
+    audit_log_path: str | None = None
+    error: str | None = None
+
+    @property
+    def response(self) -> str:
+        """The answer as text ("" when there is none), as the reference RLM names it."""
+        return self.answer or ""
