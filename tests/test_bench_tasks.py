@@ -39,6 +39,7 @@ from bench.tasks import (
     score,
 )
 from bench.tasks.cli import main, parse_sizes
+from tests.llm_server import LLMServer, Reply
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -511,3 +512,271 @@ def test_usage_errors_exit_2(
     )
     assert "pip install 'rlm[plot]'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+# ------------------------------------------------- direct calls, loopback server
+
+WRONG = "$145,000"
+
+
+def _direct_reply(req: Any) -> str | Reply:
+    if req.model == "ctx-small":
+        return Reply(
+            "This model's maximum context length is 100 tokens",
+            status=400,
+            error_code="context_length_exceeded",
+        )
+    if req.model == "denied":
+        return Reply("Incorrect API key provided", status=401, error_code="invalid_api_key")
+    if req.model == "broken":
+        return Reply("the server could not read the request", status=400)
+    return WRONG
+
+
+def test_run_direct_statuses_against_the_loopback_server() -> None:
+    from bench.tasks.runner import BenchConfig, direct_messages, run_direct
+
+    small = generate("salary", 5)
+    with LLMServer(_direct_reply) as srv:
+
+        def direct(model: str | None, task: Task = small) -> Any:
+            cfg = BenchConfig(
+                task=task.name, sizes=[task.size], model="unused", direct_model=model, api_base=srv.base_url
+            )
+            return run_direct(task, cfg)
+
+        ok = direct("openai/plain")
+        assert (ok.status, ok.answer, ok.cost_usd, ok.error) == ("ok", WRONG, None, None)
+        assert ok.time_s is not None and ok.time_s >= 0
+        req = srv.requests[-1]
+        assert req.messages == direct_messages(small) and small.context in req.last_user
+        priced = direct("openai/gpt-4o-mini")  # in litellm's price map: a cost is known
+        assert priced.status == "ok" and priced.cost_usd is not None and priced.cost_usd > 0
+        # Unknown window: the call is tried and the provider's context-length error means "does not fit".
+        unfit = direct("openai/ctx-small")
+        assert unfit.status == "does not fit" and unfit.answer is None and "context" in (unfit.error or "")
+        assert direct("openai/denied").status == "error"  # a rejected key is recorded, not raised
+        assert direct("openai/broken").status == "error"
+        assert direct(None).status == "skipped"
+        # Known window (16,385 tokens) and a ~26k-token prompt: no call is made at all.
+        before = len(srv.requests)
+        big = direct("openai/gpt-3.5-turbo", generate("niah", 120_000))
+        assert big.status == "does not fit" and big.time_s is None and "window" in (big.error or "")
+        assert len(srv.requests) == before
+        assert [r.model for r in srv.requests] == ["plain", "gpt-4o-mini", "ctx-small", "denied", "broken"]
+
+
+# ------------------------------------------------------ the runner, end to end
+# The scripted root model answers like a careful RLM: a first turn of code that reads
+# `context` in the sandbox, then FINAL_VAR naming the variable the code filled.
+SALARY_CODE = """Let me sum the Engineering salaries in code.
+```repl
+import re
+total = 0
+for line in context.splitlines():
+    m = re.match(r"- [^:]+: ([^,]+), \\$([0-9,]+)\\.", line)
+    if m and m.group(1) == "Engineering":
+        total += int(m.group(2).replace(",", ""))
+answer = "${:,}".format(total)
+print(answer)
+```"""
+NIAH_CODE = """```repl
+import re
+answer = re.search(r"special magic number for .+? is (\\d+)", context).group(1)
+print(answer)
+```"""
+
+
+def scripted(req: Any) -> str | Reply:
+    """Root model: code, then FINAL_VAR. Direct model: a wrong figure, or the right one if named so."""
+    from bench.tasks.runner import SYSTEM_PROMPT
+
+    first = str(req.messages[0].get("content")) if req.messages else ""
+    if first == SYSTEM_PROMPT:  # the direct call
+        if req.model.endswith("denied"):
+            return Reply("Incorrect API key provided", status=401, error_code="invalid_api_key")
+        if req.model.endswith("right") or req.model == "gpt-4o-mini":
+            context = req.last_user.split("\n\nQuestion: ")[0]
+            return f"${engineering_total(context):,}"
+        return WRONG
+    if req.model == "root-denied":
+        return Reply("Incorrect API key provided", status=401, error_code="invalid_api_key")
+    if any(m.get("role") == "assistant" for m in req.messages):
+        return "FINAL_VAR(answer)"
+    return NIAH_CODE if "magic number" in req.prompt_text else SALARY_CODE
+
+
+@pytest.fixture
+def server() -> Any:
+    with LLMServer(scripted) as srv:
+        yield srv
+
+
+def _bench(srv: LLMServer, tmp_path: Path, *args: str) -> list[str]:
+    return [
+        *args,
+        "--api-base",
+        srv.base_url,
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--out",
+        str(tmp_path / "r.jsonl"),
+    ]
+
+
+def _records(tmp_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+
+
+def test_runner_salary_table_and_jsonl(
+    server: LLMServer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RLM_MODEL", "openai/root")  # --model falls back to RLM_MODEL
+    argv = _bench(
+        server,
+        tmp_path,
+        "--task",
+        "salary",
+        "--sizes",
+        "5,12",
+        "--repeats",
+        "2",
+        "--seed",
+        "3",
+        "--direct-model",
+        "openai/direct",
+    )
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0] == "salary: RLM with openai/root vs openai/direct called directly"
+    i = lines.index(
+        "| Records | Context | Expected | RLM Answer | Direct Answer | RLM Cost | Direct Cost | RLM Time | Direct Time | Winner |"
+    )
+    rows = lines[i + 2 : i + 6]
+    tasks = [generate("salary", size, seed) for size in (5, 12) for seed in (3, 4)]
+    for row, t in zip(rows, tasks, strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[:5] == [str(t.size), f"{len(t.context):,} chars", t.expected, t.expected, WRONG]
+        assert cells[5:7] == ["n/a", "n/a"]  # the loopback models have no price
+        assert re.fullmatch(r"\d+\.\ds", cells[7]) and re.fullmatch(r"\d+\.\ds", cells[8])
+        assert cells[9] == "RLM"
+    assert lines[i + 6] == ""
+    assert lines[i + 7 :] == [
+        "RLM accuracy: 4/4 (100%) (by size 5: 2/2, 12: 2/2)",
+        "Direct accuracy: 0/4 (0%) (by size 5: 0/2, 12: 0/2)",
+    ]
+    assert "[1/4] salary size=5 seed=3" in err and "[4/4] salary size=12 seed=4" in err
+    records = _records(tmp_path)
+    assert len(records) == 4
+    for rec, t in zip(records, tasks, strict=True):
+        assert tuple(rec) == RECORD_FIELDS
+        assert (rec["task"], rec["size"], rec["seed"]) == ("salary", t.size, t.seed)
+        assert rec["context_chars"] == len(t.context) and rec["question"] == t.question
+        assert rec["expected"] == rec["rlm_answer"] == t.expected == f"${engineering_total(t.context):,}"
+        assert rec["rlm_correct"] is True and rec["direct_correct"] is False
+        assert rec["direct_answer"] == WRONG and rec["direct_status"] == "ok" and rec["winner"] == "rlm"
+        assert rec["rlm_cost_usd"] is None and rec["direct_cost_usd"] is None
+        assert rec["rlm_time_s"] > 0 and rec["direct_time_s"] >= 0
+    # Each run: two root turns and one direct call reached the server; every trajectory was kept.
+    models = [r.model for r in server.requests]
+    assert models.count("root") == 8 and models.count("direct") == 4
+    trajectories = [
+        p
+        for p in (tmp_path / "logs").iterdir()
+        if p.suffix == ".jsonl" and not p.name.endswith(".audit.jsonl")
+    ]
+    assert len(trajectories) == 4
+    # A second run appends to the same file.
+    assert main([*argv[:4], "--sizes", "5", "--repeats", "1", *argv[8:], "-q"]) == 0
+    assert len(_records(tmp_path)) == 5 and capsys.readouterr().err == ""
+
+
+def test_runner_does_not_fit_no_direct_model_and_plot(
+    server: LLMServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    # gpt-3.5-turbo has a 16,385-token window in litellm's model info; 120k characters do not fit.
+    argv = _bench(
+        server,
+        tmp_path,
+        "--task",
+        "niah",
+        "--sizes",
+        "2000,120k",
+        "--depth",
+        "0.25",
+        "--model",
+        "openai/root",
+        "--direct-model",
+        "openai/gpt-3.5-turbo",
+        "--plot",
+        str(tmp_path / "niah.png"),
+    )
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    records = _records(tmp_path)
+    assert [r["direct_status"] for r in records] == ["ok", "does not fit"]
+    assert all(r["rlm_correct"] for r in records) and [r["winner"] for r in records] == ["rlm", "rlm"]
+    assert records[1]["direct_answer"] is None and records[1]["direct_time_s"] is None
+    assert records[0]["expected"] == generate("niah", 2000, 0, depth=0.25).expected
+    assert "| 120,000 | 120,000 chars |" in out and "| does not fit |" in out
+    assert "Direct accuracy: 0/2 (0%) (by size 2,000: 0/1, 120,000: 0/1); 1 did not fit" in out
+    assert [r.model for r in server.requests].count("gpt-3.5-turbo") == 1  # only the run that fits was sent
+    assert (tmp_path / "niah.png").read_bytes()[:4] == b"\x89PNG"
+    # Without --direct-model the direct side is skipped and the winner is "-".
+    assert (
+        main(_bench(server, tmp_path, "--task", "salary", "--sizes", "3", "--model", "openai/root", "-q"))
+        == 0
+    )
+    rec = _records(tmp_path)[-1]
+    assert (rec["direct_status"], rec["direct_answer"], rec["direct_correct"], rec["winner"]) == (
+        "skipped",
+        None,
+        None,
+        "-",
+    )
+    assert "Direct accuracy: - (no --direct-model given)" in capsys.readouterr().out
+
+
+def test_runner_direct_error_is_recorded_and_cheaper_wins(
+    server: LLMServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _bench(
+        server, tmp_path, "--sizes", "4", "--model", "openai/root", "--direct-model", "openai/denied"
+    )
+    assert main(argv) == 0
+    rec = _records(tmp_path)[-1]
+    assert (rec["direct_status"], rec["direct_correct"], rec["winner"]) == ("error", False, "rlm")
+    out, err = capsys.readouterr()
+    assert "| error |" in out and "1 failed with an error" in out and "direct: error" in err
+    # Both right, both priced (gpt-4o-mini is in litellm's price map): the cheaper one wins.
+    argv = _bench(
+        server,
+        tmp_path,
+        "--sizes",
+        "4",
+        "--model",
+        "openai/gpt-4o-mini",
+        "--direct-model",
+        "openai/gpt-4o-mini",
+    )
+    assert main(argv) == 0
+    rec = _records(tmp_path)[-1]
+    assert rec["rlm_correct"] and rec["direct_correct"]
+    assert (
+        rec["rlm_cost_usd"] > 0
+        and rec["direct_cost_usd"] > 0
+        and rec["rlm_cost_usd"] != rec["direct_cost_usd"]
+    )
+    assert rec["winner"] == ("rlm" if rec["rlm_cost_usd"] < rec["direct_cost_usd"] else "direct")
+    assert re.search(r"\| \$0\.\d{4} \| \$0\.\d{4} \|", capsys.readouterr().out)
+
+
+def test_runner_rejected_root_key_stops_with_one_line(
+    server: LLMServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_bench(server, tmp_path, "--sizes", "4,5", "--model", "openai/root-denied", "-q")) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "root-denied" in err
+    assert not (tmp_path / "r.jsonl").exists()

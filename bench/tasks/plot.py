@@ -47,15 +47,26 @@ def write_plot(records: Sequence[dict[str, Any]], path: Path, title: str = "") -
         raise PlotUnavailable(PLOT_INSTALL_HINT) from exc
     if not records:
         raise ValueError("no records to plot")
-    fig, (ax_acc, ax_cost) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_acc, ax_cost) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     methods = [("RLM", "rlm", records)]
     direct = [r for r in records if r["direct_status"] != "skipped"]
     if direct:
         methods.append(("Direct", "direct", direct))
+    any_cost = False
     for label, prefix, recs in methods:
         xs, acc, cost = _series(recs, prefix)
         ax_acc.plot(xs, acc, marker="o", label=label)
         ax_cost.plot(xs, cost, marker="o", label=label)
+        any_cost = any_cost or any(c == c for c in cost)  # NaN != NaN: a cost is known
+    if not any_cost:
+        ax_cost.text(
+            0.5,
+            0.5,
+            "cost unknown\n(no price in litellm's map for these models)",
+            transform=ax_cost.transAxes,
+            ha="center",
+            va="center",
+        )
     for ax, ylabel in ((ax_acc, "accuracy"), (ax_cost, "mean cost per run (USD)")):
         ax.set_xlabel("context length (characters)")
         ax.set_ylabel(ylabel)

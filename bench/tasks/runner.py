@@ -143,10 +143,12 @@ def run_rlm(task: Task, cfg: BenchConfig) -> RLMOutcome:
     elapsed = time.perf_counter() - start
     answer = None if result.answer is None else str(result.answer)
     log_path = getattr(result, "log_path", None)
+    run_error = getattr(result, "error", None)
     return RLMOutcome(
         answer,
         result.cost_usd,
         elapsed,
+        error=str(run_error) if run_error and answer is None else None,
         stop_reason=getattr(result, "stop_reason", None),
         log_path=None if log_path is None else str(log_path),
     )
@@ -277,6 +279,16 @@ def _describe(answer: str | None, correct: bool | None, task: Task) -> str:
     return f"{shown!r} ({verdict})"
 
 
+def _warm_up(cfg: BenchConfig) -> None:
+    """Import litellm before the first timed call, so the first row's time is not its import time."""
+    from rlm import llm
+
+    try:
+        llm.max_input_tokens(cfg.model)
+    except Exception:  # only a warm-up: the real calls report their own errors
+        pass
+
+
 def run_benchmark(cfg: BenchConfig, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Run every (size, repeat) of *cfg*; each record is appended to ``cfg.out`` as soon as it exists.
 
@@ -284,6 +296,7 @@ def run_benchmark(cfg: BenchConfig, progress: Progress | None = None) -> list[di
     records finished before that are already written).
     """
     say = progress or (lambda _msg: None)
+    _warm_up(cfg)
     records: list[dict[str, Any]] = []
     total = len(cfg.sizes) * cfg.repeats
     for n, task in enumerate(cfg.tasks(), start=1):
