@@ -1,0 +1,111 @@
+"""The audit log: one chained line per execute; edits, drops and reorders are caught."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+
+from sandbox import Sandbox
+from sandbox.audit import verify
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_every_execute_appends_one_chained_line(sb, audit_path):
+    sb.execute("x = 1")
+    sb.execute("1/0")
+    sb.execute("print('hi')")
+    lines = _lines(audit_path)
+    assert len(lines) == 3
+    first = lines[0]
+    for key in ("time", "sandbox_id", "seq", "policy", "schema_version", "policy_sha256", "code_sha256", "code",
+                "outcome", "duration_s", "cpu_s", "max_rss_bytes", "prev_hash", "hash"):  # fmt: skip
+        assert key in first, key
+    assert first["prev_hash"] == "0" * 64
+    assert first["code"] == "x = 1" and first["code_sha256"] == hashlib.sha256(b"x = 1").hexdigest()
+    assert [x["outcome"] for x in lines] == ["ok", "error:ZeroDivisionError", "ok"]
+    assert [x["seq"] for x in lines] == [1, 2, 3]
+    assert lines[1]["prev_hash"] == lines[0]["hash"]
+    assert first["policy"] == "default" and first["policy_sha256"] == sb.policy.sha256
+    assert verify(audit_path).ok
+
+
+def test_limits_are_audited(audit_path):
+    from tests.conftest import policy_with
+
+    with Sandbox(policy_with({"limits.wall_seconds": 0.5}), audit_log=audit_path) as box:
+        box.execute("import time\ntime.sleep(5)")
+    assert _lines(audit_path)[-1]["outcome"] == "limit:wall"
+
+
+def _tamper(path, fn):
+    rows = path.read_text().splitlines()
+    path.write_text("\n".join(fn(rows)) + "\n")
+
+
+def _make_log(audit_path, n=5):
+    with Sandbox("default", audit_log=audit_path) as box:
+        for i in range(n):
+            box.execute(f"v = {i}")
+
+
+def test_an_edited_line_is_named(audit_path):
+    _make_log(audit_path)
+
+    def edit(rows):
+        rec = json.loads(rows[2])
+        rec["code"] = "v = 'innocent'"
+        rows[2] = json.dumps(rec, sort_keys=True, separators=(",", ":"))
+        return rows
+
+    _tamper(audit_path, edit)
+    report = verify(audit_path)
+    assert not report.ok and report.bad_line == 3 and "edited" in report.reason
+
+
+def test_dropped_and_reordered_lines_are_named(audit_path, tmp_path):
+    _make_log(audit_path)
+    original = audit_path.read_text()
+    _tamper(audit_path, lambda rows: rows[:1] + rows[2:])
+    report = verify(audit_path)
+    assert not report.ok and report.bad_line == 2
+    audit_path.write_text(original)
+    _tamper(audit_path, lambda rows: [rows[0], rows[2], rows[1], *rows[3:]])
+    assert verify(audit_path).bad_line == 2
+    audit_path.write_text(original)
+    _tamper(audit_path, lambda rows: [*rows[:3], "{not json", *rows[3:]])
+    assert verify(audit_path).bad_line == 4
+
+
+def test_cli_audit_verify(audit_path):
+    _make_log(audit_path, 3)
+    ok = subprocess.run([sys.executable, "-m", "rlm", "audit", "verify", str(audit_path)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "3 line(s)" in ok.stdout
+    _tamper(audit_path, lambda rows: [rows[0], rows[2]])
+    bad = subprocess.run([sys.executable, "-m", "rlm", "audit", "verify", str(audit_path)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "line 2" in bad.stderr
+
+
+def test_concurrent_sandboxes_share_one_chain(audit_path):
+    def work():
+        with Sandbox("default", audit_log=audit_path) as box:
+            for i in range(20):
+                box.execute(f"x = {i}")
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # and another process appending to the same file
+    subprocess.run(
+        [sys.executable, "-c", f"from sandbox import Sandbox\nwith Sandbox('default', audit_log={str(audit_path)!r}) as b:\n    b.execute('y = 1')"],
+        check=True,
+    )
+    report = verify(audit_path)
+    assert report.ok and report.lines == 61

@@ -1,0 +1,53 @@
+"""Nothing is left behind: processes, descriptors, scratch directories."""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+
+import psutil
+
+import sandbox
+from sandbox import Sandbox
+
+
+def _fds() -> set[int]:
+    return {int(x) for x in os.listdir("/proc/self/fd")}
+
+
+def test_500_sandboxes_leave_no_process_fd_or_temp_dir(audit_path):
+    with Sandbox("default", audit_log=audit_path) as warm:  # the fork server starts here
+        warm.execute("x = 1")
+    me = psutil.Process()
+    fds_before = _fds()
+    ids = []
+    for i in range(500):
+        with Sandbox("default", audit_log=audit_path) as box:
+            ids.append(box.id)
+            if i % 50 == 0:
+                assert box.execute("print('hi')").stdout == "hi\n"
+    leftover = [p for p in me.children(recursive=True) if p.pid != _server_pid()]
+    assert leftover == []
+    assert _fds() <= fds_before | {max(fds_before) + 1}  # at most a lazily reopened log
+    tmp = tempfile.gettempdir()
+    assert [d for i in ids for d in glob.glob(os.path.join(tmp, f"sandbox-{i}-*"))] == []
+    sandbox.shutdown()
+    assert me.children(recursive=True) == []
+
+
+def _server_pid() -> int:
+    from sandbox import forkserver
+
+    return forkserver.shared().pid
+
+
+def test_shutdown_kills_live_children(audit_path):
+    box = Sandbox("default", audit_log=audit_path)
+    pid = box.pid
+    assert psutil.pid_exists(pid)
+    sandbox.shutdown()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    box.close()  # closing after the server is gone is still clean
+    with Sandbox("default", audit_log=audit_path) as again:  # a new server starts on demand
+        assert again.execute("print(2)").stdout == "2\n"

@@ -1,0 +1,124 @@
+"""`rlm exec`: JSON on stdout, exit codes, variables from files, nothing left running."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rlm(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rlm", *args], input=stdin, capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+def test_json_result_and_exit_zero(tmp_path):
+    code = tmp_path / "ok.py"
+    code.write_text("print(len(context))\n")
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("x" * 12345)
+    log = tmp_path / "audit.jsonl"
+    out = rlm("exec", "--json", "--audit-log", str(log), "--set", f"context=@{ctx}", str(code))
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)  # stdout is exactly one JSON object
+    assert payload["ok"] is True and payload["stdout"] == "12345\n"
+    assert payload["policy_name"] == "default" and payload["layers"]["rlimits"] == "active"
+    for key in ("error_type", "limit", "crashed", "state_lost", "output_truncated", "duration_s", "cpu_s", "max_rss_bytes", "policy_sha256"):
+        assert key in payload
+    assert payload["audit_log"] == str(log) and log.read_text().count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("source", "expect"),
+    [("1/0", {"error_type": "ZeroDivisionError"}), ("import os", {"error_type": "ImportError"})],
+)
+def test_failures_exit_one_with_json(tmp_path, source, expect):
+    out = rlm("exec", "--json", "--audit-log", str(tmp_path / "a.jsonl"), "-", stdin=source)
+    assert out.returncode == 1
+    payload = json.loads(out.stdout)
+    assert payload["ok"] is False
+    for k, v in expect.items():
+        assert payload[k] == v
+
+
+def test_limit_exits_one(tmp_path):
+    policy = tmp_path / "fast.toml"
+    policy.write_text('schema_version = 1\nname = "fast"\ndescription = "d"\n[limits]\nwall_seconds = 0.5\n')
+    out = rlm("exec", "--json", "--policy", str(policy), "--audit-log", str(tmp_path / "a.jsonl"), "-", stdin="import time\ntime.sleep(30)")
+    assert out.returncode == 1
+    assert json.loads(out.stdout)["limit"] == "wall"
+
+
+def test_plain_output_mode(tmp_path):
+    out = rlm("exec", "--audit-log", str(tmp_path / "a.jsonl"), "-", stdin="print('hello')\n1/0")
+    assert out.returncode == 1
+    assert out.stdout == "hello\n"
+    assert "ZeroDivisionError" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["exec", "--policy", "nope", "-"],
+        ["exec", "/does/not/exist.py"],
+        ["exec", "--set", "bad", "-"],
+        ["exec", "--set", "x=@/does/not/exist", "-"],
+        ["exec"],
+        ["frobnicate"],
+    ],
+)
+def test_usage_and_policy_errors_exit_two_without_traceback(args):
+    out = rlm(*args, stdin="print(1)")
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert "Traceback" not in out.stderr and out.stderr.strip()
+
+
+def test_bad_policy_file_exits_two_naming_the_key(tmp_path):
+    policy = tmp_path / "bad.toml"
+    policy.write_text('schema_version = 1\nname = "bad"\ndescription = "d"\n[limits]\ncpu = 3\n')
+    out = rlm("exec", "--policy", str(policy), "-", stdin="print(1)")
+    assert out.returncode == 2 and "limits.cpu" in out.stderr and str(policy) in out.stderr
+
+
+def test_no_process_outlives_the_command(tmp_path):
+    me = psutil.Process()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlm", "exec", "--audit-log", str(tmp_path / "a.jsonl"), "-"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    proc.communicate("print('x')", timeout=60)
+    assert proc.returncode == 0
+    assert [p for p in me.children(recursive=True) if p.pid != _server(me)] == []
+    # nothing re-parented to init either: no fork server started by that command survives
+    strays = [p for p in psutil.process_iter(["cmdline"]) if str(proc.pid) in " ".join(p.info["cmdline"] or []) and "forkserver" in " ".join(p.info["cmdline"] or [])]
+    assert strays == []
+
+
+def _server(me: psutil.Process) -> int:
+    for p in me.children():
+        if "sandbox.forkserver" in " ".join(p.cmdline()):
+            return p.pid
+    return -1
+
+
+def test_exec_and_help_do_not_import_litellm(tmp_path):
+    probe = (
+        "import sys, io, contextlib\n"
+        "from rlm.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+        f"    main(['exec', '--audit-log', {str(tmp_path / 'a.jsonl')!r}, {str(tmp_path / 'c.py')!r}])\n"
+        "print('litellm' in sys.modules, 'openai' in sys.modules)\n"
+    )
+    (tmp_path / "c.py").write_text("x = 1\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False False"

@@ -1,0 +1,121 @@
+"""Each limit on a real child: the result names the limit, the next execute starts fresh."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sandbox import Sandbox
+from tests.conftest import policy_with
+
+
+def _box(changes, audit_path, **kw):
+    return Sandbox(policy_with(changes), audit_log=audit_path, **kw)
+
+
+def test_cpu_hog_is_stopped_within_the_limit_plus_half_a_second(audit_path):
+    with _box({"limits.cpu_seconds": 1, "limits.wall_seconds": 20}, audit_path) as box:
+        box.execute("keep = 1")
+        t0 = time.monotonic()
+        r = box.execute("while True:\n    pass")
+        elapsed = time.monotonic() - t0
+        assert r.limit == "cpu" and not r.ok and not r.crashed
+        assert 1.0 <= r.cpu_s <= 1.5  # CPU time is what the limit bounds
+        assert elapsed < 10  # wall time depends on how busy the shared machine is
+        assert not box.alive
+        r = box.execute("print(keep)")
+        assert r.state_lost and r.error_type == "NameError"
+        assert box.execute("print('fresh')").stdout == "fresh\n"
+        assert not box.execute("print(1)").state_lost  # only the first result after the restart says so
+
+
+def test_huge_power_is_a_cpu_limit(audit_path):
+    with _box({"limits.cpu_seconds": 1, "limits.wall_seconds": 20}, audit_path) as box:
+        r = box.execute("x = 10**10**10")
+        assert r.limit in ("cpu", "memory")
+
+
+def test_sleep_forever_is_stopped_at_the_wall_limit(audit_path):
+    with _box({"limits.wall_seconds": 1}, audit_path) as box:
+        t0 = time.monotonic()
+        r = box.execute("import time\ntime.sleep(1e9)")
+        elapsed = time.monotonic() - t0
+        assert r.limit == "wall" and not r.ok
+        assert 1.0 <= r.duration_s < 1.5
+        assert elapsed < 1.5 + 1.0
+        assert box.execute("print(2)").state_lost
+
+
+def test_memory_hog_never_passes_the_limit(audit_path):
+    limit_mb = 200
+    with _box({"limits.memory_mb": limit_mb}, audit_path) as box:
+        r = box.execute("chunks = []\nwhile True:\n    chunks.append(bytearray(10 * 1024 * 1024))")
+        assert r.limit == "memory" and not r.ok
+        assert r.max_rss_bytes <= limit_mb * 1024 * 1024
+        r = box.execute("s = 'x' * (500 * 1024 * 1024)")
+        assert r.limit == "memory"
+        assert r.max_rss_bytes <= limit_mb * 1024 * 1024
+        assert box.execute("print('ok')").ok
+
+
+def test_output_is_cut_with_a_marker(audit_path):
+    with _box({"limits.max_output_bytes": 1000}, audit_path) as box:
+        r = box.execute("while True:\n    print('spam' * 10)")
+        assert r.limit == "output" and r.output_truncated and not r.ok
+        assert len(r.stdout.encode()) < 1000 + 200
+        assert "output truncated at 1000 bytes" in r.stdout
+        r = box.execute("try:\n    print('x' * 5000)\nexcept Exception:\n    pass\nprint('after')")
+        assert r.output_truncated  # a bare except does not swallow the limit
+        r = box.execute("print('small')")
+        assert r.ok and not r.output_truncated and r.stdout == "small\n"
+
+
+def test_processes_are_refused(audit_path):
+    with _box({"python.guard": "none"}, audit_path) as box:
+        r = box.execute("import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)")
+        assert r.limit == "processes" and not r.ok
+        r = box.execute("import threading\nt = threading.Thread(target=print)\nt.start()")
+        assert r.limit == "processes"
+        assert box.execute("print('alive')").stdout == "alive\n"
+
+
+def test_open_files_limit(audit_path):
+    with _box({"limits.max_open_files": 16}, audit_path) as box:
+        r = box.execute("fs = [open(f'f{i}', 'w') for i in range(100)]")
+        assert r.limit == "files" and r.error_type == "OSError"
+
+
+def test_file_size_limit(audit_path):
+    with _box({"limits.max_file_mb": 1}, audit_path) as box:
+        r = box.execute("with open('big', 'wb') as f:\n    f.write(b'x' * (2 * 1024 * 1024))")
+        assert r.limit == "disk" and not r.ok
+        assert box.execute("print('fine')").ok
+
+
+def test_recursion_and_segfault_crash_the_child_not_the_host(audit_path):
+    with _box({"python.guard": "none"}, audit_path) as box:
+        box.execute("v = 1")
+        r = box.execute("import ctypes\nctypes.string_at(0)")
+        assert r.crashed and r.error_type == "ChildCrashed" and "SIGSEGV" in r.error_message
+        assert r.limit is None
+        r = box.execute("print('back')")
+        assert r.state_lost and r.stdout == "back\n"
+        # C-level recursion past the C stack: the interpreter segfaults.
+        r = box.execute("import sys\nsys.setrecursionlimit(10**7)\nx = []\nfor _ in range(2 * 10**6):\n    x = [x]\nrepr(x)")
+        assert r.crashed and "SIGSEGV" in r.error_message
+        assert box.execute("print('again')").stdout == "again\n"
+
+
+def test_a_child_that_exits_is_reported_and_replaced(audit_path):
+    with _box({"python.guard": "none"}, audit_path) as box:
+        r = box.execute("import os\nos._exit(7)")
+        assert r.crashed and r.error_type == "ChildExited" and "7" in r.error_message
+        assert box.execute("print(1)").state_lost
+
+
+@pytest.mark.slow
+def test_default_policy_limits_hold_at_default_values(audit_path):
+    with Sandbox("default", audit_log=audit_path) as box:
+        r = box.execute("while True: pass")
+        assert r.limit == "cpu" and 10 <= r.cpu_s <= 10 + 0.5

@@ -1,0 +1,214 @@
+"""The public Sandbox API on real child processes: state, variables, host functions, guards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from sandbox import AsyncSandbox, ExecResult, Sandbox, load_policy
+from sandbox.errors import SandboxClosedError, VariableError
+from tests.conftest import policy_with
+
+
+def test_state_persists_between_executes(sb):
+    assert sb.execute("x = 40").ok
+    assert sb.execute("def inc(v):\n    return v + 1").ok
+    r = sb.execute("print(inc(x) + 1)")
+    assert r.ok and r.stdout == "42\n"
+    assert sb.get_variable("x") == 40
+
+
+def test_quick_start_shape(audit_path):
+    with Sandbox(load_policy("default"), host_functions={"double": lambda x: 2 * x}, audit_log=audit_path) as box:
+        box.set_variable("context", "a" * 1000)
+        r = box.execute("print(len(context)); y = double(21)")
+        assert isinstance(r, ExecResult)
+        assert r.ok and r.stdout == "1000\n"
+        assert box.get_variable("y") == 42
+        assert r.policy_name == "default" and len(r.policy_sha256) == 64
+        assert r.layers["no_new_privs"] == "active"
+        assert r.duration_s > 0 and r.max_rss_bytes > 1_000_000
+
+
+def test_a_trailing_expression_is_displayed(sb):
+    assert sb.execute("x = [1, 2]\nx").stdout == "[1, 2]\n"
+    assert sb.execute("print('p')").stdout == "p\n"  # print returns None: nothing more shown
+    assert sb.execute("None").stdout == ""
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, True, 7, -(2**63), 2**64 - 1, 1.5, "text", "ünïcødé ✓", b"\x00\xff", [1, [2, "x"]], {"a": {"b": [None]}}, {1: "int keys"}, ""],
+)
+def test_plain_values_cross_both_ways(sb, value):
+    sb.set_variable("v", value)
+    assert sb.get_variable("v") == value
+    r = sb.execute("t = type(v).__name__")
+    assert r.ok
+
+
+def test_large_values_cross_out_of_band(sb):
+    big = "word " * 700_000  # 3.5 MB: above the inline limit
+    sb.set_variable("context", big)
+    assert sb.execute("n = len(context)").ok
+    assert sb.get_variable("n") == len(big)
+    sb.execute("back = context[::-1]")
+    assert sb.get_variable("back") == big[::-1]
+    blob = bytes(range(256)) * 20_000
+    sb.set_variable("blob", blob)
+    assert sb.get_variable("blob") == blob
+
+
+@pytest.mark.parametrize("value", [{1, 2}, object(), lambda: 1, {"k": (x for x in [])}])
+def test_non_plain_values_are_refused_with_a_clear_error(sb, value):
+    with pytest.raises(VariableError, match="not plain data|cannot set"):
+        sb.set_variable("v", value)
+
+
+def test_getting_non_plain_or_missing_variables(sb):
+    sb.execute("import re\nm = re.compile('x')\ns = {1, 2}")
+    with pytest.raises(VariableError, match="'m'.*Pattern"):
+        sb.get_variable("m")
+    with pytest.raises(VariableError, match="'s'"):
+        sb.get_variable("s")
+    with pytest.raises(VariableError, match="no variable named 'missing'"):
+        sb.get_variable("missing")
+    with pytest.raises(VariableError):
+        sb.set_variable("not an identifier", 1)
+    assert sb.execute("print(1)").ok  # the child is fine after refusals
+
+
+def test_model_code_exceptions_are_results_not_host_exceptions(sb):
+    r = sb.execute("print('before')\ndef f():\n    return {}['k']\nf()")
+    assert not r.ok and r.error_type == "KeyError" and r.error_message == "'k'"
+    assert r.stdout == "before\n"
+    assert r.traceback.startswith("Traceback") and "<cell-" in r.traceback
+    assert "sandbox/child.py" not in r.traceback  # trimmed to the model's own code
+    r = sb.execute("def broken(:\n  pass")
+    assert r.error_type == "SyntaxError" and "broken" in r.traceback
+    r = sb.execute("raise SystemExit(3)")
+    assert r.error_type == "SystemExit" and not r.crashed
+    assert sb.execute("print('still here')").stdout == "still here\n"
+
+
+def test_host_functions_and_their_errors(audit_path):
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return {"args": list(args), "kwargs": kwargs}
+
+    def boom(x):
+        raise ValueError(f"bad input {x}")
+
+    with Sandbox("default", host_functions={"record": record, "boom": boom}, audit_log=audit_path) as box:
+        r = box.execute("out = record(1, 'two', [3], key={'k': None})\nprint(out['kwargs'])")
+        assert r.ok and r.stdout == "{'key': {'k': None}}\n"
+        assert calls == [((1, "two", [3]), {"key": {"k": None}})]
+        r = box.execute("try:\n    boom(5)\nexcept HostFunctionError as e:\n    print('caught', e)")
+        assert r.ok and r.stdout == "caught ValueError: bad input 5\n"
+        r = box.execute("boom(1)")
+        assert r.error_type == "HostFunctionError" and "bad input 1" in r.error_message
+        r = box.execute("record({1, 2})")
+        assert r.error_type == "TypeError" and "plain data" in r.error_message
+
+
+def test_a_batch_of_1000_is_one_call(audit_path):
+    calls = []
+
+    def batch(prompts):
+        calls.append(len(prompts))
+        return [p.upper() for p in prompts]
+
+    with Sandbox("default", host_functions={"batch": batch}, audit_log=audit_path) as box:
+        r = box.execute("res = batch([f'p{i}' for i in range(1000)])\nprint(len(res), res[999])")
+        assert r.ok and r.stdout == "1000 P999\n"
+    assert calls == [1000]
+
+
+def test_host_function_time_does_not_count_against_wall_time(audit_path):
+    policy = policy_with({"limits.wall_seconds": 1})
+    with Sandbox(policy, host_functions={"slow": lambda: time.sleep(1.5) or "done"}, audit_log=audit_path) as box:
+        r = box.execute("print(slow())")
+        assert r.ok and r.stdout == "done\n"
+
+
+def test_invalid_host_function_names():
+    with pytest.raises(ValueError):
+        Sandbox("default", host_functions={"_hidden": print})
+    with pytest.raises(TypeError):
+        Sandbox("default", host_functions={"x": 3})  # type: ignore[dict-item]
+
+
+def test_allowlist_guard_gives_readable_errors(sb):
+    r = sb.execute("import os")
+    assert r.error_type == "ImportError" and r.error_message == "import of 'os' is not allowed by policy 'default'"
+    r = sb.execute("from urllib import request")
+    assert r.error_type == "ImportError"
+    assert sb.execute("import json, re, collections, urllib.parse").ok
+    r = sb.execute("open('/etc/passwd')")
+    assert r.error_type == "PermissionError" and "scratch" in r.error_message
+    assert sb.execute("open('notes.txt', 'w').write('hi')\nprint(open('notes.txt').read())").stdout == "hi\n"
+    r = sb.execute("().__class__.__bases__[0].__subclasses__()")
+    assert r.error_type == "GuardError" and "is not allowed by policy 'default'" in r.error_message
+    r = sb.execute("getattr((), '__cl' + 'ass__')")
+    assert r.error_type == "AttributeError" and "not allowed" in r.error_message
+    r = sb.execute("input()")
+    assert r.error_type == "PermissionError" and "input()" in r.error_message
+
+
+def test_restricted_guard_compiles_with_restrictedpython(audit_path):
+    with Sandbox("strict", audit_log=audit_path) as box:
+        r = box.execute("total = 0\nfor i in range(5):\n    total += i\nprint(total)\n[x * 2 for x in [1, 2]]")
+        assert r.ok, r
+        assert r.stdout == "10\n[2, 4]\n"
+        assert box.execute("a, b = 1, 2\nd = {'k': [a, b]}\nprint(d['k'][1])").stdout == "2\n"
+        r = box.execute("x = ().__class__")
+        assert not r.ok and r.error_type == "GuardError"
+        r = box.execute("import os")
+        assert r.error_type == "ImportError" and "'strict'" in r.error_message
+        r = box.execute("'{0.__class__}'.format(1)")
+        assert not r.ok
+
+
+def test_guard_none_is_plain_exec(audit_path):
+    with Sandbox(policy_with({"python.guard": "none"}), audit_log=audit_path) as box:
+        r = box.execute("import os\nprint(os.getcwd() == os.path.realpath('.'))\nprint(type(().__class__).__name__)")
+        assert r.ok and r.stdout == "True\ntype\n"
+
+
+def test_closed_sandbox_refuses_work(audit_path):
+    box = Sandbox("default", audit_log=audit_path)
+    box.close()
+    box.close()  # idempotent
+    with pytest.raises(SandboxClosedError):
+        box.execute("1")
+
+
+def test_async_twin_with_async_host_functions(audit_path):
+    async def fetch(x):
+        await asyncio.sleep(0.01)
+        return x * 3
+
+    async def main():
+        async with AsyncSandbox("default", host_functions={"fetch": fetch}, audit_log=audit_path) as box:
+            await box.set_variable("n", 5)
+            ticks = 0
+
+            async def ticker():
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.005)
+                    ticks += 1
+
+            task = asyncio.create_task(ticker())
+            r = await box.execute("import time\ntime.sleep(0.2)\nm = fetch(n)")
+            task.cancel()
+            assert r.ok, r
+            assert await box.get_variable("m") == 15
+            assert ticks >= 5  # the loop kept running while the child worked
+            assert box.layers["rlimits"] == "active"
+
+    asyncio.run(main())
