@@ -780,3 +780,16 @@ def test_runner_rejected_root_key_stops_with_one_line(
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and "root-denied" in err
     assert not (tmp_path / "r.jsonl").exists()
+    assert (
+        main(_bench(server, tmp_path, "--sizes", "4", "--model", "openai/root", "--policy", "no-such-policy"))
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "no-such-policy" in err and "Traceback" not in err
+
+
+def test_salary_names_stay_unique_past_the_plain_names() -> None:
+    t = generate("salary", 3000, seed=2)
+    names = [SALARY_LINE.match(r)["name"] for r in t.context.splitlines()[1:]]  # type: ignore[index]
+    assert len(set(names)) == 3000 and any(re.search(r" [A-Z]\. ", n) for n in names)
+    assert t.expected == f"${engineering_total(t.context):,}"

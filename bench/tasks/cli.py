@@ -1,7 +1,8 @@
 """``python -m bench.tasks``: RLM against a direct call on generated long-context tasks.
 
 Exit status: 0 when every run finished, 1 when the run was aborted (bad key,
-unknown model), 2 for usage errors (including no model configured).
+unknown model, unusable RLM setting), 2 for usage errors (including no model
+configured), 130 when interrupted (the finished runs are already in the JSONL).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from bench.tasks.runner import BenchAborted, BenchConfig, run_benchmark
 
 __all__ = ["build_parser", "main", "parse_sizes"]
 
-EXIT_OK, EXIT_ABORTED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ABORTED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 PROG = "python -m bench.tasks"
 NO_MODEL = (
     f"{PROG}: no model configured: pass --model MODEL or set RLM_MODEL "
@@ -243,13 +244,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         records = run_benchmark(cfg, progress)
-        status = EXIT_OK
     except BenchAborted as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_ABORTED
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the runs that finished are in {cfg.out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(format_report(records, _title(cfg)))
     progress(f"records appended to {cfg.out}")
     if args.plot is not None:
         write_plot(records, args.plot, _title(cfg))
         progress(f"plot written to {args.plot}")
-    return status
+    return EXIT_OK

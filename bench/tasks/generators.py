@@ -218,21 +218,32 @@ _HEADER = (
 )
 
 
+_INITIALS = "ABCDEFGHJKLMNPRSTVW"
+
+
 def _unique_names(rng: random.Random, n: int) -> list[str]:
-    combos = [f"{a} {b}" for a, b in itertools.product(_FIRST, _LAST)]
-    if n <= len(combos):
-        return rng.sample(combos, n)
+    """*n* distinct full names: plain "First Last" first, then with one or two middle initials."""
+    levels = (
+        (len(_FIRST) * len(_LAST), 0),
+        (len(_FIRST) * len(_INITIALS) * len(_LAST), 1),
+        (len(_FIRST) * len(_INITIALS) ** 2 * len(_LAST), 2),
+    )
+    if n > sum(cap for cap, _ in levels):
+        raise ValueError(f"salary supports at most {sum(cap for cap, _ in levels):,} records, got {n:,}")
     names: list[str] = []
-    seen: set[str] = set()
-    initials = "ABCDEFGHJKLMNPRSTVW"
-    while len(names) < n:
-        first, last = rng.choice(_FIRST), rng.choice(_LAST)
-        name = (
-            f"{first} {last}" if len(seen) < len(combos) // 2 else f"{first} {rng.choice(initials)}. {last}"
-        )
-        if name not in seen:
-            seen.add(name)
-            names.append(name)
+    for capacity, initials in levels:
+        want = min(n - len(names), capacity)
+        if want <= 0:
+            break
+        for index in rng.sample(range(capacity), want):
+            index, last = divmod(index, len(_LAST))
+            middle = []
+            for _ in range(initials):
+                index, k = divmod(index, len(_INITIALS))
+                middle.append(f"{_INITIALS[k]}.")
+            names.append(" ".join([_FIRST[index], *middle, _LAST[last]]))
+    if len(names) > len(_FIRST) * len(_LAST):
+        rng.shuffle(names)
     return names
 
 

@@ -121,9 +121,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def run_rlm(task: Task, cfg: BenchConfig) -> RLMOutcome:
-    """Run the RLM on *task*. Errors of one run are recorded; a bad key or model aborts the bench."""
+    """Run the RLM on *task*. Errors of one run are recorded; a bad key, model or setting aborts the bench."""
     import rlm
-    from rlm.errors import AuthenticationError, UnknownModelError
+    from rlm.errors import AuthenticationError, ConfigurationError, UnknownModelError
 
     kwargs: dict[str, Any] = dict(cfg.rlm_options)
     kwargs.update(model=cfg.model, log_dir=str(cfg.log_dir), max_iterations=cfg.max_iterations)
@@ -138,6 +138,8 @@ def run_rlm(task: Task, cfg: BenchConfig) -> RLMOutcome:
         result = rlm.run(task.question, task.context, **kwargs)
     except (AuthenticationError, UnknownModelError) as exc:
         raise BenchAborted(f"RLM model {cfg.model!r}: {exc}") from exc
+    except ConfigurationError as exc:  # e.g. an unknown --policy: every run would fail the same way
+        raise BenchAborted(f"RLM settings: {exc}") from exc
     except Exception as exc:  # one failed run must not lose the others
         return RLMOutcome(None, None, time.perf_counter() - start, error=_one_line(exc))
     elapsed = time.perf_counter() - start
