@@ -86,8 +86,8 @@ def rlm_describe_vars():
         if key.startswith("_") or key in hidden or len(out) >= 50:
             continue
         value = scope[key]
-        kind = type(value).__name__
-        if kind in ("module", "function", "type", "builtin_function_or_method"):
+        kind = str(type(value))[8:-2]
+        if callable(value):
             out[key] = "<" + kind + " " + key + ">"
             continue
         if isinstance(value, (str, bytes, list, dict, tuple, set)) and len(value) > 200:

@@ -1,0 +1,100 @@
+"""Reading replies: ```repl blocks and FINAL(...) in the text (rlm.final)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rlm.final import extract_code_blocks, find_final
+
+# Answer text: anything but backticks (a fence would start a code block) and carriage returns.
+TEXT = st.text(
+    st.characters(blacklist_characters="`\r", blacklist_categories=("Cs",)), min_size=1, max_size=80
+)
+
+
+def _balanced(s: str) -> bool:
+    depth = 0
+    for ch in s:
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def test_plain_and_nested_parentheses():
+    assert find_final("FINAL(42)").argument == "42"
+    assert (
+        find_final("so:\n  FINAL(The total (approx.) is $160,000)\n").argument
+        == "The total (approx.) is $160,000"
+    )
+
+
+def test_unbalanced_closing_parenthesis_inside_the_answer():
+    assert find_final("FINAL(Steps: 1) parse 2) sum)\nThanks!").argument == "Steps: 1) parse 2) sum"
+    assert find_final("FINAL(1) first\n2) second)").argument == "1) first\n2) second"
+
+
+def test_multiline_answer_and_trailing_prose():
+    reply = "Done.\nFINAL(line one\nline two (with parens)\nline three)\n\nHope this helps (really)."
+    assert find_final(reply).argument == "line one\nline two (with parens)\nline three"
+
+
+def test_quoted_answer_is_a_string_literal():
+    d = find_final('FINAL("a ) b\\nc")')
+    assert d.quoted and d.argument == "a ) b\nc"
+
+
+def test_only_at_line_start_and_outside_code():
+    assert find_final("the answer is FINAL(3)") is None
+    assert find_final("```repl\nFINAL(1)\n```\nno final here") is None
+    assert find_final("```python\nFINAL(1)\n```\nFINAL_VAR(total)").kind == "FINAL_VAR"
+    assert find_final("```repl\nx = 1\n") is None  # unclosed fence: the rest is code
+
+
+def test_final_var_and_unclosed_call():
+    assert find_final("FINAL_VAR(total)").argument == "total"
+    assert find_final("FINAL_VAR('total')").argument == "total"
+    assert find_final("FINAL(42").argument == "42"
+
+
+def test_code_blocks():
+    reply = "look:\n```repl\nx = 1\n```\n```python\nnot run\n```\n~~~repl\ny = 2\n~~~\n```repl\nprint(x)"
+    assert extract_code_blocks(reply) == ["x = 1", "y = 2", "print(x)"]
+    assert extract_code_blocks("```repl\n\n```") == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    TEXT.filter(_balanced),
+    st.sampled_from(["", "Some words.\n", "```repl\nx = 1\n```\n"]),
+    st.sampled_from(["", "\n", "\n\nThat is all."]),
+)
+def test_balanced_answers_round_trip(answer, before, after):
+    if not answer.strip() or ("\n" in answer and after.strip()):
+        answer = answer.replace("\n", " ")
+    d = find_final(f"{before}FINAL({answer}){after}")
+    assert d is not None and d.kind == "FINAL"
+    assert d.argument == answer.strip()
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXT.map(lambda s: s.replace("\n", " ")))
+def test_single_line_answers_with_any_parentheses(answer):
+    d = find_final(f"Result below.\nFINAL({answer})\n")
+    assert d is not None and d.argument == answer.strip()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_quoted_answers_are_exact(answer):
+    d = find_final(f"FINAL({answer!r})\nbye (for now)")
+    assert d is not None and d.quoted and d.argument == answer
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_never_crashes(text):
+    find_final(text)
+    extract_code_blocks(text)
