@@ -58,6 +58,7 @@ __all__ = [
     "send_message",
     "unpack_value",
     "write_shm",
+    "write_value_shm",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -112,7 +113,7 @@ MESSAGES: Final[dict[str, tuple[str, dict[str, Any]]]] = {
     # host <-> fork server
     "spawn": ("host", {"config": dict}),
     "spawned": ("server", {"pid": int}),
-    "exited": ("server", {"pid": int, "status": int, "maxrss": int, "cpu": float}),
+    "exited": ("server", {"pid": int, "status": int, "maxrss": int, "cpu": float, "limits?": dict}),
     "failed": ("server", {"error": str}),
 }
 
@@ -326,6 +327,70 @@ def write_shm(data: bytes) -> int:
         os.close(fd)
         raise
     return fd
+
+
+_utf8_view: Any = None
+
+
+def _str_buffer(value: str) -> memoryview:
+    """The UTF-8 bytes of *value* without a copy when CPython already holds them.
+
+    For an ASCII string, CPython's UTF-8 form *is* its storage; asking for it
+    (``PyUnicode_AsUTF8AndSize``) returns a pointer, not a copy. Other strings
+    are encoded (one pass). The view is valid while *value* is alive.
+    """
+    global _utf8_view
+    if not value.isascii():
+        return memoryview(value.encode("utf-8"))
+    if _utf8_view is None:
+        import ctypes
+
+        fn = ctypes.pythonapi.PyUnicode_AsUTF8AndSize
+        fn.restype = ctypes.c_void_p
+        fn.argtypes = [ctypes.py_object, ctypes.POINTER(ctypes.c_ssize_t)]
+
+        def view(s: str) -> memoryview:
+            size = ctypes.c_ssize_t()
+            ptr = fn(s, ctypes.byref(size))
+            return memoryview((ctypes.c_char * size.value).from_address(ptr)).cast("B")
+
+        _utf8_view = view
+    result: memoryview = _utf8_view(value)
+    return result
+
+
+def _msgpack_header(kind: str, size: int) -> bytes:
+    if size >= 1 << 32:
+        raise WireError("value is over 4 GiB")
+    return (b"\xdb" if kind == "str" else b"\xc6") + size.to_bytes(4, "big")
+
+
+def write_value_shm(value: Any) -> tuple[int, int]:
+    """Put *value*, msgpack-encoded, in a fresh memfd; return ``(fd, size)``.
+
+    A str or bytes goes in as a msgpack header followed by its raw bytes,
+    copied once, straight from the object's own buffer.
+    """
+    if type(value) is str:
+        parts: list[bytes | memoryview] = [b"", _str_buffer(value)]
+        parts[0] = _msgpack_header("str", len(parts[1]))
+    elif type(value) is bytes:
+        parts = [_msgpack_header("bin", len(value)), memoryview(value)]
+    else:
+        parts = [pack_value(value)]
+    fd = os.memfd_create("sandbox-value", os.MFD_CLOEXEC)
+    size = 0
+    try:
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+                size += n
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, size
 
 
 def read_shm(fd: int, size: int, max_len: int, *, mapped: bool) -> Any:

@@ -99,6 +99,7 @@ class _Child:
         self.poll.register(pidfd, select.POLLIN)
         self.rss = limits.RSSMeter(pid)
         self.dead = False
+        self.exit_info: forkserver.ExitInfo | None = None
 
     def kill(self) -> None:
         if self.dead:
@@ -208,22 +209,31 @@ class Sandbox:
         """Bind *name* to a copy of *value* (plain data: None, bool, int, float, str, bytes, list, dict)."""
         if not isinstance(name, str) or not name.isidentifier() or name.startswith("__"):
             raise VariableError(f"{name!r} is not a valid variable name")
+        # Large strings and bytes skip msgpack's copy: their raw buffer goes straight into a memfd.
+        direct = type(value) in (str, bytes) and len(value) > protocol.INLINE_LIMIT
+        data = b""
         try:
-            data = protocol.pack_value(value)
+            size = len(value) + 5 if direct else len(data := protocol.pack_value(value))
         except (protocol.WireError, TypeError, ValueError, OverflowError) as exc:
             raise VariableError(f"cannot set {name!r}: {exc}") from None
-        if len(data) > self._max_message:
+        if size > self._max_message:
             raise VariableError(
-                f"cannot set {name!r}: {len(data)} bytes is over the policy's max_message_mb ({self.policy.limits.max_message_mb} MiB)"
+                f"cannot set {name!r}: {size} bytes is over the policy's max_message_mb ({self.policy.limits.max_message_mb} MiB)"
             )
         with self._lock:
             child = self._ensure_child()
-            if len(data) <= protocol.INLINE_LIMIT:
+            if size <= protocol.INLINE_LIMIT:
                 self._send(child, protocol.encode_with_value({"t": "set", "name": name}, data))
             else:
-                fd = protocol.write_shm(data)
                 try:
-                    self._send(child, protocol.encode({"t": "set", "name": name, "shm": len(data)}), fd)
+                    fd, size = protocol.write_value_shm(value) if direct else (protocol.write_shm(data), size)
+                except (protocol.WireError, UnicodeEncodeError) as exc:
+                    raise VariableError(f"cannot set {name!r}: {exc}") from None
+                if size > self._max_message:  # non-ASCII text is longer in bytes than in characters
+                    os.close(fd)
+                    raise VariableError(f"cannot set {name!r}: {size} bytes is over the policy's max_message_mb")
+                try:
+                    self._send(child, protocol.encode({"t": "set", "name": name, "shm": size}), fd)
                 finally:
                     os.close(fd)
             msg = self._expect(child, "ack", self.policy.limits.wall_seconds + 30)
@@ -343,12 +353,18 @@ class Sandbox:
             except OSError:
                 child.kill()
         child.kill()
-        self._server.wait_exit(child.pid, 10.0)
+        self._exit_info(child)
         child.drop_fds()
         child.rss.close()
         child.sock.close()
         os.close(child.pidfd)
         shutil.rmtree(child.scratch, ignore_errors=True)
+
+    def _exit_info(self, child: _Child) -> forkserver.ExitInfo | None:
+        """How *child* ended (it must be dead or killed); asked of the fork server once."""
+        if child.exit_info is None:
+            child.exit_info = self._server.wait_exit(child.pid, 10.0)
+        return child.exit_info
 
     # ---------------------------------------------------------------- framing
     def _send(self, child: _Child, frame: bytes, fd: int | None = None) -> None:
@@ -551,7 +567,7 @@ class Sandbox:
             )
         # The child is gone (or being killed): learn how it ended from the fork server.
         child.kill()
-        info = self._server.wait_exit(child.pid, 10.0)
+        info = self._exit_info(child)
         cpu_total = info.cpu if info else cpu_start + cpu_used
         maxrss = info.maxrss if info else 0
         sig = info.signal if info else None
