@@ -24,11 +24,17 @@ CANARY = "sk-demo-canary-0123456789abcdef"
 def demo_policies(directory: Path) -> tuple[Path, Path]:
     """The shipped default policy with demo-sized timings, with and without the Python guard."""
     text = (ROOT / "policies" / "default.toml").read_text()
-    text = text.replace("cpu_seconds = 10", "cpu_seconds = 2").replace("wall_seconds = 30", "wall_seconds = 3")
+    text = text.replace("cpu_seconds = 10", "cpu_seconds = 2").replace(
+        "wall_seconds = 30", "wall_seconds = 3"
+    )
     guarded = directory / "default.toml"
     guarded.write_text(text)
     unguarded = directory / "default-guard-off.toml"
-    unguarded.write_text(text.replace('name = "default"', 'name = "default-guard-off"').replace('guard = "allowlist"', 'guard = "none"'))
+    unguarded.write_text(
+        text.replace('name = "default"', 'name = "default-guard-off"').replace(
+            'guard = "allowlist"', 'guard = "none"'
+        )
+    )
     return guarded, unguarded
 
 
@@ -70,7 +76,9 @@ def main() -> int:
         audit.parent.mkdir(exist_ok=True)
         guarded, no_guard = (str(p) for p in demo_policies(tmpdir))
         print("Each script runs in a fresh sandbox, once with the Python guard and once without it,")
-        print("under the shipped default policy (CPU and wall limits cut to 2 s and 3 s to keep the demo short).")
+        print(
+            "under the shipped default policy (CPU and wall limits cut to 2 s and 3 s to keep the demo short)."
+        )
         print(f"A fake key ({CANARY[:12]}...) sits in the environment of `rlm exec`.\n")
         print(f"{'script':<20} {'policy default (guard on)':<58} policy default, guard = none (kernel only)")
         print("-" * 150)

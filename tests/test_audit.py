@@ -84,10 +84,14 @@ def test_dropped_and_reordered_lines_are_named(audit_path, tmp_path):
 
 def test_cli_audit_verify(audit_path):
     _make_log(audit_path, 3)
-    ok = subprocess.run([sys.executable, "-m", "rlm", "audit", "verify", str(audit_path)], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "rlm", "audit", "verify", str(audit_path)], capture_output=True, text=True
+    )
     assert ok.returncode == 0 and "3 line(s)" in ok.stdout
     _tamper(audit_path, lambda rows: [rows[0], rows[2]])
-    bad = subprocess.run([sys.executable, "-m", "rlm", "audit", "verify", str(audit_path)], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "rlm", "audit", "verify", str(audit_path)], capture_output=True, text=True
+    )
     assert bad.returncode == 1 and "line 2" in bad.stderr
 
 
@@ -104,7 +108,11 @@ def test_concurrent_sandboxes_share_one_chain(audit_path):
         t.join()
     # and another process appending to the same file
     subprocess.run(
-        [sys.executable, "-c", f"from sandbox import Sandbox\nwith Sandbox('default', audit_log={str(audit_path)!r}) as b:\n    b.execute('y = 1')"],
+        [
+            sys.executable,
+            "-c",
+            f"from sandbox import Sandbox\nwith Sandbox('default', audit_log={str(audit_path)!r}) as b:\n    b.execute('y = 1')",
+        ],
         check=True,
     )
     report = verify(audit_path)

@@ -27,8 +27,14 @@ def raw_box(audit_path):
         ("os.write(chan, b'\\xff\\xff\\xff\\xff' + b'x' * 64)", "exceeds the cap"),
         ("os.write(chan, b'\\x00\\x00\\x00\\x05' + b'\\xc1\\xc1\\xc1\\xc1\\xc1')", "undecodable"),
         ("os.write(chan, b'\\x00\\x00\\x00\\x03' + b'\\x92\\x01\\x02')", "not a map"),
-        ("import msgpack\nb = msgpack.packb({'t': 'exec', 'id': 1, 'code': 'x'})\nos.write(chan, len(b).to_bytes(4, 'big') + b)", "may not be sent by the child"),
-        ("import msgpack\nb = msgpack.packb({'t': 'ack', 'ok': True})\nos.write(chan, len(b).to_bytes(4, 'big') + b)", "unexpected 'ack'"),
+        (
+            "import msgpack\nb = msgpack.packb({'t': 'exec', 'id': 1, 'code': 'x'})\nos.write(chan, len(b).to_bytes(4, 'big') + b)",
+            "may not be sent by the child",
+        ),
+        (
+            "import msgpack\nb = msgpack.packb({'t': 'ack', 'ok': True})\nos.write(chan, len(b).to_bytes(4, 'big') + b)",
+            "unexpected 'ack'",
+        ),
     ],
 )
 def test_garbage_on_the_channel_is_a_protocol_error(raw_box, payload, why):
@@ -49,8 +55,12 @@ def test_closing_the_channel_ends_the_child_cleanly(raw_box):
 
 
 def test_a_half_frame_then_silence_hits_the_wall_limit_not_a_hang(audit_path):
-    with Sandbox(policy_with({"python.guard": "none", "limits.wall_seconds": 1}), audit_log=audit_path) as box:
-        r = box.execute(FIND_CHANNEL + "os.write(chan, b'\\x00\\x00\\x10\\x00abc')\nimport time\ntime.sleep(60)")
+    with Sandbox(
+        policy_with({"python.guard": "none", "limits.wall_seconds": 1}), audit_log=audit_path
+    ) as box:
+        r = box.execute(
+            FIND_CHANNEL + "os.write(chan, b'\\x00\\x00\\x10\\x00abc')\nimport time\ntime.sleep(60)"
+        )
         assert r.limit == "wall"
 
 

@@ -15,7 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def rlm(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "rlm", *args], input=stdin, capture_output=True, text=True, cwd=cwd, timeout=120
+        [sys.executable, "-m", "rlm", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
     )
 
 
@@ -30,7 +35,17 @@ def test_json_result_and_exit_zero(tmp_path):
     payload = json.loads(out.stdout)  # stdout is exactly one JSON object
     assert payload["ok"] is True and payload["stdout"] == "12345\n"
     assert payload["policy_name"] == "default" and payload["layers"]["rlimits"] == "active"
-    for key in ("error_type", "limit", "crashed", "state_lost", "output_truncated", "duration_s", "cpu_s", "max_rss_bytes", "policy_sha256"):
+    for key in (
+        "error_type",
+        "limit",
+        "crashed",
+        "state_lost",
+        "output_truncated",
+        "duration_s",
+        "cpu_s",
+        "max_rss_bytes",
+        "policy_sha256",
+    ):
         assert key in payload
     assert payload["audit_log"] == str(log) and log.read_text().count("\n") == 1
 
@@ -51,7 +66,16 @@ def test_failures_exit_one_with_json(tmp_path, source, expect):
 def test_limit_exits_one(tmp_path):
     policy = tmp_path / "fast.toml"
     policy.write_text('schema_version = 1\nname = "fast"\ndescription = "d"\n[limits]\nwall_seconds = 0.5\n')
-    out = rlm("exec", "--json", "--policy", str(policy), "--audit-log", str(tmp_path / "a.jsonl"), "-", stdin="import time\ntime.sleep(30)")
+    out = rlm(
+        "exec",
+        "--json",
+        "--policy",
+        str(policy),
+        "--audit-log",
+        str(tmp_path / "a.jsonl"),
+        "-",
+        stdin="import time\ntime.sleep(30)",
+    )
     assert out.returncode == 1
     assert json.loads(out.stdout)["limit"] == "wall"
 
@@ -98,7 +122,12 @@ def test_no_process_outlives_the_command(tmp_path):
     assert proc.returncode == 0
     assert [p for p in me.children(recursive=True) if p.pid != _server(me)] == []
     # nothing re-parented to init either: no fork server started by that command survives
-    strays = [p for p in psutil.process_iter(["cmdline"]) if str(proc.pid) in " ".join(p.info["cmdline"] or []) and "forkserver" in " ".join(p.info["cmdline"] or [])]
+    strays = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(proc.pid) in " ".join(p.info["cmdline"] or [])
+        and "forkserver" in " ".join(p.info["cmdline"] or [])
+    ]
     assert strays == []
 
 

@@ -102,7 +102,9 @@ def test_recursion_and_segfault_crash_the_child_not_the_host(audit_path):
         r = box.execute("print('back')")
         assert r.state_lost and r.stdout == "back\n"
         # C-level recursion past the C stack: the interpreter segfaults.
-        r = box.execute("import sys\nsys.setrecursionlimit(10**7)\nx = []\nfor _ in range(2 * 10**6):\n    x = [x]\nrepr(x)")
+        r = box.execute(
+            "import sys\nsys.setrecursionlimit(10**7)\nx = []\nfor _ in range(2 * 10**6):\n    x = [x]\nrepr(x)"
+        )
         assert r.crashed and "SIGSEGV" in r.error_message
         assert box.execute("print('again')").stdout == "again\n"
 

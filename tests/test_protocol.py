@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from sandbox import protocol
 from sandbox.protocol import FrameReader, WireError
 
-plain_scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text() | st.binary()
+plain_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.binary()
+)
 plain = st.recursive(
     plain_scalars,
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),

@@ -21,7 +21,9 @@ def test_state_persists_between_executes(sb):
 
 
 def test_quick_start_shape(audit_path):
-    with Sandbox(load_policy("default"), host_functions={"double": lambda x: 2 * x}, audit_log=audit_path) as box:
+    with Sandbox(
+        load_policy("default"), host_functions={"double": lambda x: 2 * x}, audit_log=audit_path
+    ) as box:
         box.set_variable("context", "a" * 1000)
         r = box.execute("print(len(context)); y = double(21)")
         assert isinstance(r, ExecResult)
@@ -40,7 +42,21 @@ def test_a_trailing_expression_is_displayed(sb):
 
 @pytest.mark.parametrize(
     "value",
-    [None, True, 7, -(2**63), 2**64 - 1, 1.5, "text", "ünïcødé ✓", b"\x00\xff", [1, [2, "x"]], {"a": {"b": [None]}}, {1: "int keys"}, ""],
+    [
+        None,
+        True,
+        7,
+        -(2**63),
+        2**64 - 1,
+        1.5,
+        "text",
+        "ünïcødé ✓",
+        b"\x00\xff",
+        [1, [2, "x"]],
+        {"a": {"b": [None]}},
+        {1: "int keys"},
+        "",
+    ],
 )
 def test_plain_values_cross_both_ways(sb, value):
     sb.set_variable("v", value)
@@ -130,7 +146,9 @@ def test_a_batch_of_1000_is_one_call(audit_path):
 
 def test_host_function_time_does_not_count_against_wall_time(audit_path):
     policy = policy_with({"limits.wall_seconds": 1})
-    with Sandbox(policy, host_functions={"slow": lambda: time.sleep(1.5) or "done"}, audit_log=audit_path) as box:
+    with Sandbox(
+        policy, host_functions={"slow": lambda: time.sleep(1.5) or "done"}, audit_log=audit_path
+    ) as box:
         r = box.execute("print(slow())")
         assert r.ok and r.stdout == "done\n"
 
@@ -144,7 +162,10 @@ def test_invalid_host_function_names():
 
 def test_allowlist_guard_gives_readable_errors(sb):
     r = sb.execute("import os")
-    assert r.error_type == "ImportError" and r.error_message == "import of 'os' is not allowed by policy 'default'"
+    assert (
+        r.error_type == "ImportError"
+        and r.error_message == "import of 'os' is not allowed by policy 'default'"
+    )
     r = sb.execute("from urllib import request")
     assert r.error_type == "ImportError"
     assert sb.execute("import json, re, collections, urllib.parse").ok
@@ -161,7 +182,9 @@ def test_allowlist_guard_gives_readable_errors(sb):
 
 def test_restricted_guard_compiles_with_restrictedpython(audit_path):
     with Sandbox("strict", audit_log=audit_path) as box:
-        r = box.execute("total = 0\nfor i in range(5):\n    total += i\nprint(total)\n[x * 2 for x in [1, 2]]")
+        r = box.execute(
+            "total = 0\nfor i in range(5):\n    total += i\nprint(total)\n[x * 2 for x in [1, 2]]"
+        )
         assert r.ok, r
         assert r.stdout == "10\n[2, 4]\n"
         assert box.execute("a, b = 1, 2\nd = {'k': [a, b]}\nprint(d['k'][1])").stdout == "2\n"
@@ -175,7 +198,9 @@ def test_restricted_guard_compiles_with_restrictedpython(audit_path):
 
 def test_guard_none_is_plain_exec(audit_path):
     with Sandbox(policy_with({"python.guard": "none"}), audit_log=audit_path) as box:
-        r = box.execute("import os\nprint(os.getcwd() == os.path.realpath('.'))\nprint(type(().__class__).__name__)")
+        r = box.execute(
+            "import os\nprint(os.getcwd() == os.path.realpath('.'))\nprint(type(().__class__).__name__)"
+        )
         assert r.ok and r.stdout == "True\ntype\n"
 
 
