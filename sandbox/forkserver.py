@@ -42,10 +42,14 @@ _CONTROL_FRAME_CAP = 1024 * 1024
 class ExitInfo:
     """How a child ended, from the fork server's ``wait4``."""
 
-    __slots__ = ("cpu", "maxrss", "pid", "status")
+    __slots__ = ("cpu", "events", "maxrss", "pid", "status")
 
-    def __init__(self, pid: int, status: int, maxrss: int, cpu: float) -> None:
+    def __init__(
+        self, pid: int, status: int, maxrss: int, cpu: float, events: dict[str, int] | None = None
+    ) -> None:
         self.pid, self.status, self.maxrss, self.cpu = pid, status, maxrss, cpu
+        #: cgroup counters of the child's sandbox: ``oom_kill``, ``pids_max`` (when it had a cgroup).
+        self.events: dict[str, int] = events or {}
 
     @property
     def signal(self) -> int | None:
@@ -64,12 +68,15 @@ def serve(ctl_fd: int) -> None:
     isolation.libc().prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
         os._exit(0)
+    isolation.server_setup()  # private mount + empty network namespace, cgroup bases
+    isolation.libc().prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     ctl = socket.socket(fileno=ctl_fd)
     reader = protocol.FrameReader(_CONTROL_FRAME_CAP)
     fds: list[int] = []
     sel = selectors.DefaultSelector()
     sel.register(ctl, selectors.EVENT_READ, None)
     children: dict[int, int] = {}  # pid -> pidfd
+    resources: dict[int, isolation.Resources] = {}  # pid -> its cgroup and scratch mount
     prepared: dict[str, Any] = {}
 
     def reap(pid: int) -> None:
@@ -77,16 +84,26 @@ def serve(ctl_fd: int) -> None:
         sel.unregister(pidfd)
         os.close(pidfd)
         _, status, usage = os.wait4(pid, 0)
+        res = resources.pop(pid)
+        events = isolation.collect(res)  # kills leftovers in its cgroup, reads the limit counters
         cpu = usage.ru_utime + usage.ru_stime
         msg = {"t": "exited", "pid": pid, "status": status, "maxrss": usage.ru_maxrss * 1024, "cpu": cpu}
+        if events:
+            msg["limits"] = events
         protocol.send_message(ctl, msg)
+        isolation.release(res)  # unmount its scratch, remove its cgroup (after the host was answered)
 
     def spawn(config: dict[str, Any], chan_fd: int) -> None:
         key = config["policy_sha256"]
         if key not in prepared:
             prepared[key] = isolation.prepare(config["policy"])
         config["server_pid"] = os.getpid()
-        pid = os.fork()
+        res = isolation.before_fork(prepared[key], config)
+        try:
+            pid = os.fork()
+        except BaseException:
+            isolation.release(res)
+            raise
         if pid == 0:  # the child: never returns into this loop
             try:
                 sel.close()
@@ -95,10 +112,12 @@ def serve(ctl_fd: int) -> None:
             finally:
                 os._exit(5)
         os.close(chan_fd)
+        resources[pid] = res
         pidfd = os.pidfd_open(pid)
         children[pid] = pidfd
         sel.register(pidfd, selectors.EVENT_READ, pid)
         protocol.send_message(ctl, {"t": "spawned", "pid": pid}, pidfd)
+        isolation.refill()  # the next child's cgroup, prepared in the background
 
     try:
         while True:
@@ -126,6 +145,10 @@ def serve(ctl_fd: int) -> None:
         for pid in list(children):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+        for res in resources.values():
+            isolation.collect(res)
+            isolation.release(res)
+        isolation.server_teardown()
 
 
 # ------------------------------------------------------------------ host side
@@ -178,7 +201,9 @@ class ForkServer:
             if raw is not None:
                 msg = protocol.check(raw, "server")
                 if msg["t"] == "exited":
-                    self._exits[msg["pid"]] = ExitInfo(msg["pid"], msg["status"], msg["maxrss"], msg["cpu"])
+                    self._exits[msg["pid"]] = ExitInfo(
+                        msg["pid"], msg["status"], msg["maxrss"], msg["cpu"], msg.get("limits")
+                    )
                 return msg
             if deadline is not None:
                 left = deadline - time.monotonic()

@@ -597,7 +597,9 @@ class Sandbox:
             )
         elif sig == signal.SIGXFSZ:
             limit, error_type, message = "disk", "FileSizeLimitExceeded", "file size limit exceeded"
-        elif sig is not None and maxrss >= 0.8 * lim.memory_mb * 1024 * 1024:
+        elif sig is not None and (
+            maxrss >= 0.8 * lim.memory_mb * 1024 * 1024 or (info is not None and info.events.get("oom_kill"))
+        ):  # the memory cgroup's OOM killer also counts memory the RSS does not show (tmpfs, memfd)
             limit, error_type, message = (
                 "memory",
                 "MemoryLimitExceeded",

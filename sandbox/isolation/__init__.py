@@ -1,0 +1,434 @@
+"""Protection layers the child applies to itself before any model code runs.
+
+Three moments, three costs:
+
+- :func:`server_setup` runs once in the fork server: its private mount
+  namespace and empty network namespace (a user namespace first when not
+  root), and its cgroup base directories. Children inherit the namespaces.
+- :func:`prepare` runs in the fork server once per policy: it preloads the
+  allowed modules, computes the Landlock read roots (where they live) and
+  compiles the seccomp filter. :func:`before_fork` runs per child, in the
+  server: the child's cgroup (limits written) and its scratch tmpfs;
+  :func:`release` undoes both when the server reaps the child.
+- :func:`apply` runs in each freshly forked child and returns each layer's
+  state, ``"active"``, ``"off"`` (the policy switched it off) or
+  ``"unavailable: <reason>"``. A layer listed in ``isolation.require`` that
+  is not active raises :class:`LayerFailure`: the sandbox fails closed.
+
+The layers, in the order :func:`apply` runs them:
+
+==============  ==============================================================
+no_new_privs    PR_SET_NO_NEW_PRIVS; the parent-death signal (set at fork and
+                again after the identity change, which clears it)
+rlimits         the policy's limits as rlimits; RLIMIT_CORE = 0
+cgroup          own pids + memory cgroup (:mod:`.cgroups`)
+scratch_fs      the scratch directory is a private tmpfs of ``disk_mb`` with
+                an inode cap (:mod:`.namespaces`)
+network         an empty network namespace (:mod:`.namespaces`)
+landlock        filesystem, TCP and signal/abstract-socket scoping (:mod:`.landlock`)
+identity        a uid/gid of its own, no groups, no capabilities (root); else
+                a user namespace and every capability dropped
+seccomp         the system-call filter (:mod:`.seccomp`), last
+==============  ==============================================================
+
+Stdlib only (ctypes): this runs in the fork server and the child.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+import sysconfig
+from typing import Any
+
+from sandbox import limits
+from sandbox.isolation import cgroups, landlock, namespaces, seccomp
+from sandbox.isolation._sys import libc, prctl
+
+__all__ = [
+    "LAYER_ORDER",
+    "LayerFailure",
+    "Prepared",
+    "Resources",
+    "apply",
+    "before_fork",
+    "collect",
+    "libc",
+    "prepare",
+    "release",
+    "server_setup",
+    "server_teardown",
+]
+
+LAYER_ORDER = (
+    "no_new_privs",
+    "rlimits",
+    "cgroup",
+    "scratch_fs",
+    "network",
+    "landlock",
+    "identity",
+    "seccomp",
+)
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+
+#: Modules the child needs beyond the policy's allowed imports (lazy imports of the stdlib).
+BASE_PRELOAD = (
+    "traceback", "linecache", "ast", "io", "codecs", "encodings.utf_8", "encodings.latin_1",
+    "encodings.ascii", "encodings.utf_16", "encodings.utf_32", "encodings.cp1252", "encodings.idna",
+    "encodings.unicode_escape", "encodings.raw_unicode_escape", "encodings.hex_codec",
+    "encodings.base64_codec", "_strptime", "unicodedata",
+)  # fmt: skip
+
+
+class LayerFailure(Exception):
+    """A required layer could not be applied in the child."""
+
+    def __init__(self, layer: str, reason: str) -> None:
+        super().__init__(f"{layer}: {reason}")
+        self.layer = layer
+        self.reason = reason
+
+
+class Server:
+    """What the fork server set up once (inherited by every child it forks)."""
+
+    def __init__(self, ns: namespaces.ServerState, cg: cgroups.Cgroups) -> None:
+        self.ns = ns
+        self.cg = cg
+        self.landlock_abi = landlock.abi_version()
+        self.landlock_reason = "" if self.landlock_abi else landlock.unavailable_reason()
+        self.bounding_set = "not dropped"
+
+
+_server: Server | None = None
+
+
+def server_setup() -> Server:
+    """Fork-server start: private namespaces and cgroup bases (once per server)."""
+    global _server
+    if _server is None:
+        _server = Server(namespaces.server_setup(), cgroups.server_setup())
+        cgroups.refill(_server.cg)
+        # The bounding set only limits what an execve could grant, and neither the
+        # server nor its children ever exec: empty it here, once, not per child.
+        try:
+            namespaces.drop_bounding_set()
+            _server.bounding_set = "empty"
+        except OSError as exc:
+            _server.bounding_set = exc.strerror or str(exc)
+        # Resolve the C functions the children call now, not in each child.
+        lib = libc()
+        for name in ("prctl", "syscall", "setns", "mount", "umount2", "unshare"):
+            getattr(lib, name)
+    return _server
+
+
+def server_teardown() -> None:
+    if _server is not None:
+        cgroups.teardown(_server.cg)
+
+
+class Prepared:
+    """What the fork server computed once for a policy."""
+
+    def __init__(self, policy: dict[str, Any], preload_failures: dict[str, str]) -> None:
+        self.policy = policy
+        self.preload_failures = preload_failures
+        self.read_roots: list[str] = []
+        self.seccomp_program: bytes = b""
+        self.seccomp_error = ""
+
+
+def _module_roots() -> list[str]:
+    """Directories the loaded modules live in: the stdlib, lib-dynload, each package."""
+    paths = sysconfig.get_paths()
+    stdlib = sorted({os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib") if k in paths})
+    roots: set[str] = set(stdlib)
+    for name, mod in list(sys.modules.items()):
+        file = getattr(mod, "__file__", None)
+        if not isinstance(file, str):
+            continue
+        real = os.path.realpath(file)
+        if any(real.startswith(s + os.sep) for s in stdlib):
+            continue
+        top = sys.modules.get(name.partition(".")[0])
+        top_file = getattr(top, "__file__", None)
+        if isinstance(top_file, str):
+            real = os.path.realpath(top_file)
+            roots.add(os.path.dirname(real) if os.path.basename(real).startswith("__init__.") else real)
+        else:
+            roots.add(os.path.dirname(real))
+    if os.path.exists("/etc/localtime"):  # time.localtime() reads it lazily
+        roots.add(os.path.realpath("/etc/localtime"))
+    return sorted(roots)
+
+
+def prepare(policy: dict[str, Any]) -> Prepared:
+    """Fork-server side, once per policy: preload modules, Landlock roots, seccomp program."""
+    failures: dict[str, str] = {}
+    names = list(BASE_PRELOAD) + list(policy["python"]["allowed_imports"])
+    if policy["python"]["guard"] == "restricted":
+        names += ["RestrictedPython", "RestrictedPython.Guards"]
+    for name in names:
+        if name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # a module this Python lacks is simply not importable in the child
+            failures[name] = f"{type(exc).__name__}: {exc}"
+    prepared = Prepared(policy, failures)
+    iso = policy["isolation"]
+    if iso["landlock"]:
+        prepared.read_roots = _module_roots()
+    if iso["seccomp"]:
+        try:
+            prepared.seccomp_program = seccomp.build(
+                iso["allowed_sockets"], int(policy["limits"]["max_processes"])
+            )
+        except OSError as exc:
+            prepared.seccomp_error = exc.strerror or str(exc)
+    return prepared
+
+
+class Resources:
+    """What :func:`before_fork` made for one child; :func:`release` undoes it."""
+
+    __slots__ = ("cgroup_dirs", "mount")
+
+    def __init__(self) -> None:
+        self.cgroup_dirs: list[str] = []
+        self.mount: str | None = None
+
+
+def before_fork(prepared: Prepared, config: dict[str, Any]) -> Resources:
+    """Fork-server side, per child: its cgroup and its scratch tmpfs.
+
+    What the child must know goes into ``config["isolation"]``: per layer a
+    list of cgroup directories / ``"mounted"``, or the reason it failed.
+    """
+    server = server_setup()
+    policy = prepared.policy
+    iso = policy["isolation"]
+    res = Resources()
+    info: dict[str, Any] = {}
+    global _placed
+    if iso["cgroup"]:
+        try:
+            res.cgroup_dirs, born = cgroups.create(server.cg, policy["limits"])
+            info["cgroup"] = {
+                "dirs": res.cgroup_dirs,
+                "born": born,
+                "paths": cgroups.relative_paths(server.cg, res.cgroup_dirs),
+            }
+            if born:
+                _placed = (res.cgroup_dirs, policy["limits"])
+        except OSError as exc:
+            info["cgroup"] = exc.strerror or str(exc)
+    if iso["scratch_fs"]:
+        if not server.ns.mount_ok:
+            info["scratch_fs"] = f"no private mount namespace: {server.ns.mountns}"
+        else:
+            try:
+                namespaces.mount_scratch(
+                    config["scratch"], int(policy["limits"]["disk_mb"]), config.get("uid"), config.get("gid")
+                )
+                res.mount = config["scratch"]
+                info["scratch_fs"] = "mounted"
+            except OSError as exc:
+                info["scratch_fs"] = exc.strerror or str(exc)
+    config["isolation"] = info
+    return res
+
+
+def collect(res: Resources) -> dict[str, int]:
+    """Fork-server side, once the child was reaped: kill what it left behind, read its counters."""
+    return cgroups.collect(res.cgroup_dirs) if res.cgroup_dirs else {}
+
+
+def release(res: Resources) -> None:
+    """Fork-server side, after :func:`collect`: remove the child's cgroup and scratch mount."""
+    if res.cgroup_dirs and _server is not None:
+        cgroups.remove(_server.cg, res.cgroup_dirs)
+        res.cgroup_dirs = []
+    if res.mount is not None:
+        try:
+            namespaces.umount_scratch(res.mount)
+        except OSError:
+            pass
+        res.mount = None
+
+
+_placed: tuple[list[str], dict[str, Any]] | None = None
+
+
+def refill() -> None:
+    """Fork-server side, right after a fork: prepare the next child's cgroup in the background."""
+    global _placed
+    if _server is not None:
+        previous, _placed = _placed, None
+        if previous is not None:
+            cgroups.refill(_server.cg, previous[0], previous[1])
+        elif _server.cg.current is None:
+            cgroups.refill(_server.cg)
+
+
+# ------------------------------------------------------------------ child side
+def _process_hygiene(chan_fd: int, parent_pid: int) -> None:
+    """Own process group, die with the fork server, no descriptor but the channel.
+
+    A process group, not a session: ``setsid`` also creates a scheduler
+    autogroup, which costs up to several milliseconds on this kind of VM. The
+    fork server already runs in a session of its own with no controlling
+    terminal, and the host kills the child's process group (and its cgroup).
+    """
+    os.setpgid(0, 0)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    os.closerange(3, chan_fd)
+    os.closerange(chan_fd + 1, 1 << 20)
+
+
+class _Ctx:
+    def __init__(self, prepared: Prepared, config: dict[str, Any], server: Server | None) -> None:
+        self.prepared = prepared
+        self.policy = prepared.policy
+        self.config = config
+        self.server = server
+        self.info: dict[str, Any] = config.get("isolation") or {}
+        self.network_error: OSError | None = None
+
+
+def _no_new_privs(ctx: _Ctx) -> None:
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _rlimits(ctx: _Ctx) -> None:
+    limits.apply_rlimits(ctx.policy["limits"], own_uid=ctx.config.get("uid") is not None)
+
+
+def _cgroup(ctx: _Ctx) -> None:
+    info = ctx.info.get("cgroup")
+    if not isinstance(info, dict):
+        raise OSError(info or "the fork server made no cgroup")
+    if not info["born"]:  # cgroup v2, or the server could not pre-place itself
+        cgroups.join(info["dirs"])
+    cgroups.verify(info["paths"])
+    # First in line for the OOM killer, host-wide and within the cgroup.
+    cgroups.write_oom_score_adj(1000)
+
+
+def _scratch_fs(ctx: _Ctx) -> None:
+    state = ctx.info.get("scratch_fs")
+    if state != "mounted":
+        raise OSError(state or "the fork server mounted no scratch filesystem")
+    scratch = ctx.config["scratch"]
+    os.chdir(scratch)
+    if os.stat(scratch).st_dev == os.stat(os.path.dirname(scratch)).st_dev:
+        raise OSError("the scratch directory is not a private mount")
+
+
+def _network_early(ctx: _Ctx) -> None:
+    """Runs before the descriptors are closed: a network=false child may need the host's netns fd."""
+    server = ctx.server
+    if not ctx.policy["isolation"]["network"]:
+        if server is not None and server.ns.net_ok:
+            try:
+                namespaces.return_to_host_netns(server.ns)
+            except OSError:
+                pass  # rootless: the host's namespace is out of reach; the child stays offline
+        return
+    try:
+        if server is None or not server.ns.net_ok:
+            raise OSError(f"no network namespace: {server.ns.netns if server else 'no fork server'}")
+        if namespaces.current_netns() == server.ns.host_netns_ino:
+            raise OSError("still in the host's network namespace")
+    except OSError as exc:
+        ctx.network_error = exc
+
+
+def _network(ctx: _Ctx) -> None:
+    if ctx.network_error is not None:
+        raise ctx.network_error
+
+
+def _landlock(ctx: _Ctx) -> None:
+    server = ctx.server
+    abi = server.landlock_abi if server else landlock.abi_version()
+    extra = [os.path.abspath(os.path.expanduser(p)) for p in ctx.policy["isolation"]["read_paths"]]
+    landlock.restrict(abi, ctx.prepared.read_roots + extra, [ctx.config["scratch"]])
+
+
+def _identity(ctx: _Ctx) -> None:
+    uid, gid = ctx.config.get("uid"), ctx.config.get("gid")
+    if os.geteuid() == 0 and uid is not None and gid is not None and not _in_userns(ctx):
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)  # leaving uid 0 clears every capability set but the bounding set
+        if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
+            raise OSError("uid/gid did not change")
+    elif _in_userns(ctx):
+        namespaces.drop_capabilities(bounding=False)
+    elif os.geteuid() == 0:
+        raise OSError("started as root but the host gave no uid to drop to")
+    else:
+        reason = ctx.server.ns.userns if ctx.server else "no fork server"
+        raise OSError(f"not root and {reason}")
+    if any(namespaces.capabilities()):
+        raise OSError("capabilities remain after the drop")
+    # A credential change clears the parent-death signal: set it again.
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != ctx.config["server_pid"]:
+        os._exit(1)
+
+
+def _in_userns(ctx: _Ctx) -> bool:
+    return ctx.server is not None and ctx.server.ns.userns == "active"
+
+
+def _seccomp(ctx: _Ctx) -> None:
+    if not ctx.prepared.seccomp_program:
+        raise OSError(ctx.prepared.seccomp_error or "no seccomp program was built")
+    seccomp.load(ctx.prepared.seccomp_program)
+
+
+_APPLY = {
+    "no_new_privs": _no_new_privs,
+    "rlimits": _rlimits,
+    "cgroup": _cgroup,
+    "scratch_fs": _scratch_fs,
+    "network": _network,
+    "landlock": _landlock,
+    "identity": _identity,
+    "seccomp": _seccomp,
+}
+
+
+def apply(prepared: Prepared, config: dict[str, Any], chan_fd: int) -> dict[str, str]:
+    """Child side: apply every layer in order; fail closed on required ones."""
+    ctx = _Ctx(prepared, config, _server)
+    _network_early(ctx)
+    _process_hygiene(chan_fd, config["server_pid"])
+    os.chdir(config["scratch"])
+    iso = prepared.policy["isolation"]
+    required = set(iso["require"])
+    states: dict[str, str] = {}
+    for layer in LAYER_ORDER:
+        if not iso[layer]:
+            states[layer] = "off"
+            continue
+        try:
+            _APPLY[layer](ctx)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            if layer in required:
+                raise LayerFailure(layer, reason) from None
+            states[layer] = f"unavailable: {reason}"
+        else:
+            states[layer] = "active"
+    return states

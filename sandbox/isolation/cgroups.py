@@ -1,0 +1,376 @@
+"""The cgroup layer: each sandbox child in its own ``pids`` and ``memory`` cgroup.
+
+- ``pids.max = 1 + max_processes`` counts processes *and* threads of the
+  sandbox whatever their uid (RLIMIT_NPROC counts per uid and is not
+  enforced for root): a fork or thread bomb gets ``EAGAIN``.
+- ``memory.limit_in_bytes = memory_mb + disk_mb + 64 MiB`` bounds everything
+  the kernel charges to the sandbox (heap, page tables, socket buffers and
+  the scratch tmpfs pages), a backstop behind RLIMIT_AS.
+
+The fork server creates ``rlm-<server pid>/`` beneath its own cgroup in each
+hierarchy once (:func:`server_setup`, so host-level limits still apply),
+one directory per child before each fork (:func:`create`, kept warm in a
+small pool), the child moves itself in (:func:`join`), and when the server
+reaps the child it kills anything left in the cgroup (a background process
+cannot outlive its sandbox), reads the OOM and pids counters for the host's
+verdict, and removes the directory (:func:`release`).
+
+cgroup v1 (separate ``pids`` and ``memory`` hierarchies) and cgroup v2 (one
+unified hierarchy with both controllers enabled) are supported. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import queue
+import signal
+import threading
+import time
+from typing import Any
+
+__all__ = [
+    "Cgroups",
+    "collect",
+    "create",
+    "join",
+    "refill",
+    "release",
+    "remove",
+    "server_setup",
+    "teardown",
+    "verify",
+]
+
+CONTROLLERS = ("pids", "memory")
+MIB = 1024 * 1024
+
+
+class Cgroups:
+    """Where this fork server makes sandbox cgroups (or why it cannot)."""
+
+    def __init__(self) -> None:
+        self.bases: dict[str, str] = {}  # controller -> our base dir (v1); {"unified": dir} for v2
+        self.version = 0
+        self.reason = ""
+        self.counter = 0
+        self.stale: list[str] = []
+        self.mounts: dict[str, str] = {}  # same keys as bases: the hierarchy's mount point
+        self.origin: dict[str, str] = {}  # same keys: the server's own cgroup directory
+        self.main_tid = threading.get_native_id()
+        self.current: list[str] | None = None  # where the main thread sits, waiting for the next child
+        self.worker: threading.Thread | None = None
+        self.queue: queue.SimpleQueue[tuple[list[str] | None, dict[str, Any] | None]] = queue.SimpleQueue()
+        self.idle = threading.Event()
+        self.idle.set()
+        self.place_error = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason
+
+
+def _read(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65536).decode()
+    finally:
+        os.close(fd)
+
+
+def _write(path: str, data: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+
+
+def _mounts() -> tuple[dict[str, str], str | None]:
+    """v1 mount point per controller, and the cgroup2 mount point (if any)."""
+    v1: dict[str, str] = {}
+    v2 = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(rfields) < 3 or len(fields) < 5:
+                continue
+            fstype, options = rfields[0], rfields[2].split(",")
+            if fstype == "cgroup":
+                for c in CONTROLLERS:
+                    if c in options:
+                        v1.setdefault(c, fields[4])
+            elif fstype == "cgroup2" and v2 is None:
+                v2 = fields[4]
+    return v1, v2
+
+
+def _own_paths() -> dict[str, str]:
+    """This process's cgroup path per v1 controller ('' key: the v2 path)."""
+    out: dict[str, str] = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            for c in ctrls.split(",") if ctrls else [""]:
+                out[c] = path
+    return out
+
+
+def server_setup() -> Cgroups:
+    cg = Cgroups()
+    try:
+        v1, v2 = _mounts()
+        own = _own_paths()
+        name = f"rlm-{os.getpid()}"
+        if all(c in v1 for c in CONTROLLERS):
+            for c in CONTROLLERS:
+                cg.mounts[c] = v1[c]
+                cg.origin[c] = os.path.normpath(v1[c] + own.get(c, "/"))
+                base = os.path.join(cg.origin[c], name)
+                os.makedirs(base, exist_ok=True)
+                cg.bases[c] = base
+            cg.version = 1
+        elif v2 is not None:
+            parent = v2 + own.get("", "/")
+            available = _read(os.path.join(parent, "cgroup.controllers")).split()
+            missing = [c for c in CONTROLLERS if c not in available]
+            if missing:
+                raise OSError(errno.ENOTSUP, f"cgroup2 at {parent} lacks the {'/'.join(missing)} controller")
+            base = os.path.join(parent, name)
+            os.makedirs(base, exist_ok=True)
+            cg.mounts["unified"] = v2
+            cg.origin["unified"] = os.path.normpath(parent)
+            _write(os.path.join(base, "cgroup.subtree_control"), "+pids +memory")
+            cg.bases["unified"] = base
+            cg.version = 2
+        else:
+            missing = [c for c in CONTROLLERS if c not in v1]
+            raise OSError(errno.ENOTSUP, f"no cgroup hierarchy with the {'/'.join(missing)} controller")
+    except OSError as exc:
+        cg.reason = _reason(exc)
+        for base in cg.bases.values():
+            with contextlib.suppress(OSError):
+                os.rmdir(base)
+        cg.bases.clear()
+    return cg
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"cgroup hierarchy not writable{where}: {exc.strerror}"
+    return exc.strerror or str(exc)
+
+
+def _mkdirs(cg: Cgroups) -> list[str]:
+    cg.counter += 1
+    dirs: list[str] = []
+    try:
+        for base in cg.bases.values():
+            d = os.path.join(base, str(cg.counter))
+            os.mkdir(d)
+            dirs.append(d)
+    except OSError:
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise
+    return dirs
+
+
+def _move_main_thread(cg: Cgroups, dirs: list[str]) -> None:
+    for d in dirs:
+        _write(os.path.join(d, "tasks"), str(cg.main_tid))
+
+
+def _write_limits(cg: Cgroups, dirs: list[str], limits: dict[str, Any], extra_tasks: int) -> None:
+    pids = 1 + int(limits["max_processes"]) + extra_tasks
+    memory = (int(limits["memory_mb"]) + int(limits["disk_mb"]) + 64) * MIB
+    for d in dirs:
+        if cg.version == 2:
+            _write(os.path.join(d, "pids.max"), str(pids))
+            _write(os.path.join(d, "memory.max"), str(memory))
+            with contextlib.suppress(OSError):
+                _write(os.path.join(d, "memory.swap.max"), "0")
+        elif d.startswith(cg.bases["pids"] + os.sep):
+            _write(os.path.join(d, "pids.max"), str(pids))
+        else:
+            _write(os.path.join(d, "memory.limit_in_bytes"), str(memory))
+            with contextlib.suppress(OSError):  # only with swap accounting
+                _write(os.path.join(d, "memory.memsw.limit_in_bytes"), str(memory))
+
+
+def _wait(cg: Cgroups) -> None:
+    cg.idle.wait()
+
+
+def _worker(cg: Cgroups) -> None:
+    while True:
+        previous, limits = cg.queue.get()
+        try:
+            _place_next(cg, previous, limits)
+        finally:
+            cg.idle.set()
+
+
+def _place_next(cg: Cgroups, previous: list[str] | None, limits: dict[str, Any] | None) -> None:
+    """Background: make the next child's cgroup and move the server's main thread into it.
+
+    A cgroup migration waits for an RCU grace period (milliseconds on a
+    quiet VM); done here, off the start path, a child forked by the main
+    thread is simply born in its cgroup. Then the previous child's pids
+    limit drops the slot the main thread held there.
+    """
+    try:
+        dirs = _mkdirs(cg)
+        _move_main_thread(cg, dirs)
+        cg.current = dirs
+    except OSError as exc:
+        cg.current = None
+        cg.place_error = _reason(exc)
+    if previous is not None and limits is not None:
+        with contextlib.suppress(OSError):
+            _write_limits(cg, previous, limits, extra_tasks=0)
+
+
+def refill(cg: Cgroups, previous: list[str] | None = None, limits: dict[str, Any] | None = None) -> None:
+    """Start placing the main thread in the next child's cgroup (cgroup v1; idle-time work)."""
+    if not cg.ok or cg.version != 1 or cg.place_error:
+        return
+    _wait(cg)
+    if cg.worker is None:
+        # Started while the main thread is still in the server's own cgroup,
+        # so the worker stays there and never counts against a sandbox.
+        cg.worker = threading.Thread(target=_worker, args=(cg,), name="cgroup-placer", daemon=True)
+        cg.worker.start()
+    cg.idle.clear()
+    cg.queue.put((previous, limits))
+
+
+def create(cg: Cgroups, limits: dict[str, Any]) -> tuple[list[str], bool]:
+    """The next child's cgroup with the policy's limits written.
+
+    Returns ``(dirs, born_inside)``: with cgroup v1 the server's main thread
+    already sits in them, so the child is born inside (and ``pids.max``
+    counts that thread until :func:`refill` moves it on); otherwise the
+    child must :func:`join` them itself.
+    """
+    if not cg.ok:
+        raise OSError(errno.ENOTSUP, cg.reason)
+    _wait(cg)
+    born = cg.current is not None
+    try:
+        if born:
+            dirs = cg.current or []
+            cg.current = None
+        else:
+            dirs = _mkdirs(cg)
+        _write_limits(cg, dirs, limits, extra_tasks=1 if born else 0)
+    except OSError as exc:
+        raise OSError(exc.errno, _reason(exc)) from None
+    return dirs, born
+
+
+def relative_paths(cg: Cgroups, dirs: list[str]) -> dict[str, str]:
+    """What /proc/<pid>/cgroup shows for *dirs*, per hierarchy ('' for v2)."""
+    out: dict[str, str] = {}
+    for key, base in cg.bases.items():
+        mount = cg.mounts[key]
+        for d in dirs:
+            if d.startswith(base + os.sep):
+                out["" if key == "unified" else key] = d[len(mount) :] or "/"
+    return out
+
+
+def verify(expected: dict[str, str]) -> None:
+    """Child side: check that the calling process is in the expected cgroups."""
+    own = _own_paths()
+    for key, path in expected.items():
+        if own.get(key) != path:
+            raise OSError(errno.EPERM, f"not in its {key or 'v2'} cgroup {path} (in {own.get(key)})")
+
+
+def write_oom_score_adj(value: int) -> None:
+    _write("/proc/self/oom_score_adj", str(value))
+
+
+def join(dirs: list[str]) -> None:
+    """Child side: move the calling process into each directory."""
+    for d in dirs:
+        _write(os.path.join(d, "cgroup.procs"), "0")
+
+
+def _counter(text: str, key: str) -> int:
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == key:
+            return int(parts[1])
+    return 0
+
+
+def release(cg: Cgroups, dirs: list[str]) -> dict[str, int]:
+    """Kill what is left in the cgroup, read its limit counters, remove it."""
+    events = collect(dirs)
+    remove(cg, dirs)
+    return events
+
+
+def collect(dirs: list[str]) -> dict[str, int]:
+    """Kill what is left in the cgroup (a process that escaped the process group), read its counters."""
+    events: dict[str, int] = {}
+    for d in dirs:
+        with contextlib.suppress(OSError, ValueError):
+            for pid in _read(os.path.join(d, "cgroup.procs")).split():
+                if int(pid) == os.getpid():
+                    continue
+                with contextlib.suppress(OSError):
+                    os.kill(int(pid), signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError):
+            if os.path.exists(os.path.join(d, "pids.events")):
+                events["pids_max"] = _counter(_read(os.path.join(d, "pids.events")), "max")
+            if os.path.exists(os.path.join(d, "memory.oom_control")):
+                events["oom_kill"] = _counter(_read(os.path.join(d, "memory.oom_control")), "oom_kill")
+            elif os.path.exists(os.path.join(d, "memory.events")):
+                events["oom_kill"] = _counter(_read(os.path.join(d, "memory.events")), "oom_kill")
+    return events
+
+
+def remove(cg: Cgroups, dirs: list[str]) -> None:
+    for d in cg.stale[:]:
+        if _rmdir(d, tries=1):
+            cg.stale.remove(d)
+    for d in dirs:
+        if not _rmdir(d):
+            cg.stale.append(d)
+
+
+def _rmdir(d: str, tries: int = 20) -> bool:
+    for i in range(tries):
+        try:
+            os.rmdir(d)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                return False
+            time.sleep(0.0005 * (i + 1))  # killed leftovers are still exiting
+    return False
+
+
+def teardown(cg: Cgroups) -> None:
+    """Server exit: move the main thread home, remove every directory we made."""
+    _wait(cg)
+    if cg.current is not None:
+        with contextlib.suppress(OSError):
+            _move_main_thread(cg, [cg.origin[k] for k in cg.bases])
+        remove(cg, cg.current)
+        cg.current = None
+    for d in list(cg.stale):
+        if _rmdir(d, tries=40):
+            cg.stale.remove(d)
+    for base in cg.bases.values():
+        with contextlib.suppress(OSError):
+            os.rmdir(base)

@@ -1,0 +1,232 @@
+"""The seccomp-bpf layer: a system-call filter built with libseccomp, loaded raw.
+
+:func:`build` runs in the fork server, once per policy: it drives libseccomp
+(through ctypes) to compile the policy's filter and exports the BPF program
+as bytes. :func:`load` runs in each child: one ``prctl(PR_SET_SECCOMP)`` with
+those bytes. The child never touches libseccomp, and no filter is compiled
+per sandbox.
+
+The filter allows everything except:
+
+- kernel-attack surface and namespace/mount/tracing calls -> ``EPERM``
+  (a readable ``PermissionError`` in Python);
+- loading kernel code, kexec and reboot -> the process is killed (``SIGSYS``):
+  no legitimate Python code makes them, a kill is the safer answer;
+- ``execve``/``execveat`` -> ``EPERM`` (the child never needs to exec);
+- process creation: ``fork``/``vfork``/``clone`` -> ``EAGAIN`` unless the
+  policy allows processes (so a fork or thread bomb reads as the
+  ``processes`` limit); ``clone3`` -> ``ENOSYS`` so glibc falls back to
+  ``clone``, whose flags a filter can inspect (its arguments live in memory
+  a filter cannot read); with processes allowed, ``clone`` that would create
+  namespaces -> ``EPERM``;
+- ``socket``/``socketpair`` -> ``EPERM`` for every address family the policy
+  does not list in ``isolation.allowed_sockets`` (default: all of them);
+- ``ioctl(TIOCSTI/TIOCLINUX)`` -> ``EPERM`` (typing into a terminal);
+- any system call of another ABI (i386 ``int 0x80``, x32) -> killed.
+
+Stdlib only (ctypes); :func:`load` runs in the child.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import struct
+from typing import Any
+
+from sandbox.isolation._sys import libc
+
+__all__ = ["SeccompError", "build", "libseccomp_version", "load"]
+
+SCMP_ACT_KILL_PROCESS = 0x80000000
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_FLTATR_ACT_BADARCH = 2
+SCMP_CMP_MASKED_EQ = 7
+
+
+def _errno_action(err: int) -> int:
+    """libseccomp's SCMP_ACT_ERRNO(err)."""
+    return 0x00050000 | (err & 0xFFFF)
+
+
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+
+#: Refused with EPERM: namespaces, mounts, tracing and other processes' memory,
+#: kernel interfaces with a long CVE history, privileged administration.
+EPERM_SYSCALLS = (
+    "execve", "execveat",
+    "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "pidfd_getfd", "kcmp",
+    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns",
+    "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
+    "bpf", "userfaultfd", "perf_event_open", "keyctl", "add_key", "request_key",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "swapon", "swapoff", "name_to_handle_at", "open_by_handle_at", "acct", "quotactl", "quotactl_fd",
+    "syslog", "vhangup", "iopl", "ioperm", "settimeofday", "clock_settime", "adjtimex", "clock_adjtime",
+    "sethostname", "setdomainname", "lookup_dcookie", "uselib", "fanotify_init",
+    "migrate_pages", "move_pages", "mbind", "set_mempolicy", "set_mempolicy_home_node",
+)  # fmt: skip
+
+#: Killed: no Python code has a reason to make these.
+KILL_SYSCALLS = (
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "reboot",
+    "create_module", "nfsservctl",
+)  # fmt: skip
+
+#: clone flags that create namespaces (refused even when processes are allowed).
+CLONE_NS_FLAGS = (
+    0x00020000,  # CLONE_NEWNS
+    0x02000000,  # CLONE_NEWCGROUP
+    0x04000000,  # CLONE_NEWUTS
+    0x08000000,  # CLONE_NEWIPC
+    0x10000000,  # CLONE_NEWUSER
+    0x20000000,  # CLONE_NEWPID
+    0x40000000,  # CLONE_NEWNET
+    0x00000080,  # CLONE_NEWTIME
+)
+
+#: Address family numbers are below this on every kernel (AF_MAX is 46 on 6.x).
+_FAMILY_SPAN = 64
+_FAMILIES = {"unix": socket.AF_UNIX, "inet": socket.AF_INET, "inet6": socket.AF_INET6}
+
+TIOCSTI = 0x5412
+TIOCLINUX = 0x541C
+
+
+class SeccompError(OSError):
+    """libseccomp is missing or refused to build the filter."""
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+_lib: Any = None
+
+
+def _libseccomp() -> Any:
+    global _lib
+    if _lib is None:
+        lib = None
+        for name in ("libseccomp.so.2", "libseccomp.so"):
+            try:
+                lib = ctypes.CDLL(name, use_errno=True)
+                break
+            except OSError:
+                continue
+        if lib is None:
+            raise SeccompError(errno.ENOENT, "libseccomp is not installed (libseccomp.so.2 not found)")
+        lib.seccomp_init.restype = ctypes.c_void_p
+        lib.seccomp_init.argtypes = [ctypes.c_uint32]
+        lib.seccomp_release.argtypes = [ctypes.c_void_p]
+        lib.seccomp_rule_add_array.argtypes = [
+            ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_ArgCmp),
+        ]  # fmt: skip
+        lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+        lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+        _lib = lib
+    return _lib
+
+
+def libseccomp_version() -> str:
+    lib = _libseccomp()
+    fn = lib.seccomp_version
+    fn.restype = ctypes.POINTER(ctypes.c_uint * 3)
+    return ".".join(str(v) for v in fn().contents)
+
+
+class _Filter:
+    def __init__(self) -> None:
+        self.lib = _libseccomp()
+        self.ctx = self.lib.seccomp_init(SCMP_ACT_ALLOW)
+        if not self.ctx:
+            raise SeccompError(errno.ENOMEM, "seccomp_init failed")
+        self._check(
+            self.lib.seccomp_attr_set(self.ctx, SCMP_FLTATR_ACT_BADARCH, SCMP_ACT_KILL_PROCESS), "badarch"
+        )
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc < 0:
+            raise SeccompError(-rc, f"libseccomp: {what}: {os.strerror(-rc)}")
+
+    def rule(self, action: int, name: str, *cmps: tuple[int, int, int, int]) -> None:
+        nr = self.lib.seccomp_syscall_resolve_name(name.encode())
+        if nr < 0:  # a system call this kernel/arch does not have: nothing to refuse
+            return
+        arr = (_ArgCmp * max(1, len(cmps)))(*[_ArgCmp(*c) for c in cmps])
+        self._check(self.lib.seccomp_rule_add_array(self.ctx, action, nr, len(cmps), arr), name)
+
+    def export(self) -> bytes:
+        fd = os.memfd_create("seccomp-bpf", os.MFD_CLOEXEC)
+        try:
+            self._check(self.lib.seccomp_export_bpf(self.ctx, fd), "export")
+            size = os.lseek(fd, 0, os.SEEK_END)
+            return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        self.lib.seccomp_release(self.ctx)
+
+
+def build(allowed_sockets: list[str] | tuple[str, ...], max_processes: int) -> bytes:
+    """Compile the filter for a policy; returns the raw BPF program (8-byte instructions)."""
+    f = _Filter()
+    try:
+        eperm = _errno_action(errno.EPERM)
+        for name in EPERM_SYSCALLS:
+            f.rule(eperm, name)
+        for name in KILL_SYSCALLS:
+            f.rule(SCMP_ACT_KILL_PROCESS, name)
+        # Process creation.
+        f.rule(_errno_action(errno.ENOSYS), "clone3")
+        if max_processes <= 0:
+            eagain = _errno_action(errno.EAGAIN)
+            for name in ("fork", "vfork", "clone"):
+                f.rule(eagain, name)
+        else:
+            for flag in CLONE_NS_FLAGS:
+                f.rule(eperm, "clone", (0, SCMP_CMP_MASKED_EQ, flag, flag))
+        # Sockets: refuse every family not allowed. The comparison masks the
+        # upper 32 bits the kernel ignores, so junk there cannot dodge a rule;
+        # a family >= AF_MAX is refused by the kernel itself.
+        allowed = {_FAMILIES[name] for name in allowed_sockets}
+        for name in ("socket", "socketpair"):
+            if not allowed:
+                f.rule(eperm, name)
+                continue
+            for family in range(_FAMILY_SPAN):
+                if family not in allowed:
+                    f.rule(eperm, name, (0, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, family))
+        for request in (TIOCSTI, TIOCLINUX):
+            f.rule(eperm, "ioctl", (1, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, request))
+        return f.export()
+    finally:
+        f.release()
+
+
+def load(program: bytes) -> None:
+    """Install *program* (from :func:`build`) on the calling thread; irreversible."""
+    if not program or len(program) % 8:
+        raise OSError(errno.EINVAL, "empty or malformed seccomp program")
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    if libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_SECCOMP): {os.strerror(err)}")
+
+
+def instruction_count(program: bytes) -> int:
+    return len(program) // struct.calcsize("HBBI")
