@@ -166,7 +166,7 @@ class Sandbox:
         self._lost = False
         self._layers: dict[str, str] = {}
         self.closed = False
-        self._server = forkserver.shared()
+        self._server = forkserver.shared(self.policy.python.guard == "restricted")
         try:
             self._start()
         except BaseException:

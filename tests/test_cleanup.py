@@ -39,7 +39,7 @@ def test_500_sandboxes_leave_no_process_fd_or_temp_dir(audit_path):
 def _server_pid() -> int:
     from sandbox import forkserver
 
-    return forkserver.shared().pid
+    return forkserver.shared(False).pid
 
 
 def test_shutdown_kills_live_children(audit_path):

@@ -75,3 +75,10 @@ def test_importing_the_child_modules_pulls_in_no_host_dependencies():
     )  # fmt: skip
     extra = set(out.stdout.strip().strip("[]").replace("'", "").split(", ")) - CYTHON
     assert {m for m in extra if not m.startswith("_sysconfigdata_")} == {"msgpack", "sandbox"}
+
+
+def test_a_restricted_sandbox_does_not_leak_restrictedpython_into_others():
+    with Sandbox(policy_with({"audit.enabled": False}, base="strict")) as strict:
+        assert strict.execute("x = 1").ok
+        mods = _child_modules(policy_with({"python.guard": "none", "audit.enabled": False}))
+    assert "RestrictedPython" not in mods

@@ -73,16 +73,9 @@ def test_final_var_by_name_by_value_and_in_text():
 
 
 def test_final_var_under_restricted_python():
-    from sandbox import shutdown
-
     strict = policy_with({"audit.enabled": False}, base="strict")
-    try:
-        assert go([repl("total = 40 + 2\nFINAL_VAR('total')")], policy=strict).answer == "42"
-        assert go(["```repl\nx = 'hi'\n```\nFINAL_VAR(x)"], policy=strict).answer == "hi"
-    finally:
-        # the shared fork server now preloads RestrictedPython for every child it forks;
-        # start a fresh one so later tests see children as they would alone
-        shutdown()
+    assert go([repl("total = 40 + 2\nFINAL_VAR('total')")], policy=strict).answer == "42"
+    assert go(["```repl\nx = 'hi'\n```\nFINAL_VAR(x)"], policy=strict).answer == "hi"
 
 
 def test_errors_are_shown_to_the_model_with_output_first():
