@@ -289,12 +289,14 @@ def recv_frames(
     if fds is None:
         data = sock.recv(262144, flags)
     else:
-        data, anc, _flags, _addr = sock.recvmsg(262144, _FD_SPACE, flags)
+        data, anc, msg_flags, _addr = sock.recvmsg(262144, _FD_SPACE, flags)
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 got = array.array("i")
                 got.frombytes(payload[: len(payload) - (len(payload) % got.itemsize)])
                 fds.extend(got)
+        if msg_flags & socket.MSG_CTRUNC:
+            raise WireError("more descriptors were sent than a frame may carry")
     if not data:
         return False
     reader.feed(data)

@@ -374,8 +374,12 @@ class Sandbox:
             child.kill()
             raise ProtocolError(f"cannot write to the sandbox child: {exc.strerror or exc}") from None
 
-    def _next_frame(self, child: _Child, timeout: float | None) -> dict[str, Any]:
-        """Next valid frame from the child; raises _Timeout, _Died or protocol.WireError."""
+    def _next_frame(self, child: _Child, timeout: float | None, accept_fd: bool = False) -> dict[str, Any]:
+        """Next valid frame from the child; raises _Timeout, _Died or protocol.WireError.
+
+        Descriptors are accepted only with *accept_fd* (an out-of-band ``value``
+        is awaited), and then at most one.
+        """
         while True:
             raw = next(child.reader, None)
             if raw is not None:
@@ -399,7 +403,7 @@ class Sandbox:
                     alive = False
                 if not alive:
                     raise _Died()
-                if len(child.fds) > 4:
+                if len(child.fds) > (1 if accept_fd else 0):
                     raise protocol.WireError("child sent descriptors nobody asked for")
             else:  # pidfd readable: the child exited; drain what it wrote first
                 child.poll.unregister(child.pidfd)
@@ -407,7 +411,7 @@ class Sandbox:
 
     def _expect(self, child: _Child, kind: str, timeout: float) -> dict[str, Any]:
         try:
-            msg = self._next_frame(child, timeout)
+            msg = self._next_frame(child, timeout, accept_fd=kind == "value")
         except _Timeout:
             self._fail(child, f"no {kind!r} from the child within {timeout:.0f} s")
         except _Died:

@@ -64,13 +64,15 @@ def test_a_half_frame_then_silence_hits_the_wall_limit_not_a_hang(audit_path):
         assert r.limit == "wall"
 
 
-def test_descriptors_pushed_at_the_host_are_refused(raw_box):
+@pytest.mark.parametrize("count", [1, 3, 8])
+def test_descriptors_pushed_at_the_host_are_refused_at_once(raw_box, count):
     code = FIND_CHANNEL + (
         "import socket, array\n"
         "s = socket.socket(fileno=os.dup(chan))\n"
-        "fds = [os.open('.', os.O_RDONLY) for _ in range(8)]\n"
+        f"fds = [os.open('.', os.O_RDONLY) for _ in range({count})]\n"
         "s.sendmsg([b'\\x00'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', fds))])\n"
-        "import time\ntime.sleep(5)"
+        "import time\ntime.sleep(30)"
     )
     r = raw_box.execute(code)
-    assert r.error_type == "ProtocolError"
+    assert r.error_type == "ProtocolError" and "descriptors" in r.error_message
+    assert r.duration_s < 10  # refused when they arrive, not when the child next speaks
