@@ -14,6 +14,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# The error tree is plain classes with no imports: cheap enough to load eagerly.
+from rlm.errors import (
+    AuthenticationError,
+    BudgetExceeded,
+    ConfigurationError,
+    ContextWindowExceeded,
+    ModelError,
+    RateLimited,
+    RLMError,
+    SandboxFailure,
+    UnknownModelError,
+)
+
 __all__ = [
     "RLM",
     "AuthenticationError",
@@ -43,36 +56,11 @@ _EXPORTS = {
     "LiteLLMBackend": "rlm.backend",
     "ModelBackend": "rlm.backend",
     "ScriptedBackend": "rlm.backend",
-    **{
-        name: "rlm.errors"
-        for name in (
-            "AuthenticationError",
-            "BudgetExceeded",
-            "ConfigurationError",
-            "ContextWindowExceeded",
-            "ModelError",
-            "RLMError",
-            "RateLimited",
-            "SandboxFailure",
-            "UnknownModelError",
-        )
-    },
 }
 
 if TYPE_CHECKING:
     from rlm.backend import LiteLLMBackend, ModelBackend, ScriptedBackend
     from rlm.core import RLM, run
-    from rlm.errors import (
-        AuthenticationError,
-        BudgetExceeded,
-        ConfigurationError,
-        ContextWindowExceeded,
-        ModelError,
-        RateLimited,
-        RLMError,
-        SandboxFailure,
-        UnknownModelError,
-    )
     from rlm.llm import Completion
     from rlm.result import ModelUsage, RLMResult
 
