@@ -217,6 +217,16 @@ def before_fork(prepared: Prepared, config: dict[str, Any]) -> Resources:
     res = Resources()
     info: dict[str, Any] = {}
     global _placed
+    cgroups.settle(server.cg)  # the main thread has left the previous child's cgroup
+    if not iso["cgroup"] and server.cg.current is not None:
+        # The main thread waits in the next sandbox's cgroup: a child that wants
+        # none must not be born there and stay (it would count against, and be
+        # killed with, that sandbox). It moves back to the server's own cgroup.
+        info["cgroup_leave"] = server.cg.origin_dirs()
+        # Until it has left, that cgroup is not clean: give it up (removed once
+        # empty) and let refill() place the main thread in a fresh one.
+        server.cg.stale.extend(server.cg.current)
+        server.cg.current = None
     if iso["cgroup"]:
         try:
             res.cgroup_dirs, born = cgroups.create(server.cg, policy["limits"])
@@ -287,7 +297,8 @@ def _process_hygiene(chan_fd: int, parent_pid: int) -> None:
     terminal, and the host kills the child's process group (and its cgroup).
     """
     os.setpgid(0, 0)
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if sys.platform == "linux":
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(1)
     os.closerange(3, chan_fd)
@@ -412,6 +423,12 @@ _APPLY = {
 def apply(prepared: Prepared, config: dict[str, Any], chan_fd: int) -> dict[str, str]:
     """Child side: apply every layer in order; fail closed on required ones."""
     ctx = _Ctx(prepared, config, _server)
+    leave = ctx.info.get("cgroup_leave")
+    if leave:
+        try:
+            cgroups.join(leave)
+        except OSError as exc:
+            raise LayerFailure("cgroup", f"cannot leave the fork server's cgroup: {exc.strerror}") from None
     _network_early(ctx)
     _process_hygiene(chan_fd, config["server_pid"])
     os.chdir(config["scratch"])
@@ -424,8 +441,8 @@ def apply(prepared: Prepared, config: dict[str, Any], chan_fd: int) -> dict[str,
             continue
         try:
             _APPLY[layer](ctx)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
+        except (OSError, AttributeError) as exc:  # AttributeError: the C library lacks the call (not Linux)
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
             if layer in required:
                 raise LayerFailure(layer, reason) from None
             states[layer] = f"unavailable: {reason}"

@@ -70,6 +70,10 @@ class Cgroups:
     def ok(self) -> bool:
         return not self.reason
 
+    def origin_dirs(self) -> list[str]:
+        """The server's own cgroup directory in each hierarchy we use."""
+        return [self.origin[k] for k in self.bases]
+
 
 def _read(path: str) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -204,6 +208,11 @@ def _write_limits(cg: Cgroups, dirs: list[str], limits: dict[str, Any], extra_ta
 
 def _wait(cg: Cgroups) -> None:
     cg.idle.wait()
+
+
+def settle(cg: Cgroups) -> None:
+    """Wait until a background placement of the main thread is done."""
+    _wait(cg)
 
 
 def _worker(cg: Cgroups) -> None:
