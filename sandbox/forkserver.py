@@ -152,7 +152,27 @@ def serve(ctl_fd: int) -> None:
 
 
 # ------------------------------------------------------------------ host side
-_BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from sandbox.forkserver import serve; serve(int(sys.argv[2]))"
+# Run as `python -I -S`: no environment, no site (no .pth hooks), and a
+# sys.path of exactly the stdlib plus the directories that hold sandbox,
+# msgpack and RestrictedPython.
+_BOOT = (
+    "import sys; sys.path[1:1] = sys.argv[1:-1]; "
+    "from sandbox.forkserver import serve; serve(int(sys.argv[-1]))"
+)
+
+
+def _search_path() -> list[str]:
+    """Directories the fork server needs on sys.path, found without importing anything."""
+    import importlib.util
+
+    dirs = [str(Path(__file__).resolve().parent.parent)]
+    for name in ("msgpack", "RestrictedPython"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            parent = str(Path(next(iter(spec.submodule_search_locations))).resolve().parent)
+            if parent not in dirs:
+                dirs.append(parent)
+    return dirs
 
 
 class ForkServer:
@@ -162,10 +182,9 @@ class ForkServer:
         from sandbox.errors import SandboxStartError
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        root = str(Path(__file__).resolve().parent.parent)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _BOOT, root, str(theirs.fileno())],
+                [sys.executable, "-I", "-S", "-c", _BOOT, *_search_path(), str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 env={},
                 cwd="/",
@@ -277,26 +296,31 @@ class ForkServer:
             self.proc.wait()
 
 
-_shared: ForkServer | None = None
+# One server per preload set: a server that has loaded RestrictedPython for a
+# restricted policy must not fork children of the other policies, which may
+# load only the stdlib and msgpack.
+_shared: dict[bool, ForkServer] = {}
 _shared_lock = threading.Lock()
 
 
-def shared() -> ForkServer:
-    """The host process's fork server, started on first use (and again after a fork of the host)."""
-    global _shared
+def shared(restricted: bool = False) -> ForkServer:
+    """The host process's fork server for restricted or other policies, started on first use
+    (and again after a fork of the host)."""
     with _shared_lock:
-        if _shared is None or _shared.owner_pid != os.getpid() or _shared.closed:
-            _shared = ForkServer()
-        return _shared
+        server = _shared.get(restricted)
+        if server is None or server.owner_pid != os.getpid() or server.closed:
+            server = _shared[restricted] = ForkServer()
+        return server
 
 
 def shutdown() -> None:
-    """Stop the shared fork server, if one is running; the next sandbox starts a new one."""
-    global _shared
+    """Stop the shared fork servers, if any run; the next sandbox starts a new one."""
     with _shared_lock:
-        server, _shared = _shared, None
-    if server is not None and server.owner_pid == os.getpid():
-        server.close()
+        servers = list(_shared.values())
+        _shared.clear()
+    for server in servers:
+        if server.owner_pid == os.getpid():
+            server.close()
 
 
 atexit.register(shutdown)

@@ -231,7 +231,9 @@ class Sandbox:
                     raise VariableError(f"cannot set {name!r}: {exc}") from None
                 if size > self._max_message:  # non-ASCII text is longer in bytes than in characters
                     os.close(fd)
-                    raise VariableError(f"cannot set {name!r}: {size} bytes is over the policy's max_message_mb")
+                    raise VariableError(
+                        f"cannot set {name!r}: {size} bytes is over the policy's max_message_mb"
+                    )
                 try:
                     self._send(child, protocol.encode({"t": "set", "name": name, "shm": size}), fd)
                 finally:
