@@ -35,8 +35,11 @@ def default_audit_path() -> Path:
     return Path(state) / "rlm" / "audit.jsonl"
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _canonical(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _ENCODER.encode(record).encode("utf-8")
 
 
 def _hash_of(prev_hash: str, body: bytes) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import os
 import select
@@ -558,7 +559,9 @@ class Sandbox:
             limit: LimitName | None = _CHILD_LIMITS.get(hint) if isinstance(hint, str) else None
             if truncated:
                 limit = limit or "output"
-            return ExecResult(
+            # Every field was type-checked by protocol.check or computed here:
+            # skip pydantic's second validation on the hot path.
+            return ExecResult.model_construct(
                 ok=bool(done["ok"]) and limit is None,
                 stdout=stdout,
                 stderr=stderr,
@@ -633,8 +636,6 @@ class Sandbox:
     def _audit_line(self, code: str, result: ExecResult) -> None:
         if self._audit is None:
             return
-        import hashlib
-
         self._seq += 1
         if result.ok:
             outcome = "ok"
