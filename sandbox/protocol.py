@@ -409,8 +409,8 @@ def read_shm(fd: int, size: int, max_len: int, *, mapped: bool) -> Any:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size < size:
             raise WireError("out-of-band value is not a memory file of the announced size")
-        if mapped:
-            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+        if mapped:  # MAP_POPULATE: fault the pages in one go, not one at a time while decoding
+            with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ) as mm:
                 return unpack_value(mm, max_len)
         buf = bytearray(size)
         view = memoryview(buf)
