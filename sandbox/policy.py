@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sandbox.errors import PolicyError
+from sandbox.layers import LAYERS
 
 __all__ = [
     "LAYERS",
@@ -36,17 +37,6 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 
-#: Every protection layer, in the order the child applies them.
-LAYERS: tuple[str, ...] = (
-    "no_new_privs",
-    "rlimits",
-    "cgroup",
-    "scratch_fs",
-    "network",
-    "landlock",
-    "identity",
-    "seccomp",
-)
 
 DEFAULT_IMPORTS: tuple[str, ...] = (
     "re", "json", "math", "cmath", "statistics", "random", "string", "textwrap",

@@ -46,9 +46,9 @@ from typing import Any
 from sandbox import limits
 from sandbox.isolation import cgroups, landlock, namespaces, seccomp
 from sandbox.isolation._sys import libc, prctl
+from sandbox.layers import LAYERS
 
 __all__ = [
-    "LAYER_ORDER",
     "LayerFailure",
     "Prepared",
     "Resources",
@@ -62,16 +62,6 @@ __all__ = [
     "server_teardown",
 ]
 
-LAYER_ORDER = (
-    "no_new_privs",
-    "rlimits",
-    "cgroup",
-    "scratch_fs",
-    "network",
-    "landlock",
-    "identity",
-    "seccomp",
-)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
@@ -435,7 +425,7 @@ def apply(prepared: Prepared, config: dict[str, Any], chan_fd: int) -> dict[str,
     iso = prepared.policy["isolation"]
     required = set(iso["require"])
     states: dict[str, str] = {}
-    for layer in LAYER_ORDER:
+    for layer in LAYERS:
         if not iso[layer]:
             states[layer] = "off"
             continue

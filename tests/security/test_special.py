@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from sandbox import Sandbox, forkserver
+from sandbox.layers import LAYERS
 from tests.security.conftest import Env, assert_contained, policy_for
 
 # ------------------------------------------------------------ the channel fds
@@ -140,7 +141,6 @@ def test_fork_server_survives_and_keeps_serving(mode: str, env: Env) -> None:
 
 
 # ---------------------------------------------- controls: the checks can fail
-LAYERS = ("no_new_privs", "rlimits", "cgroup", "scratch_fs", "network", "landlock", "identity", "seccomp")
 
 
 def _unprotected() -> object:
