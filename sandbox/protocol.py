@@ -193,27 +193,36 @@ def encode_with_value(head: dict[str, Any], packed: bytes) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+# Per message type: (sender, allowed keys, [(key, type, required)]), from MESSAGES once.
+_SHAPES: Final[dict[str, tuple[str, frozenset[str], list[tuple[str, Any, bool]]]]] = {
+    t: (
+        sender,
+        frozenset({k.rstrip(_OPT) for k in fields} | {"t"}),
+        [(k.rstrip(_OPT), typ, not k.endswith(_OPT)) for k, typ in fields.items()],
+    )
+    for t, (sender, fields) in MESSAGES.items()
+}
+
+
 def check(msg: Any, sender: str) -> dict[str, Any]:
     """Validate a decoded frame's shape against :data:`MESSAGES`; return it."""
     if type(msg) is not dict:
         raise WireError("frame is not a map")
     t = msg.get("t")
-    spec = MESSAGES.get(t) if type(t) is str else None
-    if spec is None:
+    shape = _SHAPES.get(t) if type(t) is str else None
+    if shape is None:
         raise WireError(f"unknown message type {t!r}" if type(t) is str else "frame has no type")
-    if spec[0] != sender:
+    owner, allowed, fields = shape
+    if owner != sender:
         raise WireError(f"message {t!r} may not be sent by the {sender}")
-    fields = spec[1]
-    allowed = {k.rstrip(_OPT) for k in fields} | {"t"}
     for key in msg:
         if key not in allowed:
             raise WireError(f"message {t!r} has unexpected key {key!r}")
-    for key, typ in fields.items():
-        name = key.rstrip(_OPT)
+    for name, typ, required in fields:
         if name not in msg:
-            if key.endswith(_OPT):
-                continue
-            raise WireError(f"message {t!r} lacks key {name!r}")
+            if required:
+                raise WireError(f"message {t!r} lacks key {name!r}")
+            continue
         val = msg[name]
         if typ is _ANY:
             check_plain(val)
