@@ -16,6 +16,7 @@ machine moves both sides. Targets (this 2-core VM):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -58,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="bench/results/sandbox_overhead.json", help="where to write the JSON figures"
     )
     args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
+        return _measure(args, Path(tmp))
+
+
+def _measure(args: argparse.Namespace, audit_dir: Path) -> int:
     n = 300 if args.quick else 3000
     policy = load_policy(args.policy)
-    audit_dir = Path(tempfile.mkdtemp(prefix="bench-audit-"))
     rows: list[dict[str, object]] = []
 
     scale = {"us": 1e6, "ms": 1e3}
@@ -107,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             text = "abcdefghij" * (size // 10)
             reps = 5 if size > 10 * MB else 30
             data = text.encode("utf-8")
-            copy = sample(lambda d=data: bytearray(d), reps, warmup=2)  # one in-process memory copy
-            xs = sample(lambda t=text: sb.set_variable("context", t), reps, warmup=2)
+            copy = sample(functools.partial(bytearray, data), reps, warmup=2)  # one in-process memory copy
+            xs = sample(functools.partial(sb.set_variable, "context", text), reps, warmup=2)
             rate = size / med(xs) / MB
             row(
                 f"set_variable of a {label} string",
