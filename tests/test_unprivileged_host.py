@@ -1,0 +1,118 @@
+"""The sandbox started by an unprivileged host: the user-namespace path most users take.
+
+The test suite runs as root here, so this test runs a host program as
+``nobody`` (``setpriv``) with a world-readable Python 3.11 (Debian's own)
+and the project's dependencies on its path. Without a writable cgroup the
+default policy must refuse to start, naming the layer; the portable policy
+must start with every other layer active and contain the attacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import msgpack
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM_PYTHON = Path("/usr/bin/python3.11")
+SITE = Path(msgpack.__file__).resolve().parent.parent
+
+HOST_PROGRAM = r"""
+import json, os, sys
+from sandbox import Sandbox, load_policy
+from sandbox.errors import LayerUnavailableError
+
+out = {"uid": os.getuid()}
+try:
+    Sandbox(load_policy("default"), audit_log=sys.argv[1] + "/a.jsonl").close()
+    out["default"] = "started"
+except LayerUnavailableError as exc:
+    out["default"] = "refused:" + exc.layer
+policy = load_policy("portable").override({"python.guard": "none"})
+with Sandbox(policy, audit_log=sys.argv[1] + "/b.jsonl") as sb:
+    out["layers"] = sb.layers
+    r = sb.execute('''
+import os, socket
+seen = []
+for attempt in (
+    lambda: open(CANARY).read(),
+    lambda: socket.socket(),
+    lambda: os.kill(os.getppid(), 0),
+    lambda: open(OUTSIDE, "w").write("x"),
+):
+    try:
+        seen.append(repr(attempt()))
+    except OSError as exc:
+        seen.append(type(exc).__name__)
+print(seen)
+'''.replace("CANARY", repr(sys.argv[2])).replace("OUTSIDE", repr(sys.argv[3])))
+    out["attacks"] = r.stdout
+    out["fork"] = sb.execute("import os\nos.fork()").limit
+print(json.dumps(out))
+"""
+
+
+def _usable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to start a host as another user"
+    if not SYSTEM_PYTHON.exists() or shutil.which("setpriv") is None:
+        return "needs /usr/bin/python3.11 and setpriv"
+    probe = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(SYSTEM_PYTHON), "-c",
+         f"import os; os.listdir({str(ROOT)!r}); os.listdir({str(SITE)!r})"],
+        capture_output=True,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        return "the checkout or its site-packages is not readable by nobody"
+    return None
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory nobody can reach (pytest's tmp_path lives under a 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="rlm-unprivileged-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(_usable() is not None, reason=str(_usable()))
+def test_an_unprivileged_host_gets_every_layer_but_the_cgroup(shared_dir):
+    tmp_path = shared_dir
+    secret = tmp_path / "canary"
+    secret.write_text("CANARY-nonroot-5d2c")
+    os.chown(secret, 65534, 65534)
+    secret.chmod(0o600)  # readable by nobody's uid: only Landlock stands in the way
+    outside = tmp_path / "written-from-the-sandbox"
+    env = {
+        "PYTHONPATH": f"{ROOT}:{SITE}",
+        "HOME": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+        "TMPDIR": str(tmp_path),
+    }
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(SYSTEM_PYTHON), "-c", HOST_PROGRAM,
+         str(tmp_path), str(secret), str(outside)],
+        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["uid"] == 65534
+    assert report["default"] == "refused:cgroup"  # fails closed, naming the layer
+    layers = report["layers"]
+    assert layers["cgroup"].startswith("unavailable:")
+    for layer in ("no_new_privs", "rlimits", "scratch_fs", "network", "landlock", "identity", "seccomp"):
+        assert layers[layer] == "active", (layer, layers[layer])
+    assert "CANARY" not in out.stdout
+    assert (
+        report["attacks"].strip()
+        == "['PermissionError', 'PermissionError', 'PermissionError', 'PermissionError']"
+    )
+    assert not outside.exists()
+    assert report["fork"] == "processes"
