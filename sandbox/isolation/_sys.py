@@ -6,7 +6,7 @@ import ctypes
 import os
 from typing import Any
 
-__all__ = ["check", "libc", "prctl", "syscall"]
+__all__ = ["check", "libc", "prctl", "syscall", "write_file"]
 
 _libc: Any = None
 
@@ -40,3 +40,12 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 
 def syscall(nr: int, *args: Any) -> int:
     return int(libc().syscall(ctypes.c_long(nr), *args))
+
+
+def write_file(path: str, data: str) -> None:
+    """Write *data* to an existing file (a /proc or cgroup control file) in one write."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)

@@ -30,6 +30,8 @@ import threading
 import time
 from typing import Any
 
+from sandbox.isolation._sys import write_file
+
 __all__ = [
     "Cgroups",
     "collect",
@@ -79,14 +81,6 @@ def _read(path: str) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return os.read(fd, 65536).decode()
-    finally:
-        os.close(fd)
-
-
-def _write(path: str, data: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, data.encode())
     finally:
         os.close(fd)
 
@@ -146,7 +140,7 @@ def server_setup() -> Cgroups:
             os.makedirs(base, exist_ok=True)
             cg.mounts["unified"] = v2
             cg.origin["unified"] = os.path.normpath(parent)
-            _write(os.path.join(base, "cgroup.subtree_control"), "+pids +memory")
+            write_file(os.path.join(base, "cgroup.subtree_control"), "+pids +memory")
             cg.bases["unified"] = base
             cg.version = 2
         else:
@@ -186,7 +180,7 @@ def _mkdirs(cg: Cgroups) -> list[str]:
 
 def _move_main_thread(cg: Cgroups, dirs: list[str]) -> None:
     for d in dirs:
-        _write(os.path.join(d, "tasks"), str(cg.main_tid))
+        write_file(os.path.join(d, "tasks"), str(cg.main_tid))
 
 
 def _write_limits(cg: Cgroups, dirs: list[str], limits: dict[str, Any], extra_tasks: int) -> None:
@@ -194,16 +188,16 @@ def _write_limits(cg: Cgroups, dirs: list[str], limits: dict[str, Any], extra_ta
     memory = (int(limits["memory_mb"]) + int(limits["disk_mb"]) + 64) * MIB
     for d in dirs:
         if cg.version == 2:
-            _write(os.path.join(d, "pids.max"), str(pids))
-            _write(os.path.join(d, "memory.max"), str(memory))
+            write_file(os.path.join(d, "pids.max"), str(pids))
+            write_file(os.path.join(d, "memory.max"), str(memory))
             with contextlib.suppress(OSError):
-                _write(os.path.join(d, "memory.swap.max"), "0")
+                write_file(os.path.join(d, "memory.swap.max"), "0")
         elif d.startswith(cg.bases["pids"] + os.sep):
-            _write(os.path.join(d, "pids.max"), str(pids))
+            write_file(os.path.join(d, "pids.max"), str(pids))
         else:
-            _write(os.path.join(d, "memory.limit_in_bytes"), str(memory))
+            write_file(os.path.join(d, "memory.limit_in_bytes"), str(memory))
             with contextlib.suppress(OSError):  # only with swap accounting
-                _write(os.path.join(d, "memory.memsw.limit_in_bytes"), str(memory))
+                write_file(os.path.join(d, "memory.memsw.limit_in_bytes"), str(memory))
 
 
 def _wait(cg: Cgroups) -> None:
@@ -302,13 +296,13 @@ def verify(expected: dict[str, str]) -> None:
 
 
 def write_oom_score_adj(value: int) -> None:
-    _write("/proc/self/oom_score_adj", str(value))
+    write_file("/proc/self/oom_score_adj", str(value))
 
 
 def join(dirs: list[str]) -> None:
     """Child side: move the calling process into each directory."""
     for d in dirs:
-        _write(os.path.join(d, "cgroup.procs"), "0")
+        write_file(os.path.join(d, "cgroup.procs"), "0")
 
 
 def _counter(text: str, key: str) -> int:

@@ -25,7 +25,7 @@ import errno
 import os
 from typing import Any
 
-from sandbox.isolation._sys import check, libc, prctl
+from sandbox.isolation._sys import check, libc, prctl, write_file
 
 __all__ = ["ServerState", "drop_capabilities", "mount_scratch", "server_setup", "umount_scratch"]
 
@@ -82,20 +82,12 @@ def _unshare(flags: int, what: str) -> None:
     check(libc().unshare(ctypes.c_int(flags)), f"unshare({what})")
 
 
-def _write(path: str, data: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, data.encode())
-    finally:
-        os.close(fd)
-
-
 def _enter_userns() -> None:
     uid, gid = os.geteuid(), os.getegid()
     _unshare(CLONE_NEWUSER, "CLONE_NEWUSER")
-    _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/uid_map", f"0 {uid} 1")
-    _write("/proc/self/gid_map", f"0 {gid} 1")
+    write_file("/proc/self/setgroups", "deny")
+    write_file("/proc/self/uid_map", f"0 {uid} 1")
+    write_file("/proc/self/gid_map", f"0 {gid} 1")
 
 
 def server_setup(network: bool = True, mounts: bool = True) -> ServerState:
