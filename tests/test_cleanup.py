@@ -17,6 +17,7 @@ def _fds() -> set[int]:
 
 
 def test_500_sandboxes_leave_no_process_fd_or_temp_dir(audit_path):
+    sandbox.shutdown()  # start from no fork server at all, whatever ran before
     with Sandbox("default", audit_log=audit_path) as warm:  # the fork server starts here
         warm.execute("x = 1")
     me = psutil.Process()
