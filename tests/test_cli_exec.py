@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -112,30 +113,32 @@ def test_bad_policy_file_exits_two_naming_the_key(tmp_path):
     assert out.returncode == 2 and "limits.cpu" in out.stderr and str(policy) in out.stderr
 
 
+def _fork_servers() -> set[int]:
+    """Every fork server on the machine, with the sandbox children it started."""
+    pids: set[int] = set()
+    for p in psutil.process_iter(["cmdline"]):
+        if "sandbox.forkserver" in " ".join(p.info["cmdline"] or []):
+            pids.add(p.pid)
+            pids |= {c.pid for c in p.children(recursive=True)}
+    return pids
+
+
 def test_no_process_outlives_the_command(tmp_path):
-    me = psutil.Process()
+    before = _fork_servers()
     proc = subprocess.Popen(
         [sys.executable, "-m", "rlm", "exec", "--audit-log", str(tmp_path / "a.jsonl"), "-"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    proc.communicate("print('x')", timeout=60)
-    assert proc.returncode == 0
-    assert [p for p in me.children(recursive=True) if p.pid != _server(me)] == []
-    # nothing re-parented to init either: no fork server started by that command survives
-    strays = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if str(proc.pid) in " ".join(p.info["cmdline"] or [])
-        and "forkserver" in " ".join(p.info["cmdline"] or [])
-    ]
-    assert strays == []
-
-
-def _server(me: psutil.Process) -> int:
-    for p in me.children():
-        if "sandbox.forkserver" in " ".join(p.cmdline()):
-            return p.pid
-    return -1
+    seen_during = set()
+    proc.stdin.write("import time\ntime.sleep(0.5)\nprint('x')")
+    proc.stdin.close()
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and time.monotonic() < deadline:
+        seen_during |= _fork_servers() - before
+        time.sleep(0.05)
+    assert proc.wait(30) == 0
+    assert seen_during, "the command's fork server and sandbox were never seen running"
+    assert not (_fork_servers() & seen_during)  # none of them outlived the command
 
 
 def test_exec_and_help_do_not_import_litellm(tmp_path):
