@@ -253,3 +253,25 @@ def test_acompletion():
     import asyncio
 
     assert asyncio.run(_acomplete()).answer == "async"
+
+
+def test_verbose_view_shows_each_turn_on_stderr_only(capsys):
+    script = [
+        repl("n = len(context)\nprint('chars:', n)", "Let me look first."),
+        repl("FINAL_VAR('n')"),
+    ]
+    result = go(script, context="x" * 1234, query="How long is it?", verbose=True)
+    assert result.answer == "1234"
+    out, err = capsys.readouterr()
+    assert out == ""  # the live view never touches stdout (rlm run --json prints there)
+    for expected in (
+        "How long is it?",  # the run's header: query and context description
+        "turn 1/",  # each model reply
+        "Let me look first.",
+        "block 1",  # each block's code ...
+        "print('chars:', n)",
+        "chars: 1234",  # ... and its output
+        "tokens in/out",  # usage so far
+        "answer (final)",  # the outcome
+    ):
+        assert expected in err, expected
