@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,18 @@ def sb(audit_path: Path) -> Iterator[Sandbox]:
 def policy_with(changes: dict[str, object], base: str = "default") -> Policy:
     """The shipped policy *base* with dotted keys overridden."""
     return load_policy(base).override(changes)
+
+
+def run_cli(
+    *args: str, stdin: str | None = None, cwd: Path | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m rlm ARGS`` as a user would; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "rlm", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=None if env is None else dict(env),
+        timeout=120,
+    )

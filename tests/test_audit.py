@@ -10,6 +10,7 @@ import threading
 
 from sandbox import Sandbox
 from sandbox.audit import verify
+from tests.conftest import run_cli
 
 
 def _lines(path):
@@ -84,14 +85,10 @@ def test_dropped_and_reordered_lines_are_named(audit_path, tmp_path):
 
 def test_cli_audit_verify(audit_path):
     _make_log(audit_path, 3)
-    ok = subprocess.run(
-        [sys.executable, "-m", "rlm", "audit", "verify", str(audit_path)], capture_output=True, text=True
-    )
+    ok = run_cli("audit", "verify", str(audit_path))
     assert ok.returncode == 0 and "3 line(s)" in ok.stdout
     _tamper(audit_path, lambda rows: [rows[0], rows[2]])
-    bad = subprocess.run(
-        [sys.executable, "-m", "rlm", "audit", "verify", str(audit_path)], capture_output=True, text=True
-    )
+    bad = run_cli("audit", "verify", str(audit_path))
     assert bad.returncode == 1 and "line 2" in bad.stderr
 
 

@@ -11,18 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import run_cli
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def rlm(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rlm", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
 
 
 def test_json_result_and_exit_zero(tmp_path):
@@ -31,7 +22,7 @@ def test_json_result_and_exit_zero(tmp_path):
     ctx = tmp_path / "ctx.txt"
     ctx.write_text("x" * 12345)
     log = tmp_path / "audit.jsonl"
-    out = rlm("exec", "--json", "--audit-log", str(log), "--set", f"context=@{ctx}", str(code))
+    out = run_cli("exec", "--json", "--audit-log", str(log), "--set", f"context=@{ctx}", str(code))
     assert out.returncode == 0, out.stderr
     payload = json.loads(out.stdout)  # stdout is exactly one JSON object
     assert payload["ok"] is True and payload["stdout"] == "12345\n"
@@ -56,7 +47,7 @@ def test_json_result_and_exit_zero(tmp_path):
     [("1/0", {"error_type": "ZeroDivisionError"}), ("import os", {"error_type": "ImportError"})],
 )
 def test_failures_exit_one_with_json(tmp_path, source, expect):
-    out = rlm("exec", "--json", "--audit-log", str(tmp_path / "a.jsonl"), "-", stdin=source)
+    out = run_cli("exec", "--json", "--audit-log", str(tmp_path / "a.jsonl"), "-", stdin=source)
     assert out.returncode == 1
     payload = json.loads(out.stdout)
     assert payload["ok"] is False
@@ -67,7 +58,7 @@ def test_failures_exit_one_with_json(tmp_path, source, expect):
 def test_limit_exits_one(tmp_path):
     policy = tmp_path / "fast.toml"
     policy.write_text('schema_version = 1\nname = "fast"\ndescription = "d"\n[limits]\nwall_seconds = 0.5\n')
-    out = rlm(
+    out = run_cli(
         "exec",
         "--json",
         "--policy",
@@ -82,7 +73,7 @@ def test_limit_exits_one(tmp_path):
 
 
 def test_plain_output_mode(tmp_path):
-    out = rlm("exec", "--audit-log", str(tmp_path / "a.jsonl"), "-", stdin="print('hello')\n1/0")
+    out = run_cli("exec", "--audit-log", str(tmp_path / "a.jsonl"), "-", stdin="print('hello')\n1/0")
     assert out.returncode == 1
     assert out.stdout == "hello\n"
     assert "ZeroDivisionError" in out.stderr
@@ -100,7 +91,7 @@ def test_plain_output_mode(tmp_path):
     ],
 )
 def test_usage_and_policy_errors_exit_two_without_traceback(args):
-    out = rlm(*args, stdin="print(1)")
+    out = run_cli(*args, stdin="print(1)")
     assert out.returncode == 2
     assert out.stdout == ""
     assert "Traceback" not in out.stderr and out.stderr.strip()
@@ -109,7 +100,7 @@ def test_usage_and_policy_errors_exit_two_without_traceback(args):
 def test_bad_policy_file_exits_two_naming_the_key(tmp_path):
     policy = tmp_path / "bad.toml"
     policy.write_text('schema_version = 1\nname = "bad"\ndescription = "d"\n[limits]\ncpu = 3\n')
-    out = rlm("exec", "--policy", str(policy), "-", stdin="print(1)")
+    out = run_cli("exec", "--policy", str(policy), "-", stdin="print(1)")
     assert out.returncode == 2 and "limits.cpu" in out.stderr and str(policy) in out.stderr
 
 

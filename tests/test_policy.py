@@ -11,6 +11,7 @@ import pytest
 from sandbox import Policy, load_policy
 from sandbox.errors import PolicyError
 from sandbox.policy import LAYERS, shipped_policies
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,17 +104,13 @@ def test_every_field_is_documented_with_a_default():
     walk(Policy)
 
 
-def _rlm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rlm", *args], capture_output=True, text=True, cwd=cwd)
-
-
 def test_cli_policy_show_and_check(tmp_path):
-    out = _rlm("policy", "show", "strict")
+    out = run_cli("policy", "show", "strict")
     assert out.returncode == 0, out.stderr
     assert '"guard": "restricted"' in out.stdout and '"sha256"' in out.stdout
-    assert _rlm("policy", "check", str(ROOT / "policies" / "default.toml")).returncode == 0
+    assert run_cli("policy", "check", str(ROOT / "policies" / "default.toml")).returncode == 0
     bad = _write(tmp_path, HEAD + "[limits]\ncpu_secs = 3\n")
-    out = _rlm("policy", "check", str(bad))
+    out = run_cli("policy", "check", str(bad))
     assert out.returncode == 2
     assert "cpu_secs" in out.stderr and str(bad) in out.stderr
     assert "Traceback" not in out.stderr

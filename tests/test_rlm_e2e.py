@@ -13,7 +13,7 @@ import pytest
 
 from rlm import RLM, run
 from rlm.errors import AuthenticationError, UnknownModelError
-from tests.conftest import policy_with
+from tests.conftest import policy_with, run_cli
 from tests.llm_server import ChatRequest, LLMServer, Reply
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
@@ -182,18 +182,6 @@ def test_acomplete():
         assert asyncio.run(go(srv.base_url)).text == "async reply"
 
 
-def _cli(args: list[str], env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "rlm", *args],
-        cwd=ROOT_DIR,
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_cli_run_json_exit_codes_and_no_key_on_disk(tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     env.update(OPENAI_API_KEY=KEY, PYTHONPATH=str(ROOT_DIR))
@@ -201,10 +189,10 @@ def test_cli_run_json_exit_codes_and_no_key_on_disk(tmp_path: Path):
     context.write_text(SALARIES)
     with LLMServer(root_and_sub) as srv:
         t0 = time.monotonic()
-        done = _cli(
-            ["run", "-m", "openai/gpt-4o-mini", "--sub-model", "openai/gpt-4o", "--api-base", srv.base_url,
-             "--context", str(context), "--query", "Total Engineering salary?", "--json", "--log-dir", str(tmp_path / "logs")],
-            env,
+        done = run_cli(
+            "run", "-m", "openai/gpt-4o-mini", "--sub-model", "openai/gpt-4o", "--api-base", srv.base_url,
+            "--context", str(context), "--query", "Total Engineering salary?", "--json", "--log-dir", str(tmp_path / "logs"),
+            cwd=ROOT_DIR, env=env,
         )  # fmt: skip
         assert time.monotonic() - t0 < 120
         assert done.returncode == 0, done.stderr
@@ -212,14 +200,16 @@ def test_cli_run_json_exit_codes_and_no_key_on_disk(tmp_path: Path):
         assert payload["answer"] == "250000" and payload["sub_calls"] == 3 and payload["cost_usd"] > 0
 
         srv.set_reply(["```repl\nx = 1\n```", ""])  # one turn, then an empty closing reply: no answer
-        done = _cli(["run", "--context", "-", "--query", "q", "--max-iterations", "1", "--json",
-                     "--api-base", srv.base_url, "--log-dir", str(tmp_path / "logs")],
-                    {**env, "RLM_MODEL": "openai/gpt-4o-mini"}, stdin="some text")  # fmt: skip
+        done = run_cli("run", "--context", "-", "--query", "q", "--max-iterations", "1", "--json",
+                       "--api-base", srv.base_url, "--log-dir", str(tmp_path / "logs"),
+                       cwd=ROOT_DIR, env={**env, "RLM_MODEL": "openai/gpt-4o-mini"}, stdin="some text")  # fmt: skip
         assert done.returncode == 1
         assert json.loads(done.stdout)["stop_reason"] == "max_iterations"
     for path in _written_files(tmp_path):
         assert KEY not in path.read_text(errors="replace"), path
-    done = _cli(["run", "--context", "-", "--query", "q"], {k: v for k, v in env.items() if k != "RLM_MODEL"})
+    done = run_cli(
+        "run", "--context", "-", "--query", "q", cwd=ROOT_DIR, env={k: v for k, v in env.items() if k != "RLM_MODEL"}
+    )
     assert done.returncode == 2 and "RLM_MODEL" in done.stderr and "Traceback" not in done.stderr
 
 
