@@ -272,11 +272,6 @@ class ForkServer:
                     return None
             return self._exits.pop(pid)
 
-    def forget(self, pid: int) -> None:
-        """Drop a buffered exit report nobody will ask for."""
-        with self._lock:
-            self._exits.pop(pid, None)
-
     def close(self, timeout: float = 5.0) -> None:
         """Stop the server (it kills its children first) and wait for it."""
         with self._lock:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import Any
 
 from sandbox.isolation._sys import check, libc, prctl, write_file
 
@@ -193,7 +192,3 @@ def drop_capabilities(bounding: bool = True) -> None:
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     check(libc().syscall(ctypes.c_long(SYS_capset), ctypes.byref(header), data), "capset")
-
-
-def describe(state: ServerState) -> dict[str, Any]:
-    return {"userns": state.userns, "mountns": state.mountns, "netns": state.netns}

@@ -33,7 +33,6 @@ import ctypes
 import errno
 import os
 import socket
-import struct
 from typing import Any
 
 from sandbox.isolation._sys import libc
@@ -226,7 +225,3 @@ def load(program: bytes) -> None:
     if libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_SECCOMP): {os.strerror(err)}")
-
-
-def instruction_count(program: bytes) -> int:
-    return len(program) // struct.calcsize("HBBI")
