@@ -35,6 +35,9 @@ __all__ = ["HostFunctionError", "OutputLimitExceeded", "main"]
 #: How long the child polls for the next frame before it blocks.
 SPIN_SECONDS = 0.0003
 
+#: Cells whose source is kept for tracebacks (older ones show file and line only).
+SOURCE_CELLS_KEPT = 200
+
 TRUNCATION_MARKER = "\n[... output truncated at {limit} bytes by policy {policy!r}]\n"
 
 
@@ -239,6 +242,8 @@ class Child:
         self.exec_count += 1
         filename = f"<cell-{self.exec_count}>"
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        # Keep the source of the last cells only, so a long-lived child does not grow per execute.
+        linecache.cache.pop(f"<cell-{self.exec_count - SOURCE_CELLS_KEPT}>", None)
         capture = _Capture(self.max_output)
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Stream(capture, "stdout"), _Stream(capture, "stderr")

@@ -237,3 +237,14 @@ def test_async_twin_with_async_host_functions(audit_path):
             assert box.layers["rlimits"] == "active"
 
     asyncio.run(main())
+
+
+def test_old_cell_sources_are_dropped_so_the_child_does_not_grow(audit_path):
+    with Sandbox(policy_with({"python.guard": "none"}), audit_log=audit_path) as box:
+        for i in range(250):
+            box.execute(f"v{i} = {i}")
+        r = box.execute("import linecache\ncells = len([k for k in linecache.cache if k.startswith('<cell-')])")
+        assert r.ok
+        assert box.get_variable("cells") <= 200
+        r = box.execute("def f():\n    return 1 / 0\nf()")
+        assert "return 1 / 0" in r.traceback  # recent cells keep their source
