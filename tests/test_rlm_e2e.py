@@ -137,8 +137,6 @@ def test_batch_is_really_concurrent(tmp_path: Path):
     starts = sorted(q.received_at for q in subs)
     in_flight = max(sum(1 for s in starts if t <= s < t + 0.05) for t in starts)
     assert in_flight >= 8
-    # and the wide-margin timing: serially this is 100 x 50 ms = 5 s
-    assert block["execution_time"] < 3.5
 
 
 def test_missing_key_unknown_model_and_rejected_key(monkeypatch):
