@@ -289,7 +289,9 @@ def _restricted(policy: str, allowed: frozenset[str], scratch: str) -> Runtime:
                 warnings.simplefilter("ignore")
                 return compile_restricted(tree, filename, mode)  # type: ignore[arg-type]
         except SyntaxError as exc:
-            raise GuardError(str(exc)) from None
+            # RestrictedPython raises SyntaxError(tuple of messages): one readable line each.
+            found = exc.args[0] if exc.args and isinstance(exc.args[0], (tuple, list)) else (exc,)
+            raise GuardError("\n".join(str(x) for x in found)) from None
 
     def compile_exec(tree: ast.Module, filename: str) -> types.CodeType:
         return _restricted_compile(tree, filename, "exec")
