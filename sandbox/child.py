@@ -166,26 +166,36 @@ class _HostPaths:
     """
 
     def __init__(self, scratch: str) -> None:
+        self._scratch = scratch
+        self._stand_in: dict[str, str] = {}
+        self._pattern: re.Pattern[str] | None = None
+        self._built = False
+
+    def _build(self) -> None:
+        """Resolve the directories on first use (about 1 ms of realpath calls; most errors never need it)."""
+        self._built = True
+        scratch = self._scratch
         scratch_dirs = {d for d in (scratch, os.path.realpath(scratch) if scratch else "") if len(d) > 1}
         library = {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
         library |= {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
         library |= {p for p in sys.path if os.path.isabs(p)}
         library = {os.path.realpath(p) for p in library} | library
         library -= scratch_dirs
-        # Longest first, so the most specific directory names a path; never the root
-        # or a one-level directory such as /usr or /tmp.
+        # Never the root or a one-level directory such as /usr or /tmp.
         self._stand_in = {d: "<python>" for d in library if os.path.isabs(d) and d.count(os.sep) >= 2}
         self._stand_in.update({d: "." for d in scratch_dirs if os.path.isabs(d) and d.count(os.sep) >= 2})
+        # Longest first, so the most specific directory names a path.
         dirs = sorted(self._stand_in, key=len, reverse=True)
-        self._pattern = (
-            re.compile("(" + "|".join(map(re.escape, dirs)) + r")(?![\w.-])(/[^\s'\"():,]*)?")
-            if dirs
-            else None
-        )
+        if dirs:
+            self._pattern = re.compile("(" + "|".join(map(re.escape, dirs)) + r")(?![\w.-])(/[^\s'\"():,]*)?")
 
     def scrub(self, text: str) -> str:
         """*text* with every host path replaced."""
-        if self._pattern is None or "/" not in text:
+        if "/" not in text:
+            return text
+        if not self._built:
+            self._build()
+        if self._pattern is None:
             return text
         return self._pattern.sub(self._replace, text)
 
