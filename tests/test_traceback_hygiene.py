@@ -69,6 +69,13 @@ def test_host_function_error_shows_the_call_only(box):
     assert "in go" in r.traceback and "return boom(3)" in r.traceback
 
 
+def test_host_function_stub_refusing_arguments_shows_the_call_only(box):
+    r = box.execute("boom(object())")
+    assert r.error_type == "TypeError" and "plain data" in r.error_message
+    assert_clean(r)
+    assert "host_function" not in r.traceback and "boom(object())" in r.traceback
+
+
 def test_refused_import_shows_the_import_line_only(box):
     r = box.execute("x = 1\nimport os")
     assert r.error_type == "ImportError" and "not allowed by policy" in r.error_message
