@@ -2,8 +2,12 @@
 
 :class:`Policy` is the schema's single source of truth: every key a policy
 file may hold is a field below, with its unit and default in the field's
-description. Models are frozen and refuse unknown keys, so a typo in a policy
-is an error naming the file and the key, never a silently ignored setting.
+description. Models are frozen, refuse unknown keys and coerce nothing, so a
+typo or a wrong type (``seccomp = "no"``) in a policy is an error naming the
+file and the dotted key, never a silently ignored or reinterpreted setting.
+Settings that contradict each other (a required layer switched off, a layer
+on without one it needs, see :data:`LAYER_NEEDS`) are refused when the policy
+is built, from a file, by :meth:`Policy.override` or by ``Policy(...)``.
 
 ``load_policy("default")`` loads a policy shipped with the package (the
 ``policies/`` directory of the checkout, packaged as ``sandbox/policies``);
@@ -15,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -54,10 +60,12 @@ _MODEL = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 #: Layers that cannot work with another one switched off: the kernel loads a seccomp filter or a
 #: Landlock ruleset into an unprivileged process only once PR_SET_NO_NEW_PRIVS is set.
-LAYER_NEEDS: dict[str, tuple[str, ...]] = {
-    "seccomp": ("no_new_privs",),
-    "landlock": ("no_new_privs",),
-}
+LAYER_NEEDS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "seccomp": ("no_new_privs",),
+        "landlock": ("no_new_privs",),
+    }
+)
 
 
 class _Contradiction(ValueError):
@@ -265,7 +273,7 @@ class Policy(BaseModel):
                     raise _Contradiction(
                         f"isolation.{needed}",
                         f"is off, but isolation.{layer} is on and needs it "
-                        f"(the kernel refuses {layer} without {needed}); "
+                        f"(an unprivileged process can load {layer} only with {needed} set); "
                         f"set isolation.{needed} = true or isolation.{layer} = false",
                     )
         return self
