@@ -164,6 +164,10 @@ class _Tail:
     torn: dict[str, Any] | None = None  # the cut-off last line the next line records
 
 
+def _damaged(path: Path) -> AuditError:
+    return AuditError(f"audit log {path} ends with a damaged line; run `rlm audit verify` on it")
+
+
 def _read_tail(path: Path, size: int) -> _Tail:
     if size == 0:
         return _Tail(GENESIS)
@@ -175,13 +179,13 @@ def _read_tail(path: Path, size: int) -> _Tail:
         if found is not None:
             return _Tail(found, seal=not complete)
         if complete:
-            raise AuditError(f"audit log {path} ends with a damaged line; run `rlm audit verify` on it")
+            raise _damaged(path)
         # A write cut off by a crash: chain onto the line before it and record the fragment.
         prev = GENESIS
         if start > 0:
             prev_found = _record_hash(_line_before(fd, start - 1)[1])
             if prev_found is None:
-                raise AuditError(f"audit log {path} ends with a damaged line; run `rlm audit verify` on it")
+                raise _damaged(path)
             prev = prev_found
         return _Tail(prev, seal=True, torn=_torn(last))
     finally:
