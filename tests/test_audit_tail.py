@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -103,6 +106,28 @@ def test_a_line_cut_off_by_a_crash_is_recorded_by_the_next_append(tmp_path, keep
 
     out = run_cli("audit", "verify", str(path))
     assert out.returncode == 0 and "cut off by a crash" in out.stdout
+
+
+def test_a_real_crash_mid_append(tmp_path):
+    """The appending process dies in the middle of its write (SIGXFSZ past RLIMIT_FSIZE)."""
+    path = tmp_path / "audit.jsonl"
+    _append(path, 2)
+    size = path.stat().st_size
+    script = (
+        "import resource, signal\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; the kernel's default kills\n"
+        "from sandbox.audit import AuditLog\n"
+        f"log = AuditLog({str(path)!r})\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size} + 1000, resource.RLIM_INFINITY))\n"
+        "log.append({'code': 'x' * 100000})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGXFSZ, proc.stderr
+    assert path.stat().st_size == size + 1000 and not path.read_bytes().endswith(b"\n")
+    assert "incomplete last line" in verify(path).reason
+    _append(path, 1)
+    report = verify(path)
+    assert report.ok and report.lines == 4 and report.torn_lines == (3,)
 
 
 def test_a_recorded_fragment_still_cannot_be_edited(tmp_path):
