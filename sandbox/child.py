@@ -137,7 +137,8 @@ _CELL_FILE = re.compile(r"<cell-[0-9]+>")
 
 def _code_only_traceback(exc: BaseException) -> str:
     """``traceback.format_exception`` keeping only frames of executed cells."""
-    top = traceback.TracebackException(type(exc), exc, exc.__traceback__, compact=True)
+    # lookup_lines=False: source lines are read at format time, for the frames kept only
+    top = traceback.TracebackException(type(exc), exc, exc.__traceback__, lookup_lines=False, compact=True)
     renames: dict[str, str] = {}
     todo, seen = [top], set()
     while todo:
