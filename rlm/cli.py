@@ -125,7 +125,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     except AuditError as exc:
         return _fail(str(exc))
     if report.ok:
-        print(f"{args.log}: ok, {report.lines} line(s), hash chain intact")
+        torn = report.torn_lines
+        note = f" (line(s) {', '.join(map(str, torn))} cut off by a crash, recorded)" if torn else ""
+        print(f"{args.log}: ok, {report.lines} line(s), hash chain intact{note}")
         return EXIT_OK
     print(f"{args.log}: line {report.bad_line}: {report.reason}", file=sys.stderr)
     return EXIT_FAILED

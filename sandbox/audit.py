@@ -10,11 +10,20 @@ shorter chain; keep the last hash elsewhere if that matters to you.)
 
 Several sandboxes, in one process or many, may share a file: each append
 takes an exclusive ``flock`` and re-reads the last line only when someone
-else has written since.
+else has written since. Finding the last line reads backwards from the end,
+so it costs the length of that line, however long, not its square.
+
+A crash in the middle of an append can leave the file ending in a cut-off
+line. The next append does not chain onto it and does not drop it: it ends
+the fragment with a newline, chains onto the last complete line, and records
+the fragment's size and sha256 in ``torn_before``. :func:`verify` accepts a
+fragment only when the line after it records it that way, so the chain still
+verifies; a fragment nothing records yet is reported as an incomplete line.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -71,14 +80,20 @@ class AuditLog:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 size = os.fstat(self._fd).st_size
+                seal = b""
                 if size != self._end:
-                    self._last = _last_hash(self.path, size)
+                    tail = _read_tail(self.path, size)
+                    self._last = tail.prev_hash
+                    if tail.seal:
+                        seal = b"\n"
+                    if tail.torn is not None:
+                        record = dict(record, torn_before=tail.torn)
                 record = dict(record, prev_hash=self._last)
                 body = _canonical(record)
                 record["hash"] = _hash_of(self._last, body)
                 # Encode once: the line is the hashed body with "hash" spliced in.
-                line = body[:-1] + b',"hash":"' + record["hash"].encode() + b'"}\n'
-                os.write(self._fd, line)
+                line = seal + body[:-1] + b',"hash":"' + record["hash"].encode() + b'"}\n'
+                _write_all(self._fd, line)
                 self._end = size + len(line)
                 self._last = record["hash"]
             finally:
@@ -93,66 +108,156 @@ class AuditLog:
             self._fd = -1
 
 
-def _last_hash(path: Path, size: int) -> str:
-    if size == 0:
-        return GENESIS
-    with open(path, "rb") as f:
-        block = 65536
-        pos = size
-        tail = b""
-        while pos > 0:
-            step = min(block, pos)
-            pos -= step
-            f.seek(pos)
-            tail = f.read(step) + tail
-            cut = tail.rstrip(b"\n").rfind(b"\n")
-            if cut >= 0:
-                tail = tail[cut + 1 :]
-                break
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+#: Bytes read per step when looking backwards for the start of the last line.
+TAIL_BLOCK = 65536
+
+
+def _line_before(fd: int, end: int) -> tuple[int, bytes]:
+    """Where the line that ends at *end* (newline excluded) starts, and its bytes.
+
+    Reads backwards one block at a time and searches only the new block, so the
+    cost is linear in the line's length.
+    """
+    chunks: list[bytes] = []
+    pos = end
+    while pos > 0:
+        step = min(TAIL_BLOCK, pos)
+        pos -= step
+        chunk = os.pread(fd, step, pos)
+        if len(chunk) != step:
+            raise OSError(errno.EIO, "the audit log shrank while it was read")
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            chunks.append(chunk[cut + 1 :])
+            pos += cut + 1
+            break
+        chunks.append(chunk)
+    chunks.reverse()
+    return pos, b"".join(chunks)
+
+
+def _record_hash(raw: bytes) -> str | None:
+    """The ``hash`` of an audit line, or None if *raw* is not one."""
     try:
-        value = json.loads(tail)["hash"]
-    except (ValueError, KeyError, TypeError):
-        raise AuditError(f"audit log {path} ends with a damaged line; run `rlm audit verify` on it") from None
-    if not isinstance(value, str):
-        raise AuditError(f"audit log {path} ends with a damaged line")
-    return value
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(value, dict) and isinstance(value.get("hash"), str):
+        return str(value["hash"])
+    return None
+
+
+def _torn(fragment: bytes) -> dict[str, Any]:
+    return {"bytes": len(fragment), "sha256": hashlib.sha256(fragment).hexdigest()}
+
+
+@dataclass(frozen=True)
+class _Tail:
+    prev_hash: str  # the hash the next line chains onto
+    seal: bool = False  # the file does not end with a newline: write one first
+    torn: dict[str, Any] | None = None  # the cut-off last line the next line records
+
+
+def _damaged(path: Path) -> AuditError:
+    return AuditError(f"audit log {path} ends with a damaged line; run `rlm audit verify` on it")
+
+
+def _read_tail(path: Path, size: int) -> _Tail:
+    if size == 0:
+        return _Tail(GENESIS)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        complete = os.pread(fd, 1, size - 1) == b"\n"
+        start, last = _line_before(fd, size - 1 if complete else size)
+        found = _record_hash(last)
+        if found is not None:
+            return _Tail(found, seal=not complete)
+        if complete:
+            raise _damaged(path)
+        # A write cut off by a crash: chain onto the line before it and record the fragment.
+        prev = GENESIS
+        if start > 0:
+            prev_found = _record_hash(_line_before(fd, start - 1)[1])
+            if prev_found is None:
+                raise _damaged(path)
+            prev = prev_found
+        return _Tail(prev, seal=True, torn=_torn(last))
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """Result of :func:`verify`: ``ok``, lines read, and the first bad line (1-based) with why."""
+    """Result of :func:`verify`: ``ok``, lines read, and the first bad line (1-based) with why.
+
+    ``torn_lines`` are lines cut off by a crash mid-append that the line after
+    each records (``torn_before``); they do not break the chain.
+    """
 
     ok: bool
     lines: int
     bad_line: int | None = None
     reason: str | None = None
+    torn_lines: tuple[int, ...] = ()
 
 
 def verify(path: str | Path) -> VerifyReport:
     """Check the whole chain; name the first line that breaks it."""
-    prev = GENESIS
-    count = 0
     try:
-        lines = Path(path).expanduser().read_bytes().splitlines()
+        data = Path(path).expanduser().read_bytes()
     except OSError as exc:
         raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from None
+    lines = data.split(b"\n")
+    ends_cut = lines[-1] != b""  # the last line has no newline
+    if not ends_cut:
+        lines.pop()
+    prev = GENESIS
+    torn: list[int] = []
+    pending: tuple[int, bytes] | None = None  # a line that is no record, maybe a torn write
+    bad_why = ""
+    count = 0
+
+    def bad(line: int, reason: str) -> VerifyReport:
+        return VerifyReport(False, count, line, reason, tuple(torn))
+
     for count, raw in enumerate(lines, start=1):
         try:
             record = json.loads(raw)
         except ValueError:
-            return VerifyReport(False, count, count, "not valid JSON")
+            record = None
         if not isinstance(record, dict) or not isinstance(record.get("hash"), str):
-            return VerifyReport(False, count, count, "not an audit record")
+            why = "not valid JSON" if record is None else "not an audit record"
+            if pending is not None:
+                return bad(pending[0], "not valid JSON")
+            if count == len(lines) and ends_cut:
+                return bad(
+                    count,
+                    "incomplete last line (a write cut off, e.g. by a crash); the lines before it "
+                    "verify, and the next append records it",
+                )
+            pending = (count, raw)
+            bad_why = why
+            continue
+        if pending is not None:
+            if record.get("torn_before") != _torn(pending[1]):
+                return bad(pending[0], bad_why)
+            torn.append(pending[0])
+            pending = None
+        elif "torn_before" in record:
+            return bad(count, "records a cut-off line before it that is not there")
         if record.get("prev_hash") != prev:
-            return VerifyReport(
-                False,
-                count,
-                count,
-                "prev_hash does not match the line before (a line was dropped, inserted or moved)",
+            return bad(
+                count, "prev_hash does not match the line before (a line was dropped, inserted or moved)"
             )
         if line_hash(record) != record["hash"]:
-            return VerifyReport(
-                False, count, count, "hash does not match the line's content (the line was edited)"
-            )
+            return bad(count, "hash does not match the line's content (the line was edited)")
         prev = record["hash"]
-    return VerifyReport(True, count)
+    if pending is not None:
+        return bad(pending[0], bad_why)
+    return VerifyReport(True, count, torn_lines=tuple(torn))

@@ -21,6 +21,7 @@ import errno
 import io
 import linecache
 import os
+import re
 import socket
 import sys
 import time
@@ -131,6 +132,81 @@ def _safe_str(exc: BaseException) -> str:
         return "<exception message could not be rendered>"
 
 
+_CELL_FILE = re.compile(r"<cell-[0-9]+>")
+
+
+def _code_only_traceback(exc: BaseException) -> str:
+    """``traceback.format_exception`` keeping only frames of executed cells."""
+    # lookup_lines=False: source lines are read at format time, for the frames kept only
+    top = traceback.TracebackException(type(exc), exc, exc.__traceback__, lookup_lines=False, compact=True)
+    renames: dict[str, str] = {}
+    todo, seen = [top], set()
+    while todo:
+        te = todo.pop()
+        if id(te) in seen:
+            continue
+        seen.add(id(te))
+        te.stack = traceback.StackSummary.from_list([f for f in te.stack if _CELL_FILE.fullmatch(f.filename)])
+        kind = te.exc_type
+        if kind is not None and kind.__module__.split(".")[0] == "sandbox":
+            renames[f"{kind.__module__}.{kind.__qualname__}"] = kind.__qualname__
+        todo.extend(x for x in (te.__cause__, te.__context__) if x is not None)
+        todo.extend(te.exceptions or ())
+    text = "".join(top.format())
+    for long, short in renames.items():
+        text = text.replace(long, short)
+    return text
+
+
+class _HostPaths:
+    """Host paths that must not reach the model, and what stands in for them.
+
+    The scratch directory is the code's working directory, so a path under it
+    becomes relative; paths under the Python installation, its site
+    directories or the sandbox package become ``<python>``.
+    """
+
+    def __init__(self, scratch: str) -> None:
+        self._scratch = scratch
+        self._stand_in: dict[str, str] = {}
+        self._pattern: re.Pattern[str] | None = None
+        self._built = False
+
+    def _build(self) -> None:
+        """Resolve the directories on first use (about 1 ms of realpath calls; most errors never need it)."""
+        self._built = True
+        scratch = self._scratch
+        scratch_dirs = {d for d in (scratch, os.path.realpath(scratch) if scratch else "") if len(d) > 1}
+        library = {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+        library |= {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+        library |= {p for p in sys.path if os.path.isabs(p)}
+        library = {os.path.realpath(p) for p in library} | library
+        library -= scratch_dirs
+        # Never the root or a one-level directory such as /usr or /tmp.
+        self._stand_in = {d: "<python>" for d in library if os.path.isabs(d) and d.count(os.sep) >= 2}
+        self._stand_in.update({d: "." for d in scratch_dirs if os.path.isabs(d) and d.count(os.sep) >= 2})
+        # Longest first, so the most specific directory names a path.
+        dirs = sorted(self._stand_in, key=len, reverse=True)
+        if dirs:
+            self._pattern = re.compile("(" + "|".join(map(re.escape, dirs)) + r")(?![\w.-])(/[^\s'\"():,]*)?")
+
+    def scrub(self, text: str) -> str:
+        """*text* with every host path replaced."""
+        if "/" not in text:
+            return text
+        if not self._built:
+            self._build()
+        if self._pattern is None:
+            return text
+        return self._pattern.sub(self._replace, text)
+
+    def _replace(self, match: re.Match[str]) -> str:
+        stand_in = self._stand_in[match.group(1)]
+        if stand_in == ".":  # under the working directory: relative
+            return (match.group(2) or "/.")[1:] or "."
+        return stand_in
+
+
 class Child:
     """One child's state: its channel, its namespace, its guard."""
 
@@ -151,6 +227,7 @@ class Child:
             builtins_ns[name] = self._stub(name)
         self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins_ns}
         self.ns.update(runtime.extra_globals)
+        self.host_paths = _HostPaths(str(config.get("scratch", "")))
 
     # -- channel ---------------------------------------------------------
     def recv(self) -> dict[str, Any]:
@@ -278,25 +355,26 @@ class Child:
             done["stdout" if capture.parts["stdout"] else "stderr"] += marker
         if error is not None:
             done["error_type"] = "GuardError" if isinstance(error, GuardError) else type(error).__name__
-            done["error_message"] = _safe_str(error)
+            done["error_message"] = self.host_paths.scrub(_safe_str(error))
             done["traceback"] = self.format_traceback(error, filename)
             hint = _limit_hint(error)
             if hint is not None:
                 done["limit_hint"] = hint
         return done
 
-    @staticmethod
-    def format_traceback(exc: BaseException, filename: str) -> str:
-        """The traceback from the first frame of the executed code onwards."""
+    def format_traceback(self, exc: BaseException, filename: str) -> str:
+        """The traceback with the code's own frames only, and no host path in it.
+
+        Frames of the sandbox package, the guard, RestrictedPython and the
+        standard library are dropped (in chained exceptions too; a refusal at
+        compile time has no frame left but its message), exception
+        classes of the sandbox package show their bare name, and host paths
+        left in messages are replaced (see :class:`_HostPaths`).
+        """
         try:
-            if isinstance(exc, (SyntaxError, GuardError)):
-                return "".join(traceback.format_exception_only(type(exc), exc))
-            tb = exc.__traceback__
-            while tb is not None and tb.tb_frame.f_code.co_filename != filename:
-                tb = tb.tb_next
-            return "".join(traceback.format_exception(type(exc), exc, tb))
+            return self.host_paths.scrub(_code_only_traceback(exc))
         except BaseException:
-            return f"{type(exc).__name__}: {_safe_str(exc)}\n"
+            return f"{type(exc).__name__}: {self.host_paths.scrub(_safe_str(exc))}\n"
 
     # -- loop --------------------------------------------------------------
     def serve(self) -> None:

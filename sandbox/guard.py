@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import types
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -268,6 +269,10 @@ def _restricted(policy: str, allowed: frozenset[str], scratch: str) -> Runtime:
         "_getitem_": guarded_getitem,
         "_getiter_": guarded_iter,
         "_print_": StdoutPrint,
+        # RestrictedPython binds ``_print`` at the top of a module or function that prints;
+        # the trailing expression of a cell is compiled on its own (eval mode, no binding), and
+        # lambdas and class bodies have none either, so they find this one.
+        "_print": StdoutPrint(),
         "_apply_": guarded_apply,
         "_inplacevar_": guarded_inplacevar,
         "_unpack_sequence_": guarded_unpack_sequence,
@@ -278,9 +283,15 @@ def _restricted(policy: str, allowed: frozenset[str], scratch: str) -> Runtime:
 
     def _restricted_compile(tree: ast.Module | ast.Expression, filename: str, mode: str) -> types.CodeType:
         try:
-            return compile_restricted(tree, filename, mode)  # type: ignore[arg-type]
+            # RestrictedPython warns ("Prints, but never reads 'printed' variable") with its own
+            # install path as the location; that text would land in the code's stderr.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return compile_restricted(tree, filename, mode)  # type: ignore[arg-type]
         except SyntaxError as exc:
-            raise GuardError(str(exc)) from None
+            # RestrictedPython raises SyntaxError(tuple of messages): one readable line each.
+            found = exc.args[0] if exc.args and isinstance(exc.args[0], (tuple, list)) else (exc,)
+            raise GuardError("\n".join(str(x) for x in found)) from None
 
     def compile_exec(tree: ast.Module, filename: str) -> types.CodeType:
         return _restricted_compile(tree, filename, "exec")

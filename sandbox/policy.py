@@ -2,8 +2,12 @@
 
 :class:`Policy` is the schema's single source of truth: every key a policy
 file may hold is a field below, with its unit and default in the field's
-description. Models are frozen and refuse unknown keys, so a typo in a policy
-is an error naming the file and the key, never a silently ignored setting.
+description. Models are frozen, refuse unknown keys and coerce nothing, so a
+typo or a wrong type (``seccomp = "no"``) in a policy is an error naming the
+file and the dotted key, never a silently ignored or reinterpreted setting.
+Settings that contradict each other (a required layer switched off, a layer
+on without one it needs, see :data:`LAYER_NEEDS`) are refused when the policy
+is built, from a file, by :meth:`Policy.override` or by ``Policy(...)``.
 
 ``load_policy("default")`` loads a policy shipped with the package (the
 ``policies/`` directory of the checkout, packaged as ``sandbox/policies``);
@@ -15,16 +19,19 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sandbox.errors import PolicyError
 from sandbox.layers import LAYERS
 
 __all__ = [
     "LAYERS",
+    "LAYER_NEEDS",
     "SCHEMA_VERSION",
     "AuditSettings",
     "IsolationSettings",
@@ -47,7 +54,56 @@ DEFAULT_IMPORTS: tuple[str, ...] = (
     "array", "uuid", "html", "html.parser", "urllib.parse", "ast",
 )  # fmt: skip
 
-_MODEL = ConfigDict(frozen=True, extra="forbid", strict=False)
+#: Every model: frozen, unknown keys refused, and no coercion ("no" is not a bool, "10" not a
+#: number, 10.0 not an int; an int is accepted where a float is asked for).
+_MODEL = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+#: Layers that cannot work with another one switched off: the kernel loads a seccomp filter or a
+#: Landlock ruleset into an unprivileged process only once PR_SET_NO_NEW_PRIVS is set.
+LAYER_NEEDS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "seccomp": ("no_new_privs",),
+        "landlock": ("no_new_privs",),
+    }
+)
+
+
+class _Contradiction(ValueError):
+    """Two settings of a policy that cannot hold together; ``key`` is the dotted key to change."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+class _Invalid(PolicyError):
+    """A policy failed validation: ``detail`` names the keys, the message also says where."""
+
+    def __init__(self, where: str, detail: str) -> None:
+        super().__init__(f"{where}: {detail}")
+        self.detail = detail
+
+
+def _arrays_as_tuples(model: type[BaseModel], data: Any) -> Any:
+    """TOML and JSON arrays (lists) for the tuple fields of *model*, nested models included.
+
+    Only a list where the field is a tuple is converted: strict validation still refuses
+    every other mismatch (a string for a tuple, a list for a bool ...).
+    """
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for key, value in data.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            continue
+        ann = field.annotation
+        if isinstance(value, list) and getattr(ann, "__origin__", None) is tuple:
+            out[key] = tuple(value)
+        elif isinstance(value, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
+            out[key] = _arrays_as_tuples(ann, value)
+    return out
 
 
 class Limits(BaseModel):
@@ -178,13 +234,49 @@ class Policy(BaseModel):
     isolation: IsolationSettings = Field(default_factory=IsolationSettings, description="Kernel layers.")
     audit: AuditSettings = Field(default_factory=AuditSettings, description="The audit log.")
 
-    def model_post_init(self, __context: Any) -> None:
-        unknown = [layer for layer in self.isolation.require if layer not in LAYERS]
+    def __init__(self, **data: Any) -> None:
+        """Validate strictly; a bad key or value is a :class:`PolicyError` naming it."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _Invalid(f"policy {data.get('name', '?')!r}", _explain(exc)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _arrays(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("schema_version"), bool):
+            # Literal[1] compares by equality, and True == 1
+            raise _Contradiction("schema_version", "must be the integer 1, not a bool")
+        return _arrays_as_tuples(cls, data)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Policy:
+        """Refuse settings that contradict each other, naming the key to change."""
+        iso = self.isolation
+        unknown = [layer for layer in iso.require if layer not in LAYERS]
         if unknown:
-            raise ValueError(f"isolation.require names unknown layer(s) {unknown}; known: {list(LAYERS)}")
-        off = [layer for layer in self.isolation.require if not getattr(self.isolation, layer)]
+            raise _Contradiction(
+                "isolation.require", f"unknown layer(s) {unknown}; known: {', '.join(LAYERS)}"
+            )
+        off = [layer for layer in iso.require if not getattr(iso, layer)]
         if off:
-            raise ValueError(f"isolation.require lists layer(s) {off} that the policy switches off")
+            raise _Contradiction(
+                "isolation.require",
+                f"requires layer(s) {off} that the policy switches off "
+                f"(set isolation.{off[0]} = true or drop it from require)",
+            )
+        for layer in LAYERS:
+            if not getattr(iso, layer):
+                continue
+            for needed in LAYER_NEEDS.get(layer, ()):
+                if not getattr(iso, needed):
+                    raise _Contradiction(
+                        f"isolation.{needed}",
+                        f"is off, but isolation.{layer} is on and needs it "
+                        f"(an unprivileged process can load {layer} only with {needed} set); "
+                        f"set isolation.{needed} = true or isolation.{layer} = false",
+                    )
+        return self
 
     @property
     def sha256(self) -> str:
@@ -223,24 +315,40 @@ def _validate(data: Any, where: str) -> Policy:
     version = data.get("schema_version")
     if version is None:
         raise PolicyError(f"{where}: missing key 'schema_version' (this version reads schema_version = 1)")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:
         raise PolicyError(
             f"{where}: unknown schema_version {version!r} (this version reads schema_version = 1)"
         )
     try:
-        return Policy.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "<top>"
-        msg = first["msg"]
-        if first["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif first["type"] == "missing":
-            msg = "missing key"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise PolicyError(f"{where}: key {key!r}: {msg}{more}") from None
-    except ValueError as exc:
-        raise PolicyError(f"{where}: {exc}") from None
+        return Policy.model_validate(data)  # runs Policy.__init__
+    except _Invalid as exc:
+        raise PolicyError(f"{where}: {exc.detail}") from None
+
+
+def _explain(exc: ValidationError) -> str:
+    """``key 'a.b': what is wrong; key ...``, for the first three problems."""
+    problems = [_describe(error) for error in exc.errors()]
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return "; ".join(problems[:3]) + more
+
+
+def _describe(error: Any) -> str:
+    """One pydantic error as ``key 'a.b': what is wrong``."""
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, _Contradiction):
+        return f"key {cause.key!r}: {cause.message}"
+    key = ".".join(str(p) for p in error["loc"]) or "<top>"
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return f"key {key!r}: unknown key"
+    if kind == "missing":
+        return f"key {key!r}: missing key"
+    if kind == "tuple_type":
+        msg = "Input should be an array"
+    shown = repr(error.get("input"))
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"key {key!r}: {msg} (got {shown} of type {type(error.get('input')).__name__})"
 
 
 def load_policy(name_or_path: str | Path) -> Policy:

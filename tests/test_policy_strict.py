@@ -1,0 +1,133 @@
+"""Policies are validated strictly: no coercion, every error names the file and the dotted key,
+contradictory settings are refused at load time. The same holds for ``Policy(...)`` in Python."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from sandbox import Policy, load_policy
+from sandbox.errors import PolicyError
+from sandbox.policy import LAYER_NEEDS, LAYERS, IsolationSettings
+
+HEAD = 'schema_version = 1\nname = "t"\ndescription = "d"\n'
+#: Everything off that needs no_new_privs, so a test can turn no_new_privs off on its own.
+NO_NNP_USERS = "".join(f"{layer} = false\n" for layer in LAYER_NEEDS)
+
+
+def _load(tmp_path: Path, body: str) -> Policy:
+    path = tmp_path / "p.toml"
+    path.write_text(HEAD + body)
+    return load_policy(path)
+
+
+def _error(tmp_path: Path, body: str) -> str:
+    with pytest.raises(PolicyError) as err:
+        _load(tmp_path, body)
+    message = str(err.value)
+    assert str(tmp_path / "p.toml") in message
+    assert "<top>" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "detail"),
+    [
+        ('[isolation]\nseccomp = "no"\n', "isolation.seccomp", "'no' of type str"),
+        ("[isolation]\nlandlock = 1\n", "isolation.landlock", "valid boolean"),
+        ('[limits]\ncpu_seconds = "10"\n', "limits.cpu_seconds", "'10' of type str"),
+        ("[limits]\ncpu_seconds = true\n", "limits.cpu_seconds", "valid number"),
+        ("[limits]\nmemory_mb = 512.0\n", "limits.memory_mb", "valid integer"),
+        ('[limits]\nmax_output_bytes = "1e6"\n', "limits.max_output_bytes", "valid integer"),
+        ('[isolation]\nrequire = "seccomp"\n', "isolation.require", "should be an array"),
+        ('[python]\nallowed_imports = ["re", 1]\n', "python.allowed_imports.1", "valid string"),
+        ("[audit]\npath = 1979-05-27\n", "audit.path", "valid string"),
+        ("[audit]\nenabled = 0\n", "audit.enabled", "valid boolean"),
+    ],
+)
+def test_a_wrong_type_is_an_error_naming_file_and_key(tmp_path, body, key, detail):
+    message = _error(tmp_path, body)
+    assert f"key {key!r}" in message and detail in message
+
+
+def test_right_types_load_and_arrays_become_tuples(tmp_path):
+    p = _load(tmp_path, '[limits]\ncpu_seconds = 3\nwall_seconds = 2.5\n[isolation]\nrequire = ["seccomp"]\n')
+    assert p.limits.cpu_seconds == 3.0 and isinstance(p.limits.cpu_seconds, float)
+    assert p.isolation.require == ("seccomp",)
+
+
+def test_schema_version_must_be_the_integer(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('schema_version = true\nname = "t"\ndescription = "d"\n')
+    with pytest.raises(PolicyError, match="schema_version"):
+        load_policy(path)
+
+
+@pytest.mark.parametrize(
+    "body",
+    ['[isolation]\nrequire = ["teleport"]\n', '[isolation]\nnetwork = false\nrequire = ["network"]\n'],
+)
+def test_require_errors_name_isolation_require(tmp_path, body):
+    assert "key 'isolation.require'" in _error(tmp_path, body)
+
+
+@pytest.mark.parametrize("layer", sorted(LAYER_NEEDS))
+@pytest.mark.parametrize("required", [True, False])
+def test_a_layer_on_without_what_it_needs_is_refused_at_load(tmp_path, layer, required):
+    others = "".join(f"{x} = false\n" for x in LAYER_NEEDS if x != layer)
+    body = f"[isolation]\nno_new_privs = false\n{others}{layer} = true\n"
+    if required:
+        body += f'require = ["{layer}"]\n'
+    message = _error(tmp_path, body)
+    assert "key 'isolation.no_new_privs'" in message and f"isolation.{layer}" in message
+
+
+def test_no_new_privs_off_is_fine_when_nothing_needs_it(tmp_path):
+    p = _load(tmp_path, f"[isolation]\nno_new_privs = false\n{NO_NNP_USERS}")
+    assert not p.isolation.no_new_privs
+
+
+def test_every_dependency_names_known_layers():
+    for layer, needs in LAYER_NEEDS.items():
+        assert layer in LAYERS and set(needs) <= set(LAYERS)
+
+
+def test_several_problems_are_all_named(tmp_path):
+    message = _error(tmp_path, '[limits]\ncpu_seconds = "1"\nmemory_mb = "2"\n')
+    assert "limits.cpu_seconds" in message and "limits.memory_mb" in message
+
+
+def test_policy_built_in_python_is_strict_too():
+    base = {"schema_version": 1, "name": "py", "description": "d"}
+    with pytest.raises(PolicyError, match="'limits.cpu_seconds'"):
+        Policy(**base, limits={"cpu_seconds": "10"})
+    with pytest.raises(PolicyError, match="'isolation.seccomp'"):
+        Policy(**base, isolation={"seccomp": "no"})
+    with pytest.raises(PolicyError, match="'isolation.no_new_privs'"):
+        Policy(**base, isolation=IsolationSettings(no_new_privs=False))
+    with pytest.raises(PolicyError, match="'schema_version'"):
+        Policy(**{**base, "schema_version": True})
+    p = Policy(**base, isolation={"require": ["seccomp"]})  # a list for a tuple field is an array
+    assert p.isolation.require == ("seccomp",)
+    with pytest.raises(PolicyError, match="'isolation.require'"):
+        p.override({"isolation.seccomp": False})
+    with pytest.raises(PolicyError, match="'limits.memory_mb'"):
+        p.override({"limits.memory_mb": "512"})
+
+
+def test_every_model_is_strict_frozen_and_documented():
+    def walk(model: type[BaseModel]) -> None:
+        config = model.model_config
+        assert (
+            config.get("strict") is True and config.get("frozen") is True and config.get("extra") == "forbid"
+        )
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann)
+            elif not field.is_required():
+                assert "Default" in (field.description or ""), f"{model.__name__}.{name}: no default stated"
+
+    walk(Policy)
