@@ -21,8 +21,8 @@ import json
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Literal
+from types import MappingProxyType, UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -85,6 +85,15 @@ class _Invalid(PolicyError):
         self.detail = detail
 
 
+def _takes_tuple(annotation: Any) -> bool:
+    """``tuple[...]``, alone or in a union (``tuple[str, ...] | None``)."""
+    if get_origin(annotation) is tuple:
+        return True
+    return get_origin(annotation) in (Union, UnionType) and any(
+        get_origin(arg) is tuple for arg in get_args(annotation)
+    )
+
+
 def _arrays_as_tuples(model: type[BaseModel], data: Any) -> Any:
     """TOML and JSON arrays (lists) for the tuple fields of *model*, nested models included.
 
@@ -99,7 +108,7 @@ def _arrays_as_tuples(model: type[BaseModel], data: Any) -> Any:
         if field is None:
             continue
         ann = field.annotation
-        if isinstance(value, list) and getattr(ann, "__origin__", None) is tuple:
+        if isinstance(value, list) and _takes_tuple(ann):
             out[key] = tuple(value)
         elif isinstance(value, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
             out[key] = _arrays_as_tuples(ann, value)

@@ -131,3 +131,21 @@ def test_every_model_is_strict_frozen_and_documented():
                 assert "Default" in (field.description or ""), f"{model.__name__}.{name}: no default stated"
 
     walk(Policy)
+
+
+def test_every_list_valued_setting_takes_a_toml_array(tmp_path):
+    from sandbox.policy import _takes_tuple
+
+    sections = {}
+    for name, field in Policy.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys = [k for k, f in ann.model_fields.items() if _takes_tuple(f.annotation)]
+            if keys:
+                sections[name] = keys
+    assert sections, "no list-valued settings found"
+    body = "".join(f"[{sec}]\n" + "".join(f"{k} = []\n" for k in keys) for sec, keys in sections.items())
+    policy = _load(tmp_path, body)
+    for sec, keys in sections.items():
+        for k in keys:
+            assert getattr(getattr(policy, sec), k) == ()
