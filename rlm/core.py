@@ -35,6 +35,7 @@ from rlm.errors import (
     SandboxFailure,
     UnknownModelError,
 )
+from rlm.events import EventCallback, Events
 from rlm.final import extract_code_blocks, find_final
 from rlm.llm import Completion
 from rlm.result import RLMResult
@@ -200,7 +201,9 @@ class RLM:
     ``max_time_s``) cover the whole tree of calls; when one runs out the run
     stops and ``stop_reason`` names it. *max_output_chars* caps the output of
     a block shown to the model (head and tail kept). *backend* replaces
-    litellm (see :mod:`rlm.backend`).
+    litellm (see :mod:`rlm.backend`). *on_event* is called with every
+    progress event of the run tree (see :mod:`rlm.events`); ``verbose=True``
+    is one such consumer, printing them on stderr.
     """
 
     def __init__(
@@ -223,6 +226,7 @@ class RLM:
         max_output_chars: int = 20_000,
         backend: ModelBackend | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        on_event: EventCallback | None = None,
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise ConfigurationError("model must be a non-empty model string")
@@ -232,6 +236,9 @@ class RLM:
             raise ConfigurationError(f"max_iterations must be >= 1, got {max_iterations!r}")
         if max_concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
+        if on_event is not None and not callable(on_event):
+            raise ConfigurationError("on_event must be a callable taking one event dict")
+        self.on_event = on_event
         self.model = model
         self.sub_model = sub_model or model
         self.max_depth = max_depth
@@ -265,12 +272,31 @@ class RLM:
 
     def completion(self, context: Any, root_prompt: str | None = None) -> RLMResult:
         """Answer *root_prompt* about *context* (str, list or dict; it goes into the REPL, never the prompt)."""
-        ledger = Ledger(self.budgets, self.max_concurrency)
-        return _Run(self, ledger, depth=0, model=self.model).execute(_check_context(context), root_prompt)
+        return self._complete(context, root_prompt, None)
 
     async def acompletion(self, context: Any, root_prompt: str | None = None) -> RLMResult:
-        """The asyncio twin of :meth:`completion` (the run happens in a worker thread)."""
-        return await asyncio.to_thread(self.completion, context, root_prompt)
+        """The asyncio twin of :meth:`completion`.
+
+        The run happens in a worker thread; coroutine callbacks (``on_event``)
+        are awaited on the caller's event loop.
+        """
+        loop = asyncio.get_running_loop()
+        return await asyncio.to_thread(self._complete, context, root_prompt, loop)
+
+    def _events(self, loop: Any) -> Events:
+        callbacks: list[EventCallback] = []
+        if self.verbose:
+            from rlm.display import VerboseView
+
+            callbacks.append(VerboseView().handle)
+        if self.on_event is not None:
+            callbacks.append(self.on_event)
+        return Events(callbacks, loop)
+
+    def _complete(self, context: Any, root_prompt: str | None, loop: Any) -> RLMResult:
+        ledger = Ledger(self.budgets, self.max_concurrency)
+        run = _Run(self, ledger, self._events(loop), depth=0, model=self.model)
+        return run.execute(_check_context(context), root_prompt)
 
 
 def run(query: str | None, context: Any, model: str = "gpt-4o-mini", **kwargs: Any) -> RLMResult:
@@ -282,10 +308,18 @@ class _Run:
     """One run of the loop (the root, or a child RLM started by ``rlm_query``)."""
 
     def __init__(
-        self, cfg: RLM, ledger: Ledger, *, depth: int, model: str, parent_id: str | None = None
+        self,
+        cfg: RLM,
+        ledger: Ledger,
+        events: Events,
+        *,
+        depth: int,
+        model: str,
+        parent_id: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.ledger = ledger
+        self.events = events
         self.depth = depth
         self.model = model
         self.parent_id = parent_id
@@ -295,11 +329,6 @@ class _Run:
             if cfg.log_dir is not None
             else None
         )
-        self.view: Any = None
-        if cfg.verbose:
-            from rlm.display import LiveView
-
-            self.view = LiveView(depth, self.run_id)
         self.context: Context = ""
         self.final: str | None = None
         self.pending_name: str | None = None
@@ -307,6 +336,10 @@ class _Run:
         self.calls: list[dict[str, Any]] = []
         self.code_executions = 0
         self.root_calls = 0
+
+    def emit(self, kind: str, /, **fields: Any) -> None:
+        """Send one progress event of this run (see :mod:`rlm.events`)."""
+        self.events.emit(kind, self.run_id, self.depth, **fields)
 
     # ------------------------------------------------------------ model calls
     def _call(self, model: str, messages: Messages, *, sub: bool) -> Completion:
@@ -337,6 +370,7 @@ class _Run:
             entry["execution_time"] = time.perf_counter() - started
             entry["usage_summary"] = {"model_usage_summaries": {}}
             self._log_call(entry)
+            self.emit("sub_call", kind="llm", model=name, prompt=text, response=None, error=str(exc))
             if raise_errors:
                 raise
             return _error_text(exc)
@@ -353,6 +387,7 @@ class _Run:
         }
         entry["execution_time"] = time.perf_counter() - started
         self._log_call(entry)
+        self.emit("sub_call", kind="llm", model=name, prompt=text, response=completion.text, error=None)
         return completion.text
 
     def _batch(self, fn: Any, items: list[Any]) -> list[str]:
@@ -418,7 +453,9 @@ class _Run:
         name = model if isinstance(model, str) and model else self.cfg.model
         started = time.perf_counter()
         entry: dict[str, Any] = {"root_model": name, "prompt": text, "type": "rlm", "depth": self.depth + 1}
-        child = _Run(self.cfg, self.ledger, depth=self.depth + 1, model=name, parent_id=self.run_id)
+        child = _Run(
+            self.cfg, self.ledger, self.events, depth=self.depth + 1, model=name, parent_id=self.run_id
+        )
         try:
             result = child.execute(_check_context(context if context is not None else text), text)
         except (RLMError, ValueError) as exc:
@@ -427,6 +464,7 @@ class _Run:
             entry.update(response="", error=str(exc), error_type=type(exc).__name__)
             entry["execution_time"] = time.perf_counter() - started
             self._log_call(entry)
+            self.emit("sub_call", kind="rlm", model=name, prompt=text, response=None, error=str(exc))
             if raise_errors:
                 raise
             return _error_text(exc)
@@ -440,6 +478,7 @@ class _Run:
             execution_time=time.perf_counter() - started,
         )
         self._log_call(entry)
+        self.emit("sub_call", kind="rlm", model=name, prompt=text, response=result.answer, error=None)
         if result.answer is None:
             message = f"the sub-RLM stopped without an answer (stop_reason={result.stop_reason})"
             if raise_errors:
@@ -618,13 +657,23 @@ class _Run:
                 context_description=description,
                 audit_log=str(self.logger.audit_path),
             )
-        if self.view is not None:
-            self.view.start(self.model, query, description)
-        sb = self._open_sandbox()
+        self.emit(
+            "run_start",
+            model=self.model,
+            query=query,
+            context=description,
+            max_iterations=self.cfg.max_iterations,
+            parent_run_id=self.parent_id,
+        )
         try:
-            return self._loop(sb, query, started)
-        finally:
-            sb.close()
+            sb = self._open_sandbox()
+            try:
+                return self._loop(sb, query, started)
+            finally:
+                sb.close()
+        except BaseException as exc:
+            self.emit("run_end", answer=None, stop_reason="error", error=f"{type(exc).__name__}: {exc}")
+            raise
 
     def _loop(self, sb: Any, query: str | None, started: float) -> RLMResult:
         messages: Messages = [
@@ -640,6 +689,7 @@ class _Run:
                 stop_reason = self.ledger.stopped_by
                 break
             turn_started = time.perf_counter()
+            self.emit("iteration_start", iteration=turn)
             sent = self._fit(messages)
             try:
                 completion = self._call(self.model, sent, sub=False)
@@ -653,8 +703,13 @@ class _Run:
                 break
             iterations = turn
             response = completion.text
-            if self.view is not None:
-                self.view.turn(turn, self.cfg.max_iterations, response)
+            self.emit(
+                "model_reply",
+                iteration=turn,
+                response=response,
+                input_tokens=completion.input_tokens,
+                output_tokens=completion.output_tokens,
+            )
             blocks = extract_code_blocks(response)
             code_entries: list[dict[str, Any]] = []
             outputs: list[str] = []
@@ -662,8 +717,15 @@ class _Run:
                 entry, text, ok = self._run_block(sb, code)
                 code_entries.append(entry)
                 outputs.append(text)
-                if self.view is not None:
-                    self.view.block(index, code, text, len(entry["result"]["rlm_calls"]), ok)
+                self.emit(
+                    "code_result",
+                    iteration=turn,
+                    index=index,
+                    code=code,
+                    output=text,
+                    ok=ok,
+                    sub_calls=len(entry["result"]["rlm_calls"]),
+                )
                 if self.fatal is not None:
                     raise self.fatal
                 if self.final is not None or self.ledger.stopped_by is not None:
@@ -678,8 +740,18 @@ class _Run:
             history.append({"iteration": turn, **record})
             if self.logger is not None:
                 self.logger.iteration(prompt=sent, **record)
-            if self.view is not None:
-                self.view.usage(*self._totals(), self.ledger.sub_calls, self.ledger.elapsed())
+            if self.final is not None:
+                self.emit("final", answer=self.final)
+            tokens_in, tokens_out, cost = self._totals()
+            self.emit(
+                "iteration_end",
+                iteration=turn,
+                input_tokens=tokens_in,
+                output_tokens=tokens_out,
+                cost_usd=cost,
+                sub_calls=self.ledger.sub_calls,
+                elapsed_s=self.ledger.elapsed(),
+            )
             if self.final is not None:
                 stop_reason = "final"
                 break
@@ -698,8 +770,17 @@ class _Run:
             self.logger.result(
                 closing_response=closing, **result.model_dump(mode="json", exclude={"history"})
             )
-        if self.view is not None:
-            self.view.finish(result.answer, result.stop_reason)
+        self.emit(
+            "run_end",
+            answer=result.answer,
+            stop_reason=result.stop_reason,
+            iterations=result.iterations,
+            input_tokens=result.total_input_tokens,
+            output_tokens=result.total_output_tokens,
+            cost_usd=result.cost_usd,
+            sub_calls=result.sub_calls,
+            elapsed_s=result.execution_time,
+        )
         return result
 
     def _feedback(self, blocks: list[str], outputs: list[str], turn: int) -> str:
@@ -721,8 +802,7 @@ class _Run:
         """One last call for the best answer when the run stops without FINAL."""
         closing = [*messages[:-1], dict(messages[-1])]
         closing[-1]["content"] = f"{closing[-1]['content']}\n\n{CLOSING_PROMPT}"
-        if self.view is not None:
-            self.view.note("no FINAL: asking for the best answer")
+        self.emit("closing_call")
         try:
             completion = self._call(self.model, self._fit(closing), sub=False)
         except (BudgetExceeded, ModelError):

@@ -1,0 +1,107 @@
+"""RLM features of issue 12 driven by the scripted model over real sandboxes: events, tools,
+error threshold, retries, typed answers, sessions, compaction (the loopback-server side is in
+tests/test_rlm_features_e2e.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from rlm import RLM, ScriptedBackend, run
+from tests.test_rlm_loop import go, repl
+
+# ------------------------------------------------------------------ events
+
+
+def test_events_arrive_in_order_with_run_id_depth_and_time():
+    events: list[dict[str, Any]] = []
+    backend = ScriptedBackend(
+        {"root": [repl("print(llm_query('hi'))", "Looking."), repl("FINAL('done')")], "sub": ["pong"]}
+    )
+    r = run("q?", "ctx", model="root", sub_model="sub", backend=backend, on_event=events.append)
+    assert r.answer == "done"
+    kinds = [e["type"] for e in events]
+    assert kinds == [
+        "run_start",
+        "iteration_start", "model_reply", "sub_call", "code_result", "iteration_end",
+        "iteration_start", "model_reply", "code_result", "final", "iteration_end",
+        "run_end",
+    ]  # fmt: skip
+    assert {e["run_id"] for e in events} == {r.run_id} and {e["depth"] for e in events} == {0}
+    assert [e["t"] for e in events] == sorted(e["t"] for e in events)
+    assert events[0]["query"] == "q?" and "str of 3 characters" in events[0]["context"]
+    assert events[2]["response"].startswith("Looking.") and events[2]["input_tokens"] > 0
+    assert events[3]["kind"] == "llm" and events[3]["response"] == "pong"
+    assert events[4]["output"] == "pong" and events[4]["ok"] and events[4]["sub_calls"] == 1
+    assert events[-1]["stop_reason"] == "final" and events[-1]["answer"] == "done"
+
+
+def test_child_rlm_events_carry_their_own_run_id_and_depth():
+    events: list[dict[str, Any]] = []
+
+    def respond(model, messages):
+        if "Question: outer" in messages[1]["content"]:
+            return repl("FINAL(rlm_query('inner', context='abc'))")
+        return repl("FINAL(len(context))")
+
+    r = run("outer", "x", model="root", max_depth=2, backend=ScriptedBackend(respond), on_event=events.append)
+    assert r.answer == "3"
+    child = [e for e in events if e["depth"] == 1]
+    assert child[0]["type"] == "run_start" and child[0]["parent_run_id"] == r.run_id
+    assert child[-1]["type"] == "run_end" and child[-1]["run_id"] != r.run_id
+    sub = next(e for e in events if e["type"] == "sub_call")
+    assert sub["kind"] == "rlm" and sub["depth"] == 0 and sub["response"] == "3"
+
+
+def test_a_failing_callback_is_logged_once_and_never_stops_the_run(caplog):
+    seen: list[str] = []
+
+    def broken(event: dict[str, Any]) -> None:
+        seen.append(event["type"])
+        raise RuntimeError("callback bug")
+
+    with caplog.at_level(logging.WARNING, logger="rlm"):
+        r = go([repl("x = 1"), repl("FINAL('ok')")], on_event=broken)
+    assert r.answer == "ok" and seen[0] == "run_start" and seen[-1] == "run_end"
+    warnings = [rec for rec in caplog.records if "callback bug" in rec.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_a_coroutine_callback_is_awaited_on_the_callers_loop():
+    async def main() -> tuple[list[str], set[Any], Any]:
+        seen: list[str] = []
+        loops: set[Any] = set()
+
+        async def on_event(event: dict[str, Any]) -> None:
+            await asyncio.sleep(0)
+            loops.add((asyncio.get_running_loop(), threading.get_ident()))
+            seen.append(event["type"])
+
+        r = RLM("root", backend=ScriptedBackend([repl("FINAL('a')")]), on_event=on_event)
+        result = await r.acompletion("ctx", "q")
+        assert result.answer == "a"
+        return seen, loops, (asyncio.get_running_loop(), threading.get_ident())
+
+    for _ in range(2):  # asyncio.run twice: nothing is bound to the first loop
+        seen, loops, caller = asyncio.run(main())
+        assert seen[0] == "run_start" and seen[-1] == "run_end" and loops == {caller}
+    # under the synchronous API a coroutine callback runs to completion too
+    seen2: list[str] = []
+
+    async def cb(event: dict[str, Any]) -> None:
+        seen2.append(event["type"])
+
+    assert go([repl("FINAL(1)")], on_event=cb).answer == "1" and seen2[-1] == "run_end"
+
+
+def test_run_end_is_emitted_when_the_run_raises():
+    from rlm.errors import AuthenticationError
+
+    events: list[dict[str, Any]] = []
+    try:
+        go([AuthenticationError("no key", model="root")], on_event=events.append)
+    except AuthenticationError:
+        pass
+    assert events[-1]["type"] == "run_end" and events[-1]["stop_reason"] == "error"
