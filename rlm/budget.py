@@ -50,6 +50,7 @@ class Ledger:
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._usage: dict[str, ModelUsage] = {}
         self.sub_calls = 0
+        self.tool_calls = 0
         self.stopped_by: str | None = None  # the first budget that ran out
 
     # -- checks ------------------------------------------------------------
@@ -119,6 +120,10 @@ class Ledger:
                 output_tokens=u.output_tokens + completion.output_tokens,
                 cost_usd=cost,
             )
+
+    def record_tool_call(self) -> None:
+        with self._lock:
+            self.tool_calls += 1
 
     def usage(self) -> dict[str, ModelUsage]:
         with self._lock:

@@ -35,10 +35,11 @@ from rlm.errors import (
     SandboxFailure,
     UnknownModelError,
 )
-from rlm.events import EventCallback, Events
+from rlm.events import EventCallback, Events, call_sync
 from rlm.final import extract_code_blocks, find_final
 from rlm.llm import Completion
 from rlm.result import RLMResult
+from rlm.tools import Tool, describe_tools, tool_table
 from rlm.trajectory import TrajectoryLogger, new_run_id
 
 __all__ = ["RLM", "run"]
@@ -203,7 +204,9 @@ class RLM:
     a block shown to the model (head and tail kept). *backend* replaces
     litellm (see :mod:`rlm.backend`). *on_event* is called with every
     progress event of the run tree (see :mod:`rlm.events`); ``verbose=True``
-    is one such consumer, printing them on stderr.
+    is one such consumer, printing them on stderr. *tools* (a dict
+    ``{name: callable}`` or a list of callables) are host functions of
+    yours that the model's code may call (see :mod:`rlm.tools`).
     """
 
     def __init__(
@@ -227,6 +230,7 @@ class RLM:
         backend: ModelBackend | None = None,
         model_kwargs: dict[str, Any] | None = None,
         on_event: EventCallback | None = None,
+        tools: dict[str, Any] | list[Any] | None = None,
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise ConfigurationError("model must be a non-empty model string")
@@ -239,6 +243,7 @@ class RLM:
         if on_event is not None and not callable(on_event):
             raise ConfigurationError("on_event must be a callable taking one event dict")
         self.on_event = on_event
+        self.tools: dict[str, Tool] = tool_table(tools)
         self.model = model
         self.sub_model = sub_model or model
         self.max_depth = max_depth
@@ -405,6 +410,35 @@ class _Run:
             raise TypeError(f"{fn}() takes a list of prompts, not {type(prompts).__name__}")
         return prompts
 
+    def _tool_call(self, tool: Tool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run one of the caller's tools here; its failure is raised in the child, never here."""
+        started = time.perf_counter()
+        self.ledger.record_tool_call()
+        entry: dict[str, Any] = {"type": "tool", "name": tool.name, "args": list(args), "kwargs": kwargs}
+        error: str | None = None
+        value: Any = None
+        try:
+            value = call_sync(tool.fn, args, kwargs, self.events.loop)
+        except (Exception, SystemExit) as exc:  # the model sees it; this process never raises it
+            try:
+                error = f"{type(exc).__name__}: {exc}"
+            except Exception:
+                error = type(exc).__name__
+        entry.update(response=value, error=error, execution_time=time.perf_counter() - started)
+        self._log_call(entry)
+        self.emit(
+            "tool_call",
+            name=tool.name,
+            args=list(args),
+            kwargs=kwargs,
+            result=value,
+            error=error,
+            execution_time=entry["execution_time"],
+        )
+        if error is not None:
+            raise RuntimeError(f"tool {tool.name}() failed: {error}")
+        return value
+
     # -------------------------------------------------------- host functions
     def host_functions(self) -> dict[str, Any]:
         def llm_query(prompt: Any, model: Any = None) -> str:
@@ -431,7 +465,11 @@ class _Run:
             elif self.final is None:
                 self.final = _as_answer(value)
 
+        def bind(tool: Tool) -> Any:
+            return lambda *args, **kwargs: self._tool_call(tool, args, kwargs)
+
         return {
+            **{name: bind(tool) for name, tool in self.cfg.tools.items()},
             "llm_query": llm_query,
             "llm_query_batched": llm_query_batched,
             "rlm_query": rlm_query,
@@ -620,6 +658,10 @@ class _Run:
                     break
         return fitted
 
+    def _system_prompt(self) -> str:
+        parts = [system_prompt().rstrip("\n"), describe_tools(self.cfg.tools)]
+        return "\n\n".join(p for p in parts if p) + "\n"
+
     def _first_message(self, query: str | None) -> str:
         question = (
             f"Question: {query}"
@@ -677,7 +719,7 @@ class _Run:
 
     def _loop(self, sb: Any, query: str | None, started: float) -> RLMResult:
         messages: Messages = [
-            {"role": "system", "content": system_prompt()},
+            {"role": "system", "content": self._system_prompt()},
             {"role": "user", "content": self._first_message(query)},
         ]
         history: list[dict[str, Any]] = []
@@ -724,7 +766,8 @@ class _Run:
                     code=code,
                     output=text,
                     ok=ok,
-                    sub_calls=len(entry["result"]["rlm_calls"]),
+                    sub_calls=sum(1 for c in entry["result"]["rlm_calls"] if c.get("type") != "tool"),
+                    tool_calls=sum(1 for c in entry["result"]["rlm_calls"] if c.get("type") == "tool"),
                 )
                 if self.fatal is not None:
                     raise self.fatal
@@ -779,6 +822,7 @@ class _Run:
             output_tokens=result.total_output_tokens,
             cost_usd=result.cost_usd,
             sub_calls=result.sub_calls,
+            tool_calls=result.tool_calls,
             elapsed_s=result.execution_time,
         )
         return result
@@ -833,6 +877,7 @@ class _Run:
             iterations=iterations,
             code_executions=self.code_executions,
             sub_calls=self.ledger.sub_calls,
+            tool_calls=self.ledger.tool_calls,
             total_input_tokens=input_tokens,
             total_output_tokens=output_tokens,
             cost_usd=cost,

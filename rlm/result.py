@@ -36,7 +36,8 @@ class RLMResult(BaseModel):
 
     Counters: ``iterations`` are root turns (at most ``max_iterations``);
     ``code_executions`` are the root's repl blocks run; ``sub_calls`` are all
-    model calls other than the root's own calls, across the whole tree.
+    model calls other than the root's own calls, across the whole tree;
+    ``tool_calls`` are calls of the caller's tools, across the whole tree.
     Tokens, cost and ``usage`` cover every call of the tree, the closing
     "best answer" call included. ``cost_usd`` is None when a price is unknown.
     """
@@ -46,6 +47,7 @@ class RLMResult(BaseModel):
     iterations: int = 0
     code_executions: int = 0
     sub_calls: int = 0
+    tool_calls: int = 0
     total_input_tokens: int = 0
     total_output_tokens: int = 0
     cost_usd: float | None = None

@@ -5,11 +5,17 @@ tests/test_rlm_features_e2e.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from rlm import RLM, ScriptedBackend, run
+from rlm.errors import ConfigurationError
 from tests.test_rlm_loop import go, repl
 
 # ------------------------------------------------------------------ events
@@ -105,3 +111,87 @@ def test_run_end_is_emitted_when_the_run_raises():
     except AuthenticationError:
         pass
     assert events[-1]["type"] == "run_end" and events[-1]["stop_reason"] == "error"
+
+
+# ------------------------------------------------------------------- tools
+
+
+def lookup(key: str, default: str = "?") -> str:
+    """Look a key up in the host's table.
+
+    This second paragraph is not shown to the model.
+    """
+    return {"alice": "engineering"}.get(key, default) + f"@{os.getpid()}"
+
+
+def test_tools_run_in_this_process_are_listed_counted_and_logged(tmp_path: Path):
+    def broken(x: int) -> int:
+        """Always fails."""
+        raise KeyError("no such row")
+
+    def quits() -> None:
+        raise SystemExit(3)
+
+    events: list[dict[str, Any]] = []
+    backend = ScriptedBackend(
+        [
+            repl("print(lookup('alice'))\nprint(lookup(key='bob', default='none'))"),
+            repl("broken(1)"),
+            repl("quits()"),
+            repl("FINAL(lookup('alice'))"),
+        ]
+    )
+    r = go(None, backend=backend, tools=[lookup, broken, quits], log_dir=tmp_path, on_event=events.append)
+    pid = os.getpid()
+    assert r.answer == f"engineering@{pid}" and r.tool_calls == 5 and r.sub_calls == 0
+    system = backend.calls[0][1][0]["content"]
+    assert "`lookup(key: str, default: str = '?') -> str`: Look a key up in the host's table." in system
+    assert "second paragraph" not in system and "`broken(x: int) -> int`: Always fails." in system
+    assert f"none@{pid}" in backend.calls[1][1][-1]["content"]
+    failed = backend.calls[2][1][-1]["content"]
+    assert "tool broken() failed: KeyError: 'no such row'" in failed
+    assert "tool quits() failed: SystemExit: 3" in backend.calls[3][1][-1]["content"]
+    lines = [json.loads(x) for x in Path(r.log_path).read_text().splitlines()]
+    calls = lines[1]["code_blocks"][0]["result"]["rlm_calls"]
+    assert [(c["type"], c["name"], c["args"], c["kwargs"]) for c in calls] == [
+        ("tool", "lookup", ["alice"], {}),
+        ("tool", "lookup", [], {"key": "bob", "default": "none"}),
+    ]
+    assert lines[2]["code_blocks"][0]["result"]["rlm_calls"][0]["error"] == "KeyError: 'no such row'"
+    tool_events = [e for e in events if e["type"] == "tool_call"]
+    assert len(tool_events) == 5 and tool_events[2]["error"].startswith("KeyError")
+    assert [e["tool_calls"] for e in events if e["type"] == "code_result"] == [2, 1, 1, 1]
+
+
+def test_coroutine_tools_are_awaited_on_the_callers_loop():
+    async def fetch(n: int) -> int:
+        """Double n, asynchronously."""
+        await asyncio.sleep(0.01)
+        fetch.loops.append(asyncio.get_running_loop())  # type: ignore[attr-defined]
+        return 2 * n
+
+    fetch.loops = []  # type: ignore[attr-defined]
+
+    async def main() -> tuple[str | None, Any]:
+        r = RLM("root", backend=ScriptedBackend([repl("FINAL(fetch(21))")]), tools={"fetch": fetch})
+        return (await r.acompletion("ctx", "q")).answer, asyncio.get_running_loop()
+
+    answer, loop = asyncio.run(main())
+    assert answer == "42" and fetch.loops == [loop]  # type: ignore[attr-defined]
+    assert go([repl("FINAL(fetch(1))")], tools={"fetch": fetch}).answer == "2"  # sync API: a private loop
+
+
+def test_tool_names_are_checked():
+    for bad in (
+        {"llm_query": lookup},
+        {"FINAL": lookup},
+        {"context": lookup},
+        {"context_3": lookup},
+        {"_hidden": lookup},
+        {"ok": 42},
+        [lambda x: x],
+        "lookup",
+    ):
+        with pytest.raises(ConfigurationError):
+            RLM("m", tools=bad)
+    assert list(RLM("m", tools={"find": lookup}).tools) == ["find"]
