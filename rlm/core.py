@@ -207,6 +207,8 @@ class RLM:
     is one such consumer, printing them on stderr. *tools* (a dict
     ``{name: callable}`` or a list of callables) are host functions of
     yours that the model's code may call (see :mod:`rlm.tools`).
+    *max_errors* stops the run (``stop_reason="max_errors"``) after that many
+    code blocks in a row raised or were stopped by a limit.
     """
 
     def __init__(
@@ -231,6 +233,7 @@ class RLM:
         model_kwargs: dict[str, Any] | None = None,
         on_event: EventCallback | None = None,
         tools: dict[str, Any] | list[Any] | None = None,
+        max_errors: int | None = None,
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise ConfigurationError("model must be a non-empty model string")
@@ -242,6 +245,9 @@ class RLM:
             raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
         if on_event is not None and not callable(on_event):
             raise ConfigurationError("on_event must be a callable taking one event dict")
+        if max_errors is not None and max_errors < 1:
+            raise ConfigurationError(f"max_errors must be >= 1 or None, got {max_errors!r}")
+        self.max_errors = max_errors
         self.on_event = on_event
         self.tools: dict[str, Tool] = tool_table(tools)
         self.model = model
@@ -340,6 +346,7 @@ class _Run:
         self.fatal: ModelError | None = None
         self.calls: list[dict[str, Any]] = []
         self.code_executions = 0
+        self.errors_in_a_row = 0  # consecutive blocks that raised (for max_errors)
         self.root_calls = 0
 
     def emit(self, kind: str, /, **fields: Any) -> None:
@@ -769,9 +776,10 @@ class _Run:
                     sub_calls=sum(1 for c in entry["result"]["rlm_calls"] if c.get("type") != "tool"),
                     tool_calls=sum(1 for c in entry["result"]["rlm_calls"] if c.get("type") == "tool"),
                 )
+                self.errors_in_a_row = 0 if ok else self.errors_in_a_row + 1
                 if self.fatal is not None:
                     raise self.fatal
-                if self.final is not None or self.ledger.stopped_by is not None:
+                if self.final is not None or self.ledger.stopped_by is not None or self._too_many_errors():
                     break
             self._resolve_text_final(sb, response)
             record = {
@@ -797,6 +805,9 @@ class _Run:
             )
             if self.final is not None:
                 stop_reason = "final"
+                break
+            if self._too_many_errors():
+                stop_reason = "max_errors"
                 break
             messages.append({"role": "assistant", "content": response})
             messages.append({"role": "user", "content": self._feedback(blocks, outputs, turn)})
@@ -826,6 +837,10 @@ class _Run:
             elapsed_s=result.execution_time,
         )
         return result
+
+    def _too_many_errors(self) -> bool:
+        limit = self.cfg.max_errors
+        return limit is not None and self.errors_in_a_row >= limit
 
     def _feedback(self, blocks: list[str], outputs: list[str], turn: int) -> str:
         left = self.cfg.max_iterations - turn

@@ -15,6 +15,7 @@ StopReason = Literal[
     "max_tokens",
     "max_cost_usd",
     "max_time_s",
+    "max_errors",  # max_errors code blocks in a row raised
     "model_error",  # a root-model call failed mid-run (see ``error``)
     "error",  # the run could not start (CLI --json only; the library raises instead)
 ]
