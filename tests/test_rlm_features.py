@@ -205,11 +205,11 @@ def test_max_errors_stops_after_n_failing_blocks_in_a_row(tmp_path: Path):
     # a failure, a success, then two failures: the streak restarts after the success
     two = "```repl\nundefined_name\n```\n```repl\nprint('not run')\n```"
     script = [failing, repl("x = 1"), failing, two]
-    r = go(script + [repl("FINAL('never')")], max_errors=2, log_dir=tmp_path)
+    r = go([*script, repl("FINAL('never')")], max_errors=2, log_dir=tmp_path)
     assert (r.stop_reason, r.answer, r.iterations, r.code_executions) == ("max_errors", None, 4, 4)
     lines = [json.loads(x) for x in Path(r.log_path).read_text().splitlines()]
     assert lines[-1]["stop_reason"] == "max_errors" and len(lines[-2]["code_blocks"]) == 1
     # without the threshold the same run goes on to the answer
-    assert go(script + [repl("FINAL('reached')")]).answer == "reached"
+    assert go([*script, repl("FINAL('reached')")]).answer == "reached"
     with pytest.raises(ConfigurationError):
         RLM("m", max_errors=0)
