@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +32,8 @@ from rlm.errors import (
     BudgetExceeded,
     ConfigurationError,
     ModelError,
+    ProviderUnavailable,
+    RateLimited,
     RLMError,
     SandboxFailure,
     UnknownModelError,
@@ -180,6 +183,22 @@ def _error_text(exc: BaseException) -> str:
     return f"Error: {type(exc).__name__}: {exc}"
 
 
+#: The longest wait a retry accepts; a provider asking for more fails the call.
+MAX_RETRY_WAIT_S = 120.0
+
+
+def retry_wait(attempt: int, retry_after: float | None, backoff_s: float) -> float | None:
+    """Seconds to wait before retry *attempt* + 1, or None when the wait is longer than we accept.
+
+    The provider's ``Retry-After`` when it gave one, else exponential backoff
+    (``backoff_s * 2**attempt``) times a random factor in [0.5, 1.5].
+    """
+    if retry_after is not None:
+        return retry_after if retry_after <= MAX_RETRY_WAIT_S else None
+    wait: float = backoff_s * 2.0**attempt * random.uniform(0.5, 1.5)
+    return min(MAX_RETRY_WAIT_S, wait)
+
+
 def _check_context(context: Any) -> Context:
     if isinstance(context, (str, list, dict)):
         return context
@@ -208,7 +227,11 @@ class RLM:
     ``{name: callable}`` or a list of callables) are host functions of
     yours that the model's code may call (see :mod:`rlm.tools`).
     *max_errors* stops the run (``stop_reason="max_errors"``) after that many
-    code blocks in a row raised or were stopped by a limit.
+    code blocks in a row raised or were stopped by a limit. A call refused
+    for rate limits, timed out or answered 5xx is tried again up to
+    *max_retries* times, after the provider's ``Retry-After`` or an
+    exponential backoff from *retry_backoff_s* seconds with jitter; retries
+    count in ``usage`` and never wait past the time budget.
     """
 
     def __init__(
@@ -234,6 +257,8 @@ class RLM:
         on_event: EventCallback | None = None,
         tools: dict[str, Any] | list[Any] | None = None,
         max_errors: int | None = None,
+        max_retries: int = 3,
+        retry_backoff_s: float = 1.0,
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise ConfigurationError("model must be a non-empty model string")
@@ -248,6 +273,10 @@ class RLM:
         if max_errors is not None and max_errors < 1:
             raise ConfigurationError(f"max_errors must be >= 1 or None, got {max_errors!r}")
         self.max_errors = max_errors
+        if max_retries < 0 or retry_backoff_s < 0:
+            raise ConfigurationError("max_retries and retry_backoff_s must be >= 0")
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
         self.on_event = on_event
         self.tools: dict[str, Tool] = tool_table(tools)
         self.model = model
@@ -355,15 +384,28 @@ class _Run:
 
     # ------------------------------------------------------------ model calls
     def _call(self, model: str, messages: Messages, *, sub: bool) -> Completion:
+        """One model call: budgets checked, usage recorded, transient failures retried."""
         self.ledger.check(sub_call=sub or self.depth > 0)
-        kwargs: dict[str, Any] = {}
-        left = self.ledger.time_left()
-        if left is not None:
-            kwargs["timeout"] = max(1.0, left)
-        with self.ledger.slot():
-            completion = self.cfg.backend.complete(model, messages, **kwargs)
-        self.ledger.record(model, completion)
-        return completion
+        attempt = 0
+        while True:
+            kwargs: dict[str, Any] = {}
+            left = self.ledger.time_left()
+            if left is not None:
+                kwargs["timeout"] = max(1.0, left)
+            try:
+                with self.ledger.slot():
+                    completion = self.cfg.backend.complete(model, messages, **kwargs)
+            except (RateLimited, ProviderUnavailable) as exc:
+                wait = retry_wait(attempt, exc.retry_after, self.cfg.retry_backoff_s)
+                if attempt >= self.cfg.max_retries or wait is None:
+                    raise
+                attempt += 1
+                self.ledger.record_retry(model, wait)  # BudgetExceeded when the wait would outlive a budget
+                self.emit("retry", model=model, attempt=attempt, delay_s=wait, error=str(exc))
+                time.sleep(wait)
+                continue
+            self.ledger.record(model, completion)
+            return completion
 
     def _log_call(self, entry: dict[str, Any]) -> None:
         self.calls.append(entry)  # list.append is atomic; entries of a batch arrive in completion order

@@ -27,6 +27,7 @@ from rlm.errors import (
     AuthenticationError,
     ContextWindowExceeded,
     ModelError,
+    ProviderUnavailable,
     RateLimited,
     UnknownModelError,
 )
@@ -114,12 +115,42 @@ def _prepare(
                 f"no API key for model {model!r}: set {' or '.join(missing)} in the environment", model=model
             )
     call = dict(kwargs)
+    call.setdefault("max_retries", 0)  # retries are the loop's (rlm.core), counted and bounded by budgets
     call.update(model=model, messages=messages)
     if api_base:
         call["api_base"] = api_base
     if api_key:
         call["api_key"] = api_key
     return call
+
+
+def _retry_after(exc: Exception) -> float | None:
+    """The wait a provider asked for in its ``Retry-After`` (or ``retry-after-ms``) header, in seconds."""
+    headers = getattr(exc, "litellm_response_headers", None)
+    if headers is None:
+        headers = getattr(getattr(exc, "response", None), "headers", None)
+    if headers is None:
+        return None
+    try:
+        millis = headers.get("retry-after-ms")
+        if millis is not None:
+            return max(0.0, float(millis) / 1000)
+        value = headers.get("retry-after")
+    except Exception:
+        return None
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(str(value))
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def _map_error(exc: Exception, model: str, api_key: str | None) -> ModelError:
@@ -140,8 +171,23 @@ def _map_error(exc: Exception, model: str, api_key: str | None) -> ModelError:
         )
     if isinstance(exc, litellm.NotFoundError) or "llm provider not provided" in lowered:
         return UnknownModelError(f"{model}: unknown model: {message}", model=model)
+    retry_after = _retry_after(exc)
     if isinstance(exc, litellm.RateLimitError):
-        return RateLimited(f"{model}: rate limited: {message}", model=model)
+        return RateLimited(f"{model}: rate limited: {message}", model=model, retry_after=retry_after)
+    status = getattr(exc, "status_code", None)
+    transient = (
+        litellm.Timeout,
+        litellm.APIConnectionError,
+        litellm.InternalServerError,
+        litellm.ServiceUnavailableError,
+        litellm.BadGatewayError,
+    )
+    if isinstance(exc, transient) or (isinstance(status, int) and (status >= 500 or status == 408)):
+        return ProviderUnavailable(
+            f"{model}: provider unavailable: {type(exc).__name__}: {message}",
+            model=model,
+            retry_after=retry_after,
+        )
     return ModelError(f"{model}: {type(exc).__name__}: {message}", model=model)
 
 

@@ -30,6 +30,7 @@ class ModelUsage(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float | None = Field(0.0, description="None when litellm has no price for the model.")
+    retries: int = Field(0, description="Calls tried again after a rate limit, timeout or 5xx.")
 
 
 class RLMResult(BaseModel):

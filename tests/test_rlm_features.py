@@ -9,13 +9,14 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from rlm import RLM, ScriptedBackend, run
-from rlm.errors import ConfigurationError
+from rlm.errors import ConfigurationError, ModelError, ProviderUnavailable, RateLimited
 from tests.test_rlm_loop import go, repl
 
 # ------------------------------------------------------------------ events
@@ -213,3 +214,48 @@ def test_max_errors_stops_after_n_failing_blocks_in_a_row(tmp_path: Path):
     assert go([*script, repl("FINAL('reached')")]).answer == "reached"
     with pytest.raises(ConfigurationError):
         RLM("m", max_errors=0)
+
+
+# ------------------------------------------------------------------ retries
+
+
+def test_rate_limits_and_outages_are_retried_and_counted():
+    events: list[dict[str, Any]] = []
+    backend = ScriptedBackend(
+        {
+            "root": [
+                RateLimited("slow down", model="root", retry_after=0.0),
+                ProviderUnavailable("503", model="root"),
+                repl("FINAL(llm_query('x'))"),
+            ],
+            "sub": [ProviderUnavailable("timeout", model="sub"), "pong"],
+        }
+    )
+    r = go(None, backend=backend, retry_backoff_s=0.01, on_event=events.append)
+    assert r.answer == "pong" and r.stop_reason == "final" and r.iterations == 1 and r.sub_calls == 1
+    assert (r.usage["root"].retries, r.usage["root"].calls) == (2, 1)
+    assert (r.usage["sub"].retries, r.usage["sub"].calls) == (1, 1)
+    retries = [(e["model"], e["attempt"]) for e in events if e["type"] == "retry"]
+    assert retries == [("root", 1), ("root", 2), ("sub", 1)]
+    assert next(e for e in events if e["type"] == "retry")["delay_s"] == 0.0  # Retry-After honoured
+
+
+def test_retries_stop_at_max_retries_and_other_errors_are_not_retried():
+    down = [ProviderUnavailable("503", model="root")] * 3
+    with pytest.raises(ProviderUnavailable):  # the first turn's failure is the caller's
+        go(down, max_retries=2, retry_backoff_s=0.001)
+    backend = ScriptedBackend([repl("x = 1"), ModelError("bad request", model="root"), repl("FINAL(1)")])
+    r = go(None, backend=backend)
+    assert r.stop_reason == "model_error" and backend.remaining == 1 and r.usage["root"].retries == 0
+    with pytest.raises(ConfigurationError):
+        RLM("m", max_retries=-1)
+
+
+def test_a_retry_never_waits_past_the_time_budget():
+    started = time.monotonic()
+    script = [repl("x = 1"), RateLimited("slow down", model="root", retry_after=30.0), repl("FINAL(1)")]
+    r = go(script, max_time_s=20)
+    assert r.stop_reason == "max_time_s" and r.answer is None and time.monotonic() - started < 15
+    # a wait longer than any retry accepts fails the call at once
+    r = go([repl("x = 1"), RateLimited("quota", model="root", retry_after=3600.0)])
+    assert r.stop_reason == "model_error" and "quota" in (r.error or "")
