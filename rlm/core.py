@@ -44,6 +44,7 @@ from rlm.llm import Completion
 from rlm.result import RLMResult
 from rlm.tools import Tool, describe_tools, tool_table
 from rlm.trajectory import TrajectoryLogger, new_run_id
+from rlm.typed import AnswerType, AnswerTypeError
 
 __all__ = ["RLM", "run"]
 
@@ -231,7 +232,9 @@ class RLM:
     for rate limits, timed out or answered 5xx is tried again up to
     *max_retries* times, after the provider's ``Retry-After`` or an
     exponential backoff from *retry_backoff_s* seconds with jitter; retries
-    count in ``usage`` and never wait past the time budget.
+    count in ``usage`` and never wait past the time budget. *output_type*
+    (a pydantic model or a type pydantic validates) makes the answer typed:
+    ``RLMResult.parsed`` holds the validated value, ``answer`` its JSON.
     """
 
     def __init__(
@@ -259,6 +262,7 @@ class RLM:
         max_errors: int | None = None,
         max_retries: int = 3,
         retry_backoff_s: float = 1.0,
+        output_type: Any = None,
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise ConfigurationError("model must be a non-empty model string")
@@ -276,6 +280,8 @@ class RLM:
         if max_retries < 0 or retry_backoff_s < 0:
             raise ConfigurationError("max_retries and retry_backoff_s must be >= 0")
         self.max_retries = max_retries
+        self.output_type = output_type
+        self.answer_type = AnswerType(output_type) if output_type is not None else None
         self.retry_backoff_s = retry_backoff_s
         self.on_event = on_event
         self.tools: dict[str, Tool] = tool_table(tools)
@@ -371,6 +377,9 @@ class _Run:
         )
         self.context: Context = ""
         self.final: str | None = None
+        self.final_value: Any = None
+        self.parsed: Any = None
+        self.answer_type = cfg.answer_type if depth == 0 else None  # child RLMs answer in text
         self.pending_name: str | None = None
         self.fatal: ModelError | None = None
         self.calls: list[dict[str, Any]] = []
@@ -512,7 +521,7 @@ class _Run:
                 if self.final is None and self.pending_name is None:
                     self.pending_name = _as_answer(value)
             elif self.final is None:
-                self.final = _as_answer(value)
+                self._set_final(value)
 
         def bind(tool: Tool) -> Any:
             return lambda *args, **kwargs: self._tool_call(tool, args, kwargs)
@@ -663,6 +672,22 @@ class _Run:
         }
         return entry, text, result.ok
 
+    def _set_final(self, value: Any) -> None:
+        self.final_value = value  # as given, for output_type
+        self.final = _as_answer(value)
+
+    def _check_final(self) -> str | None:
+        """Validate the final answer against ``output_type``; the reason when it is rejected."""
+        if self.final is None or self.answer_type is None:
+            return None
+        try:
+            self.parsed = self.answer_type.validate(self.final_value)
+        except AnswerTypeError as exc:
+            self.final = self.final_value = None
+            return str(exc)
+        self.final = self.answer_type.dump(self.parsed)
+        return None
+
     def _resolve_name(self, sb: Any, name: str) -> None:
         """FINAL_VAR by name, resolved from the host (RestrictedPython has no globals())."""
         from sandbox.errors import SandboxError
@@ -670,16 +695,16 @@ class _Run:
         self.pending_name = None
         key = name.strip().strip("\"'")
         try:
-            self.final = _as_answer(sb.get_variable(key)) if key.isidentifier() else name
+            self._set_final(sb.get_variable(key) if key.isidentifier() else name)
         except SandboxError:
-            self.final = name
+            self._set_final(name)
 
     def _resolve_text_final(self, sb: Any, response: str) -> None:
         directive = find_final(response)
         if directive is None or self.final is not None:
             return
         if directive.kind == "FINAL":
-            self.final = directive.argument
+            self._set_final(directive.argument)
             return
         try:
             sb.execute(f"FINAL_VAR({directive.argument!r})")
@@ -688,7 +713,7 @@ class _Run:
         if self.pending_name is not None and self.final is None:
             self._resolve_name(sb, self.pending_name)
         if self.final is None:
-            self.final = directive.argument
+            self._set_final(directive.argument)
 
     # ------------------------------------------------------------------ loop
     def _fit(self, messages: Messages) -> Messages:
@@ -709,6 +734,8 @@ class _Run:
 
     def _system_prompt(self) -> str:
         parts = [system_prompt().rstrip("\n"), describe_tools(self.cfg.tools)]
+        if self.answer_type is not None:
+            parts.append(self.answer_type.prompt())
         return "\n\n".join(p for p in parts if p) + "\n"
 
     def _first_message(self, query: str | None) -> str:
@@ -824,12 +851,17 @@ class _Run:
                 if self.final is not None or self.ledger.stopped_by is not None or self._too_many_errors():
                     break
             self._resolve_text_final(sb, response)
+            rejected = self._check_final()
+            if rejected is not None:
+                self.emit("final_rejected", iteration=turn, error=rejected)
             record = {
                 "response": response,
                 "code_blocks": code_entries,
                 "final_answer": self.final,
                 "iteration_time": time.perf_counter() - turn_started,
             }
+            if rejected is not None:
+                record["final_rejected"] = rejected
             history.append({"iteration": turn, **record})
             if self.logger is not None:
                 self.logger.iteration(prompt=sent, **record)
@@ -852,7 +884,13 @@ class _Run:
                 stop_reason = "max_errors"
                 break
             messages.append({"role": "assistant", "content": response})
-            messages.append({"role": "user", "content": self._feedback(blocks, outputs, turn)})
+            feedback = self._feedback(blocks, outputs, turn)
+            if rejected is not None:
+                feedback = (
+                    f"Your final answer was rejected: it does not match the required answer format "
+                    f"({rejected}). Correct it and give the final answer again.\n\n{feedback}"
+                )
+            messages.append({"role": "user", "content": feedback})
             if self.ledger.exhausted():
                 stop_reason = self.ledger.stopped_by
                 break
@@ -911,9 +949,11 @@ class _Run:
         text = completion.text
         if find_final(text) is not None:
             self._resolve_text_final(sb, text)
-            return self.final, text
-        answer = text.strip()
-        return (answer or None), text
+        elif text.strip():
+            self._set_final(text.strip())
+        if self._check_final() is not None:
+            return None, text
+        return self.final, text
 
     def _totals(self) -> tuple[int, int, float | None]:
         return self.ledger.totals()
@@ -935,6 +975,7 @@ class _Run:
             code_executions=self.code_executions,
             sub_calls=self.ledger.sub_calls,
             tool_calls=self.ledger.tool_calls,
+            parsed=self.parsed,
             total_input_tokens=input_tokens,
             total_output_tokens=output_tokens,
             cost_usd=cost,

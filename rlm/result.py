@@ -50,6 +50,7 @@ class RLMResult(BaseModel):
     code_executions: int = 0
     sub_calls: int = 0
     tool_calls: int = 0
+    parsed: Any = Field(None, description="The answer validated against output_type (None without one).")
     total_input_tokens: int = 0
     total_output_tokens: int = 0
     cost_usd: float | None = None

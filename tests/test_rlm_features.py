@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from rlm import RLM, ScriptedBackend, run
 from rlm.errors import ConfigurationError, ModelError, ProviderUnavailable, RateLimited
+from rlm.result import RLMResult
 from tests.test_rlm_loop import go, repl
 
 # ------------------------------------------------------------------ events
@@ -259,3 +261,53 @@ def test_a_retry_never_waits_past_the_time_budget():
     # a wait longer than any retry accepts fails the call at once
     r = go([repl("x = 1"), RateLimited("quota", model="root", retry_after=3600.0)])
     assert r.stop_reason == "model_error" and "quota" in (r.error or "")
+
+
+# ------------------------------------------------------------ typed answers
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+def test_typed_answer_is_validated_and_a_failure_costs_one_more_turn(tmp_path: Path):
+    events: list[dict[str, Any]] = []
+    backend = ScriptedBackend(
+        [
+            repl("FINAL({'name': 'Ada'})"),  # age missing: rejected, the model is told why
+            repl("p = {'name': 'Ada', 'age': '36'}\nFINAL_VAR('p')"),
+        ]
+    )
+    r = go(None, backend=backend, output_type=Person, log_dir=tmp_path, on_event=events.append)
+    assert r.parsed == Person(name="Ada", age=36) and json.loads(r.answer) == {"name": "Ada", "age": 36}
+    assert r.iterations == 2 and r.stop_reason == "final"
+    assert (
+        '"age"' in backend.calls[0][1][0]["content"] and "Answer format" in backend.calls[0][1][0]["content"]
+    )
+    told = backend.calls[1][1][-1]["content"]
+    assert "rejected" in told and "age: Field required" in told
+    assert [e["error"] for e in events if e["type"] == "final_rejected"] == ["age: Field required"]
+    lines = [json.loads(x) for x in Path(r.log_path).read_text().splitlines()]
+    assert lines[1]["final_rejected"] == "age: Field required" and lines[1]["final_answer"] is None
+    again = RLMResult.model_validate_json(r.model_dump_json())
+    assert again.parsed == {"name": "Ada", "age": 36}  # JSON keeps the value, not its class
+
+
+def test_typed_answers_from_text_json_and_python_values():
+    assert go(["FINAL(42)"], output_type=int).parsed == 42
+    assert go([repl("FINAL(['a', 'b'])")], output_type=list[str]).parsed == ["a", "b"]
+    r = go(['FINAL({"name": "Bo", "age": 5})'], output_type=Person)
+    assert r.parsed == Person(name="Bo", age=5)
+    fenced = repl('FINAL(\'```json\\n{"name": "Cy", "age": 9}\\n```\')')
+    assert go([fenced], output_type=Person).parsed == Person(name="Cy", age=9)
+    r = go(["FINAL(hello)"], output_type=str)
+    assert (r.parsed, r.answer) == ("hello", '"hello"')
+    # out of turns: the closing reply is validated too
+    r = go([repl("FINAL('not a number')"), "7"], output_type=int, max_iterations=1)
+    assert (r.stop_reason, r.parsed, r.answer) == ("max_iterations", 7, "7")
+    r = go([repl("x = 1"), "no idea"], output_type=int, max_iterations=1)
+    assert (r.parsed, r.answer) == (None, None)
+    assert go([repl("FINAL('x')")]).parsed is None  # untyped runs keep text answers
+    with pytest.raises(ConfigurationError):
+        RLM("m", output_type=object())
