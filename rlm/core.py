@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -214,7 +215,8 @@ class RLM:
     ``RLM(model, sub_model=..., max_depth=1, max_iterations=20, ...).completion(context, root_prompt=...)``
     runs one task and returns an :class:`~rlm.result.RLMResult`. The object
     holds configuration only: it may run many tasks, one after another or at
-    the same time.
+    the same time (with ``persistent=True`` they run one at a time, sharing
+    one sandbox).
 
     *model* and *sub_model* are litellm model strings (``sub_model`` defaults
     to *model*); *api_base* and *api_key* apply to both and to child RLMs.
@@ -235,6 +237,10 @@ class RLM:
     count in ``usage`` and never wait past the time budget. *output_type*
     (a pydantic model or a type pydantic validates) makes the answer typed:
     ``RLMResult.parsed`` holds the validated value, ``answer`` its JSON.
+    With *persistent*, successive completions share one sandbox: the new
+    context is ``context``, earlier ones stay as ``context_0``, ``context_1``
+    ... and ``history`` lists the earlier ``{query, answer}`` turns;
+    :meth:`close` (or leaving a ``with`` block) closes it.
     """
 
     def __init__(
@@ -263,6 +269,7 @@ class RLM:
         max_retries: int = 3,
         retry_backoff_s: float = 1.0,
         output_type: Any = None,
+        persistent: bool = False,
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise ConfigurationError("model must be a non-empty model string")
@@ -281,6 +288,9 @@ class RLM:
             raise ConfigurationError("max_retries and retry_backoff_s must be >= 0")
         self.max_retries = max_retries
         self.output_type = output_type
+        self.persistent = persistent
+        self._session: _Session | None = None
+        self._session_lock = threading.Lock()
         self.answer_type = AnswerType(output_type) if output_type is not None else None
         self.retry_backoff_s = retry_backoff_s
         self.on_event = on_event
@@ -340,14 +350,60 @@ class RLM:
         return Events(callbacks, loop)
 
     def _complete(self, context: Any, root_prompt: str | None, loop: Any) -> RLMResult:
+        context = _check_context(context)
         ledger = Ledger(self.budgets, self.max_concurrency)
         run = _Run(self, ledger, self._events(loop), depth=0, model=self.model)
-        return run.execute(_check_context(context), root_prompt)
+        if not self.persistent:
+            return run.execute(context, root_prompt)
+        with self._session_lock:  # one completion at a time in a session
+            if self._session is None:
+                self._session = _Session()
+            return run.execute(context, root_prompt, self._session)
+
+    def close(self) -> None:
+        """Close the session's sandbox (``persistent=True``); a later completion starts a new session."""
+        with self._session_lock:
+            session, self._session = self._session, None
+        if session is not None:
+            session.close()
+
+    def __enter__(self) -> RLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def run(query: str | None, context: Any, model: str = "gpt-4o-mini", **kwargs: Any) -> RLMResult:
     """Answer *query* about *context* with a Recursive Language Model; *kwargs* are those of :class:`RLM`."""
     return RLM(model=model, **kwargs).completion(context, root_prompt=query)
+
+
+class _Session:
+    """The state ``RLM(persistent=True)`` keeps between completions: one sandbox, the contexts, the turns.
+
+    The sandbox's host functions dispatch to the current run's (``handlers``),
+    so each completion's sub-calls, tools and FINAL reach that completion.
+    """
+
+    def __init__(self) -> None:
+        self.sandbox: Any = None
+        self.audit_path: Path | None = None
+        self.contexts: list[Context] = []
+        self.history: list[dict[str, Any]] = []
+        self.handlers: dict[str, Any] = {}
+        self.loaded = 0  # contexts present in the live child
+
+    def host_functions(self, names: dict[str, Any]) -> dict[str, Any]:
+        def route(name: str) -> Any:
+            return lambda *args, **kwargs: self.handlers[name](*args, **kwargs)
+
+        return {name: route(name) for name in names}
+
+    def close(self) -> None:
+        sandbox, self.sandbox = self.sandbox, None
+        if sandbox is not None:
+            sandbox.close()
 
 
 class _Run:
@@ -376,6 +432,7 @@ class _Run:
             else None
         )
         self.context: Context = ""
+        self.session: _Session | None = None
         self.final: str | None = None
         self.final_value: Any = None
         self.parsed: Any = None
@@ -583,15 +640,18 @@ class _Run:
         return result.answer
 
     # ---------------------------------------------------------------- sandbox
-    def _open_sandbox(self) -> Any:
+    def _new_sandbox(self, host_functions: dict[str, Any]) -> Any:
         from sandbox import Sandbox
         from sandbox.errors import SandboxError
 
         audit = self.logger.audit_path if self.logger is not None else None
         try:
-            sb = Sandbox(self.cfg.policy, host_functions=self.host_functions(), audit_log=audit)
+            return Sandbox(self.cfg.policy, host_functions=host_functions, audit_log=audit)
         except SandboxError as exc:
             raise SandboxFailure(f"cannot start the sandbox: {exc}") from None
+
+    def _open_sandbox(self) -> Any:
+        sb = self._new_sandbox(self.host_functions())
         try:
             self._load(sb)
         except BaseException:
@@ -599,13 +659,38 @@ class _Run:
             raise
         return sb
 
+    def _attach(self, session: _Session) -> Any:
+        """Make this run the session's current one: its sandbox, with this run's context added."""
+        session.handlers = self.host_functions()
+        session.contexts.append(self.context)
+        if session.sandbox is None:
+            session.sandbox = self._new_sandbox(session.host_functions(session.handlers))
+            session.audit_path = session.sandbox.audit_path
+            session.loaded = 0
+        self._load(session.sandbox)
+        return session.sandbox
+
     def _load(self, sb: Any) -> None:
-        """Put ``context`` and the prelude into a (fresh) sandbox."""
+        """Put ``context`` (in a session also ``context_0``..., ``history``) and the prelude into the sandbox.
+
+        A fresh child gets everything; a session's live child only what it lacks.
+        """
         from sandbox.errors import SandboxError
 
+        session = self.session
         try:
-            sb.set_variable("context", self.context)
-            result = sb.execute(PRELUDE)
+            if session is None:
+                sb.set_variable("context", self.context)
+                result = sb.execute(PRELUDE)
+            else:
+                fresh = session.loaded == 0 or not sb.alive
+                first = 0 if fresh else session.loaded
+                for i in range(first, len(session.contexts)):
+                    sb.set_variable(f"context_{i}", session.contexts[i])
+                sb.set_variable("history", [dict(turn) for turn in session.history])
+                session.loaded = len(session.contexts)
+                last = len(session.contexts) - 1
+                result = sb.execute((PRELUDE if fresh else "") + f"\ncontext = context_{last}\n")
         except SandboxError as exc:
             raise SandboxFailure(f"cannot load the context into the sandbox: {exc}") from None
         if not result.ok:
@@ -652,9 +737,15 @@ class _Run:
             local_vars = self._describe_vars(sb)
         else:
             self._load(sb)
+            reloaded = (
+                "`context`"
+                if self.session is None
+                else f"`context`, `context_0` to `context_{len(self.session.contexts) - 1}` and `history`"
+            )
             text += (
-                "\n[the sandbox was restarted: all your variables are gone. `context` was loaded again and "
-                "the REPL functions are available.]"
+                f"\n[the sandbox was restarted: all your variables are gone, those of earlier turns too. "
+                f"{reloaded} {'was' if self.session is None else 'were'} loaded again and the REPL functions "
+                "are available; everything else was lost.]"
             )
         if self.pending_name is not None and self.final is None:
             self._resolve_name(sb, self.pending_name)
@@ -745,13 +836,37 @@ class _Run:
             else "The task is described inside the context itself: read its beginning first."
         )
         return (
-            f"{question}\n\n{describe_context(self.context)}\n\n"
+            f"{question}\n\n{describe_context(self.context)}\n\n{self._session_note()}"
             f"You have {self.cfg.max_iterations} turns. You have not looked at the context yet: "
             "start by exploring it in a ```repl block."
         )
 
-    def execute(self, context: Context, query: str | None) -> RLMResult:
+    def _session_note(self) -> str:
+        """What a session's root model is told about the earlier contexts and turns ("" outside sessions)."""
+        session = self.session
+        if session is None:
+            return ""
+        last = len(session.contexts) - 1
+        if last == 0:
+            return (
+                "This is the first question of a session: your variables stay in the REPL for later questions. "
+                "`context` is also `context_0`.\n\n"
+            )
+        lines = [
+            f"This is question {last + 1} of a session: the REPL still holds your variables from earlier "
+            f"questions. `context` is the new context (also `context_{last}`); the earlier ones are:"
+        ]
+        for i, (earlier, turn) in enumerate(zip(session.contexts[:-1], session.history, strict=False)):
+            head = describe_context(earlier).split("\n", 1)[0].replace("`context`", f"`context_{i}`", 1)
+            asked = _clip(str(turn.get("query") or "(in the context)"), 200)
+            answered = _clip(str(turn.get("answer")), 200)
+            lines.append(f"- {head} Question: {asked} Answer: {answered}")
+        lines.append("`history` is the list of those earlier turns as {'query': ..., 'answer': ...} dicts.")
+        return "\n".join(lines) + "\n\n"
+
+    def execute(self, context: Context, query: str | None, session: _Session | None = None) -> RLMResult:
         self.context = context
+        self.session = session
         started = time.perf_counter()
         description = describe_context(context)
         if self.logger is not None:
@@ -774,6 +889,7 @@ class _Run:
                 query=query,
                 context_description=description,
                 audit_log=str(self.logger.audit_path),
+                **({} if session is None else {"session_turn": len(session.history) + 1}),
             )
         self.emit(
             "run_start",
@@ -782,8 +898,17 @@ class _Run:
             context=description,
             max_iterations=self.cfg.max_iterations,
             parent_run_id=self.parent_id,
+            session_turn=None if session is None else len(session.history) + 1,
         )
         try:
+            if session is not None:
+                answer: str | None = None
+                try:
+                    result = self._loop(self._attach(session), query, started)
+                    answer = result.answer
+                    return result
+                finally:
+                    session.history.append({"query": query, "answer": answer})
             sb = self._open_sandbox()
             try:
                 return self._loop(sb, query, started)
@@ -955,6 +1080,11 @@ class _Run:
             return None, text
         return self.final, text
 
+    def _audit_log_path(self) -> str | None:
+        if self.session is not None:  # a session's sandbox keeps the audit log of its first run
+            return str(self.session.audit_path) if self.session.audit_path is not None else None
+        return str(self.logger.audit_path) if self.logger is not None else None
+
     def _totals(self) -> tuple[int, int, float | None]:
         return self.ledger.totals()
 
@@ -985,6 +1115,6 @@ class _Run:
             root_model=self.model,
             run_id=self.run_id,
             log_path=str(self.logger.path) if self.logger is not None else None,
-            audit_log_path=str(self.logger.audit_path) if self.logger is not None else None,
+            audit_log_path=self._audit_log_path(),
             error=error,
         )

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from rlm import RLM, ScriptedBackend, run
 from rlm.errors import ConfigurationError, ModelError, ProviderUnavailable, RateLimited
 from rlm.result import RLMResult
+from tests.conftest import policy_with
 from tests.test_rlm_loop import go, repl
 
 # ------------------------------------------------------------------ events
@@ -311,3 +312,66 @@ def test_typed_answers_from_text_json_and_python_values():
     assert go([repl("FINAL('x')")]).parsed is None  # untyped runs keep text answers
     with pytest.raises(ConfigurationError):
         RLM("m", output_type=object())
+
+
+# ----------------------------------------------------------------- sessions
+
+
+def test_a_session_shares_one_sandbox_across_completions(tmp_path: Path):
+    backend = ScriptedBackend(
+        [
+            repl("seen = [len(context), len(context_0)]\nFINAL(seen)"),
+            repl("seen.append(len(context))\nFINAL(f'{seen} {len(context_0)} {len(context_1)} {history}')"),
+            repl("FINAL('seen' in dir())"),
+        ]
+    )
+    with RLM("root", backend=backend, persistent=True, log_dir=tmp_path) as r:
+        first = r.completion("abc", "q1")
+        second = r.completion("defgh", "q2")
+        sandbox = r._session.sandbox  # type: ignore[union-attr]
+    assert first.answer == "[3, 3]"
+    assert second.answer == "[3, 3, 5] 3 5 [{'query': 'q1', 'answer': '[3, 3]'}]"
+    prompt = backend.calls[1][1][1]["content"]
+    assert "question 2 of a session" in prompt and "`context_0` is a str of 3 characters" in prompt
+    assert "Question: q1 Answer: [3, 3]" in prompt and "`history`" in prompt
+    assert sandbox.closed and second.audit_log_path == first.audit_log_path
+    meta = json.loads(Path(second.log_path).read_text().splitlines()[0])
+    assert meta["session_turn"] == 2
+    # after close() a completion starts a new session with a fresh sandbox
+    assert r.completion("x", "q3").answer == "False"
+    r.close()
+
+
+def test_a_restart_mid_session_reloads_every_context_and_says_the_rest_was_lost():
+    policy = policy_with({"limits.cpu_seconds": 1, "limits.wall_seconds": 5, "audit.enabled": False})
+    backend = ScriptedBackend(
+        [
+            repl("mine = 1\nFINAL('one')"),
+            repl("while True:\n    pass"),
+            repl("print(len(context_0), len(context_1), len(context), history, 'mine' in dir())"),
+            repl("FINAL('two')"),
+        ]
+    )
+    with RLM("root", backend=backend, persistent=True, policy=policy) as r:
+        assert r.completion("aa", "q1").answer == "one"
+        assert r.completion("bbbb", "q2").answer == "two"
+    told = backend.calls[2][1][-1]["content"]
+    assert "`context`, `context_0` to `context_1` and `history` were loaded again" in told
+    assert "everything else was lost" in told
+    assert "2 4 4 [{'query': 'q1', 'answer': 'one'}] False" in backend.calls[3][1][-1]["content"]
+
+
+def test_session_completions_from_two_threads_run_one_at_a_time():
+    backend = ScriptedBackend([repl("n = len(context)\nFINAL(n)")] * 2, latency_s=0.05)
+    answers: list[str | None] = []
+    with RLM("root", backend=backend, persistent=True) as r:
+        threads = [
+            threading.Thread(target=lambda c=c: answers.append(r.completion(c, "q").answer))
+            for c in ("a", "bb")
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(answers) == ["1", "2"]
+        assert len(r._session.contexts) == 2  # type: ignore[union-attr]
