@@ -119,6 +119,8 @@ class Ledger:
                     "calls": u.calls + 1,
                     "input_tokens": u.input_tokens + completion.input_tokens,
                     "output_tokens": u.output_tokens + completion.output_tokens,
+                    "cache_read_tokens": u.cache_read_tokens + completion.cache_read_tokens,
+                    "cache_write_tokens": u.cache_write_tokens + completion.cache_write_tokens,
                     "cost_usd": cost,
                 }
             )

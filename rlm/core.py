@@ -240,7 +240,9 @@ class RLM:
     With *persistent*, successive completions share one sandbox: the new
     context is ``context``, earlier ones stay as ``context_0``, ``context_1``
     ... and ``history`` lists the earlier ``{query, answer}`` turns;
-    :meth:`close` (or leaving a ``with`` block) closes it.
+    :meth:`close` (or leaving a ``with`` block) closes it. *prompt_caching*
+    marks the stable prefix of each root conversation cacheable for
+    providers that take markers (Anthropic); cached tokens are in ``usage``.
     """
 
     def __init__(
@@ -270,6 +272,7 @@ class RLM:
         retry_backoff_s: float = 1.0,
         output_type: Any = None,
         persistent: bool = False,
+        prompt_caching: bool = True,
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise ConfigurationError("model must be a non-empty model string")
@@ -289,6 +292,7 @@ class RLM:
         self.max_retries = max_retries
         self.output_type = output_type
         self.persistent = persistent
+        self.prompt_caching = prompt_caching
         self._session: _Session | None = None
         self._session_lock = threading.Lock()
         self.answer_type = AnswerType(output_type) if output_type is not None else None
@@ -454,7 +458,7 @@ class _Run:
         self.ledger.check(sub_call=sub or self.depth > 0)
         attempt = 0
         while True:
-            kwargs: dict[str, Any] = {}
+            kwargs: dict[str, Any] = {"cache_prefix": True} if not sub and self.cfg.prompt_caching else {}
             left = self.ledger.time_left()
             if left is not None:
                 kwargs["timeout"] = max(1.0, left)

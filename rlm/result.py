@@ -31,6 +31,12 @@ class ModelUsage(BaseModel):
     output_tokens: int = 0
     cost_usd: float | None = Field(0.0, description="None when litellm has no price for the model.")
     retries: int = Field(0, description="Calls tried again after a rate limit, timeout or 5xx.")
+    cache_read_tokens: int = Field(
+        0, description="Input tokens read from the prompt cache (in input_tokens)."
+    )
+    cache_write_tokens: int = Field(
+        0, description="Input tokens written to the prompt cache (in input_tokens)."
+    )
 
 
 class RLMResult(BaseModel):
