@@ -119,6 +119,11 @@ def system_prompt() -> str:
     return (Path(__file__).resolve().parent / "prompts" / "system.md").read_text(encoding="utf-8")
 
 
+def compaction_prompt() -> str:
+    """The request for a summary of the earlier turns (``rlm/prompts/compaction.md``)."""
+    return (Path(__file__).resolve().parent / "prompts" / "compaction.md").read_text(encoding="utf-8")
+
+
 def _item_length(item: Any) -> int:
     if isinstance(item, str):
         return len(item)
@@ -185,6 +190,9 @@ def _error_text(exc: BaseException) -> str:
     return f"Error: {type(exc).__name__}: {exc}"
 
 
+#: Compaction (and, without it, eliding old outputs) starts above this share of the input window.
+DEFAULT_COMPACTION_THRESHOLD = 0.85
+
 #: The longest wait a retry accepts; a provider asking for more fails the call.
 MAX_RETRY_WAIT_S = 120.0
 
@@ -243,6 +251,9 @@ class RLM:
     :meth:`close` (or leaving a ``with`` block) closes it. *prompt_caching*
     marks the stable prefix of each root conversation cacheable for
     providers that take markers (Anthropic); cached tokens are in ``usage``.
+    When the root conversation outgrows *compaction_threshold* of the
+    model's input window, its older turns are replaced by a summary the
+    model writes (``None``: never; old outputs are elided instead).
     """
 
     def __init__(
@@ -273,6 +284,7 @@ class RLM:
         output_type: Any = None,
         persistent: bool = False,
         prompt_caching: bool = True,
+        compaction_threshold: float | None = DEFAULT_COMPACTION_THRESHOLD,
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise ConfigurationError("model must be a non-empty model string")
@@ -293,6 +305,11 @@ class RLM:
         self.output_type = output_type
         self.persistent = persistent
         self.prompt_caching = prompt_caching
+        if compaction_threshold is not None and not 0 < compaction_threshold <= 1:
+            raise ConfigurationError(
+                f"compaction_threshold must be in (0, 1] or None, got {compaction_threshold!r}"
+            )
+        self.compaction_threshold = compaction_threshold
         self._session: _Session | None = None
         self._session_lock = threading.Lock()
         self.answer_type = AnswerType(output_type) if output_type is not None else None
@@ -446,6 +463,8 @@ class _Run:
         self.calls: list[dict[str, Any]] = []
         self.code_executions = 0
         self.errors_in_a_row = 0  # consecutive blocks that raised (for max_errors)
+        self.compactions = 0
+        self.first_message = ""
         self.root_calls = 0
 
     def emit(self, kind: str, /, **fields: Any) -> None:
@@ -811,12 +830,57 @@ class _Run:
             self._set_final(directive.argument)
 
     # ------------------------------------------------------------------ loop
+    def _compact(self, messages: Messages, turn: int) -> Messages:
+        """Replace the older turns by a summary the model writes, when the conversation outgrows its window.
+
+        Above ``compaction_threshold`` of the model's input window, every
+        exchange but the last is summarized by the root model; the summary is
+        appended to the first user message, so roles still alternate. The REPL
+        is untouched. Without a window, a threshold or older turns, or when
+        the summary call fails, the messages are returned as they were.
+        """
+        threshold = self.cfg.compaction_threshold
+        window = self.cfg.backend.max_input_tokens(self.model)
+        older = messages[2:-2]
+        if threshold is None or not window or not older:
+            return messages
+        before = self.cfg.backend.count_tokens(self.model, messages)
+        if before <= window * threshold:
+            return messages
+        request = [*messages, {"role": "user", "content": compaction_prompt()}]
+        try:
+            summary = self._call(self.model, self._fit(request), sub=False).text.strip()
+        except (BudgetExceeded, ModelError):
+            return messages
+        if not summary:
+            return messages
+        self.compactions += 1
+        first = dict(messages[1])
+        first["content"] = (
+            f"{self.first_message}\n\n## Your progress so far\n\nYour earlier turns were replaced by this "
+            f"summary, written by you (compaction {self.compactions}); the REPL still holds every variable.\n\n"
+            f"{summary}"
+        )
+        compacted = [messages[0], first, *messages[-2:]]
+        after = self.cfg.backend.count_tokens(self.model, compacted)
+        fields = {
+            "iteration": turn,
+            "tokens_before": before,
+            "tokens_after": after,
+            "turns_summarized": sum(1 for m in older if m.get("role") == "assistant"),
+            "summary": summary,
+        }
+        self.emit("compaction", **fields)
+        if self.logger is not None:
+            self.logger.compaction(**fields)
+        return compacted
+
     def _fit(self, messages: Messages) -> Messages:
         """Elide the oldest REPL outputs when the messages would not fit the model's window."""
         window = self.cfg.backend.max_input_tokens(self.model)
         if not window:
             return messages
-        budget = int(window * 0.85)
+        budget = int(window * (self.cfg.compaction_threshold or DEFAULT_COMPACTION_THRESHOLD))
         if self.cfg.backend.count_tokens(self.model, messages) <= budget:
             return messages
         fitted = [dict(m) for m in messages]
@@ -923,9 +987,10 @@ class _Run:
             raise
 
     def _loop(self, sb: Any, query: str | None, started: float) -> RLMResult:
+        self.first_message = self._first_message(query)
         messages: Messages = [
             {"role": "system", "content": self._system_prompt()},
-            {"role": "user", "content": self._first_message(query)},
+            {"role": "user", "content": self.first_message},
         ]
         history: list[dict[str, Any]] = []
         stop_reason: str | None = None
@@ -937,6 +1002,7 @@ class _Run:
                 break
             turn_started = time.perf_counter()
             self.emit("iteration_start", iteration=turn)
+            messages = self._compact(messages, turn)
             sent = self._fit(messages)
             try:
                 completion = self._call(self.model, sent, sub=False)

@@ -375,3 +375,48 @@ def test_session_completions_from_two_threads_run_one_at_a_time():
             t.join(60)
         assert sorted(answers) == ["1", "2"]
         assert len(r._session.contexts) == 2  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------- compaction
+
+
+def test_compaction_replaces_older_turns_with_the_models_summary(tmp_path: Path):
+    wordy = "word " * 60
+
+    def respond(model: str, messages: list[dict[str, Any]]) -> str:
+        if "replaced by a summary that you write now" in messages[-1]["content"]:
+            return "SUMMARY: total counts the turns so far."
+        turn = sum(1 for m in messages if m["role"] == "assistant")
+        if "SUMMARY:" in messages[1]["content"]:
+            return repl("FINAL(total)")  # the REPL kept its variables
+        return repl(f"total = {'total + 1' if turn else '1'}\nprint('{wordy}')", wordy)
+
+    events: list[dict[str, Any]] = []
+    backend = ScriptedBackend(respond, context_window=2400)
+    r = go(None, backend=backend, log_dir=tmp_path, on_event=events.append, compaction_threshold=0.5)
+    compactions = [e for e in events if e["type"] == "compaction"]
+    assert len(compactions) == 1
+    c = compactions[0]
+    assert r.answer == str(c["iteration"] - 1) and r.stop_reason == "final"  # one block per earlier turn
+    assert c["tokens_before"] > 1200 >= c["tokens_after"] and c["turns_summarized"] >= 2
+    assert c["summary"].startswith("SUMMARY:")
+    summary_call = next(m for m in backend.calls if "write now" in m[1][-1]["content"])[1]
+    after = backend.calls[backend.calls.index(next(x for x in backend.calls if x[1] is summary_call)) + 1][1]
+    assert [m["role"] for m in after] == ["system", "user", "assistant", "user"]
+    assert "Question: q?" in after[1]["content"] and "Your progress so far" in after[1]["content"]
+    assert r.iterations == c["iteration"] and r.usage["root"].calls == r.iterations + 1  # the summary counts
+    lines = [json.loads(x) for x in Path(r.log_path).read_text().splitlines()]
+    kinds = [x["type"] for x in lines]
+    assert kinds.count("compaction") == 1 and kinds[kinds.index("compaction") + 1] == "iteration"
+    with pytest.raises(ConfigurationError):
+        RLM("m", compaction_threshold=1.5)
+
+
+def test_without_compaction_old_outputs_are_elided_as_before():
+    wordy = "word " * 60
+    backend = ScriptedBackend(
+        [repl(f"print('{wordy}')", wordy)] * 4 + [repl("FINAL('x')")], context_window=1200
+    )
+    r = go(None, backend=backend, compaction_threshold=None)
+    assert r.answer == "x" and not any("write now" in m[1][-1]["content"] for m in backend.calls)
+    assert "elided to fit" in json.dumps(backend.calls[-1][1])
