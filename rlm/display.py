@@ -53,6 +53,7 @@ class LiveView:
     def block(self, index: int, code: str, output: str, sub_calls: int, ok: bool) -> None:
         from rich.panel import Panel
         from rich.syntax import Syntax
+        from rich.text import Text
 
         self.console.print(
             Panel(
@@ -62,7 +63,9 @@ class LiveView:
             )
         )
         title = f"output ({sub_calls} sub-call{'s' if sub_calls != 1 else ''})"
-        self.console.print(Panel(self._short(output), title=title, border_style="green" if ok else "red"))
+        self.console.print(
+            Panel(Text(self._short(output)), title=title, border_style="green" if ok else "red")
+        )
 
     def usage(
         self, input_tokens: int, output_tokens: int, cost: float | None, sub_calls: int, elapsed: float

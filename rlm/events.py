@@ -34,6 +34,7 @@ loop under ``acompletion``, in a private loop under ``completion``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import threading
@@ -63,7 +64,14 @@ def call_sync(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any
     else:
         coro = fn(*args, **kwargs)
     if loop is not None and loop.is_running():
-        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        while True:  # never wait forever on a loop that has gone away
+            try:
+                return future.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if loop.is_closed() or not loop.is_running():
+                    future.cancel()
+                    raise RuntimeError("the caller's event loop stopped before the coroutine ended") from None
 
     async def wrapper() -> Any:
         return await coro

@@ -22,6 +22,19 @@ from rlm.result import RLMResult
 from tests.conftest import policy_with
 from tests.test_rlm_loop import go, repl
 
+
+@pytest.fixture
+def fork_server_on_main_thread() -> None:
+    """Start the shared fork server from the main thread before a test runs RLMs in asyncio.run.
+
+    Today the fork server dies with the thread that started it (PR_SET_PDEATHSIG; issue 9), and
+    acompletion opens its sandbox in a to_thread worker that asyncio.run ends. Remove once fixed.
+    """
+    from sandbox import Sandbox
+
+    Sandbox("default", audit_log=None).close()
+
+
 # ------------------------------------------------------------------ events
 
 
@@ -79,6 +92,7 @@ def test_a_failing_callback_is_logged_once_and_never_stops_the_run(caplog):
     assert len(warnings) == 1
 
 
+@pytest.mark.usefixtures("fork_server_on_main_thread")
 def test_a_coroutine_callback_is_awaited_on_the_callers_loop():
     async def main() -> tuple[list[str], set[Any], Any]:
         seen: list[str] = []
@@ -167,6 +181,7 @@ def test_tools_run_in_this_process_are_listed_counted_and_logged(tmp_path: Path)
     assert [e["tool_calls"] for e in events if e["type"] == "code_result"] == [2, 1, 1, 1]
 
 
+@pytest.mark.usefixtures("fork_server_on_main_thread")
 def test_coroutine_tools_are_awaited_on_the_callers_loop():
     async def fetch(n: int) -> int:
         """Double n, asynchronously."""
@@ -420,3 +435,15 @@ def test_without_compaction_old_outputs_are_elided_as_before():
     r = go(None, backend=backend, compaction_threshold=None)
     assert r.answer == "x" and not any("write now" in m[1][-1]["content"] for m in backend.calls)
     assert "elided to fit" in json.dumps(backend.calls[-1][1])
+
+
+def test_verbose_shows_tools_and_notes_as_text_never_markup(capsys):
+    def shout(text: str) -> str:
+        """Fails loudly."""
+        raise ValueError(f"[bold red]{text}[/] [/nonsense]")
+
+    r = go([repl("shout('boom')"), repl("FINAL('done')")], tools=[shout], verbose=True)
+    assert r.answer == "done" and r.tool_calls == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "tool shout: error ValueError: [bold red]boom[/]" in err and "[/nonsense]" in err
+    assert "callback" not in err  # the view itself never failed
