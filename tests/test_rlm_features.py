@@ -447,3 +447,23 @@ def test_verbose_shows_tools_and_notes_as_text_never_markup(capsys):
     out, err = capsys.readouterr()
     assert out == "" and "tool shout: error ValueError: [bold red]boom[/]" in err and "[/nonsense]" in err
     assert "callback" not in err  # the view itself never failed
+
+
+@pytest.mark.usefixtures("fork_server_on_main_thread")
+def test_a_session_under_asyncio_run_twice_routes_tools_to_the_current_completion():
+    seen: list[str] = []
+
+    async def note(text: str) -> str:
+        """Record a note."""
+        seen.append(text)
+        return text.upper()
+
+    backend = ScriptedBackend([repl("a = note(context)\nFINAL(a)"), repl("FINAL(a + note(context))")])
+    r = RLM("root", backend=backend, persistent=True, tools=[note])
+    try:
+        first = asyncio.run(r.acompletion("one", "q1"))
+        second = asyncio.run(r.acompletion("two", "q2"))
+    finally:
+        r.close()
+    assert (first.answer, second.answer) == ("ONE", "ONETWO") and seen == ["one", "two"]
+    assert (first.tool_calls, second.tool_calls) == (1, 1)
