@@ -397,7 +397,8 @@ class RLM:
 
 def run(query: str | None, context: Any, model: str = "gpt-4o-mini", **kwargs: Any) -> RLMResult:
     """Answer *query* about *context* with a Recursive Language Model; *kwargs* are those of :class:`RLM`."""
-    return RLM(model=model, **kwargs).completion(context, root_prompt=query)
+    with RLM(model=model, **kwargs) as rlm:  # closes the sandbox of a (pointless) one-question session
+        return rlm.completion(context, root_prompt=query)
 
 
 class _Session:
