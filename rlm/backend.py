@@ -24,7 +24,13 @@ Messages = list[dict[str, Any]]
 
 @runtime_checkable
 class ModelBackend(Protocol):
-    """How the loop calls models. ``complete`` may be called from several threads at once."""
+    """How the loop calls models. ``complete`` may be called from several threads at once.
+
+    The loop may pass ``timeout`` (seconds left in the time budget) and
+    ``cache_prefix=True`` (the call continues a conversation whose earlier
+    messages will be sent again: mark them cacheable if the provider can).
+    A backend ignores the keywords it has no use for.
+    """
 
     def complete(self, model: str, messages: Messages, **kwargs: Any) -> Completion: ...
 

@@ -50,6 +50,7 @@ class Ledger:
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._usage: dict[str, ModelUsage] = {}
         self.sub_calls = 0
+        self.tool_calls = 0
         self.stopped_by: str | None = None  # the first budget that ran out
 
     # -- checks ------------------------------------------------------------
@@ -113,12 +114,38 @@ class Ledger:
                 if known and completion.cost_usd is not None
                 else None
             )
-            self._usage[model_key] = ModelUsage(
-                calls=u.calls + 1,
-                input_tokens=u.input_tokens + completion.input_tokens,
-                output_tokens=u.output_tokens + completion.output_tokens,
-                cost_usd=cost,
+            self._usage[model_key] = u.model_copy(
+                update={
+                    "calls": u.calls + 1,
+                    "input_tokens": u.input_tokens + completion.input_tokens,
+                    "output_tokens": u.output_tokens + completion.output_tokens,
+                    "cache_read_tokens": u.cache_read_tokens + completion.cache_read_tokens,
+                    "cache_write_tokens": u.cache_write_tokens + completion.cache_write_tokens,
+                    "cost_usd": cost,
+                }
             )
+
+    def record_retry(self, model_key: str, wait_s: float) -> None:
+        """Count one retry of a call to *model_key*, due in *wait_s* seconds.
+
+        Raises :class:`BudgetExceeded` when a budget is already used up, or when
+        the wait would end past the time budget: a retry never outlives a budget.
+        """
+        with self._lock:
+            over = self._over()
+            limit = self.budgets.max_time_s
+            if over is None and limit is not None and self.elapsed() + wait_s >= limit:
+                over = "max_time_s", f"a retry in {wait_s:.1f} s would end past the time budget ({limit:g} s)"
+            if over is not None:
+                if self.stopped_by is None:
+                    self.stopped_by = over[0]
+                raise BudgetExceeded(*over)
+            u = self._usage.get(model_key) or ModelUsage()
+            self._usage[model_key] = u.model_copy(update={"retries": u.retries + 1})
+
+    def record_tool_call(self) -> None:
+        with self._lock:
+            self.tool_calls += 1
 
     def usage(self) -> dict[str, ModelUsage]:
         with self._lock:

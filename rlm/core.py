@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,14 +33,19 @@ from rlm.errors import (
     BudgetExceeded,
     ConfigurationError,
     ModelError,
+    ProviderUnavailable,
+    RateLimited,
     RLMError,
     SandboxFailure,
     UnknownModelError,
 )
+from rlm.events import EventCallback, Events, call_sync
 from rlm.final import extract_code_blocks, find_final
 from rlm.llm import Completion
 from rlm.result import RLMResult
+from rlm.tools import Tool, describe_tools, tool_table
 from rlm.trajectory import TrajectoryLogger, new_run_id
+from rlm.typed import AnswerType, AnswerTypeError
 
 __all__ = ["RLM", "run"]
 
@@ -112,6 +119,11 @@ def system_prompt() -> str:
     return (Path(__file__).resolve().parent / "prompts" / "system.md").read_text(encoding="utf-8")
 
 
+def compaction_prompt() -> str:
+    """The request for a summary of the earlier turns (``rlm/prompts/compaction.md``)."""
+    return (Path(__file__).resolve().parent / "prompts" / "compaction.md").read_text(encoding="utf-8")
+
+
 def _item_length(item: Any) -> int:
     if isinstance(item, str):
         return len(item)
@@ -178,6 +190,25 @@ def _error_text(exc: BaseException) -> str:
     return f"Error: {type(exc).__name__}: {exc}"
 
 
+#: Compaction (and, without it, eliding old outputs) starts above this share of the input window.
+DEFAULT_COMPACTION_THRESHOLD = 0.85
+
+#: The longest wait a retry accepts; a provider asking for more fails the call.
+MAX_RETRY_WAIT_S = 120.0
+
+
+def retry_wait(attempt: int, retry_after: float | None, backoff_s: float) -> float | None:
+    """Seconds to wait before retry *attempt* + 1, or None when the wait is longer than we accept.
+
+    The provider's ``Retry-After`` when it gave one, else exponential backoff
+    (``backoff_s * 2**attempt``) times a random factor in [0.5, 1.5].
+    """
+    if retry_after is not None:
+        return retry_after if retry_after <= MAX_RETRY_WAIT_S else None
+    wait: float = backoff_s * 2.0**attempt * random.uniform(0.5, 1.5)
+    return min(MAX_RETRY_WAIT_S, wait)
+
+
 def _check_context(context: Any) -> Context:
     if isinstance(context, (str, list, dict)):
         return context
@@ -192,7 +223,8 @@ class RLM:
     ``RLM(model, sub_model=..., max_depth=1, max_iterations=20, ...).completion(context, root_prompt=...)``
     runs one task and returns an :class:`~rlm.result.RLMResult`. The object
     holds configuration only: it may run many tasks, one after another or at
-    the same time.
+    the same time (with ``persistent=True`` they run one at a time, sharing
+    one sandbox).
 
     *model* and *sub_model* are litellm model strings (``sub_model`` defaults
     to *model*); *api_base* and *api_key* apply to both and to child RLMs.
@@ -200,7 +232,28 @@ class RLM:
     ``max_time_s``) cover the whole tree of calls; when one runs out the run
     stops and ``stop_reason`` names it. *max_output_chars* caps the output of
     a block shown to the model (head and tail kept). *backend* replaces
-    litellm (see :mod:`rlm.backend`).
+    litellm (see :mod:`rlm.backend`). *on_event* is called with every
+    progress event of the run tree (see :mod:`rlm.events`); ``verbose=True``
+    is one such consumer, printing them on stderr. *tools* (a dict
+    ``{name: callable}`` or a list of callables) are host functions of
+    yours that the model's code may call (see :mod:`rlm.tools`).
+    *max_errors* stops the run (``stop_reason="max_errors"``) after that many
+    code blocks in a row raised or were stopped by a limit. A call refused
+    for rate limits, timed out or answered 5xx is tried again up to
+    *max_retries* times, after the provider's ``Retry-After`` or an
+    exponential backoff from *retry_backoff_s* seconds with jitter; retries
+    count in ``usage`` and never wait past the time budget. *output_type*
+    (a pydantic model or a type pydantic validates) makes the answer typed:
+    ``RLMResult.parsed`` holds the validated value, ``answer`` its JSON.
+    With *persistent*, successive completions share one sandbox: the new
+    context is ``context``, earlier ones stay as ``context_0``, ``context_1``
+    ... and ``history`` lists the earlier ``{query, answer}`` turns;
+    :meth:`close` (or leaving a ``with`` block) closes it. *prompt_caching*
+    marks the stable prefix of each root conversation cacheable for
+    providers that take markers (Anthropic); cached tokens are in ``usage``.
+    When the root conversation outgrows *compaction_threshold* of the
+    model's input window, its older turns are replaced by a summary the
+    model writes (``None``: never; old outputs are elided instead).
     """
 
     def __init__(
@@ -223,6 +276,15 @@ class RLM:
         max_output_chars: int = 20_000,
         backend: ModelBackend | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        on_event: EventCallback | None = None,
+        tools: dict[str, Any] | list[Any] | None = None,
+        max_errors: int | None = None,
+        max_retries: int = 3,
+        retry_backoff_s: float = 1.0,
+        output_type: Any = None,
+        persistent: bool = False,
+        prompt_caching: bool = True,
+        compaction_threshold: float | None = DEFAULT_COMPACTION_THRESHOLD,
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise ConfigurationError("model must be a non-empty model string")
@@ -232,6 +294,28 @@ class RLM:
             raise ConfigurationError(f"max_iterations must be >= 1, got {max_iterations!r}")
         if max_concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
+        if on_event is not None and not callable(on_event):
+            raise ConfigurationError("on_event must be a callable taking one event dict")
+        if max_errors is not None and max_errors < 1:
+            raise ConfigurationError(f"max_errors must be >= 1 or None, got {max_errors!r}")
+        self.max_errors = max_errors
+        if max_retries < 0 or retry_backoff_s < 0:
+            raise ConfigurationError("max_retries and retry_backoff_s must be >= 0")
+        self.max_retries = max_retries
+        self.output_type = output_type
+        self.persistent = persistent
+        self.prompt_caching = prompt_caching
+        if compaction_threshold is not None and not 0 < compaction_threshold <= 1:
+            raise ConfigurationError(
+                f"compaction_threshold must be in (0, 1] or None, got {compaction_threshold!r}"
+            )
+        self.compaction_threshold = compaction_threshold
+        self._session: _Session | None = None
+        self._session_lock = threading.Lock()
+        self.answer_type = AnswerType(output_type) if output_type is not None else None
+        self.retry_backoff_s = retry_backoff_s
+        self.on_event = on_event
+        self.tools: dict[str, Tool] = tool_table(tools)
         self.model = model
         self.sub_model = sub_model or model
         self.max_depth = max_depth
@@ -265,27 +349,101 @@ class RLM:
 
     def completion(self, context: Any, root_prompt: str | None = None) -> RLMResult:
         """Answer *root_prompt* about *context* (str, list or dict; it goes into the REPL, never the prompt)."""
-        ledger = Ledger(self.budgets, self.max_concurrency)
-        return _Run(self, ledger, depth=0, model=self.model).execute(_check_context(context), root_prompt)
+        return self._complete(context, root_prompt, None)
 
     async def acompletion(self, context: Any, root_prompt: str | None = None) -> RLMResult:
-        """The asyncio twin of :meth:`completion` (the run happens in a worker thread)."""
-        return await asyncio.to_thread(self.completion, context, root_prompt)
+        """The asyncio twin of :meth:`completion`.
+
+        The run happens in a worker thread; coroutine callbacks (``on_event``)
+        are awaited on the caller's event loop.
+        """
+        loop = asyncio.get_running_loop()
+        return await asyncio.to_thread(self._complete, context, root_prompt, loop)
+
+    def _events(self, loop: Any) -> Events:
+        callbacks: list[EventCallback] = []
+        if self.verbose:
+            from rlm.display import VerboseView
+
+            callbacks.append(VerboseView().handle)
+        if self.on_event is not None:
+            callbacks.append(self.on_event)
+        return Events(callbacks, loop)
+
+    def _complete(self, context: Any, root_prompt: str | None, loop: Any) -> RLMResult:
+        context = _check_context(context)
+        ledger = Ledger(self.budgets, self.max_concurrency)
+        run = _Run(self, ledger, self._events(loop), depth=0, model=self.model)
+        if not self.persistent:
+            return run.execute(context, root_prompt)
+        with self._session_lock:  # one completion at a time in a session
+            if self._session is None:
+                self._session = _Session()
+            return run.execute(context, root_prompt, self._session)
+
+    def close(self) -> None:
+        """Close the session's sandbox (``persistent=True``); a later completion starts a new session."""
+        with self._session_lock:
+            session, self._session = self._session, None
+        if session is not None:
+            session.close()
+
+    def __enter__(self) -> RLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def run(query: str | None, context: Any, model: str = "gpt-4o-mini", **kwargs: Any) -> RLMResult:
     """Answer *query* about *context* with a Recursive Language Model; *kwargs* are those of :class:`RLM`."""
-    return RLM(model=model, **kwargs).completion(context, root_prompt=query)
+    with RLM(model=model, **kwargs) as rlm:  # closes the sandbox of a (pointless) one-question session
+        return rlm.completion(context, root_prompt=query)
+
+
+class _Session:
+    """The state ``RLM(persistent=True)`` keeps between completions: one sandbox, the contexts, the turns.
+
+    The sandbox's host functions dispatch to the current run's (``handlers``),
+    so each completion's sub-calls, tools and FINAL reach that completion.
+    """
+
+    def __init__(self) -> None:
+        self.sandbox: Any = None
+        self.audit_path: Path | None = None
+        self.contexts: list[Context] = []
+        self.history: list[dict[str, Any]] = []
+        self.handlers: dict[str, Any] = {}
+        self.loaded = 0  # contexts present in the live child
+
+    def host_functions(self, names: dict[str, Any]) -> dict[str, Any]:
+        def route(name: str) -> Any:
+            return lambda *args, **kwargs: self.handlers[name](*args, **kwargs)
+
+        return {name: route(name) for name in names}
+
+    def close(self) -> None:
+        sandbox, self.sandbox = self.sandbox, None
+        if sandbox is not None:
+            sandbox.close()
 
 
 class _Run:
     """One run of the loop (the root, or a child RLM started by ``rlm_query``)."""
 
     def __init__(
-        self, cfg: RLM, ledger: Ledger, *, depth: int, model: str, parent_id: str | None = None
+        self,
+        cfg: RLM,
+        ledger: Ledger,
+        events: Events,
+        *,
+        depth: int,
+        model: str,
+        parent_id: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.ledger = ledger
+        self.events = events
         self.depth = depth
         self.model = model
         self.parent_id = parent_id
@@ -295,30 +453,49 @@ class _Run:
             if cfg.log_dir is not None
             else None
         )
-        self.view: Any = None
-        if cfg.verbose:
-            from rlm.display import LiveView
-
-            self.view = LiveView(depth, self.run_id)
         self.context: Context = ""
+        self.session: _Session | None = None
         self.final: str | None = None
+        self.final_value: Any = None
+        self.parsed: Any = None
+        self.answer_type = cfg.answer_type if depth == 0 else None  # child RLMs answer in text
         self.pending_name: str | None = None
         self.fatal: ModelError | None = None
         self.calls: list[dict[str, Any]] = []
         self.code_executions = 0
+        self.errors_in_a_row = 0  # consecutive blocks that raised (for max_errors)
+        self.compactions = 0
+        self.first_message = ""
         self.root_calls = 0
+
+    def emit(self, kind: str, /, **fields: Any) -> None:
+        """Send one progress event of this run (see :mod:`rlm.events`)."""
+        self.events.emit(kind, self.run_id, self.depth, **fields)
 
     # ------------------------------------------------------------ model calls
     def _call(self, model: str, messages: Messages, *, sub: bool) -> Completion:
+        """One model call: budgets checked, usage recorded, transient failures retried."""
         self.ledger.check(sub_call=sub or self.depth > 0)
-        kwargs: dict[str, Any] = {}
-        left = self.ledger.time_left()
-        if left is not None:
-            kwargs["timeout"] = max(1.0, left)
-        with self.ledger.slot():
-            completion = self.cfg.backend.complete(model, messages, **kwargs)
-        self.ledger.record(model, completion)
-        return completion
+        attempt = 0
+        while True:
+            kwargs: dict[str, Any] = {"cache_prefix": True} if not sub and self.cfg.prompt_caching else {}
+            left = self.ledger.time_left()
+            if left is not None:
+                kwargs["timeout"] = max(1.0, left)
+            try:
+                with self.ledger.slot():
+                    completion = self.cfg.backend.complete(model, messages, **kwargs)
+            except (RateLimited, ProviderUnavailable) as exc:
+                wait = retry_wait(attempt, exc.retry_after, self.cfg.retry_backoff_s)
+                if attempt >= self.cfg.max_retries or wait is None:
+                    raise
+                attempt += 1
+                self.ledger.record_retry(model, wait)  # BudgetExceeded when the wait would outlive a budget
+                self.emit("retry", model=model, attempt=attempt, delay_s=wait, error=str(exc))
+                time.sleep(wait)
+                continue
+            self.ledger.record(model, completion)
+            return completion
 
     def _log_call(self, entry: dict[str, Any]) -> None:
         self.calls.append(entry)  # list.append is atomic; entries of a batch arrive in completion order
@@ -337,6 +514,7 @@ class _Run:
             entry["execution_time"] = time.perf_counter() - started
             entry["usage_summary"] = {"model_usage_summaries": {}}
             self._log_call(entry)
+            self.emit("sub_call", kind="llm", model=name, prompt=text, response=None, error=str(exc))
             if raise_errors:
                 raise
             return _error_text(exc)
@@ -353,6 +531,7 @@ class _Run:
         }
         entry["execution_time"] = time.perf_counter() - started
         self._log_call(entry)
+        self.emit("sub_call", kind="llm", model=name, prompt=text, response=completion.text, error=None)
         return completion.text
 
     def _batch(self, fn: Any, items: list[Any]) -> list[str]:
@@ -369,6 +548,35 @@ class _Run:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, list):
             raise TypeError(f"{fn}() takes a list of prompts, not {type(prompts).__name__}")
         return prompts
+
+    def _tool_call(self, tool: Tool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run one of the caller's tools here; its failure is raised in the child, never here."""
+        started = time.perf_counter()
+        self.ledger.record_tool_call()
+        entry: dict[str, Any] = {"type": "tool", "name": tool.name, "args": list(args), "kwargs": kwargs}
+        error: str | None = None
+        value: Any = None
+        try:
+            value = call_sync(tool.fn, args, kwargs, self.events.loop)
+        except (Exception, SystemExit) as exc:  # the model sees it; this process never raises it
+            try:
+                error = f"{type(exc).__name__}: {exc}"
+            except Exception:
+                error = type(exc).__name__
+        entry.update(response=value, error=error, execution_time=time.perf_counter() - started)
+        self._log_call(entry)
+        self.emit(
+            "tool_call",
+            name=tool.name,
+            args=list(args),
+            kwargs=kwargs,
+            result=value,
+            error=error,
+            execution_time=entry["execution_time"],
+        )
+        if error is not None:
+            raise RuntimeError(f"tool {tool.name}() failed: {error}")
+        return value
 
     # -------------------------------------------------------- host functions
     def host_functions(self) -> dict[str, Any]:
@@ -394,9 +602,13 @@ class _Run:
                 if self.final is None and self.pending_name is None:
                     self.pending_name = _as_answer(value)
             elif self.final is None:
-                self.final = _as_answer(value)
+                self._set_final(value)
+
+        def bind(tool: Tool) -> Any:
+            return lambda *args, **kwargs: self._tool_call(tool, args, kwargs)
 
         return {
+            **{name: bind(tool) for name, tool in self.cfg.tools.items()},
             "llm_query": llm_query,
             "llm_query_batched": llm_query_batched,
             "rlm_query": rlm_query,
@@ -418,7 +630,9 @@ class _Run:
         name = model if isinstance(model, str) and model else self.cfg.model
         started = time.perf_counter()
         entry: dict[str, Any] = {"root_model": name, "prompt": text, "type": "rlm", "depth": self.depth + 1}
-        child = _Run(self.cfg, self.ledger, depth=self.depth + 1, model=name, parent_id=self.run_id)
+        child = _Run(
+            self.cfg, self.ledger, self.events, depth=self.depth + 1, model=name, parent_id=self.run_id
+        )
         try:
             result = child.execute(_check_context(context if context is not None else text), text)
         except (RLMError, ValueError) as exc:
@@ -427,6 +641,7 @@ class _Run:
             entry.update(response="", error=str(exc), error_type=type(exc).__name__)
             entry["execution_time"] = time.perf_counter() - started
             self._log_call(entry)
+            self.emit("sub_call", kind="rlm", model=name, prompt=text, response=None, error=str(exc))
             if raise_errors:
                 raise
             return _error_text(exc)
@@ -440,6 +655,7 @@ class _Run:
             execution_time=time.perf_counter() - started,
         )
         self._log_call(entry)
+        self.emit("sub_call", kind="rlm", model=name, prompt=text, response=result.answer, error=None)
         if result.answer is None:
             message = f"the sub-RLM stopped without an answer (stop_reason={result.stop_reason})"
             if raise_errors:
@@ -448,15 +664,18 @@ class _Run:
         return result.answer
 
     # ---------------------------------------------------------------- sandbox
-    def _open_sandbox(self) -> Any:
+    def _new_sandbox(self, host_functions: dict[str, Any]) -> Any:
         from sandbox import Sandbox
         from sandbox.errors import SandboxError
 
         audit = self.logger.audit_path if self.logger is not None else None
         try:
-            sb = Sandbox(self.cfg.policy, host_functions=self.host_functions(), audit_log=audit)
+            return Sandbox(self.cfg.policy, host_functions=host_functions, audit_log=audit)
         except SandboxError as exc:
             raise SandboxFailure(f"cannot start the sandbox: {exc}") from None
+
+    def _open_sandbox(self) -> Any:
+        sb = self._new_sandbox(self.host_functions())
         try:
             self._load(sb)
         except BaseException:
@@ -464,13 +683,38 @@ class _Run:
             raise
         return sb
 
+    def _attach(self, session: _Session) -> Any:
+        """Make this run the session's current one: its sandbox, with this run's context added."""
+        session.handlers = self.host_functions()
+        session.contexts.append(self.context)
+        if session.sandbox is None:
+            session.sandbox = self._new_sandbox(session.host_functions(session.handlers))
+            session.audit_path = session.sandbox.audit_path
+            session.loaded = 0
+        self._load(session.sandbox)
+        return session.sandbox
+
     def _load(self, sb: Any) -> None:
-        """Put ``context`` and the prelude into a (fresh) sandbox."""
+        """Put ``context`` (in a session also ``context_0``..., ``history``) and the prelude into the sandbox.
+
+        A fresh child gets everything; a session's live child only what it lacks.
+        """
         from sandbox.errors import SandboxError
 
+        session = self.session
         try:
-            sb.set_variable("context", self.context)
-            result = sb.execute(PRELUDE)
+            if session is None:
+                sb.set_variable("context", self.context)
+                result = sb.execute(PRELUDE)
+            else:
+                fresh = session.loaded == 0 or not sb.alive
+                first = 0 if fresh else session.loaded
+                for i in range(first, len(session.contexts)):
+                    sb.set_variable(f"context_{i}", session.contexts[i])
+                sb.set_variable("history", [dict(turn) for turn in session.history])
+                session.loaded = len(session.contexts)
+                last = len(session.contexts) - 1
+                result = sb.execute((PRELUDE if fresh else "") + f"\ncontext = context_{last}\n")
         except SandboxError as exc:
             raise SandboxFailure(f"cannot load the context into the sandbox: {exc}") from None
         if not result.ok:
@@ -517,9 +761,15 @@ class _Run:
             local_vars = self._describe_vars(sb)
         else:
             self._load(sb)
+            reloaded = (
+                "`context`"
+                if self.session is None
+                else f"`context`, `context_0` to `context_{len(self.session.contexts) - 1}` and `history`"
+            )
             text += (
-                "\n[the sandbox was restarted: all your variables are gone. `context` was loaded again and "
-                "the REPL functions are available.]"
+                f"\n[the sandbox was restarted: all your variables are gone, those of earlier turns too. "
+                f"{reloaded} {'was' if self.session is None else 'were'} loaded again and the REPL functions "
+                "are available; everything else was lost.]"
             )
         if self.pending_name is not None and self.final is None:
             self._resolve_name(sb, self.pending_name)
@@ -537,6 +787,22 @@ class _Run:
         }
         return entry, text, result.ok
 
+    def _set_final(self, value: Any) -> None:
+        self.final_value = value  # as given, for output_type
+        self.final = _as_answer(value)
+
+    def _check_final(self) -> str | None:
+        """Validate the final answer against ``output_type``; the reason when it is rejected."""
+        if self.final is None or self.answer_type is None:
+            return None
+        try:
+            self.parsed = self.answer_type.validate(self.final_value)
+        except AnswerTypeError as exc:
+            self.final = self.final_value = None
+            return str(exc)
+        self.final = self.answer_type.dump(self.parsed)
+        return None
+
     def _resolve_name(self, sb: Any, name: str) -> None:
         """FINAL_VAR by name, resolved from the host (RestrictedPython has no globals())."""
         from sandbox.errors import SandboxError
@@ -544,16 +810,16 @@ class _Run:
         self.pending_name = None
         key = name.strip().strip("\"'")
         try:
-            self.final = _as_answer(sb.get_variable(key)) if key.isidentifier() else name
+            self._set_final(sb.get_variable(key) if key.isidentifier() else name)
         except SandboxError:
-            self.final = name
+            self._set_final(name)
 
     def _resolve_text_final(self, sb: Any, response: str) -> None:
         directive = find_final(response)
         if directive is None or self.final is not None:
             return
         if directive.kind == "FINAL":
-            self.final = directive.argument
+            self._set_final(directive.argument)
             return
         try:
             sb.execute(f"FINAL_VAR({directive.argument!r})")
@@ -562,15 +828,60 @@ class _Run:
         if self.pending_name is not None and self.final is None:
             self._resolve_name(sb, self.pending_name)
         if self.final is None:
-            self.final = directive.argument
+            self._set_final(directive.argument)
 
     # ------------------------------------------------------------------ loop
+    def _compact(self, messages: Messages, turn: int) -> Messages:
+        """Replace the older turns by a summary the model writes, when the conversation outgrows its window.
+
+        Above ``compaction_threshold`` of the model's input window, every
+        exchange but the last is summarized by the root model; the summary is
+        appended to the first user message, so roles still alternate. The REPL
+        is untouched. Without a window, a threshold or older turns, or when
+        the summary call fails, the messages are returned as they were.
+        """
+        threshold = self.cfg.compaction_threshold
+        window = self.cfg.backend.max_input_tokens(self.model)
+        older = messages[2:-2]
+        if threshold is None or not window or not older:
+            return messages
+        before = self.cfg.backend.count_tokens(self.model, messages)
+        if before <= window * threshold:
+            return messages
+        request = [*messages, {"role": "user", "content": compaction_prompt()}]
+        try:
+            summary = self._call(self.model, self._fit(request), sub=False).text.strip()
+        except (BudgetExceeded, ModelError):
+            return messages
+        if not summary:
+            return messages
+        self.compactions += 1
+        first = dict(messages[1])
+        first["content"] = (
+            f"{self.first_message}\n\n## Your progress so far\n\nYour earlier turns were replaced by this "
+            f"summary, written by you (compaction {self.compactions}); the REPL still holds every variable.\n\n"
+            f"{summary}"
+        )
+        compacted = [messages[0], first, *messages[-2:]]
+        after = self.cfg.backend.count_tokens(self.model, compacted)
+        fields = {
+            "iteration": turn,
+            "tokens_before": before,
+            "tokens_after": after,
+            "turns_summarized": sum(1 for m in older if m.get("role") == "assistant"),
+            "summary": summary,
+        }
+        self.emit("compaction", **fields)
+        if self.logger is not None:
+            self.logger.compaction(**fields)
+        return compacted
+
     def _fit(self, messages: Messages) -> Messages:
         """Elide the oldest REPL outputs when the messages would not fit the model's window."""
         window = self.cfg.backend.max_input_tokens(self.model)
         if not window:
             return messages
-        budget = int(window * 0.85)
+        budget = int(window * (self.cfg.compaction_threshold or DEFAULT_COMPACTION_THRESHOLD))
         if self.cfg.backend.count_tokens(self.model, messages) <= budget:
             return messages
         fitted = [dict(m) for m in messages]
@@ -581,6 +892,12 @@ class _Run:
                     break
         return fitted
 
+    def _system_prompt(self) -> str:
+        parts = [system_prompt().rstrip("\n"), describe_tools(self.cfg.tools)]
+        if self.answer_type is not None:
+            parts.append(self.answer_type.prompt())
+        return "\n\n".join(p for p in parts if p) + "\n"
+
     def _first_message(self, query: str | None) -> str:
         question = (
             f"Question: {query}"
@@ -588,13 +905,37 @@ class _Run:
             else "The task is described inside the context itself: read its beginning first."
         )
         return (
-            f"{question}\n\n{describe_context(self.context)}\n\n"
+            f"{question}\n\n{describe_context(self.context)}\n\n{self._session_note()}"
             f"You have {self.cfg.max_iterations} turns. You have not looked at the context yet: "
             "start by exploring it in a ```repl block."
         )
 
-    def execute(self, context: Context, query: str | None) -> RLMResult:
+    def _session_note(self) -> str:
+        """What a session's root model is told about the earlier contexts and turns ("" outside sessions)."""
+        session = self.session
+        if session is None:
+            return ""
+        last = len(session.contexts) - 1
+        if last == 0:
+            return (
+                "This is the first question of a session: your variables stay in the REPL for later questions. "
+                "`context` is also `context_0`.\n\n"
+            )
+        lines = [
+            f"This is question {last + 1} of a session: the REPL still holds your variables from earlier "
+            f"questions. `context` is the new context (also `context_{last}`); the earlier ones are:"
+        ]
+        for i, (earlier, turn) in enumerate(zip(session.contexts[:-1], session.history, strict=False)):
+            head = describe_context(earlier).split("\n", 1)[0].replace("`context`", f"`context_{i}`", 1)
+            asked = _clip(str(turn.get("query") or "(in the context)"), 200)
+            answered = _clip(str(turn.get("answer")), 200)
+            lines.append(f"- {head} Question: {asked} Answer: {answered}")
+        lines.append("`history` is the list of those earlier turns as {'query': ..., 'answer': ...} dicts.")
+        return "\n".join(lines) + "\n\n"
+
+    def execute(self, context: Context, query: str | None, session: _Session | None = None) -> RLMResult:
         self.context = context
+        self.session = session
         started = time.perf_counter()
         description = describe_context(context)
         if self.logger is not None:
@@ -617,19 +958,40 @@ class _Run:
                 query=query,
                 context_description=description,
                 audit_log=str(self.logger.audit_path),
+                **({} if session is None else {"session_turn": len(session.history) + 1}),
             )
-        if self.view is not None:
-            self.view.start(self.model, query, description)
-        sb = self._open_sandbox()
+        self.emit(
+            "run_start",
+            model=self.model,
+            query=query,
+            context=description,
+            max_iterations=self.cfg.max_iterations,
+            parent_run_id=self.parent_id,
+            session_turn=None if session is None else len(session.history) + 1,
+        )
         try:
-            return self._loop(sb, query, started)
-        finally:
-            sb.close()
+            if session is not None:
+                answer: str | None = None
+                try:
+                    result = self._loop(self._attach(session), query, started)
+                    answer = result.answer
+                    return result
+                finally:
+                    session.history.append({"query": query, "answer": answer})
+            sb = self._open_sandbox()
+            try:
+                return self._loop(sb, query, started)
+            finally:
+                sb.close()
+        except BaseException as exc:
+            self.emit("run_end", answer=None, stop_reason="error", error=f"{type(exc).__name__}: {exc}")
+            raise
 
     def _loop(self, sb: Any, query: str | None, started: float) -> RLMResult:
+        self.first_message = self._first_message(query)
         messages: Messages = [
-            {"role": "system", "content": system_prompt()},
-            {"role": "user", "content": self._first_message(query)},
+            {"role": "system", "content": self._system_prompt()},
+            {"role": "user", "content": self.first_message},
         ]
         history: list[dict[str, Any]] = []
         stop_reason: str | None = None
@@ -640,6 +1002,8 @@ class _Run:
                 stop_reason = self.ledger.stopped_by
                 break
             turn_started = time.perf_counter()
+            self.emit("iteration_start", iteration=turn)
+            messages = self._compact(messages, turn)
             sent = self._fit(messages)
             try:
                 completion = self._call(self.model, sent, sub=False)
@@ -653,8 +1017,13 @@ class _Run:
                 break
             iterations = turn
             response = completion.text
-            if self.view is not None:
-                self.view.turn(turn, self.cfg.max_iterations, response)
+            self.emit(
+                "model_reply",
+                iteration=turn,
+                response=response,
+                input_tokens=completion.input_tokens,
+                output_tokens=completion.output_tokens,
+            )
             blocks = extract_code_blocks(response)
             code_entries: list[dict[str, Any]] = []
             outputs: list[str] = []
@@ -662,29 +1031,62 @@ class _Run:
                 entry, text, ok = self._run_block(sb, code)
                 code_entries.append(entry)
                 outputs.append(text)
-                if self.view is not None:
-                    self.view.block(index, code, text, len(entry["result"]["rlm_calls"]), ok)
+                self.emit(
+                    "code_result",
+                    iteration=turn,
+                    index=index,
+                    code=code,
+                    output=text,
+                    ok=ok,
+                    sub_calls=sum(1 for c in entry["result"]["rlm_calls"] if c.get("type") != "tool"),
+                    tool_calls=sum(1 for c in entry["result"]["rlm_calls"] if c.get("type") == "tool"),
+                )
+                self.errors_in_a_row = 0 if ok else self.errors_in_a_row + 1
                 if self.fatal is not None:
                     raise self.fatal
-                if self.final is not None or self.ledger.stopped_by is not None:
+                if self.final is not None or self.ledger.stopped_by is not None or self._too_many_errors():
                     break
             self._resolve_text_final(sb, response)
+            rejected = self._check_final()
+            if rejected is not None:
+                self.emit("final_rejected", iteration=turn, error=rejected)
             record = {
                 "response": response,
                 "code_blocks": code_entries,
                 "final_answer": self.final,
                 "iteration_time": time.perf_counter() - turn_started,
             }
+            if rejected is not None:
+                record["final_rejected"] = rejected
             history.append({"iteration": turn, **record})
             if self.logger is not None:
                 self.logger.iteration(prompt=sent, **record)
-            if self.view is not None:
-                self.view.usage(*self._totals(), self.ledger.sub_calls, self.ledger.elapsed())
+            if self.final is not None:
+                self.emit("final", answer=self.final)
+            tokens_in, tokens_out, cost = self._totals()
+            self.emit(
+                "iteration_end",
+                iteration=turn,
+                input_tokens=tokens_in,
+                output_tokens=tokens_out,
+                cost_usd=cost,
+                sub_calls=self.ledger.sub_calls,
+                elapsed_s=self.ledger.elapsed(),
+            )
             if self.final is not None:
                 stop_reason = "final"
                 break
+            if self._too_many_errors():
+                stop_reason = "max_errors"
+                break
             messages.append({"role": "assistant", "content": response})
-            messages.append({"role": "user", "content": self._feedback(blocks, outputs, turn)})
+            feedback = self._feedback(blocks, outputs, turn)
+            if rejected is not None:
+                feedback = (
+                    f"Your final answer was rejected: it does not match the required answer format "
+                    f"({rejected}). Correct it and give the final answer again.\n\n{feedback}"
+                )
+            messages.append({"role": "user", "content": feedback})
             if self.ledger.exhausted():
                 stop_reason = self.ledger.stopped_by
                 break
@@ -698,9 +1100,23 @@ class _Run:
             self.logger.result(
                 closing_response=closing, **result.model_dump(mode="json", exclude={"history"})
             )
-        if self.view is not None:
-            self.view.finish(result.answer, result.stop_reason)
+        self.emit(
+            "run_end",
+            answer=result.answer,
+            stop_reason=result.stop_reason,
+            iterations=result.iterations,
+            input_tokens=result.total_input_tokens,
+            output_tokens=result.total_output_tokens,
+            cost_usd=result.cost_usd,
+            sub_calls=result.sub_calls,
+            tool_calls=result.tool_calls,
+            elapsed_s=result.execution_time,
+        )
         return result
+
+    def _too_many_errors(self) -> bool:
+        limit = self.cfg.max_errors
+        return limit is not None and self.errors_in_a_row >= limit
 
     def _feedback(self, blocks: list[str], outputs: list[str], turn: int) -> str:
         left = self.cfg.max_iterations - turn
@@ -721,8 +1137,7 @@ class _Run:
         """One last call for the best answer when the run stops without FINAL."""
         closing = [*messages[:-1], dict(messages[-1])]
         closing[-1]["content"] = f"{closing[-1]['content']}\n\n{CLOSING_PROMPT}"
-        if self.view is not None:
-            self.view.note("no FINAL: asking for the best answer")
+        self.emit("closing_call")
         try:
             completion = self._call(self.model, self._fit(closing), sub=False)
         except (BudgetExceeded, ModelError):
@@ -730,9 +1145,16 @@ class _Run:
         text = completion.text
         if find_final(text) is not None:
             self._resolve_text_final(sb, text)
-            return self.final, text
-        answer = text.strip()
-        return (answer or None), text
+        elif text.strip():
+            self._set_final(text.strip())
+        if self._check_final() is not None:
+            return None, text
+        return self.final, text
+
+    def _audit_log_path(self) -> str | None:
+        if self.session is not None:  # a session's sandbox keeps the audit log of its first run
+            return str(self.session.audit_path) if self.session.audit_path is not None else None
+        return str(self.logger.audit_path) if self.logger is not None else None
 
     def _totals(self) -> tuple[int, int, float | None]:
         return self.ledger.totals()
@@ -753,6 +1175,8 @@ class _Run:
             iterations=iterations,
             code_executions=self.code_executions,
             sub_calls=self.ledger.sub_calls,
+            tool_calls=self.ledger.tool_calls,
+            parsed=self.parsed,
             total_input_tokens=input_tokens,
             total_output_tokens=output_tokens,
             cost_usd=cost,
@@ -762,6 +1186,6 @@ class _Run:
             root_model=self.model,
             run_id=self.run_id,
             log_path=str(self.logger.path) if self.logger is not None else None,
-            audit_log_path=str(self.logger.audit_path) if self.logger is not None else None,
+            audit_log_path=self._audit_log_path(),
             error=error,
         )

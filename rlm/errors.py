@@ -14,7 +14,8 @@ The tree::
     │   ├── AuthenticationError     no API key for the provider, or the key was rejected
     │   ├── UnknownModelError       litellm cannot route the model string to a provider
     │   ├── ContextWindowExceeded   the prompt does not fit the model's context window
-    │   └── RateLimited             the provider refused the call for rate or quota reasons
+    │   ├── RateLimited             the provider refused the call for rate or quota reasons (retried)
+    │   └── ProviderUnavailable     a timeout, a connection failure or a 5xx from the provider (retried)
     ├── BudgetExceeded              a budget (sub-calls, tokens, cost, time) is used up
     └── SandboxFailure              the sandbox could not be started or used
 """
@@ -27,6 +28,7 @@ __all__ = [
     "ConfigurationError",
     "ContextWindowExceeded",
     "ModelError",
+    "ProviderUnavailable",
     "RLMError",
     "RateLimited",
     "SandboxFailure",
@@ -43,11 +45,16 @@ class ConfigurationError(RLMError, ValueError):
 
 
 class ModelError(RLMError):
-    """A model call failed. ``model`` is the model string as the caller gave it."""
+    """A model call failed. ``model`` is the model string as the caller gave it.
 
-    def __init__(self, message: str, *, model: str | None = None) -> None:
+    ``retry_after`` is the wait in seconds the provider asked for (its
+    ``Retry-After`` header), when it sent one.
+    """
+
+    def __init__(self, message: str, *, model: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.model = model
+        self.retry_after = retry_after
 
 
 class AuthenticationError(ModelError):
@@ -63,7 +70,11 @@ class ContextWindowExceeded(ModelError):
 
 
 class RateLimited(ModelError):
-    """The provider refused the call: rate limit or exhausted quota."""
+    """The provider refused the call: rate limit or exhausted quota. The loop retries it."""
+
+
+class ProviderUnavailable(ModelError):
+    """The call timed out, could not connect, or the provider answered 5xx. The loop retries it."""
 
 
 class BudgetExceeded(RLMError):

@@ -9,7 +9,14 @@ reads its bundled price map instead of fetching one over the network.
   model is missing from litellm's price map);
 - :func:`count_tokens`, :func:`max_input_tokens`: tokenizer and context window;
 - litellm's exceptions are mapped onto :mod:`rlm.errors` (``ModelError`` and
-  its subclasses), with any API key scrubbed from the messages.
+  its subclasses), with any API key scrubbed from the messages;
+- prompt caching: with ``cache_prefix=True`` a call to a provider that takes
+  explicit cache markers (Anthropic's ``cache_control``, also for Claude on
+  Bedrock and Vertex) marks the stable prefix of the conversation (the system
+  prompt, and everything before the last message) as cacheable. Cached input
+  tokens come back in :class:`Completion` (``cache_read_tokens``,
+  ``cache_write_tokens``) for every provider that reports them, and litellm's
+  cost prices them.
 
 API keys are passed straight to litellm and kept nowhere else.
 """
@@ -27,6 +34,7 @@ from rlm.errors import (
     AuthenticationError,
     ContextWindowExceeded,
     ModelError,
+    ProviderUnavailable,
     RateLimited,
     UnknownModelError,
 )
@@ -36,6 +44,7 @@ __all__ = [
     "acomplete",
     "complete",
     "count_tokens",
+    "mark_cache_prefix",
     "max_input_tokens",
 ]
 
@@ -56,6 +65,8 @@ class Completion:
     output_tokens: int
     cost_usd: float | None  # None when the model's price is unknown
     duration_s: float = 0.0
+    cache_read_tokens: int = 0  # input tokens read from the provider's prompt cache (part of input_tokens)
+    cache_write_tokens: int = 0  # input tokens written to it (part of input_tokens)
 
 
 def _lib() -> ModuleType:
@@ -114,12 +125,82 @@ def _prepare(
                 f"no API key for model {model!r}: set {' or '.join(missing)} in the environment", model=model
             )
     call = dict(kwargs)
+    if call.pop("cache_prefix", False) and _takes_cache_markers(litellm, model, api_base):
+        messages = mark_cache_prefix(messages)
+    call.setdefault("max_retries", 0)  # retries are the loop's (rlm.core), counted and bounded by budgets
     call.update(model=model, messages=messages)
     if api_base:
         call["api_base"] = api_base
     if api_key:
         call["api_key"] = api_key
     return call
+
+
+#: Providers whose prompt caching needs explicit ``cache_control`` markers (Claude models).
+_MARKER_PROVIDERS = ("anthropic", "bedrock", "vertex_ai", "vertex_ai_beta")
+
+
+def _takes_cache_markers(litellm: Any, model: str, api_base: str | None) -> bool:
+    try:
+        provider = litellm.get_llm_provider(model=model, api_base=api_base)[1]
+    except Exception:
+        return False
+    return provider == "anthropic" or (provider in _MARKER_PROVIDERS and "claude" in model.lower())
+
+
+def mark_cache_prefix(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A copy of *messages* with ``cache_control`` on the system prompt and on the message before the last.
+
+    Those two markers (of the four Anthropic allows) make the system prompt and
+    every earlier turn a cached prefix: the next call of the same conversation
+    reads it from the cache and pays full price only for the newest message.
+    """
+    marked = [dict(m) for m in messages]
+    targets = {i for i, m in enumerate(marked) if m.get("role") == "system"}
+    if len(marked) >= 2:
+        targets.add(len(marked) - 2)
+    for i in targets:
+        content = marked[i].get("content")
+        if isinstance(content, str):
+            if not content:
+                continue
+            content = [{"type": "text", "text": content}]
+        elif isinstance(content, list) and content and isinstance(content[-1], dict):
+            content = [*content[:-1], dict(content[-1])]
+        else:
+            continue
+        content[-1]["cache_control"] = {"type": "ephemeral"}
+        marked[i]["content"] = content
+    return marked
+
+
+def _retry_after(exc: Exception) -> float | None:
+    """The wait a provider asked for in its ``Retry-After`` (or ``retry-after-ms``) header, in seconds."""
+    headers = getattr(exc, "litellm_response_headers", None)
+    if headers is None:
+        headers = getattr(getattr(exc, "response", None), "headers", None)
+    if headers is None:
+        return None
+    try:
+        millis = headers.get("retry-after-ms")
+        if millis is not None:
+            return max(0.0, float(millis) / 1000)
+        value = headers.get("retry-after")
+    except Exception:
+        return None
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(str(value))
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def _map_error(exc: Exception, model: str, api_key: str | None) -> ModelError:
@@ -140,8 +221,23 @@ def _map_error(exc: Exception, model: str, api_key: str | None) -> ModelError:
         )
     if isinstance(exc, litellm.NotFoundError) or "llm provider not provided" in lowered:
         return UnknownModelError(f"{model}: unknown model: {message}", model=model)
+    retry_after = _retry_after(exc)
     if isinstance(exc, litellm.RateLimitError):
-        return RateLimited(f"{model}: rate limited: {message}", model=model)
+        return RateLimited(f"{model}: rate limited: {message}", model=model, retry_after=retry_after)
+    status = getattr(exc, "status_code", None)
+    transient = (
+        litellm.Timeout,
+        litellm.APIConnectionError,
+        litellm.InternalServerError,
+        litellm.ServiceUnavailableError,
+        litellm.BadGatewayError,
+    )
+    if isinstance(exc, transient) or (isinstance(status, int) and (status >= 500 or status == 408)):
+        return ProviderUnavailable(
+            f"{model}: provider unavailable: {type(exc).__name__}: {message}",
+            model=model,
+            retry_after=retry_after,
+        )
     return ModelError(f"{model}: {type(exc).__name__}: {message}", model=model)
 
 
@@ -157,6 +253,11 @@ def _completion_from(response: Any, model: str, messages: list[dict[str, Any]], 
     if usage is None:
         input_tokens = count_tokens(model, messages)
         output_tokens = count_tokens(model, [{"role": "assistant", "content": text}])
+    details = getattr(usage, "prompt_tokens_details", None)
+    cache_read = getattr(usage, "cache_read_input_tokens", None) or getattr(details, "cached_tokens", None)
+    cache_write = getattr(usage, "cache_creation_input_tokens", None) or getattr(
+        details, "cache_creation_tokens", None
+    )
     cost: float | None = None
     hidden = getattr(response, "_hidden_params", None) or {}
     raw_cost = hidden.get("response_cost") if isinstance(hidden, dict) else None
@@ -174,6 +275,8 @@ def _completion_from(response: Any, model: str, messages: list[dict[str, Any]], 
         output_tokens=output_tokens,
         cost_usd=cost,
         duration_s=time.perf_counter() - started,
+        cache_read_tokens=int(cache_read or 0),
+        cache_write_tokens=int(cache_write or 0),
     )
 
 

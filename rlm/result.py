@@ -15,6 +15,7 @@ StopReason = Literal[
     "max_tokens",
     "max_cost_usd",
     "max_time_s",
+    "max_errors",  # max_errors code blocks in a row raised
     "model_error",  # a root-model call failed mid-run (see ``error``)
     "error",  # the run could not start (CLI --json only; the library raises instead)
 ]
@@ -29,6 +30,13 @@ class ModelUsage(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float | None = Field(0.0, description="None when litellm has no price for the model.")
+    retries: int = Field(0, description="Calls tried again after a rate limit, timeout or 5xx.")
+    cache_read_tokens: int = Field(
+        0, description="Input tokens read from the prompt cache (in input_tokens)."
+    )
+    cache_write_tokens: int = Field(
+        0, description="Input tokens written to the prompt cache (in input_tokens)."
+    )
 
 
 class RLMResult(BaseModel):
@@ -36,7 +44,8 @@ class RLMResult(BaseModel):
 
     Counters: ``iterations`` are root turns (at most ``max_iterations``);
     ``code_executions`` are the root's repl blocks run; ``sub_calls`` are all
-    model calls other than the root's own calls, across the whole tree.
+    model calls other than the root's own calls, across the whole tree;
+    ``tool_calls`` are calls of the caller's tools, across the whole tree.
     Tokens, cost and ``usage`` cover every call of the tree, the closing
     "best answer" call included. ``cost_usd`` is None when a price is unknown.
     """
@@ -46,6 +55,8 @@ class RLMResult(BaseModel):
     iterations: int = 0
     code_executions: int = 0
     sub_calls: int = 0
+    tool_calls: int = 0
+    parsed: Any = Field(None, description="The answer validated against output_type (None without one).")
     total_input_tokens: int = 0
     total_output_tokens: int = 0
     cost_usd: float | None = None

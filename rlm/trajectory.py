@@ -5,7 +5,9 @@ One file per run, ``<log_dir>/<run_id>.jsonl``: a ``metadata`` line, then one
 turn, ``response``, ``code_blocks: [{code, result: {stdout, stderr, locals,
 execution_time, rlm_calls}}]``, ``final_answer``, ``iteration_time``), then a
 closing ``result`` line with the run's outcome (viewers that only know
-``metadata`` and ``iteration`` skip it). The sandbox audit log of the run is
+``metadata`` and ``iteration`` skip it). A ``compaction`` line, before the
+iteration it preceded, records older turns replaced by a model-written
+summary (``tokens_before``, ``tokens_after``, ``turns_summarized``, ``summary``). The sandbox audit log of the run is
 ``<run_id>.audit.jsonl`` next to it.
 
 Every line is scrubbed of the secrets the logger was given (API keys) before
@@ -60,6 +62,10 @@ class TrajectoryLogger:
     def iteration(self, **fields: Any) -> None:
         self._iterations += 1
         self._write({"type": "iteration", "iteration": self._iterations, "timestamp": self._now(), **fields})
+
+    def compaction(self, **fields: Any) -> None:
+        """A ``compaction`` line: older turns of the root conversation were replaced by a summary."""
+        self._write({"type": "compaction", "timestamp": self._now(), **fields})
 
     def result(self, **fields: Any) -> None:
         self._write({"type": "result", "timestamp": self._now(), **fields})

@@ -74,6 +74,7 @@ class Reply:
     error_code: str | None = None
     error_type: str = "invalid_request_error"
     latency_s: float | None = None  # overrides the server's latency for this reply
+    headers: tuple[tuple[str, str], ...] = ()  # extra response headers, e.g. (("Retry-After", "1"),)
 
 
 @dataclass
@@ -147,9 +148,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # silence per-request logging
         pass
 
-    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
+    def _send_json(
+        self, status: int, payload: dict[str, Any], headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -186,7 +191,7 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(delay)
         if reply.status != 200:
             error = {"message": reply.text or "error", "type": reply.error_type, "code": reply.error_code}
-            self._send_json(reply.status, {"error": error})
+            self._send_json(reply.status, {"error": error}, reply.headers)
             return
         prompt_tokens = sum(count_words(_content_text(m.get("content"))) + 1 for m in request.messages)
         completion_tokens = max(1, count_words(reply.text))

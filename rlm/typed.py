@@ -1,0 +1,86 @@
+"""Typed answers: ``rlm.run(..., output_type=T)``.
+
+``T`` is a pydantic model or any type pydantic can validate (``int``,
+``list[str]``, ``dict[str, float]``, a ``TypedDict`` ...). Its JSON schema goes
+into the system prompt; the final value (a Python value given to ``FINAL`` /
+``FINAL_VAR``, or text holding JSON) is validated; a failure is shown to the
+model, which tries again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from rlm.errors import ConfigurationError
+
+__all__ = ["AnswerType", "AnswerTypeError"]
+
+_FENCED = re.compile(r"^\s*```[\w-]*\s*\n(.*?)\n\s*```\s*$", re.DOTALL)
+
+
+class AnswerTypeError(ValueError):
+    """A final answer that does not validate against ``output_type`` (shown to the model, not raised)."""
+
+
+class AnswerType:
+    """Validation of final answers against one output type."""
+
+    def __init__(self, output_type: Any) -> None:
+        from pydantic import TypeAdapter
+
+        try:
+            self.adapter: Any = TypeAdapter(output_type)
+            self.schema = self.adapter.json_schema()
+        except Exception as exc:
+            raise ConfigurationError(
+                f"output_type {output_type!r} cannot be validated by pydantic: {exc}"
+            ) from None
+        self.name = getattr(output_type, "__name__", None) or repr(output_type)
+
+    def prompt(self) -> str:
+        """The system prompt's section about the answer's type."""
+        schema = json.dumps(self.schema, ensure_ascii=False, indent=1)
+        return (
+            "## Answer format\n\n"
+            "Your final answer must match this JSON schema:\n\n"
+            f"```json\n{schema}\n```\n\n"
+            "Give it as a Python value (`FINAL(result)` with a dict, a list, a number ...) or as JSON text. "
+            "It is checked: when it does not match you are told why, and you answer again."
+        )
+
+    def validate(self, value: Any) -> Any:
+        """The validated value; raises :class:`AnswerTypeError` with a readable reason."""
+        from pydantic import ValidationError
+
+        if isinstance(value, str):
+            text = value.strip()
+            fenced = _FENCED.match(text)
+            if fenced:
+                text = fenced.group(1).strip()
+            try:
+                return self.adapter.validate_json(text)
+            except ValidationError as exc:
+                json_error: ValidationError | None = exc
+            try:
+                return self.adapter.validate_python(value)
+            except ValidationError as exc:
+                looks_json = text[:1] in ("{", "[", '"') or text[:1].isdigit()
+                raise AnswerTypeError(_reason(json_error if looks_json and json_error else exc)) from None
+        try:
+            return self.adapter.validate_python(value)
+        except ValidationError as exc:
+            raise AnswerTypeError(_reason(exc)) from None
+
+    def dump(self, parsed: Any) -> str:
+        """The JSON text of a validated value (what ``RLMResult.answer`` holds)."""
+        return str(self.adapter.dump_json(parsed).decode("utf-8"))
+
+
+def _reason(exc: Any) -> str:
+    lines = []
+    for error in exc.errors(include_url=False)[:10]:
+        where = ".".join(str(p) for p in error.get("loc", ())) or "value"
+        lines.append(f"{where}: {error.get('msg')}")
+    return "; ".join(lines) or str(exc)

@@ -1,0 +1,469 @@
+"""RLM features of issue 12 driven by the scripted model over real sandboxes: events, tools,
+error threshold, retries, typed answers, sessions, compaction (the loopback-server side is in
+tests/test_rlm_features_e2e.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from rlm import RLM, ScriptedBackend, run
+from rlm.errors import ConfigurationError, ModelError, ProviderUnavailable, RateLimited
+from rlm.result import RLMResult
+from tests.conftest import policy_with
+from tests.test_rlm_loop import go, repl
+
+
+@pytest.fixture
+def fork_server_on_main_thread() -> None:
+    """Start the shared fork server from the main thread before a test runs RLMs in asyncio.run.
+
+    Today the fork server dies with the thread that started it (PR_SET_PDEATHSIG; issue 9), and
+    acompletion opens its sandbox in a to_thread worker that asyncio.run ends. Remove once fixed.
+    """
+    from sandbox import Sandbox
+
+    Sandbox("default", audit_log=None).close()
+
+
+# ------------------------------------------------------------------ events
+
+
+def test_events_arrive_in_order_with_run_id_depth_and_time():
+    events: list[dict[str, Any]] = []
+    backend = ScriptedBackend(
+        {"root": [repl("print(llm_query('hi'))", "Looking."), repl("FINAL('done')")], "sub": ["pong"]}
+    )
+    r = run("q?", "ctx", model="root", sub_model="sub", backend=backend, on_event=events.append)
+    assert r.answer == "done"
+    kinds = [e["type"] for e in events]
+    assert kinds == [
+        "run_start",
+        "iteration_start", "model_reply", "sub_call", "code_result", "iteration_end",
+        "iteration_start", "model_reply", "code_result", "final", "iteration_end",
+        "run_end",
+    ]  # fmt: skip
+    assert {e["run_id"] for e in events} == {r.run_id} and {e["depth"] for e in events} == {0}
+    assert [e["t"] for e in events] == sorted(e["t"] for e in events)
+    assert events[0]["query"] == "q?" and "str of 3 characters" in events[0]["context"]
+    assert events[2]["response"].startswith("Looking.") and events[2]["input_tokens"] > 0
+    assert events[3]["kind"] == "llm" and events[3]["response"] == "pong"
+    assert events[4]["output"] == "pong" and events[4]["ok"] and events[4]["sub_calls"] == 1
+    assert events[-1]["stop_reason"] == "final" and events[-1]["answer"] == "done"
+
+
+def test_child_rlm_events_carry_their_own_run_id_and_depth():
+    events: list[dict[str, Any]] = []
+
+    def respond(model, messages):
+        if "Question: outer" in messages[1]["content"]:
+            return repl("FINAL(rlm_query('inner', context='abc'))")
+        return repl("FINAL(len(context))")
+
+    r = run("outer", "x", model="root", max_depth=2, backend=ScriptedBackend(respond), on_event=events.append)
+    assert r.answer == "3"
+    child = [e for e in events if e["depth"] == 1]
+    assert child[0]["type"] == "run_start" and child[0]["parent_run_id"] == r.run_id
+    assert child[-1]["type"] == "run_end" and child[-1]["run_id"] != r.run_id
+    sub = next(e for e in events if e["type"] == "sub_call")
+    assert sub["kind"] == "rlm" and sub["depth"] == 0 and sub["response"] == "3"
+
+
+def test_a_failing_callback_is_logged_once_and_never_stops_the_run(caplog):
+    seen: list[str] = []
+
+    def broken(event: dict[str, Any]) -> None:
+        seen.append(event["type"])
+        raise RuntimeError("callback bug")
+
+    with caplog.at_level(logging.WARNING, logger="rlm"):
+        r = go([repl("x = 1"), repl("FINAL('ok')")], on_event=broken)
+    assert r.answer == "ok" and seen[0] == "run_start" and seen[-1] == "run_end"
+    warnings = [rec for rec in caplog.records if "callback bug" in rec.getMessage()]
+    assert len(warnings) == 1
+
+
+@pytest.mark.usefixtures("fork_server_on_main_thread")
+def test_a_coroutine_callback_is_awaited_on_the_callers_loop():
+    async def main() -> tuple[list[str], set[Any], Any]:
+        seen: list[str] = []
+        loops: set[Any] = set()
+
+        async def on_event(event: dict[str, Any]) -> None:
+            await asyncio.sleep(0)
+            loops.add((asyncio.get_running_loop(), threading.get_ident()))
+            seen.append(event["type"])
+
+        r = RLM("root", backend=ScriptedBackend([repl("FINAL('a')")]), on_event=on_event)
+        result = await r.acompletion("ctx", "q")
+        assert result.answer == "a"
+        return seen, loops, (asyncio.get_running_loop(), threading.get_ident())
+
+    for _ in range(2):  # asyncio.run twice: nothing is bound to the first loop
+        seen, loops, caller = asyncio.run(main())
+        assert seen[0] == "run_start" and seen[-1] == "run_end" and loops == {caller}
+    # under the synchronous API a coroutine callback runs to completion too
+    seen2: list[str] = []
+
+    async def cb(event: dict[str, Any]) -> None:
+        seen2.append(event["type"])
+
+    assert go([repl("FINAL(1)")], on_event=cb).answer == "1" and seen2[-1] == "run_end"
+
+
+def test_run_end_is_emitted_when_the_run_raises():
+    from rlm.errors import AuthenticationError
+
+    events: list[dict[str, Any]] = []
+    try:
+        go([AuthenticationError("no key", model="root")], on_event=events.append)
+    except AuthenticationError:
+        pass
+    assert events[-1]["type"] == "run_end" and events[-1]["stop_reason"] == "error"
+
+
+# ------------------------------------------------------------------- tools
+
+
+def lookup(key: str, default: str = "?") -> str:
+    """Look a key up in the host's table.
+
+    This second paragraph is not shown to the model.
+    """
+    return {"alice": "engineering"}.get(key, default) + f"@{os.getpid()}"
+
+
+def test_tools_run_in_this_process_are_listed_counted_and_logged(tmp_path: Path):
+    def broken(x: int) -> int:
+        """Always fails."""
+        raise KeyError("no such row")
+
+    def quits() -> None:
+        raise SystemExit(3)
+
+    events: list[dict[str, Any]] = []
+    backend = ScriptedBackend(
+        [
+            repl("print(lookup('alice'))\nprint(lookup(key='bob', default='none'))"),
+            repl("broken(1)"),
+            repl("quits()"),
+            repl("FINAL(lookup('alice'))"),
+        ]
+    )
+    r = go(None, backend=backend, tools=[lookup, broken, quits], log_dir=tmp_path, on_event=events.append)
+    pid = os.getpid()
+    assert r.answer == f"engineering@{pid}" and r.tool_calls == 5 and r.sub_calls == 0
+    system = backend.calls[0][1][0]["content"]
+    assert "`lookup(key: str, default: str = '?') -> str`: Look a key up in the host's table." in system
+    assert "second paragraph" not in system and "`broken(x: int) -> int`: Always fails." in system
+    assert f"none@{pid}" in backend.calls[1][1][-1]["content"]
+    failed = backend.calls[2][1][-1]["content"]
+    assert "tool broken() failed: KeyError: 'no such row'" in failed
+    assert "tool quits() failed: SystemExit: 3" in backend.calls[3][1][-1]["content"]
+    lines = [json.loads(x) for x in Path(r.log_path).read_text().splitlines()]
+    calls = lines[1]["code_blocks"][0]["result"]["rlm_calls"]
+    assert [(c["type"], c["name"], c["args"], c["kwargs"]) for c in calls] == [
+        ("tool", "lookup", ["alice"], {}),
+        ("tool", "lookup", [], {"key": "bob", "default": "none"}),
+    ]
+    assert lines[2]["code_blocks"][0]["result"]["rlm_calls"][0]["error"] == "KeyError: 'no such row'"
+    tool_events = [e for e in events if e["type"] == "tool_call"]
+    assert len(tool_events) == 5 and tool_events[2]["error"].startswith("KeyError")
+    assert [e["tool_calls"] for e in events if e["type"] == "code_result"] == [2, 1, 1, 1]
+
+
+@pytest.mark.usefixtures("fork_server_on_main_thread")
+def test_coroutine_tools_are_awaited_on_the_callers_loop():
+    async def fetch(n: int) -> int:
+        """Double n, asynchronously."""
+        await asyncio.sleep(0.01)
+        fetch.loops.append(asyncio.get_running_loop())  # type: ignore[attr-defined]
+        return 2 * n
+
+    fetch.loops = []  # type: ignore[attr-defined]
+
+    async def main() -> tuple[str | None, Any]:
+        r = RLM("root", backend=ScriptedBackend([repl("FINAL(fetch(21))")]), tools={"fetch": fetch})
+        return (await r.acompletion("ctx", "q")).answer, asyncio.get_running_loop()
+
+    answer, loop = asyncio.run(main())
+    assert answer == "42" and fetch.loops == [loop]  # type: ignore[attr-defined]
+    assert go([repl("FINAL(fetch(1))")], tools={"fetch": fetch}).answer == "2"  # sync API: a private loop
+
+
+def test_tool_names_are_checked():
+    for bad in (
+        {"llm_query": lookup},
+        {"FINAL": lookup},
+        {"context": lookup},
+        {"context_3": lookup},
+        {"_hidden": lookup},
+        {"ok": 42},
+        [lambda x: x],
+        "lookup",
+    ):
+        with pytest.raises(ConfigurationError):
+            RLM("m", tools=bad)
+    assert list(RLM("m", tools={"find": lookup}).tools) == ["find"]
+
+
+# --------------------------------------------------------- error threshold
+
+
+def test_max_errors_stops_after_n_failing_blocks_in_a_row(tmp_path: Path):
+    failing = repl("1/0")
+    # a failure, a success, then two failures: the streak restarts after the success
+    two = "```repl\nundefined_name\n```\n```repl\nprint('not run')\n```"
+    script = [failing, repl("x = 1"), failing, two]
+    r = go([*script, repl("FINAL('never')")], max_errors=2, log_dir=tmp_path)
+    assert (r.stop_reason, r.answer, r.iterations, r.code_executions) == ("max_errors", None, 4, 4)
+    lines = [json.loads(x) for x in Path(r.log_path).read_text().splitlines()]
+    assert lines[-1]["stop_reason"] == "max_errors" and len(lines[-2]["code_blocks"]) == 1
+    # without the threshold the same run goes on to the answer
+    assert go([*script, repl("FINAL('reached')")]).answer == "reached"
+    with pytest.raises(ConfigurationError):
+        RLM("m", max_errors=0)
+
+
+# ------------------------------------------------------------------ retries
+
+
+def test_rate_limits_and_outages_are_retried_and_counted():
+    events: list[dict[str, Any]] = []
+    backend = ScriptedBackend(
+        {
+            "root": [
+                RateLimited("slow down", model="root", retry_after=0.0),
+                ProviderUnavailable("503", model="root"),
+                repl("FINAL(llm_query('x'))"),
+            ],
+            "sub": [ProviderUnavailable("timeout", model="sub"), "pong"],
+        }
+    )
+    r = go(None, backend=backend, retry_backoff_s=0.01, on_event=events.append)
+    assert r.answer == "pong" and r.stop_reason == "final" and r.iterations == 1 and r.sub_calls == 1
+    assert (r.usage["root"].retries, r.usage["root"].calls) == (2, 1)
+    assert (r.usage["sub"].retries, r.usage["sub"].calls) == (1, 1)
+    retries = [(e["model"], e["attempt"]) for e in events if e["type"] == "retry"]
+    assert retries == [("root", 1), ("root", 2), ("sub", 1)]
+    assert next(e for e in events if e["type"] == "retry")["delay_s"] == 0.0  # Retry-After honoured
+
+
+def test_retries_stop_at_max_retries_and_other_errors_are_not_retried():
+    down = [ProviderUnavailable("503", model="root")] * 3
+    with pytest.raises(ProviderUnavailable):  # the first turn's failure is the caller's
+        go(down, max_retries=2, retry_backoff_s=0.001)
+    backend = ScriptedBackend([repl("x = 1"), ModelError("bad request", model="root"), repl("FINAL(1)")])
+    r = go(None, backend=backend)
+    assert r.stop_reason == "model_error" and backend.remaining == 1 and r.usage["root"].retries == 0
+    with pytest.raises(ConfigurationError):
+        RLM("m", max_retries=-1)
+
+
+def test_a_retry_never_waits_past_the_time_budget():
+    started = time.monotonic()
+    script = [repl("x = 1"), RateLimited("slow down", model="root", retry_after=30.0), repl("FINAL(1)")]
+    r = go(script, max_time_s=20)
+    assert r.stop_reason == "max_time_s" and r.answer is None and time.monotonic() - started < 15
+    # a wait longer than any retry accepts fails the call at once
+    r = go([repl("x = 1"), RateLimited("quota", model="root", retry_after=3600.0)])
+    assert r.stop_reason == "model_error" and "quota" in (r.error or "")
+
+
+# ------------------------------------------------------------ typed answers
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+def test_typed_answer_is_validated_and_a_failure_costs_one_more_turn(tmp_path: Path):
+    events: list[dict[str, Any]] = []
+    backend = ScriptedBackend(
+        [
+            repl("FINAL({'name': 'Ada'})"),  # age missing: rejected, the model is told why
+            repl("p = {'name': 'Ada', 'age': '36'}\nFINAL_VAR('p')"),
+        ]
+    )
+    r = go(None, backend=backend, output_type=Person, log_dir=tmp_path, on_event=events.append)
+    assert r.parsed == Person(name="Ada", age=36) and json.loads(r.answer) == {"name": "Ada", "age": 36}
+    assert r.iterations == 2 and r.stop_reason == "final"
+    assert (
+        '"age"' in backend.calls[0][1][0]["content"] and "Answer format" in backend.calls[0][1][0]["content"]
+    )
+    told = backend.calls[1][1][-1]["content"]
+    assert "rejected" in told and "age: Field required" in told
+    assert [e["error"] for e in events if e["type"] == "final_rejected"] == ["age: Field required"]
+    lines = [json.loads(x) for x in Path(r.log_path).read_text().splitlines()]
+    assert lines[1]["final_rejected"] == "age: Field required" and lines[1]["final_answer"] is None
+    again = RLMResult.model_validate_json(r.model_dump_json())
+    assert again.parsed == {"name": "Ada", "age": 36}  # JSON keeps the value, not its class
+
+
+def test_typed_answers_from_text_json_and_python_values():
+    assert go(["FINAL(42)"], output_type=int).parsed == 42
+    assert go([repl("FINAL(['a', 'b'])")], output_type=list[str]).parsed == ["a", "b"]
+    r = go(['FINAL({"name": "Bo", "age": 5})'], output_type=Person)
+    assert r.parsed == Person(name="Bo", age=5)
+    fenced = repl('FINAL(\'```json\\n{"name": "Cy", "age": 9}\\n```\')')
+    assert go([fenced], output_type=Person).parsed == Person(name="Cy", age=9)
+    r = go(["FINAL(hello)"], output_type=str)
+    assert (r.parsed, r.answer) == ("hello", '"hello"')
+    # out of turns: the closing reply is validated too
+    r = go([repl("FINAL('not a number')"), "7"], output_type=int, max_iterations=1)
+    assert (r.stop_reason, r.parsed, r.answer) == ("max_iterations", 7, "7")
+    r = go([repl("x = 1"), "no idea"], output_type=int, max_iterations=1)
+    assert (r.parsed, r.answer) == (None, None)
+    assert go([repl("FINAL('x')")]).parsed is None  # untyped runs keep text answers
+    with pytest.raises(ConfigurationError):
+        RLM("m", output_type=object())
+
+
+# ----------------------------------------------------------------- sessions
+
+
+def test_a_session_shares_one_sandbox_across_completions(tmp_path: Path):
+    backend = ScriptedBackend(
+        [
+            repl("seen = [len(context), len(context_0)]\nFINAL(seen)"),
+            repl("seen.append(len(context))\nFINAL(f'{seen} {len(context_0)} {len(context_1)} {history}')"),
+            repl("FINAL('seen' in dir())"),
+        ]
+    )
+    with RLM("root", backend=backend, persistent=True, log_dir=tmp_path) as r:
+        first = r.completion("abc", "q1")
+        second = r.completion("defgh", "q2")
+        sandbox = r._session.sandbox  # type: ignore[union-attr]
+    assert first.answer == "[3, 3]"
+    assert second.answer == "[3, 3, 5] 3 5 [{'query': 'q1', 'answer': '[3, 3]'}]"
+    prompt = backend.calls[1][1][1]["content"]
+    assert "question 2 of a session" in prompt and "`context_0` is a str of 3 characters" in prompt
+    assert "Question: q1 Answer: [3, 3]" in prompt and "`history`" in prompt
+    assert sandbox.closed and second.audit_log_path == first.audit_log_path
+    meta = json.loads(Path(second.log_path).read_text().splitlines()[0])
+    assert meta["session_turn"] == 2
+    # after close() a completion starts a new session with a fresh sandbox
+    assert r.completion("x", "q3").answer == "False"
+    r.close()
+
+
+def test_a_restart_mid_session_reloads_every_context_and_says_the_rest_was_lost():
+    policy = policy_with({"limits.cpu_seconds": 1, "limits.wall_seconds": 5, "audit.enabled": False})
+    backend = ScriptedBackend(
+        [
+            repl("mine = 1\nFINAL('one')"),
+            repl("while True:\n    pass"),
+            repl("print(len(context_0), len(context_1), len(context), history, 'mine' in dir())"),
+            repl("FINAL('two')"),
+        ]
+    )
+    with RLM("root", backend=backend, persistent=True, policy=policy) as r:
+        assert r.completion("aa", "q1").answer == "one"
+        assert r.completion("bbbb", "q2").answer == "two"
+    told = backend.calls[2][1][-1]["content"]
+    assert "`context`, `context_0` to `context_1` and `history` were loaded again" in told
+    assert "everything else was lost" in told
+    assert "2 4 4 [{'query': 'q1', 'answer': 'one'}] False" in backend.calls[3][1][-1]["content"]
+
+
+def test_session_completions_from_two_threads_run_one_at_a_time():
+    backend = ScriptedBackend([repl("n = len(context)\nFINAL(n)")] * 2, latency_s=0.05)
+    answers: list[str | None] = []
+    with RLM("root", backend=backend, persistent=True) as r:
+        threads = [
+            threading.Thread(target=lambda c=c: answers.append(r.completion(c, "q").answer))
+            for c in ("a", "bb")
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(answers) == ["1", "2"]
+        assert len(r._session.contexts) == 2  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------- compaction
+
+
+def test_compaction_replaces_older_turns_with_the_models_summary(tmp_path: Path):
+    wordy = "word " * 60
+
+    def respond(model: str, messages: list[dict[str, Any]]) -> str:
+        if "replaced by a summary that you write now" in messages[-1]["content"]:
+            return "SUMMARY: total counts the turns so far."
+        turn = sum(1 for m in messages if m["role"] == "assistant")
+        if "SUMMARY:" in messages[1]["content"]:
+            return repl("FINAL(total)")  # the REPL kept its variables
+        return repl(f"total = {'total + 1' if turn else '1'}\nprint('{wordy}')", wordy)
+
+    events: list[dict[str, Any]] = []
+    backend = ScriptedBackend(respond, context_window=2400)
+    r = go(None, backend=backend, log_dir=tmp_path, on_event=events.append, compaction_threshold=0.5)
+    compactions = [e for e in events if e["type"] == "compaction"]
+    assert len(compactions) == 1
+    c = compactions[0]
+    assert r.answer == str(c["iteration"] - 1) and r.stop_reason == "final"  # one block per earlier turn
+    assert c["tokens_before"] > 1200 >= c["tokens_after"] and c["turns_summarized"] >= 2
+    assert c["summary"].startswith("SUMMARY:")
+    summary_call = next(m for m in backend.calls if "write now" in m[1][-1]["content"])[1]
+    after = backend.calls[backend.calls.index(next(x for x in backend.calls if x[1] is summary_call)) + 1][1]
+    assert [m["role"] for m in after] == ["system", "user", "assistant", "user"]
+    assert "Question: q?" in after[1]["content"] and "Your progress so far" in after[1]["content"]
+    assert r.iterations == c["iteration"] and r.usage["root"].calls == r.iterations + 1  # the summary counts
+    lines = [json.loads(x) for x in Path(r.log_path).read_text().splitlines()]
+    kinds = [x["type"] for x in lines]
+    assert kinds.count("compaction") == 1 and kinds[kinds.index("compaction") + 1] == "iteration"
+    with pytest.raises(ConfigurationError):
+        RLM("m", compaction_threshold=1.5)
+
+
+def test_without_compaction_old_outputs_are_elided_as_before():
+    wordy = "word " * 60
+    backend = ScriptedBackend(
+        [repl(f"print('{wordy}')", wordy)] * 4 + [repl("FINAL('x')")], context_window=1200
+    )
+    r = go(None, backend=backend, compaction_threshold=None)
+    assert r.answer == "x" and not any("write now" in m[1][-1]["content"] for m in backend.calls)
+    assert "elided to fit" in json.dumps(backend.calls[-1][1])
+
+
+def test_verbose_shows_tools_and_notes_as_text_never_markup(capsys):
+    def shout(text: str) -> str:
+        """Fails loudly."""
+        raise ValueError(f"[bold red]{text}[/] [/nonsense]")
+
+    r = go([repl("shout('boom')"), repl("FINAL('done')")], tools=[shout], verbose=True)
+    assert r.answer == "done" and r.tool_calls == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "tool shout: error ValueError: [bold red]boom[/]" in err and "[/nonsense]" in err
+    assert "callback" not in err  # the view itself never failed
+
+
+@pytest.mark.usefixtures("fork_server_on_main_thread")
+def test_a_session_under_asyncio_run_twice_routes_tools_to_the_current_completion():
+    seen: list[str] = []
+
+    async def note(text: str) -> str:
+        """Record a note."""
+        seen.append(text)
+        return text.upper()
+
+    backend = ScriptedBackend([repl("a = note(context)\nFINAL(a)"), repl("FINAL(a + note(context))")])
+    r = RLM("root", backend=backend, persistent=True, tools=[note])
+    try:
+        first = asyncio.run(r.acompletion("one", "q1"))
+        second = asyncio.run(r.acompletion("two", "q2"))
+    finally:
+        r.close()
+    assert (first.answer, second.answer) == ("ONE", "ONETWO") and seen == ["one", "two"]
+    assert (first.tool_calls, second.tool_calls) == (1, 1)
