@@ -337,7 +337,8 @@ class Child:
         trace = protocol.clean_text(self.format_traceback(error, filename))
         texts, cut = limits.cap_texts([done["stdout"], done["stderr"], message, trace], self.max_output)
         done["stdout"], done["stderr"], done["error_message"], done["traceback"] = texts
-        done["truncated"] = capture.truncated or cut[0] or cut[1]
+        if any(cut):  # the print loop went on (not stopped by the limit): only the texts were cut
+            done["cut"] = True
         return done
 
     @staticmethod

@@ -143,6 +143,7 @@ MESSAGES: Final[dict[str, tuple[str, dict[str, Any]]]] = {
             "error_message?": str,
             "traceback?": str,
             "truncated": bool,
+            "cut?": bool,
             "limit_hint?": str,
         },
     ),
@@ -196,11 +197,12 @@ def check_plain(value: Any, max_items: int | None = None) -> None:
             continue
         if depth > MAX_DEPTH:
             raise WireError("value nests too deeply")
+        count += len(v) + 1 if t in (list, tuple, dict) else 0
+        if max_items is not None and count > max_items:  # before the walk grows by this container
+            raise BudgetError(f"value holds more than {max_items:,} elements (lists, dicts and their items)")
         if t is list or t is tuple:  # tuples travel as lists
-            count += len(v) + 1
             stack.extend((item, depth + 1) for item in v if not (item is None or type(item) in _SCALARS))
         elif t is dict:
-            count += len(v) + 1
             for k, item in v.items():
                 if not (k is None or type(k) in _SCALARS):
                     raise WireError(f"dict key of type {type(k).__name__} is not plain data")
@@ -210,8 +212,6 @@ def check_plain(value: Any, max_items: int | None = None) -> None:
             raise WireError(
                 f"{t.__name__} is not plain data (allowed: None, bool, int, float, str, bytes, list, dict)"
             )
-        if max_items is not None and count > max_items:
-            raise BudgetError(f"value holds more than {max_items:,} elements (lists, dicts and their items)")
 
 
 def pack_value(value: Any, max_items: int | None = None) -> bytes:

@@ -666,8 +666,10 @@ class Sandbox:
             stdout, stderr = texts[0], texts[1]
             error_message = texts[2] if "error_message" in done else None
             traceback_text = texts[3] if "traceback" in done else None
+            # limit="output" when printing was stopped by the cap (or the child ignored it);
+            # a cut error text alone is only output_truncated: the code's exception ended it.
             output_cut = bool(done["truncated"]) or cut[0] or cut[1]
-            truncated = output_cut or cut[2] or cut[3]
+            truncated = output_cut or any(cut) or bool(done.get("cut"))
             hint = done.get("limit_hint")
             limit: LimitName | None = _CHILD_LIMITS.get(hint) if isinstance(hint, str) else None
             if output_cut:
