@@ -77,7 +77,9 @@ chan = _channel()
 """
 
 # 5,000 call frames written straight to the channel; the replies are never read.
-CALL_FLOOD = FIND_CHANNEL + """
+CALL_FLOOD = (
+    FIND_CHANNEL
+    + """
 import msgpack, time
 body = msgpack.packb({'t': 'call', 'id': 1, 'fn': 'f', 'args': [], 'kwargs': {}})
 data = (len(body).to_bytes(4, 'big') + body) * 5000
@@ -86,6 +88,7 @@ while view:
     view = view[os.write(chan, view):]
 time.sleep(120)
 """
+)
 
 # A signal handler that keeps the child from reading its channel between executes.
 STOP_READING = """
@@ -138,7 +141,7 @@ def test_rlm_exec_does_not_hang(tmp_path: Path) -> None:
     policy = tmp_path / "flood.toml"
     policy.write_text(
         'schema_version = 1\nname = "flood"\ndescription = "d"\n'
-        "[limits]\nwall_seconds = 3\n[python]\nguard = \"none\"\n[audit]\nenabled = false\n"
+        '[limits]\nwall_seconds = 3\n[python]\nguard = "none"\n[audit]\nenabled = false\n'
     )
     start = time.monotonic()
     try:
@@ -337,3 +340,17 @@ def test_surrogates_come_back_escaped(mode: str) -> None:
         r = sb.execute("class E(Exception):\n    pass\nraise E('m\\udc81')")
         assert not r.crashed and r.error_message == "m\\udc81", r
         assert sb.execute("print(6 * 7)").stdout == "42\n"
+
+
+def test_rlm_trajectory_holds_only_bounded_text(tmp_path: Path) -> None:
+    from rlm import ScriptedBackend, run
+
+    block = "```repl\n{}\n```"
+    backend = ScriptedBackend(
+        [block.format("raise ValueError('A' * 30_000_000)"), block.format("FINAL('done')")]
+    )
+    policy = policy_for("default", **{"limits.max_output_bytes": 100_000})
+    result = run("q?", "ctx", model="root", sub_model="sub", backend=backend, policy=policy, log_dir=tmp_path)
+    assert result.answer == "done"
+    sizes = {p.name: p.stat().st_size for p in tmp_path.glob("*.jsonl")}
+    assert sizes and all(size < 1_000_000 for size in sizes.values()), sizes
