@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 
 from sandbox import Sandbox
-from sandbox.errors import ChildTimeoutError, VariableError
+from sandbox.errors import ChildTimeoutError
 from tests.conftest import run_cli
 from tests.security.conftest import policy_for
 
