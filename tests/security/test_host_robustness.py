@@ -353,3 +353,51 @@ def test_rlm_trajectory_holds_only_bounded_text(tmp_path: Path) -> None:
     assert result.answer == "done"
     sizes = {p.name: p.stat().st_size for p in tmp_path.glob("*.jsonl")}
     assert sizes and all(size < 1_000_000 for size in sizes.values()), sizes
+
+
+# ------------------------------------------------------- pids and process groups
+def test_pid_is_not_reaped_before_the_host_releases_it(mode: str) -> None:
+    """A child that exits between executes stays a zombie (its pid cannot be reused)
+    until the host has made its last use of the pid; then it is reaped."""
+    import psutil
+
+    with Sandbox(hostile_policy(mode)) as sb:
+        pid = sb.pid
+        assert pid is not None
+        code = "import signal, os\nsignal.signal(signal.SIGALRM, lambda *a: os._exit(0))\nsignal.setitimer(signal.ITIMER_REAL, 0.1)"
+        assert sb.execute(code).ok
+        time.sleep(1.5)
+        assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # exited, not reaped
+        r = sb.execute("print(1)")
+        assert not r.ok and r.crashed, r
+        deadline = time.monotonic() + 30
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the released child was never reaped"
+            time.sleep(0.1)
+
+
+def test_group_of_a_child_that_exits_on_its_own_is_killed(mode: str) -> None:
+    """Without a cgroup to sweep, a grandchild left in the process group of a child
+    that exited by itself is killed all the same."""
+    import psutil
+
+    require = [x for x in policy_for(mode).isolation.require if x != "cgroup"]
+    policy = hostile_policy(
+        mode, **{"limits.max_processes": 2, "isolation.cgroup": False, "isolation.require": require}
+    )
+    with Sandbox(policy) as sb:
+        pid = sb.pid
+        assert pid is not None
+        uid = psutil.Process(pid).uids().real
+        r = sb.execute(
+            "import os, time\nif os.fork() == 0:\n    time.sleep(120)\n    os._exit(0)\ntime.sleep(0.3)\nos._exit(0)"
+        )
+        assert not r.ok
+        deadline = time.monotonic() + 30
+        while True:
+            left = [p for p in psutil.process_iter(["uids", "status"]) if p.info["uids"] and p.info["uids"].real == uid
+                    and p.info["status"] != psutil.STATUS_ZOMBIE]  # fmt: skip
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert not left, f"left behind in the child's process group: {left}"
