@@ -16,7 +16,7 @@ import pytest
 from rich.console import Console
 
 from rlm import ScriptedBackend, run
-from rlm.display import LiveView, visible
+from rlm.display import LiveView
 from tests.conftest import policy_with
 
 HOSTILE = [
@@ -51,7 +51,8 @@ def assert_inert(shown: str) -> None:
 @pytest.mark.parametrize("where", ["reply", "code", "output", "answer", "start", "note"])
 def test_live_view_shows_hostile_text_inert(where: str) -> None:
     console, out = terminal()
-    view = LiveView(0, "run", console=console)
+    view = LiveView(0, "run")
+    view.console = console
     text = "\n".join(HOSTILE)
     if where == "reply":
         view.turn(1, 5, text)
@@ -69,6 +70,8 @@ def test_live_view_shows_hostile_text_inert(where: str) -> None:
 
 
 def test_visible_keeps_newlines_tabs_and_text() -> None:
+    from rlm.display import visible
+
     assert visible("a\tb\nc é 日本") == "a\tb\nc é 日本"
     assert visible("\x00\x1b\x7f\x85") == "\\x00\\x1b\\x7f\\x85"
 
