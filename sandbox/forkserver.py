@@ -10,7 +10,8 @@ The server preloads each policy's allowed modules before forking, so a child
 that has dropped to an unprivileged uid (which cannot read a stdlib under a
 0700 home) still has them. It reports each child's pid together with a pidfd
 (``SCM_RIGHTS``), reaps children, and reports each one's exit status, peak
-RSS and CPU time (from ``wait4``) back to the host.
+RSS and CPU time (from ``wait4``) back to the host. It dies with the host
+(``PR_SET_PDEATHSIG``) and, on end of file, kills every child first.
 
 Pid reuse: the host addresses a child by pid (its process group, ``prlimit``,
 its CPU clock, ``/proc/<pid>``). A pid is free for reuse only once its process
@@ -18,8 +19,7 @@ is reaped, so the server reaps a child only when both have happened: it exited
 (its pidfd is readable) *and* the host sent ``release{pid}`` (the host's last
 use of the pid). When a child exits the server kills its process group at
 once (the zombie still holds the group's id, so this cannot hit a stranger):
-a child that exits on its own leaves nothing behind in its group either. It dies with the host
-(``PR_SET_PDEATHSIG``) and, on end of file, kills every child first.
+a child that exits on its own leaves nothing behind in its group either.
 
 :class:`ForkServer` is the host's client. One per host process is shared by
 all sandboxes (:func:`shared`); :func:`shutdown` stops it and waits for it.
