@@ -402,3 +402,15 @@ def test_group_of_a_child_that_exits_on_its_own_is_killed(mode: str) -> None:
                 break
             time.sleep(0.2)
         assert not left, f"left behind in the child's process group: {left}"
+
+
+def test_host_cuts_output_of_a_child_that_skips_its_own_cap() -> None:
+    """The child's cut is a courtesy: a child that switches it off still gets only the cap home."""
+    cap = 100_000
+    with Sandbox(policy_for("guard_none", **{"limits.max_output_bytes": cap})) as sb:
+        off = "import sys\nsys.modules['sandbox.limits'].cap_texts = lambda texts, limit: (texts, [False] * len(texts))"
+        assert sb.execute(off).ok
+        r = sb.execute("raise ValueError('A' * 25_000_000)")
+        assert r.error_type == "ValueError" and r.output_truncated, r.error_type
+        total = sum(len(t.encode()) for t in (r.stdout, r.stderr, r.error_message or "", r.traceback or ""))
+        assert total <= cap + 1000, total
