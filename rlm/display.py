@@ -2,24 +2,51 @@
 
 :class:`VerboseView` is an ``on_event`` consumer (see :mod:`rlm.events`): it
 turns the events of a run tree into :class:`LiveView` panels, one view per run.
+
+Everything shown that came from the model, the context or the sandbox is
+untrusted: it is never parsed as rich markup (``print("[/]")`` must not crash
+the view, ``[link=...]`` must not become a hyperlink) and its control
+characters are shown escaped (``\\x1b``), so no escape sequence reaches the
+operator's terminal (window titles, OSC 8 hyperlinks, cursor moves, colours).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["LiveView", "VerboseView"]
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
+
+__all__ = ["LiveView", "VerboseView", "visible"]
+
+# C0 controls but newline and tab, DEL, C1 controls, and the bidirectional overrides
+# and isolates that reorder what is shown ("trojan source").
+_ESCAPES = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in [
+        *(c for c in range(0x20) if c not in (0x09, 0x0A)),
+        *range(0x7F, 0xA0),
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+    ]
+}
+
+
+def visible(text: str) -> str:
+    """*text* with every control character written as an escape (``\\x1b``, ``\\u202e``)."""
+    return text.translate(_ESCAPES)
 
 
 class LiveView:
     """Prints each turn of a run: the reply, each block's code and output, usage so far."""
 
-    def __init__(self, depth: int = 0, run_id: str = "") -> None:
+    def __init__(self, depth: int = 0, run_id: str = "", console: Console | None = None) -> None:
         from rich.console import Console
 
-        self.console = Console(stderr=True, highlight=False, soft_wrap=False)
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=False)
         self.depth = depth
-        self.tag = f"[dim]{'  ' * depth}{'child ' if depth else ''}{run_id}[/dim]"
+        self.tag = f"{'  ' * depth}{'child ' if depth else ''}{visible(run_id)}"
 
     @staticmethod
     def _short(text: str, limit: int = 1500) -> str:
@@ -31,23 +58,31 @@ class LiveView:
             + text[-limit // 2 :]
         )
 
+    @classmethod
+    def _text(cls, text: str, style: str = "") -> Text:
+        """Untrusted text as a rich Text: cut, controls escaped, never markup."""
+        from rich.text import Text
+
+        return Text(visible(cls._short(text)), style=style)
+
+    def _line(self, message: str, style: str = "") -> None:
+        from rich.text import Text
+
+        self.console.print(Text.assemble((self.tag, "dim"), " ", (visible(message), style)))
+
     def start(self, model: str, query: str | None, description: str) -> None:
         from rich.panel import Panel
         from rich.text import Text
 
-        body = Text(f"query: {query or '(in the context)'}\n{description}")
-        self.console.print(
-            Panel(body, title=f"RLM run, model {model}, depth {self.depth}", border_style="cyan")
-        )
+        body = self._text(f"query: {query or '(in the context)'}\n{description}")
+        title = Text(visible(f"RLM run, model {model}, depth {self.depth}"))
+        self.console.print(Panel(body, title=title, border_style="cyan"))
 
     def turn(self, number: int, limit: int, response: str) -> None:
         from rich.panel import Panel
-        from rich.text import Text
 
         self.console.print(
-            Panel(
-                Text(self._short(response)), title=f"turn {number}/{limit}: model reply", border_style="blue"
-            )
+            Panel(self._text(response), title=f"turn {number}/{limit}: model reply", border_style="blue")
         )
 
     def block(self, index: int, code: str, output: str, sub_calls: int, ok: bool) -> None:
@@ -57,32 +92,25 @@ class LiveView:
 
         self.console.print(
             Panel(
-                Syntax(self._short(code), "python", theme="ansi_dark"),
+                Syntax(visible(self._short(code)), "python", theme="ansi_dark"),
                 title=f"block {index}",
                 border_style="magenta",
             )
         )
         title = f"output ({sub_calls} sub-call{'s' if sub_calls != 1 else ''})"
-        self.console.print(
-            Panel(Text(self._short(output)), title=title, border_style="green" if ok else "red")
-        )
+        self.console.print(Panel(self._text(output), title=title, border_style="green" if ok else "red"))
 
     def usage(
         self, input_tokens: int, output_tokens: int, cost: float | None, sub_calls: int, elapsed: float
     ) -> None:
         cost_text = "unknown" if cost is None else f"${cost:.4f}"
-        self.console.print(
-            f"{self.tag} tokens in/out {input_tokens}/{output_tokens}, cost {cost_text}, "
+        self._line(
+            f"tokens in/out {input_tokens}/{output_tokens}, cost {cost_text}, "
             f"sub-calls {sub_calls}, {elapsed:.1f} s"
         )
 
     def note(self, message: str) -> None:
-        from rich.text import Text
-
-        line = Text.from_markup(self.tag)  # the tag is ours; the message may hold model text: never markup
-        line.append(" ")
-        line.append(message, style="yellow")
-        self.console.print(line)
+        self._line(message, "yellow")
 
     def finish(self, answer: str | None, stop_reason: str, **extra: Any) -> None:
         from rich.panel import Panel
@@ -90,8 +118,8 @@ class LiveView:
 
         self.console.print(
             Panel(
-                Text(self._short(answer if answer is not None else "(no answer)")),
-                title=f"answer ({stop_reason})",
+                self._text(answer if answer is not None else "(no answer)"),
+                title=Text(visible(f"answer ({stop_reason})")),
                 border_style="cyan",
             )
         )
@@ -100,13 +128,14 @@ class LiveView:
 class VerboseView:
     """Renders the events of a run tree (``RLM(verbose=True)`` registers its :meth:`handle`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console
         self._runs: dict[str, tuple[LiveView, int]] = {}
 
     def handle(self, event: dict[str, Any]) -> None:
         kind, run_id = event["type"], event["run_id"]
         if kind == "run_start":
-            view = LiveView(event["depth"], run_id)
+            view = LiveView(event["depth"], run_id, self.console)
             self._runs[run_id] = (view, event["max_iterations"])
             view.start(event["model"], event["query"], event["context"])
             return

@@ -6,8 +6,14 @@ serves ``exec``/``set``/``get`` frames from the host until ``bye`` or EOF.
 Variables persist in one namespace between ``exec`` calls. Host functions are
 stubs that send a ``call`` frame and block until the host's ``reply``.
 
-Output is captured here and cut at ``max_output_bytes`` (the host cuts again:
-this copy only keeps a runaway ``print`` loop from filling memory). Nothing in
+Output is captured here and cut at ``max_output_bytes``, and the error message
+and traceback share that budget with it (the host cuts again: this copy only
+keeps a runaway ``print`` loop or a huge exception from filling memory and the
+channel). Text that UTF-8 cannot carry (lone surrogates) is sent escaped.
+
+The child holds a small memory reserve (address space, not touched, so not
+resident) that it frees when reporting a result runs out of memory, so code
+that failed at its memory limit still gets its result home. Nothing in
 this module enforces a limit the host relies on; CPU, wall time, memory,
 processes, files and disk are the kernel's and the host's business.
 
@@ -20,6 +26,7 @@ import ast
 import errno
 import io
 import linecache
+import mmap
 import os
 import re
 import socket
@@ -28,7 +35,7 @@ import time
 import traceback
 from typing import Any, NoReturn
 
-from sandbox import isolation, protocol
+from sandbox import isolation, limits, protocol
 from sandbox.guard import GuardError, Runtime, make_runtime
 
 __all__ = ["HostFunctionError", "OutputLimitExceeded", "main"]
@@ -40,6 +47,9 @@ SPIN_SECONDS = 0.0003
 SOURCE_CELLS_KEPT = 200
 
 TRUNCATION_MARKER = "\n[... output truncated at {limit} bytes by policy {policy!r}]\n"
+
+#: Address space kept in reserve to report a result when memory runs out.
+MEMORY_RESERVE = 8 * 1024 * 1024
 
 
 class HostFunctionError(Exception):
@@ -221,6 +231,8 @@ class Child:
         self.runtime = runtime
         self.call_id = 0
         self.exec_count = 0
+        self.reserve: mmap.mmap | None = None
+        self.keep_reserve()
         builtins_ns = dict(runtime.builtins)
         builtins_ns["HostFunctionError"] = HostFunctionError
         for name in config.get("host_functions", []):
@@ -228,6 +240,23 @@ class Child:
         self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins_ns}
         self.ns.update(runtime.extra_globals)
         self.host_paths = _HostPaths(str(config.get("scratch", "")))
+
+    # -- memory reserve ----------------------------------------------------
+    def keep_reserve(self) -> None:
+        """Hold MEMORY_RESERVE bytes of address space (mapped, never touched), if there is room."""
+        if self.reserve is None:
+            try:
+                self.reserve = mmap.mmap(-1, MEMORY_RESERVE)
+            except (OSError, MemoryError, ValueError):
+                self.reserve = None
+
+    def free_reserve(self) -> bool:
+        """Give the reserve back; False if there was none."""
+        if self.reserve is None:
+            return False
+        self.reserve.close()
+        self.reserve = None
+        return True
 
     # -- channel ---------------------------------------------------------
     def recv(self) -> dict[str, Any]:
@@ -271,8 +300,12 @@ class Child:
         return msg.get("value")
 
     def send_value(self, kind: str, value: Any, **extra: Any) -> None:
-        """Send ``value`` in a frame of type *kind*, out of band if it is large."""
-        data = protocol.pack_value(value)
+        """Send ``value`` in a frame of type *kind*, out of band if it is large.
+
+        Values the host would refuse to decode (over ``MAX_ITEMS`` elements)
+        are refused here first, with the same message.
+        """
+        data = protocol.pack_value(value, protocol.MAX_ITEMS)
         if len(data) > self.max_message:
             raise protocol.WireError(f"value of {len(data)} bytes is over the policy's max_message_mb")
         if len(data) <= protocol.INLINE_LIMIT:
@@ -293,8 +326,10 @@ class Child:
             cid = child.call_id
             msg = {"t": "call", "id": cid, "fn": name, "args": list(args), "kwargs": kwargs}
             try:
-                protocol.check_plain(msg)
+                protocol.check_plain(msg, protocol.MAX_ITEMS)
                 frame = protocol.encode(msg)
+            except protocol.BudgetError as exc:
+                raise ValueError(f"{name}(): the host refuses these arguments: {exc}") from None
             except (protocol.WireError, TypeError, ValueError, OverflowError) as exc:
                 raise TypeError(f"{name}(): arguments must be plain data: {exc}") from None
             if len(frame) > child.reader.max_frame:
@@ -342,6 +377,20 @@ class Child:
             error = exc
         finally:
             sys.stdout, sys.stderr = saved
+        try:
+            return self.report(exec_id, capture, error, filename)
+        except MemoryError:  # the code left no room to build its result: use the reserve
+            self.free_reserve()
+        try:
+            return self.report(exec_id, capture, error, filename)
+        except MemoryError:
+            capture.parts = {"stdout": [], "stderr": []}
+            return self.out_of_memory(exec_id)
+
+    def report(
+        self, exec_id: int, capture: _Capture, error: BaseException | None, filename: str
+    ) -> dict[str, Any]:
+        """The ``done`` frame: output, error and traceback within max_output_bytes together."""
         done: dict[str, Any] = {
             "t": "done",
             "id": exec_id,
@@ -353,14 +402,29 @@ class Child:
         if capture.truncated:
             marker = TRUNCATION_MARKER.format(limit=self.max_output, policy=self.policy_name)
             done["stdout" if capture.parts["stdout"] else "stderr"] += marker
-        if error is not None:
-            done["error_type"] = "GuardError" if isinstance(error, GuardError) else type(error).__name__
-            done["error_message"] = self.host_paths.scrub(_safe_str(error))
-            done["traceback"] = self.format_traceback(error, filename)
-            hint = _limit_hint(error)
-            if hint is not None:
-                done["limit_hint"] = hint
+        if error is None:
+            return done
+        done["error_type"] = protocol.clean_text(
+            "GuardError" if isinstance(error, GuardError) else type(error).__name__
+        )
+        hint = _limit_hint(error)
+        if hint is not None:
+            done["limit_hint"] = hint
+        message = protocol.clean_text(self.host_paths.scrub(_safe_str(error)))
+        trace = protocol.clean_text(self.format_traceback(error, filename))
+        texts, cut = limits.cap_texts([done["stdout"], done["stderr"], message, trace], self.max_output)
+        done["stdout"], done["stderr"], done["error_message"], done["traceback"] = texts
+        if any(cut):  # the print loop went on (not stopped by the limit): only the texts were cut
+            done["cut"] = True
         return done
+
+    @staticmethod
+    def out_of_memory(exec_id: int) -> dict[str, Any]:
+        return {
+            "t": "done", "id": exec_id, "ok": False, "stdout": "", "stderr": "", "truncated": False,
+            "error_type": "MemoryError", "error_message": "out of memory while reporting the result",
+            "limit_hint": "memory",
+        }  # fmt: skip
 
     def format_traceback(self, exc: BaseException, filename: str) -> str:
         """The traceback with the code's own frames only, and no host path in it.
@@ -382,7 +446,16 @@ class Child:
             msg = self.recv()
             kind = msg["t"]
             if kind == "exec":
-                self.send(self.execute(msg["id"], msg["code"]))
+                done = self.execute(msg["id"], msg["code"])
+                try:
+                    self.send(done)
+                except MemoryError:  # encoding the frame found no room: nothing was written yet
+                    self.free_reserve()
+                    try:
+                        self.send(done)
+                    except MemoryError:
+                        self.send(self.out_of_memory(msg["id"]))
+                self.keep_reserve()
             elif kind == "set":
                 try:
                     self.ns[msg["name"]] = self.take_value(msg)
@@ -430,6 +503,8 @@ def main(config: dict[str, Any], chan_fd: int, prepared: Any) -> NoReturn:
         child.serve()
     except _ChannelLost:
         code = 2
+    except MemoryError:
+        code = protocol.EXIT_OUT_OF_MEMORY
     except BaseException:
         code = 4
     finally:

@@ -12,6 +12,7 @@ The tree::
     ├── SandboxStartError             the fork server or the child could not be started
     │   └── LayerUnavailableError     a layer the policy requires cannot be applied here
     ├── ProtocolError                 a child sent garbage, an oversized or out-of-turn frame, or hung up
+    │   └── ChildTimeoutError         a child did not read or answer within its deadline (it was killed)
     ├── VariableError                 set_variable/get_variable: not plain data, unknown name, too large
     ├── SandboxClosedError            the sandbox was used after close()
     └── AuditError                    the audit log cannot be written or read
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuditError",
+    "ChildTimeoutError",
     "LayerUnavailableError",
     "PolicyError",
     "ProtocolError",
@@ -60,6 +62,11 @@ class LayerUnavailableError(SandboxStartError):
 
 class ProtocolError(SandboxError):
     """A sandbox child violated the wire protocol; that child has been killed."""
+
+
+class ChildTimeoutError(ProtocolError):
+    """A sandbox child did not read a request or answer it within its deadline
+    (``set_variable``/``get_variable``'s timeout); that child has been killed."""
 
 
 class VariableError(SandboxError):

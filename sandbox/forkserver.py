@@ -13,6 +13,14 @@ that has dropped to an unprivileged uid (which cannot read a stdlib under a
 RSS and CPU time (from ``wait4``) back to the host. It dies with the host
 (``PR_SET_PDEATHSIG``) and, on end of file, kills every child first.
 
+Pid reuse: the host addresses a child by pid (its process group, ``prlimit``,
+its CPU clock, ``/proc/<pid>``). A pid is free for reuse only once its process
+is reaped, so the server reaps a child only when both have happened: it exited
+(its pidfd is readable) *and* the host sent ``release{pid}`` (the host's last
+use of the pid). When a child exits the server kills its process group at
+once (the zombie still holds the group's id, so this cannot hit a stranger):
+a child that exits on its own leaves nothing behind in its group either.
+
 :class:`ForkServer` is the host's client. One per host process is shared by
 all sandboxes (:func:`shared`); :func:`shutdown` stops it and waits for it.
 """
@@ -76,13 +84,30 @@ def serve(ctl_fd: int) -> None:
     sel = selectors.DefaultSelector()
     sel.register(ctl, selectors.EVENT_READ, None)
     children: dict[int, int] = {}  # pid -> pidfd
+    exited: set[int] = set()  # exited, not yet released by the host: not reaped, the pid stays ours
+    released: set[int] = set()  # released by the host, not yet exited
     resources: dict[int, isolation.Resources] = {}  # pid -> its cgroup and scratch mount
     prepared: dict[str, Any] = {}
 
+    def child_exited(pid: int) -> None:
+        sel.unregister(children[pid])
+        with contextlib.suppress(OSError):  # leftovers in its group; the zombie keeps the id ours
+            os.killpg(pid, signal.SIGKILL)
+        if pid in released:
+            reap(pid)
+        else:
+            exited.add(pid)
+
+    def release(pid: int) -> None:
+        if pid in exited:
+            reap(pid)
+        elif pid in children:
+            released.add(pid)
+
     def reap(pid: int) -> None:
-        pidfd = children.pop(pid)
-        sel.unregister(pidfd)
-        os.close(pidfd)
+        exited.discard(pid)
+        released.discard(pid)
+        os.close(children.pop(pid))
         _, status, usage = os.wait4(pid, 0)
         res = resources.pop(pid)
         events = isolation.collect(res)  # kills leftovers in its cgroup, reads the limit counters
@@ -123,12 +148,15 @@ def serve(ctl_fd: int) -> None:
         while True:
             for key, _ in sel.select():
                 if key.data is not None:
-                    reap(key.data)
+                    child_exited(key.data)
                     continue
                 if not protocol.recv_frames(ctl, reader, fds):
                     return
                 for raw in reader:
                     msg = protocol.check(raw, "host")
+                    if msg["t"] == "release":
+                        release(msg["pid"])
+                        continue
                     if msg["t"] != "spawn" or not fds:
                         raise protocol.WireError(f"fork server got {msg['t']!r} without a channel")
                     try:
@@ -259,9 +287,16 @@ class ForkServer:
                     return msg["pid"], self._fds.pop(0)
 
     def wait_exit(self, pid: int, timeout: float) -> ExitInfo | None:
-        """The exit report of child *pid*, waiting up to *timeout* seconds."""
+        """Release child *pid* (the caller's last use of that pid: the server may now
+        reap it, and the pid be reused) and return its exit report, waiting up to
+        *timeout* seconds for it to exit."""
         deadline = time.monotonic() + timeout
         with self._lock:
+            if not self.closed:
+                try:
+                    protocol.send_message(self.sock, {"t": "release", "pid": pid}, None, timeout)
+                except OSError:
+                    return None
             while pid not in self._exits:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.closed:

@@ -23,10 +23,13 @@ import time
 from typing import Any
 
 __all__ = [
+    "CUT_MARKER_BYTES",
     "RSSMeter",
     "apply_rlimits",
+    "cap_texts",
     "cpu_seconds",
     "set_cpu_backstop",
+    "utf8_size",
 ]
 
 MIB = 1024 * 1024
@@ -118,3 +121,52 @@ class RSSMeter:
             if fd >= 0:
                 os.close(fd)
         self._status = self._clear = -1
+
+
+def utf8_size(text: str) -> int:
+    """Bytes of *text* in UTF-8 (lone surrogates counted as 3, as ``surrogatepass`` writes them)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _cut(text: str, size: int, cap: int) -> str:
+    """*text* (of *size* bytes) cut to about *cap* bytes: its head and its tail, with a marker between."""
+    head = cap * 3 // 5
+    tail = cap - head
+    if text.isascii():
+        first, last = text[:head], text[len(text) - tail :] if tail else ""
+    else:
+        data = text.encode("utf-8", "surrogatepass")
+        first = data[:head].decode("utf-8", "ignore")
+        last = data[len(data) - tail :].decode("utf-8", "ignore") if tail else ""
+    return f"{first}\n[... {size - cap:,} bytes cut by max_output_bytes ...]\n{last}"
+
+
+#: What :func:`cap_texts` may add beyond the limit: one marker per cut text.
+CUT_MARKER_BYTES = 80
+
+
+def cap_texts(texts: list[str], limit: int) -> tuple[list[str], list[bool]]:
+    """Cut *texts* so that together they hold at most *limit* UTF-8 bytes
+    (plus at most :data:`CUT_MARKER_BYTES` per text that was cut).
+
+    Each text gets a fair share: the largest cap ``c`` with
+    ``sum(min(size, c)) <= limit``, so a short error message is never squeezed
+    out by a long traceback or a print loop. A cut text keeps its head and its
+    tail (where a traceback names the exception). Returns the texts and, for
+    each, whether it was cut.
+    """
+    if sum(len(t) for t in texts) * 4 <= limit:  # cheap bound: nothing to measure
+        return texts, [False] * len(texts)
+    sizes = [utf8_size(t) for t in texts]
+    if sum(sizes) <= limit:
+        return texts, [False] * len(texts)
+    remaining, left, cap = limit, len(texts), 0
+    for size in sorted(sizes):
+        share = remaining // left
+        if size > share:
+            cap = share
+            break
+        remaining -= size
+        left -= 1
+    cut = [size > cap for size in sizes]
+    return [_cut(t, s, cap) if c else t for t, s, c in zip(texts, sizes, cut, strict=True)], cut

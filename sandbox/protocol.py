@@ -14,6 +14,21 @@ on the same ``sendmsg`` as the frame (``SCM_RIGHTS``), and the frame carries
 ``shm=<size>`` instead of ``value``. That keeps a 100 MB context to three
 memory copies instead of a trip through the socket buffer.
 
+What a frame or value may *decode to* on the host is bounded too, not only
+its length: a packed ``[{}] * n`` is about n bytes but n dicts once decoded.
+The host decodes with an element budget (:data:`MAX_ITEMS`: array items, map
+entries and containers together, counted by msgpack's list and map hooks
+while decoding, so decoding stops as soon as the budget is gone) and msgpack's
+per-container caps, then walks the result for depth (:data:`MAX_DEPTH`).
+Strings and bytes cost no more than their wire bytes (at most four times as
+much for text that must be widened), so decoded size is bounded by about
+``4 * size + MAX_ITEMS * 100`` bytes. The child checks the same budget before
+it sends (a readable error for honest code); the host's check is the one
+that holds.
+
+Writes that cross to an untrusted peer take a *timeout* (:func:`send_frame`):
+a peer that stops reading cannot block the host.
+
 This module is imported by the child, so it may use only the stdlib and msgpack.
 
 Conversation (host = H, child = C)::
@@ -24,16 +39,25 @@ Conversation (host = H, child = C)::
     H: set{name, value|shm}  -> C: ack{ok, error?}
     H: get{name}             -> C: value{ok, value|shm, error?}
     H: bye{}                 -> C exits
+
+Host <-> fork server (the host's control channel)::
+
+    H: spawn{config} + channel fd  -> S: spawned{pid} + pidfd | failed{error}
+    S: exited{pid, status, ...}       once the host released the child and it exited
+    H: release{pid}                   the host is done with the pid; the server may reap it
 """
 
 from __future__ import annotations
 
 import array
+import math
 import mmap
 import os
+import select
 import socket
 import stat
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any, Final
 
@@ -41,14 +65,19 @@ import msgpack
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "EXIT_OUT_OF_MEMORY",
     "HEADER",
     "INLINE_LIMIT",
+    "MAX_DEPTH",
+    "MAX_ITEMS",
     "MESSAGES",
     "PROTOCOL_VERSION",
+    "BudgetError",
     "FrameReader",
     "WireError",
     "check",
     "check_plain",
+    "clean_text",
     "encode",
     "encode_with_value",
     "pack_value",
@@ -62,6 +91,10 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION: Final = 1
+#: Exit status of a child that ran out of memory outside the code (reading a
+#: frame, reporting a result) even after freeing its reserve. The host labels
+#: it ``limit="memory"``; nothing is enforced on the child's word.
+EXIT_OUT_OF_MEMORY: Final = 6
 HEADER: Final = struct.Struct(">I")
 #: Frames longer than this are refused before a byte of their body is read.
 DEFAULT_MAX_FRAME: Final = 64 * 1024 * 1024
@@ -69,6 +102,10 @@ DEFAULT_MAX_FRAME: Final = 64 * 1024 * 1024
 INLINE_LIMIT: Final = 1024 * 1024
 #: How deep plain data may nest (msgpack itself stops at the C stack).
 MAX_DEPTH: Final = 100
+#: Elements one frame or value from the child may decode to on the host: every
+#: array item, map entry and container counts one. Decoding stops at the first
+#: container past the budget, so the host never builds much more than this.
+MAX_ITEMS: Final = 1_000_000
 
 _ANY = object()  # marker: any plain value
 _OPT = "?"  # a key ending in "?" is optional
@@ -79,6 +116,14 @@ class WireError(Exception):
 
     Stdlib-only so the child can raise it too; the host turns it into
     :class:`sandbox.errors.ProtocolError`.
+    """
+
+
+class BudgetError(WireError):
+    """A frame or value would decode to more than :data:`MAX_ITEMS` elements.
+
+    The whole frame was consumed, so the stream is still in step: a reader may
+    refuse this one value and go on.
     """
 
 
@@ -98,6 +143,7 @@ MESSAGES: Final[dict[str, tuple[str, dict[str, Any]]]] = {
             "error_message?": str,
             "traceback?": str,
             "truncated": bool,
+            "cut?": bool,
             "limit_hint?": str,
         },
     ),
@@ -112,6 +158,7 @@ MESSAGES: Final[dict[str, tuple[str, dict[str, Any]]]] = {
     "bye": ("host", {}),
     # host <-> fork server
     "spawn": ("host", {"config": dict}),
+    "release": ("host", {"pid": int}),
     "spawned": ("server", {"pid": int}),
     "exited": ("server", {"pid": int, "status": int, "maxrss": int, "cpu": float, "limits?": dict}),
     "failed": ("server", {"error": str}),
@@ -133,45 +180,95 @@ _UNPACK: Final[dict[str, Any]] = {
 }
 
 
-def check_plain(value: Any, depth: int = 0) -> None:
-    """Raise :class:`WireError` unless *value* is plain msgpack data."""
-    if depth > MAX_DEPTH:
-        raise WireError("value nests too deeply")
-    t = type(value)
-    if value is None or t in (bool, int, float, str, bytes):
-        return
-    if t is list or t is tuple:  # tuples travel as lists
-        for item in value:
-            check_plain(item, depth + 1)
-        return
-    if t is dict:
-        for k, v in value.items():
-            if not (k is None or type(k) in (bool, int, float, str, bytes)):
-                raise WireError(f"dict key of type {type(k).__name__} is not plain data")
-            check_plain(v, depth + 1)
-        return
-    raise WireError(
-        f"{t.__name__} is not plain data (allowed: None, bool, int, float, str, bytes, list, dict)"
-    )
+_SCALARS: Final = (bool, int, float, str, bytes)
 
 
-def pack_value(value: Any) -> bytes:
-    """msgpack-encode a plain value (tuples are refused, not silently listed)."""
-    check_plain(value)
+def check_plain(value: Any, max_items: int | None = None) -> None:
+    """Raise :class:`WireError` unless *value* is plain msgpack data nesting at
+    most :data:`MAX_DEPTH` deep; with *max_items*, :class:`BudgetError` when it
+    holds more elements than that (counted as the host's decoder counts them:
+    each container plus each of its items or entries)."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        t = type(v)
+        if v is None or t in _SCALARS:
+            continue
+        if depth > MAX_DEPTH:
+            raise WireError("value nests too deeply")
+        count += len(v) + 1 if t in (list, tuple, dict) else 0
+        if max_items is not None and count > max_items:  # before the walk grows by this container
+            raise BudgetError(f"value holds more than {max_items:,} elements (lists, dicts and their items)")
+        if t is list or t is tuple:  # tuples travel as lists
+            stack.extend((item, depth + 1) for item in v if not (item is None or type(item) in _SCALARS))
+        elif t is dict:
+            for k, item in v.items():
+                if not (k is None or type(k) in _SCALARS):
+                    raise WireError(f"dict key of type {type(k).__name__} is not plain data")
+                if not (item is None or type(item) in _SCALARS):
+                    stack.append((item, depth + 1))
+        else:
+            raise WireError(
+                f"{t.__name__} is not plain data (allowed: None, bool, int, float, str, bytes, list, dict)"
+            )
+
+
+def pack_value(value: Any, max_items: int | None = None) -> bytes:
+    """msgpack-encode a plain value (within *max_items* elements, if given)."""
+    check_plain(value, max_items)
     return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def unpack_value(data: bytes | bytearray | memoryview | mmap.mmap, max_len: int) -> Any:
-    if len(data) > max_len:
-        raise WireError(f"value of {len(data)} bytes is over the cap of {max_len}")
+def _bounded(size: int, max_items: int | None) -> dict[str, Any]:
+    """Unpack options that stop decoding once more than *max_items* elements were built."""
+    if max_items is None:
+        return _UNPACK
+    built = 0
+
+    def count(container: Any) -> Any:
+        nonlocal built
+        built += len(container) + 1
+        if built > max_items:
+            raise BudgetError(f"value holds more than {max_items:,} elements (lists, dicts and their items)")
+        return container
+
+    cap = min(size, max_items)  # msgpack allocates an announced array before filling it
+    return {**_UNPACK, "max_array_len": cap, "max_map_len": cap, "list_hook": count, "object_hook": count}
+
+
+def _decode(data: bytes | bytearray | memoryview | mmap.mmap, max_items: int | None, what: str) -> Any:
     try:
-        value = msgpack.unpackb(data, **_UNPACK)
+        return msgpack.unpackb(data, **_bounded(len(data), max_items))
     except WireError:
         raise
-    except Exception as exc:  # msgpack raises many types for garbage
-        raise WireError(f"undecodable value: {type(exc).__name__}") from None
+    except Exception as exc:  # msgpack raises many types for garbage (and ValueError past a cap)
+        if max_items is not None and isinstance(exc, ValueError) and "exceeds max_" in str(exc):
+            raise BudgetError(f"{what} holds more than {max_items:,} elements in one list or dict") from None
+        raise WireError(f"undecodable {what}: {type(exc).__name__}") from None
+
+
+def unpack_value(
+    data: bytes | bytearray | memoryview | mmap.mmap, max_len: int, max_items: int | None = None
+) -> Any:
+    """Decode one packed value of at most *max_len* bytes (and *max_items* elements, if given)."""
+    if len(data) > max_len:
+        raise WireError(f"value of {len(data)} bytes is over the cap of {max_len}")
+    value = _decode(data, max_items, "value")
     check_plain(value)
     return value
+
+
+def clean_text(text: str) -> str:
+    """*text* in a form that can cross the wire: lone surrogates, which UTF-8
+    cannot carry, escaped as ``\\udcff`` (everything else unchanged)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def encode(msg: dict[str, Any]) -> bytes:
@@ -231,6 +328,8 @@ def check(msg: Any, sender: str) -> dict[str, Any]:
                 raise WireError(f"message {t!r}: {name!r} must be a number")
         elif type(val) is not typ:
             raise WireError(f"message {t!r}: {name!r} must be {typ.__name__}")
+        elif typ is list or typ is dict:
+            check_plain(val)
     return msg
 
 
@@ -239,11 +338,14 @@ class FrameReader:
 
     ``feed(bytes)`` then iterate: yields each complete, decoded (not yet
     shape-checked) frame. A length prefix over ``max_frame`` raises
-    :class:`WireError` at once, before any body is buffered.
+    :class:`WireError` at once, before any body is buffered. With
+    ``max_items``, a frame that would decode to more elements raises
+    :class:`BudgetError` (the frame is consumed; the stream stays in step).
     """
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, max_items: int | None = None) -> None:
         self.max_frame = max_frame
+        self.max_items = max_items
         self._buf = bytearray()
         self._need: int | None = None
 
@@ -274,12 +376,7 @@ class FrameReader:
         size, self._need = self._need, None
         body = bytes(buf[:size])
         del buf[:size]
-        try:
-            return msgpack.unpackb(body, **_UNPACK)
-        except WireError:
-            raise
-        except Exception as exc:
-            raise WireError(f"undecodable frame: {type(exc).__name__}") from None
+        return _decode(body, self.max_items, "frame")
 
 
 _FD_SPACE: Final = socket.CMSG_SPACE(4 * array.array("i").itemsize)
@@ -312,18 +409,54 @@ def recv_frames(
     return True
 
 
-def send_frame(sock: socket.socket, frame: bytes, fd: int | None = None) -> None:
-    """Send one encoded frame, with *fd* riding on its first byte if given."""
-    if fd is None:
-        sock.sendall(frame)
+def send_frame(
+    sock: socket.socket, frame: bytes, fd: int | None = None, timeout: float | None = None
+) -> None:
+    """Send one encoded frame, with *fd* riding on its first byte if given.
+
+    With *timeout* (seconds) the frame is written without blocking, waiting
+    for room in the socket (``poll``) until the deadline; :class:`TimeoutError`
+    when it passes. A part of the frame may then be on the wire: the caller
+    must give up on the peer. ``timeout=None`` blocks (the child's side: the
+    host is trusted to read).
+    """
+    if timeout is None:
+        if fd is None:
+            sock.sendall(frame)
+            return
+        sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        if sent < len(frame):
+            sock.sendall(frame[sent:])
         return
-    sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
-    if sent < len(frame):
-        sock.sendall(frame[sent:])
+    deadline = time.monotonic() + timeout
+    view = memoryview(frame)
+    rights = [] if fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+    waiter: select.poll | None = None
+    while True:
+        try:  # the fast path: one non-blocking send that takes the whole frame
+            if rights:
+                sent = sock.sendmsg([view], rights, socket.MSG_DONTWAIT)
+                rights = []  # the descriptor went with the first byte
+            else:
+                sent = sock.send(view, socket.MSG_DONTWAIT)
+            view = view[sent:]
+            if not view:
+                return
+        except BlockingIOError:
+            pass
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the peer did not read for {timeout:g} s")
+        if waiter is None:
+            waiter = select.poll()
+            waiter.register(sock.fileno(), select.POLLOUT)
+        waiter.poll(math.ceil(left * 1000))
 
 
-def send_message(sock: socket.socket, msg: dict[str, Any], fd: int | None = None) -> None:
-    send_frame(sock, encode(msg), fd)
+def send_message(
+    sock: socket.socket, msg: dict[str, Any], fd: int | None = None, timeout: float | None = None
+) -> None:
+    send_frame(sock, encode(msg), fd, timeout)
 
 
 def write_shm(data: bytes) -> int:
@@ -404,7 +537,7 @@ def write_value_shm(value: Any) -> tuple[int, int]:
     return fd, size
 
 
-def read_shm(fd: int, size: int, max_len: int, *, mapped: bool) -> Any:
+def read_shm(fd: int, size: int, max_len: int, *, mapped: bool, max_items: int | None = None) -> Any:
     """Unpack the value in a memfd of *size* bytes; always closes *fd*.
 
     ``mapped=True`` maps it (no copy; only for a sender that cannot shrink it
@@ -420,7 +553,7 @@ def read_shm(fd: int, size: int, max_len: int, *, mapped: bool) -> Any:
             raise WireError("out-of-band value is not a memory file of the announced size")
         if mapped:  # MAP_POPULATE: fault the pages in one go, not one at a time while decoding
             with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ) as mm:
-                return unpack_value(mm, max_len)
+                return unpack_value(mm, max_len, max_items)
         buf = bytearray(size)
         view = memoryview(buf)
         got = 0
@@ -429,6 +562,6 @@ def read_shm(fd: int, size: int, max_len: int, *, mapped: bool) -> Any:
             if n <= 0:
                 raise WireError("out-of-band value is shorter than announced")
             got += n
-        return unpack_value(buf, max_len)
+        return unpack_value(buf, max_len, max_items)
     finally:
         os.close(fd)

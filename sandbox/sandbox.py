@@ -4,14 +4,26 @@ A ``Sandbox`` owns one child process at a time (forked by the shared fork
 server, see :mod:`sandbox.forkserver`) and talks to it over a socket pair in
 the frames of :mod:`sandbox.protocol`. Around each ``execute`` the host:
 
-- sets a kernel CPU backstop (``prlimit``) and resets the child's peak-RSS counter;
+- resets the child's peak-RSS counter; CPU is counted from the moment the child
+  last went idle (its previous ``done``), so a signal handler or a thread that
+  ran between executes is charged to this one; the kernel CPU backstop
+  (``prlimit``) is moved each time the child goes idle, so idle CPU is bounded too;
 - waits for frames with a deadline: the wall limit (host-function time is not
   counted) and the CPU limit, read from the child's CPU clock only when it could
   have been reached, so a fast execute costs no extra system calls;
+- writes to the child with the same deadline (a child that stops reading is
+  killed, not waited for), and decodes what it sends within an element budget;
 - services ``call`` frames by running host functions, replying in order;
 - kills the child's process group at a deadline, on a protocol violation, or
   when it hangs up, and classifies how it ended (limit, crash);
+- cuts stdout, stderr, the error message and the traceback to ``max_output_bytes``
+  together;
 - measures CPU time and peak RSS from the kernel, and appends an audit line.
+
+A child is addressed by pid (process group, ``prlimit``, CPU clock,
+``/proc/<pid>``) only until the host *releases* it (:meth:`_Child.release`):
+the fork server does not reap a child, so its pid cannot be reused, before the
+host has released it.
 
 When a child has died, the next call starts a fresh one and the next
 ``ExecResult`` says ``state_lost=True``.
@@ -41,6 +53,7 @@ from typing import Any
 from sandbox import forkserver, limits, protocol
 from sandbox.audit import AuditLog, default_audit_path
 from sandbox.errors import (
+    ChildTimeoutError,
     LayerUnavailableError,
     ProtocolError,
     SandboxClosedError,
@@ -55,6 +68,12 @@ __all__ = ["AsyncSandbox", "HostFunction", "Sandbox"]
 HostFunction = Callable[..., Any]
 
 _START_TIMEOUT = 15.0
+#: Seconds a read or write of the child may run past its deadline before the child is killed.
+DEADLINE_GRACE = 2.0
+#: Default per-call timeout of set_variable/get_variable, on top of the policy's wall_seconds.
+VARIABLE_TIMEOUT_EXTRA = 30.0
+#: Bytes of markers the output cap may add to max_output_bytes (the child's cut and the host's).
+_OUTPUT_SLACK = 4 * limits.CUT_MARKER_BYTES + 160
 #: How long the host polls for the child's answer before it blocks.
 SPIN_SECONDS = 0.0005
 _UID_BASE = 1_200_000
@@ -93,20 +112,27 @@ class _Child:
         self.sock = sock
         self.scratch = scratch
         self.layers = layers
-        self.reader = protocol.FrameReader(max_frame)
+        self.reader = protocol.FrameReader(max_frame, protocol.MAX_ITEMS)
         self.fds: list[int] = []
         self.poll = select.poll()
         self.poll.register(sock.fileno(), select.POLLIN)
         self.poll.register(pidfd, select.POLLIN)
         self.rss = limits.RSSMeter(pid)
         self.dead = False
+        #: The host is done with the pid (the fork server may reap it; it may be reused).
+        self.released = False
+        #: The child's CPU clock when it last went idle: CPU past it counts towards the next execute.
+        self.cpu_mark: float | None = None
         self.exit_info: forkserver.ExitInfo | None = None
 
     def kill(self) -> None:
-        if self.dead:
+        """SIGKILL the child and its process group, also when the child already exited on
+        its own (leftovers in its group). Safe until released: the pid is not reused before."""
+        if self.released:
             return
-        with contextlib.suppress(OSError):
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        if not self.dead:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         with contextlib.suppress(OSError):
             os.killpg(self.pid, signal.SIGKILL)
         self.dead = True
@@ -206,8 +232,13 @@ class Sandbox:
             self._audit_line(code, result)
             return result
 
-    def set_variable(self, name: str, value: Any) -> None:
-        """Bind *name* to a copy of *value* (plain data: None, bool, int, float, str, bytes, list, dict)."""
+    def set_variable(self, name: str, value: Any, *, timeout: float | None = None) -> None:
+        """Bind *name* to a copy of *value* (plain data: None, bool, int, float, str, bytes, list, dict).
+
+        *timeout*: seconds the child has to take the value and acknowledge it
+        (default: the policy's ``wall_seconds`` + 30); past it the child is
+        killed and :class:`ChildTimeoutError` raised.
+        """
         if not isinstance(name, str) or not name.isidentifier() or name.startswith("__"):
             raise VariableError(f"{name!r} is not a valid variable name")
         # Large strings and bytes skip msgpack's copy: their raw buffer goes straight into a memfd.
@@ -221,10 +252,14 @@ class Sandbox:
             raise VariableError(
                 f"cannot set {name!r}: {size} bytes is over the policy's max_message_mb ({self.policy.limits.max_message_mb} MiB)"
             )
+        wait = self._variable_timeout(timeout)
         with self._lock:
             child = self._ensure_child()
+            end = time.monotonic() + wait
             if size <= protocol.INLINE_LIMIT:
-                self._send(child, protocol.encode_with_value({"t": "set", "name": name}, data))
+                self._post(
+                    child, protocol.encode_with_value({"t": "set", "name": name}, data), None, wait, name
+                )
             else:
                 try:
                     fd, size = protocol.write_value_shm(value) if direct else (protocol.write_shm(data), size)
@@ -236,21 +271,34 @@ class Sandbox:
                         f"cannot set {name!r}: {size} bytes is over the policy's max_message_mb"
                     )
                 try:
-                    self._send(child, protocol.encode({"t": "set", "name": name, "shm": size}), fd)
+                    self._post(
+                        child, protocol.encode({"t": "set", "name": name, "shm": size}), fd, wait, name
+                    )
                 finally:
                     os.close(fd)
-            msg = self._expect(child, "ack", self.policy.limits.wall_seconds + 30)
+            msg = self._expect(child, "ack", end - time.monotonic())
+            self._mark_cpu(child)
             if not msg["ok"]:
                 raise VariableError(f"cannot set {name!r}: {msg.get('error', 'refused by the child')}")
 
-    def get_variable(self, name: str) -> Any:
-        """A copy of the variable *name* (plain data only, else :class:`VariableError`)."""
+    def get_variable(self, name: str, *, timeout: float | None = None) -> Any:
+        """A copy of the variable *name* (plain data only, else :class:`VariableError`).
+
+        The value may decode to at most ``protocol.MAX_ITEMS`` elements (lists,
+        dicts and their items), else :class:`VariableError`. *timeout*: as for
+        :meth:`set_variable`.
+        """
         if not isinstance(name, str):
             raise VariableError("variable name must be a str")
+        wait = self._variable_timeout(timeout)
         with self._lock:
             child = self._ensure_child()
-            self._send(child, protocol.encode({"t": "get", "name": name}))
-            msg = self._expect(child, "value", self.policy.limits.wall_seconds + 30)
+            end = time.monotonic() + wait
+            self._post(
+                child, protocol.encode({"t": "get", "name": protocol.clean_text(name)}), None, wait, name
+            )
+            msg = self._expect(child, "value", end - time.monotonic())
+            self._mark_cpu(child)
             if not msg["ok"]:
                 child.drop_fds()
                 raise VariableError(msg.get("error", f"cannot get {name!r}"))
@@ -258,7 +306,15 @@ class Sandbox:
                 if not child.fds:
                     self._fail(child, "value announced out of band without a descriptor")
                 try:
-                    return protocol.read_shm(child.fds.pop(0), msg["shm"], self._max_message, mapped=False)
+                    return protocol.read_shm(
+                        child.fds.pop(0),
+                        msg["shm"],
+                        self._max_message,
+                        mapped=False,
+                        max_items=protocol.MAX_ITEMS,
+                    )
+                except protocol.BudgetError as exc:  # too big to decode here: the child lives on
+                    raise VariableError(f"cannot get {name!r}: {exc}") from None
                 except protocol.WireError as exc:
                     self._fail(child, str(exc))
                 finally:
@@ -343,13 +399,14 @@ class Sandbox:
             raise LayerUnavailableError(hello.get("layer", "?"), hello["error"])
         child.layers = {str(k): str(v) for k, v in hello["layers"].items()}
         self._layers = child.layers
+        self._mark_cpu(child)
         self._child = child
         return child
 
     def _stop_child(self, child: _Child, graceful: bool) -> None:
         if graceful and not child.dead:
             try:
-                child.sock.sendall(protocol.encode({"t": "bye"}))
+                protocol.send_frame(child.sock, protocol.encode({"t": "bye"}), None, 0.5)
                 child.poll.unregister(child.sock.fileno())
                 if not child.poll.poll(500):
                     child.kill()
@@ -364,18 +421,55 @@ class Sandbox:
         shutil.rmtree(child.scratch, ignore_errors=True)
 
     def _exit_info(self, child: _Child) -> forkserver.ExitInfo | None:
-        """How *child* ended (it must be dead or killed); asked of the fork server once."""
-        if child.exit_info is None:
+        """How *child* ended (it must be dead or killed); asked of the fork server once.
+
+        This releases the pid: the fork server reaps the child only now, so
+        nothing may address it by pid afterwards (``kill`` becomes a no-op).
+        """
+        if not child.released:
+            child.released = True
             child.exit_info = self._server.wait_exit(child.pid, 10.0)
         return child.exit_info
 
+    def _mark_cpu(self, child: _Child) -> float | None:
+        """The child goes idle: CPU from now on counts towards its next execute, and the
+        kernel backstop allows it at most one CPU budget (+1 s) until then."""
+        cpu = limits.cpu_seconds(child.pid)
+        if cpu is not None:
+            child.cpu_mark = cpu
+            limits.set_cpu_backstop(child.pid, cpu, self.policy.limits.cpu_seconds)
+        return cpu
+
+    def _variable_timeout(self, timeout: float | None) -> float:
+        if timeout is None:
+            return self.policy.limits.wall_seconds + VARIABLE_TIMEOUT_EXTRA
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        return float(timeout)
+
     # ---------------------------------------------------------------- framing
-    def _send(self, child: _Child, frame: bytes, fd: int | None = None) -> None:
+    def _send(self, child: _Child, frame: bytes, fd: int | None, timeout: float) -> None:
+        """Write one frame within *timeout* seconds; else kill the child and raise
+        _Timeout (it stopped reading) or _Died (it hung up)."""
         try:
-            protocol.send_frame(child.sock, frame, fd)
-        except OSError as exc:
+            protocol.send_frame(child.sock, frame, fd, timeout)
+        except TimeoutError:
             child.kill()
-            raise ProtocolError(f"cannot write to the sandbox child: {exc.strerror or exc}") from None
+            raise _Timeout() from None
+        except OSError:
+            child.kill()
+            raise _Died() from None
+
+    def _post(self, child: _Child, frame: bytes, fd: int | None, timeout: float, name: str) -> None:
+        """:meth:`_send` for set_variable/get_variable: failures as the public errors."""
+        try:
+            self._send(child, frame, fd, timeout)
+        except _Timeout:
+            raise ChildTimeoutError(
+                f"the sandbox child did not read the request for {name!r} within {timeout:g} s; it was killed"
+            ) from None
+        except _Died:
+            raise ProtocolError(f"the sandbox child exited before it read the request for {name!r}") from None
 
     def _next_frame(self, child: _Child, timeout: float | None, accept_fd: bool = False) -> dict[str, Any]:
         """Next valid frame from the child; raises _Timeout, _Died or protocol.WireError.
@@ -416,10 +510,18 @@ class Sandbox:
         try:
             msg = self._next_frame(child, timeout, accept_fd=kind == "value")
         except _Timeout:
-            self._fail(child, f"no {kind!r} from the child within {timeout:.0f} s")
+            child.kill()
+            raise ChildTimeoutError(
+                f"no {kind!r} from the sandbox child within {max(timeout, 0):.3g} s; it was killed"
+            ) from None
         except _Died:
             child.kill()
             raise ProtocolError(f"the sandbox child exited while the host waited for {kind!r}") from None
+        except protocol.BudgetError as exc:
+            if kind != "value":
+                self._fail(child, str(exc))
+            child.drop_fds()  # the frame was consumed whole: the child may live on
+            raise VariableError(f"cannot get the value: {exc}") from None
         except protocol.WireError as exc:
             self._fail(child, str(exc))
         if msg["t"] != kind:
@@ -436,93 +538,102 @@ class Sandbox:
         pid = child.pid
         self._exec_id += 1
         exec_id = self._exec_id
-        cpu_start = limits.cpu_seconds(pid) or 0.0
-        limits.set_cpu_backstop(pid, cpu_start, lim.cpu_seconds)
+        # CPU counts from when the child last went idle: whatever ran in between
+        # (a signal handler, a thread) is charged to this execute.
+        cpu_now = limits.cpu_seconds(pid)
+        cpu_start = child.cpu_mark if child.cpu_mark is not None else (cpu_now or 0.0)
+        idle = max(0.0, (cpu_now if cpu_now is not None else cpu_start) - cpu_start)
         child.rss.reset()
         t0 = time.perf_counter()
         host_time = 0.0
         cpu_rate = 1 + lim.max_processes  # CPU seconds per wall second the code can burn at most
-        next_cpu_check = t0 + lim.cpu_seconds / cpu_rate
+        next_cpu_check = t0 + max(0.0, lim.cpu_seconds - idle) / cpu_rate
         killed_for: LimitName | None = None
         done: dict[str, Any] | None = None
         protocol_error: str | None = None
-        cpu_used = 0.0
-        self._send(child, protocol.encode({"t": "exec", "id": exec_id, "code": code}))
-        while True:
-            now = time.perf_counter()
-            wall_deadline = t0 + host_time + lim.wall_seconds
-            timeout = min(wall_deadline, next_cpu_check) - now
-            try:
-                msg = self._next_frame(child, max(timeout, 0.0))
-            except _Timeout:
+        cpu_used = idle
+        try:
+            if idle >= lim.cpu_seconds:  # spent between executes: this one gets no CPU left
+                killed_for = "cpu"
+                child.kill()
+                raise _Died()
+            frame = protocol.encode({"t": "exec", "id": exec_id, "code": protocol.clean_text(code)})
+            self._send(child, frame, None, lim.wall_seconds + DEADLINE_GRACE)
+            while True:
                 now = time.perf_counter()
-                used = (limits.cpu_seconds(pid) or cpu_start) - cpu_start
-                if used >= lim.cpu_seconds:
-                    killed_for = "cpu"
-                elif now >= wall_deadline:
-                    killed_for = "wall"
-                else:
-                    next_cpu_check = now + max(0.005, (lim.cpu_seconds - used) / cpu_rate)
-                    continue
-                cpu_used = used
-                child.kill()
-                break
-            except _Died:
-                break
-            except protocol.WireError as exc:
-                protocol_error = str(exc)
-                child.kill()
-                break
-            if msg["t"] == "done" and msg["id"] == exec_id:
-                done = msg
-                break
-            if msg["t"] == "call":
-                h0 = time.perf_counter()
+                wall_deadline = t0 + host_time + lim.wall_seconds
+                timeout = min(wall_deadline, next_cpu_check) - now
                 try:
-                    self._serve_call(child, msg)
-                except protocol.WireError as exc:
-                    protocol_error = str(exc)
+                    msg = self._next_frame(child, max(timeout, 0.0))
+                except _Timeout:
+                    now = time.perf_counter()
+                    used = (limits.cpu_seconds(pid) or cpu_start) - cpu_start
+                    if used >= lim.cpu_seconds:
+                        killed_for = "cpu"
+                    elif now >= wall_deadline:
+                        killed_for = "wall"
+                    else:
+                        next_cpu_check = now + max(0.005, (lim.cpu_seconds - used) / cpu_rate)
+                        continue
+                    cpu_used = used
                     child.kill()
                     break
-                host_time += time.perf_counter() - h0
-                continue
-            protocol_error = f"unexpected {msg['t']!r} frame during execute"
+                if msg["t"] == "done" and msg["id"] == exec_id:
+                    done = msg
+                    break
+                if msg["t"] != "call":
+                    raise protocol.WireError(f"unexpected {msg['t']!r} frame during execute")
+                host_time += self._serve_call(child, msg, wall_deadline)
+        except _Died:
+            pass
+        except _Timeout:  # the child did not read the exec frame or a reply in time
+            killed_for = "wall"
+        except protocol.WireError as exc:
+            protocol_error = str(exc)
             child.kill()
-            break
         child.drop_fds()
         duration = time.perf_counter() - t0
         return self._result(
             child, done, killed_for, protocol_error, duration, cpu_start, cpu_used, state_lost
         )
 
-    def _serve_call(self, child: _Child, msg: dict[str, Any]) -> None:
+    def _serve_call(self, child: _Child, msg: dict[str, Any], wall_deadline: float) -> float:
+        """Run the host function a ``call`` frame names and send its ``reply`` before
+        *wall_deadline* (shifted by the function's own time). Returns that time."""
         name = msg["fn"]
         fn = self._host.get(name)
         reply: dict[str, Any] = {"t": "reply", "id": msg["id"]}
+        h0 = time.perf_counter()
         try:
             if fn is None:
                 raise LookupError(f"no host function named {name!r}")
             value = fn(*msg["args"], **msg["kwargs"])
             data = protocol.pack_value(value)
         except Exception as exc:  # the host function's failure is the child's HostFunctionError
-            reply.update(ok=False, error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            self._send(child, protocol.encode(reply))
-            return
+            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            reply.update(ok=False, error=protocol.clean_text(text)[: self.policy.limits.max_output_bytes])
+            data = None
         except BaseException:
             child.kill()
             raise
-        if len(data) > self._max_message:
+        now = time.perf_counter()
+        spent = now - h0
+        timeout = wall_deadline + spent - now + DEADLINE_GRACE
+        if data is None:
+            self._send(child, protocol.encode(reply), None, timeout)
+        elif len(data) > self._max_message:
             reply.update(ok=False, error=f"{name}() returned {len(data)} bytes, over max_message_mb")
-            self._send(child, protocol.encode(reply))
+            self._send(child, protocol.encode(reply), None, timeout)
         elif len(data) <= protocol.INLINE_LIMIT:
             reply["ok"] = True
-            self._send(child, protocol.encode_with_value(reply, data))
+            self._send(child, protocol.encode_with_value(reply, data), None, timeout)
         else:
             fd = protocol.write_shm(data)
             try:
-                self._send(child, protocol.encode({**reply, "ok": True, "shm": len(data)}), fd)
+                self._send(child, protocol.encode({**reply, "ok": True, "shm": len(data)}), fd, timeout)
             finally:
                 os.close(fd)
+        return spent
 
     def _result(
         self,
@@ -544,20 +655,24 @@ class Sandbox:
             "layers": dict(child.layers),
         }
         if done is not None:
-            cpu = limits.cpu_seconds(child.pid)
+            cpu = self._mark_cpu(child)
             rss = child.rss.peak()
-            stdout, stderr = done["stdout"], done["stderr"]
-            truncated = bool(done["truncated"])
-            # The host enforces the output cap itself: the child's copy is a courtesy.
-            if len(stdout) + len(stderr) > lim.max_output_bytes + 200:
-                stdout, stderr, truncated = (
-                    stdout[: lim.max_output_bytes],
-                    stderr[: max(0, lim.max_output_bytes - len(stdout))],
-                    True,
-                )
+            # The host enforces the output cap itself, over everything that comes back
+            # together: the child's cut is a courtesy.
+            texts, cut = limits.cap_texts(
+                [done["stdout"], done["stderr"], done.get("error_message", ""), done.get("traceback", "")],
+                lim.max_output_bytes + _OUTPUT_SLACK,
+            )
+            stdout, stderr = texts[0], texts[1]
+            error_message = texts[2] if "error_message" in done else None
+            traceback_text = texts[3] if "traceback" in done else None
+            # limit="output" when printing was stopped by the cap (or the child ignored it);
+            # a cut error text alone is only output_truncated: the code's exception ended it.
+            output_cut = bool(done["truncated"]) or cut[0] or cut[1]
+            truncated = output_cut or any(cut) or bool(done.get("cut"))
             hint = done.get("limit_hint")
             limit: LimitName | None = _CHILD_LIMITS.get(hint) if isinstance(hint, str) else None
-            if truncated:
+            if output_cut:
                 limit = limit or "output"
             # Every field was type-checked by protocol.check or computed here:
             # skip pydantic's second validation on the hot path.
@@ -566,8 +681,8 @@ class Sandbox:
                 stdout=stdout,
                 stderr=stderr,
                 error_type=done.get("error_type"),
-                error_message=done.get("error_message"),
-                traceback=done.get("traceback"),
+                error_message=error_message,
+                traceback=traceback_text,
                 limit=limit,
                 output_truncated=truncated,
                 cpu_s=max(0.0, (cpu if cpu is not None else cpu_start) - cpu_start),
@@ -613,6 +728,12 @@ class Sandbox:
                 "memory",
                 "MemoryLimitExceeded",
                 f"memory limit of {lim.memory_mb} MiB reached; the child was killed by signal {signal.Signals(sig).name}",
+            )
+        elif sig is None and info is not None and info.exit_code == protocol.EXIT_OUT_OF_MEMORY:
+            limit, error_type, message = (
+                "memory",
+                "MemoryLimitExceeded",
+                f"memory limit of {lim.memory_mb} MiB reached; the child could not go on",
             )
         elif sig is not None:
             crashed = True

@@ -1,0 +1,416 @@
+"""The host cannot be hung, flooded or fooled by what a child does or sends.
+
+Categories: host deadlines, decode amplification, the output cap on errors,
+idle CPU, memory accounting. Each test runs under the allowlist guard (with
+the imports the attack needs added to the allowlist: the guard is not what is
+tested here) and with ``python.guard = "none"``.
+
+Timing: every assertion is "the host came back within the limit plus a
+generous margin", never a tight figure; a hang is reported as a failure
+instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox import Sandbox
+from sandbox.errors import ChildTimeoutError
+from tests.conftest import run_cli
+from tests.security.conftest import policy_for
+
+#: Imports the attacks below use; added to the allowlist so the allowlist mode runs them too.
+ATTACK_IMPORTS = ["os", "stat", "msgpack", "signal", "time", "mmap", "sys", "threading"]
+
+#: Margin on top of a limit for a loaded 2-core machine.
+SLACK = 20.0
+
+
+def hostile_policy(mode: str, **changes: Any) -> Any:
+    if mode == "default":
+        base = policy_for(mode)
+        changes["python.allowed_imports"] = [*base.python.allowed_imports, *ATTACK_IMPORTS]
+    return policy_for(mode, **changes)
+
+
+def within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """Run *fn* in a thread; fail (instead of hanging) if it has not returned after *seconds*."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    start = time.monotonic()
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"the host was still blocked after {seconds:.0f} s"
+    box["elapsed"] = time.monotonic() - start
+    if "error" in box:
+        raise box["error"]
+    return box["value"], box["elapsed"]
+
+
+FIND_CHANNEL = """
+import os, stat
+def _channel():
+    for fd in range(3, 64):
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                return fd
+        except OSError:
+            pass
+chan = _channel()
+"""
+
+# 5,000 call frames written straight to the channel; the replies are never read.
+CALL_FLOOD = (
+    FIND_CHANNEL
+    + """
+import msgpack, time
+body = msgpack.packb({'t': 'call', 'id': 1, 'fn': 'f', 'args': [], 'kwargs': {}})
+data = (len(body).to_bytes(4, 'big') + body) * 5000
+view = memoryview(data)
+while view:
+    view = view[os.write(chan, view):]
+time.sleep(120)
+"""
+)
+
+# A signal handler that keeps the child from reading its channel between executes.
+STOP_READING = """
+import signal, time
+signal.signal(signal.SIGALRM, lambda *a: time.sleep(120))
+signal.setitimer(signal.ITIMER_REAL, 0.2)
+"""
+
+
+# ------------------------------------------------------------- host deadlines
+def test_call_flood_does_not_block_execute(mode: str) -> None:
+    with Sandbox(hostile_policy(mode, **{"limits.wall_seconds": 3})) as sb:
+        r, elapsed = within(3 + SLACK, lambda: sb.execute(CALL_FLOOD))
+        assert not r.ok and r.limit == "wall", r
+        assert elapsed < 3 + SLACK
+        again = sb.execute("print(6 * 7)")
+        assert again.ok and again.stdout == "42\n" and again.state_lost
+
+
+def test_set_variable_to_a_child_that_stopped_reading(mode: str) -> None:
+    with Sandbox(hostile_policy(mode)) as sb:
+        assert sb.execute(STOP_READING).ok
+        time.sleep(0.5)  # the handler is asleep now: nothing reads the channel
+        with pytest.raises(ChildTimeoutError, match="within 3 s"):
+            within(3 + SLACK, lambda: sb.set_variable("big", "x" * 900_000, timeout=3))
+        assert not sb.alive
+        r = sb.execute("print(6 * 7)")
+        assert r.ok and r.state_lost
+
+
+def test_get_variable_from_a_child_that_stopped_reading(mode: str) -> None:
+    with Sandbox(hostile_policy(mode)) as sb:
+        assert sb.execute("v = 1\n" + STOP_READING).ok
+        time.sleep(0.5)
+        with pytest.raises(ChildTimeoutError):
+            within(2 + SLACK, lambda: sb.get_variable("v", timeout=2))
+
+
+def test_execute_to_a_child_that_stopped_reading(mode: str) -> None:
+    """The exec frame itself (a large cell) cannot be written: the execute ends at its wall limit."""
+    with Sandbox(hostile_policy(mode, **{"limits.wall_seconds": 2})) as sb:
+        assert sb.execute(STOP_READING).ok
+        time.sleep(0.5)
+        cell = "x = 1\n" + "#" * 2_000_000
+        r, _ = within(2 + SLACK, lambda: sb.execute(cell))
+        assert not r.ok and r.limit == "wall", r
+
+
+@pytest.mark.slow
+def test_rlm_exec_does_not_hang(tmp_path: Path) -> None:
+    policy = tmp_path / "flood.toml"
+    policy.write_text(
+        'schema_version = 1\nname = "flood"\ndescription = "d"\n'
+        '[limits]\nwall_seconds = 3\n[python]\nguard = "none"\n[audit]\nenabled = false\n'
+    )
+    start = time.monotonic()
+    try:
+        out = run_cli("exec", "--json", "--policy", str(policy), "-", stdin=CALL_FLOOD)
+    except subprocess.TimeoutExpired:
+        pytest.fail("rlm exec hung on a child that floods call frames")
+    assert time.monotonic() - start < 3 + 60
+    assert json.loads(out.stdout)["limit"] == "wall", out
+
+
+# ------------------------------------------------------ decode amplification
+# Run in a fresh host process so its peak RSS (ru_maxrss) measures this decode alone.
+AMPLIFY_HOST = """
+import json, resource, sys
+from sandbox import Sandbox, load_policy
+from sandbox.errors import SandboxError
+mode, kind, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+changes = {"audit.enabled": False, "limits.memory_mb": 2048}
+if mode == "guard_none":
+    changes["python.guard"] = "none"
+seen = []
+with Sandbox(load_policy("default").override(changes), host_functions={"f": lambda *a: seen.append(1)}) as sb:
+    # A hostile child: with the guard off it switches off its own courtesy checks.
+    if mode == "guard_none":
+        r = sb.execute("import sys\\np = sys.modules['sandbox.protocol']\\np.check_plain = lambda *a, **k: None")
+        assert r.ok, r
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {}
+    if kind == "get":
+        assert sb.execute(f"x = [{{}}] * {n}").ok
+        try:
+            sb.get_variable("x")
+            out["outcome"] = "decoded"
+        except SandboxError as exc:
+            out["outcome"] = type(exc).__name__
+            out["message"] = str(exc)
+    else:
+        r = sb.execute(f"f([{{}}] * {n})")
+        out["outcome"] = r.error_type or "ok"
+        out["message"] = r.error_message
+    out["calls"] = len(seen)
+    out["growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    out["next"] = sb.execute("print(6 * 7)").stdout
+print(json.dumps(out))
+"""
+
+
+def amplify(mode: str, kind: str, n: int) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-c", AMPLIFY_HOST, mode, kind, str(n)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def check_get_is_bounded(mode: str, n: int) -> None:
+    out = amplify(mode, "get", n)
+    assert out["outcome"] == "VariableError" and "1,000,000 elements" in out["message"], out
+    assert out["growth_mb"] < 150, out  # unbounded: 250 MB for 4 M dicts, 1.4 GB for 20 M
+    assert out["next"] == "42\n", out
+
+
+def test_get_variable_decode_is_bounded(mode: str) -> None:
+    """1.04 M empty dicts: about 1 MB packed, an inline ``value`` frame."""
+    check_get_is_bounded(mode, 1_040_000)
+
+
+@pytest.mark.slow
+def test_get_variable_decode_of_a_memfd_value_is_bounded() -> None:
+    """20 M empty dicts: 20 MB packed, out of band; the child skips its own check."""
+    check_get_is_bounded("guard_none", 20_000_000)
+
+
+def test_host_function_arguments_are_bounded(mode: str) -> None:
+    out = amplify(mode, "call", 4_000_000)
+    assert out["calls"] == 0, out
+    assert out["growth_mb"] < 150, out
+    if mode == "guard_none":  # the child skipped its own check: the host refused the frame
+        assert out["outcome"] == "ProtocolError" and "1,000,000 elements" in out["message"], out
+    else:  # the code sees the refusal as its own exception
+        assert out["outcome"] == "ValueError" and "1,000,000 elements" in out["message"], out
+    assert out["next"] == "42\n", out
+
+
+# ------------------------------------------------------ output cap on errors
+def test_output_cap_bounds_error_message_and_traceback(mode: str) -> None:
+    cap = 100_000
+    with Sandbox(policy_for(mode, **{"limits.max_output_bytes": cap})) as sb:
+        r = sb.execute("print('before')\nraise ValueError('A' * 30_000_000)")
+        assert not r.ok and r.error_type == "ValueError" and r.output_truncated, r.error_type
+        total = sum(len(t.encode()) for t in (r.stdout, r.stderr, r.error_message or "", r.traceback or ""))
+        assert total <= cap + 1000, total
+        assert r.stdout == "before\n"
+        assert r.error_message is not None and r.error_message.startswith("AAAA")
+        assert r.traceback is not None and "Traceback" in r.traceback
+        assert r.limit is None  # the code's own exception ended it, not the output limit
+
+
+def test_output_cap_is_shared_by_print_and_error(mode: str) -> None:
+    cap = 50_000
+    with Sandbox(policy_for(mode, **{"limits.max_output_bytes": cap})) as sb:
+        r = sb.execute("print('x' * 45_000)\nraise KeyError('k' * 200_000)")
+        total = sum(len(t.encode()) for t in (r.stdout, r.stderr, r.error_message or "", r.traceback or ""))
+        assert total <= cap + 1000 and r.output_truncated, total
+        assert r.error_type == "KeyError" and "kkkk" in (r.error_message or "")
+
+
+# ------------------------------------------------------------------ idle CPU
+BURN_LATER = """
+import signal, time
+def _burn(*a):
+    t = time.process_time()
+    while time.process_time() - t < {seconds}:
+        pass
+signal.signal(signal.SIGALRM, _burn)
+signal.setitimer(signal.ITIMER_REAL, 0.1)
+"""
+
+BURN_IN_THREAD = """
+import threading, time
+def _burn():
+    time.sleep(0.1)
+    t = time.process_time()
+    while time.process_time() - t < {seconds}:
+        pass
+threading.Thread(target=_burn, daemon=True).start()
+"""
+
+
+def check_idle_cpu_is_charged(mode: str, code: str, audit: Path) -> None:
+    policy = hostile_policy(mode, **{"audit.enabled": True, "limits.max_processes": 2})
+    with Sandbox(policy, audit_log=audit) as sb:
+        first = sb.execute(code)
+        assert first.ok, first
+        deadline = time.monotonic() + 60
+        charged = 0.0
+        while charged < 1.4 and time.monotonic() < deadline:
+            time.sleep(1)  # the host is idle; the child burns
+            charged += sb.execute("pass").cpu_s
+        assert charged >= 1.4, f"idle CPU was not charged: {charged} s"
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert sum(line["cpu_s"] for line in lines[1:]) >= 1.4, lines
+
+
+def test_cpu_of_a_signal_handler_between_executes_is_charged(mode: str, tmp_path: Path) -> None:
+    check_idle_cpu_is_charged(mode, BURN_LATER.format(seconds=1.5), tmp_path / "audit.jsonl")
+
+
+def test_cpu_of_a_thread_between_executes_is_charged(tmp_path: Path) -> None:
+    check_idle_cpu_is_charged("guard_none", BURN_IN_THREAD.format(seconds=1.5), tmp_path / "audit.jsonl")
+
+
+def test_cpu_between_executes_is_limited(mode: str) -> None:
+    policy = hostile_policy(mode, **{"limits.cpu_seconds": 1, "limits.wall_seconds": 5})
+    with Sandbox(policy) as sb:
+        assert sb.execute(BURN_LATER.format(seconds=30)).ok
+        time.sleep(3)  # the handler burns more than the whole budget while the host is idle
+        r = sb.execute("print('never')")
+        assert not r.ok and r.limit == "cpu" and r.stdout == "", r
+        again = sb.execute("print(6 * 7)")
+        assert again.ok and again.stdout == "42\n"
+
+
+# ---------------------------------------------------------- memory accounting
+GROW_UNTIL_FULL = {
+    "strings_64k": "x = []\nwhile True:\n    x.append('a' * 65536)",
+    "strings_1m_and_lists": "x = []\nwhile True:\n    x.append('a' * 10**6)\n    x.append(list(range(100)))",
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROW_UNTIL_FULL))
+def test_running_out_of_memory_is_a_memory_limit(mode: str, name: str) -> None:
+    """The code fills the address space until the next allocation fails: the child
+    still reports its result (it was: crashed, "ChildExited (status 4)")."""
+    with Sandbox(policy_for(mode, **{"limits.memory_mb": 256})) as sb:
+        r = sb.execute(GROW_UNTIL_FULL[name])
+        assert not r.ok and r.limit == "memory" and not r.crashed, r
+        again = sb.execute("x = None\nprint(6 * 7)")
+        if not again.ok:  # a child with no room left is replaced; never a crash
+            assert again.limit == "memory" and not again.crashed, again
+            again = sb.execute("print(6 * 7)")
+        assert again.ok and again.stdout == "42\n", again
+
+
+def test_surrogates_come_back_escaped(mode: str) -> None:
+    with Sandbox(hostile_policy(mode)) as sb:
+        r = sb.execute("raise ValueError('\\ud800')")
+        assert not r.crashed and r.error_type == "ValueError", r
+        assert r.error_message == "\\ud800", r.error_message
+        r = sb.execute('print("\udcff")')  # the surrogate is in the code itself
+        assert r.ok and r.stdout == "\\udcff\n", r
+        r = sb.execute("print('\\udcff', 'é')\nimport sys\n_ = sys.stderr.write('\\ud83d')")
+        assert r.ok and r.stdout == "\\udcff é\n" and r.stderr == "\\ud83d", r
+        r = sb.execute("class E(Exception):\n    pass\nraise E('m\\udc81')")
+        assert not r.crashed and r.error_message == "m\\udc81", r
+        assert sb.execute("print(6 * 7)").stdout == "42\n"
+
+
+def test_rlm_trajectory_holds_only_bounded_text(tmp_path: Path) -> None:
+    from rlm import ScriptedBackend, run
+
+    block = "```repl\n{}\n```"
+    backend = ScriptedBackend(
+        [block.format("raise ValueError('A' * 30_000_000)"), block.format("FINAL('done')")]
+    )
+    policy = policy_for("default", **{"limits.max_output_bytes": 100_000})
+    result = run("q?", "ctx", model="root", sub_model="sub", backend=backend, policy=policy, log_dir=tmp_path)
+    assert result.answer == "done"
+    sizes = {p.name: p.stat().st_size for p in tmp_path.glob("*.jsonl")}
+    assert sizes and all(size < 1_000_000 for size in sizes.values()), sizes
+
+
+# ------------------------------------------------------- pids and process groups
+def test_pid_is_not_reaped_before_the_host_releases_it(mode: str) -> None:
+    """A child that exits between executes stays a zombie (its pid cannot be reused)
+    until the host has made its last use of the pid; then it is reaped."""
+    import psutil
+
+    with Sandbox(hostile_policy(mode)) as sb:
+        pid = sb.pid
+        assert pid is not None
+        code = "import signal, os\nsignal.signal(signal.SIGALRM, lambda *a: os._exit(0))\nsignal.setitimer(signal.ITIMER_REAL, 0.1)"
+        assert sb.execute(code).ok
+        time.sleep(1.5)
+        assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # exited, not reaped
+        r = sb.execute("print(1)")
+        assert not r.ok and r.crashed, r
+        deadline = time.monotonic() + 30
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the released child was never reaped"
+            time.sleep(0.1)
+
+
+def test_group_of_a_child_that_exits_on_its_own_is_killed(mode: str) -> None:
+    """Without a cgroup to sweep, a grandchild left in the process group of a child
+    that exited by itself is killed all the same."""
+    import psutil
+
+    require = [x for x in policy_for(mode).isolation.require if x != "cgroup"]
+    policy = hostile_policy(
+        mode, **{"limits.max_processes": 2, "isolation.cgroup": False, "isolation.require": require}
+    )
+    with Sandbox(policy) as sb:
+        pid = sb.pid
+        assert pid is not None
+        uid = psutil.Process(pid).uids().real
+        r = sb.execute(
+            "import os, time\nif os.fork() == 0:\n    time.sleep(120)\n    os._exit(0)\ntime.sleep(0.3)\nos._exit(0)"
+        )
+        assert not r.ok
+        deadline = time.monotonic() + 30
+        while True:
+            left = [p for p in psutil.process_iter(["uids", "status"]) if p.info["uids"] and p.info["uids"].real == uid
+                    and p.info["status"] != psutil.STATUS_ZOMBIE]  # fmt: skip
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert not left, f"left behind in the child's process group: {left}"
+
+
+def test_host_cuts_output_of_a_child_that_skips_its_own_cap() -> None:
+    """The child's cut is a courtesy: a child that switches it off still gets only the cap home."""
+    cap = 100_000
+    with Sandbox(policy_for("guard_none", **{"limits.max_output_bytes": cap})) as sb:
+        off = "import sys\nsys.modules['sandbox.limits'].cap_texts = lambda texts, limit: (texts, [False] * len(texts))"
+        assert sb.execute(off).ok
+        r = sb.execute("raise ValueError('A' * 25_000_000)")
+        assert r.error_type == "ValueError" and r.output_truncated, r.error_type
+        total = sum(len(t.encode()) for t in (r.stdout, r.stderr, r.error_message or "", r.traceback or ""))
+        assert total <= cap + 1000, total
