@@ -88,7 +88,6 @@ class LiveView:
     def block(self, index: int, code: str, output: str, sub_calls: int, ok: bool) -> None:
         from rich.panel import Panel
         from rich.syntax import Syntax
-        from rich.text import Text
 
         self.console.print(
             Panel(
