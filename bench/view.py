@@ -27,7 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def synthetic_run(directory: Path, iterations: int = 1000, sub_calls: int = 10_000, run_id: str = "rlm_bench") -> Path:
+def synthetic_run(
+    directory: Path, iterations: int = 1000, sub_calls: int = 10_000, run_id: str = "rlm_bench"
+) -> Path:
     """Write a trajectory (and a valid audit log) of the given size; return the trajectory's path."""
     from sandbox.audit import AuditLog
 
@@ -74,6 +76,12 @@ def synthetic_run(directory: Path, iterations: int = 1000, sub_calls: int = 10_0
     return path
 
 
+SCROLL = """async () => { const t = performance.now();
+    for (let y = 0; y < document.body.scrollHeight; y += 800) {
+        window.scrollTo(0, y); await new Promise(r => requestAnimationFrame(r)); }
+    return performance.now() - t; }"""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iterations", type=int, default=1000)
@@ -100,8 +108,10 @@ def main() -> int:
             print("page load: skipped (pip install -e '.[browser]')")
             return 0
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=args.chromium, args=["--no-sandbox", "--disable-gpu"])
-            loads, opens, scrolls, searches = [], [], [], []
+            browser = pw.chromium.launch(
+                executable_path=args.chromium, args=["--no-sandbox", "--disable-gpu"]
+            )
+            loads, opens, scrolls, searches, baselines = [], [], [], [], []
             for _ in range(args.repeats):
                 pg = browser.new_page(viewport={"width": 1280, "height": 900})
                 pg.goto(html.as_uri())
@@ -112,10 +122,17 @@ def main() -> int:
                 pg.locator("details.subcalls > summary").first.click()
                 pg.locator(".call").first.wait_for()
                 opens.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                pg.evaluate("""async () => { for (let y = 0; y < document.body.scrollHeight; y += 800) {
-                    window.scrollTo(0, y); await new Promise(r => requestAnimationFrame(r)); } }""")
-                scrolls.append(time.perf_counter() - t0)
+                height = pg.evaluate("document.body.scrollHeight")
+                scrolls.append(pg.evaluate(SCROLL) / 1000)
+                # the same scroll over a plain page of text of the same height: what painting costs here
+                plain = browser.new_page(viewport={"width": 1280, "height": 900})
+                rows = "".join(
+                    f"<p style='margin:0;height:40px'>Iteration {i}: lorem ipsum dolor sit amet</p>"
+                    for i in range(height // 40)
+                )
+                plain.set_content(f"<body>{rows}</body>")
+                baselines.append(plain.evaluate(SCROLL) / 1000)
+                plain.close()
                 t0 = time.perf_counter()
                 pg.fill("#search", "part 777.3")
                 pg.press("#search", "Enter")
@@ -126,7 +143,10 @@ def main() -> int:
         med = statistics.median
         print(f"page load to ready (chromium): median {med(loads):.2f} s")
         print(f"open an iteration and its sub-calls: median {med(opens) * 1000:.0f} ms")
-        print(f"scroll the whole page, one frame per 800 px: median {med(scrolls):.2f} s")
+        print(
+            f"scroll the whole page, one frame per 800 px: median {med(scrolls):.2f} s "
+            f"(a plain text page of the same height: {med(baselines):.2f} s, ratio {med(scrolls) / med(baselines):.1f})"
+        )
         print(f"search all text: median {med(searches) * 1000:.0f} ms")
     return 0
 

@@ -327,7 +327,9 @@
       body.append(el("h3", { text: "Timeline" }), timeline(run));
       body.append(el("h3", { text: `Iterations (${run.iterations.length})` }));
       const v = views[run.run_id];
-      run.iterations.forEach((it, i) => { const d = renderIteration(run, it, i); v.iters.push(d); body.append(d); });
+      const list = document.createDocumentFragment(); // built off-document, attached once
+      run.iterations.forEach((it, i) => { const d = renderIteration(run, it, i); v.iters.push(d); list.append(d); });
+      body.append(list);
       if (res && res.closing_response) body.append(el("h3", { text: "Closing call (no FINAL: asked for the best answer)" }), pre(res.closing_response));
       if (run.audit) body.append(el("h3", { text: "Sandbox audit log" }), renderAudit(run.audit));
       else body.append(el("div", { class: "mute", text: "(no audit log beside this trajectory)" }));
