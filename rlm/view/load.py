@@ -169,7 +169,7 @@ def load_path(path: Path) -> dict[str, Any]:
     if path.is_dir():
         runs = load_directory(path)
         audits = [
-            load_audit(p) for p in sorted(path.glob("*.audit.log")) if not result_or_run_beside(p, path)
+            load_audit(p) for p in sorted(path.glob("*.audit.log")) if not _beside_a_trajectory(p, path)
         ]
         return {"kind": "dir", "title": str(path), "runs": runs, "audits": audits}
     if path.name.endswith(".jsonl") and _looks_like_trajectory(path):
@@ -177,7 +177,7 @@ def load_path(path: Path) -> dict[str, Any]:
     return {"kind": "audit", "title": path.name, "runs": [], "audits": [load_audit(path)]}
 
 
-def result_or_run_beside(audit: Path, directory: Path) -> bool:
+def _beside_a_trajectory(audit: Path, directory: Path) -> bool:
     """True when *audit* belongs to a trajectory in *directory* (it is shown with that run)."""
     return (directory / (audit.name.removesuffix(".audit.log") + ".jsonl")).exists()
 
