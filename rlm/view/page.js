@@ -493,5 +493,5 @@
     for (const r of DATA.runs) { const v = renderRun(r, null); app.append(v); v.open = true; v.dispatchEvent(new Event("toggle")); }
     DATA.audits.forEach((a) => { const d = renderAudit(a, `Audit log ${a.name}`); app.append(d); d.open = true; d.dispatchEvent(new Event("toggle")); });
   }
-  document.body.dataset.ready = "1";
+  document.body.dataset.ready = String(Math.round(performance.now())); // ms from navigation start
 })();
