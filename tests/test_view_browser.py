@@ -122,6 +122,10 @@ def test_click_through_a_real_run(browser: Any, real_run: Any, tmp_path: Path):
     assert "Count the widgets" in child.inner_text()
     child.locator("details.iteration > summary").first.click()
     assert "widgets: 3" in child.locator("pre.stdout").first.inner_text()
+    # iteration 4: the reply with hostile markup is shown as text, the final answer under it
+    fourth = page.locator(f"#i-{real_run.run_id}-3")  # (the child's iterations are on the page by now)
+    fourth.locator("> summary").click()
+    assert HOSTILE in fourth.locator("pre.reply").inner_text() and fourth.locator("img").count() == 0
     # the audit log beside it: chain verified, one row per execution with CPU and memory
     page.locator("details.audit > summary").first.click()
     assert "hash chain verified" in page.locator("details.audit").first.inner_text()
