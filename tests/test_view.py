@@ -108,3 +108,16 @@ def test_cli_view_paths_and_errors(tmp_path: Path):
     cut.write_text(text[: len(text) - 40])
     data = _data(build_page(cut))
     assert data["runs"][0]["skipped_lines"] == 1 and data["runs"][0]["iterations"]
+
+
+def test_logs_written_before_the_result_file_still_render(tmp_path: Path):
+    """Older logs: a closing "result" line in the trajectory and the audit log as .audit.jsonl."""
+    r = run("q", "c", model="root", backend=ScriptedBackend([repl("FINAL(7)")]), log_dir=tmp_path)
+    old = tmp_path / "old" / "old-run.jsonl"
+    old.parent.mkdir()
+    outcome = json.loads(Path(r.log_path).with_name(f"{r.run_id}.result.json").read_text())
+    old.write_text(Path(r.log_path).read_text() + json.dumps({"type": "result", **outcome}) + "\n")
+    Path(r.audit_log_path).rename(old.with_name("old-run.audit.jsonl"))
+    run_data = _data(build_page(old))["runs"][0]
+    assert [it["type"] for it in run_data["iterations"]] == ["iteration"]
+    assert run_data["result"]["answer"] == "7" and run_data["audit"]["verify"]["ok"]

@@ -105,7 +105,8 @@ def load_run(path: Path, *, seen: set[str] | None = None) -> dict[str, Any]:
     seen = set() if seen is None else seen
     entries, bad = _read_jsonl(path)
     metadata = next((e for e in entries if e.get("type") == "metadata"), {})
-    iterations = [e for e in entries if e.get("type") != "metadata"]
+    iterations = [e for e in entries if e.get("type") not in ("metadata", "result")]
+    legacy = next((e for e in entries if e.get("type") == "result"), None)  # logs written before .result.json
     run: dict[str, Any] = {
         "file": path.name,
         "path": str(path),
@@ -125,7 +126,11 @@ def load_run(path: Path, *, seen: set[str] | None = None) -> dict[str, Any]:
             run["result"] = value if isinstance(value, dict) else None
         except ValueError:
             run["result"] = None
+    if run["result"] is None and legacy is not None:
+        run["result"] = legacy
     audit_path = audit_path_for(path)
+    if not audit_path.exists():
+        audit_path = path.with_name(path.name.removesuffix(".jsonl") + ".audit.jsonl")  # the old name
     if audit_path.exists():
         run["audit"] = load_audit(audit_path)
         _link_audit(run)
