@@ -72,7 +72,7 @@ def main() -> int:
         tmpdir = Path(tmp)
         context = tmpdir / "context.txt"
         context.write_text("the quick brown fox jumps over the lazy dog " * 200)
-        audit = ROOT / "logs" / "demo-audit.jsonl"
+        audit = ROOT / "logs" / "demo.audit.log"
         audit.parent.mkdir(exist_ok=True)
         guarded, no_guard = (str(p) for p in demo_policies(tmpdir))
         print("Each script runs in a fresh sandbox, once with the Python guard and once without it,")

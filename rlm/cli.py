@@ -2,8 +2,8 @@
 
 Exit status: 0 success, 1 the code/run failed (error, limit, crash, no answer),
 2 usage or policy errors (message on stderr). Nothing here imports litellm:
-``rlm --help``, ``rlm exec``, ``rlm policy``, ``rlm audit`` and ``rlm doctor``
-stay fast; ``rlm run`` pays for litellm on its first model call only.
+``rlm --help``, ``rlm exec``, ``rlm policy``, ``rlm audit``, ``rlm doctor`` and
+``rlm view`` stay fast; ``rlm run`` pays for litellm on its first model call only.
 """
 
 from __future__ import annotations
@@ -257,6 +257,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------- view
+def _add_view_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "view",
+        help="write one self-contained HTML page for a trajectory, a log directory or an audit log",
+        description=(
+            "Write one HTML page (no network, opens from file://) showing a run: its child runs, every "
+            "iteration, code, output, sub-calls, a timeline, tokens and cost per model, and the audit log "
+            "with its hash chain checked. A directory gives an index of its runs."
+        ),
+    )
+    p.add_argument("path", metavar="PATH", help="<run id>.jsonl, a log directory, or an audit log")
+    p.add_argument("-o", "--output", metavar="FILE.html", help="where to write (default: beside PATH, .html)")
+    p.add_argument("--open", action="store_true", help="open the page in the default browser")
+    p.set_defaults(func=_cmd_view)
+
+
+def _cmd_view(args: argparse.Namespace) -> int:
+    from rlm.view import write_page
+
+    path = Path(args.path)
+    if not path.exists():
+        return _fail(f"{path}: no such file or directory")
+    try:
+        out = write_page(path, args.output)
+    except OSError as exc:
+        return _fail(f"{exc.filename or path}: {exc.strerror}")
+    print(out)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(out.resolve().as_uri())
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlm", description="Recursive Language Models on a hardened sandbox.")
@@ -295,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_doctor)
 
     _add_run_parser(sub)
+    _add_view_parser(sub)
     return parser
 
 

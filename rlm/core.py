@@ -18,11 +18,13 @@ child and hands its value to ``rlm_submit_final``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -461,7 +463,11 @@ class _Run:
         self.answer_type = cfg.answer_type if depth == 0 else None  # child RLMs answer in text
         self.pending_name: str | None = None
         self.fatal: ModelError | None = None
-        self.calls: list[dict[str, Any]] = []
+        self.calls: list[tuple[tuple[int, int], dict[str, Any]]] = []  # (order key, log entry)
+        self._order = threading.local()  # set by _batch: the key of the prompt being served
+        self._seq = itertools.count()
+        self.tokens = [0, 0]  # input, output tokens of this run's calls and of its child runs
+        self._tokens_lock = threading.Lock()
         self.code_executions = 0
         self.errors_in_a_row = 0  # consecutive blocks that raised (for max_errors)
         self.compactions = 0
@@ -495,22 +501,31 @@ class _Run:
                 time.sleep(wait)
                 continue
             self.ledger.record(model, completion)
+            self._add_tokens(completion.input_tokens, completion.output_tokens)
             return completion
 
+    def _add_tokens(self, input_tokens: int, output_tokens: int) -> None:
+        with self._tokens_lock:
+            self.tokens[0] += input_tokens
+            self.tokens[1] += output_tokens
+
     def _log_call(self, entry: dict[str, Any]) -> None:
-        self.calls.append(entry)  # list.append is atomic; entries of a batch arrive in completion order
+        # Entries of a batch arrive in completion order; the key puts them back in prompt order.
+        key = getattr(self._order, "key", None) or (next(self._seq), 0)
+        self.calls.append((key, entry))  # list.append is atomic
 
     def _sub_query(self, prompt: Any, model: Any, *, raise_errors: bool) -> str:
         text = prompt if isinstance(prompt, str) else _as_answer(prompt)
         name = model if isinstance(model, str) and model else self.cfg.sub_model
         started = time.perf_counter()
-        entry: dict[str, Any] = {"root_model": name, "prompt": text}
+        entry: dict[str, Any] = {"root_model": name, "prompt": text, "timestamp": datetime.now().isoformat()}
         try:
             completion = self._call(name, [{"role": "user", "content": text}], sub=True)
         except (BudgetExceeded, ModelError) as exc:
             if isinstance(exc, (AuthenticationError, UnknownModelError)) and self.fatal is None:
                 self.fatal = exc
             entry.update(response="", error=str(exc), error_type=type(exc).__name__)
+            entry.update(prompt_tokens=0, completion_tokens=0)
             entry["execution_time"] = time.perf_counter() - started
             entry["usage_summary"] = {"model_usage_summaries": {}}
             self._log_call(entry)
@@ -519,6 +534,8 @@ class _Run:
                 raise
             return _error_text(exc)
         entry["response"] = completion.text
+        entry["prompt_tokens"] = completion.input_tokens
+        entry["completion_tokens"] = completion.output_tokens
         entry["usage_summary"] = {
             "model_usage_summaries": {
                 name: {
@@ -537,11 +554,20 @@ class _Run:
     def _batch(self, fn: Any, items: list[Any]) -> list[str]:
         if not items:
             return []
+        batch = next(self._seq)
+
+        def one(pair: tuple[int, Any]) -> str:
+            self._order.key = (batch, pair[0])
+            try:
+                return fn(pair[1])  # type: ignore[no-any-return]
+            finally:
+                self._order.key = None
+
         workers = min(self.cfg.max_concurrency, len(items))
         if workers == 1:
-            return [fn(item) for item in items]
+            return [one(pair) for pair in enumerate(items)]
         with ThreadPoolExecutor(workers, thread_name_prefix="rlm-batch") as pool:
-            return list(pool.map(fn, items))
+            return list(pool.map(one, enumerate(items)))
 
     @staticmethod
     def _prompt_list(prompts: Any, fn: str) -> list[Any]:
@@ -629,7 +655,13 @@ class _Run:
             return self._sub_query(text, model, raise_errors=raise_errors)
         name = model if isinstance(model, str) and model else self.cfg.model
         started = time.perf_counter()
-        entry: dict[str, Any] = {"root_model": name, "prompt": text, "type": "rlm", "depth": self.depth + 1}
+        entry: dict[str, Any] = {
+            "root_model": name,
+            "prompt": text,
+            "type": "rlm",
+            "depth": self.depth + 1,
+            "timestamp": datetime.now().isoformat(),
+        }
         child = _Run(
             self.cfg, self.ledger, self.events, depth=self.depth + 1, model=name, parent_id=self.run_id
         )
@@ -639,6 +671,8 @@ class _Run:
             if isinstance(exc, (AuthenticationError, UnknownModelError)) and self.fatal is None:
                 self.fatal = exc
             entry.update(response="", error=str(exc), error_type=type(exc).__name__)
+            entry.update(prompt_tokens=child.tokens[0], completion_tokens=child.tokens[1])
+            self._add_tokens(*child.tokens)
             entry["execution_time"] = time.perf_counter() - started
             self._log_call(entry)
             self.emit("sub_call", kind="rlm", model=name, prompt=text, response=None, error=str(exc))
@@ -651,9 +685,12 @@ class _Run:
             iterations=result.iterations,
             trajectory=result.log_path,
             run_id=result.run_id,
+            prompt_tokens=child.tokens[0],
+            completion_tokens=child.tokens[1],
             usage_summary={"model_usage_summaries": {}},
             execution_time=time.perf_counter() - started,
         )
+        self._add_tokens(*child.tokens)
         self._log_call(entry)
         self.emit("sub_call", kind="rlm", model=name, prompt=text, response=result.answer, error=None)
         if result.answer is None:
@@ -737,7 +774,7 @@ class _Run:
         self.calls = []
         result = sb.execute(code)
         self.code_executions += 1
-        calls = list(self.calls)
+        calls = [entry for _, entry in sorted(self.calls, key=lambda pair: pair[0])]
         pieces: list[str] = []
         if result.stdout:
             pieces.append(result.stdout.rstrip("\n"))
@@ -985,6 +1022,11 @@ class _Run:
                 sb.close()
         except BaseException as exc:
             self.emit("run_end", answer=None, stop_reason="error", error=f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, RLMError) and self.logger is not None:
+                # the run's outcome, so a viewer can tell "failed" from "cut off"
+                self.logger.result(
+                    run_id=self.run_id, stop_reason="error", error=f"{type(exc).__name__}: {exc}"
+                )
             raise
 
     def _loop(self, sb: Any, query: str | None, started: float) -> RLMResult:
@@ -1060,7 +1102,13 @@ class _Run:
                 record["final_rejected"] = rejected
             history.append({"iteration": turn, **record})
             if self.logger is not None:
-                self.logger.iteration(prompt=sent, **record)
+                usage = {
+                    "model": self.model,
+                    "prompt_tokens": completion.input_tokens,
+                    "completion_tokens": completion.output_tokens,
+                    "cost_usd": completion.cost_usd,
+                }
+                self.logger.iteration(prompt=sent, usage=usage, **record)
             if self.final is not None:
                 self.emit("final", answer=self.final)
             tokens_in, tokens_out, cost = self._totals()

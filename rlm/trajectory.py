@@ -1,14 +1,31 @@
-"""JSONL trajectories in the reference RLM logger's shape.
+"""JSONL trajectories in the reference RLM logger's shape, and the files beside them.
 
-One file per run, ``<log_dir>/<run_id>.jsonl``: a ``metadata`` line, then one
-``iteration`` line per root turn (``prompt`` = the full message list sent that
-turn, ``response``, ``code_blocks: [{code, result: {stdout, stderr, locals,
-execution_time, rlm_calls}}]``, ``final_answer``, ``iteration_time``), then a
-closing ``result`` line with the run's outcome (viewers that only know
-``metadata`` and ``iteration`` skip it). A ``compaction`` line, before the
-iteration it preceded, records older turns replaced by a model-written
-summary (``tokens_before``, ``tokens_after``, ``turns_summarized``, ``summary``). The sandbox audit log of the run is
-``<run_id>.audit.jsonl`` next to it.
+Per run, in ``<log_dir>``:
+
+- ``<run_id>.jsonl``, the trajectory: a ``metadata`` line, then one
+  ``iteration`` line per root turn (``prompt`` = the messages sent that turn,
+  ``response``, ``code_blocks: [{code, result: {stdout, stderr, locals,
+  execution_time, rlm_calls}}]``, ``final_answer``, ``iteration_time``).
+  Nothing else: the reference viewer (``visualizer/`` in the official RLM
+  repository) reads every line that is not ``metadata`` as an iteration, so
+  any other line type breaks it. The file is only ever appended to, one whole
+  line per write, so a run that dies half-way leaves a loadable file. When
+  older turns of the root conversation were replaced by a model-written
+  summary (compaction), the next iteration line says so in its
+  ``compaction`` field (``tokens_before``, ``tokens_after``,
+  ``turns_summarized``, ``summary``): a field, not a line of its own.
+- ``<run_id>.result.json``: the run's outcome (the :class:`~rlm.result.RLMResult`
+  fields without ``history``, plus ``closing_response``), written atomically
+  when the run ends. No such file: the run did not finish.
+- ``<run_id>.audit.log``: the sandbox's hash-chained audit log of the run (not
+  ``.jsonl``, so nobody loads it into a trajectory viewer by mistake).
+
+Logs stay bounded: every string is cut to :data:`LOG_TEXT_CHARS` (head and
+tail kept, the cut said in the text), and a message already written in full
+by an earlier iteration line is repeated only as its first
+:data:`REPEAT_CHARS` characters (with a pointer to that iteration); at most
+:data:`REPEATED_MESSAGES` such repeats per line, the rest folded into one
+note. The context itself is never logged (the prompt only describes it).
 
 Every line is scrubbed of the secrets the logger was given (API keys) before
 it is written.
@@ -16,7 +33,9 @@ it is written.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import threading
 import uuid
 from collections.abc import Iterable
@@ -24,7 +43,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrajectoryLogger", "new_run_id"]
+__all__ = [
+    "LOG_TEXT_CHARS",
+    "REPEATED_MESSAGES",
+    "REPEAT_CHARS",
+    "TrajectoryLogger",
+    "audit_path_for",
+    "new_run_id",
+    "result_path_for",
+]
+
+#: Longest string written into a trajectory line (characters; longer ones keep head and tail).
+LOG_TEXT_CHARS = 50_000
+#: Characters kept of a message already written in full by an earlier iteration line.
+REPEAT_CHARS = 200
+#: Repeated messages listed per iteration line; older ones are folded into one note.
+REPEATED_MESSAGES = 40
 
 
 def new_run_id() -> str:
@@ -32,25 +66,64 @@ def new_run_id() -> str:
     return f"rlm_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}_{uuid.uuid4().hex[:8]}"
 
 
+def result_path_for(trajectory: str | Path) -> Path:
+    """``<run_id>.result.json`` beside the trajectory ``<run_id>.jsonl``."""
+    path = Path(trajectory)
+    return path.with_name(path.name.removesuffix(".jsonl") + ".result.json")
+
+
+def audit_path_for(trajectory: str | Path) -> Path:
+    """``<run_id>.audit.log`` beside the trajectory ``<run_id>.jsonl``."""
+    path = Path(trajectory)
+    return path.with_name(path.name.removesuffix(".jsonl") + ".audit.log")
+
+
+def clip_text(text: str, cap: int = LOG_TEXT_CHARS) -> str:
+    """*text*, or its head and tail with the number of characters cut, when longer than *cap*."""
+    if len(text) <= cap:
+        return text
+    head = cap * 3 // 5
+    tail = cap - head
+    return f"{text[:head]}\n[... {len(text) - head - tail:,} characters not logged ...]\n{text[-tail:]}"
+
+
+def _bound(value: Any) -> Any:
+    if isinstance(value, str):
+        return clip_text(value)
+    if isinstance(value, dict):
+        return {k: _bound(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_bound(v) for v in value]
+    return value
+
+
 class TrajectoryLogger:
-    """Appends a run's lines to ``<log_dir>/<run_id>.jsonl``."""
+    """Appends a run's lines to ``<log_dir>/<run_id>.jsonl``; writes its outcome on :meth:`result`."""
 
     def __init__(self, log_dir: str | Path, run_id: str, *, secrets: Iterable[str | None] = ()) -> None:
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.run_id = run_id
         self.path = self.dir / f"{run_id}.jsonl"
-        self.audit_path = self.dir / f"{run_id}.audit.jsonl"
+        self.audit_path = audit_path_for(self.path)
+        self.result_path = result_path_for(self.path)
         self._secrets = [s for s in secrets if s and len(s) >= 4]
         self._lock = threading.Lock()
         self._iterations = 0
+        self._seen: dict[str, int] = {}  # digest of a message written in full -> its iteration
+        self._compaction: dict[str, Any] | None = None  # for the next iteration line
+
+    def _encode(self, entry: dict[str, Any], **options: Any) -> str:
+        text = json.dumps(_bound(entry), ensure_ascii=False, default=repr, **options)
+        for secret in self._secrets:
+            text = text.replace(secret, "[REDACTED]")
+        return text
 
     def _write(self, entry: dict[str, Any]) -> None:
-        line = json.dumps(entry, ensure_ascii=False, default=repr)
-        for secret in self._secrets:
-            line = line.replace(secret, "[REDACTED]")
-        with self._lock, self.path.open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        # A lone surrogate (models and programs emit them) becomes a JSON \udXXX escape, not an error.
+        line = (self._encode(entry) + "\n").encode("utf-8", "backslashreplace")
+        with self._lock, self.path.open("ab") as f:
+            f.write(line)
 
     @staticmethod
     def _now() -> str:
@@ -59,13 +132,65 @@ class TrajectoryLogger:
     def metadata(self, **fields: Any) -> None:
         self._write({"type": "metadata", "timestamp": self._now(), **fields})
 
-    def iteration(self, **fields: Any) -> None:
-        self._iterations += 1
-        self._write({"type": "iteration", "iteration": self._iterations, "timestamp": self._now(), **fields})
+    def _prompt(self, messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+        """The messages of this turn, each written in full once per file (see the module docstring)."""
+        out: list[dict[str, str]] = []
+        repeats: list[int] = []
+        for message in messages:
+            content = message.get("content")
+            text = (
+                content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, default=str)
+            )
+            role = str(message.get("role", ""))
+            digest = hashlib.sha256(f"{role}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
+            first = self._seen.get(digest)
+            if first is None:
+                self._seen[digest] = self._iterations
+                out.append({"role": role, "content": text})
+            else:
+                if len(text) > REPEAT_CHARS:
+                    text = (
+                        f"{text[:REPEAT_CHARS]}\n[... {len(text) - REPEAT_CHARS:,} more characters: "
+                        f"this message is logged in full in iteration {first}]"
+                    )
+                repeats.append(len(out))
+                out.append({"role": role, "content": text})
+        # Keep the first two repeats (system prompt, question) and the newest ones; fold the rest.
+        if len(repeats) > REPEATED_MESSAGES:
+            drop = set(repeats[2 : len(repeats) - (REPEATED_MESSAGES - 2)])
+            note = {
+                "role": "note",
+                "content": f"[{len(drop):,} earlier messages not repeated here: see the earlier iterations]",
+            }
+            folded: list[dict[str, str]] = []
+            for i, message in enumerate(out):
+                if i not in drop:
+                    folded.append(message)
+                elif folded[-1] is not note:
+                    folded.append(note)
+            out = folded
+        return out
+
+    def iteration(self, *, prompt: list[dict[str, Any]], **fields: Any) -> None:
+        with self._lock:
+            self._iterations += 1
+            number = self._iterations
+            sent = self._prompt(prompt)
+            compaction, self._compaction = self._compaction, None
+        line = {"type": "iteration", "iteration": number, "timestamp": self._now(), "prompt": sent, **fields}
+        if compaction is not None:
+            line["compaction"] = compaction
+        self._write(line)
 
     def compaction(self, **fields: Any) -> None:
-        """A ``compaction`` line: older turns of the root conversation were replaced by a summary."""
-        self._write({"type": "compaction", "timestamp": self._now(), **fields})
+        """Older turns of the root conversation were replaced by a summary: recorded in the
+        ``compaction`` field of the next iteration line (a line of its own would break viewers)."""
+        with self._lock:
+            self._compaction = {"timestamp": self._now(), **fields}
 
     def result(self, **fields: Any) -> None:
-        self._write({"type": "result", "timestamp": self._now(), **fields})
+        """Write ``<run_id>.result.json`` atomically (a temporary file renamed over it)."""
+        text = self._encode({"run_id": self.run_id, "timestamp": self._now(), **fields}, indent=1)
+        tmp = self.result_path.with_name(f".{self.result_path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes((text + "\n").encode("utf-8", "backslashreplace"))
+        os.replace(tmp, self.result_path)

@@ -10,6 +10,17 @@ from pathlib import Path
 import pytest
 
 from sandbox import Policy, Sandbox, load_policy
+from tests.viewer_schema import problems_in_file
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trajectories_load_in_the_reference_viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the session: every trajectory any test wrote under pytest's temp dirs passes
+    tests/viewer_schema.py (what the official RLM viewer reads from each line)."""
+    yield
+    base = tmp_path_factory.getbasetemp()
+    bad = [problem for path in sorted(base.rglob("rlm_*.jsonl")) for problem in problems_in_file(path)]
+    assert not bad, "trajectories the reference viewer cannot read:\n" + "\n".join(bad[:50])
 
 
 @pytest.fixture

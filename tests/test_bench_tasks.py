@@ -684,7 +684,7 @@ def test_runner_salary_table_and_jsonl(
     trajectories = [
         p
         for p in (tmp_path / "logs").iterdir()
-        if p.suffix == ".jsonl" and not p.name.endswith(".audit.jsonl")
+        if p.suffix == ".jsonl"
     ]
     assert len(trajectories) == 4
     # A second run appends to the same file.

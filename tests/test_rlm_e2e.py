@@ -85,9 +85,12 @@ def test_end_to_end_answer_tokens_cost_log_and_no_key_leak(tmp_path: Path):
 
     # the JSONL log: metadata, one line per turn, the sub-calls of the batch block
     lines = [json.loads(line) for line in Path(r.log_path).read_text().splitlines()]
-    assert [x["type"] for x in lines] == ["metadata", "iteration", "iteration", "iteration", "result"]
+    assert [x["type"] for x in lines] == ["metadata", "iteration", "iteration", "iteration"]
     batch_block = lines[2]["code_blocks"][0]["result"]
     assert len(batch_block["rlm_calls"]) == 3 and batch_block["rlm_calls"][0]["response"] == "yes"
+    # each sub-call carries the server's token counts for it
+    assert sum(c["prompt_tokens"] for c in batch_block["rlm_calls"]) == sub_tokens[0]
+    assert sum(c["completion_tokens"] for c in batch_block["rlm_calls"]) == sub_tokens[1]
     assert Path(r.audit_log_path).exists()
 
     # the key reached the server only as the Authorization header, and was written nowhere
@@ -133,6 +136,8 @@ def test_batch_is_really_concurrent(tmp_path: Path):
     lines = [json.loads(line) for line in Path(r.log_path).read_text().splitlines()]
     block = lines[1]["code_blocks"][0]["result"]
     assert block["stdout"].startswith("100 ITEM 0 ITEM 99")
+    # logged in prompt order, although they finished in another order
+    assert [c["prompt"] for c in block["rlm_calls"]] == [f"item {i}" for i in range(100)]
     # proof without a clock: many requests were in flight at the same time
     starts = sorted(q.received_at for q in subs)
     in_flight = max(sum(1 for s in starts if t <= s < t + 0.05) for t in starts)

@@ -172,7 +172,7 @@ def test_depth_two_recursion(tmp_path: Path):
     assert r.answer == "3/plain:leaf\n|['2/plain:leaf\\n', '3/plain:leaf\\n']"
     # 3 children x (1 turn + 1 plain sub-call) = 6 sub-calls; the root's own turn is not one
     assert r.sub_calls == 6 and r.iterations == 1
-    trajectories = sorted(p for p in tmp_path.glob("*.jsonl") if not p.name.endswith(".audit.jsonl"))
+    trajectories = sorted(tmp_path.glob("*.jsonl"))
     assert len(trajectories) == 4
     root_lines = [json.loads(line) for line in Path(r.log_path).read_text().splitlines()]
     calls = root_lines[1]["code_blocks"][0]["result"]["rlm_calls"]
@@ -204,7 +204,9 @@ def test_a_sandbox_crash_mid_run_reloads_context_and_tells_the_model(tmp_path: P
 def test_trajectory_shape(tmp_path: Path):
     r = go([repl("print(1)"), repl("FINAL(2)")], log_dir=tmp_path)
     lines = [json.loads(line) for line in Path(r.log_path).read_text().splitlines()]
-    assert [x["type"] for x in lines] == ["metadata", "iteration", "iteration", "result"]
+    assert [x["type"] for x in lines] == ["metadata", "iteration", "iteration"]
+    outcome = json.loads(Path(r.log_path).with_name(f"{r.run_id}.result.json").read_text())
+    assert outcome["answer"] == "2" and outcome["stop_reason"] == "final" and "history" not in outcome
     meta, it = lines[0], lines[1]
     assert meta["root_model"] == "root" and meta["max_iterations"] == 20 and "backend_kwargs" in meta
     assert (
@@ -216,7 +218,7 @@ def test_trajectory_shape(tmp_path: Path):
     assert block["code"] == "print(1)"
     assert set(block["result"]) == {"stdout", "stderr", "locals", "execution_time", "rlm_calls"}
     assert lines[2]["final_answer"] == "2"
-    assert Path(r.audit_log_path).exists() and Path(r.audit_log_path).name == f"{r.run_id}.audit.jsonl"
+    assert Path(r.audit_log_path).exists() and Path(r.audit_log_path).name == f"{r.run_id}.audit.log"
 
 
 def test_model_errors():

@@ -46,13 +46,13 @@ def boom(n: int = 0) -> int:
 
 @pytest.fixture(scope="module", params=["default", "strict"])
 def box(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
-    policy = policy_with({"audit.enabled": False, "limits.max_output_bytes": 100}, base=request.param)
+    policy = policy_with({"audit.enabled": False, "limits.max_output_bytes": 4000}, base=request.param)
     with Sandbox(policy, host_functions={"boom": boom}) as b:
         yield b
 
 
 def test_output_limit_traceback_shows_the_print_only(box):
-    r = box.execute("for i in range(100):\n    print('x' * 50)")
+    r = box.execute("for i in range(1000):\n    print('x' * 50)")
     assert r.error_type == "OutputLimitExceeded" and r.limit == "output"
     assert_clean(r)
     assert r.traceback.splitlines()[-1].startswith("OutputLimitExceeded: ")

@@ -1,0 +1,196 @@
+"""Read trajectories, their outcome files and audit logs into plain data for the page.
+
+Reading is tolerant: a line that is not JSON (a run killed half-way through a
+write) is skipped and counted, a missing ``.result.json`` means "did not
+finish", a missing audit log is reported as such. Nothing here executes or
+evaluates what it reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from rlm.trajectory import audit_path_for, result_path_for
+
+__all__ = ["load_audit", "load_directory", "load_path", "load_run"]
+
+#: Code the RLM loop itself runs in the sandbox (marked "internal" in the audit view).
+INTERNAL_CODE_PREFIXES = ("\ndef FINAL(answer):", "rlm_describe_vars()", "FINAL_VAR(")
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
+    entries: list[dict[str, Any]] = []
+    bad = 0
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(value, dict):
+                entries.append(value)
+            else:
+                bad += 1
+    return entries, bad
+
+
+def _sha(code: Any) -> str:
+    return hashlib.sha256(str(code).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def load_audit(path: Path) -> dict[str, Any]:
+    """The audit log's records (code, outcome, CPU, peak memory) and its verified hash chain."""
+    from sandbox.audit import verify
+    from sandbox.errors import AuditError
+
+    out: dict[str, Any] = {"path": str(path), "name": path.name}
+    try:
+        report = verify(path)
+        out["verify"] = {
+            "ok": report.ok,
+            "lines": report.lines,
+            "bad_line": report.bad_line,
+            "reason": report.reason,
+        }
+    except AuditError as exc:
+        out["verify"] = {"ok": False, "lines": 0, "bad_line": None, "reason": str(exc)}
+        out["records"] = []
+        return out
+    records, _ = _read_jsonl(path)
+    out["records"] = [
+        {
+            "time": r.get("time"),
+            "sandbox_id": r.get("sandbox_id"),
+            "seq": r.get("seq"),
+            "policy": r.get("policy"),
+            "outcome": r.get("outcome"),
+            "duration_s": r.get("duration_s"),
+            "cpu_s": r.get("cpu_s"),
+            "max_rss_bytes": r.get("max_rss_bytes"),
+            "code": r.get("code"),
+            "code_sha256": r.get("code_sha256"),
+            "internal": isinstance(r.get("code"), str) and r["code"].startswith(INTERNAL_CODE_PREFIXES),
+        }
+        for r in records
+    ]
+    return out
+
+
+def _link_audit(run: dict[str, Any]) -> None:
+    """Give each code block the audit record of its execution (matched by code hash, in order)."""
+    audit = run.get("audit")
+    if not audit:
+        return
+    queue: dict[str, list[int]] = {}
+    for i, record in enumerate(audit["records"]):
+        if not record["internal"]:
+            queue.setdefault(str(record.get("code_sha256")), []).append(i)
+    for iteration in run["iterations"]:
+        for block in iteration.get("code_blocks") or []:
+            if not isinstance(block, dict):
+                continue
+            waiting = queue.get(_sha(block.get("code", "")))
+            if waiting:
+                block["audit"] = waiting.pop(0)
+
+
+def load_run(path: Path, *, seen: set[str] | None = None) -> dict[str, Any]:
+    """One trajectory with its outcome, its audit log and (recursively) its child runs."""
+    seen = set() if seen is None else seen
+    entries, bad = _read_jsonl(path)
+    metadata = next((e for e in entries if e.get("type") == "metadata"), {})
+    iterations = [e for e in entries if e.get("type") not in ("metadata", "result")]
+    legacy = next((e for e in entries if e.get("type") == "result"), None)  # logs written before .result.json
+    run: dict[str, Any] = {
+        "file": path.name,
+        "path": str(path),
+        "run_id": metadata.get("run_id") or path.name.removesuffix(".jsonl"),
+        "metadata": metadata,
+        "iterations": iterations,
+        "skipped_lines": bad,
+        "result": None,
+        "audit": None,
+        "children": {},
+    }
+    seen.add(str(path.resolve()))
+    result_path = result_path_for(path)
+    if result_path.exists():
+        try:
+            value = json.loads(result_path.read_text(encoding="utf-8", errors="replace"))
+            run["result"] = value if isinstance(value, dict) else None
+        except ValueError:
+            run["result"] = None
+    if run["result"] is None and legacy is not None:
+        run["result"] = legacy
+    audit_path = audit_path_for(path)
+    if not audit_path.exists():
+        audit_path = path.with_name(path.name.removesuffix(".jsonl") + ".audit.jsonl")  # the old name
+    if audit_path.exists():
+        run["audit"] = load_audit(audit_path)
+        _link_audit(run)
+    # Child runs: rlm_calls entries of type "rlm" name their trajectory file.
+    for iteration in iterations:
+        for block in iteration.get("code_blocks") or []:
+            calls = (block.get("result") or {}).get("rlm_calls") if isinstance(block, dict) else None
+            for call in calls or []:
+                if not isinstance(call, dict) or call.get("type") != "rlm" or not call.get("run_id"):
+                    continue
+                child_path = path.with_name(f"{Path(str(call['run_id'])).name}.jsonl")
+                if child_path.exists() and str(child_path.resolve()) not in seen:
+                    run["children"][call["run_id"]] = load_run(child_path, seen=seen)
+    return run
+
+
+def load_directory(directory: Path) -> list[dict[str, Any]]:
+    """The root runs of a log directory (their children nested inside), oldest first."""
+    seen: set[str] = set()
+    runs = []
+    paths = sorted(directory.glob("*.jsonl"))
+    parents: dict[Path, Any] = {}
+    for path in paths:
+        try:
+            with path.open(encoding="utf-8", errors="replace") as f:
+                first = json.loads(f.readline() or "{}")
+        except ValueError:
+            first = {}
+        parents[path] = first.get("parent_run_id") if isinstance(first, dict) else None
+    for path in paths:
+        if parents[path] is None and str(path.resolve()) not in seen:
+            runs.append(load_run(path, seen=seen))
+    for path in paths:  # children whose parent file is gone: list them on their own
+        if str(path.resolve()) not in seen:
+            runs.append(load_run(path, seen=seen))
+    return runs
+
+
+def load_path(path: Path) -> dict[str, Any]:
+    """What ``rlm view PATH`` shows: ``{"kind": "run" | "dir" | "audit", ...}``."""
+    if path.is_dir():
+        runs = load_directory(path)
+        audits = [
+            load_audit(p) for p in sorted(path.glob("*.audit.log")) if not _beside_a_trajectory(p, path)
+        ]
+        return {"kind": "dir", "title": str(path), "runs": runs, "audits": audits}
+    if path.name.endswith(".jsonl") and _looks_like_trajectory(path):
+        return {"kind": "run", "title": path.name, "runs": [load_run(path)], "audits": []}
+    return {"kind": "audit", "title": path.name, "runs": [], "audits": [load_audit(path)]}
+
+
+def _beside_a_trajectory(audit: Path, directory: Path) -> bool:
+    """True when *audit* belongs to a trajectory in *directory* (it is shown with that run)."""
+    return (directory / (audit.name.removesuffix(".audit.log") + ".jsonl")).exists()
+
+
+def _looks_like_trajectory(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            first = json.loads(f.readline() or "{}")
+    except (ValueError, OSError):
+        return False
+    return isinstance(first, dict) and ("hash" not in first or first.get("type") in ("metadata", "iteration"))

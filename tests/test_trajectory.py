@@ -1,0 +1,146 @@
+"""Trajectories load in the reference RLM viewer, stay bounded, and keep the run's outcome beside them."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+from rlm import run
+from rlm.backend import ScriptedBackend
+from rlm.errors import ModelError
+from rlm.trajectory import LOG_TEXT_CHARS, REPEATED_MESSAGES, TrajectoryLogger
+from tests.viewer_schema import problems, problems_in_file
+
+
+def repl(code: str) -> str:
+    return f"```repl\n{code}\n```"
+
+
+def _lines(path: str | Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+def _all_problems(directory: Path) -> list[str]:
+    files = sorted(directory.glob("*.jsonl"))
+    assert files, "no trajectory written"
+    return [p for f in files for p in problems_in_file(f)]
+
+
+def test_representative_runs_load_in_the_viewer(tmp_path: Path):
+    """Root + child RLMs, a batch, an error, a limit: every line of every file passes the viewer's reads."""
+
+    def respond(model: str, messages: list[dict]) -> str:
+        first = messages[1]["content"] if len(messages) > 1 else messages[0]["content"]
+        if model == "sub":
+            return "sub says " + messages[0]["content"][:10]
+        if "Question: outer" in first:
+            turn = sum(1 for m in messages if m["role"] == "assistant")
+            return [
+                repl("print(llm_query_batched(['a', 'b', 'c']))\nprint(1 / 0)"),
+                repl("a = rlm_query('inner', context='abc')\nprint(a)"),
+                repl("FINAL(a)"),
+            ][turn]
+        return repl("FINAL(llm_query('leaf'))")
+
+    r = run("outer", "ctx", model="root", sub_model="sub", max_depth=2, backend=ScriptedBackend(respond),
+            log_dir=tmp_path)  # fmt: skip
+    assert r.answer == "sub says leaf"
+    # a run stopped by a limit, and one whose model fails mid-run
+    limited = run("q", "c", model="root", backend=ScriptedBackend([repl("print(1)")] * 3), max_iterations=2,
+                  log_dir=tmp_path)  # fmt: skip
+    assert limited.stop_reason == "max_iterations"
+    failed = run("q", "c", model="root", backend=ScriptedBackend([repl("x = 1"), ModelError("boom", model="root")]),
+                 log_dir=tmp_path)  # fmt: skip
+    assert failed.stop_reason == "model_error"
+    assert _all_problems(tmp_path) == []
+    # only the two line types the viewer understands; the outcome is in <run id>.result.json
+    for path in tmp_path.glob("*.jsonl"):
+        lines = _lines(path)
+        assert lines[0]["type"] == "metadata" and {x["type"] for x in lines[1:]} == {"iteration"}
+        outcome = json.loads(path.with_name(path.name.replace(".jsonl", ".result.json")).read_text())
+        assert outcome["run_id"] == lines[0]["run_id"] and outcome["stop_reason"]
+        assert path.with_name(path.name.replace(".jsonl", ".audit.log")).exists()
+    assert not list(tmp_path.glob("*.audit.jsonl"))
+    root = _lines(r.log_path)
+    batch = root[1]["code_blocks"][0]["result"]
+    assert [c["prompt"] for c in batch["rlm_calls"]] == ["a", "b", "c"]
+    assert all(c["prompt_tokens"] == 2 and c["completion_tokens"] == 3 for c in batch["rlm_calls"])
+    assert "ZeroDivisionError" in batch["stderr"]
+    child_call = root[2]["code_blocks"][0]["result"]["rlm_calls"][0]
+    child = _lines(child_call["trajectory"])
+    assert child_call["type"] == "rlm" and child[0]["parent_run_id"] == r.run_id
+    # the child's tokens: its own turn and its llm_query, as the scripted backend counted them
+    child_tokens = [
+        sum(c[k] for c in child[1]["code_blocks"][0]["result"]["rlm_calls"])
+        for k in ("prompt_tokens", "completion_tokens")
+    ]
+    assert child_call["prompt_tokens"] > child_tokens[0] and child_call["completion_tokens"] > child_tokens[1]
+    assert json.loads(Path(failed.log_path).with_name(f"{failed.run_id}.result.json").read_text())[
+        "error"
+    ]
+
+
+def test_batch_sub_calls_are_logged_in_prompt_order(tmp_path: Path):
+    # the first prompts answer last
+    def respond(model: str, messages: list[dict]) -> str:
+        if model == "root":
+            return repl("r = llm_query_batched([str(i) for i in range(8)])\nFINAL('ok')")
+        time.sleep(0.02 * (8 - int(messages[0]["content"])))
+        return messages[0]["content"]
+
+    r = run("q", "c", model="root", sub_model="sub", backend=ScriptedBackend(respond), log_dir=tmp_path)
+    calls = _lines(r.log_path)[1]["code_blocks"][0]["result"]["rlm_calls"]
+    assert [c["prompt"] for c in calls] == [str(i) for i in range(8)]
+    assert [c["response"] for c in calls] == [str(i) for i in range(8)]
+
+
+def test_a_huge_context_is_never_copied_into_the_log(tmp_path: Path):
+    context = "x" * 20_000_000  # 20 MB; the same holds for 100 MB, it is just slower to build
+    turns = [repl("print(len(context))")] * 5 + [repl("print(context)")] + [repl("FINAL(llm_query(context))")]
+    r = run("q", context, model="root", backend=ScriptedBackend([*turns, "ok"]), log_dir=tmp_path,
+            max_output_chars=10_000_000)  # fmt: skip
+    assert r.answer == "ok"
+    size = Path(r.log_path).stat().st_size
+    # 7 iterations; every string is bounded, and each message is written in full only once
+    assert size < 12 * LOG_TEXT_CHARS, size
+    assert _all_problems(tmp_path) == []
+
+
+def test_long_runs_repeat_old_messages_only_briefly():
+    log = TrajectoryLogger.__new__(TrajectoryLogger)
+    log._seen, log._iterations, log._lock = {}, 0, threading.Lock()
+    messages = [{"role": "system", "content": "S" * 5000}, {"role": "user", "content": "question"}]
+    sizes = []
+    for turn in range(1, 101):
+        log._iterations = turn
+        sent = log._prompt(messages)
+        sizes.append(len(json.dumps(sent)))
+        messages += [{"role": "assistant", "content": f"reply {turn} " * 100}, {"role": "user", "content": "o" * 900}]
+    assert sum(1 for m in sent if m["role"] == "note") == 1 and len(sent) <= REPEATED_MESSAGES + 3
+    assert max(sizes[50:]) < 3 * min(sizes[50:])  # no longer grows with the number of turns
+    assert sent[0]["content"].endswith("logged in full in iteration 1]")
+
+
+def test_a_run_cut_off_mid_way_leaves_a_loadable_file(tmp_path: Path):
+    log = TrajectoryLogger(tmp_path, "rlm_cut", secrets=["sk-secret-123"])
+    log.metadata(run_id="rlm_cut", root_model="m", max_depth=1, max_iterations=3, backend="x", other_backends=None)
+    log.iteration(prompt=[{"role": "user", "content": "key sk-secret-123"}], response="r", code_blocks=[],
+                  final_answer=None, iteration_time=0.1)  # fmt: skip
+    assert problems_in_file(log.path) == [] and not log.result_path.exists()
+    assert "sk-secret-123" not in log.path.read_text()
+    log.result(answer="a", stop_reason="final")
+    assert json.loads(log.result_path.read_text())["answer"] == "a" and problems_in_file(log.path) == []
+
+
+def test_the_schema_check_can_fail():
+    assert problems('{"type": "result", "answer": "x"}')  # our old closing line
+    assert problems('{"type": "metadata", "root_model": {"a": 1}}')
+    good = {"iteration": 1, "timestamp": "2026-01-01T00:00:00", "prompt": [], "response": "", "final_answer": None,
+            "iteration_time": None, "code_blocks": [{"code": "", "result": {"stdout": "", "stderr": "", "locals": {},
+            "execution_time": 0.1, "rlm_calls": [{"prompt": "p", "response": "r", "prompt_tokens": 1,
+            "completion_tokens": 1, "execution_time": 0.1}]}}]}  # fmt: skip
+    assert problems(json.dumps(good)) == []
+    del good["code_blocks"][0]["result"]["rlm_calls"][0]["prompt_tokens"]
+    assert problems(json.dumps(good)) == ["code_blocks[0].result.rlm_calls[0].prompt_tokens: not a number"]

@@ -1,0 +1,123 @@
+"""`rlm view` without a browser: what goes into the page, and what cannot get out of it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from rlm import run
+from rlm.backend import ScriptedBackend
+from rlm.view import build_page, default_output
+from tests.conftest import run_cli
+
+ESCAPE = "</script><script>alert(1)</script><!-- & \u2028 \ud800"
+
+
+def repl(code: str) -> str:
+    return f"```repl\n{code}\n```"
+
+
+def _data(page: str) -> dict:
+    blob = re.search(r'<script type="application/json" id="rlm-data">(.*?)</script>', page, re.S)
+    assert blob is not None
+    return json.loads(blob.group(1))
+
+
+def _hostile_run(tmp_path: Path):
+    backend = ScriptedBackend(
+        {
+            "root": [repl(f"print({ESCAPE!r})\nx = llm_query('hi')"), "FINAL(" + ESCAPE[:9] + ")"],
+            "sub": [ESCAPE],
+        }
+    )
+    return run(ESCAPE, "ctx", model="root", sub_model="sub", backend=backend, log_dir=tmp_path)
+
+
+def test_logged_text_cannot_close_the_data_block_and_only_our_script_may_run(tmp_path: Path):
+    r = _hostile_run(tmp_path)
+    page = build_page(r.log_path)
+    # exactly two script elements: the JSON data and our own code
+    assert page.count("<script") == 2 and page.count("</script>") == 2
+    data = _data(page)
+    it = data["runs"][0]["iterations"][0]
+    assert ESCAPE[:40] in it["code_blocks"][0]["result"]["stdout"]
+    assert it["code_blocks"][0]["result"]["rlm_calls"][0]["response"] == ESCAPE  # a lone surrogate survives too
+    # the CSP allows our script by hash and nothing else: no network, no other script
+    script = re.findall(r"<script>(.*?)</script>", page, re.S)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    csp = re.search(r'Content-Security-Policy" content="([^"]+)"', page).group(1)
+    assert f"script-src 'sha256-{digest}'" in csp and "default-src 'none'" in csp
+    assert not re.search(r"(src|href)=[\"']?(https?:)?//", page)  # nothing loaded from anywhere
+    assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(", script)
+
+
+def test_run_totals_children_audit_and_unfinished_runs(tmp_path: Path):
+    def respond(model: str, messages: list[dict]) -> str:
+        first = messages[1]["content"] if len(messages) > 1 else messages[0]["content"]
+        if model == "sub":
+            return "sub"
+        if "Question: outer" in first:
+            return repl("a = rlm_query('inner', context='abc')\nb = llm_query_batched(['x', 'y'])\nFINAL(a)")
+        return repl("FINAL(llm_query('leaf'))")
+
+    r = run("outer", "ctx", model="root", sub_model="sub", max_depth=2, log_dir=tmp_path,
+            backend=ScriptedBackend(respond, price_per_token=0.001))  # fmt: skip
+    data = _data(build_page(r.log_path))
+    root = data["runs"][0]
+    assert data["kind"] == "run" and len(root["children"]) == 1
+    child = next(iter(root["children"].values()))
+    assert child["metadata"]["parent_run_id"] == r.run_id and child["summary"]["sub_calls"] == 1
+    # totals per model: the root's come from its result (whole tree); they match the RLMResult
+    assert {m: u["input_tokens"] for m, u in root["totals"].items()} == {
+        m: u.input_tokens for m, u in r.usage.items()
+    }
+    assert root["summary"]["cost_usd"] == r.cost_usd and root["summary"]["sub_calls"] == 3
+    # the child's totals are computed from its own lines: its root turn and its one sub-call
+    assert child["totals"]["sub"]["calls"] == 1 and child["totals"]["root"]["calls"] == 1
+    # each executed block is matched with its audit record, whose chain is verified
+    assert root["audit"]["verify"]["ok"] and root["iterations"][0]["code_blocks"][0]["audit"] >= 0
+    record = root["audit"]["records"][root["iterations"][0]["code_blocks"][0]["audit"]]
+    assert record["outcome"] == "ok" and record["cpu_s"] >= 0 and record["max_rss_bytes"] > 0
+    assert any(rec["internal"] for rec in root["audit"]["records"])  # the prelude
+    # start times for the timeline
+    assert all(isinstance(it["_t"], float) for it in root["iterations"])
+    # a directory: one root run (its child nested); a run without its .result.json is "unfinished"
+    Path(r.log_path).with_name(f"{r.run_id}.result.json").unlink()
+    data = _data(build_page(tmp_path))
+    assert data["kind"] == "dir" and len(data["runs"]) == 1 and data["runs"][0]["result"] is None
+
+
+def test_cli_view_paths_and_errors(tmp_path: Path):
+    r = _hostile_run(tmp_path / "logs")
+    out = run_cli("view", r.log_path)
+    assert out.returncode == 0 and out.stdout.strip() == str(default_output(r.log_path))
+    assert Path(out.stdout.strip()).name == f"{r.run_id}.html"
+    out = run_cli("view", str(tmp_path / "logs"), "-o", str(tmp_path / "all.html"))
+    assert out.returncode == 0 and (tmp_path / "all.html").read_text().startswith("<!DOCTYPE html>")
+    # an audit log on its own
+    out = run_cli("view", r.audit_log_path, "-o", str(tmp_path / "a.html"))
+    assert out.returncode == 0 and _data((tmp_path / "a.html").read_text())["kind"] == "audit"
+    missing = run_cli("view", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    # a trajectory cut off mid-line still renders, the broken line counted
+    cut = tmp_path / "logs" / "cut-off.jsonl"  # not rlm_*: the session check would flag it
+    text = Path(r.log_path).read_text()
+    cut.write_text(text[: len(text) - 40])
+    data = _data(build_page(cut))
+    assert data["runs"][0]["skipped_lines"] == 1 and data["runs"][0]["iterations"]
+
+
+def test_logs_written_before_the_result_file_still_render(tmp_path: Path):
+    """Older logs: a closing "result" line in the trajectory and the audit log as .audit.jsonl."""
+    r = run("q", "c", model="root", backend=ScriptedBackend([repl("FINAL(7)")]), log_dir=tmp_path)
+    old = tmp_path / "old" / "old-run.jsonl"
+    old.parent.mkdir()
+    outcome = json.loads(Path(r.log_path).with_name(f"{r.run_id}.result.json").read_text())
+    old.write_text(Path(r.log_path).read_text() + json.dumps({"type": "result", **outcome}) + "\n")
+    Path(r.audit_log_path).rename(old.with_name("old-run.audit.jsonl"))
+    run_data = _data(build_page(old))["runs"][0]
+    assert [it["type"] for it in run_data["iterations"]] == ["iteration"]
+    assert run_data["result"]["answer"] == "7" and run_data["audit"]["verify"]["ok"]

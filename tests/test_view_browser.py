@@ -1,0 +1,192 @@
+"""`rlm view` pages in a real browser: Debian's chromium, driven by Playwright's Python API.
+
+The run is real: litellm against the loopback model server (tests/llm_server.py),
+a root model that starts a child RLM, batches sub-calls, fails once and
+writes hostile HTML into its reply and its output. The tests skip (saying
+why) when chromium or the `playwright` package is missing; `make test`
+installs both when it can.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rlm import run
+from sandbox.audit import verify
+from tests.conftest import run_cli
+from tests.llm_server import ChatRequest, LLMServer
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+
+HOSTILE = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\">"
+
+ROOT_TURNS = [
+    "Let me look.\n```repl\nprint(len(context), context[:20])\nprint('" + HOSTILE.replace("'", "\\'") + "')\n```",
+    "```repl\nparts = [context[:30], context[30:]]\nsummaries = llm_query_batched(['Summarise: ' + p for p in parts])\n"
+    "print(summaries)\n1 / 0\n```",
+    "```repl\nanswer = rlm_query('Count the widgets', context='widget widget widget')\nprint('child said', answer)\n```",
+    "Done. " + HOSTILE + "\nFINAL_VAR(answer)",
+]
+CHILD_TURNS = ["```repl\nn = context.count('widget')\nprint('widgets:', n)\nFINAL(n)\n```"]
+
+
+def _reply(request: ChatRequest) -> str:
+    if request.model == "sub":
+        return "summary of: " + request.last_user[11:31]
+    first = request.messages[1]["content"] if len(request.messages) > 1 else ""
+    turn = sum(1 for m in request.messages if m.get("role") == "assistant")
+    turns = CHILD_TURNS if "Count the widgets" in first else ROOT_TURNS
+    return turns[min(turn, len(turns) - 1)]
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    logs = tmp_path_factory.mktemp("view-run") / "logs"
+    with LLMServer(_reply) as srv:
+        result = run("How many widgets?", "The warehouse holds widgets and gadgets; count them carefully.",
+                     model="openai/root", sub_model="openai/sub", api_base=srv.base_url, api_key="sk-test-view",
+                     max_depth=2, log_dir=logs)  # fmt: skip
+    assert result.answer == "3", result
+    return result
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: `make test` installs Debian's chromium when run as root")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is missing: pip install -e '.[browser]'")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+class Page:
+    """A browser page that records console errors and uncaught exceptions."""
+
+    def __init__(self, browser: Any, path: Path) -> None:
+        self.errors: list[str] = []
+        self.page = browser.new_page(viewport={"width": 1280, "height": 900})
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.requests: list[str] = []
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.goto(path.as_uri())
+        self.page.wait_for_selector("body[data-ready]", timeout=60_000)
+
+
+def _page(browser: Any, target: Path, tmp_path: Path, *extra: str) -> Page:
+    out = tmp_path / "page.html"
+    cli = run_cli("view", str(target), "-o", str(out), *extra)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.strip() == str(out)
+    return Page(browser, out)
+
+
+def test_click_through_a_real_run(browser: Any, real_run: Any, tmp_path: Path):
+    p = _page(browser, Path(real_run.log_path), tmp_path)
+    page = p.page
+    # the run is open: question, answer, per-model totals
+    assert "How many widgets?" in page.inner_text("main")
+    assert page.locator("table").first.inner_text().count("root") >= 1
+    # open iteration 1: the code is highlighted, its output shown as text
+    page.locator("details.iteration > summary").nth(0).click()
+    block = page.locator(".block").first
+    assert "print(len(context), context[:20])" in block.locator("pre.code").inner_text()
+    assert block.locator("pre.code .bi").count() > 0  # highlighted builtins
+    assert "The warehouse holds" in block.locator("pre.stdout").inner_text()
+    assert HOSTILE in block.locator("pre.stdout").inner_text()  # shown, not run
+    # iteration 2: the batch's sub-calls in prompt order, and the ZeroDivisionError
+    page.locator("details.iteration > summary").nth(1).click()
+    second = page.locator("details.iteration").nth(1)
+    assert "ZeroDivisionError" in second.locator("pre.stderr").first.inner_text()
+    second.locator("details.subcalls > summary").click()
+    calls = second.locator(".call")
+    assert calls.count() == 2 and "Summarise: The warehouse" in calls.nth(0).inner_text()
+    # iteration 3: the child run, expanded in place
+    page.locator("details.iteration > summary").nth(2).click()
+    third = page.locator("details.iteration").nth(2)
+    third.locator("details.subcalls > summary").click()
+    child = third.locator("details.run")
+    child.locator("> summary").click()
+    assert "Count the widgets" in child.inner_text()
+    child.locator("details.iteration > summary").first.click()
+    assert "widgets: 3" in child.locator("pre.stdout").first.inner_text()
+    # iteration 4: the reply with hostile markup is shown as text, the final answer under it
+    fourth = page.locator(f"#i-{real_run.run_id}-3")  # (the child's iterations are on the page by now)
+    fourth.locator("> summary").click()
+    assert HOSTILE in fourth.locator("pre.reply").inner_text() and fourth.locator("img").count() == 0
+    # the audit log beside it: chain verified, one row per execution with CPU and memory
+    page.locator("details.audit > summary").first.click()
+    assert "hash chain verified" in page.locator("details.audit").first.inner_text()
+    # search reaches a sub-call's prompt inside the run, and opens it
+    page.locator("details.iteration > summary").nth(1).click()  # close iteration 2 again
+    page.fill("#search", "SUMMARY OF: the warehouse")
+    page.press("#search", "Enter")
+    hit = page.locator("#hits .hit", has_text="sub-call 1 response").first
+    assert "summary of: The warehouse" in hit.inner_text()
+    hit.click()
+    flashed = page.locator(".call.flash")
+    assert flashed.count() == 1 and flashed.is_visible() and "Summarise: The warehouse" in flashed.inner_text()
+    page.screenshot(path=str(tmp_path / "view.png"), full_page=False)
+    assert (tmp_path / "view.png").stat().st_size > 10_000
+    # nothing hostile ran, nothing was fetched, no console errors
+    assert page.evaluate("window.__pwned") is None
+    assert all(u.startswith("file://") for u in p.requests), p.requests
+    assert p.errors == []
+
+
+def test_directory_index_and_audit_pages(browser: Any, real_run: Any, tmp_path: Path):
+    logs = Path(real_run.log_path).parent
+    p = _page(browser, logs, tmp_path)
+    rows = p.page.locator("#runs tr.clickable")
+    assert rows.count() == 1  # the child is inside its parent's run, not a run of its own
+    text = rows.first.inner_text()
+    assert "How many widgets?" in text and "3" in text and "final" in text
+    rows.first.click()
+    assert "iterations (4)" in p.page.inner_text("main").lower()
+    assert p.errors == []
+
+    # an audit log on its own, then the same log with one line edited
+    audit = Path(real_run.audit_log_path)
+    assert verify(audit).ok
+    q = _page(browser, audit, tmp_path)
+    assert "hash chain verified" in q.page.inner_text("main")
+    lines = audit.read_text().splitlines()
+    record = json.loads(lines[2])
+    record["outcome"] = "ok-but-edited"
+    lines[2] = json.dumps(record)
+    tampered = tmp_path / "tampered.audit.log"
+    tampered.write_text("\n".join(lines) + "\n")
+    r = _page(browser, tampered, tmp_path)
+    assert "hash chain BROKEN" in r.page.inner_text("main") and "line 3:" in r.page.inner_text("main")
+    assert q.errors == [] and r.errors == []
+
+
+@pytest.mark.slow
+def test_a_run_of_1000_iterations_and_10000_sub_calls_stays_usable(browser: Any, tmp_path: Path):
+    from bench.view import synthetic_run
+
+    path = synthetic_run(tmp_path / "big", 1000, 10_000)
+    p = _page(browser, path, tmp_path)
+    assert p.page.locator("details.iteration").count() == 1000
+    assert p.page.locator(".call").count() == 0  # nothing built before it is opened
+    p.page.locator("details.iteration > summary").nth(700).click()
+    p.page.locator("details.iteration").nth(700).locator("details.subcalls > summary").click()
+    assert p.page.locator(".call").count() == 10
+    p.page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    p.page.fill("#search", "part 999.9")
+    p.page.press("#search", "Enter")
+    assert "1 match" in p.page.locator("#hits").inner_text()
+    assert p.errors == []
+
