@@ -15,7 +15,16 @@ fork server pays once (:func:`server_setup`), not each sandbox:
   so the two above are allowed at all; the child then drops every
   capability (:func:`drop_capabilities`).
 
-Stdlib only (ctypes).
+Per child, what must not be shared between sandboxes:
+
+- a PID namespace, made by the server just before the fork
+  (:class:`PidNamespaces`): the child is pid 1 and sees no other process;
+- IPC and UTS namespaces (:func:`unshare_ipc_uts`), made by the child;
+- a mount namespace whose root holds only what the policy grants
+  (:func:`enter_view`, ``pivot_root`` as bubblewrap does), made by the child.
+
+Capabilities are read and set through the C library's ``capget``/``capset``
+(correct on every architecture glibc supports). Stdlib only (ctypes).
 """
 
 from __future__ import annotations
@@ -23,10 +32,20 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 
 from sandbox.isolation._sys import check, libc, prctl, write_file
 
-__all__ = ["ServerState", "drop_capabilities", "mount_scratch", "server_setup", "umount_scratch"]
+__all__ = [
+    "PidNamespaces",
+    "ServerState",
+    "drop_capabilities",
+    "enter_view",
+    "mount_scratch",
+    "server_setup",
+    "umount_scratch",
+    "unshare_ipc_uts",
+]
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -40,9 +59,18 @@ MNT_DETACH = 2
 PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+MS_RDONLY = 1
+MS_REMOUNT = 32
+MS_BIND = 4096
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-SYS_capget = 125
-SYS_capset = 126
+#: Per-mount flags a read-only bind keeps from its source (statvfs's ST_* bits equal the MS_* ones);
+#: in a user namespace a remount that clears a locked one fails.
+_KEPT_MOUNT_FLAGS = (
+    1 | 2 | 4 | 8 | 1024 | 2048 | 4096
+)  # RDONLY NOSUID NODEV NOEXEC NOATIME NODIRATIME RELATIME
 
 
 def _last_cap() -> int:
@@ -167,7 +195,7 @@ def capabilities() -> tuple[int, int, int]:
     """(effective, permitted, inheritable) of the calling thread, as 64-bit masks."""
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    check(libc().syscall(ctypes.c_long(SYS_capget), ctypes.byref(header), data), "capget")
+    check(libc().capget(ctypes.byref(header), data), "capget")
     return (
         data[0].effective | data[1].effective << 32,
         data[0].permitted | data[1].permitted << 32,
@@ -191,4 +219,127 @@ def drop_capabilities(bounding: bool = True) -> None:
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    check(libc().syscall(ctypes.c_long(SYS_capset), ctypes.byref(header), data), "capset")
+    check(libc().capset(ctypes.byref(header), data), "capset")
+
+
+# ------------------------------------------------------------ per child
+class PidNamespaces:
+    """Fork-server side: a fresh PID namespace for each child.
+
+    ``unshare(CLONE_NEWPID)`` only changes where the caller's *next* child is
+    born, and refuses (EINVAL) while that differs from the caller's own
+    namespace; ``setns`` back to its own namespace resets it. So before each
+    fork the server resets, then unshares: the child it forks is pid 1 of a
+    namespace nobody else is in. After the fork it resets again, so the
+    server holds no reference to the child's namespace. ``setns`` into the
+    server's own namespace needs CAP_SYS_ADMIN where that namespace was made,
+    so this works for a root fork server only.
+    """
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.reason = ""
+        if os.geteuid() != 0 or not os.path.exists("/proc/self/ns/pid"):
+            self.reason = "needs a root fork server (setns into its own PID namespace)"
+            return
+        try:
+            self.fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            self.reset()
+        except OSError as exc:
+            self.reason = exc.strerror or str(exc)
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+
+    def reset(self) -> None:
+        """Children of the caller are born in its own PID namespace again."""
+        if self.fd is not None:
+            check(libc().setns(self.fd, CLONE_NEWPID), "setns(own PID namespace)")
+
+    def fresh(self) -> None:
+        """The caller's next child is pid 1 of a new PID namespace."""
+        if self.fd is None:
+            raise OSError(errno.ENOTSUP, self.reason)
+        self.reset()
+        _unshare(CLONE_NEWPID, "CLONE_NEWPID")
+
+
+def unshare_ipc_uts() -> None:
+    """Child side: SysV IPC, POSIX message queues and the host name of its own."""
+    _unshare(CLONE_NEWIPC | CLONE_NEWUTS, "CLONE_NEWIPC|CLONE_NEWUTS")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    check(
+        libc().mount(
+            None if source is None else os.fsencode(source),
+            os.fsencode(target),
+            None if fstype is None else fstype.encode(),
+            ctypes.c_ulong(flags),
+            None if data is None else data.encode(),
+        ),
+        f"mount {target}",
+    )
+
+
+def _mount_point(path: str, is_dir: bool) -> None:
+    """Make *path* (and its parents, traversable by any uid) in the new root's tmpfs."""
+    if os.path.lexists(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        _mount_point(parent, True)
+    if is_dir:
+        os.mkdir(path, 0o755)
+    else:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
+
+
+def enter_view(read_only: list[str], writable: list[str], base: str = "/tmp") -> None:
+    """Child side, as root of its namespaces: a new root holding only the given paths.
+
+    A private mount namespace; a small tmpfs becomes the root (``pivot_root``,
+    as bubblewrap does: first pivot, then bind from the old root under
+    ``/oldroot``); each path of *read_only* is bound read-only and each of
+    *writable* read-write at the same place (a symbolic link such as
+    ``/etc/localtime`` is recreated, and where it leads is bound too); the
+    old root is detached; the new root itself is made read-only. Paths that
+    do not exist are skipped. Afterwards nothing else exists for the caller:
+    no /proc, /etc, /dev, no other sandbox's scratch directory.
+    """
+    # Resolved now, in the old root: after the pivot an absolute link would resolve in the new one.
+    plan: dict[str, tuple[str, bool, str | None]] = {}  # where -> (source, read-only, link text)
+    for paths, ro in ((read_only, True), (writable, False)):
+        for path in paths:
+            real = os.path.realpath(path)
+            link = os.readlink(path) if os.path.islink(path) else None
+            plan[path] = (real, ro, link)
+            if real != path:
+                plan.setdefault(real, (real, ro, None))
+    _unshare(CLONE_NEWNS, "CLONE_NEWNS")
+    _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
+    _mount("tmpfs", base, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=0755")
+    os.chdir(base)
+    os.mkdir("oldroot", 0o700)
+    check(libc().pivot_root(b".", b"oldroot"), "pivot_root")
+    os.chdir("/")
+    for path in sorted(plan):
+        real, ro, link = plan[path]
+        if link is not None:
+            if not os.path.lexists(path):
+                _mount_point(os.path.dirname(path), True)
+                os.symlink(link, path)
+            continue
+        source = "/oldroot" + real
+        try:
+            st = os.stat(source)
+        except OSError:
+            continue  # nothing there to show
+        _mount_point(path, stat.S_ISDIR(st.st_mode))
+        _mount(source, path, None, MS_BIND, None)
+        if ro:
+            kept = os.statvfs(path).f_flag & _KEPT_MOUNT_FLAGS
+            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept, None)
+    check(libc().umount2(b"/oldroot", MNT_DETACH), "umount /oldroot")
+    os.rmdir("/oldroot")
+    _mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
