@@ -123,7 +123,7 @@ def _serve(ctl_fd: int) -> None:
         config["server_pid"] = os.getpid()
         res = isolation.before_fork(prepared[key], config)
         try:
-            pid = os.fork()
+            pid = isolation.fork(config)
         except BaseException:
             isolation.after_fork()
             isolation.release(res)

@@ -54,7 +54,7 @@ LAYER_TABLE: tuple[Layer, ...] = (
     Layer(
         "pid",
         "A PID namespace and a session of the child's own: it is pid 1 and sees no other process "
-        "(not the host, not another sandbox). Needs root (the fork server). Default true.",
+        "(not the host, not another sandbox). Default true.",
         "own PID namespace (the child is pid 1, no other process visible) and session",
     ),
     Layer(

@@ -70,6 +70,7 @@ __all__ = [
     "apply",
     "before_fork",
     "collect",
+    "fork",
     "libc",
     "prepare",
     "release",
@@ -108,7 +109,7 @@ class Server:
         self.landlock_abi = landlock.abi_version()
         self.landlock_reason = "" if self.landlock_abi else landlock.unavailable_reason()
         self.bounding_set = "not dropped"
-        self.pidns = namespaces.PidNamespaces()
+        self.pidns = namespaces.PidNamespaces(in_userns=ns.userns == "active")
         #: A child in its own PID namespace sees no parent pid (getppid() is 0): it
         #: learns whether the server still lives from this descriptor instead.
         self.pidfd = os.pidfd_open(os.getpid())
@@ -254,7 +255,8 @@ def before_fork(prepared: Prepared, config: dict[str, Any]) -> Resources:
         server.cg.current = None
     if iso["cgroup"]:
         try:
-            res.cgroup_dirs, born = cgroups.create(server.cg, policy["limits"])
+            helpers = 1 if iso["pid"] and server.pidns.mode == "helper" else 0
+            res.cgroup_dirs, born = cgroups.create(server.cg, policy["limits"], helpers)
             info["cgroup"] = {
                 "dirs": res.cgroup_dirs,
                 "born": born,
@@ -284,6 +286,11 @@ def before_fork(prepared: Prepared, config: dict[str, Any]) -> Resources:
             info["pid"] = exc.strerror or str(exc)
     config["isolation"] = info
     return res
+
+
+def fork(config: dict[str, Any]) -> int:
+    """Fork-server side: fork the child :func:`before_fork` prepared (0 in the child)."""
+    return server_setup().pidns.fork(fresh=config["isolation"].get("pid") == "fresh")
 
 
 def after_fork() -> None:

@@ -57,6 +57,7 @@ MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 PR_CAPBSET_DROP = 24
+PR_SET_CHILD_SUBREAPER = 36
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 CLONE_NEWUTS = 0x04000000
@@ -228,28 +229,36 @@ class PidNamespaces:
 
     ``unshare(CLONE_NEWPID)`` only changes where the caller's *next* child is
     born, and refuses (EINVAL) while that differs from the caller's own
-    namespace; ``setns`` back to its own namespace resets it. So before each
-    fork the server resets, then unshares: the child it forks is pid 1 of a
-    namespace nobody else is in. After the fork it resets again, so the
-    server holds no reference to the child's namespace. ``setns`` into the
-    server's own namespace needs CAP_SYS_ADMIN where that namespace was made,
-    so this works for a root fork server only.
+    namespace. Two ways round it:
+
+    - root (``mode == "setns"``): before each fork the server ``setns``-es
+      back into its own namespace, then unshares, then forks: the child is
+      pid 1 of a namespace nobody else is in. After the fork it resets
+      again, so it holds no reference to the child's namespace.
+    - in a user namespace (``mode == "helper"``), ``setns`` into the host's
+      namespace is refused, so a short-lived helper forked by the server
+      unshares and forks the child, then exits; the server, a child
+      subreaper meanwhile, adopts the child. The child waits until the
+      helper is gone (so that its parent-death signal follows the server).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, in_userns: bool) -> None:
         self.fd: int | None = None
+        self.mode = ""
         self.reason = ""
-        if os.geteuid() != 0 or not os.path.exists("/proc/self/ns/pid"):
-            self.reason = "needs a root fork server (setns into its own PID namespace)"
-            return
-        try:
-            self.fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-            self.reset()
-        except OSError as exc:
-            self.reason = exc.strerror or str(exc)
-            if self.fd is not None:
-                os.close(self.fd)
-                self.fd = None
+        if not os.path.exists("/proc/self/ns/pid"):
+            self.reason = "no PID namespaces on this system"
+        elif in_userns:
+            self.mode = "helper"
+        elif os.geteuid() != 0:
+            self.reason = "not root and no user namespace"
+        else:
+            try:
+                self.fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+                self.reset()
+                self.mode = "setns"
+            except OSError as exc:
+                self.reason = exc.strerror or str(exc)
 
     def reset(self) -> None:
         """Children of the caller are born in its own PID namespace again."""
@@ -257,11 +266,70 @@ class PidNamespaces:
             check(libc().setns(self.fd, CLONE_NEWPID), "setns(own PID namespace)")
 
     def fresh(self) -> None:
-        """The caller's next child is pid 1 of a new PID namespace."""
-        if self.fd is None:
+        """Prepare the next :meth:`fork` to make pid 1 of a new PID namespace."""
+        if not self.mode:
             raise OSError(errno.ENOTSUP, self.reason)
-        self.reset()
-        _unshare(CLONE_NEWPID, "CLONE_NEWPID")
+        if self.mode == "setns":
+            self.reset()
+            _unshare(CLONE_NEWPID, "CLONE_NEWPID")
+
+    def fork(self, fresh: bool) -> int:
+        """``os.fork()``; with *fresh* (after :meth:`fresh`) the child is pid 1 of its own namespace.
+
+        Returns the child's pid as the server sees it (0 in the child).
+        """
+        if not fresh or self.mode != "helper":
+            return os.fork()
+        gate_r, gate_w = os.pipe()  # EOF for the child once the helper has exited
+        report_r, report_w = os.pipe()
+        prctl(PR_SET_CHILD_SUBREAPER, 1)  # the child, orphaned by the helper, is adopted by the server
+        try:
+            helper = os.fork()
+        except BaseException:
+            for fd in (gate_r, gate_w, report_r, report_w):
+                os.close(fd)
+            prctl(PR_SET_CHILD_SUBREAPER, 0)
+            raise
+        if helper == 0:
+            return self._helper(gate_r, gate_w, report_r, report_w)  # 0, in the sandbox child only
+        try:
+            for fd in (gate_r, gate_w, report_w):
+                os.close(fd)
+            data = b""
+            while chunk := os.read(report_r, 64):
+                data += chunk
+            os.waitpid(helper, 0)
+        finally:
+            os.close(report_r)
+            prctl(PR_SET_CHILD_SUBREAPER, 0)
+        if not data.isdigit():
+            raise OSError(errno.EAGAIN, f"the PID namespace helper failed: {data.decode(errors='replace')}")
+        return int(data)
+
+    @staticmethod
+    def _helper(gate_r: int, gate_w: int, report_r: int, report_w: int) -> int:
+        """In the helper: fork the child into a new PID namespace, report its pid, exit."""
+        try:
+            os.close(report_r)
+            try:
+                _unshare(CLONE_NEWPID, "CLONE_NEWPID")
+            except OSError:
+                pass  # the child then finds it is not pid 1, and says so
+            pid = os.fork()
+            if pid == 0:  # the sandbox child: wait for the helper's exit, then carry on as a child
+                os.close(gate_w)
+                os.close(report_w)
+                while os.read(gate_r, 1):
+                    pass
+                os.close(gate_r)
+                return 0
+            os.write(report_w, str(pid).encode())
+        except BaseException as exc:
+            try:
+                os.write(report_w, f"{type(exc).__name__}: {exc}".encode())
+            finally:
+                os._exit(0)
+        os._exit(0)
 
 
 def unshare_ipc_uts() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -56,7 +57,8 @@ def host_uid_of(pid: int) -> int:
 
 
 # ------------------------------------------------------------------ 1. IPC
-SHM_KEY = 0x524C4D31
+#: A fresh key per run: a segment left in the host's namespace by an old build is not this run's.
+SHM_KEY = 0x10000000 + secrets.randbelow(0x60000000)
 
 SHM_CREATE = LIBC + textwrap.dedent(
     f"""
