@@ -210,6 +210,8 @@ def test_no_sandbox_reaches_another_process(mode: str, env: Env) -> None:
             assert "REACHED" not in r.stdout, (target, r)
             if mode == "guard_none":
                 assert r.stdout.count(" 3") == 7, r  # ESRCH: the pid does not exist in its namespace
+        other = second_host(ACT_ON.replace("{PID}", str(a.pid)))  # a tenant of another host
+        assert "REACHED" not in other and other.count(" 3") == 7, other
         assert a.execute("print(1)").ok
         assert_contained(env, r, b)
 
