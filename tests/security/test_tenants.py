@@ -176,6 +176,10 @@ def test_two_hosts_never_share_a_uid(mode: str, env: Env) -> None:
             )
             assert out.returncode == 0, out.stderr[-2000:]
             assert int(out.stdout.split()[-1]) not in mine
+            for uid in mine:  # held while the sandbox lives ...
+                assert os.path.exists(os.path.join(uids.RUNTIME_DIR, str(uid)))
+        for uid in mine:  # ... and given back once its child is known to be dead
+            assert not os.path.exists(os.path.join(uids.RUNTIME_DIR, str(uid)))
     finally:
         mp.undo()
 
