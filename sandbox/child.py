@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import errno
+import gc
 import io
 import linecache
 import mmap
@@ -494,6 +495,9 @@ def main(config: dict[str, Any], chan_fd: int, prepared: Any) -> NoReturn:
                  "error": exc.reason, "layer": exc.layer},
             )  # fmt: skip
             os._exit(3)
+        # Nothing the fork server held about other children or policies is reachable now
+        # (see forkserver.serve and isolation.apply); free the cycles that held it, too.
+        gc.collect()
         policy = config["policy"]
         runtime = make_runtime(
             policy["python"]["guard"], policy["python"]["allowed_imports"], policy["name"], config["scratch"]

@@ -7,17 +7,6 @@ import platform
 
 __all__ = ["layer_report"]
 
-_WHAT = {
-    "no_new_privs": "no privilege gain through execve; dies with its parent",
-    "rlimits": "CPU, address space, open files, file size, no core dumps",
-    "cgroup": "pids + memory cgroup per sandbox",
-    "scratch_fs": "scratch is a private tmpfs bounded in total size and inodes",
-    "network": "empty network namespace",
-    "landlock": "reads only Python + scratch, writes only scratch, no TCP, scoped signals",
-    "identity": "own uid/gid, no groups, no capabilities",
-    "seccomp": "system-call filter",
-}
-
 
 def _details() -> dict[str, str]:
     """Facts about the machine that explain the layers (best effort, never raises)."""
@@ -35,7 +24,11 @@ def _details() -> dict[str, str]:
         out["seccomp"] = f"libseccomp {seccomp.libseccomp_version()}"
     except Exception:
         pass
-    out["identity"] = "root: a fresh uid per sandbox" if os.geteuid() == 0 else "not root: user namespace"
+    out["identity"] = (
+        "root: a uid per sandbox, reserved machine-wide under /run/rlm-sandbox/uids"
+        if os.geteuid() == 0
+        else "not root: user namespace"
+    )
     return out
 
 
@@ -45,7 +38,8 @@ def layer_report() -> dict[str, str]:
     Also ``kernel`` and ``verdict``: whether ``default.toml`` (which requires
     every layer) starts here, else which policy to use.
     """
-    from sandbox.policy import LAYERS, load_policy
+    from sandbox.layers import LAYER_TABLE
+    from sandbox.policy import load_policy
     from sandbox.sandbox import Sandbox
 
     policy = load_policy("default").override({"isolation.require": [], "audit.enabled": False})
@@ -53,13 +47,13 @@ def layer_report() -> dict[str, str]:
         layers = sb.layers
     details = _details()
     report: dict[str, str] = {"kernel": f"{platform.system()} {platform.release()}"}
-    for layer in LAYERS:
-        state = layers.get(layer, "unknown")
+    for entry in LAYER_TABLE:
+        state = layers.get(entry.name, "unknown")
         if state == "active":
-            extra = details.get(layer)
-            report[layer] = f"works: {_WHAT[layer]}" + (f" [{extra}]" if extra else "")
+            extra = details.get(entry.name)
+            report[entry.name] = f"works: {entry.doctor}" + (f" [{extra}]" if extra else "")
         else:
-            report[layer] = state
+            report[entry.name] = state
     missing = [layer for layer in load_policy("default").isolation.require if layers.get(layer) != "active"]
     report["verdict"] = (
         "policy 'default' starts here (every layer it requires works)"

@@ -69,10 +69,33 @@ class ExitInfo:
 
 
 # ---------------------------------------------------------------- server side
-def serve(ctl_fd: int) -> None:
-    """Fork-server main loop (runs in the ``python -I`` helper process)."""
-    from sandbox import child, isolation
+class _Forked(BaseException):
+    """Raised in a freshly forked child to unwind the server's loop, whose frames hold
+    every other child's and policy's data, before the child's own code starts."""
 
+
+def serve(ctl_fd: int) -> None:
+    """Fork-server main loop (runs in the ``python -I`` helper process).
+
+    Returns in the server when the host hangs up. A forked child leaves the
+    loop by :class:`_Forked`, whose frames (the other children, their
+    cgroups and scratch mounts, the prepared policies, unread host frames)
+    are gone once it is caught here; then it runs :func:`sandbox.child.main`.
+    """
+    try:
+        _serve(ctl_fd)
+        return
+    except _Forked as forked:
+        config, chan_fd, prepared = forked.args
+    from sandbox import child
+
+    child.main(config, chan_fd, prepared)
+
+
+def _serve(ctl_fd: int) -> None:
+    from sandbox import isolation
+
+    server_pid = os.getpid()
     isolation.libc().prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:
         os._exit(0)
@@ -125,24 +148,30 @@ def serve(ctl_fd: int) -> None:
         config["server_pid"] = os.getpid()
         res = isolation.before_fork(prepared[key], config)
         try:
-            pid = os.fork()
+            pid = isolation.fork(config)
         except BaseException:
+            isolation.after_fork()
             isolation.release(res)
             raise
-        if pid == 0:  # the child: never returns into this loop
+        if pid == 0:  # the child: unwinds this loop (see serve) and never comes back
             try:
                 sel.close()
                 ctl.detach()
-                child.main(config, chan_fd, prepared[key])
-            finally:
+                mine = prepared[key]
+                children.clear()
+                resources.clear()
+                prepared.clear()
+                fds.clear()
+            except BaseException:
                 os._exit(5)
+            raise _Forked(config, chan_fd, mine)
         os.close(chan_fd)
         resources[pid] = res
         pidfd = os.pidfd_open(pid)
         children[pid] = pidfd
         sel.register(pidfd, selectors.EVENT_READ, pid)
         protocol.send_message(ctl, {"t": "spawned", "pid": pid}, pidfd)
-        isolation.refill()  # the next child's cgroup, prepared in the background
+        isolation.after_fork()  # own PID namespace for later forks; the next child's cgroup
 
     try:
         while True:
@@ -164,19 +193,23 @@ def serve(ctl_fd: int) -> None:
                     except Exception as exc:
                         protocol.send_message(ctl, {"t": "failed", "error": f"{type(exc).__name__}: {exc}"})
     finally:
-        for pid, pidfd in list(children.items()):
-            try:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        for pid in list(children):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        for res in resources.values():
-            isolation.collect(res)
-            isolation.release(res)
-        isolation.server_teardown()
+        if os.getpid() != server_pid:  # a forked child on its way out: not the server's clean-up
+            if not isinstance(sys.exc_info()[1], _Forked):
+                os._exit(5)
+        else:
+            for pid, pidfd in list(children.items()):
+                try:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            for pid in list(children):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            for res in resources.values():
+                isolation.collect(res)
+                isolation.release(res)
+            isolation.server_teardown()
 
 
 # ------------------------------------------------------------------ host side

@@ -1,20 +1,100 @@
-"""The protection layers, in the order the child applies them.
+"""The protection layers: one record per layer, in the order the child applies them.
 
-One list for the policy schema (host side) and the child's isolation code;
-stdlib-free, so both may import it.
+Each record names the layer (its ``[isolation]`` switch in a policy, its key
+in ``ExecResult.layers``), says what it does (the policy field's description)
+and what ``rlm doctor`` prints when it works. The child's code that applies a
+layer lives in :mod:`sandbox.isolation` (``_APPLY``, keyed by the same names;
+a test checks the two tables match). Stdlib-free, so the host's policy schema
+and the child may both import it.
 """
 
 from __future__ import annotations
 
-__all__ = ["LAYERS"]
+from typing import NamedTuple
 
-LAYERS: tuple[str, ...] = (
-    "no_new_privs",
-    "rlimits",
-    "cgroup",
-    "scratch_fs",
-    "network",
-    "landlock",
-    "identity",
-    "seccomp",
+__all__ = ["LAYERS", "LAYER_TABLE", "Layer", "layer"]
+
+
+class Layer(NamedTuple):
+    """One protection layer."""
+
+    name: str
+    #: The policy switch's description (what the layer does, with its default).
+    policy_doc: str
+    #: What ``rlm doctor`` says when the layer works.
+    doctor: str
+
+
+LAYER_TABLE: tuple[Layer, ...] = (
+    Layer(
+        "no_new_privs",
+        "Set PR_SET_NO_NEW_PRIVS and a parent-death signal. Default true.",
+        "no privilege gain through execve; dies with its fork server",
+    ),
+    Layer(
+        "rlimits",
+        "Apply the [limits] as kernel rlimits (and RLIMIT_CORE=0). Default true.",
+        "CPU, address space, open files, file size, no core dumps",
+    ),
+    Layer(
+        "cgroup",
+        "Put the child in its own pids and memory cgroup. Default true.",
+        "pids + memory cgroup per sandbox",
+    ),
+    Layer(
+        "scratch_fs",
+        "Mount a private tmpfs of disk_mb MiB as the scratch directory. Default true.",
+        "scratch is a private tmpfs bounded in total size and inodes",
+    ),
+    Layer(
+        "network",
+        "Move the child into a new, empty network namespace. Default true.",
+        "empty network namespace",
+    ),
+    Layer(
+        "pid",
+        "A PID namespace and a session of the child's own: it is pid 1 and sees no other process "
+        "(not the host, not another sandbox). Default true.",
+        "own PID namespace (the child is pid 1, no other process visible) and session",
+    ),
+    Layer(
+        "ipc",
+        "An IPC namespace (SysV shared memory, message queues, semaphores, POSIX message queues) "
+        "and a UTS namespace of the child's own, shared with no other sandbox and not the host. Default true.",
+        "own IPC and UTS namespaces",
+    ),
+    Layer(
+        "filesystem_view",
+        "A mount namespace whose root holds only read-only binds of the Python runtime and "
+        "preloaded packages, /etc/localtime and read_paths, plus the scratch directory (read-write); "
+        "nothing else exists for the child (no /proc, no /tmp, no other sandbox). Default true.",
+        "private root: only Python, read_paths and scratch exist (pivot_root)",
+    ),
+    Layer(
+        "landlock",
+        "Landlock: reads only where Python lives, read_paths and scratch; writes only scratch; "
+        "no TCP; scoped signals. Default true.",
+        "reads only Python + scratch, writes only scratch, no TCP, scoped signals",
+    ),
+    Layer(
+        "identity",
+        "Run as an unprivileged identity: a uid/gid no other live sandbox on the machine holds "
+        "when started as root, else a user namespace. Default true.",
+        "own uid/gid (unique on the machine), no groups, no capabilities",
+    ),
+    Layer(
+        "seccomp",
+        "seccomp-bpf filter refusing dangerous system calls. Default true.",
+        "system-call filter",
+    ),
 )
+
+LAYERS: tuple[str, ...] = tuple(entry.name for entry in LAYER_TABLE)
+"""The layer names, in the order the child applies them."""
+
+_BY_NAME = {entry.name: entry for entry in LAYER_TABLE}
+
+
+def layer(name: str) -> Layer:
+    """The record of the layer *name* (KeyError for an unknown name)."""
+    return _BY_NAME[name]

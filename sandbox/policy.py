@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType, UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sandbox.errors import PolicyError
-from sandbox.layers import LAYERS
+from sandbox.layers import LAYERS, layer
 
 __all__ = [
     "LAYERS",
@@ -178,44 +179,67 @@ class PythonSettings(BaseModel):
 
 
 class IsolationSettings(BaseModel):
-    """Kernel layers applied in the child before any model code runs."""
+    """Kernel layers applied in the child before any model code runs.
+
+    One switch per layer of :data:`sandbox.layers.LAYER_TABLE` (its
+    description comes from there), then the settings the layers read.
+    """
 
     model_config = _MODEL
 
-    no_new_privs: bool = Field(
-        True, description="Set PR_SET_NO_NEW_PRIVS and a parent-death signal. Default true."
-    )
-    rlimits: bool = Field(
-        True, description="Apply the [limits] as kernel rlimits (and RLIMIT_CORE=0). Default true."
-    )
-    cgroup: bool = Field(True, description="Put the child in its own pids and memory cgroup. Default true.")
-    scratch_fs: bool = Field(
-        True, description="Mount a private tmpfs of disk_mb MiB as the scratch directory. Default true."
-    )
-    network: bool = Field(
-        True, description="Move the child into a new, empty network namespace. Default true."
-    )
-    landlock: bool = Field(
-        True,
-        description="Landlock: reads only where Python lives, read_paths and scratch; writes only scratch; no TCP; scoped signals. Default true.",
-    )
-    identity: bool = Field(
-        True,
-        description="Run as an unprivileged identity: a fresh uid/gid when started as root, else a user namespace. Default true.",
-    )
-    seccomp: bool = Field(
-        True, description="seccomp-bpf filter refusing dangerous system calls. Default true."
-    )
+    no_new_privs: bool = Field(True, description=layer("no_new_privs").policy_doc)
+    rlimits: bool = Field(True, description=layer("rlimits").policy_doc)
+    cgroup: bool = Field(True, description=layer("cgroup").policy_doc)
+    scratch_fs: bool = Field(True, description=layer("scratch_fs").policy_doc)
+    network: bool = Field(True, description=layer("network").policy_doc)
+    pid: bool = Field(True, description=layer("pid").policy_doc)
+    ipc: bool = Field(True, description=layer("ipc").policy_doc)
+    filesystem_view: bool = Field(True, description=layer("filesystem_view").policy_doc)
+    landlock: bool = Field(True, description=layer("landlock").policy_doc)
+    identity: bool = Field(True, description=layer("identity").policy_doc)
+    seccomp: bool = Field(True, description=layer("seccomp").policy_doc)
     allowed_sockets: tuple[Literal["unix", "inet", "inet6"], ...] = Field(
         (), description="Socket families the code may create (seccomp). Default none."
     )
+    allow_ipc: bool = Field(
+        False,
+        description=(
+            "Let the code make SysV IPC (shmget/shmat/shmctl/shmdt, msgget/msgsnd/msgrcv/msgctl, "
+            "semget/semop/semtimedop/semctl) and POSIX message-queue (mq_*) system calls; "
+            "when false seccomp refuses them with EPERM. Even when true they reach only the "
+            "sandbox's own IPC namespace (layer 'ipc'). Default false."
+        ),
+    )
     read_paths: tuple[str, ...] = Field(
-        (), description="Extra paths the code may read (Landlock). Default none."
+        (),
+        description=(
+            "Extra absolute paths the code may read (bound read-only into its filesystem view, "
+            "granted by Landlock); a leading '~' is expanded on the host when the policy is "
+            "loaded, relative paths are refused. Default none."
+        ),
     )
     require: tuple[str, ...] = Field(
         (),
         description="Layers that must be active; the sandbox refuses to start without them. Default none.",
     )
+
+    @field_validator("read_paths", mode="before")
+    @classmethod
+    def _host_paths(cls, value: Any) -> Any:
+        """Expand ``~`` here, on the host: the child has no home and must not guess one."""
+        if not isinstance(value, (list, tuple)):
+            return value
+        out = []
+        for item in value:
+            if isinstance(item, str):
+                item = os.path.expanduser(item) if item.startswith("~") else item
+                if item.startswith("~"):
+                    raise ValueError(f"read_paths entry {item!r}: cannot expand '~' on this host")
+                if not os.path.isabs(item):
+                    raise ValueError(f"read_paths entry {item!r} is not an absolute path")
+                item = os.path.normpath(item)
+            out.append(item)
+        return tuple(out)
 
 
 class AuditSettings(BaseModel):
@@ -274,16 +298,16 @@ class Policy(BaseModel):
                 f"requires layer(s) {off} that the policy switches off "
                 f"(set isolation.{off[0]} = true or drop it from require)",
             )
-        for layer in LAYERS:
-            if not getattr(iso, layer):
+        for name in LAYERS:
+            if not getattr(iso, name):
                 continue
-            for needed in LAYER_NEEDS.get(layer, ()):
+            for needed in LAYER_NEEDS.get(name, ()):
                 if not getattr(iso, needed):
                     raise _Contradiction(
                         f"isolation.{needed}",
-                        f"is off, but isolation.{layer} is on and needs it "
-                        f"(an unprivileged process can load {layer} only with {needed} set); "
-                        f"set isolation.{needed} = true or isolation.{layer} = false",
+                        f"is off, but isolation.{name} is on and needs it "
+                        f"(an unprivileged process can load {name} only with {needed} set); "
+                        f"set isolation.{needed} = true or isolation.{name} = false",
                     )
         return self
 

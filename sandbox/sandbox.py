@@ -50,7 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from sandbox import forkserver, limits, protocol
+from sandbox import forkserver, limits, protocol, uids
 from sandbox.audit import AuditLog, default_audit_path
 from sandbox.errors import (
     ChildTimeoutError,
@@ -76,21 +76,18 @@ VARIABLE_TIMEOUT_EXTRA = 30.0
 _OUTPUT_SLACK = 4 * limits.CUT_MARKER_BYTES + 160
 #: How long the host polls for the child's answer before it blocks.
 SPIN_SECONDS = 0.0005
-_UID_BASE = 1_200_000
-_UID_SPAN = 1 << 20
-_uid_counter = 0
-_uid_lock = threading.Lock()
+#: Leases of children whose death could not be confirmed: kept (never reused) until the host exits.
+_unconfirmed: list[uids.UidLease] = []
 
 
-def _next_identity() -> tuple[int, int] | None:
-    """A uid/gid no other live sandbox of this host process uses (root only)."""
-    global _uid_counter
+def _reserve_identity() -> uids.UidLease | None:
+    """A uid/gid no other live sandbox on the machine holds (root only; else a user namespace)."""
     if os.geteuid() != 0:
         return None
-    with _uid_lock:
-        _uid_counter += 1
-        n = (os.getpid() * 4099 + _uid_counter) % _UID_SPAN
-    return _UID_BASE + n, _UID_BASE + n
+    try:
+        return uids.reserve()
+    except uids.UidReservationError as exc:
+        raise SandboxStartError(f"cannot reserve a uid for the sandbox: {exc}") from None
 
 
 def _resolve(policy: Policy | str | Path) -> Policy:
@@ -124,6 +121,8 @@ class _Child:
         #: The child's CPU clock when it last went idle: CPU past it counts towards the next execute.
         self.cpu_mark: float | None = None
         self.exit_info: forkserver.ExitInfo | None = None
+        #: The child's uid reservation, released once its death is confirmed.
+        self.lease: uids.UidLease | None = None
 
     def kill(self) -> None:
         """SIGKILL the child and its process group, also when the child already exited on
@@ -361,18 +360,18 @@ class Sandbox:
         return self._start()
 
     def _start(self) -> _Child:
-        identity = _next_identity() if self.policy.isolation.identity else None
+        lease = _reserve_identity() if self.policy.isolation.identity else None
         scratch = tempfile.mkdtemp(prefix=f"sandbox-{self.id}-")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if identity is not None:
-                os.chown(scratch, identity[0], identity[1])
+            if lease is not None:
+                os.chown(scratch, lease.uid, lease.gid)
             config = {
                 "policy": self._policy_dump,
                 "policy_sha256": self._policy_sha,
                 "scratch": scratch,
-                "uid": identity[0] if identity else None,
-                "gid": identity[1] if identity else None,
+                "uid": lease.uid if lease else None,
+                "gid": lease.gid if lease else None,
                 "host_functions": sorted(self._host),
                 "sandbox_id": self.id,
             }
@@ -380,10 +379,13 @@ class Sandbox:
         except BaseException:
             ours.close()
             shutil.rmtree(scratch, ignore_errors=True)
+            if lease is not None:
+                lease.release()  # no child was started under it
             raise
         finally:
             theirs.close()
         child = _Child(pid, pidfd, ours, scratch, {}, self._max_frame)
+        child.lease = lease
         try:
             hello = self._expect(child, "hello", _START_TIMEOUT)
         except ProtocolError as exc:
@@ -413,7 +415,13 @@ class Sandbox:
             except OSError:
                 child.kill()
         child.kill()
-        self._exit_info(child)
+        exited = self._exit_info(child)
+        if child.lease is not None:
+            if exited is not None:
+                child.lease.release()
+            else:  # not known to be dead: its uid must not go to another sandbox
+                _unconfirmed.append(child.lease)
+            child.lease = None
         child.drop_fds()
         child.rss.close()
         child.sock.close()

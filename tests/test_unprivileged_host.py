@@ -43,7 +43,7 @@ seen = []
 for attempt in (
     lambda: open(CANARY).read(),
     lambda: socket.socket(),
-    lambda: os.kill(os.getppid(), 0),
+    lambda: os.kill(HOST_PID, 0),
     lambda: open(OUTSIDE, "w").write("x"),
 ):
     try:
@@ -51,7 +51,7 @@ for attempt in (
     except OSError as exc:
         seen.append(type(exc).__name__)
 print(seen)
-'''.replace("CANARY", repr(sys.argv[2])).replace("OUTSIDE", repr(sys.argv[3])))
+'''.replace("CANARY", repr(sys.argv[2])).replace("OUTSIDE", repr(sys.argv[3])).replace("HOST_PID", str(os.getpid())))
     out["attacks"] = r.stdout
     out["fork"] = sb.execute("import os\nos.fork()").limit
 print(json.dumps(out))
@@ -107,12 +107,15 @@ def test_an_unprivileged_host_gets_every_layer_but_the_cgroup(shared_dir):
     assert report["default"] == "refused:cgroup"  # fails closed, naming the layer
     layers = report["layers"]
     assert layers["cgroup"].startswith("unavailable:")
-    for layer in ("no_new_privs", "rlimits", "scratch_fs", "network", "landlock", "identity", "seccomp"):
+    for layer in ("no_new_privs", "rlimits", "scratch_fs", "network", "pid", "ipc", "filesystem_view",
+                  "landlock", "identity", "seccomp"):  # fmt: skip
         assert layers[layer] == "active", (layer, layers[layer])
     assert "CANARY" not in out.stdout
+    # The canary is not in the child's filesystem view, the host's pid not in its PID
+    # namespace; its root is read-only (EROFS).
     assert (
         report["attacks"].strip()
-        == "['PermissionError', 'PermissionError', 'PermissionError', 'PermissionError']"
+        == "['FileNotFoundError', 'PermissionError', 'ProcessLookupError', 'OSError']"
     )
     assert not outside.exists()
     assert report["fork"] == "processes"

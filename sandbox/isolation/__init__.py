@@ -6,38 +6,52 @@ Three moments, three costs:
   namespace and empty network namespace (a user namespace first when not
   root), and its cgroup base directories. Children inherit the namespaces.
 - :func:`prepare` runs in the fork server once per policy: it preloads the
-  allowed modules, computes the Landlock read roots (where they live) and
-  compiles the seccomp filter. :func:`before_fork` runs per child, in the
-  server: the child's cgroup (limits written) and its scratch tmpfs;
-  :func:`release` undoes both when the server reaps the child.
+  allowed modules, computes the read roots (where they live) and compiles
+  the seccomp filter. :func:`before_fork` runs per child, in the server:
+  the child's cgroup (limits written), its scratch tmpfs, and a fresh PID
+  namespace for the fork that follows (:func:`after_fork` resets it);
+  :func:`release` undoes the first two when the server reaps the child.
 - :func:`apply` runs in each freshly forked child and returns each layer's
   state, ``"active"``, ``"off"`` (the policy switched it off) or
   ``"unavailable: <reason>"``. A layer listed in ``isolation.require`` that
   is not active raises :class:`LayerFailure`: the sandbox fails closed.
 
-The layers, in the order :func:`apply` runs them:
+The layers are the records of :data:`sandbox.layers.LAYER_TABLE`;
+:data:`_APPLY` maps each name to the function below that applies it, and
+:func:`apply` runs them in the table's order:
 
-==============  ==============================================================
-no_new_privs    PR_SET_NO_NEW_PRIVS; the parent-death signal (set at fork and
-                again after the identity change, which clears it)
-rlimits         the policy's limits as rlimits; RLIMIT_CORE = 0
-cgroup          own pids + memory cgroup (:mod:`.cgroups`)
-scratch_fs      the scratch directory is a private tmpfs of ``disk_mb`` with
-                an inode cap (:mod:`.namespaces`)
-network         an empty network namespace (:mod:`.namespaces`)
-landlock        filesystem, TCP and signal/abstract-socket scoping (:mod:`.landlock`)
-identity        a uid/gid of its own, no groups, no capabilities (root); else
-                a user namespace and every capability dropped
-seccomp         the system-call filter (:mod:`.seccomp`), last
-==============  ==============================================================
+===============  =============================================================
+no_new_privs     PR_SET_NO_NEW_PRIVS; the parent-death signal (set at fork and
+                 again after the identity change, which clears it)
+rlimits          the policy's limits as rlimits; RLIMIT_CORE = 0
+cgroup           own pids + memory cgroup (:mod:`.cgroups`)
+scratch_fs       the scratch directory is a private tmpfs of ``disk_mb`` with
+                 an inode cap (:mod:`.namespaces`)
+network          an empty network namespace (:mod:`.namespaces`)
+pid              pid 1 of its own PID namespace (made by the server before the
+                 fork), and a session of its own
+ipc              its own IPC and UTS namespaces
+filesystem_view  its own mount namespace, ``pivot_root`` into a root holding
+                 only the read roots, read_paths and scratch
+landlock         filesystem, TCP and signal/abstract-socket scoping (:mod:`.landlock`)
+identity         a uid/gid of its own, no groups, no capabilities (root); else
+                 a user namespace and every capability dropped
+seccomp          the system-call filter (:mod:`.seccomp`), last
+===============  =============================================================
+
+Before the first layer the child leaves nothing open but its channel; after
+the last it forgets the fork server's state (:func:`_forget_server`).
 
 Stdlib only (ctypes): this runs in the fork server and the child.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
 import os
+import select
 import signal
 import sys
 import sysconfig
@@ -52,9 +66,11 @@ __all__ = [
     "LayerFailure",
     "Prepared",
     "Resources",
+    "after_fork",
     "apply",
     "before_fork",
     "collect",
+    "fork",
     "libc",
     "prepare",
     "release",
@@ -93,6 +109,10 @@ class Server:
         self.landlock_abi = landlock.abi_version()
         self.landlock_reason = "" if self.landlock_abi else landlock.unavailable_reason()
         self.bounding_set = "not dropped"
+        self.pidns = namespaces.PidNamespaces(in_userns=ns.userns == "active")
+        #: A child in its own PID namespace sees no parent pid (getppid() is 0): it
+        #: learns whether the server still lives from this descriptor instead.
+        self.pidfd = os.pidfd_open(os.getpid())
 
 
 _server: Server | None = None
@@ -113,7 +133,17 @@ def server_setup() -> Server:
             _server.bounding_set = exc.strerror or str(exc)
         # Resolve the C functions the children call now, not in each child.
         lib = libc()
-        for name in ("prctl", "syscall", "setns", "mount", "umount2", "unshare"):
+        for name in (
+            "prctl",
+            "syscall",
+            "setns",
+            "mount",
+            "umount2",
+            "unshare",
+            "pivot_root",
+            "capget",
+            "capset",
+        ):
             getattr(lib, name)
     return _server
 
@@ -155,6 +185,7 @@ def _module_roots() -> list[str]:
             roots.add(os.path.dirname(real))
     if os.path.exists("/etc/localtime"):  # time.localtime() reads it lazily
         roots.add(os.path.realpath("/etc/localtime"))
+        roots.add("/etc/localtime")  # where the filesystem view must show it
     return sorted(roots)
 
 
@@ -173,15 +204,20 @@ def prepare(policy: dict[str, Any]) -> Prepared:
             failures[name] = f"{type(exc).__name__}: {exc}"
     prepared = Prepared(policy, failures)
     iso = policy["isolation"]
-    if iso["landlock"]:
+    if iso["landlock"] or iso["filesystem_view"]:
         prepared.read_roots = _module_roots()
     if iso["seccomp"]:
         try:
             prepared.seccomp_program = seccomp.build(
-                iso["allowed_sockets"], int(policy["limits"]["max_processes"])
+                iso["allowed_sockets"], int(policy["limits"]["max_processes"]), bool(iso["allow_ipc"])
             )
         except OSError as exc:
             prepared.seccomp_error = exc.strerror or str(exc)
+    # What exists now (modules, this policy) is permanent: the child's gc.collect(),
+    # which clears what it must not see, then walks only what came later, and does not
+    # touch (copy) every page of the inherited heap.
+    gc.collect()
+    gc.freeze()
     return prepared
 
 
@@ -219,7 +255,8 @@ def before_fork(prepared: Prepared, config: dict[str, Any]) -> Resources:
         server.cg.current = None
     if iso["cgroup"]:
         try:
-            res.cgroup_dirs, born = cgroups.create(server.cg, policy["limits"])
+            helpers = 1 if iso["pid"] and server.pidns.mode == "helper" else 0
+            res.cgroup_dirs, born = cgroups.create(server.cg, policy["limits"], helpers)
             info["cgroup"] = {
                 "dirs": res.cgroup_dirs,
                 "born": born,
@@ -241,8 +278,28 @@ def before_fork(prepared: Prepared, config: dict[str, Any]) -> Resources:
                 info["scratch_fs"] = "mounted"
             except OSError as exc:
                 info["scratch_fs"] = exc.strerror or str(exc)
+    if iso["pid"]:
+        try:
+            server.pidns.fresh()  # the fork that follows makes pid 1 of a new namespace
+            info["pid"] = "fresh"
+        except OSError as exc:
+            info["pid"] = exc.strerror or str(exc)
     config["isolation"] = info
     return res
+
+
+def fork(config: dict[str, Any]) -> int:
+    """Fork-server side: fork the child :func:`before_fork` prepared (0 in the child)."""
+    return server_setup().pidns.fork(fresh=config["isolation"].get("pid") == "fresh")
+
+
+def after_fork() -> None:
+    """Fork-server side, right after a fork (or a failed one): children are born in the
+    server's own PID namespace again, and the next child's cgroup is prepared."""
+    if _server is not None:
+        with contextlib.suppress(OSError):
+            _server.pidns.reset()
+    refill()
 
 
 def collect(res: Resources) -> dict[str, int]:
@@ -278,21 +335,36 @@ def refill() -> None:
 
 
 # ------------------------------------------------------------------ child side
-def _process_hygiene(chan_fd: int, parent_pid: int) -> None:
-    """Own process group, die with the fork server, no descriptor but the channel.
-
-    A process group, not a session: ``setsid`` also creates a scheduler
-    autogroup, which costs up to several milliseconds on this kind of VM. The
-    fork server already runs in a session of its own with no controlling
-    terminal, and the host kills the child's process group (and its cgroup).
-    """
-    os.setpgid(0, 0)
+def _die_with_server(server: Server | None, parent_pid: int) -> None:
+    """Die with the fork server: the parent-death signal, then a check that it is still alive
+    (it may have died before the signal was armed)."""
     if sys.platform == "linux":
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:
+    if server is not None:  # in its own PID namespace the child has no visible parent
+        probe = select.poll()
+        probe.register(server.pidfd, select.POLLIN)
+        if probe.poll(0):
+            os._exit(1)
+    elif os.getppid() != parent_pid:
         os._exit(1)
-    os.closerange(3, chan_fd)
-    os.closerange(chan_fd + 1, 1 << 20)
+
+
+def _process_hygiene(chan_fd: int, ctx: _Ctx) -> None:
+    """Own process group, die with the fork server, no descriptor but the channel
+    (and, until :func:`apply` ends, the server's pidfd).
+
+    The ``pid`` layer makes the child a session leader; without it the child
+    makes a process group of its own (the host kills the group).
+    """
+    if not ctx.policy["isolation"]["pid"]:
+        os.setpgid(0, 0)
+    _die_with_server(ctx.server, ctx.config["server_pid"])
+    keep = sorted({chan_fd, ctx.server.pidfd if ctx.server else chan_fd})
+    low = 3
+    for fd in keep:
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
 
 
 class _Ctx:
@@ -358,16 +430,42 @@ def _network(ctx: _Ctx) -> None:
         raise ctx.network_error
 
 
+def _pid(ctx: _Ctx) -> None:
+    os.setsid()  # first, so that the host can kill the child's group even if the rest fails
+    state = ctx.info.get("pid")
+    if state != "fresh":
+        raise OSError(state or "the fork server made no PID namespace")
+    if os.getpid() != 1:
+        raise OSError(f"not pid 1 of a new PID namespace (pid {os.getpid()})")
+
+
+def _ipc(ctx: _Ctx) -> None:
+    namespaces.unshare_ipc_uts()
+
+
+def _read_paths(ctx: _Ctx) -> list[str]:
+    return ctx.prepared.read_roots + [str(p) for p in ctx.policy["isolation"]["read_paths"]]
+
+
+def _filesystem_view(ctx: _Ctx) -> None:
+    scratch = ctx.config["scratch"]
+    namespaces.enter_view(_read_paths(ctx), [scratch])
+    os.chdir(scratch)
+
+
 def _landlock(ctx: _Ctx) -> None:
     server = ctx.server
     abi = server.landlock_abi if server else landlock.abi_version()
-    extra = [os.path.abspath(os.path.expanduser(p)) for p in ctx.policy["isolation"]["read_paths"]]
-    landlock.restrict(abi, ctx.prepared.read_roots + extra, [ctx.config["scratch"]])
+    # read_paths are absolute and '~'-free: the policy expanded them on the host.
+    landlock.restrict(abi, _read_paths(ctx), [ctx.config["scratch"]])
 
 
 def _identity(ctx: _Ctx) -> None:
     uid, gid = ctx.config.get("uid"), ctx.config.get("gid")
     if os.geteuid() == 0 and uid is not None and gid is not None and not _in_userns(ctx):
+        bounding = ctx.server.bounding_set if ctx.server else "no fork server"
+        if bounding != "empty":  # an execve could not use it (seccomp), but the drop is promised
+            raise OSError(f"the capability bounding set could not be emptied: {bounding}")
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)  # leaving uid 0 clears every capability set but the bounding set
@@ -383,9 +481,7 @@ def _identity(ctx: _Ctx) -> None:
     if any(namespaces.capabilities()):
         raise OSError("capabilities remain after the drop")
     # A credential change clears the parent-death signal: set it again.
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != ctx.config["server_pid"]:
-        os._exit(1)
+    _die_with_server(ctx.server, ctx.config["server_pid"])
 
 
 def _in_userns(ctx: _Ctx) -> bool:
@@ -404,6 +500,9 @@ _APPLY = {
     "cgroup": _cgroup,
     "scratch_fs": _scratch_fs,
     "network": _network,
+    "pid": _pid,
+    "ipc": _ipc,
+    "filesystem_view": _filesystem_view,
     "landlock": _landlock,
     "identity": _identity,
     "seccomp": _seccomp,
@@ -420,22 +519,38 @@ def apply(prepared: Prepared, config: dict[str, Any], chan_fd: int) -> dict[str,
         except OSError as exc:
             raise LayerFailure("cgroup", f"cannot leave the fork server's cgroup: {exc.strerror}") from None
     _network_early(ctx)
-    _process_hygiene(chan_fd, config["server_pid"])
+    _process_hygiene(chan_fd, ctx)
     os.chdir(config["scratch"])
     iso = prepared.policy["isolation"]
     required = set(iso["require"])
     states: dict[str, str] = {}
-    for layer in LAYERS:
-        if not iso[layer]:
-            states[layer] = "off"
-            continue
-        try:
-            _APPLY[layer](ctx)
-        except (OSError, AttributeError) as exc:  # AttributeError: the C library lacks the call (not Linux)
-            reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
-            if layer in required:
-                raise LayerFailure(layer, reason) from None
-            states[layer] = f"unavailable: {reason}"
-        else:
-            states[layer] = "active"
+    try:
+        for layer in LAYERS:
+            if not iso[layer]:
+                states[layer] = "off"
+                continue
+            try:
+                _APPLY[layer](ctx)
+            except (
+                OSError,
+                AttributeError,
+            ) as exc:  # AttributeError: the C library lacks the call (not Linux)
+                reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+                if layer in required:
+                    raise LayerFailure(layer, reason) from None
+                states[layer] = f"unavailable: {reason}"
+            else:
+                states[layer] = "active"
+    finally:
+        if ctx.server is not None:
+            os.close(ctx.server.pidfd)  # the child's code gets no handle on its fork server
+        _forget_server()
     return states
+
+
+def _forget_server() -> None:
+    """Child side: drop what the fork server knew (its cgroups, the next child's cgroup,
+    sibling cgroups awaiting removal), so the child's code cannot find it."""
+    global _server, _placed
+    _server = None
+    _placed = None

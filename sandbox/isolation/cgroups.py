@@ -252,13 +252,14 @@ def refill(cg: Cgroups, previous: list[str] | None = None, limits: dict[str, Any
     cg.queue.put((previous, limits))
 
 
-def create(cg: Cgroups, limits: dict[str, Any]) -> tuple[list[str], bool]:
+def create(cg: Cgroups, limits: dict[str, Any], helpers: int = 0) -> tuple[list[str], bool]:
     """The next child's cgroup with the policy's limits written.
 
     Returns ``(dirs, born_inside)``: with cgroup v1 the server's main thread
     already sits in them, so the child is born inside (and ``pids.max``
     counts that thread until :func:`refill` moves it on); otherwise the
-    child must :func:`join` them itself.
+    child must :func:`join` them itself. *helpers*: processes the server forks
+    on the way to the child, born there too (the PID namespace helper).
     """
     if not cg.ok:
         raise OSError(errno.ENOTSUP, cg.reason)
@@ -270,7 +271,7 @@ def create(cg: Cgroups, limits: dict[str, Any]) -> tuple[list[str], bool]:
             cg.current = None
         else:
             dirs = _mkdirs(cg)
-        _write_limits(cg, dirs, limits, extra_tasks=1 if born else 0)
+        _write_limits(cg, dirs, limits, extra_tasks=1 + helpers if born else 0)
     except OSError as exc:
         raise OSError(exc.errno, _reason(exc)) from None
     return dirs, born

@@ -22,7 +22,13 @@ The filter allows everything except:
 - ``socket``/``socketpair`` -> ``EPERM`` for every address family the policy
   does not list in ``isolation.allowed_sockets`` (default: all of them);
 - ``ioctl(TIOCSTI/TIOCLINUX)`` -> ``EPERM`` (typing into a terminal);
+- SysV IPC and POSIX message queues -> ``EPERM`` unless the policy sets
+  ``isolation.allow_ipc``; ``inotify_*`` (it names files in directories the
+  code may not list) and ``sysinfo`` (host memory and process count) -> ``EPERM``;
 - any system call of another ABI (i386 ``int 0x80``, x32) -> killed.
+
+A name libseccomp does not know is an error when the filter is built (a typo
+must not drop a rule); a call the running architecture lacks is skipped.
 
 Stdlib only (ctypes); :func:`load` runs in the child.
 """
@@ -37,12 +43,14 @@ from typing import Any
 
 from sandbox.isolation._sys import libc
 
-__all__ = ["SeccompError", "build", "libseccomp_version", "load"]
+__all__ = ["SeccompError", "build", "libseccomp_version", "load", "rule_names"]
 
 SCMP_ACT_KILL_PROCESS = 0x80000000
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_FLTATR_ACT_BADARCH = 2
 SCMP_CMP_MASKED_EQ = 7
+#: What libseccomp's name resolver returns for a name it does not know on any architecture.
+NR_SCMP_ERROR = -1
 
 
 def _errno_action(err: int) -> int:
@@ -67,6 +75,19 @@ EPERM_SYSCALLS = (
     "sethostname", "setdomainname", "lookup_dcookie", "uselib", "fanotify_init",
     "migrate_pages", "move_pages", "mbind", "set_mempolicy", "set_mempolicy_home_node",
 )  # fmt: skip
+
+#: Refused with EPERM unless the policy sets ``isolation.allow_ipc``: SysV IPC and
+#: POSIX message queues (each sandbox also has its own IPC namespace).
+IPC_SYSCALLS = (
+    "shmget", "shmat", "shmctl", "shmdt", "msgget", "msgsnd", "msgrcv", "msgctl",
+    "semget", "semop", "semtimedop", "semctl", "ipc",
+    "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr",
+)  # fmt: skip
+
+#: Refused with EPERM: they reveal what the other layers hide. inotify reports the
+#: names of files created in directories Landlock does not let the code list;
+#: sysinfo reports the host's memory and process count.
+OBSERVE_SYSCALLS = ("inotify_init", "inotify_init1", "inotify_add_watch", "sysinfo")
 
 #: Killed: no Python code has a reason to make these.
 KILL_SYSCALLS = (
@@ -162,8 +183,10 @@ class _Filter:
 
     def rule(self, action: int, name: str, *cmps: tuple[int, int, int, int]) -> None:
         nr = self.lib.seccomp_syscall_resolve_name(name.encode())
-        if nr < 0:  # a system call this kernel/arch does not have: nothing to refuse
-            return
+        if nr == NR_SCMP_ERROR:  # a typo would silently drop a rule: refuse to build the filter
+            raise SeccompError(errno.EINVAL, f"libseccomp knows no system call named {name!r}")
+        # A negative number other than that is a call this architecture lacks
+        # (fork on aarch64): libseccomp accepts the rule and emits nothing.
         arr = (_ArgCmp * max(1, len(cmps)))(*[_ArgCmp(*c) for c in cmps])
         self._check(self.lib.seccomp_rule_add_array(self.ctx, action, nr, len(cmps), arr), name)
 
@@ -180,13 +203,25 @@ class _Filter:
         self.lib.seccomp_release(self.ctx)
 
 
-def build(allowed_sockets: list[str] | tuple[str, ...], max_processes: int) -> bytes:
+def rule_names(allow_ipc: bool = False) -> tuple[str, ...]:
+    """Every system call name a filter built with these settings names."""
+    names: tuple[str, ...] = (
+        *EPERM_SYSCALLS, *OBSERVE_SYSCALLS, *KILL_SYSCALLS,
+        "clone3", "fork", "vfork", "clone", "socket", "socketpair", "ioctl",
+    )  # fmt: skip
+    return names if allow_ipc else (*names, *IPC_SYSCALLS)
+
+
+def build(allowed_sockets: list[str] | tuple[str, ...], max_processes: int, allow_ipc: bool = False) -> bytes:
     """Compile the filter for a policy; returns the raw BPF program (8-byte instructions)."""
     f = _Filter()
     try:
         eperm = _errno_action(errno.EPERM)
-        for name in EPERM_SYSCALLS:
+        for name in EPERM_SYSCALLS + OBSERVE_SYSCALLS:
             f.rule(eperm, name)
+        if not allow_ipc:
+            for name in IPC_SYSCALLS:
+                f.rule(eperm, name)
         for name in KILL_SYSCALLS:
             f.rule(SCMP_ACT_KILL_PROCESS, name)
         # Process creation.

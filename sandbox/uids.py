@@ -1,0 +1,139 @@
+"""Machine-wide uid reservations for sandbox children (hosts running as root).
+
+A root host gives each sandbox child a uid/gid of its own. "Its own" must
+hold on the whole machine, whatever host process started the sandbox: two
+tenants under one uid could ``prlimit``, renice or signal each other, and
+would share one RLIMIT_NPROC budget. A uid is therefore taken with a lock
+file: ``reserve()`` opens ``<directory>/<uid>`` and takes an exclusive
+``flock`` on it without blocking, trying the next uid when another process
+holds it. The lock belongs to the open file, so the kernel drops it when the
+holder closes it or dies: a crashed host never leaves a uid reserved.
+
+The directory (:data:`RUNTIME_DIR`) must be owned by root and writable by
+nobody else; a lock file is removed by whoever releases it, under the lock
+(a reserver checks, once it holds a lock, that the file it locked is still
+the one at that name).
+
+Use::
+
+    lease = reserve()          # UidLease: .uid, .gid
+    ...                        # start the child as lease.uid
+    lease.release()            # once the child is known to be dead
+
+Whoever owns the child holds the lease for the child's whole life.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+import stat
+import threading
+
+__all__ = ["RUNTIME_DIR", "UID_BASE", "UID_SPAN", "UidLease", "UidReservationError", "reserve"]
+
+#: Where the lock files live (root-owned, 0700).
+RUNTIME_DIR = "/run/rlm-sandbox/uids"
+#: Sandbox uids are UID_BASE .. UID_BASE + UID_SPAN - 1 (above any account's, below 2**31).
+UID_BASE = 1_200_000
+UID_SPAN = 1 << 20
+#: How many uids one call tries before it gives up.
+_TRIES = 4096
+
+
+class UidReservationError(OSError):
+    """No uid could be reserved (the directory is unusable, or every uid tried is taken)."""
+
+
+class UidLease:
+    """A uid/gid held for one sandbox child until :meth:`release` (or the holder's death)."""
+
+    __slots__ = ("_fd", "_lock", "directory", "gid", "uid")
+
+    def __init__(self, uid: int, fd: int, directory: str) -> None:
+        self.uid = uid
+        self.gid = uid
+        self.directory = directory
+        self._fd: int | None = fd
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Give the uid back: remove the lock file (still under the lock), then unlock. Idempotent."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.directory, str(self.uid)))
+        os.close(fd)
+
+    def __enter__(self) -> UidLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"UidLease(uid={self.uid}, held={self.held})"
+
+
+def _directory(path: str) -> str:
+    """Create *path* (0700, parents 0755) if needed and check that only root controls it."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        st = os.lstat(path)
+    except OSError as exc:
+        raise UidReservationError(exc.errno, f"uid reservations: {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise UidReservationError(
+            errno.EPERM, f"uid reservations: {path} must be a directory owned by root, writable only by root"
+        )
+    return path
+
+
+def _try(directory: str, uid: int) -> int | None:
+    """The locked descriptor of ``directory/uid``, or None if another holder has it."""
+    path = os.path.join(directory, str(uid))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        same = False  # its previous holder removed it between our open and our lock
+    if not same:
+        os.close(fd)
+        return None
+    return fd
+
+
+def reserve(directory: str = RUNTIME_DIR) -> UidLease:
+    """Reserve a uid no live sandbox on this machine holds (root only)."""
+    if os.geteuid() != 0:
+        raise UidReservationError(errno.EPERM, "uid reservations need root")
+    directory = _directory(directory)
+    start = secrets.randbelow(UID_SPAN)
+    try:
+        for i in range(_TRIES):
+            uid = UID_BASE + (start + i) % UID_SPAN
+            fd = _try(directory, uid)
+            if fd is not None:
+                return UidLease(uid, fd, directory)
+    except OSError as exc:
+        raise UidReservationError(exc.errno, f"uid reservations: {directory}: {exc.strerror}") from None
+    raise UidReservationError(errno.EAGAIN, f"uid reservations: {_TRIES} uids tried, all taken")

@@ -1,0 +1,130 @@
+"""The layers' own contracts: one table, seccomp names, capabilities, read_paths, the bounding set."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sandbox.isolation as iso
+from sandbox import load_policy
+from sandbox.errors import PolicyError
+from sandbox.isolation import namespaces, seccomp
+from sandbox.layers import LAYER_TABLE, LAYERS
+from sandbox.policy import IsolationSettings
+
+SCMP_ARCH_X86_64 = 0xC000003E
+SCMP_ARCH_AARCH64 = 0xC00000B7
+
+
+def test_one_record_per_layer() -> None:
+    """layers.py, the child's appliers, the policy switches and the shipped policies agree."""
+    assert set(iso._APPLY) == set(LAYERS)
+    fields = IsolationSettings.model_fields
+    for entry in LAYER_TABLE:
+        assert fields[entry.name].annotation in (bool, "bool")
+        assert fields[entry.name].description == entry.policy_doc
+        assert entry.doctor
+    for name in ("default", "strict"):
+        assert set(load_policy(name).isolation.require) == set(LAYERS), name
+    assert load_policy("portable").isolation.require == ("rlimits",)
+
+
+@pytest.mark.parametrize("arch", [SCMP_ARCH_X86_64, SCMP_ARCH_AARCH64], ids=["x86_64", "aarch64"])
+def test_every_seccomp_name_resolves(arch: int) -> None:
+    """Every name the filter uses is one libseccomp knows; the ones that matter exist on the arch."""
+    lib = seccomp._libseccomp()
+    lib.seccomp_syscall_resolve_name_arch.argtypes = [ctypes.c_uint32, ctypes.c_char_p]
+    resolve = lambda name: lib.seccomp_syscall_resolve_name_arch(arch, name.encode())
+    for name in seccomp.rule_names(allow_ipc=False):
+        assert resolve(name) != seccomp.NR_SCMP_ERROR, name
+    must_exist = [n for n in seccomp.IPC_SYSCALLS if n != "ipc"]
+    must_exist += ["inotify_init1", "inotify_add_watch", "sysinfo", "execve", "ptrace", "unshare", "setns"]
+    must_exist += ["clone", "clone3", "socket", "bpf", "io_uring_setup", "pidfd_getfd", "mount", "pivot_root"]
+    for name in must_exist:
+        assert resolve(name) >= 0, (name, resolve(name))
+
+
+def test_unknown_seccomp_name_is_an_error_at_preparation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo in a rule refuses the filter (the child then fails closed), never drops the rule."""
+    monkeypatch.setattr(seccomp, "EPERM_SYSCALLS", (*seccomp.EPERM_SYSCALLS, "ptarce"))
+    with pytest.raises(seccomp.SeccompError, match="ptarce"):
+        seccomp.build((), 0)
+    try:
+        prepared = iso.prepare(load_policy("default").model_dump(mode="json"))
+    finally:
+        gc.unfreeze()  # prepare() freezes the fork server's heap; this is the test process
+    assert "ptarce" in prepared.seccomp_error and not prepared.seccomp_program
+
+
+def test_seccomp_ipc_switch() -> None:
+    assert seccomp.build((), 0, allow_ipc=True) != seccomp.build((), 0, allow_ipc=False)
+
+
+def test_capabilities_use_the_c_library_wrappers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """capget/capset go through libc (right on every architecture), not x86_64 syscall numbers."""
+    real = namespaces.libc()
+
+    class NoRawSyscalls:
+        def __getattr__(self, name: str) -> Any:
+            if name == "syscall":
+                raise AssertionError("raw syscall() used for capabilities")
+            return getattr(real, name)
+
+    monkeypatch.setattr(namespaces, "libc", NoRawSyscalls)
+    effective, permitted, _ = namespaces.capabilities()
+    if os.geteuid() == 0:
+        assert effective and permitted
+
+
+def test_read_paths_expand_home_on_the_host_and_must_be_absolute() -> None:
+    pol = load_policy("default").override({"isolation.read_paths": ["~/data", "/srv/x/../y"]})
+    assert pol.isolation.read_paths == (str(Path.home() / "data"), "/srv/y")
+    with pytest.raises(PolicyError, match="absolute"):
+        load_policy("default").override({"isolation.read_paths": ["data"]})
+
+
+def test_bounding_set_failure_is_reported_not_ignored() -> None:
+    """A fork server that could not empty the bounding set makes the identity layer fail (closed)."""
+    if os.geteuid() != 0:
+        pytest.skip("the bounding set is dropped by a root fork server only")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the forked child
+        code = 1
+        try:
+            server = iso.Server.__new__(iso.Server)
+            server.bounding_set = "Operation not permitted"
+            server.ns = namespaces.ServerState()
+            ctx = iso._Ctx(
+                iso.Prepared({"isolation": {}, "limits": {}}, {}),
+                {"uid": 1_999_999, "gid": 1_999_999},
+                server,
+            )
+            try:
+                iso._identity(ctx)
+                os.write(write, f"dropped to {os.getuid()}".encode())
+            except OSError as exc:
+                os.write(write, str(exc).encode())
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    got = os.read(read, 1000).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert "bounding set" in got and "Operation not permitted" in got, got
+
+
+def test_doctor_reports_every_layer() -> None:
+    from sandbox.doctor import layer_report
+
+    report = layer_report()
+    for name in LAYERS:
+        assert name in report
+    for name in ("pid", "ipc", "filesystem_view"):
+        assert report[name].startswith("works:"), report[name]

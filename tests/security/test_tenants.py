@@ -1,0 +1,366 @@
+"""Tenants apart: IPC, uids, the process tree, inotify, the filesystem view, inherited state.
+
+Each cross-tenant attack runs with two sandboxes alive at once, and where it
+matters with a second host process (a subprocess running its own sandbox)
+next to them. Every attack runs under the default policy and with
+``python.guard = "none"``: the allowlist guard refuses most of these imports
+on its own, so the guard-off run is the one that tests the kernel layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sandbox import Sandbox
+from tests.security.conftest import Env, assert_contained, policy_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: ctypes access to libc with errno, for the attack snippets.
+LIBC = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+
+
+def second_host(code: str, **changes: object) -> str:
+    """Run *code* in a sandbox (guard off) of another host process; return its stdout."""
+    script = textwrap.dedent(
+        """
+        import json, sys
+        from tests.security.conftest import policy_for
+        from sandbox import Sandbox
+        with Sandbox(policy_for("guard_none", **json.loads(sys.argv[1]))) as sb:
+            r = sb.execute(sys.argv[2])
+            print(json.dumps({"stdout": r.stdout, "error": r.error_type}))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(changes), code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return str(json.loads(out.stdout.strip().splitlines()[-1])["stdout"])
+
+
+def host_uid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(f.read().split("Uid:")[1].split()[0])
+
+
+# ------------------------------------------------------------------ 1. IPC
+#: A fresh key per run: a segment left in the host's namespace by an old build is not this run's.
+SHM_KEY = 0x10000000 + secrets.randbelow(0x60000000)
+
+SHM_CREATE = LIBC + textwrap.dedent(
+    f"""
+    libc.shmat.restype = ctypes.c_void_p
+    sid = libc.shmget({SHM_KEY}, 1 << 20, 0o1000 | 0o666)
+    print("CREATED" if sid >= 0 else f"refused {{ctypes.get_errno()}}")
+    if sid >= 0:
+        addr = libc.shmat(sid, None, 0)
+        ctypes.memmove(addr, b"tenant-a-secret", 15)
+    """
+)
+SHM_PROBE = LIBC + textwrap.dedent(
+    f"""
+    libc.shmat.restype = ctypes.c_void_p
+    sid = libc.shmget({SHM_KEY}, 0, 0)
+    if sid >= 0:
+        addr = libc.shmat(sid, None, 0)
+        print("FOUND", ctypes.string_at(addr, 15))
+    else:
+        print("absent", ctypes.get_errno())
+    """
+)
+MQ_OPEN = LIBC + (
+    "fd = libc.mq_open(b'/rlm-tenant', 0o100 | 2, 0o600, None)\n"
+    "print('MQ' if fd >= 0 else f'refused {ctypes.get_errno()}')"
+)
+
+
+def _host_shm_keys() -> set[int]:
+    with open("/proc/sysvipc/shm") as f:
+        return {int(line.split()[0]) for line in f.readlines()[1:]}
+
+
+def test_sysv_ipc_and_mqueue_refused_by_default(mode: str, env: Env) -> None:
+    with Sandbox(policy_for(mode)) as sb:
+        r = sb.execute(SHM_CREATE + "\n" + MQ_OPEN)
+        assert "CREATED" not in r.stdout and "MQ" not in r.stdout.split(), r
+        if mode == "guard_none":
+            assert "refused 1" in r.stdout, r  # EPERM from seccomp
+        assert SHM_KEY not in _host_shm_keys()
+        assert_contained(env, r, sb)
+
+
+def test_ipc_namespace_is_per_sandbox(mode: str, env: Env) -> None:
+    """Even with IPC allowed, a segment lives in its sandbox's own namespace and dies with it."""
+    pol = policy_for(mode, **{"isolation.allow_ipc": True})
+    with Sandbox(pol) as a, Sandbox(pol) as b:
+        ra = a.execute(SHM_CREATE)
+        if mode == "guard_none":
+            assert "CREATED" in ra.stdout, ra
+        rb = b.execute(SHM_PROBE)
+        assert "FOUND" not in rb.stdout, rb
+        assert SHM_KEY not in _host_shm_keys(), "the segment is in the host's IPC namespace"
+        other = second_host(SHM_PROBE, **{"isolation.allow_ipc": True})
+        assert "FOUND" not in other and "absent" in other, other
+        assert_contained(env, rb, b)
+    assert SHM_KEY not in _host_shm_keys()
+
+
+# ----------------------------------------------------------- 2. uids, machine-wide
+def test_uid_reservation_is_machine_wide(tmp_path: Path) -> None:
+    """A uid held by another process is never handed out; its death frees it."""
+    from sandbox import uids
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, secrets\nfrom sandbox import uids\nsecrets.randbelow = lambda n: 0\n"
+            "lease = uids.reserve(sys.argv[1])\nprint(lease.uid, flush=True)\nsys.stdin.read()",
+            str(tmp_path / "uids"),
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    held = int(holder.stdout.readline())
+    assert held == uids.UID_BASE
+    mp = pytest.MonkeyPatch()
+    mp.setattr(uids.secrets, "randbelow", lambda n: 0)
+    try:
+        with uids.reserve(str(tmp_path / "uids")) as mine, uids.reserve(str(tmp_path / "uids")) as third:
+            assert mine.uid != held and third.uid not in (held, mine.uid)
+        holder.kill()  # the kernel drops its lock; no clean-up ran
+        holder.wait()
+        with uids.reserve(str(tmp_path / "uids")) as again:
+            assert again.uid == held
+    finally:
+        mp.undo()
+        holder.kill()
+        holder.wait()
+
+
+def test_two_hosts_never_share_a_uid(mode: str, env: Env) -> None:
+    """Two host processes whose sandboxes start from the same candidate uid get different ones."""
+    from sandbox import uids
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(uids.secrets, "randbelow", lambda n: 0)
+    try:
+        with Sandbox(policy_for(mode)) as a, Sandbox(policy_for(mode)) as b:
+            assert a.pid is not None and b.pid is not None
+            mine = {host_uid_of(a.pid), host_uid_of(b.pid)}
+            assert len(mine) == 2
+            script = (
+                "import secrets, sys\nsecrets.randbelow = lambda n: 0\n"
+                "from tests.security.conftest import policy_for\nfrom sandbox import Sandbox\n"
+                f"with Sandbox(policy_for({mode!r})) as sb:\n"
+                "    print(open(f'/proc/{sb.pid}/status').read().split('Uid:')[1].split()[0])"
+            )
+            out = subprocess.run(
+                [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+            )
+            assert out.returncode == 0, out.stderr[-2000:]
+            assert int(out.stdout.split()[-1]) not in mine
+            for uid in mine:  # held while the sandbox lives ...
+                assert os.path.exists(os.path.join(uids.RUNTIME_DIR, str(uid)))
+        for uid in mine:  # ... and given back once its child is known to be dead
+            assert not os.path.exists(os.path.join(uids.RUNTIME_DIR, str(uid)))
+    finally:
+        mp.undo()
+
+
+ACT_ON = LIBC + textwrap.dedent(
+    """
+    import resource
+    for what, call in [
+        ("prlimit", lambda: resource.prlimit({PID}, resource.RLIMIT_NOFILE, (3, 3))),
+        ("renice", lambda: os.setpriority(os.PRIO_PROCESS, {PID}, 19)),
+        ("kill", lambda: os.kill({PID}, 0)),
+        ("getpgid", lambda: os.getpgid({PID})),
+        ("getsid", lambda: os.getsid({PID})),
+        ("affinity", lambda: os.sched_getaffinity({PID})),
+        ("pidfd", lambda: os.pidfd_open({PID})),
+    ]:
+        try:
+            call()
+            print("REACHED", what)
+        except OSError as e:
+            print(what, e.errno)
+    """
+)
+
+
+def test_no_sandbox_reaches_another_process(mode: str, env: Env) -> None:
+    """prlimit, renice, signals, getpgid/getsid, affinity, pidfd: another sandbox, the host, its server."""
+    with Sandbox(policy_for(mode)) as a, Sandbox(policy_for(mode)) as b:
+        assert a.pid is not None
+        for target in (a.pid, os.getpid(), b._server.pid):
+            r = b.execute(ACT_ON.replace("{PID}", str(target)))
+            assert "REACHED" not in r.stdout, (target, r)
+            if mode == "guard_none":
+                assert r.stdout.count(" 3") == 7, r  # ESRCH: the pid does not exist in its namespace
+        other = second_host(ACT_ON.replace("{PID}", str(a.pid)))  # a tenant of another host
+        assert "REACHED" not in other and other.count(" 3") == 7, other
+        assert a.execute("print(1)").ok
+        assert_contained(env, r, b)
+
+
+# --------------------------------------------------------------- 3. process tree
+PROCESS_TREE = LIBC + textwrap.dedent(
+    """
+    print("pid", os.getpid(), "sid", os.getsid(0), "pgid", os.getpgid(0))
+    print("proc", os.path.exists("/proc"))
+    buf = ctypes.create_string_buffer(512)
+    print("sysinfo", libc.sysinfo(buf), ctypes.get_errno())
+    try:
+        os.setpgid(0, {OTHER})
+        print("JOINED")
+    except OSError as e:
+        print("setpgid", e.errno)
+    seen = [p for p in range(2, 4 * 32768) if not libc.kill(p, 0) or ctypes.get_errno() != 3]
+    print("visible", seen[:5])
+    """
+)
+
+
+def test_process_tree_is_private(mode: str, env: Env) -> None:
+    with Sandbox(policy_for(mode)) as a, Sandbox(policy_for(mode)) as b:
+        r = b.execute(PROCESS_TREE.replace("{OTHER}", str(a.pid)))
+        assert "JOINED" not in r.stdout, r
+        if mode == "guard_none":
+            assert "pid 1 sid 1 pgid 1" in r.stdout, r
+            assert "proc False" in r.stdout, r
+            assert "sysinfo -1 1" in r.stdout, r  # EPERM: no host memory or process count
+            assert "visible []" in r.stdout, r  # not one other process
+        assert_contained(env, r, b)
+
+
+# ------------------------------------------------------------------- 4. inotify
+INOTIFY = LIBC + textwrap.dedent(
+    """
+    for name, call in [("init", lambda: libc.inotify_init()), ("init1", lambda: libc.inotify_init1(0))]:
+        fd = call()
+        print(name, "WATCHING" if fd >= 0 else ctypes.get_errno())
+        if fd >= 0:
+            print("watch", libc.inotify_add_watch(fd, b"/tmp", 0x100), ctypes.get_errno())
+    print("add", libc.inotify_add_watch(0, b"/tmp", 0x100), ctypes.get_errno())
+    """
+)
+
+
+def test_inotify_refused(mode: str, env: Env) -> None:
+    with Sandbox(policy_for(mode)) as sb:
+        r = sb.execute(INOTIFY)
+        assert "WATCHING" not in r.stdout, r
+        if mode == "guard_none":
+            assert "init 1" in r.stdout and "init1 1" in r.stdout and "add -1 1" in r.stdout, r
+        assert_contained(env, r, sb)
+
+
+# ------------------------------------------------------- 5. the filesystem view
+STAT = textwrap.dedent(
+    """
+    import os
+    for path in {PATHS}:
+        try:
+            st = os.stat(path)
+            print("EXISTS", path, st.st_size)
+        except OSError as e:
+            print(type(e).__name__, path)
+    try:
+        print("tmp", sorted(os.listdir("/tmp")))
+    except OSError as e:
+        print("tmp", type(e).__name__)
+    """
+)
+
+
+def test_nothing_outside_the_view_exists(mode: str, env: Env) -> None:
+    with Sandbox(policy_for(mode)) as a, Sandbox(policy_for(mode)) as b:
+        scratch_a = a._child.scratch if a._child else ""
+        paths = ["/etc/shadow", "/etc/passwd", scratch_a, str(env.canary_file), "/proc/1", "/root/.bashrc"]
+        r = b.execute(STAT.replace("{PATHS}", repr(paths)))
+        assert "EXISTS" not in r.stdout, r
+        if mode == "guard_none":
+            assert r.stdout.count("FileNotFoundError") == len(paths), r
+            scratch_b = b._child.scratch if b._child else ""
+            # Landlock refuses the listing; without it only its own scratch would be there.
+            assert "tmp PermissionError" in r.stdout or f"tmp {[os.path.basename(scratch_b)]}" in r.stdout, r
+            assert b.execute("import time\nprint(time.localtime().tm_year > 2000)").stdout.strip() == "True"
+        other = second_host(STAT.replace("{PATHS}", repr(paths)))
+        assert "EXISTS" not in other and other.count("FileNotFoundError") == len(paths), other
+        assert_contained(env, r, b)
+
+
+def test_read_paths_are_in_the_view(tmp_path: Path) -> None:
+    """What the policy grants exists, read-only; '~' was expanded on the host."""
+    shared = tmp_path / "data"
+    shared.mkdir()
+    (shared / "f.txt").write_text("granted")
+    pol = policy_for("guard_none", **{"isolation.read_paths": [str(shared)]})
+    with Sandbox(pol) as sb:
+        r = sb.execute(
+            f"print(open({str(shared / 'f.txt')!r}).read())\n"
+            f"try:\n    open({str(shared / 'new')!r}, 'w')\nexcept OSError as e:\n    print(type(e).__name__)"
+        )
+    assert r.stdout.split() in (["granted", "PermissionError"], ["granted", "OSError"]), r
+    assert not (shared / "new").exists()
+
+
+# ------------------------------------------------------- 6. inherited Python state
+FIND = textwrap.dedent(
+    """
+    import gc, sys
+    needles = [n[::-1] for n in {REVERSED}]  # the cell's own source must not hold them
+    found = set()
+    seen = {id(needles), *map(id, needles)}
+    todo = list(gc.get_objects()) + list(sys.modules.values())
+    f = sys._getframe()
+    while f is not None:
+        todo.append(f)
+        todo.append(f.f_locals)
+        f = f.f_back
+    while todo:
+        o = todo.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, str):
+            found.update(n for n in needles if n in o)
+            continue
+        if isinstance(o, (bytes, bytearray)):
+            found.update(n for n in needles if n.encode() in o)
+            continue
+        todo.extend(r for r in gc.get_referents(o) if id(r) not in seen)
+    print("checked", len(seen), "FOUND", sorted(found))
+    """
+)
+
+
+def test_no_inherited_state_about_other_sandboxes(env: Env) -> None:
+    """Guard off: walking every reachable object and frame finds nothing of a sibling."""
+    secret_name = "tenant-a-policy-7c1f"
+    with Sandbox(policy_for("guard_none", name=secret_name)) as a:
+        scratch_a = a._child.scratch if a._child else ""
+        assert a.execute("x = 1").ok
+        with Sandbox(policy_for("guard_none")) as b:
+            needles = [secret_name, os.path.basename(scratch_a)]
+            r = b.execute(FIND.replace("{REVERSED}", repr([n[::-1] for n in needles])))
+    assert "FOUND []" in r.stdout, r
+    assert int(r.stdout.split()[1]) > 10_000, r  # the walk really covered the heap
+    assert_contained(env, r)
