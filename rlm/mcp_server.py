@@ -463,6 +463,9 @@ class MCPApp:
                     f"unknown tool {params.name!r}; this server offers {', '.join(sorted(self._names))}"
                 )
             args = params.arguments or {}
+            if _BAD_TEXT in args:
+                names = ", ".join(map(repr, args[_BAD_TEXT]))
+                raise ToolError(f"argument(s) {names}: not valid Unicode text (it holds a lone surrogate)")
             handler = getattr(self, "_tool_" + params.name)
             payload: dict[str, Any] = await handler(owner, args, record)
         except ToolError as exc:
@@ -682,10 +685,56 @@ def _version() -> str:
 
 
 # --------------------------------------------------------------- transports
+#: Stands in for tool arguments whose text is not valid Unicode (see _CheckedLines).
+_BAD_TEXT = "__rlm_not_unicode__"
+
+
+def _unicode_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _flag_bad_text(line: str) -> str:
+    """A tools/call line whose arguments hold lone surrogates, rewritten so the tool refuses it by name.
+
+    The SDK's JSON parser rejects such a line without answering, which leaves the
+    client waiting; rewritten, the client gets a tool error naming the argument.
+    """
+    try:
+        msg = json.loads(line)
+        args = msg["params"]["arguments"]
+        bad = sorted(k for k, v in args.items() if isinstance(v, str) and not _unicode_ok(v))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return line
+    if not bad or msg.get("method") != "tools/call":
+        return line
+    msg["params"]["arguments"] = {_BAD_TEXT: [k if _unicode_ok(k) else "?" for k in bad]}
+    return json.dumps(msg) + "\n"
+
+
+class _CheckedLines:
+    """The server's stdin as the SDK reads it (line by line), with bad text flagged by _flag_bad_text."""
+
+    def __init__(self) -> None:
+        import io
+
+        self._source = anyio.wrap_file(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace"))
+
+    def __aiter__(self) -> Any:
+        return self._lines()
+
+    async def _lines(self) -> Any:
+        async for line in self._source:
+            yield _flag_bad_text(line) if "\\ud" in line.lower() else line
+
+
 async def _serve_stdio(app: MCPApp) -> None:
     from mcp.server.stdio import stdio_server
 
-    async with stdio_server() as (read, write):
+    async with stdio_server(stdin=_CheckedLines()) as (read, write):  # type: ignore[arg-type]
         await app.server.run(read, write, app.server.create_initialization_options())
 
 
