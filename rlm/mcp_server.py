@@ -195,7 +195,6 @@ class _Sessions:
         self.config = config
         self._open: dict[str, _Session] = {}
         self._opening = 0
-        self._closed_owners: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -211,8 +210,6 @@ class _Sessions:
         return [s for s in self._open.values() if s.owner == owner]
 
     async def open(self, owner: str, make: Callable[[], Sandbox]) -> _Session:
-        if owner in self._closed_owners:
-            raise ToolError("this client's connection has ended")
         if len(self._open) + self._opening >= self.config.max_sessions:
             raise ToolError(
                 f"too many open sessions: the server allows {self.config.max_sessions} "
@@ -234,7 +231,6 @@ class _Sessions:
         await _in_thread(s.sandbox.close)
 
     async def close_owner(self, owner: str) -> None:
-        self._closed_owners.add(owner)
         for s in self.of(owner):
             await self.close(s)
 
@@ -616,18 +612,19 @@ class MCPApp:
 
         cfg = self.config
         try:
-            result = await _in_thread(
-                lambda: run(
-                    query,
-                    context or "",
-                    model=cfg.model or "",
-                    sub_model=cfg.sub_model,
-                    api_base=cfg.api_base,
-                    policy=cfg.policy,
-                    log_dir=cfg.log_dir,
-                    max_iterations=n or ceiling,
+            async with self._fresh_slots:  # each run has its own sandbox: it counts like a fresh python_exec
+                result = await _in_thread(
+                    lambda: run(
+                        query,
+                        context or "",
+                        model=cfg.model or "",
+                        sub_model=cfg.sub_model,
+                        api_base=cfg.api_base,
+                        policy=cfg.policy,
+                        log_dir=cfg.log_dir,
+                        max_iterations=n or ceiling,
+                    )
                 )
-            )
         except RLMError as exc:
             raise ToolError(f"rlm_query failed: {exc}") from None
         record["outcome"] = f"stop:{result.stop_reason}"

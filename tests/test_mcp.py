@@ -272,6 +272,7 @@ def test_text_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
         assert proc.wait(30) == 0  # stdin closed: a clean exit
 
 
+@pytest.mark.slow
 def test_attacks_through_python_exec_stay_in_their_session(tmp_path: Path) -> None:
     """Categories of the security corpus, with the Python guard off: only the kernel layers hold."""
     from tests.security.attacks import ATTACKS
@@ -431,6 +432,7 @@ def _root(request: ChatRequest) -> str:
     return "```repl\nword = context.split()[-1]\n```" if turns == 0 else "FINAL_VAR(word)"
 
 
+@pytest.mark.slow
 def test_rlm_query_reads_only_inside_allow_read(tmp_path: Path) -> None:
     allowed = tmp_path / "allowed"
     allowed.mkdir()
