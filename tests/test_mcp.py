@@ -406,12 +406,15 @@ def test_http_needs_the_token_and_keeps_sessions_apart(tmp_path: Path) -> None:
                 assert (await call(b, "session_list"))["sessions"] == []
                 assert (await call(a, "python_exec", code="mine", session_id=sid))["stdout"] == "'A'\n"
                 before = {p.pid for p in tree(server)["children"]}
+                await call(a, "session_open")  # idle: only closing the session can end its child
+                idle = [p for p in tree(server)["children"] if p.pid not in before]
+                assert idle
                 async with anyio.create_task_group() as tg:  # A leaves in the middle of a call
                     tg.start_soon(a.call_tool, "python_exec", {"code": "import time\ntime.sleep(100)", "session_id": sid})
                     await anyio.sleep(0.5)
                     tg.cancel_scope.cancel()
-            # A's connection ended: its session and that session's child are gone
-            assert all_gone([p for p in tree(server)["children"] if p.pid in before])
+            # A's connection ended: both its sessions closed, their children are gone
+            assert all_gone([p for p in tree(server)["children"] if p.pid in before] + idle)
             async with srv.client() as c:
                 assert (await call(c, "python_exec", code="6 * 7"))["stdout"] == "42\n"
 
