@@ -33,6 +33,7 @@ and its child is killed.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import hashlib
 import hmac
@@ -713,18 +714,40 @@ def _flag_bad_text(line: str) -> str:
 
 
 class _CheckedLines:
-    """The server's stdin as the SDK reads it (line by line), with bad text flagged by _flag_bad_text."""
+    """The server's stdin as the SDK reads it (line by line), with bad text flagged by _flag_bad_text.
+
+    A daemon thread reads the lines: a blocked read must not keep a cancelled
+    server (SIGTERM) from stopping, as a worker thread the loop waits for would.
+    """
 
     def __init__(self) -> None:
-        import io
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
 
-        self._source = anyio.wrap_file(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace"))
+        fd = os.dup(0)  # raw reads: no buffered object's lock held by this thread at interpreter exit
+
+        def read() -> None:
+            decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+            pending = ""
+            try:
+                while chunk := os.read(fd, 1 << 16):
+                    *lines, pending = (pending + decode(chunk)).split("\n")
+                    for line in lines:
+                        loop.call_soon_threadsafe(self._queue.put_nowait, line + "\n")
+            except (OSError, RuntimeError):  # stdin broke, or the loop is already closed
+                pass
+            finally:
+                os.close(fd)
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._queue.put_nowait, None)
+
+        threading.Thread(target=read, name="rlm-mcp-stdin", daemon=True).start()
 
     def __aiter__(self) -> Any:
         return self._lines()
 
     async def _lines(self) -> Any:
-        async for line in self._source:
+        while (line := await self._queue.get()) is not None:
             yield _flag_bad_text(line) if "\\ud" in line.lower() else line
 
 

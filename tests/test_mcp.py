@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -122,7 +123,12 @@ def test_stdio_tools_sessions_isolation_limits_and_audit(tmp_path: Path) -> None
     async def go() -> None:
         async with stdio_session("--policy", str(policy), "--audit-log", str(audit)) as s:
             tools = {t.name: t for t in (await s.list_tools()).tools}
-            assert set(tools) == {"python_exec", "session_open", "session_close", "session_list"}  # no --model
+            assert set(tools) == {
+                "python_exec",
+                "session_open",
+                "session_close",
+                "session_list",
+            }  # no --model
             assert tools["python_exec"].output_schema["required"] == list(EXEC_FIELDS)
             assert tools["python_exec"].input_schema["additionalProperties"] is False
 
@@ -144,7 +150,9 @@ def test_stdio_tools_sessions_isolation_limits_and_audit(tmp_path: Path) -> None
             spans: list[tuple[float, float]] = []
 
             async def timed() -> None:
-                r = await exec_(s, "import time\nt0 = time.time(); time.sleep(0.3); print(t0, time.time())", b)
+                r = await exec_(
+                    s, "import time\nt0 = time.time(); time.sleep(0.3); print(t0, time.time())", b
+                )
                 spans.append(tuple(map(float, r["stdout"].split())))  # type: ignore[arg-type]
 
             async with anyio.create_task_group() as tg:
@@ -183,7 +191,9 @@ def test_stdio_tools_sessions_isolation_limits_and_audit(tmp_path: Path) -> None
     assert [(x["tool"], x["session_id"]) for x in calls] == made
     assert calls[-1]["outcome"].startswith("tool_error: no such session")
     executes = [x for x in lines if "code" in x]  # the sandbox's own line for every execute
-    assert len(executes) == sum(1 for x in calls if x["tool"] == "python_exec" and x["outcome"] != calls[-1]["outcome"])
+    assert len(executes) == sum(
+        1 for x in calls if x["tool"] == "python_exec" and x["outcome"] != calls[-1]["outcome"]
+    )
     assert verify(audit).ok
 
 
@@ -199,7 +209,11 @@ def test_bad_input_is_a_tool_error_and_the_server_keeps_serving(tmp_path: Path) 
                 ("python_exec", {"code": 5}, "'code' must be a string, got integer"),
                 ("python_exec", {"code": "1", "session_id": 7}, "'session_id' must be a string"),
                 ("python_exec", {"code": "1", "policy": "none"}, "unknown argument(s) 'policy'"),
-                ("python_exec", {"code": "1", "limits": {"cpu_seconds": 999}}, "unknown argument(s) 'limits'"),
+                (
+                    "python_exec",
+                    {"code": "1", "limits": {"cpu_seconds": 999}},
+                    "unknown argument(s) 'limits'",
+                ),
                 ("python_exec", {"code": big}, "over the policy's message cap of 1 MiB"),
                 ("python_exec", {"code": "1", "session_id": "no-such-id"}, "no such session"),
                 ("session_close", {}, "missing required argument 'session_id'"),
@@ -224,7 +238,7 @@ def test_bad_input_is_a_tool_error_and_the_server_keeps_serving(tmp_path: Path) 
     anyio.run(go)
 
 
-def test_text_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+def test_text_that_is_not_utf8_is_refused_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
     """A lone surrogate (valid JSON, not valid Unicode) and raw bytes that are not UTF-8 on the wire.
 
     The SDK's client cannot even encode such text, so this one speaks JSON-RPC to the server itself.
@@ -256,7 +270,11 @@ def test_text_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
         )
 
     try:
-        init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
+        init = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        }
         send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}).encode())
         assert "result" in answer(1)
         send(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
@@ -264,12 +282,16 @@ def test_text_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
         result = answer(2)["result"]
         assert result["isError"] and "not valid Unicode" in result["content"][0]["text"]
         send(b"\xff\xfe\x80 not json, not utf-8")
-        send(tool_call(3, b'"print(\'\xc3\xa9t\xc3\xa9\')"'))
+        send(tool_call(3, b"\"print('\xc3\xa9t\xc3\xa9')\""))
         result = answer(3)["result"]
         assert not result["isError"] and result["structuredContent"]["stdout"] == "\u00e9t\u00e9\n"
+        proc.send_signal(signal.SIGTERM)  # stdin still open: the signal alone stops it, cleanly
+        assert proc.wait(60) == 0
     finally:
         proc.stdin.close()
-        assert proc.wait(30) == 0  # stdin closed: a clean exit
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.slow
@@ -344,7 +366,9 @@ def test_disconnect_ends_the_call_and_exit_leaves_no_process(tmp_path: Path) -> 
 
             # now the client goes away in the middle of a call on the session
             async with anyio.create_task_group() as tg:
-                tg.start_soon(s.call_tool, "python_exec", {"code": "import time\ntime.sleep(100)", "session_id": sid})
+                tg.start_soon(
+                    s.call_tool, "python_exec", {"code": "import time\ntime.sleep(100)", "session_id": sid}
+                )
                 await anyio.sleep(0.5)
                 seen.update(tree(server), server=[server])
                 tg.cancel_scope.cancel()
@@ -401,7 +425,9 @@ def test_http_needs_the_token_and_keeps_sessions_apart(tmp_path: Path) -> None:
                 sid = (await call(a, "session_open"))["session_id"]
                 await call(a, "python_exec", code="mine = 'A'", session_id=sid)
                 # B presents A's id: for B it does not exist
-                assert "no such session" in await refused(b, "python_exec", {"code": "mine", "session_id": sid})
+                assert "no such session" in await refused(
+                    b, "python_exec", {"code": "mine", "session_id": sid}
+                )
                 assert "no such session" in await refused(b, "session_close", {"session_id": sid})
                 assert (await call(b, "session_list"))["sessions"] == []
                 assert (await call(a, "python_exec", code="mine", session_id=sid))["stdout"] == "'A'\n"
@@ -410,7 +436,11 @@ def test_http_needs_the_token_and_keeps_sessions_apart(tmp_path: Path) -> None:
                 idle = [p for p in tree(server)["children"] if p.pid not in before]
                 assert idle
                 async with anyio.create_task_group() as tg:  # A leaves in the middle of a call
-                    tg.start_soon(a.call_tool, "python_exec", {"code": "import time\ntime.sleep(100)", "session_id": sid})
+                    tg.start_soon(
+                        a.call_tool,
+                        "python_exec",
+                        {"code": "import time\ntime.sleep(100)", "session_id": sid},
+                    )
                     await anyio.sleep(0.5)
                     tg.cancel_scope.cancel()
             # A's connection ended: both its sessions closed, their children are gone
@@ -448,10 +478,14 @@ def test_rlm_query_reads_only_inside_allow_read(tmp_path: Path) -> None:
 
     async def go(url: str) -> None:
         base = ("--model", "openai/root", "--api-base", url, "--audit-log", str(tmp_path / "a.jsonl"))
-        async with stdio_session(*base, "--allow-read", str(allowed), "--log-dir", str(tmp_path / "logs"), env=env) as s:
+        async with stdio_session(
+            *base, "--allow-read", str(allowed), "--log-dir", str(tmp_path / "logs"), env=env
+        ) as s:
             tools = {t.name: t for t in (await s.list_tools()).tools}
             assert tools["rlm_query"].output_schema["required"] == list(RLM_FIELDS)
-            r = await call(s, "rlm_query", query="What is the code word?", context_path=str(allowed / "doc.txt"))
+            r = await call(
+                s, "rlm_query", query="What is the code word?", context_path=str(allowed / "doc.txt")
+            )
             assert list(r) == list(RLM_FIELDS)
             assert r["answer"] == "PELICAN" and r["stop_reason"] == "final" and r["iterations"] == 2
             assert r["log_path"] and Path(r["log_path"]).exists()
@@ -460,7 +494,9 @@ def test_rlm_query_reads_only_inside_allow_read(tmp_path: Path) -> None:
             for path in (outside, allowed / "link.txt", allowed / "sub" / ".." / ".." / "secret.txt"):
                 message = await refused(s, "rlm_query", {"query": "q", "context_path": str(path)})
                 assert "outside the directories this server may read" in message, path
-            assert "no such file" in await refused(s, "rlm_query", {"query": "q", "context_path": str(allowed / "nope")})
+            assert "no such file" in await refused(
+                s, "rlm_query", {"query": "q", "context_path": str(allowed / "nope")}
+            )
             assert "between 1 and 20" in await refused(s, "rlm_query", {"query": "q", "max_iterations": 50})
             assert "not both" in await refused(
                 s, "rlm_query", {"query": "q", "context": "x", "context_path": str(allowed / "doc.txt")}
