@@ -115,16 +115,24 @@ class ToolError(Exception):
 
 
 # ------------------------------------------------------------------ threads
-async def _in_thread(fn: Callable[[], T], on_cancel: Callable[[], None] | None = None) -> T:
+async def _in_thread(
+    fn: Callable[[], T],
+    on_cancel: Callable[[], None] | None = None,
+    discard: Callable[[T], None] | None = None,
+) -> T:
     """Run blocking *fn* in a daemon thread; if this call is cancelled, run *on_cancel* (kill its child).
 
-    Daemon threads: a call the server gave up on never holds the process open at exit.
+    A value that arrives after the cancellation is handed to *discard* (in a
+    thread of its own: it may block). Daemon threads: a call the server gave
+    up on never holds the process open at exit.
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
     def settle(value: Any, error: BaseException | None) -> None:
         if future.done():
+            if error is None and discard is not None:
+                threading.Thread(target=discard, args=(value,), daemon=True).start()
             return
         if error is not None:
             future.set_exception(error)
@@ -217,8 +225,16 @@ class _Sessions:
                 "(close one with session_close, or let idle ones expire)"
             )
         self._opening += 1
+        abandoned = threading.Event()
+
+        def make_unless_abandoned() -> Sandbox:
+            sb = make()
+            if abandoned.is_set():  # the client gave up while the child started: nobody will close it
+                sb.close()
+            return sb
+
         try:
-            sb = await _in_thread(make)
+            sb = await _in_thread(make_unless_abandoned, abandoned.set, Sandbox.close)
         finally:
             self._opening -= 1
         s = _Session(secrets.token_urlsafe(24), owner, sb)  # 192 random bits
@@ -548,6 +564,7 @@ class MCPApp:
 
     async def _run_fresh(self, code: str, record: dict[str, Any]) -> Any:
         box: list[Sandbox] = []
+        abandoned = threading.Event()
 
         def work() -> Any:
             sb = self._sandbox()
@@ -555,12 +572,15 @@ class MCPApp:
             self._fresh.add(sb)
             try:
                 record["sandbox_id"] = sb.id
+                if abandoned.is_set():  # cancelled while the child started: run nothing
+                    return None
                 return sb.execute(code)
             finally:
                 self._fresh.discard(sb)
                 sb.close()
 
         def kill() -> None:
+            abandoned.set()
             for sb in box:
                 _kill_child(sb)
 

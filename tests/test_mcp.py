@@ -111,8 +111,8 @@ def all_gone(procs: list[psutil.Process], timeout: float = 30.0) -> bool:
 # -------------------------------------------------------------------- stdio
 def test_stdio_tools_sessions_isolation_limits_and_audit(tmp_path: Path) -> None:
     policy = write_policy(
-        tmp_path / "p.toml", cpu_seconds=1, wall_seconds=5, memory_mb=200, max_output_bytes=2000
-    )
+        tmp_path / "p.toml", cpu_seconds=1, wall_seconds=60, memory_mb=200, max_output_bytes=2000
+    )  # the wall limit is checked in the next test: a loaded machine needs many wall seconds per CPU second
     audit = tmp_path / "audit.jsonl"
     made: list[tuple[str, str | None]] = []
 
@@ -163,7 +163,6 @@ def test_stdio_tools_sessions_isolation_limits_and_audit(tmp_path: Path) -> None
 
             for code, limit in [
                 ("while True: pass", "cpu"),
-                ("import time\ntime.sleep(60)", "wall"),
                 ("chunks = []\nwhile True:\n    chunks.append(bytearray(10 * 2**20))", "memory"),
                 ("print('x' * 100000)", "output"),
             ]:
@@ -198,7 +197,7 @@ def test_stdio_tools_sessions_isolation_limits_and_audit(tmp_path: Path) -> None
 
 
 def test_bad_input_is_a_tool_error_and_the_server_keeps_serving(tmp_path: Path) -> None:
-    policy = write_policy(tmp_path / "p.toml", max_message_mb=1)
+    policy = write_policy(tmp_path / "p.toml", max_message_mb=1, wall_seconds=2)
 
     async def go() -> None:
         args = ("--policy", str(policy), "--audit-log", str(tmp_path / "a.jsonl"), "--max-sessions", "2")
@@ -223,6 +222,8 @@ def test_bad_input_is_a_tool_error_and_the_server_keeps_serving(tmp_path: Path) 
             for tool, arguments, message in cases:
                 assert message in await refused(s, tool, arguments), (tool, arguments)
             assert (await call(s, "python_exec", code="print('still here')"))["stdout"] == "still here\n"
+            r = await call(s, "python_exec", code="import time\ntime.sleep(60)")
+            assert not r["ok"] and r["limit"] == "wall" and r["error_type"] == "WallLimitExceeded"
 
             first = (await call(s, "session_open"))["session_id"]
             await call(s, "session_open")
