@@ -333,9 +333,12 @@ def test_attacks_through_python_exec_stay_in_their_session(tmp_path: Path) -> No
                 assert not [m for m in env.markers if m.exists()], attack.id
                 assert listener.events == [], (attack.id, listener.events)
                 assert server.is_running(), attack.id
+            r = await call(s, "python_exec", code="import ctypes\nctypes.string_at(0)", session_id=attacker)
+            assert not r["ok"] and r["error_type"] == "ChildCrashed", r  # a crash is a result
             r = await call(s, "python_exec", code="token", session_id=victim)
             assert r["stdout"] == f"{victim_token!r}\n"  # the other session is untouched
-            assert (await call(s, "python_exec", code="6 * 7", session_id=attacker))["stdout"] == "42\n"
+            r = await call(s, "python_exec", code="6 * 7", session_id=attacker)
+            assert r["stdout"] == "42\n" and r["state_lost"]
 
     try:
         anyio.run(go)
