@@ -87,10 +87,17 @@ def mcp_servers() -> list[psutil.Process]:
     ]
 
 
+def _children(p: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [c for c in p.children() if "sandbox.forkserver" in " ".join(c.cmdline())]
+    except psutil.NoSuchProcess:  # it ended while we looked
+        return []
+
+
 def tree(server: psutil.Process) -> dict[str, list[psutil.Process]]:
-    """The server's fork servers and their sandbox children."""
-    forks = [p for p in server.children(recursive=True) if "sandbox.forkserver" in " ".join(p.cmdline())]
-    return {"forks": forks, "children": [c for f in forks for c in f.children()]}
+    """The server's fork servers and their sandbox children (forks of a fork server: the same cmdline)."""
+    forks = _children(server)
+    return {"forks": forks, "children": [c for f in forks for c in _children(f)]}
 
 
 def wait_for(what: Callable[[], Any], timeout: float = 60.0) -> Any:
