@@ -6,6 +6,7 @@ Starts ``python -m rlm mcp`` the way an MCP client does (a subprocess on
 stdio) and measures, after a warm-up, medians and p95 of:
 
 - ``ping``: the SDK's own request round trip, the floor for any tool call;
+- ``session_list``: a tool call that touches no sandbox (the SDK's tool-call path and ours);
 - ``python_exec("x = 1 + 1")`` in an open session (the REPL kept warm);
 - ``python_exec("x = 1 + 1")`` without a session (a fresh sandbox per call);
 - ``session_open`` + ``session_close`` one after the other, as sessions per second,
@@ -80,6 +81,12 @@ async def measure(calls: int, sessions: int, policy: str) -> list[dict[str, Any]
         ping = await sample(s.send_ping, calls)
         rows.append(summary("ping (SDK floor)", ping))
         sid = (await s.call_tool("session_open", {})).structured_content["session_id"]
+        rows.append(
+            summary(
+                "session_list (a tool call, no sandbox)",
+                await sample(lambda: s.call_tool("session_list", {}), calls),
+            )
+        )
         rows.append(summary("python_exec in a session", await sample(lambda: exec_(sid), calls)))
         rows.append(summary("python_exec, fresh sandbox", await sample(exec_, max(20, calls // 4))))
         await s.call_tool("session_close", {"session_id": sid})
