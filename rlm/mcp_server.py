@@ -61,7 +61,7 @@ from sandbox import Policy, Sandbox
 from sandbox.audit import AuditLog, default_audit_path
 from sandbox.errors import SandboxError
 
-__all__ = ["ServerConfig", "ToolError", "serve"]
+__all__ = ["MCPApp", "ServerConfig", "ToolError", "run_server", "serve"]
 
 T = TypeVar("T")
 
