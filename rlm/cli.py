@@ -292,6 +292,104 @@ def _cmd_view(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -------------------------------------------------------------------- mcp
+def _add_mcp_parser(sub: Any) -> None:
+    import os
+
+    p = sub.add_parser(
+        "mcp",
+        help="serve the sandbox (and an RLM) to agents and IDEs over the Model Context Protocol",
+        description=(
+            "Serve python_exec, sessions and (with --model) rlm_query over MCP. The policy is the server's: "
+            "no tool argument loosens it. Needs the optional extra: pip install 'rlm[mcp]'."
+        ),
+    )
+    p.add_argument("--policy", default="default", help="sandbox policy name or .toml path (default: default)")
+    p.add_argument("--transport", choices=("stdio", "http"), default="stdio", help="default: stdio")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="HTTP port, 0 for any free one (default: 8765)")
+    p.add_argument(
+        "--max-sessions", type=int, default=8, metavar="N", help="open sessions at most (default: 8)"
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="close a session unused this long (default: 600)",
+    )
+    p.add_argument(
+        "--allow-read",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory rlm_query's context_path may read from (repeatable; default: none)",
+    )
+    p.add_argument(
+        "--audit-log", help="audit log path (default: the policy's, else ~/.local/state/rlm/audit.jsonl)"
+    )
+    p.add_argument(
+        "-m", "--model", default=os.environ.get("RLM_MODEL"), help="offer rlm_query with this root model"
+    )
+    p.add_argument("--sub-model", help="rlm_query's sub-model (default: the root model)")
+    p.add_argument("--api-base", help="base URL of an OpenAI-compatible endpoint, for rlm_query's models")
+    p.add_argument("--log-dir", help="write rlm_query trajectories here (default: none)")
+    p.add_argument("--max-iterations", type=int, default=20, metavar="N", help="rlm_query's turns at most")
+    p.set_defaults(func=_cmd_mcp)
+
+
+def _cmd_mcp(args: argparse.Namespace) -> int:
+    try:
+        from rlm.mcp_server import ServerConfig, run_server
+    except ImportError as exc:
+        return _fail(f"rlm mcp needs the optional extra: pip install 'rlm[mcp]' ({exc})")
+    from sandbox import load_policy
+    from sandbox.errors import PolicyError
+
+    for flag, value in (
+        ("--max-sessions", args.max_sessions),
+        ("--idle-timeout", args.idle_timeout),
+        ("--max-iterations", args.max_iterations),
+    ):
+        if not value > 0:
+            return _fail(f"{flag} must be positive")
+    if not 0 <= args.port <= 65535:
+        return _fail("--port must be between 0 and 65535")
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        return _fail(str(exc))
+    allow: list[Path] = []
+    for d in args.allow_read:
+        real = Path(d).resolve()
+        if not real.is_dir():
+            return _fail(f"--allow-read {d}: not a directory")
+        allow.append(real)
+    config = ServerConfig(
+        policy=policy,
+        max_sessions=args.max_sessions,
+        idle_timeout=args.idle_timeout,
+        allow_read=tuple(allow),
+        audit_log=Path(args.audit_log).expanduser() if args.audit_log else None,
+        model=args.model or None,
+        sub_model=args.sub_model,
+        api_base=args.api_base,
+        log_dir=Path(args.log_dir) if args.log_dir else None,
+        max_iterations=args.max_iterations,
+    )
+    from sandbox.errors import SandboxError
+
+    try:
+        run_server(config, args.transport, args.host, args.port)
+    except (
+        SandboxError
+    ) as exc:  # a layer the policy requires is missing, the audit log cannot be written, ...
+        return _fail(str(exc))
+    except OSError as exc:  # the port is taken, the address is not ours, ...
+        return _fail(f"cannot serve: {exc.strerror or exc}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlm", description="Recursive Language Models on a hardened sandbox.")
@@ -331,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_run_parser(sub)
     _add_view_parser(sub)
+    _add_mcp_parser(sub)
     return parser
 
 

@@ -34,6 +34,14 @@ def test_only_one_module_imports_litellm():
     assert len(importers) <= 1, importers
 
 
+def test_only_the_mcp_server_module_imports_mcp():
+    importers = {p.name for p in (ROOT / "rlm").rglob("*.py") if _imports(p) & {"mcp", "mcp_types"}}
+    assert importers <= {"mcp_server.py"}, importers
+    probe = "import sys, rlm, rlm.cli; rlm.cli.build_parser(); print(sorted(m for m in sys.modules if m.startswith('mcp')))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
 def _child_modules(policy) -> list[str]:
     with Sandbox(policy, audit_log=None) as box:
         r = box.execute("import sys\nmods = sorted({m.split('.')[0] for m in sys.modules})")

@@ -1,0 +1,909 @@
+"""``rlm mcp``: the sandbox, and optionally an RLM, as a Model Context Protocol server.
+
+Built on the official ``mcp`` SDK (the optional extra ``rlm[mcp]``); this is the
+only module that imports it. The server speaks MCP over stdio (a client starts
+it) or over streamable HTTP (bound to 127.0.0.1 unless told otherwise, behind a
+bearer token checked before anything else runs).
+
+Tools (their names and result fields are the contract; results are structured content):
+
+- ``python_exec(code, session_id=None)``: runs code in a fresh sandbox, closed
+  afterwards, or in an open session's REPL. A failure of the code (an
+  exception, a limit, a crash) is a result with ``ok = false``, not a tool error.
+- ``session_open()``, ``session_close(session_id)``, ``session_list()``.
+- ``rlm_query(query, context=None, context_path=None, max_iterations=None)``,
+  listed only when the server was given ``--model``.
+
+The policy is the server's: tool arguments cannot name a policy or a limit, and
+an argument the schema does not list is refused. Bad input (a missing or
+mistyped argument, code over the policy's message cap, text that is not valid
+Unicode, an unknown session) is a tool error with a message, and the server
+keeps serving. Sessions belong to the client connection that opened them: over
+HTTP that is the MCP transport session, and another client presenting the id
+gets "no such session"; they close with ``session_close``, after
+``--idle-timeout`` seconds unused, when their connection ends, and when the
+server stops. Every tool call appends a line to the hash-chained audit log, next
+to the sandbox's own lines for each execute.
+
+Sandbox calls block, so they run in worker threads; calls on one session are
+serialised by that session's lock. A call whose client goes away is cancelled
+and its child is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import mcp_types as types
+from mcp.server.lowlevel import Server
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+
+from sandbox import Policy, Sandbox
+from sandbox.audit import AuditLog, default_audit_path
+from sandbox.errors import SandboxError
+
+__all__ = ["MCPApp", "ServerConfig", "ToolError", "run_server", "serve"]
+
+T = TypeVar("T")
+
+#: The python_exec result fields, in order (the tool's contract).
+EXEC_FIELDS = (
+    "ok",
+    "stdout",
+    "stderr",
+    "error_type",
+    "error_message",
+    "traceback",
+    "limit",
+    "state_lost",
+    "output_truncated",
+    "duration_s",
+    "cpu_s",
+    "session_id",
+)
+#: The rlm_query result fields, in order.
+RLM_FIELDS = ("answer", "stop_reason", "iterations", "sub_calls", "cost_usd", "log_path")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What ``rlm mcp`` was started with; nothing a client sends changes it."""
+
+    policy: Policy
+    max_sessions: int = 8  # open sessions, over all clients
+    idle_timeout: float = 600.0  # seconds a session may stay unused before it is closed
+    allow_read: tuple[Path, ...] = ()  # resolved directories rlm_query's context_path may read from
+    audit_log: Path | None = None  # None: the policy's audit.path, else the default path
+    model: str | None = None  # rlm_query's root model; None: the tool is not offered
+    sub_model: str | None = None
+    api_base: str | None = None
+    log_dir: Path | None = None  # where rlm_query writes its trajectories (None: none written)
+    max_iterations: int = 20  # rlm_query's ceiling on root turns
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.policy.limits.max_message_mb * 1024 * 1024
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit_log or (
+            Path(self.policy.audit.path) if self.policy.audit.path else default_audit_path()
+        )
+
+
+class ToolError(Exception):
+    """Bad input for a tool: reported to the client as a tool error, the server keeps serving."""
+
+
+# ------------------------------------------------------------------ threads
+async def _in_thread(
+    fn: Callable[[], T],
+    on_cancel: Callable[[], None] | None = None,
+    discard: Callable[[T], None] | None = None,
+) -> T:
+    """Run blocking *fn* in a daemon thread; if this call is cancelled, run *on_cancel* (kill its child).
+
+    A value that arrives after the cancellation is handed to *discard* (in a
+    thread of its own: it may block). Daemon threads: a call the server gave
+    up on never holds the process open at exit.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if future.done():
+            if error is None and discard is not None:
+                threading.Thread(target=discard, args=(value,), daemon=True).start()
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def work() -> None:
+        try:
+            value, error = fn(), None
+        except BaseException as exc:
+            value, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=work, name="rlm-mcp-call", daemon=True).start()
+    try:
+        return await future
+    except asyncio.CancelledError:
+        if on_cancel is not None:
+            on_cancel()
+        raise
+
+
+def _kill_child(sb: Sandbox) -> None:
+    """Kill the child *sb* is running code in, without waiting for its lock (held by execute).
+
+    The execute in progress sees its child die and returns; the sandbox stays
+    usable (its next call starts a fresh child, with ``state_lost``).
+    """
+    child = getattr(sb, "_child", None)
+    if child is not None and hasattr(child, "kill"):
+        child.kill()  # pidfd-based: cannot hit a recycled pid
+        return
+    pid = sb.pid
+    if pid is not None:
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------- sessions
+@dataclass
+class _Session:
+    id: str
+    owner: str
+    sandbox: Sandbox
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    executions: int = 0
+    busy: int = 0
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "session_id": self.id,
+            "created": _iso(self.created),
+            "last_used": _iso(self.last_used),
+            "executions": self.executions,
+        }
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+class _Sessions:
+    """The open sessions of every client; touched only from the event loop."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._open: dict[str, _Session] = {}
+        self._opening = 0
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def get(self, session_id: str, owner: str) -> _Session:
+        s = self._open.get(session_id)
+        # Someone else's session answers exactly like one that does not exist.
+        if s is None or not hmac.compare_digest(s.owner, owner):
+            raise ToolError(f"no such session: {session_id!r} (closed, expired or never opened here)")
+        return s
+
+    def of(self, owner: str) -> list[_Session]:
+        return [s for s in self._open.values() if s.owner == owner]
+
+    async def open(self, owner: str, make: Callable[[], Sandbox]) -> _Session:
+        if len(self._open) + self._opening >= self.config.max_sessions:
+            raise ToolError(
+                f"too many open sessions: the server allows {self.config.max_sessions} "
+                "(close one with session_close, or let idle ones expire)"
+            )
+        self._opening += 1
+        abandoned = threading.Event()
+
+        def make_unless_abandoned() -> Sandbox:
+            sb = make()
+            if abandoned.is_set():  # the client gave up while the child started: nobody will close it
+                sb.close()
+            return sb
+
+        try:
+            sb = await _in_thread(make_unless_abandoned, abandoned.set, Sandbox.close)
+        finally:
+            self._opening -= 1
+        s = _Session(secrets.token_urlsafe(24), owner, sb)  # 192 random bits
+        self._open[s.id] = s
+        return s
+
+    async def close(self, s: _Session) -> None:
+        if self._open.pop(s.id, None) is None:
+            return
+        _kill_child(s.sandbox)  # a call still running on it ends now
+        await _in_thread(s.sandbox.close)
+
+    async def close_owner(self, owner: str) -> None:
+        for s in self.of(owner):
+            await self.close(s)
+
+    async def close_all(self) -> None:
+        for s in list(self._open.values()):
+            _kill_child(s.sandbox)
+        for s in list(self._open.values()):
+            await self.close(s)
+
+    async def reap_idle(self) -> None:
+        """Close sessions unused for longer than the idle timeout, forever."""
+        period = max(0.05, min(5.0, self.config.idle_timeout / 4))
+        while True:
+            await anyio.sleep(period)
+            limit = time.time() - self.config.idle_timeout
+            for s in [s for s in self._open.values() if s.busy == 0 and s.last_used < limit]:
+                await self.close(s)
+
+
+# ------------------------------------------------------------ argument checks
+def _text(value: Any, name: str, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ToolError(f"argument {name!r} must be a string, got {_type_name(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ToolError(f"argument {name!r} is not valid Unicode text (it holds a lone surrogate)") from None
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return (
+        "null"
+        if value is None
+        else {bool: "boolean", int: "integer", float: "number", list: "array", dict: "object"}.get(
+            type(value), type(value).__name__
+        )
+    )
+
+
+def _check_args(tool: str, args: dict[str, Any], required: Sequence[str], optional: Sequence[str]) -> None:
+    unknown = sorted(set(args) - set(required) - set(optional))
+    if unknown:
+        raise ToolError(
+            f"{tool}: unknown argument(s) {', '.join(map(repr, unknown))}; "
+            f"it takes {', '.join([*required, *optional]) or 'none'} (limits and layers are the server's policy)"
+        )
+    for name in required:
+        if name not in args:
+            raise ToolError(f"{tool}: missing required argument {name!r}")
+
+
+def _exec_payload(r: Any, session_id: str | None) -> dict[str, Any]:
+    data = {name: getattr(r, name) for name in EXEC_FIELDS if name != "session_id"}
+    data["session_id"] = session_id
+    return data
+
+
+# -------------------------------------------------------------- tool schemas
+def _schema(props: dict[str, Any], required: Sequence[str] = ()) -> dict[str, Any]:
+    return {"type": "object", "properties": props, "required": list(required), "additionalProperties": False}
+
+
+_STR = {"type": "string"}
+_OPT_STR = {"type": ["string", "null"]}
+_SESSION = {"type": "string", "description": "An id returned by session_open."}
+
+
+def _tools(config: ServerConfig) -> list[types.Tool]:
+    lim = config.policy.limits
+    tools = [
+        types.Tool(
+            name="python_exec",
+            description=(
+                "Run Python code in a locked-down sandbox (no network, no host files, bounded CPU, memory "
+                f"and output: {lim.cpu_seconds:g} s CPU, {lim.wall_seconds:g} s wall, {lim.memory_mb} MiB). "
+                "Without session_id it runs in a fresh sandbox; with one, in that session's REPL, where "
+                "variables persist. A trailing expression is displayed. An exception or a limit is "
+                "reported in the result (ok=false), with limit naming the limit."
+            ),
+            input_schema=_schema(
+                {
+                    "code": {"type": "string", "description": "The Python source to run."},
+                    "session_id": {**_OPT_STR, "description": "Run in this session (see session_open)."},
+                },
+                ["code"],
+            ),
+            output_schema=_schema(
+                {
+                    "ok": {"type": "boolean"},
+                    "stdout": _STR,
+                    "stderr": _STR,
+                    "error_type": _OPT_STR,
+                    "error_message": _OPT_STR,
+                    "traceback": _OPT_STR,
+                    "limit": _OPT_STR,
+                    "state_lost": {"type": "boolean"},
+                    "output_truncated": {"type": "boolean"},
+                    "duration_s": {"type": "number"},
+                    "cpu_s": {"type": "number"},
+                    "session_id": _OPT_STR,
+                },
+                EXEC_FIELDS,
+            ),
+        ),
+        types.Tool(
+            name="session_open",
+            description=(
+                "Open a persistent Python session (its own sandboxed REPL) and return its id. "
+                f"At most {config.max_sessions} sessions are open at once; one unused for "
+                f"{config.idle_timeout:g} s is closed."
+            ),
+            input_schema=_schema({}),
+            output_schema=_schema({"session_id": _STR}, ["session_id"]),
+        ),
+        types.Tool(
+            name="session_close",
+            description="Close a session: its process and variables are gone.",
+            input_schema=_schema({"session_id": _SESSION}, ["session_id"]),
+            output_schema=_schema(
+                {"session_id": _STR, "closed": {"type": "boolean"}}, ["session_id", "closed"]
+            ),
+        ),
+        types.Tool(
+            name="session_list",
+            description="List this client's open sessions.",
+            input_schema=_schema({}),
+            output_schema=_schema(
+                {
+                    "sessions": {
+                        "type": "array",
+                        "items": _schema(
+                            {
+                                "session_id": _STR,
+                                "created": _STR,
+                                "last_used": _STR,
+                                "executions": {"type": "integer"},
+                            },
+                            ["session_id", "created", "last_used", "executions"],
+                        ),
+                    }
+                },
+                ["sessions"],
+            ),
+        ),
+    ]
+    if config.model:
+        where = (
+            "a file under " + ", ".join(str(d) for d in config.allow_read)
+            if config.allow_read
+            else "nothing: the server allows no files"
+        )
+        tools.append(
+            types.Tool(
+                name="rlm_query",
+                description=(
+                    "Answer a question about a long context with a Recursive Language Model: the context "
+                    "stays in a sandboxed REPL and the model explores it with code and sub-model calls. "
+                    f"Give the context as text, or as context_path ({where})."
+                ),
+                input_schema=_schema(
+                    {
+                        "query": {"type": "string"},
+                        "context": _OPT_STR,
+                        "context_path": _OPT_STR,
+                        "max_iterations": {"type": ["integer", "null"], "minimum": 1},
+                    },
+                    ["query"],
+                ),
+                output_schema=_schema(
+                    {
+                        "answer": _OPT_STR,
+                        "stop_reason": _STR,
+                        "iterations": {"type": "integer"},
+                        "sub_calls": {"type": "integer"},
+                        "cost_usd": {"type": ["number", "null"]},
+                        "log_path": _OPT_STR,
+                    },
+                    RLM_FIELDS,
+                ),
+            )
+        )
+    return tools
+
+
+# ----------------------------------------------------------------- the app
+class MCPApp:
+    """The tools over a session table, an audit log and the server's policy."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.sessions = _Sessions(config)
+        self.audit = AuditLog(config.audit_path)
+        self._fresh_slots = anyio.Semaphore(config.max_sessions)
+        self._fresh: set[Sandbox] = set()
+        self.tools = _tools(config)
+        self._names = {t.name for t in self.tools}
+        self.server: Server[Any] = Server(
+            "rlm",
+            version=_version(),
+            instructions=(
+                "Runs Python in a hardened sandbox. Use python_exec; open a session with session_open "
+                "when variables must persist between calls."
+            ),
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+        )
+
+    def _sandbox(self) -> Sandbox:
+        return Sandbox(self.config.policy, audit_log=self.config.audit_path)
+
+    # ------------------------------------------------------------ handlers
+    async def _list_tools(self, ctx: Any, params: Any) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=self.tools)
+
+    async def _call_tool(self, ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        t0 = time.perf_counter()
+        record: dict[str, Any] = {"tool": params.name, "session_id": None}
+        try:
+            owner = self._owner(ctx)
+            record["client"] = hashlib.sha256(owner.encode()).hexdigest()[:16]
+            if params.name not in self._names:
+                raise ToolError(
+                    f"unknown tool {params.name!r}; this server offers {', '.join(sorted(self._names))}"
+                )
+            args = params.arguments or {}
+            if _BAD_TEXT in args:
+                names = ", ".join(map(repr, args[_BAD_TEXT]))
+                raise ToolError(f"argument(s) {names}: not valid Unicode text (it holds a lone surrogate)")
+            handler = getattr(self, "_tool_" + params.name)
+            payload: dict[str, Any] = await handler(owner, args, record)
+        except ToolError as exc:
+            self._audit(record, f"tool_error: {exc}", t0)
+            return types.CallToolResult(
+                content=[types.TextContent(type="text", text=str(exc))], is_error=True
+            )
+        except SandboxError as exc:  # the sandbox could not start: a server-side fault, reported
+            self._audit(record, f"sandbox_error: {exc}", t0)
+            return types.CallToolResult(
+                content=[types.TextContent(type="text", text=f"sandbox error: {exc}")], is_error=True
+            )
+        except asyncio.CancelledError:
+            self._audit(record, "cancelled", t0)
+            raise
+        self._audit(record, record.pop("outcome", "ok"), t0)
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=json.dumps(payload, ensure_ascii=False))],
+            structured_content=payload,
+        )
+
+    def _audit(self, record: dict[str, Any], outcome: str, t0: float) -> None:
+        line = {
+            "time": datetime.now(UTC).isoformat(timespec="microseconds"),
+            "event": "mcp_tool_call",
+            **record,
+            "outcome": outcome,
+            "duration_s": round(time.perf_counter() - t0, 6),
+        }
+        with contextlib.suppress(SandboxError):  # a full disk must not take the server down
+            self.audit.append(line)
+
+    def _owner(self, ctx: Any) -> str:
+        """Who is calling: the MCP transport session over HTTP, the one client over stdio."""
+        conn = getattr(getattr(ctx, "session", None), "_connection", None)
+        sid = getattr(conn, "session_id", None)
+        request = getattr(ctx, "request", None)
+        if sid is None and request is not None:
+            sid = request.headers.get("mcp-session-id")
+        if request is None:
+            return "stdio"
+        if not sid:
+            raise ToolError("this server needs a stateful MCP session (no Mcp-Session-Id on the request)")
+        owner = f"http:{sid}"
+        stack = getattr(conn, "exit_stack", None)
+        state = getattr(conn, "state", None)
+        if stack is not None and isinstance(state, dict) and not state.get("rlm_cleanup"):
+            state["rlm_cleanup"] = True  # the sessions of a connection close with it
+            stack.push_async_callback(self.sessions.close_owner, owner)
+        return owner
+
+    # --------------------------------------------------------------- tools
+    async def _tool_python_exec(
+        self, owner: str, args: dict[str, Any], record: dict[str, Any]
+    ) -> dict[str, Any]:
+        _check_args("python_exec", args, ["code"], ["session_id"])
+        code = _text(args["code"], "code")
+        session_id = _text(args.get("session_id"), "session_id", optional=True)
+        assert code is not None
+        record["session_id"] = session_id
+        record["code_sha256"] = hashlib.sha256(code.encode()).hexdigest()
+        size = len(code.encode())
+        if size > self.config.max_message_bytes:
+            raise ToolError(
+                f"code is {size} bytes, over the policy's message cap of {self.config.policy.limits.max_message_mb} MiB"
+            )
+        if session_id is not None:
+            s = self.sessions.get(session_id, owner)
+            s.busy += 1
+            try:
+                async with s.lock:
+                    record["sandbox_id"] = s.sandbox.id
+                    r = await _in_thread(lambda: s.sandbox.execute(code), lambda: _kill_child(s.sandbox))
+                    s.executions += 1
+            finally:
+                s.busy -= 1
+                s.last_used = time.time()
+        else:
+            async with self._fresh_slots:
+                r = await self._run_fresh(code, record)
+        record["outcome"] = "ok" if r.ok else f"limit:{r.limit}" if r.limit else f"error:{r.error_type}"
+        return _exec_payload(r, session_id)
+
+    async def _run_fresh(self, code: str, record: dict[str, Any]) -> Any:
+        box: list[Sandbox] = []
+        abandoned = threading.Event()
+
+        def work() -> Any:
+            sb = self._sandbox()
+            box.append(sb)
+            self._fresh.add(sb)
+            try:
+                record["sandbox_id"] = sb.id
+                if abandoned.is_set():  # cancelled while the child started: run nothing
+                    return None
+                return sb.execute(code)
+            finally:
+                self._fresh.discard(sb)
+                sb.close()
+
+        def kill() -> None:
+            abandoned.set()
+            for sb in box:
+                _kill_child(sb)
+
+        return await _in_thread(work, kill)
+
+    async def _tool_session_open(
+        self, owner: str, args: dict[str, Any], record: dict[str, Any]
+    ) -> dict[str, Any]:
+        _check_args("session_open", args, [], [])
+        s = await self.sessions.open(owner, self._sandbox)
+        record["session_id"], record["sandbox_id"] = s.id, s.sandbox.id
+        return {"session_id": s.id}
+
+    async def _tool_session_close(
+        self, owner: str, args: dict[str, Any], record: dict[str, Any]
+    ) -> dict[str, Any]:
+        _check_args("session_close", args, ["session_id"], [])
+        session_id = _text(args["session_id"], "session_id")
+        assert session_id is not None
+        record["session_id"] = session_id
+        await self.sessions.close(self.sessions.get(session_id, owner))
+        return {"session_id": session_id, "closed": True}
+
+    async def _tool_session_list(
+        self, owner: str, args: dict[str, Any], record: dict[str, Any]
+    ) -> dict[str, Any]:
+        _check_args("session_list", args, [], [])
+        return {"sessions": [s.describe() for s in self.sessions.of(owner)]}
+
+    async def _tool_rlm_query(
+        self, owner: str, args: dict[str, Any], record: dict[str, Any]
+    ) -> dict[str, Any]:
+        _check_args("rlm_query", args, ["query"], ["context", "context_path", "max_iterations"])
+        query = _text(args["query"], "query")
+        context = _text(args.get("context"), "context", optional=True)
+        path = _text(args.get("context_path"), "context_path", optional=True)
+        n = args.get("max_iterations")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool)):
+            raise ToolError(f"argument 'max_iterations' must be an integer, got {_type_name(n)}")
+        ceiling = self.config.max_iterations
+        if n is not None and not 1 <= n <= ceiling:
+            raise ToolError(f"max_iterations must be between 1 and {ceiling} (the server's limit), got {n}")
+        if context is not None and path is not None:
+            raise ToolError("give context or context_path, not both")
+        if path is not None:
+            record["context_path"] = path
+            context = await _in_thread(lambda: self._read_allowed(path))
+        from rlm.core import run
+        from rlm.errors import RLMError
+
+        cfg = self.config
+        try:
+            async with self._fresh_slots:  # each run has its own sandbox: it counts like a fresh python_exec
+                result = await _in_thread(
+                    lambda: run(
+                        query,
+                        context or "",
+                        model=cfg.model or "",
+                        sub_model=cfg.sub_model,
+                        api_base=cfg.api_base,
+                        policy=cfg.policy,
+                        log_dir=cfg.log_dir,
+                        max_iterations=n or ceiling,
+                    )
+                )
+        except RLMError as exc:
+            raise ToolError(f"rlm_query failed: {exc}") from None
+        record["outcome"] = f"stop:{result.stop_reason}"
+        record["log_path"] = result.log_path
+        return {name: getattr(result, name) for name in RLM_FIELDS}
+
+    def _read_allowed(self, path: str) -> str:
+        """The text of *path*, if it lies inside an --allow-read directory once symlinks are followed."""
+        if not self.config.allow_read:
+            raise ToolError("context_path is refused: this server was started without --allow-read")
+        try:
+            real = Path(path).resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise ToolError(f"context_path {path!r}: no such file") from None
+        if not self._allowed(real):
+            raise ToolError(f"context_path {path!r} is outside the directories this server may read")
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise ToolError(f"context_path {path!r}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            # What was opened, not what was named: a path swapped since resolve() is caught here.
+            opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if not self._allowed(opened):
+                raise ToolError(f"context_path {path!r} is outside the directories this server may read")
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ToolError(f"context_path {path!r} is not a regular file")
+            data = f.read(self.config.max_message_bytes + 1)
+        if len(data) > self.config.max_message_bytes:
+            raise ToolError(f"context_path {path!r} is over the policy's message cap")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ToolError(f"context_path {path!r} is not UTF-8 text") from None
+
+    def _allowed(self, real: Path) -> bool:
+        return any(real == d or real.is_relative_to(d) for d in self.config.allow_read)
+
+    # ------------------------------------------------------------ lifecycle
+    async def shutdown(self) -> None:
+        for sb in list(self._fresh):
+            _kill_child(sb)
+        with anyio.CancelScope(shield=True):
+            await self.sessions.close_all()
+        self.audit.close()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rlm")
+    except PackageNotFoundError:
+        return "0"
+
+
+# --------------------------------------------------------------- transports
+#: Stands in for tool arguments whose text is not valid Unicode (see _CheckedLines).
+_BAD_TEXT = "__rlm_not_unicode__"
+
+
+def _unicode_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _flag_bad_text(line: str) -> str:
+    """A tools/call line whose arguments hold lone surrogates, rewritten so the tool refuses it by name.
+
+    The SDK's JSON parser rejects such a line without answering, which leaves the
+    client waiting; rewritten, the client gets a tool error naming the argument.
+    """
+    try:
+        msg = json.loads(line)
+        args = msg["params"]["arguments"]
+        bad = sorted(k for k, v in args.items() if isinstance(v, str) and not _unicode_ok(v))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return line
+    if not bad or msg.get("method") != "tools/call":
+        return line
+    msg["params"]["arguments"] = {_BAD_TEXT: [k if _unicode_ok(k) else "?" for k in bad]}
+    return json.dumps(msg) + "\n"
+
+
+class _CheckedLines:
+    """The server's stdin as the SDK reads it (line by line), with bad text flagged by _flag_bad_text.
+
+    A daemon thread reads the lines: a blocked read must not keep a cancelled
+    server (SIGTERM) from stopping, as a worker thread the loop waits for would.
+    """
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        fd = os.dup(0)  # raw reads: no buffered object's lock held by this thread at interpreter exit
+
+        def read() -> None:
+            decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+            pending = ""
+            try:
+                while chunk := os.read(fd, 1 << 16):
+                    *lines, pending = (pending + decode(chunk)).split("\n")
+                    for line in lines:
+                        loop.call_soon_threadsafe(self._queue.put_nowait, line + "\n")
+            except (OSError, RuntimeError):  # stdin broke, or the loop is already closed
+                pass
+            finally:
+                os.close(fd)
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._queue.put_nowait, None)
+
+        threading.Thread(target=read, name="rlm-mcp-stdin", daemon=True).start()
+
+    def __aiter__(self) -> Any:
+        return self._lines()
+
+    async def _lines(self) -> Any:
+        while (line := await self._queue.get()) is not None:
+            yield _flag_bad_text(line) if "\\ud" in line.lower() else line
+
+
+async def _serve_stdio(app: MCPApp) -> None:
+    from mcp.server.stdio import stdio_server
+
+    async with stdio_server(stdin=_CheckedLines()) as (read, write):  # type: ignore[arg-type]
+        await app.server.run(read, write, app.server.create_initialization_options())
+
+
+class _BearerGate:
+    """ASGI middleware: a request without the right bearer token gets 401 and reaches nothing else.
+
+    It also refuses the 2026 stateless protocol era (answering as a server
+    that does not speak it), so clients fall back to the handshake era, whose
+    transport session is what a sandbox session belongs to.
+    """
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.expected = token.encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.expected):
+            await _respond(
+                send,
+                401,
+                b'{"error":"unauthorized: a bearer token is required"}',
+                [(b"www-authenticate", b"Bearer")],
+            )
+            return
+        version = headers.get(b"mcp-protocol-version")
+        if version is not None and version.decode("latin-1") not in HANDSHAKE_PROTOCOL_VERSIONS:
+            supported = ",".join(f'"{v}"' for v in HANDSHAKE_PROTOCOL_VERSIONS)
+            body = (
+                '{"jsonrpc":"2.0","id":null,"error":{"code":-32022,"message":"Unsupported protocol version",'
+                f'"data":{{"supported":[{supported}]}}}}}}'
+            ).encode()
+            await _respond(send, 400, body, [])
+            return
+        await self.app(scope, receive, send)
+
+
+async def _respond(send: Any, status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _serve_http(app: MCPApp, host: str, port: int, token: str) -> None:
+    import uvicorn
+
+    asgi = app.server.streamable_http_app(
+        host=host,
+        max_request_body_size=max(4 * 1024 * 1024, 2 * app.config.max_message_bytes),
+    )
+    sock = socket.create_server((host, port))
+    bound = sock.getsockname()
+    print(f"rlm mcp: serving streamable HTTP on http://{host}:{bound[1]}/mcp", file=sys.stderr, flush=True)
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:  # ours, below: uvicorn would re-raise them and skip our cleanup
+            yield
+
+    server = _Server(
+        uvicorn.Config(
+            _BearerGate(asgi, token), log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+        )
+    )
+
+    async def stop_on_signal() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                server.should_exit = True
+                return
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop_on_signal)
+            await server.serve(sockets=[sock])
+            tg.cancel_scope.cancel()
+    finally:
+        sock.close()
+
+
+async def serve(
+    config: ServerConfig, transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765
+) -> None:
+    """Run the server until its client leaves (stdio) or it is told to stop (SIGINT, SIGTERM)."""
+    app = MCPApp(config)
+    token = ""
+    if transport == "http":
+        token = os.environ.get("RLM_MCP_TOKEN", "")
+        if not token:
+            token = secrets.token_urlsafe(32)
+            print(
+                f"rlm mcp: bearer token (set RLM_MCP_TOKEN to choose one): {token}",
+                file=sys.stderr,
+                flush=True,
+            )
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app.sessions.reap_idle)
+            if transport == "stdio":
+                tg.start_soon(_stop_on_signal, tg.cancel_scope)
+                await _serve_stdio(app)
+            else:
+                await _serve_http(app, host, port, token)
+            tg.cancel_scope.cancel()
+    finally:
+        await app.shutdown()
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+def run_server(config: ServerConfig, transport: str, host: str, port: int) -> None:
+    """Blocking entry point for the CLI: serve, then stop every helper process."""
+    from sandbox import shutdown
+
+    # Start the fork server from this (main, long-lived) thread, and find out now, not at the first
+    # call, whether this machine has every layer the policy requires (SandboxError otherwise).
+    Sandbox(config.policy, audit_log=config.audit_path).close()
+    try:
+        anyio.run(serve, config, transport, host, port)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown()  # the fork servers, and with them any child still alive

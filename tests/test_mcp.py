@@ -1,0 +1,521 @@
+"""``rlm mcp`` driven by the official MCP client, over stdio and over streamable HTTP on 127.0.0.1.
+
+Every test starts the real server as a subprocess (``python -m rlm mcp``) and
+checks what a client sees, what the audit log holds and which processes are
+left: the server, its fork server and the sandbox children are found with
+psutil.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+
+pytest.importorskip("mcp", reason="needs the mcp extra: pip install -e '.[mcp]' (make test installs it)")
+
+import httpx2
+from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+
+from rlm.mcp_server import EXEC_FIELDS, RLM_FIELDS
+from sandbox.audit import verify
+from tests.llm_server import ChatRequest, LLMServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------ helpers
+def write_policy(path: Path, **values: Any) -> Path:
+    """policies/default.toml with some keys replaced (TOML values given as text)."""
+    text = (ROOT / "policies" / "default.toml").read_text()
+    text = text.replace('name = "default"', 'name = "mcp-test"')
+    for key, value in values.items():
+        text, n = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
+        assert n == 1, key
+    path.write_text(text)
+    return path
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env.update(extra)
+    return env
+
+
+@asynccontextmanager
+async def stdio_session(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[ClientSession]:
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "rlm", "mcp", *args], cwd=str(ROOT), env=env or server_env()
+    )
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        yield session
+
+
+async def call(session: ClientSession, tool: str, **args: Any) -> dict[str, Any]:
+    res = await session.call_tool(tool, args)
+    assert not res.is_error, res.content
+    assert json.loads(res.content[0].text) == res.structured_content  # the text mirrors the structure
+    return dict(res.structured_content)
+
+
+async def refused(session: ClientSession, tool: str, args: dict[str, Any]) -> str:
+    res = await session.call_tool(tool, args)
+    assert res.is_error, res
+    return str(res.content[0].text)
+
+
+def mcp_servers() -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.Process().children()
+        if "mcp" in (cmd := " ".join(p.cmdline())) and "rlm" in cmd and p.status() != psutil.STATUS_ZOMBIE
+    ]
+
+
+def _children(p: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [c for c in p.children() if "sandbox.forkserver" in " ".join(c.cmdline())]
+    except psutil.NoSuchProcess:  # it ended while we looked
+        return []
+
+
+def tree(server: psutil.Process) -> dict[str, list[psutil.Process]]:
+    """The server's fork servers and their sandbox children (forks of a fork server: the same cmdline)."""
+    forks = _children(server)
+    return {"forks": forks, "children": [c for f in forks for c in _children(f)]}
+
+
+def wait_for(what: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def all_gone(procs: list[psutil.Process], timeout: float = 30.0) -> bool:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+
+
+# -------------------------------------------------------------------- stdio
+def test_stdio_tools_sessions_isolation_limits_and_audit(tmp_path: Path) -> None:
+    policy = write_policy(
+        tmp_path / "p.toml", cpu_seconds=1, wall_seconds=60, memory_mb=200, max_output_bytes=2000
+    )  # the wall limit is checked in the next test: a loaded machine needs many wall seconds per CPU second
+    audit = tmp_path / "audit.jsonl"
+    made: list[tuple[str, str | None]] = []
+
+    async def exec_(s: ClientSession, code: str, sid: str | None = None) -> dict[str, Any]:
+        made.append(("python_exec", sid))
+        return await call(s, "python_exec", code=code, **({"session_id": sid} if sid else {}))
+
+    async def go() -> None:
+        async with stdio_session("--policy", str(policy), "--audit-log", str(audit)) as s:
+            tools = {t.name: t for t in (await s.list_tools()).tools}
+            assert set(tools) == {
+                "python_exec",
+                "session_open",
+                "session_close",
+                "session_list",
+            }  # no --model
+            assert tools["python_exec"].output_schema["required"] == list(EXEC_FIELDS)
+            assert tools["python_exec"].input_schema["additionalProperties"] is False
+
+            r = await exec_(s, "print(6 * 7)\n'shown'")
+            assert list(r) == list(EXEC_FIELDS)
+            assert r["ok"] and r["stdout"] == "42\n'shown'\n" and r["session_id"] is None
+
+            a = (await call(s, "session_open"))["session_id"]
+            b = (await call(s, "session_open"))["session_id"]
+            made.extend([("session_open", a), ("session_open", b)])
+            assert a != b and len(a) >= 22 and len(b) >= 22  # >= 128 random bits
+            await exec_(s, "secret = 'alpha'", a)
+            assert (await exec_(s, "secret", a))["stdout"] == "'alpha'\n"
+            for other in (b, None):  # another session and a fresh sandbox see nothing of it
+                r = await exec_(s, "secret", other)
+                assert not r["ok"] and r["error_type"] == "NameError"
+
+            # calls on one session run one at a time, in the order they arrive
+            spans: list[tuple[float, float]] = []
+
+            async def timed() -> None:
+                r = await exec_(
+                    s, "import time\nt0 = time.time(); time.sleep(0.3); print(t0, time.time())", b
+                )
+                spans.append(tuple(map(float, r["stdout"].split())))  # type: ignore[arg-type]
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(timed)
+                tg.start_soon(timed)
+            first, second = sorted(spans)
+            assert first[1] <= second[0]
+
+            for code, limit in [
+                ("while True: pass", "cpu"),
+                ("chunks = []\nwhile True:\n    chunks.append(bytearray(10 * 2**20))", "memory"),
+                ("print('x' * 100000)", "output"),
+            ]:
+                r = await exec_(s, code, a)
+                assert not r["ok"] and r["limit"] == limit, (limit, r)
+            assert r["output_truncated"]
+            r = await exec_(s, "secret", a)  # the killed child took the session's variables with it
+            assert r["error_type"] == "NameError" and r["session_id"] == a
+            r = await exec_(s, "2 + 2", a)
+            assert r["ok"] and r["stdout"] == "4\n" and not r["state_lost"]
+
+            listing = (await call(s, "session_list"))["sessions"]
+            made.append(("session_list", None))
+            assert {x["session_id"] for x in listing} == {a, b}
+            assert {x["session_id"]: x["executions"] for x in listing}[b] == 3
+            assert set(listing[0]) == {"session_id", "created", "last_used", "executions"}
+            assert await call(s, "session_close", session_id=b) == {"session_id": b, "closed": True}
+            made.append(("session_close", b))
+            assert "no such session" in await refused(s, "python_exec", {"code": "1", "session_id": b})
+            made.append(("python_exec", b))
+
+    anyio.run(go)
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    calls = [x for x in lines if x.get("event") == "mcp_tool_call"]
+    assert [(x["tool"], x["session_id"]) for x in calls] == made
+    assert calls[-1]["outcome"].startswith("tool_error: no such session")
+    executes = [x for x in lines if "code" in x]  # the sandbox's own line for every execute
+    assert len(executes) == sum(
+        1 for x in calls if x["tool"] == "python_exec" and x["outcome"] != calls[-1]["outcome"]
+    )
+    assert verify(audit).ok
+
+
+def test_bad_input_is_a_tool_error_and_the_server_keeps_serving(tmp_path: Path) -> None:
+    policy = write_policy(tmp_path / "p.toml", max_message_mb=1, wall_seconds=2)
+
+    async def go() -> None:
+        args = ("--policy", str(policy), "--audit-log", str(tmp_path / "a.jsonl"), "--max-sessions", "2")
+        async with stdio_session(*args, "--idle-timeout", "1") as s:
+            big = "x = 1  # " + "a" * (1024 * 1024)
+            cases: list[tuple[str, dict[str, Any], str]] = [
+                ("python_exec", {}, "missing required argument 'code'"),
+                ("python_exec", {"code": 5}, "'code' must be a string, got integer"),
+                ("python_exec", {"code": "1", "session_id": 7}, "'session_id' must be a string"),
+                ("python_exec", {"code": "1", "policy": "none"}, "unknown argument(s) 'policy'"),
+                (
+                    "python_exec",
+                    {"code": "1", "limits": {"cpu_seconds": 999}},
+                    "unknown argument(s) 'limits'",
+                ),
+                ("python_exec", {"code": big}, "over the policy's message cap of 1 MiB"),
+                ("python_exec", {"code": "1", "session_id": "no-such-id"}, "no such session"),
+                ("session_close", {}, "missing required argument 'session_id'"),
+                ("session_close", {"session_id": "no-such-id"}, "no such session"),
+                ("rlm_query", {"query": "q"}, "unknown tool 'rlm_query'"),
+            ]
+            for tool, arguments, message in cases:
+                assert message in await refused(s, tool, arguments), (tool, arguments)
+            assert (await call(s, "python_exec", code="print('still here')"))["stdout"] == "still here\n"
+            r = await call(s, "python_exec", code="import time\ntime.sleep(60)")
+            assert not r["ok"] and r["limit"] == "wall" and r["error_type"] == "WallLimitExceeded"
+
+            first = (await call(s, "session_open"))["session_id"]
+            await call(s, "session_open")
+            assert "too many open sessions: the server allows 2" in await refused(s, "session_open", {})
+            # idle sessions close by themselves after --idle-timeout, freeing their slots
+            deadline = time.monotonic() + 60
+            while (await call(s, "session_list"))["sessions"] and time.monotonic() < deadline:
+                await anyio.sleep(0.2)
+            assert (await call(s, "session_list"))["sessions"] == []
+            assert "no such session" in await refused(s, "python_exec", {"code": "1", "session_id": first})
+            assert (await call(s, "session_open"))["session_id"]
+
+    anyio.run(go)
+
+
+def test_text_that_is_not_utf8_is_refused_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
+    """A lone surrogate (valid JSON, not valid Unicode) and raw bytes that are not UTF-8 on the wire.
+
+    The SDK's client cannot even encode such text, so this one speaks JSON-RPC to the server itself.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlm", "mcp", "--audit-log", str(tmp_path / "a.jsonl")],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=server_env(),
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def send(raw: bytes) -> None:
+        proc.stdin.write(raw + b"\n")  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+
+    def answer(rid: int) -> dict[str, Any]:
+        while True:
+            msg = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+            if msg.get("id") == rid:
+                return dict(msg)
+
+    def tool_call(rid: int, code_json: bytes) -> bytes:
+        return (
+            b'{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"python_exec","arguments":{"code":%s}}}'
+            % (rid, code_json)
+        )
+
+    try:
+        init = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        }
+        send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}).encode())
+        assert "result" in answer(1)
+        send(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
+        send(tool_call(2, b'"print(1)\\ud800"'))
+        result = answer(2)["result"]
+        assert result["isError"] and "not valid Unicode" in result["content"][0]["text"]
+        send(b"\xff\xfe\x80 not json, not utf-8")
+        send(tool_call(3, b"\"print('\xc3\xa9t\xc3\xa9')\""))
+        result = answer(3)["result"]
+        assert not result["isError"] and result["structuredContent"]["stdout"] == "\u00e9t\u00e9\n"
+        proc.send_signal(signal.SIGTERM)  # stdin still open: the signal alone stops it, cleanly
+        assert proc.wait(60) == 0
+    finally:
+        proc.stdin.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_attacks_through_python_exec_stay_in_their_session(tmp_path: Path) -> None:
+    """Categories of the security corpus, with the Python guard off: only the kernel layers hold."""
+    from tests.security.attacks import ATTACKS
+    from tests.security.conftest import Env, Listener
+
+    policy = write_policy(tmp_path / "p.toml", guard='"none"', cpu_seconds=3, wall_seconds=5)
+    categories = {"imports", "secrets", "writes", "network", "signals"}
+    attacks = [a for a in ATTACKS if a.category in categories]
+    assert len(attacks) >= 25
+    listener = Listener()
+    root = tmp_path / "host"
+    (root / "home").mkdir(parents=True)
+    env = Env(root, f"filecanary-{uuid.uuid4().hex}", root / "secret.txt", root / "home" / "key", listener)
+    env.canary_file.write_text(env.canary)
+    env.key_file.write_text(f"sk-{env.canary}")
+    env_canary = f"envcanary-{uuid.uuid4().hex}"
+    victim_token = f"victim-{uuid.uuid4().hex}"
+
+    async def go() -> None:
+        async with stdio_session(
+            "--policy", str(policy), "--audit-log", str(tmp_path / "a.jsonl"),
+            env=server_env(RLM_TEST_SECRET_TOKEN=env_canary),
+        ) as s:  # fmt: skip
+            (server,) = mcp_servers()
+            victim = (await call(s, "session_open"))["session_id"]
+            attacker = (await call(s, "session_open"))["session_id"]
+            await call(s, "python_exec", code=f"token = {victim_token!r}", session_id=victim)
+            fork_pid = tree(server)["forks"][0].pid
+            for attack in attacks:
+                code = env.fill(attack.code, HOST_PID=server.pid, SERVER_PID=fork_pid)
+                r = await call(s, "python_exec", code=code, session_id=attacker)
+                text = json.dumps(r)
+                for secret in (env.canary, env_canary, victim_token):
+                    assert secret not in text, (attack.id, text[:500])
+                assert not [m for m in env.markers if m.exists()], attack.id
+                assert listener.events == [], (attack.id, listener.events)
+                assert server.is_running(), attack.id
+            r = await call(s, "python_exec", code="import ctypes\nctypes.string_at(0)", session_id=attacker)
+            assert not r["ok"] and r["error_type"] == "ChildCrashed", r  # a crash is a result
+            r = await call(s, "python_exec", code="token", session_id=victim)
+            assert r["stdout"] == f"{victim_token!r}\n"  # the other session is untouched
+            r = await call(s, "python_exec", code="6 * 7", session_id=attacker)
+            assert r["stdout"] == "42\n" and r["state_lost"]
+
+    try:
+        anyio.run(go)
+    finally:
+        listener.close()
+
+
+def test_disconnect_ends_the_call_and_exit_leaves_no_process(tmp_path: Path) -> None:
+    policy = write_policy(tmp_path / "p.toml", cpu_seconds=60, wall_seconds=120)
+    seen: dict[str, list[psutil.Process]] = {}
+
+    async def go() -> None:
+        async with stdio_session("--policy", str(policy), "--audit-log", str(tmp_path / "a.jsonl")) as s:
+            (server,) = mcp_servers()
+            sid = (await call(s, "session_open"))["session_id"]
+            idle = {p.pid for p in tree(server)["children"]}
+
+            def running() -> list[psutil.Process]:
+                return [p for p in tree(server)["children"] if p.pid not in idle]
+
+            # a call the client gives up on: its child is killed, the session lives on
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(s.call_tool, "python_exec", {"code": "import time\ntime.sleep(100)"})
+                busy = await anyio.to_thread.run_sync(wait_for, running)
+                tg.cancel_scope.cancel()
+            assert all_gone(busy)
+            r = await call(s, "python_exec", code="1 + 1", session_id=sid)
+            assert r["ok"] and r["stdout"] == "2\n"
+
+            # now the client goes away in the middle of a call on the session
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(
+                    s.call_tool, "python_exec", {"code": "import time\ntime.sleep(100)", "session_id": sid}
+                )
+                await anyio.sleep(0.5)
+                seen.update(tree(server), server=[server])
+                tg.cancel_scope.cancel()
+
+    anyio.run(go)
+    assert seen["forks"] and seen["children"]
+    assert all_gone(seen["server"] + seen["forks"] + seen["children"])
+
+
+# --------------------------------------------------------------------- HTTP
+class HTTPServer:
+    def __init__(self, tmp_path: Path, token: str, *args: str) -> None:
+        self.token = token
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rlm", "mcp", "--transport", "http", "--port", "0",
+             "--audit-log", str(tmp_path / "a.jsonl"), *args],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True, env=server_env(RLM_MCP_TOKEN=token),
+        )  # fmt: skip
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        found = re.search(r"(http://127\.0\.0\.1:\d+/mcp)", line)
+        assert found, line
+        self.url = found.group(1)
+
+    @asynccontextmanager
+    async def client(self, token: str | None = None) -> AsyncIterator[ClientSession]:
+        headers = {"Authorization": f"Bearer {token or self.token}"}
+        async with (
+            httpx2.AsyncClient(headers=headers) as http,
+            streamable_http_client(self.url, http_client=http) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            yield session
+
+
+def test_http_needs_the_token_and_keeps_sessions_apart(tmp_path: Path) -> None:
+    token = f"tok-{uuid.uuid4().hex}"
+    srv = HTTPServer(tmp_path, token, "--policy", str(write_policy(tmp_path / "p.toml", wall_seconds=120)))
+    server = psutil.Process(srv.proc.pid)
+    try:
+        init = {
+            "jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "x", "version": "1"}},
+        }  # fmt: skip
+        accept = {"Accept": "application/json, text/event-stream"}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
+            r = httpx2.post(srv.url, json=init, headers={**accept, **headers})
+            assert r.status_code == 401 and "mcp-session-id" not in r.headers
+        assert httpx2.get(srv.url).status_code == 401
+
+        async def go() -> None:
+            async with srv.client() as a, srv.client() as b:
+                sid = (await call(a, "session_open"))["session_id"]
+                await call(a, "python_exec", code="mine = 'A'", session_id=sid)
+                # B presents A's id: for B it does not exist
+                assert "no such session" in await refused(
+                    b, "python_exec", {"code": "mine", "session_id": sid}
+                )
+                assert "no such session" in await refused(b, "session_close", {"session_id": sid})
+                assert (await call(b, "session_list"))["sessions"] == []
+                assert (await call(a, "python_exec", code="mine", session_id=sid))["stdout"] == "'A'\n"
+                before = {p.pid for p in tree(server)["children"]}
+                await call(a, "session_open")  # idle: only closing the session can end its child
+                idle = [p for p in tree(server)["children"] if p.pid not in before]
+                assert idle
+                async with anyio.create_task_group() as tg:  # A leaves in the middle of a call
+                    tg.start_soon(
+                        a.call_tool,
+                        "python_exec",
+                        {"code": "import time\ntime.sleep(100)", "session_id": sid},
+                    )
+                    await anyio.sleep(0.5)
+                    tg.cancel_scope.cancel()
+            # A's connection ended: both its sessions closed, their children are gone
+            assert all_gone([p for p in tree(server)["children"] if p.pid in before] + idle)
+            async with srv.client() as c:
+                assert (await call(c, "python_exec", code="6 * 7"))["stdout"] == "42\n"
+
+        anyio.run(go)
+        helpers = tree(server)
+        srv.proc.terminate()
+        assert srv.proc.wait(30) == 0
+        assert all_gone(helpers["forks"] + helpers["children"])
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait()
+
+
+# ---------------------------------------------------------------- rlm_query
+def _root(request: ChatRequest) -> str:
+    turns = sum(1 for m in request.messages if m.get("role") == "assistant")
+    return "```repl\nword = context.split()[-1]\n```" if turns == 0 else "FINAL_VAR(word)"
+
+
+@pytest.mark.slow
+def test_rlm_query_reads_only_inside_allow_read(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "doc.txt").write_text("the code word is PELICAN")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("the code word is LEAKED")
+    (allowed / "link.txt").symlink_to(outside)
+    (allowed / "sub").mkdir()
+    env = server_env(OPENAI_API_KEY="sk-test-mcp")
+
+    async def go(url: str) -> None:
+        base = ("--model", "openai/root", "--api-base", url, "--audit-log", str(tmp_path / "a.jsonl"))
+        async with stdio_session(
+            *base, "--allow-read", str(allowed), "--log-dir", str(tmp_path / "logs"), env=env
+        ) as s:
+            tools = {t.name: t for t in (await s.list_tools()).tools}
+            assert tools["rlm_query"].output_schema["required"] == list(RLM_FIELDS)
+            r = await call(
+                s, "rlm_query", query="What is the code word?", context_path=str(allowed / "doc.txt")
+            )
+            assert list(r) == list(RLM_FIELDS)
+            assert r["answer"] == "PELICAN" and r["stop_reason"] == "final" and r["iterations"] == 2
+            assert r["log_path"] and Path(r["log_path"]).exists()
+            r = await call(s, "rlm_query", query="q", context="alpha beta GAMMA", max_iterations=3)
+            assert r["answer"] == "GAMMA"
+            for path in (outside, allowed / "link.txt", allowed / "sub" / ".." / ".." / "secret.txt"):
+                message = await refused(s, "rlm_query", {"query": "q", "context_path": str(path)})
+                assert "outside the directories this server may read" in message, path
+            assert "no such file" in await refused(
+                s, "rlm_query", {"query": "q", "context_path": str(allowed / "nope")}
+            )
+            assert "between 1 and 20" in await refused(s, "rlm_query", {"query": "q", "max_iterations": 50})
+            assert "not both" in await refused(
+                s, "rlm_query", {"query": "q", "context": "x", "context_path": str(allowed / "doc.txt")}
+            )
+        async with stdio_session(*base, env=env) as s:  # no --allow-read: no file at all
+            message = await refused(s, "rlm_query", {"query": "q", "context_path": str(allowed / "doc.txt")})
+            assert "without --allow-read" in message
+
+    with LLMServer(_root) as llm:
+        anyio.run(go, llm.base_url)
+        assert all("LEAKED" not in json.dumps(q.messages) for q in llm.requests)
