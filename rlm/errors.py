@@ -14,7 +14,8 @@ The tree::
     │   ├── AuthenticationError     no API key for the provider, or the key was rejected
     │   ├── UnknownModelError       litellm cannot route the model string to a provider
     │   ├── ContextWindowExceeded   the prompt does not fit the model's context window
-    │   └── RateLimited             the provider refused the call for rate or quota reasons
+    │   ├── RateLimited             the provider refused the call for rate or quota reasons
+    │   └── ModelUnreachable        no connection to the model's endpoint (refused, unknown host, ...)
     ├── BudgetExceeded              a budget (sub-calls, tokens, cost, time) is used up
     └── SandboxFailure              the sandbox could not be started or used
 """
@@ -27,6 +28,7 @@ __all__ = [
     "ConfigurationError",
     "ContextWindowExceeded",
     "ModelError",
+    "ModelUnreachable",
     "RLMError",
     "RateLimited",
     "SandboxFailure",
@@ -64,6 +66,14 @@ class ContextWindowExceeded(ModelError):
 
 class RateLimited(ModelError):
     """The provider refused the call: rate limit or exhausted quota."""
+
+
+class ModelUnreachable(ModelError):
+    """The model's endpoint could not be reached: connection refused, unknown host, no route.
+
+    On a run's first call this is a configuration error (a wrong ``api_base``,
+    a server that is down), like a bad key: the CLI exits 2 and a batch stops.
+    """
 
 
 class BudgetExceeded(RLMError):

@@ -9,7 +9,9 @@ reads its bundled price map instead of fetching one over the network.
   model is missing from litellm's price map);
 - :func:`count_tokens`, :func:`max_input_tokens`: tokenizer and context window;
 - litellm's exceptions are mapped onto :mod:`rlm.errors` (``ModelError`` and
-  its subclasses), with any API key scrubbed from the messages.
+  its subclasses), with any API key scrubbed from the messages; a call that
+  could not connect at all is :class:`~rlm.errors.ModelUnreachable`, naming
+  the URL and why (connection refused, unknown host ...).
 
 API keys are passed straight to litellm and kept nowhere else.
 """
@@ -27,6 +29,7 @@ from rlm.errors import (
     AuthenticationError,
     ContextWindowExceeded,
     ModelError,
+    ModelUnreachable,
     RateLimited,
     UnknownModelError,
 )
@@ -122,8 +125,41 @@ def _prepare(
     return call
 
 
-def _map_error(exc: Exception, model: str, api_key: str | None) -> ModelError:
+#: Exceptions (by class name, so that httpx and openai need not be imported) that mean no connection was made.
+_NO_CONNECTION = {
+    "ConnectionRefusedError": "connection refused",
+    "gaierror": "unknown host",
+    "ConnectTimeout": "connection timed out",
+    "ConnectError": "cannot connect",
+}
+
+
+def _no_connection(exc: BaseException) -> str | None:
+    """Why no connection to the endpoint could be made, found in the exception's chain; None otherwise.
+
+    A connection that was made and then broke (a read error, a reset) is not one of these.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    found: str | None = None
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        why = _NO_CONNECTION.get(type(current).__name__)
+        text = str(current).lower()
+        if why is None and ("connection refused" in text or "errno 111" in text):
+            why = "connection refused"
+        if why is not None and (found is None or found == "cannot connect"):
+            found = why  # keep looking for the most precise reason down the chain
+        current = current.__cause__ or current.__context__
+    return found
+
+
+def _map_error(exc: Exception, model: str, api_key: str | None, api_base: str | None = None) -> ModelError:
     litellm = _lib()
+    why = _no_connection(exc)
+    if why is not None:
+        where = api_base or "the provider's API endpoint"
+        return ModelUnreachable(_scrub(f"{model}: cannot connect to {where}: {why}", api_key), model=model)
     message = _scrub(str(exc), api_key).strip() or type(exc).__name__
     if len(message) > 600:
         message = message[:600] + " ..."
@@ -199,7 +235,7 @@ def complete(
     except ModelError:
         raise
     except Exception as exc:
-        raise _map_error(exc, model, call.get("api_key")) from None
+        raise _map_error(exc, model, call.get("api_key"), call.get("api_base")) from None
     return _completion_from(response, model, messages, started)
 
 
@@ -220,7 +256,7 @@ async def acomplete(
     except ModelError:
         raise
     except Exception as exc:
-        raise _map_error(exc, model, call.get("api_key")) from None
+        raise _map_error(exc, model, call.get("api_key"), call.get("api_base")) from None
     return _completion_from(response, model, messages, started)
 
 
