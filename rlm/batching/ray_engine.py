@@ -10,14 +10,18 @@ This is the only module that imports Ray (the optional extra ``rlm[ray]``).
   closed, and the batch stops with an error naming the node and the layer.
 - **Keys.** Provider keys (environment variables ending in ``_API_KEY``, and
   ``*_API_BASE``, ``*_BASE_URL``, ``*_API_VERSION``) and an explicit
-  ``api_key`` reach the workers only through the job's runtime environment
-  (``runtime_env={"env_vars": ...}``), never as task arguments or results, so
-  they are in no object, no task spec argument and no log line.
+  ``api_key`` reach the workers only through the job's runtime environment,
+  as its ``worker_process_setup_hook``: a small function, holding them, that
+  Ray stores in the cluster's internal key-value store and runs in each
+  worker process of the job before its first task. They are never task
+  arguments or results. (Not ``runtime_env={"env_vars": ...}``: Ray's
+  runtime-env agent writes those values to its log file in clear.)
 - **Cluster.** ``address=None`` starts a private local Ray instance (stopped
   when the batch ends), ``"auto"`` joins the cluster ``ray start`` runs on this
   machine, ``"ray://host:10001"`` or ``"host:6379"`` a remote one. When Ray is
-  already initialized in this process, that connection is used and the keys
-  travel in each task's runtime environment instead.
+  already initialized in this process, that connection is used as it is: the
+  job's runtime environment is the caller's, so no key is forwarded, and an
+  explicit ``api_key`` is refused.
 - **Concurrency.** Each task asks Ray for one CPU; at most *workers* tasks are
   in flight (default: the cluster's CPUs).
 """
@@ -50,6 +54,15 @@ def forwarded_environment(api_key: str | None) -> dict[str, str]:
     return env
 
 
+def _environment_hook(env: dict[str, str]) -> Any:
+    """The job's ``worker_process_setup_hook``: puts *env* into each worker process's environment."""
+
+    def rlm_batch_environment() -> None:
+        os.environ.update(env)
+
+    return rlm_batch_environment
+
+
 def _run_on_node(
     item_id: str, query: str, context: str, settings: RunSettings, cost_cap: float | None
 ) -> dict[str, Any]:
@@ -78,16 +91,20 @@ class RayEngine:
         workers: int | None = None,
         api_key: str | None = None,
     ) -> None:
-        env = forwarded_environment(api_key)
         options: dict[str, Any] = {"max_retries": 1, "num_cpus": 1}
         self._owns_ray = False
         if ray.is_initialized():
-            if env:
-                options["runtime_env"] = {"env_vars": env}
+            if api_key:
+                raise ConfigurationError(
+                    "Ray is already initialized in this process: give the workers their key through your "
+                    "job's runtime environment instead of api_key"
+                )
         else:
             init: dict[str, Any] = {
                 "address": address or "local",
-                "runtime_env": {"env_vars": env},
+                "runtime_env": {
+                    "worker_process_setup_hook": _environment_hook(forwarded_environment(api_key))
+                },
                 "include_dashboard": False,
                 "log_to_driver": False,
                 "logging_level": logging.WARNING,
