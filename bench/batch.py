@@ -36,7 +36,10 @@ MODEL = "openai/bench"
 
 
 def _items(n: int) -> list[dict[str, str]]:
-    return [{"id": f"i{i}", "query": "What is the square of the number?", "context": f"number {i}"} for i in range(n)]
+    return [
+        {"id": f"i{i}", "query": "What is the square of the number?", "context": f"number {i}"}
+        for i in range(n)
+    ]
 
 
 def _run(srv: LLMServer, n: int, engine: str, workers: int) -> dict[str, float]:
@@ -50,7 +53,14 @@ def _run(srv: LLMServer, n: int, engine: str, workers: int) -> dict[str, float]:
     wall = time.perf_counter() - started
     cpu = sum(os.times()[:2]) - cpu0
     steady = (n - 1) / (wall - first) if first is not None and wall > first else 0.0
-    return {"wall": wall, "rate": n / wall, "first": first or 0.0, "steady": steady, "cpu": cpu / n, "ok": answered}
+    return {
+        "wall": wall,
+        "rate": n / wall,
+        "first": first or 0.0,
+        "steady": steady,
+        "cpu": cpu / n,
+        "ok": answered,
+    }
 
 
 def main() -> int:
@@ -71,7 +81,9 @@ def main() -> int:
             rows.append(("ray", args.ray_workers, _run(srv, args.items, "ray", args.ray_workers)))
     print(f"\n{args.items} items, model latency {args.latency * 1000:.0f} ms, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
-    print("| engine | workers | wall s | items/s | ideal items/s | % of ideal | first result s | steady items/s | driver CPU s/item | right answers |")
+    print(
+        "| engine | workers | wall s | items/s | ideal items/s | % of ideal | first result s | steady items/s | driver CPU s/item | right answers |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for engine, workers, r in rows:
         ideal = workers / args.latency

@@ -22,7 +22,6 @@ import pytest
 import rlm
 from rlm.batching.outfile import RECORD_FIELDS, ResultsFile
 from rlm.errors import ConfigurationError, ModelUnreachable
-from tests.conftest import run_cli
 from tests.llm_server import ChatRequest, LLMServer
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
@@ -71,6 +70,22 @@ def wait_for_lines(out: Path, n: int, proc: subprocess.Popen[str], timeout: floa
         assert proc.poll() is None, proc.communicate()[1]
         time.sleep(0.05)
     raise AssertionError(f"fewer than {n} lines in {out} after {timeout} s")
+
+
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """``rlm ARGS`` through the CLI's main() in this process (litellm is imported once for the module)."""
+    from rlm.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [k for k in os.environ if k.endswith("_API_KEY")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
 
 
 @pytest.fixture
@@ -126,7 +141,9 @@ def test_kill_9_then_ctrl_c_then_rerun_gives_each_id_once_with_its_answer(tmp_pa
 
 
 @pytest.mark.timeout(600)
-def test_budget_stops_starting_items_and_a_rerun_with_more_budget_finishes(tmp_path: Path, server: LLMServer):
+def test_budget_stops_starting_items_and_a_rerun_with_more_budget_finishes(
+    tmp_path: Path, server: LLMServer, capsys: pytest.CaptureFixture[str], key_env: None
+):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_items(inp, 8)
     [probe] = rlm.batch(
@@ -135,21 +152,21 @@ def test_budget_stops_starting_items_and_a_rerun_with_more_budget_finishes(tmp_p
     )  # fmt: skip
     cost = probe.cost_usd
     assert probe.answer == "9801" and cost is not None and cost > 0
-    done = run_cli("batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base", server.base_url,
-                   "--workers", "1", "--budget-usd", repr(cost * 2.5), env=cli_env(), cwd=tmp_path)  # fmt: skip
-    assert done.returncode == 1, done.stderr
+    code, stderr = in_process(capsys, "batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base",
+                              server.base_url, "--workers", "1", "--budget-usd", repr(cost * 2.5))  # fmt: skip
+    assert code == 1, stderr
     records = read_out(out)
     ran = [r for r in records if r["stop_reason"] == "final"]
     skipped = [r for r in records if r["stop_reason"] == "skipped"]
     assert len(ran) == 3 and len(skipped) == 5 and len(records) == 8
     assert all(r["error"] == "skipped: budget" and r["answer"] is None for r in skipped)
     assert sum(r["cost_usd"] for r in ran) == pytest.approx(3 * cost, rel=0.01)
-    assert "5 skipped (budget)" in done.stderr
+    assert "5 skipped (budget)" in stderr
     # the skipped items were not started: one model call per item that ran (and one for the probe)
     assert len(server.requests) == 1 + 3
-    done = run_cli("batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base", server.base_url,
-                   "--workers", "2", env=cli_env(), cwd=tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    code, stderr = in_process(capsys, "batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base",
+                              server.base_url, "--workers", "2")  # fmt: skip
+    assert code == 0, stderr
     records = read_out(out)
     assert sorted(r["id"] for r in records) == [f"q{i:02d}" for i in range(8)]
     assert all(r["answer"] == expected(r["id"]) for r in records)
@@ -157,7 +174,9 @@ def test_budget_stops_starting_items_and_a_rerun_with_more_budget_finishes(tmp_p
 
 
 @pytest.mark.timeout(600)
-def test_bad_input_lines_are_named_and_skip_bad_records_them(tmp_path: Path, server: LLMServer):
+def test_bad_input_lines_are_named_and_skip_bad_records_them(
+    tmp_path: Path, server: LLMServer, capsys: pytest.CaptureFixture[str], key_env: None
+):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "seven.txt").write_text("number 07")
     lines = [
@@ -173,16 +192,16 @@ def test_bad_input_lines_are_named_and_skip_bad_records_them(tmp_path: Path, ser
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join(lines) + "\n\n")
     args = ("batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base", server.base_url)
-    done = run_cli(*args, env=cli_env(), cwd=ROOT_DIR)
-    assert done.returncode == 2 and not out.exists()
+    code, stderr = in_process(capsys, *args)
+    assert code == 2 and not out.exists()
     for number, words in ((2, "invalid JSON"), (3, "missing field 'query'"), (5, "duplicate id 'q03'"),
                           (6, "missing.txt"), (7, "JSON object"), (8, "exactly one")):  # fmt: skip
-        assert f"line {number}: " in done.stderr and words in done.stderr, (number, done.stderr)
-    assert "line 1:" not in done.stderr and "line 4:" not in done.stderr
+        assert f"line {number}: " in stderr and words in stderr, (number, stderr)
+    assert "line 1:" not in stderr and "line 4:" not in stderr
     assert not server.requests  # nothing ran
 
-    done = run_cli(*args, "--skip-bad", env=cli_env(), cwd=ROOT_DIR)
-    assert done.returncode == 1, done.stderr
+    code, stderr = in_process(capsys, *args, "--skip-bad")
+    assert code == 1, stderr
     records = {r["id"]: r for r in read_out(out)}
     assert records["q03"]["answer"] == "9" and records["q07"]["answer"] == "49"  # context_path: relative to the input
     bad = {k: v for k, v in records.items() if v["stop_reason"] == "bad_input"}
@@ -192,8 +211,8 @@ def test_bad_input_lines_are_named_and_skip_bad_records_them(tmp_path: Path, ser
 
     # the input fixed: a rerun tries the bad lines again and keeps the answered ones
     inp.write_text("\n".join([lines[0], lines[3], '{"id": "noquery", "query": "q", "context": "number 05"}']) + "\n")
-    done = run_cli(*args, env=cli_env(), cwd=ROOT_DIR)
-    assert done.returncode == 0, done.stderr
+    code, stderr = in_process(capsys, *args)
+    assert code == 0, stderr
     records = read_out(out)
     assert sorted(r["id"] for r in records[:2]) == ["q03", "q07"] and records[2]["id"] == "noquery"
     assert records[2]["answer"] == "25" and len(records) == 3
@@ -242,13 +261,16 @@ def closed_port() -> int:
 
 
 @pytest.mark.timeout(600)
-def test_an_endpoint_that_refuses_connections_is_a_setup_error(tmp_path: Path):
+def test_an_endpoint_that_refuses_connections_is_a_setup_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key_env: None
+):
     url = f"http://127.0.0.1:{closed_port()}/v1"
-    done = run_cli("run", "-m", MODEL, "--api-base", url, "--context", "-", "--query", "q",
-                   stdin="text", env=cli_env(), cwd=ROOT_DIR)  # fmt: skip
-    assert done.returncode == 2, done.stderr
-    assert url in done.stderr and "connection refused" in done.stderr
-    assert "InternalServerError" not in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "context.txt").write_text("text")
+    code, stderr = in_process(capsys, "run", "-m", MODEL, "--api-base", url, "--context",
+                              str(tmp_path / "context.txt"), "--query", "q")  # fmt: skip
+    assert code == 2, stderr
+    assert url in stderr and "connection refused" in stderr
+    assert "InternalServerError" not in stderr and "Traceback" not in stderr
     # a batch stops at the first item instead of recording one error per item
     items = [{"id": str(i), "query": "q", "context": "c"} for i in range(20)]
     started = time.monotonic()
@@ -256,3 +278,22 @@ def test_an_endpoint_that_refuses_connections_is_a_setup_error(tmp_path: Path):
         for _ in rlm.batch(items, model=MODEL, api_base=url, api_key=KEY, workers=2):
             raise AssertionError("no result expected")
     assert time.monotonic() - started < 60
+
+
+def test_only_the_ray_engine_imports_ray_and_batch_help_imports_neither_ray_nor_litellm():
+    importers = [
+        p.relative_to(ROOT_DIR).as_posix()
+        for p in (ROOT_DIR / "rlm").rglob("*.py")
+        if "import ray" in p.read_text() or "from ray" in p.read_text()
+    ]
+    assert importers == ["rlm/batching/ray_engine.py"]
+    code = (
+        "import sys, contextlib, io\n"
+        "import rlm, rlm.cli, rlm.batching\n"
+        "rlm.batch, rlm.BatchItem, rlm.BatchResult\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    rlm.cli.main(['batch', '--help'])\n"
+        "print(sorted(m for m in ('ray', 'litellm', 'openai') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT_DIR, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr
