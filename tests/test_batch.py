@@ -297,3 +297,24 @@ def test_only_the_ray_engine_imports_ray_and_batch_help_imports_neither_ray_nor_
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT_DIR, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_progress_line_and_summary():
+    import io
+
+    from rlm.batching.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(4, stream, live=True)
+    ok = rlm.BatchResult("a", "1", "final", 1, 0, 100, 20, 0.5, 1.0, None)
+    progress.add(ok)
+    progress.add(rlm.BatchResult("b", None, "error", 0, 0, 0, 0, None, 0.1, "boom \x1b[2J"))
+    progress.draw(force=True)
+    line = stream.getvalue().rsplit("\r", 1)[-1]
+    assert "2/4 done, 1 failed, 120 tokens, $0.5000" in line and "ETA " in line
+    summary = progress.summary("out.jsonl", already=3)
+    assert "2 of 4 item(s)" in summary and "1 answered, 1 failed, 0 skipped (budget)" in summary
+    assert "3 already in out.jsonl" in summary and "\x1b" not in stream.getvalue() + summary
+    quiet = io.StringIO()
+    Progress(4, quiet).add(ok)  # a StringIO is not a terminal: nothing drawn while running
+    assert quiet.getvalue() == ""

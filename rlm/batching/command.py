@@ -110,6 +110,9 @@ def _run(
         progress.add(record)
     interrupted, stopped = False, None
     try:
+        if not todo:  # nothing to run: start no engine (no Ray instance, no sandbox)
+            print(progress.summary(str(results.path), already=already), file=sys.stderr)
+            return EXIT_OK if not bad else EXIT_FAILED
         runs = batch(
             todo,
             model=args.model,
