@@ -12,9 +12,10 @@ driver's CPU seconds per item to show it.
     .venv/bin/python bench/batch.py --items 50 --no-ray  # quicker
 
 litellm's first call in a process costs seconds (imports); the local rows
-are measured after one warm-up call. The ray row includes starting a local
-Ray instance and its workers' first calls; its "first result" column shows
-that start-up, and "steady" the rate after it.
+are measured after one warm-up call. The ray row runs on a local Ray
+instance with ``--ray-workers`` CPUs started before the clock starts; it
+includes its worker processes' start (each imports rlm and litellm), which
+the "first result" column shows, and "steady" is the rate after it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ def _run(srv: LLMServer, n: int, engine: str, workers: int) -> dict[str, float]:
     }
 
 
+def _start_ray(cpus: int) -> None:
+    """A local Ray instance for the ray row (its start is not timed; on a busy machine Ray's fixed
+    30 s start-up wait can run out, so try a few times)."""
+    import ray
+
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as exc:
+            ray.shutdown()
+            print(f"ray did not start ({exc}); attempt {attempt + 2} of 3", file=sys.stderr)
+    raise SystemExit("ray did not start")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--items", type=int, default=200)
@@ -78,7 +94,13 @@ def main() -> int:
             rows.append(("local", workers, _run(srv, args.items, "local", workers)))
             print(f"local x{workers}: {rows[-1][2]['rate']:.1f} items/s", file=sys.stderr, flush=True)
         if not args.no_ray:
-            rows.append(("ray", args.ray_workers, _run(srv, args.items, "ray", args.ray_workers)))
+            _start_ray(args.ray_workers)
+            try:
+                rows.append(("ray", args.ray_workers, _run(srv, args.items, "ray", args.ray_workers)))
+            finally:
+                import ray
+
+                ray.shutdown()
     print(f"\n{args.items} items, model latency {args.latency * 1000:.0f} ms, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
     print(

@@ -184,14 +184,17 @@ def schedule(
             done = engine.wait(poll_s)
             if not done and on_idle is not None:
                 on_idle()
+            fatal = None
             for _item, outcome in done:
                 in_flight -= 1
-                fatal = outcome.get("fatal")
-                if fatal:
-                    raise fatal_error(fatal[0], fatal[1])
+                if outcome.get("fatal"):
+                    fatal = fatal or outcome["fatal"]
+                    continue
                 result = BatchResult.from_record(outcome["record"])
                 spent += result.cost_usd or 0.0
-                yield result
+                yield result  # the runs that finished are kept, even beside a fatal failure
+            if fatal:
+                raise fatal_error(fatal[0], fatal[1])
     finally:
         engine.close(cancel=not finished_cleanly)
 

@@ -113,10 +113,10 @@ class RayEngine:
                 init["num_cpus"] = workers
             try:
                 ray.init(**init)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ConfigurationError(
-                    f"cannot join the Ray cluster at {address or 'local'}: {exc}"
-                ) from None
+            except Exception as exc:  # ConnectionError, a start-up timeout (a bare Exception in Ray) ...
+                ray.shutdown()
+                where = f"join the Ray cluster at {address}" if address else "start a local Ray instance"
+                raise ConfigurationError(f"cannot {where}: {exc}") from None
             self._owns_ray = True
         cpus = int(ray.cluster_resources().get("CPU", 1) or 1)  # type: ignore[no-untyped-call, unused-ignore]
         self.capacity = workers or max(1, cpus)
