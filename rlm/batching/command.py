@@ -52,7 +52,10 @@ def _read(path: Path) -> tuple[list[BatchItem], list[InputProblem]]:
     items: list[BatchItem] = []
     problems: list[InputProblem] = []
     for entry in read_input(path):
-        (problems if isinstance(entry, InputProblem) else items).append(entry)  # type: ignore[arg-type]
+        if isinstance(entry, InputProblem):
+            problems.append(entry)
+        else:
+            items.append(entry)
     return items, problems
 
 

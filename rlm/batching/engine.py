@@ -285,8 +285,12 @@ def batch(
 
     def start() -> Engine:  # on the first next(): a batch never iterated starts no thread and no Ray
         if engine == "ray":
-            from rlm.batching.ray_engine import RayEngine
-
+            try:
+                from rlm.batching.ray_engine import RayEngine
+            except ImportError as exc:
+                raise ConfigurationError(
+                    f"the ray engine needs Ray: pip install 'rlm[ray]' ({exc})"
+                ) from None
             return RayEngine(settings, address=ray_address, workers=workers, api_key=api_key)
         return LocalEngine(settings, workers=workers or os.cpu_count() or 1, api_key=api_key)
 
