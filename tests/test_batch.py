@@ -278,6 +278,11 @@ def test_an_endpoint_that_refuses_connections_is_a_setup_error(
         for _ in rlm.batch(items, model=MODEL, api_base=url, api_key=KEY, workers=2):
             raise AssertionError("no result expected")
     assert time.monotonic() - started < 60
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(inp, 20)
+    code, stderr = in_process(capsys, "batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base", url)
+    assert code == 2 and "stopped:" in stderr and "connection refused" in stderr and url in stderr, stderr
+    assert read_out(out) == []  # no error line per item: rerunning once the server is up runs them all
 
 
 def test_only_the_ray_engine_imports_ray_and_batch_help_imports_neither_ray_nor_litellm():
