@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[dev,plot,browser,mcp]'
+	$(BIN)/python -m pip install -q -e '.[dev,plot,browser,mcp,ray]'
 	@touch $@ $(VENV)/.installed
 
 # The browser tests of `rlm view` drive Debian's chromium (Playwright never downloads a browser here).

@@ -3,7 +3,9 @@
 ``rlm.run(query, context, model=...)`` and ``rlm.RLM(...).completion(context,
 root_prompt=...)`` answer a question about a context far longer than a prompt
 window: the context lives in a sandboxed REPL, the model explores it with code
-and sub-model calls, and ends with ``FINAL(answer)``.
+and sub-model calls, and ends with ``FINAL(answer)``. ``rlm.batch(items,
+model=...)`` runs many such questions at once and yields each result as it
+finishes.
 
 Public names are loaded lazily: ``import rlm`` (and ``rlm --help``) does not
 import litellm or start anything.
@@ -21,6 +23,7 @@ from rlm.errors import (
     ConfigurationError,
     ContextWindowExceeded,
     ModelError,
+    ModelUnreachable,
     ProviderUnavailable,
     RateLimited,
     RLMError,
@@ -31,6 +34,8 @@ from rlm.errors import (
 __all__ = [
     "RLM",
     "AuthenticationError",
+    "BatchItem",
+    "BatchResult",
     "BudgetExceeded",
     "Completion",
     "ConfigurationError",
@@ -38,6 +43,7 @@ __all__ = [
     "LiteLLMBackend",
     "ModelBackend",
     "ModelError",
+    "ModelUnreachable",
     "ModelUsage",
     "ProviderUnavailable",
     "RLMError",
@@ -46,6 +52,7 @@ __all__ = [
     "SandboxFailure",
     "ScriptedBackend",
     "UnknownModelError",
+    "batch",
     "run",
 ]
 
@@ -58,10 +65,14 @@ _EXPORTS = {
     "LiteLLMBackend": "rlm.backend",
     "ModelBackend": "rlm.backend",
     "ScriptedBackend": "rlm.backend",
+    "batch": "rlm.batching",
+    "BatchItem": "rlm.batching",
+    "BatchResult": "rlm.batching",
 }
 
 if TYPE_CHECKING:
     from rlm.backend import LiteLLMBackend, ModelBackend, ScriptedBackend
+    from rlm.batching import BatchItem, BatchResult, batch
     from rlm.core import RLM, run
     from rlm.llm import Completion
     from rlm.result import ModelUsage, RLMResult

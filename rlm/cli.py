@@ -199,7 +199,13 @@ def _run_error(args: argparse.Namespace, message: str, code: int) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rlm.errors import AuthenticationError, ConfigurationError, RLMError, UnknownModelError
+    from rlm.errors import (
+        AuthenticationError,
+        ConfigurationError,
+        ModelUnreachable,
+        RLMError,
+        UnknownModelError,
+    )
 
     if not args.model:
         return _run_error(args, "no model: pass -m MODEL or set RLM_MODEL", EXIT_USAGE)
@@ -230,7 +236,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             max_time_s=args.max_time,
             verbose=args.verbose,
         )
-    except (ConfigurationError, AuthenticationError, UnknownModelError) as exc:
+    except (ConfigurationError, AuthenticationError, UnknownModelError, ModelUnreachable) as exc:
+        # ModelUnreachable reaches here only from the first call (later ones stop the run instead):
+        # a wrong --api-base or a server that is down is a setup error, like a bad key.
         return _run_error(args, str(exc), EXIT_USAGE)
     except RLMError as exc:
         return _run_error(args, str(exc), EXIT_FAILED)
@@ -390,6 +398,67 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------ batch
+def _add_batch_parser(sub: Any) -> None:
+    import os
+
+    p = sub.add_parser(
+        "batch",
+        help="answer many questions from a JSONL file, resumably, on this machine or a Ray cluster",
+        description=(
+            'Run one RLM per line of INPUT ({"id", "query", "context"} or {"id", "query", "context_path"}) '
+            "and append one result line per item to OUT as each finishes. Ids already in OUT are skipped, "
+            "so rerunning the command after a crash or Ctrl-C runs only what is missing. Exit status: 0 "
+            "every item answered, 1 some failed or were skipped, 2 usage, bad input or a setup failure "
+            "(key, model, endpoint, sandbox), 130 Ctrl-C."
+        ),
+    )
+    p.add_argument("input", metavar="INPUT.jsonl", help="one item per line")
+    p.add_argument("--out", required=True, metavar="OUT.jsonl", help="results, appended one line per item")
+    p.add_argument(
+        "-m", "--model", default=os.environ.get("RLM_MODEL"), help="root model (default: $RLM_MODEL)"
+    )
+    p.add_argument("--sub-model", help="model for llm_query sub-calls (default: the root model)")
+    p.add_argument("--api-base", help="base URL of an OpenAI-compatible or proxy endpoint, for every model")
+    p.add_argument(
+        "--workers", type=int, metavar="N", help="runs at once (default: CPUs here, or the cluster's)"
+    )
+    p.add_argument(
+        "--engine", choices=("local", "ray"), default="local", help="where runs happen (default: local)"
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="Ray cluster to join ('auto': the one on this machine); default: start a local Ray instance",
+    )
+    p.add_argument("--budget-usd", type=float, metavar="X", help="start no item once the batch has cost X")
+    p.add_argument("--item-budget-usd", type=float, metavar="X", help="stop any one run that has cost X")
+    p.add_argument("--policy", default="default", help="sandbox policy name or .toml path (default: default)")
+    p.add_argument(
+        "--log-dir", help="write each run's trajectory and audit log here (on the node that runs it)"
+    )
+    p.add_argument(
+        "--max-iterations", type=int, default=20, metavar="K", help="root turns per run (default: 20)"
+    )
+    p.add_argument(
+        "--max-depth", type=int, default=1, metavar="N", help="recursion depth per run (default: 1)"
+    )
+    p.add_argument(
+        "--max-sub-calls", type=int, metavar="N", help="stop any one run after this many sub-calls"
+    )
+    p.add_argument("--max-time", type=float, metavar="SECONDS", help="stop any one run after this wall time")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="record bad input lines as errors and run the rest"
+    )
+    p.set_defaults(func=_cmd_batch)
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from rlm.batching.command import run_batch_command
+
+    return run_batch_command(args)
+
+
 # ------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlm", description="Recursive Language Models on a hardened sandbox.")
@@ -430,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(sub)
     _add_view_parser(sub)
     _add_mcp_parser(sub)
+    _add_batch_parser(sub)
     return parser
 
 

@@ -15,7 +15,8 @@ The tree::
     │   ├── UnknownModelError       litellm cannot route the model string to a provider
     │   ├── ContextWindowExceeded   the prompt does not fit the model's context window
     │   ├── RateLimited             the provider refused the call for rate or quota reasons (retried)
-    │   └── ProviderUnavailable     a timeout, a connection failure or a 5xx from the provider (retried)
+    │   ├── ProviderUnavailable     a timeout, a dropped connection or a 5xx from the provider (retried)
+    │   └── ModelUnreachable        no connection to the model's endpoint at all (refused, unknown host, ...)
     ├── BudgetExceeded              a budget (sub-calls, tokens, cost, time) is used up
     └── SandboxFailure              the sandbox could not be started or used
 """
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigurationError",
     "ContextWindowExceeded",
     "ModelError",
+    "ModelUnreachable",
     "ProviderUnavailable",
     "RLMError",
     "RateLimited",
@@ -75,6 +77,14 @@ class RateLimited(ModelError):
 
 class ProviderUnavailable(ModelError):
     """The call timed out, could not connect, or the provider answered 5xx. The loop retries it."""
+
+
+class ModelUnreachable(ModelError):
+    """The model's endpoint could not be reached: connection refused, unknown host, no route.
+
+    On a run's first call this is a configuration error (a wrong ``api_base``,
+    a server that is down), like a bad key: the CLI exits 2 and a batch stops.
+    """
 
 
 class BudgetExceeded(RLMError):

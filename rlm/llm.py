@@ -17,6 +17,8 @@ reads its bundled price map instead of fetching one over the network.
   tokens come back in :class:`Completion` (``cache_read_tokens``,
   ``cache_write_tokens``) for every provider that reports them, and litellm's
   cost prices them.
+- a call that could not connect at all is :class:`~rlm.errors.ModelUnreachable`, naming
+  the URL and why (connection refused, unknown host ...).
 
 API keys are passed straight to litellm and kept nowhere else.
 """
@@ -34,6 +36,7 @@ from rlm.errors import (
     AuthenticationError,
     ContextWindowExceeded,
     ModelError,
+    ModelUnreachable,
     ProviderUnavailable,
     RateLimited,
     UnknownModelError,
@@ -203,8 +206,41 @@ def _retry_after(exc: Exception) -> float | None:
         return None
 
 
-def _map_error(exc: Exception, model: str, api_key: str | None) -> ModelError:
+#: Exceptions (by class name, so that httpx and openai need not be imported) that mean no connection was made.
+_NO_CONNECTION = {
+    "ConnectionRefusedError": "connection refused",
+    "gaierror": "unknown host",
+    "ConnectTimeout": "connection timed out",
+    "ConnectError": "cannot connect",
+}
+
+
+def _no_connection(exc: BaseException) -> str | None:
+    """Why no connection to the endpoint could be made, found in the exception's chain; None otherwise.
+
+    A connection that was made and then broke (a read error, a reset) is not one of these.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    found: str | None = None
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        why = _NO_CONNECTION.get(type(current).__name__)
+        text = str(current).lower()
+        if why is None and ("connection refused" in text or "errno 111" in text):
+            why = "connection refused"
+        if why is not None and (found is None or found == "cannot connect"):
+            found = why  # keep looking for the most precise reason down the chain
+        current = current.__cause__ or current.__context__
+    return found
+
+
+def _map_error(exc: Exception, model: str, api_key: str | None, api_base: str | None = None) -> ModelError:
     litellm = _lib()
+    why = _no_connection(exc)
+    if why is not None:
+        where = api_base or "the provider's API endpoint"
+        return ModelUnreachable(_scrub(f"{model}: cannot connect to {where}: {why}", api_key), model=model)
     message = _scrub(str(exc), api_key).strip() or type(exc).__name__
     if len(message) > 600:
         message = message[:600] + " ..."
@@ -302,7 +338,7 @@ def complete(
     except ModelError:
         raise
     except Exception as exc:
-        raise _map_error(exc, model, call.get("api_key")) from None
+        raise _map_error(exc, model, call.get("api_key"), call.get("api_base")) from None
     return _completion_from(response, model, messages, started)
 
 
@@ -323,7 +359,7 @@ async def acomplete(
     except ModelError:
         raise
     except Exception as exc:
-        raise _map_error(exc, model, call.get("api_key")) from None
+        raise _map_error(exc, model, call.get("api_key"), call.get("api_base")) from None
     return _completion_from(response, model, messages, started)
 
 

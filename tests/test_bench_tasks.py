@@ -793,3 +793,22 @@ def test_salary_names_stay_unique_past_the_plain_names() -> None:
     names = [SALARY_LINE.match(r)["name"] for r in t.context.splitlines()[1:]]  # type: ignore[index]
     assert len(set(names)) == 3000 and any(re.search(r" [A-Z]\. ", n) for n in names)
     assert t.expected == f"${engineering_total(t.context):,}"
+
+
+def test_runner_runs_the_rlm_runs_through_the_batch_engine_with_workers(
+    server: LLMServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.set_latency(0.2)
+    argv = _bench(
+        server, tmp_path, "--sizes", "5,12", "--repeats", "2", "--model", "openai/root", "--workers", "4"
+    )
+    assert main([*argv, "-q"]) == 0
+    records = _records(tmp_path)
+    tasks = [generate("salary", size, seed) for size in (5, 12) for seed in (0, 1)]
+    assert sorted((r["size"], r["seed"]) for r in records) == [(t.size, t.seed) for t in tasks]
+    assert all(r["rlm_correct"] and r["rlm_answer"] == r["expected"] for r in records)
+    # the four runs overlapped: their first root calls reached the server within one latency of each other
+    firsts = sorted(q.received_at for q in server.requests if len(q.messages) == 2)
+    assert len(firsts) == 4 and firsts[-1] - firsts[0] < 0.2 * 4
+    out = capsys.readouterr().out
+    assert "RLM accuracy: 4/4 (100%)" in out

@@ -185,6 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="X",
         help="stop any single RLM run that spends more than X dollars (default: no limit)",
     )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="RLM runs at once, each with its own sandbox (default: 1); direct calls stay one at a time",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="where the RLM runs happen, as in `rlm batch`: threads here, or Ray tasks (default: local)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="with --engine ray: the cluster to join ('auto': the one on this machine; default: a local one)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -230,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out=args.out if args.out is not None else args.log_dir / "results.jsonl",
         max_iterations=args.max_iterations,
         rlm_options=options,
+        workers=args.workers,
+        engine=args.engine,
+        ray_address=args.ray_address,
     )
     try:  # a size a generator cannot make (e.g. niah shorter than its fact) is a usage error
         for size in cfg.sizes:

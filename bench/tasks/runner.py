@@ -32,6 +32,7 @@ __all__ = [
     "run_benchmark",
     "run_direct",
     "run_rlm",
+    "run_rlm_all",
 ]
 
 #: The fields of a JSONL record, in order (pinned: tests outside this repo read them).
@@ -88,6 +89,10 @@ class BenchConfig:
     max_iterations: int = 20
     #: Further keywords for ``rlm.run`` (``max_depth``, ``policy``, ``max_cost_usd``, ...).
     rlm_options: dict[str, Any] = field(default_factory=dict)
+    #: RLM runs at once, and where they run: the engines of ``rlm.batch`` ("local" or "ray").
+    workers: int = 1
+    engine: str = "local"
+    ray_address: str | None = None
 
     def tasks(self) -> Iterator[Task]:
         """The generated tasks in run order: every size, repeat i with seed ``seed + i``."""
@@ -120,11 +125,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def run_rlm(task: Task, cfg: BenchConfig) -> RLMOutcome:
-    """Run the RLM on *task*. Errors of one run are recorded; a bad key, model or setting aborts the bench."""
-    import rlm
-    from rlm.errors import AuthenticationError, ConfigurationError, UnknownModelError
-
+def _rlm_kwargs(cfg: BenchConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(cfg.rlm_options)
     kwargs.update(model=cfg.model, log_dir=str(cfg.log_dir), max_iterations=cfg.max_iterations)
     if cfg.sub_model:
@@ -133,6 +134,15 @@ def run_rlm(task: Task, cfg: BenchConfig) -> RLMOutcome:
         kwargs["api_base"] = cfg.api_base
     if cfg.api_key:
         kwargs["api_key"] = cfg.api_key
+    return kwargs
+
+
+def run_rlm(task: Task, cfg: BenchConfig) -> RLMOutcome:
+    """Run the RLM on *task*. Errors of one run are recorded; a bad key, model or setting aborts the bench."""
+    import rlm
+    from rlm.errors import AuthenticationError, ConfigurationError, UnknownModelError
+
+    kwargs = _rlm_kwargs(cfg)
     start = time.perf_counter()
     try:
         result = rlm.run(task.question, task.context, **kwargs)
@@ -154,6 +164,31 @@ def run_rlm(task: Task, cfg: BenchConfig) -> RLMOutcome:
         stop_reason=getattr(result, "stop_reason", None),
         log_path=None if log_path is None else str(log_path),
     )
+
+
+def run_rlm_all(tasks: Sequence[Task], cfg: BenchConfig) -> Iterator[tuple[int, RLMOutcome]]:
+    """Run the RLM on every task through ``rlm.batch`` (``cfg.workers`` at once on ``cfg.engine``);
+    yield ``(index in tasks, outcome)`` as each run finishes. A failure that would fail every run
+    (bad key, unknown model, unreachable endpoint, unusable setting) raises BenchAborted."""
+    import rlm
+    from rlm.errors import ConfigurationError, RLMError
+
+    items = [rlm.BatchItem(str(i), task.question, context=task.context) for i, task in enumerate(tasks)]
+    try:
+        runs = rlm.batch(
+            items, workers=cfg.workers, engine=cfg.engine, ray_address=cfg.ray_address, **_rlm_kwargs(cfg)
+        )
+        for result in runs:
+            answer = None if result.answer is None else str(result.answer)
+            error = result.error if answer is None else None
+            yield (
+                int(result.id),
+                RLMOutcome(answer, result.cost_usd, result.time_s, error, result.stop_reason),
+            )
+    except ConfigurationError as exc:  # e.g. an unknown --policy: every run would fail the same way
+        raise BenchAborted(f"RLM settings: {exc}") from exc
+    except RLMError as exc:
+        raise BenchAborted(f"RLM model {cfg.model!r}: {exc}") from exc
 
 
 def direct_messages(task: Task) -> list[dict[str, str]]:
@@ -294,16 +329,21 @@ def _warm_up(cfg: BenchConfig) -> None:
 def run_benchmark(cfg: BenchConfig, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Run every (size, repeat) of *cfg*; each record is appended to ``cfg.out`` as soon as it exists.
 
+    The RLM runs go through ``rlm.batch`` (``cfg.workers`` at once, on ``cfg.engine``); each direct
+    call is made here when its task's RLM run has finished. Records are appended in the order runs
+    finish and returned in task order.
+
     Raises :class:`BenchAborted` when the RLM model cannot be used at all (the
     records finished before that are already written).
     """
     say = progress or (lambda _msg: None)
     _warm_up(cfg)
-    records: list[dict[str, Any]] = []
-    total = len(cfg.sizes) * cfg.repeats
-    for n, task in enumerate(cfg.tasks(), start=1):
+    tasks = list(cfg.tasks())
+    done: dict[int, dict[str, Any]] = {}
+    total = len(tasks)
+    for n, (index, rlm_out) in enumerate(run_rlm_all(tasks, cfg), start=1):
+        task = tasks[index]
         say(f"[{n}/{total}] {task.name} size={task.size:,} seed={task.seed} ({len(task.context):,} chars)")
-        rlm_out = run_rlm(task, cfg)
         if rlm_out.error:
             say(f"  RLM: failed in {rlm_out.time_s:.1f}s: {rlm_out.error}")
         else:
@@ -323,7 +363,7 @@ def run_benchmark(cfg: BenchConfig, progress: Progress | None = None) -> list[di
         elif direct.status != "skipped":
             say(f"  direct: {direct.status}" + (f" ({direct.error})" if direct.error else ""))
         record = make_record(task, rlm_out, direct)
-        records.append(record)
+        done[index] = record
         if cfg.out is not None:
             append_jsonl(cfg.out, record)
-    return records
+    return [done[i] for i in sorted(done)]

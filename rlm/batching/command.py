@@ -1,0 +1,153 @@
+"""``rlm batch INPUT.jsonl --out OUT.jsonl -m MODEL ...``: the command behind the CLI's ``batch`` block.
+
+Exit status: 0 when every item of the input has an answer in OUT; 1 when
+some item failed or was skipped for the budget (its line says why); 2 for
+usage errors, bad input without ``--skip-bad``, and failures that would fail
+every item (a rejected key, an unknown model, an endpoint that refuses
+connections, a missing sandbox layer); 130 on Ctrl-C. Whatever the status,
+the lines already in OUT are whole and final, and rerunning the same command
+runs only the items that are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from rlm.batching.engine import BatchResult, batch
+from rlm.batching.items import BatchItem, InputProblem, read_input
+from rlm.batching.outfile import ResultsFile
+from rlm.batching.progress import Progress
+from rlm.batching.worker import error_record
+from rlm.errors import RLMError
+
+__all__ = ["run_batch_command"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+_SHOWN_PROBLEMS = 20
+
+
+def _say(message: str) -> None:
+    print(f"rlm batch: {message}", file=sys.stderr, flush=True)
+
+
+def _bad_records(problems: list[InputProblem], taken: set[str], done: set[str]) -> list[BatchResult]:
+    """The output lines standing for bad input lines (--skip-bad): the line's id, or ``line:N``."""
+    records = []
+    for problem in problems:
+        if problem.id is not None and problem.id in done:
+            continue  # already answered under this id by an earlier run
+        record_id = problem.id or f"line:{problem.line}"
+        while record_id in taken:
+            record_id += "'"
+        taken.add(record_id)
+        records.append(BatchResult.from_record(error_record(record_id, "bad_input", str(problem))))
+    return records
+
+
+def _read(path: Path) -> tuple[list[BatchItem], list[InputProblem]]:
+    items: list[BatchItem] = []
+    problems: list[InputProblem] = []
+    for entry in read_input(path):
+        if isinstance(entry, InputProblem):
+            problems.append(entry)
+        else:
+            items.append(entry)
+    return items, problems
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    """Run ``rlm batch`` with parsed arguments (see :func:`rlm.cli._add_batch_parser`)."""
+    if not args.model:
+        _say("no model: pass -m MODEL or set RLM_MODEL")
+        return EXIT_USAGE
+    for flag in ("workers", "max_iterations", "max_depth"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            _say(f"--{flag.replace('_', '-')} must be at least 1")
+            return EXIT_USAGE
+    source, out = Path(args.input), Path(args.out)
+    with contextlib.suppress(OSError):
+        if out.exists() and os.path.samefile(source, out):
+            _say("--out must not be the input file")
+            return EXIT_USAGE
+    try:
+        items, problems = _read(source)
+    except RLMError as exc:
+        _say(str(exc))
+        return EXIT_USAGE
+    if problems and not args.skip_bad:
+        for problem in problems[:_SHOWN_PROBLEMS]:
+            _say(f"{source}: {problem}")
+        if len(problems) > _SHOWN_PROBLEMS:
+            _say(f"... and {len(problems) - _SHOWN_PROBLEMS} more bad line(s)")
+        _say(
+            f"{len(problems)} bad line(s); nothing was run (--skip-bad records them as errors and runs the rest)"
+        )
+        return EXIT_USAGE
+    try:
+        with ResultsFile(out) as results:
+            return _run(args, items, problems, results)
+    except RLMError as exc:
+        _say(str(exc))
+        return EXIT_USAGE
+    finally:
+        from sandbox import shutdown
+
+        shutdown()  # no helper process outlives the command (runs abandoned by Ctrl-C included)
+
+
+def _run(
+    args: argparse.Namespace, items: list[BatchItem], problems: list[InputProblem], results: ResultsFile
+) -> int:
+    done = set(results.done)
+    todo = [item for item in items if item.id not in done]
+    bad = _bad_records(problems, {item.id for item in items} | done, done)
+    already = len(items) - len(todo)
+    progress = Progress(len(todo) + len(bad))
+    for record in bad:
+        results.append(record.record())
+        progress.add(record)
+    interrupted, stopped = False, None
+    try:
+        if not todo:  # nothing to run: start no engine (no Ray instance, no sandbox)
+            print(progress.summary(str(results.path), already=already), file=sys.stderr)
+            return EXIT_OK if not bad else EXIT_FAILED
+        runs = batch(
+            todo,
+            model=args.model,
+            workers=args.workers,
+            engine=args.engine,
+            ray_address=args.ray_address,
+            budget_usd=args.budget_usd,
+            sub_model=args.sub_model,
+            api_base=args.api_base,
+            policy=args.policy,
+            log_dir=args.log_dir,
+            max_iterations=args.max_iterations,
+            max_depth=args.max_depth,
+            max_sub_calls=args.max_sub_calls,
+            max_time_s=args.max_time,
+            max_cost_usd=args.item_budget_usd,
+            on_idle=progress.draw,
+        )
+        with contextlib.closing(runs):
+            for result in runs:
+                results.append(result.record())
+                progress.add(result)
+    except KeyboardInterrupt:
+        interrupted = True
+    except RLMError as exc:  # a failure that would fail every item (see rlm.batching.worker.FATAL_ERRORS)
+        stopped = exc
+    print(progress.summary(str(results.path), already=already, interrupted=interrupted), file=sys.stderr)
+    if interrupted:
+        _say("stopped by Ctrl-C; rerun the same command to run the items that are missing")
+        return EXIT_INTERRUPTED
+    if stopped is not None:
+        _say(f"stopped: {stopped}")
+        return EXIT_USAGE
+    complete = progress.done == progress.total and progress.failed == 0 and progress.skipped == 0
+    return EXIT_OK if complete else EXIT_FAILED

@@ -1,0 +1,213 @@
+"""The output of a batch: a JSONL file of results, written so that a crash never corrupts it.
+
+Rules that make a batch resumable:
+
+- each result is one line, written with a single ``write`` on a file opened
+  ``O_APPEND``; nothing is buffered in this process, so a kill (``-9``
+  included) leaves the lines written so far, whole;
+- one batch at a time writes a file: a second one is refused while the first
+  holds ``OUT.lock`` (an ``flock``, released by the kernel when the holder
+  dies, so a killed batch never blocks the next one);
+- on opening, a last line without its newline (a write cut by a crash or a
+  full disk) is dropped, and so are records that stand for no real run
+  (``stop_reason`` ``"skipped"`` or ``"bad_input"``): those items run again.
+  Such a repair writes a new file beside OUT and renames it over OUT, so a
+  crash during the repair leaves the old file or the new one, never half;
+- the ids of the remaining records are the items already done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from rlm.errors import ConfigurationError
+
+__all__ = ["RECORD_FIELDS", "RERUN_STOP_REASONS", "ResultsFile", "encode_record"]
+
+#: The fields of an output line, in order.
+RECORD_FIELDS: tuple[str, ...] = (
+    "id",
+    "answer",
+    "stop_reason",
+    "iterations",
+    "sub_calls",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "time_s",
+    "error",
+)
+
+#: Records with these stop reasons are not runs: a rerun drops them and tries their items again.
+RERUN_STOP_REASONS: frozenset[str] = frozenset({"skipped", "bad_input"})
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+    """One output line (UTF-8, ending in a newline); text that is not valid Unicode is escaped."""
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate in an answer: \\u escapes keep the line valid JSON
+        return (json.dumps(record, ensure_ascii=True) + "\n").encode("ascii")
+
+
+def _record_id(line: bytes) -> tuple[str, dict[str, Any]] | None:
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(data, dict) and isinstance(data.get("id"), str):
+        return data["id"], data
+    return None
+
+
+class ResultsFile:
+    """The output file of one batch, locked for the batch's lifetime.
+
+    ``with ResultsFile(path) as out:`` takes the lock, repairs the file and
+    reads it; ``out.done`` is then the set of ids already recorded and
+    ``out.append(record)`` adds one line. Raises ConfigurationError when
+    another batch holds the file or a line of it is not a result record.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.done: set[str] = set()
+        self.dropped = 0  # lines dropped by the repair (cut lines, skipped and bad-input records)
+        self._lock_fd: int | None = None
+        self._fd: int | None = None
+
+    # ------------------------------------------------------------------ lock
+    def _take_lock(self) -> None:
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise ConfigurationError(f"{self.lock_path}: {exc.strerror or exc}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise ConfigurationError(
+                    f"{self.path}: another rlm batch is writing this file (it holds {self.lock_path})"
+                ) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.lock_path))
+            except FileNotFoundError:
+                same = False  # the previous holder removed it after we opened it: take a fresh one
+            if same:
+                self._lock_fd = fd
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return
+            os.close(fd)
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.lock_path)  # unlinked while still held: a waiter re-checks the inode
+        os.close(fd)
+
+    # ---------------------------------------------------------------- repair
+    def _load(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ConfigurationError(f"{self.path}: {exc.strerror or exc}") from None
+        kept: list[bytes] = []
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                self.dropped += 1
+                continue
+            parsed = _record_id(line)
+            if parsed is None:
+                raise ConfigurationError(
+                    f"{self.path}: line {number} is not a batch result; fix it or write to another file"
+                )
+            self._keep(parsed, line, kept)
+        if tail.strip():
+            parsed = _record_id(tail)
+            if parsed is None:
+                self.dropped += 1  # a line cut short by a crash: its item runs again
+            else:
+                self._keep(parsed, tail, kept)  # whole but without its newline: the rewrite adds it
+        if self.dropped or tail:
+            self._replace(kept)
+
+    def _keep(self, parsed: tuple[str, dict[str, Any]], line: bytes, kept: list[bytes]) -> None:
+        record_id, record = parsed
+        if record.get("stop_reason") in RERUN_STOP_REASONS or record_id in self.done:
+            self.dropped += 1
+            return
+        self.done.add(record_id)
+        kept.append(line + b"\n")
+
+    def _replace(self, lines: list[bytes]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with tmp.open("wb") as fh:
+                fh.writelines(lines)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise ConfigurationError(f"{self.path}: cannot repair the file: {exc.strerror or exc}") from None
+
+    # ------------------------------------------------------------- lifecycle
+    def open(self) -> ResultsFile:
+        self._take_lock()
+        try:
+            self._load()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            self._release_lock()
+            raise ConfigurationError(f"{self.path}: {exc.strerror or exc}") from None
+        except BaseException:
+            self._release_lock()
+            raise
+        return self
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record as one line, at once (the id must not be in :attr:`done`)."""
+        if self._fd is None:
+            raise ConfigurationError(f"{self.path}: the results file is not open")
+        if record["id"] in self.done:
+            raise ConfigurationError(f"{self.path}: id {record['id']!r} is already recorded")
+        data = encode_record(record)
+        try:
+            written = os.write(self._fd, data)
+            while written < len(data):  # only on a full disk or a signal: finish or fail loudly
+                written += os.write(self._fd, data[written:])
+        except OSError as exc:
+            raise ConfigurationError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
+        self.done.add(record["id"])
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+            os.close(fd)
+        self._release_lock()
+
+    def __enter__(self) -> ResultsFile:
+        return self.open()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

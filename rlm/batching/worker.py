@@ -1,0 +1,162 @@
+"""Running one item of a batch, wherever an engine runs it (a thread here, a Ray task on another node).
+
+:func:`run_item` builds an :class:`~rlm.core.RLM` from :class:`RunSettings`,
+answers one question and returns a plain dict: the output record, and
+``fatal`` when the failure says the whole batch cannot work (a rejected or
+missing key, an unknown model, an endpoint that refuses connections, a
+sandbox layer missing on this machine). Everything it returns is plain data
+that crosses a process boundary unchanged, and none of it holds a key.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlm.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ModelUnreachable,
+    RLMError,
+    SandboxFailure,
+    UnknownModelError,
+)
+
+__all__ = ["FATAL_ERRORS", "RunSettings", "check_sandbox", "error_record", "fatal_error", "run_item"]
+
+#: Failures of one item that would fail every item the same way: the batch stops at the first.
+FATAL_ERRORS: tuple[type[RLMError], ...] = (
+    AuthenticationError,
+    UnknownModelError,
+    ModelUnreachable,
+    ConfigurationError,
+)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every run of a batch gets: models, sandbox policy, per-run limits. Never a key.
+
+    ``policy`` is a loaded :class:`sandbox.Policy` (plain data: it crosses to
+    Ray workers as is). ``log_dir`` is a path on the machine that runs the item.
+    ``max_cost_usd`` is the per-run cost limit (``None``: only the batch budget).
+    """
+
+    model: str
+    policy: Any
+    sub_model: str | None = None
+    api_base: str | None = None
+    log_dir: str | None = None
+    max_iterations: int = 20
+    max_depth: int = 1
+    max_sub_calls: int | None = None
+    max_time_s: float | None = None
+    max_cost_usd: float | None = None
+    rlm_options: dict[str, Any] = field(default_factory=dict)
+
+
+def error_record(item_id: str, stop_reason: str, error: str, time_s: float = 0.0) -> dict[str, Any]:
+    """The output record of an item that did not run to a result."""
+    return {
+        "id": item_id,
+        "answer": None,
+        "stop_reason": stop_reason,
+        "iterations": 0,
+        "sub_calls": 0,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cost_usd": None,
+        "time_s": round(time_s, 3),
+        "error": error,
+    }
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "[REDACTED]")
+    return text
+
+
+def _secrets(api_key: str | None) -> list[str]:
+    """Values never to show in a record: the key given, and every provider key in the environment."""
+    values = [v for k, v in os.environ.items() if k.endswith("_API_KEY") and len(v) >= 8]
+    if api_key and len(api_key) >= 4:
+        values.append(api_key)
+    return sorted(set(values), key=len, reverse=True)
+
+
+def check_sandbox(policy: Any, where: str = "") -> None:
+    """Start and close one sandbox with *policy*: a layer the policy requires but this machine lacks
+    raises SandboxFailure naming the layer (and *where*, e.g. the node)."""
+    from sandbox import Sandbox
+    from sandbox.errors import SandboxError
+
+    try:
+        with Sandbox(policy.override({"audit.enabled": False})) as sb:
+            sb.execute("pass")
+    except SandboxError as exc:
+        place = f" on {where}" if where else ""
+        raise SandboxFailure(f"cannot start the sandbox{place}: {exc}") from None
+
+
+def run_item(
+    item_id: str,
+    query: str,
+    context: str,
+    settings: RunSettings,
+    *,
+    api_key: str | None = None,
+    cost_cap_usd: float | None = None,
+) -> dict[str, Any]:
+    """Run one item. Returns ``{"record": {...}, "fatal": None | [error class name, message]}``."""
+    from rlm.core import RLM
+
+    started = time.perf_counter()
+    caps = [c for c in (settings.max_cost_usd, cost_cap_usd) if c is not None]
+    try:
+        rlm = RLM(
+            settings.model,
+            sub_model=settings.sub_model,
+            api_base=settings.api_base,
+            api_key=api_key,
+            policy=settings.policy,
+            log_dir=settings.log_dir,
+            max_iterations=settings.max_iterations,
+            max_depth=settings.max_depth,
+            max_sub_calls=settings.max_sub_calls,
+            max_time_s=settings.max_time_s,
+            max_cost_usd=min(caps) if caps else None,
+            **settings.rlm_options,
+        )
+        result = rlm.completion(context, root_prompt=query)
+    except FATAL_ERRORS as exc:
+        message = _scrub(str(exc), _secrets(api_key))
+        record = error_record(item_id, "error", message, time.perf_counter() - started)
+        return {"record": record, "fatal": [type(exc).__name__, message]}
+    except (RLMError, OSError, ValueError, RuntimeError) as exc:
+        message = _scrub(f"{type(exc).__name__}: {exc}", _secrets(api_key))
+        return {
+            "record": error_record(item_id, "error", message, time.perf_counter() - started),
+            "fatal": None,
+        }
+    record = {
+        "id": item_id,
+        "answer": result.answer,
+        "stop_reason": result.stop_reason,
+        "iterations": result.iterations,
+        "sub_calls": result.sub_calls,
+        "input_tokens": result.total_input_tokens,
+        "output_tokens": result.total_output_tokens,
+        "cost_usd": result.cost_usd,
+        "time_s": round(time.perf_counter() - started, 3),
+        "error": None if result.error is None else _scrub(result.error, _secrets(api_key)),
+    }
+    return {"record": record, "fatal": None}
+
+
+def fatal_error(kind: str, message: str) -> RLMError:
+    """The exception a worker's ``fatal`` stands for, rebuilt in the driver."""
+    classes: dict[str, type[RLMError]] = {cls.__name__: cls for cls in (*FATAL_ERRORS, SandboxFailure)}
+    return classes.get(kind, RLMError)(message)

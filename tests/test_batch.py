@@ -1,0 +1,325 @@
+"""``rlm batch`` and ``rlm.batch``: resumable, bounded, shown; against the loopback model server.
+
+Every run here is a real RLM: a real sandbox per item, litellm's HTTP path to
+tests/llm_server.py. The model's reply squares the number in the item's
+context, so each id has one right answer and a wrong context would show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import rlm
+from rlm.batching.outfile import RECORD_FIELDS, ResultsFile
+from rlm.errors import ConfigurationError, ModelUnreachable
+from tests.llm_server import ChatRequest, LLMServer
+
+ROOT_DIR = Path(__file__).resolve().parent.parent
+KEY = "sk-test-BATCHLEAK-5e6f7a8b9c0d"
+MODEL = "openai/gpt-4o-mini"  # in litellm's price map: every run has a cost
+SQUARE = "```repl\nn = int(context.split()[-1])\nFINAL(str(n * n))\n```"
+
+
+def square_reply(request: ChatRequest) -> str:
+    return SQUARE
+
+
+def write_items(path: Path, n: int) -> list[dict[str, str]]:
+    items = [{"id": f"q{i:02d}", "query": "What is the square of the number?", "context": f"number {i:02d}"}
+             for i in range(n)]  # fmt: skip
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return items
+
+
+def expected(item_id: str) -> str:
+    return str(int(item_id[1:]) ** 2)
+
+
+def read_out(path: Path) -> list[dict]:
+    text = path.read_text()
+    assert text == "" or text.endswith("\n"), "the output ends with a cut line"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env.update(OPENAI_API_KEY=KEY, PYTHONPATH=str(ROOT_DIR))
+    return env
+
+
+def batch_argv(inp: Path, out: Path, srv: LLMServer, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rlm", "batch", str(inp), "--out", str(out), "-m", MODEL,
+            "--api-base", srv.base_url, *extra]  # fmt: skip
+
+
+def wait_for_lines(out: Path, n: int, proc: subprocess.Popen[str], timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out.exists() and out.read_text().count("\n") >= n:
+            return
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {n} lines in {out} after {timeout} s")
+
+
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """``rlm ARGS`` through the CLI's main() in this process (litellm is imported once for the module)."""
+    from rlm.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [k for k in os.environ if k.endswith("_API_KEY")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+
+@pytest.fixture
+def server() -> Iterator[LLMServer]:
+    with LLMServer(square_reply, latency_s=0.1) as srv:
+        yield srv
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill_9_then_ctrl_c_then_rerun_gives_each_id_once_with_its_answer(tmp_path: Path, server: LLMServer):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(inp, 50)
+    env = cli_env()
+    # 1. killed with SIGKILL partway
+    proc = subprocess.Popen(batch_argv(inp, out, server, "--workers", "4"), env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_for_lines(out, 8, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    after_kill = read_out(out)
+    assert 8 <= len(after_kill) < 50
+    # 2. a rerun, interrupted with SIGINT (Ctrl-C) once it has added lines; a second writer meanwhile is refused
+    proc = subprocess.Popen(batch_argv(inp, out, server, "--workers", "2"), env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_for_lines(out, len(after_kill) + 3, proc)
+    second = subprocess.run(batch_argv(inp, out, server), env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert second.returncode == 2 and "another rlm batch is writing" in second.stderr, second.stderr
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    after_int = read_out(out)
+    assert after_int[: len(after_kill)] == after_kill  # lines are only ever appended
+    assert len(after_kill) + 3 <= len(after_int) < 50
+    # 3. the rerun finishes the rest
+    root_calls_before = len(server.requests)
+    done = subprocess.run(batch_argv(inp, out, server, "--workers", "4"), env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"{len(after_int)} already in" in done.stderr
+    records = read_out(out)
+    ids = [r["id"] for r in records]
+    assert len(records) == 50 and len(set(ids)) == 50
+    assert all(tuple(r) == RECORD_FIELDS for r in records)
+    assert all(r["answer"] == expected(r["id"]) and r["stop_reason"] == "final" for r in records)
+    assert all(r["cost_usd"] > 0 and r["input_tokens"] > 0 and r["error"] is None for r in records)
+    # one model call per item: the last run called only for what was missing
+    assert len(server.requests) - root_calls_before == 50 - len(after_int)
+    assert not (tmp_path / "out.jsonl.lock").exists()
+    assert KEY not in out.read_text()
+
+
+@pytest.mark.timeout(600)
+def test_budget_stops_starting_items_and_a_rerun_with_more_budget_finishes(
+    tmp_path: Path, server: LLMServer, capsys: pytest.CaptureFixture[str], key_env: None
+):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(inp, 8)
+    [probe] = rlm.batch(
+        [{"id": "probe", "query": "What is the square of the number?", "context": "number 99"}],
+        model=MODEL, api_base=server.base_url, api_key=KEY, workers=1,
+    )  # fmt: skip
+    cost = probe.cost_usd
+    assert probe.answer == "9801" and cost is not None and cost > 0
+    code, stderr = in_process(capsys, "batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base",
+                              server.base_url, "--workers", "1", "--budget-usd", repr(cost * 2.5))  # fmt: skip
+    assert code == 1, stderr
+    records = read_out(out)
+    ran = [r for r in records if r["stop_reason"] == "final"]
+    skipped = [r for r in records if r["stop_reason"] == "skipped"]
+    assert len(ran) == 3 and len(skipped) == 5 and len(records) == 8
+    assert all(r["error"] == "skipped: budget" and r["answer"] is None for r in skipped)
+    assert sum(r["cost_usd"] for r in ran) == pytest.approx(3 * cost, rel=0.01)
+    assert "5 skipped (budget)" in stderr
+    # the skipped items were not started: one model call per item that ran (and one for the probe)
+    assert len(server.requests) == 1 + 3
+    code, stderr = in_process(capsys, "batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base",
+                              server.base_url, "--workers", "2")  # fmt: skip
+    assert code == 0, stderr
+    records = read_out(out)
+    assert sorted(r["id"] for r in records) == [f"q{i:02d}" for i in range(8)]
+    assert all(r["answer"] == expected(r["id"]) for r in records)
+    assert records[:3] == ran  # the runs that were paid for are kept
+
+
+@pytest.mark.timeout(600)
+def test_bad_input_lines_are_named_and_skip_bad_records_them(
+    tmp_path: Path, server: LLMServer, capsys: pytest.CaptureFixture[str], key_env: None
+):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "seven.txt").write_text("number 07")
+    lines = [
+        '{"id": "q03", "query": "q", "context": "number 03"}',
+        '{"id": "broken", "query": ',
+        '{"id": "noquery", "context": "x"}',
+        '{"id": "q07", "query": "q", "context_path": "docs/seven.txt"}',
+        '{"id": "q03", "query": "again", "context": "number 03"}',
+        '{"id": "gone", "query": "q", "context_path": "docs/missing.txt"}',
+        '["not", "an", "object"]',
+        '{"id": "both", "query": "q", "context": "a", "context_path": "docs/seven.txt"}',
+    ]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(lines) + "\n\n")
+    args = ("batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base", server.base_url)
+    code, stderr = in_process(capsys, *args)
+    assert code == 2 and not out.exists()
+    for number, words in ((2, "invalid JSON"), (3, "missing field 'query'"), (5, "duplicate id 'q03'"),
+                          (6, "missing.txt"), (7, "JSON object"), (8, "exactly one")):  # fmt: skip
+        assert f"line {number}: " in stderr and words in stderr, (number, stderr)
+    assert "line 1:" not in stderr and "line 4:" not in stderr
+    assert not server.requests  # nothing ran
+
+    code, stderr = in_process(capsys, *args, "--skip-bad")
+    assert code == 1, stderr
+    records = {r["id"]: r for r in read_out(out)}
+    assert records["q03"]["answer"] == "9" and records["q07"]["answer"] == "49"  # context_path: relative to the input
+    bad = {k: v for k, v in records.items() if v["stop_reason"] == "bad_input"}
+    assert set(bad) == {"line:2", "noquery", "line:5", "gone", "line:7", "both"}
+    assert bad["line:5"]["error"].startswith("line 5: duplicate id")
+    assert len(server.requests) == 2
+
+    # the input fixed: a rerun tries the bad lines again and keeps the answered ones
+    inp.write_text("\n".join([lines[0], lines[3], '{"id": "noquery", "query": "q", "context": "number 05"}']) + "\n")
+    code, stderr = in_process(capsys, *args)
+    assert code == 0, stderr
+    records = read_out(out)
+    assert sorted(r["id"] for r in records[:2]) == ["q03", "q07"] and records[2]["id"] == "noquery"
+    assert records[2]["answer"] == "25" and len(records) == 3
+
+
+def test_results_file_repairs_a_cut_line_and_refuses_a_second_writer(tmp_path: Path):
+    out = tmp_path / "out.jsonl"
+    good = {f: None for f in RECORD_FIELDS} | {"id": "a", "answer": "1", "stop_reason": "final"}
+    skipped = good | {"id": "b", "answer": None, "stop_reason": "skipped", "error": "skipped: budget"}
+    out.write_text(json.dumps(good) + "\n" + json.dumps(skipped) + "\n" + '{"id": "c", "answ')
+    with ResultsFile(out) as results:
+        assert results.done == {"a"} and results.dropped == 2
+        assert out.read_text() == json.dumps(good) + "\n"
+        with pytest.raises(ConfigurationError, match="another rlm batch"):
+            ResultsFile(out).open()
+        with pytest.raises(ConfigurationError, match="already recorded"):
+            results.append(good)
+        results.append(good | {"id": "c", "answer": "x\ud800y"})  # a lone surrogate stays valid JSON
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "c"]
+    with ResultsFile(out) as results:  # the lock was released (and removed)
+        assert results.done == {"a", "c"} and results.dropped == 0
+    out.write_text("not json\n")
+    with pytest.raises(ConfigurationError, match="line 1 is not a batch result"):
+        ResultsFile(out).open()
+
+
+def test_library_batch_runs_items_concurrently_and_yields_as_they_finish(server: LLMServer):
+    items = [rlm.BatchItem(f"q{i:02d}", "square?", context=f"number {i:02d}") for i in range(12)]
+    seen = []
+    for result in rlm.batch(items, model=MODEL, api_base=server.base_url, api_key=KEY, workers=4):
+        seen.append(result)
+    assert sorted(r.id for r in seen) == [item.id for item in items]
+    assert all(r.answer == expected(r.id) and r.ok for r in seen)
+    starts = sorted(q.received_at for q in server.requests)
+    assert max(sum(1 for s in starts if t <= s < t + 0.1) for t in starts) >= 2  # runs overlapped
+    with pytest.raises(ConfigurationError, match="duplicate id"):
+        list(rlm.batch([items[0], items[0]], model=MODEL, api_base=server.base_url, workers=1))
+    with pytest.raises(ConfigurationError, match="engine"):
+        rlm.batch(items, model=MODEL, engine="spark")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.timeout(600)
+def test_an_endpoint_that_refuses_connections_is_a_setup_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key_env: None
+):
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    (tmp_path / "context.txt").write_text("text")
+    code, stderr = in_process(capsys, "run", "-m", MODEL, "--api-base", url, "--context",
+                              str(tmp_path / "context.txt"), "--query", "q")  # fmt: skip
+    assert code == 2, stderr
+    assert url in stderr and "connection refused" in stderr
+    assert "InternalServerError" not in stderr and "Traceback" not in stderr
+    # a batch stops at the first item instead of recording one error per item
+    items = [{"id": str(i), "query": "q", "context": "c"} for i in range(20)]
+    started = time.monotonic()
+    with pytest.raises(ModelUnreachable, match="connection refused"):
+        for _ in rlm.batch(items, model=MODEL, api_base=url, api_key=KEY, workers=2):
+            raise AssertionError("no result expected")
+    assert time.monotonic() - started < 60
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(inp, 20)
+    code, stderr = in_process(capsys, "batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base", url)
+    assert code == 2 and "stopped:" in stderr and "connection refused" in stderr and url in stderr, stderr
+    assert read_out(out) == []  # no error line per item: rerunning once the server is up runs them all
+
+
+def test_only_the_ray_engine_imports_ray_and_batch_help_imports_neither_ray_nor_litellm():
+    importers = [
+        p.relative_to(ROOT_DIR).as_posix()
+        for p in (ROOT_DIR / "rlm").rglob("*.py")
+        if "import ray" in p.read_text() or "from ray" in p.read_text()
+    ]
+    assert importers == ["rlm/batching/ray_engine.py"]
+    code = (
+        "import sys, contextlib, io\n"
+        "import rlm, rlm.cli, rlm.batching\n"
+        "rlm.batch, rlm.BatchItem, rlm.BatchResult\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    rlm.cli.main(['batch', '--help'])\n"
+        "print(sorted(m for m in ('ray', 'litellm', 'openai') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT_DIR, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_progress_line_and_summary():
+    import io
+
+    from rlm.batching.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(4, stream, live=True)
+    ok = rlm.BatchResult("a", "1", "final", 1, 0, 100, 20, 0.5, 1.0, None)
+    progress.add(ok)
+    progress.add(rlm.BatchResult("b", None, "error", 0, 0, 0, 0, None, 0.1, "boom \x1b[2J"))
+    progress.draw(force=True)
+    line = stream.getvalue().rsplit("\r", 1)[-1]
+    assert "2/4 done, 1 failed, 120 tokens, $0.5000" in line and "ETA " in line
+    summary = progress.summary("out.jsonl", already=3)
+    assert "2 of 4 item(s)" in summary and "1 answered, 1 failed, 0 skipped (budget)" in summary
+    assert "3 already in out.jsonl" in summary and "\x1b" not in stream.getvalue() + summary
+    quiet = io.StringIO()
+    Progress(4, quiet).add(ok)  # a StringIO is not a terminal: nothing drawn while running
+    assert quiet.getvalue() == ""
