@@ -1,5 +1,10 @@
 """``rlm batch --engine ray`` on a local Ray instance this module starts (2 CPUs), against the loopback server.
 
+Ray binds its services to the machine's own address and to every interface,
+so the module runs in a network namespace of its own with only a loopback
+interface (entered by the test's main thread, left again at the end): every
+Ray service, the model server and the batch command talk over 127.0.0.1 only.
+
 The Ray instance is started by the test process *without* any provider key in
 its environment, so a worker can only get the key from the batch job's
 runtime environment; the server then sees that key on every request, and
@@ -9,8 +14,13 @@ trajectory contains it.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import os
 import shutil
+import socket
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,14 +36,43 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 
+CLONE_NEWNET = 0x40000000
+SIOCSIFFLAGS = 0x8914
+IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
+
+
+@contextlib.contextmanager
+def loopback_only_network() -> Iterator[None]:
+    """Move the calling thread (and whatever it starts) into a new network namespace whose only
+    interface is loopback, up; move it back afterwards."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.unshare(CLONE_NEWNET) != 0:
+            pytest.skip(f"no private network namespace for Ray: {os.strerror(ctypes.get_errno())}")
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                flags = IFF_UP | IFF_LOOPBACK | IFF_RUNNING
+                fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh22s", b"lo", flags, b""))
+            yield
+        finally:
+            if libc.setns(original, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "cannot return to the original network namespace")
+    finally:
+        os.close(original)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[tuple[str, Path]]:
     """(address, Ray's temp dir) of a local Ray instance with 2 CPUs, stopped after the module."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rlmray", dir="/tmp"))
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.endswith("_API_KEY")}
+    network = loopback_only_network()
+    network.__enter__()
     try:
         context = ray.init(
             num_cpus=2,
+            _node_ip_address="127.0.0.1",  # every service of the test's Ray instance on loopback
             include_dashboard=False,
             _temp_dir=str(temp_dir),
             log_to_driver=False,
@@ -41,6 +80,7 @@ def ray_cluster() -> Iterator[tuple[str, Path]]:
         yield context.address_info["gcs_address"], temp_dir
     finally:
         ray.shutdown()
+        network.__exit__(None, None, None)
         os.environ.update(saved)
         shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -109,8 +109,12 @@ class RayEngine:
                 "log_to_driver": False,
                 "logging_level": logging.WARNING,
             }
-            if address is None and workers is not None:
-                init["num_cpus"] = workers
+            if address is None:
+                # A private instance stays on loopback (Ray would otherwise bind its services
+                # to the machine's own address, reachable from the network).
+                init["_node_ip_address"] = "127.0.0.1"
+                if workers is not None:
+                    init["num_cpus"] = workers
             try:
                 ray.init(**init)
             except Exception as exc:  # ConnectionError, a start-up timeout (a bare Exception in Ray) ...
