@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 from sandbox import isolation, protocol
 from sandbox.guard import GuardError, Runtime, make_runtime
+from sandbox.spin import Spinner
 
 __all__ = ["HostFunctionError", "OutputLimitExceeded", "main"]
 
@@ -144,19 +145,34 @@ class Child:
         self.fds: list[int] = []
         self.runtime = runtime
         self.call_id = 0
+        self.spinner = Spinner(SPIN_SECONDS)
         self.exec_count = 0
-        builtins_ns = dict(runtime.builtins)
-        builtins_ns["HostFunctionError"] = HostFunctionError
-        for name in config.get("host_functions", []):
-            builtins_ns[name] = self._stub(name)
-        self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins_ns}
+        self.builtins = dict(runtime.builtins)
+        self.builtins["HostFunctionError"] = HostFunctionError
+        self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": self.builtins}
         self.ns.update(runtime.extra_globals)
+
+    def init(self) -> bool:
+        """Wait for the host's ``init`` (it may come long after ``hello``: pooled children wait
+        for their sandbox) and install the host-function stubs. False: the host said ``bye``."""
+        msg = self.recv()
+        if msg["t"] == "bye":
+            return False
+        if msg["t"] != "init":
+            raise _ChannelLost(f"expected init, got {msg['t']!r}")
+        for name in msg["host_functions"]:
+            if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+                raise _ChannelLost(f"bad host function name {name!r}")
+            self.builtins[name] = self._stub(name)
+        return True
 
     # -- channel ---------------------------------------------------------
     def recv(self) -> dict[str, Any]:
-        # Spin briefly before blocking: on a VM a blocked process takes 100+ us
-        # to wake, several times the cost of the frame itself.
-        spin_until = time.perf_counter() + SPIN_SECONDS
+        # Spin briefly before blocking (on a VM a blocked process takes 100+ us
+        # to wake), adaptively: see sandbox.spin.
+        budget = self.spinner.budget()
+        spin_until = time.perf_counter() + budget
+        spun = budget > 0
         while True:
             try:
                 msg = next(self.reader, None)
@@ -168,12 +184,18 @@ class Child:
                 except protocol.WireError as exc:
                     raise _ChannelLost(str(exc)) from None
             try:
-                if time.perf_counter() < spin_until:
+                if spun and time.perf_counter() < spin_until:
                     try:
                         alive = protocol.recv_frames(self.sock, self.reader, self.fds, wait=False)
                     except BlockingIOError:
+                        os.sched_yield()
                         continue
+                    self.spinner.outcome(True)
+                    spun = False
                 else:
+                    if spun:
+                        self.spinner.outcome(False)
+                        spun = False
                     alive = protocol.recv_frames(self.sock, self.reader, self.fds)
             except OSError as exc:
                 raise _ChannelLost(str(exc)) from None
@@ -349,7 +371,8 @@ def main(config: dict[str, Any], chan_fd: int, prepared: Any) -> NoReturn:
         )
         child = Child(sock, config, runtime)
         child.send({"t": "hello", "version": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "layers": layers})
-        child.serve()
+        if child.init():
+            child.serve()
     except _ChannelLost:
         code = 2
     except BaseException:

@@ -15,12 +15,23 @@ the frames of :mod:`sandbox.protocol`. Around each ``execute`` the host:
 
 When a child has died, the next call starts a fresh one and the next
 ``ExecResult`` says ``state_lost=True``.
+
+Children come ready from a :class:`~sandbox.pool.SandboxPool` when one holds a
+child of the same policy (every layer applied, ``hello`` sent); the sandbox
+then sends its own ``init`` (host-function names) before the first request.
+
+Embedding: a ``Sandbox`` may be used from any thread (calls are serialized),
+never re-entrantly from its own host functions (a clear ``SandboxError``); a
+process forked from the host must open its own sandboxes (those inherited
+from the parent refuse use there and close without touching the parent's).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import hashlib
 import inspect
 import os
@@ -33,6 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -44,19 +56,23 @@ from sandbox.errors import (
     LayerUnavailableError,
     ProtocolError,
     SandboxClosedError,
+    SandboxError,
     SandboxStartError,
     VariableError,
 )
 from sandbox.policy import Policy, load_policy
+from sandbox.pool import DEFAULT, Default, SandboxPool, default_pool
 from sandbox.result import ExecResult, LimitName
+from sandbox.spin import Spinner
 
 __all__ = ["AsyncSandbox", "HostFunction", "Sandbox"]
 
 HostFunction = Callable[..., Any]
 
 _START_TIMEOUT = 15.0
-#: How long the host polls for the child's answer before it blocks.
+#: How long the host polls for the child's answer before it blocks (at most; see sandbox.spin).
 SPIN_SECONDS = 0.0005
+_SPIN_SLOT = threading.Lock()  # held by the one host thread that may spin now
 _UID_BASE = 1_200_000
 _UID_SPAN = 1 << 20
 _uid_counter = 0
@@ -86,19 +102,30 @@ class _Child:
     """Host-side record of one live child."""
 
     def __init__(
-        self, pid: int, pidfd: int, sock: socket.socket, scratch: str, layers: dict[str, str], max_frame: int
+        self,
+        server: forkserver.ForkServer,
+        pid: int,
+        pidfd: int,
+        sock: socket.socket,
+        scratch: str,
+        identity: tuple[int, int] | None,
+        max_frame: int,
     ):
+        self.server = server  # the fork server that forked it (and reports its exit)
+        self.identity = identity  # its uid/gid, reserved while it lives
         self.pid = pid
         self.pidfd = pidfd
         self.sock = sock
         self.scratch = scratch
-        self.layers = layers
+        self.layers: dict[str, str] = {}
         self.reader = protocol.FrameReader(max_frame)
         self.fds: list[int] = []
         self.poll = select.poll()
         self.poll.register(sock.fileno(), select.POLLIN)
         self.poll.register(pidfd, select.POLLIN)
         self.rss = limits.RSSMeter(pid)
+        self.spinner = Spinner(SPIN_SECONDS)
+        self.spinner.window = 0.0  # no spinning for the hello: forking takes milliseconds
         self.dead = False
         self.exit_info: forkserver.ExitInfo | None = None
 
@@ -115,6 +142,155 @@ class _Child:
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
+
+    def pidfd_ready(self) -> bool:
+        """True once the child has exited (its pidfd is readable); one ``poll`` call."""
+        return any(fd == self.pidfd for fd, _ in self.poll.poll(0))
+
+    def usable(self) -> bool:
+        """A ready child that has said nothing since ``hello``, still runs, on a live server."""
+        return not self.dead and not self.poll.poll(0) and self.server.alive
+
+    def discard(self) -> None:
+        """Stop a child nobody uses (a pool's, or one that failed to start)."""
+        _stop_child(self, graceful=False)
+
+    def forget(self) -> None:
+        """In a process forked from the host: close our copies of its descriptors, nothing else."""
+        self.dead = True
+        self.drop_fds()
+        self.rss.close()
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Everything a ready child depends on: the same for every sandbox of one policy."""
+
+    policy: dict[str, Any]
+    policy_sha256: str
+    restricted: bool
+    max_frame: int
+    identity: bool
+
+
+def _choose_identity(spec: _Spec) -> tuple[int, int] | None:
+    """The uid/gid of the next child (one place, chosen at spawn time; held while it lives)."""
+    return _next_identity() if spec.identity else None
+
+
+def _spawn_ready(spec: _Spec) -> _Child:
+    """Fork a child of *spec*'s policy and wait for its ``hello``: it then waits for ``init``."""
+    identity = _choose_identity(spec)
+    scratch = tempfile.mkdtemp(prefix="sandbox-")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if identity is not None:
+            os.chown(scratch, identity[0], identity[1])
+        config = {
+            "policy": spec.policy,
+            "policy_sha256": spec.policy_sha256,
+            "scratch": scratch,
+            "uid": identity[0] if identity else None,
+            "gid": identity[1] if identity else None,
+        }
+        server, pid, pidfd = forkserver.spawn(spec.restricted, config, theirs.fileno())
+    except BaseException as exc:
+        ours.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise SandboxStartError(f"cannot prepare a sandbox child: {exc}") from None
+        raise
+    finally:
+        theirs.close()
+    child = _Child(server, pid, pidfd, ours, scratch, identity, spec.max_frame)
+    try:
+        hello = Sandbox._next_frame(child, _START_TIMEOUT)
+    except (_Timeout, _Died, protocol.WireError) as exc:
+        child.discard()
+        why = {_Timeout: "no hello in time", _Died: "it exited"}.get(type(exc), str(exc))
+        raise SandboxStartError(f"the sandbox child did not start: {why}") from None
+    if hello["t"] != "hello" or hello["version"] != protocol.PROTOCOL_VERSION:
+        child.discard()
+        raise SandboxStartError(
+            f"the sandbox child did not start: got {hello['t']!r} version {hello.get('version')}"
+            f" (host speaks protocol {protocol.PROTOCOL_VERSION})"
+        )
+    if "error" in hello:
+        child.discard()
+        raise LayerUnavailableError(hello.get("layer", "?"), hello["error"])
+    child.layers = {str(k): str(v) for k, v in hello["layers"].items()}
+    child.spinner.window = SPIN_SECONDS
+    return child
+
+
+def _stop_child(child: _Child, graceful: bool) -> None:
+    if graceful and not child.dead:
+        try:
+            child.sock.sendall(protocol.encode({"t": "bye"}))
+            child.poll.unregister(child.sock.fileno())
+            if not child.poll.poll(500):
+                child.kill()
+        except OSError:
+            child.kill()
+    child.kill()
+    if child.exit_info is None:  # collect the server's exit report (it would pile up otherwise)
+        child.exit_info = child.server.wait_exit(child.pid, 10.0)
+    child.drop_fds()
+    child.rss.close()
+    child.sock.close()
+    os.close(child.pidfd)
+    shutil.rmtree(child.scratch, ignore_errors=True)
+
+
+class _Using:
+    """``with sb._using() as child``: the sandbox's lock, re-entrancy refused, a live child."""
+
+    __slots__ = ("sb",)
+
+    def __init__(self, sb: Sandbox) -> None:
+        self.sb = sb
+
+    def __enter__(self) -> _Child:
+        sb = self.sb
+        me = threading.get_ident()
+        if sb._holder == me:
+            raise SandboxError(
+                "re-entrant use is not allowed: a host function called execute, set_variable,"
+                " get_variable or close on the sandbox that is running it"
+            )
+        sb._lock.acquire()
+        sb._holder = me
+        try:
+            return sb._ensure_child()
+        except BaseException:
+            sb._holder = None
+            sb._lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.sb._holder = None
+        self.sb._lock.release()
+
+
+class _Cancel:
+    """Lets another thread stop one execute: kills the child it runs on (if it started)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cancelled = False
+        self.running: _Child | None = None
+
+    def cancel(self) -> bool:
+        """Stop the execute; True if its cell was running (its child is now killed)."""
+        with self.lock:
+            self.cancelled = True
+            if self.running is None:
+                return False
+            self.running.kill()
+            return True
 
 
 class _Died(Exception):
@@ -133,6 +309,10 @@ class Sandbox:
     ...     r = sb.execute("print(len(context)); y = double(21)")
     ...     sb.get_variable("y")
     42
+
+    *pool* supplies ready children: by default the process's shared
+    :func:`sandbox.pool.default_pool`; pass your own :class:`SandboxPool`, or
+    ``None`` to fork every child on demand.
     """
 
     def __init__(
@@ -141,6 +321,7 @@ class Sandbox:
         *,
         host_functions: Mapping[str, HostFunction] | None = None,
         audit_log: str | Path | None = None,
+        pool: SandboxPool | Default | None = DEFAULT,
     ) -> None:
         self.policy = _resolve(policy)
         self.id = uuid.uuid4().hex[:16]
@@ -160,14 +341,19 @@ class Sandbox:
         if self.policy.audit.enabled:
             path = audit_log or self.policy.audit.path or default_audit_path()
             self._audit = AuditLog(path)
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread inside execute/set/get (re-entrancy check)
+        self._using_cm = _Using(self)
+        self._owner_pid = os.getpid()
+        self._spec = self._spec_of(self.policy)
+        self._make = functools.partial(_spawn_ready, self._spec)
+        self._pool = default_pool() if isinstance(pool, Default) else pool
         self._child: _Child | None = None
         self._seq = 0
         self._exec_id = 0
         self._lost = False
         self._layers: dict[str, str] = {}
         self.closed = False
-        self._server = forkserver.shared(self.policy.python.guard == "restricted")
         try:
             self._start()
         except BaseException:
@@ -199,12 +385,30 @@ class Sandbox:
         """Run *code* in the persistent namespace and report what happened."""
         if not isinstance(code, str):
             raise TypeError(f"code must be str, not {type(code).__name__}")
-        with self._lock:
-            child = self._ensure_child()
+        with self._using() as child:
             state_lost, self._lost = self._lost, False
             result = self._run(child, code, state_lost)
             self._audit_line(code, result)
             return result
+
+    def _execute(self, code: str, cancel: _Cancel) -> ExecResult | None:
+        """``execute`` that *cancel* can stop from another thread (None: cancelled before it ran)."""
+        with self._using() as child:
+            with cancel.lock:
+                if cancel.cancelled:
+                    return None
+                cancel.running = child
+            try:
+                state_lost, self._lost = self._lost, False
+                result = self._run(child, code, state_lost)
+            finally:
+                with cancel.lock:
+                    cancel.running = None
+            self._audit_line(code, result)
+            return result
+
+    def _using(self) -> _Using:
+        return self._using_cm
 
     def set_variable(self, name: str, value: Any) -> None:
         """Bind *name* to a copy of *value* (plain data: None, bool, int, float, str, bytes, list, dict)."""
@@ -221,8 +425,7 @@ class Sandbox:
             raise VariableError(
                 f"cannot set {name!r}: {size} bytes is over the policy's max_message_mb ({self.policy.limits.max_message_mb} MiB)"
             )
-        with self._lock:
-            child = self._ensure_child()
+        with self._using() as child:
             if size <= protocol.INLINE_LIMIT:
                 self._send(child, protocol.encode_with_value({"t": "set", "name": name}, data))
             else:
@@ -247,8 +450,7 @@ class Sandbox:
         """A copy of the variable *name* (plain data only, else :class:`VariableError`)."""
         if not isinstance(name, str):
             raise VariableError("variable name must be a str")
-        with self._lock:
-            child = self._ensure_child()
+        with self._using() as child:
             self._send(child, protocol.encode({"t": "get", "name": name}))
             msg = self._expect(child, "value", self.policy.limits.wall_seconds + 30)
             if not msg["ok"]:
@@ -268,6 +470,14 @@ class Sandbox:
 
     def close(self) -> None:
         """Stop the child and delete its scratch directory. Idempotent."""
+        if self._holder == threading.get_ident():
+            raise SandboxError("re-entrant use is not allowed: a host function closed its own sandbox")
+        if os.getpid() != self._owner_pid:  # inherited through os.fork(): the parent's child, not ours
+            self.closed = True
+            if self._child is not None:
+                self._child.forget()
+                self._child = None
+            return
         with self._lock:
             if self.closed:
                 return
@@ -295,9 +505,16 @@ class Sandbox:
     def _ensure_child(self) -> _Child:
         if self.closed:
             raise SandboxClosedError("this sandbox is closed")
+        if os.getpid() != self._owner_pid:
+            raise SandboxClosedError(
+                f"this sandbox belongs to process {self._owner_pid}; a forked process must open its own"
+            )
         child = self._child
         if child is not None and not child.dead:
-            return child
+            if child.pidfd_ready():  # died between calls (a kill, its fork server's death)
+                child.dead = True
+            else:
+                return child
         if child is not None:
             self._stop_child(child, graceful=False)
             self._child = None
@@ -305,68 +522,38 @@ class Sandbox:
         return self._start()
 
     def _start(self) -> _Child:
-        identity = _next_identity() if self.policy.isolation.identity else None
-        scratch = tempfile.mkdtemp(prefix=f"sandbox-{self.id}-")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child = self._pool.take(self._policy_sha, self._make) if self._pool is not None else None
+        if child is None:
+            child = _spawn_ready(self._spec)
+        # What is this sandbox's own reaches the child now (a pooled child was forked before it existed).
         try:
-            if identity is not None:
-                os.chown(scratch, identity[0], identity[1])
-            config = {
-                "policy": self._policy_dump,
-                "policy_sha256": self._policy_sha,
-                "scratch": scratch,
-                "uid": identity[0] if identity else None,
-                "gid": identity[1] if identity else None,
-                "host_functions": sorted(self._host),
-                "sandbox_id": self.id,
-            }
-            pid, pidfd = self._server.spawn(config, theirs.fileno())
-        except BaseException:
-            ours.close()
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        finally:
-            theirs.close()
-        child = _Child(pid, pidfd, ours, scratch, {}, self._max_frame)
-        try:
-            hello = self._expect(child, "hello", _START_TIMEOUT)
-        except ProtocolError as exc:
-            self._stop_child(child, graceful=False)
-            raise SandboxStartError(f"the sandbox child did not start: {exc}") from None
-        if hello["version"] != protocol.PROTOCOL_VERSION:
-            self._stop_child(child, graceful=False)
-            raise SandboxStartError(
-                f"child speaks protocol {hello['version']}, host {protocol.PROTOCOL_VERSION}"
-            )
-        if "error" in hello:
-            self._stop_child(child, graceful=False)
-            raise LayerUnavailableError(hello.get("layer", "?"), hello["error"])
-        child.layers = {str(k): str(v) for k, v in hello["layers"].items()}
+            protocol.send_message(child.sock, {"t": "init", "host_functions": sorted(self._host)})
+        except OSError as exc:
+            child.discard()
+            raise SandboxStartError(f"the sandbox child did not start: {exc.strerror or exc}") from None
         self._layers = child.layers
         self._child = child
         return child
 
     def _stop_child(self, child: _Child, graceful: bool) -> None:
-        if graceful and not child.dead:
-            try:
-                child.sock.sendall(protocol.encode({"t": "bye"}))
-                child.poll.unregister(child.sock.fileno())
-                if not child.poll.poll(500):
-                    child.kill()
-            except OSError:
-                child.kill()
-        child.kill()
-        self._exit_info(child)
-        child.drop_fds()
-        child.rss.close()
-        child.sock.close()
-        os.close(child.pidfd)
-        shutil.rmtree(child.scratch, ignore_errors=True)
+        _stop_child(child, graceful)
+
+    @staticmethod
+    def _spec_of(policy: Policy | str | Path) -> _Spec:
+        policy = _resolve(policy)
+        max_frame = min(policy.limits.max_message_mb * 1024 * 1024, protocol.DEFAULT_MAX_FRAME)
+        return _Spec(
+            policy.model_dump(mode="json"),
+            policy.sha256,
+            policy.python.guard == "restricted",
+            max_frame,
+            policy.isolation.identity,
+        )
 
     def _exit_info(self, child: _Child) -> forkserver.ExitInfo | None:
         """How *child* ended (it must be dead or killed); asked of the fork server once."""
         if child.exit_info is None:
-            child.exit_info = self._server.wait_exit(child.pid, 10.0)
+            child.exit_info = child.server.wait_exit(child.pid, 10.0)
         return child.exit_info
 
     # ---------------------------------------------------------------- framing
@@ -377,7 +564,8 @@ class Sandbox:
             child.kill()
             raise ProtocolError(f"cannot write to the sandbox child: {exc.strerror or exc}") from None
 
-    def _next_frame(self, child: _Child, timeout: float | None, accept_fd: bool = False) -> dict[str, Any]:
+    @staticmethod
+    def _next_frame(child: _Child, timeout: float | None, accept_fd: bool = False) -> dict[str, Any]:
         """Next valid frame from the child; raises _Timeout, _Died or protocol.WireError.
 
         Descriptors are accepted only with *accept_fd* (an out-of-band ``value``
@@ -389,12 +577,18 @@ class Sandbox:
                 return protocol.check(raw, "child")
             if child.dead:
                 raise _Died()
-            # Spin briefly before blocking: a blocked process on a VM takes
-            # 100+ us to wake, several times the cost of a small execute.
-            spin_until = time.perf_counter() + SPIN_SECONDS
             events = child.poll.poll(0)
-            while not events and time.perf_counter() < spin_until:
-                events = child.poll.poll(0)
+            # Spin briefly before blocking (a blocked process on a VM takes 100+ us
+            # to wake), adaptively and one host thread at a time: see sandbox.spin.
+            if not events and (budget := child.spinner.budget()) and _SPIN_SLOT.acquire(blocking=False):
+                try:
+                    spin_until = time.perf_counter() + budget
+                    while not events and time.perf_counter() < spin_until:
+                        os.sched_yield()
+                        events = child.poll.poll(0)
+                finally:
+                    _SPIN_SLOT.release()
+                child.spinner.outcome(bool(events))
             if not events:
                 events = child.poll.poll(None if timeout is None else max(0, int(timeout * 1000)))
             if not events:
@@ -663,12 +857,20 @@ class Sandbox:
         )
 
 
+_IN_HOST_CALL: contextvars.ContextVar[AsyncSandbox | None] = contextvars.ContextVar(
+    "sandbox_in_host_call", default=None
+)
+
+
 class AsyncSandbox:
     """The asyncio twin of :class:`Sandbox`: the same methods, as coroutines.
 
     Blocking work runs in a worker thread, so the event loop keeps serving.
     Host functions may be coroutine functions; they run on the event loop that
-    called ``execute``.
+    called ``execute``. Concurrent first calls share one child. Cancelling an
+    ``execute`` (``task.cancel()``, ``asyncio.timeout``) kills the child running
+    the cell; the next result says ``state_lost=True``. The object may be used
+    from successive event loops (``asyncio.run`` twice).
     """
 
     def __init__(
@@ -677,31 +879,49 @@ class AsyncSandbox:
         *,
         host_functions: Mapping[str, HostFunction] | None = None,
         audit_log: str | Path | None = None,
+        pool: SandboxPool | Default | None = DEFAULT,
     ) -> None:
         self.policy = _resolve(policy)
         self._host = dict(host_functions or {})
         self._audit_log = audit_log
+        self._pool = pool
         self._sync: Sandbox | None = None
+        self._make_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _wrap(self, fn: HostFunction) -> HostFunction:
         if not inspect.iscoroutinefunction(fn):
             return fn
 
+        async def marked(*args: Any, **kwargs: Any) -> Any:
+            _IN_HOST_CALL.set(self)  # this task's context only: a re-entrant call can tell
+            return await fn(*args, **kwargs)
+
         def run_on_loop(*args: Any, **kwargs: Any) -> Any:
             assert self._loop is not None
-            return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._loop).result()
+            return asyncio.run_coroutine_threadsafe(marked(*args, **kwargs), self._loop).result()
 
         return run_on_loop
 
+    def _make(self) -> Sandbox:
+        with self._make_lock:  # concurrent first calls wait here and share one sandbox
+            if self._sync is None:
+                host = {name: self._wrap(fn) for name, fn in self._host.items()}
+                self._sync = Sandbox(
+                    self.policy, host_functions=host, audit_log=self._audit_log, pool=self._pool
+                )
+            return self._sync
+
     async def _sandbox(self) -> Sandbox:
-        self._loop = asyncio.get_running_loop()
-        if self._sync is None:
-            host = {name: self._wrap(fn) for name, fn in self._host.items()}
-            self._sync = await asyncio.to_thread(
-                Sandbox, self.policy, host_functions=host, audit_log=self._audit_log
+        if _IN_HOST_CALL.get() is self:
+            raise SandboxError(
+                "re-entrant use is not allowed: a host function called this AsyncSandbox while it runs the function"
             )
-        return self._sync
+        self._loop = asyncio.get_running_loop()
+        sb = self._sync
+        if sb is None:
+            sb = await asyncio.to_thread(self._make)
+        return sb
 
     async def start(self) -> AsyncSandbox:
         await self._sandbox()
@@ -717,7 +937,17 @@ class AsyncSandbox:
 
     async def execute(self, code: str) -> ExecResult:
         sb = await self._sandbox()
-        return await asyncio.to_thread(sb.execute, code)
+        cancel = _Cancel()
+        work = asyncio.ensure_future(asyncio.to_thread(sb._execute, code, cancel))
+        try:
+            result = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if cancel.cancel():  # the cell ran and its child is killed: the worker returns at once
+                with contextlib.suppress(BaseException):
+                    await work
+            raise
+        assert result is not None
+        return result
 
     async def set_variable(self, name: str, value: Any) -> None:
         sb = await self._sandbox()
