@@ -188,7 +188,6 @@ class Child:
                     try:
                         alive = protocol.recv_frames(self.sock, self.reader, self.fds, wait=False)
                     except BlockingIOError:
-                        os.sched_yield()
                         continue
                     self.spinner.outcome(True)
                     spun = False

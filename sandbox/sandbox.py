@@ -584,7 +584,6 @@ class Sandbox:
                 try:
                     spin_until = time.perf_counter() + budget
                     while not events and time.perf_counter() < spin_until:
-                        os.sched_yield()
                         events = child.poll.poll(0)
                 finally:
                     _SPIN_SLOT.release()

@@ -10,8 +10,9 @@ others need. So each channel keeps a :class:`Spinner`:
 - a spin that did not halves the window, down to nothing;
 - with nothing left it probes again every :data:`PROBE_EVERY` waits, so a
   channel that becomes busy again re-learns to spin;
-- each round of the spin loop calls ``sched_yield``, so a spinner gives the
-  CPU to any runnable process (maybe the very peer it waits for).
+- no ``sched_yield`` in the loop: on a busy machine it hands the CPU to a
+  CPU-bound process for a whole time slice (milliseconds), the opposite of
+  what a spin is for.
 
 The host additionally lets only one of its threads spin at a time (the GIL
 makes two spinners take turns anyway). Stdlib only: the child imports it.
