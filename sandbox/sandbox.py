@@ -255,6 +255,10 @@ class _Using:
 
     def __enter__(self) -> _Child:
         sb = self.sb
+        if os.getpid() != sb._owner_pid:  # checked before the lock, which a thread may have held at fork
+            raise SandboxClosedError(
+                f"this sandbox belongs to process {sb._owner_pid}; a forked process must open its own"
+            )
         me = threading.get_ident()
         if sb._holder == me:
             raise SandboxError(
@@ -505,10 +509,6 @@ class Sandbox:
     def _ensure_child(self) -> _Child:
         if self.closed:
             raise SandboxClosedError("this sandbox is closed")
-        if os.getpid() != self._owner_pid:
-            raise SandboxClosedError(
-                f"this sandbox belongs to process {self._owner_pid}; a forked process must open its own"
-            )
         child = self._child
         if child is not None and not child.dead:
             if child.pidfd_ready():  # died between calls (a kill, its fork server's death)

@@ -246,3 +246,14 @@ def test_pool_children_of_a_killed_server_are_replaced(audit_path) -> None:
             assert sb.pid not in old
             r = sb.execute("print(7)")
             assert r.ok and r.stdout == "7\n" and not r.state_lost
+
+
+def test_a_one_shot_program_does_not_fill_the_pool(audit_path) -> None:
+    with SandboxPool(size=2) as pool:
+        with Sandbox("default", audit_log=audit_path, pool=pool) as sb:  # the first of its policy
+            assert sb.execute("print(1)").ok
+        time.sleep(0.5)
+        assert pool.ready_pids() == []  # nothing forked for a pool nobody may use
+        with Sandbox("default", audit_log=audit_path, pool=pool) as sb:  # the second: now it pays off
+            assert sb.execute("print(2)").ok
+        assert pool.wait_ready(30) and len(pool.ready_pids()) == 2
