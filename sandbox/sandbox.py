@@ -286,6 +286,7 @@ class _Cancel:
         self.lock = threading.Lock()
         self.cancelled = False
         self.running: _Child | None = None
+        self.finished = threading.Event()  # set when the execute has returned (or never ran)
 
     def cancel(self) -> bool:
         """Stop the execute; True if its cell was running (its child is now killed)."""
@@ -397,19 +398,22 @@ class Sandbox:
 
     def _execute(self, code: str, cancel: _Cancel) -> ExecResult | None:
         """``execute`` that *cancel* can stop from another thread (None: cancelled before it ran)."""
-        with self._using() as child:
-            with cancel.lock:
-                if cancel.cancelled:
-                    return None
-                cancel.running = child
-            try:
-                state_lost, self._lost = self._lost, False
-                result = self._run(child, code, state_lost)
-            finally:
+        try:
+            with self._using() as child:
                 with cancel.lock:
-                    cancel.running = None
-            self._audit_line(code, result)
-            return result
+                    if cancel.cancelled:
+                        return None
+                    cancel.running = child
+                try:
+                    state_lost, self._lost = self._lost, False
+                    result = self._run(child, code, state_lost)
+                finally:
+                    with cancel.lock:
+                        cancel.running = None
+                self._audit_line(code, result)
+                return result
+        finally:
+            cancel.finished.set()
 
     def _using(self) -> _Using:
         return self._using_cm
@@ -937,13 +941,13 @@ class AsyncSandbox:
     async def execute(self, code: str) -> ExecResult:
         sb = await self._sandbox()
         cancel = _Cancel()
-        work = asyncio.ensure_future(asyncio.to_thread(sb._execute, code, cancel))
+        loop = asyncio.get_running_loop()
         try:
-            result = await asyncio.shield(work)
+            result = await loop.run_in_executor(None, sb._execute, code, cancel)
         except asyncio.CancelledError:
             if cancel.cancel():  # the cell ran and its child is killed: the worker returns at once
                 with contextlib.suppress(BaseException):
-                    await work
+                    await loop.run_in_executor(None, cancel.finished.wait, 60.0)
             raise
         assert result is not None
         return result
