@@ -56,6 +56,9 @@ DEFAULT_SIZE = 2
 _MAX_SIZE = 64
 #: Consecutive failed refills after which a policy stops being pooled until asked for again.
 _MAX_FAILURES = 3
+#: The refill thread waits this long before each fork, so the sandbox that just took a child gets
+#: its first result without competing for the GIL with the spawn's Python work.
+_SETTLE_SECONDS = 0.005
 
 
 class Default:
@@ -238,6 +241,7 @@ class SandboxPool:
                     cond.wait()
                     slot = self._next_job()
                 slot.pending += 1
+            time.sleep(_SETTLE_SECONDS)
             child: Ready | None = None
             try:
                 child = slot.make()
