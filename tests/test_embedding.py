@@ -90,13 +90,15 @@ def test_fork_server_killed_existing_and_new_sandboxes_recover(audit_path) -> No
         sb.close()
 
 
-def test_spawn_on_a_server_that_just_died_is_retried(audit_path) -> None:
+def test_spawn_on_a_server_that_just_died_is_retried(audit_path, monkeypatch) -> None:
     server = forkserver.shared()
     os.kill(server.pid, signal.SIGKILL)
     assert _gone(server.pid)
-    server.closed = False  # as if nobody had noticed yet: the spawn itself must find out and retry
+    # As if it died between the liveness check and the request: only the spawn itself can find out.
+    monkeypatch.setattr(forkserver.ForkServer, "alive", property(lambda self: not self.closed))
     with Sandbox("default", audit_log=audit_path, pool=None) as sb:
         assert sb.execute("print(4)").stdout == "4\n"
+    assert server.closed and forkserver.shared() is not server
 
 
 def test_sandbox_in_a_forked_host_process(audit_path) -> None:
