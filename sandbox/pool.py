@@ -59,6 +59,9 @@ _MAX_FAILURES = 3
 #: The refill thread waits this long before each fork, so the sandbox that just took a child gets
 #: its first result without competing for the GIL with the spawn's Python work.
 _SETTLE_SECONDS = 0.005
+#: While a policy is pooled, the refill thread looks for taken children this often (no wake-up
+#: from the hand-out path, which stays free of thread switches).
+_POLL_SECONDS = 0.02
 
 
 class Default:
@@ -198,10 +201,13 @@ class SandboxPool:
                     break
                 stale.append(candidate)
             slot.requests += 1
-            if slot.requests >= 2 and slot.failures < _MAX_FAILURES:
+            if not slot.wanted and slot.requests >= 2 and slot.failures < _MAX_FAILURES:
                 slot.wanted = True
-            if slot.wanted:
                 self._wake()
+            elif slot.wanted and (self._thread is None or not self._thread.is_alive()):
+                self._wake()
+            # else: the refill thread polls (below); waking it here would make it compete with
+            # this sandbox's first request for the CPU and the GIL
         for dead in stale:
             with contextlib.suppress(Exception):
                 dead.discard()
@@ -238,7 +244,8 @@ class SandboxPool:
                 while slot is None:
                     if self.closed or cond is not self._cond:
                         return
-                    cond.wait()
+                    pooling = any(s.wanted for s in self._slots.values())
+                    cond.wait(_POLL_SECONDS if pooling else None)
                     slot = self._next_job()
                 slot.pending += 1
             time.sleep(_SETTLE_SECONDS)
