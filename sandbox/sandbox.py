@@ -350,7 +350,7 @@ class Sandbox:
         self._holder: int | None = None  # the thread inside execute/set/get (re-entrancy check)
         self._using_cm = _Using(self)
         self._owner_pid = os.getpid()
-        self._spec = self._spec_of(self.policy)
+        self._spec = self._spec_of(self.policy, self._policy_dump)
         self._make = functools.partial(_spawn_ready, self._spec)
         self._pool = default_pool() if isinstance(pool, Default) else pool
         self._child: _Child | None = None
@@ -543,11 +543,11 @@ class Sandbox:
         _stop_child(child, graceful)
 
     @staticmethod
-    def _spec_of(policy: Policy | str | Path) -> _Spec:
+    def _spec_of(policy: Policy | str | Path, dump: dict[str, Any] | None = None) -> _Spec:
         policy = _resolve(policy)
         max_frame = min(policy.limits.max_message_mb * 1024 * 1024, protocol.DEFAULT_MAX_FRAME)
         return _Spec(
-            policy.model_dump(mode="json"),
+            dump if dump is not None else policy.model_dump(mode="json"),
             policy.sha256,
             policy.python.guard == "restricted",
             max_frame,

@@ -64,7 +64,10 @@ def _check(r: ExecResult, expect: str | None, problems: list[str]) -> None:
     if not consistent:
         problems.append(f"inconsistent result {r!r}")
     if expect is None and not r.ok and not r.state_lost:
-        problems.append(f"ok cell failed: {r.error_type}: {r.error_message}")
+        if r.crashed:  # allowed once per worker: its child died with the fork server we killed
+            problems.append("crash")
+        else:
+            problems.append(f"ok cell failed: {r.error_type}: {r.error_message}")
     if expect in ("cpu", "wall", "output", "files", "memory") and r.ok:
         problems.append(f"{expect} cell returned ok")
 
@@ -158,7 +161,9 @@ def test_soak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rss_late = me.memory_info().rss
     servers.add(forkserver.shared().pid)
     sandbox.shutdown()
-    assert problems == []
+    crashes = problems.count("crash")
+    assert [p for p in problems if p != "crash"] == []
+    assert crashes <= 6  # at most one per worker, when the fork server was killed under it
     assert me.children(recursive=True) == []
     assert set(os.listdir("/proc/self/fd")) <= fds_before | {str(max(map(int, fds_before)) + 1)}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("sandbox-")] == []
