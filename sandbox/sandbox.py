@@ -128,6 +128,7 @@ class _Child:
         self.spinner.window = 0.0  # no spinning for the hello: forking takes milliseconds
         self.dead = False
         self.exit_info: forkserver.ExitInfo | None = None
+        self.init_frame = b""  # sent ahead of the first request (Sandbox._send)
 
     def kill(self) -> None:
         if self.dead:
@@ -529,12 +530,9 @@ class Sandbox:
         child = self._pool.take(self._policy_sha, self._make) if self._pool is not None else None
         if child is None:
             child = _spawn_ready(self._spec)
-        # What is this sandbox's own reaches the child now (a pooled child was forked before it existed).
-        try:
-            protocol.send_message(child.sock, {"t": "init", "host_functions": sorted(self._host)})
-        except OSError as exc:
-            child.discard()
-            raise SandboxStartError(f"the sandbox child did not start: {exc.strerror or exc}") from None
+        # What is this sandbox's own reaches the child with its first request (a pooled child was
+        # forked before the sandbox existed); see _send.
+        child.init_frame = protocol.encode({"t": "init", "host_functions": sorted(self._host)})
         self._layers = child.layers
         self._child = child
         return child
@@ -562,6 +560,8 @@ class Sandbox:
 
     # ---------------------------------------------------------------- framing
     def _send(self, child: _Child, frame: bytes, fd: int | None = None) -> None:
+        if child.init_frame:  # the sandbox's init rides with its first request: one wake-up, not two
+            frame, child.init_frame = child.init_frame + frame, b""
         try:
             protocol.send_frame(child.sock, frame, fd)
         except OSError as exc:
