@@ -152,6 +152,16 @@ class Child:
         self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": self.builtins}
         self.ns.update(runtime.extra_globals)
 
+    def warm_up(self) -> None:
+        """One throwaway cell before ``hello``: the copy-on-write faults and first-call costs of
+        the execute path are paid while the child waits (in a pool), not by its first request."""
+        saved = dict(self.ns)
+        self.execute(0, "_w = [str(i) for i in range(10)]")
+        self.ns.clear()
+        self.ns.update(saved)
+        linecache.cache.pop("<cell-1>", None)
+        self.exec_count = 0
+
     def init(self) -> bool:
         """Wait for the host's ``init`` (it may come long after ``hello``: pooled children wait
         for their sandbox) and install the host-function stubs. False: the host said ``bye``."""
@@ -369,6 +379,7 @@ def main(config: dict[str, Any], chan_fd: int, prepared: Any) -> NoReturn:
             policy["python"]["guard"], policy["python"]["allowed_imports"], policy["name"], config["scratch"]
         )
         child = Child(sock, config, runtime)
+        child.warm_up()
         child.send({"t": "hello", "version": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "layers": layers})
         if child.init():
             child.serve()
