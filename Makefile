@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[dev,plot,browser,mcp,ray]'
+	$(BIN)/python -m pip install -q -e '.[dev,plot,browser,mcp,ray,bench]'
 	@touch $@ $(VENV)/.installed
 
 # The browser tests of `rlm view` drive Debian's chromium (Playwright never downloads a browser here).
@@ -46,6 +46,7 @@ test: lint typecheck pytest
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/sandbox_overhead.py
+	$(BIN)/python bench/throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -20,6 +20,7 @@ __all__ = [
     "Policy",
     "Sandbox",
     "SandboxError",
+    "SandboxPool",
     "load_policy",
     "shutdown",
 ]
@@ -31,6 +32,7 @@ _EXPORTS = {
     "Policy": "sandbox.policy",
     "load_policy": "sandbox.policy",
     "SandboxError": "sandbox.errors",
+    "SandboxPool": "sandbox.pool",
     "shutdown": "sandbox.forkserver",
 }
 
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from sandbox.errors import SandboxError
     from sandbox.forkserver import shutdown
     from sandbox.policy import Policy, load_policy
+    from sandbox.pool import SandboxPool
     from sandbox.result import ExecResult
     from sandbox.sandbox import AsyncSandbox, Sandbox
 

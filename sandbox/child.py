@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 
 from sandbox import isolation, limits, protocol
 from sandbox.guard import GuardError, Runtime, make_runtime
+from sandbox.spin import Spinner
 
 __all__ = ["HostFunctionError", "OutputLimitExceeded", "main"]
 
@@ -231,14 +232,13 @@ class Child:
         self.fds: list[int] = []
         self.runtime = runtime
         self.call_id = 0
+        self.spinner = Spinner(SPIN_SECONDS)
         self.exec_count = 0
         self.reserve: mmap.mmap | None = None
         self.keep_reserve()
-        builtins_ns = dict(runtime.builtins)
-        builtins_ns["HostFunctionError"] = HostFunctionError
-        for name in config.get("host_functions", []):
-            builtins_ns[name] = self._stub(name)
-        self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins_ns}
+        self.builtins = dict(runtime.builtins)
+        self.builtins["HostFunctionError"] = HostFunctionError
+        self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": self.builtins}
         self.ns.update(runtime.extra_globals)
         self.host_paths = _HostPaths(str(config.get("scratch", "")))
 
@@ -259,11 +259,37 @@ class Child:
         self.reserve = None
         return True
 
+    def warm_up(self) -> None:
+        """One throwaway cell before ``hello``: the copy-on-write faults and first-call costs of
+        the execute path are paid while the child waits (in a pool), not by its first request."""
+        saved = dict(self.ns)
+        self.execute(0, "_w = [str(i) for i in range(10)]")
+        self.ns.clear()
+        self.ns.update(saved)
+        linecache.cache.pop("<cell-1>", None)
+        self.exec_count = 0
+
+    def init(self) -> bool:
+        """Wait for the host's ``init`` (it may come long after ``hello``: pooled children wait
+        for their sandbox) and install the host-function stubs. False: the host said ``bye``."""
+        msg = self.recv()
+        if msg["t"] == "bye":
+            return False
+        if msg["t"] != "init":
+            raise _ChannelLost(f"expected init, got {msg['t']!r}")
+        for name in msg["host_functions"]:
+            if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+                raise _ChannelLost(f"bad host function name {name!r}")
+            self.builtins[name] = self._stub(name)
+        return True
+
     # -- channel ---------------------------------------------------------
     def recv(self) -> dict[str, Any]:
-        # Spin briefly before blocking: on a VM a blocked process takes 100+ us
-        # to wake, several times the cost of the frame itself.
-        spin_until = time.perf_counter() + SPIN_SECONDS
+        # Spin briefly before blocking (on a VM a blocked process takes 100+ us
+        # to wake), adaptively: see sandbox.spin.
+        budget = self.spinner.budget()
+        spin_until = time.perf_counter() + budget
+        spun = budget > 0
         while True:
             try:
                 msg = next(self.reader, None)
@@ -275,12 +301,17 @@ class Child:
                 except protocol.WireError as exc:
                     raise _ChannelLost(str(exc)) from None
             try:
-                if time.perf_counter() < spin_until:
+                if spun and time.perf_counter() < spin_until:
                     try:
                         alive = protocol.recv_frames(self.sock, self.reader, self.fds, wait=False)
                     except BlockingIOError:
                         continue
+                    self.spinner.outcome(True)
+                    spun = False
                 else:
+                    if spun:
+                        self.spinner.outcome(False)
+                        spun = False
                     alive = protocol.recv_frames(self.sock, self.reader, self.fds)
             except OSError as exc:
                 raise _ChannelLost(str(exc)) from None
@@ -503,8 +534,10 @@ def main(config: dict[str, Any], chan_fd: int, prepared: Any) -> NoReturn:
             policy["python"]["guard"], policy["python"]["allowed_imports"], policy["name"], config["scratch"]
         )
         child = Child(sock, config, runtime)
+        child.warm_up()
         child.send({"t": "hello", "version": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "layers": layers})
-        child.serve()
+        if child.init():
+            child.serve()
     except _ChannelLost:
         code = 2
     except MemoryError:

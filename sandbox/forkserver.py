@@ -10,8 +10,14 @@ The server preloads each policy's allowed modules before forking, so a child
 that has dropped to an unprivileged uid (which cannot read a stdlib under a
 0700 home) still has them. It reports each child's pid together with a pidfd
 (``SCM_RIGHTS``), reaps children, and reports each one's exit status, peak
-RSS and CPU time (from ``wait4``) back to the host. It dies with the host
-(``PR_SET_PDEATHSIG``) and, on end of file, kills every child first.
+RSS and CPU time (from ``wait4``) back to the host.
+
+It lives as long as the host *process*: it exits when its control socket
+reaches end of file, which happens when the host closes it or dies (even of
+SIGKILL), and it kills every child first. (``PR_SET_PDEATHSIG`` would fire when
+the host *thread* that started it ends, which killed the server of a host that
+opened its first sandbox in a worker thread.) Children die with the server
+(their own ``PR_SET_PDEATHSIG``; the server is single-threaded).
 
 Pid reuse: the host addresses a child by pid (its process group, ``prlimit``,
 its CPU clock, ``/proc/<pid>``). A pid is free for reuse only once its process
@@ -22,7 +28,12 @@ once (the zombie still holds the group's id, so this cannot hit a stranger):
 a child that exits on its own leaves nothing behind in its group either.
 
 :class:`ForkServer` is the host's client. One per host process is shared by
-all sandboxes (:func:`shared`); :func:`shutdown` stops it and waits for it.
+all sandboxes (:func:`shared`), replaced transparently when it is found dead;
+:func:`spawn` retries once on a new server when the old one died under it.
+After ``os.fork()`` of the host, the child process forgets the parent's servers
+(it closes its copies of their sockets, which the parent keeps using) and
+starts its own on first use. :func:`shutdown` stops them and waits for them.
+Every failure here is a :class:`~sandbox.errors.SandboxStartError`.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ from typing import Any
 
 from sandbox import protocol
 
-__all__ = ["ExitInfo", "ForkServer", "serve", "shared", "shutdown"]
+__all__ = ["ExitInfo", "ForkServer", "serve", "shared", "shutdown", "spawn"]
 
 _CONTROL_FRAME_CAP = 1024 * 1024
 
@@ -96,11 +107,9 @@ def _serve(ctl_fd: int) -> None:
     from sandbox import isolation
 
     server_pid = os.getpid()
-    isolation.libc().prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:
-        os._exit(0)
+    # No PR_SET_PDEATHSIG: it follows the host *thread* that forked us. The
+    # server ends on end of file of its control socket instead (below).
     isolation.server_setup()  # private mount + empty network namespace, cgroup bases
-    isolation.libc().prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     ctl = socket.socket(fileno=ctl_fd)
     reader = protocol.FrameReader(_CONTROL_FRAME_CAP)
     fds: list[int] = []
@@ -179,7 +188,10 @@ def _serve(ctl_fd: int) -> None:
                 if key.data is not None:
                     child_exited(key.data)
                     continue
-                if not protocol.recv_frames(ctl, reader, fds):
+                try:
+                    if not protocol.recv_frames(ctl, reader, fds):
+                        return  # the host closed its end or died: kill the children, exit
+                except ConnectionError:
                     return
                 for raw in reader:
                     msg = protocol.check(raw, "host")
@@ -236,6 +248,10 @@ def _search_path() -> list[str]:
     return dirs
 
 
+class _ServerGone(Exception):
+    """The fork server died or hung up under a request (the caller may retry on a new one)."""
+
+
 class ForkServer:
     """Host-side handle on one fork server process. Thread-safe."""
 
@@ -271,10 +287,17 @@ class ForkServer:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def alive(self) -> bool:
+        """True while the server runs and its socket is open (checked, not assumed)."""
+        return not self.closed and self.owner_pid == os.getpid() and self.proc.poll() is None
+
+    def _gone(self, why: str) -> _ServerGone:
+        self.closed = True
+        return _ServerGone(why)
+
     def _read_one(self, timeout: float | None) -> dict[str, Any] | None:
         """Next server frame, or None on timeout. Caller holds the lock."""
-        from sandbox.errors import SandboxStartError
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             raw = next(self._reader, None)
@@ -285,39 +308,50 @@ class ForkServer:
                         msg["pid"], msg["status"], msg["maxrss"], msg["cpu"], msg.get("limits")
                     )
                 return msg
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.sock.settimeout(left)
-            else:
-                self.sock.settimeout(None)
             try:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self.sock.settimeout(left)
+                else:
+                    self.sock.settimeout(None)
                 alive = protocol.recv_frames(self.sock, self._reader, self._fds)
             except TimeoutError:
                 return None
+            except OSError as exc:  # reset by a server that died, or our socket was closed
+                raise self._gone(f"the fork server hung up: {exc.strerror or exc}") from None
             if not alive:
-                self.closed = True
-                raise SandboxStartError("the fork server exited")
+                raise self._gone("the fork server exited")
 
     def spawn(self, config: dict[str, Any], chan_fd: int, timeout: float = 30.0) -> tuple[int, int]:
-        """Ask for a child on *chan_fd*; return ``(pid, pidfd)``."""
+        """Ask for a child on *chan_fd*; return ``(pid, pidfd)``.
+
+        Raises :class:`_ServerGone` when the server is dead (the caller may
+        retry on a new one) and ``SandboxStartError`` on every other failure.
+        """
         from sandbox.errors import SandboxStartError
 
         with self._lock:
             if self.closed:
-                raise SandboxStartError("the fork server is closed")
-            protocol.send_message(self.sock, {"t": "spawn", "config": config}, chan_fd)
-            while True:
-                msg = self._read_one(timeout)
-                if msg is None:
-                    raise SandboxStartError("the fork server did not answer a spawn request")
-                if msg["t"] == "failed":
-                    raise SandboxStartError(f"the fork server could not start a child: {msg['error']}")
-                if msg["t"] == "spawned":
-                    if not self._fds:
-                        raise SandboxStartError("the fork server sent no pidfd")
-                    return msg["pid"], self._fds.pop(0)
+                raise _ServerGone("the fork server is closed")
+            try:
+                protocol.send_message(self.sock, {"t": "spawn", "config": config}, chan_fd)
+            except OSError as exc:
+                raise self._gone(f"cannot write to the fork server: {exc.strerror or exc}") from None
+            try:
+                while True:
+                    msg = self._read_one(timeout)
+                    if msg is None:
+                        raise SandboxStartError("the fork server did not answer a spawn request")
+                    if msg["t"] == "failed":
+                        raise SandboxStartError(f"the fork server could not start a child: {msg['error']}")
+                    if msg["t"] == "spawned":
+                        if not self._fds:
+                            raise SandboxStartError("the fork server sent no pidfd")
+                        return msg["pid"], self._fds.pop(0)
+            except protocol.WireError as exc:
+                raise SandboxStartError(f"the fork server broke the protocol: {exc}") from None
 
     def wait_exit(self, pid: int, timeout: float) -> ExitInfo | None:
         """Release child *pid* (the caller's last use of that pid: the server may now
@@ -342,48 +376,108 @@ class ForkServer:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the server (it kills its children first) and wait for it."""
+        if self.owner_pid != os.getpid():  # a forked copy: leave the parent's server alone
+            self.forget()
+            return
         with self._lock:
             if self.closed and self.proc.poll() is not None:
+                self._close_fds()
                 return
             self.closed = True
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
-            self.sock.close()
-            for fd in self._fds:
-                os.close(fd)
-            self._fds.clear()
+            self._close_fds()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
 
+    def _close_fds(self) -> None:
+        self.sock.close()
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+    def forget(self) -> None:
+        """In a forked copy of the host: close our copies of the descriptors, nothing else.
+
+        ``close()`` without ``shutdown()`` only drops this process's reference;
+        the parent's socket and server are untouched.
+        """
+        self.closed = True
+        self._lock = threading.Lock()  # may have been held by another thread at fork time
+        self._close_fds()
+
 
 # One server per preload set: a server that has loaded RestrictedPython for a
 # restricted policy must not fork children of the other policies, which may
-# load only the stdlib and msgpack.
+# load only the stdlib and msgpack. The registry is process state (like the
+# servers it names), not configuration.
 _shared: dict[bool, ForkServer] = {}
 _shared_lock = threading.Lock()
+_on_shutdown: list[Any] = []  # callables run by shutdown() first (the child pools drain here)
 
 
 def shared(restricted: bool = False) -> ForkServer:
     """The host process's fork server for restricted or other policies, started on first use
-    (and again after a fork of the host)."""
+    and again whenever the previous one is found dead."""
     with _shared_lock:
         server = _shared.get(restricted)
-        if server is None or server.owner_pid != os.getpid() or server.closed:
+        if server is None or not server.alive:
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    server.close(timeout=1.0)
             server = _shared[restricted] = ForkServer()
         return server
 
 
+def spawn(restricted: bool, config: dict[str, Any], chan_fd: int) -> tuple[ForkServer, int, int]:
+    """A child from the shared server: ``(server, pid, pidfd)``.
+
+    A server that died (killed, or its host thread's death in older versions)
+    is replaced and the request retried once; a second failure is a
+    ``SandboxStartError``.
+    """
+    from sandbox.errors import SandboxStartError
+
+    for attempt in (1, 2):
+        server = shared(restricted)
+        try:
+            pid, pidfd = server.spawn(config, chan_fd)
+        except _ServerGone as exc:
+            if attempt == 2:
+                raise SandboxStartError(f"the fork server died twice in a row: {exc}") from None
+            continue
+        return server, pid, pidfd
+    raise AssertionError("unreachable")
+
+
 def shutdown() -> None:
-    """Stop the shared fork servers, if any run; the next sandbox starts a new one."""
+    """Stop the shared fork servers, if any run; the next sandbox starts a new one.
+
+    Ready children waiting in pools are stopped first (their scratch removed).
+    """
+    for hook in list(_on_shutdown):
+        with contextlib.suppress(Exception):
+            hook()
     with _shared_lock:
         servers = list(_shared.values())
         _shared.clear()
     for server in servers:
-        if server.owner_pid == os.getpid():
-            server.close()
+        server.close()
 
 
+def _after_fork_in_child() -> None:
+    """``os.fork()`` of the host: the new process drops the parent's servers without touching them."""
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    servers = list(_shared.values())
+    _shared.clear()
+    for server in servers:
+        server.forget()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(shutdown)

@@ -34,6 +34,7 @@ This module is imported by the child, so it may use only the stdlib and msgpack.
 Conversation (host = H, child = C)::
 
     C: hello{version, pid, layers, error?}          once, after the child has locked itself down
+    H: init{host_functions}                          once, first (a pooled child waits for it)
     H: exec{id, code}  -> C: call{id, fn, args, kwargs}* ... done{id, ...}
                           (each call is answered by H: reply{id, ok, value|error} before the next)
     H: set{name, value|shm}  -> C: ack{ok, error?}
@@ -156,6 +157,7 @@ MESSAGES: Final[dict[str, tuple[str, dict[str, Any]]]] = {
     "set": ("host", {"name": str, "value?": _ANY, "shm?": int}),
     "get": ("host", {"name": str}),
     "bye": ("host", {}),
+    "init": ("host", {"host_functions": list}),
     # host <-> fork server
     "spawn": ("host", {"config": dict}),
     "release": ("host", {"pid": int}),

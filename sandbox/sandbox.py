@@ -21,18 +21,29 @@ the frames of :mod:`sandbox.protocol`. Around each ``execute`` the host:
 - measures CPU time and peak RSS from the kernel, and appends an audit line.
 
 A child is addressed by pid (process group, ``prlimit``, CPU clock,
-``/proc/<pid>``) only until the host *releases* it (:meth:`_Child.release`):
+``/proc/<pid>``) only until the host *releases* it (:func:`_collect_exit`):
 the fork server does not reap a child, so its pid cannot be reused, before the
 host has released it.
 
 When a child has died, the next call starts a fresh one and the next
 ``ExecResult`` says ``state_lost=True``.
+
+Children come ready from a :class:`~sandbox.pool.SandboxPool` when one holds a
+child of the same policy (every layer applied, ``hello`` sent); the sandbox
+then sends its own ``init`` (host-function names) before the first request.
+
+Embedding: a ``Sandbox`` may be used from any thread (calls are serialized),
+never re-entrantly from its own host functions (a clear ``SandboxError``); a
+process forked from the host must open its own sandboxes (those inherited
+from the parent refuse use there and close without touching the parent's).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import hashlib
 import inspect
 import os
@@ -45,6 +56,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -57,11 +69,14 @@ from sandbox.errors import (
     LayerUnavailableError,
     ProtocolError,
     SandboxClosedError,
+    SandboxError,
     SandboxStartError,
     VariableError,
 )
 from sandbox.policy import Policy, load_policy
+from sandbox.pool import DEFAULT, Default, SandboxPool, default_pool
 from sandbox.result import ExecResult, LimitName
+from sandbox.spin import Spinner
 
 __all__ = ["AsyncSandbox", "HostFunction", "Sandbox"]
 
@@ -74,8 +89,9 @@ DEADLINE_GRACE = 2.0
 VARIABLE_TIMEOUT_EXTRA = 30.0
 #: Bytes of markers the output cap may add to max_output_bytes (the child's cut and the host's).
 _OUTPUT_SLACK = 4 * limits.CUT_MARKER_BYTES + 160
-#: How long the host polls for the child's answer before it blocks.
+#: How long the host polls for the child's answer before it blocks (at most; see sandbox.spin).
 SPIN_SECONDS = 0.0005
+_SPIN_SLOT = threading.Lock()  # held by the one host thread that may spin now
 #: Leases of children whose death could not be confirmed: kept (never reused) until the host exits.
 _unconfirmed: list[uids.UidLease] = []
 
@@ -102,27 +118,38 @@ class _Child:
     """Host-side record of one live child."""
 
     def __init__(
-        self, pid: int, pidfd: int, sock: socket.socket, scratch: str, layers: dict[str, str], max_frame: int
+        self,
+        server: forkserver.ForkServer,
+        pid: int,
+        pidfd: int,
+        sock: socket.socket,
+        scratch: str,
+        lease: uids.UidLease | None,
+        max_frame: int,
     ):
+        self.server = server  # the fork server that forked it (and reports its exit)
+        #: The child's uid reservation, released once its death is confirmed.
+        self.lease = lease
         self.pid = pid
         self.pidfd = pidfd
         self.sock = sock
         self.scratch = scratch
-        self.layers = layers
+        self.layers: dict[str, str] = {}
         self.reader = protocol.FrameReader(max_frame, protocol.MAX_ITEMS)
         self.fds: list[int] = []
         self.poll = select.poll()
         self.poll.register(sock.fileno(), select.POLLIN)
         self.poll.register(pidfd, select.POLLIN)
         self.rss = limits.RSSMeter(pid)
+        self.spinner = Spinner(SPIN_SECONDS)
+        self.spinner.window = 0.0  # no spinning for the hello: forking takes milliseconds
         self.dead = False
         #: The host is done with the pid (the fork server may reap it; it may be reused).
         self.released = False
         #: The child's CPU clock when it last went idle: CPU past it counts towards the next execute.
         self.cpu_mark: float | None = None
         self.exit_info: forkserver.ExitInfo | None = None
-        #: The child's uid reservation, released once its death is confirmed.
-        self.lease: uids.UidLease | None = None
+        self.init_frame = b""  # sent ahead of the first request (Sandbox._send)
 
     def kill(self) -> None:
         """SIGKILL the child and its process group, also when the child already exited on
@@ -141,6 +168,183 @@ class _Child:
             os.close(fd)
         self.fds.clear()
 
+    def pidfd_ready(self) -> bool:
+        """True once the child has exited (its pidfd is readable); one ``poll`` call."""
+        return any(fd == self.pidfd for fd, _ in self.poll.poll(0))
+
+    def usable(self) -> bool:
+        """A ready child that has said nothing since ``hello``, still runs, on a live server."""
+        return not self.dead and not self.poll.poll(0) and self.server.alive
+
+    def discard(self) -> None:
+        """Stop a child nobody uses (a pool's, or one that failed to start)."""
+        _stop_child(self, graceful=False)
+
+    def forget(self) -> None:
+        """In a process forked from the host: close our copies of its descriptors, nothing else."""
+        self.dead = True
+        self.released = True  # the pid is the parent's to use and release
+        if self.lease is not None:
+            self.lease.forget()
+            self.lease = None
+        self.drop_fds()
+        self.rss.close()
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Everything a ready child depends on: the same for every sandbox of one policy."""
+
+    policy: dict[str, Any]
+    policy_sha256: str
+    restricted: bool
+    max_frame: int
+    identity: bool
+
+
+def _choose_identity(spec: _Spec) -> uids.UidLease | None:
+    """The uid/gid of the next child (one place, chosen at spawn time; held while it lives)."""
+    return _reserve_identity() if spec.identity else None
+
+
+def _spawn_ready(spec: _Spec) -> _Child:
+    """Fork a child of *spec*'s policy and wait for its ``hello``: it then waits for ``init``."""
+    lease = _choose_identity(spec)
+    scratch = tempfile.mkdtemp(prefix="sandbox-")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if lease is not None:
+            os.chown(scratch, lease.uid, lease.gid)
+        config = {
+            "policy": spec.policy,
+            "policy_sha256": spec.policy_sha256,
+            "scratch": scratch,
+            "uid": lease.uid if lease else None,
+            "gid": lease.gid if lease else None,
+        }
+        server, pid, pidfd = forkserver.spawn(spec.restricted, config, theirs.fileno())
+    except BaseException as exc:
+        ours.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+        if lease is not None:
+            lease.release()  # no child was started under it
+        if isinstance(exc, OSError):
+            raise SandboxStartError(f"cannot prepare a sandbox child: {exc}") from None
+        raise
+    finally:
+        theirs.close()
+    child = _Child(server, pid, pidfd, ours, scratch, lease, spec.max_frame)
+    try:
+        hello = Sandbox._next_frame(child, _START_TIMEOUT)
+    except (_Timeout, _Died, protocol.WireError) as exc:
+        child.discard()
+        why = {_Timeout: "no hello in time", _Died: "it exited"}.get(type(exc), str(exc))
+        raise SandboxStartError(f"the sandbox child did not start: {why}") from None
+    if hello["t"] != "hello" or hello["version"] != protocol.PROTOCOL_VERSION:
+        child.discard()
+        raise SandboxStartError(
+            f"the sandbox child did not start: got {hello['t']!r} version {hello.get('version')}"
+            f" (host speaks protocol {protocol.PROTOCOL_VERSION})"
+        )
+    if "error" in hello:
+        child.discard()
+        raise LayerUnavailableError(hello.get("layer", "?"), hello["error"])
+    child.layers = {str(k): str(v) for k, v in hello["layers"].items()}
+    child.spinner.window = SPIN_SECONDS
+    return child
+
+
+def _collect_exit(child: _Child) -> forkserver.ExitInfo | None:
+    """How *child* ended (it must be dead or killed); asked of its fork server once.
+
+    This releases the pid: the fork server reaps the child only now, so
+    nothing may address it by pid afterwards (``kill`` becomes a no-op).
+    """
+    if not child.released:
+        child.released = True
+        child.exit_info = child.server.wait_exit(child.pid, 10.0)
+    return child.exit_info
+
+
+def _stop_child(child: _Child, graceful: bool) -> None:
+    if graceful and not child.dead:
+        try:
+            protocol.send_frame(child.sock, protocol.encode({"t": "bye"}), None, 0.5)
+            child.poll.unregister(child.sock.fileno())
+            if not child.poll.poll(500):
+                child.kill()
+        except OSError:
+            child.kill()
+    child.kill()
+    exited = _collect_exit(child)
+    if child.lease is not None:
+        if exited is not None:
+            child.lease.release()
+        else:  # not known to be dead: its uid must not go to another sandbox
+            _unconfirmed.append(child.lease)
+        child.lease = None
+    child.drop_fds()
+    child.rss.close()
+    child.sock.close()
+    os.close(child.pidfd)
+    shutil.rmtree(child.scratch, ignore_errors=True)
+
+
+class _Using:
+    """``with sb._using() as child``: the sandbox's lock, re-entrancy refused, a live child."""
+
+    __slots__ = ("sb",)
+
+    def __init__(self, sb: Sandbox) -> None:
+        self.sb = sb
+
+    def __enter__(self) -> _Child:
+        sb = self.sb
+        if os.getpid() != sb._owner_pid:  # checked before the lock, which a thread may have held at fork
+            raise SandboxClosedError(
+                f"this sandbox belongs to process {sb._owner_pid}; a forked process must open its own"
+            )
+        me = threading.get_ident()
+        if sb._holder == me:
+            raise SandboxError(
+                "re-entrant use is not allowed: a host function called execute, set_variable,"
+                " get_variable or close on the sandbox that is running it"
+            )
+        sb._lock.acquire()
+        sb._holder = me
+        try:
+            return sb._ensure_child()
+        except BaseException:
+            sb._holder = None
+            sb._lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.sb._holder = None
+        self.sb._lock.release()
+
+
+class _Cancel:
+    """Lets another thread stop one execute: kills the child it runs on (if it started)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cancelled = False
+        self.running: _Child | None = None
+        self.finished = threading.Event()  # set when the execute has returned (or never ran)
+
+    def cancel(self) -> bool:
+        """Stop the execute; True if its cell was running (its child is now killed)."""
+        with self.lock:
+            self.cancelled = True
+            if self.running is None:
+                return False
+            self.running.kill()
+            return True
+
 
 class _Died(Exception):
     """The child hung up or exited while we waited for it."""
@@ -158,6 +362,10 @@ class Sandbox:
     ...     r = sb.execute("print(len(context)); y = double(21)")
     ...     sb.get_variable("y")
     42
+
+    *pool* supplies ready children: by default the process's shared
+    :func:`sandbox.pool.default_pool`; pass your own :class:`SandboxPool`, or
+    ``None`` to fork every child on demand.
     """
 
     def __init__(
@@ -166,6 +374,7 @@ class Sandbox:
         *,
         host_functions: Mapping[str, HostFunction] | None = None,
         audit_log: str | Path | None = None,
+        pool: SandboxPool | Default | None = DEFAULT,
     ) -> None:
         self.policy = _resolve(policy)
         self.id = uuid.uuid4().hex[:16]
@@ -185,14 +394,19 @@ class Sandbox:
         if self.policy.audit.enabled:
             path = audit_log or self.policy.audit.path or default_audit_path()
             self._audit = AuditLog(path)
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._holder: int | None = None  # the thread inside execute/set/get (re-entrancy check)
+        self._using_cm = _Using(self)
+        self._owner_pid = os.getpid()
+        self._spec = self._spec_of(self.policy, self._policy_dump)
+        self._make = functools.partial(_spawn_ready, self._spec)
+        self._pool = default_pool() if isinstance(pool, Default) else pool
         self._child: _Child | None = None
         self._seq = 0
         self._exec_id = 0
         self._lost = False
         self._layers: dict[str, str] = {}
         self.closed = False
-        self._server = forkserver.shared(self.policy.python.guard == "restricted")
         try:
             self._start()
         except BaseException:
@@ -224,12 +438,33 @@ class Sandbox:
         """Run *code* in the persistent namespace and report what happened."""
         if not isinstance(code, str):
             raise TypeError(f"code must be str, not {type(code).__name__}")
-        with self._lock:
-            child = self._ensure_child()
+        with self._using() as child:
             state_lost, self._lost = self._lost, False
             result = self._run(child, code, state_lost)
             self._audit_line(code, result)
             return result
+
+    def _execute(self, code: str, cancel: _Cancel) -> ExecResult | None:
+        """``execute`` that *cancel* can stop from another thread (None: cancelled before it ran)."""
+        try:
+            with self._using() as child:
+                with cancel.lock:
+                    if cancel.cancelled:
+                        return None
+                    cancel.running = child
+                try:
+                    state_lost, self._lost = self._lost, False
+                    result = self._run(child, code, state_lost)
+                finally:
+                    with cancel.lock:
+                        cancel.running = None
+                self._audit_line(code, result)
+                return result
+        finally:
+            cancel.finished.set()
+
+    def _using(self) -> _Using:
+        return self._using_cm
 
     def set_variable(self, name: str, value: Any, *, timeout: float | None = None) -> None:
         """Bind *name* to a copy of *value* (plain data: None, bool, int, float, str, bytes, list, dict).
@@ -252,8 +487,7 @@ class Sandbox:
                 f"cannot set {name!r}: {size} bytes is over the policy's max_message_mb ({self.policy.limits.max_message_mb} MiB)"
             )
         wait = self._variable_timeout(timeout)
-        with self._lock:
-            child = self._ensure_child()
+        with self._using() as child:
             end = time.monotonic() + wait
             if size <= protocol.INLINE_LIMIT:
                 self._post(
@@ -290,8 +524,7 @@ class Sandbox:
         if not isinstance(name, str):
             raise VariableError("variable name must be a str")
         wait = self._variable_timeout(timeout)
-        with self._lock:
-            child = self._ensure_child()
+        with self._using() as child:
             end = time.monotonic() + wait
             self._post(
                 child, protocol.encode({"t": "get", "name": protocol.clean_text(name)}), None, wait, name
@@ -323,6 +556,14 @@ class Sandbox:
 
     def close(self) -> None:
         """Stop the child and delete its scratch directory. Idempotent."""
+        if self._holder == threading.get_ident():
+            raise SandboxError("re-entrant use is not allowed: a host function closed its own sandbox")
+        if os.getpid() != self._owner_pid:  # inherited through os.fork(): the parent's child, not ours
+            self.closed = True
+            if self._child is not None:
+                self._child.forget()
+                self._child = None
+            return
         with self._lock:
             if self.closed:
                 return
@@ -352,7 +593,10 @@ class Sandbox:
             raise SandboxClosedError("this sandbox is closed")
         child = self._child
         if child is not None and not child.dead:
-            return child
+            if child.pidfd_ready():  # died between calls (a kill, its fork server's death)
+                child.dead = True
+            else:
+                return child
         if child is not None:
             self._stop_child(child, graceful=False)
             self._child = None
@@ -360,84 +604,34 @@ class Sandbox:
         return self._start()
 
     def _start(self) -> _Child:
-        lease = _reserve_identity() if self.policy.isolation.identity else None
-        scratch = tempfile.mkdtemp(prefix=f"sandbox-{self.id}-")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            if lease is not None:
-                os.chown(scratch, lease.uid, lease.gid)
-            config = {
-                "policy": self._policy_dump,
-                "policy_sha256": self._policy_sha,
-                "scratch": scratch,
-                "uid": lease.uid if lease else None,
-                "gid": lease.gid if lease else None,
-                "host_functions": sorted(self._host),
-                "sandbox_id": self.id,
-            }
-            pid, pidfd = self._server.spawn(config, theirs.fileno())
-        except BaseException:
-            ours.close()
-            shutil.rmtree(scratch, ignore_errors=True)
-            if lease is not None:
-                lease.release()  # no child was started under it
-            raise
-        finally:
-            theirs.close()
-        child = _Child(pid, pidfd, ours, scratch, {}, self._max_frame)
-        child.lease = lease
-        try:
-            hello = self._expect(child, "hello", _START_TIMEOUT)
-        except ProtocolError as exc:
-            self._stop_child(child, graceful=False)
-            raise SandboxStartError(f"the sandbox child did not start: {exc}") from None
-        if hello["version"] != protocol.PROTOCOL_VERSION:
-            self._stop_child(child, graceful=False)
-            raise SandboxStartError(
-                f"child speaks protocol {hello['version']}, host {protocol.PROTOCOL_VERSION}"
-            )
-        if "error" in hello:
-            self._stop_child(child, graceful=False)
-            raise LayerUnavailableError(hello.get("layer", "?"), hello["error"])
-        child.layers = {str(k): str(v) for k, v in hello["layers"].items()}
+        child = self._pool.take(self._policy_sha, self._make) if self._pool is not None else None
+        if child is None:
+            child = _spawn_ready(self._spec)
+        # What is this sandbox's own reaches the child with its first request (a pooled child was
+        # forked before the sandbox existed); see _send.
+        child.init_frame = protocol.encode({"t": "init", "host_functions": sorted(self._host)})
         self._layers = child.layers
         self._mark_cpu(child)
         self._child = child
         return child
 
     def _stop_child(self, child: _Child, graceful: bool) -> None:
-        if graceful and not child.dead:
-            try:
-                protocol.send_frame(child.sock, protocol.encode({"t": "bye"}), None, 0.5)
-                child.poll.unregister(child.sock.fileno())
-                if not child.poll.poll(500):
-                    child.kill()
-            except OSError:
-                child.kill()
-        child.kill()
-        exited = self._exit_info(child)
-        if child.lease is not None:
-            if exited is not None:
-                child.lease.release()
-            else:  # not known to be dead: its uid must not go to another sandbox
-                _unconfirmed.append(child.lease)
-            child.lease = None
-        child.drop_fds()
-        child.rss.close()
-        child.sock.close()
-        os.close(child.pidfd)
-        shutil.rmtree(child.scratch, ignore_errors=True)
+        _stop_child(child, graceful)
+
+    @staticmethod
+    def _spec_of(policy: Policy | str | Path, dump: dict[str, Any] | None = None) -> _Spec:
+        policy = _resolve(policy)
+        max_frame = min(policy.limits.max_message_mb * 1024 * 1024, protocol.DEFAULT_MAX_FRAME)
+        return _Spec(
+            dump if dump is not None else policy.model_dump(mode="json"),
+            policy.sha256,
+            policy.python.guard == "restricted",
+            max_frame,
+            policy.isolation.identity,
+        )
 
     def _exit_info(self, child: _Child) -> forkserver.ExitInfo | None:
-        """How *child* ended (it must be dead or killed); asked of the fork server once.
-
-        This releases the pid: the fork server reaps the child only now, so
-        nothing may address it by pid afterwards (``kill`` becomes a no-op).
-        """
-        if not child.released:
-            child.released = True
-            child.exit_info = self._server.wait_exit(child.pid, 10.0)
-        return child.exit_info
+        return _collect_exit(child)
 
     def _mark_cpu(self, child: _Child) -> float | None:
         """The child goes idle: CPU from now on counts towards its next execute, and the
@@ -459,6 +653,8 @@ class Sandbox:
     def _send(self, child: _Child, frame: bytes, fd: int | None, timeout: float) -> None:
         """Write one frame within *timeout* seconds; else kill the child and raise
         _Timeout (it stopped reading) or _Died (it hung up)."""
+        if child.init_frame:  # the sandbox's init rides with its first request: one wake-up, not two
+            frame, child.init_frame = child.init_frame + frame, b""
         try:
             protocol.send_frame(child.sock, frame, fd, timeout)
         except TimeoutError:
@@ -479,7 +675,8 @@ class Sandbox:
         except _Died:
             raise ProtocolError(f"the sandbox child exited before it read the request for {name!r}") from None
 
-    def _next_frame(self, child: _Child, timeout: float | None, accept_fd: bool = False) -> dict[str, Any]:
+    @staticmethod
+    def _next_frame(child: _Child, timeout: float | None, accept_fd: bool = False) -> dict[str, Any]:
         """Next valid frame from the child; raises _Timeout, _Died or protocol.WireError.
 
         Descriptors are accepted only with *accept_fd* (an out-of-band ``value``
@@ -491,12 +688,17 @@ class Sandbox:
                 return protocol.check(raw, "child")
             if child.dead:
                 raise _Died()
-            # Spin briefly before blocking: a blocked process on a VM takes
-            # 100+ us to wake, several times the cost of a small execute.
-            spin_until = time.perf_counter() + SPIN_SECONDS
             events = child.poll.poll(0)
-            while not events and time.perf_counter() < spin_until:
-                events = child.poll.poll(0)
+            # Spin briefly before blocking (a blocked process on a VM takes 100+ us
+            # to wake), adaptively and one host thread at a time: see sandbox.spin.
+            if not events and (budget := child.spinner.budget()) and _SPIN_SLOT.acquire(blocking=False):
+                try:
+                    spin_until = time.perf_counter() + budget
+                    while not events and time.perf_counter() < spin_until:
+                        events = child.poll.poll(0)
+                finally:
+                    _SPIN_SLOT.release()
+                child.spinner.outcome(bool(events))
             if not events:
                 events = child.poll.poll(None if timeout is None else max(0, int(timeout * 1000)))
             if not events:
@@ -792,12 +994,20 @@ class Sandbox:
         )
 
 
+_IN_HOST_CALL: contextvars.ContextVar[AsyncSandbox | None] = contextvars.ContextVar(
+    "sandbox_in_host_call", default=None
+)
+
+
 class AsyncSandbox:
     """The asyncio twin of :class:`Sandbox`: the same methods, as coroutines.
 
     Blocking work runs in a worker thread, so the event loop keeps serving.
     Host functions may be coroutine functions; they run on the event loop that
-    called ``execute``.
+    called ``execute``. Concurrent first calls share one child. Cancelling an
+    ``execute`` (``task.cancel()``, ``asyncio.timeout``) kills the child running
+    the cell; the next result says ``state_lost=True``. The object may be used
+    from successive event loops (``asyncio.run`` twice).
     """
 
     def __init__(
@@ -806,31 +1016,49 @@ class AsyncSandbox:
         *,
         host_functions: Mapping[str, HostFunction] | None = None,
         audit_log: str | Path | None = None,
+        pool: SandboxPool | Default | None = DEFAULT,
     ) -> None:
         self.policy = _resolve(policy)
         self._host = dict(host_functions or {})
         self._audit_log = audit_log
+        self._pool = pool
         self._sync: Sandbox | None = None
+        self._make_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _wrap(self, fn: HostFunction) -> HostFunction:
         if not inspect.iscoroutinefunction(fn):
             return fn
 
+        async def marked(*args: Any, **kwargs: Any) -> Any:
+            _IN_HOST_CALL.set(self)  # this task's context only: a re-entrant call can tell
+            return await fn(*args, **kwargs)
+
         def run_on_loop(*args: Any, **kwargs: Any) -> Any:
             assert self._loop is not None
-            return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._loop).result()
+            return asyncio.run_coroutine_threadsafe(marked(*args, **kwargs), self._loop).result()
 
         return run_on_loop
 
+    def _make(self) -> Sandbox:
+        with self._make_lock:  # concurrent first calls wait here and share one sandbox
+            if self._sync is None:
+                host = {name: self._wrap(fn) for name, fn in self._host.items()}
+                self._sync = Sandbox(
+                    self.policy, host_functions=host, audit_log=self._audit_log, pool=self._pool
+                )
+            return self._sync
+
     async def _sandbox(self) -> Sandbox:
-        self._loop = asyncio.get_running_loop()
-        if self._sync is None:
-            host = {name: self._wrap(fn) for name, fn in self._host.items()}
-            self._sync = await asyncio.to_thread(
-                Sandbox, self.policy, host_functions=host, audit_log=self._audit_log
+        if _IN_HOST_CALL.get() is self:
+            raise SandboxError(
+                "re-entrant use is not allowed: a host function called this AsyncSandbox while it runs the function"
             )
-        return self._sync
+        self._loop = asyncio.get_running_loop()
+        sb = self._sync
+        if sb is None:
+            sb = await asyncio.to_thread(self._make)
+        return sb
 
     async def start(self) -> AsyncSandbox:
         await self._sandbox()
@@ -846,15 +1074,25 @@ class AsyncSandbox:
 
     async def execute(self, code: str) -> ExecResult:
         sb = await self._sandbox()
-        return await asyncio.to_thread(sb.execute, code)
+        cancel = _Cancel()
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(None, sb._execute, code, cancel)
+        except asyncio.CancelledError:
+            if cancel.cancel():  # the cell ran and its child is killed: the worker returns at once
+                with contextlib.suppress(BaseException):
+                    await loop.run_in_executor(None, cancel.finished.wait, 60.0)
+            raise
+        assert result is not None
+        return result
 
-    async def set_variable(self, name: str, value: Any) -> None:
+    async def set_variable(self, name: str, value: Any, *, timeout: float | None = None) -> None:
         sb = await self._sandbox()
-        await asyncio.to_thread(sb.set_variable, name, value)
+        await asyncio.to_thread(functools.partial(sb.set_variable, name, value, timeout=timeout))
 
-    async def get_variable(self, name: str) -> Any:
+    async def get_variable(self, name: str, *, timeout: float | None = None) -> Any:
         sb = await self._sandbox()
-        return await asyncio.to_thread(sb.get_variable, name)
+        return await asyncio.to_thread(functools.partial(sb.get_variable, name, timeout=timeout))
 
     async def close(self) -> None:
         if self._sync is not None:

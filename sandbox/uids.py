@@ -74,6 +74,17 @@ class UidLease:
             os.unlink(os.path.join(self.directory, str(self.uid)))
         os.close(fd)
 
+    def forget(self) -> None:
+        """In a process forked from the holder: close this process's copy of the descriptor.
+
+        The lock stays with the holder (it belongs to the open file, which the
+        holder still has open) and the lock file stays in place.
+        """
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
     def __enter__(self) -> UidLease:
         return self
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 import os
-import tempfile
 
 import psutil
 
 import sandbox
 from sandbox import Sandbox
+from sandbox.pool import DEFAULT_SIZE, default_pool
 
 
 def _fds() -> set[int]:
@@ -22,19 +21,22 @@ def test_500_sandboxes_leave_no_process_fd_or_temp_dir(audit_path):
         warm.execute("x = 1")
     me = psutil.Process()
     fds_before = _fds()
-    ids = []
+    scratches = []
     for i in range(500):
-        with Sandbox("default", audit_log=audit_path) as box:
-            ids.append(box.id)
+        with Sandbox("default", audit_log=audit_path) as box:  # from the default pool after the first
+            scratches.append(box._child.scratch)
             if i % 50 == 0:
                 assert box.execute("print('hi')").stdout == "hi\n"
-    leftover = [p for p in me.children(recursive=True) if p.pid != _server_pid()]
+    assert default_pool().wait_ready(30)  # no refill in flight
+    ready = set(default_pool().ready_pids())
+    assert len(ready) <= DEFAULT_SIZE
+    leftover = [p for p in me.children(recursive=True) if p.pid != _server_pid() and p.pid not in ready]
     assert leftover == []
-    assert _fds() <= fds_before | {max(fds_before) + 1}  # at most a lazily reopened log
-    tmp = tempfile.gettempdir()
-    assert [d for i in ids for d in glob.glob(os.path.join(tmp, f"sandbox-{i}-*"))] == []
-    sandbox.shutdown()
+    assert len(set(scratches)) == 500  # a pooled child serves one sandbox only
+    assert [d for d in scratches if os.path.exists(d)] == []
+    sandbox.shutdown()  # drains the pool, stops the server
     assert me.children(recursive=True) == []
+    assert _fds() <= fds_before | {max(fds_before) + 1}  # at most a lazily reopened log
 
 
 def _server_pid() -> int:

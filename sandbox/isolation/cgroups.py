@@ -116,6 +116,31 @@ def _own_paths() -> dict[str, str]:
     return out
 
 
+def _sweep_stale(parent: str) -> None:
+    """Remove the ``rlm-<pid>`` trees of fork servers that died without tearing down (SIGKILL).
+
+    Only directories of pids that no longer exist, bottom-up with ``rmdir``,
+    which the kernel refuses for a cgroup that still holds a process.
+    """
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith("rlm-") and name[4:].isdigit()):
+            continue
+        try:
+            os.kill(int(name[4:]), 0)
+            continue  # that server (or a process that reused its pid) still runs
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        for root, _dirs, _files in os.walk(os.path.join(parent, name), topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(root)
+
+
 def server_setup() -> Cgroups:
     cg = Cgroups()
     try:
@@ -126,6 +151,7 @@ def server_setup() -> Cgroups:
             for c in CONTROLLERS:
                 cg.mounts[c] = v1[c]
                 cg.origin[c] = os.path.normpath(v1[c] + own.get(c, "/"))
+                _sweep_stale(cg.origin[c])
                 base = os.path.join(cg.origin[c], name)
                 os.makedirs(base, exist_ok=True)
                 cg.bases[c] = base
@@ -136,6 +162,7 @@ def server_setup() -> Cgroups:
             missing = [c for c in CONTROLLERS if c not in available]
             if missing:
                 raise OSError(errno.ENOTSUP, f"cgroup2 at {parent} lacks the {'/'.join(missing)} controller")
+            _sweep_stale(parent)
             base = os.path.join(parent, name)
             os.makedirs(base, exist_ok=True)
             cg.mounts["unified"] = v2

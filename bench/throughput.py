@@ -1,0 +1,158 @@
+"""Many tenants: executes per second with N sandboxes busy at once, and 1,000 sandboxes in a row.
+
+    python bench/throughput.py [--quick] [--seconds S] [--policy NAME|PATH] [--out FILE.json]
+
+For N = 1, 2, 8, 32 concurrent sandboxes, each running ``x = 1+1`` in a loop:
+
+- threads: N threads, each with its own ``Sandbox``;
+- asyncio: one event loop, N ``AsyncSandbox`` driven by N tasks.
+
+Each figure is total executes per second over the window. N = 2 is measured
+three times to show its spread. Target: no N below 80% of the N = 1 figure of
+the same run, and N = 2 stable. Then 1,000 sandboxes are opened, used once and
+closed one after the other (with the default pool), and the script checks
+that no child process is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from sandbox import AsyncSandbox, Sandbox, load_policy, shutdown
+from sandbox.policy import Policy
+from sandbox.pool import SandboxPool
+
+CELL = "x = 1+1"
+
+
+def threads_rate(policy: Policy, n: int, seconds: float, audit: Path) -> float:
+    boxes = [Sandbox(policy, audit_log=audit / f"t{i}.jsonl") for i in range(n)]
+    counts = [0] * n
+    start = threading.Barrier(n + 1)
+    stop = threading.Event()
+
+    def work(i: int) -> None:
+        sb = boxes[i]
+        sb.execute(CELL)
+        start.wait()
+        while not stop.is_set():
+            sb.execute(CELL)
+            counts[i] += 1
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for w in workers:
+        w.start()
+    start.wait()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    done = sum(counts)
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    for w in workers:
+        w.join()
+    for sb in boxes:
+        sb.close()
+    return done / elapsed
+
+
+def asyncio_rate(policy: Policy, n: int, seconds: float, audit: Path) -> float:
+    async def main() -> float:
+        boxes = [AsyncSandbox(policy, audit_log=audit / f"a{i}.jsonl") for i in range(n)]
+        await asyncio.gather(*(b.start() for b in boxes))
+        counts = [0] * n
+        stop = False
+
+        async def work(i: int) -> None:
+            while not stop:
+                await boxes[i].execute(CELL)
+                counts[i] += 1
+
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(n + 4))  # one worker thread per sandbox
+        tasks = [asyncio.ensure_future(work(i)) for i in range(n)]
+        await asyncio.sleep(0.2)  # warm up
+        c0, t0 = sum(counts), time.perf_counter()
+        await asyncio.sleep(seconds)
+        done, elapsed = sum(counts) - c0, time.perf_counter() - t0
+        stop = True
+        await asyncio.gather(*tasks)
+        await asyncio.gather(*(b.close() for b in boxes))
+        return done / elapsed
+
+    return asyncio.run(main())
+
+
+def in_a_row(policy: Policy, count: int, audit: Path) -> dict[str, Any]:
+    me = psutil.Process()
+    with SandboxPool(size=2) as pool:
+        pool.warm(policy)
+        pool.wait_ready(30)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            with Sandbox(policy, audit_log=audit / "row.jsonl", pool=pool) as sb:
+                sb.execute(CELL)
+        elapsed = time.perf_counter() - t0
+    shutdown()
+    left = me.children(recursive=True)
+    return {"count": count, "seconds": elapsed, "per_second": count / elapsed, "processes_left": len(left)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short windows, 200 sandboxes in a row")
+    ap.add_argument("--seconds", type=float, default=None, help="measuring window per figure")
+    ap.add_argument("--policy", default="default")
+    ap.add_argument("--out", default="bench/results/throughput.json")
+    args = ap.parse_args(argv)
+    seconds = args.seconds or (1.0 if args.quick else 3.0)
+    policy = load_policy(args.policy)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
+        audit = Path(tmp)
+        Sandbox(policy, audit_log=audit / "w.jsonl").close()  # start the fork server
+        for mode, fn in (("threads", threads_rate), ("asyncio", asyncio_rate)):
+            for n in (1, 2, 8, 32, 2, 2):
+                rate = fn(policy, n, seconds, audit)
+                rows.append({"mode": mode, "n": n, "executes_per_s": rate})
+                print(f"  {mode} N={n}: {rate:.0f} executes/s", file=sys.stderr)
+        row = in_a_row(policy, 200 if args.quick else 1000, audit)
+    print("\n| driver | N | executes/s | vs N=1 |\n|---|---:|---:|---:|")
+    verdicts = []
+    for mode in ("threads", "asyncio"):
+        base = next(r["executes_per_s"] for r in rows if r["mode"] == mode and r["n"] == 1)
+        for r in rows:
+            if r["mode"] == mode:
+                r["ratio"] = r["executes_per_s"] / base
+                print(f"| {mode} | {r['n']} | {r['executes_per_s']:.0f} | {r['ratio']:.0%} |")
+        worst = min(r["ratio"] for r in rows if r["mode"] == mode)
+        twos = [r["executes_per_s"] for r in rows if r["mode"] == mode and r["n"] == 2]
+        verdicts.append(
+            f"{mode}: lowest N at {worst:.0%} of N=1 (target >= 80%: {'met' if worst >= 0.8 else 'NOT met'});"
+            f" N=2 over 3 runs {min(twos):.0f}-{max(twos):.0f}/s (spread {max(twos) / min(twos) - 1:.0%})"
+        )
+    print(
+        f"\n{row['count']} sandboxes opened, used and closed in a row: {row['seconds']:.2f} s "
+        f"({row['per_second']:.0f}/s), child processes left: {row['processes_left']}"
+    )
+    for v in verdicts:
+        print(v)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"seconds": seconds, "rows": rows, "in_a_row": row}, indent=2))
+    print(f"\nwrote {out}", file=sys.stderr)
+    return 0 if row["processes_left"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Embedded the way servers embed it: threads, event loops, forks, a dead fork server, pools.
+
+Every test here failed before its fix (the fork server died with the thread
+that started it, concurrent first calls built one child each, a cancelled
+execute kept running, re-entrant use said "Broken pipe", ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+import sandbox
+from sandbox import AsyncSandbox, Sandbox, SandboxError, forkserver
+from sandbox.errors import SandboxClosedError
+from sandbox.pool import SandboxPool
+
+
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ------------------------------------------------------------------ lifecycle
+def test_server_started_by_a_thread_outlives_the_thread(audit_path) -> None:
+    sandbox.shutdown()  # the next sandbox starts the server, from the worker thread
+    seen: list[int] = []
+
+    def worker() -> None:
+        with Sandbox("default", audit_log=audit_path) as sb:
+            assert sb.execute("x = 1").ok
+        seen.append(forkserver.shared().pid)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    with Sandbox("default", audit_log=audit_path) as sb:
+        r = sb.execute("print(2)")
+    assert r.stdout == "2\n"
+    assert forkserver.shared().pid == seen[0]  # the same server: it did not die with the thread
+
+
+def test_async_sandbox_in_two_successive_event_loops(audit_path) -> None:
+    sandbox.shutdown()
+
+    async def once(i: int) -> str:
+        async with AsyncSandbox("default", audit_log=audit_path) as sb:
+            return (await sb.execute(f"print({i})")).stdout
+
+    server_pids = []
+    for i in range(2):
+        assert asyncio.run(once(i)) == f"{i}\n"
+        server_pids.append(forkserver.shared().pid)
+    assert server_pids[0] == server_pids[1]
+
+
+def test_fork_server_killed_existing_and_new_sandboxes_recover(audit_path) -> None:
+    sb = Sandbox("default", audit_log=audit_path)
+    try:
+        assert sb.execute("x = 41").ok
+        server = forkserver.shared()
+        os.kill(server.pid, signal.SIGKILL)
+        assert _gone(server.pid)
+        assert _gone(sb.pid)  # its children die with it
+        try:
+            r = sb.execute("print(x)")
+        except SandboxError:
+            pass  # allowed: a SandboxError, never a raw OSError
+        else:
+            assert r.state_lost
+        r = sb.execute("x = 1; print(x)")  # and the sandbox keeps working on a new server
+        assert r.ok and r.stdout == "1\n"
+        with Sandbox("default", audit_log=audit_path) as fresh:
+            assert fresh.execute("print(3)").stdout == "3\n"
+        assert forkserver.shared().pid != server.pid
+    finally:
+        sb.close()
+
+
+def test_spawn_on_a_server_that_just_died_is_retried(audit_path, monkeypatch) -> None:
+    server = forkserver.shared()
+    os.kill(server.pid, signal.SIGKILL)
+    assert _gone(server.pid)
+    # As if it died between the liveness check and the request: only the spawn itself can find out.
+    monkeypatch.setattr(forkserver.ForkServer, "alive", property(lambda self: not self.closed))
+    with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+        assert sb.execute("print(4)").stdout == "4\n"
+    assert server.closed and forkserver.shared() is not server
+
+
+def test_sandbox_in_a_forked_host_process(audit_path) -> None:
+    parent = Sandbox("default", audit_log=audit_path)
+    try:
+        assert parent.execute("x = 5").ok
+        pid = os.fork()
+        if pid == 0:  # the forked host: its own sandboxes work, the parent's is left alone
+            code = 1
+            try:
+                try:
+                    parent.execute("x")
+                except SandboxClosedError:
+                    parent.close()
+                    with Sandbox("default", audit_log=audit_path) as sb:
+                        if sb.execute("print(6)").stdout == "6\n":
+                            code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        r = parent.execute("print(x)")
+        assert r.stdout == "5\n" and not r.state_lost
+    finally:
+        parent.close()
+
+
+# ------------------------------------------------------------------- asyncio
+def test_concurrent_first_calls_share_one_child(audit_path) -> None:
+    async def main() -> list[object]:
+        sb = AsyncSandbox("default", audit_log=audit_path)
+        try:
+            await asyncio.gather(*(sb.execute(f"v{i} = {i}") for i in range(4)))
+            return [await sb.get_variable(f"v{i}") for i in range(4)]
+        finally:
+            await sb.close()
+
+    assert asyncio.run(main()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_cancelled_execute_stops_the_cell(audit_path, how: str) -> None:
+    async def main() -> None:
+        async with AsyncSandbox("default", audit_log=audit_path) as sb:
+            await sb.execute("x = 1")
+            pid = sb._sync.pid if sb._sync else None
+            cell = "import time\nwhile True: time.sleep(0.01)"
+            if how == "cancel":
+                task = asyncio.ensure_future(sb.execute(cell))
+                await asyncio.sleep(0.5)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await sb.execute(cell)
+            assert pid is not None and _gone(pid)  # the cell stopped: its child was killed
+            r = await sb.execute("print(2)")
+            assert r.ok and r.state_lost and r.stdout == "2\n"
+
+    asyncio.run(main())
+
+
+# -------------------------------------------------------------- re-entrancy
+def test_reentrant_use_from_a_host_function_is_a_clear_error(audit_path) -> None:
+    errors: list[str] = []
+
+    def inner() -> int:
+        try:
+            sb.execute("y = 1")
+        except SandboxError as exc:
+            errors.append(str(exc))
+        return 1
+
+    with Sandbox("default", host_functions={"inner": inner}, audit_log=audit_path) as sb:
+        r = sb.execute("print(inner())")
+        assert r.ok and r.stdout == "1\n"
+        assert sb.execute("print(3)").stdout == "3\n"
+    assert errors and "re-entrant use is not allowed" in errors[0]
+
+
+def test_reentrant_use_from_an_async_host_function_is_a_clear_error(audit_path) -> None:
+    async def main() -> tuple[str, str]:
+        async def inner() -> str:
+            try:
+                await sb.execute("y = 1")
+            except SandboxError as exc:
+                return str(exc)
+            return "no error"
+
+        sb = AsyncSandbox("default", host_functions={"inner": inner}, audit_log=audit_path)
+        try:
+            r = await asyncio.wait_for(sb.execute("print(inner())"), 60)
+            return r.stdout, (await sb.execute("print(3)")).stdout
+        finally:
+            await sb.close()
+
+    out, after = asyncio.run(main())
+    assert "re-entrant use is not allowed" in out and after == "3\n"
+
+
+# --------------------------------------------------------------------- pool
+def test_pooled_children_serve_one_sandbox_each(audit_path) -> None:
+    with SandboxPool(size=2) as pool:
+        pool.warm("default")
+        assert pool.wait_ready(30)
+        ready = set(pool.ready_pids())
+        assert len(ready) == 2
+        with Sandbox("default", host_functions={"d": lambda x: 2 * x}, audit_log=audit_path, pool=pool) as a:
+            assert a.pid in ready  # taken from the pool
+            a.execute("secret = 'tenant a'")
+            assert a.execute("print(d(21))").stdout == "42\n"  # host functions reach a pooled child
+            pid_a = a.pid
+        assert _gone(pid_a)  # never reused
+        assert pool.wait_ready(30)
+        with Sandbox("default", audit_log=audit_path, pool=pool) as b:
+            assert b.pid != pid_a
+            r = b.execute("print(secret)")
+            assert r.error_type == "NameError"
+            r = b.execute("d(1)")
+            assert r.error_type == "NameError"  # the previous tenant's host functions are not there
+        ready = set(pool.ready_pids())
+    assert all(_gone(pid) for pid in ready)  # close() stopped the ready children
+
+
+def test_pool_size_zero_and_pool_none_fork_on_demand(audit_path) -> None:
+    with SandboxPool(size=0) as pool:
+        pool.warm("default")
+        with Sandbox("default", audit_log=audit_path, pool=pool) as sb:
+            assert sb.execute("print(1)").ok
+        assert pool.ready_pids() == []
+    with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+        assert sb.execute("print(1)").ok
+    with pytest.raises(ValueError):
+        SandboxPool(size=-1)
+
+
+def test_pool_children_of_a_killed_server_are_replaced(audit_path) -> None:
+    with SandboxPool(size=2) as pool:
+        pool.warm("default")
+        assert pool.wait_ready(30)
+        old = set(pool.ready_pids())
+        os.kill(forkserver.shared().pid, signal.SIGKILL)
+        assert all(_gone(pid) for pid in old)
+        with Sandbox("default", audit_log=audit_path, pool=pool) as sb:
+            assert sb.pid not in old
+            r = sb.execute("print(7)")
+            assert r.ok and r.stdout == "7\n" and not r.state_lost
+
+
+def test_a_one_shot_program_does_not_fill_the_pool(audit_path) -> None:
+    with SandboxPool(size=2) as pool:
+        with Sandbox("default", audit_log=audit_path, pool=pool) as sb:  # the first of its policy
+            assert sb.execute("print(1)").ok
+        time.sleep(0.5)
+        assert pool.ready_pids() == []  # nothing forked for a pool nobody may use
+        with Sandbox("default", audit_log=audit_path, pool=pool) as sb:  # the second: now it pays off
+            assert sb.execute("print(2)").ok
+        assert pool.wait_ready(30) and len(pool.ready_pids()) == 2
