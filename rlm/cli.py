@@ -343,6 +343,13 @@ def _add_mcp_parser(sub: Any) -> None:
     p.add_argument("--api-base", help="base URL of an OpenAI-compatible endpoint, for rlm_query's models")
     p.add_argument("--log-dir", help="write rlm_query trajectories here (default: none)")
     p.add_argument("--max-iterations", type=int, default=20, metavar="N", help="rlm_query's turns at most")
+    p.add_argument(
+        "--pool-size",
+        type=int,
+        default=2,
+        metavar="N",
+        help="ready sandbox children kept for new sandboxes, 0 to fork each on demand (default: 2)",
+    )
     p.set_defaults(func=_cmd_mcp)
 
 
@@ -363,6 +370,8 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
             return _fail(f"{flag} must be positive")
     if not 0 <= args.port <= 65535:
         return _fail("--port must be between 0 and 65535")
+    if not 0 <= args.pool_size <= 64:
+        return _fail("--pool-size must be between 0 and 64")
     try:
         policy = load_policy(args.policy)
     except PolicyError as exc:
@@ -384,6 +393,7 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
         api_base=args.api_base,
         log_dir=Path(args.log_dir) if args.log_dir else None,
         max_iterations=args.max_iterations,
+        pool_size=args.pool_size,
     )
     from sandbox.errors import SandboxError
 

@@ -57,7 +57,7 @@ import mcp_types as types
 from mcp.server.lowlevel import Server
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
-from sandbox import Policy, Sandbox
+from sandbox import Policy, Sandbox, SandboxPool
 from sandbox.audit import AuditLog, default_audit_path
 from sandbox.errors import SandboxError
 
@@ -98,6 +98,7 @@ class ServerConfig:
     api_base: str | None = None
     log_dir: Path | None = None  # where rlm_query writes its trajectories (None: none written)
     max_iterations: int = 20  # rlm_query's ceiling on root turns
+    pool_size: int = 2  # ready sandbox children kept for new sandboxes (0: fork each on demand)
 
     @property
     def max_message_bytes(self) -> int:
@@ -442,6 +443,7 @@ class MCPApp:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.sessions = _Sessions(config)
+        self.pool = SandboxPool(config.pool_size) if config.pool_size else None
         self.audit = AuditLog(config.audit_path)
         self._fresh_slots = anyio.Semaphore(config.max_sessions)
         self._fresh: set[Sandbox] = set()
@@ -459,7 +461,7 @@ class MCPApp:
         )
 
     def _sandbox(self) -> Sandbox:
-        return Sandbox(self.config.policy, audit_log=self.config.audit_path)
+        return Sandbox(self.config.policy, audit_log=self.config.audit_path, pool=self.pool)
 
     # ------------------------------------------------------------ handlers
     async def _list_tools(self, ctx: Any, params: Any) -> types.ListToolsResult:

@@ -294,12 +294,19 @@ def _stop_child(child: _Child, graceful: bool) -> None:
 
 
 class _Using:
-    """``with sb._using() as child``: the sandbox's lock, re-entrancy refused, a live child."""
+    """``with sb._using() as child``: the sandbox's lock, re-entrancy refused, a live child.
 
-    __slots__ = ("sb",)
+    *replace_exited*: a child found dead between calls is replaced at once
+    (set/get_variable). ``execute`` does not ask for that: its result then says
+    how the child ended (a CPU limit reached while idle, a crash), and the next
+    call gets a fresh child with ``state_lost=True``.
+    """
 
-    def __init__(self, sb: Sandbox) -> None:
+    __slots__ = ("replace_exited", "sb")
+
+    def __init__(self, sb: Sandbox, replace_exited: bool) -> None:
         self.sb = sb
+        self.replace_exited = replace_exited
 
     def __enter__(self) -> _Child:
         sb = self.sb
@@ -316,7 +323,7 @@ class _Using:
         sb._lock.acquire()
         sb._holder = me
         try:
-            return sb._ensure_child()
+            return sb._ensure_child(self.replace_exited)
         except BaseException:
             sb._holder = None
             sb._lock.release()
@@ -396,7 +403,8 @@ class Sandbox:
             self._audit = AuditLog(path)
         self._lock = threading.Lock()
         self._holder: int | None = None  # the thread inside execute/set/get (re-entrancy check)
-        self._using_cm = _Using(self)
+        self._using_cm = _Using(self, replace_exited=True)
+        self._executing_cm = _Using(self, replace_exited=False)
         self._owner_pid = os.getpid()
         self._spec = self._spec_of(self.policy, self._policy_dump)
         self._make = functools.partial(_spawn_ready, self._spec)
@@ -438,7 +446,7 @@ class Sandbox:
         """Run *code* in the persistent namespace and report what happened."""
         if not isinstance(code, str):
             raise TypeError(f"code must be str, not {type(code).__name__}")
-        with self._using() as child:
+        with self._executing_cm as child:
             state_lost, self._lost = self._lost, False
             result = self._run(child, code, state_lost)
             self._audit_line(code, result)
@@ -447,7 +455,7 @@ class Sandbox:
     def _execute(self, code: str, cancel: _Cancel) -> ExecResult | None:
         """``execute`` that *cancel* can stop from another thread (None: cancelled before it ran)."""
         try:
-            with self._using() as child:
+            with self._executing_cm as child:
                 with cancel.lock:
                     if cancel.cancelled:
                         return None
@@ -588,12 +596,12 @@ class Sandbox:
                 self.close()
 
     # --------------------------------------------------------------- children
-    def _ensure_child(self) -> _Child:
+    def _ensure_child(self, replace_exited: bool = True) -> _Child:
         if self.closed:
             raise SandboxClosedError("this sandbox is closed")
         child = self._child
         if child is not None and not child.dead:
-            if child.pidfd_ready():  # died between calls (a kill, its fork server's death)
+            if replace_exited and child.pidfd_ready():  # died between calls (a kill, its fork server's death)
                 child.dead = True
             else:
                 return child
@@ -951,8 +959,10 @@ class Sandbox:
             error_type, message = "ChildCrashed", f"the sandbox child died of signal {name}"
         else:
             crashed = True
-            code = info.exit_code if info else None
-            error_type, message = "ChildExited", f"the sandbox child exited (status {code})"
+            if info is None:  # its fork server is gone (killed), and with it the exit report
+                error_type, message = "ChildExited", "the sandbox child is gone (its fork server died)"
+            else:
+                error_type, message = "ChildExited", f"the sandbox child exited (status {info.exit_code})"
         return ExecResult(
             ok=False,
             error_type=error_type,

@@ -358,7 +358,10 @@ def test_disconnect_ends_the_call_and_exit_leaves_no_process(tmp_path: Path) -> 
     seen: dict[str, list[psutil.Process]] = {}
 
     async def go() -> None:
-        async with stdio_session("--policy", str(policy), "--audit-log", str(tmp_path / "a.jsonl")) as s:
+        # no pool: every child the test sees is one a call or a session started
+        async with stdio_session(
+            "--policy", str(policy), "--audit-log", str(tmp_path / "a.jsonl"), "--pool-size", "0"
+        ) as s:
             (server,) = mcp_servers()
             sid = (await call(s, "session_open"))["session_id"]
             idle = {p.pid for p in tree(server)["children"]}
@@ -418,7 +421,8 @@ class HTTPServer:
 
 def test_http_needs_the_token_and_keeps_sessions_apart(tmp_path: Path) -> None:
     token = f"tok-{uuid.uuid4().hex}"
-    srv = HTTPServer(tmp_path, token, "--policy", str(write_policy(tmp_path / "p.toml", wall_seconds=120)))
+    policy = write_policy(tmp_path / "p.toml", wall_seconds=120)
+    srv = HTTPServer(tmp_path, token, "--policy", str(policy), "--pool-size", "0")  # children the test counts
     server = psutil.Process(srv.proc.pid)
     try:
         init = {

@@ -209,7 +209,7 @@ def test_no_sandbox_reaches_another_process(mode: str, env: Env) -> None:
     """prlimit, renice, signals, getpgid/getsid, affinity, pidfd: another sandbox, the host, its server."""
     with Sandbox(policy_for(mode)) as a, Sandbox(policy_for(mode)) as b:
         assert a.pid is not None
-        for target in (a.pid, os.getpid(), b._server.pid):
+        for target in (a.pid, os.getpid(), b._child.server.pid):
             r = b.execute(ACT_ON.replace("{PID}", str(target)))
             assert "REACHED" not in r.stdout, (target, r)
             if mode == "guard_none":
