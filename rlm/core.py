@@ -430,6 +430,18 @@ class _Session:
             sandbox.close()
 
 
+def _as_text(value: Any) -> str:
+    """A tool's value as log text: strings as they are, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _call_text(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """``name(arg, key=value)`` with every argument written as JSON (never ``repr``: they came from the child)."""
+    as_json = [json.dumps(a, ensure_ascii=False, default=str) for a in args]
+    as_json += [f"{k}={json.dumps(v, ensure_ascii=False, default=str)}" for k, v in kwargs.items()]
+    return f"{name}({', '.join(as_json)})"
+
+
 class _Run:
     """One run of the loop (the root, or a child RLM started by ``rlm_query``)."""
 
@@ -579,7 +591,18 @@ class _Run:
         """Run one of the caller's tools here; its failure is raised in the child, never here."""
         started = time.perf_counter()
         self.ledger.record_tool_call()
-        entry: dict[str, Any] = {"type": "tool", "name": tool.name, "args": list(args), "kwargs": kwargs}
+        entry: dict[str, Any] = {
+            "type": "tool",
+            "name": tool.name,
+            "args": list(args),
+            "kwargs": kwargs,
+            # what trajectory viewers show of a call: the call as text, no tokens spent
+            "root_model": f"tool:{tool.name}",
+            "prompt": _call_text(tool.name, args, kwargs),
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "timestamp": datetime.now().isoformat(),
+        }
         error: str | None = None
         value: Any = None
         try:
@@ -589,7 +612,12 @@ class _Run:
                 error = f"{type(exc).__name__}: {exc}"
             except Exception:
                 error = type(exc).__name__
-        entry.update(response=value, error=error, execution_time=time.perf_counter() - started)
+        entry.update(
+            result=value,
+            response=_as_text(value) if error is None else "",
+            error=error,
+            execution_time=time.perf_counter() - started,
+        )
         self._log_call(entry)
         self.emit(
             "tool_call",
