@@ -269,6 +269,13 @@ def _collect_exit(child: _Child) -> forkserver.ExitInfo | None:
     return child.exit_info
 
 
+def _pidfd_exited(pidfd: int, timeout: float) -> bool:
+    """True once the process *pidfd* refers to has exited (waiting up to *timeout* seconds)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
+
+
 def _stop_child(child: _Child, graceful: bool) -> None:
     if graceful and not child.dead:
         try:
@@ -281,7 +288,9 @@ def _stop_child(child: _Child, graceful: bool) -> None:
     child.kill()
     exited = _collect_exit(child)
     if child.lease is not None:
-        if exited is not None:
+        # Its fork server's report confirms the death; without one (the server died too) the
+        # pidfd does: it becomes readable once that very process has exited.
+        if exited is not None or _pidfd_exited(child.pidfd, 10.0):
             child.lease.release()
         else:  # not known to be dead: its uid must not go to another sandbox
             _unconfirmed.append(child.lease)

@@ -20,7 +20,8 @@ import psutil
 import pytest
 
 import sandbox
-from sandbox import AsyncSandbox, ExecResult, Sandbox, SandboxError, forkserver
+from sandbox import AsyncSandbox, ExecResult, Sandbox, SandboxError, forkserver, uids
+from sandbox import sandbox as sandbox_module
 from sandbox.pool import SandboxPool
 from tests.conftest import policy_with
 
@@ -166,6 +167,10 @@ def test_soak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert crashes <= 6  # at most one per worker, when the fork server was killed under it
     assert me.children(recursive=True) == []
     assert set(os.listdir("/proc/self/fd")) <= fds_before | {str(max(map(int, fds_before)) + 1)}
+    # no uid reservation is left: none held open, none kept back as unconfirmed
+    held = [str(p) for p in Path("/proc/self/fd").iterdir() if p.is_symlink() and p.exists()]
+    assert not [p for p in held if os.path.realpath(p).startswith(uids.RUNTIME_DIR)]
+    assert sandbox_module._unconfirmed == []
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("sandbox-")] == []
     assert _cgroups(servers) == []  # the killed server's too
     assert rss_late - rss_early < 64 * 2**20
