@@ -37,6 +37,7 @@ __all__ = [
     "BatchItem",
     "BatchResult",
     "BudgetExceeded",
+    "CancelToken",
     "Completion",
     "ConfigurationError",
     "ContextWindowExceeded",
@@ -68,11 +69,13 @@ _EXPORTS = {
     "batch": "rlm.batching",
     "BatchItem": "rlm.batching",
     "BatchResult": "rlm.batching",
+    "CancelToken": "rlm.budget",
 }
 
 if TYPE_CHECKING:
     from rlm.backend import LiteLLMBackend, ModelBackend, ScriptedBackend
     from rlm.batching import BatchItem, BatchResult, batch
+    from rlm.budget import CancelToken
     from rlm.core import RLM, run
     from rlm.llm import Completion
     from rlm.result import ModelUsage, RLMResult

@@ -14,12 +14,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from rlm.errors import BudgetExceeded, ConfigurationError
 from rlm.llm import Completion
 from rlm.result import ModelUsage
 
-__all__ = ["Budgets", "Ledger"]
+__all__ = ["Budgets", "CancelToken", "Ledger"]
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,47 @@ class Budgets:
                 raise ConfigurationError(f"{name} must be >= 0, got {value!r}")
 
 
+class CancelToken:
+    """Stops a run from another thread or task: ``token.cancel()``.
+
+    Pass it as ``cancel=`` to :meth:`RLM.completion` (or :func:`rlm.run`). The
+    code running in the run's sandboxes is killed at once, and the run ends at
+    its next check (before a model call, a code block or a turn) with
+    ``stop_reason="cancelled"``. A model call already in flight finishes first.
+    One token may stop several runs; it cannot be reset.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._sandboxes: list[Any] = []
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            sandboxes = list(self._sandboxes)
+        for sb in sandboxes:
+            sb.kill()
+
+    def watch(self, sb: Any) -> None:
+        """Kill *sb*'s code when the token is cancelled (at once if it already is)."""
+        with self._lock:
+            if not self._cancelled:
+                self._sandboxes.append(sb)
+                return
+        sb.kill()
+
+
 class Ledger:
     """Thread-safe usage totals and budget checks for one run tree."""
 
-    def __init__(self, budgets: Budgets, max_concurrency: int = 16) -> None:
+    def __init__(
+        self, budgets: Budgets, max_concurrency: int = 16, cancel: CancelToken | None = None
+    ) -> None:
         if max_concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
         self.budgets = budgets
@@ -52,6 +90,7 @@ class Ledger:
         self.sub_calls = 0
         self.tool_calls = 0
         self.stopped_by: str | None = None  # the first budget that ran out
+        self.cancel = cancel
 
     # -- checks ------------------------------------------------------------
     def elapsed(self) -> float:
@@ -63,6 +102,8 @@ class Ledger:
 
     def _over(self) -> tuple[str, str] | None:
         """(limit, message) of a token/cost/time budget that is used up (lock held)."""
+        if self.cancel is not None and self.cancel.cancelled:
+            return "cancelled", "the run was cancelled"
         b = self.budgets
         tokens = sum(u.input_tokens + u.output_tokens for u in self._usage.values())
         if b.max_tokens is not None and tokens >= b.max_tokens:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm.backend import LiteLLMBackend, ModelBackend
-from rlm.budget import Budgets, Ledger
+from rlm.budget import Budgets, CancelToken, Ledger
 from rlm.errors import (
     AuthenticationError,
     BudgetExceeded,
@@ -349,18 +349,27 @@ class RLM:
     def __repr__(self) -> str:
         return f"RLM(model={self.model!r}, sub_model={self.sub_model!r}, max_depth={self.max_depth}, max_iterations={self.max_iterations})"
 
-    def completion(self, context: Any, root_prompt: str | None = None) -> RLMResult:
-        """Answer *root_prompt* about *context* (str, list or dict; it goes into the REPL, never the prompt)."""
-        return self._complete(context, root_prompt, None)
+    def completion(
+        self, context: Any, root_prompt: str | None = None, *, cancel: CancelToken | None = None
+    ) -> RLMResult:
+        """Answer *root_prompt* about *context* (str, list or dict; it goes into the REPL, never the prompt).
 
-    async def acompletion(self, context: Any, root_prompt: str | None = None) -> RLMResult:
+        *cancel*: a :class:`~rlm.budget.CancelToken`; cancelling it from another
+        thread kills the code running in the run's sandbox and ends the run with
+        ``stop_reason="cancelled"``.
+        """
+        return self._complete(context, root_prompt, None, cancel)
+
+    async def acompletion(
+        self, context: Any, root_prompt: str | None = None, *, cancel: CancelToken | None = None
+    ) -> RLMResult:
         """The asyncio twin of :meth:`completion`.
 
         The run happens in a worker thread; coroutine callbacks (``on_event``)
         are awaited on the caller's event loop.
         """
         loop = asyncio.get_running_loop()
-        return await asyncio.to_thread(self._complete, context, root_prompt, loop)
+        return await asyncio.to_thread(self._complete, context, root_prompt, loop, cancel)
 
     def _events(self, loop: Any) -> Events:
         callbacks: list[EventCallback] = []
@@ -372,9 +381,11 @@ class RLM:
             callbacks.append(self.on_event)
         return Events(callbacks, loop)
 
-    def _complete(self, context: Any, root_prompt: str | None, loop: Any) -> RLMResult:
+    def _complete(
+        self, context: Any, root_prompt: str | None, loop: Any, cancel: CancelToken | None = None
+    ) -> RLMResult:
         context = _check_context(context)
-        ledger = Ledger(self.budgets, self.max_concurrency)
+        ledger = Ledger(self.budgets, self.max_concurrency, cancel)
         run = _Run(self, ledger, self._events(loop), depth=0, model=self.model)
         if not self.persistent:
             return run.execute(context, root_prompt)
@@ -397,10 +408,18 @@ class RLM:
         self.close()
 
 
-def run(query: str | None, context: Any, model: str = "gpt-4o-mini", **kwargs: Any) -> RLMResult:
-    """Answer *query* about *context* with a Recursive Language Model; *kwargs* are those of :class:`RLM`."""
+def run(
+    query: str | None,
+    context: Any,
+    model: str = "gpt-4o-mini",
+    *,
+    cancel: CancelToken | None = None,
+    **kwargs: Any,
+) -> RLMResult:
+    """Answer *query* about *context* with a Recursive Language Model; *kwargs* are those of :class:`RLM`
+    (*cancel* as for :meth:`RLM.completion`)."""
     with RLM(model=model, **kwargs) as rlm:  # closes the sandbox of a (pointless) one-question session
-        return rlm.completion(context, root_prompt=query)
+        return rlm.completion(context, root_prompt=query, cancel=cancel)
 
 
 class _Session:
@@ -735,9 +754,12 @@ class _Run:
 
         audit = self.logger.audit_path if self.logger is not None else None
         try:
-            return Sandbox(self.cfg.policy, host_functions=host_functions, audit_log=audit)
+            sb = Sandbox(self.cfg.policy, host_functions=host_functions, audit_log=audit)
         except SandboxError as exc:
             raise SandboxFailure(f"cannot start the sandbox: {exc}") from None
+        if self.ledger.cancel is not None:
+            self.ledger.cancel.watch(sb)
+        return sb
 
     def _open_sandbox(self) -> Any:
         sb = self._new_sandbox(self.host_functions())

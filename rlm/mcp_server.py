@@ -157,22 +157,6 @@ async def _in_thread(
         raise
 
 
-def _kill_child(sb: Sandbox) -> None:
-    """Kill the child *sb* is running code in, without waiting for its lock (held by execute).
-
-    The execute in progress sees its child die and returns; the sandbox stays
-    usable (its next call starts a fresh child, with ``state_lost``).
-    """
-    child = getattr(sb, "_child", None)
-    if child is not None and hasattr(child, "kill"):
-        child.kill()  # pidfd-based: cannot hit a recycled pid
-        return
-    pid = sb.pid
-    if pid is not None:
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
-
-
 # ----------------------------------------------------------------- sessions
 @dataclass
 class _Session:
@@ -245,7 +229,7 @@ class _Sessions:
     async def close(self, s: _Session) -> None:
         if self._open.pop(s.id, None) is None:
             return
-        _kill_child(s.sandbox)  # a call still running on it ends now
+        s.sandbox.kill()  # a call still running on it ends now
         await _in_thread(s.sandbox.close)
 
     async def close_owner(self, owner: str) -> None:
@@ -254,7 +238,7 @@ class _Sessions:
 
     async def close_all(self) -> None:
         for s in list(self._open.values()):
-            _kill_child(s.sandbox)
+            s.sandbox.kill()
         for s in list(self._open.values()):
             await self.close(s)
 
@@ -553,7 +537,7 @@ class MCPApp:
             try:
                 async with s.lock:
                     record["sandbox_id"] = s.sandbox.id
-                    r = await _in_thread(lambda: s.sandbox.execute(code), lambda: _kill_child(s.sandbox))
+                    r = await _in_thread(lambda: s.sandbox.execute(code), s.sandbox.kill)
                     s.executions += 1
             finally:
                 s.busy -= 1
@@ -584,7 +568,7 @@ class MCPApp:
         def kill() -> None:
             abandoned.set()
             for sb in box:
-                _kill_child(sb)
+                sb.kill()
 
         return await _in_thread(work, kill)
 
@@ -630,10 +614,12 @@ class MCPApp:
         if path is not None:
             record["context_path"] = path
             context = await _in_thread(lambda: self._read_allowed(path))
+        from rlm.budget import CancelToken
         from rlm.core import run
         from rlm.errors import RLMError
 
         cfg = self.config
+        token = CancelToken()  # a client that gives up (cancels, disconnects) stops the run and its code
         try:
             async with self._fresh_slots:  # each run has its own sandbox: it counts like a fresh python_exec
                 result = await _in_thread(
@@ -646,7 +632,9 @@ class MCPApp:
                         policy=cfg.policy,
                         log_dir=cfg.log_dir,
                         max_iterations=n or ceiling,
-                    )
+                        cancel=token,
+                    ),
+                    token.cancel,
                 )
         except RLMError as exc:
             raise ToolError(f"rlm_query failed: {exc}") from None
@@ -689,7 +677,7 @@ class MCPApp:
     # ------------------------------------------------------------ lifecycle
     async def shutdown(self) -> None:
         for sb in list(self._fresh):
-            _kill_child(sb)
+            sb.kill()
         with anyio.CancelScope(shield=True):
             await self.sessions.close_all()
         self.audit.close()

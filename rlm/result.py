@@ -16,6 +16,7 @@ StopReason = Literal[
     "max_cost_usd",
     "max_time_s",
     "max_errors",  # max_errors code blocks in a row raised
+    "cancelled",  # a CancelToken passed as cancel= was cancelled
     "model_error",  # a root-model call failed mid-run (see ``error``)
     "error",  # the run could not start (CLI --json only; the library raises instead)
 ]

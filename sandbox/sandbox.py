@@ -144,6 +144,8 @@ class _Child:
         self.spinner = Spinner(SPIN_SECONDS)
         self.spinner.window = 0.0  # no spinning for the hello: forking takes milliseconds
         self.dead = False
+        #: Held while the pidfd is used to signal or closed: kill() from another thread is safe.
+        self.fd_lock = threading.Lock()
         #: The host is done with the pid (the fork server may reap it; it may be reused).
         self.released = False
         #: The child's CPU clock when it last went idle: CPU past it counts towards the next execute.
@@ -153,15 +155,17 @@ class _Child:
 
     def kill(self) -> None:
         """SIGKILL the child and its process group, also when the child already exited on
-        its own (leftovers in its group). Safe until released: the pid is not reused before."""
-        if self.released:
-            return
-        if not self.dead:
+        its own (leftovers in its group). Safe until released: the pid is not reused before.
+        Callable from any thread (:meth:`Sandbox.kill`)."""
+        with self.fd_lock:
+            if self.released:
+                return
+            if not self.dead:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
             with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            os.killpg(self.pid, signal.SIGKILL)
-        self.dead = True
+                os.killpg(self.pid, signal.SIGKILL)
+            self.dead = True
 
     def drop_fds(self) -> None:
         for fd in self.fds:
@@ -264,7 +268,8 @@ def _collect_exit(child: _Child) -> forkserver.ExitInfo | None:
     nothing may address it by pid afterwards (``kill`` becomes a no-op).
     """
     if not child.released:
-        child.released = True
+        with child.fd_lock:
+            child.released = True
         child.exit_info = child.server.wait_exit(child.pid, 10.0)
     return child.exit_info
 
@@ -450,6 +455,16 @@ class Sandbox:
     @property
     def pid(self) -> int | None:
         return self._child.pid if self._child else None
+
+    def kill(self) -> None:
+        """Kill the current child at once, from any thread, without waiting for a running ``execute``.
+
+        That ``execute`` returns a result saying the child died; the next call
+        starts a fresh child (``state_lost=True``). A no-op when no child runs.
+        """
+        child = self._child
+        if child is not None:
+            child.kill()
 
     def execute(self, code: str) -> ExecResult:
         """Run *code* in the persistent namespace and report what happened."""

@@ -471,3 +471,45 @@ def test_a_session_under_asyncio_run_twice_routes_tools_to_the_current_completio
         r.close()
     assert (first.answer, second.answer) == ("ONE", "ONETWO") and seen == ["one", "two"]
     assert (first.tool_calls, second.tool_calls) == (1, 1)
+
+
+# ---------------------------------------------------------------- cancellation
+def test_cancel_token_kills_the_running_code_and_stops_the_run(tmp_path: Path):
+    """A CancelToken cancelled from another thread ends the run: the sleeping cell's child is
+    killed (it does not run to its end), no further model call is made, stop_reason is "cancelled"."""
+    from rlm import CancelToken
+
+    token = CancelToken()
+    backend = ScriptedBackend(
+        [repl("print('started', flush=True)\nimport time\ntime.sleep(60)"), repl("FINAL(1)")]
+    )
+    policy = policy_with({"limits.wall_seconds": 120, "limits.cpu_seconds": 60})
+    events: list[dict[str, Any]] = []
+    started = threading.Event()
+
+    def on_event(event: dict[str, Any]) -> None:
+        events.append(event)
+        if event["type"] == "model_reply":
+            started.set()
+
+    box: list[RLMResult] = []
+    worker = threading.Thread(
+        target=lambda: box.append(
+            go(None, backend=backend, policy=policy, cancel=token, on_event=on_event, log_dir=tmp_path)
+        )
+    )
+    worker.start()
+    assert started.wait(60)
+    time.sleep(1.0)  # the cell is sleeping in its child now
+    token.cancel()
+    worker.join(60)
+    assert not worker.is_alive(), "the run did not stop"
+    (r,) = box
+    assert r.stop_reason == "cancelled" and r.answer is None, r
+    code = [e for e in events if e["type"] == "code_result"]
+    assert len(code) == 1 and not code[0]["ok"]  # the cell was killed, not finished
+    assert len(backend.calls) == 1  # no model call after the cancellation
+    assert token.cancelled
+    # a token cancelled before the run: the run stops before its first model call
+    r2 = go([repl("FINAL(1)")], cancel=token)
+    assert r2.stop_reason == "cancelled" and r2.iterations == 0
