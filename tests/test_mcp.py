@@ -110,6 +110,14 @@ def wait_for(what: Callable[[], Any], timeout: float = 60.0) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _wchan(pid: int) -> str:
+    """Where in the kernel *pid* waits (``hrtimer_nanosleep`` for time.sleep)."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return ""
+
+
 def all_gone(procs: list[psutil.Process], timeout: float = 30.0) -> bool:
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
@@ -476,6 +484,8 @@ def test_http_needs_the_token_and_keeps_sessions_apart(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- rlm_query
 def _root(request: ChatRequest) -> str:
+    if "SLEEPER" in request.prompt_text:  # a run whose code sleeps until its client gives up
+        return "```repl\nimport time\ntime.sleep(100)\n```"
     turns = sum(1 for m in request.messages if m.get("role") == "assistant")
     return "```repl\nword = context.split()[-1]\n```" if turns == 0 else "FINAL_VAR(word)"
 
@@ -519,6 +529,17 @@ def test_rlm_query_reads_only_inside_allow_read(tmp_path: Path) -> None:
         async with stdio_session(*base, env=env) as s:  # no --allow-read: no file at all
             message = await refused(s, "rlm_query", {"query": "q", "context_path": str(allowed / "doc.txt")})
             assert "without --allow-read" in message
+        async with stdio_session(*base, "--pool-size", "0", env=env) as s:  # a client that gives up
+            (server,) = mcp_servers()
+
+            def sleeping() -> list[psutil.Process]:
+                return [p for p in tree(server)["children"] if _wchan(p.pid).endswith("nanosleep")]
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(s.call_tool, "rlm_query", {"query": "SLEEPER", "context": "x"})
+                busy = await anyio.to_thread.run_sync(wait_for, sleeping)
+                tg.cancel_scope.cancel()
+            assert all_gone(busy, timeout=10)  # killed now, not at the policy's 30 s wall limit
 
     with LLMServer(_root) as llm:
         anyio.run(go, llm.base_url)

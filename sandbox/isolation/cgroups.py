@@ -405,3 +405,7 @@ def teardown(cg: Cgroups) -> None:
     for base in cg.bases.values():
         with contextlib.suppress(OSError):
             os.rmdir(base)
+    # Trees of servers killed while their children still held them (a sweep at start-up
+    # could not remove those): by now their children are gone too.
+    for parent in set(cg.origin.values()):
+        _sweep_stale(parent)
