@@ -13,7 +13,7 @@ import stat
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,27 @@ def env(listener: Listener) -> Iterator[Env]:
     import shutil
 
     shutil.rmtree(root, ignore_errors=True)
+
+
+def in_forked_child(fn: Callable[[int], bool]) -> tuple[int, str]:
+    """Run *fn* in a forked copy of this process, which must not return into pytest.
+
+    *fn* gets the write end of a pipe and returns whether it went as the test
+    expects (exit status 0, else 1); returns ``(exit status, what it wrote)``.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the forked child
+        code = 1
+        try:
+            code = 0 if fn(write) else 1
+        finally:
+            os._exit(code)
+    os.close(write)
+    got = os.read(read, 1000).decode()
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    return os.WEXITSTATUS(status), got
 
 
 def everything(r: ExecResult) -> str:

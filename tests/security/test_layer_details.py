@@ -16,6 +16,7 @@ from sandbox.errors import PolicyError
 from sandbox.isolation import namespaces, seccomp
 from sandbox.layers import LAYER_TABLE, LAYERS
 from sandbox.policy import IsolationSettings
+from tests.security.conftest import in_forked_child
 
 SCMP_ARCH_X86_64 = 0xC000003E
 SCMP_ARCH_AARCH64 = 0xC00000B7
@@ -92,31 +93,23 @@ def test_bounding_set_failure_is_reported_not_ignored() -> None:
     """A fork server that could not empty the bounding set makes the identity layer fail (closed)."""
     if os.geteuid() != 0:
         pytest.skip("the bounding set is dropped by a root fork server only")
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the forked child
-        code = 1
+
+    def drop(write: int) -> bool:
+        server = iso.Server.__new__(iso.Server)
+        server.bounding_set = "Operation not permitted"
+        server.ns = namespaces.ServerState()
+        ctx = iso._Ctx(
+            iso.Prepared({"isolation": {}, "limits": {}}, {}), {"uid": 1_999_999, "gid": 1_999_999}, server
+        )
         try:
-            server = iso.Server.__new__(iso.Server)
-            server.bounding_set = "Operation not permitted"
-            server.ns = namespaces.ServerState()
-            ctx = iso._Ctx(
-                iso.Prepared({"isolation": {}, "limits": {}}, {}),
-                {"uid": 1_999_999, "gid": 1_999_999},
-                server,
-            )
-            try:
-                iso._identity(ctx)
-                os.write(write, f"dropped to {os.getuid()}".encode())
-            except OSError as exc:
-                os.write(write, str(exc).encode())
-                code = 0
-        finally:
-            os._exit(code)
-    os.close(write)
-    got = os.read(read, 1000).decode()
-    os.close(read)
-    os.waitpid(pid, 0)
+            iso._identity(ctx)
+        except OSError as exc:
+            os.write(write, str(exc).encode())
+            return True
+        os.write(write, f"dropped to {os.getuid()}".encode())
+        return False
+
+    _, got = in_forked_child(drop)
     assert "bounding set" in got and "Operation not permitted" in got, got
 
 

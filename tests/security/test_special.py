@@ -13,7 +13,7 @@ import pytest
 
 from sandbox import Sandbox, forkserver
 from sandbox.layers import LAYERS
-from tests.security.conftest import Env, assert_contained, policy_for
+from tests.security.conftest import Env, assert_contained, in_forked_child, policy_for
 
 # ------------------------------------------------------------ the channel fds
 CHANNEL_ATTACKS = {
@@ -181,24 +181,19 @@ def test_required_layer_missing_fails_closed() -> None:
 
     off = {f"isolation.{layer}": False for layer in LAYERS if layer not in ("no_new_privs", "seccomp")}
     pol = policy_for("default", **off, **{"isolation.require": ["seccomp"]}).model_dump(mode="json")
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the forked child
-        code = 1
+
+    def apply(write: int) -> bool:
+        prepared = iso.Prepared(pol, {})
+        prepared.seccomp_error = "simulated: libseccomp missing"
         try:
-            prepared = iso.Prepared(pol, {})
-            prepared.seccomp_error = "simulated: libseccomp missing"
             iso.apply(prepared, {"server_pid": os.getppid(), "scratch": "/"}, write)
         except iso.LayerFailure as exc:
             os.write(write, f"{exc.layer}|{exc.reason}".encode())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write)
-    got = os.read(read, 1000).decode()
-    os.close(read)
-    _, status = os.waitpid(pid, 0)
-    assert os.WEXITSTATUS(status) == 0
+            return True
+        return False
+
+    status, got = in_forked_child(apply)
+    assert status == 0
     assert got == "seccomp|simulated: libseccomp missing"
     from sandbox.errors import LayerUnavailableError
 
