@@ -308,7 +308,7 @@ def _stop_child(child: _Child, graceful: bool) -> None:
 
 
 class _Using:
-    """``with sb._using() as child``: the sandbox's lock, re-entrancy refused, a live child.
+    """``with sb._using_cm as child``: the sandbox's lock, re-entrancy refused, a live child.
 
     *replace_exited*: a child found dead between calls is replaced at once
     (set/get_variable). ``execute`` does not ask for that: its result then says
@@ -495,9 +495,6 @@ class Sandbox:
         finally:
             cancel.finished.set()
 
-    def _using(self) -> _Using:
-        return self._using_cm
-
     def set_variable(self, name: str, value: Any, *, timeout: float | None = None) -> None:
         """Bind *name* to a copy of *value* (plain data: None, bool, int, float, str, bytes, list, dict).
 
@@ -519,7 +516,7 @@ class Sandbox:
                 f"cannot set {name!r}: {size} bytes is over the policy's max_message_mb ({self.policy.limits.max_message_mb} MiB)"
             )
         wait = self._variable_timeout(timeout)
-        with self._using() as child:
+        with self._using_cm as child:
             end = time.monotonic() + wait
             if size <= protocol.INLINE_LIMIT:
                 self._post(
@@ -556,7 +553,7 @@ class Sandbox:
         if not isinstance(name, str):
             raise VariableError("variable name must be a str")
         wait = self._variable_timeout(timeout)
-        with self._using() as child:
+        with self._using_cm as child:
             end = time.monotonic() + wait
             self._post(
                 child, protocol.encode({"t": "get", "name": protocol.clean_text(name)}), None, wait, name
