@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +77,6 @@ def asyncio_rate(policy: Policy, n: int, seconds: float, audit: Path) -> float:
                 await boxes[i].execute(CELL)
                 counts[i] += 1
 
-        loop = asyncio.get_running_loop()
-        loop.set_default_executor(ThreadPoolExecutor(n + 4))  # one worker thread per sandbox
         tasks = [asyncio.ensure_future(work(i)) for i in range(n)]
         await asyncio.sleep(0.2)  # warm up
         c0, t0 = sum(counts), time.perf_counter()

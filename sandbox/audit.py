@@ -27,6 +27,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,37 @@ def default_audit_path() -> Path:
 
 
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_STRING = json.encoder.encode_basestring  # what _ENCODER writes for a str (ensure_ascii=False)
 
 
 def _canonical(record: dict[str, Any]) -> bytes:
-    return _ENCODER.encode(record).encode("utf-8")
+    """The record as JSON with sorted keys and no spaces: the bytes its hash covers.
+
+    A flat record of strings, ints, finite floats, bools and None (every line
+    ``Sandbox`` writes) is encoded here directly, byte for byte what
+    ``_ENCODER`` gives and about three times faster; anything else goes to
+    ``_ENCODER``.
+    """
+    parts = []
+    for key in sorted(record):
+        value = record[key]
+        kind = type(value)
+        if type(key) is not str:
+            return _ENCODER.encode(record).encode("utf-8")
+        if kind is str:
+            text = _STRING(value)
+        elif kind is int:
+            text = int.__repr__(value)
+        elif kind is float and math.isfinite(value):
+            text = float.__repr__(value)
+        elif value is None:
+            text = "null"
+        elif kind is bool:
+            text = "true" if value else "false"
+        else:
+            return _ENCODER.encode(record).encode("utf-8")
+        parts.append(f"{_STRING(key)}:{text}")
+    return ("{" + ",".join(parts) + "}").encode("utf-8")
 
 
 def _hash_of(prev_hash: str, body: bytes) -> str:

@@ -111,12 +111,10 @@ class _Capture:
         raise OutputLimitExceeded(f"output is over the limit of {self.limit} bytes")
 
     def text(self, which: str) -> str:
-        s = "".join(self.parts[which])
-        try:
-            s.encode("utf-8")
-        except UnicodeEncodeError:
-            s = s.encode("utf-8", "backslashreplace").decode("utf-8")
-        return s
+        parts = self.parts[which]
+        if not parts:
+            return ""
+        return protocol.clean_text("".join(parts))
 
 
 def _limit_hint(exc: BaseException) -> str | None:
@@ -241,6 +239,9 @@ class Child:
         self.ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": self.builtins}
         self.ns.update(runtime.extra_globals)
         self.host_paths = _HostPaths(str(config.get("scratch", "")))
+        # sys.stdout and sys.stderr during an execute, pointed at that execute's _Capture.
+        self.stdout = _Stream(_Capture(0), "stdout")
+        self.stderr = _Stream(_Capture(0), "stderr")
 
     # -- memory reserve ----------------------------------------------------
     def keep_reserve(self) -> None:
@@ -389,8 +390,9 @@ class Child:
         # Keep the source of the last cells only, so a long-lived child does not grow per execute.
         linecache.cache.pop(f"<cell-{self.exec_count - SOURCE_CELLS_KEPT}>", None)
         capture = _Capture(self.max_output)
+        self.stdout._capture = self.stderr._capture = capture
         saved = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _Stream(capture, "stdout"), _Stream(capture, "stderr")
+        sys.stdout, sys.stderr = self.stdout, self.stderr
         error: BaseException | None = None
         try:
             tree = ast.parse(code, filename, "exec")

@@ -27,6 +27,7 @@ __all__ = [
     "RSSMeter",
     "apply_rlimits",
     "cap_texts",
+    "cpu_backstop",
     "cpu_seconds",
     "set_cpu_backstop",
     "utf8_size",
@@ -68,9 +69,14 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def set_cpu_backstop(pid: int, used: float, budget: float) -> None:
-    """Kernel backstop: SIGKILL once the process's total CPU passes used + budget + 1 s."""
-    limit = math.ceil(used + budget) + 1
+def cpu_backstop(used: float, budget: float) -> int:
+    """The RLIMIT_CPU (whole seconds) for a process that has used *used* seconds
+    and may use *budget* more: the kernel kills it 1 s past that."""
+    return math.ceil(used + budget) + 1
+
+
+def set_cpu_backstop(pid: int, limit: int) -> None:
+    """Set the kernel backstop :func:`cpu_backstop` computed (best effort: the host watches too)."""
     try:
         resource.prlimit(pid, resource.RLIMIT_CPU, (limit, limit))
     except (OSError, ValueError):

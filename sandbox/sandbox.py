@@ -40,12 +40,14 @@ from the parent refuse use there and close without touching the parent's).
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import contextvars
 import functools
 import hashlib
 import inspect
+import math
 import os
 import select
 import shutil
@@ -150,6 +152,8 @@ class _Child:
         self.released = False
         #: The child's CPU clock when it last went idle: CPU past it counts towards the next execute.
         self.cpu_mark: float | None = None
+        #: The RLIMIT_CPU last set on it by the host (see Sandbox._mark_cpu); 0: none yet.
+        self.backstop = 0
         self.exit_info: forkserver.ExitInfo | None = None
         self.init_frame = b""  # sent ahead of the first request (Sandbox._send)
 
@@ -261,6 +265,23 @@ def _spawn_ready(spec: _Spec) -> _Child:
     return child
 
 
+def _absorb(child: _Child, events: list[tuple[int, int]], accept_fd: bool = False) -> None:
+    """Act on what ``child.poll`` reported: read what the child sent (raises _Died when it
+    hung up), or note that it exited (what it wrote before is still read first)."""
+    if any(fd == child.sock.fileno() for fd, _ in events):
+        try:
+            alive = protocol.recv_frames(child.sock, child.reader, child.fds)
+        except OSError:
+            alive = False
+        if not alive:
+            raise _Died()
+        if len(child.fds) > (1 if accept_fd else 0):
+            raise protocol.WireError("child sent descriptors nobody asked for")
+    else:  # pidfd readable: the child exited
+        child.poll.unregister(child.pidfd)
+        child.dead = True
+
+
 def _collect_exit(child: _Child) -> forkserver.ExitInfo | None:
     """How *child* ended (it must be dead or killed); asked of its fork server once.
 
@@ -348,31 +369,109 @@ class _Using:
         self.sb._lock.release()
 
 
-class _Cancel:
-    """Lets another thread stop one execute: kills the child it runs on (if it started)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.cancelled = False
-        self.running: _Child | None = None
-        self.finished = threading.Event()  # set when the execute has returned (or never ran)
-
-    def cancel(self) -> bool:
-        """Stop the execute; True if its cell was running (its child is now killed)."""
-        with self.lock:
-            self.cancelled = True
-            if self.running is None:
-                return False
-            self.running.kill()
-            return True
-
-
 class _Died(Exception):
     """The child hung up or exited while we waited for it."""
 
 
 class _Timeout(Exception):
     """A deadline passed while we waited for a frame."""
+
+
+class _Exec:
+    """The bookkeeping of one ``execute``, whichever way the host waits for the child.
+
+    :meth:`Sandbox._run` (a thread that polls) and :meth:`AsyncSandbox._run`
+    (an event loop that is called back) drive it the same way: send
+    :meth:`request`, call :meth:`sent`, then wait at most :meth:`timeout`
+    seconds at a time for a frame, handing each to :meth:`received` (it
+    returns a ``call`` to serve, or None once the cell is done) and each
+    expired wait to :meth:`expired`; :meth:`finish` builds the result.
+    """
+
+    __slots__ = (
+        "child", "code", "cpu_rate", "cpu_start", "cpu_used", "done", "exec_id", "host_time", "idle",
+        "killed_for", "lim", "next_cpu_check", "protocol_error", "sb", "state_lost", "t0",
+    )  # fmt: skip
+
+    def __init__(self, sb: Sandbox, child: _Child, code: str, state_lost: bool) -> None:
+        self.sb = sb
+        self.child = child
+        self.code = code
+        self.state_lost = state_lost
+        self.lim = lim = sb.policy.limits
+        sb._exec_id += 1
+        self.exec_id = sb._exec_id
+        # CPU counts from when the child last went idle: whatever ran in between
+        # (a signal handler, a thread) is charged to this execute.
+        cpu_now = limits.cpu_seconds(child.pid)
+        self.cpu_start = start = child.cpu_mark if child.cpu_mark is not None else (cpu_now or 0.0)
+        self.idle = max(0.0, (cpu_now if cpu_now is not None else start) - start)
+        self.cpu_used = self.idle
+        self.cpu_rate = 1 + lim.max_processes  # CPU seconds per wall second the code can burn at most
+        self.t0 = time.perf_counter()
+        self.host_time = 0.0  # spent in host functions: not counted against the wall limit
+        self.next_cpu_check = self.t0 + max(0.0, lim.cpu_seconds - self.idle) / self.cpu_rate
+        self.killed_for: LimitName | None = None
+        self.done: dict[str, Any] | None = None
+        self.protocol_error: str | None = None
+
+    def request(self) -> bytes | None:
+        """The ``exec`` frame; None when the CPU spent while idle left this execute
+        nothing (the child is then killed and the result says ``limit="cpu"``)."""
+        if self.idle >= self.lim.cpu_seconds:
+            self.killed_for = "cpu"
+            self.child.kill()
+            return None
+        return protocol.encode({"t": "exec", "id": self.exec_id, "code": self.code})
+
+    def sent(self) -> None:
+        """The request is on its way: the peak-RSS count starts now (the child cannot
+        run any of the code before it has woken, read and compiled it)."""
+        self.child.rss.reset()
+
+    def wall_deadline(self) -> float:
+        return self.t0 + self.host_time + self.lim.wall_seconds
+
+    def timeout(self) -> float:
+        """Seconds to wait for the next frame before :meth:`expired` must look."""
+        return min(self.wall_deadline(), self.next_cpu_check) - time.perf_counter()
+
+    def expired(self) -> bool:
+        """A wait of :meth:`timeout` passed: True when a limit is reached (the child is
+        killed); False to wait on (the CPU clock said there is budget left)."""
+        now = time.perf_counter()
+        used = (limits.cpu_seconds(self.child.pid) or self.cpu_start) - self.cpu_start
+        if used >= self.lim.cpu_seconds:
+            self.killed_for = "cpu"
+        elif now >= self.wall_deadline():
+            self.killed_for = "wall"
+        else:
+            self.next_cpu_check = now + max(0.005, (self.lim.cpu_seconds - used) / self.cpu_rate)
+            return False
+        self.cpu_used = used
+        self.child.kill()
+        return True
+
+    def received(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """A frame from the child: the ``call`` to serve, or None when the cell is done."""
+        if msg["t"] == "done" and msg["id"] == self.exec_id:
+            self.done = msg
+            return None
+        if msg["t"] != "call":
+            raise protocol.WireError(f"unexpected {msg['t']!r} frame during execute")
+        return msg
+
+    def broke(self, why: str) -> None:
+        """The child broke the protocol: it is killed and the result says so."""
+        self.protocol_error = why
+        self.child.kill()
+
+    def finish(self) -> ExecResult:
+        self.child.drop_fds()
+        return self.sb._result(
+            self.child, self.done, self.killed_for, self.protocol_error, time.perf_counter() - self.t0,
+            self.cpu_start, self.cpu_used, self.state_lost,
+        )  # fmt: skip
 
 
 class Sandbox:
@@ -470,30 +569,12 @@ class Sandbox:
         """Run *code* in the persistent namespace and report what happened."""
         if not isinstance(code, str):
             raise TypeError(f"code must be str, not {type(code).__name__}")
+        code = protocol.clean_text(code)  # what runs and what is audited: lone surrogates escaped
         with self._executing_cm as child:
             state_lost, self._lost = self._lost, False
             result = self._run(child, code, state_lost)
             self._audit_line(code, result)
             return result
-
-    def _execute(self, code: str, cancel: _Cancel) -> ExecResult | None:
-        """``execute`` that *cancel* can stop from another thread (None: cancelled before it ran)."""
-        try:
-            with self._executing_cm as child:
-                with cancel.lock:
-                    if cancel.cancelled:
-                        return None
-                    cancel.running = child
-                try:
-                    state_lost, self._lost = self._lost, False
-                    result = self._run(child, code, state_lost)
-                finally:
-                    with cancel.lock:
-                        cancel.running = None
-                self._audit_line(code, result)
-                return result
-        finally:
-            cancel.finished.set()
 
     def set_variable(self, name: str, value: Any, *, timeout: float | None = None) -> None:
         """Bind *name* to a copy of *value* (plain data: None, bool, int, float, str, bytes, list, dict).
@@ -668,7 +749,10 @@ class Sandbox:
         cpu = limits.cpu_seconds(child.pid)
         if cpu is not None:
             child.cpu_mark = cpu
-            limits.set_cpu_backstop(child.pid, cpu, self.policy.limits.cpu_seconds)
+            backstop = limits.cpu_backstop(cpu, self.policy.limits.cpu_seconds)
+            if backstop != child.backstop:  # whole seconds: most executes leave it where it is
+                limits.set_cpu_backstop(child.pid, backstop)
+                child.backstop = backstop
         return cpu
 
     def _variable_timeout(self, timeout: float | None) -> float:
@@ -711,6 +795,9 @@ class Sandbox:
         Descriptors are accepted only with *accept_fd* (an out-of-band ``value``
         is awaited), and then at most one.
         """
+        # One deadline for the whole frame: a child that sends it a byte at a time does not
+        # get a fresh timeout per byte.
+        deadline = None if timeout is None else time.perf_counter() + timeout
         while True:
             raw = next(child.reader, None)
             if raw is not None:
@@ -729,21 +816,11 @@ class Sandbox:
                     _SPIN_SLOT.release()
                 child.spinner.outcome(bool(events))
             if not events:
-                events = child.poll.poll(None if timeout is None else max(0, int(timeout * 1000)))
+                left = None if deadline is None else deadline - time.perf_counter()
+                events = child.poll.poll(None if left is None else max(0, math.ceil(left * 1000)))
             if not events:
                 raise _Timeout()
-            if any(fd == child.sock.fileno() for fd, _ in events):
-                try:
-                    alive = protocol.recv_frames(child.sock, child.reader, child.fds)
-                except OSError:
-                    alive = False
-                if not alive:
-                    raise _Died()
-                if len(child.fds) > (1 if accept_fd else 0):
-                    raise protocol.WireError("child sent descriptors nobody asked for")
-            else:  # pidfd readable: the child exited; drain what it wrote first
-                child.poll.unregister(child.pidfd)
-                child.dead = True
+            _absorb(child, events, accept_fd)
 
     def _expect(self, child: _Child, kind: str, timeout: float) -> dict[str, Any]:
         try:
@@ -773,106 +850,76 @@ class Sandbox:
 
     # ---------------------------------------------------------------- execute
     def _run(self, child: _Child, code: str, state_lost: bool) -> ExecResult:
-        lim = self.policy.limits
-        pid = child.pid
-        self._exec_id += 1
-        exec_id = self._exec_id
-        # CPU counts from when the child last went idle: whatever ran in between
-        # (a signal handler, a thread) is charged to this execute.
-        cpu_now = limits.cpu_seconds(pid)
-        cpu_start = child.cpu_mark if child.cpu_mark is not None else (cpu_now or 0.0)
-        idle = max(0.0, (cpu_now if cpu_now is not None else cpu_start) - cpu_start)
-        child.rss.reset()
-        t0 = time.perf_counter()
-        host_time = 0.0
-        cpu_rate = 1 + lim.max_processes  # CPU seconds per wall second the code can burn at most
-        next_cpu_check = t0 + max(0.0, lim.cpu_seconds - idle) / cpu_rate
-        killed_for: LimitName | None = None
-        done: dict[str, Any] | None = None
-        protocol_error: str | None = None
-        cpu_used = idle
+        """One execute, waiting for the child in this thread (the asyncio driver is
+        :meth:`AsyncSandbox._run`; both drive the same :class:`_Exec`)."""
+        ex = _Exec(self, child, code, state_lost)
         try:
-            if idle >= lim.cpu_seconds:  # spent between executes: this one gets no CPU left
-                killed_for = "cpu"
-                child.kill()
-                raise _Died()
-            frame = protocol.encode({"t": "exec", "id": exec_id, "code": protocol.clean_text(code)})
-            self._send(child, frame, None, lim.wall_seconds + DEADLINE_GRACE)
-            while True:
-                now = time.perf_counter()
-                wall_deadline = t0 + host_time + lim.wall_seconds
-                timeout = min(wall_deadline, next_cpu_check) - now
-                try:
-                    msg = self._next_frame(child, max(timeout, 0.0))
-                except _Timeout:
-                    now = time.perf_counter()
-                    used = (limits.cpu_seconds(pid) or cpu_start) - cpu_start
-                    if used >= lim.cpu_seconds:
-                        killed_for = "cpu"
-                    elif now >= wall_deadline:
-                        killed_for = "wall"
-                    else:
-                        next_cpu_check = now + max(0.005, (lim.cpu_seconds - used) / cpu_rate)
+            frame = ex.request()
+            if frame is not None:
+                self._send(child, frame, None, ex.lim.wall_seconds + DEADLINE_GRACE)
+                ex.sent()
+                while True:
+                    try:
+                        msg = self._next_frame(child, max(ex.timeout(), 0.0))
+                    except _Timeout:
+                        if ex.expired():
+                            break
                         continue
-                    cpu_used = used
-                    child.kill()
-                    break
-                if msg["t"] == "done" and msg["id"] == exec_id:
-                    done = msg
-                    break
-                if msg["t"] != "call":
-                    raise protocol.WireError(f"unexpected {msg['t']!r} frame during execute")
-                host_time += self._serve_call(child, msg, wall_deadline)
+                    call = ex.received(msg)
+                    if call is None:
+                        break
+                    ex.host_time += self._serve_call(child, call, ex.wall_deadline())
         except _Died:
             pass
         except _Timeout:  # the child did not read the exec frame or a reply in time
-            killed_for = "wall"
+            ex.killed_for = "wall"
         except protocol.WireError as exc:
-            protocol_error = str(exc)
-            child.kill()
-        child.drop_fds()
-        duration = time.perf_counter() - t0
-        return self._result(
-            child, done, killed_for, protocol_error, duration, cpu_start, cpu_used, state_lost
-        )
+            ex.broke(str(exc))
+        return ex.finish()
 
     def _serve_call(self, child: _Child, msg: dict[str, Any], wall_deadline: float) -> float:
         """Run the host function a ``call`` frame names and send its ``reply`` before
         *wall_deadline* (shifted by the function's own time). Returns that time."""
-        name = msg["fn"]
-        fn = self._host.get(name)
-        reply: dict[str, Any] = {"t": "reply", "id": msg["id"]}
+        fn = self._host.get(msg["fn"])
         h0 = time.perf_counter()
         try:
             if fn is None:
-                raise LookupError(f"no host function named {name!r}")
-            value = fn(*msg["args"], **msg["kwargs"])
-            data = protocol.pack_value(value)
+                raise LookupError(f"no host function named {msg['fn']!r}")
+            outcome: Any = fn(*msg["args"], **msg["kwargs"])
+            failed = False
         except Exception as exc:  # the host function's failure is the child's HostFunctionError
-            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            reply.update(ok=False, error=protocol.clean_text(text)[: self.policy.limits.max_output_bytes])
-            data = None
+            outcome, failed = exc, True
         except BaseException:
             child.kill()
             raise
-        now = time.perf_counter()
-        spent = now - h0
-        timeout = wall_deadline + spent - now + DEADLINE_GRACE
-        if data is None:
-            self._send(child, protocol.encode(reply), None, timeout)
-        elif len(data) > self._max_message:
-            reply.update(ok=False, error=f"{name}() returned {len(data)} bytes, over max_message_mb")
-            self._send(child, protocol.encode(reply), None, timeout)
-        elif len(data) <= protocol.INLINE_LIMIT:
-            reply["ok"] = True
-            self._send(child, protocol.encode_with_value(reply, data), None, timeout)
-        else:
-            fd = protocol.write_shm(data)
-            try:
-                self._send(child, protocol.encode({**reply, "ok": True, "shm": len(data)}), fd, timeout)
-            finally:
+        spent = time.perf_counter() - h0
+        frame, fd = self._reply(msg, outcome, failed)
+        try:
+            self._send(child, frame, fd, wall_deadline + spent - time.perf_counter() + DEADLINE_GRACE)
+        finally:
+            if fd is not None:
                 os.close(fd)
         return spent
+
+    def _reply(self, msg: dict[str, Any], outcome: Any, failed: bool) -> tuple[bytes, int | None]:
+        """The ``reply`` frame to a ``call`` (and the memfd of a large value, to close after sending)."""
+        reply: dict[str, Any] = {"t": "reply", "id": msg["id"]}
+        if not failed:
+            try:
+                data = protocol.pack_value(outcome)
+            except Exception as exc:  # not plain data: the child gets the error
+                outcome, failed = exc, True
+        if failed:
+            text = f"{type(outcome).__name__}: {outcome}" if str(outcome) else type(outcome).__name__
+            reply.update(ok=False, error=protocol.clean_text(text)[: self.policy.limits.max_output_bytes])
+            return protocol.encode(reply), None
+        if len(data) > self._max_message:
+            reply.update(ok=False, error=f"{msg['fn']}() returned {len(data)} bytes, over max_message_mb")
+            return protocol.encode(reply), None
+        reply["ok"] = True
+        if len(data) <= protocol.INLINE_LIMIT:
+            return protocol.encode_with_value(reply, data), None
+        return protocol.encode({**reply, "shm": len(data)}), protocol.write_shm(data)
 
     def _result(
         self,
@@ -913,9 +960,7 @@ class Sandbox:
             limit: LimitName | None = _CHILD_LIMITS.get(hint) if isinstance(hint, str) else None
             if output_cut:
                 limit = limit or "output"
-            # Every field was type-checked by protocol.check or computed here:
-            # skip pydantic's second validation on the hot path.
-            return ExecResult.model_construct(
+            return ExecResult(
                 ok=bool(done["ok"]) and limit is None,
                 stdout=stdout,
                 stderr=stderr,
@@ -995,18 +1040,19 @@ class Sandbox:
             **common,
         )
 
-    def _audit_line(self, code: str, result: ExecResult) -> None:
+    def _audit_line(self, code: str, result: ExecResult, outcome: str | None = None) -> None:
         if self._audit is None:
             return
         self._seq += 1
-        if result.ok:
-            outcome = "ok"
-        elif result.limit:
-            outcome = f"limit:{result.limit}"
-        elif result.crashed:
-            outcome = "crashed"
-        else:
-            outcome = f"error:{result.error_type}"
+        if outcome is None:
+            if result.ok:
+                outcome = "ok"
+            elif result.limit:
+                outcome = f"limit:{result.limit}"
+            elif result.crashed:
+                outcome = "crashed"
+            else:
+                outcome = f"error:{result.error_type}"
         self._audit.append(
             {
                 "time": datetime.now(UTC).isoformat(timespec="microseconds"),
@@ -1015,7 +1061,7 @@ class Sandbox:
                 "policy": self.policy.name,
                 "schema_version": self.policy.schema_version,
                 "policy_sha256": self._policy_sha,
-                "code_sha256": hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest(),
+                "code_sha256": hashlib.sha256(code.encode()).hexdigest(),
                 "code": code,
                 "outcome": outcome,
                 "duration_s": round(result.duration_s, 6),
@@ -1033,12 +1079,17 @@ _IN_HOST_CALL: contextvars.ContextVar[AsyncSandbox | None] = contextvars.Context
 class AsyncSandbox:
     """The asyncio twin of :class:`Sandbox`: the same methods, as coroutines.
 
-    Blocking work runs in a worker thread, so the event loop keeps serving.
-    Host functions may be coroutine functions; they run on the event loop that
-    called ``execute``. Concurrent first calls share one child. Cancelling an
-    ``execute`` (``task.cancel()``, ``asyncio.timeout``) kills the child running
-    the cell; the next result says ``state_lost=True``. The object may be used
-    from successive event loops (``asyncio.run`` twice).
+    ``execute`` runs on the event loop itself: the request is written without
+    blocking and the answer awaited through the loop's reader callbacks, so
+    one loop drives many sandboxes with no thread per call. Work that may
+    block (starting or replacing a child, ``set_variable``/``get_variable``,
+    ``close``, sync host functions) runs in the loop's default executor.
+    Host functions may be coroutine functions; they run on the loop that
+    called ``execute``. Calls on one object are served one at a time; concurrent
+    first calls share one child. Cancelling an ``execute`` (``task.cancel()``,
+    ``asyncio.timeout``) kills the child running the cell, and the next result
+    says ``state_lost=True``. The object may be used from successive event
+    loops (``asyncio.run`` twice), one loop at a time.
     """
 
     def __init__(
@@ -1055,37 +1106,28 @@ class AsyncSandbox:
         self._pool = pool
         self._sync: Sandbox | None = None
         self._make_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def _wrap(self, fn: HostFunction) -> HostFunction:
-        if not inspect.iscoroutinefunction(fn):
-            return fn
-
-        async def marked(*args: Any, **kwargs: Any) -> Any:
-            _IN_HOST_CALL.set(self)  # this task's context only: a re-entrant call can tell
-            return await fn(*args, **kwargs)
-
-        def run_on_loop(*args: Any, **kwargs: Any) -> Any:
-            assert self._loop is not None
-            return asyncio.run_coroutine_threadsafe(marked(*args, **kwargs), self._loop).result()
-
-        return run_on_loop
+        self._serial: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     def _make(self) -> Sandbox:
         with self._make_lock:  # concurrent first calls wait here and share one sandbox
             if self._sync is None:
-                host = {name: self._wrap(fn) for name, fn in self._host.items()}
                 self._sync = Sandbox(
-                    self.policy, host_functions=host, audit_log=self._audit_log, pool=self._pool
+                    self.policy, host_functions=self._host, audit_log=self._audit_log, pool=self._pool
                 )
             return self._sync
+
+    def _turn(self) -> asyncio.Lock:
+        """The lock that serves this object's calls one at a time, on the running loop."""
+        loop = asyncio.get_running_loop()
+        if self._serial is None or self._serial[0] is not loop:
+            self._serial = (loop, asyncio.Lock())
+        return self._serial[1]
 
     async def _sandbox(self) -> Sandbox:
         if _IN_HOST_CALL.get() is self:
             raise SandboxError(
                 "re-entrant use is not allowed: a host function called this AsyncSandbox while it runs the function"
             )
-        self._loop = asyncio.get_running_loop()
         sb = self._sync
         if sb is None:
             sb = await asyncio.to_thread(self._make)
@@ -1104,33 +1146,196 @@ class AsyncSandbox:
         return self._sync is not None and self._sync.alive
 
     async def execute(self, code: str) -> ExecResult:
+        """Run *code* in the persistent namespace and report what happened."""
+        if not isinstance(code, str):
+            raise TypeError(f"code must be str, not {type(code).__name__}")
+        code = protocol.clean_text(code)  # as Sandbox.execute
         sb = await self._sandbox()
-        cancel = _Cancel()
+        async with self._turn():
+            child = await self._hold(sb)
+            try:
+                state_lost, sb._lost = sb._lost, False
+                result = await self._run(sb, child, code, state_lost)
+                sb._audit_line(code, result)
+                return result
+            finally:
+                sb._holder = None
+                sb._lock.release()
+
+    async def _hold(self, sb: Sandbox) -> _Child:
+        """Take *sb*'s own lock and a live child without blocking the loop."""
+        if os.getpid() != sb._owner_pid:
+            raise SandboxClosedError(
+                f"this sandbox belongs to process {sb._owner_pid}; a forked process must open its own"
+            )
         loop = asyncio.get_running_loop()
+        if not sb._lock.acquire(blocking=False):  # only a close() from another thread holds it
+            await _in_thread(loop, sb._lock.acquire, sb._lock.release)
         try:
-            result = await loop.run_in_executor(None, sb._execute, code, cancel)
+            child = sb._child
+            if sb.closed or child is None or child.dead:  # replacing a child may wait for its server
+                child = await _in_thread(loop, functools.partial(sb._ensure_child, False), sb._lock.release)
+            return child
         except asyncio.CancelledError:
-            if cancel.cancel():  # the cell ran and its child is killed: the worker returns at once
-                with contextlib.suppress(BaseException):
-                    await loop.run_in_executor(None, cancel.finished.wait, 60.0)
+            raise  # _in_thread releases the lock once the thread is done with it
+        except BaseException:
+            sb._lock.release()
             raise
-        assert result is not None
-        return result
+
+    async def _run(self, sb: Sandbox, child: _Child, code: str, state_lost: bool) -> ExecResult:
+        """:meth:`Sandbox._run` on the event loop: the same :class:`_Exec`, awaited instead of polled."""
+        ex = _Exec(sb, child, code, state_lost)
+        try:
+            frame = ex.request()
+            if frame is not None:
+                await _send_async(sb, child, frame, None, ex.lim.wall_seconds + DEADLINE_GRACE)
+                ex.sent()
+                while True:
+                    try:
+                        msg = await _next_frame_async(child, max(ex.timeout(), 0.0))
+                    except _Timeout:
+                        if ex.expired():
+                            break
+                        continue
+                    call = ex.received(msg)
+                    if call is None:
+                        break
+                    ex.host_time += await self._serve_call(sb, child, call, ex.wall_deadline())
+        except _Died:
+            pass
+        except _Timeout:
+            ex.killed_for = "wall"
+        except protocol.WireError as exc:
+            ex.broke(str(exc))
+        except BaseException:  # cancelled: the cell must not run on
+            child.kill()
+            cancelled = ExecResult(
+                ok=False, error_type="Cancelled", error_message="the execute was cancelled; the child was killed",
+                duration_s=time.perf_counter() - ex.t0, state_lost=state_lost, policy_name=sb.policy.name,
+                policy_sha256=sb._policy_sha, layers=dict(child.layers),
+            )  # fmt: skip
+            sb._audit_line(code, cancelled, "cancelled")
+            raise
+        if ex.done is None:  # how the child ended is asked of its fork server: that may wait
+            return await asyncio.to_thread(ex.finish)
+        return ex.finish()
+
+    async def _serve_call(
+        self, sb: Sandbox, child: _Child, msg: dict[str, Any], wall_deadline: float
+    ) -> float:
+        """:meth:`Sandbox._serve_call` on the loop: coroutine host functions are awaited here,
+        others run in the executor so that they cannot block the loop."""
+        fn = self._host.get(msg["fn"])
+        h0 = time.perf_counter()
+        token = _IN_HOST_CALL.set(self)  # this task's context only: a re-entrant call can tell
+        try:
+            if fn is None:
+                raise LookupError(f"no host function named {msg['fn']!r}")
+            if inspect.iscoroutinefunction(fn):
+                outcome: Any = await fn(*msg["args"], **msg["kwargs"])
+            else:
+                outcome = await asyncio.to_thread(fn, *msg["args"], **msg["kwargs"])
+            failed = False
+        except Exception as exc:  # the host function's failure is the child's HostFunctionError
+            outcome, failed = exc, True
+        finally:
+            _IN_HOST_CALL.reset(token)
+        spent = time.perf_counter() - h0
+        frame, fd = sb._reply(msg, outcome, failed)
+        try:
+            await _send_async(
+                sb, child, frame, fd, wall_deadline + spent - time.perf_counter() + DEADLINE_GRACE
+            )
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return spent
 
     async def set_variable(self, name: str, value: Any, *, timeout: float | None = None) -> None:
         sb = await self._sandbox()
-        await asyncio.to_thread(functools.partial(sb.set_variable, name, value, timeout=timeout))
+        async with self._turn():
+            await asyncio.to_thread(functools.partial(sb.set_variable, name, value, timeout=timeout))
 
     async def get_variable(self, name: str, *, timeout: float | None = None) -> Any:
         sb = await self._sandbox()
-        return await asyncio.to_thread(functools.partial(sb.get_variable, name, timeout=timeout))
+        async with self._turn():
+            return await asyncio.to_thread(functools.partial(sb.get_variable, name, timeout=timeout))
 
     async def close(self) -> None:
         if self._sync is not None:
-            await asyncio.to_thread(self._sync.close)
+            async with self._turn():
+                await asyncio.to_thread(self._sync.close)
 
     async def __aenter__(self) -> AsyncSandbox:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _in_thread(
+    loop: asyncio.AbstractEventLoop, fn: Callable[[], Any], on_cancel: Callable[[], None]
+) -> Any:
+    """``fn()`` in the executor. If the awaiting task is cancelled, *on_cancel* runs once
+    ``fn`` has returned (the thread cannot be stopped), and the cancellation goes on."""
+    fut = loop.run_in_executor(None, fn)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        fut.add_done_callback(lambda _: on_cancel())
+        raise
+
+
+async def _send_async(sb: Sandbox, child: _Child, frame: bytes, fd: int | None, timeout: float) -> None:
+    """:meth:`Sandbox._send` from the event loop: one write that does not block (the child
+    reads its requests as they come, so one almost always takes the whole frame); what
+    is left goes out from a worker thread, with the same deadline."""
+    if child.init_frame:
+        frame, child.init_frame = child.init_frame + frame, b""
+    try:
+        if fd is None:
+            sent = child.sock.send(frame, socket.MSG_DONTWAIT)
+        else:
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            sent = child.sock.sendmsg([frame], rights, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        child.kill()
+        raise _Died() from None
+    if sent < len(frame):
+        await asyncio.to_thread(sb._send, child, frame[sent:], fd if sent == 0 else None, timeout)
+
+
+def _settle(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+async def _next_frame_async(child: _Child, timeout: float) -> dict[str, Any]:
+    """:meth:`Sandbox._next_frame` from the event loop: woken by the loop when the child's
+    socket or pidfd becomes readable (no spinning: the loop has other work)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout  # one deadline for the whole frame, as in the sync wait
+    while True:
+        raw = next(child.reader, None)
+        if raw is not None:
+            return protocol.check(raw, "child")
+        if child.dead:
+            raise _Died()
+        events = child.poll.poll(0)
+        if events:
+            _absorb(child, events)
+            continue
+        woken: asyncio.Future[bool] = loop.create_future()
+        fds = (child.sock.fileno(), child.pidfd)
+        for fd in fds:
+            loop.add_reader(fd, _settle, woken, True)
+        timer = loop.call_at(deadline, _settle, woken, False)
+        try:
+            if not await woken:
+                raise _Timeout()
+        finally:
+            timer.cancel()
+            for fd in fds:
+                loop.remove_reader(fd)

@@ -114,3 +114,28 @@ def test_concurrent_sandboxes_share_one_chain(audit_path):
     )
     report = verify(audit_path)
     assert report.ok and report.lines == 61
+
+
+def test_code_with_lone_surrogates_is_run_and_audited_escaped(sb, audit_path):
+    """UTF-8 cannot carry a lone surrogate: the code runs with it escaped, and that is what the
+    audit line records (its sha256 included), instead of the append failing."""
+    r = sb.execute("x = '\udcff'\nprint(len(x))")
+    assert r.ok and r.stdout == "1\n"  # in a string literal the escape stands for the character again
+    (line,) = _lines(audit_path)
+    assert line["code"] == "x = '\\udcff'\nprint(len(x))"
+    assert line["code_sha256"] == hashlib.sha256(line["code"].encode()).hexdigest()
+    assert verify(audit_path).ok
+
+
+def test_canonical_encoding_matches_the_json_encoder():
+    """The fast path of the hashed encoding gives the very bytes json's sorted encoding gives."""
+    from sandbox.audit import _ENCODER, _canonical
+
+    records = [
+        {"b": 'x\u2028"\\\n\x00é😀', "a": 1, "c": 1.5e300, "d": -0.0, "e": None, "f": True, "g": False},
+        {"h": 2**70, "z": "", "time": "2026-12-01T00:00:00.000001+00:00", "n": float("nan")},
+        {"nested": {"torn": 3}, "list": [1, "2"]},
+        {},
+    ]
+    for record in records:
+        assert _canonical(record) == _ENCODER.encode(record).encode(), record

@@ -203,14 +203,18 @@ def test_bad_input_lines_are_named_and_skip_bad_records_them(
     code, stderr = in_process(capsys, *args, "--skip-bad")
     assert code == 1, stderr
     records = {r["id"]: r for r in read_out(out)}
-    assert records["q03"]["answer"] == "9" and records["q07"]["answer"] == "49"  # context_path: relative to the input
+    assert (
+        records["q03"]["answer"] == "9" and records["q07"]["answer"] == "49"
+    )  # context_path: relative to the input
     bad = {k: v for k, v in records.items() if v["stop_reason"] == "bad_input"}
     assert set(bad) == {"line:2", "noquery", "line:5", "gone", "line:7", "both"}
     assert bad["line:5"]["error"].startswith("line 5: duplicate id")
     assert len(server.requests) == 2
 
     # the input fixed: a rerun tries the bad lines again and keeps the answered ones
-    inp.write_text("\n".join([lines[0], lines[3], '{"id": "noquery", "query": "q", "context": "number 05"}']) + "\n")
+    inp.write_text(
+        "\n".join([lines[0], lines[3], '{"id": "noquery", "query": "q", "context": "number 05"}']) + "\n"
+    )
     code, stderr = in_process(capsys, *args)
     assert code == 0, stderr
     records = read_out(out)
@@ -300,7 +304,9 @@ def test_only_the_ray_engine_imports_ray_and_batch_help_imports_neither_ray_nor_
         "    rlm.cli.main(['batch', '--help'])\n"
         "print(sorted(m for m in ('ray', 'litellm', 'openai') if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT_DIR, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT_DIR, capture_output=True, text=True, timeout=120
+    )
     assert out.stdout.strip() == "[]", out.stderr
 
 

@@ -681,11 +681,7 @@ def test_runner_salary_table_and_jsonl(
     # Each run: two root turns and one direct call reached the server; every trajectory was kept.
     models = [r.model for r in server.requests]
     assert models.count("root") == 8 and models.count("direct") == 4
-    trajectories = [
-        p
-        for p in (tmp_path / "logs").iterdir()
-        if p.suffix == ".jsonl"
-    ]
+    trajectories = [p for p in (tmp_path / "logs").iterdir() if p.suffix == ".jsonl"]
     assert len(trajectories) == 4
     # A second run appends to the same file.
     assert main([*argv[:4], "--sizes", "5", "--repeats", "1", *argv[8:], "-q"]) == 0

@@ -8,6 +8,8 @@ execute kept running, re-entrant use said "Broken pipe", ...).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import os
 import signal
 import threading
@@ -161,6 +163,58 @@ def test_cancelled_execute_stops_the_cell(audit_path, how: str) -> None:
             assert r.ok and r.state_lost and r.stdout == "2\n"
 
     asyncio.run(main())
+    outcomes = [json.loads(line)["outcome"] for line in audit_path.read_text().splitlines()]
+    assert outcomes == ["ok", "cancelled", "ok"]  # the cancelled cell ran, and is audited as such
+
+
+class _NoThreads(concurrent.futures.ThreadPoolExecutor):
+    """A default executor that refuses work: what runs on it shows up as an error."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"{getattr(fn, '__qualname__', fn)} was sent to a worker thread")
+
+
+def test_async_execute_runs_on_the_loop_without_worker_threads(audit_path) -> None:
+    """Once the child is there, execute (and coroutine host functions) need no thread per call."""
+
+    async def main() -> list[str]:
+        async def double(x: int) -> int:
+            await asyncio.sleep(0)
+            return 2 * x
+
+        async with AsyncSandbox("default", host_functions={"double": double}, audit_log=audit_path) as sb:
+            asyncio.get_running_loop().set_default_executor(_NoThreads())
+            out = [(await sb.execute(f"print(double({i}))")).stdout for i in range(20)]
+            asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(2))
+            return out
+
+    assert asyncio.run(main()) == [f"{2 * i}\n" for i in range(20)]
+
+
+def test_async_sync_host_function_does_not_block_the_loop(audit_path) -> None:
+    """A blocking host function runs in a worker thread: other tasks on the loop go on meanwhile."""
+
+    async def main() -> tuple[str, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        def slow() -> str:
+            time.sleep(1.0)
+            return "done"
+
+        async with AsyncSandbox("default", host_functions={"slow": slow}, audit_log=audit_path) as sb:
+            task = asyncio.ensure_future(ticker())
+            r = await sb.execute("print(slow())")
+            task.cancel()
+            return r.stdout, ticks
+
+    out, ticks = asyncio.run(main())
+    assert out == "done\n" and ticks >= 10  # a blocked loop would have ticked about once
 
 
 # -------------------------------------------------------------- re-entrancy

@@ -213,7 +213,13 @@ def test_cli_run_json_exit_codes_and_no_key_on_disk(tmp_path: Path):
     for path in _written_files(tmp_path):
         assert KEY not in path.read_text(errors="replace"), path
     done = run_cli(
-        "run", "--context", "-", "--query", "q", cwd=ROOT_DIR, env={k: v for k, v in env.items() if k != "RLM_MODEL"}
+        "run",
+        "--context",
+        "-",
+        "--query",
+        "q",
+        cwd=ROOT_DIR,
+        env={k: v for k, v in env.items() if k != "RLM_MODEL"},
     )
     assert done.returncode == 2 and "RLM_MODEL" in done.stderr and "Traceback" not in done.stderr
 

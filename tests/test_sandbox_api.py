@@ -243,7 +243,9 @@ def test_old_cell_sources_are_dropped_so_the_child_does_not_grow(audit_path):
     with Sandbox(policy_with({"python.guard": "none"}), audit_log=audit_path) as box:
         for i in range(250):
             box.execute(f"v{i} = {i}")
-        r = box.execute("import linecache\ncells = len([k for k in linecache.cache if k.startswith('<cell-')])")
+        r = box.execute(
+            "import linecache\ncells = len([k for k in linecache.cache if k.startswith('<cell-')])"
+        )
         assert r.ok
         assert box.get_variable("cells") <= 200
         r = box.execute("def f():\n    return 1 / 0\nf()")

@@ -77,9 +77,7 @@ def test_representative_runs_load_in_the_viewer(tmp_path: Path):
         for k in ("prompt_tokens", "completion_tokens")
     ]
     assert child_call["prompt_tokens"] > child_tokens[0] and child_call["completion_tokens"] > child_tokens[1]
-    assert json.loads(Path(failed.log_path).with_name(f"{failed.run_id}.result.json").read_text())[
-        "error"
-    ]
+    assert json.loads(Path(failed.log_path).with_name(f"{failed.run_id}.result.json").read_text())["error"]
 
 
 def test_batch_sub_calls_are_logged_in_prompt_order(tmp_path: Path):
@@ -117,7 +115,10 @@ def test_long_runs_repeat_old_messages_only_briefly():
         log._iterations = turn
         sent = log._prompt(messages)
         sizes.append(len(json.dumps(sent)))
-        messages += [{"role": "assistant", "content": f"reply {turn} " * 100}, {"role": "user", "content": "o" * 900}]
+        messages += [
+            {"role": "assistant", "content": f"reply {turn} " * 100},
+            {"role": "user", "content": "o" * 900},
+        ]
     assert sum(1 for m in sent if m["role"] == "note") == 1 and len(sent) <= REPEATED_MESSAGES + 3
     assert max(sizes[50:]) < 3 * min(sizes[50:])  # no longer grows with the number of turns
     assert sent[0]["content"].endswith("logged in full in iteration 1]")
@@ -125,7 +126,9 @@ def test_long_runs_repeat_old_messages_only_briefly():
 
 def test_a_run_cut_off_mid_way_leaves_a_loadable_file(tmp_path: Path):
     log = TrajectoryLogger(tmp_path, "rlm_cut", secrets=["sk-secret-123"])
-    log.metadata(run_id="rlm_cut", root_model="m", max_depth=1, max_iterations=3, backend="x", other_backends=None)
+    log.metadata(
+        run_id="rlm_cut", root_model="m", max_depth=1, max_iterations=3, backend="x", other_backends=None
+    )
     log.iteration(prompt=[{"role": "user", "content": "key sk-secret-123"}], response="r", code_blocks=[],
                   final_answer=None, iteration_time=0.1)  # fmt: skip
     assert problems_in_file(log.path) == [] and not log.result_path.exists()

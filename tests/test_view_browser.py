@@ -25,10 +25,12 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 
-HOSTILE = "<script>window.__pwned = 1</script><img src=x onerror=\"window.__pwned = 2\">"
+HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 
 ROOT_TURNS = [
-    "Let me look.\n```repl\nprint(len(context), context[:20])\nprint('" + HOSTILE.replace("'", "\\'") + "')\n```",
+    "Let me look.\n```repl\nprint(len(context), context[:20])\nprint('"
+    + HOSTILE.replace("'", "\\'")
+    + "')\n```",
     "```repl\nparts = [context[:30], context[30:]]\nsummaries = llm_query_batched(['Summarise: ' + p for p in parts])\n"
     "print(summaries)\n1 / 0\n```",
     "```repl\nanswer = rlm_query('Count the widgets', context='widget widget widget')\nprint('child said', answer)\n```",
@@ -137,7 +139,9 @@ def test_click_through_a_real_run(browser: Any, real_run: Any, tmp_path: Path):
     assert "summary of: The warehouse" in hit.inner_text()
     hit.click()
     flashed = page.locator(".call.flash")
-    assert flashed.count() == 1 and flashed.is_visible() and "Summarise: The warehouse" in flashed.inner_text()
+    assert (
+        flashed.count() == 1 and flashed.is_visible() and "Summarise: The warehouse" in flashed.inner_text()
+    )
     page.screenshot(path=str(tmp_path / "view.png"), full_page=False)
     assert (tmp_path / "view.png").stat().st_size > 10_000
     # nothing hostile ran, nothing was fetched, no console errors
@@ -189,4 +193,3 @@ def test_a_run_of_1000_iterations_and_10000_sub_calls_stays_usable(browser: Any,
     p.page.press("#search", "Enter")
     assert "1 match" in p.page.locator("#hits").inner_text()
     assert p.errors == []
-

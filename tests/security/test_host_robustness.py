@@ -136,6 +136,26 @@ def test_execute_to_a_child_that_stopped_reading(mode: str) -> None:
         assert not r.ok and r.limit == "wall", r
 
 
+# Half a frame header, then one byte every 0.3 s: the frame never completes.
+DRIBBLE = (
+    FIND_CHANNEL
+    + """
+import time
+os.write(chan, b"\\x00\\x00")
+while True:
+    time.sleep(0.3)
+    os.write(chan, b"\\x01")
+"""
+)
+
+
+def test_a_frame_sent_a_byte_at_a_time_does_not_extend_the_deadline(mode: str) -> None:
+    """Each byte wakes the host, but the wait for the frame keeps one deadline: the wall limit."""
+    with Sandbox(hostile_policy(mode, **{"limits.wall_seconds": 2})) as sb:
+        r, _ = within(2 + SLACK, lambda: sb.execute(DRIBBLE))
+        assert not r.ok and r.limit == "wall", r
+
+
 @pytest.mark.slow
 def test_rlm_exec_does_not_hang(tmp_path: Path) -> None:
     policy = tmp_path / "flood.toml"
