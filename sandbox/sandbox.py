@@ -65,7 +65,7 @@ from types import TracebackType
 from typing import Any
 
 from sandbox import forkserver, limits, protocol, uids
-from sandbox.audit import AuditLog, default_audit_path
+from sandbox.audit import AuditLog, default_audit_path, encode_fields
 from sandbox.errors import (
     ChildTimeoutError,
     LayerUnavailableError,
@@ -389,8 +389,8 @@ class _Exec:
     """
 
     __slots__ = (
-        "child", "code", "cpu_rate", "cpu_start", "cpu_used", "done", "exec_id", "host_time", "idle",
-        "killed_for", "lim", "next_cpu_check", "protocol_error", "sb", "state_lost", "t0",
+        "audit", "child", "code", "cpu_rate", "cpu_start", "cpu_used", "done", "exec_id", "host_time",
+        "idle", "killed_for", "lim", "next_cpu_check", "protocol_error", "sb", "state_lost", "t0",
     )  # fmt: skip
 
     def __init__(self, sb: Sandbox, child: _Child, code: str, state_lost: bool) -> None:
@@ -414,6 +414,7 @@ class _Exec:
         self.killed_for: LimitName | None = None
         self.done: dict[str, Any] | None = None
         self.protocol_error: str | None = None
+        self.audit: dict[str, str] | None = None  # the audit line's fields known before the result
 
     def request(self) -> bytes | None:
         """The ``exec`` frame; None when the CPU spent while idle left this execute
@@ -425,9 +426,11 @@ class _Exec:
         return protocol.encode({"t": "exec", "id": self.exec_id, "code": self.code})
 
     def sent(self) -> None:
-        """The request is on its way: the peak-RSS count starts now (the child cannot
-        run any of the code before it has woken, read and compiled it)."""
+        """The request is on its way. The peak-RSS count starts now (the child cannot run
+        any of the code before it has woken, read and compiled it), and what the audit
+        line needs of the code is prepared while the child runs it."""
         self.child.rss.reset()
+        self.audit = self.sb._audit_head(self.code)
 
     def wall_deadline(self) -> float:
         return self.t0 + self.host_time + self.lim.wall_seconds
@@ -467,11 +470,25 @@ class _Exec:
         self.child.kill()
 
     def finish(self) -> ExecResult:
+        """The result, once its audit line is written."""
         self.child.drop_fds()
-        return self.sb._result(
+        result = self.sb._result(
             self.child, self.done, self.killed_for, self.protocol_error, time.perf_counter() - self.t0,
             self.cpu_start, self.cpu_used, self.state_lost,
         )  # fmt: skip
+        self.sb._audit_line(self.code, result, head=self.audit)
+        return result
+
+    def cancelled(self) -> None:
+        """The execute was given up (asyncio cancellation, KeyboardInterrupt): the child is
+        killed, and the audit line says the cell was cancelled."""
+        self.child.kill()
+        result = ExecResult(
+            ok=False, error_type="Cancelled", error_message="the execute was cancelled; the child was killed",
+            duration_s=time.perf_counter() - self.t0, state_lost=self.state_lost,
+            policy_name=self.sb.policy.name, policy_sha256=self.sb._policy_sha, layers=dict(self.child.layers),
+        )  # fmt: skip
+        self.sb._audit_line(self.code, result, "cancelled", self.audit)
 
 
 class Sandbox:
@@ -514,6 +531,14 @@ class Sandbox:
         if self.policy.audit.enabled:
             path = audit_log or self.policy.audit.path or default_audit_path()
             self._audit = AuditLog(path)
+        self._audit_fixed = encode_fields(
+            {
+                "sandbox_id": self.id,
+                "policy": self.policy.name,
+                "schema_version": self.policy.schema_version,
+                "policy_sha256": self._policy_sha,
+            }
+        )
         self._lock = threading.Lock()
         self._holder: int | None = None  # the thread inside execute/set/get (re-entrancy check)
         self._using_cm = _Using(self, replace_exited=True)
@@ -572,9 +597,7 @@ class Sandbox:
         code = protocol.clean_text(code)  # what runs and what is audited: lone surrogates escaped
         with self._executing_cm as child:
             state_lost, self._lost = self._lost, False
-            result = self._run(child, code, state_lost)
-            self._audit_line(code, result)
-            return result
+            return self._run(child, code, state_lost)
 
     def set_variable(self, name: str, value: Any, *, timeout: float | None = None) -> None:
         """Bind *name* to a copy of *value* (plain data: None, bool, int, float, str, bytes, list, dict).
@@ -875,6 +898,9 @@ class Sandbox:
             ex.killed_for = "wall"
         except protocol.WireError as exc:
             ex.broke(str(exc))
+        except BaseException:  # KeyboardInterrupt, or a host function's BaseException
+            ex.cancelled()
+            raise
         return ex.finish()
 
     def _serve_call(self, child: _Child, msg: dict[str, Any], wall_deadline: float) -> float:
@@ -889,9 +915,6 @@ class Sandbox:
             failed = False
         except Exception as exc:  # the host function's failure is the child's HostFunctionError
             outcome, failed = exc, True
-        except BaseException:
-            child.kill()
-            raise
         spent = time.perf_counter() - h0
         frame, fd = self._reply(msg, outcome, failed)
         try:
@@ -1040,7 +1063,26 @@ class Sandbox:
             **common,
         )
 
-    def _audit_line(self, code: str, result: ExecResult, outcome: str | None = None) -> None:
+    def _audit_head(self, code: str) -> dict[str, str] | None:
+        """The audit line's fields that do not depend on the result, encoded (see
+        :func:`sandbox.audit.encode_fields`); None when auditing is off."""
+        if self._audit is None:
+            return None
+        return {
+            **self._audit_fixed,
+            **encode_fields(
+                {
+                    "time": datetime.now(UTC).isoformat(timespec="microseconds"),
+                    "code_sha256": hashlib.sha256(code.encode()).hexdigest(),
+                    "code": code,
+                }
+            ),
+        }
+
+    def _audit_line(
+        self, code: str, result: ExecResult, outcome: str | None = None, head: dict[str, str] | None = None
+    ) -> None:
+        """Append the line of one execute (*head*: from :meth:`_audit_head` when the cell was sent)."""
         if self._audit is None:
             return
         self._seq += 1
@@ -1055,19 +1097,13 @@ class Sandbox:
                 outcome = f"error:{result.error_type}"
         self._audit.append(
             {
-                "time": datetime.now(UTC).isoformat(timespec="microseconds"),
-                "sandbox_id": self.id,
                 "seq": self._seq,
-                "policy": self.policy.name,
-                "schema_version": self.policy.schema_version,
-                "policy_sha256": self._policy_sha,
-                "code_sha256": hashlib.sha256(code.encode()).hexdigest(),
-                "code": code,
                 "outcome": outcome,
                 "duration_s": round(result.duration_s, 6),
                 "cpu_s": round(result.cpu_s, 6),
                 "max_rss_bytes": result.max_rss_bytes,
-            }
+            },
+            head or self._audit_head(code),
         )
 
 
@@ -1155,9 +1191,7 @@ class AsyncSandbox:
             child = await self._hold(sb)
             try:
                 state_lost, sb._lost = sb._lost, False
-                result = await self._run(sb, child, code, state_lost)
-                sb._audit_line(code, result)
-                return result
+                return await self._run(sb, child, code, state_lost)
             finally:
                 sb._holder = None
                 sb._lock.release()
@@ -1208,13 +1242,7 @@ class AsyncSandbox:
         except protocol.WireError as exc:
             ex.broke(str(exc))
         except BaseException:  # cancelled: the cell must not run on
-            child.kill()
-            cancelled = ExecResult(
-                ok=False, error_type="Cancelled", error_message="the execute was cancelled; the child was killed",
-                duration_s=time.perf_counter() - ex.t0, state_lost=state_lost, policy_name=sb.policy.name,
-                policy_sha256=sb._policy_sha, layers=dict(child.layers),
-            )  # fmt: skip
-            sb._audit_line(code, cancelled, "cancelled")
+            ex.cancelled()
             raise
         if ex.done is None:  # how the child ended is asked of its fork server: that may wait
             return await asyncio.to_thread(ex.finish)
