@@ -24,6 +24,7 @@ import contextlib
 import functools
 import importlib.util
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -138,10 +139,24 @@ def _sandbox_phase(t: Table, phase: str, args: argparse.Namespace, audit: Path, 
     base = sample(lambda: exec(compile("x = 1+1", "<bench>", "exec"), g), n)
     lb = t.add("in-process exec(compile('x = 1+1')) [lower bound]", phase, base, med(base) * 1e6, "us", 1.0)
 
+    xs = _pipe_floor(n)
+    t.add("socket-pair round trip, two Python processes [floor]", phase, xs, med(xs) * 1e6, "us",
+          med(xs) * 1e6 / lb)  # fmt: skip
+
     with Sandbox(policy, host_functions={"ping": lambda: None}, audit_log=audit / "a.jsonl", pool=None) as sb:
         xs = sample(lambda: sb.execute("x = 1+1"), n)
         t.add("Sandbox.execute('x = 1+1') round trip", phase, xs, med(xs) * 1e6, "us", med(xs) * 1e6 / lb,
               "<= 8x" if phase == "idle" else "<= monty busy")  # fmt: skip
+        sb.set_variable("v", 1)
+        xs = sample(lambda: sb.get_variable("v"), n)
+        t.add(
+            "  get_variable('v') round trip (no code runs)",
+            phase,
+            xs,
+            med(xs) * 1e6,
+            "us",
+            med(xs) * 1e6 / lb,
+        )
         per_call = _per_call(lambda code: sb.execute(code), n)
         t.add("host-function call from child code", phase, per_call, med(per_call) * 1e6, "us",
               med(per_call) * 1e6 / lb, "-" if phase == "idle" else "<= 2x idle")  # fmt: skip
@@ -155,6 +170,12 @@ def _sandbox_phase(t: Table, phase: str, args: argparse.Namespace, audit: Path, 
         t.add("set_variable of a 100 MB string", phase, xs, 100 * MB / med(xs) / MB, "MB/s",
               med(xs) / med(copy), ">= 600 MB/s")  # fmt: skip
         del text
+
+    with Sandbox(policy.override({"audit.enabled": False}), pool=None) as sb:
+        xs = sample(lambda: sb.execute("x = 1+1"), n)
+        t.add(
+            "  execute round trip with the audit log off", phase, xs, med(xs) * 1e6, "us", med(xs) * 1e6 / lb
+        )
 
     reps = 30 if args.quick else 200
 
@@ -184,6 +205,21 @@ def _sandbox_phase(t: Table, phase: str, args: argparse.Namespace, audit: Path, 
         pids = pool.ready_pids()
         total = sum(psutil.Process(pid).memory_full_info().uss for pid in pids)
         t.add(f"pool idle cost ({len(pids)} ready children, USS)", phase, None, total / 2**20, "MiB")
+
+
+def _pipe_floor(n: int) -> list[float]:
+    """Round trips of a 64-byte message between this process and a Python child that echoes
+    it over a socket pair, both blocking in recv: what any two-process design pays."""
+    ours, theirs = socket.socketpair()
+    echo = "import socket,sys\ns=socket.socket(fileno=int(sys.argv[1]))\nwhile d:=s.recv(65536): s.sendall(d)"
+    proc = subprocess.Popen([sys.executable, "-c", echo, str(theirs.fileno())], pass_fds=[theirs.fileno()])
+    theirs.close()
+    msg = b"x" * 64
+    try:
+        return sample(lambda: (ours.sendall(msg), ours.recv(65536)), n)
+    finally:
+        ours.close()
+        proc.wait(10)
 
 
 def _per_call(run: Callable[[str], object], n: int, calls: int = 200) -> list[float]:
