@@ -7,7 +7,8 @@ Host side: the child's CPU time is read from its POSIX process CPU clock
 (``clock_gettime`` on ``MAKE_PROCESS_CPUCLOCK(pid)``: kernel accounting,
 nanosecond resolution, all threads, no /proc parsing); peak RSS from
 ``/proc/<pid>/status`` (``VmHWM``, reset per execute through ``clear_refs``);
-a per-execute ``RLIMIT_CPU`` backstop is set with ``prlimit``. The host kills
+``RLIMIT_CPU`` is the child's lifetime budget, tightened to one execute's
+budget with ``prlimit`` when the host may do that. The host kills
 the process group itself at the CPU and wall deadlines; the rlimit only
 catches a host that could not.
 """
@@ -43,7 +44,9 @@ def apply_rlimits(limits: dict[str, Any], own_uid: bool) -> None:
     ``own_uid``: the child runs under a uid of its own, so RLIMIT_NPROC
     counts only its processes and can be set to 1 + max_processes.
     """
-    cpu = math.ceil(float(limits["cpu_seconds"])) + 1
+    # The CPU limit is the child's lifetime budget: the host charges each execute (and the CPU
+    # used between executes) itself, and moving a limit later may not be allowed (see cpu_backstop).
+    cpu = math.ceil(float(limits["lifetime_cpu_seconds"]))
     settings = [
         (resource.RLIMIT_CORE, 0),
         (resource.RLIMIT_AS, int(limits["memory_mb"]) * MIB),

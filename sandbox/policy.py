@@ -124,6 +124,18 @@ class Limits(BaseModel):
     cpu_seconds: float = Field(
         10.0, gt=0, description="CPU time one execute may use, in seconds. Default 10."
     )
+    lifetime_cpu_seconds: float = Field(
+        600.0,
+        gt=0,
+        description=(
+            "CPU time a sandbox child may use over its whole life, in seconds: the kernel's RLIMIT_CPU, "
+            "set when the child starts. It bounds CPU used while the host is not watching (between "
+            "executes); the host cannot rely on raising a child's limit later (that needs "
+            "CAP_SYS_RESOURCE, which containers often lack). A child that reaches it is killed: the "
+            "execute it ran reports limit='cpu', the next one gets a fresh child (state_lost). "
+            "At least cpu_seconds. Default 600."
+        ),
+    )
     wall_seconds: float = Field(
         30.0,
         gt=0,
@@ -285,6 +297,12 @@ class Policy(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> Policy:
         """Refuse settings that contradict each other, naming the key to change."""
+        if self.limits.lifetime_cpu_seconds < self.limits.cpu_seconds:
+            raise _Contradiction(
+                "limits.lifetime_cpu_seconds",
+                f"is {self.limits.lifetime_cpu_seconds:g}, less than limits.cpu_seconds "
+                f"({self.limits.cpu_seconds:g}): one execute could never use its CPU budget",
+            )
         iso = self.isolation
         unknown = [layer for layer in iso.require if layer not in LAYERS]
         if unknown:

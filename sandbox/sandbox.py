@@ -772,7 +772,8 @@ class Sandbox:
         cpu = limits.cpu_seconds(child.pid)
         if cpu is not None:
             child.cpu_mark = cpu
-            backstop = limits.cpu_backstop(cpu, self.policy.limits.cpu_seconds)
+            lim = self.policy.limits
+            backstop = min(limits.cpu_backstop(cpu, lim.cpu_seconds), math.ceil(lim.lifetime_cpu_seconds))
             if backstop != child.backstop:  # whole seconds: most executes leave it where it is
                 limits.set_cpu_backstop(child.pid, backstop)
                 child.backstop = backstop
@@ -1025,6 +1026,17 @@ class Sandbox:
                 "cpu",
                 "CPULimitExceeded",
                 f"CPU time limit of {lim.cpu_seconds:g} s exceeded (kernel)",
+            )
+        elif (
+            sig in (signal.SIGXCPU, signal.SIGKILL)
+            and not (info is not None and info.events.get("oom_kill"))
+            and cpu_total >= 0.8 * lim.lifetime_cpu_seconds
+        ):  # the kernel's limit counts on the CPU clock; wait4's rusage comes out up to ~10% lower
+            limit, error_type, message = (
+                "cpu",
+                "CPULimitExceeded",
+                f"the child used up its lifetime CPU budget of {lim.lifetime_cpu_seconds:g} s"
+                " (limits.lifetime_cpu_seconds); the next execute starts a fresh one",
             )
         elif sig == signal.SIGXFSZ:
             limit, error_type, message = "disk", "FileSizeLimitExceeded", "file size limit exceeded"

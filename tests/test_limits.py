@@ -30,6 +30,37 @@ def test_cpu_hog_is_stopped_within_the_limit_plus_half_a_second(audit_path):
         assert not box.execute("print(1)").state_lost  # only the first result after the restart says so
 
 
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass"
+
+
+def test_cpu_budget_is_per_execute_not_per_child(audit_path):
+    """Executes that together use several budgets all run: the kernel limit is the child's
+    lifetime budget, not one execute's (which the host cannot always move later)."""
+    with _box({"limits.cpu_seconds": 1, "limits.wall_seconds": 20}, audit_path) as box:
+        for _ in range(4):
+            r = box.execute(BURN.format(s=0.7))
+            assert r.ok and not r.state_lost, r
+        assert box.execute("print('still the same child')").stdout == "still the same child\n"
+
+
+def test_lifetime_cpu_budget_is_a_cpu_limit_then_a_fresh_child(audit_path):
+    changes = {"limits.cpu_seconds": 1, "limits.lifetime_cpu_seconds": 2, "limits.wall_seconds": 20}
+    with _box(changes, audit_path, pool=None) as box:
+        results = [box.execute(BURN.format(s=0.8)) for _ in range(3)]
+        last = results[-1]
+        assert results[0].ok and last.limit == "cpu" and not last.crashed, last
+        assert "lifetime CPU budget of 2 s" in (last.error_message or ""), last
+        r = box.execute("print('fresh')")
+        assert r.ok and r.state_lost and r.stdout == "fresh\n"
+
+
+def test_lifetime_cpu_budget_below_one_execute_is_refused():
+    from sandbox.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="limits.lifetime_cpu_seconds"):
+        policy_with({"limits.cpu_seconds": 10, "limits.lifetime_cpu_seconds": 5})
+
+
 def test_huge_power_is_a_cpu_limit(audit_path):
     with _box({"limits.cpu_seconds": 1, "limits.wall_seconds": 20}, audit_path) as box:
         r = box.execute("x = 10**10**10")
