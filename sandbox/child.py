@@ -281,6 +281,9 @@ class Child:
             if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
                 raise _ChannelLost(f"bad host function name {name!r}")
             self.builtins[name] = self._stub(name)
+        # The sandbox that sent init usually sends its first request right away: spin for it
+        # (the wait for init itself, long in a pool, has halved the window).
+        self.spinner.window = self.spinner.full
         return True
 
     # -- channel ---------------------------------------------------------

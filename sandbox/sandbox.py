@@ -209,6 +209,36 @@ class _Spec:
     identity: bool
 
 
+#: id(policy) -> (policy, its _Spec, the function that spawns a ready child of it). The policy
+#: itself is kept so that its id cannot be reused while the entry lives; bounded by _SPECS_KEPT.
+_specs: dict[int, tuple[Policy, _Spec, Callable[[], _Child]]] = {}
+_SPECS_KEPT = 64
+
+
+def _spec_for(policy: Policy) -> tuple[_Spec, Callable[[], _Child]]:
+    """The spec of *policy* and its spawn function, computed once per policy object.
+
+    A policy is frozen, so its dump and hash (about 100 us together) cannot change: sandboxes
+    opened with the same object share them.
+    """
+    hit = _specs.get(id(policy))
+    if hit is not None and hit[0] is policy:
+        return hit[1], hit[2]
+    spec = _Spec(
+        policy.model_dump(mode="json"),
+        policy.sha256,
+        policy.python.guard == "restricted",
+        min(policy.limits.max_message_mb * 1024 * 1024, protocol.DEFAULT_MAX_FRAME),
+        policy.isolation.identity,
+    )
+    make = functools.partial(_spawn_ready, spec)
+    if len(_specs) >= _SPECS_KEPT:
+        with contextlib.suppress(RuntimeError, StopIteration):  # another thread changed it: fine
+            _specs.pop(next(iter(_specs)), None)  # the oldest entry
+    _specs[id(policy)] = (policy, spec, make)
+    return spec, make
+
+
 def _choose_identity(spec: _Spec) -> uids.UidLease | None:
     """The uid/gid of the next child (one place, chosen at spawn time; held while it lives)."""
     return _reserve_identity() if spec.identity else None
@@ -406,31 +436,31 @@ class Sandbox:
             if not callable(fn):
                 raise TypeError(f"host function {name!r} is not callable")
             self._host[name] = fn
-        self._policy_dump = self.policy.model_dump(mode="json")
-        self._policy_sha = self.policy.sha256
-        lim = self.policy.limits
-        self._max_message = lim.max_message_mb * 1024 * 1024
-        self._max_frame = min(self._max_message, protocol.DEFAULT_MAX_FRAME)
-        self._audit: AuditLog | None = None
-        if self.policy.audit.enabled:
-            path = audit_log or self.policy.audit.path or default_audit_path()
-            self._audit = AuditLog(path)
+        self._spec, self._make = _spec_for(self.policy)
+        self._policy_sha = self._spec.policy_sha256
+        self._pool = default_pool() if isinstance(pool, Default) else pool
         self._lock = threading.Lock()
         self._holder: int | None = None  # the thread inside execute/set/get (re-entrancy check)
-        self._using_cm = _Using(self, replace_exited=True)
-        self._executing_cm = _Using(self, replace_exited=False)
         self._owner_pid = os.getpid()
-        self._spec = self._spec_of(self.policy, self._policy_dump)
-        self._make = functools.partial(_spawn_ready, self._spec)
-        self._pool = default_pool() if isinstance(pool, Default) else pool
+        self._audit: AuditLog | None = None
         self._child: _Child | None = None
-        self._seq = 0
-        self._exec_id = 0
-        self._lost = False
         self._layers: dict[str, str] = {}
         self.closed = False
         try:
+            # The child first: a pooled one is woken by its init, and wakes up while the rest of
+            # this set-up runs (see _start).
             self._start()
+            lim = self.policy.limits
+            self._max_message = lim.max_message_mb * 1024 * 1024
+            self._max_frame = min(self._max_message, protocol.DEFAULT_MAX_FRAME)
+            if self.policy.audit.enabled:
+                path = audit_log or self.policy.audit.path or default_audit_path()
+                self._audit = AuditLog(path)
+            self._using_cm = _Using(self, replace_exited=True)
+            self._executing_cm = _Using(self, replace_exited=False)
+            self._seq = 0
+            self._exec_id = 0
+            self._lost = False
         except BaseException:
             self.close()
             raise
@@ -633,12 +663,23 @@ class Sandbox:
         return self._start()
 
     def _start(self) -> _Child:
+        # What is this sandbox's own reaches the child in its init (a pooled child was forked
+        # before the sandbox existed).
+        init = protocol.encode({"t": "init", "host_functions": sorted(self._host)})
         child = self._pool.take(self._policy_sha, self._make) if self._pool is not None else None
+        if child is not None:
+            # A pooled child has slept since its hello: wake it now, so that its wake-up and its
+            # first steps overlap with the rest of this set-up and the caller's next line instead
+            # of delaying the first request. Its socket is empty: the small frame never blocks.
+            try:
+                protocol.send_frame(child.sock, init, None, 1.0)
+            except OSError:
+                child.discard()
+                child = None
         if child is None:
             child = _spawn_ready(self._spec)
-        # What is this sandbox's own reaches the child with its first request (a pooled child was
-        # forked before the sandbox existed); see _send.
-        child.init_frame = protocol.encode({"t": "init", "host_functions": sorted(self._host)})
+            # A child forked just now is awake: its init rides with the first request (_send).
+            child.init_frame = init
         self._layers = child.layers
         self._mark_cpu(child)
         self._child = child
@@ -648,16 +689,8 @@ class Sandbox:
         _stop_child(child, graceful)
 
     @staticmethod
-    def _spec_of(policy: Policy | str | Path, dump: dict[str, Any] | None = None) -> _Spec:
-        policy = _resolve(policy)
-        max_frame = min(policy.limits.max_message_mb * 1024 * 1024, protocol.DEFAULT_MAX_FRAME)
-        return _Spec(
-            dump if dump is not None else policy.model_dump(mode="json"),
-            policy.sha256,
-            policy.python.guard == "restricted",
-            max_frame,
-            policy.isolation.identity,
-        )
+    def _spec_of(policy: Policy | str | Path) -> _Spec:
+        return _spec_for(_resolve(policy))[0]
 
     def _exit_info(self, child: _Child) -> forkserver.ExitInfo | None:
         return _collect_exit(child)
