@@ -271,7 +271,11 @@ class Child:
 
     def init(self) -> bool:
         """Wait for the host's ``init`` (it may come long after ``hello``: pooled children wait
-        for their sandbox) and install the host-function stubs. False: the host said ``bye``."""
+        for their sandbox) and install the host-function stubs. False: the host said ``bye``.
+
+        No spinning for it: the host marks this child's CPU clock when it reads ``hello``, and
+        CPU spent after that counts towards the first execute."""
+        self.spinner.window = 0.0
         msg = self.recv()
         if msg["t"] == "bye":
             return False

@@ -1,0 +1,69 @@
+"""A sandbox taken from a pool starts fast: what it does early, and what it no longer repeats."""
+
+from __future__ import annotations
+
+import time
+
+from sandbox import Sandbox, limits
+from sandbox import sandbox as sandbox_module
+from sandbox.policy import load_policy
+from sandbox.pool import SandboxPool
+from sandbox.spin import Spinner
+
+
+def _cpu_moves(pid: int, since: float, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = limits.cpu_seconds(pid)
+        if now is not None and now > since:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_pooled_child_is_woken_by_its_sandbox_not_by_the_first_request(audit_path) -> None:
+    policy = load_policy("default")
+    with SandboxPool(size=1) as pool:
+        pool.warm(policy)
+        assert pool.wait_ready(30)
+        time.sleep(0.1)  # the ready child is blocked, waiting for its init
+        (pid,) = pool.ready_pids()
+        idle = limits.cpu_seconds(pid)
+        assert idle is not None
+        time.sleep(0.05)
+        assert limits.cpu_seconds(pid) == idle  # asleep in the pool: it burns nothing
+        with Sandbox(policy, host_functions={"f": lambda x: x + 1}, audit_log=audit_path, pool=pool) as sb:
+            assert sb.pid == pid
+            # its init went out with Sandbox(): it runs before any request is sent
+            assert _cpu_moves(pid, idle)
+            r = sb.execute("print(f(41))")
+            assert r.ok and r.stdout == "42\n" and not r.state_lost
+            # charged from its hello on (init and this cell), not for its time in the pool
+            assert 0 < r.cpu_s < 1.0
+
+
+def test_a_child_forked_on_demand_still_gets_init_with_its_first_request(audit_path) -> None:
+    with Sandbox("default", host_functions={"f": lambda: "hi"}, audit_log=audit_path, pool=None) as sb:
+        assert sb._child is not None and sb._child.init_frame  # rides with the first request
+        assert sb.execute("print(f())").stdout == "hi\n"
+
+
+def test_the_policy_spec_is_computed_once_per_policy_object() -> None:
+    policy = load_policy("default")
+    spec, make = sandbox_module._spec_for(policy)
+    assert sandbox_module._spec_for(policy) == (spec, make)
+    assert spec.policy_sha256 == policy.sha256 and spec.policy == policy.model_dump(mode="json")
+    other = load_policy("default")  # equal, but another object: its own entry
+    assert sandbox_module._spec_for(other)[0] == spec
+    for _ in range(sandbox_module._SPECS_KEPT + 5):
+        sandbox_module._spec_for(policy.override({"limits.cpu_seconds": 3.0}))
+    assert len(sandbox_module._specs) <= sandbox_module._SPECS_KEPT  # bounded
+
+
+def test_a_spinner_told_to_skip_blocks_then_spins_again() -> None:
+    s = Spinner(0.001)
+    s.skip = 1
+    assert s.budget() == 0.0
+    assert s.budget() == 0.001
+    s.outcome(False)
+    assert s.budget() == 0.0005
