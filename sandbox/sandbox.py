@@ -47,6 +47,7 @@ import functools
 import hashlib
 import inspect
 import os
+import random
 import select
 import shutil
 import signal
@@ -54,7 +55,6 @@ import socket
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -94,6 +94,12 @@ SPIN_SECONDS = 0.0005
 _SPIN_SLOT = threading.Lock()  # held by the one host thread that may spin now
 #: Leases of children whose death could not be confirmed: kept (never reused) until the host exits.
 _unconfirmed: list[uids.UidLease] = []
+
+
+#: Draws sandbox ids (64 random bits, like the uuid4 prefix they replace, without a system call
+#: per sandbox). Seeded from os.urandom, again in a forked process: ids never repeat across a fork.
+_ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)
 
 
 def _reserve_identity() -> uids.UidLease | None:
@@ -443,7 +449,7 @@ class Sandbox:
         pool: SandboxPool | Default | None = DEFAULT,
     ) -> None:
         self.policy = _resolve(policy)
-        self.id = uuid.uuid4().hex[:16]
+        self.id = f"{_ids.getrandbits(64):016x}"
         self._host: dict[str, HostFunction] = {}
         for name, fn in (host_functions or {}).items():
             if not name.isidentifier() or name.startswith("_"):

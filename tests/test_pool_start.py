@@ -67,3 +67,18 @@ def test_a_spinner_told_to_skip_blocks_then_spins_again() -> None:
     assert s.budget() == 0.001
     s.outcome(False)
     assert s.budget() == 0.0005
+
+
+def test_sandbox_ids_do_not_repeat_in_a_forked_process() -> None:
+    import os
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the forked copy draws its next id
+        os.write(w, f"{sandbox_module._ids.getrandbits(64):016x}".encode())
+        os._exit(0)
+    os.close(w)
+    theirs = os.read(r, 64).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert len(theirs) == 16 and theirs != f"{sandbox_module._ids.getrandbits(64):016x}"
