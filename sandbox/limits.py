@@ -68,13 +68,21 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def set_cpu_backstop(pid: int, used: float, budget: float) -> None:
-    """Kernel backstop: SIGKILL once the process's total CPU passes used + budget + 1 s."""
+def set_cpu_backstop(pid: int, used: float, budget: float, current: int | None = None) -> int | None:
+    """Kernel backstop: SIGKILL once the process's total CPU passes used + budget + 1 s.
+
+    Returns the limit now in place as far as the host knows (whole seconds; None: never set).
+    *current*: the limit this host last set on *pid*; when it is the same, no system call is
+    made (the process cannot raise its own hard limit).
+    """
     limit = math.ceil(used + budget) + 1
+    if limit == current:
+        return limit
     try:
         resource.prlimit(pid, resource.RLIMIT_CPU, (limit, limit))
     except (OSError, ValueError):
-        pass  # the host's own CPU watch still enforces the limit
+        return current  # the host's own CPU watch still enforces the limit
+    return limit
 
 
 class RSSMeter:
@@ -87,6 +95,8 @@ class RSSMeter:
     def __init__(self, pid: int) -> None:
         self._status = self._open(f"/proc/{pid}/status", os.O_RDONLY)
         self._clear = self._open(f"/proc/{pid}/clear_refs", os.O_WRONLY)
+        #: Reset since the last peak(): a second reset is skipped (the peak counts from the first).
+        self._clean = False
 
     @staticmethod
     def _open(path: str, flags: int) -> int:
@@ -96,12 +106,14 @@ class RSSMeter:
             return -1
 
     def reset(self) -> None:
-        if self._clear >= 0:
+        if self._clear >= 0 and not self._clean:
             with contextlib.suppress(OSError):
                 os.write(self._clear, b"5")
+                self._clean = True
 
     def peak(self) -> int | None:
         """Peak RSS in bytes since the last reset, or None if the process is gone."""
+        self._clean = False
         if self._status < 0:
             return None
         try:

@@ -156,6 +156,8 @@ class _Child:
         self.released = False
         #: The child's CPU clock when it last went idle: CPU past it counts towards the next execute.
         self.cpu_mark: float | None = None
+        #: The RLIMIT_CPU (seconds) the host last set on it (limits.set_cpu_backstop).
+        self.backstop: int | None = None
         self.exit_info: forkserver.ExitInfo | None = None
         self.init_frame = b""  # sent ahead of the first request (Sandbox._send)
 
@@ -297,8 +299,10 @@ def _spawn_ready(spec: _Spec) -> _Child:
     child.layers = {str(k): str(v) for k, v in hello["layers"].items()}
     child.spinner.window = SPIN_SECONDS
     # It now blocks until its init (see child.Child.init): its CPU counts towards its first
-    # execute from here, and the kernel backstop holds while it waits (in a pool, maybe long).
+    # execute from here, its peak memory too, and the kernel backstop holds while it waits
+    # (in a pool, maybe long). Done here, these cost the first execute nothing.
     _mark_cpu(child, spec.cpu_seconds)
+    child.rss.reset()
     return child
 
 
@@ -308,7 +312,7 @@ def _mark_cpu(child: _Child, budget: float) -> float | None:
     cpu = limits.cpu_seconds(child.pid)
     if cpu is not None:
         child.cpu_mark = cpu
-        limits.set_cpu_backstop(child.pid, cpu, budget)
+        child.backstop = limits.set_cpu_backstop(child.pid, cpu, budget, child.backstop)
     return cpu
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 from sandbox import Sandbox, limits
@@ -70,8 +73,6 @@ def test_a_spinner_told_to_skip_blocks_then_spins_again() -> None:
 
 
 def test_sandbox_ids_do_not_repeat_in_a_forked_process() -> None:
-    import os
-
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the forked copy draws its next id
@@ -82,3 +83,31 @@ def test_sandbox_ids_do_not_repeat_in_a_forked_process() -> None:
     os.close(r)
     os.waitpid(pid, 0)
     assert len(theirs) == 16 and theirs != f"{sandbox_module._ids.getrandbits(64):016x}"
+
+
+def test_the_cpu_backstop_is_set_only_when_it_changes(audit_path, monkeypatch) -> None:
+    import resource
+
+    calls: list[tuple[object, ...]] = []
+    real = resource.prlimit
+
+    def counting(*args: object) -> object:
+        if len(args) == 3:  # a change, not a read
+            calls.append(args)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(limits.resource, "prlimit", counting)
+    assert limits.set_cpu_backstop(1 << 22, 0.5, 10.0, current=12) == 12  # same limit: no call
+    assert calls == []
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        got = limits.set_cpu_backstop(victim.pid, 0.5, 10.0, current=None)
+        assert got == 12 and len(calls) == 1
+        assert resource.prlimit(victim.pid, resource.RLIMIT_CPU) == (12, 12)
+        assert limits.set_cpu_backstop(victim.pid, 0.9, 10.0, got) == 12 and len(calls) == 1
+        # a new limit is set (lower here: raising a hard limit takes CAP_SYS_RESOURCE)
+        assert limits.set_cpu_backstop(victim.pid, 0.0, 9.0, got) == 10 and len(calls) == 2
+        assert resource.prlimit(victim.pid, resource.RLIMIT_CPU) == (10, 10)
+    finally:
+        victim.kill()
+        victim.wait()
