@@ -43,9 +43,20 @@ __all__ = ["GENESIS", "AuditLog", "VerifyReport", "default_audit_path", "line_ha
 GENESIS = "0" * 64
 
 
+#: The last default_audit_path() and the environment it was computed from.
+_default_path: tuple[tuple[str | None, str | None], Path] | None = None
+
+
 def default_audit_path() -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "rlm" / "audit.jsonl"
+    """``$XDG_STATE_HOME/rlm/audit.jsonl`` (``~/.local/state/rlm/audit.jsonl`` without it)."""
+    global _default_path
+    key = (os.environ.get("XDG_STATE_HOME"), os.environ.get("HOME"))
+    if _default_path is not None and _default_path[0] == key:  # pathlib is slow on a cold start
+        return _default_path[1]
+    state = key[0] or str(Path.home() / ".local" / "state")
+    path = Path(state) / "rlm" / "audit.jsonl"
+    _default_path = (key, path)
+    return path
 
 
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -72,11 +83,18 @@ _closed_at: dict[tuple[int, int], tuple[int, int, str]] = {}
 _CLOSED_KEPT = 256
 
 
+def _as_path(path: str | Path) -> Path:
+    """*path* as a Path, ``~`` expanded; a Path that needs nothing is used as it is (pathlib
+    costs tens of microseconds on a cold start, and a sandbox opens its log when it starts)."""
+    p = path if isinstance(path, Path) else Path(path)
+    return p.expanduser() if str(p)[:1] == "~" else p
+
+
 class AuditLog:
     """Appends hash-chained lines to one file."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path).expanduser()
+        self.path = _as_path(path)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
             try:

@@ -111,3 +111,23 @@ def test_the_cpu_backstop_is_set_only_when_it_changes(audit_path, monkeypatch) -
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_the_default_audit_path_follows_the_environment(monkeypatch, tmp_path) -> None:
+    from pathlib import Path
+
+    from sandbox.audit import AuditLog, default_audit_path
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "a"))
+    assert default_audit_path() == tmp_path / "a" / "rlm" / "audit.jsonl"
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "b"))
+    assert default_audit_path() == tmp_path / "b" / "rlm" / "audit.jsonl"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_audit_path() == tmp_path / "home" / ".local" / "state" / "rlm" / "audit.jsonl"
+    log = AuditLog("~/logs/x.jsonl")  # "~" expanded, the missing directory made
+    assert log.path == tmp_path / "home" / "logs" / "x.jsonl" and log.path.parent.is_dir()
+    log.close()
+    log = AuditLog(Path("~") / "y.jsonl")
+    assert log.path == tmp_path / "home" / "y.jsonl"
+    log.close()
