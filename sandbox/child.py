@@ -261,9 +261,13 @@ class Child:
 
     def warm_up(self) -> None:
         """One throwaway cell before ``hello``: the copy-on-write faults and first-call costs of
-        the execute path are paid while the child waits (in a pool), not by its first request."""
+        the execute path are paid while the child waits (in a pool), not by its first request.
+        The same for the way in and out: a request frame decoded and checked, its answer encoded."""
         saved = dict(self.ns)
-        self.execute(0, "_w = [str(i) for i in range(10)]")
+        reader = protocol.FrameReader(self.reader.max_frame)
+        reader.feed(protocol.encode({"t": "exec", "id": 0, "code": "pass"}))
+        protocol.check(next(reader), "host")
+        protocol.encode(self.execute(0, "_w = [str(i) for i in range(10)]"))
         self.ns.clear()
         self.ns.update(saved)
         linecache.cache.pop("<cell-1>", None)
