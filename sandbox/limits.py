@@ -68,20 +68,19 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def set_cpu_backstop(pid: int, used: float, budget: float, current: int | None = None) -> int | None:
+def set_cpu_backstop(pid: int, used: float, budget: float, current: int | None = None) -> int:
     """Kernel backstop: SIGKILL once the process's total CPU passes used + budget + 1 s.
 
-    Returns the limit now in place as far as the host knows (whole seconds; None: never set).
-    *current*: the limit this host last set on *pid*; when it is the same, no system call is
-    made (the process cannot raise its own hard limit).
+    Returns the limit asked for (whole seconds). *current*: what the previous call for *pid*
+    returned; when it is the same limit, no system call is made: that limit is in place (the
+    process cannot raise its own hard limit), or setting it was refused and would be again
+    (raising a hard limit takes CAP_SYS_RESOURCE).
     """
     limit = math.ceil(used + budget) + 1
     if limit == current:
         return limit
-    try:
+    with contextlib.suppress(OSError, ValueError):  # the host's own CPU watch still enforces it
         resource.prlimit(pid, resource.RLIMIT_CPU, (limit, limit))
-    except (OSError, ValueError):
-        return current  # the host's own CPU watch still enforces the limit
     return limit
 
 

@@ -156,7 +156,7 @@ class _Child:
         self.released = False
         #: The child's CPU clock when it last went idle: CPU past it counts towards the next execute.
         self.cpu_mark: float | None = None
-        #: The RLIMIT_CPU (seconds) the host last set on it (limits.set_cpu_backstop).
+        #: The RLIMIT_CPU (seconds) the host last asked for it (limits.set_cpu_backstop).
         self.backstop: int | None = None
         self.exit_info: forkserver.ExitInfo | None = None
         self.init_frame = b""  # sent ahead of the first request (Sandbox._send)
