@@ -110,7 +110,7 @@ def test_the_cpu_backstop_is_set_only_when_it_changes(audit_path, monkeypatch) -
         assert resource.prlimit(victim.pid, resource.RLIMIT_CPU) == (10, 10)
         # a raise (refused without CAP_SYS_RESOURCE) is asked for once, not again and again
         assert limits.set_cpu_backstop(victim.pid, 5.0, 10.0, 10) == 16 and len(calls) == 3
-        assert limits.set_cpu_backstop(victim.pid, 5.5, 10.0, 16) == 16 and len(calls) == 3
+        assert limits.set_cpu_backstop(victim.pid, 4.5, 10.0, 16) == 16 and len(calls) == 3
     finally:
         victim.kill()
         victim.wait()
