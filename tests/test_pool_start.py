@@ -134,3 +134,20 @@ def test_the_default_audit_path_follows_the_environment(monkeypatch, tmp_path) -
     log = AuditLog(Path("~") / "y.jsonl")
     assert log.path == tmp_path / "home" / "y.jsonl"
     log.close()
+
+
+def test_a_pooled_child_taken_by_a_sandbox_that_fails_to_start_is_stopped(tmp_path) -> None:
+    import pytest
+
+    from sandbox.errors import AuditError
+    from tests.test_embedding import _gone
+
+    policy = load_policy("default")
+    with SandboxPool(size=1) as pool:
+        pool.warm(policy)
+        assert pool.wait_ready(30)
+        (pid,) = pool.ready_pids()
+        with pytest.raises(AuditError):  # the log is a directory: set-up fails after the take
+            Sandbox(policy, audit_log=tmp_path, pool=pool)
+        assert _gone(pid)  # woken by its init, then stopped: not leaked, not handed out again
+        assert pid not in pool.ready_pids()
