@@ -11,7 +11,10 @@ shorter chain; keep the last hash elsewhere if that matters to you.)
 Several sandboxes, in one process or many, may share a file: each append
 takes an exclusive ``flock`` and re-reads the last line only when someone
 else has written since. Finding the last line reads backwards from the end,
-so it costs the length of that line, however long, not its square.
+so it costs the length of that line, however long, not its square. A log
+opened again in the same process (the next sandbox on that file) starts from
+the hash the last one closed with, when nobody wrote since (same size and
+modification time), and reads nothing back.
 
 A crash in the middle of an append can leave the file ending in a cut-off
 line. The next append does not chain onto it and does not drop it: it ends
@@ -23,6 +26,7 @@ verifies; a fragment nothing records yet is reported as an incomplete line.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -49,9 +53,20 @@ __all__ = [
 GENESIS = "0" * 64
 
 
+#: The last default_audit_path() and the environment it was computed from.
+_default_path: tuple[tuple[str | None, str | None], Path] | None = None
+
+
 def default_audit_path() -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "rlm" / "audit.jsonl"
+    """``$XDG_STATE_HOME/rlm/audit.jsonl`` (``~/.local/state/rlm/audit.jsonl`` without it)."""
+    global _default_path
+    key = (os.environ.get("XDG_STATE_HOME"), os.environ.get("HOME"))
+    if _default_path is not None and _default_path[0] == key:  # pathlib is slow on a cold start
+        return _default_path[1]
+    state = key[0] or str(Path.home() / ".local" / "state")
+    path = Path(state) / "rlm" / "audit.jsonl"
+    _default_path = (key, path)
+    return path
 
 
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -102,18 +117,41 @@ def line_hash(record: dict[str, Any]) -> str:
     return _hash_of(str(record.get("prev_hash", "")), _canonical(body))
 
 
+#: (st_dev, st_ino) of an audit file -> (size, mtime_ns, last hash) when an AuditLog of this
+#: process that had appended to it closed. A new AuditLog of a file nobody wrote since (same
+#: size and modification time) starts from there instead of reading the last line back.
+_closed_at: dict[tuple[int, int], tuple[int, int, str]] = {}
+_CLOSED_KEPT = 256
+
+
+def _as_path(path: str | Path) -> Path:
+    """*path* as a Path, ``~`` expanded; a Path that needs nothing is used as it is (pathlib
+    costs tens of microseconds on a cold start, and a sandbox opens its log when it starts)."""
+    p = path if isinstance(path, Path) else Path(path)
+    return p.expanduser() if str(p)[:1] == "~" else p
+
+
 class AuditLog:
     """Appends hash-chained lines to one file."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path).expanduser()
+        self.path = _as_path(path)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._fd = os.open(self.path, flags, 0o600)
+            except FileNotFoundError:  # its directory is missing: the first log there
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, flags, 0o600)
+            st = os.fstat(self._fd)
         except OSError as exc:
             raise AuditError(f"cannot open audit log {self.path}: {exc.strerror}") from None
+        self._file = (st.st_dev, st.st_ino)
         self._end = -1  # file size after our last append; -1: unknown
         self._last = GENESIS
+        known = _closed_at.get(self._file)
+        if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
+            self._end, self._last = st.st_size, known[2]
 
     def append(self, record: dict[str, Any], encoded: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Chain and write *record* plus the fields *encoded* by :func:`encode_fields`;
@@ -146,6 +184,13 @@ class AuditLog:
 
     def close(self) -> None:
         if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                st = os.fstat(self._fd)
+                if st.st_size == self._end:  # nobody wrote after our last line: remember its hash
+                    if len(_closed_at) >= _CLOSED_KEPT:
+                        with contextlib.suppress(RuntimeError, StopIteration):
+                            _closed_at.pop(next(iter(_closed_at)), None)
+                    _closed_at[self._file] = (st.st_size, st.st_mtime_ns, self._last)
             os.close(self._fd)
             self._fd = -1
 

@@ -262,9 +262,13 @@ class Child:
 
     def warm_up(self) -> None:
         """One throwaway cell before ``hello``: the copy-on-write faults and first-call costs of
-        the execute path are paid while the child waits (in a pool), not by its first request."""
+        the execute path are paid while the child waits (in a pool), not by its first request.
+        The same for the way in and out: a request frame decoded and checked, its answer encoded."""
         saved = dict(self.ns)
-        self.execute(0, "_w = [str(i) for i in range(10)]")
+        reader = protocol.FrameReader(self.reader.max_frame)
+        reader.feed(protocol.encode({"t": "exec", "id": 0, "code": "pass"}))
+        protocol.check(next(reader), "host")
+        protocol.encode(self.execute(0, "_w = [str(i) for i in range(10)]"))
         self.ns.clear()
         self.ns.update(saved)
         linecache.cache.pop("<cell-1>", None)
@@ -272,7 +276,11 @@ class Child:
 
     def init(self) -> bool:
         """Wait for the host's ``init`` (it may come long after ``hello``: pooled children wait
-        for their sandbox) and install the host-function stubs. False: the host said ``bye``."""
+        for their sandbox) and install the host-function stubs. False: the host said ``bye``.
+
+        No spinning for it: the host marks this child's CPU clock when it reads ``hello``, and
+        CPU spent after that counts towards the first execute."""
+        self.spinner.window = 0.0
         msg = self.recv()
         if msg["t"] == "bye":
             return False
@@ -282,6 +290,9 @@ class Child:
             if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
                 raise _ChannelLost(f"bad host function name {name!r}")
             self.builtins[name] = self._stub(name)
+        # The sandbox that sent init usually sends its first request right away: spin for it
+        # (the wait for init itself, long in a pool, has halved the window).
+        self.spinner.window = self.spinner.full
         return True
 
     # -- channel ---------------------------------------------------------

@@ -28,7 +28,6 @@ __all__ = [
     "RSSMeter",
     "apply_rlimits",
     "cap_texts",
-    "cpu_backstop",
     "cpu_seconds",
     "set_cpu_backstop",
     "utf8_size",
@@ -45,7 +44,7 @@ def apply_rlimits(limits: dict[str, Any], own_uid: bool) -> None:
     counts only its processes and can be set to 1 + max_processes.
     """
     # The CPU limit is the child's lifetime budget: the host charges each execute (and the CPU
-    # used between executes) itself, and moving a limit later may not be allowed (see cpu_backstop).
+    # used between executes) itself, and moving a limit later may not be allowed (see set_cpu_backstop).
     cpu = math.ceil(float(limits["lifetime_cpu_seconds"]))
     settings = [
         (resource.RLIMIT_CORE, 0),
@@ -72,18 +71,24 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def cpu_backstop(used: float, budget: float) -> int:
-    """The RLIMIT_CPU (whole seconds) for a process that has used *used* seconds
-    and may use *budget* more: the kernel kills it 1 s past that."""
-    return math.ceil(used + budget) + 1
+def set_cpu_backstop(
+    pid: int, used: float, budget: float, lifetime: float, current: int | None = None
+) -> int:
+    """Kernel backstop: SIGKILL once the process's total CPU passes used + budget + 1 s,
+    never later than its lifetime budget (the limit it started with).
 
-
-def set_cpu_backstop(pid: int, limit: int) -> None:
-    """Set the kernel backstop :func:`cpu_backstop` computed (best effort: the host watches too)."""
-    try:
+    Returns the limit asked for (whole seconds). *current*: what the previous call for *pid*
+    returned; when it is the same limit, no system call is made: that limit is in place, or
+    setting it was refused and would be again (changing the limit of a process of another
+    uid takes CAP_SYS_RESOURCE, which containers often lack: then the lifetime budget the
+    child set itself is the backstop).
+    """
+    limit = min(math.ceil(used + budget) + 1, math.ceil(lifetime))
+    if limit == current:
+        return limit
+    with contextlib.suppress(OSError, ValueError):  # the host's own CPU watch still enforces it
         resource.prlimit(pid, resource.RLIMIT_CPU, (limit, limit))
-    except (OSError, ValueError):
-        pass  # the host's own CPU watch still enforces the limit
+    return limit
 
 
 class RSSMeter:
@@ -96,6 +101,8 @@ class RSSMeter:
     def __init__(self, pid: int) -> None:
         self._status = self._open(f"/proc/{pid}/status", os.O_RDONLY)
         self._clear = self._open(f"/proc/{pid}/clear_refs", os.O_WRONLY)
+        #: Reset since the last peak(): a second reset is skipped (the peak counts from the first).
+        self._clean = False
 
     @staticmethod
     def _open(path: str, flags: int) -> int:
@@ -105,12 +112,14 @@ class RSSMeter:
             return -1
 
     def reset(self) -> None:
-        if self._clear >= 0:
+        if self._clear >= 0 and not self._clean:
             with contextlib.suppress(OSError):
                 os.write(self._clear, b"5")
+                self._clean = True
 
     def peak(self) -> int | None:
         """Peak RSS in bytes since the last reset, or None if the process is gone."""
+        self._clean = False
         if self._status < 0:
             return None
         try:

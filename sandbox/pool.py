@@ -3,9 +3,11 @@
 Forking a child, building its namespaces and cgroup and applying every layer
 costs several milliseconds. A :class:`SandboxPool` keeps up to ``size``
 children per policy that have done all of that and said ``hello``; a new
-:class:`~sandbox.Sandbox` of that policy takes one and sends it its own
-``init`` (the host-function names), so the first result comes back in well
-under a millisecond. A daemon thread refills the pool in the background.
+:class:`~sandbox.Sandbox` of that policy takes one first thing and sends it
+its own ``init`` (the host-function names) at once, so the child wakes up
+while the sandbox finishes setting up; its CPU mark, kernel CPU backstop and
+peak-memory reset were taken when it said ``hello``. A daemon thread refills
+the pool in the background.
 
 Rules:
 

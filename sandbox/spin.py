@@ -10,6 +10,8 @@ others need. So each channel keeps a :class:`Spinner`:
 - a spin that did not halves the window, down to nothing;
 - with nothing left it probes again every :data:`PROBE_EVERY` waits, so a
   channel that becomes busy again re-learns to spin;
+- a wait whose answer is known to come late (the first request to a child
+  that slept in a pool) does not spin at all (:attr:`Spinner.skip`);
 - no ``sched_yield`` in the loop: on a busy machine it hands the CPU to a
   CPU-bound process for a whole time slice (milliseconds), the opposite of
   what a spin is for.
@@ -30,15 +32,20 @@ _FLOOR = 0.00002  # windows shorter than 20 us are not worth a spin
 class Spinner:
     """The spin window of one channel end, in seconds."""
 
-    __slots__ = ("full", "waits", "window")
+    __slots__ = ("full", "skip", "waits", "window")
 
     def __init__(self, full: float) -> None:
         self.full = full
         self.window = full
         self.waits = 0
+        #: The next this many waits block at once (their answer is known to come late).
+        self.skip = 0
 
     def budget(self) -> float:
         """How long to spin before blocking this time (0: block at once)."""
+        if self.skip > 0:
+            self.skip -= 1
+            return 0.0
         if self.window > 0:
             return self.window
         self.waits += 1

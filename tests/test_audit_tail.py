@@ -22,7 +22,8 @@ BIG = 16 * 1024 * 1024
 
 
 def _append(path, n=1, **extra):
-    log = AuditLog(path)  # a fresh log object: what the next `rlm exec` does
+    audit._closed_at.clear()  # what the next `rlm exec` does: a new process, nothing remembered
+    log = AuditLog(path)
     try:
         return [log.append({"seq": i, "code": f"x = {i}", **extra}) for i in range(n)]
     finally:
@@ -174,3 +175,59 @@ def test_a_damaged_complete_last_line_is_still_an_error(tmp_path):
     with pytest.raises(AuditError, match="damaged line"):
         _append(path, 1)
     assert verify(path).bad_line == 3
+
+
+def _counting_preads(monkeypatch):
+    read = []
+    real_pread = os.pread
+
+    def counting(fd, n, offset):
+        read.append(n)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(audit.os, "pread", counting)
+    return read
+
+
+def test_the_next_log_object_in_this_process_reads_nothing_back(tmp_path, monkeypatch):
+    """The next sandbox on the same file starts from the hash the last one closed with."""
+    path = tmp_path / "audit.jsonl"
+    _append(path, 2)
+    first = AuditLog(path)
+    first.append({"seq": 0, "code": "a"})
+    first.close()
+    read = _counting_preads(monkeypatch)
+    second = AuditLog(path)
+    second.append({"seq": 1, "code": "b"})
+    second.close()
+    assert read == []
+    assert verify(path).ok and verify(path).lines == 4
+
+
+def test_a_write_by_anyone_else_since_makes_the_next_log_read_the_tail(tmp_path, monkeypatch):
+    path = tmp_path / "audit.jsonl"
+    _append(path, 1)
+    mine = AuditLog(path)
+    mine.append({"seq": 0, "code": "mine"})
+    mine.close()
+    # another process appends (its own log object, nothing remembered there)
+    subprocess.run(
+        [sys.executable, "-c",
+         f"from sandbox.audit import AuditLog; log = AuditLog({str(path)!r}); log.append({{'code': 'theirs'}})"],
+        check=True,
+    )  # fmt: skip
+    read = _counting_preads(monkeypatch)
+    again = AuditLog(path)
+    again.append({"seq": 1, "code": "mine again"})
+    again.close()
+    assert read, "the other process's line was not read back"
+    report = verify(path)
+    assert report.ok and report.lines == 4, report
+    # a file replaced by another of the same name is another file: nothing carries over
+    path.rename(tmp_path / "old.jsonl")
+    _append(tmp_path / "seed.jsonl", 1)
+    (tmp_path / "seed.jsonl").rename(path)
+    fresh = AuditLog(path)
+    fresh.append({"code": "after the swap"})
+    fresh.close()
+    assert verify(path).ok and verify(path).lines == 2

@@ -1,0 +1,155 @@
+"""A sandbox taken from a pool starts fast: what it does early, and what it no longer repeats."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from sandbox import Sandbox, limits
+from sandbox import sandbox as sandbox_module
+from sandbox.policy import load_policy
+from sandbox.pool import SandboxPool
+from sandbox.spin import Spinner
+
+
+def _cpu_moves(pid: int, since: float, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = limits.cpu_seconds(pid)
+        if now is not None and now > since:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_pooled_child_is_woken_by_its_sandbox_not_by_the_first_request(audit_path) -> None:
+    policy = load_policy("default")
+    with SandboxPool(size=1) as pool:
+        pool.warm(policy)
+        assert pool.wait_ready(30)
+        time.sleep(0.1)  # the ready child is blocked, waiting for its init
+        (pid,) = pool.ready_pids()
+        idle = limits.cpu_seconds(pid)
+        assert idle is not None
+        time.sleep(0.05)
+        assert limits.cpu_seconds(pid) == idle  # asleep in the pool: it burns nothing
+        with Sandbox(policy, host_functions={"f": lambda x: x + 1}, audit_log=audit_path, pool=pool) as sb:
+            assert sb.pid == pid
+            # its init went out with Sandbox(): it runs before any request is sent
+            assert _cpu_moves(pid, idle)
+            r = sb.execute("print(f(41))")
+            assert r.ok and r.stdout == "42\n" and not r.state_lost
+            # charged from its hello on (init and this cell), not for its time in the pool
+            assert 0 < r.cpu_s < 1.0
+
+
+def test_a_child_forked_on_demand_still_gets_init_with_its_first_request(audit_path) -> None:
+    with Sandbox("default", host_functions={"f": lambda: "hi"}, audit_log=audit_path, pool=None) as sb:
+        assert sb._child is not None and sb._child.init_frame  # rides with the first request
+        assert sb.execute("print(f())").stdout == "hi\n"
+
+
+def test_the_policy_spec_is_computed_once_per_policy_object() -> None:
+    policy = load_policy("default")
+    spec, make = sandbox_module._spec_for(policy)
+    assert sandbox_module._spec_for(policy) == (spec, make)
+    assert spec.policy_sha256 == policy.sha256 and spec.policy == policy.model_dump(mode="json")
+    other = load_policy("default")  # equal, but another object: its own entry
+    assert sandbox_module._spec_for(other)[0] == spec
+    for _ in range(sandbox_module._SPECS_KEPT + 5):
+        sandbox_module._spec_for(policy.override({"limits.cpu_seconds": 3.0}))
+    assert len(sandbox_module._specs) <= sandbox_module._SPECS_KEPT  # bounded
+
+
+def test_a_spinner_told_to_skip_blocks_then_spins_again() -> None:
+    s = Spinner(0.001)
+    s.skip = 1
+    assert s.budget() == 0.0
+    assert s.budget() == 0.001
+    s.outcome(False)
+    assert s.budget() == 0.0005
+
+
+def test_sandbox_ids_do_not_repeat_in_a_forked_process() -> None:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the forked copy draws its next id
+        os.write(w, f"{sandbox_module._ids.getrandbits(64):016x}".encode())
+        os._exit(0)
+    os.close(w)
+    theirs = os.read(r, 64).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert len(theirs) == 16 and theirs != f"{sandbox_module._ids.getrandbits(64):016x}"
+
+
+def test_the_cpu_backstop_is_set_only_when_it_changes(audit_path, monkeypatch) -> None:
+    import resource
+
+    calls: list[tuple[object, ...]] = []
+    real = resource.prlimit
+
+    def counting(*args: object) -> object:
+        if len(args) == 3:  # a change, not a read
+            calls.append(args)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(limits.resource, "prlimit", counting)
+    assert limits.set_cpu_backstop(1 << 22, 0.5, 10.0, 600.0, current=12) == 12  # same limit: no call
+    assert calls == []
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        got = limits.set_cpu_backstop(victim.pid, 0.5, 10.0, 600.0, current=None)
+        assert got == 12 and len(calls) == 1
+        assert resource.prlimit(victim.pid, resource.RLIMIT_CPU) == (12, 12)
+        assert limits.set_cpu_backstop(victim.pid, 0.9, 10.0, 600.0, got) == 12 and len(calls) == 1
+        # a new limit is set (lower here: raising a hard limit takes CAP_SYS_RESOURCE)
+        assert limits.set_cpu_backstop(victim.pid, 0.0, 9.0, 600.0, got) == 10 and len(calls) == 2
+        assert resource.prlimit(victim.pid, resource.RLIMIT_CPU) == (10, 10)
+        # a raise (refused without CAP_SYS_RESOURCE) is asked for once, not again and again
+        assert limits.set_cpu_backstop(victim.pid, 5.0, 10.0, 600.0, 10) == 16 and len(calls) == 3
+        assert limits.set_cpu_backstop(victim.pid, 4.5, 10.0, 600.0, 16) == 16 and len(calls) == 3
+        # never past the lifetime budget the child started with
+        assert limits.set_cpu_backstop(victim.pid, 5.0, 10.0, 12.0, 16) == 12 and len(calls) == 4
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_the_default_audit_path_follows_the_environment(monkeypatch, tmp_path) -> None:
+    from pathlib import Path
+
+    from sandbox.audit import AuditLog, default_audit_path
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "a"))
+    assert default_audit_path() == tmp_path / "a" / "rlm" / "audit.jsonl"
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "b"))
+    assert default_audit_path() == tmp_path / "b" / "rlm" / "audit.jsonl"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_audit_path() == tmp_path / "home" / ".local" / "state" / "rlm" / "audit.jsonl"
+    log = AuditLog("~/logs/x.jsonl")  # "~" expanded, the missing directory made
+    assert log.path == tmp_path / "home" / "logs" / "x.jsonl" and log.path.parent.is_dir()
+    log.close()
+    log = AuditLog(Path("~") / "y.jsonl")
+    assert log.path == tmp_path / "home" / "y.jsonl"
+    log.close()
+
+
+def test_a_pooled_child_taken_by_a_sandbox_that_fails_to_start_is_stopped(tmp_path) -> None:
+    import pytest
+
+    from sandbox.errors import AuditError
+    from tests.test_embedding import _gone
+
+    policy = load_policy("default")
+    with SandboxPool(size=1) as pool:
+        pool.warm(policy)
+        assert pool.wait_ready(30)
+        (pid,) = pool.ready_pids()
+        with pytest.raises(AuditError):  # the log is a directory: set-up fails after the take
+            Sandbox(policy, audit_log=tmp_path, pool=pool)
+        assert _gone(pid)  # woken by its init, then stopped: not leaked, not handed out again
+        assert pid not in pool.ready_pids()
