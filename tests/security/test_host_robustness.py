@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from sandbox import Sandbox
-from sandbox.errors import ChildTimeoutError
+from sandbox.errors import ChildTimeoutError, ProtocolError
 from tests.conftest import run_cli
 from tests.security.conftest import policy_for
 
@@ -124,6 +124,35 @@ def test_get_variable_from_a_child_that_stopped_reading(mode: str) -> None:
         time.sleep(0.5)
         with pytest.raises(ChildTimeoutError):
             within(2 + SLACK, lambda: sb.get_variable("v", timeout=2))
+
+
+# The code replaces what its child streams back for a get_variable (plain exec can reach it).
+FORGED_STREAM = """
+import sys, time
+protocol = sys.modules["sandbox.protocol"]
+real = protocol.write_stream
+def forged(fd, value, timeout):
+    {body}
+protocol.write_stream = forged
+v = "a" * 3_000_000
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "why"),
+    [
+        ("real(fd, b'\\xff' * len(value), timeout)", ProtocolError, "not ASCII"),
+        ("real(fd, value[: len(value) // 2], timeout)", ProtocolError, "ended after 1500000 of"),
+        ("time.sleep(120)", ChildTimeoutError, "did not send the value"),
+    ],
+)
+def test_get_variable_refuses_a_forged_stream(body: str, error: type[Exception], why: str) -> None:
+    """A str streamed back must be all there, all ASCII and in time, or the child is killed."""
+    with Sandbox(policy_for("guard_none")) as sb:
+        assert sb.execute(FORGED_STREAM.format(body=body)).ok
+        with pytest.raises(error, match=why):
+            within(2 + SLACK, lambda: sb.get_variable("v", timeout=2))
+        assert not sb.alive
 
 
 def test_execute_to_a_child_that_stopped_reading(mode: str) -> None:
