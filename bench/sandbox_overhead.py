@@ -154,6 +154,9 @@ def _sandbox_phase(t: Table, phase: str, args: argparse.Namespace, audit: Path, 
         xs = sample(functools.partial(sb.set_variable, "context", text), 5, warmup=1)
         t.add("set_variable of a 100 MB string", phase, xs, 100 * MB / med(xs) / MB, "MB/s",
               med(xs) / med(copy), ">= 600 MB/s")  # fmt: skip
+        xs = sample(functools.partial(sb.get_variable, "context"), 5, warmup=1)
+        t.add("get_variable of the 100 MB string", phase, xs, 100 * MB / med(xs) / MB, "MB/s",
+              med(xs) / med(copy))  # fmt: skip
         del text
 
     reps = 30 if args.quick else 200

@@ -61,6 +61,7 @@ Host <-> fork server (the host's control channel)::
 from __future__ import annotations
 
 import array
+import codecs
 import ctypes
 import fcntl
 import math
@@ -672,8 +673,11 @@ def _fill(fd: int, view: memoryview, ascii_only: bool, deadline: float | None) -
             continue
         if n == 0:
             raise WireError(f"stream ended after {got} of {size} bytes")
-        if ascii_only and not view[got : got + n].tobytes().isascii():
-            raise WireError("streamed str is not ASCII")
+        if ascii_only:
+            try:  # one pass over bytes still in the cache, into a small str dropped at once
+                codecs.ascii_decode(view[got : got + n])
+            except UnicodeDecodeError:
+                raise WireError("streamed str is not ASCII") from None
         got += n
 
 
