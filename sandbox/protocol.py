@@ -656,6 +656,10 @@ def read_stream(
             raise
         view.release()
         return obj
+    except TimeoutError:
+        raise
+    except OSError as exc:  # not readable (the write end of a pipe, say)
+        raise WireError(f"cannot read the streamed value: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
 

@@ -566,6 +566,9 @@ class Sandbox:
             raise ChildTimeoutError(
                 f"the sandbox child did not take the value of {name!r} in time; it was killed"
             ) from None
+        except OSError as exc:
+            child.kill()
+            raise ProtocolError(f"cannot stream the value of {name!r}: {exc.strerror or exc}") from None
         except BaseException:  # a half-sent value leaves the child out of step with us
             child.kill()
             raise

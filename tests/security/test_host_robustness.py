@@ -126,30 +126,37 @@ def test_get_variable_from_a_child_that_stopped_reading(mode: str) -> None:
             within(2 + SLACK, lambda: sb.get_variable("v", timeout=2))
 
 
-# The code replaces what its child streams back for a get_variable (plain exec can reach it).
+# The code replaces how its child streams a value back (plain exec can reach the runtime).
 FORGED_STREAM = """
 import sys, time
 protocol = sys.modules["sandbox.protocol"]
-real = protocol.write_stream
-def forged(fd, value, timeout):
-    {body}
-protocol.write_stream = forged
+real_write, real_open = protocol.write_stream, protocol.open_stream
+{patch}
 v = "a" * 3_000_000
 """
 
 
 @pytest.mark.parametrize(
-    ("body", "error", "why"),
+    ("patch", "error", "why"),
     [
-        ("real(fd, b'\\xff' * len(value), timeout)", ProtocolError, "not ASCII"),
-        ("real(fd, value[: len(value) // 2], timeout)", ProtocolError, "ended after 1500000 of"),
-        ("time.sleep(120)", ChildTimeoutError, "did not send the value"),
+        (
+            "protocol.write_stream = lambda fd, value, t: real_write(fd, b'\\xff' * len(value), t)",
+            ProtocolError,
+            "not ASCII",
+        ),
+        (
+            "protocol.write_stream = lambda fd, value, t: real_write(fd, value[: len(value) // 2], t)",
+            ProtocolError,
+            "ended after 1500000 of",
+        ),
+        ("protocol.write_stream = lambda fd, value, t: time.sleep(120)", ChildTimeoutError, "did not send"),
+        ("protocol.open_stream = lambda: real_open()[::-1]", ProtocolError, "cannot read"),  # the write end
     ],
 )
-def test_get_variable_refuses_a_forged_stream(body: str, error: type[Exception], why: str) -> None:
+def test_get_variable_refuses_a_forged_stream(patch: str, error: type[Exception], why: str) -> None:
     """A str streamed back must be all there, all ASCII and in time, or the child is killed."""
     with Sandbox(policy_for("guard_none")) as sb:
-        assert sb.execute(FORGED_STREAM.format(body=body)).ok
+        assert sb.execute(FORGED_STREAM.format(patch=patch)).ok
         with pytest.raises(error, match=why):
             within(2 + SLACK, lambda: sb.get_variable("v", timeout=2))
         assert not sb.alive
