@@ -248,8 +248,8 @@ def test_get_variable_decode_is_bounded(mode: str) -> None:
 
 
 @pytest.mark.slow
-def test_get_variable_decode_of_a_memfd_value_is_bounded() -> None:
-    """20 M empty dicts: 20 MB packed, out of band; the child skips its own check."""
+def test_get_variable_decode_of_an_out_of_band_value_is_bounded() -> None:
+    """20 M empty dicts: 20 MB packed, streamed out of band; the child skips its own check."""
     check_get_is_bounded("guard_none", 20_000_000)
 
 
