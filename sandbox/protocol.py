@@ -8,11 +8,11 @@ table and against the direction it travelled. Only plain data crosses:
 timestamps included, are refused). Nothing received is ever pickled, eval'ed
 or repr'ed.
 
-Large values (``set`` and ``value`` of more than :data:`INLINE_LIMIT` bytes)
-travel out of band: the sender packs them into a memfd whose descriptor rides
-on the same ``sendmsg`` as the frame (``SCM_RIGHTS``), and the frame carries
-``shm=<size>`` instead of ``value``. A large ``bytes`` or ASCII ``str`` (the
-usual context) travels through a pipe instead (``stream=<size>`` and
+Large values (``set``, ``reply`` and ``value`` of more than :data:`INLINE_LIMIT`
+bytes) travel out of band. The host packs one into a memfd whose descriptor
+rides on the same ``sendmsg`` as the frame (``SCM_RIGHTS``), and the frame
+carries ``shm=<size>`` instead of ``value``. A large ``bytes`` or ASCII ``str``
+(the usual context) travels through a pipe instead (``stream=<size>`` and
 ``kind="bytes"|"str"``; the read end rides on the frame): the sender writes
 straight from the object's own buffer, the receiver reads straight into the
 buffer of the new object (:func:`write_stream`, :func:`read_stream`). That is
@@ -36,8 +36,9 @@ much for text that must be widened), so decoded size is bounded by about
 it sends (a readable error for honest code); the host's check is the one
 that holds.
 
-Writes that cross to an untrusted peer take a *timeout* (:func:`send_frame`):
-a peer that stops reading cannot block the host.
+Writes that cross to an untrusted peer take a *timeout* (:func:`send_frame`,
+:func:`write_stream`), and so do the host's reads of a stream
+(:func:`read_stream`): a peer that stops reading or writing cannot block the host.
 
 This module is imported by the child, so it may use only the stdlib and msgpack.
 
