@@ -174,6 +174,8 @@ def test_streams_carry_bytes_and_ascii_text():
     got = _streamed(blob)
     assert type(got) is bytes and got == blob
     assert _streamed(b"x") == b"x"
+    for big in (b"z" * (40 << 20), "q" * (33 << 20)):  # over _HUGE_FROM: filled in huge pages
+        assert _streamed(big) == big
     assert protocol.stream_kind("caf\xe9") is None  # other text travels as UTF-8 in a memfd
     assert protocol.stream_kind(bytearray(b"x")) is None and protocol.stream_kind([1]) is None
 
