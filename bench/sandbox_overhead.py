@@ -169,6 +169,9 @@ def _sandbox_phase(t: Table, phase: str, args: argparse.Namespace, audit: Path, 
         xs = sample(functools.partial(sb.set_variable, "context", text), 5, warmup=1)
         t.add("set_variable of a 100 MB string", phase, xs, 100 * MB / med(xs) / MB, "MB/s",
               med(xs) / med(copy), ">= 600 MB/s")  # fmt: skip
+        xs = sample(functools.partial(sb.get_variable, "context"), 5, warmup=1)
+        t.add("get_variable of the 100 MB string", phase, xs, 100 * MB / med(xs) / MB, "MB/s",
+              med(xs) / med(copy))  # fmt: skip
         del text
 
     with Sandbox(policy.override({"audit.enabled": False}), pool=None) as sb:

@@ -337,10 +337,13 @@ class Child:
             raise _ChannelLost(str(exc)) from None
 
     def take_value(self, msg: dict[str, Any]) -> Any:
-        if "shm" in msg:
+        if "shm" in msg or "stream" in msg:
             if not self.fds:
                 raise _ChannelLost("out-of-band value announced without a descriptor")
-            return protocol.read_shm(self.fds.pop(0), msg["shm"], self.max_message, mapped=True)
+            fd = self.fds.pop(0)
+            if "stream" in msg:  # read straight into the new str or bytes
+                return protocol.read_stream(fd, msg["stream"], msg.get("kind"), self.max_message)
+            return protocol.read_shm(fd, msg["shm"], self.max_message, mapped=True)
         return msg.get("value")
 
     def send_value(self, kind: str, value: Any, **extra: Any) -> None:
@@ -349,17 +352,36 @@ class Child:
         Values the host would refuse to decode (over ``MAX_ITEMS`` elements)
         are refused here first, with the same message.
         """
+        stream = protocol.stream_kind(value)
+        if stream is not None and len(value) > protocol.INLINE_LIMIT:
+            self.send_stream(kind, stream, value, extra)
+            return
         data = protocol.pack_value(value, protocol.MAX_ITEMS)
-        if len(data) > self.max_message:
-            raise protocol.WireError(f"value of {len(data)} bytes is over the policy's max_message_mb")
         if len(data) <= protocol.INLINE_LIMIT:
             self.send({"t": kind, "value": value, **extra})
             return
-        fd = protocol.write_shm(data)
+        self.send_stream(kind, "msgpack", data, extra)
+
+    def send_stream(self, kind: str, stream: str, value: str | bytes, extra: dict[str, Any]) -> None:
+        """Send a large value in a frame of type *kind*, through a pipe: a bytes or ASCII
+        str as it is, anything else packed (*stream* says which). Not a memfd: the
+        child's could hold no more than ``max_file_mb`` (``RLIMIT_FSIZE``)."""
+        if len(value) > self.max_message:
+            raise protocol.WireError(f"value of {len(value)} bytes is over the policy's max_message_mb")
         try:
-            self.send({"t": kind, "shm": len(data), **extra}, fd)
+            r, w = protocol.open_stream()
+        except OSError as exc:  # out of descriptors, say: a readable error, not a lost child
+            raise protocol.WireError(f"no pipe for the value: {exc.strerror}") from None
+        try:
+            try:
+                self.send({"t": kind, "stream": len(value), "kind": stream, **extra}, r)
+            finally:
+                os.close(r)
+            protocol.write_stream(w, value, None)
+        except BrokenPipeError:
+            pass  # the host stopped reading (no room for it there): it says so to its caller
         finally:
-            os.close(fd)
+            os.close(w)
 
     # -- host functions ----------------------------------------------------
     def _stub(self, name: str) -> Any:
@@ -502,17 +524,27 @@ class Child:
                         self.send(self.out_of_memory(msg["id"]))
                 self.keep_reserve()
             elif kind == "set":
-                try:
-                    self.ns[msg["name"]] = self.take_value(msg)
-                    self.send({"t": "ack", "ok": True})
-                except (protocol.WireError, OSError, ValueError, MemoryError) as exc:
-                    self.send({"t": "ack", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+                self.set(msg)
             elif kind == "get":
                 self.get(msg["name"])
             elif kind == "bye":
                 return
             else:
                 raise _ChannelLost(f"unexpected {kind!r} frame")
+
+    def set(self, msg: dict[str, Any]) -> None:
+        replaced = None
+        try:
+            value = self.take_value(msg)
+            replaced = self.ns.get(msg["name"])
+            self.ns[msg["name"]] = value
+            del value
+            self.send({"t": "ack", "ok": True})
+        except (protocol.WireError, OSError, ValueError, MemoryError) as exc:
+            self.send({"t": "ack", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        # The value it replaced is freed here, after the ack (a 100 MB str takes 20-30 ms to
+        # unmap): the host goes on meanwhile.
+        del replaced
 
     def get(self, name: str) -> None:
         if name not in self.ns or name.startswith("__"):

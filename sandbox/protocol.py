@@ -8,11 +8,21 @@ table and against the direction it travelled. Only plain data crosses:
 timestamps included, are refused). Nothing received is ever pickled, eval'ed
 or repr'ed.
 
-Large values (``set`` and ``value`` of more than :data:`INLINE_LIMIT` bytes)
-travel out of band: the sender packs them into a memfd whose descriptor rides
-on the same ``sendmsg`` as the frame (``SCM_RIGHTS``), and the frame carries
-``shm=<size>`` instead of ``value``. That keeps a 100 MB context to three
-memory copies instead of a trip through the socket buffer.
+Large values (``set``, ``reply`` and ``value`` of more than :data:`INLINE_LIMIT`
+bytes) travel out of band. The host packs one into a memfd whose descriptor
+rides on the same ``sendmsg`` as the frame (``SCM_RIGHTS``), and the frame
+carries ``shm=<size>`` instead of ``value``. A large ``bytes`` or ASCII ``str``
+(the usual context) travels through a pipe instead (``stream=<size>`` and
+``kind="bytes"|"str"``; the read end rides on the frame): the sender writes
+straight from the object's own buffer, the receiver reads straight into the
+buffer of the new object (:func:`write_stream`, :func:`read_stream`). That is
+one copy, with no intermediate memory file to allocate and fault in (on a
+virtual machine a fresh page costs more than copying it), and the two sides
+overlap; the receiver checks the size, and for ``str`` that every byte is
+ASCII, before the object exists for anyone else. A pipe is also not a file:
+``RLIMIT_FSIZE`` (the policy's ``max_file_mb``), which stops a child writing a
+memfd larger than that, does not apply, so every large value a child sends
+streams (others packed, as ``kind="msgpack"``).
 
 What a frame or value may *decode to* on the host is bounded too, not only
 its length: a packed ``[{}] * n`` is about n bytes but n dicts once decoded.
@@ -26,8 +36,9 @@ much for text that must be widened), so decoded size is bounded by about
 it sends (a readable error for honest code); the host's check is the one
 that holds.
 
-Writes that cross to an untrusted peer take a *timeout* (:func:`send_frame`):
-a peer that stops reading cannot block the host.
+Writes that cross to an untrusted peer take a *timeout* (:func:`send_frame`,
+:func:`write_stream`), and so do the host's reads of a stream
+(:func:`read_stream`): a peer that stops reading or writing cannot block the host.
 
 This module is imported by the child, so it may use only the stdlib and msgpack.
 
@@ -37,8 +48,8 @@ Conversation (host = H, child = C)::
     H: init{host_functions}                          once, first (a pooled child waits for it)
     H: exec{id, code}  -> C: call{id, fn, args, kwargs}* ... done{id, ...}
                           (each call is answered by H: reply{id, ok, value|error} before the next)
-    H: set{name, value|shm}  -> C: ack{ok, error?}
-    H: get{name}             -> C: value{ok, value|shm, error?}
+    H: set{name, value|shm|stream+kind}  -> C: ack{ok, error?}
+    H: get{name}             -> C: value{ok, value|shm|stream+kind, error?}
     H: bye{}                 -> C exits
 
 Host <-> fork server (the host's control channel)::
@@ -51,6 +62,9 @@ Host <-> fork server (the host's control channel)::
 from __future__ import annotations
 
 import array
+import codecs
+import ctypes
+import fcntl
 import math
 import mmap
 import os
@@ -58,6 +72,7 @@ import select
 import socket
 import stat
 import struct
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any, Final
@@ -83,11 +98,14 @@ __all__ = [
     "encode_with_value",
     "pack_value",
     "read_shm",
+    "read_stream",
     "recv_frames",
     "send_frame",
     "send_message",
+    "stream_kind",
     "unpack_value",
     "write_shm",
+    "write_stream",
     "write_value_shm",
 ]
 
@@ -150,11 +168,14 @@ MESSAGES: Final[dict[str, tuple[str, dict[str, Any]]]] = {
     ),
     "call": ("child", {"id": int, "fn": str, "args": list, "kwargs": dict}),
     "ack": ("child", {"ok": bool, "error?": str}),
-    "value": ("child", {"ok": bool, "value?": _ANY, "shm?": int, "error?": str}),
+    "value": (
+        "child",
+        {"ok": bool, "value?": _ANY, "shm?": int, "stream?": int, "kind?": str, "error?": str},
+    ),
     # host -> child
     "exec": ("host", {"id": int, "code": str}),
     "reply": ("host", {"id": int, "ok": bool, "value?": _ANY, "shm?": int, "error?": str}),
-    "set": ("host", {"name": str, "value?": _ANY, "shm?": int}),
+    "set": ("host", {"name": str, "value?": _ANY, "shm?": int, "stream?": int, "kind?": str}),
     "get": ("host", {"name": str}),
     "bye": ("host", {}),
     "init": ("host", {"host_functions": list}),
@@ -491,7 +512,27 @@ def write_shm(data: bytes) -> int:
     return fd
 
 
-_utf8_view: Any = None
+# CPython's C API through private function objects (a prototype bound to a name),
+# so that nothing shared such as ``ctypes.pythonapi.<name>.restype`` is changed.
+_UTF8_AND_SIZE: Final = ctypes.PYFUNCTYPE(
+    ctypes.c_void_p, ctypes.py_object, ctypes.POINTER(ctypes.c_ssize_t)
+)(("PyUnicode_AsUTF8AndSize", ctypes.pythonapi))
+_NEW_BYTES: Final = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t)(
+    ("PyBytes_FromStringAndSize", ctypes.pythonapi)
+)
+_NEW_STR: Final = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_ssize_t, ctypes.c_uint32)(
+    ("PyUnicode_New", ctypes.pythonapi)
+)
+_MADVISE: Final = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)(
+    ("madvise", ctypes.CDLL(None))
+)
+_MADV_HUGEPAGE: Final[int | None] = getattr(mmap, "MADV_HUGEPAGE", None)
+#: Streamed values at least this large ask for huge pages (glibc's largest threshold for
+#: serving an allocation from its own mapping is 32 MiB).
+_HUGE_FROM: Final = 32 * 1024 * 1024
+# Where the characters of a bytes object and of a compact ASCII str start: right
+# after the header, whose size is what an empty one takes minus its trailing NUL.
+_DATA_OFFSET: Final = {"bytes": sys.getsizeof(b"") - 1, "str": sys.getsizeof("") - 1}
 
 
 def _str_buffer(value: str) -> memoryview:
@@ -501,24 +542,180 @@ def _str_buffer(value: str) -> memoryview:
     (``PyUnicode_AsUTF8AndSize``) returns a pointer, not a copy. Other strings
     are encoded (one pass). The view is valid while *value* is alive.
     """
-    global _utf8_view
     if not value.isascii():
         return memoryview(value.encode("utf-8"))
-    if _utf8_view is None:
-        import ctypes
+    size = ctypes.c_ssize_t()
+    ptr = _UTF8_AND_SIZE(value, ctypes.byref(size))
+    return memoryview((ctypes.c_char * size.value).from_address(ptr)).cast("B")
 
-        fn = ctypes.pythonapi.PyUnicode_AsUTF8AndSize
-        fn.restype = ctypes.c_void_p
-        fn.argtypes = [ctypes.py_object, ctypes.POINTER(ctypes.c_ssize_t)]
 
-        def view(s: str) -> memoryview:
-            size = ctypes.c_ssize_t()
-            ptr = fn(s, ctypes.byref(size))
-            return memoryview((ctypes.c_char * size.value).from_address(ptr)).cast("B")
+def _blank(kind: str, size: int) -> tuple[str | bytes, memoryview]:
+    """A new, not yet shared ``bytes`` or ASCII ``str`` of *size* characters whose
+    contents are unset, and a writable view of them (valid while the object lives).
 
-        _utf8_view = view
-    result: memoryview = _utf8_view(value)
-    return result
+    The caller fills every byte (ASCII only, for a str) before anything else
+    sees the object, and drops it otherwise. :class:`MemoryError` if there is
+    no room.
+    """
+    obj = _NEW_BYTES(None, size) if kind == "bytes" else _NEW_STR(size, 127)
+    start = id(obj) + _DATA_OFFSET[kind]
+    if size >= _HUGE_FROM and _MADV_HUGEPAGE is not None:
+        # Transparent huge pages where the machine allows them on request: one fault per
+        # 2 MiB instead of per 4 KiB while the value is filled (this VM: 40-60 ms instead
+        # of 120-160 ms per 100 MB when the memory was recently freed). The range is the
+        # object's own: glibc maps an allocation this large on its own.
+        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
+        _MADVISE(lo, hi - lo, _MADV_HUGEPAGE)  # refused (THP off): plain pages, as before
+    view = memoryview((ctypes.c_char * size).from_address(start)).cast("B")
+    return obj, view
+
+
+def _layout_ok() -> bool:
+    """Whether objects made by :func:`_blank` hold what is written into them (a check of the
+    offsets above on this interpreter; streams are not used if it fails)."""
+    try:
+        for kind, want in (("bytes", b"ok\x00\xff"), ("str", "ok\x00\x7f")):
+            obj, view = _blank(kind, 4)
+            view[:] = want if isinstance(want, bytes) else want.encode("ascii")
+            view.release()
+            if obj != want or len(obj) != 4:
+                return False
+    except Exception:
+        return False
+    return True
+
+
+_STREAMS: Final = _layout_ok()
+#: Bytes a str stream is read (and checked for ASCII) in at a time: small enough
+#: that the check reads them from the cache.
+_STREAM_CHUNK: Final = 256 * 1024
+#: Capacity asked for a stream's pipe (the unprivileged maximum by default); the
+#: default 64 KiB means four times more wake-ups.
+_PIPE_SIZE: Final = 1024 * 1024
+
+
+def stream_kind(value: Any) -> str | None:
+    """``"bytes"`` or ``"str"`` when *value* can travel through a stream as it is (a
+    bytes object, or an ASCII str), else None (packed, it travels as ``"msgpack"``)."""
+    if not _STREAMS:
+        return None
+    if type(value) is bytes:
+        return "bytes"
+    if type(value) is str and value.isascii():
+        return "str"
+    return None
+
+
+def open_stream() -> tuple[int, int]:
+    """A pipe for one streamed value: ``(read_end, write_end)``, close-on-exec."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    except OSError:
+        pass  # over the per-user pipe allowance: the default size works, with more wake-ups
+    return r, w
+
+
+def _wait(fd: int, event: int, deadline: float | None, waiter: select.poll | None) -> select.poll:
+    """Block until *fd* is ready for *event* or *deadline* (monotonic) passes: TimeoutError."""
+    if waiter is None:
+        waiter = select.poll()
+        waiter.register(fd, event)
+    if deadline is None:
+        waiter.poll()
+        return waiter
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the peer did not keep up with the stream")
+    waiter.poll(math.ceil(left * 1000))
+    return waiter
+
+
+def write_stream(fd: int, value: str | bytes, timeout: float | None) -> None:
+    """Write the bytes of *value* (bytes, or an ASCII str: see :func:`stream_kind`) into
+    the pipe *fd*, straight from the object's buffer; the caller closes *fd*.
+
+    With *timeout* (seconds) the writes do not block: :class:`TimeoutError` once
+    it passes. :class:`BrokenPipeError` when the reader closed its end.
+    """
+    view = _str_buffer(value) if isinstance(value, str) else memoryview(value)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if deadline is not None:
+        os.set_blocking(fd, False)
+    waiter: select.poll | None = None
+    try:
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                waiter = _wait(fd, select.POLLOUT, deadline, waiter)
+    finally:
+        view.release()
+
+
+def read_stream(
+    fd: int, size: int, kind: Any, max_len: int, timeout: float | None = None, max_items: int | None = None
+) -> Any:
+    """Read one streamed value of *size* bytes from the pipe *fd*; always closes *fd*.
+
+    *kind* is ``"bytes"``, ``"str"`` (all ASCII) or ``"msgpack"`` (any plain
+    value, packed; decoded within *max_items* elements if given, else
+    :class:`BudgetError` once the whole stream was read). The bytes go
+    straight into the new object, which is returned only once all *size*
+    bytes arrived and passed the check: :class:`WireError` otherwise (a size
+    outside ``1..max_len``, a descriptor that is not a pipe, an early end,
+    a byte over 127 in a str). :class:`MemoryError` if there is no room for it.
+    With *timeout* (seconds): :class:`TimeoutError` once it passes.
+    """
+    if kind == "msgpack":
+        return unpack_value(read_stream(fd, size, "bytes", max_len, timeout), max_len, max_items)
+    try:
+        if kind not in _DATA_OFFSET:
+            raise WireError(f"unknown stream kind {kind!r}")
+        if size <= 0 or size > max_len:
+            raise WireError(f"streamed value of {size} bytes is outside the allowed range")
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise WireError("streamed value does not come through a pipe")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is not None:
+            os.set_blocking(fd, False)
+        obj, view = _blank(kind, size)
+        try:
+            _fill(fd, view, kind == "str", deadline)
+        except BaseException:
+            view.release()
+            del obj  # half filled, or not ASCII: nobody may see it
+            raise
+        view.release()
+        return obj
+    except TimeoutError:
+        raise
+    except OSError as exc:  # not readable (the write end of a pipe, say)
+        raise WireError(f"cannot read the streamed value: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def _fill(fd: int, view: memoryview, ascii_only: bool, deadline: float | None) -> None:
+    size = len(view)
+    got = 0
+    waiter: select.poll | None = None
+    chunk = _STREAM_CHUNK if ascii_only else size
+    while got < size:
+        try:
+            n = os.readv(fd, [view[got : got + chunk]])
+        except BlockingIOError:
+            waiter = _wait(fd, select.POLLIN, deadline, waiter)
+            continue
+        if n == 0:
+            raise WireError(f"stream ended after {got} of {size} bytes")
+        if ascii_only:
+            try:  # one pass over bytes still in the cache, into a small str dropped at once
+                codecs.ascii_decode(view[got : got + n])
+            except UnicodeDecodeError:
+                raise WireError("streamed str is not ASCII") from None
+        got += n
 
 
 def _msgpack_header(kind: str, size: int) -> bytes:

@@ -666,8 +666,10 @@ class Sandbox:
         """
         if not isinstance(name, str) or not name.isidentifier() or name.startswith("__"):
             raise VariableError(f"{name!r} is not a valid variable name")
-        # Large strings and bytes skip msgpack's copy: their raw buffer goes straight into a memfd.
+        # Large strings and bytes skip msgpack's copy: bytes and ASCII text stream from their own
+        # buffer through a pipe, other text goes into a memfd as UTF-8 (see sandbox.protocol).
         direct = type(value) in (str, bytes) and len(value) > protocol.INLINE_LIMIT
+        stream = protocol.stream_kind(value) if direct else None
         data = b""
         try:
             size = len(value) + 5 if direct else len(data := protocol.pack_value(value))
@@ -684,6 +686,8 @@ class Sandbox:
                 self._post(
                     child, protocol.encode_with_value({"t": "set", "name": name}, data), None, wait, name
                 )
+            elif stream is not None:
+                self._stream_to(child, name, value, stream, end)
             else:
                 try:
                     fd, size = protocol.write_value_shm(value) if direct else (protocol.write_shm(data), size)
@@ -705,6 +709,34 @@ class Sandbox:
             if not msg["ok"]:
                 raise VariableError(f"cannot set {name!r}: {msg.get('error', 'refused by the child')}")
 
+    def _stream_to(self, child: _Child, name: str, value: str | bytes, kind: str, end: float) -> None:
+        """Send *value* to the child as a ``set`` through a pipe (see :func:`protocol.write_stream`),
+        by *end* (monotonic) or the child is killed; its ``ack`` is left to read."""
+        size = len(value)  # bytes, or an ASCII str: one byte per character
+        r, w = protocol.open_stream()
+        try:
+            try:
+                frame = protocol.encode({"t": "set", "name": name, "stream": size, "kind": kind})
+                self._post(child, frame, r, end - time.monotonic(), name)
+            finally:
+                os.close(r)
+            protocol.write_stream(w, value, end - time.monotonic())
+        except BrokenPipeError:
+            pass  # the child stopped reading (no room for the value): its ack says why
+        except TimeoutError:
+            child.kill()
+            raise ChildTimeoutError(
+                f"the sandbox child did not take the value of {name!r} in time; it was killed"
+            ) from None
+        except OSError as exc:
+            child.kill()
+            raise ProtocolError(f"cannot stream the value of {name!r}: {exc.strerror or exc}") from None
+        except BaseException:  # a half-sent value leaves the child out of step with us
+            child.kill()
+            raise
+        finally:
+            os.close(w)
+
     def get_variable(self, name: str, *, timeout: float | None = None) -> Any:
         """A copy of the variable *name* (plain data only, else :class:`VariableError`).
 
@@ -725,9 +757,13 @@ class Sandbox:
             if not msg["ok"]:
                 child.drop_fds()
                 raise VariableError(msg.get("error", f"cannot get {name!r}"))
+            if ("shm" in msg or "stream" in msg) and not child.fds:
+                self._fail(child, "value announced out of band without a descriptor")
+            if "stream" in msg:
+                value = self._stream_from(child, name, msg, end)
+                self._mark_cpu(child)  # the child was busy writing the stream until now
+                return value
             if "shm" in msg:
-                if not child.fds:
-                    self._fail(child, "value announced out of band without a descriptor")
                 try:
                     return protocol.read_shm(
                         child.fds.pop(0),
@@ -744,6 +780,34 @@ class Sandbox:
                     child.drop_fds()
             child.drop_fds()
             return msg.get("value")
+
+    def _stream_from(self, child: _Child, name: str, msg: dict[str, Any], end: float) -> Any:
+        """The value a ``value{stream, kind}`` frame announced, read from its pipe by *end*
+        (monotonic): checked as :func:`protocol.read_stream` says, or the child is killed."""
+        try:
+            if "shm" in msg:
+                self._fail(child, "value announced both in a memfd and in a stream")
+            return protocol.read_stream(
+                child.fds.pop(0),
+                msg["stream"],
+                msg.get("kind"),
+                self._max_message,
+                end - time.monotonic(),
+                protocol.MAX_ITEMS,
+            )
+        except MemoryError:  # no room here: the child saw the pipe close and lives on
+            raise VariableError(f"cannot get {name!r}: no memory for {msg['stream']} bytes") from None
+        except protocol.BudgetError as exc:  # read whole, too big to decode here: the child lives on
+            raise VariableError(f"cannot get {name!r}: {exc}") from None
+        except TimeoutError:
+            child.kill()
+            raise ChildTimeoutError(
+                f"the sandbox child did not send the value of {name!r} in time; it was killed"
+            ) from None
+        except protocol.WireError as exc:
+            self._fail(child, str(exc))
+        finally:
+            child.drop_fds()
 
     def close(self) -> None:
         """Stop the child and delete its scratch directory. Idempotent."""

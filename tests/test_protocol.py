@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 import msgpack
 import pytest
@@ -140,6 +141,74 @@ def test_large_values_travel_in_a_memfd_and_a_short_one_is_refused():
         protocol.read_shm(fd, len(data) + 10, 1 << 30, mapped=True)
     with pytest.raises(OSError):
         os.fstat(fd)  # read_shm closed it even on failure
+
+
+def _streamed(value, size=None, kind=None, max_len=1 << 30, timeout=5.0):
+    """*value* written into a stream pipe by a thread, read back with read_stream."""
+    r, w = protocol.open_stream()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            protocol.write_stream(w, value, 5.0)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            os.close(w)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        size = len(value) if size is None else size
+        kind = protocol.stream_kind(value) if kind is None else kind
+        return protocol.read_stream(r, size, kind, max_len, timeout)
+    finally:
+        writer.join()
+
+
+def test_streams_carry_bytes_and_ascii_text():
+    text = "".join(chr(i) for i in range(128)) * 30_000  # every ASCII byte, NUL included; 3.8 MB
+    blob = bytes(range(256)) * 15_000
+    got = _streamed(text)
+    assert type(got) is str and got == text and got.isascii() and hash(got) == hash(text)
+    got = _streamed(blob)
+    assert type(got) is bytes and got == blob
+    assert _streamed(b"x") == b"x"
+    for big in (b"z" * (40 << 20), "q" * (33 << 20)):  # over _HUGE_FROM: filled in huge pages
+        assert _streamed(big) == big
+    assert protocol.stream_kind("caf\xe9") is None  # other text travels as UTF-8 in a memfd
+    assert protocol.stream_kind(bytearray(b"x")) is None and protocol.stream_kind([1]) is None
+
+
+def test_a_stream_is_checked_before_the_value_exists():
+    with pytest.raises(WireError, match="not ASCII"):  # a str stream must be ASCII
+        _streamed(b"abc" * 400_000 + b"\xff", kind="str")
+    with pytest.raises(WireError, match="ended after 10 of 11"):
+        _streamed(b"x" * 10, size=11)
+    with pytest.raises(WireError, match="outside the allowed range"):
+        _streamed(b"x" * 10, max_len=9)
+    with pytest.raises(WireError, match="kind"):
+        _streamed(b"x" * 10, kind="list")
+    fd = protocol.write_shm(b"x" * 10)  # a memory file is not a pipe
+    with pytest.raises(WireError, match="pipe"):
+        protocol.read_stream(fd, 10, "bytes", 100)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # read_stream closed it even on failure
+
+
+def test_a_stream_that_stalls_times_out():
+    r, w = protocol.open_stream()
+    os.write(w, b"x" * 100)
+    with pytest.raises(TimeoutError):
+        protocol.read_stream(r, 200, "bytes", 1000, timeout=0.2)
+    os.close(w)
+    r, w = protocol.open_stream()  # nobody reads: the writer gives up at its deadline
+    with pytest.raises(TimeoutError):
+        protocol.write_stream(w, b"x" * (8 << 20), 0.2)
+    os.close(r)
+    with pytest.raises(BrokenPipeError):  # the reader closed its end
+        protocol.write_stream(w, b"x" * 10, 0.2)
+    os.close(w)
 
 
 def test_a_descriptor_rides_with_its_frame():

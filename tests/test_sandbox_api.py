@@ -77,6 +77,35 @@ def test_large_values_cross_out_of_band(sb):
     assert sb.get_variable("blob") == blob
 
 
+def test_values_over_max_file_mb_cross_both_ways(audit_path):
+    """Large values travel through a pipe, which RLIMIT_FSIZE does not cap (a child's
+    memfd holds at most max_file_mb: a get_variable of a 3 MB str killed the child)."""
+    policy = policy_with({"limits.max_file_mb": 1})
+    text, blob = "0123456789" * 300_000, bytes(range(256)) * 12_000
+    with Sandbox(policy, audit_log=audit_path) as box:
+        box.set_variable("text", text)
+        box.set_variable("blob", blob)
+        r = box.execute("made = text[::-1] + 'é' * 3\nascii = text.upper()\nok = type(blob) is bytes")
+        assert r.ok, r
+        assert box.get_variable("ascii") == text.upper()
+        assert box.get_variable("made") == text[::-1] + "é" * 3  # not ASCII: streamed packed
+        assert box.execute("listed = [text] * 3").ok
+        assert box.get_variable("listed") == [text] * 3
+        assert box.get_variable("blob") == blob and box.get_variable("ok") is True
+
+
+def test_a_value_the_child_has_no_room_for_is_refused_and_the_child_lives_on(audit_path):
+    policy = policy_with({"limits.memory_mb": 200, "limits.max_message_mb": 256})
+    with Sandbox(policy, audit_log=audit_path) as box:
+        box.set_variable("small", "kept")
+        for value in (b"x" * 230_000_000, "y" * 230_000_000):
+            with pytest.raises(VariableError, match="MemoryError|Cannot allocate memory"):
+                box.set_variable("big", value)
+            del value
+        r = box.execute("print(small, 'big' in dir())")
+        assert r.ok and r.stdout == "kept False\n" and not r.state_lost, r
+
+
 @pytest.mark.parametrize("value", [{1, 2}, object(), lambda: 1, {"k": (x for x in [])}])
 def test_non_plain_values_are_refused_with_a_clear_error(sb, value):
     with pytest.raises(VariableError, match="not plain data|cannot set"):

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from sandbox import Sandbox
-from sandbox.errors import ChildTimeoutError
+from sandbox.errors import ChildTimeoutError, ProtocolError
 from tests.conftest import run_cli
 from tests.security.conftest import policy_for
 
@@ -124,6 +124,42 @@ def test_get_variable_from_a_child_that_stopped_reading(mode: str) -> None:
         time.sleep(0.5)
         with pytest.raises(ChildTimeoutError):
             within(2 + SLACK, lambda: sb.get_variable("v", timeout=2))
+
+
+# The code replaces how its child streams a value back (plain exec can reach the runtime).
+FORGED_STREAM = """
+import sys, time
+protocol = sys.modules["sandbox.protocol"]
+real_write, real_open = protocol.write_stream, protocol.open_stream
+{patch}
+v = "a" * 3_000_000
+"""
+
+
+@pytest.mark.parametrize(
+    ("patch", "error", "why"),
+    [
+        (
+            "protocol.write_stream = lambda fd, value, t: real_write(fd, b'\\xff' * len(value), t)",
+            ProtocolError,
+            "not ASCII",
+        ),
+        (
+            "protocol.write_stream = lambda fd, value, t: real_write(fd, value[: len(value) // 2], t)",
+            ProtocolError,
+            "ended after 1500000 of",
+        ),
+        ("protocol.write_stream = lambda fd, value, t: time.sleep(120)", ChildTimeoutError, "did not send"),
+        ("protocol.open_stream = lambda: real_open()[::-1]", ProtocolError, "cannot read"),  # the write end
+    ],
+)
+def test_get_variable_refuses_a_forged_stream(patch: str, error: type[Exception], why: str) -> None:
+    """A str streamed back must be all there, all ASCII and in time, or the child is killed."""
+    with Sandbox(policy_for("guard_none")) as sb:
+        assert sb.execute(FORGED_STREAM.format(patch=patch)).ok
+        with pytest.raises(error, match=why):
+            within(2 + SLACK, lambda: sb.get_variable("v", timeout=2))
+        assert not sb.alive
 
 
 def test_execute_to_a_child_that_stopped_reading(mode: str) -> None:
@@ -232,8 +268,8 @@ def test_get_variable_decode_is_bounded(mode: str) -> None:
 
 
 @pytest.mark.slow
-def test_get_variable_decode_of_a_memfd_value_is_bounded() -> None:
-    """20 M empty dicts: 20 MB packed, out of band; the child skips its own check."""
+def test_get_variable_decode_of_an_out_of_band_value_is_bounded() -> None:
+    """20 M empty dicts: 20 MB packed, streamed out of band; the child skips its own check."""
     check_get_is_bounded("guard_none", 20_000_000)
 
 
