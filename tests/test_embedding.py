@@ -313,3 +313,39 @@ def test_a_one_shot_program_does_not_fill_the_pool(audit_path) -> None:
         with Sandbox("default", audit_log=audit_path, pool=pool) as sb:  # the second: now it pays off
             assert sb.execute("print(2)").ok
         assert pool.wait_ready(30) and len(pool.ready_pids()) == 2
+
+
+def test_only_a_lone_calling_thread_spins(audit_path) -> None:
+    """The host spins for an answer only while one thread is inside a sandbox call (a spinning
+    thread takes the GIL at every poll); the count is kept right through errors."""
+    import sandbox.sandbox as impl
+
+    seen: list[int] = []
+    both_in = threading.Barrier(2, timeout=30)
+
+    def probe(wait: bool) -> int:
+        if wait:
+            both_in.wait()  # both threads are inside an execute now
+        seen.append(impl._CALLERS.count)
+        return 1
+
+    with (
+        Sandbox("default", host_functions={"probe": probe}, audit_log=audit_path) as a,
+        Sandbox("default", host_functions={"probe": probe}, audit_log=audit_path) as b,
+    ):
+        assert a.execute("probe(False)").ok and seen == [1]
+        results = []
+        threads = [
+            threading.Thread(target=lambda sb=sb: results.append(sb.execute("probe(True)"))) for sb in (a, b)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(r.ok for r in results) and seen[1:] == [2, 2]
+        with pytest.raises(TypeError):
+            a.execute(b"not text")  # type: ignore[arg-type]
+        a.close()
+        with pytest.raises(SandboxClosedError):
+            a.execute("x = 1")
+    assert impl._CALLERS.count == 0
