@@ -1305,12 +1305,33 @@ async def _in_thread(
     loop: asyncio.AbstractEventLoop, fn: Callable[[], Any], on_cancel: Callable[[], None]
 ) -> Any:
     """``fn()`` in the executor. If the awaiting task is cancelled, *on_cancel* runs once
-    ``fn`` has returned (the thread cannot be stopped), and the cancellation goes on."""
-    fut = loop.run_in_executor(None, fn)
+    ``fn`` has returned (the thread cannot be stopped), and the cancellation goes on.
+
+    *on_cancel* runs in that thread, or here when ``fn`` was already done: never
+    through the loop, which may be closed by the time ``fn`` returns.
+    """
+    gate = threading.Lock()
+    state = {"done": False, "abandoned": False}
+
+    def run() -> Any:
+        try:
+            return fn()
+        finally:
+            with gate:
+                state["done"] = True
+                abandoned = state["abandoned"]
+            if abandoned:
+                on_cancel()
+
+    fut = loop.run_in_executor(None, run)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
-        fut.add_done_callback(lambda _: on_cancel())
+        with gate:
+            state["abandoned"] = True
+            done = state["done"]
+        if done:
+            on_cancel()
         raise
 
 

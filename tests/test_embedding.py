@@ -313,3 +313,45 @@ def test_a_one_shot_program_does_not_fill_the_pool(audit_path) -> None:
         with Sandbox("default", audit_log=audit_path, pool=pool) as sb:  # the second: now it pays off
             assert sb.execute("print(2)").ok
         assert pool.wait_ready(30) and len(pool.ready_pids()) == 2
+
+
+# ------------------------------------------------------- cancellation, hard cases
+def _wait_unlocked(sb: Sandbox, seconds: float = 10.0) -> bool:
+    """True once *sb*'s lock is free; else frees it (so that a failure cannot hang the suite)."""
+    deadline = time.monotonic() + seconds
+    while sb._lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if sb._lock.locked():
+        sb._lock.release()
+        return False
+    return True
+
+
+def test_execute_cancelled_while_a_thread_replaces_the_child_frees_the_sandbox_on_a_closed_loop(
+    audit_path,
+) -> None:
+    """The loop is closed before the worker thread is done: the sandbox's lock must still be freed."""
+    sb = AsyncSandbox("default", audit_log=audit_path)
+
+    async def first() -> None:
+        await sb.execute("x = 1")
+        assert sb._sync is not None
+        sb._sync.kill()  # the next execute replaces the child in a worker thread
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0):  # cancelled at its first await: during that thread
+                await sb.execute("y = 1")
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(first())
+    loop.close()  # at once, as run_until_complete-style embedders do: nothing runs on it again
+    assert sb._sync is not None and _wait_unlocked(sb._sync), "the sandbox stayed locked"
+
+    async def second() -> object:
+        try:
+            return await sb.execute("print(2)")
+        finally:
+            await sb.close()
+
+    r = asyncio.run(second())
+    assert r.ok and r.stdout == "2\n" and r.state_lost, r
+    assert sandbox.audit.verify(audit_path).ok
