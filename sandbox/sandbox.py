@@ -172,9 +172,8 @@ class _Child:
             self.dead = True
 
     def drop_fds(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
+        while self.fds:
+            os.close(self.fds.pop())
 
     def pidfd_ready(self) -> bool:
         """True once the child has exited (its pidfd is readable); one ``poll`` call."""
@@ -251,6 +250,9 @@ def _spawn_ready(spec: _Spec) -> _Child:
         child.discard()
         why = {_Timeout: "no hello in time", _Died: "it exited"}.get(type(exc), str(exc))
         raise SandboxStartError(f"the sandbox child did not start: {why}") from None
+    except BaseException:  # Ctrl-C while it starts: it must not outlive the attempt
+        child.discard()
+        raise
     if hello["t"] != "hello" or hello["version"] != protocol.PROTOCOL_VERSION:
         child.discard()
         raise SandboxStartError(
@@ -324,7 +326,9 @@ def _stop_child(child: _Child, graceful: bool) -> None:
     child.drop_fds()
     child.rss.close()
     child.sock.close()
-    os.close(child.pidfd)
+    if child.pidfd >= 0:  # each step may be done again: a stop cut short (Ctrl-C) is finished later
+        pidfd, child.pidfd = child.pidfd, -1
+        os.close(pidfd)
     shutil.rmtree(child.scratch, ignore_errors=True)
 
 
@@ -697,9 +701,7 @@ class Sandbox:
                 self._child.forget()
                 self._child = None
             return
-        with self._lock:
-            if self.closed:
-                return
+        with self._lock:  # may be done again: a close cut short (Ctrl-C) is finished by the next
             self.closed = True
             if self._child is not None:
                 self._stop_child(self._child, graceful=True)
@@ -731,9 +733,9 @@ class Sandbox:
             else:
                 return child
         if child is not None:
-            self._stop_child(child, graceful=False)
-            self._child = None
             self._lost = True
+            self._stop_child(child, graceful=False)  # cut short (Ctrl-C): the next call finishes it
+            self._child = None
         return self._start()
 
     def _start(self) -> _Child:

@@ -355,3 +355,60 @@ def test_execute_cancelled_while_a_thread_replaces_the_child_frees_the_sandbox_o
     r = asyncio.run(second())
     assert r.ok and r.stdout == "2\n" and r.state_lost, r
     assert sandbox.audit.verify(audit_path).ok
+
+
+def test_ctrl_c_while_a_dead_child_is_cleaned_up_leaves_a_usable_sandbox(audit_path, monkeypatch) -> None:
+    """Ctrl-C landing in the clean-up of a dead child (its last step deletes the scratch dir):
+    the next call starts a fresh child instead of closing that child's descriptors again."""
+    real_rmtree = sandbox.sandbox.shutil.rmtree
+    interrupts = [KeyboardInterrupt()]
+
+    def rmtree(path: str, ignore_errors: bool = False) -> None:
+        real_rmtree(path, ignore_errors=ignore_errors)
+        if interrupts:
+            raise interrupts.pop()
+
+    with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+        assert sb.execute("x = 1").ok
+        sb.kill()
+        monkeypatch.setattr(sandbox.sandbox.shutil, "rmtree", rmtree)
+        with pytest.raises(KeyboardInterrupt):
+            sb.execute("y = 2")
+        r = sb.execute("print(3)")
+        assert r.ok and r.stdout == "3\n" and r.state_lost, r
+    assert sandbox.audit.verify(audit_path).ok
+
+
+def test_ctrl_c_while_a_child_is_forked_does_not_desynchronize_the_fork_server(
+    audit_path, monkeypatch
+) -> None:
+    """Ctrl-C while the host waits for the fork server's answer to a spawn: that answer
+    (a pid, a pidfd) arrives later and must not be taken as the answer to the next spawn
+    (every later sandbox then got the previous request's child, which had already quit)."""
+    real_read = forkserver.ForkServer._read_one
+    interrupts = [KeyboardInterrupt()]
+
+    def read_one(self: forkserver.ForkServer, timeout: float | None) -> object:
+        if interrupts:
+            raise interrupts.pop()
+        return real_read(self, timeout)
+
+    server = forkserver.shared(False)
+    earlier = {p.pid for p in psutil.Process(server.pid).children()}
+    monkeypatch.setattr(forkserver.ForkServer, "_read_one", read_one)
+    with pytest.raises(KeyboardInterrupt):
+        Sandbox("default", audit_log=audit_path, pool=None)
+    deadline = time.monotonic() + 10
+    while not (orphans := {p.pid for p in psutil.Process(server.pid).children()} - earlier):
+        assert time.monotonic() < deadline, "the interrupted request forked nothing"
+        time.sleep(0.01)
+    for i in range(3):
+        with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+            r = sb.execute(f"print({i})")
+            assert r.ok and r.stdout == f"{i}\n", r
+    assert forkserver.shared(False) is server  # the same server went on serving
+    deadline = time.monotonic() + 10
+    (orphan,) = orphans
+    while psutil.pid_exists(orphan):  # killed and reaped, not left a zombie
+        assert time.monotonic() < deadline, "the child of the interrupted request was never reaped"
+        time.sleep(0.01)
