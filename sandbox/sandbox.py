@@ -1191,12 +1191,14 @@ class AsyncSandbox:
         sb = await self._sandbox()
         async with self._turn():
             child = await self._hold(sb)
+            handed = [False]  # set by _run when a worker thread it leaves behind releases the lock
             try:
                 state_lost, sb._lost = sb._lost, False
-                return await self._run(sb, child, code, state_lost)
+                return await self._run(sb, child, code, state_lost, handed)
             finally:
-                sb._holder = None
-                sb._lock.release()
+                if not handed[0]:
+                    sb._holder = None
+                    sb._lock.release()
 
     async def _hold(self, sb: Sandbox) -> _Child:
         """Take *sb*'s own lock and a live child without blocking the loop."""
@@ -1218,7 +1220,9 @@ class AsyncSandbox:
             sb._lock.release()
             raise
 
-    async def _run(self, sb: Sandbox, child: _Child, code: str, state_lost: bool) -> ExecResult:
+    async def _run(
+        self, sb: Sandbox, child: _Child, code: str, state_lost: bool, handed: list[bool]
+    ) -> ExecResult:
         """:meth:`Sandbox._run` on the event loop: the same :class:`_Exec`, awaited instead of polled."""
         ex = _Exec(sb, child, code, state_lost)
         try:
@@ -1247,7 +1251,11 @@ class AsyncSandbox:
             ex.cancelled()
             raise
         if ex.done is None:  # how the child ended is asked of its fork server: that may wait
-            return await asyncio.to_thread(ex.finish)
+            try:
+                return await _in_thread(asyncio.get_running_loop(), ex.finish, sb._lock.release)
+            except asyncio.CancelledError:  # the result is built (and audited) all the same,
+                handed[0] = True  # and the sandbox stays locked until then
+                raise
         return ex.finish()
 
     async def _serve_call(

@@ -412,3 +412,32 @@ def test_ctrl_c_while_a_child_is_forked_does_not_desynchronize_the_fork_server(
     while psutil.pid_exists(orphan):  # killed and reaped, not left a zombie
         assert time.monotonic() < deadline, "the child of the interrupted request was never reaped"
         time.sleep(0.01)
+
+
+def test_execute_cancelled_while_its_result_is_built_keeps_the_sandbox_until_then(
+    audit_path, monkeypatch
+) -> None:
+    """Cancelled while a worker thread asks the fork server how the child ended (slow here):
+    the next execute waits for that thread, so the two are never at work on one sandbox at once."""
+    real_exit_info = Sandbox._exit_info
+
+    def slow_exit_info(self: Sandbox, child: object) -> object:
+        time.sleep(1.0)
+        return real_exit_info(self, child)  # type: ignore[arg-type]
+
+    policy = sandbox.load_policy("default").override({"limits.wall_seconds": 0.5})
+
+    async def main() -> None:
+        async with AsyncSandbox(policy, audit_log=audit_path) as sb:
+            monkeypatch.setattr(Sandbox, "_exit_info", slow_exit_info)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(1.0):  # the wall limit kills the cell at 0.5 s
+                    await sb.execute("while True: pass")
+            monkeypatch.setattr(Sandbox, "_exit_info", real_exit_info)
+            r = await sb.execute("print(1)")
+            assert r.ok and r.state_lost, r
+
+    asyncio.run(main())
+    outcomes = [json.loads(line)["outcome"] for line in audit_path.read_text().splitlines()]
+    assert outcomes == ["limit:wall", "ok"]
+    assert sandbox.audit.verify(audit_path).ok
