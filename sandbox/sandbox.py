@@ -1252,7 +1252,8 @@ class AsyncSandbox:
             raise
         if ex.done is None:  # how the child ended is asked of its fork server: that may wait
             try:
-                return await _in_thread(asyncio.get_running_loop(), ex.finish, sb._lock.release)
+                result: ExecResult = await _in_thread(asyncio.get_running_loop(), ex.finish, sb._lock.release)
+                return result
             except asyncio.CancelledError:  # the result is built (and audited) all the same,
                 handed[0] = True  # and the sandbox stays locked until then
                 raise
