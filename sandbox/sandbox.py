@@ -1109,8 +1109,11 @@ class Sandbox:
         )
 
 
-_IN_HOST_CALL: contextvars.ContextVar[AsyncSandbox | None] = contextvars.ContextVar(
-    "sandbox_in_host_call", default=None
+#: The AsyncSandbox whose host function this context runs, in a list emptied when the call
+#: returns (tasks the function started inherit the list: after the call, theirs is no re-entry).
+_IN_HOST_CALL: contextvars.ContextVar[list[AsyncSandbox]] = contextvars.ContextVar(
+    "sandbox_in_host_call",
+    default=[],  # noqa: B039 (never mutated: each call sets its own list)
 )
 
 
@@ -1162,7 +1165,7 @@ class AsyncSandbox:
         return self._serial[1]
 
     async def _sandbox(self) -> Sandbox:
-        if _IN_HOST_CALL.get() is self:
+        if self in _IN_HOST_CALL.get():
             raise SandboxError(
                 "re-entrant use is not allowed: a host function called this AsyncSandbox while it runs the function"
             )
@@ -1266,7 +1269,8 @@ class AsyncSandbox:
         others run in the executor so that they cannot block the loop."""
         fn = self._host.get(msg["fn"])
         h0 = time.perf_counter()
-        token = _IN_HOST_CALL.set(self)  # this task's context only: a re-entrant call can tell
+        calling = [self]
+        token = _IN_HOST_CALL.set(calling)  # this task's context only: a re-entrant call can tell
         try:
             if fn is None:
                 raise LookupError(f"no host function named {msg['fn']!r}")
@@ -1278,6 +1282,7 @@ class AsyncSandbox:
         except Exception as exc:  # the host function's failure is the child's HostFunctionError
             outcome, failed = exc, True
         finally:
+            calling.clear()
             _IN_HOST_CALL.reset(token)
         spent = time.perf_counter() - h0
         frame, fd = sb._reply(msg, outcome, failed)

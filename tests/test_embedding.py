@@ -441,3 +441,27 @@ def test_execute_cancelled_while_its_result_is_built_keeps_the_sandbox_until_the
     outcomes = [json.loads(line)["outcome"] for line in audit_path.read_text().splitlines()]
     assert outcomes == ["limit:wall", "ok"]
     assert sandbox.audit.verify(audit_path).ok
+
+
+def test_a_task_started_by_an_async_host_function_may_use_the_sandbox_after_the_call(audit_path) -> None:
+    """Tasks inherit the host function's context: once the call is over, theirs is no re-entrant use."""
+
+    async def main() -> str:
+        done = asyncio.Event()
+        tasks: list[asyncio.Task[object]] = []
+
+        async def follow_up() -> object:
+            await done.wait()
+            return await sb.execute("print(x + 1)")
+
+        async def schedule() -> int:
+            tasks.append(asyncio.ensure_future(follow_up()))
+            return 1
+
+        async with AsyncSandbox("default", host_functions={"schedule": schedule}, audit_log=audit_path) as sb:
+            assert (await sb.execute("x = schedule()")).ok
+            done.set()
+            r = await asyncio.wait_for(tasks[0], 60)
+            return r.stdout  # type: ignore[attr-defined,no-any-return]
+
+    assert asyncio.run(main()) == "2\n"
