@@ -465,3 +465,62 @@ def test_a_task_started_by_an_async_host_function_may_use_the_sandbox_after_the_
             return r.stdout  # type: ignore[attr-defined,no-any-return]
 
     assert asyncio.run(main()) == "2\n"
+
+
+@pytest.mark.parametrize("where", ["cell", "host function"])
+def test_ctrl_c_during_a_sync_execute_kills_the_cell_and_is_audited(audit_path, where: str) -> None:
+    """A real SIGINT while execute waits for the cell (or runs a host function): KeyboardInterrupt
+    reaches the caller, the child is killed, the audit line says "cancelled", the sandbox goes on."""
+    assert threading.current_thread() is threading.main_thread()
+    main = threading.get_ident()
+    timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+    cell = "import time\nwhile True: time.sleep(0.01)" if where == "cell" else "wait()"
+    with Sandbox("default", host_functions={"wait": lambda: time.sleep(30)}, audit_log=audit_path) as sb:
+        assert sb.execute("x = 1").ok
+        pid = sb.pid
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                sb.execute(cell)
+        finally:
+            timer.cancel()
+        assert pid is not None and _gone(pid)
+        r = sb.execute("print('x' in dir())")
+        assert r.ok and r.stdout == "False\n" and r.state_lost, r
+    outcomes = [json.loads(line)["outcome"] for line in audit_path.read_text().splitlines()]
+    assert outcomes == ["ok", "cancelled", "ok"]
+    assert sandbox.audit.verify(audit_path).ok
+
+
+def test_one_hanging_async_sandbox_does_not_hold_up_the_others_on_its_loop(audit_path) -> None:
+    """Sixteen sandboxes on one loop; one cell hangs (sleeping, under a 60 s wall limit). The
+    others finish their work while it still hangs; once it is cancelled, no reader of its
+    child stays registered with the loop."""
+    policy = sandbox.load_policy("default").override({"limits.wall_seconds": 60})
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        boxes = [AsyncSandbox(policy, audit_log=audit_path) for _ in range(16)]
+        try:
+            await asyncio.gather(*(b.start() for b in boxes))
+            hang = asyncio.ensure_future(boxes[0].execute("import time\ntime.sleep(120)"))
+            await asyncio.sleep(0.2)
+
+            async def work(b: AsyncSandbox, n: int) -> list[str]:
+                return [(await b.execute(f"print({n} * {i})")).stdout for i in range(10)]
+
+            outs = await asyncio.gather(*(work(b, n) for n, b in enumerate(boxes[1:], 1)))
+            assert outs == [[f"{n * i}\n" for i in range(10)] for n in range(1, 16)]
+            assert not hang.done()  # the others were not waiting for it
+            child = boxes[0]._sync._child if boxes[0]._sync else None
+            assert child is not None
+            watched = {child.sock.fileno(), child.pidfd}
+            hang.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await hang
+            assert not watched & set(loop._selector.get_map())  # type: ignore[attr-defined]
+        finally:
+            await asyncio.gather(*(b.close() for b in boxes))
+
+    asyncio.run(main())
+    assert sandbox.audit.verify(audit_path).ok
