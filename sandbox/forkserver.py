@@ -150,7 +150,7 @@ def _serve(ctl_fd: int) -> None:
         protocol.send_message(ctl, msg)
         isolation.release(res)  # unmount its scratch, remove its cgroup (after the host was answered)
 
-    def spawn(config: dict[str, Any], chan_fd: int) -> None:
+    def spawn(config: dict[str, Any], chan_fd: int, request: int) -> None:
         key = config["policy_sha256"]
         if key not in prepared:
             prepared[key] = isolation.prepare(config["policy"])
@@ -179,7 +179,7 @@ def _serve(ctl_fd: int) -> None:
         pidfd = os.pidfd_open(pid)
         children[pid] = pidfd
         sel.register(pidfd, selectors.EVENT_READ, pid)
-        protocol.send_message(ctl, {"t": "spawned", "pid": pid}, pidfd)
+        protocol.send_message(ctl, {"t": "spawned", "request": request, "pid": pid}, pidfd)
         isolation.after_fork()  # own PID namespace for later forks; the next child's cgroup
 
     try:
@@ -201,9 +201,10 @@ def _serve(ctl_fd: int) -> None:
                     if msg["t"] != "spawn" or not fds:
                         raise protocol.WireError(f"fork server got {msg['t']!r} without a channel")
                     try:
-                        spawn(msg["config"], fds.pop(0))
+                        spawn(msg["config"], fds.pop(0), msg["request"])
                     except Exception as exc:
-                        protocol.send_message(ctl, {"t": "failed", "error": f"{type(exc).__name__}: {exc}"})
+                        error = f"{type(exc).__name__}: {exc}"
+                        protocol.send_message(ctl, {"t": "failed", "request": msg["request"], "error": error})
     finally:
         if os.getpid() != server_pid:  # a forked child on its way out: not the server's clean-up
             if not isinstance(sys.exc_info()[1], _Forked):
@@ -281,6 +282,12 @@ class ForkServer:
         self._reader = protocol.FrameReader(_CONTROL_FRAME_CAP)
         self._fds: list[int] = []
         self._exits: dict[int, ExitInfo] = {}
+        # Each spawn request is numbered and its answer names it: the answer to a request given
+        # up before it came (Ctrl-C while waiting) is not taken for a later one's; its child is
+        # killed and released when it comes.
+        self._requests = 0
+        self._waiting = 0  # the request whose answer spawn() waits for (0: none)
+        self._dropped: set[int] = set()  # children of given-up requests: exit reports not kept
         self.closed = False
 
     @property
@@ -303,6 +310,13 @@ class ForkServer:
             raw = next(self._reader, None)
             if raw is not None:
                 msg = protocol.check(raw, "server")
+                if msg["t"] in ("spawned", "failed") and msg["request"] != self._waiting:
+                    if msg["t"] == "spawned" and self._fds:
+                        self._drop(msg["pid"], self._fds.pop(0))
+                    continue
+                if msg["t"] == "exited" and msg["pid"] in self._dropped:
+                    self._dropped.discard(msg["pid"])
+                    continue
                 if msg["t"] == "exited":
                     self._exits[msg["pid"]] = ExitInfo(
                         msg["pid"], msg["status"], msg["maxrss"], msg["cpu"], msg.get("limits")
@@ -335,9 +349,14 @@ class ForkServer:
         with self._lock:
             if self.closed:
                 raise _ServerGone("the fork server is closed")
+            self._requests += 1
+            self._waiting = request = self._requests
             try:
-                protocol.send_message(self.sock, {"t": "spawn", "config": config}, chan_fd)
+                protocol.send_message(
+                    self.sock, {"t": "spawn", "request": request, "config": config}, chan_fd
+                )
             except OSError as exc:
+                self._waiting = 0
                 raise self._gone(f"cannot write to the fork server: {exc.strerror or exc}") from None
             try:
                 while True:
@@ -352,6 +371,17 @@ class ForkServer:
                         return msg["pid"], self._fds.pop(0)
             except protocol.WireError as exc:
                 raise SandboxStartError(f"the fork server broke the protocol: {exc}") from None
+            finally:
+                self._waiting = 0
+
+    def _drop(self, pid: int, pidfd: int) -> None:
+        """Kill a child nobody waits for any more and let the server reap it. Caller holds the lock."""
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os.close(pidfd)
+        self._dropped.add(pid)
+        with contextlib.suppress(OSError):
+            protocol.send_message(self.sock, {"t": "release", "pid": pid}, None, 5.0)
 
     def wait_exit(self, pid: int, timeout: float) -> ExitInfo | None:
         """Release child *pid* (the caller's last use of that pid: the server may now

@@ -135,10 +135,12 @@ class RSSMeter:
             return None
 
     def close(self) -> None:
-        for fd in (self._status, self._clear):
+        """Idempotent, also when a previous call was cut short (Ctrl-C)."""
+        status, self._status = self._status, -1
+        clear, self._clear = self._clear, -1
+        for fd in (status, clear):
             if fd >= 0:
                 os.close(fd)
-        self._status = self._clear = -1
 
 
 def utf8_size(text: str) -> int:

@@ -54,7 +54,8 @@ Conversation (host = H, child = C)::
 
 Host <-> fork server (the host's control channel)::
 
-    H: spawn{config} + channel fd  -> S: spawned{pid} + pidfd | failed{error}
+    H: spawn{request, config} + channel fd  -> S: spawned{request, pid} + pidfd | failed{request, error}
+                                      (request: the host's number for it; a late answer is told apart)
     S: exited{pid, status, ...}       once the host released the child and it exited
     H: release{pid}                   the host is done with the pid; the server may reap it
 """
@@ -180,11 +181,11 @@ MESSAGES: Final[dict[str, tuple[str, dict[str, Any]]]] = {
     "bye": ("host", {}),
     "init": ("host", {"host_functions": list}),
     # host <-> fork server
-    "spawn": ("host", {"config": dict}),
+    "spawn": ("host", {"request": int, "config": dict}),
     "release": ("host", {"pid": int}),
-    "spawned": ("server", {"pid": int}),
+    "spawned": ("server", {"request": int, "pid": int}),
     "exited": ("server", {"pid": int, "status": int, "maxrss": int, "cpu": float, "limits?": dict}),
-    "failed": ("server", {"error": str}),
+    "failed": ("server", {"request": int, "error": str}),
 }
 
 

@@ -199,9 +199,8 @@ class _Child:
             self.dead = True
 
     def drop_fds(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
+        while self.fds:
+            os.close(self.fds.pop())
 
     def pidfd_ready(self) -> bool:
         """True once the child has exited (its pidfd is readable); one ``poll`` call."""
@@ -312,6 +311,9 @@ def _spawn_ready(spec: _Spec) -> _Child:
         child.discard()
         why = {_Timeout: "no hello in time", _Died: "it exited"}.get(type(exc), str(exc))
         raise SandboxStartError(f"the sandbox child did not start: {why}") from None
+    except BaseException:  # Ctrl-C while it starts: it must not outlive the attempt
+        child.discard()
+        raise
     if hello["t"] != "hello" or hello["version"] != protocol.PROTOCOL_VERSION:
         child.discard()
         raise SandboxStartError(
@@ -403,7 +405,9 @@ def _stop_child(child: _Child, graceful: bool) -> None:
     child.drop_fds()
     child.rss.close()
     child.sock.close()
-    os.close(child.pidfd)
+    if child.pidfd >= 0:  # each step may be done again: a stop cut short (Ctrl-C) is finished later
+        pidfd, child.pidfd = child.pidfd, -1
+        os.close(pidfd)
     shutil.rmtree(child.scratch, ignore_errors=True)
 
 
@@ -843,9 +847,7 @@ class Sandbox:
                 self._child.forget()
                 self._child = None
             return
-        with self._lock:
-            if self.closed:
-                return
+        with self._lock:  # may be done again: a close cut short (Ctrl-C) is finished by the next
             self.closed = True
             if self._child is not None:
                 self._stop_child(self._child, graceful=True)
@@ -877,9 +879,9 @@ class Sandbox:
             else:
                 return child
         if child is not None:
-            self._stop_child(child, graceful=False)
-            self._child = None
             self._lost = True
+            self._stop_child(child, graceful=False)  # cut short (Ctrl-C): the next call finishes it
+            self._child = None
         return self._start()
 
     def _start(self) -> _Child:
@@ -1266,8 +1268,11 @@ class Sandbox:
         )
 
 
-_IN_HOST_CALL: contextvars.ContextVar[AsyncSandbox | None] = contextvars.ContextVar(
-    "sandbox_in_host_call", default=None
+#: The AsyncSandbox whose host function this context runs, in a list emptied when the call
+#: returns (tasks the function started inherit the list: after the call, theirs is no re-entry).
+_IN_HOST_CALL: contextvars.ContextVar[list[AsyncSandbox]] = contextvars.ContextVar(
+    "sandbox_in_host_call",
+    default=[],  # noqa: B039 (never mutated: each call sets its own list)
 )
 
 
@@ -1319,7 +1324,7 @@ class AsyncSandbox:
         return self._serial[1]
 
     async def _sandbox(self) -> Sandbox:
-        if _IN_HOST_CALL.get() is self:
+        if self in _IN_HOST_CALL.get():
             raise SandboxError(
                 "re-entrant use is not allowed: a host function called this AsyncSandbox while it runs the function"
             )
@@ -1348,12 +1353,14 @@ class AsyncSandbox:
         sb = await self._sandbox()
         async with self._turn():
             child = await self._hold(sb)
+            handed = [False]  # set by _run when a worker thread it leaves behind releases the lock
             try:
                 state_lost, sb._lost = sb._lost, False
-                return await self._run(sb, child, code, state_lost)
+                return await self._run(sb, child, code, state_lost, handed)
             finally:
-                sb._holder = None
-                sb._lock.release()
+                if not handed[0]:
+                    sb._holder = None
+                    sb._lock.release()
 
     async def _hold(self, sb: Sandbox) -> _Child:
         """Take *sb*'s own lock and a live child without blocking the loop."""
@@ -1375,7 +1382,9 @@ class AsyncSandbox:
             sb._lock.release()
             raise
 
-    async def _run(self, sb: Sandbox, child: _Child, code: str, state_lost: bool) -> ExecResult:
+    async def _run(
+        self, sb: Sandbox, child: _Child, code: str, state_lost: bool, handed: list[bool]
+    ) -> ExecResult:
         """:meth:`Sandbox._run` on the event loop: the same :class:`_Exec`, awaited instead of polled."""
         ex = _Exec(sb, child, code, state_lost)
         try:
@@ -1404,7 +1413,12 @@ class AsyncSandbox:
             ex.cancelled()
             raise
         if ex.done is None:  # how the child ended is asked of its fork server: that may wait
-            return await asyncio.to_thread(ex.finish)
+            try:
+                result: ExecResult = await _in_thread(asyncio.get_running_loop(), ex.finish, sb._lock.release)
+                return result
+            except asyncio.CancelledError:  # the result is built (and audited) all the same,
+                handed[0] = True  # and the sandbox stays locked until then
+                raise
         return ex.finish()
 
     async def _serve_call(
@@ -1414,7 +1428,8 @@ class AsyncSandbox:
         others run in the executor so that they cannot block the loop."""
         fn = self._host.get(msg["fn"])
         h0 = time.perf_counter()
-        token = _IN_HOST_CALL.set(self)  # this task's context only: a re-entrant call can tell
+        calling = [self]
+        token = _IN_HOST_CALL.set(calling)  # this task's context only: a re-entrant call can tell
         try:
             if fn is None:
                 raise LookupError(f"no host function named {msg['fn']!r}")
@@ -1426,6 +1441,7 @@ class AsyncSandbox:
         except Exception as exc:  # the host function's failure is the child's HostFunctionError
             outcome, failed = exc, True
         finally:
+            calling.clear()
             _IN_HOST_CALL.reset(token)
         spent = time.perf_counter() - h0
         frame, fd = sb._reply(msg, outcome, failed)
@@ -1464,12 +1480,33 @@ async def _in_thread(
     loop: asyncio.AbstractEventLoop, fn: Callable[[], Any], on_cancel: Callable[[], None]
 ) -> Any:
     """``fn()`` in the executor. If the awaiting task is cancelled, *on_cancel* runs once
-    ``fn`` has returned (the thread cannot be stopped), and the cancellation goes on."""
-    fut = loop.run_in_executor(None, fn)
+    ``fn`` has returned (the thread cannot be stopped), and the cancellation goes on.
+
+    *on_cancel* runs in that thread, or here when ``fn`` was already done: never
+    through the loop, which may be closed by the time ``fn`` returns.
+    """
+    gate = threading.Lock()
+    state = {"done": False, "abandoned": False}
+
+    def run() -> Any:
+        try:
+            return fn()
+        finally:
+            with gate:
+                state["done"] = True
+                abandoned = state["abandoned"]
+            if abandoned:
+                on_cancel()
+
+    fut = loop.run_in_executor(None, run)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
-        fut.add_done_callback(lambda _: on_cancel())
+        with gate:
+            state["abandoned"] = True
+            done = state["done"]
+        if done:
+            on_cancel()
         raise
 
 

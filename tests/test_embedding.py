@@ -333,7 +333,8 @@ def test_only_a_lone_calling_thread_spins(audit_path) -> None:
         Sandbox("default", host_functions={"probe": probe}, audit_log=audit_path) as a,
         Sandbox("default", host_functions={"probe": probe}, audit_log=audit_path) as b,
     ):
-        assert a.execute("probe(False)").ok and seen == [1]
+        base = impl._CALLERS.count  # a thread left by an earlier test may still be in a call
+        assert a.execute("probe(False)").ok and seen == [base + 1]
         results = []
         threads = [
             threading.Thread(target=lambda sb=sb: results.append(sb.execute("probe(True)"))) for sb in (a, b)
@@ -342,10 +343,221 @@ def test_only_a_lone_calling_thread_spins(audit_path) -> None:
             t.start()
         for t in threads:
             t.join(60)
-        assert all(r.ok for r in results) and seen[1:] == [2, 2]
+        assert all(r.ok for r in results) and seen[1:] == [base + 2, base + 2]
         with pytest.raises(TypeError):
             a.execute(b"not text")  # type: ignore[arg-type]
         a.close()
         with pytest.raises(SandboxClosedError):
             a.execute("x = 1")
-    assert impl._CALLERS.count == 0
+    assert impl._CALLERS.count == base
+
+
+# ------------------------------------------------------- cancellation, hard cases
+def _wait_unlocked(sb: Sandbox, seconds: float = 10.0) -> bool:
+    """True once *sb*'s lock is free; else frees it (so that a failure cannot hang the suite)."""
+    deadline = time.monotonic() + seconds
+    while sb._lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if sb._lock.locked():
+        sb._lock.release()
+        return False
+    return True
+
+
+def test_execute_cancelled_while_a_thread_replaces_the_child_frees_the_sandbox_on_a_closed_loop(
+    audit_path,
+) -> None:
+    """The loop is closed before the worker thread is done: the sandbox's lock must still be freed."""
+    sb = AsyncSandbox("default", audit_log=audit_path)
+
+    async def first() -> None:
+        await sb.execute("x = 1")
+        assert sb._sync is not None
+        sb._sync.kill()  # the next execute replaces the child in a worker thread
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0):  # cancelled at its first await: during that thread
+                await sb.execute("y = 1")
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(first())
+    loop.close()  # at once, as run_until_complete-style embedders do: nothing runs on it again
+    assert sb._sync is not None and _wait_unlocked(sb._sync), "the sandbox stayed locked"
+
+    async def second() -> object:
+        try:
+            return await sb.execute("print(2)")
+        finally:
+            await sb.close()
+
+    r = asyncio.run(second())
+    assert r.ok and r.stdout == "2\n" and r.state_lost, r
+    assert sandbox.audit.verify(audit_path).ok
+
+
+def test_ctrl_c_while_a_dead_child_is_cleaned_up_leaves_a_usable_sandbox(audit_path, monkeypatch) -> None:
+    """Ctrl-C landing in the clean-up of a dead child (its last step deletes the scratch dir):
+    the next call starts a fresh child instead of closing that child's descriptors again."""
+    real_rmtree = sandbox.sandbox.shutil.rmtree
+    interrupts = [KeyboardInterrupt()]
+
+    def rmtree(path: str, ignore_errors: bool = False) -> None:
+        real_rmtree(path, ignore_errors=ignore_errors)
+        if interrupts:
+            raise interrupts.pop()
+
+    with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+        assert sb.execute("x = 1").ok
+        sb.kill()
+        monkeypatch.setattr(sandbox.sandbox.shutil, "rmtree", rmtree)
+        with pytest.raises(KeyboardInterrupt):
+            sb.execute("y = 2")
+        r = sb.execute("print(3)")
+        assert r.ok and r.stdout == "3\n" and r.state_lost, r
+    assert sandbox.audit.verify(audit_path).ok
+
+
+def test_ctrl_c_while_a_child_is_forked_does_not_desynchronize_the_fork_server(
+    audit_path, monkeypatch
+) -> None:
+    """Ctrl-C while the host waits for the fork server's answer to a spawn: that answer
+    (a pid, a pidfd) arrives later and must not be taken as the answer to the next spawn
+    (every later sandbox then got the previous request's child, which had already quit)."""
+    real_read = forkserver.ForkServer._read_one
+    interrupts = [KeyboardInterrupt()]
+
+    def read_one(self: forkserver.ForkServer, timeout: float | None) -> object:
+        if interrupts:
+            raise interrupts.pop()
+        return real_read(self, timeout)
+
+    server = forkserver.shared(False)
+    earlier = {p.pid for p in psutil.Process(server.pid).children()}
+    monkeypatch.setattr(forkserver.ForkServer, "_read_one", read_one)
+    with pytest.raises(KeyboardInterrupt):
+        Sandbox("default", audit_log=audit_path, pool=None)
+    deadline = time.monotonic() + 10
+    while not (orphans := {p.pid for p in psutil.Process(server.pid).children()} - earlier):
+        assert time.monotonic() < deadline, "the interrupted request forked nothing"
+        time.sleep(0.01)
+    for i in range(3):
+        with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+            r = sb.execute(f"print({i})")
+            assert r.ok and r.stdout == f"{i}\n", r
+    assert forkserver.shared(False) is server  # the same server went on serving
+    deadline = time.monotonic() + 10
+    (orphan,) = orphans
+    while psutil.pid_exists(orphan):  # killed and reaped, not left a zombie
+        assert time.monotonic() < deadline, "the child of the interrupted request was never reaped"
+        time.sleep(0.01)
+
+
+def test_execute_cancelled_while_its_result_is_built_keeps_the_sandbox_until_then(
+    audit_path, monkeypatch
+) -> None:
+    """Cancelled while a worker thread asks the fork server how the child ended (slow here):
+    the next execute waits for that thread, so the two are never at work on one sandbox at once."""
+    real_exit_info = Sandbox._exit_info
+
+    def slow_exit_info(self: Sandbox, child: object) -> object:
+        time.sleep(1.0)
+        return real_exit_info(self, child)  # type: ignore[arg-type]
+
+    policy = sandbox.load_policy("default").override({"limits.wall_seconds": 0.5})
+
+    async def main() -> None:
+        async with AsyncSandbox(policy, audit_log=audit_path) as sb:
+            monkeypatch.setattr(Sandbox, "_exit_info", slow_exit_info)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(1.0):  # the wall limit kills the cell at 0.5 s
+                    await sb.execute("while True: pass")
+            monkeypatch.setattr(Sandbox, "_exit_info", real_exit_info)
+            r = await sb.execute("print(1)")
+            assert r.ok and r.state_lost, r
+
+    asyncio.run(main())
+    outcomes = [json.loads(line)["outcome"] for line in audit_path.read_text().splitlines()]
+    assert outcomes == ["limit:wall", "ok"]
+    assert sandbox.audit.verify(audit_path).ok
+
+
+def test_a_task_started_by_an_async_host_function_may_use_the_sandbox_after_the_call(audit_path) -> None:
+    """Tasks inherit the host function's context: once the call is over, theirs is no re-entrant use."""
+
+    async def main() -> str:
+        done = asyncio.Event()
+        tasks: list[asyncio.Task[object]] = []
+
+        async def follow_up() -> object:
+            await done.wait()
+            return await sb.execute("print(x + 1)")
+
+        async def schedule() -> int:
+            tasks.append(asyncio.ensure_future(follow_up()))
+            return 1
+
+        async with AsyncSandbox("default", host_functions={"schedule": schedule}, audit_log=audit_path) as sb:
+            assert (await sb.execute("x = schedule()")).ok
+            done.set()
+            r = await asyncio.wait_for(tasks[0], 60)
+            return r.stdout  # type: ignore[attr-defined,no-any-return]
+
+    assert asyncio.run(main()) == "2\n"
+
+
+@pytest.mark.parametrize("where", ["cell", "host function"])
+def test_ctrl_c_during_a_sync_execute_kills_the_cell_and_is_audited(audit_path, where: str) -> None:
+    """A real SIGINT while execute waits for the cell (or runs a host function): KeyboardInterrupt
+    reaches the caller, the child is killed, the audit line says "cancelled", the sandbox goes on."""
+    assert threading.current_thread() is threading.main_thread()
+    main = threading.get_ident()
+    timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+    cell = "import time\nwhile True: time.sleep(0.01)" if where == "cell" else "wait()"
+    with Sandbox("default", host_functions={"wait": lambda: time.sleep(30)}, audit_log=audit_path) as sb:
+        assert sb.execute("x = 1").ok
+        pid = sb.pid
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                sb.execute(cell)
+        finally:
+            timer.cancel()
+        assert pid is not None and _gone(pid)
+        r = sb.execute("print('x' in dir())")
+        assert r.ok and r.stdout == "False\n" and r.state_lost, r
+    outcomes = [json.loads(line)["outcome"] for line in audit_path.read_text().splitlines()]
+    assert outcomes == ["ok", "cancelled", "ok"]
+    assert sandbox.audit.verify(audit_path).ok
+
+
+def test_one_hanging_async_sandbox_does_not_hold_up_the_others_on_its_loop(audit_path) -> None:
+    """Sixteen sandboxes on one loop; one cell hangs (sleeping, under a 60 s wall limit). The
+    others finish their work while it still hangs; once it is cancelled, no reader of its
+    child stays registered with the loop."""
+    policy = sandbox.load_policy("default").override({"limits.wall_seconds": 60})
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        boxes = [AsyncSandbox(policy, audit_log=audit_path) for _ in range(16)]
+        try:
+            await asyncio.gather(*(b.start() for b in boxes))
+            hang = asyncio.ensure_future(boxes[0].execute("import time\ntime.sleep(120)"))
+            await asyncio.sleep(0.2)
+
+            async def work(b: AsyncSandbox, n: int) -> list[str]:
+                return [(await b.execute(f"print({n} * {i})")).stdout for i in range(10)]
+
+            outs = await asyncio.gather(*(work(b, n) for n, b in enumerate(boxes[1:], 1)))
+            assert outs == [[f"{n * i}\n" for i in range(10)] for n in range(1, 16)]
+            assert not hang.done()  # the others were not waiting for it
+            child = boxes[0]._sync._child if boxes[0]._sync else None
+            assert child is not None
+            watched = {child.sock.fileno(), child.pidfd}
+            hang.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await hang
+            assert not watched & set(loop._selector.get_map())  # type: ignore[attr-defined]
+        finally:
+            await asyncio.gather(*(b.close() for b in boxes))
+
+    asyncio.run(main())
+    assert sandbox.audit.verify(audit_path).ok

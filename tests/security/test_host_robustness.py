@@ -12,6 +12,7 @@ instead of hanging the suite.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from sandbox import Sandbox
+from sandbox import AsyncSandbox, Sandbox
+from sandbox.audit import verify
 from sandbox.errors import ChildTimeoutError, ProtocolError
 from tests.conftest import run_cli
 from tests.security.conftest import policy_for
@@ -170,6 +172,34 @@ def test_execute_to_a_child_that_stopped_reading(mode: str) -> None:
         cell = "x = 1\n" + "#" * 2_000_000
         r, _ = within(2 + SLACK, lambda: sb.execute(cell))
         assert not r.ok and r.limit == "wall", r
+
+
+def test_async_execute_cancelled_while_a_huge_cell_waits_to_be_written(mode: str, tmp_path: Path) -> None:
+    """The cell does not fit in the socket and the child stopped reading: the rest is written
+    from a worker thread. Cancelled then, the execute ends at once, kills the child (which ends
+    that thread: asyncio.run waits for it), is audited as cancelled, and the sandbox goes on."""
+    audit = tmp_path / "audit.jsonl"
+    policy = hostile_policy(mode, **{"limits.wall_seconds": 30, "audit.enabled": True})
+
+    async def main() -> tuple[float, Any]:
+        async with AsyncSandbox(policy, audit_log=audit) as sb:
+            assert (await sb.execute(STOP_READING)).ok
+            await asyncio.sleep(0.5)
+            task = asyncio.ensure_future(sb.execute("x = 1\n" + "#" * 4_000_000))
+            await asyncio.sleep(0.3)
+            assert not task.done()
+            start = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return time.monotonic() - start, await sb.execute("print(6 * 7)")
+
+    (waited, r), _ = within(SLACK, lambda: asyncio.run(main()))
+    assert waited < SLACK / 2  # not the 30 s the thread would have waited for the child
+    assert r.ok and r.stdout == "42\n" and r.state_lost, r
+    outcomes = [json.loads(line)["outcome"] for line in audit.read_text().splitlines()]
+    assert outcomes == ["ok", "cancelled", "ok"]
+    assert verify(audit).ok
 
 
 # Half a frame header, then one byte every 0.3 s: the frame never completes.
