@@ -95,6 +95,13 @@ def _page(browser: Any, target: Path, tmp_path: Path, *extra: str) -> Page:
     return Page(browser, out)
 
 
+def _shows(locator: Any, text: str) -> None:
+    """*locator* contains *text*, waiting (up to 10 s) for content a toggle event builds."""
+    from playwright.sync_api import expect
+
+    expect(locator).to_contain_text(text, timeout=10_000)
+
+
 def test_click_through_a_real_run(browser: Any, real_run: Any, tmp_path: Path):
     p = _page(browser, Path(real_run.log_path), tmp_path)
     page = p.page
@@ -104,6 +111,7 @@ def test_click_through_a_real_run(browser: Any, real_run: Any, tmp_path: Path):
     # open iteration 1: the code is highlighted, its output shown as text
     page.locator("details.iteration > summary").nth(0).click()
     block = page.locator(".block").first
+    _shows(block.locator("pre.stdout"), "The warehouse holds")
     assert "print(len(context), context[:20])" in block.locator("pre.code").inner_text()
     assert block.locator("pre.code .bi").count() > 0  # highlighted builtins
     assert "The warehouse holds" in block.locator("pre.stdout").inner_text()
@@ -111,9 +119,10 @@ def test_click_through_a_real_run(browser: Any, real_run: Any, tmp_path: Path):
     # iteration 2: the batch's sub-calls in prompt order, and the ZeroDivisionError
     page.locator("details.iteration > summary").nth(1).click()
     second = page.locator("details.iteration").nth(1)
-    assert "ZeroDivisionError" in second.locator("pre.stderr").first.inner_text()
+    _shows(second.locator("pre.stderr").first, "ZeroDivisionError")
     second.locator("details.subcalls > summary").click()
     calls = second.locator(".call")
+    _shows(calls.nth(0), "Summarise: The warehouse")
     assert calls.count() == 2 and "Summarise: The warehouse" in calls.nth(0).inner_text()
     # iteration 3: the child run, expanded in place
     page.locator("details.iteration > summary").nth(2).click()
@@ -121,9 +130,10 @@ def test_click_through_a_real_run(browser: Any, real_run: Any, tmp_path: Path):
     third.locator("details.subcalls > summary").click()
     child = third.locator("details.run")
     child.locator("> summary").click()
-    assert "Count the widgets" in child.inner_text()
+    # a run's body is built on its "toggle" event, which fires after the click returns: wait for it
+    _shows(child, "Count the widgets")
     child.locator("details.iteration > summary").first.click()
-    assert "widgets: 3" in child.locator("pre.stdout").first.inner_text()
+    _shows(child.locator("pre.stdout").first, "widgets: 3")
     # iteration 4: the reply with hostile markup is shown as text, the final answer under it
     fourth = page.locator(f"#i-{real_run.run_id}-3")  # (the child's iterations are on the page by now)
     fourth.locator("> summary").click()
