@@ -467,8 +467,9 @@ class _Exec:
     """The bookkeeping of one ``execute``, whichever way the host waits for the child.
 
     :meth:`Sandbox._run` (a thread that polls) and :meth:`AsyncSandbox._run`
-    (an event loop that is called back) drive it the same way: send
-    :meth:`request`, call :meth:`sent`, then wait at most :meth:`timeout`
+    (an event loop that is called back) drive it the same way: inside
+    ``with ex:`` (its ``__exit__`` decides how an exception ends the execute)
+    send :meth:`request`, call :meth:`sent`, then wait at most :meth:`timeout`
     seconds at a time for a frame, handing each to :meth:`received` (it
     returns a ``call`` to serve, or None once the cell is done) and each
     expired wait to :meth:`expired`; :meth:`finish` builds the result.
@@ -501,6 +502,26 @@ class _Exec:
         self.done: dict[str, Any] | None = None
         self.protocol_error: str | None = None
         self.audit: dict[str, str] | None = None  # the audit line's fields known before the result
+
+    def __enter__(self) -> _Exec:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        """How the conversation with the child ended, for both drivers: it hung up or exited
+        (``_Died``), a read or write ran out of time (``_Timeout``: the wall limit), it broke
+        the protocol (``WireError``), or the execute was given up (any other exception:
+        KeyboardInterrupt, asyncio cancellation, a host function's BaseException), which
+        kills the child, is audited and goes on."""
+        if kind is None or issubclass(kind, _Died):
+            return True
+        if issubclass(kind, _Timeout):
+            self.killed_for = "wall"
+            return True
+        if issubclass(kind, protocol.WireError):
+            self.broke(str(exc))
+            return True
+        self.cancelled()
+        return False
 
     def request(self) -> bytes | None:
         """The ``exec`` frame; None when the CPU spent while idle left this execute
@@ -1026,7 +1047,7 @@ class Sandbox:
         """One execute, waiting for the child in this thread (the asyncio driver is
         :meth:`AsyncSandbox._run`; both drive the same :class:`_Exec`)."""
         ex = _Exec(self, child, code, state_lost)
-        try:
+        with ex:
             frame = ex.request()
             if frame is not None:
                 self._send(child, frame, None, ex.lim.wall_seconds + DEADLINE_GRACE)
@@ -1042,15 +1063,6 @@ class Sandbox:
                     if call is None:
                         break
                     ex.host_time += self._serve_call(child, call, ex.wall_deadline())
-        except _Died:
-            pass
-        except _Timeout:  # the child did not read the exec frame or a reply in time
-            ex.killed_for = "wall"
-        except protocol.WireError as exc:
-            ex.broke(str(exc))
-        except BaseException:  # KeyboardInterrupt, or a host function's BaseException
-            ex.cancelled()
-            raise
         return ex.finish()
 
     def _serve_call(self, child: _Child, msg: dict[str, Any], wall_deadline: float) -> float:
@@ -1387,7 +1399,7 @@ class AsyncSandbox:
     ) -> ExecResult:
         """:meth:`Sandbox._run` on the event loop: the same :class:`_Exec`, awaited instead of polled."""
         ex = _Exec(sb, child, code, state_lost)
-        try:
+        with ex:  # a cancellation ends here too: the cell must not run on
             frame = ex.request()
             if frame is not None:
                 await _send_async(sb, child, frame, None, ex.lim.wall_seconds + DEADLINE_GRACE)
@@ -1403,15 +1415,6 @@ class AsyncSandbox:
                     if call is None:
                         break
                     ex.host_time += await self._serve_call(sb, child, call, ex.wall_deadline())
-        except _Died:
-            pass
-        except _Timeout:
-            ex.killed_for = "wall"
-        except protocol.WireError as exc:
-            ex.broke(str(exc))
-        except BaseException:  # cancelled: the cell must not run on
-            ex.cancelled()
-            raise
         if ex.done is None:  # how the child ended is asked of its fork server: that may wait
             try:
                 result: ExecResult = await _in_thread(asyncio.get_running_loop(), ex.finish, sb._lock.release)
