@@ -2,6 +2,8 @@
 #   make demo   create .venv if needed, install, run the main job
 #   make test   create .venv if needed, install dev deps, run every check and test
 PYTHON ?= python3
+# pytest workers (pytest-xdist); JOBS=0 runs the suite in this one process
+JOBS   ?= 2
 VENV   := .venv
 BIN    := $(VENV)/bin
 
@@ -40,7 +42,7 @@ typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
 pytest: $(VENV)/.installed-dev chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(JOBS)
 
 test: lint typecheck pytest
 

@@ -327,6 +327,8 @@ def test_only_a_lone_calling_thread_spins(audit_path) -> None:
         if wait:
             both_in.wait()  # both threads are inside an execute now
         seen.append(impl._CALLERS.count)
+        if wait:
+            both_in.wait()  # and neither leaves before both have looked
         return 1
 
     with (

@@ -503,8 +503,16 @@ def test_rlm_query_reads_only_inside_allow_read(tmp_path: Path) -> None:
 
     async def go(url: str) -> None:
         base = ("--model", "openai/root", "--api-base", url, "--audit-log", str(tmp_path / "a.jsonl"))
+        # --pool-size 0: the cell that sleeps is this server's own child, found in its process tree
         async with stdio_session(
-            *base, "--allow-read", str(allowed), "--log-dir", str(tmp_path / "logs"), env=env
+            *base,
+            "--allow-read",
+            str(allowed),
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--pool-size",
+            "0",
+            env=env,
         ) as s:
             tools = {t.name: t for t in (await s.list_tools()).tools}
             assert tools["rlm_query"].output_schema["required"] == list(RLM_FIELDS)
@@ -526,10 +534,7 @@ def test_rlm_query_reads_only_inside_allow_read(tmp_path: Path) -> None:
             assert "not both" in await refused(
                 s, "rlm_query", {"query": "q", "context": "x", "context_path": str(allowed / "doc.txt")}
             )
-        async with stdio_session(*base, env=env) as s:  # no --allow-read: no file at all
-            message = await refused(s, "rlm_query", {"query": "q", "context_path": str(allowed / "doc.txt")})
-            assert "without --allow-read" in message
-        async with stdio_session(*base, "--pool-size", "0", env=env) as s:  # a client that gives up
+            # a client that gives up: the running cell is killed now, not at the policy's 30 s wall limit
             (server,) = mcp_servers()
 
             def sleeping() -> list[psutil.Process]:
@@ -539,7 +544,12 @@ def test_rlm_query_reads_only_inside_allow_read(tmp_path: Path) -> None:
                 tg.start_soon(s.call_tool, "rlm_query", {"query": "SLEEPER", "context": "x"})
                 busy = await anyio.to_thread.run_sync(wait_for, sleeping)
                 tg.cancel_scope.cancel()
-            assert all_gone(busy, timeout=10)  # killed now, not at the policy's 30 s wall limit
+            assert all_gone(busy, timeout=10)
+            r = await call(s, "rlm_query", query="q", context="alpha beta GAMMA", max_iterations=3)
+            assert r["answer"] == "GAMMA"  # and the server serves on
+        async with stdio_session(*base, env=env) as s:  # no --allow-read: no file at all
+            message = await refused(s, "rlm_query", {"query": "q", "context_path": str(allowed / "doc.txt")})
+            assert "without --allow-read" in message
 
     with LLMServer(_root) as llm:
         anyio.run(go, llm.base_url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rlm import RLM, run
+from rlm.cli import main as cli_main
 from rlm.errors import AuthenticationError, UnknownModelError
 from tests.conftest import policy_with, run_cli
 from tests.llm_server import ChatRequest, LLMServer, Reply
@@ -187,7 +189,9 @@ def test_acomplete():
         assert asyncio.run(go(srv.base_url)).text == "async reply"
 
 
-def test_cli_run_json_exit_codes_and_no_key_on_disk(tmp_path: Path):
+def test_cli_run_json_exit_codes_and_no_key_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     env.update(OPENAI_API_KEY=KEY, PYTHONPATH=str(ROOT_DIR))
     context = tmp_path / "salaries.txt"
@@ -204,12 +208,19 @@ def test_cli_run_json_exit_codes_and_no_key_on_disk(tmp_path: Path):
         payload = json.loads(done.stdout)
         assert payload["answer"] == "250000" and payload["sub_calls"] == 3 and payload["cost_usd"] > 0
 
+        # exit code 1 without an answer, through main() in this process (a second interpreter
+        # would import litellm again: about 10 s on this machine)
         srv.set_reply(["```repl\nx = 1\n```", ""])  # one turn, then an empty closing reply: no answer
-        done = run_cli("run", "--context", "-", "--query", "q", "--max-iterations", "1", "--json",
-                       "--api-base", srv.base_url, "--log-dir", str(tmp_path / "logs"),
-                       cwd=ROOT_DIR, env={**env, "RLM_MODEL": "openai/gpt-4o-mini"}, stdin="some text")  # fmt: skip
-        assert done.returncode == 1
-        assert json.loads(done.stdout)["stop_reason"] == "max_iterations"
+        for name in [k for k in os.environ if k.endswith("_API_KEY")]:
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        monkeypatch.setenv("RLM_MODEL", "openai/gpt-4o-mini")
+        monkeypatch.setattr(sys, "stdin", io.StringIO("some text"))
+        capsys.readouterr()
+        code = cli_main(["run", "--context", "-", "--query", "q", "--max-iterations", "1", "--json",
+                         "--api-base", srv.base_url, "--log-dir", str(tmp_path / "logs")])  # fmt: skip
+        assert code == 1
+        assert json.loads(capsys.readouterr().out)["stop_reason"] == "max_iterations"
     for path in _written_files(tmp_path):
         assert KEY not in path.read_text(errors="replace"), path
     done = run_cli(
