@@ -43,7 +43,7 @@ from sandbox.spin import Spinner
 __all__ = ["HostFunctionError", "OutputLimitExceeded", "main"]
 
 #: How long the child polls for the next frame before it blocks.
-SPIN_SECONDS = 0.0003
+SPIN_SECONDS = 0.0005
 
 #: Cells whose source is kept for tracebacks (older ones show file and line only).
 SOURCE_CELLS_KEPT = 200
@@ -231,6 +231,8 @@ class Child:
         self.runtime = runtime
         self.call_id = 0
         self.spinner = Spinner(SPIN_SECONDS)
+        #: The host's word in its last exec or reply: a CPU is free for spinning (see sandbox.spin).
+        self.may_spin = True
         self.exec_count = 0
         self.reserve: mmap.mmap | None = None
         self.keep_reserve()
@@ -299,9 +301,11 @@ class Child:
     def recv(self) -> dict[str, Any]:
         # Spin briefly before blocking (on a VM a blocked process takes 100+ us
         # to wake), adaptively: see sandbox.spin.
-        budget = self.spinner.budget()
-        spin_until = time.perf_counter() + budget
+        budget = self.spinner.budget() if self.may_spin else 0.0
+        start = time.perf_counter()
+        spin_until = start + budget
         spun = budget > 0
+        cpu = time.thread_time() if spun else 0.0
         while True:
             try:
                 msg = next(self.reader, None)
@@ -309,22 +313,29 @@ class Child:
                 raise _ChannelLost(str(exc)) from None
             if msg is not None:
                 try:
-                    return protocol.check(msg, "host")
+                    msg = protocol.check(msg, "host")
                 except protocol.WireError as exc:
                     raise _ChannelLost(str(exc)) from None
+                self.may_spin = msg.get("spin", self.may_spin)
+                return msg
             try:
                 if spun and time.perf_counter() < spin_until:
                     try:
                         alive = protocol.recv_frames(self.sock, self.reader, self.fds, wait=False)
                     except BlockingIOError:
                         continue
-                    self.spinner.outcome(True)
+                    now = time.perf_counter()
+                    self.spinner.outcome(True, now - start, time.thread_time() - cpu)
                     spun = False
                 else:
                     if spun:
-                        self.spinner.outcome(False)
+                        now = time.perf_counter()
+                        self.spinner.outcome(False, now - start, time.thread_time() - cpu)
                         spun = False
                     alive = protocol.recv_frames(self.sock, self.reader, self.fds)
+                    if start:  # the first wait that blocked: would a spin have caught it?
+                        self.spinner.blocked(time.perf_counter() - start)
+                        start = 0.0
             except OSError as exc:
                 raise _ChannelLost(str(exc)) from None
             if not alive:

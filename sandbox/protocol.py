@@ -174,8 +174,9 @@ MESSAGES: Final[dict[str, tuple[str, dict[str, Any]]]] = {
         {"ok": bool, "value?": _ANY, "shm?": int, "stream?": int, "kind?": str, "error?": str},
     ),
     # host -> child
-    "exec": ("host", {"id": int, "code": str}),
-    "reply": ("host", {"id": int, "ok": bool, "value?": _ANY, "shm?": int, "error?": str}),
+    # spin: whether the child may spin for the host's next frame (a CPU is free; see sandbox.spin)
+    "exec": ("host", {"id": int, "code": str, "spin?": bool}),
+    "reply": ("host", {"id": int, "ok": bool, "value?": _ANY, "shm?": int, "error?": str, "spin?": bool}),
     "set": ("host", {"name": str, "value?": _ANY, "shm?": int, "stream?": int, "kind?": str}),
     "get": ("host", {"name": str}),
     "bye": ("host", {}),

@@ -78,7 +78,7 @@ from sandbox.errors import (
 from sandbox.policy import Policy, load_policy
 from sandbox.pool import DEFAULT, Default, SandboxPool, default_pool
 from sandbox.result import ExecResult, LimitName
-from sandbox.spin import Spinner
+from sandbox.spin import CpuSlack, Spinner
 
 __all__ = ["AsyncSandbox", "HostFunction", "Sandbox"]
 
@@ -94,6 +94,7 @@ _OUTPUT_SLACK = 4 * limits.CUT_MARKER_BYTES + 160
 #: How long the host polls for the child's answer before it blocks (at most; see sandbox.spin).
 SPIN_SECONDS = 0.0005
 _SPIN_SLOT = threading.Lock()  # held by the one host thread that may spin now
+_SLACK = CpuSlack()  # whether a CPU is free for spinning, on either end
 
 
 class _Callers:
@@ -530,7 +531,7 @@ class _Exec:
             self.killed_for = "cpu"
             self.child.kill()
             return None
-        return protocol.encode({"t": "exec", "id": self.exec_id, "code": self.code})
+        return protocol.encode({"t": "exec", "id": self.exec_id, "code": self.code, "spin": _SLACK.free()})
 
     def sent(self) -> None:
         """The request is on its way. The peak-RSS count starts now (the child cannot run
@@ -986,7 +987,8 @@ class Sandbox:
         """
         # One deadline for the whole frame: a child that sends it a byte at a time does not
         # get a fresh timeout per byte.
-        deadline = None if timeout is None else time.perf_counter() + timeout
+        start = time.perf_counter()
+        deadline = None if timeout is None else start + timeout
         while True:
             raw = next(child.reader, None)
             if raw is not None:
@@ -1000,18 +1002,24 @@ class Sandbox:
                 not events
                 and _CALLERS.count <= 1
                 and (budget := child.spinner.budget())
+                and _SLACK.free()
                 and _SPIN_SLOT.acquire(blocking=False)
             ):
                 try:
-                    spin_until = time.perf_counter() + budget
+                    cpu = time.thread_time()
+                    spun_from = time.perf_counter()
+                    spin_until = spun_from + budget
                     while not events and time.perf_counter() < spin_until:
                         events = child.poll.poll(0)
                 finally:
                     _SPIN_SLOT.release()
-                child.spinner.outcome(bool(events))
+                child.spinner.outcome(bool(events), time.perf_counter() - spun_from, time.thread_time() - cpu)
             if not events:
                 left = None if deadline is None else deadline - time.perf_counter()
                 events = child.poll.poll(None if left is None else max(0, math.ceil(left * 1000)))
+                if events and start:  # the first wait that blocked: would a spin have caught it?
+                    child.spinner.blocked(time.perf_counter() - start)
+                    start = 0.0
             if not events:
                 raise _Timeout()
             _absorb(child, events, accept_fd)
@@ -1088,7 +1096,7 @@ class Sandbox:
 
     def _reply(self, msg: dict[str, Any], outcome: Any, failed: bool) -> tuple[bytes, int | None]:
         """The ``reply`` frame to a ``call`` (and the memfd of a large value, to close after sending)."""
-        reply: dict[str, Any] = {"t": "reply", "id": msg["id"]}
+        reply: dict[str, Any] = {"t": "reply", "id": msg["id"], "spin": _SLACK.free()}
         if not failed:
             try:
                 data = protocol.pack_value(outcome)

@@ -8,13 +8,29 @@ others need. So each channel keeps a :class:`Spinner`:
 
 - a spin that got its answer keeps the full window;
 - a spin that did not halves the window, down to nothing;
-- with nothing left it probes again every :data:`PROBE_EVERY` waits, so a
-  channel that becomes busy again re-learns to spin;
+- a wait that blocked reports how long it took in all (:meth:`Spinner.blocked`):
+  one that a full window would have caught brings the window back. A channel
+  whose answers come quickly again so re-learns to spin at its next wait; one
+  whose answers come late (many tenants, long cells) never spins;
 - a wait whose answer is known to come late (the first request to a child
   that slept in a pool) does not spin at all (:attr:`Spinner.skip`);
+- a spin during which the process lost its CPU (its thread got clearly less
+  CPU time than the wall time that passed) means others want the core: the
+  window drops to nothing and the next :data:`COOLDOWN` blocked waits cannot
+  bring it back, twice as many after each such spin in a row (up to
+  :data:`MAX_COOLDOWN`). A spinning process gets no sleeper's credit from the
+  scheduler, so on a loaded machine spinning makes both ends slower;
 - no ``sched_yield`` in the loop: on a busy machine it hands the CPU to a
   CPU-bound process for a whole time slice (milliseconds), the opposite of
   what a spin is for.
+
+Above the windows, spinning needs a free CPU: the host asks
+:class:`CpuSlack` (the kernel's count of runnable tasks) before it spins, and
+tells the child in each ``exec`` and ``reply`` frame whether it may spin for
+the next request (the child cannot see the machine). On a machine whose cores
+are all taken, a spinner only takes CPU from the process it waits for: a
+spinning process also gets no sleeper's credit from the scheduler, so both
+ends pay for it later.
 
 The host additionally lets only one of its threads spin at a time (the GIL
 makes two spinners take turns anyway). Stdlib only: the child imports it.
@@ -22,42 +38,87 @@ makes two spinners take turns anyway). Stdlib only: the child imports it.
 
 from __future__ import annotations
 
-__all__ = ["PROBE_EVERY", "Spinner"]
+import os
+import time
 
-#: With a window of zero, spin again (a quarter window) once every this many waits.
-PROBE_EVERY = 16
+__all__ = ["COOLDOWN", "MAX_COOLDOWN", "CpuSlack", "Spinner"]
+
+#: After a spin that lost its CPU, this many blocked waits pass before one may re-enable spinning;
+#: doubled for each further such spin in a row, up to MAX_COOLDOWN.
+COOLDOWN = 64
+MAX_COOLDOWN = 4096
 _FLOOR = 0.00002  # windows shorter than 20 us are not worth a spin
+_PREEMPTED = 0.0002  # a spin that got 200 us (and half its wall time) less CPU was preempted
 
 
 class Spinner:
     """The spin window of one channel end, in seconds."""
 
-    __slots__ = ("full", "skip", "waits", "window")
+    __slots__ = ("cooldown", "full", "next_cooldown", "skip", "window")
 
     def __init__(self, full: float) -> None:
         self.full = full
         self.window = full
-        self.waits = 0
         #: The next this many waits block at once (their answer is known to come late).
         self.skip = 0
+        #: Blocked waits left before one may re-enable spinning (after a preempted spin).
+        self.cooldown = 0
+        self.next_cooldown = COOLDOWN
 
     def budget(self) -> float:
         """How long to spin before blocking this time (0: block at once)."""
         if self.skip > 0:
             self.skip -= 1
             return 0.0
-        if self.window > 0:
-            return self.window
-        self.waits += 1
-        if self.waits >= PROBE_EVERY:
-            self.waits = 0
-            return self.full / 4
-        return 0.0
+        return self.window
 
-    def outcome(self, answered: bool) -> None:
-        """Report whether the answer came while spinning."""
+    def outcome(self, answered: bool, wall: float = 0.0, cpu: float = 0.0) -> None:
+        """Report whether the answer came while spinning, and the spin's *wall* time and the
+        *cpu* time the spinning thread got in it (seconds)."""
+        if wall - cpu > max(_PREEMPTED, wall / 2):  # the CPU was taken away: others want it
+            self.window = 0.0
+            self.cooldown = self.next_cooldown
+            self.next_cooldown = min(2 * self.next_cooldown, MAX_COOLDOWN)
+            return
+        self.next_cooldown = COOLDOWN
         if answered:
             self.window = self.full
         else:
             half = self.window / 2
             self.window = half if half >= _FLOOR else 0.0
+
+    def blocked(self, waited: float) -> None:
+        """A wait that ended blocked took *waited* seconds from its start (the wake-up
+        included): if a full window would have caught its answer, spin again next time."""
+        if self.cooldown > 0:
+            self.cooldown -= 1
+        elif waited <= self.full:
+            self.window = self.full
+
+
+class CpuSlack:
+    """Whether a CPU is free now: no more runnable tasks on the machine than CPUs this process
+    may use, from ``/proc/loadavg`` (its fourth field), read at most every *refresh* seconds
+    (threads that race only read it twice). Where the file cannot be read: True."""
+
+    __slots__ = ("_cpus", "_free", "_next", "refresh")
+
+    def __init__(self, refresh: float = 0.01) -> None:
+        self.refresh = refresh
+        self._cpus = len(os.sched_getaffinity(0))
+        self._next = 0.0
+        self._free = True
+
+    def free(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return self._free
+        self._next = now + self.refresh
+        try:
+            with open("/proc/loadavg", "rb") as f:
+                running = int(f.read(128).split()[3].split(b"/")[0])
+        except (OSError, ValueError, IndexError):
+            return self._free
+        # The caller is one of the runnable tasks; the peer about to answer it may be another.
+        self._free = running <= self._cpus
+        return self._free

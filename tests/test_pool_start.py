@@ -72,6 +72,47 @@ def test_a_spinner_told_to_skip_blocks_then_spins_again() -> None:
     assert s.budget() == 0.0005
 
 
+def test_a_spinner_learns_from_waits_that_blocked() -> None:
+    """Spinning stops after misses and comes back as soon as a blocked wait shows that a
+    full window would have caught the answer; long waits (many tenants) never bring it back."""
+    s = Spinner(0.001)
+    for _ in range(10):
+        s.outcome(False)
+    assert s.budget() == 0.0
+    s.blocked(0.05)  # the answer took 50 ms: spinning would have been wasted
+    assert s.budget() == 0.0
+    s.blocked(0.0004)  # 0.4 ms, wake-up included: a full window would have caught it
+    assert s.budget() == 0.001
+
+
+def test_a_spinner_that_lost_its_cpu_stops_spinning_for_a_while() -> None:
+    """A spin that got much less CPU than wall time ran on a loaded machine: spinning there
+    slows both ends, so it stops, and only every COOLDOWN-th short blocked wait restarts it."""
+    from sandbox.spin import COOLDOWN
+
+    s = Spinner(0.001)
+    s.outcome(True, wall=0.0009, cpu=0.00085)  # ran the whole time: fine
+    assert s.budget() == 0.001
+    s.outcome(True, wall=0.0009, cpu=0.0003)  # preempted for 0.6 ms: answered, but others want the core
+    assert s.budget() == 0.0
+    for _ in range(COOLDOWN):
+        s.blocked(0.0001)
+        assert s.budget() == 0.0
+    s.blocked(0.0001)
+    assert s.budget() == 0.001
+    s.outcome(True, wall=0.003, cpu=0.0004)  # preempted again, at its next spin: twice as long a pause
+    for _ in range(2 * COOLDOWN):
+        s.blocked(0.0001)
+        assert s.budget() == 0.0
+    s.blocked(0.0001)
+    s.outcome(True, wall=0.0002, cpu=0.0002)  # a clean spin: the pause is short again
+    s.outcome(False, wall=0.003, cpu=0.0004)
+    for _ in range(COOLDOWN):
+        s.blocked(0.0001)
+    s.blocked(0.0001)
+    assert s.budget() == 0.001
+
+
 def test_sandbox_ids_do_not_repeat_in_a_forked_process() -> None:
     r, w = os.pipe()
     pid = os.fork()
