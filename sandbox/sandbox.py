@@ -98,9 +98,11 @@ _SLACK = CpuSlack()  # whether a CPU is free for spinning, on either end
 
 
 class _Callers:
-    """How many host threads are inside a sync sandbox call now. Only a lone caller spins:
-    a spinning thread takes and drops the GIL at every poll, which slows every other
-    thread of the host (8 threads ran at 70% of one thread's rate, 32 at 56%)."""
+    """How many sandbox calls of this host are in flight now: sync calls, one per thread, and
+    async executes. Only a lone caller spins, and only a lone caller's child is told it may
+    spin (:func:`_child_may_spin`): a spinning thread takes and drops the GIL at every poll,
+    which slows every other thread of the host (8 threads ran at 70% of one thread's rate,
+    32 at 56%), and children that spin while the host serves others take its CPU."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -116,6 +118,13 @@ class _Callers:
 
 
 _CALLERS = _Callers()
+
+
+def _child_may_spin() -> bool:
+    """The ``spin`` word of an exec or reply frame: one call in flight and a CPU free."""
+    return _CALLERS.count <= 1 and _SLACK.free()
+
+
 #: Leases of children whose death could not be confirmed: kept (never reused) until the host exits.
 _unconfirmed: list[uids.UidLease] = []
 
@@ -531,7 +540,9 @@ class _Exec:
             self.killed_for = "cpu"
             self.child.kill()
             return None
-        return protocol.encode({"t": "exec", "id": self.exec_id, "code": self.code, "spin": _SLACK.free()})
+        return protocol.encode(
+            {"t": "exec", "id": self.exec_id, "code": self.code, "spin": _child_may_spin()}
+        )
 
     def sent(self) -> None:
         """The request is on its way. The peak-RSS count starts now (the child cannot run
@@ -1096,7 +1107,7 @@ class Sandbox:
 
     def _reply(self, msg: dict[str, Any], outcome: Any, failed: bool) -> tuple[bytes, int | None]:
         """The ``reply`` frame to a ``call`` (and the memfd of a large value, to close after sending)."""
-        reply: dict[str, Any] = {"t": "reply", "id": msg["id"], "spin": _SLACK.free()}
+        reply: dict[str, Any] = {"t": "reply", "id": msg["id"], "spin": _child_may_spin()}
         if not failed:
             try:
                 data = protocol.pack_value(outcome)
@@ -1374,10 +1385,12 @@ class AsyncSandbox:
         async with self._turn():
             child = await self._hold(sb)
             handed = [False]  # set by _run when a worker thread it leaves behind releases the lock
+            _CALLERS.enter()
             try:
                 state_lost, sb._lost = sb._lost, False
                 return await self._run(sb, child, code, state_lost, handed)
             finally:
+                _CALLERS.leave()
                 if not handed[0]:
                     sb._holder = None
                     sb._lock.release()
