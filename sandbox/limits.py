@@ -95,13 +95,17 @@ class RSSMeter:
     """Peak resident memory of one process, per execute.
 
     Keeps ``/proc/<pid>/status`` and ``/proc/<pid>/clear_refs`` open for the
-    child's lifetime; writing ``5`` to ``clear_refs`` resets the peak (VmHWM).
+    child's lifetime; writing ``5`` to ``clear_refs`` resets the peak (VmHWM)
+    to the resident size of the moment. When :meth:`peak` finds the peak equal
+    to the resident size, the reset would change nothing and is skipped (one
+    system call less per execute in the common case of a cell that leaves its
+    memory as it found it or grew it).
     """
 
     def __init__(self, pid: int) -> None:
         self._status = self._open(f"/proc/{pid}/status", os.O_RDONLY)
         self._clear = self._open(f"/proc/{pid}/clear_refs", os.O_WRONLY)
-        #: Reset since the last peak(): a second reset is skipped (the peak counts from the first).
+        #: The peak is the resident size (reset, or read so by peak()): reset() has nothing to do.
         self._clean = False
 
     @staticmethod
@@ -130,9 +134,12 @@ class RSSMeter:
         if at < 0:
             return None
         try:
-            return int(data[at + 6 : data.index(b"kB", at)]) * 1024
+            hwm = int(data[at + 6 : data.index(b"kB", at)])
+            at = data.find(b"VmRSS:", at)
+            self._clean = at >= 0 and int(data[at + 6 : data.index(b"kB", at)]) == hwm
         except ValueError:
             return None
+        return hwm * 1024
 
     def close(self) -> None:
         """Idempotent, also when a previous call was cut short (Ctrl-C)."""

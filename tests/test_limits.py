@@ -61,6 +61,25 @@ def test_lifetime_cpu_budget_below_one_execute_is_refused():
         policy_with({"limits.cpu_seconds": 10, "limits.lifetime_cpu_seconds": 5})
 
 
+def test_peak_rss_is_per_execute(audit_path):
+    """max_rss_bytes is the peak of one execute: memory a cell freed is not the next one's,
+    memory it kept is part of every later peak (the reset is skipped only when it would
+    change nothing)."""
+    mib = 1 << 20
+    with Sandbox("default", audit_log=audit_path) as box:
+        base = box.execute("y = 1").max_rss_bytes
+        big = box.execute("x = b'x' * (150 << 20); del x").max_rss_bytes
+        after = box.execute("y = 2").max_rss_bytes
+        box.execute("z = b'x' * (100 << 20)")
+        kept = box.execute("y = 3").max_rss_bytes
+        box.execute("del z")
+        freed = box.execute("y = 4").max_rss_bytes
+    assert big >= base + 140 * mib
+    assert after < base + 50 * mib
+    assert kept >= base + 95 * mib
+    assert freed < base + 50 * mib
+
+
 def test_huge_power_is_a_cpu_limit(audit_path):
     with _box({"limits.cpu_seconds": 1, "limits.wall_seconds": 20}, audit_path) as box:
         r = box.execute("x = 10**10**10")
