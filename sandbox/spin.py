@@ -101,10 +101,11 @@ class CpuSlack:
     may use, from ``/proc/loadavg`` (its fourth field), read at most every *refresh* seconds
     (threads that race only read it twice). Where the file cannot be read: True."""
 
-    __slots__ = ("_cpus", "_free", "_next", "refresh")
+    __slots__ = ("_cpus", "_free", "_next", "path", "refresh")
 
-    def __init__(self, refresh: float = 0.01) -> None:
+    def __init__(self, refresh: float = 0.01, path: str = "/proc/loadavg") -> None:
         self.refresh = refresh
+        self.path = path
         self._cpus = len(os.sched_getaffinity(0))
         self._next = 0.0
         self._free = True
@@ -115,7 +116,7 @@ class CpuSlack:
             return self._free
         self._next = now + self.refresh
         try:
-            with open("/proc/loadavg", "rb") as f:
+            with open(self.path, "rb") as f:
                 running = int(f.read(128).split()[3].split(b"/")[0])
         except (OSError, ValueError, IndexError):
             return self._free

@@ -194,3 +194,26 @@ def test_a_pooled_child_taken_by_a_sandbox_that_fails_to_start_is_stopped(tmp_pa
             Sandbox(policy, audit_log=tmp_path, pool=pool)
         assert _gone(pid)  # woken by its init, then stopped: not leaked, not handed out again
         assert pid not in pool.ready_pids()
+
+
+def test_cpu_slack_reads_the_runnable_count_and_keeps_it_for_a_while(tmp_path) -> None:
+    """Spinning needs a free CPU: no more runnable tasks than CPUs this process may use,
+    read from the loadavg file at most every *refresh* seconds; an unreadable or odd file
+    leaves the last answer (True at first)."""
+    from sandbox.spin import CpuSlack
+
+    cpus = len(os.sched_getaffinity(0))
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text(f"0.50 0.40 0.30 {cpus + 3}/250 12345\n")
+    slack = CpuSlack(refresh=0.0, path=str(loadavg))
+    assert slack.free() is False  # every CPU taken, and more tasks waiting
+    loadavg.write_text(f"0.50 0.40 0.30 {cpus}/250 12345\n")
+    assert slack.free() is True
+    kept = CpuSlack(refresh=3600.0, path=str(loadavg))
+    assert kept.free() is True
+    loadavg.write_text(f"9.00 9.00 9.00 {cpus + 8}/250 12345\n")
+    assert kept.free() is True  # not read again within the hour
+    loadavg.write_text("garbage")
+    assert slack.free() is True  # the last answer stands
+    assert CpuSlack(path=str(tmp_path / "missing")).free() is True
+    assert CpuSlack().free() in (True, False)  # the real file parses
