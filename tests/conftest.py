@@ -45,7 +45,11 @@ def policy_with(changes: dict[str, object], base: str = "default") -> Policy:
 
 
 def run_cli(
-    *args: str, stdin: str | None = None, cwd: Path | None = None, env: Mapping[str, str] | None = None
+    *args: str,
+    stdin: str | None = None,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m rlm ARGS`` as a user would; output captured as text."""
     return subprocess.run(
@@ -55,5 +59,5 @@ def run_cli(
         text=True,
         cwd=cwd,
         env=None if env is None else dict(env),
-        timeout=120,
+        timeout=timeout,
     )

@@ -90,10 +90,10 @@ def test_ray_engine_gives_the_same_results_and_never_shows_the_key(tmp_path: Pat
     address, ray_dir = ray_cluster
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_items(inp, 50)
-    with LLMServer(square_reply, latency_s=0.05) as srv:
+    with LLMServer(square_reply, latency_s=0.05) as srv:  # 600 s: each Ray worker imports litellm
         done = run_cli("batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base", srv.base_url,
                        "--engine", "ray", "--ray-address", address, "--log-dir", str(tmp_path / "logs"),
-                       env=cli_env(), cwd=tmp_path)  # fmt: skip
+                       env=cli_env(), cwd=tmp_path, timeout=600)  # fmt: skip
         requests = srv.requests
     assert done.returncode == 0, done.stderr
     records = read_out(out)
