@@ -217,3 +217,48 @@ def test_cpu_slack_reads_the_runnable_count_and_keeps_it_for_a_while(tmp_path) -
     assert slack.free() is True  # the last answer stands
     assert CpuSlack(path=str(tmp_path / "missing")).free() is True
     assert CpuSlack().free() in (True, False)  # the real file parses
+
+
+def test_the_child_is_told_to_spin_only_when_alone_and_a_cpu_is_free(
+    audit_path, tmp_path, monkeypatch
+) -> None:
+    """The ``spin`` word of exec and reply frames: True for a lone call on a machine with a
+    free CPU; False when every CPU is taken, or when another call is in flight."""
+    from sandbox import protocol
+    from sandbox.spin import CpuSlack
+
+    sent: list[tuple[str, bool]] = []
+    encode = protocol.encode
+
+    def spy(msg):
+        if msg.get("t") in ("exec", "reply"):
+            sent.append((msg["t"], msg["spin"]))
+        return encode(msg)
+
+    encode_with_value = protocol.encode_with_value
+
+    def spy_with_value(head, packed):
+        spy(head)
+        return encode_with_value(head, packed)
+
+    monkeypatch.setattr(protocol, "encode", spy)
+    monkeypatch.setattr(protocol, "encode_with_value", spy_with_value)
+    loadavg = tmp_path / "loadavg"
+    monkeypatch.setattr(sandbox_module, "_SLACK", CpuSlack(refresh=0.0, path=str(loadavg)))
+    cpus = len(os.sched_getaffinity(0))
+    with Sandbox("default", host_functions={"f": lambda: 1}, audit_log=audit_path) as sb:
+        loadavg.write_text("0.1 0.1 0.1 1/100 1\n")
+        assert sb.execute("f()").ok
+        assert sent == [("exec", True), ("reply", True)]
+        sent.clear()
+        loadavg.write_text(f"3.0 3.0 3.0 {cpus + 2}/100 1\n")  # every CPU taken
+        assert sb.execute("f()").ok
+        assert sent == [("exec", False), ("reply", False)]
+        sent.clear()
+        loadavg.write_text("0.1 0.1 0.1 1/100 1\n")
+        sandbox_module._CALLERS.enter()  # as if another thread were inside a sandbox call
+        try:
+            assert sb.execute("f()").ok
+        finally:
+            sandbox_module._CALLERS.leave()
+        assert sent == [("exec", False), ("reply", False)]
