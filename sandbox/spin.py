@@ -99,9 +99,13 @@ class Spinner:
 class CpuSlack:
     """Whether a CPU is free now: no more runnable tasks on the machine than CPUs this process
     may use, from ``/proc/loadavg`` (its fourth field), read at most every *refresh* seconds
-    (threads that race only read it twice). Where the file cannot be read: True."""
+    (threads that race only read it twice). Where the file cannot be read: True.
 
-    __slots__ = ("_cpus", "_free", "_next", "path", "refresh")
+    The file stays open (close-on-exec) once read, and is read with one ``pread``: the read
+    comes before the request is sent, on the path of every execute.
+    """
+
+    __slots__ = ("_cpus", "_fd", "_free", "_next", "path", "refresh")
 
     def __init__(self, refresh: float = 0.01, path: str = "/proc/loadavg") -> None:
         self.refresh = refresh
@@ -109,6 +113,7 @@ class CpuSlack:
         self._cpus = len(os.sched_getaffinity(0))
         self._next = 0.0
         self._free = True
+        self._fd = -1
 
     def free(self) -> bool:
         now = time.monotonic()
@@ -116,9 +121,15 @@ class CpuSlack:
             return self._free
         self._next = now + self.refresh
         try:
-            with open(self.path, "rb") as f:
-                running = int(f.read(128).split()[3].split(b"/")[0])
-        except (OSError, ValueError, IndexError):
+            if self._fd < 0:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            data = os.pread(self._fd, 128, 0)
+        except OSError:
+            self._fd = -1  # (closed behind our back, or never there): open again next time
+            return self._free
+        try:
+            running = int(data.split()[3].split(b"/")[0])
+        except (ValueError, IndexError):
             return self._free
         # The caller is one of the runnable tasks; the peer about to answer it may be another.
         self._free = running <= self._cpus
