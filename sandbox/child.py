@@ -302,10 +302,11 @@ class Child:
         # Spin briefly before blocking (on a VM a blocked process takes 100+ us
         # to wake), adaptively: see sandbox.spin.
         budget = self.spinner.budget() if self.may_spin else 0.0
-        start = time.perf_counter()
-        spin_until = start + budget
+        self.spinner.wait_started()
         spun = budget > 0
-        cpu = time.thread_time() if spun else 0.0
+        if spun:
+            self.spinner.spin_started()
+        spin_until = time.perf_counter() + budget
         while True:
             try:
                 msg = next(self.reader, None)
@@ -324,18 +325,14 @@ class Child:
                         alive = protocol.recv_frames(self.sock, self.reader, self.fds, wait=False)
                     except BlockingIOError:
                         continue
-                    now = time.perf_counter()
-                    self.spinner.outcome(True, now - start, time.thread_time() - cpu)
+                    self.spinner.spin_ended(True)
                     spun = False
                 else:
                     if spun:
-                        now = time.perf_counter()
-                        self.spinner.outcome(False, now - start, time.thread_time() - cpu)
+                        self.spinner.spin_ended(False)
                         spun = False
                     alive = protocol.recv_frames(self.sock, self.reader, self.fds)
-                    if start:  # the first wait that blocked: would a spin have caught it?
-                        self.spinner.blocked(time.perf_counter() - start)
-                        start = 0.0
+                    self.spinner.woke()  # would a spin have caught it?
             except OSError as exc:
                 raise _ChannelLost(str(exc)) from None
             if not alive:

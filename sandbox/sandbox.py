@@ -998,8 +998,8 @@ class Sandbox:
         """
         # One deadline for the whole frame: a child that sends it a byte at a time does not
         # get a fresh timeout per byte.
-        start = time.perf_counter()
-        deadline = None if timeout is None else start + timeout
+        child.spinner.wait_started()
+        deadline = None if timeout is None else time.perf_counter() + timeout
         while True:
             raw = next(child.reader, None)
             if raw is not None:
@@ -1017,20 +1017,18 @@ class Sandbox:
                 and _SPIN_SLOT.acquire(blocking=False)
             ):
                 try:
-                    cpu = time.thread_time()
-                    spun_from = time.perf_counter()
-                    spin_until = spun_from + budget
+                    child.spinner.spin_started()
+                    spin_until = time.perf_counter() + budget
                     while not events and time.perf_counter() < spin_until:
                         events = child.poll.poll(0)
                 finally:
                     _SPIN_SLOT.release()
-                child.spinner.outcome(bool(events), time.perf_counter() - spun_from, time.thread_time() - cpu)
+                child.spinner.spin_ended(bool(events))
             if not events:
                 left = None if deadline is None else deadline - time.perf_counter()
                 events = child.poll.poll(None if left is None else max(0, math.ceil(left * 1000)))
-                if events and start:  # the first wait that blocked: would a spin have caught it?
-                    child.spinner.blocked(time.perf_counter() - start)
-                    start = 0.0
+                if events:
+                    child.spinner.woke()  # would a spin have caught it?
             if not events:
                 raise _Timeout()
             _absorb(child, events, accept_fd)

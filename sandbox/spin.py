@@ -54,7 +54,16 @@ _PREEMPTED = 0.0002  # a spin that got 200 us (and half its wall time) less CPU 
 class Spinner:
     """The spin window of one channel end, in seconds."""
 
-    __slots__ = ("cooldown", "full", "next_cooldown", "skip", "window")
+    __slots__ = (
+        "_spin_cpu",
+        "_spin_from",
+        "_wait_from",
+        "cooldown",
+        "full",
+        "next_cooldown",
+        "skip",
+        "window",
+    )
 
     def __init__(self, full: float) -> None:
         self.full = full
@@ -64,6 +73,8 @@ class Spinner:
         #: Blocked waits left before one may re-enable spinning (after a preempted spin).
         self.cooldown = 0
         self.next_cooldown = COOLDOWN
+        self._wait_from = 0.0  # when the current wait started (0: no wait, or it blocked already)
+        self._spin_from = self._spin_cpu = 0.0  # when the current spin started, in wall and CPU time
 
     def budget(self) -> float:
         """How long to spin before blocking this time (0: block at once)."""
@@ -71,6 +82,22 @@ class Spinner:
             self.skip -= 1
             return 0.0
         return self.window
+
+    # Both ends call these around a wait; they measure and report to outcome() and blocked().
+    def wait_started(self) -> None:
+        self._wait_from = time.perf_counter()
+
+    def spin_started(self) -> None:
+        self._spin_from, self._spin_cpu = time.perf_counter(), time.thread_time()
+
+    def spin_ended(self, answered: bool) -> None:
+        self.outcome(answered, time.perf_counter() - self._spin_from, time.thread_time() - self._spin_cpu)
+
+    def woke(self) -> None:
+        """A blocking wait returned: the first time in this wait, it is reported to :meth:`blocked`."""
+        if self._wait_from:
+            self.blocked(time.perf_counter() - self._wait_from)
+            self._wait_from = 0.0
 
     def outcome(self, answered: bool, wall: float = 0.0, cpu: float = 0.0) -> None:
         """Report whether the answer came while spinning, and the spin's *wall* time and the

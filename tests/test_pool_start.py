@@ -85,6 +85,21 @@ def test_a_spinner_learns_from_waits_that_blocked() -> None:
     assert s.budget() == 0.001
 
 
+def test_only_the_first_wake_up_of_a_wait_counts() -> None:
+    """woke() reports the wait from wait_started() once: the later reads of a frame that came
+    in pieces are not waits of their own."""
+    s = Spinner(0.001)
+    s.outcome(False)
+    s.outcome(False)
+    s.window = 0.0
+    s.wait_started()
+    s.woke()  # at once: a full window would have caught it
+    assert s.budget() == 0.001
+    s.window = 0.0
+    s.woke()  # a second read in the same wait: nothing to report
+    assert s.budget() == 0.0
+
+
 def test_a_spinner_that_lost_its_cpu_stops_spinning_for_a_while() -> None:
     """A spin that got much less CPU than wall time ran on a loaded machine: spinning there
     slows both ends, so it stops, and only every COOLDOWN-th short blocked wait restarts it."""
