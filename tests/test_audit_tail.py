@@ -30,6 +30,13 @@ def _append(path, n=1, **extra):
         log.close()
 
 
+def _append_one(path, record):
+    """One line through a new AuditLog of this process (what it remembers of the file is kept)."""
+    log = AuditLog(path)
+    log.append(record)
+    log.close()
+
+
 def _lines(path):
     return path.read_bytes().split(b"\n")
 
@@ -193,13 +200,9 @@ def test_the_next_log_object_in_this_process_reads_nothing_back(tmp_path, monkey
     """The next sandbox on the same file starts from the hash the last one closed with."""
     path = tmp_path / "audit.jsonl"
     _append(path, 2)
-    first = AuditLog(path)
-    first.append({"seq": 0, "code": "a"})
-    first.close()
+    _append_one(path, {"seq": 0, "code": "a"})
     read = _counting_preads(monkeypatch)
-    second = AuditLog(path)
-    second.append({"seq": 1, "code": "b"})
-    second.close()
+    _append_one(path, {"seq": 1, "code": "b"})
     assert read == []
     assert verify(path).ok and verify(path).lines == 4
 
@@ -207,9 +210,7 @@ def test_the_next_log_object_in_this_process_reads_nothing_back(tmp_path, monkey
 def test_a_write_by_anyone_else_since_makes_the_next_log_read_the_tail(tmp_path, monkeypatch):
     path = tmp_path / "audit.jsonl"
     _append(path, 1)
-    mine = AuditLog(path)
-    mine.append({"seq": 0, "code": "mine"})
-    mine.close()
+    _append_one(path, {"seq": 0, "code": "mine"})
     # another process appends (its own log object, nothing remembered there)
     subprocess.run(
         [sys.executable, "-c",
@@ -217,9 +218,7 @@ def test_a_write_by_anyone_else_since_makes_the_next_log_read_the_tail(tmp_path,
         check=True,
     )  # fmt: skip
     read = _counting_preads(monkeypatch)
-    again = AuditLog(path)
-    again.append({"seq": 1, "code": "mine again"})
-    again.close()
+    _append_one(path, {"seq": 1, "code": "mine again"})
     assert read, "the other process's line was not read back"
     report = verify(path)
     assert report.ok and report.lines == 4, report
@@ -227,7 +226,5 @@ def test_a_write_by_anyone_else_since_makes_the_next_log_read_the_tail(tmp_path,
     path.rename(tmp_path / "old.jsonl")
     _append(tmp_path / "seed.jsonl", 1)
     (tmp_path / "seed.jsonl").rename(path)
-    fresh = AuditLog(path)
-    fresh.append({"code": "after the swap"})
-    fresh.close()
+    _append_one(path, {"code": "after the swap"})
     assert verify(path).ok and verify(path).lines == 2
