@@ -108,7 +108,9 @@ def _canonical(record: Mapping[str, Any], encoded: Mapping[str, str] | None = No
 
 
 def _hash_of(prev_hash: str, body: bytes) -> str:
-    return hashlib.sha256(prev_hash.encode() + b"\n" + body).hexdigest()
+    h = hashlib.sha256(prev_hash.encode() + b"\n")  # fed in two parts: a long body is not copied
+    h.update(body)
+    return h.hexdigest()
 
 
 def line_hash(record: dict[str, Any]) -> str:

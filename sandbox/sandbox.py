@@ -1006,12 +1006,13 @@ class Sandbox:
                 return protocol.check(raw, "child")
             if child.dead:
                 raise _Died()
-            events = child.poll.poll(0)
+            alone = _CALLERS.count <= 1
+            events = child.poll.poll(0) if alone else []
             # Spin briefly before blocking (a blocked process on a VM takes 100+ us
             # to wake), adaptively and one host thread at a time: see sandbox.spin.
             if (
                 not events
-                and _CALLERS.count <= 1
+                and alone
                 and (budget := child.spinner.budget())
                 and _SLACK.free()
                 and _SPIN_SLOT.acquire(blocking=False)
