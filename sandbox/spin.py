@@ -124,23 +124,46 @@ class Spinner:
 
 
 class CpuSlack:
-    """Whether a CPU is free now: no more runnable tasks on the machine than CPUs this process
-    may use, from ``/proc/loadavg`` (its fourth field), read at most every *refresh* seconds
-    (threads that race only read it twice). Where the file cannot be read: True.
+    """Whether a CPU is free now, for spinning, read at most every *refresh* seconds (threads
+    that race only read it twice). Free means all of:
 
-    The file stays open (close-on-exec) once read, and is read with one ``pread``: the read
-    comes before the request is sent, on the path of every execute.
+    - this process may use at least two CPUs (a spinner and the peer it waits for): its CPU
+      affinity, capped by the CPU quota of its cgroup (``cpu.max`` of cgroup v2,
+      ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` of v1, the lowest along the path up), so
+      that a container limited to one CPU of a big machine never spins;
+    - no more runnable tasks on the machine than those CPUs (``/proc/loadavg``, its fourth
+      field; the caller is one of them);
+    - the cgroup whose quota caps it was not throttled since the last read (``nr_throttled``
+      of its ``cpu.stat`` did not grow): a spin would burn quota the sandboxes need, and a
+      throttled cgroup stalls for the rest of its period (100 ms by default).
+
+    A file that cannot be read leaves the last answer (True at first); without a readable
+    cgroup the affinity alone counts. The cgroup is looked up once, at the first read: its
+    limits are re-read each time, a quota set later on a level that had none is not seen.
+    The files stay open (close-on-exec) and are read with one ``pread`` each: the read comes
+    before the request is sent, on the path of every execute.
     """
 
-    __slots__ = ("_cpus", "_fd", "_free", "_next", "path", "refresh")
+    __slots__ = ("_cgroup", "_cgroup_fs", "_fd", "_free", "_levels", "_next", "_throttled", "path", "refresh")
 
-    def __init__(self, refresh: float = 0.01, path: str = "/proc/loadavg") -> None:
+    def __init__(
+        self,
+        refresh: float = 0.01,
+        path: str = "/proc/loadavg",
+        *,
+        cgroup: str = "/proc/self/cgroup",
+        cgroup_fs: str = "/sys/fs/cgroup",
+    ) -> None:
         self.refresh = refresh
         self.path = path
-        self._cpus = len(os.sched_getaffinity(0))
+        self._cgroup = cgroup
+        self._cgroup_fs = cgroup_fs
         self._next = 0.0
         self._free = True
         self._fd = -1
+        #: Per cgroup level with a CPU quota: descriptors of its quota file(s) and cpu.stat.
+        self._levels: list[_QuotaLevel] | None = None
+        self._throttled: dict[int, int] = {}  # cpu.stat descriptor -> nr_throttled last read
 
     def free(self) -> bool:
         now = time.monotonic()
@@ -158,6 +181,104 @@ class CpuSlack:
             running = int(data.split()[3].split(b"/")[0])
         except (ValueError, IndexError):
             return self._free
+        cpus = len(os.sched_getaffinity(0))
+        throttled = False
+        if self._levels is None:
+            self._levels = _quota_levels(self._cgroup, self._cgroup_fs)
+        for level in self._levels:
+            allowed = level.cpus()
+            if allowed is not None:
+                cpus = min(cpus, allowed)
+            count = level.throttled()
+            if count is not None:
+                throttled |= count > self._throttled.get(level.stat, count)
+                self._throttled[level.stat] = count
         # The caller is one of the runnable tasks; the peer about to answer it may be another.
-        self._free = running <= self._cpus
+        self._free = cpus >= 2 and running <= cpus and not throttled
         return self._free
+
+
+class _QuotaLevel:
+    """One cgroup directory that had a CPU quota when it was found: its open files."""
+
+    __slots__ = ("period", "quota", "stat")
+
+    def __init__(self, quota: int, period: int, stat: int) -> None:
+        self.quota, self.period, self.stat = quota, period, stat  # descriptors; period -1 on v2
+
+    def cpus(self) -> int | None:
+        """Whole CPUs the quota allows now (None: no quota now, or unreadable)."""
+        try:
+            if self.period < 0:  # v2 cpu.max: "<quota|max> <period>"
+                fields = os.pread(self.quota, 64, 0).split()
+                quota, period = fields[0], fields[1]
+            else:
+                quota, period = os.pread(self.quota, 32, 0), os.pread(self.period, 32, 0)
+            if quota.strip() == b"max" or int(quota) < 0:
+                return None
+            return int(quota) // max(1, int(period))
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def throttled(self) -> int | None:
+        """The level's ``nr_throttled`` count (None: unreadable)."""
+        try:
+            data = os.pread(self.stat, 512, 0)
+            at = data.index(b"nr_throttled ")
+            return int(data[at + 13 : data.index(b"\n", at)])
+        except (OSError, ValueError):
+            return None
+
+
+def _quota_levels(cgroup: str, cgroup_fs: str) -> list[_QuotaLevel]:
+    """The levels of this process's CPU cgroup, itself and up, that have a quota now."""
+    try:
+        with open(cgroup, encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    dirs: list[tuple[str, bool]] = []  # (directory, is v2)
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers, rel = parts[1], parts[2].strip("/")
+        if controllers == "":  # v2: the unified hierarchy, mounted at cgroup_fs or beneath it
+            for root in (cgroup_fs, os.path.join(cgroup_fs, "unified")):
+                if os.path.exists(os.path.join(root, "cgroup.controllers")):
+                    dirs.append((os.path.join(root, rel), True))
+                    break
+        elif "cpu" in controllers.split(","):
+            for name in (controllers, "cpu,cpuacct", "cpu"):
+                root = os.path.join(cgroup_fs, name)
+                if os.path.exists(os.path.join(root, "cpu.cfs_quota_us")):
+                    dirs.append((os.path.join(root, rel), False))
+                    break
+    levels: list[_QuotaLevel] = []
+    for here, v2 in dirs:
+        quota_file = "cpu.max" if v2 else "cpu.cfs_quota_us"
+        while os.path.exists(os.path.join(here, quota_file)):  # up to the hierarchy's root
+            level = _open_level(here, v2)
+            if level is not None:
+                levels.append(level)
+            here = os.path.dirname(here)
+    return levels
+
+
+def _open_level(directory: str, v2: bool) -> _QuotaLevel | None:
+    """*directory*'s quota files and ``cpu.stat``, open, if it has a quota now."""
+    names = ("cpu.max",) if v2 else ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+    fds: list[int] = []
+    try:
+        for name in (*names, "cpu.stat"):
+            fds.append(os.open(os.path.join(directory, name), os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        return None
+    level = _QuotaLevel(fds[0], -1, fds[1]) if v2 else _QuotaLevel(fds[0], fds[1], fds[2])
+    if level.cpus() is None:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return level

@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from sandbox import Sandbox, limits
 from sandbox import sandbox as sandbox_module
@@ -232,6 +235,97 @@ def test_cpu_slack_reads_the_runnable_count_and_keeps_it_for_a_while(tmp_path) -
     assert slack.free() is True  # the last answer stands
     assert CpuSlack(path=str(tmp_path / "missing")).free() is True
     assert CpuSlack().free() in (True, False)  # the real file parses
+
+
+def _fake_cgroup(tmp_path, v2: bool, quota: str, throttled: int = 0):
+    """A cgroup file system in *tmp_path* with this process two levels down, the lower one
+    limited to *quota* (v2 ``cpu.max`` text, or v1 ``cfs_quota_us`` with a 100 ms period)."""
+    fs = tmp_path / "cgfs"
+    if v2:
+        (fs / "a" / "b").mkdir(parents=True)
+        (fs / "cgroup.controllers").write_text("cpu memory\n")
+        (fs / "a" / "cpu.max").write_text("max 100000\n")
+        (fs / "a" / "b" / "cpu.max").write_text(quota + "\n")
+        stat = fs / "a" / "b" / "cpu.stat"
+        cgroup = "0::/a/b\n"
+    else:
+        (fs / "cpu,cpuacct" / "a" / "b").mkdir(parents=True)
+        (fs / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1\n")  # the hierarchy's root
+        for level in ("a", "a/b"):
+            (fs / "cpu,cpuacct" / level / "cpu.cfs_quota_us").write_text("-1\n")
+            (fs / "cpu,cpuacct" / level / "cpu.cfs_period_us").write_text("100000\n")
+            (fs / "cpu,cpuacct" / level / "cpu.stat").write_text("nr_periods 0\nnr_throttled 0\n")
+        (fs / "cpu,cpuacct" / "a" / "b" / "cpu.cfs_quota_us").write_text(quota + "\n")
+        stat = fs / "cpu,cpuacct" / "a" / "b" / "cpu.stat"
+        cgroup = "12:memory:/x\n4:cpu,cpuacct:/a/b\n0::/\n"
+    stat.write_text(f"nr_periods 10\nnr_throttled {throttled}\nthrottled_time 0\n")
+    (tmp_path / "cgroup").write_text(cgroup)
+    return str(tmp_path / "cgroup"), str(fs), stat
+
+
+@pytest.mark.parametrize("v2", [True, False], ids=["cgroup2", "cgroup1"])
+def test_cpu_slack_counts_the_cgroup_quota_and_its_throttling(tmp_path, v2) -> None:
+    """In a container limited to less than two CPUs of a big machine nobody spins (a spinner
+    and its peer need two); with more quota, a cgroup throttled since the last read stops
+    spinning until a read finds no new throttling."""
+    from sandbox.spin import CpuSlack
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("spinning needs two CPUs this process may use")
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("0.1 0.1 0.1 1/100 1\n")  # the machine is idle
+    one_cpu = "150000 100000" if v2 else "150000"  # 1.5 CPUs: one whole CPU
+    cgroup, fs, _ = _fake_cgroup(tmp_path / "one", v2, one_cpu)
+    assert CpuSlack(refresh=0.0, path=str(loadavg), cgroup=cgroup, cgroup_fs=fs).free() is False
+    two_cpus = "200000 100000" if v2 else "200000"
+    cgroup, fs, stat = _fake_cgroup(tmp_path / "two", v2, two_cpus, throttled=5)
+    slack = CpuSlack(refresh=0.0, path=str(loadavg), cgroup=cgroup, cgroup_fs=fs)
+    assert slack.free() is True
+    stat.write_text("nr_periods 20\nnr_throttled 7\nthrottled_time 99\n")
+    assert slack.free() is False  # throttled since the last read
+    assert slack.free() is True  # and not since
+    (stat.parent / ("cpu.max" if v2 else "cpu.cfs_quota_us")).write_text("max 100000\n" if v2 else "-1\n")
+    loadavg.write_text("0.1 0.1 0.1 1/100 1\n")
+    assert slack.free() is True  # the quota was lifted: the affinity counts alone
+    # No cgroup file, or one naming nothing readable: the affinity alone.
+    assert CpuSlack(refresh=0.0, path=str(loadavg), cgroup=str(tmp_path / "none")).free() is True
+
+
+def test_cpu_slack_in_a_real_cpu_cgroup_with_a_quota(tmp_path) -> None:
+    """The same with the kernel's own files: a process in a v1 ``cpu`` cgroup limited to half
+    a CPU never spins; after the quota is lifted, it may."""
+    root = "/sys/fs/cgroup/cpu"
+    if not os.access(os.path.join(root, "cgroup.procs"), os.W_OK):
+        pytest.skip("no writable cgroup v1 cpu hierarchy here")
+    group = os.path.join(root, f"rlm-test-slack-{os.getpid()}")
+    os.mkdir(group)
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("0.1 0.1 0.1 1/100 1\n")
+    probe = (
+        "import sys; from sandbox.spin import CpuSlack\n"
+        f"s = CpuSlack(refresh=0.0, path={str(loadavg)!r})\n"
+        "for _ in range(2): sys.stdin.readline(); print(s.free(), flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", probe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+    def ask() -> str:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        return proc.stdout.readline().strip()
+
+    try:
+        Path(group, "cpu.cfs_quota_us").write_text("50000")  # half of the 100 ms period
+        Path(group, "cgroup.procs").write_text(str(proc.pid))
+        assert ask() == "False"
+        Path(group, "cpu.cfs_quota_us").write_text("-1")
+        assert ask() == "True"
+    finally:
+        proc.kill()
+        proc.wait(10)
+        os.rmdir(group)
 
 
 def test_the_child_is_told_to_spin_only_when_alone_and_a_cpu_is_free(
