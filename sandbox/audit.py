@@ -9,12 +9,13 @@ line, which :func:`verify` names. (Cutting lines off the *end* leaves a valid
 shorter chain; keep the last hash elsewhere if that matters to you.)
 
 Several sandboxes, in one process or many, may share a file: each append
-takes an exclusive ``flock`` and re-reads the last line only when someone
-else has written since. Finding the last line reads backwards from the end,
-so it costs the length of that line, however long, not its square. A log
-opened again in the same process (the next sandbox on that file) starts from
-the hash the last one closed with, when nobody wrote since (same size and
-modification time), and reads nothing back.
+takes an exclusive ``flock`` and re-reads the last line only when another
+process has written since. This process remembers, per file, the size and
+hash its last append left; an append (or a new log object, the next sandbox
+on that file) that finds the file at that size chains onto that hash and
+reads nothing back, so sandboxes of one process sharing the default log do
+not read each other's lines. Finding the last line reads backwards from the
+end, so it costs the length of that line, however long, not its square.
 
 A crash in the middle of an append can leave the file ending in a cut-off
 line. The next append does not chain onto it and does not drop it: it ends
@@ -119,11 +120,12 @@ def line_hash(record: dict[str, Any]) -> str:
     return _hash_of(str(record.get("prev_hash", "")), _canonical(body))
 
 
-#: (st_dev, st_ino) of an audit file -> (size, mtime_ns, last hash) when an AuditLog of this
-#: process that had appended to it closed. A new AuditLog of a file nobody wrote since (same
-#: size and modification time) starts from there instead of reading the last line back.
-_closed_at: dict[tuple[int, int], tuple[int, int, str]] = {}
-_CLOSED_KEPT = 256
+#: (st_dev, st_ino) of an audit file -> (size, hash) its last append by this process left. An
+#: append that finds the file at that size (under its lock) chains onto that hash instead of
+#: reading the last line back: the line is this process's own, from another log object (another
+#: sandbox on the same file). Only appends make a file grow, so another writer changes the size.
+_heads: dict[tuple[int, int], tuple[int, str]] = {}
+_HEADS_KEPT = 256
 
 
 def _as_path(path: str | Path) -> Path:
@@ -149,11 +151,11 @@ class AuditLog:
         except OSError as exc:
             raise AuditError(f"cannot open audit log {self.path}: {exc.strerror}") from None
         self._file = (st.st_dev, st.st_ino)
-        self._end = -1  # file size after our last append; -1: unknown
+        self._end = -1  # file size after the last append this object knows of; -1: unknown
         self._last = GENESIS
-        known = _closed_at.get(self._file)
-        if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
-            self._end, self._last = st.st_size, known[2]
+        known = _heads.get(self._file)
+        if known is not None and known[0] == st.st_size:
+            self._end, self._last = known
 
     def append(self, record: dict[str, Any], encoded: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Chain and write *record* plus the fields *encoded* by :func:`encode_fields`;
@@ -163,7 +165,10 @@ class AuditLog:
             try:
                 size = os.fstat(self._fd).st_size
                 seal = b""
-                if size != self._end:
+                known = _heads.get(self._file) if size != self._end else None
+                if known is not None and known[0] == size:  # another log object of ours wrote last
+                    self._last = known[1]
+                elif size != self._end:
                     tail = _read_tail(self.path, size)
                     self._last = tail.prev_hash
                     if tail.seal:
@@ -178,6 +183,10 @@ class AuditLog:
                 _write_all(self._fd, line)
                 self._end = size + len(line)
                 self._last = record["hash"]
+                if self._file not in _heads and len(_heads) >= _HEADS_KEPT:
+                    with contextlib.suppress(RuntimeError, StopIteration, KeyError):
+                        del _heads[next(iter(_heads))]
+                _heads[self._file] = (self._end, self._last)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         except OSError as exc:
@@ -186,13 +195,6 @@ class AuditLog:
 
     def close(self) -> None:
         if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                st = os.fstat(self._fd)
-                if st.st_size == self._end:  # nobody wrote after our last line: remember its hash
-                    if len(_closed_at) >= _CLOSED_KEPT:
-                        with contextlib.suppress(RuntimeError, StopIteration):
-                            _closed_at.pop(next(iter(_closed_at)), None)
-                    _closed_at[self._file] = (st.st_size, st.st_mtime_ns, self._last)
             os.close(self._fd)
             self._fd = -1
 

@@ -22,7 +22,7 @@ BIG = 16 * 1024 * 1024
 
 
 def _append(path, n=1, **extra):
-    audit._closed_at.clear()  # what the next `rlm exec` does: a new process, nothing remembered
+    audit._heads.clear()  # what the next `rlm exec` does: a new process, nothing remembered
     log = AuditLog(path)
     try:
         return [log.append({"seq": i, "code": f"x = {i}", **extra}) for i in range(n)]
@@ -205,6 +205,35 @@ def test_the_next_log_object_in_this_process_reads_nothing_back(tmp_path, monkey
     _append_one(path, {"seq": 1, "code": "b"})
     assert read == []
     assert verify(path).ok and verify(path).lines == 4
+
+
+def test_sandboxes_of_one_process_sharing_a_log_do_not_read_each_others_lines(tmp_path, monkeypatch):
+    """Two log objects of this process on one file (two sandboxes on the default log), taking
+    turns: each chains onto the other's last line without reading it back, and the chain holds;
+    a line from another process in between is read back once."""
+    path = tmp_path / "audit.jsonl"
+    _append(path, 1)
+    read = _counting_preads(monkeypatch)
+    first, second = AuditLog(path), AuditLog(path)
+    try:
+        for i in range(20):
+            (first if i % 2 else second).append({"seq": i, "code": f"x = {i}"})
+        assert read == []
+        subprocess.run(
+            [sys.executable, "-c",
+             f"from sandbox.audit import AuditLog; AuditLog({str(path)!r}).append({{'code': 'theirs'}})"],
+            check=True,
+        )  # fmt: skip
+        first.append({"code": "after theirs"})
+        assert read, "the other process's line was not read back"
+        read.clear()
+        second.append({"code": "and again"})
+        assert read == []
+    finally:
+        first.close()
+        second.close()
+    report = verify(path)
+    assert report.ok and report.lines == 24, report
 
 
 def test_a_write_by_anyone_else_since_makes_the_next_log_read_the_tail(tmp_path, monkeypatch):
