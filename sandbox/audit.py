@@ -96,7 +96,22 @@ def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
     A caller may encode the fields it knows early (the code of a cell, while
     the cell runs) and hand them to :meth:`AuditLog.append` as ``encoded``.
     """
-    return {key: f"{_STRING(key)}:{_json(value)}" for key, value in fields.items()}
+    keys = _KEYS
+    return {
+        key: (keys.get(key) or _key(key)) + (_STRING(value) if type(value) is str else _json(value))
+        for key, value in fields.items()
+    }
+
+
+#: ``"key":`` per field name seen (the names are this package's own: a few dozen at most).
+_KEYS: dict[str, str] = {}
+
+
+def _key(key: str) -> str:
+    piece = f"{_STRING(key)}:"
+    if len(_KEYS) < 1024:
+        _KEYS[key] = piece
+    return piece
 
 
 def _canonical(record: Mapping[str, Any], encoded: Mapping[str, str] | None = None) -> bytes:
@@ -105,7 +120,7 @@ def _canonical(record: Mapping[str, Any], encoded: Mapping[str, str] | None = No
     pieces = encode_fields(record)
     if encoded:
         pieces.update(encoded)
-    return ("{" + ",".join(pieces[key] for key in sorted(pieces)) + "}").encode("utf-8")
+    return ("{" + ",".join([pieces[key] for key in sorted(pieces)]) + "}").encode("utf-8")
 
 
 def _hash_of(prev_hash: str, body: bytes) -> str:
