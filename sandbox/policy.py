@@ -58,6 +58,10 @@ DEFAULT_IMPORTS: tuple[str, ...] = (
 #: Every model: frozen, unknown keys refused, and no coercion ("no" is not a bool, "10" not a
 #: number, 10.0 not an int; an int is accepted where a float is asked for).
 _MODEL = ConfigDict(frozen=True, extra="forbid", strict=True)
+#: Upper bounds of the limits: a year of seconds, 16 TiB in MiB. Far above any real policy, they keep
+#: infinities and huge numbers out of the kernel's limits and the host's waits (which overflow).
+_MAX_SECONDS = 365 * 24 * 3600
+_MAX_MB = 1 << 24
 
 #: Layers that cannot work with another one switched off: the kernel loads a seccomp filter or a
 #: Landlock ruleset into an unprivileged process only once PR_SET_NO_NEW_PRIVS is set.
@@ -122,13 +126,17 @@ class Limits(BaseModel):
     model_config = _MODEL
 
     cpu_seconds: float = Field(
-        10.0, gt=0, description="CPU time one execute may use, in seconds. Default 10."
+        10.0,
+        gt=0,
+        le=_MAX_SECONDS,
+        description="CPU time one execute may use, in seconds (at most a year). Default 10.",
     )
     lifetime_cpu_seconds: float = Field(
         600.0,
         gt=0,
+        le=_MAX_SECONDS,
         description=(
-            "CPU time a sandbox child may use over its whole life, in seconds: the kernel's RLIMIT_CPU, "
+            "CPU time a sandbox child may use over its whole life, in seconds (at most a year): the kernel's RLIMIT_CPU, "
             "set when the child starts. It bounds CPU used while the host is not watching (between "
             "executes); the host cannot rely on raising a child's limit later (that needs "
             "CAP_SYS_RESOURCE, which containers often lack). A child that reaches it is killed: the "
@@ -139,34 +147,45 @@ class Limits(BaseModel):
     wall_seconds: float = Field(
         30.0,
         gt=0,
+        le=_MAX_SECONDS,
         description=(
-            "Wall-clock time one execute may take, in seconds; the host kills the child's process "
+            "Wall-clock time one execute may take, in seconds (at most a year); the host kills the child's process "
             "group at the deadline. Time the host spends inside host functions is not counted. Default 30."
         ),
     )
     memory_mb: int = Field(
-        1024, gt=16, description="Address space of the child process, in MiB (RLIMIT_AS). Default 1024."
+        1024,
+        gt=16,
+        le=_MAX_MB,
+        description="Address space of the child process, in MiB (RLIMIT_AS). Default 1024.",
     )
     max_output_bytes: int = Field(
         1_000_000,
         gt=0,
-        description="stdout plus stderr one execute may print, in bytes; the rest is cut with a marker. Default 1000000.",
+        le=1 << 30,
+        description="stdout plus stderr one execute may print, in bytes (at most 1 GiB); the rest is cut with a marker. Default 1000000.",
     )
     max_processes: int = Field(
-        0, ge=0, description="Extra processes or threads the code may start. Default 0 (none)."
+        0, ge=0, le=65_536, description="Extra processes or threads the code may start. Default 0 (none)."
     )
-    max_open_files: int = Field(64, ge=8, description="Open file descriptors (RLIMIT_NOFILE). Default 64.")
+    max_open_files: int = Field(
+        64, ge=8, le=1 << 20, description="Open file descriptors (RLIMIT_NOFILE). Default 64."
+    )
     max_file_mb: int = Field(
-        64, ge=0, description="Size of any one written file, in MiB (RLIMIT_FSIZE). Default 64."
+        64, ge=0, le=_MAX_MB, description="Size of any one written file, in MiB (RLIMIT_FSIZE). Default 64."
     )
     disk_mb: int = Field(
-        256, ge=1, description="Total size of everything in the scratch directory, in MiB. Default 256."
+        256,
+        ge=1,
+        le=_MAX_MB,
+        description="Total size of everything in the scratch directory, in MiB. Default 256.",
     )
     max_message_mb: int = Field(
         256,
         ge=1,
+        le=65_536,
         description=(
-            "Largest value or message that may cross between host and child, in MiB. "
+            "Largest value or message that may cross between host and child, in MiB (at most 65536). "
             "Frames over 64 MiB always travel out of band. Default 256."
         ),
     )

@@ -147,7 +147,7 @@ class SandboxPool:
                 left = deadline - time.monotonic()
                 if left <= 0 or self.closed:
                     return False
-                self._cond.wait(left)
+                self._cond.wait(min(left, threading.TIMEOUT_MAX))  # an infinite timeout waits on
             return True
 
     def close(self) -> None:

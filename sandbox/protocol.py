@@ -492,7 +492,7 @@ def send_frame(
         if waiter is None:
             waiter = select.poll()
             waiter.register(sock.fileno(), select.POLLOUT)
-        waiter.poll(math.ceil(left * 1000))
+        waiter.poll(poll_ms(left))
 
 
 def send_message(
@@ -620,6 +620,19 @@ def open_stream() -> tuple[int, int]:
     return r, w
 
 
+#: The longest wait ``poll`` takes, in milliseconds (a C int): about 24.8 days.
+_POLL_MAX_MS: Final = (1 << 31) - 1
+
+
+def poll_ms(seconds: float) -> int:
+    """A ``poll`` timeout for *seconds* left: rounded up to whole milliseconds, at least 0 and
+    at most what ``poll`` takes (a longer or infinite wait returns early: callers loop until
+    their deadline)."""
+    if not seconds > 0:
+        return 0
+    return _POLL_MAX_MS if seconds >= _POLL_MAX_MS / 1000 else math.ceil(seconds * 1000)
+
+
 def _wait(fd: int, event: int, deadline: float | None, waiter: select.poll | None) -> select.poll:
     """Block until *fd* is ready for *event* or *deadline* (monotonic) passes: TimeoutError."""
     if waiter is None:
@@ -631,7 +644,7 @@ def _wait(fd: int, event: int, deadline: float | None, waiter: select.poll | Non
     left = deadline - time.monotonic()
     if left <= 0:
         raise TimeoutError("the peer did not keep up with the stream")
-    waiter.poll(math.ceil(left * 1000))
+    waiter.poll(poll_ms(left))
     return waiter
 
 

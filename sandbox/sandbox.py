@@ -47,7 +47,6 @@ import contextvars
 import functools
 import hashlib
 import inspect
-import math
 import os
 import random
 import select
@@ -390,7 +389,7 @@ def _pidfd_exited(pidfd: int, timeout: float) -> bool:
     """True once the process *pidfd* refers to has exited (waiting up to *timeout* seconds)."""
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(int(timeout * 1000)))
+    return bool(poller.poll(protocol.poll_ms(timeout)))
 
 
 def _stop_child(child: _Child, graceful: bool) -> None:
@@ -459,10 +458,21 @@ class _Using:
         _CALLERS.enter()
         return child
 
-    def __exit__(self, *exc: object) -> None:
-        _CALLERS.leave()
-        self.sb._holder = None
-        self.sb._lock.release()
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            if kind is not None and not issubclass(kind, SandboxError):
+                # Cut short in the middle of an exchange (Ctrl-C, a MemoryError): an answer may be
+                # on its way that the next call would take for its own (get_variable returning
+                # another variable's value). The child is stopped; the next call starts a fresh
+                # one, and the next result says state_lost. (Our own errors leave it in step, or
+                # have stopped it already.)
+                child = self.sb._child
+                if child is not None:
+                    child.kill()
+        finally:
+            _CALLERS.leave()
+            self.sb._holder = None
+            self.sb._lock.release()
 
 
 class _Died(Exception):
@@ -817,7 +827,10 @@ class Sandbox:
             self._mark_cpu(child)
             if not msg["ok"]:
                 child.drop_fds()
-                raise VariableError(msg.get("error", f"cannot get {name!r}"))
+                error = msg.get("error", f"cannot get {name!r}")
+                if self._lost:  # the child was replaced since the last execute: say why it is missing
+                    error += " (the sandbox's child was restarted: variables set before are gone)"
+                raise VariableError(error)
             if ("shm" in msg or "stream" in msg) and not child.fds:
                 self._fail(child, "value announced out of band without a descriptor")
             if "stream" in msg:
@@ -1027,9 +1040,11 @@ class Sandbox:
                 child.spinner.spin_ended(bool(events))
             if not events:
                 left = None if deadline is None else deadline - time.perf_counter()
-                events = child.poll.poll(None if left is None else max(0, math.ceil(left * 1000)))
+                events = child.poll.poll(None if left is None else protocol.poll_ms(left))
                 if events:
                     child.spinner.woke()  # would a spin have caught it?
+                elif deadline is not None and time.perf_counter() < deadline:
+                    continue  # a wait longer than poll takes (weeks): on to the deadline
             if not events:
                 raise _Timeout()
             _absorb(child, events, accept_fd)

@@ -531,6 +531,65 @@ def test_ctrl_c_during_a_sync_execute_kills_the_cell_and_is_audited(audit_path, 
     assert sandbox.audit.verify(audit_path).ok
 
 
+@pytest.mark.parametrize("call", ["get_variable", "set_variable"])
+def test_ctrl_c_during_a_variable_transfer_does_not_hand_its_answer_to_the_next_call(
+    audit_path, call: str
+) -> None:
+    """A real SIGINT while get_variable or set_variable waits for the child: the answer on its
+    way must not be taken by the next call for its own (get_variable("small") returning the
+    big list, set_variable("b") "succeeding" on the other's ack and the next execute breaking
+    the protocol). The child is stopped; the next calls work on a fresh one and say so.
+
+    The interrupt must land after the request went out (not while the host still packs the
+    value): the delay grows until the child was stopped by one."""
+    assert threading.current_thread() is threading.main_thread()
+    big = [f"item {i}" for i in range(600_000)]
+    with Sandbox("default", audit_log=audit_path) as sb:
+        for delay in (0.03, 0.1, 0.16, 0.2, 0.25, 0.3):
+            if call == "get_variable":
+                assert sb.execute("big = ['item %d' % i for i in range(600_000)]; small = 'SMALL'").ok
+            pid = sb.pid
+            timer = threading.Timer(delay, signal.pthread_kill, (threading.get_ident(), signal.SIGINT))
+            timer.start()
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    if call == "get_variable":
+                        sb.get_variable("big")
+                    else:
+                        sb.set_variable("big", big)
+                    time.sleep(5)  # the transfer ended first: the interrupt lands here
+            finally:
+                timer.cancel()
+            if pid is not None and _gone(pid):
+                break
+        else:
+            pytest.fail("no interrupt landed while the child was answering")
+        if call == "get_variable":
+            with pytest.raises(SandboxError, match="restarted"):
+                sb.get_variable("small")
+        else:
+            sb.set_variable("b", 1)
+        r = sb.execute("print('big' in dir(), 'b' in dir())")
+        assert r.ok and r.state_lost, r
+        assert r.stdout == ("False False\n" if call == "get_variable" else "False True\n")
+
+
+def test_an_infinite_or_huge_variable_timeout_means_no_deadline(audit_path) -> None:
+    """timeout=math.inf (or 1e300) on set_variable and get_variable: no OverflowError from the
+    wait (it used to escape after the request was sent, and the next call took the answer)."""
+    import math
+
+    with Sandbox("default", audit_log=audit_path) as sb:
+        assert sb.execute("big = ['item %d' % i for i in range(300_000)]; small = 'SMALL'").ok
+        for timeout in (math.inf, 1e300):
+            assert len(sb.get_variable("big", timeout=timeout)) == 300_000
+            assert sb.get_variable("small", timeout=timeout) == "SMALL"
+            sb.set_variable("z", list(range(300_000)), timeout=timeout)
+            assert sb.execute("print(len(z))").stdout == "300000\n"
+        with pytest.raises(ValueError):
+            sb.get_variable("small", timeout=math.nan)
+
+
 def test_one_hanging_async_sandbox_does_not_hold_up_the_others_on_its_loop(audit_path) -> None:
     """Sixteen sandboxes on one loop; one cell hangs (sleeping, under a 60 s wall limit). The
     others finish their work while it still hangs; once it is cancelled, no reader of its

@@ -52,6 +52,22 @@ def test_a_wrong_type_is_an_error_naming_file_and_key(tmp_path, body, key, detai
     assert f"key {key!r}" in message and detail in message
 
 
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ("[limits]\nwall_seconds = inf\n", "limits.wall_seconds"),
+        ("[limits]\ncpu_seconds = nan\n", "limits.cpu_seconds"),
+        ("[limits]\nlifetime_cpu_seconds = 1e300\n", "limits.lifetime_cpu_seconds"),
+        ("[limits]\nmemory_mb = 100000000000000000000\n", "limits.memory_mb"),
+        ("[limits]\nmax_open_files = 99999999999\n", "limits.max_open_files"),
+    ],
+)
+def test_infinite_and_huge_limits_are_refused(tmp_path, body, key):
+    """Limits are bounded (a year of seconds, 16 TiB): an infinity or a huge number would
+    overflow the kernel's limits and the host's waits instead of meaning "no limit"."""
+    assert f"key {key!r}" in _error(tmp_path, body)
+
+
 def test_right_types_load_and_arrays_become_tuples(tmp_path):
     p = _load(tmp_path, '[limits]\ncpu_seconds = 3\nwall_seconds = 2.5\n[isolation]\nrequire = ["seccomp"]\n')
     assert p.limits.cpu_seconds == 3.0 and isinstance(p.limits.cpu_seconds, float)
