@@ -66,6 +66,7 @@ import array
 import codecs
 import ctypes
 import fcntl
+import json
 import math
 import mmap
 import os
@@ -301,6 +302,16 @@ def clean_text(text: str) -> str:
     return text
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """A short, quoted, escaped form of a value the peer sent, for an error message: a str cut
+    at *limit* characters (JSON-quoted: control characters escaped), anything else by its type
+    only. Never ``repr`` of the peer's data, never all of a long string."""
+    if type(value) is not str:
+        return f"<{type(value).__name__}>"
+    cut = value[:limit]
+    return json.dumps(cut) + ("..." if len(value) > limit else "")
+
+
 def encode(msg: dict[str, Any]) -> bytes:
     """One frame: header plus packed map."""
     body: bytes = msgpack.packb(msg, use_bin_type=True)
@@ -338,13 +349,13 @@ def check(msg: Any, sender: str) -> dict[str, Any]:
     t = msg.get("t")
     shape = _SHAPES.get(t) if type(t) is str else None
     if shape is None:
-        raise WireError(f"unknown message type {t!r}" if type(t) is str else "frame has no type")
+        raise WireError(f"unknown message type {shown(t)}" if type(t) is str else "frame has no type")
     owner, allowed, fields = shape
     if owner != sender:
         raise WireError(f"message {t!r} may not be sent by the {sender}")
     for key in msg:
         if key not in allowed:
-            raise WireError(f"message {t!r} has unexpected key {key!r}")
+            raise WireError(f"message {t!r} has unexpected key {shown(key)}")
     for name, typ, required in fields:
         if name not in msg:
             if required:
@@ -688,7 +699,7 @@ def read_stream(
         return unpack_value(read_stream(fd, size, "bytes", max_len, timeout), max_len, max_items)
     try:
         if kind not in _DATA_OFFSET:
-            raise WireError(f"unknown stream kind {kind!r}")
+            raise WireError(f"unknown stream kind {shown(kind)}")
         if size <= 0 or size > max_len:
             raise WireError(f"streamed value of {size} bytes is outside the allowed range")
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
@@ -789,7 +800,10 @@ def read_shm(fd: int, size: int, max_len: int, *, mapped: bool, max_items: int |
         view = memoryview(buf)
         got = 0
         while got < size:
-            n = os.preadv(fd, [view[got:]], got)
+            try:
+                n = os.preadv(fd, [view[got:]], got)
+            except OSError as exc:  # a descriptor that cannot be read (O_PATH, say) is the sender's fault
+                raise WireError(f"out-of-band value cannot be read: {exc.strerror}") from None
             if n <= 0:
                 raise WireError("out-of-band value is shorter than announced")
             got += n

@@ -475,6 +475,34 @@ class _Using:
             self.sb._lock.release()
 
 
+#: Longest exception class name a child may report (``ExecResult.error_type``, the audit outcome).
+_MAX_ERROR_TYPE = 200
+#: Longest error text of a child's ``ack`` or ``value`` refusal that reaches a VariableError.
+_MAX_CHILD_ERROR = 2000
+
+
+def _error_type(name: str | None) -> str | None:
+    """The child's exception class name, cut: it is not covered by the output cap, and it goes
+    into every audit line (a child could otherwise grow the log by megabytes per execute)."""
+    if name is None or len(name) <= _MAX_ERROR_TYPE:
+        return name
+    return name[:_MAX_ERROR_TYPE] + "..."
+
+
+def _child_error(msg: dict[str, Any], default: str) -> str:
+    """The ``error`` text of a child's refusal, cut to :data:`_MAX_CHILD_ERROR` characters."""
+    error: str = msg.get("error", default)  # a str: checked against the message table
+    return error if len(error) <= _MAX_CHILD_ERROR else error[:_MAX_CHILD_ERROR] + "..."
+
+
+def _signal_name(sig: int) -> str:
+    """SIGKILL for 9; the number for a signal Python has no name for (a real-time one)."""
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
+
+
 class _Died(Exception):
     """The child hung up or exited while we waited for it."""
 
@@ -778,7 +806,7 @@ class Sandbox:
             msg = self._expect(child, "ack", end - time.monotonic())
             self._mark_cpu(child)
             if not msg["ok"]:
-                raise VariableError(f"cannot set {name!r}: {msg.get('error', 'refused by the child')}")
+                raise VariableError(f"cannot set {name!r}: {_child_error(msg, 'refused by the child')}")
 
     def _stream_to(self, child: _Child, name: str, value: str | bytes, kind: str, end: float) -> None:
         """Send *value* to the child as a ``set`` through a pipe (see :func:`protocol.write_stream`),
@@ -827,7 +855,7 @@ class Sandbox:
             self._mark_cpu(child)
             if not msg["ok"]:
                 child.drop_fds()
-                error = msg.get("error", f"cannot get {name!r}")
+                error = _child_error(msg, f"cannot get {name!r}")
                 if self._lost:  # the child was replaced since the last execute: say why it is missing
                     error += " (the sandbox's child was restarted: variables set before are gone)"
                 raise VariableError(error)
@@ -1105,7 +1133,7 @@ class Sandbox:
         h0 = time.perf_counter()
         try:
             if fn is None:
-                raise LookupError(f"no host function named {msg['fn']!r}")
+                raise LookupError(f"no host function named {protocol.shown(msg['fn'])}")
             outcome: Any = fn(*msg["args"], **msg["kwargs"])
             failed = False
         except Exception as exc:  # the host function's failure is the child's HostFunctionError
@@ -1182,7 +1210,7 @@ class Sandbox:
                 ok=bool(done["ok"]) and limit is None,
                 stdout=stdout,
                 stderr=stderr,
-                error_type=done.get("error_type"),
+                error_type=_error_type(done.get("error_type")),
                 error_message=error_message,
                 traceback=traceback_text,
                 limit=limit,
@@ -1240,7 +1268,7 @@ class Sandbox:
             limit, error_type, message = (
                 "memory",
                 "MemoryLimitExceeded",
-                f"memory limit of {lim.memory_mb} MiB reached; the child was killed by signal {signal.Signals(sig).name}",
+                f"memory limit of {lim.memory_mb} MiB reached; the child was killed by signal {_signal_name(sig)}",
             )
         elif sig is None and info is not None and info.exit_code == protocol.EXIT_OUT_OF_MEMORY:
             limit, error_type, message = (
@@ -1250,8 +1278,7 @@ class Sandbox:
             )
         elif sig is not None:
             crashed = True
-            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-            error_type, message = "ChildCrashed", f"the sandbox child died of signal {name}"
+            error_type, message = "ChildCrashed", f"the sandbox child died of signal {_signal_name(sig)}"
         else:
             crashed = True
             if info is None:  # its fork server is gone (killed), and with it the exit report
@@ -1470,7 +1497,7 @@ class AsyncSandbox:
         token = _IN_HOST_CALL.set(calling)  # this task's context only: a re-entrant call can tell
         try:
             if fn is None:
-                raise LookupError(f"no host function named {msg['fn']!r}")
+                raise LookupError(f"no host function named {protocol.shown(msg['fn'])}")
             if inspect.iscoroutinefunction(fn):
                 outcome: Any = await fn(*msg["args"], **msg["kwargs"])
             else:

@@ -16,6 +16,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,8 @@ import pytest
 
 from sandbox import AsyncSandbox, Sandbox
 from sandbox.audit import verify
-from sandbox.errors import ChildTimeoutError, ProtocolError
+from sandbox.errors import ChildTimeoutError, ProtocolError, VariableError
+from sandbox.policy import LAYERS
 from tests.conftest import run_cli
 from tests.security.conftest import policy_for
 
@@ -500,3 +502,97 @@ def test_host_cuts_output_of_a_child_that_skips_its_own_cap() -> None:
         assert r.error_type == "ValueError" and r.output_truncated, r.error_type
         total = sum(len(t.encode()) for t in (r.stdout, r.stderr, r.error_message or "", r.traceback or ""))
         assert total <= cap + 1000, total
+
+
+# The code replaces a method of its own child object (plain exec can reach the runtime).
+FORGE_CHILD = """
+import gc, os
+from sandbox import protocol
+child = [o for o in gc.get_objects() if type(o).__name__ == 'Child' and hasattr(o, 'sock')][0]
+{patch}
+"""
+
+
+def test_error_type_and_refusal_texts_are_bounded() -> None:
+    """The exception class name a child reports is outside the output cap and goes into every
+    audit line, and the error text of a refused get/set reaches the caller's exception: a child
+    sending megabytes of either gets a short cut home, and the audit log stays small."""
+    patch = (
+        "real = child.report\n"
+        "def forged(*a):\n"
+        "    d = real(*a)\n"
+        "    d.update(ok=False, error_type='E' * 5_000_000)\n"
+        "    return d\n"
+        "child.report = forged\n"
+        "child.get = lambda name: child.send({'t': 'value', 'ok': False, 'error': 'G' * 5_000_000})\n"
+        "child.set = lambda msg: child.send({'t': 'ack', 'ok': False, 'error': 'S' * 5_000_000})\n"
+    )
+    policy = policy_for("guard_none", **{"limits.max_output_bytes": 1000, "audit.enabled": True})
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "audit.jsonl"
+        with Sandbox(policy, audit_log=log) as sb:
+            sb.execute(FORGE_CHILD.format(patch=patch))  # its own result is forged already
+            r = sb.execute("pass")
+            assert r.error_type is not None and r.error_type.startswith("EEE") and len(r.error_type) < 300
+            with pytest.raises(VariableError) as got:
+                sb.get_variable("x")
+            assert 1000 < len(str(got.value)) < 3000
+            with pytest.raises(VariableError) as refused:
+                sb.set_variable("x", 1)
+            assert 1000 < len(str(refused.value)) < 3000
+        assert log.stat().st_size < 10_000
+        assert verify(log).ok
+
+
+def test_an_unreadable_out_of_band_value_is_a_protocol_error() -> None:
+    """A ``value`` announced in a memory file whose descriptor cannot be read (opened O_PATH:
+    fstat says a regular file of the right size, the read fails) is the child's fault: a
+    ProtocolError and a killed child, not a raw OSError in the caller."""
+    patch = (
+        "with open('f', 'wb') as f:\n"
+        "    f.write(b'\\x00' * 4096)\n"
+        "def forged(name):\n"
+        "    fd = os.open('f', os.O_PATH)\n"
+        "    protocol.send_message(child.sock, {'t': 'value', 'ok': True, 'shm': 100}, fd)\n"
+        "    os.close(fd)\n"
+        "child.get = forged\n"
+    )
+    with Sandbox(policy_for("guard_none")) as sb:
+        assert sb.execute(FORGE_CHILD.format(patch=patch)).ok
+        with pytest.raises(ProtocolError, match="cannot be read"):
+            within(SLACK, lambda: sb.get_variable("x"))
+        assert not sb.alive
+        assert sb.execute("print(1)").state_lost
+
+
+def test_a_child_dead_of_a_signal_python_has_no_name_for_is_a_result() -> None:
+    """A real-time signal (40) after the child touched most of its memory: the result names the
+    signal by number (``signal.Signals(40)`` raised ValueError out of execute, and the execute
+    was not audited). Its own process group is killable only without the pid layer."""
+    policy = policy_for(
+        "guard_none",
+        **{
+            "isolation.pid": False,
+            "isolation.require": [layer for layer in LAYERS if layer != "pid"],
+            "limits.memory_mb": 256,
+            "audit.enabled": True,
+        },
+    )
+    code = (
+        "import os\nkeep = []\n"
+        "try:\n"
+        "    while True:\n"
+        "        b = bytearray(4 << 20)\n"
+        "        b[::4096] = b'\\x01' * len(b[::4096])\n"
+        "        keep.append(b)\n"
+        "except MemoryError:\n"
+        "    pass\n"
+        "os.kill(os.getpid(), 40)\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "audit.jsonl"
+        with Sandbox(policy, audit_log=log) as sb:
+            r = within(SLACK, lambda: sb.execute(code))[0]
+            assert not r.ok and "signal 40" in (r.error_message or ""), r
+        outcomes = [json.loads(line)["outcome"] for line in log.read_text().splitlines()]
+        assert len(outcomes) == 1 and outcomes[0] != "ok"
