@@ -48,7 +48,8 @@ LAYER_TABLE: tuple[Layer, ...] = (
     ),
     Layer(
         "network",
-        "Move the child into a new, empty network namespace. Default true.",
+        "Move the child into a new, empty network namespace (the fork server's, shared by its children;"
+        " one of its own when isolation.allowed_sockets is not empty). Default true.",
         "empty network namespace",
     ),
     Layer(

@@ -8,7 +8,9 @@ fork server pays once (:func:`server_setup`), not each sandbox:
   directory) and unmounts it when the child is reaped. The host's mount
   table never sees them;
 - a new, empty network namespace (only a loopback interface, down): children
-  inherit it, so none of them can reach any network. The server keeps a
+  inherit it, so none of them can reach any network (a policy that allows
+  sockets gives each child one of its own: :func:`unshare_net`, since
+  sockets in a shared one see each other's names and ports). The server keeps a
   descriptor of the host's namespace so a policy with ``network = false``
   can go back to it (as root);
 - when not root: first a user namespace (the invoking uid mapped to 0 inside)
@@ -330,6 +332,11 @@ class PidNamespaces:
             finally:
                 os._exit(0)
         os._exit(0)
+
+
+def unshare_net() -> None:
+    """Child side: an empty network namespace of its own (for a policy that allows sockets)."""
+    _unshare(CLONE_NEWNET, "CLONE_NEWNET")
 
 
 def unshare_ipc_uts() -> None:

@@ -23,8 +23,11 @@ The filter allows everything except:
   does not list in ``isolation.allowed_sockets`` (default: all of them);
 - ``ioctl(TIOCSTI/TIOCLINUX)`` -> ``EPERM`` (typing into a terminal);
 - SysV IPC and POSIX message queues -> ``EPERM`` unless the policy sets
-  ``isolation.allow_ipc``; ``inotify_*`` (it names files in directories the
-  code may not list) and ``sysinfo`` (host memory and process count) -> ``EPERM``;
+  ``isolation.allow_ipc``; ``inotify_*`` and ``fcntl(F_NOTIFY)`` (they name
+  files in directories the code may not list, or tell when others read them)
+  and ``sysinfo`` (host memory and process count) -> ``EPERM``;
+- ``flock`` and ``fcntl(F_SETLEASE)`` -> ``EPERM``: locks and leases on the
+  read-only runtime every sandbox shares would block other tenants;
 - any system call of another ABI (i386 ``int 0x80``, x32) -> killed.
 
 A name libseccomp does not know is an error when the filter is built (a typo
@@ -88,6 +91,19 @@ IPC_SYSCALLS = (
 #: names of files created in directories Landlock does not let the code list;
 #: sysinfo reports the host's memory and process count.
 OBSERVE_SYSCALLS = ("inotify_init", "inotify_init1", "inotify_add_watch", "sysinfo")
+
+#: Refused with EPERM: state on files every sandbox shares. ``flock`` needs no write access, so
+#: a lock on a read-only runtime file (``os.py``) blocks or signals every other tenant (and a
+#: lock on a readable audit log would stall the host). POSIX record locks stay: a write lock
+#: needs a file opened for writing, which only scratch holds.
+SHARED_STATE_SYSCALLS = ("flock",)
+
+#: fcntl commands refused with EPERM: ``F_NOTIFY`` (dnotify: a signal each time anyone, another
+#: tenant or the host, reads a file in a shared directory, the inotify the filter refuses) and
+#: ``F_SETLEASE`` (a lease on a file the child's uid owns, as for a non-root host whose runtime
+#: it shares, holds every other opener up for the lease-break time, 45 s by default).
+F_SETLEASE = 1024
+F_NOTIFY = 1026
 
 #: Killed: no Python code has a reason to make these.
 KILL_SYSCALLS = (
@@ -206,8 +222,8 @@ class _Filter:
 def rule_names(allow_ipc: bool = False) -> tuple[str, ...]:
     """Every system call name a filter built with these settings names."""
     names: tuple[str, ...] = (
-        *EPERM_SYSCALLS, *OBSERVE_SYSCALLS, *KILL_SYSCALLS,
-        "clone3", "fork", "vfork", "clone", "socket", "socketpair", "ioctl",
+        *EPERM_SYSCALLS, *OBSERVE_SYSCALLS, *SHARED_STATE_SYSCALLS, *KILL_SYSCALLS,
+        "clone3", "fork", "vfork", "clone", "socket", "socketpair", "ioctl", "fcntl",
     )  # fmt: skip
     return names if allow_ipc else (*names, *IPC_SYSCALLS)
 
@@ -217,8 +233,10 @@ def build(allowed_sockets: list[str] | tuple[str, ...], max_processes: int, allo
     f = _Filter()
     try:
         eperm = _errno_action(errno.EPERM)
-        for name in EPERM_SYSCALLS + OBSERVE_SYSCALLS:
+        for name in EPERM_SYSCALLS + OBSERVE_SYSCALLS + SHARED_STATE_SYSCALLS:
             f.rule(eperm, name)
+        for command in (F_SETLEASE, F_NOTIFY):
+            f.rule(eperm, "fcntl", (1, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, command))
         if not allow_ipc:
             for name in IPC_SYSCALLS:
                 f.rule(eperm, name)

@@ -272,6 +272,67 @@ def test_inotify_refused(mode: str, env: Env) -> None:
         assert_contained(env, r, sb)
 
 
+#: Shared state on the read-only runtime: a flock, a lease, a dnotify watch on a stdlib file or
+#: directory every sandbox (of every host process) reads.
+SHARED_LOCKS = LIBC + textwrap.dedent(
+    """
+    import fcntl
+    fd = os.open(os.__file__, os.O_RDONLY)
+    print("flock", libc.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB), ctypes.get_errno())
+    print("lease", libc.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK), ctypes.get_errno())
+    d = os.open(os.path.dirname(os.__file__), os.O_RDONLY)
+    print("notify", libc.fcntl(d, fcntl.F_NOTIFY, fcntl.DN_ACCESS | fcntl.DN_MULTISHOT), ctypes.get_errno())
+    print("record", libc.fcntl(fd, fcntl.F_GETFL))  # other fcntl commands still work
+    """
+)
+
+
+def test_no_locks_leases_or_watches_on_the_shared_runtime(mode: str, env: Env) -> None:
+    """``flock`` needs no write access: a lock on ``os.py`` held by one tenant blocked or signalled
+    every other (a covert channel and a stall, across host processes too); ``F_NOTIFY`` told a
+    tenant whenever another read a stdlib file. All refused (EPERM); other fcntl calls work."""
+    with Sandbox(policy_for(mode)) as a, Sandbox(policy_for(mode)) as b:
+        r = a.execute(SHARED_LOCKS)
+        if mode == "guard_none":
+            assert "flock -1 1\n" in r.stdout and "lease -1 1\n" in r.stdout, r
+            assert "notify -1 1\n" in r.stdout and "record 32768\n" in r.stdout, r
+        probe = b.execute(LIBC + "import fcntl\nfd = os.open(os.__file__, os.O_RDONLY)\n"
+                          "print('probe', libc.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB), ctypes.get_errno())")  # fmt: skip
+        if mode == "guard_none":
+            assert "probe -1 1\n" in probe.stdout, probe  # refused, not EWOULDBLOCK (11): no signal
+        assert_contained(env, r, a)
+
+
+NET_BIND = textwrap.dedent(
+    """
+    import socket
+    kept = []
+    for family, kind, address in ((socket.AF_UNIX, socket.SOCK_DGRAM, "\\0rlm-tenant-name"),
+                                  (socket.AF_INET, socket.SOCK_DGRAM, ("0.0.0.0", 40404))):
+        s = socket.socket(family, kind)
+        try:
+            s.bind(address)
+            kept.append(s)
+            print("BOUND", family)
+        except OSError as e:
+            print("TAKEN", family, e.errno)
+    """
+)
+
+
+def test_sandboxes_that_may_use_sockets_do_not_share_a_network_namespace(mode: str, env: Env) -> None:
+    """With socket families allowed, an abstract unix name and a UDP port bound in one sandbox
+    are free in another (the fork server's namespace, shared, made the second bind fail: a
+    channel between tenants)."""
+    policy = policy_for(mode, **{"isolation.allowed_sockets": ["unix", "inet"]})
+    with Sandbox(policy) as a, Sandbox(policy) as b:
+        first, second = a.execute(NET_BIND), b.execute(NET_BIND)
+        if mode == "guard_none":
+            assert first.stdout.count("BOUND") == 2, first
+            assert second.stdout.count("BOUND") == 2, second
+        assert_contained(env, second, b)
+
+
 # ------------------------------------------------------- 5. the filesystem view
 STAT = textwrap.dedent(
     """
