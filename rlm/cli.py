@@ -85,13 +85,21 @@ def _cmd_exec(args: argparse.Namespace) -> int:
         payload["audit_log"] = str(audit_path) if audit_path else None
         print(json.dumps(payload))
     else:
-        sys.stdout.write(result.stdout)
-        sys.stderr.write(result.stderr)
+        from rlm.display import visible
+
+        # What the sandbox printed is the code's: written as it is into a pipe or file, with
+        # control characters escaped on a terminal (no escape sequence of the child's reaches
+        # it: window titles, hyperlinks, a line erased and rewritten).
+        out = visible if sys.stdout.isatty() else str
+        err = visible if sys.stderr.isatty() else str
+        sys.stdout.write(out(result.stdout))
+        sys.stderr.write(err(result.stderr))
         if not result.ok:
             what = f"limit: {result.limit}" if result.limit else ("crashed" if result.crashed else "error")
-            detail = result.traceback or f"{result.error_type}: {result.error_message}\n"
+            detail = err(result.traceback or f"{result.error_type}: {result.error_message}\n")
             sys.stderr.write(detail if detail.endswith("\n") else detail + "\n")
-            sys.stderr.write(f"rlm exec: {what} ({result.error_type})\n")
+            # Our own status line: the child's error_type in it is always shown inert.
+            sys.stderr.write(f"rlm exec: {what} ({visible(result.error_type or '')})\n")
     return EXIT_OK if result.ok else EXIT_FAILED
 
 

@@ -84,3 +84,53 @@ def test_verbose_run_with_hostile_output_does_not_crash(capsys: pytest.CaptureFi
     assert result.answer == "done [/]"
     _, err = capsys.readouterr()
     assert_inert(err)
+
+
+EXEC_HOSTILE = (
+    "print('OUT' + '\\x1b]0;pwned title\\x07' + '\\x1b[2K\\r')\n"
+    "raise type('Boom\\x1b[2K\\rrlm exec: ok (no error)', (Exception,), {})('msg\\x1b]0;t\\x07')\n"
+)
+
+
+def test_rlm_exec_on_a_terminal_shows_the_code_output_inert(tmp_path) -> None:
+    """`rlm exec` writing to a real terminal (a pty): what the code printed, its traceback and
+    the error type in the status line come out with control characters escaped (the error type
+    once rewrote the status line to read "rlm exec: ok"); piped, the output stays as printed."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from tests.conftest import run_cli
+
+    script = tmp_path / "hostile.py"
+    script.write_text(EXEC_HOSTILE)
+    audit = str(tmp_path / "audit.jsonl")
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rlm", "exec", "--audit-log", audit, str(script)],
+            stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
+        )  # fmt: skip
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the other side is closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(120) == 1
+    finally:
+        os.close(leader)
+    shown = b"".join(chunks).decode()
+    for seq in ("\x1b]", "\x1b[2K", "\x07"):
+        assert seq not in shown, f"{seq!r} reached the terminal"
+    assert "OUT\\x1b]0;pwned title\\x07" in shown and "msg\\x1b]0;t\\x07" in shown
+    assert "rlm exec: error (Boom\\x1b[2K\\x0drlm exec: ok (no error))" in shown
+    piped = run_cli("exec", "--audit-log", audit, str(script))
+    assert piped.returncode == 1
+    assert "OUT\x1b]0;pwned title\x07" in piped.stdout  # a pipe gets what the code printed
+    assert "rlm exec: error (Boom\\x1b[2K\\x0drlm exec: ok (no error))" in piped.stderr
