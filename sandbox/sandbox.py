@@ -912,7 +912,12 @@ class Sandbox:
             child.drop_fds()
 
     def close(self) -> None:
-        """Stop the child and delete its scratch directory. Idempotent."""
+        """Stop the child and delete its scratch directory. Idempotent.
+
+        From another thread while a call runs: the child is killed at once (that call ends
+        with a result saying the child died, or a ``ProtocolError`` for set/get_variable),
+        then the sandbox is closed once the call has returned (a host function that is
+        running is let finish)."""
         if self._holder == threading.get_ident():
             raise SandboxError("re-entrant use is not allowed: a host function closed its own sandbox")
         if os.getpid() != self._owner_pid:  # inherited through os.fork(): the parent's child, not ours
@@ -921,13 +926,19 @@ class Sandbox:
                 self._child.forget()
                 self._child = None
             return
-        with self._lock:  # may be done again: a close cut short (Ctrl-C) is finished by the next
+        if not self._lock.acquire(blocking=False):  # another thread's call runs: stop its cell
+            self.closed = True
+            self.kill()
+            self._lock.acquire()
+        try:  # may be done again: a close cut short (Ctrl-C) is finished by the next
             self.closed = True
             if self._child is not None:
                 self._stop_child(self._child, graceful=True)
                 self._child = None
             if self._audit is not None:
                 self._audit.close()
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> Sandbox:
         return self
@@ -1379,9 +1390,12 @@ class AsyncSandbox:
         self._sync: Sandbox | None = None
         self._make_lock = threading.Lock()
         self._serial: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._closed = False
 
     def _make(self) -> Sandbox:
         with self._make_lock:  # concurrent first calls wait here and share one sandbox
+            if self._closed:
+                raise SandboxClosedError("this sandbox is closed")
             if self._sync is None:
                 self._sync = Sandbox(
                     self.policy, host_functions=self._host, audit_log=self._audit_log, pool=self._pool
@@ -1396,6 +1410,8 @@ class AsyncSandbox:
         return self._serial[1]
 
     async def _sandbox(self) -> Sandbox:
+        if self._closed:
+            raise SandboxClosedError("this sandbox is closed")
         if self in _IN_HOST_CALL.get():
             raise SandboxError(
                 "re-entrant use is not allowed: a host function called this AsyncSandbox while it runs the function"
@@ -1530,9 +1546,18 @@ class AsyncSandbox:
             return await asyncio.to_thread(functools.partial(sb.get_variable, name, timeout=timeout))
 
     async def close(self) -> None:
-        if self._sync is not None:
-            async with self._turn():
-                await asyncio.to_thread(self._sync.close)
+        """Stop the child. Idempotent. A start whose caller was cancelled (``asyncio.timeout``
+        around ``start()``) may still be building the sandbox in a worker thread: close waits
+        for it and stops that child too, and nothing starts one afterwards."""
+        self._closed = True
+        async with self._turn():
+            await asyncio.to_thread(self._close_sync)
+
+    def _close_sync(self) -> None:
+        with self._make_lock:  # a start still under way finishes first
+            sb = self._sync
+        if sb is not None:
+            sb.close()
 
     async def __aenter__(self) -> AsyncSandbox:
         return await self.start()

@@ -590,6 +590,50 @@ def test_an_infinite_or_huge_variable_timeout_means_no_deadline(audit_path) -> N
             sb.get_variable("small", timeout=math.nan)
 
 
+def test_closing_an_async_sandbox_whose_start_was_cancelled_stops_its_child(audit_path) -> None:
+    """``asyncio.timeout`` fires while ``start()`` builds the sandbox in a worker thread; the
+    caller then closes it. The thread finished the child after close() had returned, and that
+    child ran on; the closed object still executed. Now close waits for the start and stops
+    the child, and the object refuses further use."""
+
+    async def main() -> None:
+        for _ in range(3):
+            sb = AsyncSandbox("default", audit_log=audit_path, pool=None)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.001):
+                    await sb.start()
+            await sb.close()
+            inner = sb._sync
+            if inner is not None:
+                assert inner.closed and not inner.alive
+            await asyncio.sleep(0.3)  # a start still running would have finished by now
+            assert sb._sync is inner  # nothing was built after close()
+            with pytest.raises(SandboxClosedError):
+                await sb.execute("x = 1")
+
+    asyncio.run(main())
+
+
+def test_close_from_another_thread_stops_the_running_cell(audit_path) -> None:
+    """close() while another thread's execute runs a long cell: the child is killed at once,
+    that execute returns a result saying so, and close returns without waiting for the cell
+    (it waited out the whole cell, up to wall_seconds)."""
+    sb = Sandbox("default", audit_log=audit_path)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(sb.execute("import time\ntime.sleep(25)")))
+    worker.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    sb.close()
+    assert time.monotonic() - t0 < 10
+    worker.join(10)
+    assert not worker.is_alive() and len(results) == 1
+    assert not results[0].ok and results[0].error_type in ("ChildCrashed", "ChildExited"), results[0]
+    assert sb.closed and not sb.alive
+    with pytest.raises(SandboxClosedError):
+        sb.execute("x = 1")
+
+
 def test_one_hanging_async_sandbox_does_not_hold_up_the_others_on_its_loop(audit_path) -> None:
     """Sixteen sandboxes on one loop; one cell hangs (sleeping, under a 60 s wall limit). The
     others finish their work while it still hangs; once it is cancelled, no reader of its
