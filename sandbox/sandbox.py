@@ -44,6 +44,7 @@ import array
 import asyncio
 import contextlib
 import contextvars
+import fcntl
 import functools
 import hashlib
 import inspect
@@ -134,6 +135,72 @@ _ids = random.Random()
 os.register_at_fork(after_in_child=_ids.seed)
 
 
+# ------------------------------------------------------------------ leftovers
+# A host that dies without cleaning up (SIGKILL, os._exit in a multiprocessing worker) leaves
+# its children's scratch directories (empty on the host's side: the tmpfs was mounted in the
+# fork server's namespace) and uid lock files. The host holds an flock on each scratch
+# directory of a live child (the kernel drops it when the host dies, whatever its PID
+# namespace), and the first sandbox of each process removes, in a background thread, the
+# scratch directories nobody holds that are over _SWEEP_AGE old (a directory is locked
+# microseconds after it is made) and the uid lock files nobody holds.
+
+_SWEEP_AGE = 600.0
+_swept_by: int | None = None  # the pid that started the sweep (once per process)
+
+
+def _lock_scratch(path: str) -> int:
+    """An open descriptor of the scratch directory *path*, holding its flock (see above)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _sweep_scratch(root: str, limit: int = 1024, age: float = _SWEEP_AGE) -> int:
+    """Remove scratch directories under *root* that no live host holds and that are over *age*
+    seconds old; at most *limit* entries looked at. Returns how many were removed."""
+    removed = 0
+    oldest = time.time() - age
+    try:
+        with os.scandir(root) as entries:
+            found = [
+                e.path for _, e in zip(range(limit), entries, strict=False) if e.name.startswith("sandbox-")
+            ]
+    except OSError:
+        return 0
+    for path in found:
+        try:
+            if os.lstat(path).st_mtime > oldest:
+                continue
+            fd = _lock_scratch(path)  # BlockingIOError: its host lives
+        except OSError:
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _sweep_leftovers() -> None:
+    """Once per process, in the background: what dead hosts left (see above)."""
+    global _swept_by
+    if _swept_by == os.getpid():
+        return
+    _swept_by = os.getpid()
+
+    def sweep() -> None:
+        with contextlib.suppress(Exception):  # best effort: clutter, never a failure of ours
+            _sweep_scratch(tempfile.gettempdir())
+            uids.sweep()
+
+    threading.Thread(target=sweep, name="sandbox-sweep", daemon=True).start()
+
+
 def _reserve_identity() -> uids.UidLease | None:
     """A uid/gid no other live sandbox on the machine holds (root only; else a user namespace)."""
     if os.geteuid() != 0:
@@ -192,6 +259,8 @@ class _Child:
         self.backstop: int | None = None
         self.exit_info: forkserver.ExitInfo | None = None
         self.init_frame = b""  # sent ahead of the first request (Sandbox._send)
+        #: Open descriptor of the scratch directory, holding its flock while the child lives.
+        self.scratch_lock = -1
 
     def kill(self) -> None:
         """SIGKILL the child and its process group, also when the child already exited on
@@ -235,6 +304,9 @@ class _Child:
         self.sock.close()
         with contextlib.suppress(OSError):
             os.close(self.pidfd)
+        if self.scratch_lock >= 0:  # the lock stays with the parent's copy of the descriptor
+            lock, self.scratch_lock = self.scratch_lock, -1
+            os.close(lock)
 
 
 @dataclass(frozen=True)
@@ -289,10 +361,13 @@ def _choose_identity(spec: _Spec) -> uids.UidLease | None:
 
 def _spawn_ready(spec: _Spec) -> _Child:
     """Fork a child of *spec*'s policy and wait for its ``hello``: it then waits for ``init``."""
+    _sweep_leftovers()
     lease = _choose_identity(spec)
     scratch = tempfile.mkdtemp(prefix="sandbox-")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    scratch_lock = -1
     try:
+        scratch_lock = _lock_scratch(scratch)
         if lease is not None:
             os.chown(scratch, lease.uid, lease.gid)
         config = {
@@ -306,6 +381,8 @@ def _spawn_ready(spec: _Spec) -> _Child:
     except BaseException as exc:
         ours.close()
         shutil.rmtree(scratch, ignore_errors=True)
+        if scratch_lock >= 0:
+            os.close(scratch_lock)
         if lease is not None:
             lease.release()  # no child was started under it
         if isinstance(exc, OSError):
@@ -314,6 +391,7 @@ def _spawn_ready(spec: _Spec) -> _Child:
     finally:
         theirs.close()
     child = _Child(server, pid, pidfd, ours, scratch, lease, spec.max_frame)
+    child.scratch_lock = scratch_lock
     try:
         hello = Sandbox._next_frame(child, _START_TIMEOUT)
     except (_Timeout, _Died, protocol.WireError) as exc:
@@ -418,6 +496,9 @@ def _stop_child(child: _Child, graceful: bool) -> None:
         pidfd, child.pidfd = child.pidfd, -1
         os.close(pidfd)
     shutil.rmtree(child.scratch, ignore_errors=True)
+    if child.scratch_lock >= 0:  # removed first, then let go: a sweep never sees it unlocked
+        lock, child.scratch_lock = child.scratch_lock, -1
+        os.close(lock)
 
 
 class _Using:

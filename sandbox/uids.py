@@ -21,6 +21,12 @@ Use::
     lease.release()            # once the child is known to be dead
 
 Whoever owns the child holds the lease for the child's whole life.
+
+A host that dies without releasing (SIGKILL, ``os._exit`` in a
+``multiprocessing`` worker) leaves its lock files behind, unlocked: harmless
+(the next reserver of that uid takes the file over) but clutter.
+:func:`sweep` removes such files the same way a release does: it takes each
+file's lock and, holding it, unlinks it.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import secrets
 import stat
 import threading
 
-__all__ = ["RUNTIME_DIR", "UID_BASE", "UID_SPAN", "UidLease", "UidReservationError", "reserve"]
+__all__ = ["RUNTIME_DIR", "UID_BASE", "UID_SPAN", "UidLease", "UidReservationError", "reserve", "sweep"]
 
 #: Where the lock files live (root-owned, 0700).
 RUNTIME_DIR = "/run/rlm-sandbox/uids"
@@ -148,3 +154,27 @@ def reserve(directory: str = RUNTIME_DIR) -> UidLease:
     except OSError as exc:
         raise UidReservationError(exc.errno, f"uid reservations: {directory}: {exc.strerror}") from None
     raise UidReservationError(errno.EAGAIN, f"uid reservations: {_TRIES} uids tried, all taken")
+
+
+def sweep(directory: str = RUNTIME_DIR, limit: int = 1024) -> int:
+    """Remove lock files nobody holds (left by hosts that died); at most *limit* looked at.
+    Returns how many were removed. Root only; a directory that is not there is nothing to do."""
+    if os.geteuid() != 0:
+        return 0
+    removed = 0
+    try:
+        with os.scandir(directory) as entries:
+            names = [entry.name for _, entry in zip(range(limit), entries, strict=False)]
+    except OSError:
+        return 0
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            fd = _try(directory, int(name))
+        except OSError:
+            continue
+        if fd is not None:  # nobody holds it: released the way a holder releases
+            UidLease(int(name), fd, directory).release()
+            removed += 1
+    return removed

@@ -54,3 +54,70 @@ def test_shutdown_kills_live_children(audit_path):
     box.close()  # closing after the server is gone is still clean
     with Sandbox("default", audit_log=audit_path) as again:  # a new server starts on demand
         assert again.execute("print(2)").stdout == "2\n"
+
+
+def test_what_a_killed_host_left_is_swept_by_the_next(tmp_path, monkeypatch):
+    """A host killed with SIGKILL (or ended by os._exit, as multiprocessing workers are) leaves
+    its children's scratch directories and uid lock files. The next host's sweep removes them,
+    and leaves alone those of a host that lives (its flock on each scratch directory and each
+    uid file tells)."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from sandbox import sandbox as impl
+    from sandbox import uids
+
+    script = (
+        "import os, sys\n"
+        "from sandbox import Sandbox\n"
+        "boxes = [Sandbox('default', audit_log=sys.argv[1], pool=None) for _ in range(2)]\n"
+        "for b in boxes:\n"
+        "    print(b._child.scratch, b._child.lease.uid if b._child.lease else -1, flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "audit.jsonl")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    left = [line.split() for line in out.stdout.splitlines()]
+    assert len(left) == 2 and all(os.path.isdir(path) for path, _ in left)
+    time.sleep(0.5)  # its fork server and children end (EOF of its control socket)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this host's scratch goes there too
+    with Sandbox("default", audit_log=tmp_path / "mine.jsonl", pool=None) as live:
+        mine = live._child.scratch if live._child else ""
+        assert os.path.dirname(mine) == str(tmp_path)
+        os.utime(mine, (0, 0))  # old enough to be swept, if it were not held
+        impl._sweep_scratch(str(tmp_path), age=0)
+        assert all(not os.path.exists(path) for path, _ in left)
+        assert os.path.isdir(mine)
+        if os.geteuid() == 0:
+            uids.sweep()
+            for _, uid in left:
+                assert not os.path.exists(os.path.join(uids.RUNTIME_DIR, uid))
+            assert live._child is not None and live._child.lease is not None
+            assert os.path.exists(os.path.join(uids.RUNTIME_DIR, str(live._child.lease.uid)))
+        assert live.execute("print(1)").stdout == "1\n"
+
+
+def test_uid_sweep_removes_only_files_nobody_holds(tmp_path):
+    from sandbox import uids
+
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.skip("uid reservations are root's")
+    directory = str(tmp_path / "uids")
+    os.mkdir(directory, 0o700)
+    held = uids.reserve(directory)
+    stale = os.path.join(directory, str(held.uid + 1))
+    open(stale, "w").close()
+    assert uids.sweep(directory) == 1
+    assert not os.path.exists(stale)
+    assert os.path.exists(os.path.join(directory, str(held.uid)))
+    held.release()
+    assert os.listdir(directory) == []
