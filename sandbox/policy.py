@@ -166,7 +166,13 @@ class Limits(BaseModel):
         description="stdout plus stderr one execute may print, in bytes (at most 1 GiB); the rest is cut with a marker. Default 1000000.",
     )
     max_processes: int = Field(
-        0, ge=0, le=65_536, description="Extra processes or threads the code may start. Default 0 (none)."
+        0,
+        ge=0,
+        le=65_536,
+        description=(
+            "Extra processes or threads the code may start. Default 0 (none). CPU that processes left "
+            "running after a cell burn is not charged to any execute (see SECURITY.md)."
+        ),
     )
     max_open_files: int = Field(
         64, ge=8, le=1 << 20, description="Open file descriptors (RLIMIT_NOFILE). Default 64."
