@@ -338,14 +338,17 @@ class ForkServer:
             if not alive:
                 raise self._gone("the fork server exited")
 
-    def spawn(self, config: dict[str, Any], chan_fd: int, timeout: float = 30.0) -> tuple[int, int]:
+    def spawn(self, config: dict[str, Any], chan_fd: int, timeout: float | None = None) -> tuple[int, int]:
         """Ask for a child on *chan_fd*; return ``(pid, pidfd)``.
 
-        Raises :class:`_ServerGone` when the server is dead (the caller may
-        retry on a new one) and ``SandboxStartError`` on every other failure.
+        Raises :class:`_ServerGone` when the server is dead, or did not answer within
+        *timeout* seconds (default :data:`SPAWN_TIMEOUT`: then it is stopped or hung, and it
+        is killed), so that the caller may retry on a new one; ``SandboxStartError`` on every
+        other failure.
         """
         from sandbox.errors import SandboxStartError
 
+        timeout = SPAWN_TIMEOUT if timeout is None else timeout
         with self._lock:
             if self.closed:
                 raise _ServerGone("the fork server is closed")
@@ -361,8 +364,12 @@ class ForkServer:
             try:
                 while True:
                     msg = self._read_one(timeout)
-                    if msg is None:
-                        raise SandboxStartError("the fork server did not answer a spawn request")
+                    if msg is None:  # stopped (SIGSTOP) or hung: useless to every later sandbox too
+                        with contextlib.suppress(OSError):
+                            self.proc.kill()
+                        raise self._gone(
+                            f"the fork server did not answer a spawn request in {timeout:g} s; it was killed"
+                        )
                     if msg["t"] == "failed":
                         raise SandboxStartError(f"the fork server could not start a child: {msg['error']}")
                     if msg["t"] == "spawned":
@@ -440,6 +447,10 @@ class ForkServer:
         self._lock = threading.Lock()  # may have been held by another thread at fork time
         self._close_fds()
 
+
+#: Seconds a fork server has to answer a spawn request before it is taken for hung and killed
+#: (it answers in milliseconds; the margin is for a machine under heavy load).
+SPAWN_TIMEOUT = 30.0
 
 # One server per preload set: a server that has loaded RestrictedPython for a
 # restricted policy must not fork children of the other policies, which may

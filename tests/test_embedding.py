@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -632,6 +633,32 @@ def test_close_from_another_thread_stops_the_running_cell(audit_path) -> None:
     assert sb.closed and not sb.alive
     with pytest.raises(SandboxClosedError):
         sb.execute("x = 1")
+
+
+def test_a_stopped_fork_server_is_replaced(audit_path, monkeypatch) -> None:
+    """A fork server that stops answering (SIGSTOP, a hang) made every new sandbox wait out the
+    spawn timeout and fail, forever. Now the first one to time out kills it, and that sandbox
+    and the next start on a new server."""
+    monkeypatch.setattr(forkserver, "SPAWN_TIMEOUT", 2.0)
+    with Sandbox("default", audit_log=audit_path, pool=None) as first:
+        assert first.execute("x = 1").ok
+    server = forkserver.shared(False)
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+            assert sb.execute("print(6 * 7)").stdout == "42\n"
+        assert time.monotonic() - t0 < 30
+        assert forkserver.shared(False) is not server
+        assert server.proc.wait(10) is not None  # killed, not left stopped
+        t0 = time.monotonic()
+        with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+            assert sb.execute("x = 1").ok
+        assert time.monotonic() - t0 < 2
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(server.proc.pid, signal.SIGKILL)
+            os.kill(server.proc.pid, signal.SIGCONT)
 
 
 def test_one_hanging_async_sandbox_does_not_hold_up_the_others_on_its_loop(audit_path) -> None:

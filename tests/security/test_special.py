@@ -98,9 +98,17 @@ def test_state_poisoning_does_not_cross_sandboxes(name: str, mode: str, env: Env
 
 
 # ------------------------------------- sibling sandboxes, even with sockets allowed
-def test_abstract_socket_scoping_between_sandboxes(mode: str, env: Env) -> None:
-    """With unix sockets allowed, Landlock still keeps one sandbox from another's abstract socket."""
-    pol = policy_for(mode, **{"isolation.allowed_sockets": ["unix"]})
+@pytest.mark.parametrize("network", [True, False], ids=["own-netns", "host-netns"])
+def test_abstract_socket_scoping_between_sandboxes(mode: str, env: Env, network: bool) -> None:
+    """With unix sockets allowed, one sandbox cannot reach another's abstract socket: each has a
+    network namespace of its own (the name does not exist for the other: ECONNREFUSED), and
+    where they share one (the network layer off: the host's), Landlock's scoping refuses the
+    connection (EPERM)."""
+    changes: dict[str, object] = {"isolation.allowed_sockets": ["unix"]}
+    if not network:
+        changes["isolation.network"] = False
+        changes["isolation.require"] = [layer for layer in LAYERS if layer != "network"]
+    pol = policy_for(mode, **changes)
     with Sandbox(pol) as a, Sandbox(pol) as b:
         ra = a.execute(
             "import socket\ns = socket.socket(socket.AF_UNIX)\ns.bind('\\0rlm-sibling-test')\ns.listen()\nprint('listening')"
@@ -115,7 +123,7 @@ def test_abstract_socket_scoping_between_sandboxes(mode: str, env: Env) -> None:
         assert not rh.ok, rh
         if mode == "guard_none":
             assert "listening" in ra.stdout, ra
-            assert rb.error_type == "PermissionError", rb
+            assert rb.error_type == ("ConnectionRefusedError" if network else "PermissionError"), rb
         assert_contained(env, rb, b)
 
 
