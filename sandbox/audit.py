@@ -10,11 +10,13 @@ shorter chain; keep the last hash elsewhere if that matters to you.)
 
 Several sandboxes, in one process or many, may share a file: each append
 takes an exclusive ``flock`` and re-reads the last line only when another
-process has written since. This process remembers, per file, the size and
-hash its last append left; an append (or a new log object, the next sandbox
-on that file) that finds the file at that size chains onto that hash and
-reads nothing back, so sandboxes of one process sharing the default log do
-not read each other's lines. Finding the last line reads backwards from the
+process has written since. This process remembers, per file, the size,
+modification time and hash its last append left; an append (or a new log
+object, the next sandbox on that file) that finds the file at that size and
+time chains onto that hash and reads nothing back, so sandboxes of one
+process sharing the default log do not read each other's lines. The last
+line is read through the log's own descriptor: a log renamed away by a
+rotation stays the file its open writers append to. Finding the last line reads backwards from the
 end, so it costs the length of that line, however long, not its square.
 
 A crash in the middle of an append can leave the file ending in a cut-off
@@ -135,11 +137,12 @@ def line_hash(record: dict[str, Any]) -> str:
     return _hash_of(str(record.get("prev_hash", "")), _canonical(body))
 
 
-#: (st_dev, st_ino) of an audit file -> (size, hash) its last append by this process left. An
-#: append that finds the file at that size (under its lock) chains onto that hash instead of
-#: reading the last line back: the line is this process's own, from another log object (another
-#: sandbox on the same file). Only appends make a file grow, so another writer changes the size.
-_heads: dict[tuple[int, int], tuple[int, str]] = {}
+#: (st_dev, st_ino) of an audit file -> (size, mtime_ns, hash) its last append by this process
+#: left. An append that finds the file at that size and modification time (under its lock)
+#: chains onto that hash instead of reading the last line back: the line is this process's own,
+#: from another log object (another sandbox on the same file). Another writer changes the time
+#: (and, unless the file was truncated and refilled to the same length, the size).
+_heads: dict[tuple[int, int], tuple[int, int, str]] = {}
 _HEADS_KEPT = 256
 
 
@@ -155,7 +158,7 @@ class AuditLog:
 
     def __init__(self, path: str | Path) -> None:
         self.path = _as_path(path)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC  # read: the last line, through this file
         try:
             try:
                 self._fd = os.open(self.path, flags, 0o600)
@@ -166,11 +169,12 @@ class AuditLog:
         except OSError as exc:
             raise AuditError(f"cannot open audit log {self.path}: {exc.strerror}") from None
         self._file = (st.st_dev, st.st_ino)
-        self._end = -1  # file size after the last append this object knows of; -1: unknown
+        #: (size, mtime_ns) of the file after the last append this object knows of.
+        self._at: tuple[int, int] = (-1, -1)
         self._last = GENESIS
         known = _heads.get(self._file)
-        if known is not None and known[0] == st.st_size:
-            self._end, self._last = known
+        if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
+            self._at, self._last = known[:2], known[2]
 
     def append(self, record: dict[str, Any], encoded: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Chain and write *record* plus the fields *encoded* by :func:`encode_fields`;
@@ -178,13 +182,14 @@ class AuditLog:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
-                size = os.fstat(self._fd).st_size
+                st = os.fstat(self._fd)
+                size, at = st.st_size, (st.st_size, st.st_mtime_ns)
                 seal = b""
-                known = _heads.get(self._file) if size != self._end else None
-                if known is not None and known[0] == size:  # another log object of ours wrote last
-                    self._last = known[1]
-                elif size != self._end:
-                    tail = _read_tail(self.path, size)
+                known = _heads.get(self._file) if at != self._at else None
+                if known is not None and known[:2] == at:  # another log object of ours wrote last
+                    self._last = known[2]
+                elif at != self._at:  # someone else wrote (or truncated) since: read what is there
+                    tail = _read_tail(self._fd, size, self.path)
                     self._last = tail.prev_hash
                     if tail.seal:
                         seal = b"\n"
@@ -196,12 +201,13 @@ class AuditLog:
                 # Encode once: the line is the hashed body with "hash" spliced in.
                 line = seal + body[:-1] + b',"hash":"' + record["hash"].encode() + b'"}\n'
                 _write_all(self._fd, line)
-                self._end = size + len(line)
+                after = os.fstat(self._fd)  # what the next append compares (still under the lock)
+                self._at = (after.st_size, after.st_mtime_ns)
                 self._last = record["hash"]
                 if self._file not in _heads and len(_heads) >= _HEADS_KEPT:
                     with contextlib.suppress(RuntimeError, StopIteration, KeyError):
                         del _heads[next(iter(_heads))]
-                _heads[self._file] = (self._end, self._last)
+                _heads[self._file] = (*self._at, self._last)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         except OSError as exc:
@@ -274,28 +280,26 @@ def _damaged(path: Path) -> AuditError:
     return AuditError(f"audit log {path} ends with a damaged line; run `rlm audit verify` on it")
 
 
-def _read_tail(path: Path, size: int) -> _Tail:
+def _read_tail(fd: int, size: int, path: Path) -> _Tail:
+    """How the file open as *fd* ends (*size* bytes long): read through that descriptor, not
+    by name (a log renamed away by a rotation is still the file its writers append to)."""
     if size == 0:
         return _Tail(GENESIS)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        complete = os.pread(fd, 1, size - 1) == b"\n"
-        start, last = _line_before(fd, size - 1 if complete else size)
-        found = _record_hash(last)
-        if found is not None:
-            return _Tail(found, seal=not complete)
-        if complete:
+    complete = os.pread(fd, 1, size - 1) == b"\n"
+    start, last = _line_before(fd, size - 1 if complete else size)
+    found = _record_hash(last)
+    if found is not None:
+        return _Tail(found, seal=not complete)
+    if complete:
+        raise _damaged(path)
+    # A write cut off by a crash: chain onto the line before it and record the fragment.
+    prev = GENESIS
+    if start > 0:
+        prev_found = _record_hash(_line_before(fd, start - 1)[1])
+        if prev_found is None:
             raise _damaged(path)
-        # A write cut off by a crash: chain onto the line before it and record the fragment.
-        prev = GENESIS
-        if start > 0:
-            prev_found = _record_hash(_line_before(fd, start - 1)[1])
-            if prev_found is None:
-                raise _damaged(path)
-            prev = prev_found
-        return _Tail(prev, seal=True, torn=_torn(last))
-    finally:
-        os.close(fd)
+        prev = prev_found
+    return _Tail(prev, seal=True, torn=_torn(last))
 
 
 @dataclass(frozen=True)

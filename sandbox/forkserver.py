@@ -299,6 +299,15 @@ class ForkServer:
         """True while the server runs and its socket is open (checked, not assumed)."""
         return not self.closed and self.owner_pid == os.getpid() and self.proc.poll() is None
 
+    def _stopped(self) -> bool:
+        """The server process is stopped (SIGSTOP, a debugger) or a zombie: it cannot answer."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return self.proc.poll() is not None
+        return state in (b"T", b"t", b"Z", b"X")
+
     def _gone(self, why: str) -> _ServerGone:
         self.closed = True
         return _ServerGone(why)
@@ -342,9 +351,9 @@ class ForkServer:
         """Ask for a child on *chan_fd*; return ``(pid, pidfd)``.
 
         Raises :class:`_ServerGone` when the server is dead, or did not answer within
-        *timeout* seconds (default :data:`SPAWN_TIMEOUT`: then it is stopped or hung, and it
-        is killed), so that the caller may retry on a new one; ``SandboxStartError`` on every
-        other failure.
+        *timeout* seconds (default :data:`SPAWN_TIMEOUT`) because it is stopped (then it is
+        killed), so that the caller may retry on a new one; ``SandboxStartError`` on every
+        other failure (a server that runs but is slow is left to its other sandboxes).
         """
         from sandbox.errors import SandboxStartError
 
@@ -364,11 +373,17 @@ class ForkServer:
             try:
                 while True:
                     msg = self._read_one(timeout)
-                    if msg is None:  # stopped (SIGSTOP) or hung: useless to every later sandbox too
-                        with contextlib.suppress(OSError):
-                            self.proc.kill()
-                        raise self._gone(
-                            f"the fork server did not answer a spawn request in {timeout:g} s; it was killed"
+                    if msg is None:
+                        if self._stopped():  # useless to every later sandbox too: replaced
+                            with contextlib.suppress(OSError):
+                                self.proc.kill()
+                            raise self._gone(
+                                f"the fork server was stopped and did not answer in {timeout:g} s; it was killed"
+                            )
+                        # Running but slow (a machine under heavy load): killing it would end every
+                        # sandbox it serves, so only this start fails.
+                        raise SandboxStartError(
+                            f"the fork server did not answer a spawn request in {timeout:g} s"
                         )
                     if msg["t"] == "failed":
                         raise SandboxStartError(f"the fork server could not start a child: {msg['error']}")
@@ -448,8 +463,8 @@ class ForkServer:
         self._close_fds()
 
 
-#: Seconds a fork server has to answer a spawn request before it is taken for hung and killed
-#: (it answers in milliseconds; the margin is for a machine under heavy load).
+#: Seconds a fork server has to answer a spawn request (it answers in milliseconds; the margin is
+#: for a machine under heavy load). A server found stopped then is killed and replaced.
 SPAWN_TIMEOUT = 30.0
 
 # One server per preload set: a server that has loaded RestrictedPython for a

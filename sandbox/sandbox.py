@@ -50,10 +50,12 @@ import hashlib
 import inspect
 import os
 import random
+import re
 import select
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -142,9 +144,12 @@ os.register_at_fork(after_in_child=_ids.seed)
 # directory of a live child (the kernel drops it when the host dies, whatever its PID
 # namespace), and the first sandbox of each process removes, in a background thread, the
 # scratch directories nobody holds that are over _SWEEP_AGE old (a directory is locked
-# microseconds after it is made) and the uid lock files nobody holds.
+# microseconds after it is made), named as mkdtemp names ours and owned by this user or a
+# sandbox uid (never another program's "sandbox-..."), and the uid lock files nobody holds.
 
 _SWEEP_AGE = 600.0
+#: What tempfile.mkdtemp(prefix="sandbox-") names: anything else is not ours to remove.
+_SCRATCH_NAME = re.compile(r"sandbox-[a-z0-9_]{8}")
 _swept_by: int | None = None  # the pid that started the sweep (once per process)
 
 
@@ -171,10 +176,17 @@ def _sweep_scratch(root: str, limit: int = 1024, age: float = _SWEEP_AGE) -> int
             ]
     except OSError:
         return 0
+    me = os.geteuid()
     for path in found:
         try:
-            if os.lstat(path).st_mtime > oldest:
-                continue
+            st = os.lstat(path)
+            if (
+                not _SCRATCH_NAME.fullmatch(os.path.basename(path))
+                or not stat.S_ISDIR(st.st_mode)
+                or not (st.st_uid == me or uids.UID_BASE <= st.st_uid < uids.UID_BASE + uids.UID_SPAN)
+                or st.st_mtime > oldest
+            ):
+                continue  # not one of ours (another program's "sandbox-..."), or too young
             fd = _lock_scratch(path)  # BlockingIOError: its host lives
         except OSError:
             continue
@@ -1048,7 +1060,12 @@ class Sandbox:
             self._lost = True
             self._stop_child(child, graceful=False)  # cut short (Ctrl-C): the next call finishes it
             self._child = None
-        return self._start()
+        child = self._start()
+        if self.closed:  # close() from another thread while the child started: it killed the old one
+            self._child = None
+            self._stop_child(child, graceful=False)
+            raise SandboxClosedError("this sandbox was closed while its child started")
+        return child
 
     def _start(self) -> _Child:
         # What is this sandbox's own reaches the child in its init (a pooled child was forked

@@ -257,3 +257,62 @@ def test_a_write_by_anyone_else_since_makes_the_next_log_read_the_tail(tmp_path,
     (tmp_path / "seed.jsonl").rename(path)
     _append_one(path, {"code": "after the swap"})
     assert verify(path).ok and verify(path).lines == 2
+
+
+APPEND_ONE = (
+    "import sys; from sandbox.audit import AuditLog\n"
+    "log = AuditLog(sys.argv[1]); log.append({'event': sys.argv[2]}); log.close()\n"
+)
+
+
+def test_a_log_truncated_and_refilled_to_the_same_size_is_read_again(tmp_path):
+    """logrotate's copytruncate, then another process's line of the same length: the size is
+    what this process remembered, the file is not. The next append reads the tail instead of
+    chaining onto the remembered hash (which broke the chain)."""
+    path = tmp_path / "audit.jsonl"
+    audit._heads.clear()
+    _append_one(path, {"event": "a"})
+    _append_one(path, {"event": "b"})  # remembered: this size, this hash
+    size = path.stat().st_size
+    with open(path, "r+") as f:
+        f.truncate(0)
+    subprocess.run([sys.executable, "-c", APPEND_ONE, str(path), "c"], check=True)
+    subprocess.run([sys.executable, "-c", APPEND_ONE, str(path), "d"], check=True)
+    assert path.stat().st_size == size  # the same length as before: two lines of the same shape
+    _append_one(path, {"event": "e"})
+    report = verify(path)
+    assert report.ok and report.lines == 3, report
+
+
+def test_a_log_renamed_away_keeps_its_chain_for_writers_that_have_it_open(tmp_path):
+    """A rotation by rename while another process has the log open: that writer appends to the
+    renamed file, and an append here that must read the tail reads that file (it read the new
+    file by name, with the old one's size, and wrote a torn, unchainable line)."""
+    path = tmp_path / "audit.jsonl"
+    other = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys\nfrom sandbox.audit import AuditLog\n"
+         "log = AuditLog(sys.argv[1]); log.append({'event': 'q0'}); print('ready', flush=True)\n"
+         "sys.stdin.readline(); log.append({'event': 'q1'}); log.close()\n",
+         str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "ready"
+        mine = AuditLog(path)
+        mine.append({"event": "p0"})
+        path.rename(tmp_path / "audit.jsonl.1")
+        fresh = AuditLog(path)
+        fresh.append({"event": "new0"})
+        assert other.stdin is not None
+        other.stdin.write("\n")
+        other.stdin.flush()
+        assert other.wait(60) == 0
+        mine.append({"event": "p1"})  # the other process wrote since: the tail is read, through our file
+        mine.close()
+        fresh.close()
+    finally:
+        other.kill()
+    rotated = verify(tmp_path / "audit.jsonl.1")
+    assert rotated.ok and rotated.lines == 4, rotated
+    assert verify(path).ok

@@ -92,8 +92,15 @@ def test_what_a_killed_host_left_is_swept_by_the_next(tmp_path, monkeypatch):
         mine = live._child.scratch if live._child else ""
         assert os.path.dirname(mine) == str(tmp_path)
         os.utime(mine, (0, 0))  # old enough to be swept, if it were not held
+        foreign = [tmp_path / "sandbox-otherapp-data", tmp_path / "sandbox-abcd1234"]
+        for other in foreign:  # another program's directories, one even named like ours
+            other.mkdir()
+            (other / "important.txt").write_text("keep me")
+            os.chown(other, 65534, 65534)  # nobody: neither this user nor a sandbox uid
+            os.utime(other, (0, 0))
         impl._sweep_scratch(str(tmp_path), age=0)
         assert all(not os.path.exists(path) for path, _ in left)
+        assert all((other / "important.txt").exists() for other in foreign)
         assert os.path.isdir(mine)
         if os.geteuid() == 0:
             uids.sweep()

@@ -635,6 +635,52 @@ def test_close_from_another_thread_stops_the_running_cell(audit_path) -> None:
         sb.execute("x = 1")
 
 
+def test_a_slow_fork_server_is_not_killed(audit_path, monkeypatch) -> None:
+    """A spawn that times out on a server that runs (slow, on a loaded machine) fails alone:
+    the server, and the state of every sandbox it serves, stays; its late answer is not taken
+    for the next request's."""
+    with Sandbox("default", audit_log=audit_path, pool=None) as keep:
+        keep.set_variable("v", 41)
+        server = forkserver.shared(False)
+        monkeypatch.setattr(forkserver, "SPAWN_TIMEOUT", 1e-6)
+        with pytest.raises(sandbox.SandboxError, match="did not answer"):
+            Sandbox("default", audit_log=audit_path, pool=None)
+        monkeypatch.setattr(forkserver, "SPAWN_TIMEOUT", 30.0)
+        assert forkserver.shared(False) is server and server.alive
+        with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+            assert sb.execute("print(6 * 7)").stdout == "42\n"
+        r = keep.execute("print(v + 1)")
+        assert r.ok and r.stdout == "42\n" and not r.state_lost, r
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.003, 0.01])
+def test_close_from_another_thread_while_the_next_child_starts(audit_path, delay: float) -> None:
+    """The child died; another thread's execute is starting a new one when close() comes: close
+    killed the old child only, and the new one ran the whole cell while close waited. Now the
+    new child is stopped before it runs anything, and that execute says the sandbox closed."""
+    sb = Sandbox("default", audit_log=audit_path, pool=None)
+    assert sb.execute("x = 1").ok
+    sb.kill()
+    time.sleep(0.05)
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(sb.execute("import time\ntime.sleep(20)\nprint('cell finished')"))
+        except SandboxClosedError as exc:
+            out.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(delay)
+    t0 = time.monotonic()
+    sb.close()
+    assert time.monotonic() - t0 < 10
+    worker.join(15)
+    assert not worker.is_alive() and len(out) == 1
+    assert isinstance(out[0], SandboxClosedError) or not out[0].ok, out[0]  # type: ignore[attr-defined]
+
+
 def test_a_stopped_fork_server_is_replaced(audit_path, monkeypatch) -> None:
     """A fork server that stops answering (SIGSTOP, a hang) made every new sandbox wait out the
     spawn timeout and fail, forever. Now the first one to time out kills it, and that sandbox
