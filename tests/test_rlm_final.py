@@ -98,3 +98,24 @@ def test_quoted_answers_are_exact(answer):
 def test_never_crashes(text):
     find_final(text)
     extract_code_blocks(text)
+
+
+def test_a_hostile_quoted_answer_is_read_in_one_pass(monkeypatch):
+    """``FINAL("`` then 100,000 ``)``: the literal was tried with ``literal_eval`` at every ``)``
+    (40 s of the host's CPU, and no budget or cancel could stop it). Now at most once."""
+    import rlm.final as final_module
+
+    calls = []
+    real = final_module.ast.literal_eval
+
+    def counting(text):
+        calls.append(len(text))
+        return real(text)
+
+    monkeypatch.setattr(final_module.ast, "literal_eval", counting)
+    d = find_final('FINAL("' + ")" * 100_000)
+    assert d is not None and not d.quoted and len(calls) <= 1
+    calls.clear()
+    d = find_final('FINAL("a ) b" "c")\nmore)')
+    assert d.quoted and d.argument == "a ) bc" and len(calls) == 1
+    assert find_final("FINAL(x\n" + "y)\n" * 50_000).argument.endswith("y")
