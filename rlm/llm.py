@@ -25,6 +25,7 @@ API keys are passed straight to litellm and kept nowhere else.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -284,8 +285,10 @@ def _completion_from(response: Any, model: str, messages: list[dict[str, Any]], 
     except (AttributeError, IndexError):
         text = ""
     usage = getattr(response, "usage", None)
-    input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-    output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+    # What a server reports is not trusted to be sane: a negative count would undo the token
+    # budget, a negative or non-finite cost the cost budget.
+    input_tokens = max(0, int(getattr(usage, "prompt_tokens", 0) or 0))
+    output_tokens = max(0, int(getattr(usage, "completion_tokens", 0) or 0))
     if usage is None:
         input_tokens = count_tokens(model, messages)
         output_tokens = count_tokens(model, [{"role": "assistant", "content": text}])
@@ -299,11 +302,15 @@ def _completion_from(response: Any, model: str, messages: list[dict[str, Any]], 
     raw_cost = hidden.get("response_cost") if isinstance(hidden, dict) else None
     if raw_cost is not None:
         cost = float(raw_cost)
+        if not (math.isfinite(cost) and cost >= 0):
+            cost = None
     else:
         try:
             cost = float(litellm.completion_cost(completion_response=response, model=model))
         except Exception:
             cost = None  # not in the price map: a local server, a new model ...
+        if cost is not None and not (math.isfinite(cost) and cost >= 0):
+            cost = None
     return Completion(
         text=text,
         model=model,
@@ -311,8 +318,8 @@ def _completion_from(response: Any, model: str, messages: list[dict[str, Any]], 
         output_tokens=output_tokens,
         cost_usd=cost,
         duration_s=time.perf_counter() - started,
-        cache_read_tokens=int(cache_read or 0),
-        cache_write_tokens=int(cache_write or 0),
+        cache_read_tokens=max(0, int(cache_read or 0)),
+        cache_write_tokens=max(0, int(cache_write or 0)),
     )
 
 

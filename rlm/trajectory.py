@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
 import uuid
@@ -88,8 +89,12 @@ def clip_text(text: str, cap: int = LOG_TEXT_CHARS) -> str:
 
 
 def _bound(value: Any) -> Any:
+    """*value* with long texts clipped and non-finite floats as strings ("nan", "inf"): JSON has
+    no NaN or Infinity, and strict readers (the viewer, ``JSON.parse``) refuse the whole line."""
     if isinstance(value, str):
         return clip_text(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
     if isinstance(value, dict):
         return {k: _bound(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

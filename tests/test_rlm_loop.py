@@ -277,3 +277,22 @@ def test_verbose_view_shows_each_turn_on_stderr_only(capsys):
         "answer (final)",  # the outcome
     ):
         assert expected in err, expected
+
+
+def test_a_server_reporting_negative_usage_cannot_undo_the_budgets():
+    """A model server claims -1e9 prompt tokens and a negative cost: counted as none (they
+    made the token total negative, so max_tokens could never trigger)."""
+    from types import SimpleNamespace
+
+    from rlm.llm import _completion_from
+
+    response = SimpleNamespace(
+        choices=[SimpleNamespace(message=SimpleNamespace(content="hi"))],
+        usage=SimpleNamespace(prompt_tokens=-1_000_000_000, completion_tokens=-5, cache_read_input_tokens=-7),
+        _hidden_params={"response_cost": -3.0},
+    )
+    c = _completion_from(response, "openai/x", [{"role": "user", "content": "q"}], 0.0)
+    assert (c.input_tokens, c.output_tokens, c.cache_read_tokens) == (0, 0, 0)
+    assert c.cost_usd is None
+    response._hidden_params = {"response_cost": float("nan")}
+    assert _completion_from(response, "openai/x", [], 0.0).cost_usd is None

@@ -147,3 +147,34 @@ def test_the_schema_check_can_fail():
     assert problems(json.dumps(good)) == []
     del good["code_blocks"][0]["result"]["rlm_calls"][0]["prompt_tokens"]
     assert problems(json.dumps(good)) == ["code_blocks[0].result.rlm_calls[0].prompt_tokens: not a number"]
+
+
+def _strict(text: str) -> object:
+    def refuse(name: str) -> object:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nan_and_infinity_from_model_code_stay_valid_json(tmp_path: Path):
+    """Model code hands a tool NaN and infinities: the trajectory held bare NaN/-Infinity, which
+    strict readers (the reference viewer, the browser's JSON.parse in `rlm view`) refuse."""
+    from rlm.view import _embed, build_page
+    from rlm.view.load import load_path
+
+    def echo(value: object) -> object:
+        return value
+
+    code = "echo(float('nan')); echo([float('-inf'), {'x': float('inf')}])\nFINAL('done')"
+    r = run(
+        "q", "c", model="root", backend=ScriptedBackend([repl(code)]), tools={"echo": echo}, log_dir=tmp_path
+    )
+    assert r.answer == "done"
+    text = (tmp_path / f"{r.run_id}.jsonl").read_text()
+    assert "nan" in text
+    for line in text.splitlines():
+        _strict(line)
+    assert build_page(tmp_path).startswith("<!DOCTYPE")  # the page builds
+    data = load_path(tmp_path)
+    data["runs"][0]["extra"] = [float("nan"), {"older log": float("-inf")}]  # as an older log may hold
+    _strict(_embed(data))  # what the page's JSON.parse reads
