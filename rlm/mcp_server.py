@@ -39,6 +39,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -457,14 +458,20 @@ class MCPApp:
         try:
             owner = self._owner(ctx)
             record["client"] = hashlib.sha256(owner.encode()).hexdigest()[:16]
+            args = params.arguments or {}
+            if _BAD_TEXT in args:  # flagged by _flag_bad_text: the SDK would have dropped the call
+                flagged = args[_BAD_TEXT] if isinstance(args[_BAD_TEXT], dict) else {}
+                keys = [k for k in flagged.get("keys", []) if isinstance(k, str)][:20]
+                names = ", ".join(repr(k[:60]) for k in keys) or "the arguments"
+                if flagged.get("why") == "nested too deep":
+                    raise ToolError(f"{names}: nested deeper than {_MAX_ARG_DEPTH} levels")
+                raise ToolError(
+                    f"{names} (or the tool name): not valid Unicode text (it holds a lone surrogate)"
+                )
             if params.name not in self._names:
                 raise ToolError(
                     f"unknown tool {params.name!r}; this server offers {', '.join(sorted(self._names))}"
                 )
-            args = params.arguments or {}
-            if _BAD_TEXT in args:
-                names = ", ".join(map(repr, args[_BAD_TEXT]))
-                raise ToolError(f"argument(s) {names}: not valid Unicode text (it holds a lone surrogate)")
             handler = getattr(self, "_tool_" + params.name)
             payload: dict[str, Any] = await handler(owner, args, record)
         except ToolError as exc:
@@ -648,7 +655,7 @@ class MCPApp:
             raise ToolError("context_path is refused: this server was started without --allow-read")
         try:
             real = Path(path).resolve(strict=True)
-        except (OSError, RuntimeError):
+        except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte in the path
             raise ToolError(f"context_path {path!r}: no such file") from None
         if not self._allowed(real):
             raise ToolError(f"context_path {path!r} is outside the directories this server may read")
@@ -656,6 +663,13 @@ class MCPApp:
             fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise ToolError(f"context_path {path!r}: {exc.strerror}") from None
+        try:  # a directory opens too, and fdopen refuses it: checked first, the descriptor closed
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            regular = False
+        if not regular:
+            os.close(fd)
+            raise ToolError(f"context_path {path!r} is not a regular file")
         with os.fdopen(fd, "rb") as f:
             # What was opened, not what was named: a path swapped since resolve() is caught here.
             opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
@@ -705,21 +719,76 @@ def _unicode_ok(text: str) -> bool:
     return True
 
 
-def _flag_bad_text(line: str) -> str:
-    """A tools/call line whose arguments hold lone surrogates, rewritten so the tool refuses it by name.
+_METHOD = re.compile(r'"method"\s*:\s*"([^"\\]*)"')
+_ID = re.compile(r'"id"\s*:\s*(-?\d+|"(?:[^"\\]|\\.)*")')
 
-    The SDK's JSON parser rejects such a line without answering, which leaves the
-    client waiting; rewritten, the client gets a tool error naming the argument.
-    """
+#: Deepest nesting of tool arguments passed on to the SDK (its JSON parser drops deeper lines
+#: without an answer; the sandbox takes plain data at most 100 deep anyway).
+_MAX_ARG_DEPTH = 100
+
+
+def _bad_parts(value: Any, depth: int = 0) -> tuple[bool, bool]:
+    """(holds text that is not valid Unicode, in a key or a value at any depth; nests deeper
+    than _MAX_ARG_DEPTH)."""
+    if depth > _MAX_ARG_DEPTH:
+        return False, True
+    if isinstance(value, str):
+        return not _unicode_ok(value), False
+    items: Any = ()
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, list):
+        items = value
+    bad = deep = False
+    for item in items:
+        b, d = _bad_parts(item, depth + 1)
+        bad, deep = bad or b, deep or d
+        if deep:
+            break
+    return bad, deep
+
+
+def _might_be_bad(line: str) -> bool:
+    """Cheap test before parsing: an escaped surrogate, or enough brackets to nest too deep."""
+    return "\\ud" in line.lower() or line.count("[") + line.count("{") > _MAX_ARG_DEPTH
+
+
+def _flag_bad_text(line: str) -> str:
+    """A tools/call line the SDK would drop without an answer (arguments or tool name holding
+    lone surrogates, anywhere; arguments nested too deep), rewritten so the tool refuses it by
+    name: the client gets a tool error instead of waiting for ever. Any other line is passed on
+    as it is (what Python cannot parse, the SDK answers with a parse error)."""
     try:
         msg = json.loads(line)
-        args = msg["params"]["arguments"]
-        bad = sorted(k for k, v in args.items() if isinstance(v, str) and not _unicode_ok(v))
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except RecursionError:  # too deep for Python's parser as well: answer by the request's id
+        method, rid = _METHOD.search(line), _ID.search(line)
+        if method is None or method.group(1) != "tools/call" or rid is None:
+            return line
+        params = {"name": "?", "arguments": {_BAD_TEXT: {"keys": [], "why": "nested too deep"}}}
+        return (
+            f'{{"jsonrpc":"2.0","id":{rid.group(1)},"method":"tools/call","params":{json.dumps(params)}}}\n'
+        )
+    except (ValueError, MemoryError):
         return line
-    if not bad or msg.get("method") != "tools/call":
+    try:
+        if not isinstance(msg, dict) or msg.get("method") != "tools/call":
+            return line
+        params = msg["params"]
+        args = params.get("arguments") or {}
+        bad, deep = _bad_parts(args)
+        name_bad = not isinstance(params.get("name"), str) or not _unicode_ok(params["name"])
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, MemoryError):
         return line
-    msg["params"]["arguments"] = {_BAD_TEXT: [k if _unicode_ok(k) else "?" for k in bad]}
+    if not (bad or deep or name_bad):
+        return line
+    if isinstance(args, dict):
+        keys = sorted(k if _unicode_ok(k) else "?" for k in args if isinstance(k, str))
+    else:
+        keys = []
+    why = "nested too deep" if deep else "not valid Unicode"
+    params["arguments"] = {_BAD_TEXT: {"keys": keys, "why": why}}
+    if name_bad:
+        params["name"] = "?"
     return json.dumps(msg) + "\n"
 
 
@@ -738,12 +807,18 @@ class _CheckedLines:
 
         def read() -> None:
             decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
-            pending = ""
+            pending: list[str] = []  # the pieces of an unfinished line (joined once, when it ends)
             try:
                 while chunk := os.read(fd, 1 << 16):
-                    *lines, pending = (pending + decode(chunk)).split("\n")
-                    for line in lines:
+                    text = decode(chunk)
+                    if "\n" not in text:
+                        pending.append(text)
+                        continue
+                    first, *lines, rest = text.split("\n")
+                    pending.append(first)
+                    for line in ("".join(pending), *lines):
                         loop.call_soon_threadsafe(self._queue.put_nowait, line + "\n")
+                    pending = [rest]
             except (OSError, RuntimeError):  # stdin broke, or the loop is already closed
                 pass
             finally:
@@ -758,7 +833,7 @@ class _CheckedLines:
 
     async def _lines(self) -> Any:
         while (line := await self._queue.get()) is not None:
-            yield _flag_bad_text(line) if "\\ud" in line.lower() else line
+            yield _flag_bad_text(line) if _might_be_bad(line) else line
 
 
 async def _serve_stdio(app: MCPApp) -> None:

@@ -301,6 +301,24 @@ def test_text_that_is_not_utf8_is_refused_and_sigterm_stops_cleanly(tmp_path: Pa
         send(tool_call(3, b"\"print('\xc3\xa9t\xc3\xa9')\""))
         result = answer(3)["result"]
         assert not result["isError"] and result["structuredContent"]["stdout"] == "\u00e9t\u00e9\n"
+        # Each of these was dropped without an answer (the client waited for ever), and the
+        # deep one with a surrogate in a comment killed the server (RecursionError).
+        hostile = [
+            b'{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"python_exec",'
+            b'"arguments":{"code":"1","\\ud800":"x"}}}',  # a surrogate in a key
+            b'{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"python_exec",'
+            b'"arguments":{"code":["\\ud800"]}}}',  # nested in a value
+            b'{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"python_exec",'
+            b'"arguments":{"code":"1","x":' + b"[" * 300 + b"]" * 300 + b"}}}",  # nested too deep
+            b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"python_exec",'
+            b'"arguments":{"code":"# \\ud800","x":' + b"[" * 1000 + b"]" * 1000 + b"}}}",
+        ]
+        for rid, line in enumerate(hostile, 4):
+            send(line)
+            reply = answer(rid)
+            assert "error" in reply or reply["result"]["isError"], reply
+        send(tool_call(8, b'"print(8)"'))
+        assert answer(8)["result"]["structuredContent"]["stdout"] == "8\n"  # still serving
         proc.send_signal(signal.SIGTERM)  # stdin still open: the signal alone stops it, cleanly
         assert proc.wait(60) == 0
     finally:
@@ -530,12 +548,23 @@ def test_rlm_query_reads_only_inside_allow_read(tmp_path: Path) -> None:
             assert "no such file" in await refused(
                 s, "rlm_query", {"query": "q", "context_path": str(allowed / "nope")}
             )
+            # A directory (it opened, then fdopen raised a raw IsADirectoryError and leaked the
+            # descriptor, once per call) and a NUL byte (a raw ValueError): tool errors, no leak.
+            (server,) = mcp_servers()
+            fds = server.num_fds()
+            for _ in range(20):
+                assert "not a regular file" in await refused(
+                    s, "rlm_query", {"query": "q", "context_path": str(allowed / "sub")}
+                )
+            assert server.num_fds() <= fds + 2
+            assert "no such file" in await refused(
+                s, "rlm_query", {"query": "q", "context_path": str(allowed) + "/doc\x00.txt"}
+            )
             assert "between 1 and 20" in await refused(s, "rlm_query", {"query": "q", "max_iterations": 50})
             assert "not both" in await refused(
                 s, "rlm_query", {"query": "q", "context": "x", "context_path": str(allowed / "doc.txt")}
             )
             # a client that gives up: the running cell is killed now, not at the policy's 30 s wall limit
-            (server,) = mcp_servers()
 
             def sleeping() -> list[psutil.Process]:
                 return [p for p in tree(server)["children"] if _wchan(p.pid).endswith("nanosleep")]
