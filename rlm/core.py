@@ -18,6 +18,7 @@ child and hands its value to ``rlm_submit_final``.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import json
 import random
@@ -521,7 +522,7 @@ class _Run:
                 kwargs["timeout"] = max(1.0, left)
             try:
                 with self.ledger.slot():
-                    completion = self.cfg.backend.complete(model, messages, **kwargs)
+                    completion = self._complete(model, messages, kwargs)
             except (RateLimited, ProviderUnavailable) as exc:
                 wait = retry_wait(attempt, exc.retry_after, self.cfg.retry_backoff_s)
                 if attempt >= self.cfg.max_retries or wait is None:
@@ -534,6 +535,39 @@ class _Run:
             self.ledger.record(model, completion)
             self._add_tokens(completion.input_tokens, completion.output_tokens)
             return completion
+
+    def _complete(self, model: str, messages: Messages, kwargs: dict[str, Any]) -> Completion:
+        """The backend's call, given up when the time budget runs out or the run is cancelled.
+
+        A server that answers a byte at a time never trips the HTTP client's timeout (it is per
+        read), and a call cannot be interrupted: with a time budget or a cancel token, the call
+        runs in a daemon thread, left to finish on its own (its answer unused) once the run
+        stops. Without either, it runs here."""
+        if self.ledger.budgets.max_time_s is None and self.ledger.cancel is None:
+            return self.cfg.backend.complete(model, messages, **kwargs)
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                box["value"] = self.cfg.backend.complete(model, messages, **kwargs)
+            except BaseException as exc:  # handed to the caller below
+                box["error"] = exc
+            finally:
+                done.set()
+
+        context = contextvars.copy_context()
+        threading.Thread(target=context.run, args=(call,), name="rlm-model-call", daemon=True).start()
+        while not done.wait(0.05):
+            over = self.ledger.exhausted()
+            if over is not None:
+                raise BudgetExceeded(
+                    over, f"a call to {model} was still running when the run stopped ({over})"
+                )
+        if "error" in box:
+            raise box["error"]
+        completion: Completion = box["value"]
+        return completion
 
     def _add_tokens(self, input_tokens: int, output_tokens: int) -> None:
         with self._tokens_lock:
@@ -610,6 +644,7 @@ class _Run:
         """Run one of the caller's tools here; its failure is raised in the child, never here."""
         started = time.perf_counter()
         self.ledger.record_tool_call()
+        stopped = self.ledger.exhausted()  # a loop of tool calls must not outlive the budgets
         entry: dict[str, Any] = {
             "type": "tool",
             "name": tool.name,
@@ -625,6 +660,8 @@ class _Run:
         error: str | None = None
         value: Any = None
         try:
+            if stopped is not None:
+                raise RuntimeError(f"not run: the run is stopping ({stopped})")
             value = call_sync(tool.fn, args, kwargs, self.events.loop)
         except (Exception, SystemExit) as exc:  # the model sees it; this process never raises it
             try:
@@ -820,9 +857,23 @@ class _Run:
         return {}
 
     def _run_block(self, sb: Any, code: str) -> tuple[dict[str, Any], str, bool]:
-        """Run one block; return (log entry, text for the model, ok)."""
+        """Run one block; return (log entry, text for the model, ok).
+
+        With a time budget, the block's child is killed when the budget runs out (the policy's
+        ``wall_seconds`` alone would let a block run past it, and host functions are not counted
+        there at all); the loop then stops with ``stop_reason="max_time_s"``."""
         self.calls = []
-        result = sb.execute(code)
+        left = self.ledger.time_left()
+        timer = None
+        if left is not None:
+            timer = threading.Timer(max(0.0, left), sb.kill)
+            timer.daemon = True
+            timer.start()
+        try:
+            result = sb.execute(code)
+        finally:
+            if timer is not None:
+                timer.cancel()
         self.code_executions += 1
         calls = [entry for _, entry in sorted(self.calls, key=lambda pair: pair[0])]
         pieces: list[str] = []
@@ -846,6 +897,8 @@ class _Run:
         local_vars: dict[str, Any] = {}
         if sb.alive:
             local_vars = self._describe_vars(sb)
+        elif self.ledger.exhausted():  # stopped by a budget: the run ends, nothing to reload
+            text += f"\n[the run stopped: {self.ledger.stopped_by}]"
         else:
             self._load(sb)
             reloaded = (

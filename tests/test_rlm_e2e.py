@@ -248,3 +248,59 @@ def test_import_and_help_do_not_import_litellm():
         [sys.executable, "-c", code], cwd=ROOT_DIR, capture_output=True, text=True, timeout=60
     )
     assert out.stdout.strip() == "False False", out.stderr
+
+
+def test_a_model_server_that_drips_cannot_outlive_the_time_budget(monkeypatch):
+    """A server that sends a valid answer a byte every 0.3 s never trips the HTTP client's
+    timeout (it is per read): the run went on for minutes past max_time_s, and a cancel waited
+    for the call. Now the run stops at the budget, with stop_reason max_time_s."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    stop = threading.Event()
+    answer = json.dumps(
+        {"id": "x", "object": "chat.completion", "created": 1, "model": "root",
+         "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "FINAL(ok)"}}],
+         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    ).encode()  # fmt: skip
+
+    class Drip(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            try:
+                for i in range(len(answer)):  # about a minute in all
+                    if stop.is_set():
+                        return
+                    self.wfile.write(answer[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            except OSError:
+                pass
+
+    from rlm.llm import _lib
+
+    _lib()  # litellm imported first (about 10 s here): the budget is for the call
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        r = run("q", "c", model="openai/root", api_base=f"http://127.0.0.1:{httpd.server_port}/v1",
+                max_time_s=3, max_retries=0)  # fmt: skip
+        assert r.stop_reason == "max_time_s" and r.answer is None, r
+        assert time.monotonic() - t0 < 15  # the answer takes about a minute to arrive
+    finally:
+        stop.set()
+        httpd.shutdown()
+        httpd.server_close()

@@ -148,6 +148,23 @@ def test_time_budget_stops_the_run():
     assert r.stop_reason == "max_time_s" and r.iterations < 50
 
 
+def test_time_budget_stops_a_block_and_a_loop_of_tool_calls():
+    """A block that sleeps 20 s, and one calling a 1 s tool 15 times, under max_time_s=2: the
+    run stops at the budget (the block ran 20 s, the tool loop 15 s and past the policy's wall
+    limit, which does not count host functions)."""
+    import time as clock
+
+    def slow() -> int:
+        clock.sleep(1)
+        return 1
+
+    for code in ("import time\ntime.sleep(20)", "total = 0\nfor _ in range(15):\n    total += slow()"):
+        t0 = clock.monotonic()
+        r = go([repl(code), repl("FINAL(1)")], max_time_s=2, tools={"slow": slow})
+        assert r.stop_reason == "max_time_s" and r.answer is None, r
+        assert clock.monotonic() - t0 < 10
+
+
 def test_depth_two_recursion(tmp_path: Path):
     def respond(model, messages):
         first = messages[1]["content"] if len(messages) > 1 else messages[0]["content"]
