@@ -50,6 +50,7 @@ __all__ = [
     "REPEAT_CHARS",
     "TrajectoryLogger",
     "audit_path_for",
+    "json_safe",
     "new_run_id",
     "result_path_for",
 ]
@@ -88,17 +89,18 @@ def clip_text(text: str, cap: int = LOG_TEXT_CHARS) -> str:
     return f"{text[:head]}\n[... {len(text) - head - tail:,} characters not logged ...]\n{text[-tail:]}"
 
 
-def _bound(value: Any) -> Any:
-    """*value* with long texts clipped and non-finite floats as strings ("nan", "inf"): JSON has
-    no NaN or Infinity, and strict readers (the viewer, ``JSON.parse``) refuse the whole line."""
+def json_safe(value: Any, clip: bool = False) -> Any:
+    """*value* with non-finite floats as strings ("nan", "inf"; JSON has no NaN or Infinity, and
+    strict readers, the viewer and ``JSON.parse``, refuse the whole line) and, with *clip*, long
+    texts clipped (:func:`clip_text`)."""
     if isinstance(value, str):
-        return clip_text(value)
+        return clip_text(value) if clip else value
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
     if isinstance(value, dict):
-        return {k: _bound(v) for k, v in value.items()}
+        return {k: json_safe(v, clip) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_bound(v) for v in value]
+        return [json_safe(v, clip) for v in value]
     return value
 
 
@@ -119,7 +121,7 @@ class TrajectoryLogger:
         self._compaction: dict[str, Any] | None = None  # for the next iteration line
 
     def _encode(self, entry: dict[str, Any], **options: Any) -> str:
-        text = json.dumps(_bound(entry), ensure_ascii=False, default=repr, **options)
+        text = json.dumps(json_safe(entry, clip=True), ensure_ascii=False, default=repr, **options)
         for secret in self._secrets:
             text = text.replace(secret, "[REDACTED]")
         return text

@@ -17,11 +17,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rlm.trajectory import json_safe
 from rlm.view.load import load_path
 
 __all__ = ["build_page", "default_output", "write_page"]
@@ -109,21 +109,10 @@ def _prepare(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return totals
 
 
-def _finite(value: Any) -> Any:
-    """*value* with NaN and infinities as strings (older logs may hold them; JSON.parse refuses them)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _embed(data: Any) -> str:
     """JSON that is safe inside a <script> element: no '<', '>' or '&' survives unescaped, and
     no NaN or Infinity (which the browser's JSON.parse refuses, losing the whole page)."""
-    text = json.dumps(_finite(data), ensure_ascii=True, default=str, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(json_safe(data), ensure_ascii=True, default=str, separators=(",", ":"), allow_nan=False)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
