@@ -513,3 +513,17 @@ def test_cancel_token_kills_the_running_code_and_stops_the_run(tmp_path: Path):
     # a token cancelled before the run: the run stops before its first model call
     r2 = go([repl("FINAL(1)")], cancel=token)
     assert r2.stop_reason == "cancelled" and r2.iterations == 0
+
+
+def test_cancel_gives_up_a_model_call_in_flight():
+    """A model call that takes 60 s (a slow or dripping server) no longer holds a cancelled run:
+    the call is given up (it ends on its own in a daemon thread, its answer unused)."""
+    from rlm import CancelToken
+
+    token = CancelToken()
+    backend = ScriptedBackend([repl("FINAL(1)")], latency_s=60)
+    threading.Timer(0.5, token.cancel).start()
+    t0 = time.monotonic()
+    r = go(None, backend=backend, cancel=token)
+    assert r.stop_reason == "cancelled" and r.answer is None, r
+    assert time.monotonic() - t0 < 30
