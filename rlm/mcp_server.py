@@ -60,7 +60,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from sandbox import Policy, Sandbox, SandboxPool
 from sandbox.audit import AuditLog, default_audit_path
-from sandbox.errors import SandboxError
+from sandbox.errors import SandboxClosedError, SandboxError
 
 __all__ = ["MCPApp", "ServerConfig", "ToolError", "run_server", "serve"]
 
@@ -478,6 +478,11 @@ class MCPApp:
             self._audit(record, f"tool_error: {exc}", t0)
             return types.CallToolResult(
                 content=[types.TextContent(type="text", text=str(exc))], is_error=True
+            )
+        except SandboxClosedError:  # another request closed the session while this call waited
+            self._audit(record, "tool_error: the session was closed", t0)
+            return types.CallToolResult(
+                content=[types.TextContent(type="text", text="no such session: it was closed")], is_error=True
             )
         except SandboxError as exc:  # the sandbox could not start: a server-side fault, reported
             self._audit(record, f"sandbox_error: {exc}", t0)

@@ -273,11 +273,13 @@ def test_text_that_is_not_utf8_is_refused_and_sigterm_stops_cleanly(tmp_path: Pa
         proc.stdin.write(raw + b"\n")  # type: ignore[union-attr]
         proc.stdin.flush()  # type: ignore[union-attr]
 
+    early: dict[Any, dict[str, Any]] = {}  # answers read while waiting for another
+
     def answer(rid: int) -> dict[str, Any]:
-        while True:
+        while rid not in early:
             msg = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
-            if msg.get("id") == rid:
-                return dict(msg)
+            early[msg.get("id")] = dict(msg)
+        return early.pop(rid)
 
     def tool_call(rid: int, code_json: bytes) -> bytes:
         return (
@@ -319,6 +321,23 @@ def test_text_that_is_not_utf8_is_refused_and_sigterm_stops_cleanly(tmp_path: Pa
             assert "error" in reply or reply["result"]["isError"], reply
         send(tool_call(8, b'"print(8)"'))
         assert answer(8)["result"]["structuredContent"]["stdout"] == "8\n"  # still serving
+
+        def request(rid: int, name: str, arguments: dict[str, Any]) -> None:
+            params = {"name": name, "arguments": arguments}
+            send(json.dumps({"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params}).encode())
+
+        # A call queued on a session that another request closes: "no such session", not a
+        # server-side sandbox error.
+        request(9, "session_open", {})
+        sid = answer(9)["result"]["structuredContent"]["session_id"]
+        request(10, "python_exec", {"code": "import time\ntime.sleep(3)", "session_id": sid})
+        request(11, "python_exec", {"code": "1", "session_id": sid})
+        time.sleep(0.5)
+        request(12, "session_close", {"session_id": sid})
+        assert answer(12)["result"]["structuredContent"]["closed"]
+        queued = answer(11)["result"]
+        assert queued["isError"] and "no such session" in queued["content"][0]["text"], queued
+        answer(10)
         proc.send_signal(signal.SIGTERM)  # stdin still open: the signal alone stops it, cleanly
         assert proc.wait(60) == 0
     finally:
