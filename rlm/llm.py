@@ -302,15 +302,13 @@ def _completion_from(response: Any, model: str, messages: list[dict[str, Any]], 
     raw_cost = hidden.get("response_cost") if isinstance(hidden, dict) else None
     if raw_cost is not None:
         cost = float(raw_cost)
-        if not (math.isfinite(cost) and cost >= 0):
-            cost = None
     else:
         try:
             cost = float(litellm.completion_cost(completion_response=response, model=model))
         except Exception:
             cost = None  # not in the price map: a local server, a new model ...
-        if cost is not None and not (math.isfinite(cost) and cost >= 0):
-            cost = None
+    if cost is not None and not (math.isfinite(cost) and cost >= 0):
+        cost = None  # a negative or non-finite figure would undo the cost budget
     return Completion(
         text=text,
         model=model,

@@ -16,8 +16,9 @@ object, the next sandbox on that file) that finds the file at that size and
 time chains onto that hash and reads nothing back, so sandboxes of one
 process sharing the default log do not read each other's lines. The last
 line is read through the log's own descriptor: a log renamed away by a
-rotation stays the file its open writers append to. Finding the last line reads backwards from the
-end, so it costs the length of that line, however long, not its square.
+rotation stays the file its open writers append to. Finding the last line
+reads backwards from the end, so it costs the length of that line, however
+long, not its square.
 
 A crash in the middle of an append can leave the file ending in a cut-off
 line. The next append does not chain onto it and does not drop it: it ends
@@ -185,16 +186,17 @@ class AuditLog:
                 st = os.fstat(self._fd)
                 size, at = st.st_size, (st.st_size, st.st_mtime_ns)
                 seal = b""
-                known = _heads.get(self._file) if at != self._at else None
-                if known is not None and known[:2] == at:  # another log object of ours wrote last
-                    self._last = known[2]
-                elif at != self._at:  # someone else wrote (or truncated) since: read what is there
-                    tail = _read_tail(self._fd, size, self.path)
-                    self._last = tail.prev_hash
-                    if tail.seal:
-                        seal = b"\n"
-                    if tail.torn is not None:
-                        record = dict(record, torn_before=tail.torn)
+                if at != self._at:  # written (or truncated) since this object's last append
+                    known = _heads.get(self._file)
+                    if known is not None and known[:2] == at:  # by another log object of ours
+                        self._last = known[2]
+                    else:  # by someone else: read what is there
+                        tail = _read_tail(self._fd, size, self.path)
+                        self._last = tail.prev_hash
+                        if tail.seal:
+                            seal = b"\n"
+                        if tail.torn is not None:
+                            record = dict(record, torn_before=tail.torn)
                 record = dict(record, prev_hash=self._last)
                 body = _canonical(record, encoded)
                 record["hash"] = _hash_of(self._last, body)

@@ -574,18 +574,22 @@ _MAX_ERROR_TYPE = 200
 _MAX_CHILD_ERROR = 2000
 
 
+def _cut(text: str, limit: int) -> str:
+    """*text* from the child, cut at *limit* characters (marked ``...``) where no output cap
+    covers it."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _error_type(name: str | None) -> str | None:
     """The child's exception class name, cut: it is not covered by the output cap, and it goes
     into every audit line (a child could otherwise grow the log by megabytes per execute)."""
-    if name is None or len(name) <= _MAX_ERROR_TYPE:
-        return name
-    return name[:_MAX_ERROR_TYPE] + "..."
+    return None if name is None else _cut(name, _MAX_ERROR_TYPE)
 
 
 def _child_error(msg: dict[str, Any], default: str) -> str:
     """The ``error`` text of a child's refusal, cut to :data:`_MAX_CHILD_ERROR` characters."""
     error: str = msg.get("error", default)  # a str: checked against the message table
-    return error if len(error) <= _MAX_CHILD_ERROR else error[:_MAX_CHILD_ERROR] + "..."
+    return _cut(error, _MAX_CHILD_ERROR)
 
 
 def _signal_name(sig: int) -> str:

@@ -144,7 +144,7 @@ class CpuSlack:
     before the request is sent, on the path of every execute.
     """
 
-    __slots__ = ("_cgroup", "_cgroup_fs", "_fd", "_free", "_levels", "_next", "_throttled", "path", "refresh")
+    __slots__ = ("_cgroup", "_cgroup_fs", "_fd", "_free", "_levels", "_next", "path", "refresh")
 
     def __init__(
         self,
@@ -163,7 +163,6 @@ class CpuSlack:
         self._fd = -1
         #: Per cgroup level with a CPU quota: descriptors of its quota file(s) and cpu.stat.
         self._levels: list[_QuotaLevel] | None = None
-        self._throttled: dict[int, int] = {}  # cpu.stat descriptor -> nr_throttled last read
 
     def free(self) -> bool:
         now = time.monotonic()
@@ -189,10 +188,7 @@ class CpuSlack:
             allowed = level.cpus()
             if allowed is not None:
                 cpus = min(cpus, allowed)
-            count = level.throttled()
-            if count is not None:
-                throttled |= count > self._throttled.get(level.stat, count)
-                self._throttled[level.stat] = count
+            throttled |= level.throttled_since()
         # The caller is one of the runnable tasks; the peer about to answer it may be another.
         self._free = cpus >= 2 and running <= cpus and not throttled
         return self._free
@@ -201,10 +197,11 @@ class CpuSlack:
 class _QuotaLevel:
     """One cgroup directory that had a CPU quota when it was found: its open files."""
 
-    __slots__ = ("period", "quota", "stat")
+    __slots__ = ("period", "quota", "stat", "throttled")
 
     def __init__(self, quota: int, period: int, stat: int) -> None:
         self.quota, self.period, self.stat = quota, period, stat  # descriptors; period -1 on v2
+        self.throttled: int | None = None  # nr_throttled at the last read
 
     def cpus(self) -> int | None:
         """Whole CPUs the quota allows now (None: no quota now, or unreadable)."""
@@ -220,14 +217,18 @@ class _QuotaLevel:
         except (OSError, ValueError, IndexError):
             return None
 
-    def throttled(self) -> int | None:
-        """The level's ``nr_throttled`` count (None: unreadable)."""
+    def throttled_since(self) -> bool:
+        """The level was throttled since the last call (its ``nr_throttled`` grew); False at
+        the first call and when ``cpu.stat`` cannot be read."""
         try:
             data = os.pread(self.stat, 512, 0)
             at = data.index(b"nr_throttled ")
-            return int(data[at + 13 : data.index(b"\n", at)])
+            count = int(data[at + 13 : data.index(b"\n", at)])
         except (OSError, ValueError):
-            return None
+            return False
+        grew = self.throttled is not None and count > self.throttled
+        self.throttled = count
+        return grew
 
 
 def _quota_levels(cgroup: str, cgroup_fs: str) -> list[_QuotaLevel]:
