@@ -140,7 +140,7 @@ def test_click_through_a_real_run(browser: Any, real_run: Any, tmp_path: Path):
     assert HOSTILE in fourth.locator("pre.reply").inner_text() and fourth.locator("img").count() == 0
     # the audit log beside it: chain verified, one row per execution with CPU and memory
     page.locator("details.audit > summary").first.click()
-    assert "hash chain verified" in page.locator("details.audit").first.inner_text()
+    _shows(page.locator("details.audit").first, "hash chain verified")  # built on its toggle event
     # search reaches a sub-call's prompt inside the run, and opens it
     page.locator("details.iteration > summary").nth(1).click()  # close iteration 2 again
     page.fill("#search", "SUMMARY OF: the warehouse")
