@@ -10,7 +10,11 @@ shorter chain; keep the last hash elsewhere if that matters to you.)
 
 Several sandboxes, in one process or many, may share a file: each append
 takes an exclusive ``flock`` and re-reads the last line only when another
-process has written since. This process remembers, per file, the size,
+process has written since. The lock is waited for at most
+:data:`LOCK_SECONDS` (threads of one process queue on a lock of their own
+first, so only other processes are polled for): a process stopped or hung
+while it held the lock makes appends fail with an :class:`AuditError` naming
+its pid, instead of hanging every writer of the file. This process remembers, per file, the size,
 modification time and hash its last append left; an append (or a new log
 object, the next sandbox on that file) that finds the file at that size and
 time chains onto that hash and reads nothing back, so sandboxes of one
@@ -37,6 +41,8 @@ import hashlib
 import json
 import math
 import os
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +52,7 @@ from sandbox.errors import AuditError
 
 __all__ = [
     "GENESIS",
+    "LOCK_SECONDS",
     "AuditLog",
     "VerifyReport",
     "default_audit_path",
@@ -55,6 +62,11 @@ __all__ = [
 ]
 
 GENESIS = "0" * 64
+
+#: Seconds an append waits for the log's lock (held by another process or thread) before it
+#: gives up with AuditError. Appends hold it for microseconds: a wait this long means the
+#: holder is stopped (Ctrl-Z, SIGSTOP) or hung.
+LOCK_SECONDS = 10.0
 
 
 #: The last default_audit_path() and the environment it was computed from.
@@ -147,6 +159,70 @@ _heads: dict[tuple[int, int], tuple[int, int, str]] = {}
 _HEADS_KEPT = 256
 
 
+#: (st_dev, st_ino) of an audit file -> the lock this process's appends to it queue on before
+#: they take its flock (so the flock is polled for only while another process holds it).
+#: Emptied in a forked child: a lock some other thread of the parent held stays held there.
+_gates: dict[tuple[int, int], threading.Lock] = {}
+_gates_lock = threading.Lock()
+
+
+def _gate(file: tuple[int, int]) -> threading.Lock:
+    gate = _gates.get(file)
+    if gate is None:
+        with _gates_lock:
+            gate = _gates.get(file)
+            if gate is None:
+                if len(_gates) >= _HEADS_KEPT:  # another file's gate goes: its flock still excludes
+                    _gates.pop(next(iter(_gates)))
+                gate = _gates[file] = threading.Lock()
+    return gate
+
+
+def _after_fork() -> None:
+    global _gates_lock
+    _gates.clear()
+    _gates_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _holder(file: tuple[int, int]) -> str:
+    """`` (pid N)``: who holds an flock on *file* by ``/proc/locks``; empty if not found."""
+    dev, ino = file
+    key = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 fd:00:5678 0 EOF" (blocked waiters carry "->")
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == key and fields[4].isdigit():
+                    return f" (pid {fields[4]})"
+    except OSError:
+        pass
+    return ""
+
+
+def _flock(fd: int, deadline: float, timeout: float, path: Path, file: tuple[int, int]) -> None:
+    """Take *fd*'s exclusive flock before *deadline* (``time.monotonic``), polling: another
+    process holds it for microseconds, unless it was stopped with it."""
+    delay = 0.00005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AuditError(
+                f"audit log {path} stayed locked by another process{_holder(file)} for {timeout:g} s;"
+                " a process stopped or hung while it appended holds the lock"
+            )
+        time.sleep(min(delay, left))
+        delay = min(2 * delay, 0.002)
+
+
 def _as_path(path: str | Path) -> Path:
     """*path* as a Path, ``~`` expanded; a Path that needs nothing is used as it is (pathlib
     costs tens of microseconds on a cold start, and a sandbox opens its log when it starts)."""
@@ -157,8 +233,12 @@ def _as_path(path: str | Path) -> Path:
 class AuditLog:
     """Appends hash-chained lines to one file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, lock_timeout: float | None = None) -> None:
+        """*lock_timeout*: seconds an append waits for the file's lock (default :data:`LOCK_SECONDS`)."""
         self.path = _as_path(path)
+        self.lock_timeout = LOCK_SECONDS if lock_timeout is None else lock_timeout
+        if not 0 < self.lock_timeout <= threading.TIMEOUT_MAX:
+            raise ValueError(f"lock_timeout must be positive and finite, not {lock_timeout!r}")
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC  # read: the last line, through this file
         try:
             try:
@@ -180,8 +260,23 @@ class AuditLog:
     def append(self, record: dict[str, Any], encoded: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Chain and write *record* plus the fields *encoded* by :func:`encode_fields`;
         return *record* with ``prev_hash`` and ``hash``."""
+        timeout = self.lock_timeout
+        deadline = time.monotonic() + timeout
+        gate = _gate(self._file)
+        if not gate.acquire(timeout=timeout):
+            raise AuditError(
+                f"audit log {self.path}: another append of this process held its lock for {timeout:g} s"
+            )
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            return self._append(record, encoded, deadline)
+        finally:
+            gate.release()
+
+    def _append(
+        self, record: dict[str, Any], encoded: Mapping[str, str] | None, deadline: float
+    ) -> dict[str, Any]:
+        try:
+            _flock(self._fd, deadline, self.lock_timeout, self.path, self._file)
             try:
                 st = os.fstat(self._fd)
                 size, at = st.st_size, (st.st_size, st.st_mtime_ns)

@@ -1,0 +1,175 @@
+"""The audit log's lock is waited for with a deadline: a process stopped or hung while it held
+it makes appends fail with an AuditError naming it, instead of hanging every writer of the file
+(every sandbox of every host process sharing the default log)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from sandbox import Sandbox, audit
+from sandbox.audit import AuditLog, verify
+from sandbox.errors import AuditError
+
+HOLD = (
+    "import fcntl, sys, time\n"
+    "f = open(sys.argv[1], 'a')\n"
+    "fcntl.flock(f, fcntl.LOCK_EX)\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process holding the log's flock (as one stopped in the middle of an append would)."""
+    path = tmp_path / "audit.jsonl"
+    path.touch()
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "locked\n"
+        yield path, proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _in_thread(fn, limit=10.0):
+    """Run *fn* in a thread; what it returned or raised, or a failure if it is still waiting after
+    *limit* seconds (without a deadline the append would wait as long as the holder lives)."""
+    out: dict[str, object] = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    t.join(limit)
+    assert not t.is_alive(), f"still waiting for the lock after {limit} s"
+    out["seconds"] = time.monotonic() - t0
+    return out
+
+
+def test_a_lock_held_by_another_process_fails_the_append_naming_it(holder):
+    path, proc = holder
+    log = AuditLog(path, lock_timeout=0.5)
+    out = _in_thread(lambda: log.append({"seq": 1}))
+    assert isinstance(out["error"], AuditError), out
+    assert f"pid {proc.pid}" in str(out["error"]) and str(path) in str(out["error"])
+    assert 0.4 <= out["seconds"] < 5
+    assert path.read_bytes() == b""  # nothing was written without the lock
+    proc.kill()
+    proc.wait()  # the kernel drops the dead holder's lock: the same object appends again
+    log.append({"seq": 2})
+    log.close()
+    assert verify(path).ok and verify(path).lines == 1
+
+
+def test_a_lock_released_within_the_deadline_is_waited_for(holder):
+    path, proc = holder
+    log = AuditLog(path, lock_timeout=20)
+    threading.Timer(0.3, proc.kill).start()
+    out = _in_thread(lambda: log.append({"seq": 1}), limit=15)
+    assert "error" not in out, out
+    assert 0.2 <= out["seconds"] < 10
+    log.close()
+    assert verify(path).ok
+
+
+def test_execute_with_a_locked_log_raises_an_audit_error_and_recovers(holder, monkeypatch):
+    path, proc = holder
+    monkeypatch.setattr(audit, "LOCK_SECONDS", 0.5, raising=False)
+    with Sandbox("default", audit_log=path, pool=None) as sb:
+        out = _in_thread(lambda: sb.execute("x = 41"))
+        assert isinstance(out["error"], AuditError) and f"pid {proc.pid}" in str(out["error"]), out
+        proc.kill()
+        proc.wait()
+        assert sb.execute("x += 1").ok  # the sandbox goes on: the cell before did run
+        assert sb.get_variable("x") == 42
+    assert verify(path).ok and verify(path).lines == 1
+
+
+def test_threads_of_one_process_queue_without_polling(tmp_path, monkeypatch):
+    """Sandboxes of one process sharing a log wait on a lock of their own, not by polling the
+    flock: with 8 threads appending at once, no flock attempt is ever refused."""
+    path = tmp_path / "audit.jsonl"
+    refused = []
+    real_flock = audit.fcntl.flock
+
+    def flock(fd, op):
+        try:
+            return real_flock(fd, op)
+        except BlockingIOError:
+            refused.append(op)
+            raise
+
+    monkeypatch.setattr(audit.fcntl, "flock", flock)
+    logs = [AuditLog(path) for _ in range(8)]
+    start = threading.Barrier(len(logs))
+
+    def work(log):
+        start.wait()
+        for i in range(200):
+            log.append({"seq": i})
+
+    threads = [threading.Thread(target=work, args=(log,)) for log in logs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for log in logs:
+        log.close()
+    assert refused == []
+    report = verify(path)
+    assert report.ok and report.lines == 1600
+
+
+def test_a_forked_child_is_not_blocked_by_a_thread_of_its_parent(tmp_path):
+    """A thread of the parent in the middle of an append when the host forks (a pre-fork
+    server): the child's appends do not wait for a lock nobody in the child will release."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, lock_timeout=1)
+    log.append({"seq": 0})
+    gate = audit._gate(log._file)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with gate:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child reports through its exit status)
+            code = 1
+            try:
+                AuditLog(path, lock_timeout=1).append({"seq": 1, "from": "child"})
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        t.join(10)
+    assert os.waitstatus_to_exitcode(status) == 0
+    log.append({"seq": 2})
+    log.close()
+    assert verify(path).ok and verify(path).lines == 3
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan")])
+def test_lock_timeout_must_be_positive_and_finite(tmp_path, bad):
+    with pytest.raises(ValueError, match="lock_timeout"):
+        AuditLog(tmp_path / "a.jsonl", lock_timeout=bad)
