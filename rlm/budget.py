@@ -185,6 +185,12 @@ class Ledger:
             u = self._usage.get(model_key) or ModelUsage()
             self._usage[model_key] = u.model_copy(update={"retries": u.retries + 1})
 
+    def record_abandoned(self, model_key: str) -> None:
+        """Count one call to *model_key* given up in flight (its usage will not be known)."""
+        with self._lock:
+            u = self._usage.get(model_key) or ModelUsage()
+            self._usage[model_key] = u.model_copy(update={"abandoned": u.abandoned + 1})
+
     def record_tool_call(self) -> None:
         with self._lock:
             self.tool_calls += 1

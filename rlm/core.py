@@ -542,7 +542,7 @@ class _Run:
         A server that answers a byte at a time never trips the HTTP client's timeout (it is per
         read), and a call cannot be interrupted: with a time budget or a cancel token, the call
         runs in a daemon thread, left to finish on its own (its answer unused) once the run
-        stops. Without either, it runs here."""
+        stops; it is counted in ``usage[model].abandoned``. Without either, it runs here."""
         if self.ledger.budgets.max_time_s is None and self.ledger.cancel is None:
             return self.cfg.backend.complete(model, messages, **kwargs)
         box: dict[str, Any] = {}
@@ -561,6 +561,7 @@ class _Run:
         while not done.wait(0.05):
             over = self.ledger.exhausted()
             if over is not None:
+                self.ledger.record_abandoned(model)
                 raise BudgetExceeded(
                     over, f"a call to {model} was still running when the run stopped ({over})"
                 )

@@ -38,6 +38,14 @@ class ModelUsage(BaseModel):
     cache_write_tokens: int = Field(
         0, description="Input tokens written to the prompt cache (in input_tokens)."
     )
+    abandoned: int = Field(
+        0,
+        description=(
+            "Calls given up in flight when the run stopped (a budget ran out, or it was cancelled)."
+            " The provider may still bill them; their tokens are not known, so they are in neither"
+            " the token nor the cost figures (nor in calls)."
+        ),
+    )
 
 
 class RLMResult(BaseModel):
@@ -48,7 +56,9 @@ class RLMResult(BaseModel):
     model calls other than the root's own calls, across the whole tree;
     ``tool_calls`` are calls of the caller's tools, across the whole tree.
     Tokens, cost and ``usage`` cover every call of the tree, the closing
-    "best answer" call included. ``cost_usd`` is None when a price is unknown.
+    "best answer" call included, except calls given up in flight when the run
+    stopped (counted in ``usage[model].abandoned``: their tokens are not
+    known). ``cost_usd`` is None when a price is unknown.
     """
 
     answer: str | None = None

@@ -300,6 +300,7 @@ def test_a_model_server_that_drips_cannot_outlive_the_time_budget(monkeypatch):
                 max_time_s=3, max_retries=0)  # fmt: skip
         assert r.stop_reason == "max_time_s" and r.answer is None, r
         assert time.monotonic() - t0 < 15  # the answer takes about a minute to arrive
+        assert r.usage["openai/root"].abandoned == 1 and r.usage["openai/root"].calls == 0
     finally:
         stop.set()
         httpd.shutdown()

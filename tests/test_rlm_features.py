@@ -527,3 +527,6 @@ def test_cancel_gives_up_a_model_call_in_flight():
     r = go(None, backend=backend, cancel=token)
     assert r.stop_reason == "cancelled" and r.answer is None, r
     assert time.monotonic() - t0 < 30
+    # its tokens will never be known: the result says a call was given up instead of hiding it
+    (usage,) = r.usage.values()
+    assert usage.abandoned == 1 and usage.calls == 0 and r.total_input_tokens == 0
