@@ -342,7 +342,9 @@ def _add_mcp_parser(sub: Any) -> None:
         help="a directory rlm_query's context_path may read from (repeatable; default: none)",
     )
     p.add_argument(
-        "--audit-log", help="audit log path (default: the policy's, else ~/.local/state/rlm/audit.jsonl)"
+        "--audit-log",
+        help="audit log path (default: the policy's, else $XDG_STATE_HOME/rlm/audit.jsonl, else"
+        " ~/.local/state/rlm/audit.jsonl)",
     )
     p.add_argument(
         "-m", "--model", default=os.environ.get("RLM_MODEL"), help="offer rlm_query with this root model"

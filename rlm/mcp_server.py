@@ -21,13 +21,18 @@ Unicode, an unknown session) is a tool error with a message, and the server
 keeps serving. Sessions belong to the client connection that opened them: over
 HTTP that is the MCP transport session, and another client presenting the id
 gets "no such session"; they close with ``session_close``, after
-``--idle-timeout`` seconds unused, when their connection ends, and when the
-server stops. Every tool call appends a line to the hash-chained audit log, next
-to the sandbox's own lines for each execute.
+``--idle-timeout`` seconds unused, when their client ends its connection
+(over stdio by closing the server's stdin, over HTTP by a ``DELETE`` of its
+transport session), and when the server stops. Every tool call appends a
+line to the hash-chained audit log, next to the sandbox's own lines for each
+execute.
 
 Sandbox calls block, so they run in worker threads; calls on one session are
-serialised by that session's lock. A call whose client goes away is cancelled
-and its child is killed.
+serialised by that session's lock. A call that its client cancels, or whose
+client disconnects over stdio, is cancelled and its child is killed. Over HTTP
+a connection that just drops (no cancel, no ``DELETE`` of the session) is not
+seen: the call runs to its limits, and its session stays until
+``--idle-timeout``.
 """
 
 from __future__ import annotations

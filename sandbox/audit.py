@@ -46,7 +46,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from sandbox.errors import AuditError
 
@@ -203,16 +203,22 @@ def _holder(file: tuple[int, int]) -> str:
     return ""
 
 
-def _flock(fd: int, deadline: float, timeout: float, path: Path, file: tuple[int, int]) -> None:
+#: What AuditLog._append returns for a file deleted since it was opened.
+_DELETED = object()
+
+
+def _flock(fd: int, deadline: float | None, timeout: float, path: Path, file: tuple[int, int]) -> bool:
     """Take *fd*'s exclusive flock before *deadline* (``time.monotonic``), polling: another
-    process holds it for microseconds, unless it was stopped with it."""
+    process holds it for microseconds, unless it was stopped with it. *deadline* None: only
+    if it is free now (False if not)."""
     delay = 0.00005
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
+            return True
         except BlockingIOError:
-            pass
+            if deadline is None:
+                return False
         left = deadline - time.monotonic()
         if left <= 0:
             raise AuditError(
@@ -239,16 +245,28 @@ class AuditLog:
         self.lock_timeout = LOCK_SECONDS if lock_timeout is None else lock_timeout
         if not 0 < self.lock_timeout <= threading.TIMEOUT_MAX:
             raise ValueError(f"lock_timeout must be positive and finite, not {lock_timeout!r}")
+        self._fd = -1
+        self._open()
+
+    def _open(self) -> None:
+        """Open (or create) the file at ``path`` and learn where its chain stands."""
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC  # read: the last line, through this file
         try:
             try:
-                self._fd = os.open(self.path, flags, 0o600)
+                fd = os.open(self.path, flags, 0o600)
             except FileNotFoundError:  # its directory is missing: the first log there
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._fd = os.open(self.path, flags, 0o600)
-            st = os.fstat(self._fd)
+                fd = os.open(self.path, flags, 0o600)
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                os.close(fd)
+                raise
         except OSError as exc:
             raise AuditError(f"cannot open audit log {self.path}: {exc.strerror}") from None
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
         self._file = (st.st_dev, st.st_ino)
         #: (size, mtime_ns) of the file after the last append this object knows of.
         self._at: tuple[int, int] = (-1, -1)
@@ -257,28 +275,52 @@ class AuditLog:
         if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
             self._at, self._last = known[:2], known[2]
 
-    def append(self, record: dict[str, Any], encoded: Mapping[str, str] | None = None) -> dict[str, Any]:
+    @overload
+    def append(
+        self, record: dict[str, Any], encoded: Mapping[str, str] | None = None, *, wait: Literal[True] = True
+    ) -> dict[str, Any]: ...
+    @overload
+    def append(
+        self, record: dict[str, Any], encoded: Mapping[str, str] | None = None, *, wait: bool
+    ) -> dict[str, Any] | None: ...
+
+    def append(
+        self, record: dict[str, Any], encoded: Mapping[str, str] | None = None, *, wait: bool = True
+    ) -> dict[str, Any] | None:
         """Chain and write *record* plus the fields *encoded* by :func:`encode_fields`;
-        return *record* with ``prev_hash`` and ``hash``."""
+        return *record* with ``prev_hash`` and ``hash``.
+
+        ``wait=False``: if another writer holds the lock right now, write nothing and return
+        None (an event loop then waits for it in a thread instead of on the loop)."""
         timeout = self.lock_timeout
         deadline = time.monotonic() + timeout
         gate = _gate(self._file)
-        if not gate.acquire(timeout=timeout):
+        if not (gate.acquire(timeout=timeout) if wait else gate.acquire(blocking=False)):
+            if not wait:
+                return None
             raise AuditError(
                 f"audit log {self.path}: another append of this process held its lock for {timeout:g} s"
             )
         try:
-            return self._append(record, encoded, deadline)
+            done = self._append(record, encoded, deadline if wait else None)
+            if done is _DELETED:  # the file was deleted: a new one at the path, a new chain
+                self._open()
+                done = self._append(record, encoded, deadline if wait else None)
+            return None if done is _DELETED else done
         finally:
             gate.release()
 
     def _append(
-        self, record: dict[str, Any], encoded: Mapping[str, str] | None, deadline: float
-    ) -> dict[str, Any]:
+        self, record: dict[str, Any], encoded: Mapping[str, str] | None, deadline: float | None
+    ) -> Any:
+        """The append under this process's gate; *deadline* None: only if the flock is free now."""
         try:
-            _flock(self._fd, deadline, self.lock_timeout, self.path, self._file)
+            if not _flock(self._fd, deadline, self.lock_timeout, self.path, self._file):
+                return None
             try:
                 st = os.fstat(self._fd)
+                if st.st_nlink == 0:  # deleted since it was opened: lines written here would be lost
+                    return _DELETED
                 size, at = st.st_size, (st.st_size, st.st_mtime_ns)
                 seal = b""
                 if at != self._at:  # written (or truncated) since this object's last append

@@ -6,10 +6,11 @@ serves ``exec``/``set``/``get`` frames from the host until ``bye`` or EOF.
 Variables persist in one namespace between ``exec`` calls. Host functions are
 stubs that send a ``call`` frame and block until the host's ``reply``.
 
-Output is captured here and cut at ``max_output_bytes``, and the error message
-and traceback share that budget with it (the host cuts again: this copy only
-keeps a runaway ``print`` loop or a huge exception from filling memory and the
-channel). Text that UTF-8 cannot carry (lone surrogates) is sent escaped.
+Output is captured here against ``max_output_bytes``: a write past it raises
+``OutputLimitExceeded``, which stops the cell, and what was printed comes back
+cut with a marker. The error message and traceback share that budget (the
+host cuts again: this copy only keeps a runaway ``print`` loop or a huge
+exception from filling memory and the channel). Text that UTF-8 cannot carry (lone surrogates) is sent escaped.
 
 The child holds a small memory reserve (address space, not touched, so not
 resident) that it frees when reporting a result runs out of memory, so code

@@ -20,6 +20,11 @@ The tree::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sandbox.result import ExecResult
+
 __all__ = [
     "AuditError",
     "ChildTimeoutError",
@@ -78,4 +83,12 @@ class SandboxClosedError(SandboxError):
 
 
 class AuditError(SandboxError):
-    """The audit log cannot be written or read."""
+    """The audit log cannot be written or read.
+
+    Raised by ``execute`` when the line of a cell that ran cannot be written
+    (a full disk, a lock held too long): the cell did run, and ``result``
+    holds its :class:`~sandbox.result.ExecResult` (None elsewhere), so a
+    caller does not run it again to learn what it did.
+    """
+
+    result: ExecResult | None = None

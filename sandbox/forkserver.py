@@ -320,8 +320,8 @@ class ForkServer:
             if raw is not None:
                 msg = protocol.check(raw, "server")
                 if msg["t"] in ("spawned", "failed") and msg["request"] != self._waiting:
-                    if msg["t"] == "spawned" and self._fds:
-                        self._drop(msg["pid"], self._fds.pop(0))
+                    if msg["t"] == "spawned":
+                        self._drop(msg["pid"], self._fds.pop(0) if self._fds else None)
                     continue
                 if msg["t"] == "exited" and msg["pid"] in self._dropped:
                     self._dropped.discard(msg["pid"])
@@ -340,6 +340,8 @@ class ForkServer:
                 else:
                     self.sock.settimeout(None)
                 alive = protocol.recv_frames(self.sock, self._reader, self._fds)
+            except protocol.DescriptorsDropped:  # a pidfd lost (no slot for it): its frame was read
+                continue
             except TimeoutError:
                 return None
             except OSError as exc:  # reset by a server that died, or our socket was closed
@@ -388,19 +390,27 @@ class ForkServer:
                     if msg["t"] == "failed":
                         raise SandboxStartError(f"the fork server could not start a child: {msg['error']}")
                     if msg["t"] == "spawned":
-                        if not self._fds:
-                            raise SandboxStartError("the fork server sent no pidfd")
+                        if not self._fds:  # the kernel dropped it: this process has no free descriptor
+                            self._drop(msg["pid"], None)
+                            raise SandboxStartError(
+                                "cannot receive the new child's pidfd: this process is out of file"
+                                " descriptors (RLIMIT_NOFILE); the child was stopped"
+                            )
                         return msg["pid"], self._fds.pop(0)
             except protocol.WireError as exc:
                 raise SandboxStartError(f"the fork server broke the protocol: {exc}") from None
             finally:
                 self._waiting = 0
 
-    def _drop(self, pid: int, pidfd: int) -> None:
-        """Kill a child nobody waits for any more and let the server reap it. Caller holds the lock."""
-        with contextlib.suppress(OSError):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        os.close(pidfd)
+    def _drop(self, pid: int, pidfd: int | None) -> None:
+        """Kill a child nobody waits for any more and let the server reap it. Caller holds the lock.
+
+        Without its pidfd (the kernel dropped it: no free descriptor) the child is only
+        released: it exits when it finds its channel closed, which its starter does next."""
+        if pidfd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
         self._dropped.add(pid)
         with contextlib.suppress(OSError):
             protocol.send_message(self.sock, {"t": "release", "pid": pid}, None, 5.0)

@@ -163,7 +163,11 @@ class Limits(BaseModel):
         1_000_000,
         gt=0,
         le=1 << 30,
-        description="stdout plus stderr one execute may print, in bytes (at most 1 GiB); the rest is cut with a marker. Default 1000000.",
+        description=(
+            "stdout, stderr, error message and traceback of one execute together, in bytes (at most"
+            " 1 GiB); printing past it stops the cell (limit 'output') and what fits comes back cut with"
+            " a marker. Default 1000000."
+        ),
     )
     max_processes: int = Field(
         0,
@@ -434,7 +438,10 @@ def load_policy(name_or_path: str | Path) -> Policy:
     if is_path:
         path = Path(text).expanduser()
     else:
-        shipped = shipped_policies()
+        try:
+            shipped = shipped_policies()
+        except OSError as exc:  # e.g. no descriptor left to list the directory
+            raise PolicyError(f"cannot list the shipped policies: {exc.strerror}") from None
         if text not in shipped:
             raise PolicyError(f"no shipped policy named {text!r} (shipped: {', '.join(shipped) or 'none'})")
         path = shipped[text]

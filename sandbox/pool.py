@@ -227,8 +227,12 @@ class SandboxPool:
     def _wake(self) -> None:
         """Caller holds the condition: make sure the refill thread runs and sees the change."""
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._refill, name="sandbox-pool", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._refill, name="sandbox-pool", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had now (a process limit): the next take retries
+                return
+            self._thread = thread
         self._cond.notify_all()
 
     def _next_job(self) -> _Slot | None:

@@ -91,6 +91,7 @@ __all__ = [
     "MESSAGES",
     "PROTOCOL_VERSION",
     "BudgetError",
+    "DescriptorsDropped",
     "FrameReader",
     "WireError",
     "check",
@@ -138,6 +139,11 @@ class WireError(Exception):
     Stdlib-only so the child can raise it too; the host turns it into
     :class:`sandbox.errors.ProtocolError`.
     """
+
+
+class DescriptorsDropped(WireError):
+    """The kernel dropped a descriptor sent with a frame because this process had no free
+    descriptor slot (``RLIMIT_NOFILE``). The frame's bytes were read: the stream is in step."""
 
 
 class BudgetError(WireError):
@@ -444,22 +450,28 @@ def recv_frames(
     """
     flags = 0 if wait else socket.MSG_DONTWAIT
     chunk = reader.chunk
+    cut = False
     if fds is None:
         size = sock.recv_into(chunk, RECV_CHUNK, flags)
     else:
         size, anc, msg_flags, _addr = sock.recvmsg_into([chunk], _FD_SPACE, flags)
+        got = array.array("i")
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
                 got.frombytes(payload[: len(payload) - (len(payload) % got.itemsize)])
-                fds.extend(got)
-        if msg_flags & _MSG_CTRUNC:
+        fds.extend(got)
+        cut = bool(msg_flags & _MSG_CTRUNC)
+        if cut and got:
             raise WireError("more descriptors were sent than a frame may carry")
-    if not size:
-        return False
-    with memoryview(chunk) as view, view[:size] as data:
-        reader.feed(data)
-    return True
+    if size:
+        with memoryview(chunk) as view, view[:size] as data:
+            reader.feed(data)
+    if cut:  # none arrived: the kernel had no slot for it (the bytes are read, the stream in step)
+        raise DescriptorsDropped(
+            "a descriptor sent with a frame was dropped: this process is out of file descriptors"
+            " (RLIMIT_NOFILE)"
+        )
+    return bool(size)
 
 
 def send_frame(

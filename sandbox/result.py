@@ -22,7 +22,10 @@ class ExecResult(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     ok: bool = Field(description="The code ran to completion: no exception, no limit, no crash.")
-    stdout: str = Field("", description="What the code printed (cut at max_output_bytes with a marker).")
+    stdout: str = Field(
+        "",
+        description="What the code printed (printing past max_output_bytes stops the cell: cut, with a marker).",
+    )
     stderr: str = Field("", description="What the code wrote to stderr (shares the output cap).")
     error_type: str | None = Field(None, description="Exception class name, or a sandbox condition.")
     error_message: str | None = Field(None, description="Exception message.")

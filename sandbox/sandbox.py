@@ -69,6 +69,7 @@ from typing import Any
 from sandbox import forkserver, limits, protocol, uids
 from sandbox.audit import AuditLog, default_audit_path, encode_fields
 from sandbox.errors import (
+    AuditError,
     ChildTimeoutError,
     LayerUnavailableError,
     ProtocolError,
@@ -166,14 +167,13 @@ def _lock_scratch(path: str) -> int:
 
 def _sweep_scratch(root: str, limit: int = 1024, age: float = _SWEEP_AGE) -> int:
     """Remove scratch directories under *root* that no live host holds and that are over *age*
-    seconds old; at most *limit* entries looked at. Returns how many were removed."""
+    seconds old; at most *limit* ``sandbox-*`` entries looked at. Returns how many were removed."""
     removed = 0
     oldest = time.time() - age
     try:
-        with os.scandir(root) as entries:
-            found = [
-                e.path for _, e in zip(range(limit), entries, strict=False) if e.name.startswith("sandbox-")
-            ]
+        with os.scandir(root) as entries:  # the limit counts ours only: a busy /tmp hides none
+            ours = (e.path for e in entries if e.name.startswith("sandbox-"))
+            found = [path for _, path in zip(range(limit), ours, strict=False)]
     except OSError:
         return 0
     me = os.geteuid()
@@ -203,14 +203,17 @@ def _sweep_leftovers() -> None:
     global _swept_by
     if _swept_by == os.getpid():
         return
-    _swept_by = os.getpid()
 
     def sweep() -> None:
         with contextlib.suppress(Exception):  # best effort: clutter, never a failure of ours
             _sweep_scratch(tempfile.gettempdir())
             uids.sweep()
 
-    threading.Thread(target=sweep, name="sandbox-sweep", daemon=True).start()
+    try:
+        threading.Thread(target=sweep, name="sandbox-sweep", daemon=True).start()
+    except RuntimeError:  # no thread to be had now (a process limit): the next sandbox tries again
+        return
+    _swept_by = os.getpid()
 
 
 def _reserve_identity() -> uids.UidLease | None:
@@ -374,11 +377,14 @@ def _choose_identity(spec: _Spec) -> uids.UidLease | None:
 def _spawn_ready(spec: _Spec) -> _Child:
     """Fork a child of *spec*'s policy and wait for its ``hello``: it then waits for ``init``."""
     _sweep_leftovers()
-    lease = _choose_identity(spec)
-    scratch = tempfile.mkdtemp(prefix="sandbox-")
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    lease: uids.UidLease | None = None
+    scratch: str | None = None
+    ours = theirs = None
     scratch_lock = -1
-    try:
+    try:  # each step may fail for want of a descriptor, space or a process: undo the ones before
+        lease = _choose_identity(spec)
+        scratch = tempfile.mkdtemp(prefix="sandbox-")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         scratch_lock = _lock_scratch(scratch)
         if lease is not None:
             os.chown(scratch, lease.uid, lease.gid)
@@ -391,17 +397,24 @@ def _spawn_ready(spec: _Spec) -> _Child:
         }
         server, pid, pidfd = forkserver.spawn(spec.restricted, config, theirs.fileno())
     except BaseException as exc:
-        ours.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+        # Descriptors first: removing the directory takes some (they may be what ran out).
+        if ours is not None:
+            ours.close()
+        if theirs is not None:
+            theirs.close()
+            theirs = None
         if scratch_lock >= 0:
             os.close(scratch_lock)
         if lease is not None:
             lease.release()  # no child was started under it
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         if isinstance(exc, OSError):
             raise SandboxStartError(f"cannot prepare a sandbox child: {exc}") from None
         raise
     finally:
-        theirs.close()
+        if theirs is not None:
+            theirs.close()
     child = _Child(server, pid, pidfd, ours, scratch, lease, spec.max_frame)
     child.scratch_lock = scratch_lock
     try:
@@ -621,7 +634,7 @@ class _Exec:
     """
 
     __slots__ = (
-        "audit", "child", "code", "cpu_rate", "cpu_start", "cpu_used", "done", "exec_id", "host_time",
+        "audit", "built", "child", "code", "cpu_rate", "cpu_start", "cpu_used", "done", "exec_id", "host_time",
         "idle", "killed_for", "lim", "next_cpu_check", "protocol_error", "sb", "state_lost", "t0",
     )  # fmt: skip
 
@@ -647,6 +660,7 @@ class _Exec:
         self.done: dict[str, Any] | None = None
         self.protocol_error: str | None = None
         self.audit: dict[str, str] | None = None  # the audit line's fields known before the result
+        self.built: ExecResult | None = None  # the result, once built (finish may be called twice)
 
     def __enter__(self) -> _Exec:
         return self
@@ -725,12 +739,26 @@ class _Exec:
 
     def finish(self) -> ExecResult:
         """The result, once its audit line is written."""
-        self.child.drop_fds()
-        result = self.sb._result(
-            self.child, self.done, self.killed_for, self.protocol_error, time.perf_counter() - self.t0,
-            self.cpu_start, self.cpu_used, self.state_lost,
-        )  # fmt: skip
-        self.sb._audit_line(self.code, result, head=self.audit)
+        result = self.try_finish(wait=True)
+        assert result is not None
+        return result
+
+    def try_finish(self, wait: bool = False) -> ExecResult | None:
+        """:meth:`finish`, or None when another writer holds the audit log's lock right now
+        (an event loop then calls :meth:`finish` where waiting blocks nobody)."""
+        result = self.built
+        if result is None:
+            self.child.drop_fds()
+            result = self.built = self.sb._result(
+                self.child, self.done, self.killed_for, self.protocol_error, time.perf_counter() - self.t0,
+                self.cpu_start, self.cpu_used, self.state_lost,
+            )  # fmt: skip
+        try:
+            if not self.sb._audit_line(self.code, result, head=self.audit, wait=wait):
+                return None
+        except AuditError as exc:  # the cell ran all the same: its result goes with the error
+            exc.result = result
+            raise
         return result
 
     def cancelled(self) -> None:
@@ -1426,12 +1454,18 @@ class Sandbox:
         }
 
     def _audit_line(
-        self, code: str, result: ExecResult, outcome: str | None = None, head: dict[str, str] | None = None
-    ) -> None:
-        """Append the line of one execute (*head*: from :meth:`_audit_head` when the cell was sent)."""
+        self,
+        code: str,
+        result: ExecResult,
+        outcome: str | None = None,
+        head: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> bool:
+        """Append the line of one execute (*head*: from :meth:`_audit_head` when the cell was sent).
+        ``wait=False``: False, and nothing written, when another writer holds the log's lock now."""
         if self._audit is None:
-            return
-        self._seq += 1
+            return True
+        seq = self._seq + 1
         if outcome is None:
             if result.ok:
                 outcome = "ok"
@@ -1441,16 +1475,25 @@ class Sandbox:
                 outcome = "crashed"
             else:
                 outcome = f"error:{result.error_type}"
-        self._audit.append(
-            {
-                "seq": self._seq,
-                "outcome": outcome,
-                "duration_s": round(result.duration_s, 6),
-                "cpu_s": round(result.cpu_s, 6),
-                "max_rss_bytes": result.max_rss_bytes,
-            },
-            head or self._audit_head(code),
-        )
+        try:
+            written = self._audit.append(
+                {
+                    "seq": seq,
+                    "outcome": outcome,
+                    "duration_s": round(result.duration_s, 6),
+                    "cpu_s": round(result.cpu_s, 6),
+                    "max_rss_bytes": result.max_rss_bytes,
+                },
+                head or self._audit_head(code),
+                wait=wait,
+            )
+        except AuditError:
+            self._seq = seq  # a gap in seq marks the line that could not be written
+            raise
+        if written is None:
+            return False
+        self._seq = seq
+        return True
 
 
 #: The AsyncSandbox whose host function this context runs, in a list emptied when the call
@@ -1595,14 +1638,18 @@ class AsyncSandbox:
                     if call is None:
                         break
                     ex.host_time += await self._serve_call(sb, child, call, ex.wall_deadline())
-        if ex.done is None:  # how the child ended is asked of its fork server: that may wait
-            try:
-                result: ExecResult = await _in_thread(asyncio.get_running_loop(), ex.finish, sb._lock.release)
-                return result
-            except asyncio.CancelledError:  # the result is built (and audited) all the same,
-                handed[0] = True  # and the sandbox stays locked until then
-                raise
-        return ex.finish()
+        # Finished on the loop when nothing can make that wait; else in a thread: how the child
+        # ended is asked of its fork server, and another writer may hold the audit log's lock.
+        if ex.done is not None:
+            done = ex.try_finish()
+            if done is not None:
+                return done
+        try:
+            result: ExecResult = await _in_thread(asyncio.get_running_loop(), ex.finish, sb._lock.release)
+            return result
+        except asyncio.CancelledError:  # the result is built (and audited) all the same,
+            handed[0] = True  # and the sandbox stays locked until then
+            raise
 
     async def _serve_call(
         self, sb: Sandbox, child: _Child, msg: dict[str, Any], wall_deadline: float

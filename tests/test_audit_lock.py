@@ -4,6 +4,7 @@ it makes appends fail with an AuditError naming it, instead of hanging every wri
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from sandbox import Sandbox, audit
+from sandbox import AsyncSandbox, Sandbox, audit
 from sandbox.audit import AuditLog, verify
 from sandbox.errors import AuditError
 
@@ -89,13 +90,61 @@ def test_execute_with_a_locked_log_raises_an_audit_error_and_recovers(holder, mo
     path, proc = holder
     monkeypatch.setattr(audit, "LOCK_SECONDS", 0.5, raising=False)
     with Sandbox("default", audit_log=path, pool=None) as sb:
-        out = _in_thread(lambda: sb.execute("x = 41"))
+        out = _in_thread(lambda: sb.execute("x = 41; print('ran')"))
         assert isinstance(out["error"], AuditError) and f"pid {proc.pid}" in str(out["error"]), out
+        # the cell ran: what it did comes with the error (a caller need not run it again)
+        assert out["error"].result is not None and out["error"].result.ok
+        assert out["error"].result.stdout == "ran\n"
         proc.kill()
         proc.wait()
         assert sb.execute("x += 1").ok  # the sandbox goes on: the cell before did run
         assert sb.get_variable("x") == 42
     assert verify(path).ok and verify(path).lines == 1
+
+
+def test_an_async_execute_waits_for_a_locked_log_off_the_event_loop(tmp_path, monkeypatch):
+    """The lock is waited for in a thread: the event loop (every other sandbox and task on it)
+    runs on meanwhile, and the execute returns once the holder lets go."""
+    path = tmp_path / "audit.jsonl"
+    monkeypatch.setattr(audit, "LOCK_SECONDS", 5.0, raising=False)
+    procs = []
+
+    async def main():
+        stalls = []
+        stop = asyncio.Event()
+
+        async def ticker():
+            last = time.monotonic()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                stalls.append(now - last)
+                last = now
+
+        async with AsyncSandbox("default", audit_log=path, pool=None) as sb:
+            await sb.execute("x = 0")  # started (fork, layers) before the lock is taken
+            proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            assert proc.stdout.readline() == "locked\n"
+            tick = asyncio.create_task(ticker())
+            await asyncio.sleep(0.05)  # ticking
+            threading.Timer(1.0, proc.kill).start()  # not through the loop: it may be the one stuck
+            t0 = time.monotonic()
+            result = await sb.execute("x = 1")
+            waited = time.monotonic() - t0
+            stop.set()
+            await tick
+        return result, waited, max(stalls)
+
+    try:
+        result, waited, stall = asyncio.run(main())
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert result.ok and 0.5 <= waited < 4.5
+    assert stall < 0.5, f"the event loop stood still for {stall:.2f} s"
+    assert verify(path).ok and verify(path).lines == 2
 
 
 def test_threads_of_one_process_queue_without_polling(tmp_path, monkeypatch):

@@ -316,3 +316,22 @@ def test_a_log_renamed_away_keeps_its_chain_for_writers_that_have_it_open(tmp_pa
     rotated = verify(tmp_path / "audit.jsonl.1")
     assert rotated.ok and rotated.lines == 4, rotated
     assert verify(path).ok
+
+
+def test_a_log_deleted_while_in_use_is_created_again_not_written_into_the_void(tmp_path):
+    """`rm` of the log (or of its directory) while sandboxes use it: their next lines go to a
+    new file at the path, chained from the start, instead of into the deleted inode."""
+    from sandbox import Sandbox
+
+    path = tmp_path / "logs" / "audit.jsonl"
+    with Sandbox("default", audit_log=path, pool=None) as sb:
+        sb.execute("x = 1")
+        import shutil
+
+        shutil.rmtree(path.parent)
+        assert sb.execute("x += 1").ok
+        assert sb.execute("x += 1").ok
+        assert sb.get_variable("x") == 3
+    lines = [json.loads(raw) for raw in path.read_bytes().splitlines()]
+    assert [line["seq"] for line in lines] == [2, 3]
+    assert lines[0]["prev_hash"] == audit.GENESIS and verify(path).ok

@@ -128,3 +128,18 @@ def test_uid_sweep_removes_only_files_nobody_holds(tmp_path):
     assert os.path.exists(os.path.join(directory, str(held.uid)))
     held.release()
     assert os.listdir(directory) == []
+
+
+def test_the_scratch_sweep_limit_counts_only_scratch_entries(tmp_path):
+    """A busy temp directory (thousands of other entries) hides no dead host's scratch: the
+    sweep's limit counts the ``sandbox-*`` entries it looks at, not every entry."""
+    import sandbox.sandbox as impl
+
+    for i in range(300):
+        (tmp_path / f"other-{i:04d}").touch()
+    dead = [tmp_path / f"sandbox-dead{i:04d}" for i in range(5)]  # 8 characters after the dash
+    for path in dead:
+        path.mkdir()
+        os.utime(path, (0, 0))
+    assert impl._sweep_scratch(str(tmp_path), limit=10, age=0) == 5
+    assert not any(path.exists() for path in dead)

@@ -1,7 +1,9 @@
 """Namespaces, mounts and capabilities.
 
 Creating namespaces costs about a millisecond each on this kind of VM, so the
-fork server pays once (:func:`server_setup`), not each sandbox:
+fork server makes the ones its children may share once (:func:`server_setup`);
+each child still gets the PID, IPC/UTS and mount namespaces of its own listed
+below:
 
 - a private mount namespace, where it mounts each sandbox's scratch tmpfs
   (:func:`mount_scratch`, a size- and inode-bounded tmpfs over the scratch

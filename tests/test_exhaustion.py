@@ -1,0 +1,122 @@
+"""A host short of descriptors, threads or processes: starting a sandbox fails with a
+SandboxError that says why, leaves nothing behind (no descriptor, uid reservation or scratch
+directory held until the host exits), and works again once the resource is back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# With exactly `free` descriptors left, open a sandbox: each step of a start (uid lease,
+# scratch directory, channel, the pidfd the fork server sends, the audit log) runs out in turn.
+OUT_OF_FDS = """
+import os, resource, sys
+from sandbox import Sandbox, SandboxError, forkserver
+
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+
+def scratch():
+    return sorted(d for d in os.listdir(os.environ["TMPDIR"]) if d.startswith("sandbox-"))
+
+log = os.path.join(os.environ["TMPDIR"], "audit.jsonl")
+with Sandbox("default", audit_log=log, pool=None) as sb:  # the fork server is up
+    assert sb.execute("1").ok
+before = fds()
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+seen = []
+for free in range(0, 9):
+    pads = []
+    while True:
+        try:
+            pads.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            break
+    for _ in range(free):
+        os.close(pads.pop())
+    try:
+        sb = Sandbox("default", audit_log=log, pool=None)
+        outcome = "opened"
+    except SandboxError as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+        sb = None
+    finally:
+        for fd in pads:
+            os.close(fd)
+    if sb is not None:
+        assert sb.execute("x = 1").ok
+        sb.close()
+    assert fds() == before, (free, outcome, fds(), before)
+    assert scratch() == [], (free, outcome, scratch())
+    seen.append(outcome)
+    print(free, outcome, flush=True)
+server = forkserver.shared(False)
+kids = open(f"/proc/{server.pid}/task/{server.pid}/children").read().split()
+assert kids == [], kids  # the child whose pidfd was dropped was stopped and reaped
+assert seen[-1] == "opened" and any("out of file descriptors" in s for s in seen), seen
+with Sandbox("default", audit_log=log, pool=None) as sb:
+    assert sb.execute("y = 2").ok
+print("done")
+"""
+
+
+def test_out_of_descriptors_each_start_failure_is_a_sandbox_error_and_leaks_nothing(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", OUT_OF_FDS], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0 and proc.stdout.endswith("done\n"), proc.stdout + proc.stderr
+
+
+PIDS = Path("/sys/fs/cgroup/pids")
+
+# In a pids cgroup allowing few processes and threads: no RuntimeError("can't start new thread")
+# from a helper thread (the leftover sweep, the pool's refill); SandboxError or a sandbox.
+FEW_PIDS = """
+import os, sys
+from sandbox import Sandbox, SandboxError
+cg = sys.argv[1]
+for limit in ("1", "2", "3", "4"):
+    with open(os.path.join(cg, "pids.max"), "w") as f:
+        f.write(limit)
+    for attempt in range(2):
+        try:
+            with Sandbox("default", audit_log=os.path.join(os.environ["TMPDIR"], "a.jsonl")) as sb:
+                sb.execute("1")
+            print(limit, "opened", flush=True)
+        except SandboxError as exc:
+            print(limit, type(exc).__name__, flush=True)
+with open(os.path.join(cg, "pids.max"), "w") as f:
+    f.write("max")
+with Sandbox("default", audit_log=os.path.join(os.environ["TMPDIR"], "a.jsonl")) as sb:
+    assert sb.execute("x = 1").ok
+print("done")
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not (PIDS / "cgroup.procs").exists(), reason="needs root and the cgroup v1 pids controller"
+)
+def test_a_host_out_of_processes_gets_sandbox_errors_not_runtime_errors(tmp_path):
+    cg = PIDS / f"rlm-test-{uuid.uuid4().hex[:8]}"
+    cg.mkdir()
+    try:
+        script = f"import os, sys\nopen({str(cg / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n" + FEW_PIDS
+        env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(cg)], capture_output=True, text=True, timeout=180, env=env
+        )
+        assert proc.returncode == 0 and proc.stdout.endswith("done\n"), proc.stdout + proc.stderr
+        assert "SandboxStartError" in proc.stdout  # the low limits did bite
+    finally:
+        for pid in (cg / "cgroup.procs").read_text().split():  # a fork server left behind
+            with open(PIDS / "cgroup.procs", "w") as f:
+                f.write(pid)
+        cg.rmdir()
