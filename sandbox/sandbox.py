@@ -146,7 +146,8 @@ os.register_at_fork(after_in_child=_ids.seed)
 # namespace), and the first sandbox of each process removes, in a background thread, the
 # scratch directories nobody holds that are over _SWEEP_AGE old (a directory is locked
 # microseconds after it is made), named as mkdtemp names ours and owned by this user or a
-# sandbox uid (never another program's "sandbox-..."), and the uid lock files nobody holds.
+# sandbox uid (never another program's "sandbox-..."), the uid lock files nobody holds, and
+# (as root) the cgroup trees of dead fork servers anywhere in the hierarchy (cgroups.sweep_abandoned).
 
 _SWEEP_AGE = 600.0
 #: What tempfile.mkdtemp(prefix="sandbox-") names: anything else is not ours to remove.
@@ -208,6 +209,10 @@ def _sweep_leftovers() -> None:
         with contextlib.suppress(Exception):  # best effort: clutter, never a failure of ours
             _sweep_scratch(tempfile.gettempdir())
             uids.sweep()
+            if os.geteuid() == 0:  # cgroup trees of fork servers killed with a whole job
+                from sandbox.isolation import cgroups
+
+                cgroups.sweep_abandoned()
 
     try:
         threading.Thread(target=sweep, name="sandbox-sweep", daemon=True).start()

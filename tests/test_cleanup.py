@@ -143,3 +143,101 @@ def test_the_scratch_sweep_limit_counts_only_scratch_entries(tmp_path):
         os.utime(path, (0, 0))
     assert impl._sweep_scratch(str(tmp_path), limit=10, age=0) == 5
     assert not any(path.exists() for path in dead)
+
+
+_V1 = ("/sys/fs/cgroup/pids", "/sys/fs/cgroup/memory")
+
+
+def _cgroup_v1_root() -> bool:
+    return os.geteuid() == 0 and all(os.path.exists(os.path.join(d, "cgroup.procs")) for d in _V1)
+
+
+HOST_IN_JOB = """
+import os, sys, time
+for d in sys.argv[1:]:  # this host, and the fork server it starts, in the job's cgroups
+    with open(os.path.join(d, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+from sandbox import Sandbox
+with Sandbox("default", pool=None) as sb:
+    sb.execute("x = 1")
+    print("up", flush=True)
+    time.sleep(120)
+"""
+
+NEXT_HOST = """
+import os, sys, time
+from sandbox import Sandbox
+with Sandbox("default", pool=None) as sb:
+    sb.execute("x = 1")
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline and any(
+    n.startswith("rlm-") and n != "rlm-999999999" for d in sys.argv[1:] for n in os.listdir(d)
+):
+    time.sleep(0.1)
+print("left:", sorted(n for d in sys.argv[1:] for n in os.listdir(d) if n.startswith("rlm-")))
+"""
+
+
+def test_cgroup_trees_of_a_job_killed_whole_are_removed_by_the_next_host(tmp_path):
+    """A host and its fork server killed together with their cgroup (a batch job, a container,
+    systemd stopping a service) leave the server's rlm-<pid> trees in that cgroup, where no
+    later server looks; the next host process, wherever it runs, removes them. A tree whose
+    server lives is kept, even when its pid means nothing here (another PID namespace)."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+    from pathlib import Path
+
+    import pytest
+
+    from sandbox.isolation import cgroups
+
+    if not _cgroup_v1_root():
+        pytest.skip("needs root and the cgroup v1 pids and memory hierarchies")
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root, TMPDIR=str(tmp_path))
+    name = f"rlm-test-job-{uuid.uuid4().hex[:8]}"
+    jobs = [os.path.join(d, name) for d in _V1]
+    for d in jobs:
+        os.mkdir(d)
+    # a live server's tree in the same job, its pid unknown here: only its flock says it lives
+    live = [os.path.join(d, "rlm-999999999") for d in jobs]
+    held = []
+    for d in live:
+        os.mkdir(d)
+        os.mkdir(os.path.join(d, "3"))
+        held.append(cgroups._hold(d))
+    host = None
+    try:
+        host = subprocess.Popen(
+            [sys.executable, "-c", HOST_IN_JOB, *jobs], stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert host.stdout.readline() == "up\n"
+        trees = sorted(n for n in os.listdir(jobs[0]) if n.startswith("rlm-") and n != "rlm-999999999")
+        assert len(trees) == 1  # the fork server's
+        for _ in range(50):  # kill the whole job, as a job scheduler does
+            pids = [int(p) for d in jobs for p in Path(d, "cgroup.procs").read_text().split()]
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        host.wait(10)
+        assert all(trees[0] in os.listdir(d) for d in jobs)  # left behind
+        out = subprocess.run(
+            [sys.executable, "-c", NEXT_HOST, *jobs], capture_output=True, text=True, timeout=60, env=env
+        )
+        assert out.stdout.strip() == "left: ['rlm-999999999', 'rlm-999999999']", out.stdout + out.stderr
+    finally:
+        if host is not None and host.poll() is None:
+            host.kill()
+        for fd in held:
+            os.close(fd)
+        for d in jobs:
+            for sub, _dirs, _files in os.walk(d, topdown=False):
+                with contextlib.suppress(OSError):
+                    os.rmdir(sub)

@@ -8,7 +8,11 @@
   the scratch tmpfs pages), a backstop behind RLIMIT_AS.
 
 The fork server creates ``rlm-<server pid>/`` beneath its own cgroup in each
-hierarchy once (:func:`server_setup`, so host-level limits still apply),
+hierarchy once (:func:`server_setup`, so host-level limits still apply) and
+holds an ``flock`` on it for life: a tree nobody holds is a dead server's,
+whatever PID namespace it ran in, and :func:`sweep_abandoned` (run by each
+host process in the background) removes such trees wherever they are,
+for servers killed together with their whole cgroup (a job, a container);
 one directory per child before each fork (:func:`create`, kept warm in a
 small pool), the child moves itself in (:func:`join`), and when the server
 reaps the child it kills anything left in the cgroup (a background process
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import queue
 import signal
@@ -41,6 +46,7 @@ __all__ = [
     "release",
     "remove",
     "server_setup",
+    "sweep_abandoned",
     "teardown",
     "verify",
 ]
@@ -58,6 +64,7 @@ class Cgroups:
         self.reason = ""
         self.counter = 0
         self.stale: list[str] = []
+        self.held: list[int] = []  # descriptors of our base dirs, each holding its flock (see above)
         self.mounts: dict[str, str] = {}  # same keys as bases: the hierarchy's mount point
         self.origin: dict[str, str] = {}  # same keys: the server's own cgroup directory
         self.main_tid = threading.get_native_id()
@@ -116,29 +123,93 @@ def _own_paths() -> dict[str, str]:
     return out
 
 
-def _sweep_stale(parent: str) -> None:
-    """Remove the ``rlm-<pid>`` trees of fork servers that died without tearing down (SIGKILL).
+def _hold(base: str) -> int:
+    """An open descriptor of *base* holding its flock for the server's life (-1 if that fails:
+    the tree then looks abandoned only once the server's pid is gone)."""
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
 
-    Only directories of pids that no longer exist, bottom-up with ``rmdir``,
-    which the kernel refuses for a cgroup that still holds a process.
-    """
+
+def _abandoned(tree: str, pid: int) -> bool:
+    """No live fork server owns the ``rlm-<pid>`` *tree*: nobody holds its flock, and no
+    process of that pid here is a fork server (a server that could not take the lock)."""
+    try:
+        fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: its server lives (BlockingIOError), or we cannot tell
+        return False
+    finally:
+        os.close(fd)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"sandbox.forkserver" not in f.read()  # that pid was reused
+    except OSError:
+        return True
+
+
+def _remove_tree(tree: str) -> None:
+    """Bottom-up ``rmdir`` (the kernel refuses a cgroup that still holds a process)."""
+    for root, _dirs, _files in os.walk(tree, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+
+
+def _sweep_stale(parent: str) -> None:
+    """Remove the abandoned ``rlm-<pid>`` trees right under *parent* (servers killed without
+    tearing down: SIGKILL)."""
     try:
         names = os.listdir(parent)
     except OSError:
         return
     for name in names:
-        if not (name.startswith("rlm-") and name[4:].isdigit()):
-            continue
-        try:
-            os.kill(int(name[4:]), 0)
-            continue  # that server (or a process that reused its pid) still runs
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue
-        for root, _dirs, _files in os.walk(os.path.join(parent, name), topdown=False):
-            with contextlib.suppress(OSError):
-                os.rmdir(root)
+        if (
+            name.startswith("rlm-")
+            and name[4:].isdigit()
+            and _abandoned(os.path.join(parent, name), int(name[4:]))
+        ):
+            _remove_tree(os.path.join(parent, name))
+
+
+def sweep_abandoned(limit: int = 4096) -> int:
+    """Remove abandoned ``rlm-<pid>`` trees anywhere in the hierarchies sandboxes use (at most
+    *limit* directories looked at in each), for servers killed together with a cgroup other
+    than the next server's (a whole job or container). Returns how many trees went."""
+    try:
+        v1, v2 = _mounts()
+    except OSError:
+        return 0
+    roots = {v1[c] for c in CONTROLLERS if c in v1}
+    if v2 is not None:
+        roots.add(v2)
+    removed = 0
+    for root in roots:
+        for looked, (parent, dirs, _files) in enumerate(os.walk(root)):
+            if looked >= limit:
+                break
+            trees = [d for d in dirs if d.startswith("rlm-") and d[4:].isdigit()]
+            for name in trees:
+                dirs.remove(name)  # never walked into: a live server's, or removed here
+                if _abandoned(os.path.join(parent, name), int(name[4:])):
+                    _remove_tree(os.path.join(parent, name))
+                    removed += 1
+    return removed
 
 
 def server_setup() -> Cgroups:
@@ -155,6 +226,7 @@ def server_setup() -> Cgroups:
                 base = os.path.join(cg.origin[c], name)
                 os.makedirs(base, exist_ok=True)
                 cg.bases[c] = base
+                cg.held.append(_hold(base))
             cg.version = 1
         elif v2 is not None:
             parent = v2 + own.get("", "/")
@@ -169,6 +241,7 @@ def server_setup() -> Cgroups:
             cg.origin["unified"] = os.path.normpath(parent)
             write_file(os.path.join(base, "cgroup.subtree_control"), "+pids +memory")
             cg.bases["unified"] = base
+            cg.held.append(_hold(base))
             cg.version = 2
         else:
             missing = [c for c in CONTROLLERS if c not in v1]
@@ -179,7 +252,16 @@ def server_setup() -> Cgroups:
             with contextlib.suppress(OSError):
                 os.rmdir(base)
         cg.bases.clear()
+        _let_go(cg)
     return cg
+
+
+def _let_go(cg: Cgroups) -> None:
+    for fd in cg.held:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    cg.held.clear()
 
 
 def _reason(exc: OSError) -> str:
@@ -405,6 +487,7 @@ def teardown(cg: Cgroups) -> None:
     for base in cg.bases.values():
         with contextlib.suppress(OSError):
             os.rmdir(base)
+    _let_go(cg)
     # Trees of servers killed while their children still held them (a sweep at start-up
     # could not remove those): by now their children are gone too.
     for parent in set(cg.origin.values()):
