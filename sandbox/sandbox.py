@@ -859,9 +859,17 @@ class Sandbox:
 
     @property
     def alive(self) -> bool:
-        """True while the current child is running (False after a limit or crash killed it)."""
+        """True while the current child is running: False after a limit or crash killed it, and
+        as soon as it has exited for any reason (its fork server died, someone killed it), before
+        a call finds out. Safe from any thread."""
         child = self._child
-        return child is not None and not child.dead
+        if child is None or child.dead:
+            return False
+        try:  # not child.poll: a poll object may not be used by two threads at once
+            exited, _, _ = select.select([child.pidfd], [], [], 0)
+        except (OSError, ValueError):  # its pidfd was closed (the sandbox closed meanwhile)
+            return False
+        return not exited
 
     @property
     def pid(self) -> int | None:

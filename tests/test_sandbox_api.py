@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -279,3 +280,29 @@ def test_old_cell_sources_are_dropped_so_the_child_does_not_grow(audit_path):
         assert box.get_variable("cells") <= 200
         r = box.execute("def f():\n    return 1 / 0\nf()")
         assert "return 1 / 0" in r.traceback  # recent cells keep their source
+
+
+def test_alive_sees_a_child_that_exited_between_calls():
+    """`alive` turns False once the child is gone for any reason (killed from outside, its fork
+    server killed), before a call finds out; `execute` then reports the death."""
+    import signal
+
+    from sandbox import forkserver
+
+    with Sandbox("default", pool=None) as sb:
+        assert sb.execute("x = 1").ok and sb.alive
+        os.kill(sb.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while sb.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not sb.alive
+        r = sb.execute("x")
+        assert not r.ok and r.crashed and r.error_type == "ChildCrashed"
+        assert sb.execute("y = 2").state_lost and sb.alive
+        os.kill(forkserver.shared(False).pid, signal.SIGKILL)  # its children die with it
+        deadline = time.monotonic() + 10
+        while sb.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not sb.alive
+        assert sb.execute("1").error_type == "ChildExited"
+        assert sb.execute("z = 3").state_lost and sb.alive
