@@ -82,9 +82,10 @@ __all__ = [
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 
-#: Modules the child needs beyond the policy's allowed imports (lazy imports of the stdlib).
+#: Modules the child needs beyond the policy's allowed imports (lazy imports of the stdlib), and
+#: its own loop: imported once here, not by every child after its fork (7 ms a child on a VM).
 BASE_PRELOAD = (
-    "traceback", "linecache", "ast", "io", "codecs", "encodings.utf_8", "encodings.latin_1",
+    "sandbox.child", "traceback", "linecache", "ast", "io", "codecs", "encodings.utf_8", "encodings.latin_1",
     "encodings.ascii", "encodings.utf_16", "encodings.utf_32", "encodings.cp1252", "encodings.idna",
     "encodings.unicode_escape", "encodings.raw_unicode_escape", "encodings.hex_codec",
     "encodings.base64_codec", "_strptime", "unicodedata",
