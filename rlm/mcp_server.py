@@ -512,6 +512,12 @@ class MCPApp:
             "duration_s": round(time.perf_counter() - t0, 6),
         }
         with contextlib.suppress(SandboxError):  # a full disk must not take the server down
+            if self.audit.append(line, wait=False) is None:  # another writer holds the log's lock:
+                # wait for it in a thread, not on the loop every client's requests run on
+                asyncio.get_running_loop().run_in_executor(None, self._append_waiting, line)
+
+    def _append_waiting(self, line: dict[str, Any]) -> None:
+        with contextlib.suppress(SandboxError):
             self.audit.append(line)
 
     def _owner(self, ctx: Any) -> str:

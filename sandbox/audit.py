@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import threading
 import time
 from collections.abc import Mapping
@@ -172,8 +173,10 @@ def _gate(file: tuple[int, int]) -> threading.Lock:
         with _gates_lock:
             gate = _gates.get(file)
             if gate is None:
-                if len(_gates) >= _HEADS_KEPT:  # another file's gate goes: its flock still excludes
-                    _gates.pop(next(iter(_gates)))
+                if len(_gates) >= _HEADS_KEPT:  # a gate nobody holds goes (its flock still excludes)
+                    idle = next((key for key, held in _gates.items() if not held.locked()), None)
+                    if idle is not None:
+                        del _gates[idle]
                 gate = _gates[file] = threading.Lock()
     return gate
 
@@ -205,6 +208,8 @@ def _holder(file: tuple[int, int]) -> str:
 
 #: What AuditLog._append returns for a file deleted since it was opened.
 _DELETED = object()
+#: Times one append creates a deleted log again before it gives up.
+_REOPENS = 8
 
 
 def _flock(fd: int, deadline: float | None, timeout: float, path: Path, file: tuple[int, int]) -> bool:
@@ -246,11 +251,20 @@ class AuditLog:
         if not 0 < self.lock_timeout <= threading.TIMEOUT_MAX:
             raise ValueError(f"lock_timeout must be positive and finite, not {lock_timeout!r}")
         self._fd = -1
+        #: Held by an append (and by close, which waits for one): the descriptor and what is known
+        #: of the chain belong to one thread at a time, even when the file is replaced meanwhile.
+        self._lock = threading.Lock()
+        self._close_pending = False
         self._open()
 
-    def _open(self) -> None:
-        """Open (or create) the file at ``path`` and learn where its chain stands."""
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC  # read: the last line, through this file
+    def _open(self, again: bool = False) -> None:
+        """Open (or create) the file at ``path`` and learn where its chain stands. *again*: the
+        file this log had open was deleted; whatever is at the path now is not followed if it
+        is a symbolic link (someone who may write the directory could plant one)."""
+        # read: the last line, through this file; non-blocking: a FIFO at the path must not hang us
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        if again:
+            flags |= os.O_NOFOLLOW
         try:
             try:
                 fd = os.open(self.path, flags, 0o600)
@@ -259,6 +273,8 @@ class AuditLog:
                 fd = os.open(self.path, flags, 0o600)
             try:
                 st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):  # a FIFO, a device: a write could block or vanish
+                    raise OSError(errno.EINVAL, "not a regular file")
             except OSError:
                 os.close(fd)
                 raise
@@ -294,21 +310,43 @@ class AuditLog:
         None (an event loop then waits for it in a thread instead of on the loop)."""
         timeout = self.lock_timeout
         deadline = time.monotonic() + timeout
-        gate = _gate(self._file)
-        if not (gate.acquire(timeout=timeout) if wait else gate.acquire(blocking=False)):
+        if not (self._lock.acquire(timeout=timeout) if wait else self._lock.acquire(blocking=False)):
             if not wait:
                 return None
             raise AuditError(
-                f"audit log {self.path}: another append of this process held its lock for {timeout:g} s"
+                f"audit log {self.path}: another append through this log took over {timeout:g} s"
             )
         try:
-            done = self._append(record, encoded, deadline if wait else None)
-            if done is _DELETED:  # the file was deleted: a new one at the path, a new chain
-                self._open()
+            if self._fd < 0 or self._close_pending:
+                raise AuditError(f"audit log {self.path} is closed")
+            gate = _gate(self._file)
+            left = max(0.0, deadline - time.monotonic())
+            if not (gate.acquire(timeout=left) if wait else gate.acquire(blocking=False)):
+                if not wait:
+                    return None
+                holder = _holder(self._file)  # what the append ahead of this one waits for, if anyone
+                raise AuditError(
+                    f"audit log {self.path}: waited {timeout:g} s behind another append of this process"
+                    + (f", itself waiting for the lock another process{holder} holds" if holder else "")
+                )
+            try:
                 done = self._append(record, encoded, deadline if wait else None)
-            return None if done is _DELETED else done
+                reopened = 0
+                while done is _DELETED:  # the file was deleted: a new one at the path, a new chain
+                    if reopened == _REOPENS:
+                        raise AuditError(
+                            f"audit log {self.path} was deleted each time it was created again ({reopened} times)"
+                        )
+                    self._open(again=True)
+                    reopened += 1
+                    done = self._append(record, encoded, deadline if wait else None)
+                return done  # type: ignore[no-any-return]
+            finally:
+                gate.release()
         finally:
-            gate.release()
+            if self._close_pending:  # a close gave up waiting for this append: it ends here
+                self._close_now()
+            self._lock.release()
 
     def _append(
         self, record: dict[str, Any], encoded: Mapping[str, str] | None, deadline: float | None
@@ -354,9 +392,20 @@ class AuditLog:
         return record
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Close the file once no append uses it: an append in flight (from another thread)
+        finishes first, or closes it itself if it takes longer than ``lock_timeout``."""
+        if not self._lock.acquire(timeout=self.lock_timeout):
+            self._close_pending = True
+            return
+        try:
+            self._close_now()
+        finally:
+            self._lock.release()
+
+    def _close_now(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

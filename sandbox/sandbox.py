@@ -1232,6 +1232,7 @@ class Sandbox:
             _absorb(child, events, accept_fd)
 
     def _expect(self, child: _Child, kind: str, timeout: float) -> dict[str, Any]:
+        end = time.perf_counter() + timeout
         try:
             msg = self._next_frame(child, timeout, accept_fd=kind == "value")
         except _Timeout:
@@ -1246,6 +1247,17 @@ class Sandbox:
             if kind != "value":
                 self._fail(child, str(exc))
             child.drop_fds()  # the frame was consumed whole: the child may live on
+            raise VariableError(f"cannot get the value: {exc}") from None
+        except protocol.DescriptorsDropped as exc:
+            # The value's pipe was dropped for want of a descriptor slot here: the child finds it
+            # closed and goes on. The value is lost, the child is not, once its frame is read.
+            if kind != "value":
+                self._fail(child, str(exc))
+            try:
+                self._next_frame(child, max(0.0, end - time.perf_counter()), accept_fd=True)
+            except (_Timeout, _Died, protocol.WireError):
+                child.kill()
+            child.drop_fds()
             raise VariableError(f"cannot get the value: {exc}") from None
         except protocol.WireError as exc:
             self._fail(child, str(exc))
@@ -1759,6 +1771,8 @@ async def _in_thread(
             done = state["done"]
         if done:
             on_cancel()
+        # Nobody awaits it now: what it raises later (an AuditError) is not "never retrieved".
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         raise
 
 

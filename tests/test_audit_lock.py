@@ -5,6 +5,7 @@ it makes appends fail with an AuditError naming it, instead of hanging every wri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -222,3 +223,119 @@ def test_a_forked_child_is_not_blocked_by_a_thread_of_its_parent(tmp_path):
 def test_lock_timeout_must_be_positive_and_finite(tmp_path, bad):
     with pytest.raises(ValueError, match="lock_timeout"):
         AuditLog(tmp_path / "a.jsonl", lock_timeout=bad)
+
+
+# ----------------------------------------------------- a log deleted, replaced, or shared
+def test_a_log_deleted_again_and_again_never_loses_an_append_silently(tmp_path):
+    """While another thread deletes the log over and over, every append either returns its
+    line or raises AuditError (never None, never a raw OSError), also for one log object
+    shared by threads; no line lands in a file the log does not own."""
+    path = tmp_path / "a.jsonl"
+    shared = AuditLog(path)
+    own = [AuditLog(path) for _ in range(2)]
+    stop = threading.Event()
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def deleter():
+        while not stop.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            time.sleep(0.0003)
+
+    def bystander():  # opens and writes files of its own: a descriptor closed twice would hit them
+        i = 0
+        while not stop.is_set():
+            fd = os.open(tmp_path / f"other{i % 20}.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            i += 1
+            try:
+                os.write(fd, b"mine\n")
+            finally:
+                os.close(fd)
+
+    def writer(log):
+        for k in range(300):
+            try:
+                got = log.append({"k": k})
+                what = "ok" if isinstance(got, dict) and "hash" in got else f"returned {got!r}"
+            except AuditError:
+                what = "AuditError"
+            except OSError as exc:
+                what = f"raw {exc!r}"
+            with lock:
+                outcomes.append(what)
+
+    aux = [threading.Thread(target=deleter), threading.Thread(target=bystander)]
+    writers = [threading.Thread(target=writer, args=(log,)) for log in [shared, shared, *own]]
+    for t in aux + writers:
+        t.start()
+    for t in writers:
+        t.join(120)
+    stop.set()
+    for t in aux:
+        t.join(10)
+    for log in [shared, *own]:
+        log.close()
+    assert set(outcomes) <= {"ok", "AuditError"}, set(outcomes)
+    assert outcomes.count("ok") > len(outcomes) // 2
+    for i in range(20):
+        other = tmp_path / f"other{i}.txt"
+        assert not other.exists() or set(other.read_bytes().splitlines()) == {b"mine"}
+    shared2 = AuditLog(path)
+    shared2.append({"k": "last"})
+    shared2.close()
+    assert verify(path).ok
+
+
+def test_gates_held_are_never_evicted(tmp_path):
+    """One log object shared by 4 threads while another thread appends to 300 other logs (more
+    than the process keeps gates for): the shared log's chain still verifies."""
+    path = tmp_path / "shared.jsonl"
+    shared = AuditLog(path)
+    others = [AuditLog(tmp_path / f"o{i}.jsonl") for i in range(300)]
+
+    def churn():
+        for _ in range(3):
+            for log in others:
+                log.append({"x": 1})
+
+    def work():
+        for k in range(500):
+            shared.append({"k": k})
+
+    threads = [threading.Thread(target=work) for _ in range(4)] + [threading.Thread(target=churn)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for log in [shared, *others]:
+        log.close()
+    report = verify(path)
+    assert report.ok and report.lines == 2000, report
+
+
+def test_a_fifo_or_symlink_put_where_a_deleted_log_was_is_refused(tmp_path):
+    """After the log is deleted, what is put at its path is not trusted: a FIFO would hang every
+    append, a symbolic link would make the host append to its target."""
+    path = tmp_path / "a.jsonl"
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    log = AuditLog(path, lock_timeout=2)
+    log.append({"k": 0})
+    os.unlink(path)
+    os.mkfifo(path)
+    out = _in_thread(lambda: log.append({"k": 1}), limit=10)
+    assert isinstance(out.get("error"), AuditError) and "not a regular file" in str(out["error"]), out
+    os.unlink(path)
+    os.symlink(victim, path)
+    out = _in_thread(lambda: log.append({"k": 2}), limit=10)
+    assert isinstance(out.get("error"), AuditError), out
+    assert victim.read_bytes() == b"precious"
+    os.unlink(path)
+    log.append({"k": 3})  # a regular file again: a new chain
+    log.close()
+    assert verify(path).ok and verify(path).lines == 1
+    with pytest.raises(AuditError, match="not a regular file"):
+        os.unlink(path)
+        os.mkfifo(path)
+        AuditLog(path)  # a FIFO is refused when the log is first opened, too

@@ -120,3 +120,42 @@ def test_a_host_out_of_processes_gets_sandbox_errors_not_runtime_errors(tmp_path
             with open(PIDS / "cgroup.procs", "w") as f:
                 f.write(pid)
         cg.rmdir()
+
+
+# The host has no descriptor free when the child sends a large value through a pipe: the kernel
+# drops the pipe. That value is lost (VariableError); the child and its variables are not.
+VALUE_WITHOUT_FDS = """
+import os, resource, sys
+from sandbox import Sandbox
+from sandbox.errors import VariableError
+with Sandbox("default", audit_log=os.path.join(os.environ["TMPDIR"], "a.jsonl"), pool=None) as sb:
+    sb.execute("big = 'a' * 3_000_000\\nsmall = 5")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    pads = []
+    while True:
+        try:
+            pads.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            break
+    try:
+        sb.get_variable("big")
+        print("got it?")
+    except VariableError as exc:
+        print("VariableError:", exc)
+    finally:
+        for fd in pads:
+            os.close(fd)
+    assert sb.get_variable("small") == 5 and len(sb.get_variable("big")) == 3_000_000
+    r = sb.execute("print(small)")
+    assert r.ok and not r.state_lost and r.stdout == "5\\n", r
+print("done")
+"""
+
+
+def test_a_value_whose_pipe_the_kernel_dropped_is_lost_but_not_the_child(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", VALUE_WITHOUT_FDS], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0 and proc.stdout.endswith("done\n"), proc.stdout + proc.stderr
+    assert "VariableError: cannot get the value" in proc.stdout and "out of file descriptors" in proc.stdout

@@ -602,3 +602,44 @@ def test_rlm_query_reads_only_inside_allow_read(tmp_path: Path) -> None:
     with LLMServer(_root) as llm:
         anyio.run(go, llm.base_url)
         assert all("LEAKED" not in json.dumps(q.messages) for q in llm.requests)
+
+
+def test_a_locked_audit_log_does_not_stall_the_server(tmp_path: Path) -> None:
+    """Another process holding the audit log's lock (a stopped `rlm exec` sharing it): tool calls
+    that do not run code answer at once; their lines are written once the lock is free."""
+    import threading
+
+    audit = tmp_path / "audit.jsonl"
+    hold = (
+        "import fcntl, sys, time\n"
+        "f = open(sys.argv[1], 'a')\n"
+        "fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    holder: list[subprocess.Popen[str]] = []
+
+    async def go() -> float:
+        async with stdio_session("--audit-log", str(audit)) as s:
+            await call(s, "session_list")  # the server is up, its log open
+            proc = subprocess.Popen([sys.executable, "-c", hold, str(audit)], stdout=subprocess.PIPE, text=True)
+            holder.append(proc)
+            assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+            threading.Timer(3.0, proc.kill).start()
+            t0 = time.monotonic()
+            await call(s, "session_list")
+            await call(s, "session_list")
+            took = time.monotonic() - t0
+            await anyio.sleep(3.5)  # the holder is gone: the waiting lines go in
+            return took
+
+    try:
+        took = anyio.run(go)
+    finally:
+        for proc in holder:
+            proc.kill()
+            proc.wait()
+    assert took < 2.0, f"two calls took {took:.1f} s behind a locked audit log"
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [x.get("tool") for x in lines].count("session_list") == 3, lines
+    assert verify(audit).ok
