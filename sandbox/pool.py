@@ -26,7 +26,7 @@ Rules:
 - :func:`sandbox.shutdown` drains every pool (ready children stopped, their
   scratch removed) before it stops the fork servers.
 
-Sizing: each idle ready child costs its memory (about 2-4 MiB USS with the
+Sizing: each idle ready child costs its memory (about 4 MiB USS with the
 default policy; ``bench/sandbox_overhead.py`` prints the figure) and nothing
 else. The process-wide default pool (:func:`default_pool`) keeps
 :data:`DEFAULT_SIZE` per policy, which covers a burst of that many sandboxes
