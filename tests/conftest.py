@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,3 +64,24 @@ def run_cli(
         env=None if env is None else dict(env),
         timeout=timeout,
     )
+
+
+def within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """Run *fn* in a thread; fail (instead of hanging) if it has not returned after *seconds*."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    start = time.monotonic()
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"the host was still blocked after {seconds:.0f} s"
+    box["elapsed"] = time.monotonic() - start
+    if "error" in box:
+        raise box["error"]
+    return box["value"], box["elapsed"]

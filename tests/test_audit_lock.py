@@ -17,6 +17,7 @@ import pytest
 from sandbox import AsyncSandbox, Sandbox, audit
 from sandbox.audit import AuditLog, verify
 from sandbox.errors import AuditError
+from tests.conftest import within
 
 HOLD = (
     "import fcntl, sys, time\n"
@@ -44,20 +45,15 @@ def holder(tmp_path):
 def _in_thread(fn, limit=10.0):
     """Run *fn* in a thread; what it returned or raised, or a failure if it is still waiting after
     *limit* seconds (without a deadline the append would wait as long as the holder lives)."""
-    out: dict[str, object] = {}
 
-    def run():
+    def catching():
         try:
-            out["value"] = fn()
+            return {"value": fn()}
         except BaseException as exc:
-            out["error"] = exc
+            return {"error": exc}
 
-    t = threading.Thread(target=run, daemon=True)
-    t0 = time.monotonic()
-    t.start()
-    t.join(limit)
-    assert not t.is_alive(), f"still waiting for the lock after {limit} s"
-    out["seconds"] = time.monotonic() - t0
+    out, seconds = within(limit, catching)
+    out["seconds"] = seconds
     return out
 
 

@@ -14,9 +14,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Prepended to the scripts below: uses up every descriptor but *free*.
+_FILL = """
+import os
+
+def fill(free=0):
+    pads = []
+    while True:
+        try:
+            pads.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            break
+    for _ in range(free):
+        os.close(pads.pop())
+    return pads
+"""
+
 # With exactly `free` descriptors left, open a sandbox: each step of a start (uid lease,
 # scratch directory, channel, the pidfd the fork server sends, the audit log) runs out in turn.
-OUT_OF_FDS = """
+OUT_OF_FDS = _FILL + """
 import os, resource, sys
 from sandbox import Sandbox, SandboxError, forkserver
 
@@ -33,14 +49,7 @@ before = fds()
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 seen = []
 for free in range(0, 9):
-    pads = []
-    while True:
-        try:
-            pads.append(os.open("/dev/null", os.O_RDONLY))
-        except OSError:
-            break
-    for _ in range(free):
-        os.close(pads.pop())
+    pads = fill(free)
     try:
         sb = Sandbox("default", audit_log=log, pool=None)
         outcome = "opened"
@@ -67,12 +76,19 @@ print("done")
 """
 
 
-def test_out_of_descriptors_each_start_failure_is_a_sandbox_error_and_leaks_nothing(tmp_path):
+def _host(script: str, tmp_path: Path, *args: str) -> str:
+    """Run *script* in a host process of its own (its limits are its own); what it printed,
+    which ends with "done" when every assertion in it held."""
     env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-c", OUT_OF_FDS], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=180, env=env
     )
     assert proc.returncode == 0 and proc.stdout.endswith("done\n"), proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_out_of_descriptors_each_start_failure_is_a_sandbox_error_and_leaks_nothing(tmp_path):
+    _host(OUT_OF_FDS, tmp_path)
 
 
 PIDS = Path("/sys/fs/cgroup/pids")
@@ -109,12 +125,7 @@ def test_a_host_out_of_processes_gets_sandbox_errors_not_runtime_errors(tmp_path
     cg.mkdir()
     try:
         script = f"import os, sys\nopen({str(cg / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n" + FEW_PIDS
-        env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
-        proc = subprocess.run(
-            [sys.executable, "-c", script, str(cg)], capture_output=True, text=True, timeout=180, env=env
-        )
-        assert proc.returncode == 0 and proc.stdout.endswith("done\n"), proc.stdout + proc.stderr
-        assert "SandboxStartError" in proc.stdout  # the low limits did bite
+        assert "SandboxStartError" in _host(script, tmp_path, str(cg))  # the low limits did bite
     finally:
         for pid in (cg / "cgroup.procs").read_text().split():  # a fork server left behind
             with open(PIDS / "cgroup.procs", "w") as f:
@@ -124,19 +135,14 @@ def test_a_host_out_of_processes_gets_sandbox_errors_not_runtime_errors(tmp_path
 
 # The host has no descriptor free when the child sends a large value through a pipe: the kernel
 # drops the pipe. That value is lost (VariableError); the child and its variables are not.
-VALUE_WITHOUT_FDS = """
+VALUE_WITHOUT_FDS = _FILL + """
 import os, resource, sys
 from sandbox import Sandbox
 from sandbox.errors import VariableError
 with Sandbox("default", audit_log=os.path.join(os.environ["TMPDIR"], "a.jsonl"), pool=None) as sb:
     sb.execute("big = 'a' * 3_000_000\\nsmall = 5")
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    pads = []
-    while True:
-        try:
-            pads.append(os.open("/dev/null", os.O_RDONLY))
-        except OSError:
-            break
+    pads = fill()
     try:
         sb.get_variable("big")
         print("got it?")
@@ -153,9 +159,5 @@ print("done")
 
 
 def test_a_value_whose_pipe_the_kernel_dropped_is_lost_but_not_the_child(tmp_path):
-    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-c", VALUE_WITHOUT_FDS], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert proc.returncode == 0 and proc.stdout.endswith("done\n"), proc.stdout + proc.stderr
-    assert "VariableError: cannot get the value" in proc.stdout and "out of file descriptors" in proc.stdout
+    out = _host(VALUE_WITHOUT_FDS, tmp_path)
+    assert "VariableError: cannot get the value" in out and "out of file descriptors" in out

@@ -17,9 +17,7 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from sandbox import AsyncSandbox, Sandbox
 from sandbox.audit import verify
 from sandbox.errors import ChildTimeoutError, ProtocolError, VariableError
 from sandbox.policy import LAYERS
-from tests.conftest import run_cli
+from tests.conftest import run_cli, within
 from tests.security.conftest import policy_for
 
 #: Imports the attacks below use; added to the allowlist so the allowlist mode runs them too.
@@ -44,27 +42,6 @@ def hostile_policy(mode: str, **changes: Any) -> Any:
         base = policy_for(mode)
         changes["python.allowed_imports"] = [*base.python.allowed_imports, *ATTACK_IMPORTS]
     return policy_for(mode, **changes)
-
-
-def within(seconds: float, fn: Callable[[], Any]) -> Any:
-    """Run *fn* in a thread; fail (instead of hanging) if it has not returned after *seconds*."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    worker = threading.Thread(target=run, daemon=True)
-    start = time.monotonic()
-    worker.start()
-    worker.join(seconds)
-    assert not worker.is_alive(), f"the host was still blocked after {seconds:.0f} s"
-    box["elapsed"] = time.monotonic() - start
-    if "error" in box:
-        raise box["error"]
-    return box["value"], box["elapsed"]
 
 
 FIND_CHANNEL = """
