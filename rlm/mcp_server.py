@@ -435,6 +435,7 @@ class MCPApp:
         self.sessions = _Sessions(config)
         self.pool = SandboxPool(config.pool_size) if config.pool_size else None
         self.audit = AuditLog(config.audit_path)
+        self._audit_waiting: set[asyncio.Future[None]] = set()  # lines waiting for the log's lock
         self._fresh_slots = anyio.Semaphore(config.max_sessions)
         self._fresh: set[Sandbox] = set()
         self.tools = _tools(config)
@@ -514,7 +515,9 @@ class MCPApp:
         with contextlib.suppress(SandboxError):  # a full disk must not take the server down
             if self.audit.append(line, wait=False) is None:  # another writer holds the log's lock:
                 # wait for it in a thread, not on the loop every client's requests run on
-                asyncio.get_running_loop().run_in_executor(None, self._append_waiting, line)
+                waiting = asyncio.get_running_loop().run_in_executor(None, self._append_waiting, line)
+                self._audit_waiting.add(waiting)
+                waiting.add_done_callback(self._audit_waiting.discard)
 
     def _append_waiting(self, line: dict[str, Any]) -> None:
         with contextlib.suppress(SandboxError):
@@ -710,6 +713,8 @@ class MCPApp:
             sb.kill()
         with anyio.CancelScope(shield=True):
             await self.sessions.close_all()
+            if self._audit_waiting:  # lines still waiting for the log's lock go in first
+                await asyncio.wait(set(self._audit_waiting), timeout=self.audit.lock_timeout + 1)
         self.audit.close()
 
 

@@ -255,15 +255,19 @@ class AuditLog:
         #: of the chain belong to one thread at a time, even when the file is replaced meanwhile.
         self._lock = threading.Lock()
         self._close_pending = False
+        self._linked = False  # the path was a symbolic link when the log was made
         self._open()
 
     def _open(self, again: bool = False) -> None:
         """Open (or create) the file at ``path`` and learn where its chain stands. *again*: the
-        file this log had open was deleted; whatever is at the path now is not followed if it
-        is a symbolic link (someone who may write the directory could plant one)."""
+        file this log had open was deleted; a symbolic link at the path now is followed only if
+        the path was one when this log was made (configured so), not one planted since by
+        someone who may write the directory."""
         # read: the last line, through this file; non-blocking: a FIFO at the path must not hang us
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
-        if again:
+        if not again:
+            self._linked = os.path.islink(self.path)
+        elif not self._linked:
             flags |= os.O_NOFOLLOW
         try:
             try:
@@ -344,9 +348,14 @@ class AuditLog:
             finally:
                 gate.release()
         finally:
-            if self._close_pending:  # a close gave up waiting for this append: it ends here
-                self._close_now()
             self._lock.release()
+            # A close gave up waiting for this append: it ends here. Looked at after the release,
+            # as close() sets the flag before it tries the lock once more: one of the two closes.
+            if self._close_pending and self._lock.acquire(blocking=False):
+                try:
+                    self._close_now()
+                finally:
+                    self._lock.release()
 
     def _append(
         self, record: dict[str, Any], encoded: Mapping[str, str] | None, deadline: float | None
@@ -395,8 +404,10 @@ class AuditLog:
         """Close the file once no append uses it: an append in flight (from another thread)
         finishes first, or closes it itself if it takes longer than ``lock_timeout``."""
         if not self._lock.acquire(timeout=self.lock_timeout):
-            self._close_pending = True
-            return
+            self._close_pending = True  # the append in flight closes it as it ends ...
+            if not self._lock.acquire(blocking=False):
+                return
+            # ... unless it ended between the timeout and the flag: then it is closed here
         try:
             self._close_now()
         finally:

@@ -865,11 +865,15 @@ class Sandbox:
         child = self._child
         if child is None or child.dead:
             return False
-        try:  # not child.poll: a poll object may not be used by two threads at once
-            exited, _, _ = select.select([child.pidfd], [], [], 0)
+        # A poll object of its own: child.poll may not be used by two threads at once (and
+        # select() cannot take a descriptor number of 1024 or more).
+        waiter = select.poll()
+        try:
+            waiter.register(child.pidfd, select.POLLIN)
+            events = waiter.poll(0)
         except (OSError, ValueError):  # its pidfd was closed (the sandbox closed meanwhile)
             return False
-        return not exited
+        return not events
 
     @property
     def pid(self) -> int | None:

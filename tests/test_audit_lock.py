@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -335,3 +336,19 @@ def test_a_fifo_or_symlink_put_where_a_deleted_log_was_is_refused(tmp_path):
         os.unlink(path)
         os.mkfifo(path)
         AuditLog(path)  # a FIFO is refused when the log is first opened, too
+
+
+def test_a_configured_symlink_is_still_followed_when_its_target_is_rotated_away(tmp_path):
+    """A log path that is a symbolic link by configuration (audit.jsonl -> volume/real.jsonl):
+    when the target is deleted (rotated), the log follows the link again, as a new log would."""
+    (tmp_path / "volume").mkdir()
+    real = tmp_path / "volume" / "real.jsonl"
+    link = tmp_path / "audit.jsonl"
+    link.symlink_to(real)
+    log = AuditLog(link)
+    log.append({"n": 1})
+    real.unlink()
+    log.append({"n": 2})
+    log.append({"n": 3})
+    log.close()
+    assert [json.loads(x)["n"] for x in real.read_text().splitlines()] == [2, 3] and verify(real).ok

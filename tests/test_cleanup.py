@@ -241,3 +241,27 @@ def test_cgroup_trees_of_a_job_killed_whole_are_removed_by_the_next_host(tmp_pat
             for sub, _dirs, _files in os.walk(d, topdown=False):
                 with contextlib.suppress(OSError):
                     os.rmdir(sub)
+
+
+def test_a_fork_server_takes_its_tree_lock_even_while_a_sweeper_looks_at_it(tmp_path):
+    """A sweeper probing the tree (it holds the tree's flock for a moment) when a new server
+    takes it: the server waits the moment out instead of going without the lock, which would
+    leave its tree to be judged by its pid alone."""
+    import fcntl
+    import threading
+
+    from sandbox.isolation import cgroups
+
+    tree = tmp_path / "rlm-1"
+    tree.mkdir()
+    probe = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    threading.Timer(0.05, os.close, args=(probe,)).start()
+    fd = cgroups._hold(str(tree))
+    try:
+        assert fd >= 0
+        assert not cgroups._abandoned(str(tree), os.getpid())  # held: alive whatever the pid says
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    assert cgroups._abandoned(str(tree), 2**22 + 12345)  # nobody holds it and no such pid

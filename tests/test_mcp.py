@@ -643,3 +643,38 @@ def test_a_locked_audit_log_does_not_stall_the_server(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [x.get("tool") for x in lines].count("session_list") == 3, lines
     assert verify(audit).ok
+
+
+def test_audit_lines_waiting_for_the_lock_are_written_before_shutdown(tmp_path: Path) -> None:
+    """A tool call's line waits (in a thread) for a lock another process holds, and the server
+    shuts down meanwhile: the line goes in before the log is closed."""
+    import asyncio
+
+    from rlm.mcp_server import MCPApp, ServerConfig
+    from sandbox.policy import load_policy
+
+    path = tmp_path / "audit.jsonl"
+    app = MCPApp(ServerConfig(policy=load_policy("default"), audit_log=path, pool_size=0))
+    hold = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(0.3)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        busy = [loop.run_in_executor(None, time.sleep, 0.5) for _ in range(8)]  # the executor is busy too
+        app._audit({"tool": "python_exec", "n": 1}, "ok", time.perf_counter())
+        await app.shutdown()
+        await asyncio.gather(*busy)
+
+    try:
+        asyncio.run(main())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [json.loads(x).get("n") for x in path.read_text().splitlines()] == [1]

@@ -306,3 +306,23 @@ def test_alive_sees_a_child_that_exited_between_calls():
         assert not sb.alive
         assert sb.execute("1").error_type == "ChildExited"
         assert sb.execute("z = 3").state_lost and sb.alive
+
+
+def test_alive_holds_for_a_pidfd_numbered_past_1024():
+    """A busy host (an MCP server, many sessions) hands out descriptor numbers past 1024, which
+    select() cannot take: alive must still say True for a live child."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    pads = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        with Sandbox("default", pool=None) as sb:
+            assert sb.execute("x = 1").ok
+            assert sb._child is not None and sb._child.pidfd >= 1024
+            assert sb.alive
+            assert sb.execute("print(x + 1)").stdout == "2\n"
+    finally:
+        for fd in pads:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

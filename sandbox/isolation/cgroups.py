@@ -130,12 +130,16 @@ def _hold(base: str) -> int:
         fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return -1
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return -1
-    return fd
+    for _ in range(200):  # a sweeper looking at the tree holds the lock for microseconds
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            time.sleep(0.001)
+        except OSError:
+            break
+    os.close(fd)
+    return -1
 
 
 def _abandoned(tree: str, pid: int) -> bool:
@@ -206,9 +210,10 @@ def sweep_abandoned(limit: int = 4096) -> int:
             trees = [d for d in dirs if d.startswith("rlm-") and d[4:].isdigit()]
             for name in trees:
                 dirs.remove(name)  # never walked into: a live server's, or removed here
-                if _abandoned(os.path.join(parent, name), int(name[4:])):
-                    _remove_tree(os.path.join(parent, name))
-                    removed += 1
+                tree = os.path.join(parent, name)
+                if _abandoned(tree, int(name[4:])):
+                    _remove_tree(tree)
+                    removed += not os.path.exists(tree)
     return removed
 
 
