@@ -44,6 +44,7 @@ import os
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,10 +182,22 @@ def _gate(file: tuple[int, int]) -> threading.Lock:
     return gate
 
 
+#: Every open log of this process: a forked child gives each a fresh lock, and each opens its
+#: file anew at its next append (see _after_fork).
+_logs: weakref.WeakSet[AuditLog] = weakref.WeakSet()
+_forks = 0  # forks this process has come out of as the child
+
+
 def _after_fork() -> None:
-    global _gates_lock
+    """In a forked child: locks other threads of the parent held stay held here, and an
+    inherited descriptor shares its flock with the parent's (the two would not exclude each
+    other), so the locks are new and each log opens its file again before its next append."""
+    global _gates_lock, _forks
     _gates.clear()
     _gates_lock = threading.Lock()
+    _forks += 1
+    for log in list(_logs):
+        log._lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -256,7 +269,9 @@ class AuditLog:
         self._lock = threading.Lock()
         self._close_pending = False
         self._linked = False  # the path was a symbolic link when the log was made
+        self._forks = _forks  # see _after_fork
         self._open()
+        _logs.add(self)
 
     def _open(self, again: bool = False) -> None:
         """Open (or create) the file at ``path`` and learn where its chain stands. *again*: the
@@ -323,6 +338,9 @@ class AuditLog:
         try:
             if self._fd < 0 or self._close_pending:
                 raise AuditError(f"audit log {self.path} is closed")
+            if self._forks != _forks:  # inherited from the parent: a description of our own
+                self._open()
+                self._forks = _forks
             gate = _gate(self._file)
             left = max(0.0, deadline - time.monotonic())
             if not (gate.acquire(timeout=left) if wait else gate.acquire(blocking=False)):

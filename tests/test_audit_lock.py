@@ -352,3 +352,44 @@ def test_a_configured_symlink_is_still_followed_when_its_target_is_rotated_away(
     log.append({"n": 3})
     log.close()
     assert [json.loads(x)["n"] for x in real.read_text().splitlines()] == [2, 3] and verify(real).ok
+
+
+def test_logs_inherited_across_fork_keep_one_chain_with_the_parent(tmp_path):
+    """A pre-fork server: the parent's threads keep appending while forked children append
+    through the log objects they inherited. Parent and children end up on one valid chain (an
+    inherited descriptor shares its flock with the parent's, so it is opened anew)."""
+    path = tmp_path / "a.jsonl"
+    logs = [AuditLog(path) for _ in range(3)]
+    stop = threading.Event()
+
+    def work(log):
+        while not stop.is_set():
+            log.append({"parent": True})
+
+    threads = [threading.Thread(target=work, args=(log,)) for log in logs]
+    for t in threads:
+        t.start()
+    kids = []
+    try:
+        for j in range(3):
+            time.sleep(0.05)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover (reports through its exit status)
+                code = 1
+                try:
+                    for k in range(1000):
+                        logs[j].append({"child": j, "k": k})
+                    code = 0
+                finally:
+                    os._exit(code)
+            kids.append(pid)
+        statuses = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in kids]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert statuses == [0, 0, 0]
+    report = verify(path)
+    assert report.ok, report
+    children = [json.loads(x) for x in path.read_text().splitlines() if '"child"' in x]
+    assert len(children) == 3000
