@@ -119,3 +119,41 @@ def test_an_unprivileged_host_gets_every_layer_but_the_cgroup(shared_dir):
     )
     assert not outside.exists()
     assert report["fork"] == "processes"
+
+
+# Starts under load: the default policy must be refused for its cgroup every time, never lost.
+STARTS_UNDER_LOAD = r"""
+import sys
+from sandbox import Sandbox, load_policy
+from sandbox.errors import LayerUnavailableError
+try:
+    Sandbox(load_policy("default"), audit_log=sys.argv[1] + "/a.jsonl", pool=None).close()
+    print("started")
+except LayerUnavailableError as exc:
+    print("refused:" + exc.layer)
+"""
+
+
+@pytest.mark.skipif(_usable() is not None, reason=str(_usable()))
+def test_a_child_born_through_the_pid_helper_survives_the_helper_exit_under_load(shared_dir):
+    """Without root the child is forked by a short-lived helper (the PID namespace's way in a
+    user namespace). A child that armed its parent-death signal while the helper was still
+    exiting was killed by that exit: on a busy machine a fresh host's first sandbox failed with
+    "the sandbox child did not start: it exited" (SIGKILL)."""
+    env = {"PYTHONPATH": f"{ROOT}:{SITE}", "HOME": str(shared_dir), "PATH": "/usr/bin:/bin",
+           "TMPDIR": str(shared_dir)}  # fmt: skip
+    burners = [subprocess.Popen([SYSTEM_PYTHON, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        outcomes = []
+        for _ in range(10):  # a fresh host (and fork server) each time: the first start raced
+            out = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(SYSTEM_PYTHON), "-c",
+                 STARTS_UNDER_LOAD, str(shared_dir)],
+                capture_output=True, text=True, env=env, timeout=120, cwd=shared_dir,
+            )  # fmt: skip
+            outcomes.append(out.stdout.strip() or out.stderr.strip().splitlines()[-1])
+    finally:
+        for p in burners:
+            p.kill()
+            p.wait()
+    assert outcomes == ["refused:cgroup"] * 10, outcomes

@@ -243,7 +243,8 @@ class PidNamespaces:
       namespace is refused, so a short-lived helper forked by the server
       unshares and forks the child, then exits; the server, a child
       subreaper meanwhile, adopts the child. The child waits until the
-      helper is gone (so that its parent-death signal follows the server).
+      server has reaped the helper (so that its parent-death signal follows
+      the server, and is not fired by the helper's own exit).
     """
 
     def __init__(self, in_userns: bool) -> None:
@@ -297,13 +298,18 @@ class PidNamespaces:
         if helper == 0:
             return self._helper(gate_r, gate_w, report_r, report_w)  # 0, in the sandbox child only
         try:
-            for fd in (gate_r, gate_w, report_w):
+            for fd in (gate_r, report_w):
                 os.close(fd)
             data = b""
             while chunk := os.read(report_r, 64):
                 data += chunk
             os.waitpid(helper, 0)
         finally:
+            # The gate opens (EOF) only now that the helper is reaped: its exit has handed the
+            # child to this server. A child that armed its parent-death signal while the helper
+            # was still exiting (its files closed, its children not yet handed on) was killed by
+            # that very exit.
+            os.close(gate_w)
             os.close(report_r)
             prctl(PR_SET_CHILD_SUBREAPER, 0)
         if not data.isdigit():
