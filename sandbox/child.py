@@ -43,6 +43,9 @@ from sandbox.spin import Spinner
 
 __all__ = ["HostFunctionError", "OutputLimitExceeded", "main"]
 
+#: The descriptor of the channel to the host once the layers are applied.
+CHANNEL_FD = 3
+
 #: How long the child polls for the next frame before it blocks.
 SPIN_SECONDS = 0.0005
 
@@ -580,6 +583,14 @@ def main(config: dict[str, Any], chan_fd: int, prepared: Any) -> NoReturn:
                  "error": exc.reason, "layer": exc.layer},
             )  # fmt: skip
             os._exit(3)
+        if chan_fd != CHANNEL_FD:
+            # Its number was whatever was free in the fork server (higher with every live
+            # sibling): the channel is now descriptor 3, the only one besides 0-2 (apply closed
+            # the rest), whichever server made the child.
+            os.dup2(chan_fd, CHANNEL_FD, inheritable=False)
+            sock.detach()
+            os.close(chan_fd)
+            sock = socket.socket(fileno=CHANNEL_FD)
         # Nothing the fork server held about other children or policies is reachable now
         # (see forkserver.serve and isolation.apply); free the cycles that held it, too.
         gc.collect()
