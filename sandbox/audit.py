@@ -185,19 +185,18 @@ def _gate(file: tuple[int, int]) -> threading.Lock:
 #: Every open log of this process: a forked child gives each a fresh lock, and each opens its
 #: file anew at its next append (see _after_fork).
 _logs: weakref.WeakSet[AuditLog] = weakref.WeakSet()
-_forks = 0  # forks this process has come out of as the child
 
 
 def _after_fork() -> None:
     """In a forked child: locks other threads of the parent held stay held here, and an
     inherited descriptor shares its flock with the parent's (the two would not exclude each
     other), so the locks are new and each log opens its file again before its next append."""
-    global _gates_lock, _forks
+    global _gates_lock
     _gates.clear()
     _gates_lock = threading.Lock()
-    _forks += 1
     for log in list(_logs):
         log._lock = threading.Lock()
+        log._inherited = True
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -269,7 +268,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._close_pending = False
         self._linked = False  # the path was a symbolic link when the log was made
-        self._forks = _forks  # see _after_fork
+        self._inherited = False  # opened by the parent of this forked process (see _after_fork)
         self._open()
         _logs.add(self)
 
@@ -338,9 +337,9 @@ class AuditLog:
         try:
             if self._fd < 0 or self._close_pending:
                 raise AuditError(f"audit log {self.path} is closed")
-            if self._forks != _forks:  # inherited from the parent: a description of our own
+            if self._inherited:  # opened by the parent: a description of our own
                 self._open()
-                self._forks = _forks
+                self._inherited = False
             gate = _gate(self._file)
             left = max(0.0, deadline - time.monotonic())
             if not (gate.acquire(timeout=left) if wait else gate.acquire(blocking=False)):

@@ -168,12 +168,12 @@ def _lock_scratch(path: str) -> int:
 
 def _sweep_scratch(root: str, limit: int = 1024, age: float = _SWEEP_AGE) -> int:
     """Remove scratch directories under *root* that no live host holds and that are over *age*
-    seconds old; at most *limit* ``sandbox-*`` entries looked at. Returns how many were removed."""
+    seconds old; at most *limit* entries named as ours looked at. Returns how many were removed."""
     removed = 0
     oldest = time.time() - age
     try:
         with os.scandir(root) as entries:  # the limit counts ours only: a busy /tmp hides none
-            ours = (e.path for e in entries if e.name.startswith("sandbox-"))
+            ours = (e.path for e in entries if _SCRATCH_NAME.fullmatch(e.name))
             found = [path for _, path in zip(range(limit), ours, strict=False)]
     except OSError:
         return 0
@@ -182,8 +182,7 @@ def _sweep_scratch(root: str, limit: int = 1024, age: float = _SWEEP_AGE) -> int
         try:
             st = os.lstat(path)
             if (
-                not _SCRATCH_NAME.fullmatch(os.path.basename(path))
-                or not stat.S_ISDIR(st.st_mode)
+                not stat.S_ISDIR(st.st_mode)
                 or not (st.st_uid == me or uids.UID_BASE <= st.st_uid < uids.UID_BASE + uids.UID_SPAN)
                 or st.st_mtime > oldest
             ):

@@ -175,6 +175,23 @@ def _remove_tree(tree: str) -> None:
             os.rmdir(root)
 
 
+def _is_tree(name: str) -> bool:
+    """*name* is a fork server's ``rlm-<pid>`` directory."""
+    return name.startswith("rlm-") and name[4:].isdigit()
+
+
+def _remove_abandoned(parent: str, names: list[str]) -> int:
+    """Remove those of the ``rlm-<pid>`` trees *names* under *parent* that no live server owns;
+    how many are gone."""
+    removed = 0
+    for name in names:
+        tree = os.path.join(parent, name)
+        if _abandoned(tree, int(name[4:])):
+            _remove_tree(tree)
+            removed += not os.path.exists(tree)
+    return removed
+
+
 def _sweep_stale(parent: str) -> None:
     """Remove the abandoned ``rlm-<pid>`` trees right under *parent* (servers killed without
     tearing down: SIGKILL)."""
@@ -182,13 +199,7 @@ def _sweep_stale(parent: str) -> None:
         names = os.listdir(parent)
     except OSError:
         return
-    for name in names:
-        if (
-            name.startswith("rlm-")
-            and name[4:].isdigit()
-            and _abandoned(os.path.join(parent, name), int(name[4:]))
-        ):
-            _remove_tree(os.path.join(parent, name))
+    _remove_abandoned(parent, [name for name in names if _is_tree(name)])
 
 
 def sweep_abandoned(limit: int = 4096) -> int:
@@ -207,13 +218,9 @@ def sweep_abandoned(limit: int = 4096) -> int:
         for looked, (parent, dirs, _files) in enumerate(os.walk(root)):
             if looked >= limit:
                 break
-            trees = [d for d in dirs if d.startswith("rlm-") and d[4:].isdigit()]
-            for name in trees:
-                dirs.remove(name)  # never walked into: a live server's, or removed here
-                tree = os.path.join(parent, name)
-                if _abandoned(tree, int(name[4:])):
-                    _remove_tree(tree)
-                    removed += not os.path.exists(tree)
+            trees = [d for d in dirs if _is_tree(d)]
+            dirs[:] = [d for d in dirs if not _is_tree(d)]  # never walked into: live, or removed here
+            removed += _remove_abandoned(parent, trees)
     return removed
 
 
