@@ -145,6 +145,62 @@ def test_an_async_execute_waits_for_a_locked_log_off_the_event_loop(tmp_path, mo
     assert verify(path).ok and verify(path).lines == 2
 
 
+def test_a_cancelled_async_execute_writes_its_line_off_the_event_loop(tmp_path, monkeypatch):
+    """A cancelled execute's line ("cancelled") waits for a held lock in a thread too: the
+    cancellation comes through at once, the loop runs on, and the line is written (in order,
+    before the next execute's) once the holder lets go."""
+    path = tmp_path / "audit.jsonl"
+    monkeypatch.setattr(audit, "LOCK_SECONDS", 5.0, raising=False)
+    procs = []
+
+    async def main():
+        stalls = []
+        stop = asyncio.Event()
+
+        async def ticker():
+            last = time.monotonic()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                stalls.append(now - last)
+                last = now
+
+        async with AsyncSandbox("default", audit_log=path, pool=None) as sb:
+            await sb.execute("x = 0")
+            task = asyncio.create_task(sb.execute("import time; time.sleep(30)"))
+            await asyncio.sleep(0.3)  # the cell runs
+            proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            assert proc.stdout.readline() == "locked\n"
+            tick = asyncio.create_task(ticker())
+            await asyncio.sleep(0.05)
+            threading.Timer(1.0, proc.kill).start()
+            t0 = time.monotonic()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            cancelled_in = time.monotonic() - t0
+            after = await sb.execute("y = 1")  # waits for the cancelled cell's line, then its own
+            stop.set()
+            await tick
+        return cancelled_in, after, max(stalls)
+
+    try:
+        cancelled_in, after, stall = asyncio.run(main())
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert cancelled_in < 0.5, f"the cancellation took {cancelled_in:.2f} s"
+    assert stall < 0.5, f"the event loop stood still for {stall:.2f} s"
+    assert after.ok and after.state_lost
+    report = verify(path)
+    assert report.ok and report.lines == 3
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["outcome"] for line in lines] == ["ok", "cancelled", "ok"]
+    assert [line["seq"] for line in lines] == [1, 2, 3]
+
+
 def test_threads_of_one_process_queue_without_polling(tmp_path, monkeypatch):
     """Sandboxes of one process sharing a log wait on a lock of their own, not by polling the
     flock: with 8 threads appending at once, no flock attempt is ever refused."""
