@@ -29,10 +29,10 @@ execute.
 
 Sandbox calls block, so they run in worker threads; calls on one session are
 serialised by that session's lock. A call that its client cancels, or whose
-client disconnects over stdio, is cancelled and its child is killed. Over HTTP
-a connection that just drops (no cancel, no ``DELETE`` of the session) is not
-seen: the call runs to its limits, and its session stays until
-``--idle-timeout``.
+client disconnects (over stdio by closing the server's stdin, over HTTP by
+dropping the request's connection, which no reconnect can resume: the server
+keeps no event store), is cancelled and its child is killed. Over HTTP the
+session of a client that just vanished stays until ``--idle-timeout``.
 """
 
 from __future__ import annotations
@@ -459,6 +459,25 @@ class MCPApp:
         return types.ListToolsResult(tools=self.tools)
 
     async def _call_tool(self, ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        """One tool call; over HTTP it is stopped if its client goes away (see :class:`_DropWatch`)."""
+        request = getattr(ctx, "request", None)
+        watch = getattr(request, "scope", {}).get(_DROP_KEY) if request is not None else None
+        if not isinstance(watch, _DropWatch):
+            return await self._call_tool_inner(ctx, params, None)
+        with anyio.CancelScope() as scope:
+            watch.callbacks.append(scope.cancel)
+            try:
+                return await self._call_tool_inner(ctx, params, watch)
+            finally:
+                watch.callbacks.remove(scope.cancel)
+        # Cancelled for a client that is gone (audited as "disconnected"): nobody reads this answer.
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text="the client disconnected")], is_error=True
+        )
+
+    async def _call_tool_inner(
+        self, ctx: Any, params: types.CallToolRequestParams, watch: _DropWatch | None
+    ) -> types.CallToolResult:
         t0 = time.perf_counter()
         record: dict[str, Any] = {"tool": params.name, "session_id": None}
         try:
@@ -496,7 +515,7 @@ class MCPApp:
                 content=[types.TextContent(type="text", text=f"sandbox error: {exc}")], is_error=True
             )
         except asyncio.CancelledError:
-            self._audit(record, "cancelled", t0)
+            self._audit(record, "disconnected" if watch is not None and watch.fired else "cancelled", t0)
             raise
         self._audit(record, record.pop("outcome", "ok"), t0)
         return types.CallToolResult(
@@ -899,7 +918,53 @@ class _BearerGate:
             ).encode()
             await _respond(send, 400, body, [])
             return
-        await self.app(scope, receive, send)
+        if scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        # A request's client that goes away before its response is complete: the call it made
+        # is stopped (see _DropWatch). The SDK's Request keeps this very scope: the handler finds it.
+        watch = scope[_DROP_KEY] = _DropWatch()
+
+        async def watched_receive() -> Any:
+            message = await receive()
+            if message.get("type") == "http.disconnect":
+                watch.fire()
+            return message
+
+        async def watched_send(message: Any) -> None:
+            if message.get("type") == "http.response.body" and not message.get("more_body", False):
+                watch.answered = True
+            await send(message)
+
+        await self.app(scope, watched_receive, watched_send)
+
+
+#: Where :class:`_BearerGate` puts a POST request's :class:`_DropWatch` in its ASGI scope.
+_DROP_KEY = "rlm.drop_watch"
+
+
+class _DropWatch:
+    """What to stop if the client of one HTTP request goes away before its answer is complete.
+
+    This server keeps no event store: a response whose stream was cut can
+    never reach its client (a reconnect cannot resume it). So the call is
+    stopped like a cancelled one instead of running, and spending CPU and
+    model calls, for nobody. Callbacks run on the event loop.
+    """
+
+    __slots__ = ("answered", "callbacks", "fired")
+
+    def __init__(self) -> None:
+        self.answered = False
+        self.fired = False
+        self.callbacks: list[Callable[[], None]] = []
+
+    def fire(self) -> None:
+        if self.answered or self.fired:
+            return
+        self.fired = True
+        for callback in self.callbacks:
+            callback()
 
 
 async def _respond(send: Any, status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> None:

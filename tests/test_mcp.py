@@ -519,6 +519,63 @@ def test_http_needs_the_token_and_keeps_sessions_apart(tmp_path: Path) -> None:
             srv.proc.wait()
 
 
+_DROPPING_CLIENT = """
+import sys, anyio, httpx2
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+async def main(url, token):
+    async with (
+        httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http,
+        streamable_http_client(url, http_client=http) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        print("calling", flush=True)
+        await session.call_tool("python_exec", {"code": "import time\\ntime.sleep(100)"})
+
+anyio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+def test_http_client_that_vanishes_mid_call_has_its_call_stopped(tmp_path: Path) -> None:
+    """An HTTP client killed in the middle of a call (no cancel, no DELETE: its connection just
+    drops) can never get the answer (the server keeps no event store to resume from): the call
+    is stopped and its child killed, audited as "disconnected", and the server serves on."""
+    token = f"tok-{uuid.uuid4().hex}"
+    policy = write_policy(tmp_path / "p.toml", cpu_seconds=60, wall_seconds=120)
+    srv = HTTPServer(tmp_path, token, "--policy", str(policy), "--pool-size", "0")
+    server = psutil.Process(srv.proc.pid)
+    client = subprocess.Popen(
+        [sys.executable, "-c", _DROPPING_CLIENT, srv.url, token], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert client.stdout is not None and client.stdout.readline() == "calling\n"
+        busy = wait_for(lambda: tree(server)["children"])
+        client.kill()  # SIGKILL: the TCP connection is closed by the kernel, nothing is sent
+        client.wait()
+        assert all_gone(busy, timeout=10)
+
+        async def go() -> None:
+            async with srv.client() as c:
+                assert (await call(c, "python_exec", code="6 * 7"))["stdout"] == "42\n"
+
+        anyio.run(go)
+        srv.proc.terminate()
+        assert srv.proc.wait(30) == 0
+        outcomes = [
+            line["outcome"]
+            for line in map(json.loads, (tmp_path / "a.jsonl").read_text().splitlines())
+            if line.get("event") == "mcp_tool_call"
+        ]
+        assert outcomes == ["disconnected", "ok"]
+    finally:
+        for proc in (client, srv.proc):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 # ---------------------------------------------------------------- rlm_query
 def _root(request: ChatRequest) -> str:
     if "SLEEPER" in request.prompt_text:  # a run whose code sleeps until its client gives up
