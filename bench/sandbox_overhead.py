@@ -42,13 +42,17 @@ from sandbox.pool import SandboxPool
 MB = 1_000_000
 BURNERS = 2
 SCALE = {"us": 1e6, "ms": 1e3}
+PAUSE = 0.05  # seconds asleep before each "after a pause" sample
 
 
-def sample(fn: Callable[[], object], n: int, warmup: int = 20) -> list[float]:
+def sample(fn: Callable[[], object], n: int, warmup: int = 20, pause: float = 0.0) -> list[float]:
+    """*n* timings of *fn* (seconds), each after *pause* seconds of sleep when given."""
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(n):
+        if pause:
+            time.sleep(pause)
         t0 = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t0)
@@ -180,6 +184,17 @@ def _sandbox_phase(t: Table, phase: str, args: argparse.Namespace, audit: Path, 
             "  execute round trip with the audit log off", phase, xs, med(xs) * 1e6, "us", med(xs) * 1e6 / lb
         )
 
+    # What an RLM sees: every execute comes after a model call, with both processes asleep and
+    # their caches cold. Measured against the in-process exec after the same pause.
+    k = 20 if args.quick else 100
+    cold = sample(lambda: exec(compile("x = 1+1", "<bench>", "exec"), g), k, warmup=2, pause=PAUSE)
+    cold_lb = t.add(f"in-process exec after a {PAUSE * 1e3:g} ms pause [lower bound]", phase, cold,
+                    med(cold) * 1e6, "us", 1.0)  # fmt: skip
+    with Sandbox(policy, audit_log=audit / "a.jsonl", pool=None) as sb:
+        xs = sample(lambda: sb.execute("x = 1+1"), k, warmup=2, pause=PAUSE)
+        t.add(f"execute round trip after a {PAUSE * 1e3:g} ms pause", phase, xs, med(xs) * 1e6, "us",
+              med(xs) * 1e6 / cold_lb)  # fmt: skip
+
     reps = 30 if args.quick else 200
 
     def fresh(p: SandboxPool | None) -> tuple[list[float], list[float]]:
@@ -241,6 +256,10 @@ def _monty_phase(t: Table, phase: str, args: argparse.Namespace) -> None:
         with monty.checkout() as session:
             xs = sample(lambda: session.feed_run("x = 1+1"), n)
             t.add("monty feed_run('x = 1+1') round trip", phase, xs, med(xs) * 1e6, "us", med(xs) * 1e6 / lb)
+            cold_lb = t.get(f"in-process exec after a {PAUSE * 1e3:g} ms pause [lower bound]", phase) or 1.0
+            xs = sample(lambda: session.feed_run("x = 1+1"), 20 if args.quick else 100, warmup=2, pause=PAUSE)
+            t.add(f"monty feed_run after a {PAUSE * 1e3:g} ms pause", phase, xs, med(xs) * 1e6, "us",
+                  med(xs) * 1e6 / cold_lb)  # fmt: skip
             text = "abcdefghij" * (100 * MB // 10)
             xs = sample(lambda: session.feed_run("context = v", inputs={"v": text}), 3, warmup=1)
             t.add("monty: a 100 MB string into the session", phase, xs, 100 * MB / med(xs) / MB, "MB/s")
