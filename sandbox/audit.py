@@ -250,7 +250,12 @@ def _as_path(path: str | Path) -> Path:
     """*path* as a Path, ``~`` expanded; a Path that needs nothing is used as it is (pathlib
     costs tens of microseconds on a cold start, and a sandbox opens its log when it starts)."""
     p = path if isinstance(path, Path) else Path(path)
-    return p.expanduser() if str(p)[:1] == "~" else p
+    if str(p)[:1] != "~":
+        return p
+    try:
+        return p.expanduser()
+    except RuntimeError:  # ~user with no such user, or no home directory to be found
+        raise AuditError(f"audit log {str(path)!r}: cannot expand '~' on this host") from None
 
 
 class AuditLog:
@@ -536,7 +541,7 @@ class VerifyReport:
 def verify(path: str | Path) -> VerifyReport:
     """Check the whole chain; name the first line that breaks it."""
     try:
-        data = Path(path).expanduser().read_bytes()
+        data = _as_path(path).read_bytes()
     except OSError as exc:
         raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from None
     lines = data.split(b"\n")

@@ -596,7 +596,11 @@ def main(config: dict[str, Any], chan_fd: int, prepared: Any) -> NoReturn:
         gc.collect()
         policy = config["policy"]
         runtime = make_runtime(
-            policy["python"]["guard"], policy["python"]["allowed_imports"], policy["name"], config["scratch"]
+            policy["python"]["guard"],
+            policy["python"]["allowed_imports"],
+            policy["name"],
+            config["scratch"],
+            policy["isolation"]["read_paths"],
         )
         child = Child(sock, config, runtime)
         child.warm_up()

@@ -9,7 +9,8 @@ Three modes, chosen by the policy's ``python.guard``:
 
 ``allowlist``
     Imports limited to ``python.allowed_imports`` (a package allows its
-    submodules); ``open`` limited to the scratch directory; interactive and
+    submodules); ``open`` limited to the scratch directory (and, for reading, to
+    ``isolation.read_paths``); interactive and
     host-reaching builtins replaced by stubs that explain themselves; names
     and attributes that lead to interpreter internals (``__subclasses__``,
     ``__globals__``, ``f_back`` ...) refused at compile time and in
@@ -109,17 +110,26 @@ def _make_import(allowed: frozenset[str], policy: str) -> Callable[..., Any]:
     return guarded_import
 
 
-def _make_open(scratch: str, policy: str) -> Callable[..., Any]:
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _make_open(scratch: str, policy: str, read_paths: Iterable[str] = ()) -> Callable[..., Any]:
+    """``open`` for files under the scratch directory, and for reading under *read_paths*."""
     real_open = builtins.open
     root = os.path.realpath(scratch)
+    readable = tuple(os.path.realpath(p) for p in read_paths)
+    allowed = "the current directory" + (" (and, to read, the policy's read_paths)" if readable else "")
 
     def guarded_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         if isinstance(file, int):
             raise PermissionError(f"opening file descriptors is not allowed by policy {policy!r}")
         path = os.path.realpath(os.fspath(file))
-        if path != root and not path.startswith(root + os.sep):
+        reading = isinstance(mode, str) and not any(c in mode for c in "wax+")
+        if not _under(path, root) and not (reading and any(_under(path, r) for r in readable)):
             raise PermissionError(
-                f"open({os.fspath(file)!r}) is outside the scratch directory; policy {policy!r} allows only files under the current directory"
+                f"open({os.fspath(file)!r}, {mode!r}) is outside the scratch directory; policy {policy!r} "
+                f"allows only files under {allowed}"
             )
         return real_open(path, mode, *args, **kwargs)
 
@@ -152,10 +162,10 @@ def _check_names(tree: ast.AST, source: str, policy: str) -> None:
             )
 
 
-def _allowlist(policy: str, allowed: frozenset[str], scratch: str) -> Runtime:
+def _allowlist(policy: str, allowed: frozenset[str], scratch: str, read_paths: Iterable[str]) -> Runtime:
     ns = dict(vars(builtins))
     ns["__import__"] = _make_import(allowed, policy)
-    ns["open"] = _make_open(scratch, policy)
+    ns["open"] = _make_open(scratch, policy, read_paths)
     for name in _REMOVED_BUILTINS:
         ns[name] = _stub(name, policy)
     real_getattr, real_setattr, real_delattr = getattr, setattr, delattr
@@ -207,7 +217,7 @@ _INPLACE_OPS: dict[str, Callable[[Any, Any], Any]] = {
 _UNSUBSCRIPTABLE = (types.ModuleType, types.FrameType, types.CodeType, types.TracebackType)
 
 
-def _restricted(policy: str, allowed: frozenset[str], scratch: str) -> Runtime:
+def _restricted(policy: str, allowed: frozenset[str], scratch: str, read_paths: Iterable[str]) -> Runtime:
     from RestrictedPython.compile import compile_restricted  # only in restricted mode
     from RestrictedPython.Guards import (
         full_write_guard,
@@ -219,7 +229,7 @@ def _restricted(policy: str, allowed: frozenset[str], scratch: str) -> Runtime:
 
     ns = dict(safe_builtins)
     ns["__import__"] = _make_import(allowed, policy)
-    ns["open"] = _make_open(scratch, policy)
+    ns["open"] = _make_open(scratch, policy, read_paths)
     # RestrictedPython's safe set is minimal; these are pure and reach nothing outside.
     for name in (
         "all", "any", "enumerate", "filter", "map", "max", "min", "sum", "reversed", "list", "dict",
@@ -302,13 +312,16 @@ def _restricted(policy: str, allowed: frozenset[str], scratch: str) -> Runtime:
     return Runtime("restricted", ns, compile_exec, compile_eval, extra)
 
 
-def make_runtime(guard: str, allowed_imports: Iterable[str], policy: str, scratch: str) -> Runtime:
-    """Build the builtins and compilers for one guard mode."""
+def make_runtime(
+    guard: str, allowed_imports: Iterable[str], policy: str, scratch: str, read_paths: Iterable[str] = ()
+) -> Runtime:
+    """Build the builtins and compilers for one guard mode (*read_paths*: what ``open`` may read
+    outside *scratch*, the policy's ``isolation.read_paths``)."""
     allowed = frozenset(allowed_imports)
     if guard == "allowlist":
-        return _allowlist(policy, allowed, scratch)
+        return _allowlist(policy, allowed, scratch, read_paths)
     if guard == "restricted":
-        return _restricted(policy, allowed, scratch)
+        return _restricted(policy, allowed, scratch, read_paths)
     if guard == "none":
         return _plain(policy)
     raise ValueError(f"unknown guard {guard!r}")

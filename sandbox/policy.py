@@ -433,10 +433,17 @@ def _describe(error: Any) -> str:
 
 def load_policy(name_or_path: str | Path) -> Policy:
     """Load a shipped policy by bare name (``"default"``) or a policy file by path."""
+    if not isinstance(name_or_path, str | Path):
+        raise TypeError(
+            f"a policy is a Policy, a shipped policy's name or a path, not {type(name_or_path).__name__}"
+        )
     text = str(name_or_path)
     is_path = isinstance(name_or_path, Path) or "/" in text or text.endswith(".toml") or text.startswith(".")
     if is_path:
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # ~user with no such user, or no home directory to be found
+            raise PolicyError(f"policy file {text!r}: cannot expand '~' on this host") from None
     else:
         try:
             shipped = shipped_policies()

@@ -48,6 +48,7 @@ import fcntl
 import functools
 import hashlib
 import inspect
+import keyword
 import os
 import random
 import re
@@ -228,6 +229,31 @@ def _reserve_identity() -> uids.UidLease | None:
         return uids.reserve()
     except uids.UidReservationError as exc:
         raise SandboxStartError(f"cannot reserve a uid for the sandbox: {exc}") from None
+
+
+def _host_functions(given: Mapping[str, HostFunction] | None, coroutines: bool) -> dict[str, HostFunction]:
+    """Checked ``host_functions``: a mapping of identifiers (not keywords, not starting with
+    ``_``) to callables; coroutine functions only where an event loop can await them."""
+    if given is None:
+        return {}
+    if not isinstance(given, Mapping):
+        raise TypeError(f"host_functions must be a mapping of names to callables, not {type(given).__name__}")
+    out: dict[str, HostFunction] = {}
+    for name, fn in given.items():
+        if not isinstance(name, str):
+            raise TypeError(f"host function names must be str, not {type(name).__name__}")
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
+            raise ValueError(
+                f"host function name {name!r} must be an identifier, not a keyword, not starting with '_'"
+            )
+        if not callable(fn):
+            raise TypeError(f"host function {name!r} is not callable")
+        if not coroutines and inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                f"host function {name!r} is a coroutine function: use AsyncSandbox, which awaits it"
+            )
+        out[name] = fn
+    return out
 
 
 def _resolve(policy: Policy | str | Path) -> Policy:
@@ -818,6 +844,9 @@ class Sandbox:
     ``None`` to fork every child on demand.
     """
 
+    #: Whether host functions may be coroutine functions (only where an event loop awaits them).
+    _AWAITS_HOST_FUNCTIONS = False
+
     def __init__(
         self,
         policy: Policy | str | Path = "default",
@@ -828,13 +857,9 @@ class Sandbox:
     ) -> None:
         self.policy = _resolve(policy)
         self.id = f"{_ids.getrandbits(64):016x}"
-        self._host: dict[str, HostFunction] = {}
-        for name, fn in (host_functions or {}).items():
-            if not name.isidentifier() or name.startswith("_"):
-                raise ValueError(f"host function name {name!r} must be an identifier not starting with '_'")
-            if not callable(fn):
-                raise TypeError(f"host function {name!r} is not callable")
-            self._host[name] = fn
+        self._host = _host_functions(host_functions, coroutines=self._AWAITS_HOST_FUNCTIONS)
+        if not (pool is None or isinstance(pool, SandboxPool | Default)):
+            raise TypeError(f"pool must be a SandboxPool or None, not {type(pool).__name__}")
         self._spec, self._make = _spec_for(self.policy)
         self._policy_sha = self._spec.policy_sha256
         self._pool = default_pool() if isinstance(pool, Default) else pool
@@ -887,9 +912,10 @@ class Sandbox:
     def alive(self) -> bool:
         """True while the current child is running: False after a limit or crash killed it, and
         as soon as it has exited for any reason (its fork server died, someone killed it), before
-        a call finds out. Safe from any thread."""
+        a call finds out. Safe from any thread. False in a process forked from the host: the
+        child is the parent's."""
         child = self._child
-        if child is None or child.dead:
+        if child is None or child.dead or os.getpid() != self._owner_pid:
             return False
         # A poll object of its own: child.poll may not be used by two threads at once (and
         # select() cannot take a descriptor number of 1024 or more).
@@ -909,10 +935,11 @@ class Sandbox:
         """Kill the current child at once, from any thread, without waiting for a running ``execute``.
 
         That ``execute`` returns a result saying the child died; the next call
-        starts a fresh child (``state_lost=True``). A no-op when no child runs.
+        starts a fresh child (``state_lost=True``). A no-op when no child runs, and in a
+        process forked from the host (the child is the parent's: see :meth:`close`).
         """
         child = self._child
-        if child is not None:
+        if child is not None and os.getpid() == self._owner_pid:
             child.kill()
 
     def execute(self, code: str) -> ExecResult:
@@ -1584,7 +1611,9 @@ class AsyncSandbox:
         pool: SandboxPool | Default | None = DEFAULT,
     ) -> None:
         self.policy = _resolve(policy)
-        self._host = dict(host_functions or {})
+        self._host = _host_functions(host_functions, coroutines=True)
+        if not (pool is None or isinstance(pool, SandboxPool | Default)):
+            raise TypeError(f"pool must be a SandboxPool or None, not {type(pool).__name__}")
         self._audit_log = audit_log
         self._pool = pool
         self._sync: Sandbox | None = None
@@ -1597,7 +1626,7 @@ class AsyncSandbox:
             if self._closed:
                 raise SandboxClosedError("this sandbox is closed")
             if self._sync is None:
-                self._sync = Sandbox(
+                self._sync = _LoopSandbox(
                     self.policy, host_functions=self._host, audit_log=self._audit_log, pool=self._pool
                 )
             return self._sync
@@ -1632,6 +1661,22 @@ class AsyncSandbox:
     @property
     def alive(self) -> bool:
         return self._sync is not None and self._sync.alive
+
+    @property
+    def pid(self) -> int | None:
+        """The current child's pid (None before the first call starts one)."""
+        return self._sync.pid if self._sync else None
+
+    @property
+    def audit_path(self) -> Path | None:
+        """Where the audit lines go (None when auditing is off, or before the first call)."""
+        return self._sync.audit_path if self._sync else None
+
+    async def kill(self) -> None:
+        """:meth:`Sandbox.kill`: stop the running cell now (its ``execute`` reports the child's
+        death; the next call starts a fresh child). Does not wait for the sandbox's turn."""
+        if self._sync is not None:
+            self._sync.kill()
 
     async def execute(self, code: str) -> ExecResult:
         """Run *code* in the persistent namespace and report what happened."""
@@ -1774,6 +1819,13 @@ class AsyncSandbox:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class _LoopSandbox(Sandbox):
+    """The :class:`Sandbox` inside an :class:`AsyncSandbox`, whose event loop awaits coroutine
+    host functions."""
+
+    _AWAITS_HOST_FUNCTIONS = True
 
 
 async def _in_thread(

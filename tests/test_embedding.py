@@ -112,6 +112,10 @@ def test_sandbox_in_a_forked_host_process(audit_path) -> None:
         if pid == 0:  # the forked host: its own sandboxes work, the parent's is left alone
             code = 1
             try:
+                # kill() and alive leave the parent's child alone too
+                parent.kill()
+                if parent.alive:
+                    os._exit(3)
                 try:
                     parent.execute("x")
                 except SandboxClosedError:

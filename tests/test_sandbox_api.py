@@ -9,7 +9,8 @@ import time
 import pytest
 
 from sandbox import AsyncSandbox, ExecResult, Sandbox, load_policy
-from sandbox.errors import SandboxClosedError, VariableError
+from sandbox.audit import verify
+from sandbox.errors import AuditError, PolicyError, SandboxClosedError, VariableError
 from tests.conftest import policy_with
 
 
@@ -183,11 +184,56 @@ def test_host_function_time_does_not_count_against_wall_time(audit_path):
         assert r.ok and r.stdout == "done\n"
 
 
-def test_invalid_host_function_names():
-    with pytest.raises(ValueError):
-        Sandbox("default", host_functions={"_hidden": print})
-    with pytest.raises(TypeError):
-        Sandbox("default", host_functions={"x": 3})  # type: ignore[dict-item]
+@pytest.mark.parametrize("make", [Sandbox, AsyncSandbox])
+def test_invalid_constructor_arguments_are_refused_at_once(make):
+    """Before any child starts, in both twins, as ValueError/TypeError that name the problem."""
+    for bad in ({"_hidden": print}, {"if": print}, {"a b": print}):
+        with pytest.raises(ValueError, match="host function name"):
+            make("default", host_functions=bad)
+    for kwargs, says in [
+        ({"host_functions": {"x": 3}}, "not callable"),
+        ({"host_functions": [print]}, "mapping"),
+        ({"host_functions": {1: print}}, "names must be str"),
+        ({"pool": 5}, "pool must be"),
+    ]:
+        with pytest.raises(TypeError, match=says):
+            make("default", **kwargs)
+    for policy in (None, 5):
+        with pytest.raises(TypeError, match="a policy is"):
+            make(policy)
+
+
+def test_a_coroutine_host_function_needs_the_async_twin():
+    async def fetch():
+        return 1
+
+    with pytest.raises(TypeError, match="use AsyncSandbox"):
+        Sandbox("default", host_functions={"fetch": fetch})
+    AsyncSandbox("default", host_functions={"fetch": fetch})  # awaited by its loop: accepted
+
+
+def test_a_home_that_cannot_be_expanded_is_our_error(tmp_path):
+    with pytest.raises(PolicyError, match="cannot expand"):
+        load_policy("~no-such-user-here/p.toml")
+    with pytest.raises(AuditError, match="cannot expand"):
+        Sandbox("default", audit_log="~no-such-user-here/a.jsonl", pool=None)
+    with pytest.raises(AuditError, match="cannot expand"):
+        verify("~no-such-user-here/a.jsonl")
+
+
+def test_async_twin_has_kill_pid_and_audit_path(audit_path):
+    async def main():
+        async with AsyncSandbox("default", audit_log=audit_path) as box:
+            assert box.pid is not None and box.audit_path == audit_path
+            await box.execute("x = 1")
+            task = asyncio.create_task(box.execute("import time\ntime.sleep(30)"))
+            await asyncio.sleep(0.3)
+            await box.kill()
+            r = await asyncio.wait_for(task, 10)
+            assert not r.ok and r.crashed
+            assert (await box.execute("print(1)")).state_lost
+
+    asyncio.run(main())
 
 
 def test_allowlist_guard_gives_readable_errors(sb):

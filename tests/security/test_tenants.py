@@ -368,19 +368,25 @@ def test_nothing_outside_the_view_exists(mode: str, env: Env) -> None:
         assert_contained(env, r, b)
 
 
-def test_read_paths_are_in_the_view(tmp_path: Path) -> None:
-    """What the policy grants exists, read-only; '~' was expanded on the host."""
+@pytest.mark.parametrize("guard", ["none", "allowlist", "restricted"])
+def test_read_paths_are_in_the_view(tmp_path: Path, guard: str) -> None:
+    """What the policy grants exists, read-only, whatever the guard (the guard's ``open`` lets
+    it be read, not written); what it does not grant stays out of reach."""
     shared = tmp_path / "data"
     shared.mkdir()
     (shared / "f.txt").write_text("granted")
-    pol = policy_for("guard_none", **{"isolation.read_paths": [str(shared)]})
+    (tmp_path / "other.txt").write_text("not granted")
+    pol = policy_for("default", **{"isolation.read_paths": [str(shared)], "python.guard": guard})
     with Sandbox(pol) as sb:
         r = sb.execute(
             f"print(open({str(shared / 'f.txt')!r}).read())\n"
-            f"try:\n    open({str(shared / 'new')!r}, 'w')\nexcept OSError as e:\n    print(type(e).__name__)"
+            f"for path, mode in [({str(shared / 'new')!r}, 'w'), ({str(shared / 'f.txt')!r}, 'r+'),"
+            f" ({str(tmp_path / 'other.txt')!r}, 'r')]:\n"
+            "    try:\n        open(path, mode)\n    except OSError:\n        print('refused')"
         )
-    assert r.stdout.split() in (["granted", "PermissionError"], ["granted", "OSError"]), r
-    assert not (shared / "new").exists()
+    assert r.ok, r
+    assert r.stdout.split() == ["granted", "refused", "refused", "refused"], r
+    assert not (shared / "new").exists() and (shared / "f.txt").read_text() == "granted"
 
 
 # ------------------------------------------------------- 6. inherited Python state
