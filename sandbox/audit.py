@@ -528,7 +528,10 @@ class VerifyReport:
     """Result of :func:`verify`: ``ok``, lines read, and the first bad line (1-based) with why.
 
     ``torn_lines`` are lines cut off by a crash mid-append that the line after
-    each records (``torn_before``); they do not break the chain.
+    each records (``torn_before``); they do not break the chain. ``last_hash``
+    is the ``hash`` of the last line of a chain that verified (None for an
+    empty log): lines cut off the *end* leave a shorter chain that verifies
+    too, so keep it elsewhere and compare it later to detect that.
     """
 
     ok: bool
@@ -536,6 +539,7 @@ class VerifyReport:
     bad_line: int | None = None
     reason: str | None = None
     torn_lines: tuple[int, ...] = ()
+    last_hash: str | None = None
 
 
 def verify(path: str | Path) -> VerifyReport:
@@ -591,4 +595,4 @@ def verify(path: str | Path) -> VerifyReport:
         prev = record["hash"]
     if pending is not None:
         return bad(pending[0], bad_why)
-    return VerifyReport(True, count, torn_lines=tuple(torn))
+    return VerifyReport(True, count, torn_lines=tuple(torn), last_hash=None if prev == GENESIS else prev)

@@ -83,6 +83,19 @@ def test_dropped_and_reordered_lines_are_named(audit_path, tmp_path):
     assert verify(audit_path).bad_line == 4
 
 
+def test_a_log_cut_short_at_its_end_is_told_by_its_last_hash(audit_path):
+    """The chain alone cannot tell a log cut off at its end: the report's last hash, kept
+    elsewhere, can."""
+    _make_log(audit_path)
+    full = verify(audit_path)
+    assert full.ok and full.last_hash == _lines(audit_path)[-1]["hash"]
+    _tamper(audit_path, lambda rows: rows[:3])
+    cut = verify(audit_path)
+    assert cut.ok and cut.lines == 3 and cut.last_hash != full.last_hash
+    audit_path.write_text("")
+    assert verify(audit_path).last_hash is None
+
+
 def test_cli_audit_verify(audit_path):
     _make_log(audit_path, 3)
     ok = run_cli("audit", "verify", str(audit_path))
