@@ -57,7 +57,7 @@ DEFAULT_IMPORTS: tuple[str, ...] = (
 
 #: Every model: frozen, unknown keys refused, and no coercion ("no" is not a bool, "10" not a
 #: number, 10.0 not an int; an int is accepted where a float is asked for).
-_MODEL = ConfigDict(frozen=True, extra="forbid", strict=True)
+_MODEL = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 #: Upper bounds of the limits: a year of seconds, 16 TiB in MiB. Far above any real policy, they keep
 #: infinities and huge numbers out of the kernel's limits and the host's waits (which overflow).
 _MAX_SECONDS = 365 * 24 * 3600
@@ -279,6 +279,11 @@ class IsolationSettings(BaseModel):
                 if not os.path.isabs(item):
                     raise ValueError(f"read_paths entry {item!r} is not an absolute path")
                 item = os.path.normpath(item)
+                if item == "/":
+                    raise ValueError(
+                        "read_paths entry '/' would grant the whole filesystem; name the directories "
+                        "the code needs"
+                    )
             out.append(item)
         return tuple(out)
 
@@ -333,6 +338,9 @@ class Policy(BaseModel):
                 f"({self.limits.cpu_seconds:g}): one execute could never use its CPU budget",
             )
         iso = self.isolation
+        twice = sorted({layer for layer in iso.require if iso.require.count(layer) > 1})
+        if twice:
+            raise _Contradiction("isolation.require", f"names {twice} more than once")
         unknown = [layer for layer in iso.require if layer not in LAYERS]
         if unknown:
             raise _Contradiction(

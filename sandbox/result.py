@@ -30,7 +30,14 @@ class ExecResult(BaseModel):
     error_type: str | None = Field(None, description="Exception class name, or a sandbox condition.")
     error_message: str | None = Field(None, description="Exception message.")
     traceback: str | None = Field(None, description="Traceback trimmed to the executed code's own frames.")
-    limit: LimitName | None = Field(None, description="The limit that stopped the code, if one did.")
+    limit: LimitName | None = Field(
+        None,
+        description=(
+            "The limit that stopped the code, if one did: 'cpu' (cpu_seconds), 'wall' (wall_seconds), "
+            "'memory' (memory_mb), 'output' (max_output_bytes), 'processes' (max_processes), 'files' "
+            "(max_open_files), 'disk' (a file past max_file_mb, or the scratch directory past disk_mb)."
+        ),
+    )
     crashed: bool = Field(False, description="The child died of a signal that was not a limit.")
     state_lost: bool = Field(
         False, description="The child had to be restarted before this run: variables set earlier are gone."

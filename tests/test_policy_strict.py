@@ -65,7 +65,10 @@ def test_a_wrong_type_is_an_error_naming_file_and_key(tmp_path, body, key, detai
 def test_infinite_and_huge_limits_are_refused(tmp_path, body, key):
     """Limits are bounded (a year of seconds, 16 TiB): an infinity or a huge number would
     overflow the kernel's limits and the host's waits instead of meaning "no limit"."""
-    assert f"key {key!r}" in _error(tmp_path, body)
+    message = _error(tmp_path, body)
+    assert f"key {key!r}" in message
+    if "inf" in body or "nan" in body:
+        assert "finite number" in message  # not "should be less than or equal to ..."
 
 
 def test_right_types_load_and_arrays_become_tuples(tmp_path):
@@ -81,9 +84,20 @@ def test_schema_version_must_be_the_integer(tmp_path):
         load_policy(path)
 
 
+def test_read_paths_may_not_grant_the_whole_filesystem(tmp_path):
+    # '/' was accepted, then every sandbox failed to start with "filesystem_view: Read-only file system"
+    for entry in ("/", "/tmp/.."):
+        message = _error(tmp_path, f'[isolation]\nread_paths = ["{entry}"]\n')
+        assert "key 'isolation.read_paths'" in message and "whole filesystem" in message
+
+
 @pytest.mark.parametrize(
     "body",
-    ['[isolation]\nrequire = ["teleport"]\n', '[isolation]\nnetwork = false\nrequire = ["network"]\n'],
+    [
+        '[isolation]\nrequire = ["teleport"]\n',
+        '[isolation]\nnetwork = false\nrequire = ["network"]\n',
+        '[isolation]\nrequire = ["pid", "seccomp", "pid"]\n',
+    ],
 )
 def test_require_errors_name_isolation_require(tmp_path, body):
     assert "key 'isolation.require'" in _error(tmp_path, body)
