@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from rlm.checks import check_api_base
 from rlm.errors import ModelError
 from rlm.llm import Completion
 
@@ -45,6 +46,7 @@ class LiteLLMBackend:
     def __init__(
         self, *, api_base: str | None = None, api_key: str | None = None, **call_kwargs: Any
     ) -> None:
+        check_api_base(api_base)
         self.api_base = api_base
         self._api_key = api_key
         self._kwargs = call_kwargs

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from rlm.checks import check_int, check_number
 from rlm.errors import BudgetExceeded, ConfigurationError
 from rlm.llm import Completion
 from rlm.result import ModelUsage
@@ -33,10 +34,12 @@ class Budgets:
     max_time_s: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_sub_calls", "max_tokens", "max_cost_usd", "max_time_s"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigurationError(f"{name} must be >= 0, got {value!r}")
+        # None is "no limit"; NaN or infinity would be the same, silently (every comparison with
+        # NaN is false): refused, like a bool or a string where a number belongs.
+        for name in ("max_sub_calls", "max_tokens"):
+            check_int(name, getattr(self, name), minimum=0, optional=True)
+        for name in ("max_cost_usd", "max_time_s"):
+            check_number(name, getattr(self, name))
 
 
 class CancelToken:

@@ -36,7 +36,10 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 def _read_source(arg: str) -> str:
     if arg == "-":
         return sys.stdin.read()
-    return Path(arg).read_text(encoding="utf-8")
+    try:
+        return Path(arg).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{arg}: not UTF-8 text (byte {exc.start})") from None
 
 
 def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
@@ -65,6 +68,8 @@ def _cmd_exec(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy)
     except PolicyError as exc:
         return _fail(str(exc))
+    if args.audit_log and not policy.audit.enabled:
+        return _fail(f"--audit-log: policy {policy.name!r} turns the audit log off (audit.enabled = false)")
     try:
         code = _read_source(args.file)
         variables = _parse_sets(args.set or [])
@@ -135,7 +140,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if report.ok:
         torn = report.torn_lines
         note = f" (line(s) {', '.join(map(str, torn))} cut off by a crash, recorded)" if torn else ""
-        print(f"{args.log}: ok, {report.lines} line(s), hash chain intact{note}")
+        head = f", last hash {report.last_hash}" if report.last_hash else ""
+        print(f"{args.log}: ok, {report.lines} line(s), hash chain intact{note}{head}")
         return EXIT_OK
     print(f"{args.log}: line {report.bad_line}: {report.reason}", file=sys.stderr)
     return EXIT_FAILED
@@ -195,6 +201,48 @@ def _add_run_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_run)
 
 
+#: The run flags of ``rlm run`` and ``rlm batch`` (those present in the command's namespace), by flag:
+#: (attribute, least value, whether it may be fractional). Checked before anything runs or is written.
+_RUN_FLAGS: dict[str, tuple[str, float, bool]] = {
+    "--workers": ("workers", 1, False),
+    "--max-iterations": ("max_iterations", 1, False),
+    "--max-depth": ("max_depth", 1, False),
+    "--max-sub-calls": ("max_sub_calls", 0, False),
+    "--budget-usd": ("budget_usd", 0, True),
+    "--item-budget-usd": ("item_budget_usd", 0, True),
+    "--max-time": ("max_time", 0, True),
+}
+
+
+def check_run_flags(args: argparse.Namespace) -> str | None:
+    """The first bad run flag in *args*, as one line naming the flag (``None``: all good).
+
+    A limit is a finite number (``nan`` or ``inf`` would silently mean "no limit") of at least its
+    least value; ``--api-base`` is an http(s) URL with a host. ``--log-dir`` is checked (and
+    created) separately, by :func:`rlm.checks.check_log_dir`, once nothing else can fail.
+    """
+    from rlm.checks import check_api_base, check_number
+    from rlm.errors import ConfigurationError
+
+    for flag, (name, least, fractional) in _RUN_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not fractional:
+            if value < least:
+                return f"{flag} must be at least {least:g}, got {value}"
+            continue
+        try:
+            check_number(flag, value, minimum=least)
+        except ConfigurationError as exc:
+            return str(exc)
+    try:
+        check_api_base(getattr(args, "api_base", None), "--api-base")
+    except ConfigurationError as exc:
+        return str(exc)
+    return None
+
+
 def _run_error(args: argparse.Namespace, message: str, code: int) -> int:
     """Report an error as one line on stderr (and as a result object with --json)."""
     if args.json:
@@ -217,16 +265,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if not args.model:
         return _run_error(args, "no model: pass -m MODEL or set RLM_MODEL", EXIT_USAGE)
-    for flag, value in (("--max-iterations", args.max_iterations), ("--max-depth", args.max_depth)):
-        if value < 1:
-            return _run_error(args, f"{flag} must be at least 1", EXIT_USAGE)
+    problem = check_run_flags(args)
+    if problem is not None:
+        return _run_error(args, problem, EXIT_USAGE)
     try:
         context = _read_source(args.context)
     except OSError as exc:
         return _run_error(args, f"{exc.filename}: {exc.strerror}", EXIT_USAGE)
     except UnicodeDecodeError:
         return _run_error(args, f"{args.context}: not UTF-8 text", EXIT_USAGE)
+    from rlm.checks import check_log_dir
     from rlm.core import run
+
+    if args.log_dir is not None:
+        try:
+            check_log_dir(args.log_dir, "--log-dir")
+        except ConfigurationError as exc:
+            return _run_error(args, str(exc), EXIT_USAGE)
 
     try:
         result = run(
@@ -352,7 +407,7 @@ def _add_mcp_parser(sub: Any) -> None:
     p.add_argument("--sub-model", help="rlm_query's sub-model (default: the root model)")
     p.add_argument("--api-base", help="base URL of an OpenAI-compatible endpoint, for rlm_query's models")
     p.add_argument("--log-dir", help="write rlm_query trajectories here (default: none)")
-    p.add_argument("--max-iterations", type=int, default=20, metavar="N", help="rlm_query's turns at most")
+    p.add_argument("--max-iterations", type=int, metavar="N", help="rlm_query's turns at most (default: 20)")
     p.add_argument(
         "--pool-size",
         type=int,
@@ -363,6 +418,16 @@ def _add_mcp_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_mcp)
 
 
+def _rlm_query_flags(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The flags of ``rlm mcp`` that only rlm_query uses, with their values (``None``: not given)."""
+    return [
+        ("--sub-model", args.sub_model),
+        ("--api-base", args.api_base),
+        ("--log-dir", args.log_dir),
+        ("--max-iterations", args.max_iterations),
+    ]
+
+
 def _cmd_mcp(args: argparse.Namespace) -> int:
     try:
         from rlm.mcp_server import ServerConfig, run_server
@@ -371,13 +436,25 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
     from sandbox import load_policy
     from sandbox.errors import PolicyError
 
+    # rlm_query's flags mean nothing without --model (the tool is not offered): refused, not ignored.
+    given = [flag for flag, value in _rlm_query_flags(args) if value is not None]
+    if given and not args.model:
+        return _fail(f"{given[0]} needs --model (rlm_query is offered only with a model)")
+    max_iterations = 20 if args.max_iterations is None else args.max_iterations
     for flag, value in (
         ("--max-sessions", args.max_sessions),
         ("--idle-timeout", args.idle_timeout),
-        ("--max-iterations", args.max_iterations),
+        ("--max-iterations", max_iterations),
     ):
         if not value > 0:
             return _fail(f"{flag} must be positive")
+    from rlm.checks import check_api_base, check_log_dir
+    from rlm.errors import ConfigurationError
+
+    try:
+        check_api_base(args.api_base, "--api-base")
+    except ConfigurationError as exc:
+        return _fail(str(exc))
     if not 0 <= args.port <= 65535:
         return _fail("--port must be between 0 and 65535")
     if not 0 <= args.pool_size <= 64:
@@ -392,6 +469,11 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
         if not real.is_dir():
             return _fail(f"--allow-read {d}: not a directory")
         allow.append(real)
+    if args.log_dir is not None:
+        try:
+            check_log_dir(args.log_dir, "--log-dir")
+        except ConfigurationError as exc:
+            return _fail(str(exc))
     config = ServerConfig(
         policy=policy,
         max_sessions=args.max_sessions,
@@ -402,16 +484,16 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
         sub_model=args.sub_model,
         api_base=args.api_base,
         log_dir=Path(args.log_dir) if args.log_dir else None,
-        max_iterations=args.max_iterations,
+        max_iterations=max_iterations,
         pool_size=args.pool_size,
     )
     from sandbox.errors import SandboxError
 
     try:
         run_server(config, args.transport, args.host, args.port)
-    except (
-        SandboxError
-    ) as exc:  # a layer the policy requires is missing, the audit log cannot be written, ...
+    except ConfigurationError as exc:  # the port is taken, the address is not ours, ... (checked first)
+        return _fail(str(exc))
+    except SandboxError as exc:  # a layer the policy requires is missing, the audit log is not writable, ...
         return _fail(str(exc))
     except OSError as exc:  # the port is taken, the address is not ours, ...
         return _fail(f"cannot serve: {exc.strerror or exc}")

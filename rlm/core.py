@@ -21,6 +21,7 @@ import asyncio
 import contextvars
 import itertools
 import json
+import os
 import random
 import threading
 import time
@@ -31,6 +32,7 @@ from typing import Any
 
 from rlm.backend import LiteLLMBackend, ModelBackend
 from rlm.budget import Budgets, CancelToken, Ledger
+from rlm.checks import check_api_base, check_int, check_log_dir, check_number
 from rlm.errors import (
     AuthenticationError,
     BudgetExceeded,
@@ -267,7 +269,7 @@ class RLM:
         max_depth: int = 1,
         max_iterations: int = 20,
         policy: Any = "default",
-        log_dir: str | Path | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
         verbose: bool = False,
         api_base: str | None = None,
         api_key: str | None = None,
@@ -291,23 +293,22 @@ class RLM:
     ) -> None:
         if not isinstance(model, str) or not model.strip():
             raise ConfigurationError("model must be a non-empty model string")
-        if max_depth < 1:
-            raise ConfigurationError(f"max_depth must be >= 1, got {max_depth!r}")
-        if max_iterations < 1:
-            raise ConfigurationError(f"max_iterations must be >= 1, got {max_iterations!r}")
-        if max_concurrency < 1:
-            raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
+        check_int("max_depth", max_depth, minimum=1)
+        check_int("max_iterations", max_iterations, minimum=1)
+        check_int("max_concurrency", max_concurrency, minimum=1)
+        check_int("max_output_chars", max_output_chars, minimum=0)
         if on_event is not None and not callable(on_event):
             raise ConfigurationError("on_event must be a callable taking one event dict")
-        if max_errors is not None and max_errors < 1:
-            raise ConfigurationError(f"max_errors must be >= 1 or None, got {max_errors!r}")
+        check_int("max_errors", max_errors, minimum=1, optional=True)
         self.max_errors = max_errors
-        if max_retries < 0 or retry_backoff_s < 0:
-            raise ConfigurationError("max_retries and retry_backoff_s must be >= 0")
+        check_int("max_retries", max_retries, minimum=0)
+        check_number("retry_backoff_s", retry_backoff_s, optional=False)
         self.max_retries = max_retries
+        check_api_base(api_base)
         self.output_type = output_type
         self.persistent = persistent
         self.prompt_caching = prompt_caching
+        check_number("compaction_threshold", compaction_threshold)
         if compaction_threshold is not None and not 0 < compaction_threshold <= 1:
             raise ConfigurationError(
                 f"compaction_threshold must be in (0, 1] or None, got {compaction_threshold!r}"
@@ -324,11 +325,13 @@ class RLM:
         self.max_depth = max_depth
         self.max_iterations = max_iterations
         self.policy = self._load_policy(policy)
-        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.budgets = Budgets(max_sub_calls, max_tokens, max_cost_usd, max_time_s)
+        # Created and checked last, once every other argument is good: a log directory that cannot
+        # be written is a bad argument, not an OSError when the run starts.
+        self.log_dir = check_log_dir(log_dir) if log_dir is not None else None
         self.verbose = verbose
         self.api_base = api_base
         self._api_key = api_key
-        self.budgets = Budgets(max_sub_calls, max_tokens, max_cost_usd, max_time_s)
         self.max_concurrency = max_concurrency
         self.max_output_chars = max_output_chars
         self.backend: ModelBackend = backend or LiteLLMBackend(

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from rlm.checks import check_api_base
 from rlm.errors import (
     AuthenticationError,
     ContextWindowExceeded,
@@ -107,6 +108,7 @@ def _prepare(
     """The litellm keyword arguments for one call; raises UnknownModelError / AuthenticationError early."""
     if not isinstance(model, str) or not model.strip():
         raise UnknownModelError("no model given", model=model)
+    check_api_base(api_base)  # "not a url" would be retried as a server error, not refused
     litellm = _lib()
     try:
         litellm.get_llm_provider(model=model, api_base=api_base)

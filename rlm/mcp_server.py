@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -63,6 +64,7 @@ import mcp_types as types
 from mcp.server.lowlevel import Server
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
+from rlm.errors import ConfigurationError
 from sandbox import Policy, Sandbox, SandboxPool
 from sandbox.audit import AuditLog, default_audit_path
 from sandbox.errors import SandboxClosedError, SandboxError
@@ -973,14 +975,24 @@ async def _respond(send: Any, status: int, body: bytes, extra: list[tuple[bytes,
     await send({"type": "http.response.body", "body": body})
 
 
-async def _serve_http(app: MCPApp, host: str, port: int, token: str) -> None:
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on *host*:*port* (0: any free port), or ConfigurationError naming the
+    address and why not (the port is taken, the address is not this machine's, unknown host ...)."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        return socket.create_server((host, port))
+    except OSError as exc:  # create_server's own strerror repeats the address: the plain reason
+        reason = (exc.strerror or str(exc)).split(" (while attempting", 1)[0]
+        raise ConfigurationError(f"cannot listen on {where}: {reason}") from None
+
+
+async def _serve_http(app: MCPApp, host: str, sock: socket.socket, token: str) -> None:
     import uvicorn
 
     asgi = app.server.streamable_http_app(
         host=host,
         max_request_body_size=max(4 * 1024 * 1024, 2 * app.config.max_message_bytes),
     )
-    sock = socket.create_server((host, port))
     bound = sock.getsockname()
     print(f"rlm mcp: serving streamable HTTP on http://{host}:{bound[1]}/mcp", file=sys.stderr, flush=True)
 
@@ -1011,9 +1023,29 @@ async def _serve_http(app: MCPApp, host: str, port: int, token: str) -> None:
 
 
 async def serve(
-    config: ServerConfig, transport: str = "stdio", host: str = "127.0.0.1", port: int = 8765
+    config: ServerConfig,
+    transport: str = "stdio",
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    *,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Run the server until its client leaves (stdio) or it is told to stop (SIGINT, SIGTERM)."""
+    """Run the server until its client leaves (stdio) or it is told to stop (SIGINT, SIGTERM).
+
+    Over HTTP it serves on *sock* (a listening socket from :func:`_listen`, closed at the end), else
+    on one bound to *host*:*port* first: an address that cannot be had is a ConfigurationError,
+    raised before anything else happens (no token is printed for a server that never starts).
+    """
+    if transport == "http" and sock is None:
+        sock = _listen(host, port)
+    try:
+        await _serve(config, transport, host, sock)
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+async def _serve(config: ServerConfig, transport: str, host: str, sock: socket.socket | None) -> None:
     app = MCPApp(config)
     token = ""
     if transport == "http":
@@ -1032,7 +1064,8 @@ async def serve(
                 tg.start_soon(_stop_on_signal, tg.cancel_scope)
                 await _serve_stdio(app)
             else:
-                await _serve_http(app, host, port, token)
+                assert sock is not None
+                await _serve_http(app, host, sock, token)
             tg.cancel_scope.cancel()
     finally:
         await app.shutdown()
@@ -1046,15 +1079,22 @@ async def _stop_on_signal(scope: anyio.CancelScope) -> None:
 
 
 def run_server(config: ServerConfig, transport: str, host: str, port: int) -> None:
-    """Blocking entry point for the CLI: serve, then stop every helper process."""
+    """Blocking entry point for the CLI: serve, then stop every helper process.
+
+    Raises ConfigurationError when the HTTP address cannot be bound, SandboxError when the
+    sandbox cannot start; both before anything is served or printed.
+    """
     from sandbox import shutdown
 
-    # Start the fork server from this (main, long-lived) thread, and find out now, not at the first
-    # call, whether this machine has every layer the policy requires (SandboxError otherwise).
-    Sandbox(config.policy, audit_log=config.audit_path).close()
+    sock = _listen(host, port) if transport == "http" else None  # first: the port may be taken
     try:
-        anyio.run(serve, config, transport, host, port)
+        # Start the fork server from this (main, long-lived) thread, and find out now, not at the first
+        # call, whether this machine has every layer the policy requires (SandboxError otherwise).
+        Sandbox(config.policy, audit_log=config.audit_path).close()
+        anyio.run(functools.partial(serve, config, transport, host, port, sock=sock))
     except KeyboardInterrupt:
         pass
     finally:
+        if sock is not None:
+            sock.close()
         shutdown()  # the fork servers, and with them any child still alive

@@ -44,6 +44,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rlm.errors import ConfigurationError
+
 __all__ = [
     "LOG_TEXT_CHARS",
     "REPEATED_MESSAGES",
@@ -109,7 +111,10 @@ class TrajectoryLogger:
 
     def __init__(self, log_dir: str | Path, run_id: str, *, secrets: Iterable[str | None] = ()) -> None:
         self.dir = Path(log_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:  # RLM() checked it; this is for a directory removed or made read-only since
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(f"log_dir {self.dir}: cannot create it: {exc.strerror or exc}") from None
         self.run_id = run_id
         self.path = self.dir / f"{run_id}.jsonl"
         self.audit_path = audit_path_for(self.path)
@@ -137,7 +142,13 @@ class TrajectoryLogger:
         return datetime.now().isoformat()
 
     def metadata(self, **fields: Any) -> None:
-        self._write({"type": "metadata", "timestamp": self._now(), **fields})
+        """The first line of the file: a directory where it cannot be written is a bad ``log_dir``."""
+        try:
+            self._write({"type": "metadata", "timestamp": self._now(), **fields})
+        except OSError as exc:
+            raise ConfigurationError(
+                f"log_dir {self.dir}: cannot write {self.path.name}: {exc.strerror or exc}"
+            ) from None
 
     def _prompt(self, messages: list[dict[str, Any]]) -> list[dict[str, str]]:
         """The messages of this turn, each written in full once per file (see the module docstring)."""

@@ -100,6 +100,7 @@ def test_cli_audit_verify(audit_path):
     _make_log(audit_path, 3)
     ok = run_cli("audit", "verify", str(audit_path))
     assert ok.returncode == 0 and "3 line(s)" in ok.stdout
+    assert f"last hash {_lines(audit_path)[-1]['hash']}" in ok.stdout
     _tamper(audit_path, lambda rows: [rows[0], rows[2]])
     bad = run_cli("audit", "verify", str(audit_path))
     assert bad.returncode == 1 and "line 2" in bad.stderr

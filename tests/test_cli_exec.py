@@ -104,6 +104,23 @@ def test_bad_policy_file_exits_two_naming_the_key(tmp_path):
     assert out.returncode == 2 and "limits.cpu" in out.stderr and str(policy) in out.stderr
 
 
+def test_errors_name_what_is_wrong_in_one_line(tmp_path):
+    bad = tmp_path / "latin1.py"
+    bad.write_bytes(b"print('caf\xe9')\n")
+    out = run_cli("exec", str(bad))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert str(bad) in out.stderr and "not UTF-8" in out.stderr
+    for user_path in (["--policy", "~no-such-user-here/p.toml"], ["--audit-log", "~no-such-user-here/a.jsonl"]):
+        out = run_cli("exec", *user_path, "-", stdin="print(1)")
+        assert out.returncode == 2 and "Traceback" not in out.stderr and "cannot expand" in out.stderr, out
+    # an audit log asked for where the policy writes none: refused, not silently dropped
+    policy = tmp_path / "quiet.toml"
+    policy.write_text((ROOT / "policies" / "default.toml").read_text().replace("enabled = true", "enabled = false"))
+    log = tmp_path / "a.jsonl"
+    out = run_cli("exec", "--policy", str(policy), "--audit-log", str(log), "-", stdin="print(1)")
+    assert out.returncode == 2 and "audit.enabled = false" in out.stderr and not log.exists()
+
+
 def _descendants(pid: int) -> set[int]:
     """The processes *pid* started (its fork server and that server's sandbox children)."""
     try:

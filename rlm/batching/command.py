@@ -22,6 +22,7 @@ from rlm.batching.items import BatchItem, InputProblem, read_input
 from rlm.batching.outfile import ResultsFile
 from rlm.batching.progress import Progress
 from rlm.batching.worker import error_record
+from rlm.checks import check_log_dir
 from rlm.errors import RLMError
 
 __all__ = ["run_batch_command"]
@@ -64,11 +65,12 @@ def run_batch_command(args: argparse.Namespace) -> int:
     if not args.model:
         _say("no model: pass -m MODEL or set RLM_MODEL")
         return EXIT_USAGE
-    for flag in ("workers", "max_iterations", "max_depth"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            _say(f"--{flag.replace('_', '-')} must be at least 1")
-            return EXIT_USAGE
+    from rlm.cli import check_run_flags
+
+    bad_flag = check_run_flags(args)  # before anything is read, run or written
+    if bad_flag is not None:
+        _say(bad_flag)
+        return EXIT_USAGE
     source, out = Path(args.input), Path(args.out)
     with contextlib.suppress(OSError):
         if out.exists() and os.path.samefile(source, out):
@@ -88,6 +90,12 @@ def run_batch_command(args: argparse.Namespace) -> int:
             f"{len(problems)} bad line(s); nothing was run (--skip-bad records them as errors and runs the rest)"
         )
         return EXIT_USAGE
+    if args.log_dir is not None and args.engine == "local":  # with Ray it is a path on the nodes
+        try:
+            check_log_dir(args.log_dir, "--log-dir")
+        except RLMError as exc:
+            _say(str(exc))
+            return EXIT_USAGE
     try:
         with ResultsFile(out) as results:
             return _run(args, items, problems, results)

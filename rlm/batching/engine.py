@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from rlm.batching.items import BatchItem, item_from_mapping
 from rlm.batching.worker import RunSettings, check_sandbox, error_record, fatal_error, run_item
+from rlm.checks import check_int, check_number
 from rlm.errors import ConfigurationError
 
 __all__ = ["ENGINES", "BatchResult", "Engine", "LocalEngine", "batch", "schedule"]
@@ -251,16 +252,18 @@ def batch(
     """
     if engine not in ENGINES:
         raise ConfigurationError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
-    if workers is not None and workers < 1:
-        raise ConfigurationError(f"workers must be at least 1, got {workers!r}")
-    if budget_usd is not None and budget_usd < 0:
-        raise ConfigurationError(f"budget_usd must not be negative, got {budget_usd!r}")
+    check_int("workers", workers, minimum=1, optional=True)
+    check_number("budget_usd", budget_usd)  # NaN or infinity would mean "no budget", silently
     from rlm.core import RLM
 
-    # Build one RLM now so that a bad model string, policy, limit or option fails before anything runs.
+    # Build one RLM now so that a bad model string, endpoint, policy, limit or option fails before
+    # anything runs (and, with the local engine, a log directory that cannot be written: with Ray it
+    # is a path on the nodes).
     probe = RLM(
         model,
         sub_model=sub_model,
+        api_base=api_base,
+        log_dir=log_dir if engine == "local" else None,
         policy=policy,
         max_iterations=max_iterations,
         max_depth=max_depth,

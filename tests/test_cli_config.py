@@ -1,0 +1,155 @@
+"""Configuration errors of ``rlm run``, ``rlm batch`` and ``rlm mcp``: exit 2, one line naming the flag.
+
+Every case is a real ``python -m rlm`` process. None of them may print a
+traceback, run anything, call a model or write an output file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and k != "RLM_MCP_TOKEN"}
+    env.update(OPENAI_API_KEY="k-test", HOME=str(tmp_path / "home"), PYTHONDONTWRITEBYTECODE="1")
+    env.pop("RLM_MODEL", None)
+    return env
+
+
+def _one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def _run(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    context = tmp_path / "context.txt"
+    context.write_text("some records\n")
+    return run_cli(
+        "run", "-m", "openai/x", "--context", str(context), "--query", "q", *flags,
+        cwd=ROOT, env=_env(tmp_path), timeout=60,
+    )  # fmt: skip
+
+
+# An endpoint that refuses connections: were a flag not refused, the run would reach it and fail on
+# its own (exit 2, "cannot connect"), which names no flag.
+REFUSED = ["--api-base", "http://127.0.0.1:9/v1"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expect"),
+    [
+        (["--budget-usd", "nan", *REFUSED], "rlm: --budget-usd must be a finite number, got nan"),
+        (["--budget-usd", "inf", *REFUSED], "rlm: --budget-usd must be a finite number, got inf"),
+        (["--max-time", "nan", *REFUSED], "rlm: --max-time must be a finite number, got nan"),
+        (["--budget-usd", "-1", *REFUSED], "rlm: --budget-usd must be >= 0, got -1.0"),
+        (["--max-time", "-1", *REFUSED], "rlm: --max-time must be >= 0, got -1.0"),
+        (["--max-sub-calls", "-1", *REFUSED], "rlm: --max-sub-calls must be at least 0, got -1"),
+        (["--api-base", "not a url"], "rlm: --api-base 'not a url' is not an http:// or https:// URL"),
+        (["--api-base", "ftp://x"], "rlm: --api-base 'ftp://x' is not an http:// or https:// URL"),
+    ],
+)
+def test_run_refuses_bad_flags_naming_the_flag(tmp_path: Path, flags: list[str], expect: str):
+    t0 = time.monotonic()
+    done = _run(tmp_path, *flags)
+    assert done.returncode == 2, done.stderr
+    assert _one_line(done.stderr).startswith(expect), done.stderr
+    assert time.monotonic() - t0 < 30  # refused up front: no model call retried for seconds
+    with_json = _run(tmp_path, *flags, "--json")
+    assert with_json.returncode == 2
+    payload = json.loads(with_json.stdout)
+    assert payload["stop_reason"] == "error" and expect.removeprefix("rlm: ") in payload["error"]
+
+
+@pytest.mark.parametrize("where", ["proc", "file"])
+def test_run_with_a_log_dir_that_cannot_be_written_exits_2_with_one_line_and_a_json_error(
+    tmp_path: Path, where: str
+):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    log_dir = "/proc/rlm-no-such-dir" if where == "proc" else str(a_file)
+    done = _run(tmp_path, *REFUSED, "--log-dir", log_dir, "--json")
+    assert done.returncode == 2, done.stderr
+    line = _one_line(done.stderr)
+    assert line.startswith(f"rlm: --log-dir {log_dir}: "), line
+    payload = json.loads(done.stdout)
+    assert payload["answer"] is None and payload["stop_reason"] == "error"
+    assert payload["error"] == line.removeprefix("rlm: ") and payload["root_model"] == "openai/x"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expect"),
+    [
+        (["--budget-usd", "-1"], "rlm batch: --budget-usd must be >= 0, got -1.0"),
+        (["--budget-usd", "nan"], "rlm batch: --budget-usd must be a finite number, got nan"),
+        (["--item-budget-usd", "inf"], "rlm batch: --item-budget-usd must be a finite number, got inf"),
+        (["--max-time", "nan"], "rlm batch: --max-time must be a finite number, got nan"),
+        (["--max-time", "-1"], "rlm batch: --max-time must be >= 0, got -1.0"),
+        (["--api-base", "not a url"], "rlm batch: --api-base 'not a url' is not an http:// or https:// URL"),
+        (["--log-dir", "/proc/rlm-no-such-dir"], "rlm batch: --log-dir /proc/rlm-no-such-dir: "),
+    ],
+)
+def test_batch_refuses_bad_flags_before_writing_anything(tmp_path: Path, flags: list[str], expect: str):
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        '{"id": "a", "query": "q", "context": "c"}\n{"id": "b", "query": "q", "context": "c"}\n'
+    )
+    out = tmp_path / "out.jsonl"
+    done = run_cli(
+        "batch", str(source), "--out", str(out), "-m", "openai/x", *flags,
+        cwd=ROOT, env=_env(tmp_path), timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert _one_line(done.stderr).startswith(expect), done.stderr  # no "0 of 2 items" summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no OUT, no OUT.lock
+
+
+def test_mcp_rlm_query_flags_need_a_model(tmp_path: Path):
+    pytest.importorskip("mcp", reason="needs the mcp extra: pip install -e '.[mcp]'")
+    for flags in (["--max-iterations", "5"], ["--log-dir", str(tmp_path / "logs")], ["--sub-model", "m"]):
+        done = run_cli("mcp", "--audit-log", str(tmp_path / "a.jsonl"), *flags, stdin="", cwd=ROOT,
+                       env=_env(tmp_path), timeout=60)  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert (
+            _one_line(done.stderr)
+            == f"rlm: {flags[0]} needs --model (rlm_query is offered only with a model)"
+        )
+    assert not (tmp_path / "logs").exists()
+
+
+def test_mcp_http_on_a_taken_port_exits_2_with_one_line_and_prints_no_token(tmp_path: Path):
+    pytest.importorskip("mcp", reason="needs the mcp extra: pip install -e '.[mcp]'")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = run_cli(
+            "mcp", "--transport", "http", "--port", str(port), "--audit-log", str(tmp_path / "a.jsonl"),
+            stdin="", cwd=ROOT, env=_env(tmp_path), timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    line = _one_line(done.stderr)  # the bearer token was not printed for a server that never started
+    assert line == f"rlm: cannot listen on 127.0.0.1:{port}: Address already in use", line
+
+
+def test_mcp_http_on_an_address_that_is_not_ours_exits_2_with_one_line(tmp_path: Path):
+    pytest.importorskip("mcp", reason="needs the mcp extra: pip install -e '.[mcp]'")
+    host = "192.0.2.1"  # TEST-NET-1 (RFC 5737): assigned to no machine
+    done = subprocess.run(
+        [sys.executable, "-m", "rlm", "mcp", "--transport", "http", "--host", host, "--port", "8765",
+         "--audit-log", str(tmp_path / "a.jsonl")],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT, env=_env(tmp_path), timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert _one_line(done.stderr) == f"rlm: cannot listen on {host}:8765: Cannot assign requested address"
