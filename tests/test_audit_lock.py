@@ -100,6 +100,30 @@ def test_execute_with_a_locked_log_raises_an_audit_error_and_recovers(holder, mo
     assert verify(path).ok and verify(path).lines == 1
 
 
+@contextlib.asynccontextmanager
+async def loop_watch():
+    """Yields a list that ends up holding the longest stand-still of the running event loop
+    while the block ran (a task ticks every 10 ms)."""
+    stalls = [0.0]
+    stop = asyncio.Event()
+
+    async def ticker():
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            stalls[0] = max(stalls[0], now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.05)  # ticking
+    try:
+        yield stalls
+    finally:
+        stop.set()
+        await tick
+
+
 def test_an_async_execute_waits_for_a_locked_log_off_the_event_loop(tmp_path, monkeypatch):
     """The lock is waited for in a thread: the event loop (every other sandbox and task on it)
     runs on meanwhile, and the execute returns once the holder lets go."""
@@ -108,31 +132,17 @@ def test_an_async_execute_waits_for_a_locked_log_off_the_event_loop(tmp_path, mo
     procs = []
 
     async def main():
-        stalls = []
-        stop = asyncio.Event()
-
-        async def ticker():
-            last = time.monotonic()
-            while not stop.is_set():
-                await asyncio.sleep(0.01)
-                now = time.monotonic()
-                stalls.append(now - last)
-                last = now
-
         async with AsyncSandbox("default", audit_log=path, pool=None) as sb:
             await sb.execute("x = 0")  # started (fork, layers) before the lock is taken
             proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
             procs.append(proc)
             assert proc.stdout.readline() == "locked\n"
-            tick = asyncio.create_task(ticker())
-            await asyncio.sleep(0.05)  # ticking
-            threading.Timer(1.0, proc.kill).start()  # not through the loop: it may be the one stuck
-            t0 = time.monotonic()
-            result = await sb.execute("x = 1")
-            waited = time.monotonic() - t0
-            stop.set()
-            await tick
-        return result, waited, max(stalls)
+            async with loop_watch() as stalls:
+                threading.Timer(1.0, proc.kill).start()  # not through the loop: it may be the one stuck
+                t0 = time.monotonic()
+                result = await sb.execute("x = 1")
+                waited = time.monotonic() - t0
+        return result, waited, stalls[0]
 
     try:
         result, waited, stall = asyncio.run(main())
@@ -154,17 +164,6 @@ def test_a_cancelled_async_execute_writes_its_line_off_the_event_loop(tmp_path, 
     procs = []
 
     async def main():
-        stalls = []
-        stop = asyncio.Event()
-
-        async def ticker():
-            last = time.monotonic()
-            while not stop.is_set():
-                await asyncio.sleep(0.01)
-                now = time.monotonic()
-                stalls.append(now - last)
-                last = now
-
         async with AsyncSandbox("default", audit_log=path, pool=None) as sb:
             await sb.execute("x = 0")
             task = asyncio.create_task(sb.execute("import time; time.sleep(30)"))
@@ -172,18 +171,15 @@ def test_a_cancelled_async_execute_writes_its_line_off_the_event_loop(tmp_path, 
             proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
             procs.append(proc)
             assert proc.stdout.readline() == "locked\n"
-            tick = asyncio.create_task(ticker())
-            await asyncio.sleep(0.05)
-            threading.Timer(1.0, proc.kill).start()
-            t0 = time.monotonic()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            cancelled_in = time.monotonic() - t0
-            after = await sb.execute("y = 1")  # waits for the cancelled cell's line, then its own
-            stop.set()
-            await tick
-        return cancelled_in, after, max(stalls)
+            async with loop_watch() as stalls:
+                threading.Timer(1.0, proc.kill).start()
+                t0 = time.monotonic()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                cancelled_in = time.monotonic() - t0
+                after = await sb.execute("y = 1")  # waits for the cancelled cell's line, then its own
+        return cancelled_in, after, stalls[0]
 
     try:
         cancelled_in, after, stall = asyncio.run(main())
