@@ -664,13 +664,12 @@ class _Exec:
     """
 
     __slots__ = (
-        "audit", "built", "child", "code", "cpu_rate", "cpu_start", "cpu_used", "done", "exec_id", "host_time",
-        "idle", "killed_for", "lim", "next_cpu_check", "on_loop", "protocol_error", "sb", "state_lost", "t0",
-        "unwritten",
+        "audit", "built", "child", "code", "cpu_rate", "cpu_start", "cpu_used", "done", "exec_id", "handed",
+        "host_time", "idle", "killed_for", "lim", "next_cpu_check", "protocol_error", "sb", "state_lost", "t0",
     )  # fmt: skip
 
     def __init__(
-        self, sb: Sandbox, child: _Child, code: str, state_lost: bool, on_loop: bool = False
+        self, sb: Sandbox, child: _Child, code: str, state_lost: bool, handed: list[bool] | None = None
     ) -> None:
         self.sb = sb
         self.child = child
@@ -694,10 +693,9 @@ class _Exec:
         self.protocol_error: str | None = None
         self.audit: dict[str, str] | None = None  # the audit line's fields known before the result
         self.built: ExecResult | None = None  # the result, once built (finish may be called twice)
-        #: Driven by an event loop, where nothing may wait for the audit log's lock.
-        self.on_loop = on_loop
-        #: The line of a cancelled execute that found the log's lock held (see :meth:`cancelled`).
-        self.unwritten: ExecResult | None = None
+        #: Given when an event loop drives this execute (nothing may wait for the audit log's lock
+        #: there): set when the sandbox's lock is handed to a thread that releases it (:meth:`cancelled`).
+        self.handed = handed
 
     def __enter__(self) -> _Exec:
         return self
@@ -807,15 +805,14 @@ class _Exec:
             duration_s=time.perf_counter() - self.t0, state_lost=self.state_lost,
             policy_name=self.sb.policy.name, policy_sha256=self.sb._policy_sha, layers=dict(self.child.layers),
         )  # fmt: skip
-        if not self.sb._audit_line(self.code, result, "cancelled", self.audit, wait=not self.on_loop):
-            self.unwritten = result  # another writer holds the lock: see write_late
-
-    def write_late(self) -> None:
-        """The line :meth:`cancelled` left unwritten on an event loop, written from a thread of
-        its own that then releases the sandbox (the next execute's line comes after it). A
-        failure to write it is the seq gap only: nobody awaits the cancelled execute."""
-        sb, result = self.sb, self.unwritten
-        assert result is not None
+        if self.sb._audit_line(self.code, result, "cancelled", self.audit, wait=self.handed is None):
+            return
+        # On an event loop, and another writer holds the log's lock: the cancellation goes on now,
+        # and a thread of its own writes the line, then releases the sandbox (the next execute's
+        # line comes after it). A failure to write it is the seq gap only: nobody awaits this one.
+        assert self.handed is not None
+        self.handed[0] = True
+        sb = self.sb
 
         def write() -> None:
             try:
@@ -1721,29 +1718,23 @@ class AsyncSandbox:
         self, sb: Sandbox, child: _Child, code: str, state_lost: bool, handed: list[bool]
     ) -> ExecResult:
         """:meth:`Sandbox._run` on the event loop: the same :class:`_Exec`, awaited instead of polled."""
-        ex = _Exec(sb, child, code, state_lost, on_loop=True)
-        try:
-            with ex:  # a cancellation ends here too: the cell must not run on
-                frame = ex.request()
-                if frame is not None:
-                    await _send_async(sb, child, frame, None, ex.lim.wall_seconds + DEADLINE_GRACE)
-                    ex.sent()
-                    while True:
-                        try:
-                            msg = await _next_frame_async(child, max(ex.timeout(), 0.0))
-                        except _Timeout:
-                            if ex.expired():
-                                break
-                            continue
-                        call = ex.received(msg)
-                        if call is None:
+        ex = _Exec(sb, child, code, state_lost, handed)
+        with ex:  # a cancellation ends here too: the cell must not run on
+            frame = ex.request()
+            if frame is not None:
+                await _send_async(sb, child, frame, None, ex.lim.wall_seconds + DEADLINE_GRACE)
+                ex.sent()
+                while True:
+                    try:
+                        msg = await _next_frame_async(child, max(ex.timeout(), 0.0))
+                    except _Timeout:
+                        if ex.expired():
                             break
-                        ex.host_time += await self._serve_call(sb, child, call, ex.wall_deadline())
-        except BaseException:
-            if ex.unwritten is not None:  # the cancellation goes on now, its line comes later
-                handed[0] = True
-                ex.write_late()
-            raise
+                        continue
+                    call = ex.received(msg)
+                    if call is None:
+                        break
+                    ex.host_time += await self._serve_call(sb, child, call, ex.wall_deadline())
         # Finished on the loop when nothing can make that wait; else in a thread: how the child
         # ended is asked of its fork server, and another writer may hold the audit log's lock.
         if ex.done is not None:
