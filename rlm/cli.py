@@ -28,7 +28,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"rlm: {message}", file=sys.stderr)
+    from rlm.display import visible
+
+    # Messages may quote a server's error body, a path, a model's text: shown inert (no escape
+    # sequence reaches a terminal), whatever stderr is.
+    print(f"rlm: {visible(message)}", file=sys.stderr)
     return code
 
 
@@ -196,9 +200,24 @@ def _add_run_parser(sub: Any) -> None:
     p.add_argument("--budget-usd", type=float, metavar="X", help="stop when the run has cost this much")
     p.add_argument("--max-sub-calls", type=int, metavar="N", help="stop after this many sub-calls")
     p.add_argument("--max-time", type=float, metavar="SECONDS", help="stop after this much wall time")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        metavar="SECONDS",
+        help=(
+            "give up a model call that has not answered in this long; it is retried like a server error "
+            f"(default: {DEFAULT_REQUEST_TIMEOUT_S:g})"
+        ),
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object with the RLMResult fields")
     p.add_argument("--verbose", action="store_true", help="show each turn live (on stderr)")
     p.set_defaults(func=_cmd_run)
+
+
+#: Seconds ``rlm run`` lets a model call wait for its answer (rlm.llm.DEFAULT_REQUEST_TIMEOUT_S, which
+#: is not imported here: rlm.llm is loaded only when a model is called).
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
 
 
 #: The run flags of ``rlm run`` and ``rlm batch`` (those present in the command's namespace), by flag:
@@ -211,6 +230,7 @@ _RUN_FLAGS: dict[str, tuple[str, float, bool]] = {
     "--budget-usd": ("budget_usd", 0, True),
     "--item-budget-usd": ("item_budget_usd", 0, True),
     "--max-time": ("max_time", 0, True),
+    "--request-timeout": ("request_timeout", 0, True),
 }
 
 
@@ -236,6 +256,9 @@ def check_run_flags(args: argparse.Namespace) -> str | None:
             check_number(flag, value, minimum=least)
         except ConfigurationError as exc:
             return str(exc)
+    timeout = getattr(args, "request_timeout", None)
+    if timeout is not None and not timeout > 0:
+        return f"--request-timeout must be > 0, got {timeout!r}"
     try:
         check_api_base(getattr(args, "api_base", None), "--api-base")
     except ConfigurationError as exc:
@@ -298,6 +321,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             max_sub_calls=args.max_sub_calls,
             max_time_s=args.max_time,
             verbose=args.verbose,
+            model_kwargs={"timeout": args.request_timeout},
         )
     except (ConfigurationError, AuthenticationError, UnknownModelError, ModelUnreachable) as exc:
         # ModelUnreachable reaches here only from the first call (later ones stop the run instead):
@@ -309,23 +333,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from sandbox import shutdown
 
         shutdown()
+    from rlm.display import visible
+
     if args.json:
-        print(result.model_dump_json())
+        # JSON escapes C0 controls; the C1 ones, DEL and bidi overrides are escaped too (same value).
+        print(result.model_dump_json().translate(_JSON_ESCAPES))
     elif result.answer is not None:
-        print(result.answer)
+        # The answer is the model's: written as it is into a pipe or file, with control characters
+        # escaped on a terminal (as rlm exec does with what the code printed).
+        print(visible(result.answer) if sys.stdout.isatty() else result.answer)
     if result.answer is None:
         why = f": {result.error}" if result.error else ""
-        print(f"rlm: stopped without an answer ({result.stop_reason}){why}", file=sys.stderr)
-        return EXIT_FAILED
+        return _fail(f"stopped without an answer ({result.stop_reason}){why}", EXIT_FAILED)
     if not args.json:
         cost = "unknown" if result.cost_usd is None else f"${result.cost_usd:.4f}"
         print(
-            f"rlm: {result.stop_reason}, {result.iterations} turn(s), {result.sub_calls} sub-call(s), "
-            f"{result.total_input_tokens + result.total_output_tokens} tokens, cost {cost}"
-            + (f", log {result.log_path}" if result.log_path else ""),
+            visible(
+                f"rlm: {result.stop_reason}, {result.iterations} turn(s), {result.sub_calls} sub-call(s), "
+                f"{result.total_input_tokens + result.total_output_tokens} tokens, cost {cost}"
+                + (f", log {result.log_path}" if result.log_path else "")
+            ),
             file=sys.stderr,
         )
     return EXIT_OK
+
+
+#: JSON escapes for the characters JSON itself lets through raw but a terminal may act on: DEL, the
+#: C1 controls (U+0080-U+009F) and the bidirectional overrides and isolates.
+_JSON_ESCAPES = {
+    code: f"\\u{code:04x}"
+    for code in [0x7F, *range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+}
 
 
 # ------------------------------------------------------------------- view

@@ -9,7 +9,13 @@ reads its bundled price map instead of fetching one over the network.
   model is missing from litellm's price map);
 - :func:`count_tokens`, :func:`max_input_tokens`: tokenizer and context window;
 - litellm's exceptions are mapped onto :mod:`rlm.errors` (``ModelError`` and
-  its subclasses), with any API key scrubbed from the messages;
+  its subclasses), with every API key scrubbed from the messages: the
+  ``api_key`` given, and the provider keys in the environment (see
+  :func:`secret_values`), which litellm reads when no ``api_key`` is given;
+- every call has a request timeout: the ``timeout`` passed (the loop passes the
+  time left of ``max_time_s``), else :data:`DEFAULT_REQUEST_TIMEOUT_S`
+  (litellm's own default is 6000 s). A call that got no answer in that time is
+  a :class:`~rlm.errors.ProviderUnavailable` saying so (retried like a 5xx);
 - prompt caching: with ``cache_prefix=True`` a call to a provider that takes
   explicit cache markers (Anthropic's ``cache_control``, also for Claude on
   Bedrock and Vertex) marks the stable prefix of the conversation (the system
@@ -29,6 +35,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -45,16 +52,31 @@ from rlm.errors import (
 )
 
 __all__ = [
+    "DEFAULT_REQUEST_TIMEOUT_S",
     "Completion",
     "acomplete",
     "complete",
     "count_tokens",
     "mark_cache_prefix",
     "max_input_tokens",
+    "redact",
+    "secret_values",
 ]
 
 #: Sent to an OpenAI-compatible ``api_base`` when no key is configured (local servers ignore it).
 _PLACEHOLDER_KEY = "no-key-configured"
+
+#: Seconds a model call may wait for its answer when no ``timeout`` is given (litellm's own
+#: default is 6000 s, so a server that accepts the connection and never answers hung a run).
+#: It bounds the wait for each read, not the whole call: a server that answers a byte at a time
+#: is stopped only by ``max_time_s``.
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+
+#: Shortest ``api_key`` argument scrubbed from text (shorter ones would redact ordinary text).
+_MIN_KEY_CHARS = 4
+#: Shortest environment key scrubbed: real provider keys are long; shorter values are placeholders
+#: such as ``EMPTY`` or ``none`` that local servers accept (the rule ``rlm batch`` has always used).
+_MIN_ENV_KEY_CHARS = 8
 
 _litellm: ModuleType | None = None
 _import_lock = threading.Lock()
@@ -92,10 +114,29 @@ def _lib() -> ModuleType:
     return _litellm
 
 
-def _scrub(text: str, api_key: str | None) -> str:
-    if api_key and len(api_key) >= 4:
-        text = text.replace(api_key, "[REDACTED]")
+def secret_values(*keys: str | None) -> list[str]:
+    """The texts never to show: *keys* (``api_key`` arguments, at least 4 characters) and the
+    value of every environment variable whose name ends in ``_API_KEY`` (at least 8 characters),
+    where litellm finds a provider's key when no ``api_key`` is given. Longest first, so a key
+    that contains another is replaced whole."""
+    values = {k for k in keys if isinstance(k, str) and len(k) >= _MIN_KEY_CHARS}
+    values.update(
+        v for name, v in os.environ.items() if name.endswith("_API_KEY") and len(v) >= _MIN_ENV_KEY_CHARS
+    )
+    values.discard(_PLACEHOLDER_KEY)
+    return sorted(values, key=lambda v: (-len(v), v))
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """*text* with each of *secrets* replaced by ``[REDACTED]``."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, "[REDACTED]")
     return text
+
+
+def _scrub(text: str, api_key: str | None) -> str:
+    return redact(text, secret_values(api_key))
 
 
 def _prepare(
@@ -134,6 +175,8 @@ def _prepare(
     if call.pop("cache_prefix", False) and _takes_cache_markers(litellm, model, api_base):
         messages = mark_cache_prefix(messages)
     call.setdefault("max_retries", 0)  # retries are the loop's (rlm.core), counted and bounded by budgets
+    if call.get("timeout") is None:  # litellm would wait 6000 s for a server that never answers
+        call["timeout"] = DEFAULT_REQUEST_TIMEOUT_S
     call.update(model=model, messages=messages)
     if api_base:
         call["api_base"] = api_base
@@ -238,12 +281,25 @@ def _no_connection(exc: BaseException) -> str | None:
     return found
 
 
-def _map_error(exc: Exception, model: str, api_key: str | None, api_base: str | None = None) -> ModelError:
+def _map_error(
+    exc: Exception,
+    model: str,
+    api_key: str | None,
+    api_base: str | None = None,
+    timeout: Any = None,
+) -> ModelError:
     litellm = _lib()
     why = _no_connection(exc)
+    where = api_base or "the provider's API endpoint"
     if why is not None:
-        where = api_base or "the provider's API endpoint"
         return ModelUnreachable(_scrub(f"{model}: cannot connect to {where}: {why}", api_key), model=model)
+    if isinstance(exc, litellm.Timeout):
+        within = f" within {timeout:g} s" if isinstance(timeout, (int, float)) else ""
+        return ProviderUnavailable(
+            _scrub(f"{model}: no answer from {where}{within} (request timeout)", api_key),
+            model=model,
+            retry_after=_retry_after(exc),
+        )
     message = _scrub(str(exc), api_key).strip() or type(exc).__name__
     if len(message) > 600:
         message = message[:600] + " ..."
@@ -334,7 +390,8 @@ def complete(
     """One chat completion through litellm.
 
     *model* is any litellm model string; extra keyword arguments (``timeout``,
-    ``temperature``, ``num_retries`` ...) go to ``litellm.completion``.
+    ``temperature``, ``num_retries`` ...) go to ``litellm.completion``. Without a
+    ``timeout``, a call waits at most :data:`DEFAULT_REQUEST_TIMEOUT_S` for its answer.
     Raises :class:`~rlm.errors.ModelError` (or a subclass) on failure.
     """
     call = _prepare(model, messages, api_base, api_key, kwargs)
@@ -345,7 +402,7 @@ def complete(
     except ModelError:
         raise
     except Exception as exc:
-        raise _map_error(exc, model, call.get("api_key"), call.get("api_base")) from None
+        raise _map_error(exc, model, call.get("api_key"), call.get("api_base"), call.get("timeout")) from None
     return _completion_from(response, model, messages, started)
 
 
@@ -366,7 +423,7 @@ async def acomplete(
     except ModelError:
         raise
     except Exception as exc:
-        raise _map_error(exc, model, call.get("api_key"), call.get("api_base")) from None
+        raise _map_error(exc, model, call.get("api_key"), call.get("api_base"), call.get("timeout")) from None
     return _completion_from(response, model, messages, started)
 
 

@@ -1,10 +1,19 @@
-"""What a run returns: :class:`RLMResult` (a pydantic model that round-trips to JSON)."""
+"""What a run returns: :class:`RLMResult` (a pydantic model that round-trips to JSON).
+
+Text that is not valid Unicode (a lone surrogate, which models and programs emit: a server's
+JSON may hold ``"\\ud800"``) cannot be written as UTF-8 or JSON. An :class:`RLMResult` never holds
+any: every string in it (the answer, the error, the history, ``parsed``, ...) has its lone
+surrogates written as backslash escapes (``\\ud800``, six characters) when the result is built,
+as the sandbox does with what the code prints. So ``model_dump_json()`` never fails, the answer
+prints to any UTF-8 terminal, pipe or file, and
+``RLMResult.model_validate_json(result.model_dump_json()) == result`` holds for every result.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["ModelUsage", "RLMResult", "StopReason"]
 
@@ -20,6 +29,35 @@ StopReason = Literal[
     "model_error",  # a root-model call failed mid-run (see ``error``)
     "error",  # the run could not start (CLI --json only; the library raises instead)
 ]
+
+
+def clean_text(text: str) -> str:
+    """*text* with its lone surrogates written as backslash escapes (``"\\ud800"``); other text as is."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _clean(value: Any) -> Any:
+    """*value* with every string in it (dictionary keys included) made valid Unicode by
+    :func:`clean_text`; containers are copied only when something in them changed."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        items = [(_clean(k), _clean(v)) for k, v in value.items()]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items(), strict=True)):
+            return value
+        return dict(items)
+    if isinstance(value, (list, tuple)):
+        cleaned = [_clean(v) for v in value]
+        if all(c is v for c, v in zip(cleaned, value, strict=True)):
+            return value
+        return type(value)(cleaned) if type(value) in (list, tuple) else cleaned
+    return value
 
 
 class ModelUsage(BaseModel):
@@ -59,6 +97,9 @@ class RLMResult(BaseModel):
     "best answer" call included, except calls given up in flight when the run
     stopped (counted in ``usage[model].abandoned``: their tokens are not
     known). ``cost_usd`` is None when a price is unknown.
+
+    Lone surrogates in any of its text are stored as backslash escapes (see the
+    module docstring), so the result always serializes and round-trips to JSON.
     """
 
     answer: str | None = None
@@ -79,6 +120,11 @@ class RLMResult(BaseModel):
     log_path: str | None = None
     audit_log_path: str | None = None
     error: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        return _clean(data) if isinstance(data, dict) else data
 
     @property
     def response(self) -> str:

@@ -27,8 +27,13 @@ by an earlier iteration line is repeated only as its first
 :data:`REPEATED_MESSAGES` such repeats per line, the rest folded into one
 note. The context itself is never logged (the prompt only describes it).
 
-Every line is scrubbed of the secrets the logger was given (API keys) before
-it is written.
+Every line is scrubbed of API keys before it is written: the secrets the
+logger was given (the ``api_key`` argument) and the provider keys in the
+environment (:func:`rlm.llm.secret_values`: variables ending in ``_API_KEY``,
+which litellm reads when no ``api_key`` is given). Keys are replaced inside
+string values only (and dictionary keys), before any text is clipped, never
+in the encoded line: a short or all-digit key cannot turn a number into
+``[REDACTED]`` and make the line invalid JSON.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm.errors import ConfigurationError
+from rlm.llm import redact, secret_values
 
 __all__ = [
     "LOG_TEXT_CHARS",
@@ -109,6 +115,8 @@ def json_safe(value: Any, clip: bool = False) -> Any:
 class TrajectoryLogger:
     """Appends a run's lines to ``<log_dir>/<run_id>.jsonl``; writes its outcome on :meth:`result`."""
 
+    _secrets: tuple[str, ...] = ()  # the texts redacted from every line (rlm.llm.secret_values)
+
     def __init__(self, log_dir: str | Path, run_id: str, *, secrets: Iterable[str | None] = ()) -> None:
         self.dir = Path(log_dir)
         try:  # RLM() checked it; this is for a directory removed or made read-only since
@@ -119,17 +127,30 @@ class TrajectoryLogger:
         self.path = self.dir / f"{run_id}.jsonl"
         self.audit_path = audit_path_for(self.path)
         self.result_path = result_path_for(self.path)
-        self._secrets = [s for s in secrets if s and len(s) >= 4]
+        self._secrets = tuple(secret_values(*secrets))
         self._lock = threading.Lock()
         self._iterations = 0
         self._seen: dict[str, int] = {}  # digest of a message written in full -> its iteration
         self._compaction: dict[str, Any] | None = None  # for the next iteration line
 
+    def _redact(self, value: Any) -> Any:
+        """*value* with the secrets replaced in every string in it (what ``json.dumps`` would write
+        with ``default=repr`` is made a string first, so it is scrubbed too)."""
+        if isinstance(value, str):
+            return redact(value, self._secrets)
+        if isinstance(value, dict):
+            return {(self._redact(k) if isinstance(k, str) else k): self._redact(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._redact(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        return self._redact(repr(value))
+
     def _encode(self, entry: dict[str, Any], **options: Any) -> str:
-        text = json.dumps(json_safe(entry, clip=True), ensure_ascii=False, default=repr, **options)
-        for secret in self._secrets:
-            text = text.replace(secret, "[REDACTED]")
-        return text
+        # Scrubbed before clipping (a cut must not split a key) and before encoding (a key is
+        # replaced in the text of a value, never in the JSON around it).
+        clean = self._redact(entry) if self._secrets else entry
+        return json.dumps(json_safe(clean, clip=True), ensure_ascii=False, default=repr, **options)
 
     def _write(self, entry: dict[str, Any]) -> None:
         # A lone surrogate (models and programs emit them) becomes a JSON \udXXX escape, not an error.
@@ -159,6 +180,8 @@ class TrajectoryLogger:
             text = (
                 content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, default=str)
             )
+            if self._secrets:  # before the text is cut to REPEAT_CHARS (a cut must not split a key)
+                text = redact(text, self._secrets)
             role = str(message.get("role", ""))
             digest = hashlib.sha256(f"{role}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
             first = self._seen.get(digest)
