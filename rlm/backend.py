@@ -57,9 +57,13 @@ class LiteLLMBackend:
     def complete(self, model: str, messages: Messages, **kwargs: Any) -> Completion:
         from rlm import llm
 
-        return llm.complete(
-            model, messages, api_base=self.api_base, api_key=self._api_key, **{**self._kwargs, **kwargs}
-        )
+        call = {**self._kwargs, **kwargs}
+        left, configured = kwargs.get("timeout"), self._kwargs.get("timeout")
+        if isinstance(left, int | float) and (configured is None or isinstance(configured, int | float)):
+            # The loop passes the time left of max_time_s: it may shorten the request timeout
+            # (the configured one, else the default), never lengthen it.
+            call["timeout"] = min(left, llm.DEFAULT_REQUEST_TIMEOUT_S if configured is None else configured)
+        return llm.complete(model, messages, api_base=self.api_base, api_key=self._api_key, **call)
 
     def count_tokens(self, model: str, messages: Messages) -> int:
         from rlm import llm

@@ -77,6 +77,14 @@ class CancelToken:
                 return
         sb.kill()
 
+    def unwatch(self, sb: Any) -> None:
+        """Stop watching *sb* (a later :meth:`cancel` leaves it alone). A no-op when it is not watched."""
+        with self._lock:
+            try:
+                self._sandboxes.remove(sb)
+            except ValueError:
+                pass
+
 
 class Ledger:
     """Thread-safe usage totals and budget checks for one run tree."""

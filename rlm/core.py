@@ -25,7 +25,8 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,16 @@ DEFAULT_COMPACTION_THRESHOLD = 0.85
 #: The longest wait a retry accepts; a provider asking for more fails the call.
 MAX_RETRY_WAIT_S = 120.0
 
+#: How long a stopped run is waited for: by a cancelled ``acompletion`` task, and by Ctrl-C in a
+#: batch of child RLMs. A run that is stopped ends within a fraction of a second (its code is
+#: killed, its model calls given up); past this the caller gets control back anyway.
+STOP_WAIT_S = 2.0
+
+#: The longest the loop lets its own helpers run in the model's sandbox (``rlm_describe_vars()``
+#: after each block, ``FINAL_VAR`` from the reply's text), within the time budget: the model may
+#: redefine them or give its objects a slow ``__repr__``. Past it, the child is killed.
+HELPER_TIMEOUT_S = 10.0
+
 
 def retry_wait(attempt: int, retry_after: float | None, backoff_s: float) -> float | None:
     """Seconds to wait before retry *attempt* + 1, or None when the wait is longer than we accept.
@@ -373,7 +384,42 @@ class RLM:
         are awaited on the caller's event loop.
         """
         loop = asyncio.get_running_loop()
-        return await asyncio.to_thread(self._complete, context, root_prompt, loop, cancel)
+        stop = CancelToken()  # the run's own token: cancelling this task cancels it
+        done: asyncio.Future[RLMResult] = loop.create_future()
+
+        def settle(outcome: Future[RLMResult]) -> None:  # on the loop
+            if done.done():
+                return
+            error = outcome.exception()
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(outcome.result())
+
+        def work() -> None:
+            outcome: Future[RLMResult] = Future()
+            try:
+                outcome.set_result(self._complete(context, root_prompt, loop, cancel, stop))
+            except BaseException as exc:  # handed to the awaiting task
+                outcome.set_exception(exc)
+            try:
+                loop.call_soon_threadsafe(settle, outcome)
+            except RuntimeError:  # the loop is closed: nobody awaits the run any more
+                pass
+
+        # A daemon thread of its own, not the loop's default executor: asyncio.run() waits for
+        # that one at exit, and must not wait for a run whose task was cancelled.
+        runner = contextvars.copy_context()
+        threading.Thread(target=runner.run, args=(work,), name="rlm-acompletion", daemon=True).start()
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # The task was cancelled (task.cancel(), asyncio.timeout): stop the run as a CancelToken
+            # does, and give it a short while to end (its sandboxes closed) before giving up on it.
+            stop.cancel()
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, never logged
+            await asyncio.wait({done}, timeout=STOP_WAIT_S)
+            raise
 
     def _events(self, loop: Any) -> Events:
         callbacks: list[EventCallback] = []
@@ -386,17 +432,33 @@ class RLM:
         return Events(callbacks, loop)
 
     def _complete(
-        self, context: Any, root_prompt: str | None, loop: Any, cancel: CancelToken | None = None
+        self,
+        context: Any,
+        root_prompt: str | None,
+        loop: Any,
+        cancel: CancelToken | None = None,
+        stop: CancelToken | None = None,
     ) -> RLMResult:
+        """One run. Its ledger holds the run's own token *stop* (new when not given): the caller's
+        *cancel* cancels it, and so do a cancelled ``acompletion`` task and Ctrl-C during a batch of
+        child RLMs. Linked for this run only: a late ``cancel.cancel()`` touches nothing after it."""
         context = _check_context(context)
-        ledger = Ledger(self.budgets, self.max_concurrency, cancel)
-        run = _Run(self, ledger, self._events(loop), depth=0, model=self.model)
-        if not self.persistent:
-            return run.execute(context, root_prompt)
-        with self._session_lock:  # one completion at a time in a session
-            if self._session is None:
-                self._session = _Session()
-            return run.execute(context, root_prompt, self._session)
+        stop = stop if stop is not None else CancelToken()
+        link = _Link(stop)
+        if cancel is not None:
+            cancel.watch(link)  # cancels *stop* at once when *cancel* already is
+        try:
+            ledger = Ledger(self.budgets, self.max_concurrency, stop)
+            run = _Run(self, ledger, self._events(loop), depth=0, model=self.model)
+            if not self.persistent:
+                return run.execute(context, root_prompt)
+            with self._session_lock:  # one completion at a time in a session
+                if self._session is None:
+                    self._session = _Session()
+                return run.execute(context, root_prompt, self._session)
+        finally:
+            if cancel is not None:
+                cancel.unwatch(link)
 
     def close(self) -> None:
         """Close the session's sandbox (``persistent=True``); a later completion starts a new session."""
@@ -424,6 +486,16 @@ def run(
     (*cancel* as for :meth:`RLM.completion`)."""
     with RLM(model=model, **kwargs) as rlm:  # closes the sandbox of a (pointless) one-question session
         return rlm.completion(context, root_prompt=query, cancel=cancel)
+
+
+class _Link:
+    """Watched by a caller's :class:`CancelToken` in place of a sandbox: its cancellation cancels *token*."""
+
+    def __init__(self, token: CancelToken) -> None:
+        self.token = token
+
+    def kill(self) -> None:
+        self.token.cancel()
 
 
 class _Session:
@@ -533,19 +605,34 @@ class _Run:
                 attempt += 1
                 self.ledger.record_retry(model, wait)  # BudgetExceeded when the wait would outlive a budget
                 self.emit("retry", model=model, attempt=attempt, delay_s=wait, error=str(exc))
-                time.sleep(wait)
+                self._pause(wait)
                 continue
             self.ledger.record(model, completion)
             self._add_tokens(completion.input_tokens, completion.output_tokens)
             return completion
 
+    def _pause(self, seconds: float) -> None:
+        """Wait *seconds* before a retry, or raise :class:`BudgetExceeded` as soon as the run is
+        stopped (cancelled, a budget used up): checked again right before returning. The wait
+        never outlives the time budget (:meth:`Ledger.record_retry` refused a longer one)."""
+        end = time.monotonic() + seconds
+        while True:
+            over = self.ledger.exhausted()
+            if over is not None:
+                raise BudgetExceeded(over, f"the run stopped ({over}) while waiting to retry a call")
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(0.05, left))
+
     def _complete(self, model: str, messages: Messages, kwargs: dict[str, Any]) -> Completion:
         """The backend's call, given up when the time budget runs out or the run is cancelled.
 
         A server that answers a byte at a time never trips the HTTP client's timeout (it is per
-        read), and a call cannot be interrupted: with a time budget or a cancel token, the call
-        runs in a daemon thread, left to finish on its own (its answer unused) once the run
-        stops; it is counted in ``usage[model].abandoned``. Without either, it runs here."""
+        read), and a call cannot be interrupted: with a time budget or a cancel token (every run
+        has one of its own: see :meth:`RLM._complete`), the call runs in a daemon thread, left to
+        finish on its own (its answer unused) once the run stops; it is counted in
+        ``usage[model].abandoned``. Without either, it runs here."""
         if self.ledger.budgets.max_time_s is None and self.ledger.cancel is None:
             return self.cfg.backend.complete(model, messages, **kwargs)
         box: dict[str, Any] = {}
@@ -635,8 +722,31 @@ class _Run:
         workers = min(self.cfg.max_concurrency, len(items))
         if workers == 1:
             return [one(pair) for pair in enumerate(items)]
-        with ThreadPoolExecutor(workers, thread_name_prefix="rlm-batch") as pool:
-            return list(pool.map(one, enumerate(items)))
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="rlm-batch")
+        futures: list[Future[str]] = []
+        stopping = False
+        try:
+            for pair in enumerate(items):
+                futures.append(pool.submit(one, pair))
+            return [future.result() for future in futures]
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                # Ctrl-C reaches only this thread, not the prompts served in the pool: stop the
+                # whole run tree (sandboxes killed, model calls given up), wait a short while
+                # for the pool to wind down, and let the interrupt through.
+                stopping = True
+                self._stop_tree()
+                pool.shutdown(wait=False, cancel_futures=True)
+                wait_futures(futures, timeout=STOP_WAIT_S)
+            raise
+        finally:
+            if not stopping:
+                pool.shutdown(wait=True)
+
+    def _stop_tree(self) -> None:
+        """Cancel the run tree this run belongs to, as its cancel token would."""
+        if self.ledger.cancel is not None:
+            self.ledger.cancel.cancel()
 
     @staticmethod
     def _prompt_list(prompts: Any, fn: str) -> list[Any]:
@@ -819,6 +929,8 @@ class _Run:
             session.sandbox = self._new_sandbox(session.host_functions(session.handlers))
             session.audit_path = session.sandbox.audit_path
             session.loaded = 0
+        elif self.ledger.cancel is not None:  # the sandbox of an earlier run: this run's token watches it too
+            self.ledger.cancel.watch(session.sandbox)
         self._load(session.sandbox)
         return session.sandbox
 
@@ -850,9 +962,34 @@ class _Run:
                 f"the sandbox refused the RLM prelude: {result.error_type}: {result.error_message}"
             )
 
-    def _describe_vars(self, sb: Any) -> dict[str, Any]:
+    def _execute(self, sb: Any, code: str, cap: float | None = None) -> Any:
+        """``sb.execute(code)``, its child killed when the time budget runs out (or after *cap* s).
+
+        Every execute the loop makes in the model's sandbox goes through here: the policy's
+        ``wall_seconds`` alone would let a block run past the budget, and host functions are
+        not counted there at all."""
+        left = self.ledger.time_left()
+        limit = left if cap is None else cap if left is None else min(cap, left)
+        timer = None
+        if limit is not None:
+            timer = threading.Timer(max(0.0, limit), sb.kill)
+            timer.daemon = True
+            timer.start()
         try:
-            result = sb.execute("rlm_describe_vars()")
+            return sb.execute(code)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _may_run_code(self) -> bool:
+        """False once the run is out of time or cancelled: then the loop runs no more code of its own."""
+        return self.ledger.exhausted() not in ("max_time_s", "cancelled")
+
+    def _describe_vars(self, sb: Any) -> dict[str, Any]:
+        """The model's variables for the trajectory, by the prelude's ``rlm_describe_vars()``: code
+        the model may have redefined, so bounded like a block (and by :data:`HELPER_TIMEOUT_S`)."""
+        try:
+            result = self._execute(sb, "rlm_describe_vars()", HELPER_TIMEOUT_S)
             if result.ok:
                 value = json.loads(result.stdout.strip() or "{}")
                 return value if isinstance(value, dict) else {}
@@ -867,17 +1004,7 @@ class _Run:
         ``wall_seconds`` alone would let a block run past it, and host functions are not counted
         there at all); the loop then stops with ``stop_reason="max_time_s"``."""
         self.calls = []
-        left = self.ledger.time_left()
-        timer = None
-        if left is not None:
-            timer = threading.Timer(max(0.0, left), sb.kill)
-            timer.daemon = True
-            timer.start()
-        try:
-            result = sb.execute(code)
-        finally:
-            if timer is not None:
-                timer.cancel()
+        result = self._execute(sb, code)
         self.code_executions += 1
         calls = [entry for _, entry in sorted(self.calls, key=lambda pair: pair[0])]
         pieces: list[str] = []
@@ -899,8 +1026,10 @@ class _Run:
                 + text
             )
         local_vars: dict[str, Any] = {}
+        if sb.alive and self._may_run_code():
+            local_vars = self._describe_vars(sb)  # may kill the child (too slow): reloaded below
         if sb.alive:
-            local_vars = self._describe_vars(sb)
+            pass
         elif self.ledger.exhausted():  # stopped by a budget: the run ends, nothing to reload
             text += f"\n[the run stopped: {self.ledger.stopped_by}]"
         else:
@@ -953,8 +1082,13 @@ class _Run:
 
         self.pending_name = None
         key = name.strip().strip("\"'")
+        if not key.isidentifier() or not sb.alive:  # a dead child's variables are gone
+            self._set_final(name)
+            return
+        left = self.ledger.time_left()
+        timeout = HELPER_TIMEOUT_S if left is None else max(0.1, min(HELPER_TIMEOUT_S, left))
         try:
-            self._set_final(sb.get_variable(key) if key.isidentifier() else name)
+            self._set_final(sb.get_variable(key, timeout=timeout))
         except SandboxError:
             self._set_final(name)
 
@@ -965,10 +1099,13 @@ class _Run:
         if directive.kind == "FINAL":
             self._set_final(directive.argument)
             return
-        try:
-            sb.execute(f"FINAL_VAR({directive.argument!r})")
-        except Exception:
-            pass
+        if sb.alive and self._may_run_code():
+            try:
+                self._execute(sb, f"FINAL_VAR({directive.argument!r})", HELPER_TIMEOUT_S)
+            except Exception:
+                pass
+        else:  # the value straight from the child, as FINAL_VAR would give it
+            self.pending_name = directive.argument
         if self.pending_name is not None and self.final is None:
             self._resolve_name(sb, self.pending_name)
         if self.final is None:
@@ -1122,11 +1259,15 @@ class _Run:
                     return result
                 finally:
                     session.history.append({"query": query, "answer": answer})
+                    if self.ledger.cancel is not None and session.sandbox is not None:
+                        self.ledger.cancel.unwatch(session.sandbox)  # later runs use it
             sb = self._open_sandbox()
             try:
                 return self._loop(sb, query, started)
             finally:
                 sb.close()
+                if self.ledger.cancel is not None:
+                    self.ledger.cancel.unwatch(sb)
         except BaseException as exc:
             self.emit("run_end", answer=None, stop_reason="error", error=f"{type(exc).__name__}: {exc}")
             if isinstance(exc, RLMError) and self.logger is not None:

@@ -96,3 +96,20 @@ def test_a_log_dir_gone_after_construction_is_a_configuration_error_not_an_oserr
         with pytest.raises(ConfigurationError, match=f"log_dir {log_dir}: "):
             r.completion("context", "question")
         assert srv.requests == []  # refused before any model call
+
+
+@pytest.mark.parametrize(
+    ("configured", "left", "expect"),
+    [(None, None, None), (None, 30.0, 30.0), (None, 5000.0, 600.0), (120.0, 5000.0, 120.0), (120.0, 7.0, 7.0)],
+)
+def test_the_time_left_shortens_the_request_timeout_never_lengthens_it(monkeypatch, configured, left, expect):
+    """With max_time_s the loop passes the time left as the call's timeout: a large budget must not
+    stretch the request timeout (configured, else rlm.llm's default) past itself."""
+    from rlm import llm
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(llm, "complete", lambda model, messages, **kw: seen.update(kw))
+    extra = {} if configured is None else {"timeout": configured}
+    backend = LiteLLMBackend(api_base="http://127.0.0.1:9/v1", **extra)
+    backend.complete("openai/m", [], **({} if left is None else {"timeout": left}))
+    assert seen.get("timeout") == expect

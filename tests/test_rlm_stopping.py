@@ -1,0 +1,243 @@
+"""Stopping a run promptly: a cancelled ``acompletion`` task, Ctrl-C during a batch of child RLMs,
+a cancel during a retry's wait, and the loop's own helpers run in a sandbox the model controls.
+
+Real sandboxes throughout; the model is the loopback server (tests/llm_server.py) or a scripted
+backend. Each test bounds its wait, so a run that does not stop fails the test instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import rlm.core as core
+from rlm import RLM, CancelToken, ScriptedBackend, run
+from tests.conftest import within
+from tests.llm_server import LLMServer, Reply
+
+KEY = "sk-test-stopping"
+STOP_S = 2.0  # a run that is stopped ends (and its caller gets control back) well within this
+
+
+@pytest.fixture(scope="module", autouse=True)
+def litellm_imported() -> None:
+    """Import litellm before the clocks start: its first import takes seconds and cannot be cut short."""
+    from rlm import llm
+
+    llm._lib()
+
+
+def repl(code: str, text: str = "") -> str:
+    return f"{text}\n```repl\n{code}\n```\n"
+
+
+# ------------------------------------------------------------------ acompletion
+SLOW_SUB_CALLS = repl("for i in range(8):\n    print(llm_query('chunk %d' % i))")
+
+
+def slow_server() -> LLMServer:
+    """Every reply (root turns and sub-calls alike) takes 0.5 s: the root's code makes 8 sub-calls."""
+    return LLMServer(Reply(SLOW_SUB_CALLS, latency_s=0.5))
+
+
+def test_cancelling_the_acompletion_task_stops_the_run():
+    """asyncio.timeout around acompletion: the run is cancelled (no model call after it), its
+    sandbox closed, and asyncio.run returns at once instead of waiting for the run to end."""
+    events: list[dict[str, Any]] = []
+    with slow_server() as srv:
+        r = RLM("openai/m", api_base=srv.base_url, api_key=KEY, max_iterations=3, on_event=events.append)
+        seen: dict[str, float] = {}
+
+        async def main() -> None:
+            try:
+                async with asyncio.timeout(1.2):
+                    await r.acompletion("ctx", "q")
+            except TimeoutError:
+                seen["timed_out"] = time.monotonic()
+                seen["requests"] = len(srv.requests)
+
+        started = time.monotonic()
+        _, elapsed = within(8, lambda: asyncio.run(main()))
+        assert "timed_out" in seen
+        assert elapsed < 1.2 + STOP_S + 1.0, elapsed
+        # the run ended (its sandbox closed) before asyncio.run returned, stopped by the cancellation
+        ends = [e for e in events if e["type"] == "run_end"]
+        assert [e["stop_reason"] for e in ends] == ["cancelled"], ends
+        time.sleep(0.7)  # longer than a sub-call: one more would have reached the server by now
+        assert len(srv.requests) <= seen["requests"] + 1 < 8, (len(srv.requests), seen)
+        assert seen["timed_out"] - started < 1.2 + 1.0
+
+
+def test_task_cancel_leaves_the_callers_token_alone_and_the_token_still_cancels():
+    """A caller's cancel= token combines with the task's cancellation: task.cancel() stops the run
+    without cancelling the caller's token (it may be shared), and token.cancel() under acompletion
+    ends the run with stop_reason="cancelled"."""
+    with slow_server() as srv:
+        r = RLM("openai/m", api_base=srv.base_url, api_key=KEY, max_iterations=3)
+        token = CancelToken()
+
+        async def cancel_task() -> float:
+            task = asyncio.create_task(r.acompletion("ctx", "q", cancel=token))
+            await asyncio.sleep(1.0)
+            task.cancel()
+            t = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return time.monotonic() - t
+
+        waited, _ = within(8, lambda: asyncio.run(cancel_task()))
+        assert waited < STOP_S + 0.5, waited
+        assert not token.cancelled
+        before = len(srv.requests)
+        time.sleep(0.7)
+        assert len(srv.requests) <= before + 1 < 8
+
+        async def cancel_token() -> Any:
+            threading.Timer(1.0, token.cancel).start()
+            return await r.acompletion("ctx", "q", cancel=token)
+
+        result, elapsed = within(8, lambda: asyncio.run(cancel_token()))
+        assert result.stop_reason == "cancelled" and result.answer is None, result
+        assert elapsed < 3.0, elapsed
+
+
+# ------------------------------------------------------------------ Ctrl-C in a batch of child RLMs
+def test_ctrl_c_during_a_batch_of_child_rlms_stops_the_children():
+    """KeyboardInterrupt in the main thread while child RLMs of rlm_query_batched run (in pool
+    threads) in their own sandboxes: it reaches them, their code is killed, they make no more
+    model calls, and the interrupt surfaces at once instead of after every child has finished."""
+    calls: list[float] = []
+    children_started = threading.Semaphore(0)
+
+    def script(model: str, messages: list[dict[str, Any]]) -> str:
+        calls.append(time.monotonic())
+        if "Question: root" in messages[1]["content"]:
+            return repl("r = rlm_query_batched(['child %d' % i for i in range(4)])\nprint(r)")
+        return repl("import time\nt = time.time()\nwhile time.time() - t < 12:\n    time.sleep(0.1)")
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["type"] == "model_reply" and event["depth"] == 1:
+            children_started.release()
+
+    def interrupt_once_children_run() -> None:
+        for _ in range(4):
+            children_started.acquire()
+        time.sleep(0.5)  # their blocks are running now
+        box["sigint"] = time.monotonic()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    box: dict[str, float] = {}
+    threading.Thread(target=interrupt_once_children_run, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run(
+            "root",
+            "ctx",
+            model="m",
+            backend=ScriptedBackend(script),
+            max_depth=2,
+            max_iterations=1,
+            on_event=on_event,
+        )
+    surfaced = time.monotonic() - box["sigint"]
+    assert surfaced < STOP_S + 0.5, surfaced
+    assert not [c for c in calls if c > box["sigint"]], "model calls after the interrupt"
+    deadline = time.monotonic() + STOP_S
+    while any(t.name.startswith("rlm-batch") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name.startswith("rlm-batch") for t in threading.enumerate())
+
+
+# ------------------------------------------------------------------ cancel during a retry's wait
+def test_cancel_during_a_retry_wait_stops_the_run_at_once():
+    """A 429 with Retry-After: 60: the loop waits to retry; token.cancel() ends that wait, and no
+    further request is sent."""
+    too_many = Reply("slow down", status=429, error_type="rate_limit_error", headers=(("Retry-After", "60"),))
+    with LLMServer(too_many) as srv:
+        token = CancelToken()
+        retries = threading.Event()
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["type"] == "retry":
+                retries.set()
+
+        def cancel_when_waiting() -> None:
+            retries.wait(10)
+            time.sleep(0.3)
+            token.cancel()
+
+        threading.Thread(target=cancel_when_waiting, daemon=True).start()
+        result, elapsed = within(
+            10,
+            lambda: run(
+                "q",
+                "ctx",
+                model="openai/m",
+                api_base=srv.base_url,
+                api_key=KEY,
+                cancel=token,
+                on_event=on_event,
+            ),
+        )
+        assert result.stop_reason == "cancelled" and result.answer is None, result
+        assert elapsed < 3.0, elapsed
+        assert len(srv.requests) == 1
+
+
+# ------------------------------------------------------------------ helpers the model may redefine
+HIJACK_DESCRIBE = repl("import time\ndef rlm_describe_vars():\n    time.sleep(25)\nprint('defined')")
+
+
+def test_a_redefined_rlm_describe_vars_cannot_outlive_max_time_s():
+    """The host runs rlm_describe_vars() after every block; a model that redefines it to sleep does
+    not keep the run past max_time_s."""
+    backend = ScriptedBackend([HIJACK_DESCRIBE] * 3 + [repl("FINAL('x')")])
+    result, elapsed = within(
+        10, lambda: run("q", "ctx", model="m", backend=backend, max_time_s=1.5, max_iterations=4)
+    )
+    assert result.stop_reason == "max_time_s", result
+    assert elapsed < 1.5 + 1.5, elapsed
+
+
+def test_a_redefined_final_var_cannot_outlive_max_time_s():
+    """FINAL_VAR(...) written in the reply's text is resolved by running FINAL_VAR in the sandbox:
+    redefined to sleep, it is killed when the time budget runs out."""
+    reply = repl("import time\ndef FINAL_VAR(name):\n    time.sleep(25)\nanswer = 42") + "FINAL_VAR(answer)\n"
+    backend = ScriptedBackend([reply])
+    result, elapsed = within(10, lambda: run("q", "ctx", model="m", backend=backend, max_time_s=1.5))
+    assert elapsed < 1.5 + 1.5, elapsed
+    assert result.iterations == 1
+
+
+def test_a_stalling_helper_is_killed_without_a_time_budget(monkeypatch: pytest.MonkeyPatch):
+    """Without max_time_s the helpers are bounded too (HELPER_TIMEOUT_S): an object whose repr
+    hangs stalls the description of the variables, its child is killed, the context is loaded
+    again, the model is told, and the run goes on."""
+    monkeypatch.setattr(core, "HELPER_TIMEOUT_S", 1.0, raising=False)
+    slow_repr = repl(
+        "import time\nclass Slow:\n    def __repr__(self):\n        time.sleep(25)\n        return 'slow'\ns = Slow()"
+    )
+    backend = ScriptedBackend([slow_repr, repl("FINAL(len(context))")])
+    result, elapsed = within(10, lambda: run("q", "abcdef", model="m", backend=backend, max_iterations=3))
+    assert result.answer == "6" and result.stop_reason == "final", result
+    assert elapsed < 6.0, elapsed
+    told = backend.calls[1][1][-1]["content"]
+    assert "the sandbox was restarted" in told, told
+
+
+# ------------------------------------------------------------------ a token belongs to one run
+def test_a_late_cancel_of_an_earlier_token_leaves_a_session_alone():
+    """In a session, each completion's token stops that completion only: cancelling the token of a
+    finished completion later does not kill the session's sandbox (its variables survive)."""
+    backend = ScriptedBackend([repl("x = 41\nFINAL('set')"), repl("FINAL(x + 1)")])
+    first = CancelToken()
+    with RLM("m", backend=backend, persistent=True) as r:
+        assert r.completion("ctx", "set x", cancel=first).answer == "set"
+        first.cancel()
+        second = r.completion("ctx", "read x", cancel=CancelToken())
+    assert second.answer == "42" and second.stop_reason == "final", second
