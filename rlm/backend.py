@@ -59,9 +59,12 @@ class LiteLLMBackend:
 
         call = {**self._kwargs, **kwargs}
         left, configured = kwargs.get("timeout"), self._kwargs.get("timeout")
-        if isinstance(left, int | float) and (configured is None or isinstance(configured, int | float)):
-            # The loop passes the time left of max_time_s: it may shorten the request timeout
-            # (the configured one, else the default), never lengthen it.
+        # The loop passes the time left of max_time_s: it may shorten the request timeout (the
+        # configured one, else the default), never lengthen it. One that is not a number (an
+        # httpx.Timeout) is kept as configured: the loop still gives the call up when the run stops.
+        if left is not None and configured is not None and not isinstance(configured, int | float):
+            call["timeout"] = configured
+        elif isinstance(left, int | float):
             call["timeout"] = min(left, llm.DEFAULT_REQUEST_TIMEOUT_S if configured is None else configured)
         return llm.complete(model, messages, api_base=self.api_base, api_key=self._api_key, **call)
 

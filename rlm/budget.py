@@ -143,6 +143,17 @@ class Ledger:
                     self.stopped_by = over[0]
                 raise BudgetExceeded(*over)
 
+    def refuse_any(self) -> None:
+        """Raise :class:`BudgetExceeded` if a budget now refuses every call (cancelled, tokens,
+        cost, time); unlike :meth:`check` it counts nothing, and ``max_sub_calls`` (which refuses
+        only sub-calls, at ``check``) is not looked at."""
+        with self._lock:
+            over = self._over()
+            if over is not None:
+                if self.stopped_by is None:
+                    self.stopped_by = over[0]
+                raise BudgetExceeded(*over)
+
     def exhausted(self) -> str | None:
         """The budget that stops the run, if one does (checked now, so time counts)."""
         with self._lock:

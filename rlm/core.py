@@ -512,6 +512,7 @@ class _Session:
         self.history: list[dict[str, Any]] = []
         self.handlers: dict[str, Any] = {}
         self.loaded = 0  # contexts present in the live child
+        self.restarted = False  # the child was replaced since the last completion (its variables lost)
 
     def host_functions(self, names: dict[str, Any]) -> dict[str, Any]:
         def route(name: str) -> Any:
@@ -597,6 +598,9 @@ class _Run:
                 kwargs["timeout"] = max(1.0, left)
             try:
                 with self.ledger.slot():
+                    # Checked again once a slot is free: the run may have stopped while this call
+                    # waited for one (the calls it stopped free their slots for the next waiter).
+                    self.ledger.refuse_any()
                     completion = self._complete(model, messages, kwargs)
             except (RateLimited, ProviderUnavailable) as exc:
                 wait = retry_wait(attempt, exc.retry_after, self.cfg.retry_backoff_s)
@@ -737,7 +741,8 @@ class _Run:
                 stopping = True
                 self._stop_tree()
                 pool.shutdown(wait=False, cancel_futures=True)
-                wait_futures(futures, timeout=STOP_WAIT_S)
+                # queued ones are cancelled now, and wait() would count them as never done
+                wait_futures([f for f in futures if not f.cancelled()], timeout=STOP_WAIT_S)
             raise
         finally:
             if not stopping:
@@ -929,7 +934,9 @@ class _Run:
             session.sandbox = self._new_sandbox(session.host_functions(session.handlers))
             session.audit_path = session.sandbox.audit_path
             session.loaded = 0
-        elif self.ledger.cancel is not None:  # the sandbox of an earlier run: this run's token watches it too
+        elif self.ledger.cancel is not None and not self.ledger.cancel.cancelled:
+            # The sandbox of an earlier run: this run's token watches it too. A run cancelled before
+            # it began (queued behind another completion) must not kill it: watch() would, at once.
             self.ledger.cancel.watch(session.sandbox)
         self._load(session.sandbox)
         return session.sandbox
@@ -948,6 +955,7 @@ class _Run:
                 result = sb.execute(PRELUDE)
             else:
                 fresh = session.loaded == 0 or not sb.alive
+                session.restarted = session.loaded > 0 and fresh  # told in _session_note
                 first = 0 if fresh else session.loaded
                 for i in range(first, len(session.contexts)):
                     sb.set_variable(f"context_{i}", session.contexts[i])
@@ -1082,14 +1090,21 @@ class _Run:
 
         self.pending_name = None
         key = name.strip().strip("\"'")
-        if not key.isidentifier() or not sb.alive:  # a dead child's variables are gone
+        if not key.isidentifier():
             self._set_final(name)
             return
-        left = self.ledger.time_left()
-        timeout = HELPER_TIMEOUT_S if left is None else max(0.1, min(HELPER_TIMEOUT_S, left))
-        try:
-            self._set_final(sb.get_variable(key, timeout=timeout))
-        except SandboxError:
+        if sb.alive:
+            left = self.ledger.time_left()
+            timeout = HELPER_TIMEOUT_S if left is None else max(0.1, min(HELPER_TIMEOUT_S, left))
+            try:
+                self._set_final(sb.get_variable(key, timeout=timeout))
+                return
+            except SandboxError:
+                pass
+        # The value is gone (a dead child's variables are). After a limit or a crash the name
+        # stands for the answer, as for a missing variable; a run that was stopped (cancelled,
+        # out of time) has no answer, and ends with that reason.
+        if self._may_run_code():
             self._set_final(name)
 
     def _resolve_text_final(self, sb: Any, response: str) -> None:
@@ -1108,7 +1123,7 @@ class _Run:
             self.pending_name = directive.argument
         if self.pending_name is not None and self.final is None:
             self._resolve_name(sb, self.pending_name)
-        if self.final is None:
+        if self.final is None and self._may_run_code():
             self._set_final(directive.argument)
 
     # ------------------------------------------------------------------ loop
@@ -1202,9 +1217,15 @@ class _Run:
                 "This is the first question of a session: your variables stay in the REPL for later questions. "
                 "`context` is also `context_0`.\n\n"
             )
+        kept = (
+            "the REPL was restarted since the last question (a limit, a crash or a cancel stopped it): the "
+            "variables you made earlier are gone, the contexts and `history` were loaded again"
+            if session.restarted
+            else "the REPL still holds your variables from earlier questions"
+        )
         lines = [
-            f"This is question {last + 1} of a session: the REPL still holds your variables from earlier "
-            f"questions. `context` is the new context (also `context_{last}`); the earlier ones are:"
+            f"This is question {last + 1} of a session: {kept}. `context` is the new context "
+            f"(also `context_{last}`); the earlier ones are:"
         ]
         for i, (earlier, turn) in enumerate(zip(session.contexts[:-1], session.history, strict=False)):
             head = describe_context(earlier).split("\n", 1)[0].replace("`context`", f"`context_{i}`", 1)

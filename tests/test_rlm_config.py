@@ -100,7 +100,14 @@ def test_a_log_dir_gone_after_construction_is_a_configuration_error_not_an_oserr
 
 @pytest.mark.parametrize(
     ("configured", "left", "expect"),
-    [(None, None, None), (None, 30.0, 30.0), (None, 5000.0, 600.0), (120.0, 5000.0, 120.0), (120.0, 7.0, 7.0)],
+    [
+        (None, None, None),
+        (None, 30.0, 30.0),
+        (None, 5000.0, 600.0),
+        (120.0, 5000.0, 120.0),
+        (120.0, 7.0, 7.0),
+        ("7", 100.0, "7"),  # not a number (an httpx.Timeout, say): kept as configured
+    ],
 )
 def test_the_time_left_shortens_the_request_timeout_never_lengthens_it(monkeypatch, configured, left, expect):
     """With max_time_s the loop passes the time left as the call's timeout: a large budget must not

@@ -108,17 +108,19 @@ def test_task_cancel_leaves_the_callers_token_alone_and_the_token_still_cancels(
 
 
 # ------------------------------------------------------------------ Ctrl-C in a batch of child RLMs
-def test_ctrl_c_during_a_batch_of_child_rlms_stops_the_children():
+@pytest.mark.parametrize(("children", "concurrency", "prompt_s"), [(4, 16, STOP_S + 0.5), (12, 4, 0.6)])
+def test_ctrl_c_during_a_batch_of_child_rlms_stops_the_children(children, concurrency, prompt_s):
     """KeyboardInterrupt in the main thread while child RLMs of rlm_query_batched run (in pool
     threads) in their own sandboxes: it reaches them, their code is killed, they make no more
-    model calls, and the interrupt surfaces at once instead of after every child has finished."""
+    model calls, and the interrupt surfaces at once instead of after every child has finished.
+    With more children than workers, the queued ones are dropped and not waited for."""
     calls: list[float] = []
     children_started = threading.Semaphore(0)
 
     def script(model: str, messages: list[dict[str, Any]]) -> str:
         calls.append(time.monotonic())
         if "Question: root" in messages[1]["content"]:
-            return repl("r = rlm_query_batched(['child %d' % i for i in range(4)])\nprint(r)")
+            return repl(f"r = rlm_query_batched(['child %d' % i for i in range({children})])\nprint(r)")
         return repl("import time\nt = time.time()\nwhile time.time() - t < 12:\n    time.sleep(0.1)")
 
     def on_event(event: dict[str, Any]) -> None:
@@ -126,7 +128,7 @@ def test_ctrl_c_during_a_batch_of_child_rlms_stops_the_children():
             children_started.release()
 
     def interrupt_once_children_run() -> None:
-        for _ in range(4):
+        for _ in range(min(children, concurrency)):
             children_started.acquire()
         time.sleep(0.5)  # their blocks are running now
         box["sigint"] = time.monotonic()
@@ -142,10 +144,11 @@ def test_ctrl_c_during_a_batch_of_child_rlms_stops_the_children():
             backend=ScriptedBackend(script),
             max_depth=2,
             max_iterations=1,
+            max_concurrency=concurrency,
             on_event=on_event,
         )
     surfaced = time.monotonic() - box["sigint"]
-    assert surfaced < STOP_S + 0.5, surfaced
+    assert surfaced < prompt_s, surfaced
     assert not [c for c in calls if c > box["sigint"]], "model calls after the interrupt"
     deadline = time.monotonic() + STOP_S
     while any(t.name.startswith("rlm-batch") for t in threading.enumerate()) and time.monotonic() < deadline:
@@ -241,3 +244,88 @@ def test_a_late_cancel_of_an_earlier_token_leaves_a_session_alone():
         first.cancel()
         second = r.completion("ctx", "read x", cancel=CancelToken())
     assert second.answer == "42" and second.stop_reason == "final", second
+
+
+def test_a_completion_cancelled_before_it_runs_leaves_the_session_alone():
+    """A completion whose token is cancelled before it starts (or that waited behind another
+    completion of the session when its task was cancelled) runs no code and kills nothing: the
+    session's variables survive."""
+    backend = ScriptedBackend([repl("x = 41\nFINAL('set')"), repl("FINAL(x + 1)")])
+    early = CancelToken()
+    early.cancel()
+    with RLM("m", backend=backend, persistent=True) as r:
+        assert r.completion("ctx", "set x").answer == "set"
+        assert r.completion("ctx", "never runs", cancel=early).stop_reason == "cancelled"
+        after = r.completion("ctx", "read x")
+    assert after.answer == "42" and after.stop_reason == "final", after
+
+
+def test_a_session_whose_child_was_killed_tells_the_next_completion():
+    """A cancel kills the session's child mid-block: the next completion's first message says the
+    REPL was restarted and the variables are gone (not that it still holds them)."""
+    replies = [repl("x = 41\nFINAL('set')"), repl("import time\ntime.sleep(20)"), repl("FINAL('ok')")]
+    backend = ScriptedBackend(replies)
+    token = CancelToken()
+    with RLM("m", backend=backend, persistent=True, max_iterations=2) as r:
+        r.completion("ctx", "set x")
+        threading.Timer(0.8, token.cancel).start()
+        assert r.completion("ctx", "slow", cancel=token).stop_reason == "cancelled"
+        r.completion("ctx", "next")
+    first = backend.calls[-1][1][1]["content"]
+    assert "was restarted" in first and "still holds your variables" not in first, first
+
+
+@pytest.mark.parametrize("stop", ["cancel", "max_time_s"])
+def test_final_var_of_a_block_cut_short_by_a_stop_is_no_answer(stop):
+    """The reply's block sets the variable its text names with FINAL_VAR, and the run is stopped
+    while the block runs: the child's variables are gone, and the run ends with the stop's reason,
+    not with the variable's name as its answer."""
+    reply = repl("import time\ntime.sleep(20)\nanswer = 42") + "FINAL_VAR(answer)\n"
+    token = CancelToken()
+    if stop == "cancel":
+        threading.Timer(0.8, token.cancel).start()
+    kwargs: dict[str, Any] = {"cancel": token} if stop == "cancel" else {"max_time_s": 1.0}
+    result, _ = within(10, lambda: run("q", "ctx", model="m", backend=ScriptedBackend([reply]), **kwargs))
+    expected = "cancelled" if stop == "cancel" else "max_time_s"
+    assert result.stop_reason == expected and result.answer is None, result
+
+
+def test_no_model_call_starts_once_the_run_is_stopped():
+    """Sub-calls of child RLMs queued for one of the run tree's concurrency slots when the run is
+    cancelled never start (each stopped call frees its slot for the next waiter, which must look
+    at the run first)."""
+    started: list[float] = []
+    box: dict[str, float] = {}
+
+    def script(model: str, messages: list[dict[str, Any]]) -> str:
+        if len(messages) == 1:  # a sub-call
+            started.append(time.monotonic())
+            time.sleep(0.5)
+            return "sub"
+        if "Question: root" in messages[1]["content"]:
+            return repl("print(rlm_query_batched(['child %d' % i for i in range(12)]))")
+        return repl("print(llm_query_batched(['p%d' % i for i in range(10)]))")
+
+    token = CancelToken()
+
+    def cancel() -> None:
+        box["at"] = time.monotonic()
+        token.cancel()
+
+    threading.Timer(1.2, cancel).start()
+    result, _ = within(
+        10,
+        lambda: run(
+            "root",
+            "ctx",
+            model="m",
+            backend=ScriptedBackend(script),
+            max_depth=2,
+            max_iterations=1,
+            max_concurrency=16,
+            cancel=token,
+        ),
+    )
+    assert result.stop_reason == "cancelled", result
+    late = [t for t in started if t > box["at"] + 0.01]
+    assert not late, f"{len(late)} model calls started after the cancel"
