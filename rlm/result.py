@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sandbox.protocol import clean_text
+
 __all__ = ["ModelUsage", "RLMResult", "StopReason"]
 
 StopReason = Literal[
@@ -31,20 +33,10 @@ StopReason = Literal[
 ]
 
 
-def clean_text(text: str) -> str:
-    """*text* with its lone surrogates written as backslash escapes (``"\\ud800"``); other text as is."""
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
 def _clean(value: Any) -> Any:
     """*value* with every string in it (dictionary keys included) made valid Unicode by
-    :func:`clean_text`; containers are copied only when something in them changed."""
+    :func:`sandbox.protocol.clean_text` (as the sandbox escapes what code prints); containers
+    are copied only when something in them changed."""
     if isinstance(value, str):
         return clean_text(value)
     if isinstance(value, dict):
