@@ -38,6 +38,7 @@ in the encoded line: a short or all-digit key cannot turn a number into
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -112,6 +113,24 @@ def json_safe(value: Any, clip: bool = False) -> Any:
     return value
 
 
+def _append(path: Path, data: bytes) -> None:
+    """Append *data* to *path* whole, or not at all: a write that fails part way (a full disk)
+    is cut back off, so the file never ends in a torn line that viewers cannot read."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
 class TrajectoryLogger:
     """Appends a run's lines to ``<log_dir>/<run_id>.jsonl``; writes its outcome on :meth:`result`."""
 
@@ -155,21 +174,23 @@ class TrajectoryLogger:
     def _write(self, entry: dict[str, Any]) -> None:
         # A lone surrogate (models and programs emit them) becomes a JSON \udXXX escape, not an error.
         line = (self._encode(entry) + "\n").encode("utf-8", "backslashreplace")
-        with self._lock, self.path.open("ab") as f:
-            f.write(line)
+        try:
+            with self._lock:
+                _append(self.path, line)
+        except OSError as exc:  # a full disk, a directory gone or made read-only mid-run
+            raise self._unwritable(self.path, exc) from None
+
+    def _unwritable(self, path: Path, exc: OSError) -> ConfigurationError:
+        return ConfigurationError(f"log_dir {self.dir}: cannot write {path.name}: {exc.strerror or exc}")
 
     @staticmethod
     def _now() -> str:
         return datetime.now().isoformat()
 
     def metadata(self, **fields: Any) -> None:
-        """The first line of the file: a directory where it cannot be written is a bad ``log_dir``."""
-        try:
-            self._write({"type": "metadata", "timestamp": self._now(), **fields})
-        except OSError as exc:
-            raise ConfigurationError(
-                f"log_dir {self.dir}: cannot write {self.path.name}: {exc.strerror or exc}"
-            ) from None
+        """The first line of the file: a directory where it cannot be written is a bad ``log_dir``
+        (as is one where a later line cannot be: ConfigurationError from every write)."""
+        self._write({"type": "metadata", "timestamp": self._now(), **fields})
 
     def _prompt(self, messages: list[dict[str, Any]]) -> list[dict[str, str]]:
         """The messages of this turn, each written in full once per file (see the module docstring)."""
@@ -233,5 +254,10 @@ class TrajectoryLogger:
         """Write ``<run_id>.result.json`` atomically (a temporary file renamed over it)."""
         text = self._encode({"run_id": self.run_id, "timestamp": self._now(), **fields}, indent=1)
         tmp = self.result_path.with_name(f".{self.result_path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes((text + "\n").encode("utf-8", "backslashreplace"))
-        os.replace(tmp, self.result_path)
+        try:
+            tmp.write_bytes((text + "\n").encode("utf-8", "backslashreplace"))
+            os.replace(tmp, self.result_path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise self._unwritable(self.result_path, exc) from None

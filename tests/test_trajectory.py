@@ -178,3 +178,34 @@ def test_nan_and_infinity_from_model_code_stay_valid_json(tmp_path: Path):
     data = load_path(tmp_path)
     data["runs"][0]["extra"] = [float("nan"), {"older log": float("-inf")}]  # as an older log may hold
     _strict(_embed(data))  # what the page's JSON.parse reads
+
+
+_FULL_DISK = """
+import resource, signal, sys
+from rlm import run
+from rlm.backend import ScriptedBackend
+from rlm.errors import RLMError
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+backend = ScriptedBackend(["```repl\\nx = 1\\n```"] * 3 + ["FINAL('done')"])
+# files of this process may not grow past 6 KB from now on: the trajectory's lines outgrow it
+resource.setrlimit(resource.RLIMIT_FSIZE, (6000, resource.RLIM_INFINITY))
+try:
+    run("q", "ctx", model="m", backend=backend, log_dir=sys.argv[1], max_iterations=4)
+except RLMError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_a_log_that_cannot_be_written_mid_run_is_our_error(tmp_path: Path):
+    """A trajectory line that cannot be written once the run is under way (a full disk; here a
+    file-size limit) ends the run with an RLMError naming the log directory, not a raw OSError."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stdout.startswith("ConfigurationError") and str(tmp_path) in out.stdout, out.stdout
+    assert "File too large" in out.stdout
