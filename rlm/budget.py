@@ -143,16 +143,23 @@ class Ledger:
                     self.stopped_by = over[0]
                 raise BudgetExceeded(*over)
 
-    def refuse_any(self) -> None:
-        """Raise :class:`BudgetExceeded` if a budget now refuses every call (cancelled, tokens,
-        cost, time); unlike :meth:`check` it counts nothing, and ``max_sub_calls`` (which refuses
-        only sub-calls, at ``check``) is not looked at."""
+    def halted(self) -> tuple[str, str] | None:
+        """(limit, message) of a budget that now refuses every call (cancelled, tokens, cost,
+        time), or None. Unlike :meth:`exhausted` it does not look at ``max_sub_calls``, which
+        refuses only new sub-calls (at :meth:`check`): a call already let through (the closing
+        root call of a run out of sub-calls) goes on."""
         with self._lock:
             over = self._over()
-            if over is not None:
-                if self.stopped_by is None:
-                    self.stopped_by = over[0]
-                raise BudgetExceeded(*over)
+            if over is not None and self.stopped_by is None:
+                self.stopped_by = over[0]
+            return over
+
+    def refuse_any(self) -> None:
+        """Raise :class:`BudgetExceeded` if :meth:`halted` says a budget refuses every call now;
+        unlike :meth:`check` it counts nothing."""
+        over = self.halted()
+        if over is not None:
+            raise BudgetExceeded(*over)
 
     def exhausted(self) -> str | None:
         """The budget that stops the run, if one does (checked now, so time counts)."""

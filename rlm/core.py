@@ -621,9 +621,7 @@ class _Run:
         never outlives the time budget (:meth:`Ledger.record_retry` refused a longer one)."""
         end = time.monotonic() + seconds
         while True:
-            over = self.ledger.exhausted()
-            if over is not None:
-                raise BudgetExceeded(over, f"the run stopped ({over}) while waiting to retry a call")
+            self.ledger.refuse_any()
             left = end - time.monotonic()
             if left <= 0:
                 return
@@ -653,11 +651,11 @@ class _Run:
         context = contextvars.copy_context()
         threading.Thread(target=context.run, args=(call,), name="rlm-model-call", daemon=True).start()
         while not done.wait(0.05):
-            over = self.ledger.exhausted()
+            over = self.ledger.halted()  # not max_sub_calls: a call under way was let through
             if over is not None:
                 self.ledger.record_abandoned(model)
                 raise BudgetExceeded(
-                    over, f"a call to {model} was still running when the run stopped ({over})"
+                    over[0], f"a call to {model} was still running when the run stopped ({over[0]})"
                 )
         if "error" in box:
             raise box["error"]

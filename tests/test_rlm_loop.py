@@ -127,9 +127,14 @@ def test_batch_failures_are_per_prompt_strings():
     assert r.sub_calls == 3
 
 
-def test_sub_call_budget_stops_the_run():
+@pytest.mark.parametrize("latency_s", [0.0, 0.2])
+def test_sub_call_budget_stops_the_run(latency_s):
+    """Out of sub-calls, the run ends with the root's closing call, which is not given up as the
+    run is "stopped": max_sub_calls refuses new sub-calls only (a model slower than the loop's
+    50 ms look at the budgets lost its answer)."""
     code = "out = []\nfor i in range(10):\n    out.append(llm_query(str(i)))"
-    r = go({"root": [repl(code), "best effort"], "sub": ["s"] * 5}, max_sub_calls=3)
+    script = {"root": [repl(code), "best effort"], "sub": ["s"] * 5}
+    r = go(None, backend=ScriptedBackend(script, latency_s=latency_s), max_sub_calls=3)
     assert r.stop_reason == "max_sub_calls" and r.sub_calls == 3
     assert r.answer == "best effort" and r.iterations == 1
 
