@@ -1034,11 +1034,10 @@ class _Run:
         local_vars: dict[str, Any] = {}
         if sb.alive and self._may_run_code():
             local_vars = self._describe_vars(sb)  # may kill the child (too slow): reloaded below
-        if sb.alive:
-            pass
-        elif self.ledger.exhausted():  # stopped by a budget: the run ends, nothing to reload
+        dead = not sb.alive
+        if dead and self.ledger.exhausted():  # stopped by a budget: the run ends, nothing to reload
             text += f"\n[the run stopped: {self.ledger.stopped_by}]"
-        else:
+        elif dead:
             self._load(sb)
             reloaded = (
                 "`context`"
