@@ -203,21 +203,15 @@ def _add_run_parser(sub: Any) -> None:
     p.add_argument(
         "--request-timeout",
         type=float,
-        default=DEFAULT_REQUEST_TIMEOUT_S,
         metavar="SECONDS",
         help=(
             "give up a model call that has not answered in this long; it is retried like a server error "
-            f"(default: {DEFAULT_REQUEST_TIMEOUT_S:g})"
+            "(default: rlm.llm.DEFAULT_REQUEST_TIMEOUT_S, 600)"
         ),
     )
     p.add_argument("--json", action="store_true", help="print one JSON object with the RLMResult fields")
     p.add_argument("--verbose", action="store_true", help="show each turn live (on stderr)")
     p.set_defaults(func=_cmd_run)
-
-
-#: Seconds ``rlm run`` lets a model call wait for its answer (rlm.llm.DEFAULT_REQUEST_TIMEOUT_S, which
-#: is not imported here: rlm.llm is loaded only when a model is called).
-DEFAULT_REQUEST_TIMEOUT_S = 600.0
 
 
 #: The run flags of ``rlm run`` and ``rlm batch`` (those present in the command's namespace), by flag:
@@ -321,7 +315,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             max_sub_calls=args.max_sub_calls,
             max_time_s=args.max_time,
             verbose=args.verbose,
-            model_kwargs={"timeout": args.request_timeout},
+            # not given: rlm.llm's default (not imported here: it is loaded only when a model is called)
+            model_kwargs={} if args.request_timeout is None else {"timeout": args.request_timeout},
         )
     except (ConfigurationError, AuthenticationError, UnknownModelError, ModelUnreachable) as exc:
         # ModelUnreachable reaches here only from the first call (later ones stop the run instead):
