@@ -524,11 +524,11 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
 
     try:
         run_server(config, args.transport, args.host, args.port)
-    except ConfigurationError as exc:  # the port is taken, the address is not ours, ... (checked first)
+    # ConfigurationError: the port is taken, the address is not ours, ... (checked first);
+    # SandboxError: a layer the policy requires is missing, the audit log is not writable, ...
+    except (ConfigurationError, SandboxError) as exc:
         return _fail(str(exc))
-    except SandboxError as exc:  # a layer the policy requires is missing, the audit log is not writable, ...
-        return _fail(str(exc))
-    except OSError as exc:  # the port is taken, the address is not ours, ...
+    except OSError as exc:  # anything else the server could not do (the address was bound above)
         return _fail(f"cannot serve: {exc.strerror or exc}")
     return EXIT_OK
 

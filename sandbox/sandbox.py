@@ -256,6 +256,11 @@ def _host_functions(given: Mapping[str, HostFunction] | None, coroutines: bool) 
     return out
 
 
+def _check_pool(pool: object) -> None:
+    if not (pool is None or isinstance(pool, SandboxPool | Default)):
+        raise TypeError(f"pool must be a SandboxPool or None, not {type(pool).__name__}")
+
+
 def _resolve(policy: Policy | str | Path) -> Policy:
     return policy if isinstance(policy, Policy) else load_policy(policy)
 
@@ -855,8 +860,7 @@ class Sandbox:
         self.policy = _resolve(policy)
         self.id = f"{_ids.getrandbits(64):016x}"
         self._host = _host_functions(host_functions, coroutines=self._AWAITS_HOST_FUNCTIONS)
-        if not (pool is None or isinstance(pool, SandboxPool | Default)):
-            raise TypeError(f"pool must be a SandboxPool or None, not {type(pool).__name__}")
+        _check_pool(pool)
         self._spec, self._make = _spec_for(self.policy)
         self._policy_sha = self._spec.policy_sha256
         self._pool = default_pool() if isinstance(pool, Default) else pool
@@ -1609,8 +1613,7 @@ class AsyncSandbox:
     ) -> None:
         self.policy = _resolve(policy)
         self._host = _host_functions(host_functions, coroutines=True)
-        if not (pool is None or isinstance(pool, SandboxPool | Default)):
-            raise TypeError(f"pool must be a SandboxPool or None, not {type(pool).__name__}")
+        _check_pool(pool)
         self._audit_log = audit_log
         self._pool = pool
         self._sync: Sandbox | None = None
