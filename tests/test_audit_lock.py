@@ -29,18 +29,26 @@ HOLD = (
 )
 
 
+def _start_holder(path, procs):
+    """Another process holding the flock of *path* (as one stopped in the middle of an append
+    would), once it says so; added to *procs*, which the caller kills."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    procs.append(proc)
+    assert proc.stdout.readline() == "locked\n"
+    return proc
+
+
 @pytest.fixture
 def holder(tmp_path):
-    """Another process holding the log's flock (as one stopped in the middle of an append would)."""
     path = tmp_path / "audit.jsonl"
     path.touch()
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    procs = []
     try:
-        assert proc.stdout.readline() == "locked\n"
-        yield path, proc
+        yield path, _start_holder(path, procs)
     finally:
-        proc.kill()
-        proc.wait()
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def _in_thread(fn, limit=10.0):
@@ -134,9 +142,7 @@ def test_an_async_execute_waits_for_a_locked_log_off_the_event_loop(tmp_path, mo
     async def main():
         async with AsyncSandbox("default", audit_log=path, pool=None) as sb:
             await sb.execute("x = 0")  # started (fork, layers) before the lock is taken
-            proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
-            procs.append(proc)
-            assert proc.stdout.readline() == "locked\n"
+            proc = _start_holder(path, procs)
             async with loop_watch() as stalls:
                 threading.Timer(1.0, proc.kill).start()  # not through the loop: it may be the one stuck
                 t0 = time.monotonic()
@@ -168,9 +174,7 @@ def test_a_cancelled_async_execute_writes_its_line_off_the_event_loop(tmp_path, 
             await sb.execute("x = 0")
             task = asyncio.create_task(sb.execute("import time; time.sleep(30)"))
             await asyncio.sleep(0.3)  # the cell runs
-            proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
-            procs.append(proc)
-            assert proc.stdout.readline() == "locked\n"
+            proc = _start_holder(path, procs)
             async with loop_watch() as stalls:
                 threading.Timer(1.0, proc.kill).start()
                 t0 = time.monotonic()
