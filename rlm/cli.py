@@ -200,6 +200,14 @@ def _add_run_parser(sub: Any) -> None:
     p.add_argument("--budget-usd", type=float, metavar="X", help="stop when the run has cost this much")
     p.add_argument("--max-sub-calls", type=int, metavar="N", help="stop after this many sub-calls")
     p.add_argument("--max-time", type=float, metavar="SECONDS", help="stop after this much wall time")
+    _add_request_timeout(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object with the RLMResult fields")
+    p.add_argument("--verbose", action="store_true", help="show each turn live (on stderr)")
+    p.set_defaults(func=_cmd_run)
+
+
+def _add_request_timeout(p: argparse.ArgumentParser) -> None:
+    """``--request-timeout``, the same for ``rlm run`` and ``rlm batch``."""
     p.add_argument(
         "--request-timeout",
         type=float,
@@ -209,9 +217,13 @@ def _add_run_parser(sub: Any) -> None:
             "(default: rlm.llm.DEFAULT_REQUEST_TIMEOUT_S, 600)"
         ),
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object with the RLMResult fields")
-    p.add_argument("--verbose", action="store_true", help="show each turn live (on stderr)")
-    p.set_defaults(func=_cmd_run)
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``model_kwargs`` of the run flags: ``timeout`` when ``--request-timeout`` was given
+    (not given: rlm.llm's own default, not imported here: it is loaded only when a model is called)."""
+    timeout = getattr(args, "request_timeout", None)
+    return {} if timeout is None else {"timeout": timeout}
 
 
 #: The run flags of ``rlm run`` and ``rlm batch`` (those present in the command's namespace), by flag:
@@ -315,8 +327,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             max_sub_calls=args.max_sub_calls,
             max_time_s=args.max_time,
             verbose=args.verbose,
-            # not given: rlm.llm's default (not imported here: it is loaded only when a model is called)
-            model_kwargs={} if args.request_timeout is None else {"timeout": args.request_timeout},
+            model_kwargs=model_kwargs(args),
         )
     except (ConfigurationError, AuthenticationError, UnknownModelError, ModelUnreachable) as exc:
         # ModelUnreachable reaches here only from the first call (later ones stop the run instead):
@@ -582,6 +593,7 @@ def _add_batch_parser(sub: Any) -> None:
         "--max-sub-calls", type=int, metavar="N", help="stop any one run after this many sub-calls"
     )
     p.add_argument("--max-time", type=float, metavar="SECONDS", help="stop any one run after this wall time")
+    _add_request_timeout(p)
     p.add_argument(
         "--skip-bad", action="store_true", help="record bad input lines as errors and run the rest"
     )

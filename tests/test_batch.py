@@ -332,3 +332,25 @@ def test_progress_line_and_summary(monkeypatch: pytest.MonkeyPatch):
     quiet = io.StringIO()
     Progress(4, quiet).add(ok)  # a StringIO is not a terminal: nothing drawn while running
     assert quiet.getvalue() == ""
+
+
+def test_batch_request_timeout_gives_up_a_call_that_gets_no_answer(tmp_path: Path):
+    """``rlm batch --request-timeout`` reaches every run: the first call gets no answer (the handler
+    sleeps past the timeout) and is retried; without the flag it would wait out the 600 s default."""
+    from tests.llm_server import Reply
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(inp, 1)
+    with LLMServer([Reply("never sent", latency_s=30), SQUARE]) as srv:
+        done = subprocess.run(
+            batch_argv(inp, out, srv, "--request-timeout", "0.5", "--workers", "1"),
+            capture_output=True, text=True, cwd=ROOT_DIR, env=cli_env(), timeout=60,
+        )  # fmt: skip
+        asked = len(srv.requests)
+        bad = subprocess.run(batch_argv(inp, tmp_path / "x.jsonl", srv, "--request-timeout", "-1"),
+                             capture_output=True, text=True, cwd=ROOT_DIR, env=cli_env(), timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [(r["id"], r["answer"]) for r in read_out(out)] == [("q00", "0")]
+    assert asked == 2, asked
+    assert bad.returncode == 2 and "--request-timeout must be" in bad.stderr, bad.stderr
+    assert not (tmp_path / "x.jsonl").exists()

@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from rlm.batching.engine import BatchResult, batch
 from rlm.batching.items import BatchItem, InputProblem, read_input
@@ -111,6 +112,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
 def _run(
     args: argparse.Namespace, items: list[BatchItem], problems: list[InputProblem], results: ResultsFile
 ) -> int:
+    from rlm.cli import model_kwargs
+
+    options: dict[str, Any] = {"model_kwargs": kw} if (kw := model_kwargs(args)) else {}
     done = set(results.done)
     todo = [item for item in items if item.id not in done]
     bad = _bad_records(problems, {item.id for item in items} | done, done)
@@ -141,6 +145,7 @@ def _run(
             max_time_s=args.max_time,
             max_cost_usd=args.item_budget_usd,
             on_idle=progress.draw,
+            **options,
         )
         with contextlib.closing(runs):
             for result in runs:
