@@ -390,6 +390,7 @@ def _add_view_parser(sub: Any) -> None:
 
 
 def _cmd_view(args: argparse.Namespace) -> int:
+    from rlm.errors import ConfigurationError
     from rlm.view import write_page
 
     path = Path(args.path)
@@ -399,6 +400,8 @@ def _cmd_view(args: argparse.Namespace) -> int:
         out = write_page(path, args.output)
     except OSError as exc:
         return _fail(f"{exc.filename or path}: {exc.strerror}")
+    except ConfigurationError as exc:  # nothing to show: no page is written
+        return _fail(str(exc))
     print(out)
     if args.open:
         import webbrowser

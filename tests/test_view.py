@@ -123,3 +123,30 @@ def test_logs_written_before_the_result_file_still_render(tmp_path: Path):
     run_data = _data(build_page(old))["runs"][0]
     assert [it["type"] for it in run_data["iterations"]] == ["iteration"]
     assert run_data["result"]["answer"] == "7" and run_data["audit"]["verify"]["ok"]
+
+
+def test_a_path_with_nothing_to_show_is_an_error_and_writes_no_page(tmp_path: Path):
+    """A file that is neither a trajectory nor an audit log, and a directory with neither, exit 2
+    naming the path; a damaged audit log and an empty trajectory (a run just started) still render."""
+    notes, other, empty_dir = tmp_path / "notes.txt", tmp_path / "other.jsonl", tmp_path / "empty"
+    notes.write_text("hello\n")
+    other.write_text('{"a": 1}\n[2]\n')
+    empty_dir.mkdir()
+    (empty_dir / "readme.txt").write_text("not a log")
+    neither = "neither a trajectory nor an audit log (no line is a JSON object with a hash)"
+    for path, why in ((notes, neither), (other, neither),
+                      (empty_dir, "no trajectory (*.jsonl) and no audit log (*.audit.log) in it")):  # fmt: skip
+        out = run_cli("view", str(path))
+        assert out.returncode == 2 and out.stderr == f"rlm: {path}: {why}\n", out.stderr
+        assert out.stdout == "" and not default_output(path).exists()
+    r = run("q", "c", model="root", backend=ScriptedBackend([repl("FINAL(7)")]), log_dir=tmp_path / "logs")
+    damaged = tmp_path / "damaged.audit.log"
+    lines = Path(r.audit_log_path).read_text().splitlines(keepends=True)
+    damaged.write_text("garbage\n" + "".join(lines[1:]))
+    out = run_cli("view", str(damaged))
+    assert out.returncode == 0, out.stderr
+    audit = _data(default_output(damaged).read_text())["audits"][0]
+    assert audit["verify"]["ok"] is False and audit["verify"]["bad_line"] == 1
+    started = tmp_path / "started.jsonl"
+    started.write_text("")
+    assert run_cli("view", str(started)).returncode == 0

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rlm.errors import ConfigurationError
 from rlm.trajectory import audit_path_for, result_path_for
 
 __all__ = ["load_audit", "load_directory", "load_path", "load_run"]
@@ -170,16 +171,32 @@ def load_directory(directory: Path) -> list[dict[str, Any]]:
 
 
 def load_path(path: Path) -> dict[str, Any]:
-    """What ``rlm view PATH`` shows: ``{"kind": "run" | "dir" | "audit", ...}``."""
+    """What ``rlm view PATH`` shows: ``{"kind": "run" | "dir" | "audit", ...}``.
+
+    Raises :class:`~rlm.errors.ConfigurationError` for a directory with no trajectory and no
+    audit log, and for a file that is neither (not one line of it is an audit record): a page
+    that shows nothing would hide the wrong path."""
     if path.is_dir():
         runs = load_directory(path)
         audits = [
             load_audit(p) for p in sorted(path.glob("*.audit.log")) if not _beside_a_trajectory(p, path)
         ]
+        if not runs and not audits:
+            raise ConfigurationError(f"{path}: no trajectory (*.jsonl) and no audit log (*.audit.log) in it")
         return {"kind": "dir", "title": str(path), "runs": runs, "audits": audits}
     if path.name.endswith(".jsonl") and _looks_like_trajectory(path):
         return {"kind": "run", "title": path.name, "runs": [load_run(path)], "audits": []}
-    return {"kind": "audit", "title": path.name, "runs": [], "audits": [load_audit(path)]}
+    audit = load_audit(path)
+    if path.stat().st_size > 0 and not _any_hash(path):
+        raise ConfigurationError(
+            f"{path}: neither a trajectory nor an audit log (no line is a JSON object with a hash)"
+        )
+    return {"kind": "audit", "title": path.name, "runs": [], "audits": [audit]}
+
+
+def _any_hash(path: Path) -> bool:
+    """True when a line of *path* is a JSON object with a ``hash``: an audit record, maybe a bad one."""
+    return any("hash" in entry for entry in _read_jsonl(path)[0])
 
 
 def _beside_a_trajectory(audit: Path, directory: Path) -> bool:
@@ -193,4 +210,5 @@ def _looks_like_trajectory(path: Path) -> bool:
             first = json.loads(f.readline() or "{}")
     except (ValueError, OSError):
         return False
-    return isinstance(first, dict) and ("hash" not in first or first.get("type") in ("metadata", "iteration"))
+    # An empty file is a run that has not written its first line yet.
+    return isinstance(first, dict) and (not first or first.get("type") in ("metadata", "iteration"))
