@@ -22,8 +22,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # usage errors exit 2 with one line
+        from rlm.display import visible
+
         self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        # The message may quote an argument as given ("unrecognized arguments: ..."): shown inert.
+        print(f"{self.prog}: error: {visible(message)}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 

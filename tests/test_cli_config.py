@@ -153,3 +153,15 @@ def test_mcp_http_on_an_address_that_is_not_ours_exits_2_with_one_line(tmp_path:
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert _one_line(done.stderr) == f"rlm: cannot listen on {host}:8765: Cannot assign requested address"
+
+
+def test_usage_errors_quote_arguments_with_control_characters_escaped():
+    """argparse quotes what it did not recognize as given: on a terminal a window title, a screen
+    clear or a link would act. Its one line shows them as escapes."""
+    hostile = "\x1b]0;pwned\x07\x1b[2J\u202e"
+    done = run_cli("doctor", hostile)
+    assert done.returncode == 2
+    assert "\x1b" not in done.stderr and "\x07" not in done.stderr and "\u202e" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "rlm: error: unrecognized arguments: \\x1b]0;pwned\\x07\\x1b[2J\\u202e"
+    ), done.stderr
