@@ -196,7 +196,7 @@ def _add_run_parser(sub: Any) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="1: rlm_query is a plain sub-call; 2: one level of child RLMs",
+        help="1: rlm_query is a plain sub-call; 2: one level of child RLMs (default: 1)",
     )
     p.add_argument("--policy", default="default", help="sandbox policy name or .toml path (default: default)")
     p.add_argument("--log-dir", help="write the JSONL trajectory and the audit log here")
@@ -627,8 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set",
         action="append",
-        metavar="NAME=@FILE",
-        help="bind a variable to a file's contents (repeatable)",
+        metavar="NAME=@FILE|NAME=TEXT",
+        help=(
+            "bind a variable to a file's text (bytes when it is not UTF-8), or to TEXT itself (repeatable)"
+        ),
     )
     p.set_defaults(func=_cmd_exec)
 

@@ -28,8 +28,8 @@ class Layer(NamedTuple):
 LAYER_TABLE: tuple[Layer, ...] = (
     Layer(
         "no_new_privs",
-        "Set PR_SET_NO_NEW_PRIVS and a parent-death signal. Default true.",
-        "no privilege gain through execve; dies with its fork server",
+        "Set PR_SET_NO_NEW_PRIVS. Default true.",
+        "no privilege gain through execve",
     ),
     Layer(
         "rlimits",

@@ -39,7 +39,8 @@ identity         a uid/gid of its own, no groups, no capabilities (root); else
 seccomp          the system-call filter (:mod:`.seccomp`), last
 ===============  =============================================================
 
-Before the first layer the child leaves nothing open but its channel; after
+Before the first layer the child leaves nothing open but descriptors 0-2
+(``/dev/null``) and its channel; after
 the last it forgets the fork server's state (:func:`_forget_server`).
 
 Stdlib only (ctypes): this runs in the fork server and the child.
@@ -351,8 +352,8 @@ def _die_with_server(server: Server | None, parent_pid: int) -> None:
 
 
 def _process_hygiene(chan_fd: int, ctx: _Ctx) -> None:
-    """Own process group, die with the fork server, no descriptor but the channel
-    (and, until :func:`apply` ends, the server's pidfd).
+    """Own process group, die with the fork server, no descriptor but 0-2 (``/dev/null``) and
+    the channel (and, until :func:`apply` ends, the server's pidfd).
 
     The ``pid`` layer makes the child a session leader; without it the child
     makes a process group of its own (the host kills the group).
