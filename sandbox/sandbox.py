@@ -420,6 +420,12 @@ def _spawn_ready(spec: _Spec) -> _Child:
         lease = _choose_identity(spec)
         scratch = tempfile.mkdtemp(prefix="sandbox-")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The pair belongs to the host's network namespace, and binding a name to a connected
+        # socket is allowed: the child could bind its end to an abstract name the host's
+        # processes then find taken (and probe which ones are). An automatic name now (unique,
+        # unguessable to no purpose: nothing can connect to a connected socket) makes any
+        # later bind fail with EINVAL.
+        theirs.bind("")
         scratch_lock = _lock_scratch(scratch)
         if lease is not None:
             os.chown(scratch, lease.uid, lease.gid)

@@ -333,6 +333,45 @@ def test_sandboxes_that_may_use_sockets_do_not_share_a_network_namespace(mode: s
         assert_contained(env, second, b)
 
 
+CHANNEL_BIND = textwrap.dedent(
+    """
+    import errno, socket
+    channel = socket.socket(fileno=3)
+    try:
+        channel.bind(NAME)
+        print("BOUND")
+    except OSError as e:
+        print("REFUSED", errno.errorcode[e.errno])
+    finally:
+        channel.detach()
+    """
+)
+
+
+def test_the_channel_cannot_take_a_name_in_the_hosts_abstract_namespace(mode: str, env: Env) -> None:
+    """The child's end of its channel was made by the host, in the host's network namespace: a
+    bind of it took an abstract unix name there (found taken by the host's processes, and by
+    another tenant probing with its own channel: a channel between tenants, across host
+    processes). The end comes bound already, so every bind fails."""
+    name = "\0rlm-channel-" + secrets.token_hex(8)
+    code = CHANNEL_BIND.replace("NAME", repr(name))
+    with Sandbox(policy_for(mode)) as a, Sandbox(policy_for(mode)) as b:
+        first, second = a.execute(code), b.execute(code)
+        if mode == "guard_none":
+            assert first.stdout == "REFUSED EINVAL\n", first
+            assert second.stdout == "REFUSED EINVAL\n", second
+            assert second_host(code) == "REFUSED EINVAL\n"
+        # The name is free in the host's namespace while both sandboxes live.
+        import socket
+
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.bind(name)
+        finally:
+            probe.close()
+        assert_contained(env, first, a)
+
+
 # ------------------------------------------------------- 5. the filesystem view
 STAT = textwrap.dedent(
     """
