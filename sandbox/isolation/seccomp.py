@@ -28,6 +28,8 @@ The filter allows everything except:
   and ``sysinfo`` (host memory and process count) -> ``EPERM``;
 - ``flock`` and ``fcntl(F_SETLEASE)`` -> ``EPERM``: locks and leases on the
   read-only runtime every sandbox shares would block other tenants;
+- machine-wide pools: native AIO (``io_setup`` ...) and huge pages
+  (``MAP_HUGETLB``, ``MFD_HUGETLB``, ``SHM_HUGETLB``) -> ``EPERM``;
 - any system call of another ABI (i386 ``int 0x80``, x32) -> killed.
 
 A name libseccomp does not know is an error when the filter is built (a typo
@@ -92,11 +94,22 @@ IPC_SYSCALLS = (
 #: sysinfo reports the host's memory and process count.
 OBSERVE_SYSCALLS = ("inotify_init", "inotify_init1", "inotify_add_watch", "sysinfo")
 
-#: Refused with EPERM: state on files every sandbox shares. ``flock`` needs no write access, so
-#: a lock on a read-only runtime file (``os.py``) blocks or signals every other tenant (and a
-#: lock on a readable audit log would stall the host). POSIX record locks stay: a write lock
-#: needs a file opened for writing, which only scratch holds.
-SHARED_STATE_SYSCALLS = ("flock",)
+#: Refused with EPERM: state every sandbox shares. ``flock`` needs no write access, so a lock on a
+#: read-only runtime file (``os.py``) blocks or signals every other tenant (and a lock on a
+#: readable audit log would stall the host). POSIX record locks stay (SQLite in scratch needs
+#: them): a write lock needs a file opened for writing, which only scratch holds. Native AIO
+#: contexts count against one machine-wide pool (``fs.aio-max-nr``): one ``io_setup(65536)``
+#: took all of it, and every other program's AIO failed until the sandbox closed.
+SHARED_STATE_SYSCALLS = (
+    "flock", "io_setup", "io_destroy", "io_submit", "io_cancel", "io_getevents", "io_pgetevents",
+)  # fmt: skip
+
+#: Huge pages come from the machine's one pool (``vm.nr_hugepages``), which the memory cgroup does
+#: not charge and the peak RSS does not show: a sandbox could take every one. Refused with EPERM:
+#: ``mmap`` with ``MAP_HUGETLB``, ``memfd_create`` with ``MFD_HUGETLB`` and (with IPC allowed)
+#: ``shmget`` with ``SHM_HUGETLB``, as (system call, flags argument, flag). Transparent huge
+#: pages (``madvise``) are ordinary memory and stay.
+HUGETLB_FLAGS = (("mmap", 3, 0x40000), ("memfd_create", 1, 0x4), ("shmget", 2, 0x800))
 
 #: fcntl commands refused with EPERM: ``F_NOTIFY`` (dnotify: a signal each time anyone, another
 #: tenant or the host, reads a file in a shared directory, the inotify the filter refuses) and
@@ -223,7 +236,7 @@ def rule_names(allow_ipc: bool = False) -> tuple[str, ...]:
     """Every system call name a filter built with these settings names."""
     names: tuple[str, ...] = (
         *EPERM_SYSCALLS, *OBSERVE_SYSCALLS, *SHARED_STATE_SYSCALLS, *KILL_SYSCALLS,
-        "clone3", "fork", "vfork", "clone", "socket", "socketpair", "ioctl", "fcntl",
+        "clone3", "fork", "vfork", "clone", "socket", "socketpair", "ioctl", "fcntl", "mmap", "memfd_create",
     )  # fmt: skip
     return names if allow_ipc else (*names, *IPC_SYSCALLS)
 
@@ -240,6 +253,9 @@ def build(allowed_sockets: list[str] | tuple[str, ...], max_processes: int, allo
         if not allow_ipc:
             for name in IPC_SYSCALLS:
                 f.rule(eperm, name)
+        for name, arg, flag in HUGETLB_FLAGS:
+            if allow_ipc or name not in IPC_SYSCALLS:  # else refused whatever its flags
+                f.rule(eperm, name, (arg, SCMP_CMP_MASKED_EQ, flag, flag))
         for name in KILL_SYSCALLS:
             f.rule(SCMP_ACT_KILL_PROCESS, name)
         # Process creation.

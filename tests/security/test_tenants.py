@@ -372,6 +372,42 @@ def test_the_channel_cannot_take_a_name_in_the_hosts_abstract_namespace(mode: st
         assert_contained(env, first, a)
 
 
+MACHINE_POOLS = LIBC + textwrap.dedent(
+    """
+    import mmap
+    ctx = ctypes.c_ulong(0)
+    print("io_setup", libc.syscall(206, 65536, ctypes.byref(ctx)), ctypes.get_errno())
+    libc.mmap.restype = ctypes.c_void_p
+    addr = libc.mmap(None, 2 << 20, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40000, -1, 0)
+    print("map_hugetlb", addr == ctypes.c_void_p(-1).value, ctypes.get_errno())
+    print("mfd_hugetlb", libc.memfd_create(b"h", 0x4), ctypes.get_errno())
+    addr = libc.mmap(None, 1 << 20, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    print("map_plain", addr != ctypes.c_void_p(-1).value)
+    print("mfd_plain", libc.memfd_create(b"p", 0) >= 0)
+    """
+)
+
+
+@pytest.mark.parametrize("allow_ipc", [False, True])
+def test_machine_wide_pools_are_out_of_reach(mode: str, env: Env, allow_ipc: bool) -> None:
+    """Native AIO contexts (``fs.aio-max-nr``) and huge pages (``vm.nr_hugepages``) are pools of
+    the whole machine: one ``io_setup(65536)`` made every other program's AIO fail, and a sandbox
+    could hold every huge page (neither the memory cgroup nor the peak RSS counts them). Refused
+    (EPERM, not ENOMEM: the filter, whatever the machine has configured); plain maps stay."""
+    with Sandbox(policy_for(mode, **{"isolation.allow_ipc": allow_ipc})) as sb:
+        code = MACHINE_POOLS
+        if allow_ipc:
+            code += "print('shm_hugetlb', libc.shmget(0, 2 << 20, 0o1000 | 0o600 | 0x800), ctypes.get_errno())\n"
+        r = sb.execute(code)
+        if mode == "guard_none":
+            assert "io_setup -1 1\n" in r.stdout, r
+            assert "map_hugetlb True 1\n" in r.stdout and "mfd_hugetlb -1 1\n" in r.stdout, r
+            assert "map_plain True\n" in r.stdout and "mfd_plain True\n" in r.stdout, r
+            if allow_ipc:
+                assert "shm_hugetlb -1 1\n" in r.stdout, r
+        assert_contained(env, r, sb)
+
+
 # ------------------------------------------------------- 5. the filesystem view
 STAT = textwrap.dedent(
     """
