@@ -78,6 +78,35 @@ signal.setitimer(signal.ITIMER_REAL, 0.2)
 """
 
 
+# A child that keeps a duplicate of every memfd the host lends it (a host function's large
+# result, a large set_variable): the host wrote those pages, so they are charged to the host.
+KEEP_LENT = """
+import os, sandbox.protocol as P
+kept = []
+real = P.read_shm
+def keeping(fd, size, max_len, **kw):
+    kept.append(os.dup(fd))
+    return real(fd, size, max_len, **kw)
+P.read_shm = keeping
+"""
+
+
+def test_memfds_lent_to_the_child_are_emptied_once_it_answers() -> None:
+    """Each memfd the host filled for the child is truncated as soon as the child writes again
+    (its next call, its result, its ack): a child that kept them all pinned 1 GiB of host memory
+    after 55 calls of 20 MB, outside its own limits. Only the value in flight stays."""
+    big = ["x" * 10_000] * 200  # 2 MB packed: over INLINE_LIMIT, not a str: a memfd
+    with Sandbox(policy_for("guard_none"), host_functions={"big": lambda: big}) as sb:
+        assert sb.execute(KEEP_LENT).ok
+        r = sb.execute("for _ in range(5):\n    assert big() == ['x' * 10_000] * 200\n"
+                       "print([os.fstat(k).st_size for k in kept])")  # fmt: skip
+        sizes = json.loads(r.stdout)
+        assert len(sizes) == 5 and sizes[:4] == [0] * 4 and sizes[4] > 2_000_000, r
+        sb.set_variable("value", {"k": ["é" * 2_000_000]})  # not a plain str: a memfd too
+        r = sb.execute("print([os.fstat(k).st_size for k in kept], len(value['k'][0]))")
+        assert r.stdout == "[0, 0, 0, 0, 0, 0] 2000000\n", r
+
+
 # ------------------------------------------------------------- host deadlines
 def test_call_flood_does_not_block_execute(mode: str) -> None:
     with Sandbox(hostile_policy(mode, **{"limits.wall_seconds": 3})) as sb:
