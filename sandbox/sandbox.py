@@ -354,8 +354,25 @@ class _Child:
         return any(fd == self.pidfd for fd, _ in self.poll.poll(0))
 
     def usable(self) -> bool:
-        """A ready child that has said nothing since ``hello``, still runs, on a live server."""
-        return not self.dead and not self.poll.poll(0) and self.server.alive
+        """A ready child that has said nothing since ``hello``, still runs (not stopped), on a
+        live server."""
+        return not self.dead and not self.poll.poll(0) and self.server.alive and not self._stopped()
+
+    def _stopped(self) -> bool:
+        """True when the child is stopped (SIGSTOP, a tracer) or its state cannot be read: its
+        first execute would wait out the wall limit and blame the code."""
+        try:
+            fd = os.open(f"/proc/{self.pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return True
+        try:
+            stat = os.read(fd, 512)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        # "pid (comm) S ...": the comm may hold anything, the state follows its last ")".
+        return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"T", b"t")
 
     def discard(self) -> None:
         """Stop a child nobody uses (a pool's, or one that failed to start)."""

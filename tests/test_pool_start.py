@@ -48,6 +48,39 @@ def test_a_pooled_child_is_woken_by_its_sandbox_not_by_the_first_request(audit_p
             assert 0 < r.cpu_s < 1.0
 
 
+def test_a_stopped_ready_child_is_not_handed_out(audit_path) -> None:
+    """A ready child stopped while it waits (SIGSTOP by an operator, a debugger) would have taken
+    the first request and waited out the wall limit, blamed on the code (limit="wall"); it is
+    discarded, and the sandbox gets a child that runs."""
+    import signal
+
+    policy = load_policy("default")
+    with SandboxPool(size=1) as pool:
+        pool.warm(policy)
+        assert pool.wait_ready(30)
+        (pid,) = pool.ready_pids()
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the stop takes effect asynchronously
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"T":
+                    break
+            time.sleep(0.01)
+        with Sandbox(policy, audit_log=audit_path, pool=pool) as sb:
+            assert sb.pid != pid
+            r = sb.execute("print(1)")
+            assert r.ok and r.stdout == "1\n" and r.duration_s < 5, r
+        assert not os.path.exists(f"/proc/{pid}") or _zombie_or_gone(pid)
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except OSError:
+        return True
+
+
 def test_a_child_forked_on_demand_still_gets_init_with_its_first_request(audit_path) -> None:
     with Sandbox("default", host_functions={"f": lambda: "hi"}, audit_log=audit_path, pool=None) as sb:
         assert sb._child is not None and sb._child.init_frame  # rides with the first request
