@@ -578,20 +578,23 @@ class MCPApp:
             raise ToolError(
                 f"code is {size} bytes, over the policy's message cap of {self.config.policy.limits.max_message_mb} MiB"
             )
-        if session_id is not None:
-            s = self.sessions.get(session_id, owner)
-            s.busy += 1
-            try:
-                async with s.lock:
-                    record["sandbox_id"] = s.sandbox.id
-                    r = await _in_thread(lambda: s.sandbox.execute(code), s.sandbox.kill)
-                    s.executions += 1
-            finally:
-                s.busy -= 1
-                s.last_used = time.time()
-        else:
-            async with self._fresh_slots:
-                r = await self._run_fresh(code, record)
+        try:
+            if session_id is not None:
+                s = self.sessions.get(session_id, owner)
+                s.busy += 1
+                try:
+                    async with s.lock:
+                        record["sandbox_id"] = s.sandbox.id
+                        r = await _in_thread(lambda: s.sandbox.execute(code), s.sandbox.kill)
+                        s.executions += 1
+                finally:
+                    s.busy -= 1
+                    s.last_used = time.time()
+            else:
+                async with self._fresh_slots:
+                    r = await self._run_fresh(code, record)
+        except ValueError as exc:  # code over the frame cap (64 MiB) under a larger max_message_mb
+            raise ToolError(str(exc)) from None
         record["outcome"] = "ok" if r.ok else f"limit:{r.limit}" if r.limit else f"error:{r.error_type}"
         return _exec_payload(r, session_id)
 

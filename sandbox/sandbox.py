@@ -663,6 +663,9 @@ class _Using:
             self.sb._lock.release()
 
 
+#: Bytes of an ``exec`` frame that are not the code (its keys, id and flags), with room to spare.
+_FRAME_ROOM = 1024
+
 #: Longest exception class name a child may report (``ExecResult.error_type``, the audit outcome).
 _MAX_ERROR_TYPE = 200
 #: Longest error text of a child's ``ack`` or ``value`` refusal that reaches a VariableError.
@@ -995,9 +998,20 @@ class Sandbox:
         if not isinstance(code, str):
             raise TypeError(f"code must be str, not {type(code).__name__}")
         code = protocol.clean_text(code)  # what runs and what is audited: lone surrogates escaped
+        self._check_size(code)
         with self._executing_cm as child:
             state_lost, self._lost = self._lost, False
             return self._run(child, code, state_lost)
+
+    def _check_size(self, code: str) -> None:
+        """ValueError when *code* cannot fit in one frame: the child would read the oversized frame
+        as a broken protocol and exit, losing its variables. Nothing runs and nothing is audited."""
+        room = self._max_frame - _FRAME_ROOM
+        if len(code) > room // 4 and (size := limits.utf8_size(code)) > room:
+            raise ValueError(
+                f"code is {size} bytes (UTF-8), over the {room} a request may carry"
+                f" (min(limits.max_message_mb, 64 MiB), less room for the frame)"
+            )
 
     def set_variable(self, name: str, value: Any, *, timeout: float | None = None) -> None:
         """Bind *name* to a copy of *value* (plain data: None, bool, int, float, str, bytes, list, dict).
@@ -1725,6 +1739,7 @@ class AsyncSandbox:
             raise TypeError(f"code must be str, not {type(code).__name__}")
         code = protocol.clean_text(code)  # as Sandbox.execute
         sb = await self._sandbox()
+        sb._check_size(code)
         async with self._turn():
             child = await self._hold(sb)
             handed = [False]  # set by _run when a worker thread it leaves behind releases the lock

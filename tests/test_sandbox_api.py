@@ -372,3 +372,29 @@ def test_alive_holds_for_a_pidfd_numbered_past_1024():
         for fd in pads:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_code_too_large_for_one_request_is_refused_before_anything_runs(audit_path):
+    """Code over the frame cap (min(max_message_mb, 64 MiB)) made the child read a broken protocol
+    and exit: the variables were lost and a line of the whole code audited. It is a ValueError
+    now, in both APIs; the child and its variables stay, and nothing is audited."""
+    policy = load_policy("default").override({"limits.max_message_mb": 1})
+    big = "#" + "é" * 600_000  # 600,001 characters, 1.2 MB of UTF-8: the bytes count
+    with Sandbox(policy, audit_log=audit_path) as sb:
+        assert sb.execute("x = 5").ok
+        with pytest.raises(ValueError, match=r"code is 1200001 bytes \(UTF-8\), over the 1047552"):
+            sb.execute(big)
+        r = sb.execute("#" + "a" * 1_000_000 + "\nprint(x)")  # under the cap: runs
+        assert r.ok and r.stdout == "5\n" and not r.state_lost
+    assert verify(audit_path).lines == 2
+
+    async def run_async() -> None:
+        async with AsyncSandbox(policy, audit_log=audit_path) as sb:
+            assert (await sb.execute("y = 6")).ok
+            with pytest.raises(ValueError, match="over the 1047552"):
+                await sb.execute(big)
+            r = await sb.execute("print(y)")
+            assert r.ok and r.stdout == "6\n" and not r.state_lost
+
+    asyncio.run(run_async())
+    assert verify(audit_path).lines == 4
