@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -439,6 +440,32 @@ def _describe(error: Any) -> str:
     return f"key {key!r}: {msg} (got {shown} of type {type(error.get('input')).__name__})"
 
 
+#: Largest policy file read (the shipped ones are about 3 KB): a bigger one is not a policy.
+MAX_POLICY_BYTES = 1024 * 1024
+
+
+def _read_policy_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most :data:`MAX_POLICY_BYTES`; else PolicyError. A FIFO
+    would block the read forever, ``/dev/zero`` would fill memory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PolicyError(f"{path}: not a regular file")
+        raw = os.read(fd, MAX_POLICY_BYTES + 1)
+        while len(raw) <= MAX_POLICY_BYTES and (more := os.read(fd, MAX_POLICY_BYTES + 1 - len(raw))):
+            raw += more
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{path}: over {MAX_POLICY_BYTES} bytes: not a policy file")
+    return raw
+
+
 def load_policy(name_or_path: str | Path) -> Policy:
     """Load a shipped policy by bare name (``"default"``) or a policy file by path."""
     if not isinstance(name_or_path, str | Path):
@@ -460,10 +487,7 @@ def load_policy(name_or_path: str | Path) -> Policy:
         if text not in shipped:
             raise PolicyError(f"no shipped policy named {text!r} (shipped: {', '.join(shipped) or 'none'})")
         path = shipped[text]
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
+    raw = _read_policy_file(path)
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

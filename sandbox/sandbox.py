@@ -1269,6 +1269,8 @@ class Sandbox:
     def _variable_timeout(self, timeout: float | None) -> float:
         if timeout is None:
             return self.policy.limits.wall_seconds + VARIABLE_TIMEOUT_EXTRA
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         return float(timeout)

@@ -3,6 +3,7 @@ contradictory settings are refused at load time. The same holds for ``Policy(...
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,23 @@ def test_every_list_valued_setting_takes_a_toml_array(tmp_path):
     for sec, keys in sections.items():
         for k in keys:
             assert getattr(getattr(policy, sec), k) == ()
+
+
+def test_a_policy_path_that_is_not_a_regular_file_is_a_policy_error(tmp_path):
+    """A FIFO blocked the read forever (``rlm policy check`` too), ``/dev/zero`` filled memory
+    (a raw MemoryError): only a regular file of at most 1 MiB is read."""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "policy.toml"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.toml"
+    big.write_text("# padding\n" * 110_000)  # 1.1 MB of comments: valid TOML, not a policy
+    for path, why in ((fifo, "not a regular file"), (Path("/dev/zero"), "not a regular file"),
+                      (tmp_path, "not a regular file"), (big, "over 1048576 bytes")):  # fmt: skip
+        with pytest.raises(PolicyError, match=why) as info:
+            load_policy(path)
+        assert str(info.value).startswith(f"{path}: ")
+    done = subprocess.run([sys.executable, "-m", "rlm", "policy", "check", str(fifo)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and done.stderr == f"rlm: {fifo}: not a regular file\n", done.stderr

@@ -398,3 +398,13 @@ def test_code_too_large_for_one_request_is_refused_before_anything_runs(audit_pa
 
     asyncio.run(run_async())
     assert verify(audit_path).lines == 4
+
+
+@pytest.mark.parametrize("bad, error", [(True, TypeError), ("5", TypeError), (0, ValueError), (-1.0, ValueError)])
+def test_a_variable_timeout_is_a_positive_number_not_a_bool(sb, bad, error):
+    with pytest.raises(error, match="timeout must be a"):
+        sb.set_variable("x", 1, timeout=bad)
+    with pytest.raises(error, match="timeout must be a"):
+        sb.get_variable("x", timeout=bad)
+    sb.set_variable("x", 1, timeout=5)  # an int is a number of seconds
+    assert sb.get_variable("x", timeout=2.5) == 1
