@@ -29,7 +29,10 @@ The filter allows everything except:
 - ``flock`` and ``fcntl(F_SETLEASE)`` -> ``EPERM``: locks and leases on the
   read-only runtime every sandbox shares would block other tenants;
 - machine-wide pools: native AIO (``io_setup`` ...) and huge pages
-  (``MAP_HUGETLB``, ``MFD_HUGETLB``, ``SHM_HUGETLB``) -> ``EPERM``;
+  (``MAP_HUGETLB``, ``MFD_HUGETLB``, ``SHM_HUGETLB``) -> ``EPERM``; so are
+  ``splice``/``tee``/``vmsplice`` (they pin pages the host wrote);
+- with no socket family allowed, ``bind``/``connect``/``listen``/``accept*``
+  -> ``EPERM``: the channel, the only socket, never needs them;
 - any system call of another ABI (i386 ``int 0x80``, x32) -> killed.
 
 A name libseccomp does not know is an error when the filter is built (a typo
@@ -100,9 +103,20 @@ OBSERVE_SYSCALLS = ("inotify_init", "inotify_init1", "inotify_add_watch", "sysin
 #: them): a write lock needs a file opened for writing, which only scratch holds. Native AIO
 #: contexts count against one machine-wide pool (``fs.aio-max-nr``): one ``io_setup(65536)``
 #: took all of it, and every other program's AIO failed until the sandbox closed.
+#: ``splice``, ``tee`` and ``vmsplice`` move page references into pipes of the child's own: the
+#: pages of a value the host wrote (a memfd it lends, a pipe it streams through) stayed pinned,
+#: charged to the host, after the host truncated its memfd (57 MiB per sandbox, measured).
 SHARED_STATE_SYSCALLS = (
     "flock", "io_setup", "io_destroy", "io_submit", "io_cancel", "io_getevents", "io_pgetevents",
+    "splice", "tee", "vmsplice",
 )  # fmt: skip
+
+#: Refused with EPERM when the policy allows no socket family: the channel (made by the host, so
+#: in the host's network namespace) is then the child's only socket, and it never binds, connects,
+#: listens or accepts. ``connect`` on it looked the name up in the host's namespace before it
+#: failed: EISCONN for a listening abstract socket there, ECONNREFUSED for none, an oracle for
+#: the host's abstract services.
+CHANNEL_ONLY_SYSCALLS = ("bind", "connect", "listen", "accept", "accept4")
 
 #: Huge pages come from the machine's one pool (``vm.nr_hugepages``), which the memory cgroup does
 #: not charge and the peak RSS does not show: a sandbox could take every one. Refused with EPERM:
@@ -237,6 +251,7 @@ def rule_names(allow_ipc: bool = False) -> tuple[str, ...]:
     names: tuple[str, ...] = (
         *EPERM_SYSCALLS, *OBSERVE_SYSCALLS, *SHARED_STATE_SYSCALLS, *KILL_SYSCALLS,
         "clone3", "fork", "vfork", "clone", "socket", "socketpair", "ioctl", "fcntl", "mmap", "memfd_create",
+        *CHANNEL_ONLY_SYSCALLS,
     )  # fmt: skip
     return names if allow_ipc else (*names, *IPC_SYSCALLS)
 
@@ -271,6 +286,9 @@ def build(allowed_sockets: list[str] | tuple[str, ...], max_processes: int, allo
         # upper 32 bits the kernel ignores, so junk there cannot dodge a rule;
         # a family >= AF_MAX is refused by the kernel itself.
         allowed = {_FAMILIES[name] for name in allowed_sockets}
+        if not allowed:
+            for name in CHANNEL_ONLY_SYSCALLS:
+                f.rule(eperm, name)
         for name in ("socket", "socketpair"):
             if not allowed:
                 f.rule(eperm, name)

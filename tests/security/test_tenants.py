@@ -333,43 +333,87 @@ def test_sandboxes_that_may_use_sockets_do_not_share_a_network_namespace(mode: s
         assert_contained(env, second, b)
 
 
-CHANNEL_BIND = textwrap.dedent(
+CHANNEL_NAMES = textwrap.dedent(
     """
     import errno, socket
     channel = socket.socket(fileno=3)
-    try:
-        channel.bind(NAME)
-        print("BOUND")
-    except OSError as e:
-        print("REFUSED", errno.errorcode[e.errno])
-    finally:
-        channel.detach()
+    for step, call in (("bind", lambda: channel.bind(NAME)), ("connect", lambda: channel.connect(LISTENING))):
+        try:
+            call()
+            print(step, "OK")
+        except OSError as e:
+            print(step, errno.errorcode[e.errno])
+    _ = channel.detach()
     """
 )
 
 
-def test_the_channel_cannot_take_a_name_in_the_hosts_abstract_namespace(mode: str, env: Env) -> None:
-    """The child's end of its channel was made by the host, in the host's network namespace: a
+@pytest.mark.parametrize("sockets", [[], ["unix"]])
+def test_the_channel_cannot_take_or_probe_names_in_the_hosts_abstract_namespace(
+    mode: str, env: Env, sockets: list[str]
+) -> None:
+    """The child's end of its channel was made by the host, in the host's network namespace. A
     bind of it took an abstract unix name there (found taken by the host's processes, and by
-    another tenant probing with its own channel: a channel between tenants, across host
-    processes). The end comes bound already, so every bind fails."""
+    another tenant probing with its own channel, across host processes too); a connect looked a
+    name up there before it failed (EISCONN for a listening socket, ECONNREFUSED for none: an
+    oracle for the host's abstract services). With no socket family allowed the filter refuses
+    both (EPERM). With sockets allowed the end comes bound already (EINVAL); the connect oracle
+    remains there, as SECURITY.md says."""
     name = "\0rlm-channel-" + secrets.token_hex(8)
-    code = CHANNEL_BIND.replace("NAME", repr(name))
-    with Sandbox(policy_for(mode)) as a, Sandbox(policy_for(mode)) as b:
-        first, second = a.execute(code), b.execute(code)
-        if mode == "guard_none":
-            assert first.stdout == "REFUSED EINVAL\n", first
-            assert second.stdout == "REFUSED EINVAL\n", second
-            assert second_host(code) == "REFUSED EINVAL\n"
-        # The name is free in the host's namespace while both sandboxes live.
-        import socket
+    listening = "\0rlm-listening-" + secrets.token_hex(8)
+    code = CHANNEL_NAMES.replace("NAME", repr(name)).replace("LISTENING", repr(listening))
+    import socket
 
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.bind(name)
-        finally:
-            probe.close()
-        assert_contained(env, first, a)
+    service = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a host service, listening
+    service.bind(listening)
+    service.listen()
+    policy = policy_for(mode, **{"isolation.allowed_sockets": sockets})
+    try:
+        with Sandbox(policy) as a, Sandbox(policy) as b:
+            first, second = a.execute(code), b.execute(code)
+            if mode == "guard_none":
+                expect = "bind EPERM\nconnect EPERM\n" if not sockets else "bind EINVAL\nconnect EISCONN\n"
+                assert first.stdout == expect, first
+                assert second.stdout == expect, second
+                if not sockets:
+                    assert second_host(code) == expect
+            # The name is free in the host's namespace while both sandboxes live.
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.bind(name)
+            finally:
+                probe.close()
+            assert_contained(env, first, a)
+    finally:
+        service.close()
+
+
+SPLICE = LIBC + textwrap.dedent(
+    """
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    os.write(w, b"x" * 100)
+    try:
+        os.splice(r, w2, 10)
+        print("splice OK")
+    except OSError as e:
+        print("splice", e.errno)
+    print("tee", libc.tee(r, w2, 10, 0), ctypes.get_errno())
+    print("vmsplice", libc.vmsplice(w2, None, 0, 0), ctypes.get_errno())
+    print("read", len(os.read(r, 100)))
+    """
+)
+
+
+def test_pages_the_host_wrote_cannot_be_pinned_in_pipes(mode: str, env: Env) -> None:
+    """``splice`` moved the pages of a memfd the host lent, or of a pipe it streamed a value
+    through, into pipes of the child's own: still charged to the host after it truncated its
+    memfd (57 MiB per sandbox). ``splice``, ``tee`` and ``vmsplice`` are refused; reads work."""
+    with Sandbox(policy_for(mode)) as sb:
+        r = sb.execute(SPLICE)
+        if mode == "guard_none":
+            assert r.stdout == "splice 1\ntee -1 1\nvmsplice -1 1\nread 100\n", r
+        assert_contained(env, r, sb)
 
 
 MACHINE_POOLS = LIBC + textwrap.dedent(
