@@ -983,6 +983,11 @@ class _Run:
             timer.start()
         try:
             return sb.execute(code)
+        except ValueError as exc:  # code too large for one request (a tiny max_message_mb): the
+            # model sees why, like an error of its code; nothing ran, the variables stay
+            from sandbox import ExecResult
+
+            return ExecResult(ok=False, error_type="ValueError", error_message=str(exc))
         finally:
             if timer is not None:
                 timer.cancel()

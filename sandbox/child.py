@@ -230,7 +230,8 @@ class Child:
         self.policy_name: str = policy["name"]
         self.max_output = int(policy["limits"]["max_output_bytes"])
         self.max_message = int(policy["limits"]["max_message_mb"]) * 1024 * 1024
-        self.reader = protocol.FrameReader(min(self.max_message, protocol.DEFAULT_MAX_FRAME))
+        self.reader = protocol.FrameReader(protocol.frame_cap(self.max_message))
+        self.inline = protocol.inline_limit(self.reader.max_frame)
         self.fds: list[int] = []
         self.runtime = runtime
         self.call_id = 0
@@ -365,11 +366,11 @@ class Child:
         are refused here first, with the same message.
         """
         stream = protocol.stream_kind(value)
-        if stream is not None and len(value) > protocol.INLINE_LIMIT:
+        if stream is not None and len(value) > self.inline:
             self.send_stream(kind, stream, value, extra)
             return
         data = protocol.pack_value(value, protocol.MAX_ITEMS)
-        if len(data) <= protocol.INLINE_LIMIT:
+        if len(data) <= self.inline:
             self.send({"t": kind, "value": value, **extra})
             return
         self.send_stream(kind, "msgpack", data, extra)

@@ -28,6 +28,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sandbox import protocol
 from sandbox.errors import PolicyError
 from sandbox.layers import LAYERS, layer
 
@@ -163,11 +164,11 @@ class Limits(BaseModel):
     max_output_bytes: int = Field(
         1_000_000,
         gt=0,
-        le=1 << 30,
+        le=64 * 1024 * 1024 - 16 * 1024,
         description=(
             "stdout, stderr, error message and traceback of one execute together, in bytes (at most"
-            " 1 GiB); printing past it stops the cell (limit 'output') and what fits comes back cut with"
-            " a marker. Default 1000000."
+            " what one frame carries: min(max_message_mb MiB, 64 MiB) - 16 KiB); printing past it stops"
+            " the cell (limit 'output') and what fits comes back cut with a marker. Default 1000000."
         ),
     )
     max_processes: int = Field(
@@ -337,6 +338,14 @@ class Policy(BaseModel):
                 "limits.lifetime_cpu_seconds",
                 f"is {self.limits.lifetime_cpu_seconds:g}, less than limits.cpu_seconds "
                 f"({self.limits.cpu_seconds:g}): one execute could never use its CPU budget",
+            )
+        fits = protocol.frame_cap(self.limits.max_message_mb * 1024 * 1024) - protocol.FRAME_ROOM
+        if self.limits.max_output_bytes > fits:
+            raise _Contradiction(
+                "limits.max_output_bytes",
+                f"is {self.limits.max_output_bytes}, more than one frame can carry under"
+                f" limits.max_message_mb = {self.limits.max_message_mb} (at most {fits}): a cell"
+                " printing that much would be lost with its child",
             )
         iso = self.isolation
         twice = sorted({layer for layer in iso.require if iso.require.count(layer) > 1})

@@ -84,6 +84,7 @@ import msgpack
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "EXIT_OUT_OF_MEMORY",
+    "FRAME_ROOM",
     "HEADER",
     "INLINE_LIMIT",
     "MAX_DEPTH",
@@ -99,6 +100,8 @@ __all__ = [
     "clean_text",
     "encode",
     "encode_with_value",
+    "frame_cap",
+    "inline_limit",
     "pack_value",
     "read_shm",
     "read_stream",
@@ -122,6 +125,9 @@ HEADER: Final = struct.Struct(">I")
 DEFAULT_MAX_FRAME: Final = 64 * 1024 * 1024
 #: Packed values larger than this travel in a memfd rather than inline.
 INLINE_LIMIT: Final = 1024 * 1024
+#: Bytes of a frame that are not its payload (the code, a value, the output texts): keys, ids,
+#: flags, a variable name, cut markers; with room to spare.
+FRAME_ROOM: Final = 16 * 1024
 #: How deep plain data may nest (msgpack itself stops at the C stack).
 MAX_DEPTH: Final = 100
 #: Elements one frame or value from the child may decode to on the host: every
@@ -316,6 +322,17 @@ def shown(value: Any, limit: int = 60) -> str:
         return f"<{type(value).__name__}>"
     cut = value[:limit]
     return json.dumps(cut) + ("..." if len(value) > limit else "")
+
+
+def frame_cap(max_message: int) -> int:
+    """The longest frame body either end accepts under a policy's ``max_message_mb`` (in bytes)."""
+    return min(max_message, DEFAULT_MAX_FRAME)
+
+
+def inline_limit(max_frame: int) -> int:
+    """The largest packed value either end sends inside a frame of at most *max_frame* bytes
+    (a larger one travels out of band): the frame around it must fit too."""
+    return min(INLINE_LIMIT, max_frame - FRAME_ROOM)
 
 
 def encode(msg: dict[str, Any]) -> bytes:

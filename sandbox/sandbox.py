@@ -429,7 +429,7 @@ def _spec_for(policy: Policy) -> tuple[_Spec, Callable[[], _Child]]:
         policy.model_dump(mode="json"),
         policy.sha256,
         policy.python.guard == "restricted",
-        min(policy.limits.max_message_mb * 1024 * 1024, protocol.DEFAULT_MAX_FRAME),
+        protocol.frame_cap(policy.limits.max_message_mb * 1024 * 1024),
         policy.isolation.identity,
         policy.limits.cpu_seconds,
         policy.limits.lifetime_cpu_seconds,
@@ -663,8 +663,8 @@ class _Using:
             self.sb._lock.release()
 
 
-#: Bytes of an ``exec`` frame that are not the code (its keys, id and flags), with room to spare.
-_FRAME_ROOM = 1024
+#: Longest variable name set_variable/get_variable take (a frame carries it whole).
+MAX_NAME = 1024
 
 #: Longest exception class name a child may report (``ExecResult.error_type``, the audit outcome).
 _MAX_ERROR_TYPE = 200
@@ -927,7 +927,10 @@ class Sandbox:
             self._start()
             lim = self.policy.limits
             self._max_message = lim.max_message_mb * 1024 * 1024
-            self._max_frame = min(self._max_message, protocol.DEFAULT_MAX_FRAME)
+            self._max_frame = protocol.frame_cap(self._max_message)
+            #: Largest value sent inside a frame (a larger one goes out of band): the frame
+            #: around it must fit the child's cap, even with max_message_mb = 1.
+            self._inline = protocol.inline_limit(self._max_frame)
             if self.policy.audit.enabled:
                 path = audit_log or self.policy.audit.path or default_audit_path()
                 self._audit = AuditLog(path)
@@ -1006,7 +1009,7 @@ class Sandbox:
     def _check_size(self, code: str) -> None:
         """ValueError when *code* cannot fit in one frame: the child would read the oversized frame
         as a broken protocol and exit, losing its variables. Nothing runs and nothing is audited."""
-        room = self._max_frame - _FRAME_ROOM
+        room = self._max_frame - protocol.FRAME_ROOM
         if len(code) > room // 4 and (size := limits.utf8_size(code)) > room:
             raise ValueError(
                 f"code is {size} bytes (UTF-8), over the {room} a request may carry"
@@ -1020,11 +1023,16 @@ class Sandbox:
         (default: the policy's ``wall_seconds`` + 30); past it the child is
         killed and :class:`ChildTimeoutError` raised.
         """
-        if not isinstance(name, str) or not name.isidentifier() or name.startswith("__"):
-            raise VariableError(f"{name!r} is not a valid variable name")
+        if (
+            not isinstance(name, str)
+            or len(name) > MAX_NAME
+            or not name.isidentifier()
+            or name.startswith("__")
+        ):
+            raise VariableError(f"{protocol.shown(name)} is not a valid variable name")
         # Large strings and bytes skip msgpack's copy: bytes and ASCII text stream from their own
         # buffer through a pipe, other text goes into a memfd as UTF-8 (see sandbox.protocol).
-        direct = type(value) in (str, bytes) and len(value) > protocol.INLINE_LIMIT
+        direct = type(value) in (str, bytes) and len(value) > self._inline
         stream = protocol.stream_kind(value) if direct else None
         data = b""
         try:
@@ -1038,7 +1046,7 @@ class Sandbox:
         wait = self._variable_timeout(timeout)
         with self._using_cm as child:
             end = time.monotonic() + wait
-            if size <= protocol.INLINE_LIMIT:
+            if size <= self._inline:
                 self._post(
                     child, protocol.encode_with_value({"t": "set", "name": name}, data), None, wait, name
                 )
@@ -1098,6 +1106,8 @@ class Sandbox:
         """
         if not isinstance(name, str):
             raise VariableError("variable name must be a str")
+        if len(name) > MAX_NAME:
+            raise VariableError(f"{protocol.shown(name)} is not a valid variable name")
         wait = self._variable_timeout(timeout)
         with self._using_cm as child:
             end = time.monotonic() + wait
@@ -1438,13 +1448,16 @@ class Sandbox:
                 outcome, failed = exc, True
         if failed:
             text = f"{type(outcome).__name__}: {outcome}" if str(outcome) else type(outcome).__name__
-            reply.update(ok=False, error=protocol.clean_text(text)[: self.policy.limits.max_output_bytes])
+            # Cut in UTF-8 bytes (a character may take 4), to fit the output cap and the frame.
+            cap = min(self.policy.limits.max_output_bytes, self._inline)
+            cut = protocol.clean_text(text).encode()[:cap].decode(errors="ignore")
+            reply.update(ok=False, error=cut)
             return protocol.encode(reply), None
         if len(data) > self._max_message:
             reply.update(ok=False, error=f"{msg['fn']}() returned {len(data)} bytes, over max_message_mb")
             return protocol.encode(reply), None
         reply["ok"] = True
-        if len(data) <= protocol.INLINE_LIMIT:
+        if len(data) <= self._inline:
             return protocol.encode_with_value(reply, data), None
         return protocol.encode({**reply, "shm": len(data)}), protocol.write_shm(data)
 

@@ -318,3 +318,20 @@ def test_a_server_reporting_negative_usage_cannot_undo_the_budgets():
     assert c.cost_usd is None
     response._hidden_params = {"response_cost": float("nan")}
     assert _completion_from(response, "openai/x", [], 0.0).cost_usd is None
+
+
+def test_a_block_too_large_for_one_request_is_an_error_the_model_sees(tmp_path: Path):
+    """Under a tiny max_message_mb a model's block can be over the frame cap: Sandbox.execute
+    refuses it with ValueError, which ended the whole run. The model sees it like an error of its
+    code instead; nothing ran, and its variables stay."""
+    from sandbox import load_policy
+
+    policy = load_policy("default").override({"limits.max_message_mb": 1})
+    backend = ScriptedBackend(
+        [repl("kept = 7"), repl("x = '" + "é" * 600_000 + "'"), repl("print(kept)"), "FINAL(done)"]
+    )
+    result = run("q?", "some context", model="m", backend=backend, policy=policy, log_dir=tmp_path)
+    assert result.answer == "done" and result.stop_reason == "final", result
+    told = backend.calls[2][1][-1]["content"]
+    assert "ValueError: code is 1200006 bytes (UTF-8)" in told, told[:500]
+    assert "7" in backend.calls[3][1][-1]["content"]

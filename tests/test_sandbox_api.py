@@ -408,3 +408,40 @@ def test_a_variable_timeout_is_a_positive_number_not_a_bool(sb, bad, error):
         sb.get_variable("x", timeout=bad)
     sb.set_variable("x", 1, timeout=5)  # an int is a number of seconds
     assert sb.get_variable("x", timeout=2.5) == 1
+
+
+def test_frames_near_the_cap_never_cost_the_child(audit_path):
+    """Under max_message_mb = 1 (the frame cap equals INLINE_LIMIT) a value that packed just under
+    1 MiB went inline, its frame over the cap: the child (for set_variable and a host function's
+    result) or the host (for get_variable) took it for a broken protocol and the child was lost.
+    So did a host function's error of 600,000 two-byte characters (cut by characters, not bytes)
+    and a 2 MB variable name. Values go out of band before their frame outgrows the cap, error
+    texts are cut in bytes, names are capped: the child and its variables stay."""
+    policy = load_policy("default").override({"limits.max_message_mb": 1})
+    big = ["x" * 1000] * 1040  # packs to about 1.04 MB
+
+    def fail() -> None:
+        raise ValueError("é" * 600_000)
+
+    with Sandbox(policy, host_functions={"big": lambda: big, "fail": fail}, audit_log=audit_path) as sb:
+        assert sb.execute("x = 5").ok
+        sb.set_variable("v", big)
+        r = sb.execute("w = big()\nprint(len(v), len(w))")
+        assert r.ok and r.stdout == "1040 1040\n" and not r.state_lost, r
+        r = sb.execute("try:\n    fail()\nexcept Exception as e:\n    print(len(str(e).encode()))")
+        assert r.ok and int(r.stdout) <= 1_000_000 and not r.state_lost, r
+        assert sb.get_variable("w") == big
+        name = "a" * 2_000_000
+        for call in (lambda: sb.get_variable(name), lambda: sb.set_variable(name, 1)):
+            with pytest.raises(VariableError, match=r'^"a{60}"\.\.\. is not a valid variable name$'):
+                call()
+        r = sb.execute("print(x)")
+        assert r.ok and r.stdout == "5\n" and not r.state_lost, r
+
+
+def test_an_output_cap_no_frame_can_carry_is_refused_when_the_policy_loads():
+    """max_output_bytes = 100 MB passed: a cell that printed 70 MB then came back as a broken
+    protocol with its child killed (the frame cap is 64 MiB). The policy names the key now."""
+    with pytest.raises(PolicyError, match="limits.max_output_bytes.*more than one frame can carry"):
+        load_policy("default").override({"limits.max_output_bytes": 60_000_000, "limits.max_message_mb": 32})
+    assert load_policy("default").override({"limits.max_message_mb": 1}).limits.max_output_bytes == 1_000_000
