@@ -382,7 +382,7 @@ def test_code_too_large_for_one_request_is_refused_before_anything_runs(audit_pa
     big = "#" + "é" * 600_000  # 600,001 characters, 1.2 MB of UTF-8: the bytes count
     with Sandbox(policy, audit_log=audit_path) as sb:
         assert sb.execute("x = 5").ok
-        with pytest.raises(ValueError, match=r"code is 1200001 bytes \(UTF-8\), over the 1047552"):
+        with pytest.raises(ValueError, match=r"code is 1200001 bytes \(UTF-8\), over the 1032192"):
             sb.execute(big)
         r = sb.execute("#" + "a" * 1_000_000 + "\nprint(x)")  # under the cap: runs
         assert r.ok and r.stdout == "5\n" and not r.state_lost
@@ -391,7 +391,7 @@ def test_code_too_large_for_one_request_is_refused_before_anything_runs(audit_pa
     async def run_async() -> None:
         async with AsyncSandbox(policy, audit_log=audit_path) as sb:
             assert (await sb.execute("y = 6")).ok
-            with pytest.raises(ValueError, match="over the 1047552"):
+            with pytest.raises(ValueError, match="over the 1032192"):
                 await sb.execute(big)
             r = await sb.execute("print(y)")
             assert r.ok and r.stdout == "6\n" and not r.state_lost
