@@ -457,7 +457,7 @@ def _read_policy_file(path: Path) -> bytes:
     """The bytes of a regular file of at most :data:`MAX_POLICY_BYTES`; else PolicyError. A FIFO
     would block the read forever, ``/dev/zero`` would fill memory."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
     try:
