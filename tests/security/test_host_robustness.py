@@ -13,7 +13,9 @@ instead of hanging the suite.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -105,6 +107,53 @@ def test_memfds_lent_to_the_child_are_emptied_once_it_answers() -> None:
         sb.set_variable("value", {"k": ["é" * 2_000_000]})  # not a plain str: a memfd too
         r = sb.execute("print([os.fstat(k).st_size for k in kept], len(value['k'][0]))")
         assert r.stdout == "[0, 0, 0, 0, 0, 0] 2000000\n", r
+
+
+# 50 calls written to the channel at once, before any reply is read: the host reads them all in
+# one go and answers each, with a memfd for each (the result is 2 MB).
+PIPELINED_CALLS = (
+    FIND_CHANNEL
+    + """
+import msgpack, struct, time
+body = msgpack.packb({'t': 'call', 'id': 1, 'fn': 'big', 'args': [], 'kwargs': {}})
+data = (struct.pack('>I', len(body)) + body) * 50
+view = memoryview(data)
+while view:
+    view = view[os.write(chan, view):]
+time.sleep(1)
+"""
+)
+
+
+def _lent_memfds() -> int:
+    """Memfds of values this process has open (sandbox.protocol names them sandbox-value)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:sandbox-value")
+    return count
+
+
+def test_pipelined_calls_get_one_lent_memfd_at_a_time(mode: str) -> None:
+    """A child that wrote 50 calls at once had 50 memfds lent (each truncated only once it wrote
+    again, which it never did): 3 GiB of host memory with 16 MB results. Lending a memfd now
+    takes back every earlier one: an honest child has read its reply before its next call."""
+    seen: list[int] = []
+    payload = b"z" * 2_000_000
+
+    def big() -> bytes:
+        seen.append(_lent_memfds())
+        return payload
+
+    with Sandbox(hostile_policy(mode, **{"limits.wall_seconds": 5}), host_functions={"big": big}) as sb:
+        r = sb.execute(PIPELINED_CALLS)
+        assert r.ok or r.limit == "wall", r
+        if mode == "guard_none":
+            assert len(seen) == 50, len(seen)
+        assert max(seen, default=0) <= 1, seen
+        # The child left 49 replies unread on its channel: it is lost, the next call starts anew.
+        results = [sb.execute("print(len(big()))") for _ in range(2)]
+        assert results[-1].stdout == "2000000\n", results
 
 
 # ------------------------------------------------------------- host deadlines
