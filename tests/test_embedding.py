@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -258,6 +259,74 @@ def test_reentrant_use_from_an_async_host_function_is_a_clear_error(audit_path) 
 
     out, after = asyncio.run(main())
     assert "re-entrant use is not allowed" in out and after == "3\n"
+
+
+def test_an_async_host_function_that_closes_its_own_sandbox_gets_a_clear_error(audit_path) -> None:
+    """``await sb.close()`` from the sandbox's own coroutine host function waited for the turn its
+    own execute held: the execute never ended (time in host functions is not wall time)."""
+
+    async def main() -> tuple[str, str]:
+        async def closer() -> str:
+            try:
+                await sb.close()
+            except SandboxError as exc:
+                return str(exc)
+            return "closed"
+
+        sb = AsyncSandbox("default", host_functions={"closer": closer}, audit_log=audit_path)
+        try:
+            r = await asyncio.wait_for(sb.execute("print(closer())"), 60)
+            return r.stdout, (await sb.execute("print(3)")).stdout
+        finally:
+            await sb.close()
+
+    out, after = asyncio.run(main())
+    assert "a host function closed its own sandbox" in out and after == "3\n"
+
+
+def test_pipelined_calls_leave_the_loop_its_turns(audit_path) -> None:
+    """A child (guard off) that writes 3,000 calls to its channel at once, served by a coroutine
+    host function that never suspends: the calls already read were served back to back, and a
+    ticker task on the same loop got no turn until all were done (400 ms stalls with 5,000). The
+    loop now gets a turn between calls."""
+    from tests.security.conftest import policy_for
+
+    code = (
+        "import msgpack, os, struct, time\n"
+        "body = msgpack.packb({'t': 'call', 'id': 1, 'fn': 'quick', 'args': [], 'kwargs': {}})\n"
+        "data = memoryview((struct.pack('>I', len(body)) + body) * 3000)\n"
+        "while data:\n    data = data[os.write(3, data):]\n"
+        "time.sleep(0.5)\n"
+    )
+
+    async def main() -> tuple[int, int]:
+        calls = 0
+
+        async def quick() -> int:
+            nonlocal calls
+            calls += 1
+            return 1
+
+        ticks: list[int] = []
+
+        async def ticker() -> None:
+            while True:
+                ticks.append(calls)
+                await asyncio.sleep(0)
+
+        policy = policy_for("guard_none", **{"limits.wall_seconds": 10})
+        async with AsyncSandbox(policy, host_functions={"quick": quick}, audit_log=audit_path) as sb:
+            await sb.execute("pass")
+            task = asyncio.create_task(ticker())
+            await sb.execute(code)
+            task.cancel()
+            # the most calls served between two turns of the ticker
+            gaps = [b - a for a, b in itertools.pairwise(ticks)]
+            return calls, max(gaps, default=0)
+
+    calls, gap = asyncio.run(main())
+    assert calls >= 100, calls  # until the child's socket buffer, full of unread replies, stalls it
+    assert gap <= 2, gap  # a turn after every call (at most one more before the ticker runs)
 
 
 # --------------------------------------------------------------------- pool
