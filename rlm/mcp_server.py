@@ -205,7 +205,7 @@ class _Sessions:
         s = self._open.get(session_id)
         # Someone else's session answers exactly like one that does not exist.
         if s is None or not hmac.compare_digest(s.owner, owner):
-            raise ToolError(f"no such session: {session_id!r} (closed, expired or never opened here)")
+            raise ToolError(f"no such session: {_quote(session_id)} (closed, expired or never opened here)")
         return s
 
     def of(self, owner: str) -> list[_Session]:
@@ -283,11 +283,24 @@ def _type_name(value: Any) -> str:
     )
 
 
+def _quote(text: str, limit: int = 60) -> str:
+    """A client's string quoted in an error message: its first *limit* characters."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def _cut(text: str | None, limit: int = 200) -> str | None:
+    """A client's string as the audit log keeps it: at most *limit* characters, and a marker."""
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _check_args(tool: str, args: dict[str, Any], required: Sequence[str], optional: Sequence[str]) -> None:
     unknown = sorted(set(args) - set(required) - set(optional))
     if unknown:
         raise ToolError(
-            f"{tool}: unknown argument(s) {', '.join(map(repr, unknown))}; "
+            f"{tool}: unknown argument(s) {', '.join(map(_quote, unknown[:10]))}"
+            f"{f' and {len(unknown) - 10} more' if len(unknown) > 10 else ''}; "
             f"it takes {', '.join([*required, *optional]) or 'none'} (limits and layers are the server's policy)"
         )
     for name in required:
@@ -481,7 +494,8 @@ class MCPApp:
         self, ctx: Any, params: types.CallToolRequestParams, watch: _DropWatch | None
     ) -> types.CallToolResult:
         t0 = time.perf_counter()
-        record: dict[str, Any] = {"tool": params.name, "session_id": None}
+        # What the client chose goes into the log cut (a 20 MB tool name wrote 40 MB of log).
+        record: dict[str, Any] = {"tool": _cut(params.name), "session_id": None}
         try:
             owner = self._owner(ctx)
             record["client"] = hashlib.sha256(owner.encode()).hexdigest()[:16]
@@ -497,7 +511,7 @@ class MCPApp:
                 )
             if params.name not in self._names:
                 raise ToolError(
-                    f"unknown tool {params.name!r}; this server offers {', '.join(sorted(self._names))}"
+                    f"unknown tool {_quote(params.name)}; this server offers {', '.join(sorted(self._names))}"
                 )
             handler = getattr(self, "_tool_" + params.name)
             payload: dict[str, Any] = await handler(owner, args, record)
@@ -571,7 +585,7 @@ class MCPApp:
         code = _text(args["code"], "code")
         session_id = _text(args.get("session_id"), "session_id", optional=True)
         assert code is not None
-        record["session_id"] = session_id
+        record["session_id"] = _cut(session_id)
         record["code_sha256"] = hashlib.sha256(code.encode()).hexdigest()
         size = len(code.encode())
         if size > self.config.max_message_bytes:
@@ -636,7 +650,7 @@ class MCPApp:
         _check_args("session_close", args, ["session_id"], [])
         session_id = _text(args["session_id"], "session_id")
         assert session_id is not None
-        record["session_id"] = session_id
+        record["session_id"] = _cut(session_id)
         await self.sessions.close(self.sessions.get(session_id, owner))
         return {"session_id": session_id, "closed": True}
 
@@ -662,7 +676,7 @@ class MCPApp:
         if context is not None and path is not None:
             raise ToolError("give context or context_path, not both")
         if path is not None:
-            record["context_path"] = path
+            record["context_path"] = _cut(path, 4096)
             context = await _in_thread(lambda: self._read_allowed(path))
         from rlm.budget import CancelToken
         from rlm.core import run
@@ -699,34 +713,38 @@ class MCPApp:
         try:
             real = Path(path).resolve(strict=True)
         except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte in the path
-            raise ToolError(f"context_path {path!r}: no such file") from None
+            raise ToolError(f"context_path {_quote(path, 300)}: no such file") from None
         if not self._allowed(real):
-            raise ToolError(f"context_path {path!r} is outside the directories this server may read")
+            raise ToolError(
+                f"context_path {_quote(path, 300)} is outside the directories this server may read"
+            )
         try:
             fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
-            raise ToolError(f"context_path {path!r}: {exc.strerror}") from None
+            raise ToolError(f"context_path {_quote(path, 300)}: {exc.strerror}") from None
         try:  # a directory opens too, and fdopen refuses it: checked first, the descriptor closed
             regular = stat.S_ISREG(os.fstat(fd).st_mode)
         except OSError:
             regular = False
         if not regular:
             os.close(fd)
-            raise ToolError(f"context_path {path!r} is not a regular file")
+            raise ToolError(f"context_path {_quote(path, 300)} is not a regular file")
         with os.fdopen(fd, "rb") as f:
             # What was opened, not what was named: a path swapped since resolve() is caught here.
             opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
             if not self._allowed(opened):
-                raise ToolError(f"context_path {path!r} is outside the directories this server may read")
+                raise ToolError(
+                    f"context_path {_quote(path, 300)} is outside the directories this server may read"
+                )
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ToolError(f"context_path {path!r} is not a regular file")
+                raise ToolError(f"context_path {_quote(path, 300)} is not a regular file")
             data = f.read(self.config.max_message_bytes + 1)
         if len(data) > self.config.max_message_bytes:
-            raise ToolError(f"context_path {path!r} is over the policy's message cap")
+            raise ToolError(f"context_path {_quote(path, 300)} is over the policy's message cap")
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:
-            raise ToolError(f"context_path {path!r} is not UTF-8 text") from None
+            raise ToolError(f"context_path {_quote(path, 300)} is not UTF-8 text") from None
 
     def _allowed(self, real: Path) -> bool:
         return any(real == d or real.is_relative_to(d) for d in self.config.allow_read)

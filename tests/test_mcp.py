@@ -236,6 +236,16 @@ def test_bad_input_is_a_tool_error_and_the_server_keeps_serving(tmp_path: Path) 
             ]
             for tool, arguments, message in cases:
                 assert message in await refused(s, tool, arguments), (tool, arguments)
+            # What the client chose is quoted cut, and logged cut: a 20 MB tool name, argument name
+            # or session id once wrote 40 MB of audit log per request.
+            long_cases: list[tuple[str, dict[str, Any], str]] = [
+                ("t" * 100_000, {}, "unknown tool '" + "t" * 60 + "'..."),
+                ("python_exec", {"code": "1", "q" * 100_000: 1}, "unknown argument(s) '" + "q" * 60 + "'..."),
+                ("python_exec", {"code": "1", "session_id": "s" * 100_000}, "no such session: '" + "s" * 60 + "'..."),
+            ]
+            for tool, arguments, message in long_cases:
+                text = await refused(s, tool, arguments)
+                assert message in text and len(text) < 1000, text[:300]
             assert (await call(s, "python_exec", code="print('still here')"))["stdout"] == "still here\n"
             r = await call(s, "python_exec", code="import time\ntime.sleep(60)")
             assert not r["ok"] and r["limit"] == "wall" and r["error_type"] == "WallLimitExceeded"
@@ -252,6 +262,8 @@ def test_bad_input_is_a_tool_error_and_the_server_keeps_serving(tmp_path: Path) 
             assert (await call(s, "session_open"))["session_id"]
 
     anyio.run(go)
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    assert lines and max(map(len, lines)) < 2_000, max(map(len, lines))
 
 
 def test_text_that_is_not_utf8_is_refused_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
