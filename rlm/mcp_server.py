@@ -308,6 +308,39 @@ def _check_args(tool: str, args: dict[str, Any], required: Sequence[str], option
             raise ToolError(f"{tool}: missing required argument {name!r}")
 
 
+#: Largest JSON of a tool result (bytes): clients cap a message (the official SDK's HTTP client
+#: refuses a server-sent event over 1 MiB), and control characters grow sixfold in JSON.
+RESULT_JSON_MAX = 1_000_000
+#: Results whose JSON is larger are not repeated in the text block (which MCP asks for, for
+#: older clients): the block says where the result is instead.
+MIRROR_MAX = 256 * 1024
+_CUT_NOTE = "\n[... cut to fit one MCP message]"
+
+
+def _fit_result(payload: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """*payload* cut to fit :data:`RESULT_JSON_MAX` (its longest texts first, marked, with
+    ``output_truncated`` set where the result has it), and the text block that goes with it."""
+    text = json.dumps(payload, ensure_ascii=False)
+    size = len(text.encode())
+    while size > RESULT_JSON_MAX:
+        longest = max(
+            (k for k, v in payload.items() if isinstance(v, str)), key=lambda k: len(payload[k]), default=None
+        )
+        if longest is None or len(payload[longest]) <= len(_CUT_NOTE):
+            break  # nothing left to cut (never with the fields of these tools)
+        value = payload[longest]
+        # Keep the share of the text that fits, as the JSON of this field grew it (escapes).
+        keep = max(0, int(len(value) * (1 - (size - RESULT_JSON_MAX) / size)) - len(_CUT_NOTE) - 64)
+        payload = {**payload, longest: value[:keep] + _CUT_NOTE}
+        if "output_truncated" in payload:
+            payload["output_truncated"] = True
+        text = json.dumps(payload, ensure_ascii=False)
+        size = len(text.encode())
+    if size > MIRROR_MAX:
+        text = f"(the result, {size} bytes of JSON, is in structuredContent: too large to repeat here)"
+    return payload, text
+
+
 def _exec_payload(r: Any, session_id: str | None) -> dict[str, Any]:
     data = {name: getattr(r, name) for name in EXEC_FIELDS if name != "session_id"}
     data["session_id"] = session_id
@@ -534,9 +567,9 @@ class MCPApp:
             self._audit(record, "disconnected" if watch is not None and watch.fired else "cancelled", t0)
             raise
         self._audit(record, record.pop("outcome", "ok"), t0)
+        payload, text = _fit_result(payload)
         return types.CallToolResult(
-            content=[types.TextContent(type="text", text=json.dumps(payload, ensure_ascii=False))],
-            structured_content=payload,
+            content=[types.TextContent(type="text", text=text)], structured_content=payload
         )
 
     def _audit(self, record: dict[str, Any], outcome: str, t0: float) -> None:

@@ -531,6 +531,41 @@ def test_http_needs_the_token_and_keeps_sessions_apart(tmp_path: Path) -> None:
             srv.proc.wait()
 
 
+def test_http_results_up_to_the_output_cap_reach_the_official_client(tmp_path: Path) -> None:
+    """The official client refuses a server-sent event over 1 MiB. Output within max_output_bytes
+    went out twice (structured, and as the JSON text block) and JSON-escaped twice: 600 KB of
+    text, or 100 KB of control characters, never arrived. Now a result's JSON is at most
+    1,000,000 bytes (its longest texts cut, marked, output_truncated set) and a large one is not
+    repeated in the text block."""
+    token = f"tok-{uuid.uuid4().hex}"
+    srv = HTTPServer(tmp_path, token, "--pool-size", "0")
+    try:
+
+        async def go() -> None:
+            async with srv.client() as c:
+                for code, stdout_len, cut in (
+                    ("print('a' * 600_000)", 600_001, False),
+                    ("print('a' * 950_000)", 950_001, False),
+                    ("print(chr(1) * 300_000)", None, True),
+                ):
+                    res = await c.call_tool("python_exec", {"code": code})
+                    assert not res.is_error, res.content
+                    out = res.structured_content
+                    assert out is not None and out["ok"], out
+                    if cut:
+                        assert out["output_truncated"] and out["stdout"].endswith("cut to fit one MCP message]")
+                    else:
+                        assert len(out["stdout"]) == stdout_len and not out["output_truncated"]
+                    assert "is in structuredContent" in res.content[0].text
+                small = await call(c, "python_exec", code="print('small')")  # mirrored as before
+                assert small["stdout"] == "small\n"
+
+        anyio.run(go)
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(30)
+
+
 _DROPPING_CLIENT = """
 import sys, anyio, httpx2
 from mcp import ClientSession
