@@ -845,8 +845,24 @@ def _bad_parts(value: Any, depth: int = 0) -> tuple[bool, bool]:
 
 
 def _might_be_bad(line: str) -> bool:
-    """Cheap test before parsing: an escaped surrogate, or enough brackets to nest too deep."""
-    return "\\ud" in line.lower() or line.count("[") + line.count("{") > _MAX_ARG_DEPTH
+    """Cheap test before parsing: an escaped surrogate, bytes that were not UTF-8 (decoded to
+    surrogates), enough brackets to nest too deep, or a batch (a JSON array)."""
+    return (
+        "\\ud" in line.lower()
+        or line.count("[") + line.count("{") > _MAX_ARG_DEPTH
+        or line.lstrip().startswith("[")
+        or (not line.isascii() and not _unicode_ok(line))
+    )
+
+
+def _refusal(rid: Any, why: str) -> str:
+    """A line the SDK answers with an error for request *rid*: a method nobody serves, named
+    after the reason (the SDK drops a line it cannot take without answering it)."""
+    return json.dumps({"jsonrpc": "2.0", "id": rid, "method": f"refused: {why}"}) + "\n"
+
+
+def _answerable(rid: Any) -> bool:
+    return (isinstance(rid, int) and not isinstance(rid, bool)) or (isinstance(rid, str) and _unicode_ok(rid))
 
 
 def _flag_bad_text(line: str) -> str:
@@ -858,23 +874,43 @@ def _flag_bad_text(line: str) -> str:
         msg = json.loads(line)
     except RecursionError:  # too deep for Python's parser as well: answer by the request's id
         method, rid = _METHOD.search(line), _ID.search(line)
-        if method is None or method.group(1) != "tools/call" or rid is None:
+        if rid is None:
             return line
+        if method is None or method.group(1) != "tools/call":
+            return _refusal(json.loads(rid.group(1)), f"nested deeper than {_MAX_ARG_DEPTH} levels")
         params = {"name": "?", "arguments": {_BAD_TEXT: {"keys": [], "why": "nested too deep"}}}
         return (
             f'{{"jsonrpc":"2.0","id":{rid.group(1)},"method":"tools/call","params":{json.dumps(params)}}}\n'
         )
     except (ValueError, MemoryError):
         return line
+    if isinstance(msg, list):  # a batch (not part of MCP since 2025-06-18): each request refused
+        ids = [m["id"] for m in msg if isinstance(m, dict) and _answerable(m.get("id"))]
+        return (
+            "".join(_refusal(rid, "batches are not supported: one message per line") for rid in ids) or line
+        )
     try:
-        if not isinstance(msg, dict) or msg.get("method") != "tools/call":
+        if not isinstance(msg, dict):
+            return line
+        if msg.get("method") != "tools/call":
+            bad, deep = _bad_parts(msg)
+            if (bad or deep) and _answerable(msg.get("id")):
+                return _refusal(
+                    msg["id"],
+                    "nested too deep" if deep else "the request holds text that is not valid Unicode",
+                )
             return line
         params = msg["params"]
         args = params.get("arguments") or {}
         bad, deep = _bad_parts(args)
         name_bad = not isinstance(params.get("name"), str) or not _unicode_ok(params["name"])
+        rest_bad, rest_deep = _bad_parts({k: v for k, v in params.items() if k not in ("arguments", "name")})
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError, MemoryError):
         return line
+    if (rest_bad or rest_deep) and _answerable(msg.get("id")):  # _meta, say: no tool gets it
+        return _refusal(
+            msg["id"], "nested too deep" if rest_deep else "the request holds text that is not valid Unicode"
+        )
     if not (bad or deep or name_bad):
         return line
     if isinstance(args, dict):
@@ -902,7 +938,9 @@ class _CheckedLines:
         fd = os.dup(0)  # raw reads: no buffered object's lock held by this thread at interpreter exit
 
         def read() -> None:
-            decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+            # Bytes that are not UTF-8 become lone surrogates, which _flag_bad_text refuses
+            # (replaced by U+FFFD, code would have run with other text than the client sent).
+            decode = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape").decode
             pending: list[str] = []  # the pieces of an unfinished line (joined once, when it ends)
             try:
                 while chunk := os.read(fd, 1 << 16):
@@ -929,7 +967,12 @@ class _CheckedLines:
 
     async def _lines(self) -> Any:
         while (line := await self._queue.get()) is not None:
-            yield _flag_bad_text(line) if _might_be_bad(line) else line
+            if not _might_be_bad(line):
+                yield line
+                continue
+            for one in _flag_bad_text(line).split("\n"):  # a batch: one line per request
+                if one:
+                    yield one + "\n"
 
 
 async def _serve_stdio(app: MCPApp) -> None:

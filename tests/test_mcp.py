@@ -333,6 +333,26 @@ def test_text_that_is_not_utf8_is_refused_and_sigterm_stops_cleanly(tmp_path: Pa
             assert "error" in reply or reply["result"]["isError"], reply
         send(tool_call(8, b'"print(8)"'))
         assert answer(8)["result"]["structuredContent"]["stdout"] == "8\n"  # still serving
+        # Also dropped without an answer until this round's red team: code in bytes that are not
+        # UTF-8 (it ran, with U+FFFD in their place), bad text or deep nesting outside a tool's
+        # arguments (_meta, another method's params), and batches.
+        send(tool_call(40, b"\"print('\xff\xfe')\""))
+        result = answer(40)["result"]
+        assert result["isError"] and "not valid Unicode" in result["content"][0]["text"], result
+        refused_lines = {
+            41: b'{"jsonrpc":"2.0","id":41,"method":"tools/call","params":{"name":"session_list",'
+            b'"arguments":{},"_meta":{"progressToken":"\\ud800"}}}',
+            42: b'{"jsonrpc":"2.0","id":42,"method":"ping","params":{"\\ud800":1}}',
+            43: b'{"jsonrpc":"2.0","id":43,"method":"ping","params":{"x":' + b"[" * 3000 + b"]" * 3000 + b"}}",
+        }
+        for rid, line in refused_lines.items():
+            send(line)
+            assert answer(rid)["error"]["data"].startswith("refused: "), rid
+        send(b"[" + tool_call(44, b'"1"') + b"," + tool_call(45, b'"2"') + b"]")
+        for rid in (44, 45):
+            assert "batches are not supported" in answer(rid)["error"]["data"]
+        send(tool_call(46, b'"print(46)"'))
+        assert answer(46)["result"]["structuredContent"]["stdout"] == "46\n"  # still serving
 
         def request(rid: int, name: str, arguments: dict[str, Any]) -> None:
             params = {"name": name, "arguments": arguments}
