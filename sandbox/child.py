@@ -566,8 +566,16 @@ class Child:
         value = self.ns[name]
         try:
             self.send_value("value", value, ok=True)
-        except (protocol.WireError, TypeError, ValueError, OverflowError, MemoryError) as exc:
-            self.send({"t": "value", "ok": False, "error": f"variable {name!r}: {exc}"})
+        except MemoryError:  # its message is empty
+            self.send({"t": "value", "ok": False, "error": f"variable {name!r}: no memory left to send it"})
+        except (protocol.WireError, TypeError, ValueError, OverflowError) as exc:
+            self.send(
+                {
+                    "t": "value",
+                    "ok": False,
+                    "error": f"variable {name!r}: {_safe_str(exc) or type(exc).__name__}",
+                }
+            )
 
 
 def main(config: dict[str, Any], chan_fd: int, prepared: Any) -> NoReturn:

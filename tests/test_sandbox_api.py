@@ -445,3 +445,15 @@ def test_an_output_cap_no_frame_can_carry_is_refused_when_the_policy_loads():
     with pytest.raises(PolicyError, match="limits.max_output_bytes.*more than one frame can carry"):
         load_policy("default").override({"limits.max_output_bytes": 60_000_000, "limits.max_message_mb": 32})
     assert load_policy("default").override({"limits.max_message_mb": 1}).limits.max_output_bytes == 1_000_000
+
+
+def test_a_value_the_child_has_no_memory_to_send_is_a_named_error(audit_path):
+    """get_variable of a value whose packed copy does not fit the child's memory said only
+    "variable 'v': " (a MemoryError's message is empty). It says why now; the child lives on."""
+    policy = load_policy("default").override({"limits.memory_mb": 300})
+    with Sandbox(policy, audit_log=audit_path) as sb:
+        assert sb.execute("v = '\u20ac' * (60 * 1024 * 1024)").ok  # 120 MB held, 180 MB packed
+        with pytest.raises(VariableError, match=r"^variable 'v': no memory left to send it$"):
+            sb.get_variable("v")
+        r = sb.execute("print(len(v))")
+        assert r.ok and r.stdout == "62914560\n" and not r.state_lost
