@@ -363,16 +363,18 @@ class _Child:
         return not self.dead and not self.poll.poll(0) and self.server.alive and not self._stopped()
 
     def _stopped(self) -> bool:
-        """True when the child is stopped (SIGSTOP, a tracer) or its state cannot be read: its
-        first execute would wait out the wall limit and blame the code."""
+        """True when the child is stopped (SIGSTOP, a tracer): its first execute would wait out
+        the wall limit and blame the code. False when its state cannot be read (``/proc`` mounted
+        with ``hidepid``): the pool must not discard every child for that; an exited one is
+        caught by the pidfd."""
         try:
             fd = os.open(f"/proc/{self.pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            return True
+            return False
         try:
             stat = os.read(fd, 512)
         except OSError:
-            return True
+            return False
         finally:
             os.close(fd)
         # "pid (comm) S ...": the comm may hold anything, the state follows its last ")".
