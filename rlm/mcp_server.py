@@ -877,7 +877,10 @@ def _flag_bad_text(line: str) -> str:
         if rid is None:
             return line
         if method is None or method.group(1) != "tools/call":
-            return _refusal(json.loads(rid.group(1)), f"nested deeper than {_MAX_ARG_DEPTH} levels")
+            request_id = json.loads(rid.group(1))
+            if not _answerable(request_id):
+                return line
+            return _refusal(request_id, f"nested deeper than {_MAX_ARG_DEPTH} levels")
         params = {"name": "?", "arguments": {_BAD_TEXT: {"keys": [], "why": "nested too deep"}}}
         return (
             f'{{"jsonrpc":"2.0","id":{rid.group(1)},"method":"tools/call","params":{json.dumps(params)}}}\n'
