@@ -33,6 +33,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 import traceback
 from typing import Any, NoReturn
@@ -235,6 +236,10 @@ class Child:
         self.fds: list[int] = []
         self.runtime = runtime
         self.call_id = 0
+        #: One host-function call at a time (threads, when the policy allows them): a reply is
+        #: for the thread that sent its call, and a memfd it brings is read before the host,
+        #: at the next call, empties it.
+        self.call_lock = threading.Lock()
         self.spinner = Spinner(SPIN_SECONDS)
         #: The host's word in its last exec or reply: a CPU is free for spinning (see sandbox.spin).
         self.may_spin = True
@@ -401,6 +406,10 @@ class Child:
         child = self
 
         def host_function(*args: Any, **kwargs: Any) -> Any:
+            with child.call_lock:
+                return call(args, kwargs)
+
+        def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             child.call_id += 1
             cid = child.call_id
             msg = {"t": "call", "id": cid, "fn": name, "args": list(args), "kwargs": kwargs}
@@ -486,7 +495,7 @@ class Child:
             return done
         done["error_type"] = protocol.clean_text(
             "GuardError" if isinstance(error, GuardError) else type(error).__name__
-        )
+        )[: protocol.MAX_ERROR_TYPE]  # a class name has no length limit: the frame has
         hint = _limit_hint(error)
         if hint is not None:
             done["limit_hint"] = hint
@@ -554,7 +563,8 @@ class Child:
             del value
             self.send({"t": "ack", "ok": True})
         except (protocol.WireError, OSError, ValueError, MemoryError) as exc:
-            self.send({"t": "ack", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            error = f"{type(exc).__name__}: {_safe_str(exc)}"
+            self.send({"t": "ack", "ok": False, "error": protocol.clean_text(error)[: protocol.MAX_REFUSAL]})
         # The value it replaced is freed here, after the ack (a 100 MB str takes 20-30 ms to
         # unmap): the host goes on meanwhile.
         del replaced
@@ -573,7 +583,9 @@ class Child:
                 {
                     "t": "value",
                     "ok": False,
-                    "error": f"variable {name!r}: {_safe_str(exc) or type(exc).__name__}",
+                    "error": protocol.clean_text(
+                        f"variable {name!r}: {_safe_str(exc) or type(exc).__name__}"
+                    )[: protocol.MAX_REFUSAL],
                 }
             )
 

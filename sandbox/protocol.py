@@ -88,7 +88,9 @@ __all__ = [
     "HEADER",
     "INLINE_LIMIT",
     "MAX_DEPTH",
+    "MAX_ERROR_TYPE",
     "MAX_ITEMS",
+    "MAX_REFUSAL",
     "MESSAGES",
     "PROTOCOL_VERSION",
     "BudgetError",
@@ -125,6 +127,11 @@ HEADER: Final = struct.Struct(">I")
 DEFAULT_MAX_FRAME: Final = 64 * 1024 * 1024
 #: Packed values larger than this travel in a memfd rather than inline.
 INLINE_LIMIT: Final = 1024 * 1024
+#: Longest exception class name (``error_type``) and longest refusal text (the ``error`` of an
+#: ``ack`` or ``value``) in a frame: neither is covered by the output cap, so each end cuts them
+#: (the child, so its frame fits; the host, whatever the child sends).
+MAX_ERROR_TYPE: Final = 200
+MAX_REFUSAL: Final = 2000
 #: Bytes of a frame that are not its payload (the code, a value, the output texts): keys, ids,
 #: flags, a variable name, cut markers; with room to spare.
 FRAME_ROOM: Final = 16 * 1024

@@ -672,11 +672,6 @@ class _Using:
 #: Longest variable name set_variable/get_variable take (a frame carries it whole).
 MAX_NAME = 1024
 
-#: Longest exception class name a child may report (``ExecResult.error_type``, the audit outcome).
-_MAX_ERROR_TYPE = 200
-#: Longest error text of a child's ``ack`` or ``value`` refusal that reaches a VariableError.
-_MAX_CHILD_ERROR = 2000
-
 
 def _cut(text: str, limit: int) -> str:
     """*text* from the child, cut at *limit* characters (marked ``...``) where no output cap
@@ -687,13 +682,13 @@ def _cut(text: str, limit: int) -> str:
 def _error_type(name: str | None) -> str | None:
     """The child's exception class name, cut: it is not covered by the output cap, and it goes
     into every audit line (a child could otherwise grow the log by megabytes per execute)."""
-    return None if name is None else _cut(name, _MAX_ERROR_TYPE)
+    return None if name is None else _cut(name, protocol.MAX_ERROR_TYPE)
 
 
 def _child_error(msg: dict[str, Any], default: str) -> str:
-    """The ``error`` text of a child's refusal, cut to :data:`_MAX_CHILD_ERROR` characters."""
+    """The ``error`` text of a child's refusal, cut to ``protocol.MAX_REFUSAL`` characters."""
     error: str = msg.get("error", default)  # a str: checked against the message table
-    return _cut(error, _MAX_CHILD_ERROR)
+    return _cut(error, protocol.MAX_REFUSAL)
 
 
 def _signal_name(sig: int) -> str:

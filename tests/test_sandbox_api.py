@@ -457,3 +457,47 @@ def test_a_value_the_child_has_no_memory_to_send_is_a_named_error(audit_path):
             sb.get_variable("v")
         r = sb.execute("print(len(v))")
         assert r.ok and r.stdout == "62914560\n" and not r.state_lost
+
+
+def test_host_functions_called_from_several_threads_of_the_child(audit_path):
+    """With threads allowed, two threads of the code calling host functions at once could take
+    each other's replies (a broken protocol), and a large result's memfd was emptied by the host
+    at the other thread's next call while this one still read it (SIGBUS). The child makes one
+    call at a time now."""
+    policy = load_policy("default").override(
+        {"python.guard": "none", "limits.max_processes": 4, "limits.wall_seconds": 60}
+    )
+    big = [f"s{i:07d}" for i in range(200_000)]  # about 2 MB packed: a memfd each time
+
+    def h(kind: str) -> object:
+        return big if kind == "big" else 1
+
+    code = (
+        "import threading\nres = {'a': [], 'b': 0}\n"
+        "def a():\n    for _ in range(5):\n        res['a'].append(len(h('big')))\n"
+        "def b():\n    for _ in range(500):\n        res['b'] += h('small')\n"
+        "ts = [threading.Thread(target=a), threading.Thread(target=b)]\n"
+        "for t in ts:\n    t.start()\nfor t in ts:\n    t.join()\nprint(res)"
+    )
+    with Sandbox(policy, host_functions={"h": h}, audit_log=audit_path) as sb:
+        assert sb.execute("keep = 1").ok
+        r = sb.execute(code)
+        assert r.ok and r.stdout == "{'a': [200000, 200000, 200000, 200000, 200000], 'b': 500}\n", r
+        assert sb.execute("print(keep)").stdout == "1\n"
+
+
+def test_an_exception_or_a_value_with_a_huge_class_name_keeps_the_child(audit_path):
+    """A class name has no length limit: an exception or an unsendable value of a class named
+    with 1 MiB of characters put it whole into the done or value frame, over the cap, and the
+    child was lost. The child cuts those names (and refusal texts) itself now."""
+    policy = load_policy("default").override({"limits.max_message_mb": 1})
+    n = 1024 * 1024 + 10
+    with Sandbox(policy, audit_log=audit_path) as sb:
+        assert sb.execute("keep = 42").ok
+        r = sb.execute(f"E = type('E' * {n}, (Exception,), {{}})\nraise E()")
+        assert not r.ok and r.error_type == "E" * 200 and not r.crashed, r.error_type[:80]
+        assert sb.execute(f"v = type('X' * {n}, (), {{}})()").ok
+        with pytest.raises(VariableError, match="^variable 'v': X+"):
+            sb.get_variable("v")
+        r = sb.execute("print(keep)")
+        assert r.ok and r.stdout == "42\n" and not r.state_lost, r
