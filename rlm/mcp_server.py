@@ -865,39 +865,54 @@ def _answerable(rid: Any) -> bool:
     return (isinstance(rid, int) and not isinstance(rid, bool)) or (isinstance(rid, str) and _unicode_ok(rid))
 
 
+def _top_level(line: str, match: re.Match[str] | None) -> re.Match[str] | None:
+    """*match* if it lies in the line's outermost object (nothing but one ``{`` opened before it;
+    a brace inside a string before it makes this say no: no answer rather than a wrong one)."""
+    if match is None:
+        return None
+    before = line[: match.start()]
+    return match if before.count("{") == 1 and "[" not in before else None
+
+
 def _flag_bad_text(line: str) -> str:
-    """A tools/call line the SDK would drop without an answer (arguments or tool name holding
-    lone surrogates, anywhere; arguments nested too deep), rewritten so the tool refuses it by
-    name: the client gets a tool error instead of waiting for ever. Any other line is passed on
-    as it is (what Python cannot parse, the SDK answers with a parse error)."""
+    """A request line the SDK would drop without an answer, rewritten so that it is answered:
+
+    - a tools/call whose arguments or tool name hold lone surrogates (anywhere) or whose
+      arguments nest too deep: the tool refuses it by name (a tool error);
+    - any other request holding such text or nesting, or too deep for Python's parser, and each
+      request of a batch: an error for its id (:func:`_refusal`).
+
+    Any other line (a notification, a response, what Python cannot parse: the SDK answers that
+    with a parse error) is passed on as it is."""
     try:
         msg = json.loads(line)
     except RecursionError:  # too deep for Python's parser as well: answer by the request's id
-        method, rid = _METHOD.search(line), _ID.search(line)
-        if rid is None:
+        method, rid = _top_level(line, _METHOD.search(line)), _top_level(line, _ID.search(line))
+        try:
+            request_id = json.loads(rid.group(1)) if rid is not None else None
+        except ValueError:  # 01, a bad escape: no id to answer
             return line
-        if method is None or method.group(1) != "tools/call":
-            request_id = json.loads(rid.group(1))
-            if not _answerable(request_id):
-                return line
+        if method is None or not _answerable(request_id):
+            return line
+        if method.group(1) != "tools/call":
             return _refusal(request_id, f"nested deeper than {_MAX_ARG_DEPTH} levels")
         params = {"name": "?", "arguments": {_BAD_TEXT: {"keys": [], "why": "nested too deep"}}}
         return (
-            f'{{"jsonrpc":"2.0","id":{rid.group(1)},"method":"tools/call","params":{json.dumps(params)}}}\n'
+            json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}) + "\n"
         )
     except (ValueError, MemoryError):
         return line
     if isinstance(msg, list):  # a batch (not part of MCP since 2025-06-18): each request refused
-        ids = [m["id"] for m in msg if isinstance(m, dict) and _answerable(m.get("id"))]
+        ids = [m["id"] for m in msg if isinstance(m, dict) and "method" in m and _answerable(m.get("id"))]
         return (
             "".join(_refusal(rid, "batches are not supported: one message per line") for rid in ids) or line
         )
+    if not isinstance(msg, dict) or "method" not in msg or not _answerable(msg.get("id")):
+        return line  # a response or a notification: nothing to answer
     try:
-        if not isinstance(msg, dict):
-            return line
-        if msg.get("method") != "tools/call":
+        if msg["method"] != "tools/call":
             bad, deep = _bad_parts(msg)
-            if (bad or deep) and _answerable(msg.get("id")):
+            if bad or deep:
                 return _refusal(
                     msg["id"],
                     "nested too deep" if deep else "the request holds text that is not valid Unicode",
@@ -907,10 +922,15 @@ def _flag_bad_text(line: str) -> str:
         args = params.get("arguments") or {}
         bad, deep = _bad_parts(args)
         name_bad = not isinstance(params.get("name"), str) or not _unicode_ok(params["name"])
-        rest_bad, rest_deep = _bad_parts({k: v for k, v in params.items() if k not in ("arguments", "name")})
+        # Everything else of the request (_meta, members beside params): no tool gets it.
+        rest = [
+            {k: v for k, v in msg.items() if k != "params"},
+            {k: v for k, v in params.items() if k not in ("arguments", "name")},
+        ]
+        rest_bad, rest_deep = _bad_parts(rest)
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError, MemoryError):
         return line
-    if (rest_bad or rest_deep) and _answerable(msg.get("id")):  # _meta, say: no tool gets it
+    if rest_bad or rest_deep:
         return _refusal(
             msg["id"], "nested too deep" if rest_deep else "the request holds text that is not valid Unicode"
         )

@@ -353,6 +353,18 @@ def test_text_that_is_not_utf8_is_refused_and_sigterm_stops_cleanly(tmp_path: Pa
             assert "batches are not supported" in answer(rid)["error"]["data"]
         send(tool_call(46, b'"print(46)"'))
         assert answer(46)["result"]["structuredContent"]["stdout"] == "46\n"  # still serving
+        # A review of that: a too-deep line whose id is not valid JSON (01) killed the server; a
+        # lone surrogate beside params went unanswered; an "id" nested in a too-deep notification
+        # was answered (possibly resolving another request of the client with that id).
+        deep = b"[" * 5000 + b"]" * 5000
+        send(b'{"jsonrpc":"2.0","method":"ping","params":{"x":' + deep + b'},"id":01}')
+        send(b'{"jsonrpc":"2.0","id":47,"method":"tools/call","x":"\\ud800",'
+             b'"params":{"name":"session_list","arguments":{}}}')  # fmt: skip
+        assert answer(47)["error"]["data"].startswith("refused: ")
+        send(b'{"jsonrpc":"2.0","method":"notifications/x","params":{"id":48,"x":' + deep + b"}}")
+        send(tool_call(49, b'"print(49)"'))
+        assert answer(49)["result"]["structuredContent"]["stdout"] == "49\n"  # alive, in order
+        assert 48 not in early, early[48]  # nothing answered the notification
 
         def request(rid: int, name: str, arguments: dict[str, Any]) -> None:
             params = {"name": name, "arguments": arguments}
