@@ -10,7 +10,6 @@ that crosses a process boundary unchanged, and none of it holds a key.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from rlm.errors import (
     SandboxFailure,
     UnknownModelError,
 )
+from rlm.llm import redact, secret_values
 
 __all__ = ["FATAL_ERRORS", "RunSettings", "check_sandbox", "error_record", "fatal_error", "run_item"]
 
@@ -73,20 +73,6 @@ def error_record(item_id: str, stop_reason: str, error: str, time_s: float = 0.0
     }
 
 
-def _scrub(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "[REDACTED]")
-    return text
-
-
-def _secrets(api_key: str | None) -> list[str]:
-    """Values never to show in a record: the key given, and every provider key in the environment."""
-    values = [v for k, v in os.environ.items() if k.endswith("_API_KEY") and len(v) >= 8]
-    if api_key and len(api_key) >= 4:
-        values.append(api_key)
-    return sorted(set(values), key=len, reverse=True)
-
-
 def check_sandbox(policy: Any, where: str = "") -> None:
     """Start and close one sandbox with *policy*: a layer the policy requires but this machine lacks
     raises SandboxFailure naming the layer (and *where*, e.g. the node)."""
@@ -132,11 +118,11 @@ def run_item(
         )
         result = rlm.completion(context, root_prompt=query)
     except FATAL_ERRORS as exc:
-        message = _scrub(str(exc), _secrets(api_key))
+        message = redact(str(exc), secret_values(api_key))
         record = error_record(item_id, "error", message, time.perf_counter() - started)
         return {"record": record, "fatal": [type(exc).__name__, message]}
     except (RLMError, OSError, ValueError, RuntimeError) as exc:
-        message = _scrub(f"{type(exc).__name__}: {exc}", _secrets(api_key))
+        message = redact(f"{type(exc).__name__}: {exc}", secret_values(api_key))
         return {
             "record": error_record(item_id, "error", message, time.perf_counter() - started),
             "fatal": None,
@@ -151,7 +137,7 @@ def run_item(
         "output_tokens": result.total_output_tokens,
         "cost_usd": result.cost_usd,
         "time_s": round(time.perf_counter() - started, 3),
-        "error": None if result.error is None else _scrub(result.error, _secrets(api_key)),
+        "error": None if result.error is None else redact(result.error, secret_values(api_key)),
     }
     return {"record": record, "fatal": None}
 
