@@ -378,7 +378,8 @@ class _Child:
         finally:
             os.close(fd)
         # "pid (comm) S ...": the comm may hold anything, the state follows its last ")".
-        return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"T", b"t")
+        state = stat.rfind(b")") + 2
+        return stat[state : state + 1] in (b"T", b"t")
 
     def discard(self) -> None:
         """Stop a child nobody uses (a pool's, or one that failed to start)."""
@@ -1433,14 +1434,15 @@ class Sandbox:
         except Exception as exc:  # the host function's failure is the child's HostFunctionError
             outcome, failed = exc, True
         spent = time.perf_counter() - h0
-        frame, fd = self._reply(msg, outcome, failed)
-        if fd is not None:
-            child.lend(fd)
+        frame, fd = self._reply(child, msg, outcome, failed)
         self._send(child, frame, fd, wall_deadline + spent - time.perf_counter() + DEADLINE_GRACE)
         return spent
 
-    def _reply(self, msg: dict[str, Any], outcome: Any, failed: bool) -> tuple[bytes, int | None]:
-        """The ``reply`` frame to a ``call`` (and the memfd of a large value, to close after sending)."""
+    def _reply(
+        self, child: _Child, msg: dict[str, Any], outcome: Any, failed: bool
+    ) -> tuple[bytes, int | None]:
+        """The ``reply`` frame to a ``call``, and the memfd of a large value to send with it (lent
+        to *child*: see :meth:`_Child.lend`)."""
         reply: dict[str, Any] = {"t": "reply", "id": msg["id"], "spin": _child_may_spin()}
         if not failed:
             try:
@@ -1460,7 +1462,9 @@ class Sandbox:
         reply["ok"] = True
         if len(data) <= self._inline:
             return protocol.encode_with_value(reply, data), None
-        return protocol.encode({**reply, "shm": len(data)}), protocol.write_shm(data)
+        fd = protocol.write_shm(data)
+        child.lend(fd)
+        return protocol.encode({**reply, "shm": len(data)}), fd
 
     def _result(
         self,
@@ -1850,9 +1854,7 @@ class AsyncSandbox:
             calling.clear()
             _IN_HOST_CALL.reset(token)
         spent = time.perf_counter() - h0
-        frame, fd = sb._reply(msg, outcome, failed)
-        if fd is not None:
-            child.lend(fd)
+        frame, fd = sb._reply(child, msg, outcome, failed)
         await _send_async(sb, child, frame, fd, wall_deadline + spent - time.perf_counter() + DEADLINE_GRACE)
         return spent
 
