@@ -974,8 +974,7 @@ class _Run:
         Every execute the loop makes in the model's sandbox goes through here: the policy's
         ``wall_seconds`` alone would let a block run past the budget, and host functions are
         not counted there at all."""
-        left = self.ledger.time_left()
-        limit = left if cap is None else cap if left is None else min(cap, left)
+        limit = self._time_cap(cap)
         timer = None
         if limit is not None:
             timer = threading.Timer(max(0.0, limit), sb.kill)
@@ -991,6 +990,12 @@ class _Run:
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def _time_cap(self, cap: float | None) -> float | None:
+        """Seconds the loop's next step in the sandbox may take: the time budget left, at most
+        *cap* (None: no limit either way)."""
+        left = self.ledger.time_left()
+        return left if cap is None else cap if left is None else min(cap, left)
 
     def _may_run_code(self) -> bool:
         """False once the run is out of time or cancelled: then the loop runs no more code of its own."""
@@ -1096,8 +1101,7 @@ class _Run:
             self._set_final(name)
             return
         if sb.alive:
-            left = self.ledger.time_left()
-            timeout = HELPER_TIMEOUT_S if left is None else max(0.1, min(HELPER_TIMEOUT_S, left))
+            timeout = max(0.1, self._time_cap(HELPER_TIMEOUT_S) or 0.0)  # a timeout must be > 0
             try:
                 self._set_final(sb.get_variable(key, timeout=timeout))
                 return
