@@ -861,6 +861,11 @@ def _refusal(rid: Any, why: str) -> str:
     return json.dumps({"jsonrpc": "2.0", "id": rid, "method": f"refused: {why}"}) + "\n"
 
 
+def _why(deep: bool) -> str:
+    """The reason _refusal gives for a request that _bad_parts flagged."""
+    return "nested too deep" if deep else "the request holds text that is not valid Unicode"
+
+
 def _answerable(rid: Any) -> bool:
     return (isinstance(rid, int) and not isinstance(rid, bool)) or (isinstance(rid, str) and _unicode_ok(rid))
 
@@ -913,10 +918,7 @@ def _flag_bad_text(line: str) -> str:
         if msg["method"] != "tools/call":
             bad, deep = _bad_parts(msg)
             if bad or deep:
-                return _refusal(
-                    msg["id"],
-                    "nested too deep" if deep else "the request holds text that is not valid Unicode",
-                )
+                return _refusal(msg["id"], _why(deep))
             return line
         params = msg["params"]
         args = params.get("arguments") or {}
@@ -931,9 +933,7 @@ def _flag_bad_text(line: str) -> str:
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError, MemoryError):
         return line
     if rest_bad or rest_deep:
-        return _refusal(
-            msg["id"], "nested too deep" if rest_deep else "the request holds text that is not valid Unicode"
-        )
+        return _refusal(msg["id"], _why(rest_deep))
     if not (bad or deep or name_bad):
         return line
     if isinstance(args, dict):

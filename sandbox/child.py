@@ -147,6 +147,11 @@ def _safe_str(exc: BaseException) -> str:
         return "<exception message could not be rendered>"
 
 
+def _refusal(text: str) -> str:
+    """The ``error`` of an ``ack`` or ``value`` refusal: valid text, cut so that its frame fits."""
+    return protocol.clean_text(text)[: protocol.MAX_REFUSAL]
+
+
 _CELL_FILE = re.compile(r"<cell-[0-9]+>")
 
 
@@ -563,8 +568,7 @@ class Child:
             del value
             self.send({"t": "ack", "ok": True})
         except (protocol.WireError, OSError, ValueError, MemoryError) as exc:
-            error = f"{type(exc).__name__}: {_safe_str(exc)}"
-            self.send({"t": "ack", "ok": False, "error": protocol.clean_text(error)[: protocol.MAX_REFUSAL]})
+            self.send({"t": "ack", "ok": False, "error": _refusal(f"{type(exc).__name__}: {_safe_str(exc)}")})
         # The value it replaced is freed here, after the ack (a 100 MB str takes 20-30 ms to
         # unmap): the host goes on meanwhile.
         del replaced
@@ -579,15 +583,8 @@ class Child:
         except MemoryError:  # its message is empty
             self.send({"t": "value", "ok": False, "error": f"variable {name!r}: no memory left to send it"})
         except (protocol.WireError, TypeError, ValueError, OverflowError) as exc:
-            self.send(
-                {
-                    "t": "value",
-                    "ok": False,
-                    "error": protocol.clean_text(
-                        f"variable {name!r}: {_safe_str(exc) or type(exc).__name__}"
-                    )[: protocol.MAX_REFUSAL],
-                }
-            )
+            error = _refusal(f"variable {name!r}: {_safe_str(exc) or type(exc).__name__}")
+            self.send({"t": "value", "ok": False, "error": error})
 
 
 def main(config: dict[str, Any], chan_fd: int, prepared: Any) -> NoReturn:

@@ -26,6 +26,14 @@ STOP_S = 2.0  # a run that is stopped ends (and its caller gets control back) we
 
 
 @pytest.fixture(scope="module", autouse=True)
+def run_tree(script: Any, concurrency: int, **kwargs: Any) -> Any:
+    """A run whose root's one turn starts child RLMs (max_depth 2), *concurrency* calls at once."""
+    return run(
+        "root", "ctx", model="m", backend=ScriptedBackend(script), max_depth=2, max_iterations=1,
+        max_concurrency=concurrency, **kwargs,
+    )  # fmt: skip
+
+
 def litellm_imported() -> None:
     """Import litellm before the clocks start: its first import takes seconds and cannot be cut short."""
     from rlm import llm
@@ -137,16 +145,7 @@ def test_ctrl_c_during_a_batch_of_child_rlms_stops_the_children(children, concur
     box: dict[str, float] = {}
     threading.Thread(target=interrupt_once_children_run, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
-        run(
-            "root",
-            "ctx",
-            model="m",
-            backend=ScriptedBackend(script),
-            max_depth=2,
-            max_iterations=1,
-            max_concurrency=concurrency,
-            on_event=on_event,
-        )
+        run_tree(script, concurrency, on_event=on_event)
     surfaced = time.monotonic() - box["sigint"]
     assert surfaced < prompt_s, surfaced
     assert not [c for c in calls if c > box["sigint"]], "model calls after the interrupt"
@@ -315,16 +314,7 @@ def test_no_model_call_starts_once_the_run_is_stopped():
     threading.Timer(1.2, cancel).start()
     result, _ = within(
         10,
-        lambda: run(
-            "root",
-            "ctx",
-            model="m",
-            backend=ScriptedBackend(script),
-            max_depth=2,
-            max_iterations=1,
-            max_concurrency=16,
-            cancel=token,
-        ),
+        lambda: run_tree(script, 16, cancel=token),
     )
     assert result.stop_reason == "cancelled", result
     late = [t for t in started if t > box["at"] + 0.01]
