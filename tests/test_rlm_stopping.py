@@ -25,7 +25,6 @@ KEY = "sk-test-stopping"
 STOP_S = 2.0  # a run that is stopped ends (and its caller gets control back) well within this
 
 
-@pytest.fixture(scope="module", autouse=True)
 def run_tree(script: Any, concurrency: int, **kwargs: Any) -> Any:
     """A run whose root's one turn starts child RLMs (max_depth 2), *concurrency* calls at once."""
     return run(
@@ -34,6 +33,7 @@ def run_tree(script: Any, concurrency: int, **kwargs: Any) -> Any:
     )  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
 def litellm_imported() -> None:
     """Import litellm before the clocks start: its first import takes seconds and cannot be cut short."""
     from rlm import llm
