@@ -107,6 +107,9 @@ def _serve(ctl_fd: int) -> None:
     from sandbox import isolation
 
     server_pid = os.getpid()
+    # A disposition of SIG_IGN survives exec: from a host that ignores SIGCHLD (a daemon letting
+    # the kernel reap its children) the children would vanish before wait4, which then fails.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # No PR_SET_PDEATHSIG: it follows the host *thread* that forked us. The
     # server ends on end of file of its control socket instead (below).
     isolation.server_setup()  # private mount + empty network namespace, cgroup bases
