@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import os
 import selectors
 import signal
@@ -264,6 +265,12 @@ class ForkServer:
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            if theirs.fileno() <= 2:
+                # A host that closed its stdin, stdout or stderr (a daemon): the server's 0-2 are
+                # made /dev/null, over the control socket had it kept one of those numbers.
+                high = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
+                theirs.close()
+                theirs = socket.socket(fileno=high)
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _BOOT, *_search_path(), str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),

@@ -46,3 +46,32 @@ print("done")
 
 def test_a_host_that_ignores_sigchld_keeps_its_fork_server(tmp_path):
     _host(SIGCHLD_IGNORED, tmp_path)
+
+
+# A daemon with stdin, stdout and stderr closed: the fork server's control socket could get
+# one of 0-2, and the server's own /dev/null on 0-2 replaced it (every start then failed with
+# "the fork server died twice in a row", for good: each new server took the same numbers).
+# The server starts with 0-2 free when other threads hold the descriptors a start makes first.
+STDIO_CLOSED = """
+import os, sys, traceback
+out, err = os.dup(1), os.dup(2)
+for fd in (0, 1, 2):
+    os.close(fd)
+try:
+    from sandbox import Sandbox, forkserver
+    server = forkserver.shared()
+    assert server.sock.fileno() <= 2, server.sock.fileno()  # the scenario: the host's end is on one of them
+    log = os.path.join(os.environ["TMPDIR"], "audit.jsonl")
+    with Sandbox("default", audit_log=log, pool=None) as sb:
+        r = sb.execute("print(2)")
+        assert r.ok and r.stdout == "2\\n", r
+    assert forkserver.shared() is server, "the fork server was replaced"
+    os.write(out, b"done\\n")
+except BaseException:
+    os.write(err, traceback.format_exc().encode())
+    sys.exit(1)
+"""
+
+
+def test_a_host_with_stdin_stdout_stderr_closed(tmp_path):
+    _host(STDIO_CLOSED, tmp_path)
