@@ -454,6 +454,17 @@ def _choose_identity(spec: _Spec) -> uids.UidLease | None:
     return _reserve_identity() if spec.identity else None
 
 
+def _check_utf8_path(path: str) -> None:
+    """SandboxStartError unless the fork server, whose file names are UTF-8 whatever the host's
+    locale, names *path* (the scratch directory, under TMPDIR) by the same bytes: a spawn request
+    cannot carry the surrogates a non-UTF-8 name decodes to."""
+    raw = os.fsencode(path)
+    if raw.decode("utf-8", "replace") != path:
+        raise SandboxStartError(
+            f"the temporary directory {os.path.dirname(raw)!r} is not a UTF-8 path: set TMPDIR to one that is"
+        )
+
+
 def _spawn_ready(spec: _Spec) -> _Child:
     """Fork a child of *spec*'s policy and wait for its ``hello``: it then waits for ``init``."""
     _sweep_leftovers()
@@ -464,6 +475,7 @@ def _spawn_ready(spec: _Spec) -> _Child:
     try:  # each step may fail for want of a descriptor, space or a process: undo the ones before
         lease = _choose_identity(spec)
         scratch = tempfile.mkdtemp(prefix="sandbox-")
+        _check_utf8_path(scratch)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # The pair belongs to the host's network namespace, and binding a name to a connected
         # socket is allowed: the child could bind its end to an abstract name the host's

@@ -75,3 +75,28 @@ except BaseException:
 
 def test_a_host_with_stdin_stdout_stderr_closed(tmp_path):
     _host(STDIO_CLOSED, tmp_path)
+
+
+# TMPDIR whose path is not UTF-8 (bytes the host decodes with surrogateescape): the spawn
+# request could not carry the scratch path, and msgpack's UnicodeEncodeError escaped Sandbox().
+TMPDIR_NOT_UTF8 = """
+import os
+tmp = os.path.join(os.environ["TMPDIR"], "bad\\udcff")
+os.mkdir(tmp)
+os.environ["TMPDIR"] = tmp
+from sandbox import Sandbox, SandboxError
+from sandbox.errors import SandboxStartError
+log = os.path.join(os.path.dirname(tmp), "audit.jsonl")
+try:
+    Sandbox("default", audit_log=log, pool=None)
+except SandboxStartError as exc:
+    assert "TMPDIR" in str(exc), exc
+else:
+    raise AssertionError("a sandbox started")
+assert os.listdir(tmp) == [], os.listdir(tmp)  # its scratch directory was removed
+print("done")
+"""
+
+
+def test_a_tmpdir_that_is_not_utf8_is_a_sandbox_error(tmp_path):
+    _host(TMPDIR_NOT_UTF8, tmp_path)
