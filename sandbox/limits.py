@@ -38,7 +38,8 @@ _CPUCLOCK_SCHED = 2
 
 
 def apply_rlimits(limits: dict[str, Any], own_uid: bool) -> None:
-    """Apply the policy's limits as rlimits to the calling (child) process.
+    """Apply the policy's limits as rlimits to the calling (child) process (each one, or the
+    process's hard limit where that is lower).
 
     ``own_uid``: the child runs under a uid of its own, so RLIMIT_NPROC
     counts only its processes and can be set to 1 + max_processes.
@@ -58,6 +59,11 @@ def apply_rlimits(limits: dict[str, Any], own_uid: bool) -> None:
     if own_uid:
         settings.append((resource.RLIMIT_NPROC, 1 + int(limits["max_processes"])))
     for which, value in settings:
+        # A hard limit the host already holds lower (a job runner's ulimit) cannot be raised
+        # here: it holds for the child instead of the policy's, which is never exceeded.
+        hard = resource.getrlimit(which)[1]
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
         resource.setrlimit(which, (value, value))
     # A write over max_file_mb should fail with EFBIG, not kill the child silently.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

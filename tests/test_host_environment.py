@@ -100,3 +100,30 @@ print("done")
 
 def test_a_tmpdir_that_is_not_utf8_is_a_sandbox_error(tmp_path):
     _host(TMPDIR_NOT_UTF8, tmp_path)
+
+
+# A job runner's hard limits (ulimit -t, -f, -n; systemd's LimitCPU=) below the policy's: the
+# child, which cannot raise a hard limit, died of setrlimit's ValueError and every start failed
+# with "the sandbox child did not start: it exited". The host's limit holds for the child instead.
+HARD_LIMITS_BELOW_POLICY = """
+import os, resource
+resource.setrlimit(resource.RLIMIT_CPU, (300, 300))  # the policy's lifetime budget is 600 s
+resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, 20 << 20))  # max_file_mb is 64
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))  # max_open_files is 64
+from sandbox import Sandbox
+log = os.path.join(os.environ["TMPDIR"], "audit.jsonl")
+with Sandbox("default", audit_log=log, pool=None) as sb:
+    r = sb.execute("print(2)")
+    assert r.ok and r.stdout == "2\\n", r
+    limits = open(f"/proc/{sb.pid}/limits").read()
+    for name, value in (("cpu time", "300"), ("file size", str(20 << 20)), ("open files", "48")):
+        line = next(line for line in limits.splitlines() if line.startswith("Max " + name))
+        assert line.split()[-3:-1] == [value, value], line
+    r = sb.execute("open('big', 'wb').write(b'x' * (30 << 20))")
+    assert not r.ok and r.limit == "disk", r
+print("done")
+"""
+
+
+def test_host_hard_limits_below_the_policy_hold_for_the_child(tmp_path):
+    _host(HARD_LIMITS_BELOW_POLICY, tmp_path)
