@@ -39,6 +39,8 @@ that holds.
 Writes that cross to an untrusted peer take a *timeout* (:func:`send_frame`,
 :func:`write_stream`), and so do the host's reads of a stream
 (:func:`read_stream`): a peer that stops reading or writing cannot block the host.
+A peer that died cannot kill the writer either: socket writes pass ``MSG_NOSIGNAL``
+(an error, never ``SIGPIPE``, whatever the process's disposition of it).
 
 This module is imported by the child, so it may use only the stdlib and msgpack.
 
@@ -498,6 +500,11 @@ def recv_frames(
     return bool(size)
 
 
+#: Socket writes fail with EPIPE instead of raising SIGPIPE, which kills a process that did not
+#: ignore it (Python ignores it, but a C program embedding Python or a CLI may restore it).
+NO_SIGPIPE: Final = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
 def send_frame(
     sock: socket.socket, frame: bytes, fd: int | None = None, timeout: float | None = None
 ) -> None:
@@ -511,11 +518,12 @@ def send_frame(
     """
     if timeout is None:
         if fd is None:
-            sock.sendall(frame)
+            sock.sendall(frame, NO_SIGPIPE)
             return
-        sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+        sent = sock.sendmsg([frame], rights, NO_SIGPIPE)
         if sent < len(frame):
-            sock.sendall(frame[sent:])
+            sock.sendall(frame[sent:], NO_SIGPIPE)
         return
     deadline = time.monotonic() + timeout
     view = memoryview(frame)
@@ -524,10 +532,10 @@ def send_frame(
     while True:
         try:  # the fast path: one non-blocking send that takes the whole frame
             if rights:
-                sent = sock.sendmsg([view], rights, socket.MSG_DONTWAIT)
+                sent = sock.sendmsg([view], rights, socket.MSG_DONTWAIT | NO_SIGPIPE)
                 rights = []  # the descriptor went with the first byte
             else:
-                sent = sock.send(view, socket.MSG_DONTWAIT)
+                sent = sock.send(view, socket.MSG_DONTWAIT | NO_SIGPIPE)
             view = view[sent:]
             if not view:
                 return

@@ -60,7 +60,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -588,6 +588,25 @@ def _collect_exit(child: _Child) -> forkserver.ExitInfo | None:
     return child.exit_info
 
 
+@contextlib.contextmanager
+def _sigpipe_held() -> Iterator[None]:
+    """Writes to a pipe inside fail with BrokenPipeError only: SIGPIPE, which kills a host that
+    did not ignore it (a C program embedding Python, a CLI that restored it), is blocked in this
+    thread, and the one such a write raised is taken before it is unblocked. (Socket writes
+    pass ``protocol.NO_SIGPIPE`` instead.)"""
+    if not hasattr(signal, "sigtimedwait"):  # not Linux: left as it is
+        yield
+        return
+    held = {signal.SIGPIPE}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        if signal.SIGPIPE not in before:
+            signal.sigtimedwait(held, 0)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
 def _pidfd_exited(pidfd: int, timeout: float) -> bool:
     """True once the process *pidfd* refers to has exited (waiting up to *timeout* seconds)."""
     poller = select.poll()
@@ -1094,7 +1113,8 @@ class Sandbox:
                 self._post(child, frame, r, end - time.monotonic(), name)
             finally:
                 os.close(r)
-            protocol.write_stream(w, value, end - time.monotonic())
+            with _sigpipe_held():
+                protocol.write_stream(w, value, end - time.monotonic())
         except BrokenPipeError:
             pass  # the child stopped reading (no room for the value): its ack says why
         except TimeoutError:
@@ -1958,10 +1978,10 @@ async def _send_async(sb: Sandbox, child: _Child, frame: bytes, fd: int | None, 
         frame, child.init_frame = child.init_frame + frame, b""
     try:
         if fd is None:
-            sent = child.sock.send(frame, socket.MSG_DONTWAIT)
+            sent = child.sock.send(frame, socket.MSG_DONTWAIT | protocol.NO_SIGPIPE)
         else:
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
-            sent = child.sock.sendmsg([frame], rights, socket.MSG_DONTWAIT)
+            sent = child.sock.sendmsg([frame], rights, socket.MSG_DONTWAIT | protocol.NO_SIGPIPE)
     except BlockingIOError:
         sent = 0
     except OSError:

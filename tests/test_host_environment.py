@@ -127,3 +127,47 @@ print("done")
 
 def test_host_hard_limits_below_the_policy_hold_for_the_child(tmp_path):
     _host(HARD_LIMITS_BELOW_POLICY, tmp_path)
+
+
+# SIGPIPE at its default (Python embedded in a C program that did not ignore it, a CLI that
+# restored it to behave in a shell pipe): a write to a child that died (killed between calls,
+# or in the middle of a streamed value) killed the whole host with SIGPIPE, exit status 141.
+SIGPIPE_DEFAULT = """
+import os, signal, threading, time
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+from sandbox import Sandbox, SandboxError
+log = os.path.join(os.environ["TMPDIR"], "audit.jsonl")
+for then in ("execute", "close"):
+    sb = Sandbox("default", audit_log=log, pool=None)
+    assert sb.execute("x = 1").ok
+    os.kill(sb.pid, signal.SIGKILL)
+    time.sleep(0.2)
+    if then == "execute":
+        r = sb.execute("print(x)")
+        assert not r.ok and r.crashed, r
+        assert sb.execute("print(3)").stdout == "3\\n"
+    sb.close()
+print("between calls", flush=True)
+with Sandbox("default", audit_log=log, pool=None) as sb:
+    pid = sb.pid
+    os.kill(pid, signal.SIGSTOP)  # it stops reading: the host waits to write the rest of the value
+    seen = []
+    def put():
+        try:
+            sb.set_variable("y", "a" * 20_000_000)
+            seen.append("set")
+        except SandboxError as exc:
+            seen.append(type(exc).__name__)
+    t = threading.Thread(target=put)
+    t.start()
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    t.join()
+    assert seen and seen != ["set"], seen
+    assert sb.execute("print(4)").stdout == "4\\n"
+print("done")
+"""
+
+
+def test_a_host_with_sigpipe_at_its_default_survives_a_dead_child(tmp_path):
+    _host(SIGPIPE_DEFAULT, tmp_path)
