@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import platform
+
+from sandbox import uids
 
 __all__ = ["layer_report"]
 
@@ -26,8 +27,8 @@ def _details() -> dict[str, str]:
         pass
     out["identity"] = (
         "root: a uid per sandbox, reserved machine-wide under /run/rlm-sandbox/uids"
-        if os.geteuid() == 0
-        else "not root: user namespace"
+        if uids.switchable()
+        else "not root (or root of a user namespace without the sandbox uids): user namespace"
     )
     return out
 

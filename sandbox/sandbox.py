@@ -222,8 +222,9 @@ def _sweep_leftovers() -> None:
 
 
 def _reserve_identity() -> uids.UidLease | None:
-    """A uid/gid no other live sandbox on the machine holds (root only; else a user namespace)."""
-    if os.geteuid() != 0:
+    """A uid/gid no other live sandbox on the machine holds (a root that can switch to it; else
+    the child gets a user namespace: see :func:`sandbox.uids.switchable`)."""
+    if not uids.switchable():
         return None
     try:
         return uids.reserve()

@@ -22,6 +22,11 @@ Use::
 
 Whoever owns the child holds the lease for the child's whole life.
 
+Only a root that can *become* those uids reserves them (:func:`switchable`): uid 0 of
+a user namespace that does not map the range (a rootless container) cannot, and is
+treated as any user that is not root: each child gets a user namespace of its own,
+with every capability dropped.
+
 A host that dies without releasing (SIGKILL, ``os._exit`` in a
 ``multiprocessing`` worker) leaves its lock files behind, unlocked: harmless
 (the next reserver of that uid takes the file over) but clutter.
@@ -39,7 +44,16 @@ import secrets
 import stat
 import threading
 
-__all__ = ["RUNTIME_DIR", "UID_BASE", "UID_SPAN", "UidLease", "UidReservationError", "reserve", "sweep"]
+__all__ = [
+    "RUNTIME_DIR",
+    "UID_BASE",
+    "UID_SPAN",
+    "UidLease",
+    "UidReservationError",
+    "reserve",
+    "sweep",
+    "switchable",
+]
 
 #: Where the lock files live (root-owned, 0700).
 RUNTIME_DIR = "/run/rlm-sandbox/uids"
@@ -48,6 +62,31 @@ UID_BASE = 1_200_000
 UID_SPAN = 1 << 20
 #: How many uids one call tries before it gives up.
 _TRIES = 4096
+
+
+def switchable(uid_map: str = "/proc/self/uid_map") -> bool:
+    """This process is root and its user namespace maps every sandbox uid (and gid) to a real
+    one, so a child can switch to one: true for root on the machine itself, false for uid 0 of
+    a user namespace that maps only some uids (a rootless container's) and for any other user."""
+    if os.geteuid() != 0:
+        return False
+    return all(_maps(path, UID_BASE, UID_SPAN) for path in (uid_map, uid_map.replace("uid_map", "gid_map")))
+
+
+def _maps(path: str, first: int, count: int) -> bool:
+    """The id map at *path* (``inside outside count`` per line) covers first .. first + count - 1."""
+    try:
+        with open(path, encoding="ascii") as f:
+            lines = f.read().split("\n")
+    except (OSError, ValueError):
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 3 and all(x.isdigit() for x in fields):
+            inside, _outside, length = (int(x) for x in fields)
+            if inside <= first and first + count <= inside + length:
+                return True
+    return False
 
 
 class UidReservationError(OSError):
@@ -140,9 +179,9 @@ def _try(directory: str, uid: int) -> int | None:
 
 
 def reserve(directory: str = RUNTIME_DIR) -> UidLease:
-    """Reserve a uid no live sandbox on this machine holds (root only)."""
-    if os.geteuid() != 0:
-        raise UidReservationError(errno.EPERM, "uid reservations need root")
+    """Reserve a uid no live sandbox on this machine holds (root only, see :func:`switchable`)."""
+    if not switchable():
+        raise UidReservationError(errno.EPERM, "uid reservations need root, with the sandbox uids mapped")
     directory = _directory(directory)
     start = secrets.randbelow(UID_SPAN)
     try:

@@ -5,9 +5,14 @@ scenario runs in a host process of its own, since the state it sets is the whole
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from sandbox import uids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,3 +176,53 @@ print("done")
 
 def test_a_host_with_sigpipe_at_its_default_survives_a_dead_child(tmp_path):
     _host(SIGPIPE_DEFAULT, tmp_path)
+
+
+# Root of a user namespace that maps only itself (a rootless container; `unshare --user
+# --map-root-user` makes one): it cannot switch a child to a sandbox uid, and every start
+# failed with "[Errno 22] Invalid argument" (the scratch directory's chown to an unmapped uid).
+# Such a host is treated as any user that is not root: each child gets a user namespace of
+# its own with every capability dropped, and the identity layer holds that way.
+ROOTLESS = """
+from sandbox import Sandbox, load_policy, uids
+assert not uids.switchable()
+code = "import os; from sandbox.isolation import namespaces; print(os.getuid(), namespaces.capabilities())"
+for name in ("default", "portable"):
+    policy = load_policy(name).override({"python.guard": "none"})
+    with Sandbox(policy, pool=None, audit_log=os.path.join(os.environ["TMPDIR"], "audit.jsonl")) as sb:
+        r = sb.execute(code)
+        assert r.ok and r.stdout == "0 (0, 0, 0)\\n", r
+        assert r.layers["identity"] == "active", r.layers
+print("done")
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and util-linux's unshare"
+)
+def test_root_of_a_user_namespace_without_the_sandbox_uids(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        ["unshare", "--user", "--map-root-user", sys.executable, "-c", "import os\n" + ROOTLESS],
+        capture_output=True, text=True, timeout=180, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.endswith("done\n"), proc.stdout + proc.stderr
+
+
+def test_switchable_needs_every_sandbox_uid_and_gid_mapped(tmp_path):
+    def maps(uid_map: str, gid_map: str) -> bool:
+        (tmp_path / "uid_map").write_text(uid_map)
+        (tmp_path / "gid_map").write_text(gid_map)
+        return uids.switchable(str(tmp_path / "uid_map"))
+
+    if os.geteuid() != 0:
+        assert not maps("0 0 4294967295\n", "0 0 4294967295\n")  # not root: never
+        return
+    whole = "         0          0 4294967295\n"
+    assert maps(whole, whole)
+    assert not maps("0 0 1\n", whole)  # a rootless container's
+    assert not maps(whole, "0 0 1\n")
+    part = f"0 0 1\n{uids.UID_BASE} 100000 {uids.UID_SPAN - 1}\n"  # one uid short
+    assert not maps(part, whole)
+    assert maps(f"0 0 1\n{uids.UID_BASE - 5} 100000 {uids.UID_SPAN + 5}\n", whole)
+    assert not maps("garbage\n", whole)

@@ -38,6 +38,7 @@ import errno
 import os
 import stat
 
+from sandbox import uids
 from sandbox.isolation._sys import check, libc, prctl, write_file
 
 __all__ = [
@@ -94,7 +95,9 @@ class ServerState:
     """What the fork server set up once; shared by every child it forks."""
 
     def __init__(self) -> None:
-        self.root = os.geteuid() == 0
+        #: Root that can switch children to the sandbox uids (uid 0 of a rootless container
+        #: cannot: its children get a user namespace, as any other user's do).
+        self.root = uids.switchable()
         self.userns: str | None = None  # None: not needed (root) / "active" / reason
         self.mountns: str = "not attempted"
         self.netns: str = "not attempted"
@@ -255,7 +258,7 @@ class PidNamespaces:
             self.reason = "no PID namespaces on this system"
         elif in_userns:
             self.mode = "helper"
-        elif os.geteuid() != 0:
+        elif not uids.switchable():
             self.reason = "not root and no user namespace"
         else:
             try:
