@@ -672,9 +672,23 @@ class _Run:
         key = getattr(self._order, "key", None) or (next(self._seq), 0)
         self.calls.append((key, entry))  # list.append is atomic
 
+    def _model(self, model: Any, default: str, fn: str) -> str:
+        """The model a call from the code asked for: *default* for None (or ""), else one of the
+        models the caller configured. Any other litellm string is refused, never called: it may
+        name an endpoint (``oobabooga/http://host``, ``huggingface/https://host``) that litellm
+        posts the prompt, and for some providers the key, to, whatever ``api_base`` says."""
+        if model is None or model == "":
+            return default
+        allowed = dict.fromkeys((self.cfg.model, self.cfg.sub_model))
+        if isinstance(model, str) and model in allowed:
+            return model
+        names = " or ".join(repr(m) for m in allowed)
+        shown = repr(model) if isinstance(model, str) else f"a {type(model).__name__}"
+        raise ValueError(f"{fn}(): model must be None or {names}, not {_clip(shown, 200)}")
+
     def _sub_query(self, prompt: Any, model: Any, *, raise_errors: bool) -> str:
         text = prompt if isinstance(prompt, str) else _as_answer(prompt)
-        name = model if isinstance(model, str) and model else self.cfg.sub_model
+        name = self._model(model, self.cfg.sub_model, "llm_query")
         started = time.perf_counter()
         entry: dict[str, Any] = {"root_model": name, "prompt": text, "timestamp": datetime.now().isoformat()}
         try:
@@ -812,6 +826,7 @@ class _Run:
 
         def llm_query_batched(prompts: Any, model: Any = None) -> list[str]:
             items = self._prompt_list(prompts, "llm_query_batched")
+            self._model(model, self.cfg.sub_model, "llm_query_batched")  # refused before any call
             return self._batch(lambda p: self._sub_query(p, model, raise_errors=False), items)
 
         def rlm_query(prompt: Any, context: Any = None, model: Any = None) -> str:
@@ -819,6 +834,7 @@ class _Run:
 
         def rlm_query_batched(prompts: Any, contexts: Any = None, model: Any = None) -> list[str]:
             items = self._prompt_list(prompts, "rlm_query_batched")
+            self._model(model, self.cfg.model, "rlm_query_batched")
             if contexts is not None and (not isinstance(contexts, list) or len(contexts) != len(items)):
                 raise ValueError("rlm_query_batched(): contexts must be a list as long as prompts")
             pairs = list(zip(items, contexts if contexts is not None else [None] * len(items), strict=True))
@@ -845,6 +861,7 @@ class _Run:
 
     def _rlm_query(self, prompt: Any, context: Any, model: Any, *, raise_errors: bool) -> str:
         text = prompt if isinstance(prompt, str) else _as_answer(prompt)
+        self._model(model, self.cfg.model, "rlm_query")  # refused before anything runs
         if self.depth + 1 >= self.cfg.max_depth:  # no child RLM allowed: a plain sub-call
             if context is not None:
                 body = (
@@ -854,7 +871,7 @@ class _Run:
                 )
                 text = f"{text}\n\n{body}"
             return self._sub_query(text, model, raise_errors=raise_errors)
-        name = model if isinstance(model, str) and model else self.cfg.model
+        name = self._model(model, self.cfg.model, "rlm_query")
         started = time.perf_counter()
         entry: dict[str, Any] = {
             "root_model": name,
