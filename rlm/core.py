@@ -212,6 +212,11 @@ STOP_WAIT_S = 2.0
 #: redefine them or give its objects a slow ``__repr__``. Past it, the child is killed.
 HELPER_TIMEOUT_S = 10.0
 
+#: The most prompts one ``llm_query_batched`` / ``rlm_query_batched`` call takes. Each prompt costs
+#: the host a few KB while its batch runs (a task, a log entry, an answer), and a list of empty
+#: strings packs at one byte each: ``llm_query_batched([""] * 50_000_000)`` fits one message.
+MAX_BATCH = 10_000
+
 
 def retry_wait(attempt: int, retry_after: float | None, backoff_s: float) -> float | None:
     """Seconds to wait before retry *attempt* + 1, or None when the wait is longer than we accept.
@@ -769,6 +774,11 @@ class _Run:
     def _prompt_list(prompts: Any, fn: str) -> list[Any]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, list):
             raise TypeError(f"{fn}() takes a list of prompts, not {type(prompts).__name__}")
+        if len(prompts) > MAX_BATCH:
+            raise ValueError(
+                f"{fn}() takes at most {MAX_BATCH:,} prompts per call, not {len(prompts):,}: "
+                "split them into several calls"
+            )
         return prompts
 
     def _tool_call(self, tool: Tool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -76,3 +76,20 @@ class _RootScripted:
     def max_input_tokens(self, model):
         return None
 
+
+
+@pytest.mark.parametrize("fn", ["llm_query_batched", "rlm_query_batched"])
+def test_one_batched_call_cannot_take_the_hosts_memory(fn: str):
+    """Each prompt of a batch cost the host about 3 KB (a task, a log entry, an answer) before the
+    first one ran, and empty prompts pack at one byte each: 300,000 of them took 900 MB of the
+    host, and one call may pass up to a million (the sandbox's cap on a value's elements)."""
+    import resource
+
+    code = f"try:\n    r = {fn}([''] * 300_000)\nexcept Exception as exc:\n    r = str(exc)"
+    backend = ScriptedBackend({"root": [repl(code) + "FINAL_VAR(r)"], "sub": ["s"]})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = run("q", "c", model="root", sub_model="sub", backend=backend, max_sub_calls=10, max_iterations=1)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert r.answer is not None
+    assert f"{fn}() takes at most 10,000 prompts per call, not 300,000: split them into several calls" in r.answer
+    assert r.sub_calls == 0 and grown_mb < 200
