@@ -154,6 +154,18 @@ class Ledger:
                 self.stopped_by = over[0]
             return over
 
+    def refusal(self) -> BudgetExceeded | None:
+        """Once the run has stopped (:attr:`stopped_by` set: every budget that sets it refuses
+        sub-calls from then on), the refusal a new sub-call gets, counted nowhere; else None."""
+        with self._lock:
+            if self.stopped_by is None:
+                return None
+            over = self._over()
+            limit = self.budgets.max_sub_calls
+            if over is None and limit is not None and self.sub_calls >= limit:
+                over = "max_sub_calls", f"sub-call budget used up ({self.sub_calls} of {limit})"
+        return BudgetExceeded(*(over or (self.stopped_by, f"the run has stopped ({self.stopped_by})")))
+
     def refuse_any(self) -> None:
         """Raise :class:`BudgetExceeded` if :meth:`halted` says a budget refuses every call now;
         unlike :meth:`check` it counts nothing."""

@@ -691,9 +691,24 @@ class _Run:
         shown = repr(model) if isinstance(model, str) else f"a {type(model).__name__}"
         raise ValueError(f"{fn}(): model must be None or {names}, not {_clip(shown, 200)}")
 
+    def _refused(self, raise_errors: bool) -> str | None:
+        """After the run stopped, a sub-call is refused here at once: no log entry, no event, no
+        child run (a block looping on a refused call cost the host a log entry with its prompt,
+        or a sandbox and three log files, per call). The refusal that stopped the run is logged
+        where it happened. Returns the error text for the code, or None when the run goes on."""
+        refusal = self.ledger.refusal()
+        if refusal is None:
+            return None
+        if raise_errors:
+            raise refusal
+        return _error_text(refusal)
+
     def _sub_query(self, prompt: Any, model: Any, *, raise_errors: bool) -> str:
         text = prompt if isinstance(prompt, str) else _as_answer(prompt)
         name = self._model(model, self.cfg.sub_model, "llm_query")
+        refused = self._refused(raise_errors)
+        if refused is not None:
+            return refused
         started = time.perf_counter()
         entry: dict[str, Any] = {"root_model": name, "prompt": text, "timestamp": datetime.now().isoformat()}
         try:
@@ -731,6 +746,9 @@ class _Run:
     def _batch(self, fn: Any, items: list[Any]) -> list[str]:
         if not items:
             return []
+        refused = self._refused(raise_errors=False)
+        if refused is not None:  # every prompt would be refused: no thread, no entry each
+            return [refused] * len(items)
         batch = next(self._seq)
 
         def one(pair: tuple[int, Any]) -> str:
@@ -784,6 +802,8 @@ class _Run:
     def _tool_call(self, tool: Tool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run one of the caller's tools here; its failure is raised in the child, never here."""
         started = time.perf_counter()
+        if self.ledger.stopped_by is not None:  # refused at once, unlogged, like a sub-call (_refused)
+            raise RuntimeError(f"tool {tool.name}() not run: the run has stopped ({self.ledger.stopped_by})")
         self.ledger.record_tool_call()
         stopped = self.ledger.exhausted()  # a loop of tool calls must not outlive the budgets
         entry: dict[str, Any] = {
@@ -872,6 +892,9 @@ class _Run:
     def _rlm_query(self, prompt: Any, context: Any, model: Any, *, raise_errors: bool) -> str:
         text = prompt if isinstance(prompt, str) else _as_answer(prompt)
         self._model(model, self.cfg.model, "rlm_query")  # refused before anything runs
+        refused = self._refused(raise_errors)
+        if refused is not None:
+            return refused
         if self.depth + 1 >= self.cfg.max_depth:  # no child RLM allowed: a plain sub-call
             if context is not None:
                 body = (
@@ -894,6 +917,7 @@ class _Run:
             self.cfg, self.ledger, self.events, depth=self.depth + 1, model=name, parent_id=self.run_id
         )
         try:
+            self.ledger.refuse_any()  # a run out of tokens, cost or time starts no child (a sandbox, files)
             result = child.execute(_check_context(context if context is not None else text), text)
         except (RLMError, ValueError) as exc:
             if isinstance(exc, (AuthenticationError, UnknownModelError)) and self.fatal is None:

@@ -93,3 +93,36 @@ def test_one_batched_call_cannot_take_the_hosts_memory(fn: str):
     assert r.answer is not None
     assert f"{fn}() takes at most 10,000 prompts per call, not 300,000: split them into several calls" in r.answer
     assert r.sub_calls == 0 and grown_mb < 200
+
+
+def test_calls_after_the_run_stopped_cost_the_host_nothing(tmp_path):
+    """Out of budget, every sub-call and tool call of the code is refused; a block that caught the
+    refusals and looped on went on until the policy's CPU limit, and each refusal kept a log entry
+    (with its whole prompt) in the host: 142,000 entries, a 43 MB trajectory line, in 23 s; 3 GB
+    with 4 MB prompts. Each refused ``rlm_query`` started a child run: a sandbox and three files."""
+    events: list[dict] = []
+    code = (
+        "p = 'y' * 10_000\n"
+        "try:\n    llm_query('first')\nexcept Exception as exc:\n    first = str(exc)\n"
+        "for i in range(2_000):\n    try:\n        llm_query(p)\n    except Exception:\n        pass\n"
+        "for i in range(20):\n    try:\n        rlm_query('x')\n    except Exception:\n        pass\n"
+        "r = llm_query_batched(['x'] * 500)\n"
+        "for i in range(200):\n    try:\n        ping()\n    except Exception:\n        pass\n"
+        "FINAL(first + ' | ' + r[0])"
+    )  # fmt: skip
+
+    def ping() -> str:
+        return "pong"
+
+    backend = ScriptedBackend({"root": [repl(code)], "sub": ["s"]})
+    r = run(
+        "q", "c", model="root", sub_model="sub", backend=backend, max_tokens=1, max_depth=2,
+        log_dir=tmp_path, tools=[ping], on_event=events.append, max_iterations=1,
+    )  # fmt: skip
+    assert r.stop_reason == "final" and r.answer is not None
+    assert r.answer.count("token budget used up") == 2
+    calls = r.history[0]["code_blocks"][0]["result"]["rlm_calls"]
+    assert [c["prompt"] for c in calls] == ["first"]  # the refusal that stopped the run, only
+    assert sum(e["type"] == "sub_call" for e in events) == 1
+    assert r.tool_calls == 0 and not any(e["type"] == "tool_call" for e in events)
+    assert len(list(tmp_path.iterdir())) == 3  # the root run's files, no child's
