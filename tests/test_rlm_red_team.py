@@ -126,3 +126,28 @@ def test_calls_after_the_run_stopped_cost_the_host_nothing(tmp_path):
     assert sum(e["type"] == "sub_call" for e in events) == 1
     assert r.tool_calls == 0 and not any(e["type"] == "tool_call" for e in events)
     assert len(list(tmp_path.iterdir())) == 3  # the root run's files, no child's
+
+
+def test_rlm_view_renders_a_trajectory_of_the_wrong_shapes(tmp_path):
+    """A damaged or hand-edited log (a line's ``result`` a list, ``code_blocks`` a number, a
+    ``usage_summary`` a string, token counts as text in ``.result.json``) made ``rlm view`` fail
+    with a traceback; the parts of the wrong shape are left out and the page is written."""
+    import json
+
+    from rlm.view import build_page
+
+    lines = [
+        {"type": "metadata", "run_id": "r"},
+        {"type": "iteration", "code_blocks": 5, "prompt": 5, "usage": "x"},
+        {"type": "iteration", "code_blocks": [{"result": [1]}, 7, {"code": 5, "result": {"rlm_calls": {"a": 1}}}]},
+        {"type": "iteration", "code_blocks": [{"result": {"rlm_calls": [{"usage_summary": "x"}, 3,
+            {"usage_summary": {"model_usage_summaries": [1]}}]}}]},
+    ]  # fmt: skip
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / "r.result.json").write_text('{"usage": {"m": {"input_tokens": "x", "cost_usd": "y"}}}')
+    page = build_page(path)
+    data = json.loads(page.split('id="rlm-data">', 1)[1].split("</script>", 1)[0])
+    run = data["runs"][0]
+    assert run["summary"]["code_blocks"] == 3 and run["summary"]["sub_calls"] == 2
+    assert run["summary"]["input_tokens"] == 0 and run["summary"]["cost_usd"] is None

@@ -47,6 +47,11 @@ def _add(
         u["cost_usd"] = u["cost_usd"] + cost if isinstance(cost, (int, float)) else None
 
 
+def _number(value: Any) -> float:
+    """*value* when it is a number (a count from a file, maybe damaged), else 0."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
 def _prepare(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Start times (``_t``, epoch seconds) and the run's totals; returns its per-model usage, children included."""
     totals: dict[str, dict[str, Any]] = {}
@@ -99,9 +104,9 @@ def _prepare(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "iterations": len(run["iterations"]),
         "code_blocks": blocks,
         "sub_calls": sub_calls,
-        "input_tokens": sum(u.get("input_tokens") or 0 for u in t),
-        "output_tokens": sum(u.get("output_tokens") or 0 for u in t),
-        "cost_usd": None if any(c is None for c in costs) else sum(costs),
+        "input_tokens": sum(_number(u.get("input_tokens")) for u in t),
+        "output_tokens": sum(_number(u.get("output_tokens")) for u in t),
+        "cost_usd": None if any(not isinstance(c, (int, float)) for c in costs) else sum(costs),
         "time_s": result.get("execution_time")
         if isinstance(result.get("execution_time"), (int, float))
         else sum(x for x in times if isinstance(x, (int, float))),

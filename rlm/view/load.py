@@ -101,12 +101,36 @@ def _link_audit(run: dict[str, Any]) -> None:
                 block["audit"] = waiting.pop(0)
 
 
+def _shape(iteration: dict[str, Any]) -> dict[str, Any]:
+    """*iteration* with the containers the page reads made what they should be: ``code_blocks``
+    a list of objects, each ``result`` an object, its ``rlm_calls`` a list of objects, each
+    ``usage_summary`` an object of objects. A damaged or hand-edited line (``"result": [1]``)
+    made ``rlm view`` fail with a traceback; what is not of its shape is left out."""
+
+    def objects(value: Any) -> list[dict[str, Any]]:
+        return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+    iteration["code_blocks"] = objects(iteration.get("code_blocks"))
+    for block in iteration["code_blocks"]:
+        result = block.get("result")
+        block["result"] = result = result if isinstance(result, dict) else {}
+        result["rlm_calls"] = objects(result.get("rlm_calls"))
+        for call in result["rlm_calls"]:
+            summary = call.get("usage_summary")
+            per_model = summary.get("model_usage_summaries") if isinstance(summary, dict) else None
+            if summary is not None and not (
+                isinstance(per_model, dict) and all(isinstance(v, dict) for v in per_model.values())
+            ):
+                call["usage_summary"] = {"model_usage_summaries": {}}
+    return iteration
+
+
 def load_run(path: Path, *, seen: set[str] | None = None) -> dict[str, Any]:
     """One trajectory with its outcome, its audit log and (recursively) its child runs."""
     seen = set() if seen is None else seen
     entries, bad = _read_jsonl(path)
     metadata = next((e for e in entries if e.get("type") == "metadata"), {})
-    iterations = [e for e in entries if e.get("type") not in ("metadata", "result")]
+    iterations = [_shape(e) for e in entries if e.get("type") not in ("metadata", "result")]
     legacy = next((e for e in entries if e.get("type") == "result"), None)  # logs written before .result.json
     run: dict[str, Any] = {
         "file": path.name,
