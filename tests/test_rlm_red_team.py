@@ -151,3 +151,30 @@ def test_rlm_view_renders_a_trajectory_of_the_wrong_shapes(tmp_path):
     run = data["runs"][0]
     assert run["summary"]["code_blocks"] == 3 and run["summary"]["sub_calls"] == 2
     assert run["summary"]["input_tokens"] == 0 and run["summary"]["cost_usd"] is None
+
+
+def test_json_nested_too_deep_is_bad_input_not_a_traceback(tmp_path):
+    """Python's JSON parser raises RecursionError (not ValueError) for ``[`` * 100,000: a line like
+    that in ``rlm batch``'s input or output file, or in a trajectory, ended the command with a
+    traceback."""
+    from tests.conftest import run_cli
+
+    deep = "[" * 100_000 + "\n"
+    good = '{"id": "a", "query": "q", "context": "c"}\n'
+    (tmp_path / "in.jsonl").write_text(deep + good)
+    flags = ["-m", "openai/x", "--api-base", "http://127.0.0.1:9/v1"]
+    out = run_cli("batch", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"), *flags)
+    assert out.returncode == 2 and "line 1: invalid JSON (nested too deeply)" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+    (tmp_path / "in.jsonl").write_text(good)
+    (tmp_path / "old.jsonl").write_text(deep + '{"id": "b"}\n')
+    out = run_cli("batch", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "old.jsonl"), *flags)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+
+    (tmp_path / "run.jsonl").write_text('{"type": "metadata", "run_id": "run"}\n' + deep)
+    (tmp_path / "run.result.json").write_text(deep)
+    out = run_cli("view", str(tmp_path / "run.jsonl"), "-o", str(tmp_path / "run.html"))
+    assert out.returncode == 0 and (tmp_path / "run.html").exists(), out.stderr
+    out = run_cli("view", str(tmp_path), "-o", str(tmp_path / "index.html"))
+    assert out.returncode == 0, out.stderr

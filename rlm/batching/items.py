@@ -142,6 +142,9 @@ def read_input(path: Path) -> Iterator[BatchItem | InputProblem]:
             except ValueError as exc:
                 yield InputProblem(number, f"invalid JSON ({exc})")
                 continue
+            except RecursionError:  # "[" * 100_000: Python's parser gives up, not a ValueError
+                yield InputProblem(number, "invalid JSON (nested too deeply)")
+                continue
             item_id = _usable_id(data)
             if item_id is not None and item_id in seen:
                 yield InputProblem(number, f"duplicate id {item_id!r} (seen on an earlier line)")

@@ -59,7 +59,7 @@ def encode_record(record: dict[str, Any]) -> bytes:
 def _record_id(line: bytes) -> tuple[str, dict[str, Any]] | None:
     try:
         data = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply for Python's parser
         return None
     if isinstance(data, dict) and isinstance(data.get("id"), str):
         return data["id"], data

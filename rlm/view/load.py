@@ -31,7 +31,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
                 continue
             try:
                 value = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
                 bad += 1
                 continue
             if isinstance(value, dict):
@@ -149,7 +149,7 @@ def load_run(path: Path, *, seen: set[str] | None = None) -> dict[str, Any]:
         try:
             value = json.loads(result_path.read_text(encoding="utf-8", errors="replace"))
             run["result"] = value if isinstance(value, dict) else None
-        except ValueError:
+        except (ValueError, RecursionError):
             run["result"] = None
     if run["result"] is None and legacy is not None:
         run["result"] = legacy
@@ -182,7 +182,7 @@ def load_directory(directory: Path) -> list[dict[str, Any]]:
         try:
             with path.open(encoding="utf-8", errors="replace") as f:
                 first = json.loads(f.readline() or "{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             first = {}
         parents[path] = first.get("parent_run_id") if isinstance(first, dict) else None
     for path in paths:
@@ -232,7 +232,7 @@ def _looks_like_trajectory(path: Path) -> bool:
     try:
         with path.open(encoding="utf-8", errors="replace") as f:
             first = json.loads(f.readline() or "{}")
-    except (ValueError, OSError):
+    except (ValueError, RecursionError, OSError):
         return False
     # An empty file is a run that has not written its first line yet.
     return isinstance(first, dict) and (not first or first.get("type") in ("metadata", "iteration"))
