@@ -178,3 +178,24 @@ def test_json_nested_too_deep_is_bad_input_not_a_traceback(tmp_path):
     assert out.returncode == 0 and (tmp_path / "run.html").exists(), out.stderr
     out = run_cli("view", str(tmp_path), "-o", str(tmp_path / "index.html"))
     assert out.returncode == 0, out.stderr
+
+
+def test_a_fifo_as_context_path_is_bad_input_not_a_hang(tmp_path):
+    """Checking a ``context_path`` opened it for reading, which for a FIFO waits for a writer: the
+    batch hung before running anything. A FIFO is not a regular file: bad input (exit 2)."""
+    import os
+
+    from rlm.batching.items import BatchItem
+    from rlm.errors import ConfigurationError
+    from tests.conftest import run_cli, within
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "query": "q", "context_path": "fifo"}\n')
+    flags = ["-m", "openai/x", "--api-base", "http://127.0.0.1:9/v1"]
+    out = run_cli("batch", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"), *flags, timeout=20)
+    assert out.returncode == 2 and "line 1: context_path" in out.stderr and "not a regular file" in out.stderr
+
+    # the file checked may be swapped for a FIFO before its item starts
+    item = BatchItem("a", "q", context_path=tmp_path / "fifo")
+    with pytest.raises(ConfigurationError, match="not a regular file"):
+        within(10, item.load_context)

@@ -44,11 +44,14 @@ class BatchItem:
         if self.context_path is None:
             return self.context or ""
         try:
+            _check_readable(self.context_path)  # still a regular file (a FIFO would hang the read)
             return self.context_path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigurationError(f"{self.context_path}: {exc.strerror or exc}") from None
         except UnicodeDecodeError:
             raise ConfigurationError(f"{self.context_path}: not UTF-8 text") from None
+        except ValueError as exc:  # from _check_readable
+            raise ConfigurationError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,8 @@ def _field(data: Mapping[str, Any], name: str) -> str:
 
 
 def _check_readable(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # O_NONBLOCK: opening a FIFO for reading waits for a writer, forever (a batch that hung)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise ValueError(f"context_path {str(path)!r}: {exc.strerror or exc}") from None
     try:
