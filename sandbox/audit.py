@@ -479,7 +479,7 @@ def _record_hash(raw: bytes) -> str | None:
     """The ``hash`` of an audit line, or None if *raw* is not one."""
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
         return None
     if isinstance(value, dict) and isinstance(value.get("hash"), str):
         return str(value["hash"])
@@ -564,7 +564,7 @@ def verify(path: str | Path) -> VerifyReport:
     for count, raw in enumerate(lines, start=1):
         try:
             record = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
             record = None
         if not isinstance(record, dict) or not isinstance(record.get("hash"), str):
             why = "not valid JSON" if record is None else "not an audit record"

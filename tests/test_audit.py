@@ -153,3 +153,25 @@ def test_canonical_encoding_matches_the_json_encoder():
     ]
     for record in records:
         assert _canonical(record) == _ENCODER.encode(record).encode(), record
+
+
+def test_a_line_nested_too_deeply_is_damage_not_a_traceback(tmp_path):
+    """JSON nested past the parser's recursion limit raises RecursionError, not ValueError:
+    ``verify`` (and ``rlm audit verify``) reports the line, and an append after it is an
+    AuditError, as for any other damaged last line, not a RecursionError out of execute."""
+    from sandbox.audit import AuditLog
+    from sandbox.errors import AuditError
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.append({"seq": 1})
+    with open(path, "a") as f:
+        f.write("[" * 100_000 + "\n")
+    report = verify(path)
+    assert not report.ok and report.bad_line == 2 and "not valid JSON" in report.reason
+    try:
+        AuditLog(path).append({"seq": 2})
+    except AuditError:
+        pass
+    else:
+        raise AssertionError("an append after a damaged last line must be refused")
