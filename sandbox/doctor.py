@@ -25,11 +25,14 @@ def _details() -> dict[str, str]:
         out["seccomp"] = f"libseccomp {seccomp.libseccomp_version()}"
     except Exception:
         pass
-    out["identity"] = (
-        "root: a uid per sandbox, reserved machine-wide under /run/rlm-sandbox/uids"
-        if uids.switchable()
-        else "not root (or root of a user namespace without the sandbox uids): user namespace"
-    )
+    try:
+        out["identity"] = (
+            "root: a uid per sandbox, reserved machine-wide under /run/rlm-sandbox/uids"
+            if uids.switchable()
+            else "not root (or root of a user namespace without the sandbox uids): user namespace"
+        )
+    except OSError as exc:
+        out["identity"] = f"cannot read this process's uid map: {exc.strerror or exc}"
     return out
 
 

@@ -224,8 +224,13 @@ def _sweep_leftovers() -> None:
 def _reserve_identity() -> uids.UidLease | None:
     """A uid/gid no other live sandbox on the machine holds (a root that can switch to it; else
     the child gets a user namespace: see :func:`sandbox.uids.switchable`)."""
-    if not uids.switchable():
-        return None
+    try:
+        if not uids.switchable():
+            return None
+    except OSError as exc:
+        raise SandboxStartError(
+            f"cannot tell whether this root may give the sandbox a uid of its own: {exc.strerror or exc}"
+        ) from None
     try:
         return uids.reserve()
     except uids.UidReservationError as exc:

@@ -67,25 +67,35 @@ _TRIES = 4096
 def switchable(uid_map: str = "/proc/self/uid_map") -> bool:
     """This process is root and its user namespace maps every sandbox uid (and gid) to a real
     one, so a child can switch to one: true for root on the machine itself, false for uid 0 of
-    a user namespace that maps only some uids (a rootless container's) and for any other user."""
+    a user namespace that maps only some ids (a rootless container's) and for any other user.
+
+    Raises OSError when a map that is there cannot be read (out of descriptors): guessing
+    either way could start a child as root. No map at all (no user namespaces in the kernel,
+    no ``/proc``) is the machine's own namespace, where every id is mapped."""
     if os.geteuid() != 0:
         return False
     return all(_maps(path, UID_BASE, UID_SPAN) for path in (uid_map, uid_map.replace("uid_map", "gid_map")))
 
 
 def _maps(path: str, first: int, count: int) -> bool:
-    """The id map at *path* (``inside outside count`` per line) covers first .. first + count - 1."""
+    """The id map at *path* (``inside outside count`` per line) covers first .. first + count - 1,
+    in one extent or several that meet."""
     try:
-        with open(path, encoding="ascii") as f:
-            lines = f.read().split("\n")
-    except (OSError, ValueError):
-        return False
-    for line in lines:
+        with open(path, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return True
+    extents = []
+    for line in text.split(b"\n"):
         fields = line.split()
         if len(fields) == 3 and all(x.isdigit() for x in fields):
-            inside, _outside, length = (int(x) for x in fields)
-            if inside <= first and first + count <= inside + length:
-                return True
+            extents.append((int(fields[0]), int(fields[2])))
+    need = first  # the lowest id of the range not yet seen covered
+    for inside, length in sorted(extents):
+        if inside <= need < inside + length:
+            need = inside + length
+        if need >= first + count:
+            return True
     return False
 
 

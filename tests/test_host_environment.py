@@ -226,3 +226,61 @@ def test_switchable_needs_every_sandbox_uid_and_gid_mapped(tmp_path):
     assert not maps(part, whole)
     assert maps(f"0 0 1\n{uids.UID_BASE - 5} 100000 {uids.UID_SPAN + 5}\n", whole)
     assert not maps("garbage\n", whole)
+    # Several extents that meet cover the range as one does (a container runtime may write
+    # them so); a gap of one id between them does not.
+    split = "0 0 1250000\n1250000 1250000 4000000000\n"
+    assert maps(split, split)
+    assert maps(f"{uids.UID_BASE + 10} 9 {uids.UID_SPAN}\n0 0 {uids.UID_BASE + 10}\n", whole)
+    assert not maps(f"0 0 {uids.UID_BASE + 10}\n{uids.UID_BASE + 11} 9 {uids.UID_SPAN}\n", whole)
+    # No map at all: the machine's own namespace (no user namespaces in the kernel).
+    (tmp_path / "none").mkdir()
+    assert uids.switchable(str(tmp_path / "none" / "uid_map"))
+    # A map that is there but cannot be read: an error, never a guess either way.
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "uid_map").mkdir()
+    with pytest.raises(OSError):
+        uids.switchable(str(tmp_path / "dir" / "uid_map"))
+
+
+# A root host that could not read its uid map (out of descriptors) once took that as "rootless"
+# and reserved no uid, while its fork server, which had read the map when it started, forked
+# the child as root: under a policy that does not require identity the child ran as uid 0 with
+# every capability (SCHED_FIFO granted). Now the start fails, and a child of root that is given
+# no uid drops every capability whatever its policy requires.
+UID_MAP_UNREADABLE = """
+import builtins, errno, os
+import sandbox.sandbox as S
+from sandbox import Sandbox, load_policy
+from sandbox.errors import SandboxStartError
+policy = load_policy("portable").override({"python.guard": "none"})
+log = os.path.join(os.environ["TMPDIR"], "audit.jsonl")
+code = "import os; from sandbox.isolation import namespaces; print(os.getresuid()[0], namespaces.capabilities())"
+with Sandbox(policy, pool=None, audit_log=log) as sb:  # the fork server is up: it read the map
+    r = sb.execute(code)
+    assert r.ok and not r.stdout.startswith("0 ") and r.stdout.endswith("(0, 0, 0)\\n"), r
+real_open = builtins.open
+def no_map(path, *args, **kwargs):
+    if str(path).endswith("_map"):
+        raise OSError(errno.EMFILE, "Too many open files")
+    return real_open(path, *args, **kwargs)
+builtins.open = no_map
+try:
+    Sandbox(policy, pool=None, audit_log=log)
+except SandboxStartError as exc:
+    assert "Too many open files" in str(exc), exc
+else:
+    raise AssertionError("a start that cannot read the uid map must fail")
+finally:
+    builtins.open = real_open
+S._reserve_identity = lambda: None  # whatever the reason, a child of root given no uid ...
+with Sandbox(policy, pool=None, audit_log=log) as sb:
+    r = sb.execute(code)
+    assert r.ok and r.stdout == "0 (0, 0, 0)\\n", r  # ... keeps no capability
+    assert r.layers["identity"].startswith("unavailable"), r.layers
+print("done")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a root host")
+def test_a_root_host_that_cannot_read_its_uid_map_starts_no_child_as_root(tmp_path):
+    _host(UID_MAP_UNREADABLE, tmp_path)

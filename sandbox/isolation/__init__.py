@@ -111,7 +111,7 @@ class Server:
         self.landlock_abi = landlock.abi_version()
         self.landlock_reason = "" if self.landlock_abi else landlock.unavailable_reason()
         self.bounding_set = "not dropped"
-        self.pidns = namespaces.PidNamespaces(in_userns=ns.userns == "active")
+        self.pidns = namespaces.PidNamespaces(in_userns=ns.userns == "active", root=ns.root)
         #: A child in its own PID namespace sees no parent pid (getppid() is 0): it
         #: learns whether the server still lives from this descriptor instead.
         self.pidfd = os.pidfd_open(os.getpid())
@@ -481,6 +481,9 @@ def _identity(ctx: _Ctx) -> None:
     elif _in_userns(ctx):
         namespaces.drop_capabilities(bounding=False)
     elif os.geteuid() == 0:
+        # Whatever the policy requires, a child of root that cannot drop its uid keeps no
+        # capability (no real-time priority, no raw I/O, no bypassing file permissions).
+        namespaces.drop_capabilities(bounding=False)
         raise OSError("started as root but the host gave no uid to drop to")
     else:
         reason = ctx.server.ns.userns if ctx.server else "no fork server"

@@ -96,8 +96,13 @@ class ServerState:
 
     def __init__(self) -> None:
         #: Root that can switch children to the sandbox uids (uid 0 of a rootless container
-        #: cannot: its children get a user namespace, as any other user's do).
-        self.root = uids.switchable()
+        #: cannot: its children get a user namespace, as any other user's do). A map that cannot
+        #: be read leaves it root: the host, which reads the same map, then refuses to start the
+        #: sandbox, and a child of root given no uid keeps no capability (isolation._identity).
+        try:
+            self.root = uids.switchable()
+        except OSError:
+            self.root = os.geteuid() == 0
         self.userns: str | None = None  # None: not needed (root) / "active" / reason
         self.mountns: str = "not attempted"
         self.netns: str = "not attempted"
@@ -250,7 +255,7 @@ class PidNamespaces:
       the server, and is not fired by the helper's own exit).
     """
 
-    def __init__(self, in_userns: bool) -> None:
+    def __init__(self, in_userns: bool, root: bool) -> None:
         self.fd: int | None = None
         self.mode = ""
         self.reason = ""
@@ -258,7 +263,7 @@ class PidNamespaces:
             self.reason = "no PID namespaces on this system"
         elif in_userns:
             self.mode = "helper"
-        elif not uids.switchable():
+        elif not root:
             self.reason = "not root and no user namespace"
         else:
             try:
