@@ -281,6 +281,10 @@ class IsolationSettings(BaseModel):
                 if not os.path.isabs(item):
                     raise ValueError(f"read_paths entry {item!r} is not an absolute path")
                 item = os.path.normpath(item)
+                if os.fsencode(item).decode("utf-8", "replace") != item:  # (a non-UTF-8 HOME, say)
+                    raise ValueError(
+                        f"read_paths entry {item!r} is not a UTF-8 path: the sandbox names files in UTF-8"
+                    )
                 if item == "/":
                     raise ValueError(
                         "read_paths entry '/' would grant the whole filesystem; name the directories "

@@ -609,8 +609,10 @@ def _sigpipe_held() -> Iterator[None]:
         yield
     finally:
         if signal.SIGPIPE not in before:
-            signal.sigtimedwait(held, 0)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+            try:
+                signal.sigtimedwait(held, 0)
+            finally:  # unblocked even if an exception (a second Ctrl-C) comes in between
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def _pidfd_exited(pidfd: int, timeout: float) -> bool:

@@ -200,3 +200,16 @@ def test_a_policy_path_that_is_not_a_regular_file_is_a_policy_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "rlm", "policy", "check", str(fifo)],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 2 and done.stderr == f"rlm: {fifo}: not a regular file\n", done.stderr
+
+
+def test_a_read_path_that_is_not_utf8_is_a_policy_error(monkeypatch):
+    """A ``read_paths`` entry that is not UTF-8 (``~`` under a HOME that is not, or a name with
+    such bytes) cannot be sent to the fork server: Sandbox() raised msgpack's
+    UnicodeEncodeError. It is refused with the policy, naming the key."""
+    bad = os.fsdecode(b"/srv/data-\xff")
+    with pytest.raises(PolicyError, match="read_paths"):
+        load_policy("default").override({"isolation.read_paths": [bad]})
+    monkeypatch.setenv("HOME", os.fsdecode(b"/home/user-\xfe"))
+    with pytest.raises(PolicyError, match="not a UTF-8 path"):
+        load_policy("default").override({"isolation.read_paths": ["~/data"]})
+    assert load_policy("default").override({"isolation.read_paths": ["/srv/données"]})
