@@ -50,7 +50,7 @@ from rlm.final import extract_code_blocks, find_final
 from rlm.llm import Completion
 from rlm.result import RLMResult
 from rlm.tools import Tool, describe_tools, tool_table
-from rlm.trajectory import TrajectoryLogger, new_run_id
+from rlm.trajectory import TrajectoryLogger, nested_deeper, new_run_id
 from rlm.typed import AnswerType, AnswerTypeError
 
 __all__ = ["RLM", "run"]
@@ -1059,7 +1059,9 @@ class _Run:
             result = self._execute(sb, "rlm_describe_vars()", HELPER_TIMEOUT_S)
             if result.ok:
                 value = json.loads(result.stdout.strip() or "{}")
-                return value if isinstance(value, dict) else {}
+                # Nested past MAX_JSON_DEPTH (a redefined helper): the walks over the trajectory's
+                # entries and the result's texts are recursive, and would raise RecursionError.
+                return value if isinstance(value, dict) and not nested_deeper(value) else {}
         except Exception:
             pass
         return {}

@@ -98,6 +98,28 @@ def clip_text(text: str, cap: int = LOG_TEXT_CHARS) -> str:
     return f"{text[:head]}\n[... {len(text) - head - tail:,} characters not logged ...]\n{text[-tail:]}"
 
 
+#: How deep the JSON the loop reads back (``rlm_describe_vars()``) and the logs ``rlm view`` reads
+#: may nest. ``json.loads`` takes about a thousand levels, and the recursive walks over a
+#: value here (:func:`json_safe`, secret redaction, the result's text cleaning) fewer.
+MAX_JSON_DEPTH = 100
+
+
+def nested_deeper(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """*value* (decoded JSON) holds lists or dicts nested more than *limit* levels (looked at
+    without recursion, so any depth json.loads produced)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list):
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return False
+
+
 def json_safe(value: Any, clip: bool = False) -> Any:
     """*value* with non-finite floats as strings ("nan", "inf"; JSON has no NaN or Infinity, and
     strict readers, the viewer and ``JSON.parse``, refuse the whole line) and, with *clip*, long

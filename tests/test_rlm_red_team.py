@@ -32,7 +32,9 @@ def test_the_code_cannot_send_a_call_to_a_model_the_caller_did_not_configure(cal
     would be a way out of the sandbox to any host, with the context."""
     with LLMServer("from elsewhere") as evil, LLMServer("sub answer") as legit:
         model = "oobabooga/" + evil.base_url.removesuffix("/v1")
-        code = f"MODEL = {model!r}\ntry:\n    r = {call}\nexcept Exception as exc:\n    r = repr(exc)\nprint(r)"
+        code = (
+            f"MODEL = {model!r}\ntry:\n    r = {call}\nexcept Exception as exc:\n    r = repr(exc)\nprint(r)"
+        )
         backend_reply = repl(code) + "FINAL_VAR(r)"
         r = run(
             "q", "SECRET DATA", model="openai/root", sub_model="openai/sub", api_base=legit.base_url,
@@ -77,7 +79,6 @@ class _RootScripted:
         return None
 
 
-
 @pytest.mark.parametrize("fn", ["llm_query_batched", "rlm_query_batched"])
 def test_one_batched_call_cannot_take_the_hosts_memory(fn: str):
     """Each prompt of a batch cost the host about 3 KB (a task, a log entry, an answer) before the
@@ -91,7 +92,10 @@ def test_one_batched_call_cannot_take_the_hosts_memory(fn: str):
     r = run("q", "c", model="root", sub_model="sub", backend=backend, max_sub_calls=10, max_iterations=1)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert r.answer is not None
-    assert f"{fn}() takes at most 10,000 prompts per call, not 300,000: split them into several calls" in r.answer
+    assert (
+        f"{fn}() takes at most 10,000 prompts per call, not 300,000: split them into several calls"
+        in r.answer
+    )
     assert r.sub_calls == 0 and grown_mb < 200
 
 
@@ -179,6 +183,28 @@ def test_json_nested_too_deep_is_bad_input_not_a_traceback(tmp_path):
     out = run_cli("view", str(tmp_path), "-o", str(tmp_path / "index.html"))
     assert out.returncode == 0, out.stderr
 
+    # Deep enough to parse (json.loads takes about a thousand levels) but not for the page's
+    # walks over it: a bad line too, not a RecursionError out of rlm view.
+    nested = "[" * 600 + "]" * 600
+    (tmp_path / "run.jsonl").write_text(
+        '{"type": "metadata", "run_id": "run"}\n{"type": "iteration", "prompt": ' + nested + "}\n"
+    )
+    (tmp_path / "run.result.json").write_text('{"answer": ' + nested + "}")
+    out = run_cli("view", str(tmp_path / "run.jsonl"), "-o", str(tmp_path / "run.html"))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+
+
+def test_variables_nested_too_deeply_do_not_end_the_run(tmp_path):
+    """The loop reads the model's variables back after each block from ``rlm_describe_vars()``,
+    which the code may redefine: JSON nested 600 deep parses, then the walks over the
+    trajectory entry and the result raised RecursionError out of ``run`` (log or no log). Such
+    a description is dropped, and the run goes on."""
+    code = "def rlm_describe_vars():\n    print('{\"x\": ' + '[' * 600 + ']' * 600 + '}')\nx = 1"
+    for log_dir in (tmp_path, None):
+        backend = ScriptedBackend({"root": [repl(code), "FINAL(done)"]})
+        result = run("q", "c", model="root", backend=backend, max_iterations=3, log_dir=log_dir)
+        assert result.answer == "done", result
+
 
 def test_a_fifo_as_context_path_is_bad_input_not_a_hang(tmp_path):
     """Checking a ``context_path`` opened it for reading, which for a FIFO waits for a writer: the
@@ -192,10 +218,39 @@ def test_a_fifo_as_context_path_is_bad_input_not_a_hang(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "in.jsonl").write_text('{"id": "a", "query": "q", "context_path": "fifo"}\n')
     flags = ["-m", "openai/x", "--api-base", "http://127.0.0.1:9/v1"]
-    out = run_cli("batch", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"), *flags, timeout=20)
+    out = run_cli(
+        "batch", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"), *flags, timeout=20
+    )
     assert out.returncode == 2 and "line 1: context_path" in out.stderr and "not a regular file" in out.stderr
 
     # the file checked may be swapped for a FIFO before its item starts
     item = BatchItem("a", "q", context_path=tmp_path / "fifo")
     with pytest.raises(ConfigurationError, match="not a regular file"):
         within(10, item.load_context)
+
+
+def test_the_context_read_is_the_file_that_was_checked(tmp_path, monkeypatch):
+    """``load_context`` checked the path (a regular file), closed it, and read it again by name:
+    a FIFO put in its place between the two hung the read, forever. The text now comes from the
+    descriptor that was checked. (The swap is made right after the check's fstat.)"""
+    import os
+
+    from rlm.batching.items import BatchItem
+    from tests.conftest import within
+
+    path = tmp_path / "ctx.txt"
+    path.write_text("the checked text")
+    real_fstat, swapped = os.fstat, []
+
+    def fstat_then_swap(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        if not swapped:
+            swapped.append(True)
+            path.rename(tmp_path / "moved.txt")
+            os.mkfifo(path)
+        return st
+
+    monkeypatch.setattr(os, "fstat", fstat_then_swap)
+    item = BatchItem("a", "q", context_path=path)
+    text, _ = within(10, item.load_context)
+    assert swapped and text == "the checked text"

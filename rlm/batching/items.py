@@ -44,13 +44,15 @@ class BatchItem:
         if self.context_path is None:
             return self.context or ""
         try:
-            _check_readable(self.context_path)  # still a regular file (a FIFO would hang the read)
-            return self.context_path.read_text(encoding="utf-8")
+            # Read through the descriptor that was checked: a FIFO swapped in after a check by
+            # name would hang the read.
+            with open(_open_regular(self.context_path), encoding="utf-8", closefd=True) as f:
+                return f.read()
         except OSError as exc:
             raise ConfigurationError(f"{self.context_path}: {exc.strerror or exc}") from None
         except UnicodeDecodeError:
             raise ConfigurationError(f"{self.context_path}: not UTF-8 text") from None
-        except ValueError as exc:  # from _check_readable
+        except ValueError as exc:  # from _open_regular
             raise ConfigurationError(str(exc)) from None
 
 
@@ -75,16 +77,25 @@ def _field(data: Mapping[str, Any], name: str) -> str:
     return value
 
 
-def _check_readable(path: Path) -> None:
-    try:  # O_NONBLOCK: opening a FIFO for reading waits for a writer, forever (a batch that hung)
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of *path*, a regular file (ValueError otherwise). O_NONBLOCK:
+    opening a FIFO for reading waits for a writer, forever (a batch that hung); it changes
+    nothing for a regular file's reads."""
+    try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise ValueError(f"context_path {str(path)!r}: {exc.strerror or exc}") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"context_path {str(path)!r}: not a regular file")
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def _check_readable(path: Path) -> None:
+    os.close(_open_regular(path))
 
 
 def item_from_mapping(data: Any, *, base_dir: Path | None = None, line: int | None = None) -> BatchItem:

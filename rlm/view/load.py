@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm.errors import ConfigurationError
-from rlm.trajectory import audit_path_for, result_path_for
+from rlm.trajectory import audit_path_for, nested_deeper, result_path_for
 
 __all__ = ["load_audit", "load_directory", "load_path", "load_run"]
 
@@ -34,7 +34,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
             except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
                 bad += 1
                 continue
-            if isinstance(value, dict):
+            if isinstance(value, dict) and not nested_deeper(value):  # too deep for the page's walks
                 entries.append(value)
             else:
                 bad += 1
@@ -148,7 +148,7 @@ def load_run(path: Path, *, seen: set[str] | None = None) -> dict[str, Any]:
     if result_path.exists():
         try:
             value = json.loads(result_path.read_text(encoding="utf-8", errors="replace"))
-            run["result"] = value if isinstance(value, dict) else None
+            run["result"] = value if isinstance(value, dict) and not nested_deeper(value) else None
         except (ValueError, RecursionError):
             run["result"] = None
     if run["result"] is None and legacy is not None:
