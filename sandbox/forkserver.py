@@ -183,7 +183,10 @@ def _serve(ctl_fd: int) -> None:
         pidfd = os.pidfd_open(pid)
         children[pid] = pidfd
         sel.register(pidfd, selectors.EVENT_READ, pid)
-        protocol.send_message(ctl, {"t": "spawned", "request": request, "pid": pid}, pidfd)
+        spawned: dict[str, Any] = {"t": "spawned", "request": request, "pid": pid}
+        if res.cpu_path is not None:
+            spawned["cpu_path"] = res.cpu_path
+        protocol.send_message(ctl, spawned, pidfd)
         isolation.after_fork()  # own PID namespace for later forks; the next child's cgroup
 
     try:
@@ -359,8 +362,11 @@ class ForkServer:
             if not alive:
                 raise self._gone("the fork server exited")
 
-    def spawn(self, config: dict[str, Any], chan_fd: int, timeout: float | None = None) -> tuple[int, int]:
-        """Ask for a child on *chan_fd*; return ``(pid, pidfd)``.
+    def spawn(
+        self, config: dict[str, Any], chan_fd: int, timeout: float | None = None
+    ) -> tuple[int, int, str | None]:
+        """Ask for a child on *chan_fd*; return ``(pid, pidfd, cpu_path)``: *cpu_path* names the
+        file that counts the CPU time of the child's cgroup (None without one).
 
         Raises :class:`_ServerGone` when the server is dead, or did not answer within
         *timeout* seconds (default :data:`SPAWN_TIMEOUT`) because it is stopped (then it is
@@ -406,7 +412,7 @@ class ForkServer:
                                 "cannot receive the new child's pidfd: this process is out of file"
                                 " descriptors (RLIMIT_NOFILE); the child was stopped"
                             )
-                        return msg["pid"], self._fds.pop(0)
+                        return msg["pid"], self._fds.pop(0), msg.get("cpu_path")
             except protocol.WireError as exc:
                 raise SandboxStartError(f"the fork server broke the protocol: {exc}") from None
             finally:
@@ -509,8 +515,8 @@ def shared(restricted: bool = False) -> ForkServer:
         return server
 
 
-def spawn(restricted: bool, config: dict[str, Any], chan_fd: int) -> tuple[ForkServer, int, int]:
-    """A child from the shared server: ``(server, pid, pidfd)``.
+def spawn(restricted: bool, config: dict[str, Any], chan_fd: int) -> tuple[ForkServer, int, int, str | None]:
+    """A child from the shared server: ``(server, pid, pidfd, cpu_path)`` (see :meth:`ForkServer.spawn`).
 
     A server that died (killed, or its host thread's death in older versions)
     is replaced and the request retried once; a second failure is a
@@ -521,12 +527,12 @@ def spawn(restricted: bool, config: dict[str, Any], chan_fd: int) -> tuple[ForkS
     for attempt in (1, 2):
         server = shared(restricted)
         try:
-            pid, pidfd = server.spawn(config, chan_fd)
+            pid, pidfd, cpu_path = server.spawn(config, chan_fd)
         except _ServerGone as exc:
             if attempt == 2:
                 raise SandboxStartError(f"the fork server died twice in a row: {exc}") from None
             continue
-        return server, pid, pidfd
+        return server, pid, pidfd, cpu_path
     raise AssertionError("unreachable")
 
 

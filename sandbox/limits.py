@@ -25,9 +25,11 @@ from typing import Any
 
 __all__ = [
     "CUT_MARKER_BYTES",
+    "CpuMeter",
     "RSSMeter",
     "apply_rlimits",
     "cap_texts",
+    "cgroup_cpu_seconds",
     "cpu_seconds",
     "set_cpu_backstop",
     "utf8_size",
@@ -95,6 +97,53 @@ def set_cpu_backstop(
     with contextlib.suppress(OSError, ValueError):  # the host's own CPU watch still enforces it
         resource.prlimit(pid, resource.RLIMIT_CPU, (limit, limit))
     return limit
+
+
+def cgroup_cpu_seconds(fd: int) -> float:
+    """CPU seconds of every process of a cgroup, from its accounting file open at *fd*
+    (cgroup v1 ``cpuacct.usage``: nanoseconds; v2 ``cpu.stat``: ``usage_usec``; see
+    :func:`sandbox.isolation.cgroups.cpu_file`). Raises OSError or ValueError."""
+    data = os.pread(fd, 4096, 0)
+    if data[:1].isdigit():
+        return int(data) / 1e9
+    at = data.find(b"usage_usec ")
+    if at < 0:
+        raise ValueError("no usage_usec in cpu.stat")
+    return int(data[at + 11 : data.index(b"\n", at)]) / 1e6
+
+
+class CpuMeter:
+    """CPU seconds of a sandbox: of every process in its cgroup where the fork server gave the
+    cgroup's accounting file (forked processes, and those that exited, included), else of the
+    child process itself (its CPU clock, all threads)."""
+
+    __slots__ = ("_fd", "pid")
+
+    def __init__(self, pid: int, cgroup_file: str | None) -> None:
+        self.pid = pid
+        self._fd = -1
+        if cgroup_file is not None:
+            with contextlib.suppress(OSError):
+                self._fd = os.open(cgroup_file, os.O_RDONLY | os.O_CLOEXEC)
+
+    @property
+    def whole_cgroup(self) -> bool:
+        return self._fd >= 0
+
+    def seconds(self) -> float | None:
+        """CPU seconds so far, or None once the process is gone."""
+        if self._fd >= 0:
+            try:
+                return cgroup_cpu_seconds(self._fd)
+            except (OSError, ValueError):
+                return None
+        return cpu_seconds(self.pid)
+
+    def close(self) -> None:
+        """Idempotent."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class RSSMeter:

@@ -176,8 +176,9 @@ class Limits(BaseModel):
         ge=0,
         le=65_536,
         description=(
-            "Extra processes or threads the code may start. Default 0 (none). CPU that processes left "
-            "running after a cell burn is not charged to any execute (see SECURITY.md)."
+            "Extra processes or threads the code may start. Default 0 (none). With the cgroup layer, "
+            "the CPU of every process of the sandbox counts towards cpu_seconds (one left running "
+            "after a cell towards the next execute); without it only the child's own (see SECURITY.md)."
         ),
     )
     max_open_files: int = Field(

@@ -206,7 +206,7 @@ MESSAGES: Final[dict[str, tuple[str, dict[str, Any]]]] = {
     # host <-> fork server
     "spawn": ("host", {"request": int, "config": dict}),
     "release": ("host", {"pid": int}),
-    "spawned": ("server", {"request": int, "pid": int}),
+    "spawned": ("server", {"request": int, "pid": int, "cpu_path?": str}),
     "exited": ("server", {"pid": int, "status": int, "maxrss": int, "cpu": float, "limits?": dict}),
     "failed": ("server", {"request": int, "error": str}),
 }

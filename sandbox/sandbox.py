@@ -302,6 +302,8 @@ class _Child:
         self.poll.register(sock.fileno(), select.POLLIN)
         self.poll.register(pidfd, select.POLLIN)
         self.rss = limits.RSSMeter(pid)
+        #: Its CPU seconds (the whole cgroup's where processes are allowed: see _spawn_ready).
+        self.cpu = limits.CpuMeter(pid, None)
         self.spinner = Spinner(SPIN_SECONDS)
         self.spinner.window = 0.0  # no spinning for the hello: forking takes milliseconds
         self.dead = False
@@ -402,6 +404,7 @@ class _Child:
         while self.lent:  # only our copies: the parent's sandbox may still be reading them
             os.close(self.lent.pop())
         self.rss.close()
+        self.cpu.close()
         self.sock.close()
         with contextlib.suppress(OSError):
             os.close(self.pidfd)
@@ -421,6 +424,7 @@ class _Spec:
     identity: bool
     cpu_seconds: float
     lifetime_cpu_seconds: float
+    processes: bool  # max_processes > 0: the code may fork (its CPU is the whole cgroup's)
 
 
 #: id(policy) -> (policy, its _Spec, the function that spawns a ready child of it). The policy
@@ -446,6 +450,7 @@ def _spec_for(policy: Policy) -> tuple[_Spec, Callable[[], _Child]]:
         policy.isolation.identity,
         policy.limits.cpu_seconds,
         policy.limits.lifetime_cpu_seconds,
+        policy.limits.max_processes > 0,
     )
     make = functools.partial(_spawn_ready, spec)
     if len(_specs) >= _SPECS_KEPT:
@@ -499,7 +504,7 @@ def _spawn_ready(spec: _Spec) -> _Child:
             "uid": lease.uid if lease else None,
             "gid": lease.gid if lease else None,
         }
-        server, pid, pidfd = forkserver.spawn(spec.restricted, config, theirs.fileno())
+        server, pid, pidfd, cpu_path = forkserver.spawn(spec.restricted, config, theirs.fileno())
     except BaseException as exc:
         # Descriptors first: removing the directory takes some (they may be what ran out).
         if ours is not None:
@@ -521,6 +526,11 @@ def _spawn_ready(spec: _Spec) -> _Child:
             theirs.close()
     child = _Child(server, pid, pidfd, ours, scratch, lease, spec.max_frame)
     child.scratch_lock = scratch_lock
+    if spec.processes and cpu_path is not None:
+        # Processes the code forks burn CPU the child's own clock does not show (those it
+        # waited for too): the whole cgroup is charged. Without processes the clock is all of
+        # it, and cheaper to read (no system call, no hand-over of the GIL).
+        child.cpu = limits.CpuMeter(pid, cpu_path)
     try:
         hello = Sandbox._next_frame(child, _START_TIMEOUT)
     except (_Timeout, _Died, protocol.WireError) as exc:
@@ -553,7 +563,7 @@ def _mark_cpu(child: _Child, spec: _Spec) -> float | None:
     """The child goes idle: CPU from now on counts towards its next execute, and the
     kernel backstop allows it at most one CPU budget (+1 s) until then, where the host
     may move it (never past the child's lifetime budget)."""
-    cpu = limits.cpu_seconds(child.pid)
+    cpu = child.cpu.seconds()
     if cpu is not None:
         child.cpu_mark = cpu
         child.backstop = limits.set_cpu_backstop(
@@ -644,6 +654,7 @@ def _stop_child(child: _Child, graceful: bool) -> None:
     child.drop_fds()
     child.take_back()  # a leftover process of the child may still hold them
     child.rss.close()
+    child.cpu.close()
     child.sock.close()
     if child.pidfd >= 0:  # each step may be done again: a stop cut short (Ctrl-C) is finished later
         pidfd, child.pidfd = child.pidfd, -1
@@ -776,7 +787,7 @@ class _Exec:
         self.exec_id = sb._exec_id
         # CPU counts from when the child last went idle: whatever ran in between
         # (a signal handler, a thread) is charged to this execute.
-        cpu_now = limits.cpu_seconds(child.pid)
+        cpu_now = child.cpu.seconds()
         self.cpu_start = start = child.cpu_mark if child.cpu_mark is not None else (cpu_now or 0.0)
         self.idle = max(0.0, (cpu_now if cpu_now is not None else start) - start)
         self.cpu_used = self.idle
@@ -842,7 +853,7 @@ class _Exec:
         """A wait of :meth:`timeout` passed: True when a limit is reached (the child is
         killed); False to wait on (the CPU clock said there is budget left)."""
         now = time.perf_counter()
-        used = (limits.cpu_seconds(self.child.pid) or self.cpu_start) - self.cpu_start
+        used = (self.child.cpu.seconds() or self.cpu_start) - self.cpu_start
         if used >= self.lim.cpu_seconds:
             self.killed_for = "cpu"
         elif now >= self.wall_deadline():
@@ -1562,6 +1573,8 @@ class Sandbox:
         child.kill()
         info = self._exit_info(child)
         cpu_total = info.cpu if info else cpu_start + cpu_used
+        if info is not None and child.cpu.whole_cgroup and "cpu_ns" in info.events:
+            cpu_total = info.events["cpu_ns"] / 1e9  # the cgroup's, as cpu_start is
         maxrss = info.maxrss if info else 0
         sig = info.signal if info else None
         limit = killed_for

@@ -43,6 +43,53 @@ def test_cpu_budget_is_per_execute_not_per_child(audit_path):
         assert box.execute("print('still the same child')").stdout == "still the same child\n"
 
 
+FORKED_BURN = (
+    "import os, time\npid = os.fork()\nif pid == 0:\n"
+    "    t = time.process_time()\n    while time.process_time() - t < {s}: pass\n    os._exit(0)\n"
+)
+
+
+def _forking_box(audit_path):
+    box = _box(
+        {
+            "python.guard": "none",
+            "limits.max_processes": 2,
+            "limits.cpu_seconds": 1,
+            "limits.wall_seconds": 20,
+        },
+        audit_path,
+    )
+    if box.layers.get("cgroup") != "active" or not box._ensure_child().cpu.whole_cgroup:
+        box.close()
+        pytest.skip("no cgroup CPU accounting here (cgroup layer or cpuacct missing)")
+    return box
+
+
+def test_cpu_of_a_process_the_code_forks_counts(audit_path):
+    """With processes allowed, the host counted the child's own CPU clock only: a cell that
+    forked a burner and waited for it used 3 s of CPU against a 1 s limit, reported cpu_s=0 and
+    ok. The whole cgroup is charged now."""
+    with _forking_box(audit_path) as box:
+        t0 = time.monotonic()
+        r = box.execute(FORKED_BURN.format(s=3) + "os.waitpid(pid, 0)")
+        assert r.limit == "cpu" and not r.ok and 1.0 <= r.cpu_s <= 1.6, r
+        assert time.monotonic() - t0 < 2.9  # stopped before the burner was done
+
+
+def test_cpu_a_left_process_burns_between_executes_counts_towards_the_next(audit_path):
+    """A process the code leaves running after its cell burnt CPU charged to nobody: the CPU
+    the cgroup used while the sandbox was idle now counts towards the next execute, which
+    finds the budget spent (a fresh child follows, the burner killed with the old one)."""
+    with _forking_box(audit_path) as box:
+        r = box.execute(FORKED_BURN.format(s=30) + "print('left running')")
+        assert r.ok and r.stdout == "left running\n" and r.cpu_s < 0.5, r
+        time.sleep(1.5)
+        r = box.execute("x = 1")
+        assert r.limit == "cpu" and r.error_type == "CPULimitExceeded" and r.cpu_s >= 1.0, r
+        r = box.execute("print('fresh')")
+        assert r.ok and r.state_lost and r.stdout == "fresh\n", r
+
+
 def test_lifetime_cpu_budget_is_a_cpu_limit_then_a_fresh_child(audit_path):
     changes = {"limits.cpu_seconds": 1, "limits.lifetime_cpu_seconds": 2, "limits.wall_seconds": 20}
     with _box(changes, audit_path, pool=None) as box:

@@ -226,10 +226,12 @@ def prepare(policy: dict[str, Any]) -> Prepared:
 class Resources:
     """What :func:`before_fork` made for one child; :func:`release` undoes it."""
 
-    __slots__ = ("cgroup_dirs", "mount")
+    __slots__ = ("cgroup_dirs", "cpu_path", "mount")
 
     def __init__(self) -> None:
         self.cgroup_dirs: list[str] = []
+        #: The file counting the CPU time of the child's cgroup (cgroups.cpu_file), if any.
+        self.cpu_path: str | None = None
         self.mount: str | None = None
 
 
@@ -259,6 +261,7 @@ def before_fork(prepared: Prepared, config: dict[str, Any]) -> Resources:
         try:
             helpers = 1 if iso["pid"] and server.pidns.mode == "helper" else 0
             res.cgroup_dirs, born = cgroups.create(server.cg, policy["limits"], helpers)
+            res.cpu_path = cgroups.cpu_file(server.cg, res.cgroup_dirs)
             info["cgroup"] = {
                 "dirs": res.cgroup_dirs,
                 "born": born,
@@ -305,8 +308,13 @@ def after_fork() -> None:
 
 
 def collect(res: Resources) -> dict[str, int]:
-    """Fork-server side, once the child was reaped: kill what it left behind, read its counters."""
-    return cgroups.collect(res.cgroup_dirs) if res.cgroup_dirs else {}
+    """Fork-server side, once the child was reaped: kill what it left behind, read its counters
+    (``cpu_ns``: the CPU time of every process the cgroup held, where it is counted)."""
+    events = cgroups.collect(res.cgroup_dirs) if res.cgroup_dirs else {}
+    cpu = cgroups.cpu_used(res.cpu_path)
+    if cpu is not None:
+        events["cpu_ns"] = cpu
+    return events
 
 
 def release(res: Resources) -> None:

@@ -6,6 +6,11 @@
 - ``memory.limit_in_bytes = memory_mb + disk_mb + 64 MiB`` bounds everything
   the kernel charges to the sandbox (heap, page tables, socket buffers and
   the scratch tmpfs pages), a backstop behind RLIMIT_AS.
+- CPU time of every process of the sandbox, for the host to charge
+  (:func:`cpu_file`): ``cpuacct.usage`` in a ``cpuacct`` cgroup per child
+  on cgroup v1, where that controller is mounted (optional: without it the
+  host counts the child's own CPU clock), or ``cpu.stat`` on cgroup v2,
+  which every cgroup has.
 
 The fork server creates ``rlm-<server pid>/`` beneath its own cgroup in each
 hierarchy once (:func:`server_setup`, so host-level limits still apply) and
@@ -35,11 +40,14 @@ import threading
 import time
 from typing import Any
 
+from sandbox import limits
 from sandbox.isolation._sys import write_file
 
 __all__ = [
     "Cgroups",
     "collect",
+    "cpu_file",
+    "cpu_used",
     "create",
     "join",
     "refill",
@@ -52,6 +60,8 @@ __all__ = [
 ]
 
 CONTROLLERS = ("pids", "memory")
+#: The cgroup v1 controller that counts the CPU time of a cgroup's processes: used where mounted.
+ACCOUNTING = "cpuacct"
 MIB = 1024 * 1024
 
 
@@ -104,7 +114,7 @@ def _mounts() -> tuple[dict[str, str], str | None]:
                 continue
             fstype, options = rfields[0], rfields[2].split(",")
             if fstype == "cgroup":
-                for c in CONTROLLERS:
+                for c in (*CONTROLLERS, ACCOUNTING):
                     if c in options:
                         v1.setdefault(c, fields[4])
             elif fstype == "cgroup2" and v2 is None:
@@ -210,7 +220,7 @@ def sweep_abandoned(limit: int = 4096) -> int:
         v1, v2 = _mounts()
     except OSError:
         return 0
-    roots = {v1[c] for c in CONTROLLERS if c in v1}
+    roots = {v1[c] for c in (*CONTROLLERS, ACCOUNTING) if c in v1}
     if v2 is not None:
         roots.add(v2)
     removed = 0
@@ -240,6 +250,8 @@ def server_setup() -> Cgroups:
                 cg.bases[c] = base
                 cg.held.append(_hold(base))
             cg.version = 1
+            if ACCOUNTING in v1 and v1[ACCOUNTING] not in {v1[c] for c in CONTROLLERS}:
+                _add_accounting(cg, v1[ACCOUNTING], own.get(ACCOUNTING, "/"), name)
         elif v2 is not None:
             parent = v2 + own.get("", "/")
             available = _read(os.path.join(parent, "cgroup.controllers")).split()
@@ -266,6 +278,33 @@ def server_setup() -> Cgroups:
         cg.bases.clear()
         _let_go(cg)
     return cg
+
+
+def _add_accounting(cg: Cgroups, mount: str, own: str, name: str) -> None:
+    """The cgroup v1 ``cpuacct`` hierarchy as one more base, if we may write it (optional: the
+    host then counts the child's own CPU clock only)."""
+    origin = os.path.normpath(mount + own)
+    base = os.path.join(origin, name)
+    try:
+        _sweep_stale(origin)
+        os.makedirs(base, exist_ok=True)
+    except OSError:
+        return
+    cg.mounts[ACCOUNTING] = mount
+    cg.origin[ACCOUNTING] = origin
+    cg.bases[ACCOUNTING] = base
+    cg.held.append(_hold(base))
+
+
+def cpu_file(cg: Cgroups, dirs: list[str]) -> str | None:
+    """The file that counts the CPU time of the processes in the cgroup *dirs* (read by
+    :func:`sandbox.limits.cgroup_cpu_seconds`), or None where there is none."""
+    if cg.version == 2:
+        return os.path.join(dirs[0], "cpu.stat") if dirs else None
+    base = cg.bases.get(ACCOUNTING)
+    if base is None:
+        return None
+    return next((os.path.join(d, "cpuacct.usage") for d in dirs if d.startswith(base + os.sep)), None)
 
 
 def _let_go(cg: Cgroups) -> None:
@@ -315,7 +354,7 @@ def _write_limits(cg: Cgroups, dirs: list[str], limits: dict[str, Any], extra_ta
                 write_file(os.path.join(d, "memory.swap.max"), "0")
         elif d.startswith(cg.bases["pids"] + os.sep):
             write_file(os.path.join(d, "pids.max"), str(pids))
-        else:
+        elif d.startswith(cg.bases["memory"] + os.sep):
             write_file(os.path.join(d, "memory.limit_in_bytes"), str(memory))
             with contextlib.suppress(OSError):  # only with swap accounting
                 write_file(os.path.join(d, "memory.memsw.limit_in_bytes"), str(memory))
@@ -460,6 +499,22 @@ def collect(dirs: list[str]) -> dict[str, int]:
             elif os.path.exists(os.path.join(d, "memory.events")):
                 events["oom_kill"] = _counter(_read(os.path.join(d, "memory.events")), "oom_kill")
     return events
+
+
+def cpu_used(path: str | None) -> int | None:
+    """Nanoseconds of CPU the cgroup's processes used, by its :func:`cpu_file` (None if unread)."""
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return round(limits.cgroup_cpu_seconds(fd) * 1e9)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
 
 
 def remove(cg: Cgroups, dirs: list[str]) -> None:
