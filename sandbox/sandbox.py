@@ -526,11 +526,6 @@ def _spawn_ready(spec: _Spec) -> _Child:
             theirs.close()
     child = _Child(server, pid, pidfd, ours, scratch, lease, spec.max_frame)
     child.scratch_lock = scratch_lock
-    if spec.processes and cpu_path is not None:
-        # Processes the code forks burn CPU the child's own clock does not show (those it
-        # waited for too): the whole cgroup is charged. Without processes the clock is all of
-        # it, and cheaper to read (no system call, no hand-over of the GIL).
-        child.cpu = limits.CpuMeter(pid, cpu_path)
     try:
         hello = Sandbox._next_frame(child, _START_TIMEOUT)
     except (_Timeout, _Died, protocol.WireError) as exc:
@@ -551,6 +546,12 @@ def _spawn_ready(spec: _Spec) -> _Child:
         raise LayerUnavailableError(hello.get("layer", "?"), hello["error"])
     child.layers = {str(k): str(v) for k, v in hello["layers"].items()}
     child.spinner.window = SPIN_SECONDS
+    if spec.processes and cpu_path is not None and child.layers.get("cgroup") == "active":
+        # Processes the code forks burn CPU the child's own clock does not show (those it
+        # waited for too): the whole cgroup is charged, once the child is known to be in it.
+        # Without processes the clock is all of it, and cheaper to read (no system call, no
+        # hand-over of the GIL).
+        child.cpu = limits.CpuMeter(pid, cpu_path)
     # It now blocks until its init (see child.Child.init): its CPU counts towards its first
     # execute from here, its peak memory too, and the kernel backstop holds while it waits
     # (in a pool, maybe long). Done here, these cost the first execute nothing.
@@ -559,17 +560,33 @@ def _spawn_ready(spec: _Spec) -> _Child:
     return child
 
 
-def _mark_cpu(child: _Child, spec: _Spec) -> float | None:
-    """The child goes idle: CPU from now on counts towards its next execute, and the
-    kernel backstop allows it at most one CPU budget (+1 s) until then, where the host
-    may move it (never past the child's lifetime budget)."""
+def _mark_cpu(child: _Child, spec: _Spec, owed: float = 0.0) -> float | None:
+    """The child goes idle: CPU from now on counts towards its next execute, and so do *owed*
+    seconds (used while idle before a set_variable or get_variable: see :func:`_idle_cpu`).
+    The kernel backstop allows the child process itself at most one CPU budget (+1 s) more
+    until then, where the host may move it (never past the child's lifetime budget)."""
     cpu = child.cpu.seconds()
     if cpu is not None:
-        child.cpu_mark = cpu
+        child.cpu_mark = cpu - owed
+        own = limits.cpu_seconds(child.pid) if child.cpu.whole_cgroup else cpu  # RLIMIT_CPU's count
         child.backstop = limits.set_cpu_backstop(
-            child.pid, cpu, spec.cpu_seconds, spec.lifetime_cpu_seconds, child.backstop
+            child.pid,
+            own if own is not None else cpu,
+            spec.cpu_seconds,
+            spec.lifetime_cpu_seconds,
+            child.backstop,
         )
     return cpu
+
+
+def _idle_cpu(child: _Child) -> float:
+    """CPU used since the child last went idle (a thread or a process the code left running):
+    a set_variable or get_variable, which marks the child idle again when it is done (its own
+    work is not the code's), carries it over to the next execute."""
+    now = child.cpu.seconds()
+    if now is None or child.cpu_mark is None:
+        return 0.0
+    return max(0.0, now - child.cpu_mark)
 
 
 def _absorb(child: _Child, events: list[tuple[int, int]], accept_fd: bool = False) -> None:
@@ -1098,6 +1115,7 @@ class Sandbox:
         wait = self._variable_timeout(timeout)
         with self._using_cm as child:
             end = time.monotonic() + wait
+            owed = _idle_cpu(child)
             if size <= self._inline:
                 self._post(
                     child, protocol.encode_with_value({"t": "set", "name": name}, data), None, wait, name
@@ -1117,7 +1135,7 @@ class Sandbox:
                 child.lend(fd)
                 self._post(child, protocol.encode({"t": "set", "name": name, "shm": size}), fd, wait, name)
             msg = self._expect(child, "ack", end - time.monotonic())
-            self._mark_cpu(child)
+            self._mark_cpu(child, owed)
             if not msg["ok"]:
                 raise VariableError(f"cannot set {name!r}: {_child_error(msg, 'refused by the child')}")
 
@@ -1164,11 +1182,12 @@ class Sandbox:
         wait = self._variable_timeout(timeout)
         with self._using_cm as child:
             end = time.monotonic() + wait
+            owed = _idle_cpu(child)
             self._post(
                 child, protocol.encode({"t": "get", "name": protocol.clean_text(name)}), None, wait, name
             )
             msg = self._expect(child, "value", end - time.monotonic())
-            self._mark_cpu(child)
+            self._mark_cpu(child, owed)
             if not msg["ok"]:
                 child.drop_fds()
                 error = _child_error(msg, f"cannot get {name!r}")
@@ -1179,7 +1198,7 @@ class Sandbox:
                 self._fail(child, "value announced out of band without a descriptor")
             if "stream" in msg:
                 value = self._stream_from(child, name, msg, end)
-                self._mark_cpu(child)  # the child was busy writing the stream until now
+                self._mark_cpu(child, owed)  # the child was busy writing the stream until now
                 return value
             if "shm" in msg:
                 try:
@@ -1326,8 +1345,8 @@ class Sandbox:
     def _exit_info(self, child: _Child) -> forkserver.ExitInfo | None:
         return _collect_exit(child)
 
-    def _mark_cpu(self, child: _Child) -> float | None:
-        return _mark_cpu(child, self._spec)
+    def _mark_cpu(self, child: _Child, owed: float = 0.0) -> float | None:
+        return _mark_cpu(child, self._spec, owed)
 
     def _variable_timeout(self, timeout: float | None) -> float:
         if timeout is None:

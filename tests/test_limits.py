@@ -90,6 +90,22 @@ def test_cpu_a_left_process_burns_between_executes_counts_towards_the_next(audit
         assert r.ok and r.state_lost and r.stdout == "fresh\n", r
 
 
+def test_a_variable_call_between_executes_does_not_forgive_idle_cpu(audit_path):
+    """set_variable and get_variable mark the child idle when they are done (their own work is
+    not the code's): that mark wiped out the CPU a process left running had burnt since the
+    last cell, and rlm sets a variable before every turn of a session. It is carried over."""
+    for call in ("get", "set"):
+        with _forking_box(audit_path) as box:
+            assert box.execute(FORKED_BURN.format(s=30) + "x = 1").ok
+            time.sleep(1.5)
+            if call == "get":
+                assert box.get_variable("x") == 1
+            else:
+                box.set_variable("y", 2)
+            r = box.execute("x = 2")
+            assert r.limit == "cpu" and r.cpu_s >= 1.0, (call, r)
+
+
 def test_lifetime_cpu_budget_is_a_cpu_limit_then_a_fresh_child(audit_path):
     changes = {"limits.cpu_seconds": 1, "limits.lifetime_cpu_seconds": 2, "limits.wall_seconds": 20}
     with _box(changes, audit_path, pool=None) as box:
