@@ -259,7 +259,8 @@ class IsolationSettings(BaseModel):
         description=(
             "Extra absolute paths the code may read (bound read-only into its filesystem view, "
             "granted by Landlock); a leading '~' is expanded on the host when the policy is "
-            "loaded, relative paths are refused. Default none."
+            "loaded, relative paths are refused, and so are '/' and anything under /proc, /sys "
+            "and /dev (the host's, not the sandbox's). Default none."
         ),
     )
     require: tuple[str, ...] = Field(
@@ -291,8 +292,23 @@ class IsolationSettings(BaseModel):
                         "read_paths entry '/' would grant the whole filesystem; name the directories "
                         "the code needs"
                     )
+                top = "/" + item.split("/")[1]
+                if top in _HOST_STATE:
+                    raise ValueError(
+                        f"read_paths entry {item!r} would show the code the host's {_HOST_STATE[top]}, past the "
+                        "pid and filesystem layers; copy what it needs elsewhere"
+                    )
             out.append(item)
         return tuple(out)
+
+
+#: What binding a path under these into the view would show: the host's, not the sandbox's own
+#: (its PID namespace has no /proc of its own mounted; /dev holds the host's devices).
+_HOST_STATE = {
+    "/proc": "processes (every command line, and more of its own uid's)",
+    "/sys": "kernel and hardware state",
+    "/dev": "device nodes",
+}
 
 
 class AuditSettings(BaseModel):

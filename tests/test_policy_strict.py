@@ -92,6 +92,17 @@ def test_read_paths_may_not_grant_the_whole_filesystem(tmp_path):
         assert "key 'isolation.read_paths'" in message and "whole filesystem" in message
 
 
+def test_read_paths_may_not_show_the_hosts_processes_kernel_or_devices(tmp_path):
+    """``read_paths = ["/proc"]`` bound the host's /proc into the view: the code listed every host
+    process and read their command lines, past the pid layer (and /sys, /dev the same for the
+    kernel's state and the devices). Such entries are refused when the policy loads."""
+    for entry in ("/proc", "/proc/self", "/sys/kernel", "/dev", "/dev/../proc/1"):
+        message = _error(tmp_path, f'[isolation]\nread_paths = ["{entry}"]\n')
+        assert "key 'isolation.read_paths'" in message and "the host's" in message, message
+    for entry in ("/process", "/devices", "/srv/proc"):  # only those trees themselves
+        assert load_policy("default").override({"isolation.read_paths": [entry]})
+
+
 @pytest.mark.parametrize(
     "body",
     [
