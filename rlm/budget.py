@@ -99,6 +99,10 @@ class Ledger:
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._usage: dict[str, ModelUsage] = {}
+        #: Every known price paid, whatever the model: what max_cost_usd counts. (A model's
+        #: ``cost_usd`` in the usage becomes None once one of its calls has no price, and its
+        #: earlier spend must not stop counting then.)
+        self._priced = 0.0
         self.sub_calls = 0
         self.tool_calls = 0
         self.stopped_by: str | None = None  # the first budget that ran out
@@ -121,7 +125,7 @@ class Ledger:
         if b.max_tokens is not None and tokens >= b.max_tokens:
             return "max_tokens", f"token budget used up ({tokens} of {b.max_tokens})"
         if b.max_cost_usd is not None:
-            cost = sum(u.cost_usd or 0.0 for u in self._usage.values())
+            cost = self._priced  # a call without a price counts nothing (there is nothing to count)
             if cost >= b.max_cost_usd:
                 return "max_cost_usd", f"cost budget used up (${cost:.6f} of ${b.max_cost_usd:g})"
         if b.max_time_s is not None and self.elapsed() >= b.max_time_s:
@@ -190,6 +194,8 @@ class Ledger:
     # -- accounting --------------------------------------------------------
     def record(self, model_key: str, completion: Completion) -> None:
         with self._lock:
+            if completion.cost_usd is not None:
+                self._priced += completion.cost_usd
             u = self._usage.get(model_key) or ModelUsage()
             known = u.cost_usd is not None or u.calls == 0
             cost = (

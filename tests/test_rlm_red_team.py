@@ -254,3 +254,19 @@ def test_the_context_read_is_the_file_that_was_checked(tmp_path, monkeypatch):
     item = BatchItem("a", "q", context_path=path)
     text, _ = within(10, item.load_context)
     assert swapped and text == "the checked text"
+
+
+def test_a_call_without_a_price_does_not_erase_the_spend_before_it():
+    """max_cost_usd summed each model's ``cost_usd``, which becomes None (unknown) for good once
+    one call of that model has no price: the model's whole earlier spend then stopped counting,
+    and the budget let the run go on. Known prices are summed apart from the report now."""
+    from rlm.budget import Budgets, Ledger
+    from rlm.llm import Completion
+
+    ledger = Ledger(Budgets(max_cost_usd=1.0))
+    ledger.record("m", Completion("a", "m", 10, 10, 0.9))
+    ledger.record("m", Completion("b", "m", 10, 10, None))  # a provider that gave no price
+    assert ledger.usage()["m"].cost_usd is None  # reported as unknown, as before
+    assert ledger.exhausted() is None
+    ledger.record("m", Completion("c", "m", 10, 10, 0.2))
+    assert ledger.exhausted() == "max_cost_usd"
