@@ -246,6 +246,11 @@ class Ledger:
         with self._lock:
             return dict(self._usage)
 
+    def priced(self) -> float:
+        """USD of every call whose price is known (what max_cost_usd counts)."""
+        with self._lock:
+            return self._priced
+
     def totals(self) -> tuple[int, int, float | None]:
         """(input tokens, output tokens, cost in USD or None when any price is unknown)."""
         with self._lock:

@@ -1556,6 +1556,7 @@ class _Run:
             total_input_tokens=input_tokens,
             total_output_tokens=output_tokens,
             cost_usd=cost,
+            priced_cost_usd=self.ledger.priced(),
             execution_time=time.perf_counter() - started,
             usage=self.ledger.usage(),
             history=history,

@@ -104,6 +104,13 @@ class RLMResult(BaseModel):
     total_input_tokens: int = 0
     total_output_tokens: int = 0
     cost_usd: float | None = None
+    priced_cost_usd: float = Field(
+        0.0,
+        description=(
+            "The cost of the calls whose price is known, in USD: cost_usd when every price is "
+            "known, else what max_cost_usd (and a batch's budget) counted."
+        ),
+    )
     execution_time: float = 0.0
     usage: dict[str, ModelUsage] = Field(default_factory=dict)
     history: list[dict[str, Any]] = Field(default_factory=list)

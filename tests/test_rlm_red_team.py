@@ -270,3 +270,49 @@ def test_a_call_without_a_price_does_not_erase_the_spend_before_it():
     assert ledger.exhausted() is None
     ledger.record("m", Completion("c", "m", 10, 10, 0.2))
     assert ledger.exhausted() == "max_cost_usd"
+
+
+def test_a_batch_budget_counts_the_priced_calls_of_a_run_with_an_unpriced_one():
+    """A run whose sub-model has no price (a local server beside a priced root model, as the
+    README suggests) reports ``cost_usd`` None, and a batch counted it as $0: every later item
+    got the whole budget again, and ``--budget-usd 1`` let five items spend $4.50. The run's
+    ``priced_cost_usd`` is what the batch counts now."""
+    from rlm.backend import ScriptedBackend as Scripted
+    from rlm.batching.engine import schedule
+    from rlm.batching.items import BatchItem
+    from rlm.batching.worker import error_record
+    from rlm.llm import Completion
+
+    turns: list[str] = []
+
+    def reply(model: str, messages: object) -> Completion:
+        if model == "root":
+            turns.append(model)
+            text = repl("print(llm_query('hi'))") if len(turns) == 1 else "FINAL(done)"
+            return Completion(text, model, 10, 10, 0.45)
+        return Completion("hi", model, 10, 10, None)  # no price
+
+    result = run("q", "c", model="root", sub_model="local", backend=Scripted(reply), max_iterations=3)
+    assert result.answer == "done" and result.cost_usd is None, result
+    assert result.priced_cost_usd == pytest.approx(0.9)
+
+    class Engine:  # stands for the process pool: each item "runs" as the run above did
+        capacity = 1
+
+        def __init__(self) -> None:
+            self.done: list[tuple[BatchItem, dict[str, object]]] = []
+
+        def submit(self, item: BatchItem, cap: float | None) -> None:
+            record = dict(error_record(item.id, "final", ""), answer="done", error=None, cost_usd=None)
+            self.done.append((item, {"record": record, "priced_usd": result.priced_cost_usd}))
+
+        def wait(self, timeout: float) -> list[tuple[BatchItem, dict[str, object]]]:
+            done, self.done = self.done, []
+            return done
+
+        def close(self, *, cancel: bool) -> None:
+            pass
+
+    items = [BatchItem(str(i), "q", context="c") for i in range(5)]
+    out = list(schedule(items, Engine, budget_usd=1.0, poll_s=0))
+    assert [r.stop_reason for r in out] == ["final", "final", "skipped", "skipped", "skipped"]

@@ -192,7 +192,9 @@ def schedule(
                     fatal = fatal or outcome["fatal"]
                     continue
                 result = BatchResult.from_record(outcome["record"])
-                spent += result.cost_usd or 0.0
+                # A run with one unpriced call has cost_usd None: its priced calls still count.
+                priced = outcome.get("priced_usd")
+                spent += priced if isinstance(priced, (int, float)) else (result.cost_usd or 0.0)
                 yield result  # the runs that finished are kept, even beside a fatal failure
             if fatal:
                 raise fatal_error(fatal[0], fatal[1])

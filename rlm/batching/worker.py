@@ -139,7 +139,8 @@ def run_item(
         "time_s": round(time.perf_counter() - started, 3),
         "error": None if result.error is None else redact(result.error, secret_values(api_key)),
     }
-    return {"record": record, "fatal": None}
+    # What the batch's budget counts: the known prices, also when the record's cost_usd is None.
+    return {"record": record, "fatal": None, "priced_usd": result.priced_cost_usd}
 
 
 def fatal_error(kind: str, message: str) -> RLMError:
