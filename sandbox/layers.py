@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["LAYERS", "LAYER_TABLE", "Layer", "layer"]
+__all__ = ["HOST_TREES", "LAYERS", "LAYER_TABLE", "Layer", "host_tree", "layer"]
 
 
 class Layer(NamedTuple):
@@ -99,3 +99,25 @@ _BY_NAME = {entry.name: entry for entry in LAYER_TABLE}
 def layer(name: str) -> Layer:
     """The record of the layer *name* (KeyError for an unknown name)."""
     return _BY_NAME[name]
+
+
+#: Trees of the host that ``read_paths`` may not bring into a sandbox's view (with "/", which
+#: holds them all), and what they would show: the host's, not the sandbox's own (its PID
+#: namespace has no /proc of its own mounted, /dev holds the host's devices).
+HOST_TREES: dict[str, str] = {
+    "/": "whole filesystem",
+    "/proc": "processes (every command line, and more of its own uid's)",
+    "/sys": "kernel and hardware state",
+    "/dev": "device nodes",
+}
+
+
+def host_tree(path: str) -> str | None:
+    """The entry of :data:`HOST_TREES` that the absolute, normalized *path* is or lies under
+    (a leading ``//``, which POSIX normalization keeps, counts as ``/``), or None. Checked by
+    the policy on each ``read_paths`` entry and on where it leads, and by the child again."""
+    path = "/" + path.lstrip("/")
+    if path == "/":
+        return "/"
+    top = "/" + path.split("/")[1]
+    return top if top in HOST_TREES else None

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sandbox import protocol
 from sandbox.errors import PolicyError
-from sandbox.layers import LAYERS, layer
+from sandbox.layers import HOST_TREES, LAYERS, host_tree, layer
 
 __all__ = [
     "LAYERS",
@@ -243,7 +243,11 @@ class IsolationSettings(BaseModel):
     identity: bool = Field(True, description=layer("identity").policy_doc)
     seccomp: bool = Field(True, description=layer("seccomp").policy_doc)
     allowed_sockets: tuple[Literal["unix", "inet", "inet6"], ...] = Field(
-        (), description="Socket families the code may create (seccomp). Default none."
+        (),
+        description=(
+            "Socket families the code may create (seccomp). Default none. With 'unix', socket files "
+            "under read_paths that the sandbox's uid may write can be connected to."
+        ),
     )
     allow_ipc: bool = Field(
         False,
@@ -259,8 +263,8 @@ class IsolationSettings(BaseModel):
         description=(
             "Extra absolute paths the code may read (bound read-only into its filesystem view, "
             "granted by Landlock); a leading '~' is expanded on the host when the policy is "
-            "loaded, relative paths are refused, and so are '/' and anything under /proc, /sys "
-            "and /dev (the host's, not the sandbox's). Default none."
+            "loaded, relative paths are refused, and so are '/' and anything in, or leading by a "
+            "symbolic link to, /proc, /sys and /dev (the host's, not the sandbox's). Default none."
         ),
     )
     require: tuple[str, ...] = Field(
@@ -282,33 +286,27 @@ class IsolationSettings(BaseModel):
                     raise ValueError(f"read_paths entry {item!r}: cannot expand '~' on this host")
                 if not os.path.isabs(item):
                     raise ValueError(f"read_paths entry {item!r} is not an absolute path")
-                item = os.path.normpath(item)
+                item = "/" + os.path.normpath(item).lstrip("/")  # normpath keeps a leading '//'
                 if os.fsencode(item).decode("utf-8", "replace") != item:  # (a non-UTF-8 HOME, say)
                     raise ValueError(
                         f"read_paths entry {item!r} is not a UTF-8 path: the sandbox names files in UTF-8"
                     )
-                if item == "/":
+                # Where it leads counts too: the view binds the target of a symbolic link.
+                real = os.path.realpath(item)
+                tree = host_tree(item) or host_tree(real)
+                shown = repr(item) if real == item else f"{item!r} (a link to {real!r})"
+                if tree == "/":
                     raise ValueError(
-                        "read_paths entry '/' would grant the whole filesystem; name the directories "
+                        f"read_paths entry {shown} would grant the whole filesystem; name the directories "
                         "the code needs"
                     )
-                top = "/" + item.split("/")[1]
-                if top in _HOST_STATE:
+                if tree is not None:
                     raise ValueError(
-                        f"read_paths entry {item!r} would show the code the host's {_HOST_STATE[top]}, past the "
+                        f"read_paths entry {shown} would show the code the host's {HOST_TREES[tree]}, past the "
                         "pid and filesystem layers; copy what it needs elsewhere"
                     )
             out.append(item)
         return tuple(out)
-
-
-#: What binding a path under these into the view would show: the host's, not the sandbox's own
-#: (its PID namespace has no /proc of its own mounted; /dev holds the host's devices).
-_HOST_STATE = {
-    "/proc": "processes (every command line, and more of its own uid's)",
-    "/sys": "kernel and hardware state",
-    "/dev": "device nodes",
-}
 
 
 class AuditSettings(BaseModel):

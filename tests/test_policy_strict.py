@@ -96,9 +96,15 @@ def test_read_paths_may_not_show_the_hosts_processes_kernel_or_devices(tmp_path)
     """``read_paths = ["/proc"]`` bound the host's /proc into the view: the code listed every host
     process and read their command lines, past the pid layer (and /sys, /dev the same for the
     kernel's state and the devices). Such entries are refused when the policy loads."""
-    for entry in ("/proc", "/proc/self", "/sys/kernel", "/dev", "/dev/../proc/1"):
+    (tmp_path / "hostproc").symlink_to("/proc")  # where a link leads counts: the view binds that
+    (tmp_path / "shm").symlink_to("/dev/shm")  # as Debian's /run/shm does
+    entries = ["/proc", "/proc/self", "/sys/kernel", "/dev", "/dev/../proc/1", "//proc", "///sys"]
+    for entry in [*entries, str(tmp_path / "hostproc"), str(tmp_path / "shm")]:
         message = _error(tmp_path, f'[isolation]\nread_paths = ["{entry}"]\n')
-        assert "key 'isolation.read_paths'" in message and "the host's" in message, message
+        assert "key 'isolation.read_paths'" in message and "the host's" in message, (entry, message)
+    for entry in ("//", "///"):  # POSIX normalization keeps a leading '//'
+        message = _error(tmp_path, f'[isolation]\nread_paths = ["{entry}"]\n')
+        assert "whole filesystem" in message, (entry, message)
     for entry in ("/process", "/devices", "/srv/proc"):  # only those trees themselves
         assert load_policy("default").override({"isolation.read_paths": [entry]})
 

@@ -61,7 +61,7 @@ from typing import Any
 from sandbox import limits
 from sandbox.isolation import cgroups, landlock, namespaces, seccomp
 from sandbox.isolation._sys import libc, prctl
-from sandbox.layers import LAYERS
+from sandbox.layers import LAYERS, host_tree
 
 __all__ = [
     "LayerFailure",
@@ -459,7 +459,10 @@ def _ipc(ctx: _Ctx) -> None:
 
 
 def _read_paths(ctx: _Ctx) -> list[str]:
-    return ctx.prepared.read_roots + [str(p) for p in ctx.policy["isolation"]["read_paths"]]
+    # The policy refused entries in (or leading to) the host's /proc, /sys, /dev or / when it
+    # loaded; one that has come to lead there since (a link changed) is left out here.
+    extra = [str(p) for p in ctx.policy["isolation"]["read_paths"]]
+    return ctx.prepared.read_roots + [p for p in extra if host_tree(os.path.realpath(p)) is None]
 
 
 def _filesystem_view(ctx: _Ctx) -> None:

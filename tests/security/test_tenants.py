@@ -441,7 +441,9 @@ def test_machine_wide_pools_are_out_of_reach(mode: str, env: Env, allow_ipc: boo
     with Sandbox(policy_for(mode, **{"isolation.allow_ipc": allow_ipc})) as sb:
         code = MACHINE_POOLS
         if allow_ipc:
-            code += "print('shm_hugetlb', libc.shmget(0, 2 << 20, 0o1000 | 0o600 | 0x800), ctypes.get_errno())\n"
+            code += (
+                "print('shm_hugetlb', libc.shmget(0, 2 << 20, 0o1000 | 0o600 | 0x800), ctypes.get_errno())\n"
+            )
         r = sb.execute(code)
         if mode == "guard_none":
             assert "io_setup -1 1\n" in r.stdout, r
@@ -550,3 +552,26 @@ def test_no_inherited_state_about_other_sandboxes(env: Env) -> None:
     assert "FOUND []" in r.stdout, r
     assert int(r.stdout.split()[1]) > 10_000, r  # the walk really covered the heap
     assert_contained(env, r)
+
+
+def test_a_read_path_that_comes_to_lead_into_the_hosts_proc_is_left_out(tmp_path: Path) -> None:
+    """The policy refuses a read_paths entry that leads into the host's /proc when it loads; a
+    link retargeted there afterwards (before the child starts) is left out of the view and of
+    Landlock's grant by the child, so the code sees no host process through it."""
+    link = tmp_path / "data"
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "f.txt").write_text("granted")
+    link.symlink_to(target)
+    pol = policy_for("default", **{"isolation.read_paths": [str(link)], "python.guard": "none"})
+    with Sandbox(pol, pool=None) as sb:  # before the swap: the link's target is granted
+        assert sb.execute(f"print(open({str(link / 'f.txt')!r}).read())").stdout == "granted\n"
+    link.unlink()
+    link.symlink_to("/proc")
+    with Sandbox(pol, pool=None) as sb:
+        r = sb.execute(
+            f"import os\nfor p in ({str(link)!r}, '/proc/1/cmdline'):\n"
+            f"    try:\n        print(len(os.listdir(p)) if p == {str(link)!r} else open(p, 'rb').read()[:20])\n"
+            "    except OSError as e:\n        print(type(e).__name__)"
+        )
+    assert r.ok and "b'" not in r.stdout and not any(ch.isdigit() for ch in r.stdout), r.stdout
