@@ -4,15 +4,27 @@ Each record names the layer (its ``[isolation]`` switch in a policy, its key
 in ``ExecResult.layers``), says what it does (the policy field's description)
 and what ``rlm doctor`` prints when it works. The child's code that applies a
 layer lives in :mod:`sandbox.isolation` (``_APPLY``, keyed by the same names;
-a test checks the two tables match). Stdlib-free, so the host's policy schema
+a test checks the two tables match). Stdlib only, so the host's policy schema
 and the child may both import it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 from typing import NamedTuple
 
-__all__ = ["HOST_TREES", "LAYERS", "LAYER_TABLE", "Layer", "host_tree", "layer"]
+__all__ = [
+    "HOST_TREES",
+    "KERNEL_FS_TYPES",
+    "LAYERS",
+    "LAYER_TABLE",
+    "Layer",
+    "host_object",
+    "host_tree",
+    "layer",
+    "mounts_beneath",
+]
 
 
 class Layer(NamedTuple):
@@ -121,3 +133,88 @@ def host_tree(path: str) -> str | None:
         return "/"
     top = "/" + path.split("/")[1]
     return top if top in HOST_TREES else None
+
+
+#: Kernel filesystems (``statfs`` magic numbers) that show the host's state whatever path they
+#: are mounted or bound at: a bind of /proc elsewhere, a second ``mount -t proc``, and so on.
+_KERNEL_FS: dict[int, str] = {
+    0x9FA0: "/proc",  # proc
+    0x62656572: "/sys",  # sysfs
+    0x27E0EB: "/sys",  # cgroup
+    0x63677270: "/sys",  # cgroup2
+    0x64626720: "/sys",  # debugfs
+    0x74726163: "/sys",  # tracefs
+    0x73636673: "/sys",  # securityfs
+    0xCAFE4A11: "/sys",  # bpf
+    0x62656570: "/sys",  # configfs
+    0x6165676C: "/sys",  # pstore
+    0xDE5E81E4: "/sys",  # efivarfs
+    0x65735543: "/sys",  # fusectl
+    0x6E736673: "/proc",  # nsfs
+    0x1CD1: "/dev",  # devpts
+}
+
+#: Filesystem types (as /proc/self/mountinfo names them) of the same trees: see mounts_beneath.
+KERNEL_FS_TYPES = frozenset(
+    {"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "bpf", "configfs",
+     "pstore", "efivarfs", "fusectl", "nsfs", "devpts", "devtmpfs"}
+)  # fmt: skip
+
+
+#: Mount points of the host's trees (and of their parts mounted apart) -> the tree they belong to.
+_TREE_MOUNTS = (
+    ("/dev", "/dev"), ("/dev/shm", "/dev"), ("/dev/mqueue", "/dev"), ("/dev/pts", "/dev"),
+    ("/proc", "/proc"), ("/sys", "/sys"),
+)  # fmt: skip
+
+
+def host_object(fd: int) -> str | None:
+    """The entry of :data:`HOST_TREES` whose content the file open at *fd* shows, whatever its
+    name: the host's root itself (a bind of /), anything on the filesystem of the host's /dev,
+    /proc or /sys, or on a kernel filesystem mounted anywhere (proc, sysfs, devpts, ...); None
+    for an ordinary file or directory. Checked by the policy and, on the very descriptor the
+    view binds and Landlock grants, by the child."""
+    st = os.fstat(fd)
+    try:
+        root = os.stat("/")
+    except OSError:
+        root = None
+    if root is not None and (st.st_dev, st.st_ino) == (root.st_dev, root.st_ino):
+        return "/"
+    for tree, shows in _TREE_MOUNTS:
+        try:
+            dev = os.stat(tree).st_dev
+        except OSError:
+            continue
+        if dev == st.st_dev and (root is None or dev != root.st_dev):  # only where it is a mount of its own
+            return shows
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first field (a long)
+    try:
+        if ctypes.CDLL(None, use_errno=True).fstatfs(fd, buf) != 0:
+            return None
+    except (AttributeError, OSError):  # no C library call of that name: not Linux
+        return None
+    return _KERNEL_FS.get(ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF)
+
+
+def mounts_beneath(path: str, mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
+    """Mounts of kernel filesystems (:data:`KERNEL_FS_TYPES`) below *path* in this process's
+    mount namespace, as (mount point, type): Landlock grants what lies beneath a path, mounts
+    included, so a chroot with its own /proc mounted shows the host's processes (the view binds
+    without what is mounted beneath, and so hides them)."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    prefix = path.rstrip("/") + "/"
+    found = []
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, kind = left.split(), right.split()[:1]
+        if len(fields) < 5 or not kind:
+            continue
+        point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+        if point.startswith(prefix) and kind[0] in KERNEL_FS_TYPES:
+            found.append((point, kind[0]))
+    return found

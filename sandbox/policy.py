@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sandbox import protocol
 from sandbox.errors import PolicyError
-from sandbox.layers import HOST_TREES, LAYERS, host_tree, layer
+from sandbox.layers import HOST_TREES, LAYERS, host_object, host_tree, layer, mounts_beneath
 
 __all__ = [
     "LAYERS",
@@ -263,8 +263,9 @@ class IsolationSettings(BaseModel):
         description=(
             "Extra absolute paths the code may read (bound read-only into its filesystem view, "
             "granted by Landlock); a leading '~' is expanded on the host when the policy is "
-            "loaded, relative paths are refused, and so are '/' and anything in, or leading by a "
-            "symbolic link to, /proc, /sys and /dev (the host's, not the sandbox's). Default none."
+            "loaded, relative paths are refused, and so are '/' and anything in, leading by a "
+            "symbolic link to, or being a mount of /proc, /sys and /dev (the host's, not the "
+            "sandbox's), or holding one mounted beneath. Default none."
         ),
     )
     require: tuple[str, ...] = Field(
@@ -291,9 +292,10 @@ class IsolationSettings(BaseModel):
                     raise ValueError(
                         f"read_paths entry {item!r} is not a UTF-8 path: the sandbox names files in UTF-8"
                     )
-                # Where it leads counts too: the view binds the target of a symbolic link.
+                # Where it leads counts too (the view binds the target of a symbolic link), and
+                # what it is: a bind or another mount of one of those trees shows the same.
                 real = os.path.realpath(item)
-                tree = host_tree(item) or host_tree(real)
+                tree = host_tree(item) or host_tree(real) or _host_object_at(real)
                 shown = repr(item) if real == item else f"{item!r} (a link to {real!r})"
                 if tree == "/":
                     raise ValueError(
@@ -305,8 +307,27 @@ class IsolationSettings(BaseModel):
                         f"read_paths entry {shown} would show the code the host's {HOST_TREES[tree]}, past the "
                         "pid and filesystem layers; copy what it needs elsewhere"
                     )
+                beneath = mounts_beneath(real)
+                if beneath:  # Landlock alone (no filesystem_view) grants what is mounted beneath too
+                    point, kind = beneath[0]
+                    raise ValueError(
+                        f"read_paths entry {shown} holds a {kind} filesystem mounted at {point!r}, which "
+                        "shows the host's state; name the directories the code needs beside it"
+                    )
             out.append(item)
         return tuple(out)
+
+
+def _host_object_at(path: str) -> str | None:
+    """:func:`sandbox.layers.host_object` of what is at *path* now (None when nothing is)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return host_object(fd)
+    finally:
+        os.close(fd)
 
 
 class AuditSettings(BaseModel):

@@ -61,7 +61,7 @@ from typing import Any
 from sandbox import limits
 from sandbox.isolation import cgroups, landlock, namespaces, seccomp
 from sandbox.isolation._sys import libc, prctl
-from sandbox.layers import LAYERS, host_tree
+from sandbox.layers import LAYERS, host_object, host_tree
 
 __all__ = [
     "LayerFailure",
@@ -385,6 +385,8 @@ class _Ctx:
         self.server = server
         self.info: dict[str, Any] = config.get("isolation") or {}
         self.network_error: OSError | None = None
+        #: The policy's read_paths, opened once (see _open_read_paths); closed when the layers are on.
+        self.read_fds: dict[str, int] = {}
 
 
 def _no_new_privs(ctx: _Ctx) -> None:
@@ -458,24 +460,35 @@ def _ipc(ctx: _Ctx) -> None:
     namespaces.unshare_ipc_uts()
 
 
-def _read_paths(ctx: _Ctx) -> list[str]:
-    # The policy refused entries in (or leading to) the host's /proc, /sys, /dev or / when it
-    # loaded; one that has come to lead there since (a link changed) is left out here.
-    extra = [str(p) for p in ctx.policy["isolation"]["read_paths"]]
-    return ctx.prepared.read_roots + [p for p in extra if host_tree(os.path.realpath(p)) is None]
+def _open_read_paths(ctx: _Ctx) -> dict[str, int]:
+    """The policy's read_paths, each opened once (``O_PATH``) before any layer: the view binds and
+    Landlock grants that very descriptor, so renaming or relinking the path meanwhile changes
+    nothing. The policy refused entries that are, or lead to, the host's /proc, /sys, /dev or /
+    (or a mount of them) when it loaded; one that has come to since is checked again here, on
+    the descriptor, and left out. (Paths are absolute and '~'-free: expanded on the host.)"""
+    fds: dict[str, int] = {}
+    for path in ctx.policy["isolation"]["read_paths"]:
+        try:
+            fd = os.open(str(path), os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue  # nothing there to show
+        if host_object(fd) is not None or host_tree(os.readlink(f"/proc/self/fd/{fd}")) is not None:
+            os.close(fd)
+            continue
+        fds[str(path)] = fd
+    return fds
 
 
 def _filesystem_view(ctx: _Ctx) -> None:
     scratch = ctx.config["scratch"]
-    namespaces.enter_view(_read_paths(ctx), [scratch])
+    namespaces.enter_view([*ctx.prepared.read_roots, *ctx.read_fds], [scratch], sources=ctx.read_fds)
     os.chdir(scratch)
 
 
 def _landlock(ctx: _Ctx) -> None:
     server = ctx.server
     abi = server.landlock_abi if server else landlock.abi_version()
-    # read_paths are absolute and '~'-free: the policy expanded them on the host.
-    landlock.restrict(abi, _read_paths(ctx), [ctx.config["scratch"]])
+    landlock.restrict(abi, [*ctx.prepared.read_roots, *ctx.read_fds.values()], [ctx.config["scratch"]])
 
 
 def _identity(ctx: _Ctx) -> None:
@@ -546,6 +559,8 @@ def apply(prepared: Prepared, config: dict[str, Any], chan_fd: int) -> dict[str,
     required = set(iso["require"])
     states: dict[str, str] = {}
     try:
+        if iso["filesystem_view"] or iso["landlock"]:
+            ctx.read_fds = _open_read_paths(ctx)  # after the hygiene (it closes descriptors)
         for layer in LAYERS:
             if not iso[layer]:
                 states[layer] = "off"
@@ -563,6 +578,8 @@ def apply(prepared: Prepared, config: dict[str, Any], chan_fd: int) -> dict[str,
             else:
                 states[layer] = "active"
     finally:
+        for fd in ctx.read_fds.values():
+            os.close(fd)
         if ctx.server is not None:
             os.close(ctx.server.pidfd)  # the child's code gets no handle on its fork server
         _forget_server()

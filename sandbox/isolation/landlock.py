@@ -97,8 +97,9 @@ def unavailable_reason() -> str:
     return os.strerror(err)
 
 
-def restrict(abi: int, read_roots: Iterable[str], write_roots: Iterable[str]) -> None:
-    """Enforce the ruleset on the calling process (needs no_new_privs); irreversible."""
+def restrict(abi: int, read_roots: Iterable[str | int], write_roots: Iterable[str | int]) -> None:
+    """Enforce the ruleset on the calling process (needs no_new_privs); irreversible. A root is a
+    path, or a descriptor (``O_PATH``) of what to grant, which stays the caller's to close."""
     if abi < 1:
         raise OSError(errno.ENOSYS, unavailable_reason() or "Landlock is unavailable")
     handled_fs = _FS_BY_ABI.get(abi, (1 << 16) - 1)
@@ -123,11 +124,14 @@ def restrict(abi: int, read_roots: Iterable[str], write_roots: Iterable[str]) ->
         os.close(ruleset)
 
 
-def _add_path(ruleset: int, path: str, rights: int) -> None:
-    try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return  # nothing there to grant
+def _add_path(ruleset: int, path: str | int, rights: int) -> None:
+    if isinstance(path, int):
+        fd = os.dup(path)  # closed below, like one opened here
+    else:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # nothing there to grant
     try:
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             rights &= _FILE_RIGHTS

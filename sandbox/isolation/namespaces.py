@@ -37,6 +37,7 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Mapping
 
 from sandbox import uids
 from sandbox.isolation._sys import check, libc, prctl, write_file
@@ -386,7 +387,9 @@ def _mount_point(path: str, is_dir: bool) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
 
 
-def enter_view(read_only: list[str], writable: list[str], base: str = "/tmp") -> None:
+def enter_view(
+    read_only: list[str], writable: list[str], base: str = "/tmp", sources: Mapping[str, int] | None = None
+) -> None:
     """Child side, as root of its namespaces: a new root holding only the given paths.
 
     A private mount namespace; a small tmpfs becomes the root (``pivot_root``,
@@ -397,16 +400,29 @@ def enter_view(read_only: list[str], writable: list[str], base: str = "/tmp") ->
     old root is detached; the new root itself is made read-only. Paths that
     do not exist are skipped. Afterwards nothing else exists for the caller:
     no /proc, /etc, /dev, no other sandbox's scratch directory.
+
+    *sources*: read-only paths already opened (``O_PATH``, checked by the caller): each is bound
+    from the place its descriptor had when opened, and the bind is kept only if it shows that
+    very file (device and inode): a path renamed or relinked in between is left out.
     """
+    sources = sources or {}
     # Resolved now, in the old root: after the pivot an absolute link would resolve in the new one.
-    plan: dict[str, tuple[str, bool, str | None]] = {}  # where -> (source, read-only, link text)
+    # where -> (what to bind, read-only, link text, (device, inode) it must show or None)
+    plan: dict[str, tuple[str, bool, str | None, tuple[int, int] | None]] = {}
     for paths, ro in ((read_only, True), (writable, False)):
         for path in paths:
-            real = os.path.realpath(path)
-            link = os.readlink(path) if os.path.islink(path) else None
-            plan[path] = (real, ro, link)
+            fd = sources.get(path) if ro else None
+            try:
+                real = os.path.realpath(path) if fd is None else os.readlink(f"/proc/self/fd/{fd}")
+                link = os.readlink(path) if os.path.islink(path) else None
+                expect = None if fd is None else (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+            except OSError:
+                continue
+            if not real.startswith("/"):  # "(deleted)" and the like: nothing to show
+                continue
+            plan[path] = ("/oldroot" + real, ro, link, expect)
             if real != path:
-                plan.setdefault(real, (real, ro, None))
+                plan.setdefault(real, ("/oldroot" + real, ro, None, expect))
     _unshare(CLONE_NEWNS, "CLONE_NEWNS")
     _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
     _mount("tmpfs", base, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=0755")
@@ -415,19 +431,22 @@ def enter_view(read_only: list[str], writable: list[str], base: str = "/tmp") ->
     check(libc().pivot_root(b".", b"oldroot"), "pivot_root")
     os.chdir("/")
     for path in sorted(plan):
-        real, ro, link = plan[path]
+        source, ro, link, expect = plan[path]
         if link is not None:
             if not os.path.lexists(path):
                 _mount_point(os.path.dirname(path), True)
                 os.symlink(link, path)
             continue
-        source = "/oldroot" + real
         try:
             st = os.stat(source)
         except OSError:
             continue  # nothing there to show
         _mount_point(path, stat.S_ISDIR(st.st_mode))
         _mount(source, path, None, MS_BIND, None)
+        bound = os.stat(path)
+        if expect is not None and (bound.st_dev, bound.st_ino) != expect:  # changed since it was checked
+            check(libc().umount2(path.encode(), MNT_DETACH), f"umount {path}")
+            continue
         if ro:
             kept = os.statvfs(path).f_flag & _KEPT_MOUNT_FLAGS
             _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept, None)

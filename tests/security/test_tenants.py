@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import Sandbox
+from sandbox import Sandbox, shutdown
+from sandbox.errors import PolicyError
 from tests.security.conftest import Env, assert_contained, policy_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -575,3 +576,51 @@ def test_a_read_path_that_comes_to_lead_into_the_hosts_proc_is_left_out(tmp_path
             "    except OSError as e:\n        print(type(e).__name__)"
         )
     assert r.ok and "b'" not in r.stdout and not any(ch.isdigit() for ch in r.stdout), r.stdout
+
+
+def _mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_a_read_path_that_is_a_mount_of_the_hosts_proc_is_refused_or_left_out(tmp_path: Path) -> None:
+    """A read_path is judged by what it is, not only by its name: a bind of /proc, a second
+    proc mount, a bind of / elsewhere showed the host's processes (or everything) to the code.
+    The policy refuses them, and one that a path has turned into after the policy loaded is
+    left out by the child (checked on the descriptor the view binds and Landlock grants). A
+    directory with a proc mount beneath (a chroot) is refused too: Landlock grants what is
+    mounted beneath a path, when there is no view to hide it."""
+    spots = {name: tmp_path / name for name in ("procbind", "proc2", "rootbind", "chroot", "later")}
+    for spot in spots.values():
+        spot.mkdir()
+    (spots["chroot"] / "proc").mkdir()
+    (spots["later"] / "f.txt").write_text("granted")
+    mounted: list[Path] = []
+    try:
+        for args, spot in (
+            (("--bind", "/proc"), spots["procbind"]),
+            (("-t", "proc", "proc"), spots["proc2"]),
+            (("--bind", "/"), spots["rootbind"]),
+            (("-t", "proc", "proc"), spots["chroot"] / "proc"),
+        ):
+            _mount(*args, str(spot))
+            mounted.append(spot)
+        for name in ("procbind", "proc2", "rootbind", "chroot"):
+            with pytest.raises(PolicyError, match="read_paths"):
+                policy_for("default", **{"isolation.read_paths": [str(spots[name])]})
+        pol = policy_for("default", **{"isolation.read_paths": [str(spots["later"])], "python.guard": "none"})
+        code = f"import os\ntry:\n    print(sorted(os.listdir({str(spots['later'])!r}))[:3])\nexcept OSError as e:\n    print(type(e).__name__)"
+        with Sandbox(pol, pool=None) as sb:
+            assert sb.execute(code).stdout == "['f.txt']\n"
+        # the view's bind, and Landlock's grant alone (policies made before the path changes)
+        pols = {True: pol, False: pol.override({"isolation.filesystem_view": False, "isolation.require": []})}
+        _mount("--bind", "/proc", str(spots["later"]))
+        mounted.append(spots["later"])
+        shutdown()  # the fork server's mount namespace is a copy made when it started: a new one
+        for view, each in pols.items():
+            with Sandbox(each, pool=None) as sb:
+                r = sb.execute(code)
+            assert r.ok and r.stdout in ("[]\n", "FileNotFoundError\n", "PermissionError\n"), (view, r.stdout)
+    finally:
+        for spot in reversed(mounted):
+            subprocess.run(["umount", "-l", str(spot)], capture_output=True)
