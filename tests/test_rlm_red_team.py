@@ -303,8 +303,9 @@ def test_a_batch_budget_counts_the_priced_calls_of_a_run_with_an_unpriced_one():
             self.done: list[tuple[BatchItem, dict[str, object]]] = []
 
         def submit(self, item: BatchItem, cap: float | None) -> None:
-            record = dict(error_record(item.id, "final", ""), answer="done", error=None, cost_usd=None)
-            self.done.append((item, {"record": record, "priced_usd": result.priced_cost_usd}))
+            record = dict(error_record(item.id, "final", ""), answer="done", error=None)
+            record.update(cost_usd=None, priced_usd=result.priced_cost_usd)
+            self.done.append((item, {"record": record}))
 
         def wait(self, timeout: float) -> list[tuple[BatchItem, dict[str, object]]]:
             done, self.done = self.done, []
@@ -316,3 +317,39 @@ def test_a_batch_budget_counts_the_priced_calls_of_a_run_with_an_unpriced_one():
     items = [BatchItem(str(i), "q", context="c") for i in range(5)]
     out = list(schedule(items, Engine, budget_usd=1.0, poll_s=0))
     assert [r.stop_reason for r in out] == ["final", "final", "skipped", "skipped", "skipped"]
+
+
+def test_a_resumed_batch_counts_what_the_runs_already_in_out_spent(tmp_path):
+    """``rlm batch`` handed the whole ``--budget-usd`` to every invocation: a batch stopped by a
+    crash or Ctrl-C and run again got its budget afresh ($2.70 spent of $1 over two runs). The
+    runs already in OUT count now: their ``priced_usd`` (or, in older lines, ``cost_usd``)."""
+    import json
+
+    from rlm.batching.outfile import ResultsFile
+    from rlm.batching.worker import error_record
+
+    out = tmp_path / "out.jsonl"
+    lines = [
+        dict(error_record("a", "final", ""), answer="1", error=None, cost_usd=None, priced_usd=0.5),
+        dict(error_record("b", "final", ""), answer="2", error=None, cost_usd=0.25),  # an older line
+        {k: v for k, v in dict(error_record("c", "final", ""), answer="3", error=None, cost_usd=0.2).items()
+         if k != "priced_usd"},
+        error_record("d", "skipped", "skipped: budget"),  # runs again: counts nothing
+    ]  # fmt: skip
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    results = ResultsFile(out).open()
+    try:
+        assert results.done == {"a", "b", "c"} and results.spent_usd == pytest.approx(0.95)
+    finally:
+        results.close()
+
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"id": i, "query": "q", "context": "c"}) + "\n" for i in "abcde")
+    )
+    from tests.conftest import run_cli
+
+    flags = ["-m", "openai/x", "--api-base", "http://127.0.0.1:9/v1", "--budget-usd", "0.9"]
+    got = run_cli("batch", str(tmp_path / "in.jsonl"), "--out", str(out), *flags)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert got.returncode == 1, got.stderr  # some items skipped: not complete
+    assert {r["id"]: r["stop_reason"] for r in records if r["id"] in "de"} == {"d": "skipped", "e": "skipped"}

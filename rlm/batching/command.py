@@ -134,7 +134,9 @@ def _run(
             workers=args.workers,
             engine=args.engine,
             ray_address=args.ray_address,
-            budget_usd=args.budget_usd,
+            # What the runs already in OUT spent counts: a rerun after a crash or Ctrl-C goes on
+            # with what is left, not with the whole budget again.
+            budget_usd=None if args.budget_usd is None else max(0.0, args.budget_usd - results.spent_usd),
             sub_model=args.sub_model,
             api_base=args.api_base,
             policy=args.policy,

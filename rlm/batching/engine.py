@@ -51,6 +51,9 @@ class BatchResult:
     cost_usd: float | None
     time_s: float
     error: str | None
+    #: USD of the run's calls whose price is known (``cost_usd`` is None when any price is not):
+    #: what the batch's budget counts. None for an item that did not run (and in older lines).
+    priced_usd: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -60,6 +63,14 @@ class BatchResult:
     def record(self) -> dict[str, Any]:
         """The output line's JSON object."""
         return asdict(self)
+
+    @property
+    def spent_usd(self) -> float:
+        """What the run counts towards the batch's budget: its priced calls."""
+        for value in (self.priced_usd, self.cost_usd):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                return float(value)
+        return 0.0
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> BatchResult:
@@ -192,9 +203,7 @@ def schedule(
                     fatal = fatal or outcome["fatal"]
                     continue
                 result = BatchResult.from_record(outcome["record"])
-                # A run with one unpriced call has cost_usd None: its priced calls still count.
-                priced = outcome.get("priced_usd")
-                spent += priced if isinstance(priced, (int, float)) else (result.cost_usd or 0.0)
+                spent += result.spent_usd  # its priced calls, also when one call had no price
                 yield result  # the runs that finished are kept, even beside a fatal failure
             if fatal:
                 raise fatal_error(fatal[0], fatal[1])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +43,7 @@ RECORD_FIELDS: tuple[str, ...] = (
     "cost_usd",
     "time_s",
     "error",
+    "priced_usd",
 )
 
 #: Records with these stop reasons are not runs: a rerun drops them and tries their items again.
@@ -79,6 +81,9 @@ class ResultsFile:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.done: set[str] = set()
+        #: USD the runs already in the file spent (their priced calls): a resumed batch's budget
+        #: counts them.
+        self.spent_usd = 0.0
         self.dropped = 0  # lines dropped by the repair (cut lines, skipped and bad-input records)
         self._lock_fd: int | None = None
         self._fd: int | None = None
@@ -152,6 +157,11 @@ class ResultsFile:
             self.dropped += 1
             return
         self.done.add(record_id)
+        for key in ("priced_usd", "cost_usd"):  # older lines have no priced_usd
+            value = record.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.spent_usd += max(0.0, float(value))
+                break
         kept.append(line + b"\n")
 
     def _replace(self, lines: list[bytes]) -> None:

@@ -50,8 +50,9 @@ class Progress:
             self.failed += 1
         self.input_tokens += result.input_tokens
         self.output_tokens += result.output_tokens
-        if result.cost_usd is None:
+        if result.cost_usd is None:  # its priced calls count; the rest is unknown
             self.unknown_cost += result.stop_reason not in ("skipped", "bad_input")
+            self.cost_usd += result.spent_usd
         else:
             self.cost_usd += result.cost_usd
         self.draw()
@@ -91,7 +92,7 @@ class Progress:
         elapsed = time.monotonic() - self.started
         answered = self.done - self.failed - self.skipped
         cost = f"${self.cost_usd:.4f}" + (
-            f" (+{self.unknown_cost} run(s) of unknown price)" if self.unknown_cost else ""
+            f" (+ calls of unknown price in {self.unknown_cost} run(s))" if self.unknown_cost else ""
         )
         head = "interrupted: " if interrupted else ""
         text = (

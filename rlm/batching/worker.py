@@ -70,6 +70,7 @@ def error_record(item_id: str, stop_reason: str, error: str, time_s: float = 0.0
         "cost_usd": None,
         "time_s": round(time_s, 3),
         "error": error,
+        "priced_usd": None,
     }
 
 
@@ -138,9 +139,9 @@ def run_item(
         "cost_usd": result.cost_usd,
         "time_s": round(time.perf_counter() - started, 3),
         "error": None if result.error is None else redact(result.error, secret_values(api_key)),
+        "priced_usd": result.priced_cost_usd,
     }
-    # What the batch's budget counts: the known prices, also when the record's cost_usd is None.
-    return {"record": record, "fatal": None, "priced_usd": result.priced_cost_usd}
+    return {"record": record, "fatal": None}
 
 
 def fatal_error(kind: str, message: str) -> RLMError:
