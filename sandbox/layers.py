@@ -197,24 +197,53 @@ def host_object(fd: int) -> str | None:
     return _KERNEL_FS.get(ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF)
 
 
+def _unescape(field: str) -> str:
+    """A mountinfo field with its octal escapes (``\\040`` for a space, ``\\134`` for a
+    backslash, ...) decoded."""
+    raw = os.fsencode(field)
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 3 < len(raw) and all(0x30 <= b <= 0x37 for b in raw[i + 1 : i + 4]):
+            out.append(int(raw[i + 1 : i + 4], 8) & 0xFF)
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
 def mounts_beneath(path: str, mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
-    """Mounts of kernel filesystems (:data:`KERNEL_FS_TYPES`) below *path* in this process's
-    mount namespace, as (mount point, type): Landlock grants what lies beneath a path, mounts
-    included, so a chroot with its own /proc mounted shows the host's processes (the view binds
-    without what is mounted beneath, and so hides them)."""
+    """Mounts below *path* in this process's mount namespace that show the host's state, as
+    (mount point, what): a kernel filesystem (:data:`KERNEL_FS_TYPES`), or a bind of the
+    filesystem of the host's /dev, /proc or /sys, or of its whole root. Landlock grants what
+    lies beneath a path, mounts included, so a chroot with its own /proc mounted shows the
+    host's processes (the view binds without what is mounted beneath, and so hides them)."""
     try:
         with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
     except OSError:
         return []
-    prefix = path.rstrip("/") + "/"
-    found = []
+    mounts = []  # (mount point, major:minor, root in its filesystem, type)
     for line in lines:
         left, _, right = line.partition(" - ")
-        fields, kind = left.split(), right.split()[:1]
-        if len(fields) < 5 or not kind:
+        fields, types = left.split(), right.split()[:1]
+        if len(fields) >= 5 and types:
+            mounts.append((_unescape(fields[4]), fields[2], _unescape(fields[3]), types[0]))
+    trees = {point: (dev, root) for point, dev, root, _ in mounts if point in ("/", "/dev", "/proc", "/sys")}
+    host_devs = {dev for point, (dev, _) in trees.items() if point != "/"}
+    whole = trees.get("/")
+    prefix = path.rstrip("/") + "/"
+    found = []
+    for point, dev, root, kind in mounts:
+        if not point.startswith(prefix):
             continue
-        point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-        if point.startswith(prefix) and kind[0] in KERNEL_FS_TYPES:
-            found.append((point, kind[0]))
+        if kind in KERNEL_FS_TYPES:
+            found.append((point, f"a {kind} filesystem"))
+        elif dev in host_devs:
+            found.append(
+                (point, "a bind of the host's " + next(p for p, (d, _) in trees.items() if d == dev))
+            )
+        elif whole is not None and (dev, root) == whole:
+            found.append((point, "a bind of the host's /"))
     return found

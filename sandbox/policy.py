@@ -309,11 +309,13 @@ class IsolationSettings(BaseModel):
                     )
                 beneath = mounts_beneath(real)
                 if beneath:  # Landlock alone (no filesystem_view) grants what is mounted beneath too
-                    point, kind = beneath[0]
+                    point, what = beneath[0]
                     raise ValueError(
-                        f"read_paths entry {shown} holds a {kind} filesystem mounted at {point!r}, which "
-                        "shows the host's state; name the directories the code needs beside it"
+                        f"read_paths entry {shown} holds {what} mounted at {point!r}, which shows the "
+                        "host's state; name the directories the code needs beside it"
                     )
+                if item in out:  # the same path twice (spelt differently): once is enough
+                    continue
             out.append(item)
         return tuple(out)
 

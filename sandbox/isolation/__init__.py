@@ -61,7 +61,7 @@ from typing import Any
 from sandbox import limits
 from sandbox.isolation import cgroups, landlock, namespaces, seccomp
 from sandbox.isolation._sys import libc, prctl
-from sandbox.layers import LAYERS, host_object, host_tree
+from sandbox.layers import LAYERS, host_object, host_tree, mounts_beneath
 
 __all__ = [
     "LayerFailure",
@@ -385,8 +385,12 @@ class _Ctx:
         self.server = server
         self.info: dict[str, Any] = config.get("isolation") or {}
         self.network_error: OSError | None = None
-        #: The policy's read_paths, opened once (see _open_read_paths); closed when the layers are on.
-        self.read_fds: dict[str, int] = {}
+        #: The policy's read_paths kept, checked once (_check_read_paths): path -> (where it is,
+        #: its device and inode), for the view; the Landlock ruleset made from them, or why not.
+        self.read_views: dict[str, tuple[str, tuple[int, int]]] = {}
+        self.read_error: OSError | None = None
+        self.ruleset: int | None = None
+        self.ruleset_error: OSError | None = None
 
 
 def _no_new_privs(ctx: _Ctx) -> None:
@@ -460,35 +464,65 @@ def _ipc(ctx: _Ctx) -> None:
     namespaces.unshare_ipc_uts()
 
 
-def _open_read_paths(ctx: _Ctx) -> dict[str, int]:
-    """The policy's read_paths, each opened once (``O_PATH``) before any layer: the view binds and
-    Landlock grants that very descriptor, so renaming or relinking the path meanwhile changes
-    nothing. The policy refused entries that are, or lead to, the host's /proc, /sys, /dev or /
-    (or a mount of them) when it loaded; one that has come to since is checked again here, on
-    the descriptor, and left out. (Paths are absolute and '~'-free: expanded on the host.)"""
-    fds: dict[str, int] = {}
-    for path in ctx.policy["isolation"]["read_paths"]:
-        try:
-            fd = os.open(str(path), os.O_PATH | os.O_CLOEXEC)
-        except OSError:
-            continue  # nothing there to show
-        if host_object(fd) is not None or host_tree(os.readlink(f"/proc/self/fd/{fd}")) is not None:
+def _check_read_paths(ctx: _Ctx) -> None:
+    """Before any layer: open each of the policy's read_paths once (``O_PATH``), check what it is
+    (the policy refused entries that are, lead to, or hold below them the host's /proc, /sys,
+    /dev or /, when it loaded; one that has come to since is left out here), and note what the
+    view must bind (where it is, its device and inode: :func:`namespaces.enter_view` keeps a
+    bind only if it shows that file). Landlock's ruleset is made now from the same descriptors,
+    and enforced in its turn: renaming or relinking a path meanwhile changes nothing. Each
+    descriptor is closed at once, so later limits (RLIMIT_NOFILE) never meet them. (Paths are
+    absolute and '~'-free: expanded on the host.)"""
+    iso = ctx.policy["isolation"]
+    checked: list[tuple[str, int]] = []  # (path, descriptor) of the entries kept
+    try:
+        for path in dict.fromkeys(str(p) for p in iso["read_paths"]):
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # nothing there to show
+            except OSError as exc:  # it is there but cannot be judged: neither layer can hold
+                ctx.read_error = OSError(exc.errno, f"read_paths entry {path}: {exc.strerror}")
+                return
+            checked.append((path, fd))
+            real = os.readlink(f"/proc/self/fd/{fd}")
+            if host_object(fd) is not None or host_tree(real) is not None or mounts_beneath(real):
+                checked.pop()
+                os.close(fd)
+                continue
+            st = os.fstat(fd)
+            ctx.read_views[path] = (real, (st.st_dev, st.st_ino))
+        if iso["landlock"]:
+            server = ctx.server
+            abi = server.landlock_abi if server else landlock.abi_version()
+            try:
+                ctx.ruleset = landlock.ruleset(
+                    abi, [*ctx.prepared.read_roots, *(fd for _, fd in checked)], [ctx.config["scratch"]]
+                )
+            except OSError as exc:
+                ctx.ruleset_error = exc
+    finally:
+        for _, fd in checked:
             os.close(fd)
-            continue
-        fds[str(path)] = fd
-    return fds
 
 
 def _filesystem_view(ctx: _Ctx) -> None:
+    if ctx.read_error is not None:
+        raise ctx.read_error
     scratch = ctx.config["scratch"]
-    namespaces.enter_view([*ctx.prepared.read_roots, *ctx.read_fds], [scratch], sources=ctx.read_fds)
+    namespaces.enter_view([*ctx.prepared.read_roots, *ctx.read_views], [scratch], sources=ctx.read_views)
     os.chdir(scratch)
 
 
 def _landlock(ctx: _Ctx) -> None:
-    server = ctx.server
-    abi = server.landlock_abi if server else landlock.abi_version()
-    landlock.restrict(abi, [*ctx.prepared.read_roots, *ctx.read_fds.values()], [ctx.config["scratch"]])
+    if ctx.read_error is not None:
+        raise ctx.read_error
+    if ctx.ruleset_error is not None:
+        raise ctx.ruleset_error
+    if ctx.ruleset is None:
+        raise OSError("no Landlock ruleset was made")
+    ruleset, ctx.ruleset = ctx.ruleset, None
+    landlock.enforce(ruleset)
 
 
 def _identity(ctx: _Ctx) -> None:
@@ -560,7 +594,7 @@ def apply(prepared: Prepared, config: dict[str, Any], chan_fd: int) -> dict[str,
     states: dict[str, str] = {}
     try:
         if iso["filesystem_view"] or iso["landlock"]:
-            ctx.read_fds = _open_read_paths(ctx)  # after the hygiene (it closes descriptors)
+            _check_read_paths(ctx)  # after the hygiene (it closes descriptors), before the limits
         for layer in LAYERS:
             if not iso[layer]:
                 states[layer] = "off"
@@ -578,8 +612,8 @@ def apply(prepared: Prepared, config: dict[str, Any], chan_fd: int) -> dict[str,
             else:
                 states[layer] = "active"
     finally:
-        for fd in ctx.read_fds.values():
-            os.close(fd)
+        if ctx.ruleset is not None:  # made, never enforced (an earlier required layer failed)
+            os.close(ctx.ruleset)
         if ctx.server is not None:
             os.close(ctx.server.pidfd)  # the child's code gets no handle on its fork server
         _forget_server()

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 from sandbox.isolation._sys import check, syscall
 
-__all__ = ["abi_version", "restrict"]
+__all__ = ["abi_version", "enforce", "restrict", "ruleset"]
 
 SYS_create_ruleset = 444
 SYS_add_rule = 445
@@ -98,8 +98,24 @@ def unavailable_reason() -> str:
 
 
 def restrict(abi: int, read_roots: Iterable[str | int], write_roots: Iterable[str | int]) -> None:
-    """Enforce the ruleset on the calling process (needs no_new_privs); irreversible. A root is a
-    path, or a descriptor (``O_PATH``) of what to grant, which stays the caller's to close."""
+    """Enforce the ruleset on the calling process (needs no_new_privs); irreversible."""
+    enforce(ruleset(abi, read_roots, write_roots))
+
+
+def enforce(fd: int) -> None:
+    """Enforce the ruleset open at *fd* (see :func:`ruleset`) on the calling process (needs
+    no_new_privs; irreversible), and close it."""
+    try:
+        check(syscall(SYS_restrict_self, ctypes.c_int(fd), ctypes.c_uint32(0)), "landlock_restrict_self")
+    finally:
+        os.close(fd)
+
+
+def ruleset(abi: int, read_roots: Iterable[str | int], write_roots: Iterable[str | int]) -> int:
+    """A ruleset granting reads beneath *read_roots* and writes beneath *write_roots*, not yet
+    enforced (:func:`enforce`): a descriptor. A root is a path, or a descriptor (``O_PATH``) of
+    what to grant, which stays the caller's to close. Rules hold on the files themselves, so a
+    ruleset made before the filesystem view holds in it."""
     if abi < 1:
         raise OSError(errno.ENOSYS, unavailable_reason() or "Landlock is unavailable")
     handled_fs = _FS_BY_ABI.get(abi, (1 << 16) - 1)
@@ -111,17 +127,18 @@ def restrict(abi: int, read_roots: Iterable[str | int], write_roots: Iterable[st
     if abi >= 6:
         attr.scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
         size = 24
-    ruleset = check(
+    fd = check(
         syscall(SYS_create_ruleset, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)),
         "landlock_create_ruleset",
     )
     try:
         for rights, roots in ((READ & handled_fs, read_roots), (WRITE & handled_fs, write_roots)):
             for path in roots:
-                _add_path(ruleset, path, rights)
-        check(syscall(SYS_restrict_self, ctypes.c_int(ruleset), ctypes.c_uint32(0)), "landlock_restrict_self")
-    finally:
-        os.close(ruleset)
+                _add_path(fd, path, rights)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _add_path(ruleset: int, path: str | int, rights: int) -> None:

@@ -388,7 +388,10 @@ def _mount_point(path: str, is_dir: bool) -> None:
 
 
 def enter_view(
-    read_only: list[str], writable: list[str], base: str = "/tmp", sources: Mapping[str, int] | None = None
+    read_only: list[str],
+    writable: list[str],
+    base: str = "/tmp",
+    sources: Mapping[str, tuple[str, tuple[int, int]]] | None = None,
 ) -> None:
     """Child side, as root of its namespaces: a new root holding only the given paths.
 
@@ -401,9 +404,9 @@ def enter_view(
     do not exist are skipped. Afterwards nothing else exists for the caller:
     no /proc, /etc, /dev, no other sandbox's scratch directory.
 
-    *sources*: read-only paths already opened (``O_PATH``, checked by the caller): each is bound
-    from the place its descriptor had when opened, and the bind is kept only if it shows that
-    very file (device and inode): a path renamed or relinked in between is left out.
+    *sources*: read-only paths the caller opened and checked: path -> (where that file was, its
+    device and inode). Each is bound from there, and the bind is kept only if it shows that
+    very file: a path renamed or relinked in between is left out.
     """
     sources = sources or {}
     # Resolved now, in the old root: after the pivot an absolute link would resolve in the new one.
@@ -411,11 +414,10 @@ def enter_view(
     plan: dict[str, tuple[str, bool, str | None, tuple[int, int] | None]] = {}
     for paths, ro in ((read_only, True), (writable, False)):
         for path in paths:
-            fd = sources.get(path) if ro else None
+            known = sources.get(path) if ro else None
             try:
-                real = os.path.realpath(path) if fd is None else os.readlink(f"/proc/self/fd/{fd}")
+                real, expect = (os.path.realpath(path), None) if known is None else known
                 link = os.readlink(path) if os.path.islink(path) else None
-                expect = None if fd is None else (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
             except OSError:
                 continue
             if not real.startswith("/"):  # "(deleted)" and the like: nothing to show

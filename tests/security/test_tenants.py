@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -590,10 +592,13 @@ def test_a_read_path_that_is_a_mount_of_the_hosts_proc_is_refused_or_left_out(tm
     left out by the child (checked on the descriptor the view binds and Landlock grants). A
     directory with a proc mount beneath (a chroot) is refused too: Landlock grants what is
     mounted beneath a path, when there is no view to hide it."""
-    spots = {name: tmp_path / name for name in ("procbind", "proc2", "rootbind", "chroot", "later")}
+    spots = {
+        name: tmp_path / name for name in ("procbind", "proc2", "rootbind", "chroot", "chroot2", "later")
+    }
     for spot in spots.values():
         spot.mkdir()
     (spots["chroot"] / "proc").mkdir()
+    (spots["chroot2"] / "host").mkdir()
     (spots["later"] / "f.txt").write_text("granted")
     mounted: list[Path] = []
     try:
@@ -602,10 +607,11 @@ def test_a_read_path_that_is_a_mount_of_the_hosts_proc_is_refused_or_left_out(tm
             (("-t", "proc", "proc"), spots["proc2"]),
             (("--bind", "/"), spots["rootbind"]),
             (("-t", "proc", "proc"), spots["chroot"] / "proc"),
+            (("--bind", "/"), spots["chroot2"] / "host"),
         ):
             _mount(*args, str(spot))
             mounted.append(spot)
-        for name in ("procbind", "proc2", "rootbind", "chroot"):
+        for name in ("procbind", "proc2", "rootbind", "chroot", "chroot2"):
             with pytest.raises(PolicyError, match="read_paths"):
                 policy_for("default", **{"isolation.read_paths": [str(spots[name])]})
         pol = policy_for("default", **{"isolation.read_paths": [str(spots["later"])], "python.guard": "none"})
@@ -624,3 +630,43 @@ def test_a_read_path_that_is_a_mount_of_the_hosts_proc_is_refused_or_left_out(tm
     finally:
         for spot in reversed(mounted):
             subprocess.run(["umount", "-l", str(spot)], capture_output=True)
+
+
+def test_read_paths_cost_the_child_no_descriptor_whatever_their_number(tmp_path: Path) -> None:
+    """The child checks each read_path on a descriptor of its own. Kept open through the layers,
+    a path given twice (spelt differently) left one to the code (a directory descriptor, from
+    which ``os.stat('../../etc/shadow', dir_fd=...)`` reached the host's files), and 80 of them
+    ran the later layers out of descriptors (RLIMIT_NOFILE 64): Landlock was lost. Each is
+    closed at once now, and the policy keeps a path once."""
+    # Beneath a directory every uid may pass (pytest's own is 0700): without the view, the
+    # sandbox's uid reaches the paths through the host's directories.
+    base = Path(tempfile.mkdtemp(prefix="read-paths-"))
+    base.chmod(0o755)
+    dirs = []
+    for i in range(80):
+        d = base / f"d{i}"
+        d.mkdir()
+        (d / "f.txt").write_text(str(i))
+        dirs.append(str(d))
+    twice = [dirs[0], dirs[0] + "/", f"{dirs[0]}/../{Path(dirs[0]).name}"]
+    assert policy_for("default", **{"isolation.read_paths": twice}).isolation.read_paths == (dirs[0],)
+    count = (
+        "import os\nopen_fds = []\nfor fd in range(256):\n    try:\n        os.fstat(fd)\n"
+        "    except OSError:\n        continue\n    open_fds.append(fd)\nprint(open_fds)\n"
+        "print(sum(int(open(os.path.join(d, 'f.txt')).read()) for d in {dirs!r}))"
+    )
+    try:
+        for view in (True, False):
+            changes = {"isolation.read_paths": dirs, "python.guard": "none"}
+            if not view:
+                changes |= {"isolation.filesystem_view": False, "isolation.require": []}
+            with Sandbox(policy_for("default", **changes), pool=None) as sb:
+                r = sb.execute(count.format(dirs=dirs))
+                assert r.ok and r.stdout == f"[0, 1, 2, 3]\n{sum(range(80))}\n", (
+                    view,
+                    r.stdout,
+                    r.error_message,
+                )
+                assert sb.layers["landlock"] == "active", sb.layers
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
