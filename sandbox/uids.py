@@ -189,9 +189,10 @@ def _try(directory: str, uid: int) -> int | None:
 
 
 def reserve(directory: str = RUNTIME_DIR) -> UidLease:
-    """Reserve a uid no live sandbox on this machine holds (root only, see :func:`switchable`)."""
-    if not switchable():
-        raise UidReservationError(errno.EPERM, "uid reservations need root, with the sandbox uids mapped")
+    """Reserve a uid no live sandbox on this machine holds (root only; whether a child can switch
+    to it is the caller's to ask first: :func:`switchable`)."""
+    if os.geteuid() != 0:
+        raise UidReservationError(errno.EPERM, "uid reservations need root")
     directory = _directory(directory)
     start = secrets.randbelow(UID_SPAN)
     try:
