@@ -20,9 +20,12 @@ __all__ = [
     "LAYERS",
     "LAYER_TABLE",
     "Layer",
+    "Mount",
     "host_object",
+    "host_state",
     "host_tree",
     "layer",
+    "mount_table",
     "mounts_beneath",
 ]
 
@@ -213,24 +216,36 @@ def _unescape(field: str) -> str:
     return os.fsdecode(bytes(out))
 
 
-def mounts_beneath(path: str, mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str]]:
-    """Mounts below *path* in this process's mount namespace that show the host's state, as
-    (mount point, what): a kernel filesystem (:data:`KERNEL_FS_TYPES`), or a bind of the
-    filesystem of the host's /dev, /proc or /sys, or of its whole root. Landlock grants what
-    lies beneath a path, mounts included, so a chroot with its own /proc mounted shows the
-    host's processes (the view binds without what is mounted beneath, and so hides them)."""
+#: A mount: (mount point, major:minor of its filesystem, its root in that filesystem, type).
+Mount = tuple[str, str, str, str]
+
+
+def mount_table(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
+    """This process's mounts (see :data:`Mount`; none when they cannot be read)."""
     try:
         with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
             lines = f.read().splitlines()
     except OSError:
         return []
-    mounts = []  # (mount point, major:minor, root in its filesystem, type)
+    mounts = []
     for line in lines:
         left, _, right = line.partition(" - ")
         fields, types = left.split(), right.split()[:1]
         if len(fields) >= 5 and types:
             mounts.append((_unescape(fields[4]), fields[2], _unescape(fields[3]), types[0]))
-    trees = {point: (dev, root) for point, dev, root, _ in mounts if point in ("/", "/dev", "/proc", "/sys")}
+    return mounts
+
+
+def mounts_beneath(path: str, mounts: list[Mount] | None = None) -> list[tuple[str, str]]:
+    """Mounts below *path* (in *mounts*, by default this process's :func:`mount_table`) that
+    show the host's state, as (mount point, what): a kernel filesystem
+    (:data:`KERNEL_FS_TYPES`), or a bind of the filesystem of the host's /dev, /proc or /sys,
+    or of its whole root. Landlock grants what lies beneath a path, mounts included, so a
+    chroot with its own /proc mounted shows the host's processes (the view binds without what
+    is mounted beneath, and so hides them)."""
+    if mounts is None:
+        mounts = mount_table()
+    trees = {point: (dev, root) for point, dev, root, _ in mounts if point in HOST_TREES}
     host_devs = {dev for point, (dev, _) in trees.items() if point != "/"}
     whole = trees.get("/")
     prefix = path.rstrip("/") + "/"
@@ -247,3 +262,27 @@ def mounts_beneath(path: str, mountinfo: str = "/proc/self/mountinfo") -> list[t
         elif whole is not None and (dev, root) == whole:
             found.append((point, "a bind of the host's /"))
     return found
+
+
+def host_state(path: str, fd: int | None = None, mounts: list[Mount] | None = None) -> str | None:
+    """Why a sandbox may not be shown the file at the absolute *path* (open at *fd*, where it is
+    there): it is, or lies in, one of :data:`HOST_TREES` by its name (:func:`host_tree`) or by
+    what it is (:func:`host_object`), or holds one mounted beneath it (:func:`mounts_beneath`,
+    over *mounts*). Said as the end of a sentence about a ``read_paths`` entry; None when none
+    of these holds. The policy asks it when it loads, and the child again before its layers."""
+    tree = host_tree(path) or (host_object(fd) if fd is not None else None)
+    if tree == "/":
+        return "would grant the whole filesystem; name the directories the code needs"
+    if tree is not None:
+        return (
+            f"would show the code the host's {HOST_TREES[tree]}, past the pid and filesystem layers; "
+            "copy what it needs elsewhere"
+        )
+    beneath = mounts_beneath(path, mounts)
+    if beneath:
+        point, what = beneath[0]
+        return (
+            f"holds {what} mounted at {point!r}, which shows the host's state; name the directories "
+            "the code needs beside it"
+        )
+    return None

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sandbox import protocol
 from sandbox.errors import PolicyError
-from sandbox.layers import HOST_TREES, LAYERS, host_object, host_tree, layer, mounts_beneath
+from sandbox.layers import LAYERS, host_state, host_tree, layer
 
 __all__ = [
     "LAYERS",
@@ -292,42 +292,27 @@ class IsolationSettings(BaseModel):
                     raise ValueError(
                         f"read_paths entry {item!r} is not a UTF-8 path: the sandbox names files in UTF-8"
                     )
-                # Where it leads counts too (the view binds the target of a symbolic link), and
-                # what it is: a bind or another mount of one of those trees shows the same.
+                # Its name counts, and so does where it leads (the view binds the target of a
+                # symbolic link) and what it is there: a bind or another mount of a host tree.
                 real = os.path.realpath(item)
-                tree = host_tree(item) or host_tree(real) or _host_object_at(real)
                 shown = repr(item) if real == item else f"{item!r} (a link to {real!r})"
-                if tree == "/":
-                    raise ValueError(
-                        f"read_paths entry {shown} would grant the whole filesystem; name the directories "
-                        "the code needs"
-                    )
-                if tree is not None:
-                    raise ValueError(
-                        f"read_paths entry {shown} would show the code the host's {HOST_TREES[tree]}, past the "
-                        "pid and filesystem layers; copy what it needs elsewhere"
-                    )
-                beneath = mounts_beneath(real)
-                if beneath:  # Landlock alone (no filesystem_view) grants what is mounted beneath too
-                    point, what = beneath[0]
-                    raise ValueError(
-                        f"read_paths entry {shown} holds {what} mounted at {point!r}, which shows the "
-                        "host's state; name the directories the code needs beside it"
-                    )
+                why = host_state(item) if host_tree(item) else _host_state_at(real)
+                if why is not None:
+                    raise ValueError(f"read_paths entry {shown} {why}")
                 if item in out:  # the same path twice (spelt differently): once is enough
                     continue
             out.append(item)
         return tuple(out)
 
 
-def _host_object_at(path: str) -> str | None:
-    """:func:`sandbox.layers.host_object` of what is at *path* now (None when nothing is)."""
+def _host_state_at(path: str) -> str | None:
+    """:func:`sandbox.layers.host_state` of *path* and of what is there now, if anything is."""
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError:
-        return None
+        return host_state(path)
     try:
-        return host_object(fd)
+        return host_state(path, fd)
     finally:
         os.close(fd)
 

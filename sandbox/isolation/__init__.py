@@ -61,7 +61,7 @@ from typing import Any
 from sandbox import limits
 from sandbox.isolation import cgroups, landlock, namespaces, seccomp
 from sandbox.isolation._sys import libc, prctl
-from sandbox.layers import LAYERS, host_object, host_tree, mounts_beneath
+from sandbox.layers import LAYERS, host_state, mount_table
 
 __all__ = [
     "LayerFailure",
@@ -475,6 +475,7 @@ def _check_read_paths(ctx: _Ctx) -> None:
     absolute and '~'-free: expanded on the host.)"""
     iso = ctx.policy["isolation"]
     checked: list[tuple[str, int]] = []  # (path, descriptor) of the entries kept
+    mounts = mount_table() if iso["read_paths"] else []  # read once for every entry
     try:
         for path in dict.fromkeys(str(p) for p in iso["read_paths"]):
             try:
@@ -486,7 +487,7 @@ def _check_read_paths(ctx: _Ctx) -> None:
                 return
             checked.append((path, fd))
             real = os.readlink(f"/proc/self/fd/{fd}")
-            if host_object(fd) is not None or host_tree(real) is not None or mounts_beneath(real):
+            if host_state(real, fd, mounts) is not None:
                 checked.pop()
                 os.close(fd)
                 continue
