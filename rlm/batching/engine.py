@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rlm.batching.items import BatchItem, item_from_mapping
+from rlm.batching.outfile import spent_usd
 from rlm.batching.worker import RunSettings, check_sandbox, error_record, fatal_error, run_item
 from rlm.checks import check_int, check_number
 from rlm.errors import ConfigurationError
@@ -66,11 +67,9 @@ class BatchResult:
 
     @property
     def spent_usd(self) -> float:
-        """What the run counts towards the batch's budget: its priced calls."""
-        for value in (self.priced_usd, self.cost_usd):
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                return float(value)
-        return 0.0
+        """What the run counts towards the batch's budget: its priced calls (see
+        :func:`rlm.batching.outfile.spent_usd`)."""
+        return spent_usd(self.record())
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> BatchResult:

@@ -29,7 +29,7 @@ from typing import Any
 
 from rlm.errors import ConfigurationError
 
-__all__ = ["RECORD_FIELDS", "RERUN_STOP_REASONS", "ResultsFile", "encode_record"]
+__all__ = ["RECORD_FIELDS", "RERUN_STOP_REASONS", "ResultsFile", "encode_record", "spent_usd"]
 
 #: The fields of an output line, in order.
 RECORD_FIELDS: tuple[str, ...] = (
@@ -45,6 +45,17 @@ RECORD_FIELDS: tuple[str, ...] = (
     "error",
     "priced_usd",
 )
+
+
+def spent_usd(record: dict[str, Any]) -> float:
+    """What an output line counts towards the batch's budget: the run's priced calls
+    (``priced_usd``; ``cost_usd`` in lines written before it), 0 for an item that did not run."""
+    for key in ("priced_usd", "cost_usd"):
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return max(0.0, float(value))
+    return 0.0
+
 
 #: Records with these stop reasons are not runs: a rerun drops them and tries their items again.
 RERUN_STOP_REASONS: frozenset[str] = frozenset({"skipped", "bad_input"})
@@ -157,11 +168,7 @@ class ResultsFile:
             self.dropped += 1
             return
         self.done.add(record_id)
-        for key in ("priced_usd", "cost_usd"):  # older lines have no priced_usd
-            value = record.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.spent_usd += max(0.0, float(value))
-                break
+        self.spent_usd += spent_usd(record)
         kept.append(line + b"\n")
 
     def _replace(self, lines: list[bytes]) -> None:
