@@ -242,16 +242,12 @@ def server_setup() -> Cgroups:
         name = f"rlm-{os.getpid()}"
         if all(c in v1 for c in CONTROLLERS):
             for c in CONTROLLERS:
-                cg.mounts[c] = v1[c]
-                cg.origin[c] = os.path.normpath(v1[c] + own.get(c, "/"))
-                _sweep_stale(cg.origin[c])
-                base = os.path.join(cg.origin[c], name)
-                os.makedirs(base, exist_ok=True)
-                cg.bases[c] = base
-                cg.held.append(_hold(base))
+                _add_base(cg, c, v1[c], own.get(c, "/"), name)
             cg.version = 1
             if ACCOUNTING in v1 and v1[ACCOUNTING] not in {v1[c] for c in CONTROLLERS}:
-                _add_accounting(cg, v1[ACCOUNTING], own.get(ACCOUNTING, "/"), name)
+                # Optional: without it the host counts the child's own CPU clock only.
+                with contextlib.suppress(OSError):
+                    _add_base(cg, ACCOUNTING, v1[ACCOUNTING], own.get(ACCOUNTING, "/"), name)
         elif v2 is not None:
             parent = v2 + own.get("", "/")
             available = _read(os.path.join(parent, "cgroup.controllers")).split()
@@ -280,19 +276,16 @@ def server_setup() -> Cgroups:
     return cg
 
 
-def _add_accounting(cg: Cgroups, mount: str, own: str, name: str) -> None:
-    """The cgroup v1 ``cpuacct`` hierarchy as one more base, if we may write it (optional: the
-    host then counts the child's own CPU clock only)."""
+def _add_base(cg: Cgroups, key: str, mount: str, own: str, name: str) -> None:
+    """The cgroup v1 hierarchy *key* (mounted at *mount*, the server's own cgroup *own* in it)
+    as one of the server's bases: ``rlm-<pid>`` made beneath its own cgroup, and held."""
     origin = os.path.normpath(mount + own)
+    _sweep_stale(origin)
     base = os.path.join(origin, name)
-    try:
-        _sweep_stale(origin)
-        os.makedirs(base, exist_ok=True)
-    except OSError:
-        return
-    cg.mounts[ACCOUNTING] = mount
-    cg.origin[ACCOUNTING] = origin
-    cg.bases[ACCOUNTING] = base
+    os.makedirs(base, exist_ok=True)
+    cg.mounts[key] = mount
+    cg.origin[key] = origin
+    cg.bases[key] = base
     cg.held.append(_hold(base))
 
 
