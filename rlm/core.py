@@ -452,6 +452,7 @@ class RLM:
         link = _Link(stop)
         if cancel is not None:
             cancel.watch(link)  # cancels *stop* at once when *cancel* already is
+        ledger: Ledger | None = None
         try:
             ledger = Ledger(self.budgets, self.max_concurrency, stop)
             run = _Run(self, ledger, self._events(loop), depth=0, model=self.model)
@@ -461,6 +462,11 @@ class RLM:
                 if self._session is None:
                     self._session = _Session()
                 return run.execute(context, root_prompt, self._session)
+        except RLMError as exc:
+            # What the run spent before it failed stays known: a batch's budget counts it.
+            if ledger is not None:
+                exc.priced_cost_usd = ledger.priced()
+            raise
         finally:
             if cancel is not None:
                 cancel.unwatch(link)

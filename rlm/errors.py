@@ -39,7 +39,15 @@ __all__ = [
 
 
 class RLMError(Exception):
-    """Root of every error raised by the rlm package."""
+    """Root of every error raised by the rlm package.
+
+    ``priced_cost_usd`` is set on the error a run raises (``RLM.completion``,
+    ``rlm.run``): USD of the run's model calls with a known price, made before
+    it failed (``0.0`` when none were). ``None`` on an error raised before any
+    run started, or by anything but a run.
+    """
+
+    priced_cost_usd: float | None = None
 
 
 class ConfigurationError(RLMError, ValueError):

@@ -319,6 +319,55 @@ def test_a_batch_budget_counts_the_priced_calls_of_a_run_with_an_unpriced_one():
     assert [r.stop_reason for r in out] == ["final", "final", "skipped", "skipped", "skipped"]
 
 
+def test_a_run_that_fails_after_priced_calls_keeps_its_spend_in_the_batch(tmp_path):
+    """A run that raised after priced calls (its sub-model's key rejected, after the root
+    model's calls) left an error line with ``priced_usd`` null: the batch counted it as $0, and
+    a resumed batch did too, so items failing that way could spend past ``--budget-usd`` without
+    end. The error a run raises now carries what it spent (``RLMError.priced_cost_usd``), and
+    its line records it."""
+    import json
+
+    from rlm.backend import ScriptedBackend as Scripted
+    from rlm.batching.outfile import ResultsFile, encode_record
+    from rlm.batching.worker import RunSettings, run_item
+    from rlm.errors import AuthenticationError, ConfigurationError
+    from rlm.llm import Completion
+    from sandbox import load_policy
+
+    def reply(model: str, messages: object) -> Completion:
+        if model == "root":
+            return Completion(repl("print(llm_query('hi'))"), model, 10, 10, 0.45)
+        raise AuthenticationError("the sub-model's key was rejected", model=model)
+
+    settings = RunSettings(
+        model="root",
+        sub_model="sub",
+        policy=load_policy("default"),
+        max_iterations=3,
+        rlm_options={"backend": Scripted(reply)},
+    )
+    with pytest.raises(AuthenticationError) as info:
+        run("q", "c", model="root", sub_model="sub", backend=Scripted(reply), max_iterations=3)
+    assert info.value.priced_cost_usd == pytest.approx(0.45)
+    out = run_item("a", "q", "c", settings)
+    record = out["record"]
+    assert out["fatal"] and out["fatal"][0] == "AuthenticationError"
+    assert record["stop_reason"] == "error" and record["priced_usd"] == pytest.approx(0.45)
+    # A resumed batch counts it too.
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(encode_record(record))
+    results = ResultsFile(path).open()
+    try:
+        assert results.spent_usd == pytest.approx(0.45)
+    finally:
+        results.close()
+    # An error raised before the run started spent nothing, and says so.
+    with pytest.raises(ConfigurationError) as bad:
+        run("q", object(), model="root", backend=Scripted(reply))
+    assert bad.value.priced_cost_usd is None
+    assert json.loads(encode_record(record))["priced_usd"] == pytest.approx(0.45)
+
+
 def test_a_resumed_batch_counts_what_the_runs_already_in_out_spent(tmp_path):
     """``rlm batch`` handed the whole ``--budget-usd`` to every invocation: a batch stopped by a
     crash or Ctrl-C and run again got its budget afresh ($2.70 spent of $1 over two runs). The

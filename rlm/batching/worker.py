@@ -57,8 +57,11 @@ class RunSettings:
     rlm_options: dict[str, Any] = field(default_factory=dict)
 
 
-def error_record(item_id: str, stop_reason: str, error: str, time_s: float = 0.0) -> dict[str, Any]:
-    """The output record of an item that did not run to a result."""
+def error_record(
+    item_id: str, stop_reason: str, error: str, time_s: float = 0.0, priced_usd: float | None = None
+) -> dict[str, Any]:
+    """The output record of an item that did not run to a result (*priced_usd*: what a run that
+    failed spent on priced calls first; it counts towards the batch's budget)."""
     return {
         "id": item_id,
         "answer": None,
@@ -70,7 +73,7 @@ def error_record(item_id: str, stop_reason: str, error: str, time_s: float = 0.0
         "cost_usd": None,
         "time_s": round(time_s, 3),
         "error": error,
-        "priced_usd": None,
+        "priced_usd": priced_usd,
     }
 
 
@@ -120,12 +123,13 @@ def run_item(
         result = rlm.completion(context, root_prompt=query)
     except FATAL_ERRORS as exc:
         message = redact(str(exc), secret_values(api_key))
-        record = error_record(item_id, "error", message, time.perf_counter() - started)
+        record = error_record(item_id, "error", message, time.perf_counter() - started, exc.priced_cost_usd)
         return {"record": record, "fatal": [type(exc).__name__, message]}
     except (RLMError, OSError, ValueError, RuntimeError) as exc:
         message = redact(f"{type(exc).__name__}: {exc}", secret_values(api_key))
+        spent = getattr(exc, "priced_cost_usd", None)  # an RLMError's: what the run spent first
         return {
-            "record": error_record(item_id, "error", message, time.perf_counter() - started),
+            "record": error_record(item_id, "error", message, time.perf_counter() - started, spent),
             "fatal": None,
         }
     record = {
