@@ -41,12 +41,17 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 
 # ------------------------------------------------------------------- exec
 def _read_source(arg: str) -> str:
-    if arg == "-":
-        return sys.stdin.read()
+    """The text of a file, or of standard input for ``-``: UTF-8, strictly (under the C locale,
+    ``sys.stdin`` would decode bad bytes to lone surrogates, refused later as another error)."""
     try:
+        if arg == "-":
+            raw = getattr(sys.stdin, "buffer", None)  # None: a text stream put in its place
+            return raw.read().decode("utf-8") if raw is not None else sys.stdin.read()
         return Path(arg).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{arg}: not UTF-8 text (byte {exc.start})") from None
+        raise ValueError(
+            f"{'standard input' if arg == '-' else arg}: not UTF-8 text (byte {exc.start})"
+        ) from None
 
 
 def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
@@ -304,8 +309,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         context = _read_source(args.context)
     except OSError as exc:
         return _run_error(args, f"{exc.filename}: {exc.strerror}", EXIT_USAGE)
-    except UnicodeDecodeError:
-        return _run_error(args, f"{args.context}: not UTF-8 text", EXIT_USAGE)
+    except ValueError as exc:  # not UTF-8 (_read_source names the file or standard input)
+        return _run_error(args, str(exc), EXIT_USAGE)
     from rlm.checks import check_log_dir
     from rlm.core import run
 

@@ -402,3 +402,99 @@ def test_a_resumed_batch_counts_what_the_runs_already_in_out_spent(tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert got.returncode == 1, got.stderr  # some items skipped: not complete
     assert {r["id"]: r["stop_reason"] for r in records if r["id"] in "de"} == {"d": "skipped", "e": "skipped"}
+
+
+def _bounded(code: str, seconds: float = 20) -> str:
+    """Run *code* in a Python process of its own and return its output: a regex that holds the
+    GIL cannot be timed out from a thread of this one."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_fence_line_padded_with_spaces_is_parsed_in_linear_time():
+    """The fence pattern gave back spaces between two overlapping ``[ \\t]*`` runs: a reply with a
+    line of ``` and 60,000 spaces and a stray backtick took 48 s of CPU to parse (quadratic; an
+    hour per megabyte), past ``max_time_s``, holding the GIL (``rlm mcp`` answered no client
+    meanwhile). The pattern never gives back now."""
+    out = _bounded(
+        "from rlm.final import extract_code_blocks, strip_code\n"
+        "line = '```' + ' ' * 1_000_000 + '`'\n"
+        "reply = line + '\\n```repl\\nx = 1\\n```\\n~~~' + '\\t' * 1_000_000 + '~\\n'\n"
+        "print(extract_code_blocks(reply), strip_code(reply).startswith(line))\n"
+    )
+    assert out.split() == ["['x", "=", "1']", "True"]
+
+
+def test_a_typed_answer_of_a_fence_and_newlines_is_checked_in_linear_time():
+    """With ``output_type`` set, the answer's surrounding fence was stripped by a pattern whose
+    ``(.*?)``, ``\\n`` and ``\\s*`` overlap on newlines: ``FINAL('```\\n' + '\\n' * 5000 + 'x')`` took
+    64 s to check (cubic), past the run's ``max_time_s``. The fence is stripped by hand now."""
+    from rlm.typed import AnswerType
+
+    out = _bounded(
+        "from rlm.typed import AnswerType, AnswerTypeError\n"
+        "try:\n"
+        "    AnswerType(int).validate('```\\n' + '\\n' * 200_000 + 'x')\n"
+        "except AnswerTypeError:\n"
+        "    print('refused')\n"
+    )
+    assert out.strip() == "refused"
+    check = AnswerType(int)
+    assert check.validate("```json\n42\n```") == 42  # a fenced answer is still unwrapped
+    assert check.validate("```\n 7 \n\n  ```") == 7
+    assert AnswerType(str).validate("```python\n```") == "```python\n```"  # one line: no body
+
+
+def test_rlm_batch_shows_a_server_s_error_with_its_escapes_escaped(tmp_path):
+    """``rlm batch`` printed a fatal error (a rejected key, an unknown model) as the model
+    server wrote it: a 401 whose message held an OSC title change, a clear-screen and an OSC 8
+    hyperlink reached the operator's terminal raw. ``rlm run`` already escaped them."""
+    import json
+    import os
+
+    from tests.conftest import run_cli
+    from tests.llm_server import LLMServer, Reply
+
+    hostile = "key rejected \x1b]0;owned\x07\x1b[2J \x1b]8;;http://evil/\x1b\\click\x1b]8;;\x1b\\"
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "query": "q", "context": "c"}) + "\n")
+    env = dict(os.environ, OPENAI_API_KEY="sk-test-not-a-real-key")
+    with LLMServer(Reply(hostile, status=401, error_code="invalid_api_key")) as srv:
+        got = run_cli(
+            "batch", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"),
+            "-m", "openai/gpt-4o-mini", "--api-base", srv.base_url, env=env,
+        )  # fmt: skip
+    assert "key rejected" in got.stderr, got.stderr
+    assert "\x1b" not in got.stderr and "\x07" not in got.stderr
+    assert "\\x1b]0;owned" in got.stderr  # shown, escaped
+
+
+def test_rlm_run_reads_standard_input_as_strict_utf8_under_the_c_locale(tmp_path):
+    """Under the C locale ``sys.stdin`` decodes bad bytes to lone surrogates: a non-UTF-8
+    context on standard input failed later, in the sandbox, with exit 1 ("surrogates not
+    allowed"). In a file, the same bytes ended ``rlm run`` in a ValueError traceback. Both are
+    a usage error now (exit 2, "not UTF-8 text")."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LC_ALL="C", PYTHONUTF8="0", PYTHONIOENCODING="", OPENAI_API_KEY="sk-x")
+    got = subprocess.run(
+        [sys.executable, "-m", "rlm", "run", "--context", "-", "--query", "q", "-m", "openai/x",
+         "--api-base", "http://127.0.0.1:9/v1"],
+        input=b"caf\xe9 au lait\xff", capture_output=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert got.returncode == 2, got.stderr
+    assert b"standard input: not UTF-8 text (byte 3)" in got.stderr
+    # The same bytes in a file: the same usage error (it was a ValueError traceback, exit 1).
+    (tmp_path / "ctx.txt").write_bytes(b"caf\xe9 au lait\xff")
+    got = subprocess.run(
+        [sys.executable, "-m", "rlm", "run", "--context", str(tmp_path / "ctx.txt"), "--query", "q",
+         "-m", "openai/x", "--api-base", "http://127.0.0.1:9/v1"],
+        capture_output=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert got.returncode == 2 and b"Traceback" not in got.stderr, got.stderr
+    assert b"ctx.txt: not UTF-8 text (byte 3)" in got.stderr

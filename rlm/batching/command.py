@@ -24,6 +24,7 @@ from rlm.batching.outfile import ResultsFile
 from rlm.batching.progress import Progress
 from rlm.batching.worker import error_record
 from rlm.checks import check_log_dir
+from rlm.display import visible
 from rlm.errors import RLMError
 
 __all__ = ["run_batch_command"]
@@ -33,7 +34,9 @@ _SHOWN_PROBLEMS = 20
 
 
 def _say(message: str) -> None:
-    print(f"rlm batch: {message}", file=sys.stderr, flush=True)
+    """A line to the operator. Its control characters are shown escaped: a fatal error quotes the
+    model server's reply, and a bad input line names what it holds."""
+    print(f"rlm batch: {visible(message)}", file=sys.stderr, flush=True)
 
 
 def _bad_records(problems: list[InputProblem], taken: set[str], done: set[str]) -> list[BatchResult]:
