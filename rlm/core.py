@@ -50,7 +50,7 @@ from rlm.final import extract_code_blocks, find_final
 from rlm.llm import Completion
 from rlm.result import RLMResult
 from rlm.tools import Tool, describe_tools, tool_table
-from rlm.trajectory import TrajectoryLogger, nested_deeper, new_run_id
+from rlm.trajectory import LOG_TEXT_CHARS, TrajectoryLogger, clip_text, nested_deeper, new_run_id
 from rlm.typed import AnswerType, AnswerTypeError
 
 __all__ = ["RLM", "run"]
@@ -216,6 +216,11 @@ HELPER_TIMEOUT_S = 10.0
 #: the host a few KB while its batch runs (a task, a log entry, an answer), and a list of empty
 #: strings packs at one byte each: ``llm_query_batched([""] * 50_000_000)`` fits one message.
 MAX_BATCH = 10_000
+
+#: The most ```repl blocks of one model reply that run; the rest are reported as not run. Without a
+#: bound, one reply of a thousand blocks ran for a thousand wall limits in one turn, and kept every
+#: block's output in the run's history (gigabytes of host memory).
+MAX_BLOCKS_PER_REPLY = 50
 
 
 def retry_wait(attempt: int, retry_after: float | None, backoff_s: float) -> float | None:
@@ -1063,7 +1068,9 @@ class _Run:
         the model may have redefined, so bounded like a block (and by :data:`HELPER_TIMEOUT_S`)."""
         try:
             result = self._execute(sb, "rlm_describe_vars()", HELPER_TIMEOUT_S)
-            if result.ok:
+            # A redefined helper may print up to the policy's output cap: a description that long is
+            # not kept (the run's history holds one per block, for the whole run).
+            if result.ok and len(result.stdout) <= LOG_TEXT_CHARS:
                 value = json.loads(result.stdout.strip() or "{}")
                 # Nested past MAX_JSON_DEPTH (a redefined helper): the walks over the trajectory's
                 # entries and the result's texts are recursive, and would raise RecursionError.
@@ -1120,13 +1127,16 @@ class _Run:
             )
         if self.pending_name is not None and self.final is None:
             self._resolve_name(sb, self.pending_name)
+        # Kept for the whole run (its history, the trajectory): cut as the trajectory cuts any text.
         entry = {
             "code": code,
             "result": {
-                "stdout": result.stdout,
-                "stderr": result.stderr
-                if result.ok
-                else (result.stderr + (result.traceback or f"{result.error_type}: {result.error_message}")),
+                "stdout": clip_text(result.stdout),
+                "stderr": clip_text(
+                    result.stderr
+                    if result.ok
+                    else result.stderr + (result.traceback or f"{result.error_type}: {result.error_message}")
+                ),
                 "locals": local_vars,
                 "execution_time": result.duration_s,
                 "rlm_calls": calls,
@@ -1403,7 +1413,7 @@ class _Run:
             blocks = extract_code_blocks(response)
             code_entries: list[dict[str, Any]] = []
             outputs: list[str] = []
-            for index, code in enumerate(blocks, 1):
+            for index, code in enumerate(blocks[:MAX_BLOCKS_PER_REPLY], 1):
                 entry, text, ok = self._run_block(sb, code)
                 code_entries.append(entry)
                 outputs.append(text)
@@ -1512,7 +1522,12 @@ class _Run:
                 f"Output of block {i} of {len(blocks)}:\n{text}" for i, text in enumerate(outputs, 1)
             )
             if len(outputs) < len(blocks):
-                body += f"\n\n[blocks {len(outputs) + 1} to {len(blocks)} were not run]"
+                why = (
+                    f": at most {MAX_BLOCKS_PER_REPLY} blocks of a reply run"
+                    if len(outputs) == MAX_BLOCKS_PER_REPLY
+                    else ""
+                )
+                body += f"\n\n[blocks {len(outputs) + 1} to {len(blocks)} were not run{why}]"
         return f"{body}\n\n[{left} turn{'s' if left != 1 else ''} left]"
 
     def _closing_answer(self, sb: Any, messages: Messages) -> tuple[str | None, str | None]:

@@ -498,3 +498,29 @@ def test_rlm_run_reads_standard_input_as_strict_utf8_under_the_c_locale(tmp_path
     )  # fmt: skip
     assert got.returncode == 2 and b"Traceback" not in got.stderr, got.stderr
     assert b"ctx.txt: not UTF-8 text (byte 3)" in got.stderr
+
+
+def test_a_reply_of_many_loud_blocks_keeps_the_host_bounded():
+    """Every block of a reply ran, and the run's history kept each block's whole output and its
+    variable description (which the model may redefine to print a megabyte): 600 blocks printing
+    a megabyte each took 621 MB of host memory, 1000 took 4.5 GB, and one reply ran for a
+    thousand wall limits. At most MAX_BLOCKS_PER_REPLY blocks of a reply run now, and what the
+    history keeps of a block is cut as the trajectory cuts it."""
+    from rlm.core import MAX_BLOCKS_PER_REPLY
+    from rlm.trajectory import LOG_TEXT_CHARS
+
+    loud = "def rlm_describe_vars():\n    print('{\"x\": \"' + 'v' * 900_000 + '\"}')\n"
+    reply = repl(loud) + "".join(repl("print('x' * 900_000)") for _ in range(MAX_BLOCKS_PER_REPLY + 10))
+    seen: list[str] = []
+
+    def model(name: str, messages: list[dict[str, str]]) -> str:
+        seen.append(messages[-1]["content"])
+        return reply if len(seen) == 1 else "FINAL(done)"
+
+    result = run("q", "c", model="m", backend=ScriptedBackend(model), max_iterations=2)
+    assert result.answer == "done"
+    blocks = result.history[0]["code_blocks"]
+    assert len(blocks) == MAX_BLOCKS_PER_REPLY
+    assert all(len(b["result"]["stdout"]) < LOG_TEXT_CHARS + 100 for b in blocks)
+    assert all(b["result"]["locals"] == {} for b in blocks[1:])  # the megabyte description is not kept
+    assert f"[blocks {MAX_BLOCKS_PER_REPLY + 1} to {MAX_BLOCKS_PER_REPLY + 11} were not run: at most" in seen[1]
