@@ -524,3 +524,26 @@ def test_a_reply_of_many_loud_blocks_keeps_the_host_bounded():
     assert all(len(b["result"]["stdout"]) < LOG_TEXT_CHARS + 100 for b in blocks)
     assert all(b["result"]["locals"] == {} for b in blocks[1:])  # the megabyte description is not kept
     assert f"[blocks {MAX_BLOCKS_PER_REPLY + 1} to {MAX_BLOCKS_PER_REPLY + 11} were not run: at most" in seen[1]
+
+
+def test_a_block_cannot_pass_itself_off_as_the_loop_s_own_code_in_rlm_view(tmp_path):
+    """``rlm view`` marked an audit record "internal" (the loop's own helpers, not linked to any
+    block) when its code *began* like a helper's: a model block starting with
+    ``rlm_describe_vars()`` lost its audit link (its outcome, CPU and memory) and was hidden
+    among the helpers. Only the helpers' exact code counts now."""
+    from pathlib import Path
+
+    from rlm.view.load import load_path
+
+    disguised = "rlm_describe_vars()\nsecret = 'x' * 10\nprint('mine')"
+    replies = [repl(disguised), "FINAL(done)"]
+    r = run("q", "c", model="m", backend=ScriptedBackend(replies), log_dir=tmp_path, max_iterations=3)
+    data = load_path(Path(r.log_path))
+    runs = data.get("runs", [data])
+    root = runs[0]
+    block = root["iterations"][0]["code_blocks"][0]
+    assert block["code"] == disguised and block.get("audit") is not None, block.get("audit")
+    record = root["audit"]["records"][block["audit"]]
+    assert record["internal"] is False and record["outcome"] == "ok"
+    internal = [rec["code"] for rec in root["audit"]["records"] if rec["internal"]]
+    assert "rlm_describe_vars()" in internal and disguised not in internal

@@ -10,16 +10,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+from rlm.core import PRELUDE
 from rlm.errors import ConfigurationError
 from rlm.trajectory import audit_path_for, nested_deeper, result_path_for
 
 __all__ = ["load_audit", "load_directory", "load_path", "load_run"]
 
-#: Code the RLM loop itself runs in the sandbox (marked "internal" in the audit view).
-INTERNAL_CODE_PREFIXES = ("\ndef FINAL(answer):", "rlm_describe_vars()", "FINAL_VAR(")
+#: The other code the RLM loop itself runs in the sandbox: a session's switch to its latest
+#: context (after the prelude, in a fresh sandbox), and the lookup of a FINAL_VAR in a reply's text.
+_CONTEXT_SWITCH = re.compile(r"\ncontext = context_[0-9]+\n")
+_FINAL_VAR = re.compile(r"""FINAL_VAR\((?:'[^'\\\n]*'|"[^"\\\n]*")\)""")
+
+
+def _internal(code: object) -> bool:
+    """*code* is exactly what the RLM loop runs itself (marked "internal" in the audit view). Exactly,
+    not by its start: a model's block beginning with ``rlm_describe_vars()`` is the model's."""
+    if not isinstance(code, str):
+        return False
+    if code in ("rlm_describe_vars()", PRELUDE):
+        return True
+    code = code.removeprefix(PRELUDE)
+    return bool(_CONTEXT_SWITCH.fullmatch(code) or _FINAL_VAR.fullmatch(code))
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -76,7 +91,7 @@ def load_audit(path: Path) -> dict[str, Any]:
             "max_rss_bytes": r.get("max_rss_bytes"),
             "code": r.get("code"),
             "code_sha256": r.get("code_sha256"),
-            "internal": isinstance(r.get("code"), str) and r["code"].startswith(INTERNAL_CODE_PREFIXES),
+            "internal": _internal(r.get("code")),
         }
         for r in records
     ]
