@@ -175,3 +175,20 @@ def test_a_line_nested_too_deeply_is_damage_not_a_traceback(tmp_path):
         pass
     else:
         raise AssertionError("an append after a damaged last line must be refused")
+
+
+def test_an_escaped_lone_surrogate_is_a_bad_line_not_a_traceback(tmp_path):
+    """A line may spell a lone surrogate as a JSON escape; the writer never writes one (its
+    code is escaped first), and hashing it cannot encode it to UTF-8: ``rlm audit verify`` and
+    ``rlm view`` report the line as edited instead of failing with UnicodeEncodeError."""
+    path = tmp_path / "a.audit.log"
+    path.write_text('{"prev_hash":"' + "0" * 64 + '","hash":"abc","x":"\\ud800"}\n')
+    report = verify(path)
+    assert not report.ok and report.bad_line == 1 and "edited" in report.reason
+    out = run_cli("audit", "verify", str(path), timeout=60)
+    assert out.returncode == 1 and "line 1: hash does not match" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    page = tmp_path / "a.html"
+    out = run_cli("view", str(path), "-o", str(page), timeout=60)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "hash does not match" in page.read_text(encoding="utf-8")
