@@ -5,7 +5,10 @@ schema version, sha256), what came of it, and two hashes: ``prev_hash`` (the
 ``hash`` of the line before, 64 zeros for the first line) and ``hash``, the
 sha256 of ``prev_hash`` joined to the canonical JSON of the line without its
 ``hash``. Editing, dropping or reordering any line breaks the chain at that
-line, which :func:`verify` names. (Cutting lines off the *end* leaves a valid
+line, which :func:`verify` names. A line must also be spelled byte for byte as
+the writer writes it (keys sorted, no spaces, ``hash`` last): a key given
+twice, which a JSON parser resolves to its last copy and grep or a reader sees
+first, is an edit even when the hash of the parsed values matches. (Cutting lines off the *end* leaves a valid
 shorter chain; keep the last hash elsewhere if that matters to you.)
 
 Several sandboxes, in one process or many, may share a file: each append
@@ -104,7 +107,12 @@ def _json(value: Any) -> str:
         return "null"
     if kind is bool:
         return "true" if value else "false"
-    return _ENCODER.encode(value)
+    text = _ENCODER.encode(value)
+    if isinstance(value, (dict, list, tuple)):
+        # Keys that are not str ({2: .., 10: ..}) are written as strings but sorted as they
+        # were: written as verify reads them back, or it would take the line for an edit.
+        text = _ENCODER.encode(json.loads(text))
+    return text
 
 
 def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
@@ -144,6 +152,12 @@ def _hash_of(prev_hash: str, body: bytes) -> str:
     h = hashlib.sha256(prev_hash.encode() + b"\n")  # fed in two parts: a long body is not copied
     h.update(body)
     return h.hexdigest()
+
+
+def _line(body: bytes, hash_: str) -> bytes:
+    """The line (without its newline) the writer writes for the hashed *body*: ``hash`` spliced
+    in as its last key. :func:`verify` accepts no other spelling of a record."""
+    return body[:-1] + b',"hash":"' + hash_.encode() + b'"}'
 
 
 def line_hash(record: dict[str, Any]) -> str:
@@ -407,7 +421,7 @@ class AuditLog:
                 body = _canonical(record, encoded)
                 record["hash"] = _hash_of(self._last, body)
                 # Encode once: the line is the hashed body with "hash" spliced in.
-                line = seal + body[:-1] + b',"hash":"' + record["hash"].encode() + b'"}\n'
+                line = seal + _line(body, record["hash"]) + b"\n"
                 _write_all(self._fd, line)
                 after = os.fstat(self._fd)  # what the next append compares (still under the lock)
                 self._at = (after.st_size, after.st_mtime_ns)
@@ -543,7 +557,8 @@ class VerifyReport:
 
 
 def verify(path: str | Path) -> VerifyReport:
-    """Check the whole chain; name the first line that breaks it."""
+    """Check the whole chain; name the first line that breaks it (or is not spelled as the
+    writer writes it)."""
     try:
         data = _as_path(path).read_bytes()
     except OSError as exc:
@@ -591,11 +606,20 @@ def verify(path: str | Path) -> VerifyReport:
                 count, "prev_hash does not match the line before (a line was dropped, inserted or moved)"
             )
         try:
-            expected = line_hash(record)
+            body: bytes | None = _canonical({k: v for k, v in record.items() if k != "hash"})
         except (UnicodeEncodeError, RecursionError):  # a lone surrogate (an escape UTF-8 cannot carry)
-            expected = None  # the writer cannot write such a line: only an edit puts it there
-        if expected != record["hash"]:
+            body = None  # the writer cannot write such a line: only an edit puts it there
+        if body is None or _hash_of(prev, body) != record["hash"]:
             return bad(count, "hash does not match the line's content (the line was edited)")
+        # The hash covers the values json.loads keeps, not the bytes: a key given twice (the
+        # parser keeps the last, grep and a reader see the first), added spaces or escapes
+        # leave it matching. The writer's spelling of a record is one: any other is an edit.
+        if raw != _line(body, record["hash"]):
+            return bad(
+                count,
+                "the line is not spelled as the writer writes it (a key given twice, spaces or"
+                " escapes changed): the line was edited",
+            )
         prev = record["hash"]
     if pending is not None:
         return bad(pending[0], bad_why)

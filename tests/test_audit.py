@@ -192,3 +192,67 @@ def test_an_escaped_lone_surrogate_is_a_bad_line_not_a_traceback(tmp_path):
     out = run_cli("view", str(path), "-o", str(page), timeout=60)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert "hash does not match" in page.read_text(encoding="utf-8")
+
+
+def test_every_line_the_writer_writes_verifies_byte_for_byte(tmp_path):
+    """verify accepts a line only in the writer's own spelling: every kind of value the
+    writer writes (unicode, escapes, surrogates escaped, floats, big ints, nested values, int
+    keys, a torn line recorded in torn_before, pieces from encode_fields) still verifies."""
+    from sandbox.audit import AuditLog, encode_fields
+
+    path = tmp_path / "audit.jsonl"
+    with Sandbox("default", audit_log=path) as box:
+        box.execute("s = 'héllo 😀 \u2028 \\x00 \\\\ \"q\"'")
+        box.execute("x = '\udcff'")  # audited escaped
+        box.execute("raise ValueError('é')")
+    log = AuditLog(path)
+    log.append(
+        {
+            "f": [0.1, -0.0, 1.5e300, 1e-320, float("nan"), float("inf"), -float("inf")],
+            "n": 2**70,
+            "m": {2: "a", 10: "b"},  # int keys: sorted as ints, written as strings
+            "t": (1, 2.5),
+        },
+        encode_fields({"code": "print('\u00e9\\u0041')\n\t\x7f\x1f", "nested": {"b": [1, None], "a": True}}),
+    )
+    with open(path, "ab") as f:  # a crash mid-append: the next append records the fragment
+        f.write(b'{"code":"cut off')
+    log.append({"seq": 9, "big": -(10**40), "time": "2026-12-01T00:00:00+00:00", "u": "\u0394"})
+    log.close()
+    report = verify(path)
+    assert report.ok and report.lines == 6 and report.torn_lines == (5,), report
+    assert _lines_raw(path)[-1].startswith(b'{"big":') and b'"torn_before":' in _lines_raw(path)[-1]
+
+
+def _lines_raw(path):
+    return path.read_bytes().splitlines()
+
+
+def test_a_line_not_spelled_as_the_writer_wrote_it_is_named(tmp_path):
+    """json.loads keeps the last of a key given twice, so the hash of a line with a fake
+    "outcome" and "code" put first still matched, and ``rlm audit verify`` said "ok" while grep
+    and parsers that keep the first key read the fake values. Any spelling of a line other than
+    the writer's (keys twice, spaces, escapes) is now an edit."""
+    (tmp_path / "bad.py").write_text("raise ValueError('boom')\n")
+    log = tmp_path / "a.log"
+    done = run_cli("exec", "--audit-log", str(log), str(tmp_path / "bad.py"), timeout=60)
+    assert done.returncode != 0 and "ValueError" in done.stderr
+    original = log.read_bytes()
+    assert original.count(b"\n") == 1 and b'"outcome":"error:ValueError"' in original
+    assert run_cli("audit", "verify", str(log), timeout=60).returncode == 0
+
+    edits = [
+        b'{"outcome":"ok","code":"print(\'harmless\')",' + original[1:],  # the fake keys first
+        original.replace(b'","', b'", "', 1),  # a space
+        original.replace(b'"policy":"default"', b'"policy":"\\u0064efault"'),  # an escape
+        original.replace(b"\n", b"\r\n"),
+    ]
+    for edited in edits:
+        assert edited != original
+        log.write_bytes(edited)
+        json.loads(edited)  # still JSON, and still the same values (the hash matches them)
+        out = run_cli("audit", "verify", str(log), timeout=60)
+        assert out.returncode == 1, (edited, out.stdout)
+        assert "line 1: the line is not spelled as the writer writes it" in out.stderr, out.stderr
+        report = verify(log)
+        assert not report.ok and report.bad_line == 1 and "edited" in report.reason
