@@ -556,11 +556,26 @@ class VerifyReport:
     last_hash: str | None = None
 
 
+def _read_regular(path: Path) -> bytes:
+    """The bytes of *path*, a regular file (OSError otherwise), read through the descriptor
+    that was checked. O_NONBLOCK: opening a FIFO for reading waits for a writer, forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device, a directory
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def verify(path: str | Path) -> VerifyReport:
     """Check the whole chain; name the first line that breaks it (or is not spelled as the
     writer writes it)."""
     try:
-        data = _as_path(path).read_bytes()
+        data = _read_regular(_as_path(path))
     except OSError as exc:
         raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from None
     lines = data.split(b"\n")

@@ -256,3 +256,23 @@ def test_a_line_not_spelled_as_the_writer_wrote_it_is_named(tmp_path):
         assert "line 1: the line is not spelled as the writer writes it" in out.stderr, out.stderr
         report = verify(log)
         assert not report.ok and report.bad_line == 1 and "edited" in report.reason
+
+
+def test_verify_refuses_a_fifo_instead_of_hanging(tmp_path):
+    """verify read the log by name: a FIFO at the path waited for a writer, forever, and so did
+    ``rlm audit verify`` and ``rlm view`` on it. It is not a regular file: an AuditError, exit 2."""
+    import os
+
+    import pytest
+
+    from sandbox.errors import AuditError
+    from tests.conftest import within
+
+    fifo = tmp_path / "a.audit.log"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path):
+        with pytest.raises(AuditError, match="not a regular file"):
+            within(10, lambda p=path: verify(p))
+    out = run_cli("audit", "verify", str(fifo), timeout=30)
+    assert out.returncode == 2, out
+    assert out.stderr == f"rlm: cannot read audit log {fifo}: not a regular file\n", out.stderr
