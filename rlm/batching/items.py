@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rlm.errors import ConfigurationError
+from rlm.files import open_regular
 
 __all__ = ["BatchItem", "InputProblem", "item_from_mapping", "read_input"]
 
@@ -78,20 +78,12 @@ def _field(data: Mapping[str, Any], name: str) -> str:
 
 
 def _open_regular(path: Path) -> int:
-    """A read-only descriptor of *path*, a regular file (ValueError otherwise). O_NONBLOCK:
-    opening a FIFO for reading waits for a writer, forever (a batch that hung); it changes
-    nothing for a regular file's reads."""
+    """A read-only descriptor of *path*, a regular file (ValueError otherwise): opening a FIFO
+    for reading waits for a writer, forever (a batch that hung). See :func:`rlm.files.open_regular`."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        return open_regular(path)
     except OSError as exc:
         raise ValueError(f"context_path {str(path)!r}: {exc.strerror or exc}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"context_path {str(path)!r}: not a regular file")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _check_readable(path: Path) -> None:
