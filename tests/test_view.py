@@ -150,3 +150,42 @@ def test_a_path_with_nothing_to_show_is_an_error_and_writes_no_page(tmp_path: Pa
     started = tmp_path / "started.jsonl"
     started.write_text("")
     assert run_cli("view", str(started)).returncode == 0
+
+
+def test_fifos_are_left_out_not_read_forever(tmp_path: Path):
+    """``rlm view`` opened every trajectory, ``.result.json`` and audit log by name: a FIFO
+    among them waited for a writer, forever. A FIFO where a trajectory or a result would be is
+    left out as if it were not there, an audit log that is one is shown as unreadable, and a
+    FIFO named on the command line is an error (exit 2)."""
+    import os
+
+    logs = tmp_path / "viewdir"
+    r = run("q", "c", model="root", backend=ScriptedBackend([repl("FINAL(7)")]), log_dir=logs)
+    stray = logs / "rlm_x.jsonl"  # rlm_*: removed below, or the session's check would read it
+    os.mkfifo(stray)
+    os.mkfifo(logs / "lone.audit.log")
+    try:
+        out = run_cli("view", str(logs), "-o", str(tmp_path / "all.html"), timeout=60)
+        assert out.returncode == 0, out.stderr
+        data = _data((tmp_path / "all.html").read_text(encoding="utf-8"))
+        assert [run_["run_id"] for run_ in data["runs"]] == [r.run_id]
+        (audit,) = data["audits"]
+        assert audit["name"] == "lone.audit.log" and "not a regular file" in audit["verify"]["reason"]
+
+        out = run_cli("view", str(stray), timeout=60)
+        assert out.returncode == 2 and out.stderr == f"rlm: {stray}: not a regular file (nor a directory)\n"
+    finally:
+        stray.unlink()
+
+    # a run whose result file and audit log are FIFOs: shown unfinished, its audit unreadable
+    one = tmp_path / "viewdir3"
+    one.mkdir()
+    trajectory = one / "r.jsonl"
+    trajectory.write_bytes(Path(r.log_path).read_bytes())
+    os.mkfifo(one / "r.result.json")
+    os.mkfifo(one / "r.audit.log")
+    out = run_cli("view", str(trajectory), "-o", str(tmp_path / "r.html"), timeout=60)
+    assert out.returncode == 0, out.stderr
+    (shown,) = _data((tmp_path / "r.html").read_text(encoding="utf-8"))["runs"]
+    assert shown["result"] is None and shown["iterations"]
+    assert "not a regular file" in shown["audit"]["verify"]["reason"]

@@ -2,8 +2,12 @@
 
 Reading is tolerant: a line that is not JSON (a run killed half-way through a
 write) is skipped and counted, a missing ``.result.json`` means "did not
-finish", a missing audit log is reported as such. Nothing here executes or
-evaluates what it reads.
+finish", a missing audit log is reported as such. A FIFO (or anything else
+that is not a regular file) where a trajectory or a ``.result.json`` would be
+is left out as if it were not there, and an audit log that is one is reported
+unreadable: files are opened non-blocking and read through the descriptor
+that was checked (:func:`rlm.files.open_regular`), so none can hang the
+reader. Nothing here executes or evaluates what it reads.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from rlm.core import PRELUDE
 from rlm.errors import ConfigurationError
+from rlm.files import open_regular, read_regular
 from rlm.trajectory import audit_path_for, nested_deeper, result_path_for
 
 __all__ = ["load_audit", "load_directory", "load_path", "load_run"]
@@ -40,7 +45,7 @@ def _internal(code: object) -> bool:
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
     entries: list[dict[str, Any]] = []
     bad = 0
-    with path.open(encoding="utf-8", errors="replace") as f:
+    with open(open_regular(path), encoding="utf-8", errors="replace") as f:
         for line in f:
             if not line.strip():
                 continue
@@ -160,9 +165,9 @@ def load_run(path: Path, *, seen: set[str] | None = None) -> dict[str, Any]:
     }
     seen.add(str(path.resolve()))
     result_path = result_path_for(path)
-    if result_path.exists():
+    if result_path.is_file():  # a FIFO there is no result (reading it would wait for a writer)
         try:
-            value = json.loads(result_path.read_text(encoding="utf-8", errors="replace"))
+            value = json.loads(read_regular(result_path).decode("utf-8", errors="replace"))
             run["result"] = value if isinstance(value, dict) and not nested_deeper(value) else None
         except (ValueError, RecursionError):
             run["result"] = None
@@ -182,7 +187,7 @@ def load_run(path: Path, *, seen: set[str] | None = None) -> dict[str, Any]:
                 if not isinstance(call, dict) or call.get("type") != "rlm" or not call.get("run_id"):
                     continue
                 child_path = path.with_name(f"{Path(str(call['run_id'])).name}.jsonl")
-                if child_path.exists() and str(child_path.resolve()) not in seen:
+                if child_path.is_file() and str(child_path.resolve()) not in seen:
                     run["children"][call["run_id"]] = load_run(child_path, seen=seen)
     return run
 
@@ -191,11 +196,11 @@ def load_directory(directory: Path) -> list[dict[str, Any]]:
     """The root runs of a log directory (their children nested inside), oldest first."""
     seen: set[str] = set()
     runs = []
-    paths = sorted(directory.glob("*.jsonl"))
+    paths = sorted(p for p in directory.glob("*.jsonl") if p.is_file())  # a FIFO is left out
     parents: dict[Path, Any] = {}
     for path in paths:
         try:
-            with path.open(encoding="utf-8", errors="replace") as f:
+            with open(open_regular(path), encoding="utf-8", errors="replace") as f:
                 first = json.loads(f.readline() or "{}")
         except (ValueError, RecursionError):
             first = {}
@@ -223,6 +228,8 @@ def load_path(path: Path) -> dict[str, Any]:
         if not runs and not audits:
             raise ConfigurationError(f"{path}: no trajectory (*.jsonl) and no audit log (*.audit.log) in it")
         return {"kind": "dir", "title": str(path), "runs": runs, "audits": audits}
+    if not path.is_file():
+        raise ConfigurationError(f"{path}: not a regular file (nor a directory)")
     if path.name.endswith(".jsonl") and _looks_like_trajectory(path):
         return {"kind": "run", "title": path.name, "runs": [load_run(path)], "audits": []}
     audit = load_audit(path)
@@ -240,12 +247,12 @@ def _any_hash(path: Path) -> bool:
 
 def _beside_a_trajectory(audit: Path, directory: Path) -> bool:
     """True when *audit* belongs to a trajectory in *directory* (it is shown with that run)."""
-    return (directory / (audit.name.removesuffix(".audit.log") + ".jsonl")).exists()
+    return (directory / (audit.name.removesuffix(".audit.log") + ".jsonl")).is_file()
 
 
 def _looks_like_trajectory(path: Path) -> bool:
     try:
-        with path.open(encoding="utf-8", errors="replace") as f:
+        with open(open_regular(path), encoding="utf-8", errors="replace") as f:
             first = json.loads(f.readline() or "{}")
     except (ValueError, RecursionError, OSError):
         return False
