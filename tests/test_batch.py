@@ -244,6 +244,26 @@ def test_results_file_repairs_a_cut_line_and_refuses_a_second_writer(tmp_path: P
         ResultsFile(out).open()
 
 
+def test_a_fifo_as_out_or_its_lock_is_bad_input_not_a_hang(tmp_path: Path):
+    """``rlm batch --out ff`` read ff by name, then opened it for writing: with ff a FIFO both
+    wait for the other end, forever. A FIFO as ``OUT.lock`` made the lock's ftruncate raise a
+    raw OSError (a traceback). Each is now "not a regular file": bad input, exit 2."""
+    from tests.conftest import run_cli, within
+
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "query": "q", "context": "c"}\n')
+    out = tmp_path / "ff"
+    flags = ["-m", "openai/x", "--api-base", "http://127.0.0.1:9/v1"]
+    for fifo in (out, tmp_path / "ff.lock"):
+        os.mkfifo(fifo)
+        done = run_cli("batch", str(tmp_path / "in.jsonl"), "--out", str(out), *flags, timeout=30)
+        assert done.returncode == 2, done
+        assert done.stderr.endswith(f"{fifo}: not a regular file\n") and "Traceback" not in done.stderr
+        with pytest.raises(ConfigurationError, match="not a regular file"):
+            within(10, ResultsFile(out).open)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.jsonl", fifo.name])
+        fifo.unlink()
+
+
 def test_library_batch_runs_items_concurrently_and_yields_as_they_finish(server: LLMServer):
     items = [rlm.BatchItem(f"q{i:02d}", "square?", context=f"number {i:02d}") for i in range(12)]
     seen = []

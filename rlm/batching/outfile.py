@@ -13,7 +13,9 @@ Rules that make a batch resumable:
   (``stop_reason`` ``"skipped"`` or ``"bad_input"``): those items run again.
   Such a repair writes a new file beside OUT and renames it over OUT, so a
   crash during the repair leaves the old file or the new one, never half;
-- the ids of the remaining records are the items already done.
+- the ids of the remaining records are the items already done;
+- OUT and ``OUT.lock`` must be regular files: a FIFO there (opening it would
+  wait for its other end, forever) or a device is refused, not waited on.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from types import TracebackType
 from typing import Any
 
 from rlm.errors import ConfigurationError
+from rlm.files import open_regular, read_regular
 
 __all__ = ["RECORD_FIELDS", "RERUN_STOP_REASONS", "ResultsFile", "encode_record", "spent_usd"]
 
@@ -103,7 +106,7 @@ class ResultsFile:
     def _take_lock(self) -> None:
         while True:
             try:
-                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = open_regular(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise ConfigurationError(f"{self.lock_path}: {exc.strerror or exc}") from None
             try:
@@ -135,7 +138,7 @@ class ResultsFile:
     # ---------------------------------------------------------------- repair
     def _load(self) -> None:
         try:
-            data = self.path.read_bytes()
+            data = read_regular(self.path)
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -189,7 +192,7 @@ class ResultsFile:
         self._take_lock()
         try:
             self._load()
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._fd = open_regular(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
             self._release_lock()
             raise ConfigurationError(f"{self.path}: {exc.strerror or exc}") from None
