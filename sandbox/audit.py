@@ -8,8 +8,9 @@ sha256 of ``prev_hash`` joined to the canonical JSON of the line without its
 line, which :func:`verify` names. A line must also be spelled byte for byte as
 the writer writes it (keys sorted, no spaces, ``hash`` last): a key given
 twice, which a JSON parser resolves to its last copy and grep or a reader sees
-first, is an edit even when the hash of the parsed values matches. (Cutting lines off the *end* leaves a valid
-shorter chain; keep the last hash elsewhere if that matters to you.)
+first, is an edit even when the hash of the parsed values matches. (Cutting
+lines off the *end* leaves a valid shorter chain; keep the last hash elsewhere
+if that matters to you.)
 
 Several sandboxes, in one process or many, may share a file: each append
 takes an exclusive ``flock`` and re-reads the last line only when another
