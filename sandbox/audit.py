@@ -45,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
 import threading
 import time
@@ -146,7 +147,21 @@ def _canonical(record: Mapping[str, Any], encoded: Mapping[str, str] | None = No
     pieces = encode_fields(record)
     if encoded:
         pieces.update(encoded)
-    return ("{" + ",".join([pieces[key] for key in sorted(pieces)]) + "}").encode("utf-8")
+    text = "{" + ",".join([pieces[key] for key in sorted(pieces)]) + "}"
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (a file name that is not UTF-8): UTF-8 cannot carry it
+        return _SURROGATE.sub(_escaped, text).encode("utf-8")
+
+
+#: A lone surrogate, which a str may hold (``os.fsdecode`` of bytes that are not UTF-8, text from a
+#: program) and UTF-8 cannot. The line shows it as the text ``\udc80`` (a backslash escaped in the
+#: JSON), as the sandbox shows one in what code prints, so every record can be written.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\\\u{ord(match.group()):04x}"
 
 
 def _hash_of(prev_hash: str, body: bytes) -> str:

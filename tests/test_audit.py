@@ -276,3 +276,26 @@ def test_verify_refuses_a_fifo_instead_of_hanging(tmp_path):
     out = run_cli("audit", "verify", str(fifo), timeout=30)
     assert out.returncode == 2, out
     assert out.stderr == f"rlm: cannot read audit log {fifo}: not a regular file\n", out.stderr
+
+
+def test_a_record_with_a_lone_surrogate_is_written_and_verifies(tmp_path):
+    """A str field holding a lone surrogate (``os.fsdecode`` of a file name that is not UTF-8,
+    such as the log path ``rlm mcp`` records) made ``AuditLog.append`` and ``line_hash`` raise
+    a bare ``UnicodeEncodeError``, outside the package's error tree, and the line was lost.
+    The line now shows the surrogate as the text ``\\udc80``, and verifies."""
+    import json
+    import os
+
+    from sandbox.audit import AuditLog, line_hash, verify
+
+    path = tmp_path / "a.log"
+    name = os.fsdecode(b"/tmp/caf\xe9.jsonl")
+    log = AuditLog(path)
+    try:
+        record = log.append({"event": "mcp_tool_call", "log_path": name, "k\ud800": 1})
+    finally:
+        log.close()
+    assert verify(path).ok
+    (line,) = path.read_bytes().splitlines()
+    assert json.loads(line)["log_path"] == "/tmp/caf\\udce9.jsonl"  # shown, escaped
+    assert line_hash(json.loads(line)) == record["hash"]
