@@ -9,6 +9,7 @@ with the three methods of :class:`ModelBackend` can be given to
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +32,11 @@ class ModelBackend(Protocol):
     ``cache_prefix=True`` (the call continues a conversation whose earlier
     messages will be sent again: mark them cacheable if the provider can).
     A backend ignores the keywords it has no use for.
+
+    A backend may also have a ``request_timeout`` attribute (seconds, or
+    ``None``): the loop gives up a call still running that long after it
+    started (see :meth:`LiteLLMBackend.request_timeout`). It is optional, so not
+    a member of this protocol.
     """
 
     def complete(self, model: str, messages: Messages, **kwargs: Any) -> Completion: ...
@@ -53,6 +59,25 @@ class LiteLLMBackend:
 
     def __repr__(self) -> str:  # never show the key
         return f"LiteLLMBackend(api_base={self.api_base!r}, api_key={'***' if self._api_key else None})"
+
+    @property
+    def request_timeout(self) -> float | None:
+        """Seconds a call may take in all: the ``timeout`` given as a number, else
+        :data:`rlm.llm.DEFAULT_REQUEST_TIMEOUT_S`; ``None`` for one that is not a number (an
+        ``httpx.Timeout``, which bounds each read only) or not finite and positive.
+
+        The HTTP client's timeout is per read: a server that sends its answer a byte at a time
+        never trips it. The loop (:meth:`rlm.core._Run._complete`) gives the call up once this
+        much time has passed since it started."""
+        from rlm import llm
+
+        configured = self._kwargs.get("timeout")
+        if configured is None:
+            return llm.DEFAULT_REQUEST_TIMEOUT_S
+        if isinstance(configured, int | float) and not isinstance(configured, bool):
+            value = float(configured)
+            return value if math.isfinite(value) and value > 0 else None
+        return None
 
     def complete(self, model: str, messages: Messages, **kwargs: Any) -> Completion:
         from rlm import llm

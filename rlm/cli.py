@@ -221,7 +221,8 @@ def _add_request_timeout(p: argparse.ArgumentParser) -> None:
         type=float,
         metavar="SECONDS",
         help=(
-            "give up a model call that has not answered in this long; it is retried like a server error "
+            "give up a model call whose whole answer has not arrived in this long; it is retried like a "
+            "server error "
             "(default: rlm.llm.DEFAULT_REQUEST_TIMEOUT_S, 600)"
         ),
     )

@@ -21,6 +21,7 @@ import asyncio
 import contextvars
 import itertools
 import json
+import math
 import os
 import random
 import threading
@@ -47,7 +48,7 @@ from rlm.errors import (
 )
 from rlm.events import EventCallback, Events, call_sync
 from rlm.final import extract_code_blocks, find_final
-from rlm.llm import Completion
+from rlm.llm import Completion, redact, secret_values
 from rlm.result import RLMResult
 from rlm.tools import Tool, describe_tools, tool_table
 from rlm.trajectory import LOG_TEXT_CHARS, TrajectoryLogger, clip_text, nested_deeper, new_run_id
@@ -207,6 +208,11 @@ MAX_RETRY_WAIT_S = 120.0
 #: killed, its model calls given up); past this the caller gets control back anyway.
 STOP_WAIT_S = 2.0
 
+#: How long past a backend's request timeout a call still running is given up (see
+#: :meth:`_Run._complete`): a server that sends nothing at all is reported by the HTTP client's own
+#: (per-read) timeout first, as a call that ended; only one that keeps sending is abandoned.
+REQUEST_GRACE_S = 0.5
+
 #: The longest the loop lets its own helpers run in the model's sandbox (``rlm_describe_vars()``
 #: after each block, ``FINAL_VAR`` from the reply's text), within the time budget: the model may
 #: redefine them or give its objects a slow ``__repr__``. Past it, the child is killed.
@@ -233,6 +239,18 @@ def retry_wait(attempt: int, retry_after: float | None, backoff_s: float) -> flo
         return retry_after if retry_after <= MAX_RETRY_WAIT_S else None
     wait: float = backoff_s * 2.0**attempt * random.uniform(0.5, 1.5)
     return min(MAX_RETRY_WAIT_S, wait)
+
+
+def _request_timeout(backend: Any) -> float | None:
+    """The backend's ``request_timeout`` (see :class:`~rlm.backend.ModelBackend`): seconds after
+    which the loop gives up a call, or None (no such attribute, or not a finite positive number)."""
+    try:
+        value = getattr(backend, "request_timeout", None)
+    except Exception:  # a property of a caller's backend that fails: no request timeout
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
 
 
 def _check_context(context: Any) -> Context:
@@ -644,14 +662,21 @@ class _Run:
             time.sleep(min(0.05, left))
 
     def _complete(self, model: str, messages: Messages, kwargs: dict[str, Any]) -> Completion:
-        """The backend's call, given up when the time budget runs out or the run is cancelled.
+        """The backend's call, given up when the time budget runs out, the run is cancelled, or
+        the backend's request timeout has passed since the call started.
 
         A server that answers a byte at a time never trips the HTTP client's timeout (it is per
-        read), and a call cannot be interrupted: with a time budget or a cancel token (every run
-        has one of its own: see :meth:`RLM._complete`), the call runs in a daemon thread, left to
-        finish on its own (its answer unused) once the run stops; it is counted in
-        ``usage[model].abandoned``. Without either, it runs here."""
-        if self.ledger.budgets.max_time_s is None and self.ledger.cancel is None:
+        read), and a call cannot be interrupted: with a time budget, a cancel token (every run
+        has one of its own: see :meth:`RLM._complete`) or a request timeout (the backend's
+        ``request_timeout``: see :meth:`LiteLLMBackend.request_timeout`), the call runs in a daemon
+        thread, left to finish on its own once given up; it is counted in
+        ``usage[model].abandoned``, and what it returns or raises later is dropped (it is handed
+        over only through this call's own ``box``, read once ``done`` is set, never after giving
+        up). Past the request timeout (and :data:`REQUEST_GRACE_S`, so that the HTTP client's
+        own timeout reports a server that sends nothing) it is a :class:`ProviderUnavailable`,
+        retried like the HTTP client's timeout. Without any of them, it runs here."""
+        limit = _request_timeout(self.cfg.backend)
+        if self.ledger.budgets.max_time_s is None and self.ledger.cancel is None and limit is None:
             return self.cfg.backend.complete(model, messages, **kwargs)
         box: dict[str, Any] = {}
         done = threading.Event()
@@ -665,6 +690,8 @@ class _Run:
                 done.set()
 
         context = contextvars.copy_context()
+        started = time.monotonic()
+        deadline = None if limit is None else started + limit + REQUEST_GRACE_S
         threading.Thread(target=context.run, args=(call,), name="rlm-model-call", daemon=True).start()
         while not done.wait(0.05):
             over = self.ledger.halted()  # not max_sub_calls: a call under way was let through
@@ -672,6 +699,17 @@ class _Run:
                 self.ledger.record_abandoned(model)
                 raise BudgetExceeded(
                     over[0], f"a call to {model} was still running when the run stopped ({over[0]})"
+                )
+            if deadline is not None and time.monotonic() >= deadline and not done.is_set():
+                self.ledger.record_abandoned(model)
+                where = getattr(self.cfg.backend, "api_base", None) or "the provider's API endpoint"
+                raise ProviderUnavailable(
+                    redact(
+                        # the HTTP client's own message for a server that sends nothing: the same to the user
+                        f"{model}: no answer from {where} within {limit:g} s (request timeout)",
+                        secret_values(self.cfg._api_key),
+                    ),
+                    model=model,
                 )
         if "error" in box:
             raise box["error"]

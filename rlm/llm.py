@@ -68,8 +68,9 @@ _PLACEHOLDER_KEY = "no-key-configured"
 
 #: Seconds a model call may wait for its answer when no ``timeout`` is given (litellm's own
 #: default is 6000 s, so a server that accepts the connection and never answers hung a run).
-#: It bounds the wait for each read, not the whole call: a server that answers a byte at a time
-#: is stopped only by ``max_time_s``.
+#: Here it bounds the wait for each read (the HTTP client's timeout), not the whole call: a server
+#: that answers a byte at a time is given up by the RLM loop instead, once the call has taken
+#: that long in all (``LiteLLMBackend.request_timeout``, ``rlm.core._Run._complete``).
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 
 #: Shortest ``api_key`` argument scrubbed from text (shorter ones would redact ordinary text).

@@ -24,7 +24,13 @@ The reply may be:
 
 A :class:`Reply` with ``status != 200`` sends an OpenAI-style error body with
 that status (401 for a bad key, 400 with ``code="context_length_exceeded"``
-for a too-long prompt, ...).
+for a too-long prompt, ...). A :class:`Reply` may also send a server that
+misbehaves: ``usage=`` replaces the reply's ``usage`` object (malformed counts
+included), ``body=`` the whole JSON body (a response of the wrong shape), and
+``trickle_s=`` sends the response one byte at a time, that many seconds apart
+(a server that never trips a per-read timeout; stopping the server ends it,
+setting the event given as ``release=`` sends the rest at once).
+``ChatRequest.sent_at`` says when the whole response was written.
 
 Token counts are deterministic and documented: ``prompt_tokens`` is the number
 of whitespace-separated words over every message's text content, plus 1 per
@@ -75,6 +81,10 @@ class Reply:
     error_type: str = "invalid_request_error"
     latency_s: float | None = None  # overrides the server's latency for this reply
     headers: tuple[tuple[str, str], ...] = ()  # extra response headers, e.g. (("Retry-After", "1"),)
+    usage: Any = None  # sent as the body's "usage" instead of the counted one (malformed ones included)
+    body: Any = None  # sent as the whole JSON body instead of a chat completion (a bad response shape)
+    trickle_s: float = 0.0  # > 0: the response (status line, headers, body) goes out a byte at a time, this far apart
+    release: threading.Event | None = None  # once set, the rest of a trickled response goes out at once
 
 
 @dataclass
@@ -87,6 +97,7 @@ class ChatRequest:
     received_at: float
     reply: Reply | None = None
     usage: tuple[int, int] = (0, 0)
+    sent_at: float | None = None  # time.time() when the whole response was written (None: it was not)
 
     @property
     def model(self) -> str:
@@ -121,6 +132,7 @@ class _State:
     requests: list[ChatRequest] = field(default_factory=list)
     counter: itertools.count[int] = field(default_factory=itertools.count)
     ids: itertools.count[int] = field(default_factory=itertools.count)
+    stopped: threading.Event = field(default_factory=threading.Event)  # ends a trickle when the server stops
 
     def answer(self, request: ChatRequest) -> Reply:
         spec = self.reply
@@ -149,16 +161,47 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _send_json(
-        self, status: int, payload: dict[str, Any], headers: tuple[tuple[str, str], ...] = ()
+        self, status: int, payload: Any, reply: Reply | None = None, request: ChatRequest | None = None
     ) -> None:
         data = json.dumps(payload).encode()
-        self.send_response(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        headers = () if reply is None else reply.headers
+        if reply is not None and reply.trickle_s > 0:
+            if not self._trickle(status, data, reply):
+                return
+        else:
+            self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        if request is not None:
+            request.sent_at = time.time()
+
+    def _trickle(self, status: int, data: bytes, reply: Reply) -> bool:
+        """A valid response, sent one byte every ``reply.trickle_s`` seconds (the rest at once when
+        ``reply.release`` is set): each read of the client gets something well within any per-read
+        timeout. Stops (closing the connection, returning False) when the server is stopped or
+        the client has gone."""
+        head = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}"]
+        head += [f"{name}: {value}" for name, value in reply.headers]
+        head += ["Content-Type: application/json", f"Content-Length: {len(data)}", "", ""]
+        raw = "\r\n".join(head).encode() + data
+        self.close_connection = True
+        stopped, start = self.server.state.stopped, time.monotonic()
+        try:
+            for i in range(len(raw)):  # byte i goes at start + i * trickle_s: the total does not drift
+                if reply.release is not None and reply.release.is_set():
+                    self.wfile.write(raw[i:])
+                    return True
+                if stopped.wait(max(0.0, start + i * reply.trickle_s - time.monotonic())):
+                    return False
+                self.wfile.write(raw[i : i + 1])
+                self.wfile.flush()
+        except OSError:  # the client gave up and closed the connection
+            return False
+        return True
 
     def do_GET(self) -> None:
         if self.path.rstrip("/") in ("/v1/models", "/models"):
@@ -191,7 +234,10 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(delay)
         if reply.status != 200:
             error = {"message": reply.text or "error", "type": reply.error_type, "code": reply.error_code}
-            self._send_json(reply.status, {"error": error}, reply.headers)
+            self._send_json(reply.status, {"error": error}, reply, request)
+            return
+        if reply.body is not None:
+            self._send_json(200, reply.body, reply, request)
             return
         prompt_tokens = sum(count_words(_content_text(m.get("content"))) + 1 for m in request.messages)
         completion_tokens = max(1, count_words(reply.text))
@@ -216,8 +262,12 @@ class _Handler(BaseHTTPRequestHandler):
                     "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens,
                     "total_tokens": prompt_tokens + completion_tokens,
-                },
+                }
+                if reply.usage is None
+                else reply.usage,
             },
+            reply,
+            request,
         )
 
 
@@ -257,6 +307,7 @@ class LLMServer:
         server, self._server = self._server, None
         if server is None:
             return
+        self._state.stopped.set()
         server.shutdown()
         server.server_close()
         if self._thread is not None:

@@ -8,6 +8,9 @@ backend. Each test bounds its wait, so a run that does not stop fails the test i
 from __future__ import annotations
 
 import asyncio
+import io
+import itertools
+import json
 import os
 import signal
 import threading
@@ -319,3 +322,109 @@ def test_no_model_call_starts_once_the_run_is_stopped():
     assert result.stop_reason == "cancelled", result
     late = [t for t in started if t > box["at"] + 0.01]
     assert not late, f"{len(late)} model calls started after the cancel"
+
+
+# ------------------------------------------------------------------ a server that answers a byte at a time
+def trickled(text: str, pause_s: float = 0.05, release: threading.Event | None = None) -> Reply:
+    """A valid 200 reply with *text*, sent a byte every *pause_s* seconds: each byte comes well
+    within any per-read timeout, so the HTTP client's own timeout never trips (and the whole
+    reply, some 400 bytes, takes seconds)."""
+    return Reply(text, trickle_s=pause_s, release=release)
+
+
+@pytest.mark.parametrize("how", ["model_kwargs", "default"])
+def test_a_call_still_arriving_after_the_request_timeout_is_given_up(how, monkeypatch: pytest.MonkeyPatch):
+    """The first root call's reply trickles in: it is given up about the request timeout after it
+    started (``model_kwargs={"timeout": ...}``, else DEFAULT_REQUEST_TIMEOUT_S), counted as
+    abandoned, and retried; the retry answers. The given-up reply, sent in full while the retry
+    is in flight, is dropped: it is neither the answer nor in the usage."""
+    from rlm import llm
+
+    timeout = 1.0
+    kwargs: dict[str, Any] = {}
+    if how == "default":
+        monkeypatch.setattr(llm, "DEFAULT_REQUEST_TIMEOUT_S", timeout)
+    else:
+        kwargs["model_kwargs"] = {"timeout": timeout}
+    events: list[dict[str, Any]] = []
+    release = threading.Event()
+    replies = iter([trickled(repl("FINAL('late')"), release=release)])
+
+    def reply(request: Any) -> Reply:
+        late = next(replies, None)
+        if late is not None:
+            return late
+        release.set()  # the given-up reply now arrives in full, during the retry's latency
+        return Reply("FINAL(on time)", latency_s=0.5)
+
+    with LLMServer(reply) as srv:
+        result, _ = within(
+            20,
+            lambda: run(
+                "q", "ctx", model="openai/m", api_base=srv.base_url, api_key=KEY, max_retries=1,
+                retry_backoff_s=0.05, on_event=events.append, **kwargs,
+            ),
+        )  # fmt: skip
+        first, second = srv.requests
+    gave_up = second.received_at - first.received_at
+    assert gave_up < 3 * timeout + 0.5, gave_up  # was: never, until the whole reply was in
+    assert first.sent_at is not None and second.sent_at is not None
+    assert first.sent_at < second.sent_at  # the late reply came while the run still ran
+    assert result.stop_reason == "final" and result.answer == "on time", result
+    usage = result.usage["openai/m"]
+    assert (usage.calls, usage.retries, usage.abandoned) == (1, 1, 1), usage
+    assert (usage.input_tokens, usage.output_tokens) == second.usage
+    retries = [e for e in events if e["type"] == "retry"]
+    assert len(retries) == 1 and f"within {timeout:g} s (request timeout)" in retries[0]["error"], retries
+
+
+def test_a_call_that_trickles_until_the_retries_run_out_is_a_provider_error():
+    """Every reply trickles: after max_retries the first call's ProviderUnavailable is raised (the
+    run's first call: rlm run exits 1 with its message), each attempt given up about the request
+    timeout after it started."""
+    from rlm.errors import ProviderUnavailable
+
+    timeout = 0.5
+    with LLMServer(trickled("FINAL(never)")) as srv:
+        started = time.monotonic()
+        with pytest.raises(ProviderUnavailable, match=r"within 0\.5 s \(request timeout\)"):
+            within(
+                20,
+                lambda: run(
+                    "q", "ctx", model="openai/m", api_base=srv.base_url, api_key=KEY,
+                    model_kwargs={"timeout": timeout}, max_retries=2, retry_backoff_s=0.05,
+                ),
+            )  # fmt: skip
+        elapsed = time.monotonic() - started
+        asked = srv.requests
+    assert len(asked) == 3, asked
+    spans = [b.received_at - a.received_at for a, b in itertools.pairwise(asked)]
+    assert all(span < 3 * timeout + 0.5 for span in spans), spans
+    assert elapsed < 20, elapsed
+
+
+def test_rlm_run_request_timeout_gives_up_a_reply_that_trickles(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """``rlm run --request-timeout 1`` against a server whose first reply trickles (it held the run
+    for the whole reply, minutes): that call is given up after about a second and retried."""
+    from rlm.cli import main
+
+    for name in [k for k in os.environ if k.endswith("_API_KEY")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setattr("sys.stdin", io.StringIO("ctx"))
+    with LLMServer([trickled("FINAL(late)"), "FINAL(on time)"]) as srv:
+        capsys.readouterr()
+        code, _ = within(
+            30,
+            lambda: main(["run", "-m", "openai/m", "--api-base", srv.base_url, "--context", "-", "--query", "q",
+                          "--request-timeout", "1", "--json"]),
+        )  # fmt: skip
+        first, second = srv.requests
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    payload = json.loads(out.out)
+    assert payload["answer"] == "on time" and payload["usage"]["openai/m"]["abandoned"] == 1, payload
+    assert second.received_at - first.received_at < 3 * 1.0 + 1.5  # the retry's backoff: at most 1.5 s
+    assert "Traceback" not in out.err
