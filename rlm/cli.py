@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -665,6 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A server's malformed reply (a message that is not an object, content that is not text) is
+    # reported as one error line; on the way litellm serializes the response and pydantic warns,
+    # several lines on stderr naming the host's site-packages. Not in this process's output.
+    warnings.filterwarnings("ignore", message="Pydantic serializer warnings", category=UserWarning)
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

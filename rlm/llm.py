@@ -11,7 +11,12 @@ reads its bundled price map instead of fetching one over the network.
 - litellm's exceptions are mapped onto :mod:`rlm.errors` (``ModelError`` and
   its subclasses), with every API key scrubbed from the messages: the
   ``api_key`` given, and the provider keys in the environment (see
-  :func:`secret_values`), which litellm reads when no ``api_key`` is given;
+  :func:`secret_values`), which litellm reads when no ``api_key`` is given, and
+  any Python traceback litellm puts in them (with the host's paths) cut to the
+  exception line it ends with;
+- what a server sends is not trusted: a token count that is not a finite number
+  of at least 0 counts 0, and a response that cannot be read is a
+  :class:`~rlm.errors.ProviderUnavailable`, never a raw exception;
 - every call has a request timeout: the ``timeout`` passed (the loop passes the
   time left of ``max_time_s``), else :data:`DEFAULT_REQUEST_TIMEOUT_S`
   (litellm's own default is 6000 s). A call that got no answer in that time is
@@ -282,6 +287,35 @@ def _no_connection(exc: BaseException) -> str | None:
     return found
 
 
+#: Where a Python traceback starts in an exception's text: litellm puts one (with the paths of the
+#: host's site-packages) into the message of some errors, e.g. "Invalid response object Traceback ...".
+_TRACEBACK = "Traceback (most recent call last):"
+
+
+def _without_traceback(text: str) -> str:
+    """*text* with an embedded Python traceback replaced by the exception line it ends with: the
+    frames (indented ``File "/path/...", line N`` lines and code) and anything after that line
+    (chained tracebacks, litellm's dump of its arguments) are dropped."""
+    start = text.find(_TRACEBACK)
+    if start < 0:
+        return text
+    head = text[:start].rstrip()
+    last = ""
+    for line in text[start + len(_TRACEBACK) :].splitlines():
+        if line.strip() and not line[:1].isspace():
+            last = line.strip()  # the first line back at the margin: "SomeError: what"
+            break
+    if not last:
+        return head
+    return f"{head} ({last})" if head else last
+
+
+def _short(text: str, limit: int) -> str:
+    """*text* without an embedded traceback, stripped, cut at *limit* characters."""
+    text = _without_traceback(text).strip()
+    return text[:limit] + " ..." if len(text) > limit else text
+
+
 def _map_error(
     exc: Exception,
     model: str,
@@ -301,9 +335,7 @@ def _map_error(
             model=model,
             retry_after=_retry_after(exc),
         )
-    message = _scrub(str(exc), api_key).strip() or type(exc).__name__
-    if len(message) > 600:
-        message = message[:600] + " ..."
+    message = _short(_scrub(str(exc), api_key), 600) or type(exc).__name__
     lowered = message.lower()
     if (
         isinstance(exc, litellm.AuthenticationError)
@@ -337,24 +369,61 @@ def _map_error(
     return ModelError(f"{model}: {type(exc).__name__}: {message}", model=model)
 
 
-def _completion_from(response: Any, model: str, messages: list[dict[str, Any]], started: float) -> Completion:
+def _count(value: Any) -> int:
+    """A token count as a server reported it: an int for a finite number of at least 0, else 0
+    (a string, a list, a bool, ``nan``, a negative count: nothing a budget can use)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0
+    return max(0, int(value))
+
+
+def _completion_from(
+    response: Any,
+    model: str,
+    messages: list[dict[str, Any]],
+    started: float,
+    api_base: str | None = None,
+    api_key: str | None = None,
+) -> Completion:
+    """The :class:`Completion` of a response; a response it cannot read is a
+    :class:`~rlm.errors.ProviderUnavailable` (retried like a 5xx) with a short message."""
+    try:
+        return _read_response(response, model, messages, started)
+    except Exception as exc:  # a shape nothing above expected: the server's fault, not a traceback
+        where = api_base or "the provider's API endpoint"
+        detail = _short(_scrub(str(exc), api_key), 200)
+        raise ProviderUnavailable(
+            f"{model}: unreadable response from {where}: {type(exc).__name__}"
+            + (f": {detail}" if detail else ""),
+            model=model,
+        ) from None
+
+
+def _read_response(response: Any, model: str, messages: list[dict[str, Any]], started: float) -> Completion:
     litellm = _lib()
     try:
         text = response.choices[0].message.content or ""
     except (AttributeError, IndexError):
         text = ""
+    if not isinstance(text, str):
+        raise TypeError(f"the message content is a {type(text).__name__}, not text")
     usage = getattr(response, "usage", None)
     # What a server reports is not trusted to be sane: a negative count would undo the token
-    # budget, a negative or non-finite cost the cost budget.
-    input_tokens = max(0, int(getattr(usage, "prompt_tokens", 0) or 0))
-    output_tokens = max(0, int(getattr(usage, "completion_tokens", 0) or 0))
+    # budget, a negative or non-finite cost the cost budget, and a count that is not a number
+    # (a string, a list) must not raise.
+    input_tokens = _count(getattr(usage, "prompt_tokens", 0))
+    output_tokens = _count(getattr(usage, "completion_tokens", 0))
     if usage is None:
         input_tokens = count_tokens(model, messages)
         output_tokens = count_tokens(model, [{"role": "assistant", "content": text}])
     details = getattr(usage, "prompt_tokens_details", None)
-    cache_read = getattr(usage, "cache_read_input_tokens", None) or getattr(details, "cached_tokens", None)
-    cache_write = getattr(usage, "cache_creation_input_tokens", None) or getattr(
-        details, "cache_creation_tokens", None
+    cache_read = _count(getattr(usage, "cache_read_input_tokens", None)) or _count(
+        getattr(details, "cached_tokens", None)
+    )
+    cache_write = _count(getattr(usage, "cache_creation_input_tokens", None)) or _count(
+        getattr(details, "cache_creation_tokens", None)
     )
     cost: float | None = None
     hidden = getattr(response, "_hidden_params", None) or {}
@@ -375,8 +444,8 @@ def _completion_from(response: Any, model: str, messages: list[dict[str, Any]], 
         output_tokens=output_tokens,
         cost_usd=cost,
         duration_s=time.perf_counter() - started,
-        cache_read_tokens=max(0, int(cache_read or 0)),
-        cache_write_tokens=max(0, int(cache_write or 0)),
+        cache_read_tokens=cache_read,
+        cache_write_tokens=cache_write,
     )
 
 
@@ -404,7 +473,7 @@ def complete(
         raise
     except Exception as exc:
         raise _map_error(exc, model, call.get("api_key"), call.get("api_base"), call.get("timeout")) from None
-    return _completion_from(response, model, messages, started)
+    return _completion_from(response, model, messages, started, call.get("api_base"), call.get("api_key"))
 
 
 async def acomplete(
@@ -425,7 +494,7 @@ async def acomplete(
         raise
     except Exception as exc:
         raise _map_error(exc, model, call.get("api_key"), call.get("api_base"), call.get("timeout")) from None
-    return _completion_from(response, model, messages, started)
+    return _completion_from(response, model, messages, started, call.get("api_base"), call.get("api_key"))
 
 
 def count_tokens(model: str, messages: list[dict[str, Any]]) -> int:

@@ -365,3 +365,120 @@ def test_an_environment_key_echoed_by_the_server_reaches_no_output_log_or_prompt
         assert ENV_KEY not in path.read_text(errors="replace"), path
     for request in requests:
         assert ENV_KEY not in request.prompt_text
+
+
+# ------------------------------------------------------------------ 9: a server's malformed replies
+GOOD_USAGE = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+BAD_USAGE = [
+    {**GOOD_USAGE, "cache_read_input_tokens": "zz"},
+    {**GOOD_USAGE, "cache_creation_input_tokens": [1]},
+    {**GOOD_USAGE, "cache_read_input_tokens": -3, "cache_creation_input_tokens": float("inf")},
+    {**GOOD_USAGE, "cache_read_input_tokens": {"n": 1}, "cache_creation_input_tokens": None},
+]
+#: Bodies litellm cannot turn into a response: its error text held a traceback with the host's paths.
+BAD_BODIES = [
+    {"choices": [{"message": "zz"}]},
+    {"choices": [{"message": {"role": "assistant", "content": 5}}]},
+    {"choices": "zz"},
+    [1, 2],
+]
+
+
+def _no_traceback(text: str) -> None:
+    assert "Traceback" not in text and "site-packages" not in text and 'File "' not in text, text
+
+
+@pytest.mark.parametrize("usage", BAD_USAGE, ids=["read-str", "write-list", "negative-inf", "dict-null"])
+def test_a_run_reads_malformed_token_counts_as_zero(usage: dict[str, object]):
+    """A count that is not a finite number of at least 0 (a string, a list, a bool, ...) is 0: it
+    raised a raw TypeError / ValueError out of rlm.llm (a traceback from ``rlm run``)."""
+    from rlm import run
+
+    with LLMServer(Reply("FINAL(fine)", usage=usage)) as srv:
+        result = run("q", "ctx", model="openai/m", api_base=srv.base_url, api_key="k")
+    assert result.answer == "fine" and result.stop_reason == "final", result
+    u = result.usage["openai/m"]
+    assert (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens) == (1, 1, 0, 0), u
+
+
+@pytest.mark.parametrize("body", BAD_BODIES, ids=["message-str", "content-int", "choices-str", "list"])
+def test_a_response_of_the_wrong_shape_is_a_provider_error_without_a_traceback(body: object):
+    """The run's first call gets a body litellm cannot read: a ProviderUnavailable (an RLMError)
+    whose message names what was wrong, without litellm's embedded traceback and host paths."""
+    from rlm import run
+    from rlm.errors import ProviderUnavailable
+
+    with LLMServer(Reply(body=body)) as srv:
+        with pytest.raises(ProviderUnavailable) as caught:
+            run("q", "ctx", model="openai/m", api_base=srv.base_url, api_key="k", max_retries=0)
+    message = str(caught.value)
+    _no_traceback(message)
+    assert message.startswith("openai/m: provider unavailable: ") and len(message) < 800, message
+
+
+def test_a_sub_call_answered_with_the_wrong_shape_shows_the_code_no_host_paths():
+    """The error text of a failed llm_query is what the model's code gets (and what the model then
+    reads): litellm's traceback in it showed the model the host's site-packages paths."""
+    from rlm import run
+
+    def reply(request: ChatRequest) -> Reply:
+        if len(request.messages) == 1:  # the sub-call
+            return Reply(body=BAD_BODIES[0])
+        if not any(m.get("role") == "assistant" for m in request.messages):
+            return Reply("```repl\ntry:\n    r = llm_query('x')\nexcept Exception as exc:\n    r = str(exc)\n```")
+        return Reply("FINAL_VAR(r)")
+
+    with LLMServer(reply) as srv:
+        result = run("q", "ctx", model="openai/m", api_base=srv.base_url, api_key="k", max_retries=0)
+    assert result.answer is not None and "Invalid response object" in result.answer, result
+    _no_traceback(result.answer)
+    assert "site-packages" not in json.dumps(result.history)  # nor in what the root model was shown
+
+
+def test_a_token_count_is_a_finite_number_of_at_least_0_else_0():
+    from rlm.llm import _count
+
+    assert [_count(v) for v in (3, 2.9, 0, -1, True, False, "7", [1], None, float("nan"), float("inf"))] == [
+        3, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ]  # fmt: skip
+
+
+def test_a_response_conversion_that_fails_is_a_provider_error():
+    """Whatever fails while a response is read (a shape litellm let through) is a
+    ProviderUnavailable with one short line, not the exception itself."""
+    from rlm import llm
+    from rlm.errors import ProviderUnavailable
+
+    class Response:
+        @property
+        def choices(self) -> object:
+            raise RuntimeError('Traceback (most recent call last):\n  File "/opt/site-packages/x.py"\nKeyError: 0')
+
+    with pytest.raises(ProviderUnavailable) as caught:
+        llm._completion_from(Response(), "openai/m", [], time.perf_counter(), "http://127.0.0.1:9/v1", None)
+    assert str(caught.value) == (
+        "openai/m: unreadable response from http://127.0.0.1:9/v1: RuntimeError: KeyError: 0"
+    ), caught.value
+
+
+@pytest.mark.parametrize("usage", BAD_USAGE[:2], ids=["read-str", "write-list"])
+def test_rlm_run_with_malformed_token_counts_answers_without_a_traceback(tmp_path: Path, usage: dict[str, object]):
+    with LLMServer(Reply("FINAL(fine)", usage=usage)) as srv:
+        done = subprocess.run(
+            _argv(srv, _context(tmp_path)), capture_output=True, text=True, cwd=ROOT,
+            env=_env(tmp_path, OPENAI_API_KEY=ENV_KEY), timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 0 and done.stdout == "fine\n", done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_rlm_run_with_a_response_of_the_wrong_shape_fails_in_one_line(tmp_path: Path):
+    with LLMServer(Reply(body=BAD_BODIES[1])) as srv:
+        done = subprocess.run(
+            _argv(srv, _context(tmp_path), "--json"), capture_output=True, text=True, cwd=ROOT,
+            env=_env(tmp_path, OPENAI_API_KEY=ENV_KEY), timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    payload = json.loads(done.stdout)
+    assert payload["stop_reason"] == "error" and "Invalid response object" in payload["error"], payload
+    _no_traceback(done.stderr + done.stdout)
