@@ -18,7 +18,7 @@ The policy is the server's: tool arguments cannot name a policy or a limit, and
 an argument the schema does not list is refused. Bad input (a missing or
 mistyped argument, code over the policy's message cap, text that is not valid
 Unicode, an unknown session) is a tool error with a message, and the server
-keeps serving. Sessions belong to the client connection that opened them: over
+keeps serving; so is an exception no tool expected (one line, no traceback). Sessions belong to the client connection that opened them: over
 HTTP that is the MCP transport session, and another client presenting the id
 gets "no such session"; they close with ``session_close``, after
 ``--idle-timeout`` seconds unused, when their client ends its connection
@@ -295,6 +295,14 @@ def _cut(text: str | None, limit: int = 200) -> str | None:
     return f"{text[:limit]}... ({len(text)} characters)"
 
 
+def _unexpected(exc: BaseException) -> str:
+    """An unexpected exception as one short line: its type and the first line of its text (no
+    traceback, cut at 200 characters)."""
+    lines = str(exc).strip().splitlines()
+    text = _cut(lines[0], 200) if lines else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _check_args(tool: str, args: dict[str, Any], required: Sequence[str], optional: Sequence[str]) -> None:
     unknown = sorted(set(args) - set(required) - set(optional))
     if unknown:
@@ -566,6 +574,10 @@ class MCPApp:
         except asyncio.CancelledError:
             self._audit(record, "disconnected" if watch is not None and watch.fired else "cancelled", t0)
             raise
+        except Exception as exc:  # a bug, or input nothing above expected: a tool error, audited
+            why = f"{_cut(params.name, 60)} failed: {_unexpected(exc)}"
+            self._audit(record, f"internal_error: {why}", t0)
+            return types.CallToolResult(content=[types.TextContent(type="text", text=why)], is_error=True)
         self._audit(record, record.pop("outcome", "ok"), t0)
         payload, text = _fit_result(payload)
         return types.CallToolResult(

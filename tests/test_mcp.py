@@ -33,7 +33,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from rlm.mcp_server import EXEC_FIELDS, RLM_FIELDS
 from sandbox.audit import verify
-from tests.llm_server import ChatRequest, LLMServer
+from tests.llm_server import ChatRequest, LLMServer, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -738,6 +738,93 @@ def test_rlm_query_reads_only_inside_allow_read(tmp_path: Path) -> None:
     with LLMServer(_root) as llm:
         anyio.run(go, llm.base_url)
         assert all("LEAKED" not in json.dumps(q.messages) for q in llm.requests)
+
+
+@asynccontextmanager
+async def session_with_stderr(
+    stderr: Path, *args: str, env: dict[str, str], script: str | None = None
+) -> AsyncIterator[ClientSession]:
+    """A stdio session whose server writes its stderr to *stderr*; with *script*, the server is
+    ``python -c SCRIPT mcp ARGS`` (a script that ends by calling ``rlm.cli.main``)."""
+    argv = ["-c", script, "mcp", *args] if script is not None else ["-m", "rlm", "mcp", *args]
+    params = StdioServerParameters(command=sys.executable, args=argv, cwd=str(ROOT), env=env)
+    with stderr.open("w") as errlog:
+        async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            yield session
+
+
+def _rlm_query_lines(audit: Path) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    return [x for x in lines if x.get("event") == "mcp_tool_call" and x.get("tool") == "rlm_query"]
+
+
+@pytest.mark.slow
+def test_rlm_query_against_a_server_with_malformed_replies(tmp_path: Path) -> None:
+    """Token counts that are not numbers (they raised a raw TypeError: a JSON-RPC error with code 0,
+    a traceback on the server's stderr, no audit line) are read as 0, and the run answers; a
+    response of the wrong shape is a tool error without litellm's traceback. Each call is audited."""
+    audit, stderr = tmp_path / "a.jsonl", tmp_path / "stderr.txt"
+    good = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+
+    async def go(url: str, srv: LLMServer) -> None:
+        args = ("--model", "openai/root", "--api-base", url, "--audit-log", str(audit))
+        async with session_with_stderr(stderr, *args, env=server_env(OPENAI_API_KEY="sk-test-mcp")) as s:
+            for usage in ({**good, "cache_read_input_tokens": "zz"}, {**good, "cache_creation_input_tokens": [1]}):
+                srv.set_reply(Reply("FINAL(fine)", usage=usage))
+                r = await call(s, "rlm_query", query="q", context="c", max_iterations=1)
+                assert r["answer"] == "fine" and r["stop_reason"] == "final", r
+            srv.set_reply(Reply(body={"choices": [{"message": "zz"}]}))
+            message = await refused(s, "rlm_query", {"query": "q", "context": "c", "max_iterations": 1})
+            assert message.startswith("rlm_query failed: openai/root: provider unavailable:"), message
+            assert "Invalid response object" in message and "Traceback" not in message, message
+            assert "site-packages" not in message, message
+
+    with LLMServer("FINAL(fine)") as srv:
+        anyio.run(go, srv.base_url, srv)
+    outcomes = [x["outcome"] for x in _rlm_query_lines(audit)]
+    assert outcomes[:2] == ["stop:final", "stop:final"], outcomes
+    assert len(outcomes) == 3 and outcomes[2].startswith("tool_error: rlm_query failed: openai/root: provider"), outcomes
+    assert verify(audit).ok
+    assert "Traceback" not in stderr.read_text(), stderr.read_text()
+
+
+#: A server whose rlm_query meets an exception nothing expects (a bug): rlm.core.run raises one.
+BROKEN_RUN = """
+import sys
+import rlm.core
+
+def run(*args, **kwargs):
+    raise TypeError("int() argument must be a string, a bytes-like object or a real number, not 'list'")
+
+rlm.core.run = run
+from rlm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_unexpected_exception_in_a_tool_is_a_tool_error_and_audited(tmp_path: Path) -> None:
+    """It was a JSON-RPC error with code 0 and the raw message, a traceback on the server's stderr,
+    and no audit line: now a tool error naming the exception, an ``internal_error`` audit line, and
+    the server serves on."""
+    audit, stderr = tmp_path / "a.jsonl", tmp_path / "stderr.txt"
+
+    async def go() -> None:
+        args = ("--model", "openai/root", "--api-base", "http://127.0.0.1:9/v1", "--audit-log", str(audit))
+        env = server_env(OPENAI_API_KEY="sk-test-mcp", PYTHONPATH=str(ROOT))
+        async with session_with_stderr(stderr, *args, env=env, script=BROKEN_RUN) as s:
+            message = await refused(s, "rlm_query", {"query": "q", "context": "c"})
+            assert message == (
+                "rlm_query failed: TypeError: int() argument must be a string, a bytes-like object or a real"
+                " number, not 'list'"
+            ), message
+            assert (await call(s, "python_exec", code="print(1 + 1)"))["stdout"] == "2\n"
+
+    anyio.run(go)
+    (line,) = _rlm_query_lines(audit)
+    assert line["outcome"] == "internal_error: rlm_query failed: TypeError: int() argument must be a string, a bytes-like object or a real number, not 'list'", line
+    assert verify(audit).ok
+    assert "Traceback" not in stderr.read_text(), stderr.read_text()
 
 
 def test_a_locked_audit_log_does_not_stall_the_server(tmp_path: Path) -> None:
