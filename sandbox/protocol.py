@@ -284,6 +284,14 @@ def _bounded(size: int, max_items: int | None) -> dict[str, Any]:
     return {**_UNPACK, "max_array_len": cap, "max_map_len": cap, "list_hook": count, "object_hook": count}
 
 
+#: What msgpack raises for data it cannot decode: garbage (``ValueError`` and its own
+#: subclasses of it, ``TypeError`` for a list or map as a map key), a container past a cap
+#: (``ValueError``), or no memory for what the data announces. Nothing else is turned into a
+#: :class:`WireError`: an exception a signal handler raises while a frame is decoded (an
+#: embedder's job timeout, ``KeyboardInterrupt``) goes on as itself.
+_UNDECODABLE: Final = (ValueError, TypeError, msgpack.UnpackException, MemoryError, RecursionError)
+
+
 def _decode(data: bytes | bytearray | memoryview | mmap.mmap, max_items: int | None, what: str) -> Any:
     # Each byte on the wire adds at most 2 to the count (a container's header counts as an item
     # of its parent and as a container), so data of at most max_items / 2 bytes cannot decode
@@ -294,7 +302,7 @@ def _decode(data: bytes | bytearray | memoryview | mmap.mmap, max_items: int | N
         return msgpack.unpackb(data, **_bounded(len(data), max_items))
     except WireError:
         raise
-    except Exception as exc:  # msgpack raises many types for garbage (and ValueError past a cap)
+    except _UNDECODABLE as exc:  # msgpack raises many types for garbage (and ValueError past a cap)
         if max_items is not None and isinstance(exc, ValueError) and "exceeds max_" in str(exc):
             raise BudgetError(f"{what} holds more than {max_items:,} elements in one list or dict") from None
         raise WireError(f"undecodable {what}: {type(exc).__name__}") from None
@@ -418,6 +426,8 @@ class FrameReader:
     :class:`WireError` at once, before any body is buffered. With
     ``max_items``, a frame that would decode to more elements raises
     :class:`BudgetError` (the frame is consumed; the stream stays in step).
+    Any other exception raised while a frame is decoded (one a signal handler
+    raised) leaves the frame unconsumed: the next iteration yields it.
     """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, max_items: int | None = None) -> None:
@@ -432,6 +442,11 @@ class FrameReader:
     @property
     def pending(self) -> int:
         return len(self._buf)
+
+    @property
+    def between_frames(self) -> bool:
+        """Every byte fed so far belonged to frames already yielded (or refused)."""
+        return not self._buf and self._need is None
 
     def feed(self, data: bytes | memoryview) -> None:
         self._buf += data
@@ -451,14 +466,21 @@ class FrameReader:
                 raise WireError("empty frame")
             self._need = size
             del buf[: HEADER.size]
-        if len(buf) < self._need:
+        size = self._need
+        if len(buf) < size:
             raise StopIteration
-        size, self._need = self._need, None
         try:
             with memoryview(buf) as view, view[:size] as body:  # decoded in place, not copied first
-                return _decode(body, self.max_items, "frame")
-        finally:
+                msg = _decode(body, self.max_items, "frame")
+        except WireError:  # undecodable or over budget: consumed, the stream stays in step
             del buf[:size]
+            self._need = None
+            raise
+        # Anything else raised while decoding (an exception from a signal handler: Ctrl-C, a job
+        # timeout) leaves the frame where it is, for the next call to decode again: it is not lost.
+        del buf[:size]
+        self._need = None
+        return msg
 
 
 _FD_SPACE: Final = socket.CMSG_SPACE(4 * array.array("i").itemsize)

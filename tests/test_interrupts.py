@@ -1,0 +1,98 @@
+"""Exceptions a signal handler raises (Ctrl-C, an embedder's job timeout) at precise points
+while a sandbox child is started: injected by monkeypatching one function to raise once, so
+that each test is deterministic. The next calls must work and other sandboxes be unaffected.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgpack
+import psutil
+import pytest
+
+from sandbox import Sandbox, forkserver, protocol
+from tests.conftest import within
+
+
+class JobTimeout(Exception):
+    """What an embedder's SIGALRM handler raises: a plain Exception subclass."""
+
+
+def _pidfd_pid(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise AssertionError(f"fd {fd} is not a pidfd")
+
+
+def _server_children(server: forkserver.ForkServer) -> set[int]:
+    return {p.pid for p in psutil.Process(server.pid).children()}
+
+
+def _later_sandboxes_get_their_own_child(audit_path: Any, server: forkserver.ForkServer, earlier: set[int]) -> None:
+    """Several new sandboxes start and run, each with the pidfd of its own child; the child of
+    the interrupted start is killed and reaped."""
+    for i in range(4):
+        with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+            child = sb._child
+            assert child is not None
+            assert _pidfd_pid(child.pidfd) == child.pid, "a sandbox was handed another process's pidfd"
+            r = sb.execute(f"print({i})")
+            assert r.ok and r.stdout == f"{i}\n", r
+    assert forkserver.shared(False) is server  # the same server went on serving
+    assert server._fds == []  # no pidfd left behind for a later spawn to take
+    deadline = time.monotonic() + 10
+    while _server_children(server) - earlier:  # the interrupted start's child: killed and reaped
+        assert time.monotonic() < deadline, "the child of the interrupted start was never reaped"
+        time.sleep(0.01)
+
+
+def test_a_signal_exception_while_a_spawned_frame_is_decoded_propagates_as_itself(
+    audit_path, monkeypatch
+) -> None:
+    """An embedder's exception (a subclass of Exception) raised while the fork server's
+    ``spawned`` frame is decoded: it reaches the caller as itself, not as "the fork server broke
+    the protocol: undecodable frame: JobTimeout", and the frame is not lost with its pidfd."""
+    real_unpackb = msgpack.unpackb
+    interrupts = [JobTimeout("job timeout")]
+
+    def unpackb(data: Any, **kwargs: Any) -> Any:
+        msg = real_unpackb(data, **kwargs)
+        if isinstance(msg, dict) and msg.get("t") == "spawned" and interrupts:
+            raise interrupts.pop()  # as a handler would, on the way out of the decoder
+        return msg
+
+    server = forkserver.shared(False)
+    earlier = _server_children(server)
+    monkeypatch.setattr(msgpack, "unpackb", unpackb)
+    with pytest.raises(JobTimeout):
+        within(30, lambda: Sandbox("default", audit_log=audit_path, pool=None))
+    assert not interrupts
+    monkeypatch.setattr(msgpack, "unpackb", real_unpackb)
+    _later_sandboxes_get_their_own_child(audit_path, server, earlier)
+
+
+def test_a_frame_whose_decoding_was_interrupted_is_yielded_by_the_next_iteration(monkeypatch) -> None:
+    reader = protocol.FrameReader()
+    reader.feed(protocol.encode({"t": "bye"}) + protocol.encode({"t": "get", "name": "x"}))
+    real_unpackb = msgpack.unpackb
+    interrupts = [KeyboardInterrupt()]
+
+    def unpackb(data: Any, **kwargs: Any) -> Any:
+        if interrupts:
+            raise interrupts.pop()
+        return real_unpackb(data, **kwargs)
+
+    monkeypatch.setattr(msgpack, "unpackb", unpackb)
+    with pytest.raises(KeyboardInterrupt):
+        next(reader)
+    assert list(reader) == [{"t": "bye"}, {"t": "get", "name": "x"}]
+    assert reader.between_frames
+    # Garbage is still a WireError, and consumed: the stream stays in step.
+    reader.feed(protocol.HEADER.pack(1) + b"\xc1" + protocol.encode({"t": "bye"}))
+    with pytest.raises(protocol.WireError, match="undecodable frame"):
+        next(reader)
+    assert list(reader) == [{"t": "bye"}]
