@@ -256,6 +256,20 @@ def _search_path() -> list[str]:
     return dirs
 
 
+def _pidfd_pid(fd: int) -> int | None:
+    """The pid of the process the pidfd *fd* refers to (the ``Pid:`` line of its fdinfo), or
+    None when it cannot be told (no /proc, not a pidfd, a process already reaped)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pid:"):
+                    pid = int(line.split()[1])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class _ServerGone(Exception):
     """The fork server died or hung up under a request (the caller may retry on a new one)."""
 
@@ -334,7 +348,8 @@ class ForkServer:
                 msg = protocol.check(raw, "server")
                 if msg["t"] in ("spawned", "failed") and msg["request"] != self._waiting:
                     if msg["t"] == "spawned":
-                        self._drop(msg["pid"], self._fds.pop(0) if self._fds else None)
+                        index = self._pidfd_index(msg["pid"])
+                        self._drop(msg["pid"], None if index is None else self._fds.pop(index))
                     continue
                 if msg["t"] == "exited" and msg["pid"] in self._dropped:
                     self._dropped.discard(msg["pid"])
@@ -376,47 +391,104 @@ class ForkServer:
         from sandbox.errors import SandboxStartError
 
         timeout = SPAWN_TIMEOUT if timeout is None else timeout
-        with self._lock:
-            if self.closed:
-                raise _ServerGone("the fork server is closed")
-            self._requests += 1
-            self._waiting = request = self._requests
-            try:
-                protocol.send_message(
-                    self.sock, {"t": "spawn", "request": request, "config": config}, chan_fd
-                )
-            except OSError as exc:
-                self._waiting = 0
-                raise self._gone(f"cannot write to the fork server: {exc.strerror or exc}") from None
-            try:
-                while True:
-                    msg = self._read_one(timeout)
-                    if msg is None:
-                        if self._stopped():  # useless to every later sandbox too: replaced
-                            with contextlib.suppress(OSError):
-                                self.proc.kill()
-                            raise self._gone(
-                                f"the fork server was stopped and did not answer in {timeout:g} s; it was killed"
-                            )
-                        # Running but slow (a machine under heavy load): killing it would end every
-                        # sandbox it serves, so only this start fails.
-                        raise SandboxStartError(
-                            f"the fork server did not answer a spawn request in {timeout:g} s"
-                        )
-                    if msg["t"] == "failed":
-                        raise SandboxStartError(f"the fork server could not start a child: {msg['error']}")
-                    if msg["t"] == "spawned":
-                        if not self._fds:  # the kernel dropped it: this process has no free descriptor
-                            self._drop(msg["pid"], None)
+        taken: tuple[int, int, str | None] | None = None
+        try:
+            with self._lock:
+                if self.closed:
+                    raise _ServerGone("the fork server is closed")
+                self._drop_orphans()
+                self._requests += 1
+                self._waiting = request = self._requests
+                try:
+                    protocol.send_message(
+                        self.sock, {"t": "spawn", "request": request, "config": config}, chan_fd
+                    )
+                except OSError as exc:
+                    self._waiting = 0
+                    raise self._gone(f"cannot write to the fork server: {exc.strerror or exc}") from None
+                try:
+                    while True:
+                        msg = self._read_one(timeout)
+                        if msg is None:
+                            if self._stopped():  # useless to every later sandbox too: replaced
+                                with contextlib.suppress(OSError):
+                                    self.proc.kill()
+                                raise self._gone(
+                                    f"the fork server was stopped and did not answer in {timeout:g} s; it was killed"
+                                )
+                            # Running but slow (a machine under heavy load): killing it would end every
+                            # sandbox it serves, so only this start fails.
                             raise SandboxStartError(
-                                "cannot receive the new child's pidfd: this process is out of file"
-                                " descriptors (RLIMIT_NOFILE); the child was stopped"
+                                f"the fork server did not answer a spawn request in {timeout:g} s"
                             )
-                        return msg["pid"], self._fds.pop(0), msg.get("cpu_path")
-            except protocol.WireError as exc:
-                raise SandboxStartError(f"the fork server broke the protocol: {exc}") from None
-            finally:
-                self._waiting = 0
+                        if msg["t"] == "failed":
+                            raise SandboxStartError(
+                                f"the fork server could not start a child: {msg['error']}"
+                            )
+                        if msg["t"] == "spawned":
+                            pid, cpu_path = msg["pid"], msg.get("cpu_path")
+                            index = self._pidfd_index(pid)
+                            if index is None:  # the kernel dropped it: this process has no free descriptor
+                                self._drop(pid, None)
+                                raise SandboxStartError(
+                                    "cannot receive the new child's pidfd: this process is out of file"
+                                    " descriptors (RLIMIT_NOFILE); the child was stopped"
+                                )
+                            taken = (pid, self._fds[index], cpu_path)
+                            del self._fds[index]  # ours now (no signal handler runs between these two)
+                            break
+                except protocol.WireError as exc:
+                    raise SandboxStartError(f"the fork server broke the protocol: {exc}") from None
+                finally:
+                    self._waiting = 0
+            assert taken is not None
+            return taken
+        except BaseException:
+            # A pidfd received but not handed to the caller (an exception a signal handler raised
+            # on the way out): its child is stopped and released, as for any given-up request.
+            if taken is not None and taken[1] not in self._fds:
+                with self._lock:
+                    self._drop(taken[0], taken[1])
+            raise
+
+    def _pidfd_index(self, pid: int) -> int | None:
+        """Where the pidfd of child *pid*, just announced by a ``spawned`` frame, is in
+        ``_fds`` (None: it was dropped, the process being out of descriptors). Caller holds the lock.
+
+        Each pidfd is checked to be *pid*'s: one whose frame was lost (an exception a signal
+        handler raised after the frame was received and before it was handled) is not taken
+        for a later child's; it and any other such orphan before the match are dropped (its
+        child killed and released). Where no pidfd can be identified (no /proc), by position.
+        """
+        owners = [_pidfd_pid(fd) for fd in self._fds]
+        if pid not in owners:
+            if self._fds and all(owner is None for owner in owners):
+                return 0  # cannot tell: the frames' order
+            return None
+        index = owners.index(pid)
+        for _ in range(index):  # pidfds of frames before this one that were lost
+            fd = self._fds.pop(0)
+            self._drop_orphan(fd, owners.pop(0))
+        return 0
+
+    def _drop_orphans(self) -> None:
+        """Drop every pidfd left in ``_fds`` once all the frames received were read: each one's
+        ``spawned`` frame was lost (see :meth:`_pidfd_index`). Caller holds the lock."""
+        if not self._reader.between_frames:  # a frame in part received: its pidfd may be among them
+            return
+        while self._fds:
+            fd = self._fds.pop(0)
+            self._drop_orphan(fd, _pidfd_pid(fd))
+
+    def _drop_orphan(self, pidfd: int, pid: int | None) -> None:
+        """A pidfd whose ``spawned`` frame was lost: its child is killed and, when its pid
+        can be told, released (else the server keeps its zombie until it exits)."""
+        if pid is not None:
+            self._drop(pid, pidfd)
+            return
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os.close(pidfd)
 
     def _drop(self, pid: int, pidfd: int | None) -> None:
         """Kill a child nobody waits for any more and let the server reap it. Caller holds the lock.

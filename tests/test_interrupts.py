@@ -6,6 +6,7 @@ that each test is deterministic. The next calls must work and other sandboxes be
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -14,6 +15,14 @@ import pytest
 
 from sandbox import Sandbox, forkserver, protocol
 from tests.conftest import within
+
+
+@pytest.fixture(autouse=True)
+def fresh_fork_server() -> Iterator[None]:
+    """Each test on a fork server of its own: one a failed test left out of step is not reused."""
+    within(60, forkserver.shutdown)
+    yield
+    within(60, forkserver.shutdown)
 
 
 class JobTimeout(Exception):
@@ -32,7 +41,9 @@ def _server_children(server: forkserver.ForkServer) -> set[int]:
     return {p.pid for p in psutil.Process(server.pid).children()}
 
 
-def _later_sandboxes_get_their_own_child(audit_path: Any, server: forkserver.ForkServer, earlier: set[int]) -> None:
+def _later_sandboxes_get_their_own_child(
+    audit_path: Any, server: forkserver.ForkServer, earlier: set[int]
+) -> None:
     """Several new sandboxes start and run, each with the pidfd of its own child; the child of
     the interrupted start is killed and reaped."""
     for i in range(4):
@@ -48,6 +59,37 @@ def _later_sandboxes_get_their_own_child(audit_path: Any, server: forkserver.For
     while _server_children(server) - earlier:  # the interrupted start's child: killed and reaped
         assert time.monotonic() < deadline, "the child of the interrupted start was never reaped"
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sweep", [True, False], ids=["swept", "pid-checked"])
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, JobTimeout])
+def test_interrupt_after_a_spawned_frame_was_read_does_not_hand_its_pidfd_to_the_next_child(
+    audit_path, monkeypatch, exc: type[BaseException], sweep: bool
+) -> None:
+    """The ``spawned`` frame was read (its pidfd received) and the exception came before it was
+    handled: the frame is gone. Pairing frames and pidfds by position, every later start then
+    took the previous child's pidfd ("the sandbox child did not start: it exited"), for good.
+
+    The orphaned pidfd is dropped before the next request; without that sweep, the check of
+    each pidfd's process against the frame's pid alone must pair them right."""
+    if not sweep:
+        monkeypatch.setattr(forkserver.ForkServer, "_drop_orphans", lambda self: None)
+    real_check = protocol.check
+    interrupts = [exc("job timeout")]
+
+    def check(msg: Any, sender: str) -> dict[str, Any]:
+        if sender == "server" and isinstance(msg, dict) and msg.get("t") == "spawned" and interrupts:
+            raise interrupts.pop()
+        return real_check(msg, sender)
+
+    server = forkserver.shared(False)
+    earlier = _server_children(server)
+    monkeypatch.setattr(protocol, "check", check)
+    with pytest.raises(exc):
+        within(30, lambda: Sandbox("default", audit_log=audit_path, pool=None))
+    assert not interrupts
+    monkeypatch.setattr(protocol, "check", real_check)
+    _later_sandboxes_get_their_own_child(audit_path, server, earlier)
 
 
 def test_a_signal_exception_while_a_spawned_frame_is_decoded_propagates_as_itself(
