@@ -42,6 +42,7 @@ import atexit
 import contextlib
 import fcntl
 import os
+import select
 import selectors
 import signal
 import socket
@@ -270,6 +271,16 @@ def _pidfd_pid(fd: int) -> int | None:
     return None
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether *fd* is readable (a pidfd: its process has exited) within *timeout* seconds."""
+    waiter = select.poll()
+    try:
+        waiter.register(fd, select.POLLIN)
+        return bool(waiter.poll(protocol.poll_ms(timeout)))
+    except (OSError, ValueError):  # closed meanwhile (close() in another thread)
+        return True
+
+
 class _ServerGone(Exception):
     """The fork server died or hung up under a request (the caller may retry on a new one)."""
 
@@ -303,6 +314,20 @@ class ForkServer:
             raise SandboxStartError(f"cannot start the fork server: {exc}") from None
         finally:
             theirs.close()
+        # Its liveness and its end are watched through a pidfd, not Popen.poll()/wait(): an
+        # exception a signal handler raises inside those can leave Popen's waitpid lock held for
+        # good, and every later wait() then blocks forever (interpreter exit, a dead server's
+        # replacement).
+        try:
+            self._pidfd = os.pidfd_open(self.proc.pid)
+        except OSError as exc:
+            ours.close()  # the server exits at end of file
+            self.proc.kill()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.proc.pid, 0)
+            self.proc.returncode = -signal.SIGKILL
+            raise SandboxStartError(f"cannot start the fork server: {exc}") from None
+        self._reap_lock = threading.Lock()
         self.sock = ours
         self.owner_pid = os.getpid()
         self._lock = threading.Lock()
@@ -324,7 +349,50 @@ class ForkServer:
     @property
     def alive(self) -> bool:
         """True while the server runs and its socket is open (checked, not assumed)."""
-        return not self.closed and self.owner_pid == os.getpid() and self.proc.poll() is None
+        return not self.closed and self.owner_pid == os.getpid() and not self._exited()
+
+    def _exited(self) -> bool:
+        """The server process has ended (its pidfd is readable, or it was reaped). Never blocks."""
+        fd = self._pidfd
+        if fd < 0:
+            return True
+        return _readable(fd, 0)
+
+    def _kill(self) -> None:
+        fd = self._pidfd
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+
+    def _reap(self, timeout: float) -> bool:
+        """Wait up to *timeout* seconds for the server to exit and reap it; True once reaped.
+
+        Through its pidfd (``waitid(P_PIDFD)``, which no reused pid can confuse), never through
+        ``Popen.wait``, whose lock a signal handler's exception may have left held.
+        """
+        deadline = time.monotonic() + timeout
+        with self._reap_lock:  # held only for the bounded wait of another close()
+            while self._pidfd >= 0:
+                try:
+                    info = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
+                except ChildProcessError:  # reaped by someone else (Popen, a SIGCHLD of SIG_IGN)
+                    info = None
+                    code: int | None = 0 if self.proc.returncode is None else self.proc.returncode
+                else:
+                    code = None
+                    if info is not None and info.si_pid:
+                        exited = info.si_code == os.CLD_EXITED
+                        code = info.si_status if exited else -info.si_status
+                if code is not None:
+                    self.proc.returncode = code  # Popen will not wait for it again
+                    fd, self._pidfd = self._pidfd, -1
+                    os.close(fd)
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                _readable(self._pidfd, min(left, 1.0))
+            return True
 
     def _stopped(self) -> bool:
         """The server process is stopped (SIGSTOP, a debugger) or a zombie: it cannot answer."""
@@ -332,7 +400,7 @@ class ForkServer:
             with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
                 state = f.read().rsplit(b")", 1)[1].split()[0]
         except (OSError, IndexError):
-            return self.proc.poll() is not None
+            return self._exited()
         return state in (b"T", b"t", b"Z", b"X")
 
     def _gone(self, why: str) -> _ServerGone:
@@ -411,8 +479,7 @@ class ForkServer:
                         msg = self._read_one(timeout)
                         if msg is None:
                             if self._stopped():  # useless to every later sandbox too: replaced
-                                with contextlib.suppress(OSError):
-                                    self.proc.kill()
+                                self._kill()
                                 raise self._gone(
                                     f"the fork server was stopped and did not answer in {timeout:g} s; it was killed"
                                 )
@@ -525,23 +592,20 @@ class ForkServer:
             return self._exits.pop(pid)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the server (it kills its children first) and wait for it."""
+        """Stop the server (it kills its children first) and wait for it: *timeout* seconds,
+        then it is killed and waited for as long again (never longer: a server that even
+        SIGKILL does not end, in uninterruptible sleep, is left unreaped)."""
         if self.owner_pid != os.getpid():  # a forked copy: leave the parent's server alone
             self.forget()
             return
         with self._lock:
-            if self.closed and self.proc.poll() is not None:
-                self._close_fds()
-                return
             self.closed = True
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self._close_fds()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if not self._reap(timeout):
+            self._kill()
+            self._reap(timeout)
 
     def _close_fds(self) -> None:
         self.sock.close()
@@ -558,7 +622,11 @@ class ForkServer:
         """
         self.closed = True
         self._lock = threading.Lock()  # may have been held by another thread at fork time
+        self._reap_lock = threading.Lock()
         self._close_fds()
+        if self._pidfd >= 0:  # our copy; the parent's stays open
+            fd, self._pidfd = self._pidfd, -1
+            os.close(fd)
 
 
 #: Seconds a fork server has to answer a spawn request (it answers in milliseconds; the margin is
@@ -579,12 +647,14 @@ def shared(restricted: bool = False) -> ForkServer:
     and again whenever the previous one is found dead."""
     with _shared_lock:
         server = _shared.get(restricted)
-        if server is None or not server.alive:
-            if server is not None:
-                with contextlib.suppress(Exception):
-                    server.close(timeout=1.0)
-            server = _shared[restricted] = ForkServer()
-        return server
+        if server is not None and server.alive:
+            return server
+        old = server
+        server = _shared[restricted] = ForkServer()
+    if old is not None:  # reaped outside the lock: other threads' sandboxes need not wait for it
+        with contextlib.suppress(Exception):
+            old.close(timeout=1.0)
+    return server
 
 
 def spawn(restricted: bool, config: dict[str, Any], chan_fd: int) -> tuple[ForkServer, int, int, str | None]:

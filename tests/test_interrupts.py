@@ -5,6 +5,8 @@ that each test is deterministic. The next calls must work and other sandboxes be
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -138,3 +140,57 @@ def test_a_frame_whose_decoding_was_interrupted_is_yielded_by_the_next_iteration
     with pytest.raises(protocol.WireError, match="undecodable frame"):
         next(reader)
     assert list(reader) == [{"t": "bye"}]
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    """Until *pid* is gone: reaped, not left a zombie."""
+    deadline = time.monotonic() + timeout
+    while psutil.pid_exists(pid):
+        assert time.monotonic() < deadline, f"process {pid} was never reaped"
+        time.sleep(0.01)
+
+
+def test_shutdown_returns_when_an_interrupted_poll_left_the_servers_waitpid_lock_held(audit_path) -> None:
+    """Ctrl-C inside ``Popen.poll()`` (which ForkServer.alive called on every start) can leave
+    the Popen's ``_waitpid_lock`` held. ``close()`` then waited on it forever: interpreter exit
+    (the atexit ``shutdown()``) hung."""
+    with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+        assert sb.execute("x = 1").ok
+    server = forkserver.shared(False)
+    lock = server.proc._waitpid_lock  # type: ignore[attr-defined]
+    assert lock.acquire(blocking=False)  # held by nobody, as the interrupted poll() leaves it
+    try:
+        _, elapsed = within(30, forkserver.shutdown)
+        assert elapsed < 15
+        _wait_gone(server.pid)
+    finally:
+        lock.release()
+
+
+def test_a_new_sandbox_starts_when_a_dead_servers_waitpid_lock_was_left_held(audit_path) -> None:
+    """The same held lock, then the fork server dies (the OOM killer, kill -9): the next
+    ``Sandbox()`` replaced it by way of an unbounded ``Popen.wait()`` while holding the
+    registry's lock, and it and every other thread's ``Sandbox()`` hung for good."""
+    server = forkserver.shared(False)
+    lock = server.proc._waitpid_lock  # type: ignore[attr-defined]
+    assert lock.acquire(blocking=False)
+    try:
+        os.kill(server.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while psutil.Process(server.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the fork server did not die"
+            time.sleep(0.01)
+
+        def start() -> str:
+            with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+                r = sb.execute("print(7)")
+                assert r.ok, r
+                return r.stdout
+
+        for _ in range(2):
+            stdout, _ = within(30, start)
+            assert stdout == "7\n"
+        assert forkserver.shared(False) is not server
+        _wait_gone(server.pid)  # the dead server was reaped, not left a zombie
+    finally:
+        lock.release()
