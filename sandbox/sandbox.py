@@ -102,23 +102,31 @@ _SLACK = CpuSlack()  # whether a CPU is free for spinning, on either end
 
 
 class _Callers:
-    """How many sandbox calls of this host are in flight now: sync calls, one per thread, and
+    """Which sandbox calls of this host are in flight now: sync calls, one per thread, and
     async executes. Only a lone caller spins, and only a lone caller's child is told it may
     spin (:func:`_child_may_spin`): a spinning thread takes and drops the GIL at every poll,
     which slows every other thread of the host (8 threads ran at 70% of one thread's rate,
-    32 at 56%), and children that spin while the host serves others take its CPU."""
+    32 at 56%), and children that spin while the host serves others take its CPU.
+
+    A set of keys (a sandbox's ``_key``: one call at a time holds its lock), not a count: adding
+    and discarding are single operations under the GIL, and discarding twice, or what was
+    never added, is harmless, so a Ctrl-C that cuts a call's bookkeeping short cannot leave
+    the count off for good (which would stop all spinning in the process)."""
+
+    __slots__ = ("keys",)
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.count = 0
+        self.keys: set[object] = set()
 
-    def enter(self) -> None:
-        with self.lock:
-            self.count += 1
+    @property
+    def count(self) -> int:
+        return len(self.keys)
 
-    def leave(self) -> None:
-        with self.lock:
-            self.count -= 1
+    def enter(self, key: object) -> None:
+        self.keys.add(key)
+
+    def leave(self, key: object) -> None:
+        self.keys.discard(key)
 
 
 _CALLERS = _Callers()
@@ -126,7 +134,7 @@ _CALLERS = _Callers()
 
 def _child_may_spin() -> bool:
     """The ``spin`` word of an exec or reply frame: one call in flight and a CPU free."""
-    return _CALLERS.count <= 1 and _SLACK.free()
+    return len(_CALLERS.keys) <= 1 and _SLACK.free()
 
 
 #: Leases of children whose death could not be confirmed: kept (never reused) until the host exits.
@@ -683,7 +691,18 @@ def _stop_child(child: _Child, graceful: bool) -> None:
 
 
 class _Using:
-    """``with sb._using_cm as child``: the sandbox's lock, re-entrancy refused, a live child.
+    """``with sb._lock, sb._using_cm as child``, after ``sb._admit()``: the sandbox's lock, a
+    live child, the call counted in ``_CALLERS``.
+
+    The lock is taken and released by the ``with`` statement of the caller itself, through
+    the lock's own (C) ``__enter__``/``__exit__``: Python code runs no signal handler between
+    taking the lock and the protection that releases it, so a Ctrl-C (or any exception a
+    signal handler raises) landing anywhere in a call cannot leave the lock held by nobody,
+    which would block the next call and ``close()`` for ever. What this object keeps is
+    bookkeeping that a Ctrl-C at the wrong moment may leave half done, and that the next
+    call therefore mends: ``sb._holder`` is cleared last on the way out, so a call that finds
+    it set knows the previous one was cut short in its exit and stops the child (an answer
+    may be on its way); ``_CALLERS`` is a set that close() and the next call clear again.
 
     *replace_exited*: a child found dead between calls is replaced at once
     (set/get_variable). ``execute`` does not ask for that: its result then says
@@ -699,42 +718,34 @@ class _Using:
 
     def __enter__(self) -> _Child:
         sb = self.sb
-        if os.getpid() != sb._owner_pid:  # checked before the lock, which a thread may have held at fork
-            raise SandboxClosedError(
-                f"this sandbox belongs to process {sb._owner_pid}; a forked process must open its own"
-            )
-        me = threading.get_ident()
-        if sb._holder == me:
-            raise SandboxError(
-                "re-entrant use is not allowed: a host function called execute, set_variable,"
-                " get_variable or close on the sandbox that is running it"
-            )
-        sb._lock.acquire()
-        sb._holder = me
+        if sb._holder is not None:  # the last call's exit was cut short (see the class)
+            child = sb._child
+            if child is not None:
+                child.kill()
+        sb._holder = threading.get_ident()
         try:
             child = sb._ensure_child(self.replace_exited)
+            _CALLERS.enter(sb.id)
         except BaseException:
+            _CALLERS.leave(sb.id)
             sb._holder = None
-            sb._lock.release()
             raise
-        _CALLERS.enter()
         return child
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        try:
-            if kind is not None and not issubclass(kind, SandboxError):
-                # Cut short in the middle of an exchange (Ctrl-C, a MemoryError): an answer may be
-                # on its way that the next call would take for its own (get_variable returning
-                # another variable's value). The child is stopped; the next call starts a fresh
-                # one, and the next result says state_lost. (Our own errors leave it in step, or
-                # have stopped it already.)
-                child = self.sb._child
-                if child is not None:
-                    child.kill()
-        finally:
-            _CALLERS.leave()
-            self.sb._holder = None
-            self.sb._lock.release()
+        sb = self.sb
+        if kind is not None and not issubclass(kind, SandboxError):
+            # Cut short in the middle of an exchange (Ctrl-C, a MemoryError): an answer may be
+            # on its way that the next call would take for its own (get_variable returning
+            # another variable's value). The child is stopped; the next call starts a fresh
+            # one, and the next result says state_lost. (Our own errors leave it in step, or
+            # have stopped it already.)
+            child = sb._child
+            if child is not None:
+                child.kill()
+        sb._holder = None  # the exit got this far (no call in between: nothing interrupts it)
+        _CALLERS.leave(sb.id)
+        # The lock is released next, by the caller's ``with`` (see the class).
 
 
 #: Longest variable name set_variable/get_variable take (a frame carries it whole).
@@ -1071,9 +1082,25 @@ class Sandbox:
             raise TypeError(f"code must be str, not {type(code).__name__}")
         code = protocol.clean_text(code)  # what runs and what is audited: lone surrogates escaped
         self._check_size(code)
-        with self._executing_cm as child:
+        self._admit()
+        with self._lock, self._executing_cm as child:  # see _Using
             state_lost, self._lost = self._lost, False
             return self._run(child, code, state_lost)
+
+    def _admit(self) -> None:
+        """Refuse a call before it waits for the sandbox's lock: from a process forked from the
+        host (the lock may have been held by a thread at fork), or from a host function of the
+        call that holds it (it would wait for itself)."""
+        if os.getpid() != self._owner_pid:
+            raise SandboxClosedError(
+                f"this sandbox belongs to process {self._owner_pid}; a forked process must open its own"
+            )
+        # (A holder left by a call whose exit was cut short does not hold the lock.)
+        if self._holder == threading.get_ident() and self._lock.locked():
+            raise SandboxError(
+                "re-entrant use is not allowed: a host function called execute, set_variable,"
+                " get_variable or close on the sandbox that is running it"
+            )
 
     def _check_size(self, code: str) -> None:
         """ValueError when *code* cannot fit in one frame: the child would read the oversized frame
@@ -1113,7 +1140,8 @@ class Sandbox:
                 f"cannot set {name!r}: {size} bytes is over the policy's max_message_mb ({self.policy.limits.max_message_mb} MiB)"
             )
         wait = self._variable_timeout(timeout)
-        with self._using_cm as child:
+        self._admit()
+        with self._lock, self._using_cm as child:  # see _Using
             end = time.monotonic() + wait
             owed = _idle_cpu(child)
             if size <= self._inline:
@@ -1180,7 +1208,8 @@ class Sandbox:
         if len(name) > MAX_NAME:
             raise VariableError(f"{protocol.shown(name)} is not a valid variable name")
         wait = self._variable_timeout(timeout)
-        with self._using_cm as child:
+        self._admit()
+        with self._lock, self._using_cm as child:  # see _Using
             end = time.monotonic() + wait
             owed = _idle_cpu(child)
             self._post(
@@ -1253,7 +1282,7 @@ class Sandbox:
         with a result saying the child died, or a ``ProtocolError`` for set/get_variable),
         then the sandbox is closed once the call has returned (a host function that is
         running is let finish)."""
-        if self._holder == threading.get_ident():
+        if self._holder == threading.get_ident() and self._lock.locked():
             raise SandboxError("re-entrant use is not allowed: a host function closed its own sandbox")
         if os.getpid() != self._owner_pid:  # inherited through os.fork(): the parent's child, not ours
             self.closed = True
@@ -1261,19 +1290,19 @@ class Sandbox:
                 self._child.forget()
                 self._child = None
             return
-        if not self._lock.acquire(blocking=False):  # another thread's call runs: stop its cell
-            self.closed = True
+        # Closed first: a call that takes the lock from now on finds it so (_ensure_child), and
+        # one that holds it already shows in locked().
+        self.closed = True
+        if self._lock.locked():  # another thread's call runs: stop its cell
             self.kill()
-            self._lock.acquire()
-        try:  # may be done again: a close cut short (Ctrl-C) is finished by the next
-            self.closed = True
+        # The lock's own with: nothing can come between taking it and the release (see _Using).
+        with self._lock:  # may be done again: a close cut short (Ctrl-C) is finished by the next
+            _CALLERS.leave(self.id)  # left by a call whose exit was cut short, if any
             if self._child is not None:
                 self._stop_child(self._child, graceful=True)
                 self._child = None
             if self._audit is not None:
                 self._audit.close()
-        finally:
-            self._lock.release()
 
     def __enter__(self) -> Sandbox:
         return self
@@ -1400,7 +1429,7 @@ class Sandbox:
                 return protocol.check(raw, "child")
             if child.dead:
                 raise _Died()
-            alone = _CALLERS.count <= 1
+            alone = len(_CALLERS.keys) <= 1
             events = child.poll.poll(0) if alone else []
             # Spin briefly before blocking (a blocked process on a VM takes 100+ us
             # to wake), adaptively and one host thread at a time: see sandbox.spin.
@@ -1835,15 +1864,16 @@ class AsyncSandbox:
         async with self._turn():
             child = await self._hold(sb)
             handed = [False]  # set by _run when a worker thread it leaves behind releases the lock
-            _CALLERS.enter()
             try:
+                _CALLERS.enter(sb.id)
                 state_lost, sb._lost = sb._lost, False
                 return await self._run(sb, child, code, state_lost, handed)
             finally:
-                _CALLERS.leave()
-                if not handed[0]:
-                    sb._holder = None
-                    sb._lock.release()
+                try:
+                    _CALLERS.leave(sb.id)
+                finally:  # released even if an exception lands in the bookkeeping
+                    if not handed[0]:
+                        sb._lock.release()
 
     async def _hold(self, sb: Sandbox) -> _Child:
         """Take *sb*'s own lock and a live child without blocking the loop."""

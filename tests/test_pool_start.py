@@ -403,9 +403,9 @@ def test_the_child_is_told_to_spin_only_when_alone_and_a_cpu_is_free(
         assert sent == [("exec", False), ("reply", False)]
         sent.clear()
         loadavg.write_text("0.1 0.1 0.1 1/100 1\n")
-        sandbox_module._CALLERS.enter()  # as if another thread were inside a sandbox call
+        sandbox_module._CALLERS.enter("another")  # as if another thread were inside a sandbox call
         try:
             assert sb.execute("f()").ok
         finally:
-            sandbox_module._CALLERS.leave()
+            sandbox_module._CALLERS.leave("another")
         assert sent == [("exec", False), ("reply", False)]

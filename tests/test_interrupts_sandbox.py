@@ -1,0 +1,168 @@
+"""A KeyboardInterrupt (or any exception a signal handler raises) landing while a sandbox call,
+a start or a cleanup runs: the next call works, nothing of a failed start is kept, other
+sandboxes are unaffected.
+
+Signals are not timed here: :class:`Injector` raises KeyboardInterrupt at exactly one of the
+points where CPython runs pending signal handlers (a function's entry, just after a call into C
+returns, a backward jump) inside the functions named, and the tests try each such point in
+turn. Real children throughout."""
+
+from __future__ import annotations
+
+import dis
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import CodeType, FrameType
+from typing import Any
+
+import sandbox.sandbox as impl
+from sandbox import Sandbox
+from tests.conftest import within
+
+_CALLS = {dis.opmap[name] for name in ("CALL", "CALL_FUNCTION_EX") if name in dis.opmap}
+_BACK = {dis.opmap[name] for name in ("JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT") if name in dis.opmap}
+
+
+def codes_of(*functions: Any) -> set[CodeType]:
+    """The code objects of *functions* (methods, properties' getters); missing ones (None) skipped."""
+    return {fn.__code__ for fn in functions if fn is not None}
+
+
+class Injector:
+    """``with Injector(codes, at=k)``: KeyboardInterrupt at the *k*-th point (from 0) of this
+    thread where CPython 3.11 would run a signal handler inside the code objects *codes*: the
+    entry of one of them, the instruction after a call into C (a call into Python returns
+    without that check), a backward jump. ``at=None``: only count them (``count``)."""
+
+    def __init__(self, codes: Iterable[CodeType], at: int | None = None) -> None:
+        self.codes = set(codes)
+        self.at = at
+        self.count = 0
+        self.fired: str | None = None
+        self.pending: dict[int, bool] = {}  # id(frame) -> a call it made is in flight, into C so far
+
+    def __enter__(self) -> Injector:
+        sys.settrace(self.trace)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(None)
+
+    def point(self, frame: FrameType, why: str) -> None:
+        if self.count == self.at:
+            self.fired = f"{frame.f_code.co_name}:{frame.f_lineno} ({why})"
+            self.count += 1
+            raise KeyboardInterrupt(self.fired)
+        self.count += 1
+
+    def trace(self, frame: FrameType, event: str, arg: object) -> Callable[..., Any] | None:
+        back = frame.f_back
+        if back is not None and id(back) in self.pending:
+            self.pending[id(back)] = False  # that call was into Python
+        if frame.f_code not in self.codes:
+            return None
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+        self.point(frame, "entry")
+        return self.local
+
+    def local(self, frame: FrameType, event: str, arg: object) -> Callable[..., Any] | None:
+        if event == "opcode":
+            op = frame.f_code.co_code[frame.f_lasti]
+            if self.pending.pop(id(frame), False):
+                self.point(frame, "after a call into C")
+            if op in _BACK:
+                self.point(frame, "loop")
+            if op in _CALLS:
+                self.pending[id(frame)] = True
+        elif event == "return":
+            self.pending.pop(id(frame), None)
+        return self.local
+
+
+def each_point(codes: set[CodeType], run: Callable[[], object]) -> Iterable[int]:
+    """The points :class:`Injector` finds in *codes* while *run* runs undisturbed (at least one)."""
+    with Injector(codes) as counted:
+        run()
+    assert counted.count > 0
+    print(f"{counted.count} points")
+    return range(counted.count)
+
+
+def interrupted(codes: set[CodeType], at: int, run: Callable[[], object]) -> str | None:
+    """Run *run* with KeyboardInterrupt at point *at*: where it landed (None: it did not)."""
+    with Injector(codes, at) as injector:
+        try:
+            run()
+        except KeyboardInterrupt:
+            pass
+    return injector.fired
+
+
+def unlock_for_teardown(sb: Sandbox) -> None:
+    """After a failure: free a lock left held, so that closing the sandbox cannot hang the suite."""
+    if sb._lock.locked():
+        sb._lock.release()
+
+
+# ------------------------------------------------------------ the sandbox's own lock
+def test_an_interrupt_anywhere_in_executes_bookkeeping_leaves_the_sandbox_usable(audit_path: Path) -> None:
+    """At each point of execute's taking and leaving its sandbox (the lock, the re-entrancy
+    mark, the count of calls in flight): the next execute and close() return, and the count
+    of calls in flight is right again (a count left high stops all spinning in the process)."""
+    codes = codes_of(
+        Sandbox.execute,
+        getattr(Sandbox, "_admit", None),
+        impl._Using.__enter__,
+        impl._Using.__exit__,
+        impl._Callers.enter,
+        impl._Callers.leave,
+    )
+    sb = Sandbox("default", audit_log=audit_path)
+    try:
+        base = impl._CALLERS.count
+        assert sb.execute("x = 1").ok
+        for at in each_point(codes, lambda: sb.execute("x = 1")):
+            where = interrupted(codes, at, lambda: sb.execute("x = 1"))
+            assert where is not None
+            result, _ = within(20, lambda: sb.execute("print(1 + 1)"))
+            assert result.ok and result.stdout == "2\n", where
+            assert not sb._lock.locked(), where
+            assert impl._CALLERS.count == base, where
+        within(20, sb.close)
+        assert sb._child is None
+    finally:
+        unlock_for_teardown(sb)
+        sb.close()
+
+
+def test_an_interrupt_anywhere_in_close_is_finished_by_the_next_close(audit_path: Path) -> None:
+    codes = codes_of(Sandbox.close, impl._Callers.leave)
+    probe = Sandbox("default", audit_log=audit_path)
+    points = each_point(codes, probe.close)
+    for at in points:
+        sb = Sandbox("default", audit_log=audit_path)
+        try:
+            assert sb.execute("x = 1").ok
+            child = sb._child
+            assert child is not None
+            where = interrupted(codes, at, sb.close)
+            within(20, sb.close)
+            assert sb._child is None and child.released and child.pidfd == -1, where
+        finally:
+            unlock_for_teardown(sb)
+            sb.close()
+
+
+def test_an_exit_cut_short_at_its_entry_stops_the_child_at_the_next_call(audit_path: Path) -> None:
+    """A Ctrl-C at the very entry of the call's exit skips its bookkeeping: the next call
+    cannot know whether an answer is still on its way, so it starts a fresh child (and says so)."""
+    with Sandbox("default", audit_log=audit_path) as sb:
+        try:
+            assert sb.set_variable("x", 1) is None
+            assert interrupted(codes_of(impl._Using.__exit__), 0, lambda: sb.get_variable("x")) is not None
+            result, _ = within(20, lambda: sb.execute("print(3 + 3)"))
+            assert result.stdout == "6\n" and result.state_lost
+        finally:
+            unlock_for_teardown(sb)
