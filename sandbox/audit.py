@@ -50,7 +50,7 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -212,6 +212,20 @@ def _gate(file: tuple[int, int]) -> threading.Lock:
     return gate
 
 
+def _attempt(lock: threading.Lock, wait: bool, timeout: float) -> Iterator[bool]:
+    """``for got in _attempt(lock, wait, timeout): break``, with ``got = False`` and a
+    ``try``/``finally: if got: lock.release()`` around it: *lock* is released if and only if
+    it was taken, whatever exception a signal handler (Ctrl-C) raises, wherever it lands.
+
+    Python runs pending signal handlers after every call, also between ``lock.acquire()``
+    returning True and the result reaching a variable; an exception then leaves the lock
+    taken with nobody to release it (and one raised inside ``acquire``, while it waits, leaves
+    it not taken: a ``try`` around the call cannot tell the two apart). Called by the loop
+    (``for``) through ``map``, ``acquire`` returns straight into *got*, with no point in
+    between where a handler runs. *wait* False: only if it is free now."""
+    return map(lock.acquire, (wait,), (timeout if wait else -1,))
+
+
 #: Every open log of this process: a forked child gives each a fresh lock, and each opens its
 #: file anew at its next append (see _after_fork).
 _logs: weakref.WeakSet[AuditLog] = weakref.WeakSet()
@@ -363,29 +377,37 @@ class AuditLog:
         None (an event loop then waits for it in a thread instead of on the loop)."""
         timeout = self.lock_timeout
         deadline = time.monotonic() + timeout
-        if not (self._lock.acquire(timeout=timeout) if wait else self._lock.acquire(blocking=False)):
-            if not wait:
-                return None
-            raise AuditError(
-                f"audit log {self.path}: another append through this log took over {timeout:g} s"
-            )
+        lock = self._lock
+        # Both locks are taken through _attempt: a Ctrl-C landing anywhere here cannot leave
+        # one held (the gate is process-wide: every later append to the file would wait on it).
+        locked = False
         try:
+            for locked in _attempt(lock, wait, timeout):  # noqa: B007 (see _attempt)
+                break
+            if not locked:
+                if not wait:
+                    return None
+                raise AuditError(
+                    f"audit log {self.path}: another append through this log took over {timeout:g} s"
+                )
             if self._fd < 0 or self._close_pending:
                 raise AuditError(f"audit log {self.path} is closed")
             if self._inherited:  # opened by the parent: a description of our own
                 self._open()
                 self._inherited = False
             gate = _gate(self._file)
-            left = max(0.0, deadline - time.monotonic())
-            if not (gate.acquire(timeout=left) if wait else gate.acquire(blocking=False)):
-                if not wait:
-                    return None
-                holder = _holder(self._file)  # what the append ahead of this one waits for, if anyone
-                raise AuditError(
-                    f"audit log {self.path}: waited {timeout:g} s behind another append of this process"
-                    + (f", itself waiting for the lock another process{holder} holds" if holder else "")
-                )
+            gated = False
             try:
+                for gated in _attempt(gate, wait, max(0.0, deadline - time.monotonic())):  # noqa: B007 (see _attempt)
+                    break
+                if not gated:
+                    if not wait:
+                        return None
+                    holder = _holder(self._file)  # what the append ahead of this one waits for, if anyone
+                    raise AuditError(
+                        f"audit log {self.path}: waited {timeout:g} s behind another append of this process"
+                        + (f", itself waiting for the lock another process{holder} holds" if holder else "")
+                    )
                 done = self._append(record, encoded, deadline if wait else None)
                 reopened = 0
                 while done is _DELETED:  # the file was deleted: a new one at the path, a new chain
@@ -398,25 +420,38 @@ class AuditLog:
                     done = self._append(record, encoded, deadline if wait else None)
                 return done  # type: ignore[no-any-return]
             finally:
-                gate.release()
+                if gated:
+                    gate.release()
         finally:
-            self._lock.release()
-            # A close gave up waiting for this append: it ends here. Looked at after the release,
-            # as close() sets the flag before it tries the lock once more: one of the two closes.
-            if self._close_pending and self._lock.acquire(blocking=False):
-                try:
-                    self._close_now()
-                finally:
-                    self._lock.release()
+            if locked:
+                lock.release()
+                # A close gave up waiting for this append: it ends here. Looked at after the
+                # release, as close() sets the flag before it tries the lock once more: one of
+                # the two closes.
+                if self._close_pending:
+                    self._close_if_free()
+
+    def _close_if_free(self) -> None:
+        """Close the file now unless an append (or a close) holds the log's lock."""
+        lock = self._lock
+        locked = False
+        try:
+            for locked in _attempt(lock, False, 0):  # noqa: B007 (see _attempt)
+                break
+            if locked:
+                self._close_now()
+        finally:
+            if locked:
+                lock.release()
 
     def _append(
         self, record: dict[str, Any], encoded: Mapping[str, str] | None, deadline: float | None
     ) -> Any:
         """The append under this process's gate; *deadline* None: only if the flock is free now."""
         try:
-            if not _flock(self._fd, deadline, self.lock_timeout, self.path, self._file):
-                return None
-            try:
+            try:  # the flock taken inside: a Ctrl-C just after it must not leave it held
+                if not _flock(self._fd, deadline, self.lock_timeout, self.path, self._file):
+                    return None
                 st = os.fstat(self._fd)
                 if st.st_nlink == 0:  # deleted since it was opened: lines written here would be lost
                     return _DELETED
@@ -455,15 +490,19 @@ class AuditLog:
     def close(self) -> None:
         """Close the file once no append uses it: an append in flight (from another thread)
         finishes first, or closes it itself if it takes longer than ``lock_timeout``."""
-        if not self._lock.acquire(timeout=self.lock_timeout):
-            self._close_pending = True  # the append in flight closes it as it ends ...
-            if not self._lock.acquire(blocking=False):
-                return
-            # ... unless it ended between the timeout and the flag: then it is closed here
+        lock = self._lock
+        locked = False
         try:
-            self._close_now()
+            for locked in _attempt(lock, True, self.lock_timeout):  # noqa: B007 (see _attempt)
+                break
+            if locked:
+                self._close_now()
+                return
         finally:
-            self._lock.release()
+            if locked:
+                lock.release()
+        self._close_pending = True  # the append in flight closes it as it ends ...
+        self._close_if_free()  # ... unless it ended between the timeout and the flag: then here
 
     def _close_now(self) -> None:
         fd, self._fd = self._fd, -1

@@ -17,7 +17,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 import sandbox.sandbox as impl
-from sandbox import Sandbox
+from sandbox import Sandbox, audit
 from tests.conftest import within
 
 _CALLS = {dis.opmap[name] for name in ("CALL", "CALL_FUNCTION_EX") if name in dis.opmap}
@@ -153,6 +153,46 @@ def test_an_interrupt_anywhere_in_close_is_finished_by_the_next_close(audit_path
         finally:
             unlock_for_teardown(sb)
             sb.close()
+
+
+# ------------------------------------------------------------------- the audit log
+def test_an_interrupt_anywhere_in_an_audit_append_leaves_the_file_writable(tmp_path: Path) -> None:
+    """The per-file gate is process-wide: one left held would stop every later append to the
+    file (from any sandbox) for good; the log's own lock, every append through that log."""
+    path = tmp_path / "audit.jsonl"
+    log = audit.AuditLog(path, lock_timeout=5)
+    other = audit.AuditLog(path, lock_timeout=5)
+    codes = codes_of(
+        audit.AuditLog.append,
+        audit.AuditLog._append,
+        getattr(audit.AuditLog, "_close_if_free", None),
+        getattr(audit, "_attempt", None),
+        audit._gate,
+        audit._flock,
+    )
+    other.append({"n": -2})
+    log.append({"n": -1})  # each turn below starts so, and ends so
+    for at in each_point(codes, lambda: log.append({"n": -1})):
+        where = interrupted(codes, at, lambda: log.append({"n": -1}))
+        assert where is not None
+        within(10, lambda: other.append({"by": "other"}))
+        within(10, lambda: log.append({"by": "log"}))
+    log.close()
+    other.close()
+    assert audit.verify(path).ok
+
+
+def test_an_interrupt_anywhere_in_an_audit_close_leaves_it_closed_or_closable(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    codes = codes_of(audit.AuditLog.close, getattr(audit.AuditLog, "_close_if_free", None))
+    probe = audit.AuditLog(path)
+    for at in each_point(codes, probe.close):
+        log = audit.AuditLog(path, lock_timeout=5)
+        log.append({"n": at})
+        interrupted(codes, at, log.close)
+        within(10, log.close)
+        assert log._fd == -1
+        assert not log._lock.locked()
 
 
 def test_an_exit_cut_short_at_its_entry_stops_the_child_at_the_next_call(audit_path: Path) -> None:
