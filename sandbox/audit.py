@@ -319,7 +319,17 @@ class AuditLog:
         self._linked = False  # the path was a symbolic link when the log was made
         self._inherited = False  # opened by the parent of this forked process (see _after_fork)
         self._open()
-        _logs.add(self)
+        try:
+            _logs.add(self)
+        except BaseException:  # (a Ctrl-C): the descriptor must not outlive the attempt
+            self._close_now()
+            raise
+
+    def __del__(self) -> None:
+        # A log dropped unclosed: one whose making was cut short after its file was opened
+        # (a Ctrl-C as AuditLog() returned, before the caller held it) cannot be closed else.
+        if getattr(self, "_fd", -1) >= 0:
+            self._close_now()
 
     def _open(self, again: bool = False) -> None:
         """Open (or create) the file at ``path`` and learn where its chain stands. *again*: the
@@ -332,24 +342,25 @@ class AuditLog:
             self._linked = os.path.islink(self.path)
         elif not self._linked:
             flags |= os.O_NOFOLLOW
+        fd = -1
         try:
             try:
                 fd = os.open(self.path, flags, 0o600)
             except FileNotFoundError:  # its directory is missing: the first log there
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, flags, 0o600)
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):  # a FIFO, a device: a write could block or vanish
-                    raise OSError(errno.EINVAL, "not a regular file")
-            except OSError:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO, a device: a write could block or vanish
+                raise OSError(errno.EINVAL, "not a regular file")
+            old, self._fd, fd = self._fd, fd, -1  # (one step: ours from here)
+        except BaseException as exc:  # a Ctrl-C included: the descriptor must not outlive the attempt
+            if fd >= 0:
                 os.close(fd)
-                raise
-        except OSError as exc:
-            raise AuditError(f"cannot open audit log {self.path}: {exc.strerror}") from None
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = fd
+            if isinstance(exc, OSError):
+                raise AuditError(f"cannot open audit log {self.path}: {exc.strerror}") from None
+            raise
+        if old >= 0:
+            os.close(old)
         self._file = (st.st_dev, st.st_ino)
         #: (size, mtime_ns) of the file after the last append this object knows of.
         self._at: tuple[int, int] = (-1, -1)

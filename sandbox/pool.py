@@ -192,27 +192,38 @@ class SandboxPool:
             return None
         stale: list[Ready] = []
         child: Ready | None = None
-        with self._cond:
-            if self._pid != os.getpid():  # never reached: the at-fork hook resets us
-                return None
-            slot = self._slot(key, make)
-            while slot.ready:
-                candidate = slot.ready.popleft()
-                if candidate.usable():
-                    child = candidate
-                    break
-                stale.append(candidate)
-            slot.requests += 1
-            if not slot.wanted and slot.requests >= 2 and slot.failures < _MAX_FAILURES:
-                slot.wanted = True
-                self._wake()
-            elif slot.wanted and (self._thread is None or not self._thread.is_alive()):
-                self._wake()
-            # else: the refill thread polls (below); waking it here would make it compete with
-            # this sandbox's first request for the CPU and the GIL
-        for dead in stale:
-            with contextlib.suppress(Exception):
-                dead.discard()
+        # A child taken off the queue is always named by a variable first (a Ctrl-C landing
+        # anywhere here must not lose one: it would live, unseen, until the host exits).
+        held: Ready | None = None
+        try:
+            with self._cond:
+                if self._pid != os.getpid():  # never reached: the at-fork hook resets us
+                    return None
+                slot = self._slot(key, make)
+                while slot.ready:
+                    held = slot.ready[0]
+                    slot.ready.popleft()
+                    if held.usable():
+                        child, held = held, None
+                        break
+                    stale.append(held)
+                    held = None
+                slot.requests += 1
+                if not slot.wanted and slot.requests >= 2 and slot.failures < _MAX_FAILURES:
+                    slot.wanted = True
+                    self._wake()
+                elif slot.wanted and (self._thread is None or not self._thread.is_alive()):
+                    self._wake()
+                # else: the refill thread polls (below); waking it here would make it compete
+                # with this sandbox's first request for the CPU and the GIL
+            for dead in stale:
+                with contextlib.suppress(Exception):
+                    dead.discard()
+        except BaseException:
+            for lost in (held, child, *stale):  # (discarding one twice is harmless)
+                if lost is not None:
+                    lost.discard()
+            raise
         return child
 
     def _slot(self, key: str, make: Callable[[], Ready]) -> _Slot:

@@ -532,40 +532,74 @@ def _spawn_ready(spec: _Spec) -> _Child:
     finally:
         if theirs is not None:
             theirs.close()
-    child = _Child(server, pid, pidfd, ours, scratch, lease, spec.max_frame)
-    child.scratch_lock = scratch_lock
+    child: _Child | None = None
+    # From here to the return, whatever fails (a Ctrl-C included) stops the child: nothing
+    # else knows of it yet (the sandbox records it only once it is returned).
     try:
-        hello = Sandbox._next_frame(child, _START_TIMEOUT)
-    except (_Timeout, _Died, protocol.WireError) as exc:
-        child.discard()
-        why = {_Timeout: "no hello in time", _Died: "it exited"}.get(type(exc), str(exc))
-        raise SandboxStartError(f"the sandbox child did not start: {why}") from None
-    except BaseException:  # Ctrl-C while it starts: it must not outlive the attempt
-        child.discard()
+        child = _Child(server, pid, pidfd, ours, scratch, lease, spec.max_frame)
+        child.scratch_lock = scratch_lock
+        try:
+            hello = Sandbox._next_frame(child, _START_TIMEOUT)
+        except (_Timeout, _Died, protocol.WireError) as exc:
+            why = {_Timeout: "no hello in time", _Died: "it exited"}.get(type(exc), str(exc))
+            raise SandboxStartError(f"the sandbox child did not start: {why}") from None
+        if hello["t"] != "hello" or hello["version"] != protocol.PROTOCOL_VERSION:
+            raise SandboxStartError(
+                f"the sandbox child did not start: got {hello['t']!r} version {hello.get('version')}"
+                f" (host speaks protocol {protocol.PROTOCOL_VERSION})"
+            )
+        if "error" in hello:
+            raise LayerUnavailableError(hello.get("layer", "?"), hello["error"])
+        child.layers = {str(k): str(v) for k, v in hello["layers"].items()}
+        child.spinner.window = SPIN_SECONDS
+        if spec.processes and cpu_path is not None and child.layers.get("cgroup") == "active":
+            # Processes the code forks burn CPU the child's own clock does not show (those it
+            # waited for too): the whole cgroup is charged, once the child is known to be in
+            # it. Without processes the clock is all of it, and cheaper to read (no system
+            # call, no hand-over of the GIL).
+            child.cpu = limits.CpuMeter(pid, cpu_path)
+        # It now blocks until its init (see child.Child.init): its CPU counts towards its
+        # first execute from here, its peak memory too, and the kernel backstop holds while it
+        # waits (in a pool, maybe long). Done here, these cost the first execute nothing.
+        _mark_cpu(child, spec)
+        child.rss.reset()
+        return child
+    except BaseException:
+        if child is not None:
+            child.discard()
+        else:  # cut short while its record was made
+            _abandon(server, pid, pidfd, ours, scratch, lease, scratch_lock)
         raise
-    if hello["t"] != "hello" or hello["version"] != protocol.PROTOCOL_VERSION:
-        child.discard()
-        raise SandboxStartError(
-            f"the sandbox child did not start: got {hello['t']!r} version {hello.get('version')}"
-            f" (host speaks protocol {protocol.PROTOCOL_VERSION})"
-        )
-    if "error" in hello:
-        child.discard()
-        raise LayerUnavailableError(hello.get("layer", "?"), hello["error"])
-    child.layers = {str(k): str(v) for k, v in hello["layers"].items()}
-    child.spinner.window = SPIN_SECONDS
-    if spec.processes and cpu_path is not None and child.layers.get("cgroup") == "active":
-        # Processes the code forks burn CPU the child's own clock does not show (those it
-        # waited for too): the whole cgroup is charged, once the child is known to be in it.
-        # Without processes the clock is all of it, and cheaper to read (no system call, no
-        # hand-over of the GIL).
-        child.cpu = limits.CpuMeter(pid, cpu_path)
-    # It now blocks until its init (see child.Child.init): its CPU counts towards its first
-    # execute from here, its peak memory too, and the kernel backstop holds while it waits
-    # (in a pool, maybe long). Done here, these cost the first execute nothing.
-    _mark_cpu(child, spec)
-    child.rss.reset()
-    return child
+
+
+def _abandon(
+    server: forkserver.ForkServer,
+    pid: int,
+    pidfd: int,
+    sock: socket.socket,
+    scratch: str,
+    lease: uids.UidLease | None,
+    scratch_lock: int,
+) -> None:
+    """Stop a child spawned without a :class:`_Child` record (its making was cut short): as
+    :func:`_stop_child` does, from the pieces."""
+    with contextlib.suppress(OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+    try:
+        exited = server.wait_exit(pid, 10.0)
+        if lease is not None:
+            if exited is not None or _pidfd_exited(pidfd, 10.0):
+                lease.release()
+            else:
+                _unconfirmed.append(lease)
+    finally:
+        sock.close()
+        os.close(pidfd)
+        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch_lock >= 0:
+            os.close(scratch_lock)
 
 
 def _mark_cpu(child: _Child, spec: _Spec, owed: float = 0.0) -> float | None:
@@ -1342,27 +1376,34 @@ class Sandbox:
         # What is this sandbox's own reaches the child in its init (a pooled child was forked
         # before the sandbox existed).
         init = protocol.encode({"t": "init", "host_functions": sorted(self._host)})
-        child = self._pool.take(self._policy_sha, self._make) if self._pool is not None else None
-        if child is not None:
-            # A pooled child has slept since its hello: wake it now, so that its wake-up and its
-            # first steps overlap with the rest of this set-up and the caller's next line instead
-            # of delaying the first request. Its socket is empty: the small frame never blocks.
-            # Its first answer comes late (it is still waking, then runs with cold caches): the
-            # host blocks for it instead of spinning, which on a busy machine takes the CPU the
-            # child needs (measured: 2.5 -> 1.9 ms to the first result with two cores busy).
-            child.spinner.skip = 1
-            try:
-                protocol.send_frame(child.sock, init, None, 1.0)
-            except OSError:
+        child: _Child | None = None
+        try:  # a child taken or spawned here is stopped if anything fails before it is ours
+            child = self._pool.take(self._policy_sha, self._make) if self._pool is not None else None
+            if child is not None:
+                # A pooled child has slept since its hello: wake it now, so that its wake-up and
+                # its first steps overlap with the rest of this set-up and the caller's next line
+                # instead of delaying the first request. Its socket is empty: the small frame never
+                # blocks. Its first answer comes late (it is still waking, then runs with cold
+                # caches): the host blocks for it instead of spinning, which on a busy machine takes
+                # the CPU the child needs (measured: 2.5 -> 1.9 ms to the first result with two
+                # cores busy).
+                child.spinner.skip = 1
+                try:
+                    protocol.send_frame(child.sock, init, None, 1.0)
+                except OSError:
+                    child.discard()
+                    child = None
+            if child is None:
+                child = _spawn_ready(self._spec)
+                # A child forked just now is awake: its init rides with the first request (_send).
+                child.init_frame = init
+            self._layers = child.layers  # (its CPU was marked when it said hello: _spawn_ready)
+            self._child = child
+            return child
+        except BaseException:
+            if child is not None and self._child is not child:
                 child.discard()
-                child = None
-        if child is None:
-            child = _spawn_ready(self._spec)
-            # A child forked just now is awake: its init rides with the first request (_send).
-            child.init_frame = init
-        self._layers = child.layers  # (its CPU was marked when it said hello: _spawn_ready)
-        self._child = child
-        return child
+            raise
 
     def _stop_child(self, child: _Child, graceful: bool) -> None:
         _stop_child(child, graceful)

@@ -10,14 +10,20 @@ turn. Real children throughout."""
 from __future__ import annotations
 
 import dis
+import gc
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
+import pytest
+
 import sandbox.sandbox as impl
-from sandbox import Sandbox, audit
+from sandbox import Sandbox, audit, forkserver, limits
+from sandbox.pool import SandboxPool
 from tests.conftest import within
 
 _CALLS = {dis.opmap[name] for name in ("CALL", "CALL_FUNCTION_EX") if name in dis.opmap}
@@ -206,3 +212,82 @@ def test_an_exit_cut_short_at_its_entry_stops_the_child_at_the_next_call(audit_p
             assert result.stdout == "6\n" and result.state_lost
         finally:
             unlock_for_teardown(sb)
+
+
+# ------------------------------------------------------------------ an interrupted start
+def _children(parents: Iterable[int]) -> set[int]:
+    """Pids whose parent is one of *parents* (zombies included: a child never reaped shows)."""
+    parents = set(parents)
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid in parents:
+                found.add(int(entry))
+    return found
+
+
+def _leftovers(scratch_root: Path) -> tuple[int, int, int]:
+    """(descriptors of this process, children of the fork servers, scratch directories)."""
+    gc.collect()
+    servers = [server.pid for server in forkserver._shared.values()]
+    return len(os.listdir("/proc/self/fd")), len(_children(servers)), len(list(scratch_root.iterdir()))
+
+
+_START_CODES = codes_of(
+    Sandbox.__init__,
+    Sandbox._start,
+    impl._spawn_ready,
+    impl._mark_cpu,
+    limits.set_cpu_backstop,
+    limits.RSSMeter.reset,
+    SandboxPool.take,
+    audit.AuditLog.__init__,
+    audit.AuditLog._open,
+)
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["forked", "pooled"])
+def test_an_interrupt_anywhere_in_a_start_keeps_nothing_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pooled: bool
+) -> None:
+    """At each point of Sandbox() where a Ctrl-C may land (once the child is forked, nothing
+    else knows of it: the sandbox records it only at the end of _start): afterwards no child,
+    descriptor or scratch directory more than before, and the next Sandbox() works."""
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    audit_log = tmp_path / "audit.jsonl"
+    with SandboxPool(1) as pool:
+
+        def start() -> Sandbox:
+            if pooled:
+                pool.warm("default")
+                assert pool.wait_ready(20)
+            return Sandbox("default", audit_log=audit_log, pool=pool if pooled else None)
+
+        start().close()
+        for at in each_point(_START_CODES, lambda: start().close()):
+            if pooled:
+                start().close()  # the pool refilled, at rest
+                assert pool.wait_ready(20)
+            before = _leftovers(scratch_root)
+            with Injector(_START_CODES, at) as injector:
+                try:
+                    started = start()
+                except KeyboardInterrupt:
+                    pass
+                else:  # the interrupt landed in the preparation, outside the codes
+                    started.close()
+            if pooled:
+                assert pool.wait_ready(20)
+            assert _leftovers(scratch_root) == before, injector.fired
+            sb, _ = within(30, start)
+            try:
+                assert sb.execute("print(1)").stdout == "1\n", injector.fired
+            finally:
+                sb.close()
