@@ -1590,7 +1590,11 @@ class Sandbox:
             except Exception as exc:  # not plain data: the child gets the error
                 outcome, failed = exc, True
         if failed:
-            text = f"{type(outcome).__name__}: {outcome}" if str(outcome) else type(outcome).__name__
+            try:
+                shown = str(outcome)
+            except Exception:  # its __str__ fails: the child gets its type all the same
+                shown = ""
+            text = f"{type(outcome).__name__}: {shown}" if shown else type(outcome).__name__
             # Cut in UTF-8 bytes (a character may take 4), to fit the output cap and the frame.
             cap = min(self.policy.limits.max_output_bytes, self._inline)
             cut = protocol.clean_text(text).encode()[:cap].decode(errors="ignore")

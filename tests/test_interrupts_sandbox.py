@@ -9,6 +9,7 @@ turn. Real children throughout."""
 
 from __future__ import annotations
 
+import asyncio
 import dis
 import gc
 import os
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 import sandbox.sandbox as impl
-from sandbox import Sandbox, audit, forkserver, limits
+from sandbox import AsyncSandbox, Sandbox, audit, forkserver, limits
 from sandbox.pool import SandboxPool
 from tests.conftest import within
 
@@ -291,3 +292,41 @@ def test_an_interrupt_anywhere_in_a_start_keeps_nothing_of_it(
                 assert sb.execute("print(1)").stdout == "1\n", injector.fired
             finally:
                 sb.close()
+
+
+# --------------------------------------------------------------- host functions' errors
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for this one")
+
+
+def _unprintable() -> None:
+    raise _Unprintable()
+
+
+def test_a_host_functions_error_that_cannot_be_shown_is_a_host_function_error(audit_path: Path) -> None:
+    """An exception whose __str__ fails: the child gets HostFunctionError (its type), the
+    execute returns and the child lives on (the host used to raise that error itself)."""
+    with Sandbox("default", host_functions={"f": _unprintable}, audit_log=audit_path) as sb:
+        assert sb.execute("x = 1").ok
+        r = sb.execute("try:\n    f()\nexcept HostFunctionError as e:\n    print('caught', e)")
+        assert r.ok and r.stdout == "caught _Unprintable\n", r
+        r = sb.execute("print(x)")
+        assert r.stdout == "1\n" and not r.state_lost, r
+
+
+async def _unprintable_async() -> None:
+    raise _Unprintable()
+
+
+def test_an_async_host_functions_error_that_cannot_be_shown_is_a_host_function_error(
+    audit_path: Path,
+) -> None:
+    async def main() -> None:
+        async with AsyncSandbox(
+            "default", host_functions={"f": _unprintable_async}, audit_log=audit_path
+        ) as sb:
+            r = await sb.execute("try:\n    f()\nexcept HostFunctionError as e:\n    print('caught', e)")
+            assert r.ok and r.stdout == "caught _Unprintable\n", r
+
+    asyncio.run(main())
