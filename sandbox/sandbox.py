@@ -1999,7 +1999,10 @@ class AsyncSandbox:
             outcome, failed = exc, True
         finally:
             calling.clear()
-            _IN_HOST_CALL.reset(token)
+            # ValueError: the coroutine is closed outside the task's context (its loop was closed
+            # without cancelling it, and the garbage collector closes it): nothing to reset there.
+            with contextlib.suppress(ValueError):
+                _IN_HOST_CALL.reset(token)
         spent = time.perf_counter() - h0
         frame, fd = sb._reply(child, msg, outcome, failed)
         await _send_async(sb, child, frame, fd, wall_deadline + spent - time.perf_counter() + DEADLINE_GRACE)

@@ -15,6 +15,7 @@ import gc
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import CodeType, FrameType
@@ -330,3 +331,47 @@ def test_an_async_host_functions_error_that_cannot_be_shown_is_a_host_function_e
             assert r.ok and r.stdout == "caught _Unprintable\n", r
 
     asyncio.run(main())
+
+
+def test_a_host_call_left_on_a_loop_closed_without_cancelling_it_is_dropped_quietly(
+    audit_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An execute awaiting a coroutine host function when its loop is closed without cancelling
+    it (a framework's shutdown): the garbage collector closes the coroutine outside the task's
+    context. No "Exception ignored ... ValueError: <Token ...> was created in a different
+    Context"; the sandbox is usable from a new loop and closes."""
+    unraisable: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: unraisable.append(info.exc_value))
+    called = threading.Event()
+
+    async def slow() -> None:
+        called.set()
+        await asyncio.sleep(3600)
+
+    asb = AsyncSandbox("default", host_functions={"slow": slow}, audit_log=audit_path)
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.run_until_complete(_abandoned(asb, called))
+        assert not task.done()
+    finally:
+        loop.close()  # no cancel: the pending task is dropped
+    del task
+    gc.collect()
+    assert not [exc for exc in unraisable if isinstance(exc, ValueError)], unraisable
+
+    async def again() -> str:
+        r = await asyncio.wait_for(asb.execute("print(2)"), 20)
+        await asb.close()
+        return r.stdout
+
+    assert within(30, lambda: asyncio.run(again()))[0] == "2\n"
+
+
+async def _abandoned(asb: AsyncSandbox, called: threading.Event) -> asyncio.Task[object]:
+    await asb.start()
+    task: asyncio.Task[object] = asyncio.ensure_future(asb.execute("slow()"))
+    for _ in range(2000):
+        if called.is_set():
+            return task
+        await asyncio.sleep(0.01)
+    raise AssertionError("the host function was not called")
