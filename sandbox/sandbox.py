@@ -108,7 +108,7 @@ class _Callers:
     which slows every other thread of the host (8 threads ran at 70% of one thread's rate,
     32 at 56%), and children that spin while the host serves others take its CPU.
 
-    A set of keys (a sandbox's ``_key``: one call at a time holds its lock), not a count: adding
+    A set of keys (a sandbox's ``id``: one call at a time holds its lock), not a count: adding
     and discarding are single operations under the GIL, and discarding twice, or what was
     never added, is harmless, so a Ctrl-C that cuts a call's bookkeeping short cannot leave
     the count off for good (which would stop all spinning in the process)."""
