@@ -25,6 +25,7 @@ import pytest
 
 import sandbox.sandbox as impl
 from sandbox import AsyncSandbox, Sandbox, audit, forkserver, limits
+from sandbox import pool as pool_module
 from sandbox.pool import SandboxPool
 from tests.conftest import within
 
@@ -260,6 +261,14 @@ def test_an_interrupt_anywhere_in_a_start_keeps_nothing_of_it(
     """At each point of Sandbox() where a Ctrl-C may land (once the child is forked, nothing
     else knows of it: the sandbox records it only at the end of _start): afterwards no child,
     descriptor or scratch directory more than before, and the next Sandbox() works."""
+    # The process-wide pool (earlier tests used it) refills in the background: its children
+    # would count here. It is closed, its refill thread waited for, and replaced (lazily).
+    default = pool_module._default
+    if default is not None:
+        default.close()
+        if default._thread is not None:
+            default._thread.join(30)
+        pool_module._default = None
     scratch_root = tmp_path / "tmp"
     scratch_root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
