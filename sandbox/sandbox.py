@@ -572,6 +572,18 @@ def _spawn_ready(spec: _Spec) -> _Child:
         raise
 
 
+def _settle_lease(lease: uids.UidLease | None, exited: forkserver.ExitInfo | None, pidfd: int) -> None:
+    """Release the uid *lease* of a child that was killed once its death is confirmed: by its fork
+    server's report (*exited*), or without one (the server died too) by its pidfd, readable once
+    that very process has exited. Not known to be dead: the uid must never go to another sandbox."""
+    if lease is None:
+        return
+    if exited is not None or _pidfd_exited(pidfd, 10.0):
+        lease.release()
+    else:
+        _unconfirmed.append(lease)
+
+
 def _abandon(
     server: forkserver.ForkServer,
     pid: int,
@@ -588,12 +600,7 @@ def _abandon(
     with contextlib.suppress(OSError):
         os.killpg(pid, signal.SIGKILL)
     try:
-        exited = server.wait_exit(pid, 10.0)
-        if lease is not None:
-            if exited is not None or _pidfd_exited(pidfd, 10.0):
-                lease.release()
-            else:
-                _unconfirmed.append(lease)
+        _settle_lease(lease, server.wait_exit(pid, 10.0), pidfd)
     finally:
         sock.close()
         os.close(pidfd)
@@ -703,12 +710,7 @@ def _stop_child(child: _Child, graceful: bool) -> None:
     child.kill()
     exited = _collect_exit(child)
     if child.lease is not None:
-        # Its fork server's report confirms the death; without one (the server died too) the
-        # pidfd does: it becomes readable once that very process has exited.
-        if exited is not None or _pidfd_exited(child.pidfd, 10.0):
-            child.lease.release()
-        else:  # not known to be dead: its uid must not go to another sandbox
-            _unconfirmed.append(child.lease)
+        _settle_lease(child.lease, exited, child.pidfd)
         child.lease = None
     child.drop_fds()
     child.take_back()  # a leftover process of the child may still hold them

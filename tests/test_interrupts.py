@@ -63,6 +63,21 @@ def _later_sandboxes_get_their_own_child(
         time.sleep(0.01)
 
 
+def _start_interrupted(
+    audit_path: Any, monkeypatch: Any, owner: Any, name: str, patched: Any, exc: type[BaseException]
+) -> None:
+    """Start a sandbox with ``owner.name`` replaced by *patched* (which raises *exc* once, at the
+    point under test): the start fails with *exc*; then later sandboxes each get their own child."""
+    real = getattr(owner, name)
+    server = forkserver.shared(False)
+    earlier = _server_children(server)
+    monkeypatch.setattr(owner, name, patched)
+    with pytest.raises(exc):
+        within(30, lambda: Sandbox("default", audit_log=audit_path, pool=None))
+    monkeypatch.setattr(owner, name, real)
+    _later_sandboxes_get_their_own_child(audit_path, server, earlier)
+
+
 @pytest.mark.parametrize("sweep", [True, False], ids=["swept", "pid-checked"])
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, JobTimeout])
 def test_interrupt_after_a_spawned_frame_was_read_does_not_hand_its_pidfd_to_the_next_child(
@@ -84,14 +99,8 @@ def test_interrupt_after_a_spawned_frame_was_read_does_not_hand_its_pidfd_to_the
             raise interrupts.pop()
         return real_check(msg, sender)
 
-    server = forkserver.shared(False)
-    earlier = _server_children(server)
-    monkeypatch.setattr(protocol, "check", check)
-    with pytest.raises(exc):
-        within(30, lambda: Sandbox("default", audit_log=audit_path, pool=None))
+    _start_interrupted(audit_path, monkeypatch, protocol, "check", check, exc)
     assert not interrupts
-    monkeypatch.setattr(protocol, "check", real_check)
-    _later_sandboxes_get_their_own_child(audit_path, server, earlier)
 
 
 def test_a_signal_exception_while_a_spawned_frame_is_decoded_propagates_as_itself(
@@ -109,14 +118,8 @@ def test_a_signal_exception_while_a_spawned_frame_is_decoded_propagates_as_itsel
             raise interrupts.pop()  # as a handler would, on the way out of the decoder
         return msg
 
-    server = forkserver.shared(False)
-    earlier = _server_children(server)
-    monkeypatch.setattr(msgpack, "unpackb", unpackb)
-    with pytest.raises(JobTimeout):
-        within(30, lambda: Sandbox("default", audit_log=audit_path, pool=None))
+    _start_interrupted(audit_path, monkeypatch, msgpack, "unpackb", unpackb, JobTimeout)
     assert not interrupts
-    monkeypatch.setattr(msgpack, "unpackb", real_unpackb)
-    _later_sandboxes_get_their_own_child(audit_path, server, earlier)
 
 
 def test_a_frame_whose_decoding_was_interrupted_is_yielded_by_the_next_iteration(monkeypatch) -> None:
