@@ -222,9 +222,13 @@ def test_cgroup_trees_of_a_job_killed_whole_are_removed_by_the_next_host(tmp_pat
             pids = [int(p) for d in jobs for p in Path(d, "cgroup.procs").read_text().split()]
             if not pids:
                 break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            # Stopped first, all of them: a fork server that outlived its host by a moment (the
+            # test preempted between two kills on a loaded machine) would see it go and remove
+            # its own tree, which is not the case under test (a job killed whole, at once).
+            for sig in (signal.SIGSTOP, signal.SIGKILL):
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
             time.sleep(0.1)
         host.wait(10)
         assert all(trees[0] in os.listdir(d) for d in jobs)  # left behind
