@@ -466,6 +466,13 @@ def _add_mcp_parser(sub: Any) -> None:
     p.add_argument("--log-dir", help="write rlm_query trajectories here (default: none)")
     p.add_argument("--max-iterations", type=int, metavar="N", help="rlm_query's turns at most (default: 20)")
     p.add_argument(
+        "--max-time",
+        type=float,
+        metavar="SECONDS",
+        help="each rlm_query's wall-clock budget: its code is stopped and it answers with what it has"
+        " (default: 600)",
+    )
+    p.add_argument(
         "--pool-size",
         type=int,
         default=2,
@@ -482,6 +489,7 @@ def _rlm_query_flags(args: argparse.Namespace) -> list[tuple[str, Any]]:
         ("--api-base", args.api_base),
         ("--log-dir", args.log_dir),
         ("--max-iterations", args.max_iterations),
+        ("--max-time", args.max_time),
     ]
 
 
@@ -505,6 +513,8 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
     ):
         if not value > 0:
             return _fail(f"{flag} must be positive")
+    if args.max_time is not None and not 0 < args.max_time < float("inf"):
+        return _fail("--max-time must be a positive number of seconds")
     from rlm.checks import check_api_base, check_log_dir
     from rlm.errors import ConfigurationError
 
@@ -543,6 +553,7 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
         log_dir=Path(args.log_dir) if args.log_dir else None,
         max_iterations=max_iterations,
         pool_size=args.pool_size,
+        **({} if args.max_time is None else {"max_time_s": args.max_time}),
     )
     from sandbox.errors import SandboxError
 

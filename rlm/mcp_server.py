@@ -12,7 +12,8 @@ Tools (their names and result fields are the contract; results are structured co
   exception, a limit, a crash) is a result with ``ok = false``, not a tool error.
 - ``session_open()``, ``session_close(session_id)``, ``session_list()``.
 - ``rlm_query(query, context=None, context_path=None, max_iterations=None)``,
-  listed only when the server was given ``--model``.
+  listed only when the server was given ``--model``; each query is bounded by
+  ``--max-time`` (:attr:`ServerConfig.max_time_s`, default 600 s).
 
 The policy is the server's: tool arguments cannot name a policy or a limit, and
 an argument the schema does not list is refused. Bad input (a missing or
@@ -106,6 +107,7 @@ class ServerConfig:
     api_base: str | None = None
     log_dir: Path | None = None  # where rlm_query writes its trajectories (None: none written)
     max_iterations: int = 20  # rlm_query's ceiling on root turns
+    max_time_s: float = 600.0  # seconds of wall clock one rlm_query may take (its max_time_s)
     pool_size: int = 2  # ready sandbox children kept for new sandboxes (0: fork each on demand)
 
     @property
@@ -741,6 +743,7 @@ class MCPApp:
                         policy=cfg.policy,
                         log_dir=cfg.log_dir,
                         max_iterations=n or ceiling,
+                        max_time_s=cfg.max_time_s,
                         cancel=token,
                     ),
                     token.cancel,

@@ -901,3 +901,34 @@ def test_audit_lines_waiting_for_the_lock_are_written_before_shutdown(tmp_path: 
         holder.kill()
         holder.wait()
     assert [json.loads(x).get("n") for x in path.read_text().splitlines()] == [1]
+
+
+@pytest.mark.slow
+def test_rlm_query_is_bounded_by_the_server_s_max_time(tmp_path: Path) -> None:
+    """``rlm_query`` had no time budget: a client's query whose code sleeps (or a model that
+    writes slow code, turn after turn) held the server for its turns times the policy's wall
+    limit, hours. ``--max-time`` (default 600 s) bounds each query: its code is stopped and it
+    answers with ``stop_reason="max_time_s"``; bad values are refused at start."""
+    env = server_env(OPENAI_API_KEY="sk-test-mcp")
+
+    async def go(url: str) -> None:
+        args = ("--model", "openai/root", "--api-base", url, "--audit-log", str(tmp_path / "a.jsonl"))
+        async with stdio_session(*args, "--max-time", "2", env=env) as s:
+            t0 = time.monotonic()
+            r = await call(s, "rlm_query", query="SLEEPER", context="x", max_iterations=3)
+            assert r["stop_reason"] == "max_time_s", r
+            assert time.monotonic() - t0 < 20  # not the policy's 30 s wall limit per turn
+
+    with LLMServer(_root) as llm:
+        anyio.run(go, llm.base_url)
+    for bad in ("0", "-1", "nan", "inf"):
+        out = subprocess.run(
+            [sys.executable, "-m", "rlm", "mcp", "--model", "openai/root", "--max-time", bad],
+            capture_output=True, text=True, timeout=60, env=env, cwd=str(ROOT),
+        )  # fmt: skip
+        assert out.returncode == 2 and "--max-time must be a positive number" in out.stderr, (bad, out.stderr)
+    out = subprocess.run(
+        [sys.executable, "-m", "rlm", "mcp", "--max-time", "5"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=str(ROOT),
+    )  # fmt: skip
+    assert out.returncode == 2 and "--max-time needs --model" in out.stderr, out.stderr
