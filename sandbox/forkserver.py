@@ -271,14 +271,12 @@ def _pidfd_pid(fd: int) -> int | None:
     return None
 
 
-def _readable(fd: int, timeout: float) -> bool:
-    """Whether *fd* is readable (a pidfd: its process has exited) within *timeout* seconds."""
+def pidfd_exited(pidfd: int, timeout: float) -> bool:
+    """True once the process *pidfd* refers to has exited (its pidfd readable), waiting up to
+    *timeout* seconds. Raises OSError or ValueError for a descriptor that is not open."""
     waiter = select.poll()
-    try:
-        waiter.register(fd, select.POLLIN)
-        return bool(waiter.poll(protocol.poll_ms(timeout)))
-    except (OSError, ValueError):  # closed meanwhile (close() in another thread)
-        return True
+    waiter.register(pidfd, select.POLLIN)
+    return bool(waiter.poll(protocol.poll_ms(timeout)))
 
 
 class _ServerGone(Exception):
@@ -356,7 +354,10 @@ class ForkServer:
         fd = self._pidfd
         if fd < 0:
             return True
-        return _readable(fd, 0)
+        try:
+            return pidfd_exited(fd, 0)
+        except (OSError, ValueError):  # closed meanwhile (close() in another thread)
+            return True
 
     def _kill(self) -> None:
         fd = self._pidfd
@@ -391,7 +392,8 @@ class ForkServer:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                _readable(self._pidfd, min(left, 1.0))
+                with contextlib.suppress(OSError, ValueError):  # closed meanwhile: waitid says so
+                    pidfd_exited(self._pidfd, min(left, 1.0))
             return True
 
     def _stopped(self) -> bool:

@@ -134,7 +134,7 @@ _CALLERS = _Callers()
 
 def _child_may_spin() -> bool:
     """The ``spin`` word of an exec or reply frame: one call in flight and a CPU free."""
-    return len(_CALLERS.keys) <= 1 and _SLACK.free()
+    return _CALLERS.count <= 1 and _SLACK.free()
 
 
 #: Leases of children whose death could not be confirmed: kept (never reused) until the host exits.
@@ -578,7 +578,7 @@ def _settle_lease(lease: uids.UidLease | None, exited: forkserver.ExitInfo | Non
     that very process has exited. Not known to be dead: the uid must never go to another sandbox."""
     if lease is None:
         return
-    if exited is not None or _pidfd_exited(pidfd, 10.0):
+    if exited is not None or forkserver.pidfd_exited(pidfd, 10.0):
         lease.release()
     else:
         _unconfirmed.append(lease)
@@ -689,13 +689,6 @@ def _sigpipe_held() -> Iterator[None]:
                 signal.sigtimedwait(held, 0)
             finally:  # unblocked even if an exception (a second Ctrl-C) comes in between
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
-
-
-def _pidfd_exited(pidfd: int, timeout: float) -> bool:
-    """True once the process *pidfd* refers to has exited (waiting up to *timeout* seconds)."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(protocol.poll_ms(timeout)))
 
 
 def _stop_child(child: _Child, graceful: bool) -> None:
@@ -1087,15 +1080,12 @@ class Sandbox:
         child = self._child
         if child is None or child.dead or os.getpid() != self._owner_pid:
             return False
-        # A poll object of its own: child.poll may not be used by two threads at once (and
-        # select() cannot take a descriptor number of 1024 or more).
-        waiter = select.poll()
+        # A poll object of its own (pidfd_exited): child.poll may not be used by two threads at
+        # once (and select() cannot take a descriptor number of 1024 or more).
         try:
-            waiter.register(child.pidfd, select.POLLIN)
-            events = waiter.poll(0)
+            return not forkserver.pidfd_exited(child.pidfd, 0)
         except (OSError, ValueError):  # its pidfd was closed (the sandbox closed meanwhile)
             return False
-        return not events
 
     @property
     def pid(self) -> int | None:
@@ -1472,7 +1462,7 @@ class Sandbox:
                 return protocol.check(raw, "child")
             if child.dead:
                 raise _Died()
-            alone = len(_CALLERS.keys) <= 1
+            alone = _CALLERS.count <= 1
             events = child.poll.poll(0) if alone else []
             # Spin briefly before blocking (a blocked process on a VM takes 100+ us
             # to wake), adaptively and one host thread at a time: see sandbox.spin.
