@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from sandbox.errors import AuditError
+from sandbox.files import NOT_REGULAR, read_regular
 
 __all__ = [
     "GENESIS",
@@ -351,7 +352,7 @@ class AuditLog:
                 fd = os.open(self.path, flags, 0o600)
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):  # a FIFO, a device: a write could block or vanish
-                raise OSError(errno.EINVAL, "not a regular file")
+                raise OSError(errno.EINVAL, NOT_REGULAR)
             old, self._fd, fd = self._fd, fd, -1  # (one step: ours from here)
         except BaseException as exc:  # a Ctrl-C included: the descriptor must not outlive the attempt
             if fd >= 0:
@@ -622,26 +623,11 @@ class VerifyReport:
     last_hash: str | None = None
 
 
-def _read_regular(path: Path) -> bytes:
-    """The bytes of *path*, a regular file (OSError otherwise), read through the descriptor
-    that was checked. O_NONBLOCK: opening a FIFO for reading waits for a writer, forever."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device, a directory
-            raise OSError(errno.EINVAL, "not a regular file")
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def verify(path: str | Path) -> VerifyReport:
     """Check the whole chain; name the first line that breaks it (or is not spelled as the
     writer writes it)."""
     try:
-        data = _read_regular(_as_path(path))
+        data = read_regular(_as_path(path))
     except OSError as exc:
         raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from None
     lines = data.split(b"\n")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sandbox import protocol
 from sandbox.errors import PolicyError
+from sandbox.files import NOT_REGULAR, read_regular
 from sandbox.layers import LAYERS, host_state, host_tree, layer
 
 __all__ = [
@@ -484,19 +484,11 @@ def _read_policy_file(path: Path) -> bytes:
     """The bytes of a regular file of at most :data:`MAX_POLICY_BYTES`; else PolicyError. A FIFO
     would block the read forever, ``/dev/zero`` would fill memory."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        raw = read_regular(path, MAX_POLICY_BYTES + 1)
     except OSError as exc:
+        if exc.strerror == NOT_REGULAR:
+            raise PolicyError(f"{path}: not a regular file") from None
         raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise PolicyError(f"{path}: not a regular file")
-        raw = os.read(fd, MAX_POLICY_BYTES + 1)
-        while len(raw) <= MAX_POLICY_BYTES and (more := os.read(fd, MAX_POLICY_BYTES + 1 - len(raw))):
-            raw += more
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
-    finally:
-        os.close(fd)
     if len(raw) > MAX_POLICY_BYTES:
         raise PolicyError(f"{path}: over {MAX_POLICY_BYTES} bytes: not a policy file")
     return raw
