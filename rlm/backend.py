@@ -35,8 +35,10 @@ class ModelBackend(Protocol):
 
     A backend may also have a ``request_timeout`` attribute (seconds, or
     ``None``): the loop gives up a call still running that long after it
-    started (see :meth:`LiteLLMBackend.request_timeout`). It is optional, so not
-    a member of this protocol.
+    started (see :meth:`LiteLLMBackend.request_timeout`), and a ``prepare()``
+    method: work done once before calls (loading a library), which the loop
+    runs before each call's request timeout starts counting. Both are optional,
+    so not members of this protocol.
     """
 
     def complete(self, model: str, messages: Messages, **kwargs: Any) -> Completion: ...
@@ -59,6 +61,14 @@ class LiteLLMBackend:
 
     def __repr__(self) -> str:  # never show the key
         return f"LiteLLMBackend(api_base={self.api_base!r}, api_key={'***' if self._api_key else None})"
+
+    def prepare(self) -> None:
+        """Load litellm and what its first call loads (once per process; seconds, see
+        :func:`rlm.llm.warm`): the loop calls this before a call's request timeout starts, so
+        that loading is not counted as the request's time."""
+        from rlm import llm
+
+        llm.warm()
 
     @property
     def request_timeout(self) -> float | None:

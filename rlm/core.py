@@ -674,24 +674,30 @@ class _Run:
         over only through this call's own ``box``, read once ``done`` is set, never after giving
         up). Past the request timeout (and :data:`REQUEST_GRACE_S`, so that the HTTP client's
         own timeout reports a server that sends nothing) it is a :class:`ProviderUnavailable`,
-        retried like the HTTP client's timeout. Without any of them, it runs here."""
+        retried like the HTTP client's timeout. The request timeout counts from the end of the
+        backend's ``prepare()``, when it has one (litellm's first import takes seconds: a short
+        timeout gave up the first call while litellm loaded, and the call then went out anyway,
+        beside its retry). Without any of them, it runs here."""
         limit = _request_timeout(self.cfg.backend)
         if self.ledger.budgets.max_time_s is None and self.ledger.cancel is None and limit is None:
             return self.cfg.backend.complete(model, messages, **kwargs)
         box: dict[str, Any] = {}
         done = threading.Event()
+        backend = self.cfg.backend
 
         def call() -> None:
             try:
-                box["value"] = self.cfg.backend.complete(model, messages, **kwargs)
+                prepare = getattr(backend, "prepare", None)
+                if callable(prepare):  # (litellm's first import: seconds, not the request's time)
+                    prepare()
+                box["started"] = time.monotonic()  # the request timeout counts from here
+                box["value"] = backend.complete(model, messages, **kwargs)
             except BaseException as exc:  # handed to the caller below
                 box["error"] = exc
             finally:
                 done.set()
 
         context = contextvars.copy_context()
-        started = time.monotonic()
-        deadline = None if limit is None else started + limit + REQUEST_GRACE_S
         threading.Thread(target=context.run, args=(call,), name="rlm-model-call", daemon=True).start()
         while not done.wait(0.05):
             over = self.ledger.halted()  # not max_sub_calls: a call under way was let through
@@ -700,7 +706,13 @@ class _Run:
                 raise BudgetExceeded(
                     over[0], f"a call to {model} was still running when the run stopped ({over[0]})"
                 )
-            if deadline is not None and time.monotonic() >= deadline and not done.is_set():
+            started = box.get("started")
+            if (
+                limit is not None
+                and started is not None
+                and time.monotonic() >= started + limit + REQUEST_GRACE_S
+                and not done.is_set()
+            ):
                 self.ledger.record_abandoned(model)
                 where = getattr(self.cfg.backend, "api_base", None) or "the provider's API endpoint"
                 raise ProviderUnavailable(

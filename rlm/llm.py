@@ -86,6 +86,7 @@ _MIN_ENV_KEY_CHARS = 8
 
 _litellm: ModuleType | None = None
 _import_lock = threading.Lock()
+_warmed = False  # warm() has run
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,32 @@ def _lib() -> ModuleType:
             litellm.drop_params = True  # a parameter a provider lacks is dropped, not an error
             _litellm = litellm
     return _litellm
+
+
+def warm() -> None:
+    """Load what litellm loads for its first call, once per process (thread-safe): the import of
+    litellm and one mock completion (no network), which imports the HTTP stack and the types the
+    first call builds. Seconds on a slow machine: :meth:`rlm.backend.LiteLLMBackend.prepare`
+    calls it before a call's request timeout starts counting."""
+    global _warmed
+    if _warmed:
+        return
+    litellm = _lib()
+    with _import_lock:
+        if _warmed:
+            return
+        try:
+            litellm.completion(
+                model="openai/warm-up",
+                messages=[{"role": "user", "content": "-"}],
+                mock_response="-",
+                api_key="sk-warm-up",
+                api_base="http://127.0.0.1:9/v1",  # never contacted: the response is the mock
+            )
+            import httpcore  # noqa: F401 (the real call's HTTP client loads it; the mock does not)
+        except Exception:  # a warm-up only: the real call reports what is wrong
+            pass
+        _warmed = True
 
 
 def secret_values(*keys: str | None) -> list[str]:

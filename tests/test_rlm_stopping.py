@@ -13,8 +13,11 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -428,3 +431,54 @@ def test_rlm_run_request_timeout_gives_up_a_reply_that_trickles(
     assert payload["answer"] == "on time" and payload["usage"]["openai/m"]["abandoned"] == 1, payload
     assert second.received_at - first.received_at < 3 * 1.0 + 1.5  # the retry's backoff: at most 1.5 s
     assert "Traceback" not in out.err
+
+
+# ------------------------------------------------------------------ the request timeout's start
+class _SlowToLoad(ScriptedBackend):
+    """A backend whose ``prepare()`` (a library's first import, for litellm) takes longer than its
+    request timeout; each call then answers at once."""
+
+    request_timeout = 0.2
+
+    def __init__(self, script: Any) -> None:
+        super().__init__(script)
+        self.prepared = 0
+        self.completes = 0
+
+    def prepare(self) -> None:
+        self.prepared += 1
+        if self.prepared == 1:
+            time.sleep(1.5)  # > request_timeout + REQUEST_GRACE_S
+
+    def complete(self, model: str, messages: Any, **kwargs: Any) -> Any:
+        self.completes += 1
+        return super().complete(model, messages, **kwargs)
+
+
+def test_the_request_timeout_starts_after_the_backend_is_prepared():
+    """Loading the backend (litellm's import takes seconds) is not the request's time: a call whose
+    backend loads for longer than the request timeout was given up, and the call then went out
+    anyway beside its retry (sent twice, paid twice)."""
+    backend = _SlowToLoad(["FINAL(loaded)"])
+    result, _ = within(20, lambda: run("q", "ctx", model="m", backend=backend, max_retries=1, retry_backoff_s=0.05))
+    assert result.answer == "loaded", result
+    assert backend.prepared >= 1, "prepare() was not called"
+    assert result.usage["m"].abandoned == 0 and backend.completes == 1, (result.usage, backend.completes)
+
+
+def test_a_fresh_rlm_run_with_a_short_request_timeout_sends_its_first_call_once(tmp_path: Path):
+    """``rlm run --request-timeout 1`` in a new process: litellm, loaded by the first call, takes
+    seconds to load; the request timeout counts from the request, so the first call is sent once."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env.update(OPENAI_API_KEY=KEY, HOME=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"))
+    with LLMServer(["FINAL(first try)", "FINAL(a second request)"]) as srv:
+        done = subprocess.run(
+            [sys.executable, "-m", "rlm", "run", "-m", "openai/m", "--api-base", srv.base_url, "--context", "-",
+             "--query", "q", "--request-timeout", "1", "--json"],
+            input="ctx", capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        sent = len(srv.requests)
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert payload["answer"] == "first try" and sent == 1, (payload["answer"], sent, done.stderr)
+    assert payload["usage"]["openai/m"]["abandoned"] == 0, payload["usage"]
