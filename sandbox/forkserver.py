@@ -419,7 +419,10 @@ class ForkServer:
                 if msg["t"] in ("spawned", "failed") and msg["request"] != self._waiting:
                     if msg["t"] == "spawned":
                         index = self._pidfd_index(msg["pid"])
-                        self._drop(msg["pid"], None if index is None else self._fds.pop(index))
+                        if index is None:
+                            self._drop(msg["pid"], None)
+                        else:
+                            self._drop_held(index, msg["pid"])
                     continue
                 if msg["t"] == "exited" and msg["pid"] in self._dropped:
                     self._dropped.discard(msg["pid"])
@@ -536,8 +539,7 @@ class ForkServer:
             return None
         index = owners.index(pid)
         for _ in range(index):  # pidfds of frames before this one that were lost
-            fd = self._fds.pop(0)
-            self._drop_orphan(fd, owners.pop(0))
+            self._drop_held(0, owners.pop(0))
         return 0
 
     def _drop_orphans(self) -> None:
@@ -546,24 +548,30 @@ class ForkServer:
         if not self._reader.between_frames:  # a frame in part received: its pidfd may be among them
             return
         while self._fds:
-            fd = self._fds.pop(0)
-            self._drop_orphan(fd, _pidfd_pid(fd))
+            self._drop_held(0, _pidfd_pid(self._fds[0]))
 
-    def _drop_orphan(self, pidfd: int, pid: int | None) -> None:
-        """A pidfd whose ``spawned`` frame was lost: its child is killed and, when its pid
-        can be told, released (else the server keeps its zombie until it exits)."""
-        if pid is not None:
-            self._drop(pid, pidfd)
-            return
+    def _drop_held(self, index: int, pid: int | None) -> None:
+        """Kill the child of the pidfd ``_fds[index]``, close that pidfd and, when *pid* is told
+        (a lost frame's pidfd may not tell it), release the child (else the server keeps its
+        zombie until it exits). Caller holds the lock.
+
+        The pidfd leaves ``_fds`` only as it is closed: an exception a signal handler raises on
+        the way (Ctrl-C) leaves it there, for :meth:`_drop_orphans` to drop with its child,
+        where one taken out first was left open and its child unreleased for good."""
+        pidfd = self._fds[index]
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        del self._fds[index]  # then closed (no signal handler runs between these two)
         os.close(pidfd)
+        if pid is not None:
+            self._drop(pid, None)
 
     def _drop(self, pid: int, pidfd: int | None) -> None:
         """Kill a child nobody waits for any more and let the server reap it. Caller holds the lock.
 
-        Without its pidfd (the kernel dropped it: no free descriptor) the child is only
-        released: it exits when it finds its channel closed, which its starter does next."""
+        Without its pidfd the child is only released: the kernel dropped the pidfd (no free
+        descriptor), and the child exits when it finds its channel closed, which its starter
+        does next; or :meth:`_drop_held` has killed it and closed the pidfd."""
         if pidfd is not None:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)

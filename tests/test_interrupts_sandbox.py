@@ -13,6 +13,7 @@ import asyncio
 import dis
 import gc
 import os
+import select
 import sys
 import tempfile
 import threading
@@ -302,6 +303,64 @@ def test_an_interrupt_anywhere_in_a_start_keeps_nothing_of_it(
                 assert sb.execute("print(1)").stdout == "1\n", injector.fired
             finally:
                 sb.close()
+
+
+_LATE_ANSWER_CODES = codes_of(
+    forkserver.ForkServer._read_one,
+    forkserver.ForkServer._pidfd_index,
+    forkserver.ForkServer._drop_orphans,
+    getattr(forkserver.ForkServer, "_drop_held", None),
+    getattr(forkserver.ForkServer, "_drop_orphan", None),
+    forkserver.ForkServer._drop,
+)
+
+
+def test_an_interrupt_anywhere_in_dropping_a_late_spawn_answer_leaks_no_pidfd(
+    audit_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spawn request given up before its answer came (Ctrl-C while waiting; here a spawn
+    timeout of 0): the next start reads the late ``spawned`` frame and drops its child. At each
+    point of that start's exchange with the fork server where a Ctrl-C may land: once later
+    starts have read the server's frames again, no pidfd more than before is open. (One taken
+    out of the received descriptors, then cut short before it was closed, stayed open for good.)"""
+    server = forkserver.shared(False)
+    real_timeout = forkserver.SPAWN_TIMEOUT
+
+    def give_up_one() -> None:
+        monkeypatch.setattr(forkserver, "SPAWN_TIMEOUT", 0.0)
+        try:
+            with pytest.raises(impl.SandboxStartError, match="did not answer"):
+                Sandbox("default", audit_log=audit_path, pool=None)
+        finally:
+            monkeypatch.setattr(forkserver, "SPAWN_TIMEOUT", real_timeout)
+        # Its answer is in: the next start reads it before its own.
+        assert select.select([server.sock], [], [], 10)[0], "the given-up request was never answered"
+
+    def start_and_close() -> None:
+        Sandbox("default", audit_log=audit_path, pool=None).close()
+
+    start_and_close()
+    give_up_one()
+    with Injector(_LATE_ANSWER_CODES) as counted:
+        started = Sandbox("default", audit_log=audit_path, pool=None)
+    started.close()
+    assert counted.count > 0
+    for at in range(counted.count):
+        before = len(os.listdir("/proc/self/fd"))
+        give_up_one()
+        started = None
+        with Injector(_LATE_ANSWER_CODES, at) as injector:
+            try:
+                started = Sandbox("default", audit_log=audit_path, pool=None)
+            except KeyboardInterrupt:
+                pass
+        if started is not None:  # it landed in none of the start's points (fewer this time)
+            started.close()
+        for _ in range(2):  # the interrupted start's own answer, maybe late too, and any orphan
+            within(30, start_and_close)
+        assert forkserver.shared(False) is server, injector.fired
+        assert server._fds == [], injector.fired
+        assert len(os.listdir("/proc/self/fd")) == before, injector.fired
 
 
 # --------------------------------------------------------------- host functions' errors
