@@ -519,7 +519,6 @@ def _spawn_ready(spec: _Spec) -> _Child:
             ours.close()
         if theirs is not None:
             theirs.close()
-            theirs = None
         if scratch_lock >= 0:
             os.close(scratch_lock)
         if lease is not None:
@@ -529,13 +528,13 @@ def _spawn_ready(spec: _Spec) -> _Child:
         if isinstance(exc, OSError):
             raise SandboxStartError(f"cannot prepare a sandbox child: {exc}") from None
         raise
-    finally:
-        if theirs is not None:
-            theirs.close()
     child: _Child | None = None
     # From here to the return, whatever fails (a Ctrl-C included) stops the child: nothing
     # else knows of it yet (the sandbox records it only once it is returned).
     try:
+        # The child has its own copy of its end. Closed in here, not in a ``finally`` of the
+        # spawn: a Ctrl-C landing in that close left the child, its pidfd, scratch and uid behind.
+        theirs.close()
         child = _Child(server, pid, pidfd, ours, scratch, lease, spec.max_frame)
         child.scratch_lock = scratch_lock
         try:
@@ -565,6 +564,7 @@ def _spawn_ready(spec: _Spec) -> _Child:
         child.rss.reset()
         return child
     except BaseException:
+        theirs.close()  # again: a close cut short is finished (closing twice does nothing)
         if child is not None:
             child.discard()
         else:  # cut short while its record was made

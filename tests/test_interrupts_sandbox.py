@@ -14,6 +14,7 @@ import dis
 import gc
 import os
 import select
+import socket
 import sys
 import tempfile
 import threading
@@ -242,6 +243,18 @@ def _leftovers(scratch_root: Path) -> tuple[int, int, int]:
     return len(os.listdir("/proc/self/fd")), len(_children(servers)), len(list(scratch_root.iterdir()))
 
 
+def _close_default_pool() -> None:
+    """The process-wide pool (earlier tests used it) refills in the background: its children
+    would count in :func:`_leftovers`. It is closed, its refill thread waited for, and replaced
+    (lazily)."""
+    default = pool_module._default
+    if default is not None:
+        default.close()
+        if default._thread is not None:
+            default._thread.join(30)
+        pool_module._default = None
+
+
 _START_CODES = codes_of(
     Sandbox.__init__,
     Sandbox._start,
@@ -262,14 +275,7 @@ def test_an_interrupt_anywhere_in_a_start_keeps_nothing_of_it(
     """At each point of Sandbox() where a Ctrl-C may land (once the child is forked, nothing
     else knows of it: the sandbox records it only at the end of _start): afterwards no child,
     descriptor or scratch directory more than before, and the next Sandbox() works."""
-    # The process-wide pool (earlier tests used it) refills in the background: its children
-    # would count here. It is closed, its refill thread waited for, and replaced (lazily).
-    default = pool_module._default
-    if default is not None:
-        default.close()
-        if default._thread is not None:
-            default._thread.join(30)
-        pool_module._default = None
+    _close_default_pool()
     scratch_root = tmp_path / "tmp"
     scratch_root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
@@ -303,6 +309,41 @@ def test_an_interrupt_anywhere_in_a_start_keeps_nothing_of_it(
                 assert sb.execute("print(1)").stdout == "1\n", injector.fired
             finally:
                 sb.close()
+
+
+def test_an_interrupt_anywhere_as_a_start_closes_the_childs_end_of_its_channel_keeps_nothing_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host closes its copy of the child's end of the channel once the fork server has
+    forked the child. That close ran in a ``finally`` outside the start's protection: a Ctrl-C
+    landing in it left the child, its pidfd, the host's end, the scratch directory and its lock
+    behind, known to nobody."""
+    _close_default_pool()
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    codes = codes_of(socket.socket.close, socket.socket._real_close)  # type: ignore[attr-defined]
+
+    def start() -> Sandbox:
+        return Sandbox("default", audit_log=tmp_path / "audit.jsonl", pool=None)
+
+    start().close()
+    for at in each_point(codes, lambda: start().close()):
+        before = _leftovers(scratch_root)
+        started = None
+        with Injector(codes, at) as injector:
+            try:
+                started = start()
+            except KeyboardInterrupt:
+                pass
+        if started is not None:  # the point was in close(), not in the start
+            started.close()
+        assert _leftovers(scratch_root) == before, injector.fired
+        sb, _ = within(30, start)
+        try:
+            assert sb.execute("print(1)").stdout == "1\n", injector.fired
+        finally:
+            sb.close()
 
 
 _LATE_ANSWER_CODES = codes_of(
