@@ -150,18 +150,24 @@ class RSSMeter:
     """Peak resident memory of one process, per execute.
 
     Keeps ``/proc/<pid>/status`` and ``/proc/<pid>/clear_refs`` open for the
-    child's lifetime; writing ``5`` to ``clear_refs`` resets the peak (VmHWM)
-    to the resident size of the moment. When :meth:`peak` finds the peak equal
-    to the resident size, the reset would change nothing and is skipped (one
-    system call less per execute in the common case of a cell that leaves its
-    memory as it found it or grew it).
+    child's lifetime (from :meth:`open`); writing ``5`` to ``clear_refs`` resets
+    the peak (VmHWM) to the resident size of the moment. When :meth:`peak` finds
+    the peak equal to the resident size, the reset would change nothing and is
+    skipped (one system call less per execute in the common case of a cell that
+    leaves its memory as it found it or grew it).
     """
 
-    def __init__(self, pid: int) -> None:
-        self._status = self._open(f"/proc/{pid}/status", os.O_RDONLY)
-        self._clear = self._open(f"/proc/{pid}/clear_refs", os.O_WRONLY)
+    def __init__(self) -> None:
+        self._status = self._clear = -1
         #: The peak is the resident size (reset, or read so by peak()): reset() has nothing to do.
         self._clean = False
+
+    def open(self, pid: int) -> None:
+        """Open process *pid*'s files (one that cannot be opened: no measure). Not done by
+        ``__init__``: the owner holds the meter first, so that :meth:`close` closes what was
+        opened also when an exception (Ctrl-C) cut this or the owner's making short."""
+        self._status = self._open(f"/proc/{pid}/status", os.O_RDONLY)
+        self._clear = self._open(f"/proc/{pid}/clear_refs", os.O_WRONLY)
 
     @staticmethod
     def _open(path: str, flags: int) -> int:

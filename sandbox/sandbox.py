@@ -309,7 +309,9 @@ class _Child:
         self.poll = select.poll()
         self.poll.register(sock.fileno(), select.POLLIN)
         self.poll.register(pidfd, select.POLLIN)
-        self.rss = limits.RSSMeter(pid)
+        #: Opened by _spawn_ready once this record is held: an exception in the making of it
+        #: (Ctrl-C) would lose descriptors opened here, with no record to close them from.
+        self.rss = limits.RSSMeter()
         #: Its CPU seconds (the whole cgroup's where processes are allowed: see _spawn_ready).
         self.cpu = limits.CpuMeter(pid, None)
         self.spinner = Spinner(SPIN_SECONDS)
@@ -537,6 +539,7 @@ def _spawn_ready(spec: _Spec) -> _Child:
         theirs.close()
         child = _Child(server, pid, pidfd, ours, scratch, lease, spec.max_frame)
         child.scratch_lock = scratch_lock
+        child.rss.open(pid)  # here, where child.discard() closes what it opened (see _Child.rss)
         try:
             hello = Sandbox._next_frame(child, _START_TIMEOUT)
         except (_Timeout, _Died, protocol.WireError) as exc:
