@@ -1922,9 +1922,12 @@ class AsyncSandbox:
                 f"this sandbox belongs to process {sb._owner_pid}; a forked process must open its own"
             )
         loop = asyncio.get_running_loop()
-        if not sb._lock.acquire(blocking=False):  # only a close() from another thread holds it
-            await _in_thread(loop, sb._lock.acquire, sb._lock.release)
+        held: list[bool] = []  # whether this call holds sb._lock (see _try_acquire)
         try:
+            _try_acquire(sb._lock, held)
+            if not held[0]:  # only a close() from another thread holds it
+                await _in_thread(loop, sb._lock.acquire, sb._lock.release)
+                held[0] = True  # (no signal handler runs between the await's end and this)
             child = sb._child
             if sb.closed or child is None or child.dead:  # replacing a child may wait for its server
                 child = await _in_thread(loop, functools.partial(sb._ensure_child, False), sb._lock.release)
@@ -1932,7 +1935,8 @@ class AsyncSandbox:
         except asyncio.CancelledError:
             raise  # _in_thread releases the lock once the thread is done with it
         except BaseException:
-            sb._lock.release()
+            if held and held[0]:
+                sb._lock.release()
             raise
 
     async def _run(
@@ -2045,6 +2049,17 @@ class _LoopSandbox(Sandbox):
     host functions."""
 
     _AWAITS_HOST_FUNCTIONS = True
+
+
+def _try_acquire(lock: threading.Lock, outcome: list[bool]) -> None:
+    """``lock.acquire(blocking=False)``, its outcome appended to *outcome*.
+
+    A signal handler runs as a call into C returns, before the caller can store what it
+    returned: a Ctrl-C landing just after ``acquire`` succeeded lost the lock, held by nobody
+    for good (every later call, and ``close()``, waited for it). Here C calls ``acquire`` and
+    stores its outcome (``map``, ``list.extend``), so such an exception comes once it is known.
+    """
+    outcome.extend(map(lock.acquire, (False,)))
 
 
 async def _in_thread(

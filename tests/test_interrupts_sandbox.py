@@ -166,6 +166,33 @@ def test_an_interrupt_anywhere_in_close_is_finished_by_the_next_close(audit_path
             sb.close()
 
 
+def test_an_interrupt_anywhere_as_an_async_execute_takes_its_sandbox_leaves_it_usable(
+    audit_path: Path,
+) -> None:
+    """``AsyncSandbox._hold`` took the sandbox's lock before its ``try``: a Ctrl-C (an exception
+    a signal handler raises; a cancellation cannot land there, it has no ``await``) just after
+    ``acquire(blocking=False)`` returned left the lock held by nobody, and every later call
+    (and ``close()``) waited for it for good."""
+    codes = codes_of(AsyncSandbox._hold, getattr(impl, "_try_acquire", None))
+    asb = AsyncSandbox("default", audit_log=audit_path)
+
+    def execute(code: str) -> Any:
+        return asyncio.run(asb.execute(code))
+
+    try:
+        assert execute("x = 1").ok
+        for at in each_point(codes, lambda: execute("x = 1")):
+            where = interrupted(codes, at, lambda: execute("x = 1"))
+            assert where is not None
+            result, _ = within(20, lambda: execute("print(1 + 1)"))
+            assert result.ok and result.stdout == "2\n", where
+            assert asb._sync is not None and not asb._sync._lock.locked(), where
+    finally:
+        if asb._sync is not None:
+            unlock_for_teardown(asb._sync)
+        within(20, lambda: asyncio.run(asb.close()))
+
+
 # ------------------------------------------------------------------- the audit log
 def test_an_interrupt_anywhere_in_an_audit_append_leaves_the_file_writable(tmp_path: Path) -> None:
     """The per-file gate is process-wide: one left held would stop every later append to the
