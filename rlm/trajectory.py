@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm.errors import ConfigurationError
+from rlm.files import open_regular, replace_file
 from rlm.llm import redact, secret_values
 
 __all__ = [
@@ -137,8 +138,9 @@ def json_safe(value: Any, clip: bool = False) -> Any:
 
 def _append(path: Path, data: bytes) -> None:
     """Append *data* to *path* whole, or not at all: a write that fails part way (a full disk)
-    is cut back off, so the file never ends in a torn line that viewers cannot read."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    is cut back off, so the file never ends in a torn line that viewers cannot read. *path* must
+    be a regular file (:func:`rlm.files.open_regular`: a FIFO there is refused, not waited on)."""
+    fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         start = os.lseek(fd, 0, os.SEEK_END)
         view = memoryview(data)
@@ -273,13 +275,10 @@ class TrajectoryLogger:
             self._compaction = {"timestamp": self._now(), **fields}
 
     def result(self, **fields: Any) -> None:
-        """Write ``<run_id>.result.json`` atomically (a temporary file renamed over it)."""
+        """Write ``<run_id>.result.json`` atomically (a new file renamed over it: see
+        :func:`rlm.files.replace_file`)."""
         text = self._encode({"run_id": self.run_id, "timestamp": self._now(), **fields}, indent=1)
-        tmp = self.result_path.with_name(f".{self.result_path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_bytes((text + "\n").encode("utf-8", "backslashreplace"))
-            os.replace(tmp, self.result_path)
+            replace_file(self.result_path, (text + "\n").encode("utf-8", "backslashreplace"))
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise self._unwritable(self.result_path, exc) from None

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -374,3 +375,38 @@ def test_batch_request_timeout_gives_up_a_call_that_gets_no_answer(tmp_path: Pat
     assert asked == 2, asked
     assert bad.returncode == 2 and "--request-timeout must be" in bad.stderr, bad.stderr
     assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink"])
+def test_the_repair_of_out_writes_no_file_planted_at_its_temporary_name(tmp_path: Path, planted: str):
+    """Repairing OUT (a line cut by a crash dropped) wrote ``.OUT.<pid>.tmp``, opened by name,
+    and renamed it over OUT: a FIFO planted at that name hung the batch before it ran anything,
+    a symbolic link made the results land in the file it points to and became OUT. The temporary
+    file is now created (``O_EXCL``, a random name): what was planted is left alone."""
+    inp, out, victim = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "victim.txt"
+    write_items(inp, 1)
+    done = json.dumps({"id": "q00", "answer": "0", "stop_reason": "final"}) + "\n"
+    out.write_text(done + '{"id": "q01", "ans')  # the last line cut by a crash
+    victim.write_text("untouched")
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "tmp = Path(sys.argv[1]).with_name(f'.out.jsonl.{os.getpid()}.tmp')\n"
+        "os.mkfifo(tmp) if sys.argv[2] == 'fifo' else tmp.symlink_to(sys.argv[3])\n"
+        "print(tmp, flush=True)\n"
+        "from rlm.cli import main\n"
+        "sys.exit(main(['batch', sys.argv[4], '--out', sys.argv[1], '-m', 'openai/x',\n"
+        "               '--api-base', 'http://127.0.0.1:9/v1']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")} | {"OPENAI_API_KEY": KEY}
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(out), planted, str(victim), str(inp)],
+        capture_output=True, text=True, timeout=60, cwd=str(ROOT_DIR), env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run
+    assert stat.S_ISREG(out.lstat().st_mode) and out.read_text() == done  # repaired, nothing to run
+    assert victim.read_text() == "untouched"
+    left = Path(run.stdout.splitlines()[0])
+    assert (stat.S_ISFIFO if planted == "fifo" else stat.S_ISLNK)(left.lstat().st_mode)
+    names = ["in.jsonl", "out.jsonl", "victim.txt", left.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from rlm import run
 from rlm.backend import ScriptedBackend
@@ -209,3 +215,69 @@ def test_a_log_that_cannot_be_written_mid_run_is_our_error(tmp_path: Path):
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert out.stdout.startswith("ConfigurationError") and str(tmp_path) in out.stdout, out.stdout
     assert "File too large" in out.stdout
+
+
+# ----------------------------------------------------- files that are not regular files
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _python(script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run *script* in a fresh interpreter (this checkout's rlm): a write that hangs on a FIFO
+    fails the test at *timeout* instead of hanging the suite."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env["OPENAI_API_KEY"] = "sk-test-fifo"
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True, text=True, timeout=timeout, cwd=str(ROOT), env=env,
+    )  # fmt: skip
+
+
+def test_a_fifo_as_the_trajectory_is_a_clear_error_not_a_hang(tmp_path: Path):
+    """The trajectory was opened by name for appending, blocking: a FIFO at ``<run id>.jsonl``
+    waited for a reader, forever (``rlm run --log-dir`` hung before its first model call). It is
+    now refused as not a regular file: ``rlm run`` exits 2 with one line naming the file."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    os.mkfifo(logs / "fifo-run.jsonl")  # not rlm_*: the session's viewer check reads those
+    (tmp_path / "ctx.txt").write_text("some context")
+    script = (
+        "import sys, rlm.core\n"
+        "rlm.core.new_run_id = lambda: 'fifo-run'\n"
+        "from rlm.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    flags = ["-m", "openai/x", "--api-base", "http://127.0.0.1:9/v1", "--log-dir", str(logs)]
+    out = _python(script, "run", *flags, "--context", str(tmp_path / "ctx.txt"), "--query", "q")
+    assert out.returncode == 2, out
+    assert out.stderr == f"rlm: log_dir {logs}: cannot write fifo-run.jsonl: not a regular file\n"
+    assert stat.S_ISFIFO((logs / "fifo-run.jsonl").lstat().st_mode)
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink"])
+def test_the_result_file_is_written_through_no_file_planted_at_its_temporary_name(
+    tmp_path: Path, planted: str
+):
+    """``<run id>.result.json`` was written to ``.<name>.<pid>.tmp``, opened by name, then renamed
+    over it: a FIFO planted at that name hung the run's end for good, a symbolic link made the
+    result land in the file it points to (and the link was renamed into place). The temporary
+    file is now created (``O_EXCL``, a random name): what was planted is left alone."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched")
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from rlm.trajectory import TrajectoryLogger\n"
+        "log = TrajectoryLogger(sys.argv[1], 'r')\n"
+        "tmp = log.result_path.with_name(f'.{log.result_path.name}.{os.getpid()}.tmp')\n"
+        "os.mkfifo(tmp) if sys.argv[2] == 'fifo' else tmp.symlink_to(sys.argv[3])\n"
+        "log.result(answer='42', stop_reason='final')\n"
+        "print(tmp)\n"
+    )
+    out = _python(script, str(tmp_path), planted, str(victim), timeout=30)
+    assert out.returncode == 0, out
+    result = tmp_path / "r.result.json"
+    assert stat.S_ISREG(result.lstat().st_mode) and json.loads(result.read_text())["answer"] == "42"
+    assert victim.read_text() == "untouched"
+    left = Path(out.stdout.strip())
+    assert (stat.S_ISFIFO if planted == "fifo" else stat.S_ISLNK)(left.lstat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([left.name, "r.result.json", "victim.txt"])

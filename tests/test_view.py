@@ -189,3 +189,30 @@ def test_fifos_are_left_out_not_read_forever(tmp_path: Path):
     (shown,) = _data((tmp_path / "r.html").read_text(encoding="utf-8"))["runs"]
     assert shown["result"] is None and shown["iterations"]
     assert "not a regular file" in shown["audit"]["verify"]["reason"]
+
+
+def test_a_fifo_where_the_page_goes_is_a_clear_error_not_a_hang(tmp_path: Path):
+    """The page was written by name (``Path.write_text``): a FIFO at ``<run id>.html``, where
+    ``rlm view`` writes without ``-o``, or named by ``-o``, waited for a reader, forever. It is
+    refused (exit 2, one line naming it, no traceback), and a directory there is refused alike."""
+    import os
+    import stat
+
+    r = run("q", "c", model="root", backend=ScriptedBackend([repl("FINAL(7)")]), log_dir=tmp_path / "logs")
+    page = default_output(r.log_path)
+    os.mkfifo(page)
+    (tmp_path / "dir.html").mkdir()
+    for args, named in (
+        ((), page),
+        (("-o", str(page)), page),
+        (("-o", str(tmp_path / "dir.html")), tmp_path / "dir.html"),
+    ):
+        out = run_cli("view", r.log_path, *args, timeout=60)
+        assert out.returncode == 2 and out.stderr == f"rlm: {named}: not a regular file\n", out
+        assert out.stdout == ""
+    assert stat.S_ISFIFO(page.lstat().st_mode)
+    page.unlink()
+    page.write_text("STALE PAGE " * 100_000)  # a regular file is rewritten whole, nothing of it left
+    out = run_cli("view", r.log_path, timeout=60)
+    text = page.read_text()
+    assert out.returncode == 0 and text.startswith("<!DOCTYPE html>") and "STALE" not in text

@@ -11,7 +11,8 @@ Rules that make a batch resumable:
 - on opening, a last line without its newline (a write cut by a crash or a
   full disk) is dropped, and so are records that stand for no real run
   (``stop_reason`` ``"skipped"`` or ``"bad_input"``): those items run again.
-  Such a repair writes a new file beside OUT and renames it over OUT, so a
+  Such a repair writes a new file beside OUT (created under a random name,
+  so nothing planted there is written through) and renames it over OUT, so a
   crash during the repair leaves the old file or the new one, never half;
 - the ids of the remaining records are the items already done;
 - OUT and ``OUT.lock`` must be regular files: a FIFO there (opening it would
@@ -30,7 +31,7 @@ from types import TracebackType
 from typing import Any
 
 from rlm.errors import ConfigurationError
-from rlm.files import open_regular, read_regular
+from rlm.files import open_regular, read_regular, replace_file
 
 __all__ = ["RECORD_FIELDS", "RERUN_STOP_REASONS", "ResultsFile", "encode_record", "spent_usd"]
 
@@ -175,16 +176,9 @@ class ResultsFile:
         kept.append(line + b"\n")
 
     def _replace(self, lines: list[bytes]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with tmp.open("wb") as fh:
-                fh.writelines(lines)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+        try:  # a new file (never one planted at its temporary name), renamed over OUT
+            replace_file(self.path, lines, fsync=True)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise ConfigurationError(f"{self.path}: cannot repair the file: {exc.strerror or exc}") from None
 
     # ------------------------------------------------------------- lifecycle

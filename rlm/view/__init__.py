@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rlm.files import write_regular
 from rlm.trajectory import json_safe
 from rlm.view.load import load_path
 
@@ -152,7 +153,9 @@ def default_output(path: str | Path) -> Path:
 
 
 def write_page(path: str | Path, out: str | Path | None = None) -> Path:
-    """Write the page for PATH to *out* (default: :func:`default_output`); return where it went."""
+    """Write the page for PATH to *out* (default: :func:`default_output`); return where it went.
+    What is at *out* must be a regular file, or nothing: a FIFO or a device there is refused
+    (OSError ``"not a regular file"``, see :func:`rlm.files.write_regular`), not waited on."""
     target = Path(out) if out is not None else default_output(path)
-    target.write_text(build_page(path), encoding="utf-8")
+    write_regular(target, build_page(path).encode("utf-8"))
     return target
