@@ -473,6 +473,13 @@ def _add_mcp_parser(sub: Any) -> None:
         " (default: 600)",
     )
     p.add_argument(
+        "--max-cost",
+        type=float,
+        metavar="USD",
+        help="each rlm_query's cost budget in US dollars, its priced model calls counted: once spent it"
+        ' stops (stop_reason "max_cost_usd") (default: none)',
+    )
+    p.add_argument(
         "--pool-size",
         type=int,
         default=2,
@@ -490,6 +497,7 @@ def _rlm_query_flags(args: argparse.Namespace) -> list[tuple[str, Any]]:
         ("--log-dir", args.log_dir),
         ("--max-iterations", args.max_iterations),
         ("--max-time", args.max_time),
+        ("--max-cost", args.max_cost),
     ]
 
 
@@ -515,10 +523,11 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
             return _fail(f"{flag} must be positive")
     if args.max_time is not None and not 0 < args.max_time < float("inf"):
         return _fail("--max-time must be a positive number of seconds")
-    from rlm.checks import check_api_base, check_log_dir
+    from rlm.checks import check_api_base, check_log_dir, check_number
     from rlm.errors import ConfigurationError
 
     try:
+        check_number("--max-cost", args.max_cost, minimum=0)  # as rlm run's --budget-usd
         check_api_base(args.api_base, "--api-base")
     except ConfigurationError as exc:
         return _fail(str(exc))
@@ -553,6 +562,7 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
         log_dir=Path(args.log_dir) if args.log_dir else None,
         max_iterations=max_iterations,
         pool_size=args.pool_size,
+        max_cost_usd=args.max_cost,
         **({} if args.max_time is None else {"max_time_s": args.max_time}),
     )
     from sandbox.errors import SandboxError

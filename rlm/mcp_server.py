@@ -13,7 +13,8 @@ Tools (their names and result fields are the contract; results are structured co
 - ``session_open()``, ``session_close(session_id)``, ``session_list()``.
 - ``rlm_query(query, context=None, context_path=None, max_iterations=None)``,
   listed only when the server was given ``--model``; each query is bounded by
-  ``--max-time`` (:attr:`ServerConfig.max_time_s`, default 600 s).
+  ``--max-time`` (:attr:`ServerConfig.max_time_s`, default 600 s) and, when
+  given, ``--max-cost`` (:attr:`ServerConfig.max_cost_usd`, USD, default none).
 
 The policy is the server's: tool arguments cannot name a policy or a limit, and
 an argument the schema does not list is refused. Bad input (a missing or
@@ -108,6 +109,9 @@ class ServerConfig:
     log_dir: Path | None = None  # where rlm_query writes its trajectories (None: none written)
     max_iterations: int = 20  # rlm_query's ceiling on root turns
     max_time_s: float = 600.0  # seconds of wall clock one rlm_query may take (its max_time_s)
+    #: USD one rlm_query may spend, its priced model calls counted (its max_cost_usd: past it the
+    #: run stops with stop_reason "max_cost_usd"); None: no cost budget.
+    max_cost_usd: float | None = None
     pool_size: int = 2  # ready sandbox children kept for new sandboxes (0: fork each on demand)
 
     @property
@@ -744,6 +748,7 @@ class MCPApp:
                         log_dir=cfg.log_dir,
                         max_iterations=n or ceiling,
                         max_time_s=cfg.max_time_s,
+                        max_cost_usd=cfg.max_cost_usd,
                         cancel=token,
                     ),
                     token.cancel,

@@ -932,3 +932,40 @@ def test_rlm_query_is_bounded_by_the_server_s_max_time(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, env=env, cwd=str(ROOT),
     )  # fmt: skip
     assert out.returncode == 2 and "--max-time needs --model" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_rlm_query_is_bounded_by_the_server_s_max_cost(tmp_path: Path) -> None:
+    """``rlm_query`` had a time budget but no cost budget: a model that never finishes spent its
+    whole ``--max-iterations`` of calls, whatever they cost. ``--max-cost USD`` is each query's
+    ``max_cost_usd`` (the same budget as ``rlm run --budget-usd``): once its priced calls have
+    cost that much the run stops and says so (``stop_reason="max_cost_usd"``); bad values, and
+    the flag without ``--model``, are refused at start."""
+    env = server_env(OPENAI_API_KEY="sk-test-mcp")
+    audit = tmp_path / "a.jsonl"
+    budget = 1e-6  # one call of gpt-4o-mini (litellm prices it) with the system prompt costs more
+
+    async def go(url: str) -> None:
+        args = ("--model", "openai/gpt-4o-mini", "--api-base", url, "--audit-log", str(audit))
+        async with stdio_session(*args, "--max-cost", repr(budget), env=env) as s:
+            r = await call(s, "rlm_query", query="never done", context="x", max_iterations=8)
+            assert r["stop_reason"] == "max_cost_usd" and r["answer"] is None, r
+            assert r["cost_usd"] is not None and r["cost_usd"] >= budget and r["iterations"] < 8, r
+
+    with LLMServer("```repl\nprint(len(context))\n```") as llm:  # never FINAL: only a budget stops it
+        anyio.run(go, llm.base_url)
+        assert 1 <= len(llm.requests) < 8  # stopped by the budget, not by running out of turns
+    (line,) = _rlm_query_lines(audit)
+    assert line["outcome"] == "stop:max_cost_usd", line
+    for bad, why in (("-1", "must be >= 0"), ("nan", "must be a finite number"), ("inf", "must be a finite")):
+        out = subprocess.run(
+            [sys.executable, "-m", "rlm", "mcp", "--model", "openai/x", "--max-cost", bad],
+            capture_output=True, text=True, timeout=60, env=env, cwd=str(ROOT),
+        )  # fmt: skip
+        assert out.returncode == 2 and f"rlm: --max-cost {why}" in out.stderr, (bad, out.stderr)
+        assert "Traceback" not in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "rlm", "mcp", "--max-cost", "0.5"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=str(ROOT),
+    )  # fmt: skip
+    assert out.returncode == 2 and "--max-cost needs --model" in out.stderr, out.stderr
