@@ -21,7 +21,10 @@ The filter allows everything except:
   namespaces -> ``EPERM``;
 - ``socket``/``socketpair`` -> ``EPERM`` for every address family the policy
   does not list in ``isolation.allowed_sockets`` (default: all of them);
-- ``ioctl(TIOCSTI/TIOCLINUX)`` -> ``EPERM`` (typing into a terminal);
+- ``ioctl(TIOCSTI/TIOCLINUX)`` -> ``EPERM`` (typing into a terminal); socket
+  and wireless ioctls (request types 0x89 and 0x8B) -> ``EPERM``: on the
+  channel, a socket the host made, they described the host's network
+  namespace (interfaces, addresses, MACs, drivers);
 - SysV IPC and POSIX message queues -> ``EPERM`` unless the policy sets
   ``isolation.allow_ipc``; ``inotify_*`` and ``fcntl(F_NOTIFY)`` (they name
   files in directories the code may not list, or tell when others read them)
@@ -156,6 +159,15 @@ _FAMILIES = {"unix": socket.AF_UNIX, "inet": socket.AF_INET, "inet6": socket.AF_
 
 TIOCSTI = 0x5412
 TIOCLINUX = 0x541C
+#: ioctl request types (bits 8-15 of the request) refused: 0x89 the socket requests
+#: (``SIOCGIFCONF``, ``SIOCGIFHWADDR``, ``SIOCGIFNAME``, ``SIOCETHTOOL``, ``SIOCGSKNS`` ...: the
+#: kernel sends a request of this type that the socket's family does not handle to the network
+#: devices of the socket's namespace) and 0x8B the wireless ones (``SIOCGIW*``). The channel is
+#: a unix socket the host made, in the host's network namespace: these described the host's
+#: interfaces, addresses, MACs and drivers. What the child uses is elsewhere: ``FIONREAD``,
+#: ``FIONBIO``, ``FIOCLEX``, ``TCGETS`` (type 0x54).
+IOCTL_TYPE_MASK = 0xFF00
+SOCKET_IOCTL_TYPES = (0x89, 0x8B)
 
 
 class SeccompError(OSError):
@@ -298,6 +310,8 @@ def build(allowed_sockets: list[str] | tuple[str, ...], max_processes: int, allo
                     f.rule(eperm, name, (0, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, family))
         for request in (TIOCSTI, TIOCLINUX):
             f.rule(eperm, "ioctl", (1, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, request))
+        for kind in SOCKET_IOCTL_TYPES:  # whatever the direction and size bits say
+            f.rule(eperm, "ioctl", (1, SCMP_CMP_MASKED_EQ, IOCTL_TYPE_MASK, kind << 8))
         return f.export()
     finally:
         f.release()

@@ -1,4 +1,5 @@
-"""Tenants apart: IPC, uids, the process tree, inotify, the filesystem view, inherited state.
+"""Tenants apart: IPC, uids, the process tree, inotify, the filesystem view, inherited state,
+the host's network.
 
 Each cross-tenant attack runs with two sandboxes alive at once, and where it
 matters with a second host process (a subprocess running its own sandbox)
@@ -670,3 +671,48 @@ def test_read_paths_cost_the_child_no_descriptor_whatever_their_number(tmp_path:
                 assert sb.layers["landlock"] == "active", sb.layers
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ------------------------------------------- 7. the host's network
+HOST_NET_IOCTLS = textwrap.dedent(
+    """
+    import array, errno, fcntl, struct
+    table = array.array("B", bytes(4096))
+    ifreq = lambda name: struct.pack("16s24s", name, b"")
+    for what, request, arg in (
+        ("SIOCGIFCONF", 0x8912, struct.pack("iL", 4096, table.buffer_info()[0])),  # interfaces, IPv4
+        ("SIOCGIFNAME", 0x8910, struct.pack("16si20s", b"", 1, b"")),
+        ("SIOCGIFHWADDR", 0x8927, ifreq(b"lo")),  # MAC
+        ("SIOCGIFMTU", 0x8921, ifreq(b"lo")),
+        ("SIOCETHTOOL", 0x8946, ifreq(b"lo")),  # driver, firmware, bus
+        ("SIOCGSTAMP_IOR", 0x80108906, ifreq(b"")),  # the 0x89 type with direction and size bits
+        ("SIOCGIWNAME", 0x8B01, ifreq(b"lo")),  # wireless
+    ):
+        try:
+            fcntl.ioctl(3, request, arg)
+            print(what, "ANSWERED")
+        except OSError as e:
+            print(what, errno.errorcode[e.errno])
+    print("FIONREAD", struct.unpack("i", fcntl.ioctl(3, 0x541B, bytes(4)))[0])
+    """
+)
+
+
+@pytest.mark.parametrize("sockets", [[], ["unix"]])
+def test_the_channel_tells_nothing_of_the_hosts_network(mode: str, env: Env, sockets: list[str]) -> None:
+    """The channel is a unix socket the host made, so it belongs to the host's network namespace;
+    a socket ioctl its family does not handle went to that namespace's devices: SIOCGIFCONF
+    listed the host's interfaces and IPv4 addresses, SIOCGIFHWADDR their MACs, SIOCETHTOOL
+    their drivers and PCI addresses. The filter refuses every socket (0x89) and wireless (0x8B)
+    request type (EPERM); FIONREAD, which the channel's reader may use, still answers."""
+    with Sandbox(policy_for(mode, **{"isolation.allowed_sockets": sockets})) as sb:
+        r = sb.execute(HOST_NET_IOCTLS)
+        assert "ANSWERED" not in r.stdout, r
+        if mode == "guard_none":
+            lines = r.stdout.splitlines()
+            assert lines[:-1] == [f"{what} EPERM" for what in (
+                "SIOCGIFCONF", "SIOCGIFNAME", "SIOCGIFHWADDR", "SIOCGIFMTU", "SIOCETHTOOL", "SIOCGSTAMP_IOR",
+                "SIOCGIWNAME",
+            )], r  # fmt: skip
+            assert lines[-1] == "FIONREAD 0", r
+        assert_contained(env, r, sb)
