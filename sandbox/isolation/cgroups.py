@@ -178,11 +178,42 @@ def _abandoned(tree: str, pid: int) -> bool:
         return True
 
 
-def _remove_tree(tree: str) -> None:
-    """Bottom-up ``rmdir`` (the kernel refuses a cgroup that still holds a process)."""
-    for root, _dirs, _files in os.walk(tree, topdown=False):
+def _kill_tree(tree: str) -> bool:
+    """SIGKILL every process in the cgroup *tree* and beneath it: ``cgroup.kill`` where the
+    kernel has it (v2, 5.14), else each pid of each ``cgroup.procs``, a few rounds (a process
+    may fork meanwhile). Whether any was there. A dead server's children live on only if
+    they disarmed their parent-death signal (the seccomp filter refuses that, but a tree may
+    be older, or its sandboxes run without the filter)."""
+    killed = False
+    if os.path.exists(os.path.join(tree, "cgroup.kill")):
         with contextlib.suppress(OSError):
-            os.rmdir(root)
+            write_file(os.path.join(tree, "cgroup.kill"), "1")
+            return True
+    for _ in range(5):
+        found = False
+        for root, _dirs, _files in os.walk(tree):
+            try:
+                pids = _read(os.path.join(root, "cgroup.procs")).split()
+            except OSError:
+                continue
+            for pid in pids:
+                if int(pid) == os.getpid():  # never: a tree is abandoned by its server
+                    continue
+                found = killed = True
+                with contextlib.suppress(OSError):
+                    os.kill(int(pid), signal.SIGKILL)
+        if not found:
+            break
+        time.sleep(0.001)
+    return killed
+
+
+def _remove_tree(tree: str) -> None:
+    """Kill what is left in *tree* (:func:`_kill_tree`), then bottom-up ``rmdir`` (the kernel
+    refuses a cgroup that still holds a process; killed ones take a moment to exit)."""
+    tries = 20 if _kill_tree(tree) else 1
+    for root, _dirs, _files in os.walk(tree, topdown=False):
+        _rmdir(root, tries)
 
 
 def _is_tree(name: str) -> bool:

@@ -25,6 +25,8 @@ The filter allows everything except:
   and wireless ioctls (request types 0x89 and 0x8B) -> ``EPERM``: on the
   channel, a socket the host made, they described the host's network
   namespace (interfaces, addresses, MACs, drivers);
+- ``prctl(PR_SET_PDEATHSIG)`` (it would disarm the signal that kills the
+  child with its fork server) -> ``EPERM``;
 - SysV IPC and POSIX message queues -> ``EPERM`` unless the policy sets
   ``isolation.allow_ipc``; ``inotify_*`` and ``fcntl(F_NOTIFY)`` (they name
   files in directories the code may not list, or tell when others read them)
@@ -169,6 +171,11 @@ TIOCLINUX = 0x541C
 IOCTL_TYPE_MASK = 0xFF00
 SOCKET_IOCTL_TYPES = (0x89, 0x8B)
 
+#: Refused: ``PR_SET_PDEATHSIG`` (the fork server and the identity layer arm it before the
+#: filter loads; disarmed, a child outlived a fork server and host killed without their
+#: clean-up, re-parented to init, its uid lease freed).
+PR_SET_PDEATHSIG = 1
+
 
 class SeccompError(OSError):
     """libseccomp is missing or refused to build the filter."""
@@ -263,6 +270,7 @@ def rule_names(allow_ipc: bool = False) -> tuple[str, ...]:
     names: tuple[str, ...] = (
         *EPERM_SYSCALLS, *OBSERVE_SYSCALLS, *SHARED_STATE_SYSCALLS, *KILL_SYSCALLS,
         "clone3", "fork", "vfork", "clone", "socket", "socketpair", "ioctl", "fcntl", "mmap", "memfd_create",
+        "prctl",
         *CHANNEL_ONLY_SYSCALLS,
     )  # fmt: skip
     return names if allow_ipc else (*names, *IPC_SYSCALLS)
@@ -312,6 +320,7 @@ def build(allowed_sockets: list[str] | tuple[str, ...], max_processes: int, allo
             f.rule(eperm, "ioctl", (1, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, request))
         for kind in SOCKET_IOCTL_TYPES:  # whatever the direction and size bits say
             f.rule(eperm, "ioctl", (1, SCMP_CMP_MASKED_EQ, IOCTL_TYPE_MASK, kind << 8))
+        f.rule(eperm, "prctl", (0, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, PR_SET_PDEATHSIG))
         return f.export()
     finally:
         f.release()

@@ -1,5 +1,5 @@
 """Tenants apart: IPC, uids, the process tree, inotify, the filesystem view, inherited state,
-the host's network.
+the host's network and lifetime.
 
 Each cross-tenant attack runs with two sandboxes alive at once, and where it
 matters with a second host process (a subprocess running its own sandbox)
@@ -10,14 +10,18 @@ on its own, so the guard-off run is the one that tests the kernel layers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -673,7 +677,7 @@ def test_read_paths_cost_the_child_no_descriptor_whatever_their_number(tmp_path:
         shutil.rmtree(base, ignore_errors=True)
 
 
-# ------------------------------------------- 7. the host's network
+# ------------------------------------------- 7. the host's network, the host's lifetime
 HOST_NET_IOCTLS = textwrap.dedent(
     """
     import array, errno, fcntl, struct
@@ -716,3 +720,94 @@ def test_the_channel_tells_nothing_of_the_hosts_network(mode: str, env: Env, soc
             )], r  # fmt: skip
             assert lines[-1] == "FIONREAD 0", r
         assert_contained(env, r, sb)
+
+
+#: What a sandbox's code runs to outlive its fork server: disarm the parent-death signal.
+DISARM = LIBC + "print(libc.prctl(1, 0, 0, 0, 0), ctypes.get_errno())  # PR_SET_PDEATHSIG, 0"
+
+#: A host process that disarms, then leaves a cell running and says who is who.
+OUTLIVING_HOST = textwrap.dedent(
+    """
+    import json, sys, threading, time
+    from tests.security.conftest import policy_for
+    from sandbox import Sandbox
+    sb = Sandbox(policy_for("guard_none"), pool=None)
+    r = sb.execute(sys.argv[1])
+    threading.Thread(target=sb.execute, args=("import time\\nwhile True: time.sleep(1)",), daemon=True).start()
+    time.sleep(0.5)
+    print(json.dumps({"child": sb.pid, "server": sb._child.server.pid, "out": r.stdout}), flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_a_sandbox_dies_with_a_fork_server_and_host_killed_without_clean_up() -> None:
+    """The child is armed to die with its fork server (PR_SET_PDEATHSIG). Code that disarmed it
+    (prctl(PR_SET_PDEATHSIG, 0)) outlived a fork server and host both SIGKILLed (the OOM
+    killer, a supervisor): re-parented to init, with its scratch and cgroup, after its uid
+    lease was freed. The filter refuses the prctl (EPERM), and the child dies with them."""
+    host = subprocess.Popen(
+        [sys.executable, "-c", OUTLIVING_HOST, DISARM], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    child_fd = -1
+    try:
+        assert host.stdout is not None
+        ready, _, _ = select.select([host.stdout], [], [], 60)
+        assert ready, "the host process did not start its sandbox"
+        info = json.loads(host.stdout.readline())
+        child_fd = os.pidfd_open(info["child"])
+        os.kill(info["server"], signal.SIGKILL)  # no clean-up, then the host too
+        time.sleep(0.2)
+        host.kill()
+        host.wait(timeout=10)
+        gone, _, _ = select.select([child_fd], [], [], 10)  # a pidfd is readable once its process exited
+        assert gone, f"the sandbox child {info['child']} outlived its fork server and host: {info}"
+        assert info["out"] == "-1 1\n", info  # the prctl was refused (EPERM)
+    finally:
+        host.kill()
+        host.wait(timeout=10)
+        if child_fd >= 0:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(child_fd, signal.SIGKILL)
+            os.close(child_fd)
+
+
+def _pids_parent() -> str | None:
+    """Where a fork server of this process would make its ``rlm-<pid>`` tree for ``pids``."""
+    from sandbox.isolation import cgroups
+
+    v1, v2 = cgroups._mounts()
+    own = cgroups._own_paths()
+    if "pids" in v1:
+        return os.path.normpath(v1["pids"] + own.get("pids", "/"))
+    return os.path.normpath(v2 + own.get("", "/")) if v2 is not None else None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a writable cgroup hierarchy")
+def test_the_sweep_kills_what_an_abandoned_cgroup_tree_still_holds() -> None:
+    """A tree of a dead fork server that still holds a process (a child that outlived it) was
+    left in place: its rmdir failed (EBUSY) and the process kept running. The sweep kills
+    what the tree holds, then removes it."""
+    from sandbox.isolation import cgroups
+
+    parent = _pids_parent()
+    if parent is None or not os.access(parent, os.W_OK):
+        pytest.skip("no writable pids cgroup")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tree = os.path.join(parent, f"rlm-{dead.pid}")  # a fork server that died without teardown
+    leaf = os.path.join(tree, "1")
+    os.makedirs(leaf)
+    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(os.path.join(leaf, "cgroup.procs"), "w") as f:
+            f.write(str(stray.pid))
+        cgroups.sweep_abandoned()
+        assert stray.wait(timeout=10) == -signal.SIGKILL
+        assert not os.path.exists(tree)
+    finally:
+        stray.kill()
+        stray.wait()
+        for d in (leaf, tree):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
