@@ -48,8 +48,8 @@ LAYER_TABLE: tuple[Layer, ...] = (
     ),
     Layer(
         "rlimits",
-        "Apply the [limits] as kernel rlimits (and RLIMIT_CORE=0). Default true.",
-        "CPU, address space, open files, file size, no core dumps",
+        "Apply the [limits] as kernel rlimits (and RLIMIT_CORE=0, RLIMIT_RTPRIO=0, RLIMIT_NICE=0). Default true.",
+        "CPU, address space, open files, file size, no core dumps, no real-time priority",
     ),
     Layer(
         "cgroup",

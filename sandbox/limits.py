@@ -37,6 +37,8 @@ __all__ = [
 
 MIB = 1024 * 1024
 _CPUCLOCK_SCHED = 2
+#: RLIMIT_SIGPENDING of a child: real-time signals (and other queued ones) it may have pending.
+SIGPENDING = 128
 
 
 def apply_rlimits(limits: dict[str, Any], own_uid: bool) -> None:
@@ -58,6 +60,13 @@ def apply_rlimits(limits: dict[str, Any], own_uid: bool) -> None:
         (resource.RLIMIT_MEMLOCK, 0),
         (resource.RLIMIT_MSGQUEUE, 0),
     ]
+    # Not the host's: no real-time scheduling (a host with a raised RLIMIT_RTPRIO, from
+    # limits.conf or a container's --ulimit, let the code take SCHED_FIFO), no nice value
+    # below the one inherited, and a small queue of pending signals (Python queues none).
+    for name, value in (("RLIMIT_RTPRIO", 0), ("RLIMIT_NICE", 0), ("RLIMIT_SIGPENDING", SIGPENDING)):
+        which = getattr(resource, name, None)  # Linux only
+        if which is not None:
+            settings.append((which, value))
     if own_uid:
         settings.append((resource.RLIMIT_NPROC, 1 + int(limits["max_processes"])))
     for which, value in settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,25 @@ def test_unknown_seccomp_name_is_an_error_at_preparation(monkeypatch: pytest.Mon
     finally:
         gc.unfreeze()  # prepare() freezes the fork server's heap; this is the test process
     assert "ptarce" in prepared.seccomp_error and not prepared.seccomp_program
+
+
+def test_scheduling_rlimits_are_pinned_below_a_lower_hard_limit_of_the_host() -> None:
+    """RLIMIT_RTPRIO and RLIMIT_NICE are 0 and RLIMIT_SIGPENDING 128 in a child, whatever the
+    host's; a hard limit the host already holds lower stays (it cannot be raised)."""
+    from sandbox import limits
+
+    def apply(write: int) -> bool:
+        resource.setrlimit(resource.RLIMIT_SIGPENDING, (16, 16))  # the host's, lower
+        limits.apply_rlimits(load_policy("default").model_dump(mode="json")["limits"], own_uid=False)
+        got = [
+            resource.getrlimit(getattr(resource, n))
+            for n in ("RLIMIT_RTPRIO", "RLIMIT_NICE", "RLIMIT_SIGPENDING")
+        ]
+        os.write(write, repr(got).encode())
+        return True
+
+    assert in_forked_child(apply) == (0, "[(0, 0), (0, 0), (16, 16)]")
+    assert limits.SIGPENDING == 128
 
 
 def test_seccomp_ipc_switch() -> None:

@@ -1,5 +1,5 @@
 """Tenants apart: IPC, uids, the process tree, inotify, the filesystem view, inherited state,
-the host's network and lifetime.
+the host's network and lifetime, scheduling.
 
 Each cross-tenant attack runs with two sandboxes alive at once, and where it
 matters with a second host process (a subprocess running its own sandbox)
@@ -811,3 +811,37 @@ def test_the_sweep_kills_what_an_abandoned_cgroup_tree_still_holds() -> None:
         for d in (leaf, tree):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
+
+
+SCHEDULING = textwrap.dedent(
+    """
+    import os, resource
+    for name in ("RLIMIT_RTPRIO", "RLIMIT_NICE", "RLIMIT_SIGPENDING"):
+        print(name, resource.getrlimit(getattr(resource, name)))
+    for what, call in (
+        ("fifo", lambda: os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))),
+        ("rr", lambda: os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))),
+        ("renice", lambda: os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) - 1)),
+    ):
+        try:
+            call()
+            print(what, "TAKEN")
+        except OSError as e:
+            print(what, e.errno)
+    """
+)
+
+
+def test_scheduling_limits_are_the_sandboxs_not_the_hosts(mode: str, env: Env) -> None:
+    """RLIMIT_RTPRIO, RLIMIT_NICE and RLIMIT_SIGPENDING were the host's: a host given a real-time
+    priority limit (limits.conf, systemd's LimitRTPRIO=, docker --ulimit rtprio=) let the code
+    run SCHED_FIFO, holding a CPU between executes when nobody watches. Pinned: no real-time
+    policy, no lower nice value, 128 pending signals."""
+    with Sandbox(policy_for(mode)) as sb:
+        r = sb.execute(SCHEDULING)
+        assert "TAKEN" not in r.stdout, r
+        if mode == "guard_none":
+            assert r.stdout == (
+                "RLIMIT_RTPRIO (0, 0)\nRLIMIT_NICE (0, 0)\nRLIMIT_SIGPENDING (128, 128)\nfifo 1\nrr 1\nrenice 13\n"
+            ), r
+        assert_contained(env, r, sb)
