@@ -26,7 +26,8 @@ The filter allows everything except:
   channel, a socket the host made, they described the host's network
   namespace (interfaces, addresses, MACs, drivers);
 - ``prctl(PR_SET_PDEATHSIG)`` (it would disarm the signal that kills the
-  child with its fork server) -> ``EPERM``;
+  child with its fork server) and ``prctl(PR_SET_MEMORY_MERGE)`` (KSM)
+  -> ``EPERM``;
 - SysV IPC and POSIX message queues -> ``EPERM`` unless the policy sets
   ``isolation.allow_ipc``; ``inotify_*`` and ``fcntl(F_NOTIFY)`` (they name
   files in directories the code may not list, or tell when others read them)
@@ -38,10 +39,18 @@ The filter allows everything except:
   ``splice``/``tee``/``vmsplice`` (they pin pages the host wrote);
 - with no socket family allowed, ``bind``/``connect``/``listen``/``accept*``
   -> ``EPERM``: the channel, the only socket, never needs them;
-- any system call of another ABI (i386 ``int 0x80``, x32) -> killed.
+- any system call of another ABI (i386 ``int 0x80``, x32) -> killed;
+- any system call number above the newest this list was reviewed against
+  (:data:`NEWEST_REVIEWED`, up to 1023), where the architecture numbers new
+  calls as the kernel's unified table does (x86_64, aarch64, ...) ->
+  ``ENOSYS``, as on a kernel that lacks it (glibc falls back on ``ENOSYS``):
+  a call a later kernel adds is refused until it is reviewed, not allowed by
+  default.
 
 A name libseccomp does not know is an error when the filter is built (a typo
-must not drop a rule); a call the running architecture lacks is skipped.
+must not drop a rule), unless it is one of the recent calls of
+:data:`RECENT_NUMBERS` (older libseccomp releases know none of them), which
+are refused by number; a call the running architecture lacks is skipped.
 
 Stdlib only (ctypes); :func:`load` runs in the child.
 """
@@ -52,6 +61,7 @@ import ctypes
 import errno
 import os
 import socket
+import struct
 from typing import Any
 
 from sandbox.isolation._sys import libc
@@ -80,14 +90,40 @@ EPERM_SYSCALLS = (
     "execve", "execveat",
     "ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "pidfd_getfd", "kcmp",
     "mount", "umount2", "pivot_root", "chroot", "unshare", "setns",
-    "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
+    "move_mount", "open_tree", "open_tree_attr", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
+    "listmount", "statmount",
     "bpf", "userfaultfd", "perf_event_open", "keyctl", "add_key", "request_key",
     "io_uring_setup", "io_uring_enter", "io_uring_register",
     "swapon", "swapoff", "name_to_handle_at", "open_by_handle_at", "acct", "quotactl", "quotactl_fd",
     "syslog", "vhangup", "iopl", "ioperm", "settimeofday", "clock_settime", "adjtimex", "clock_adjtime",
     "sethostname", "setdomainname", "lookup_dcookie", "uselib", "fanotify_init",
     "migrate_pages", "move_pages", "mbind", "set_mempolicy", "set_mempolicy_home_node",
+    "lsm_get_self_attr", "lsm_set_self_attr", "lsm_list_modules",
 )  # fmt: skip
+
+#: System calls of the list above that libseccomp releases before 2.6 do not know (2.5.4 knows
+#: none of them), by number. ``listmount`` and ``statmount`` (6.8) describe every mount of the
+#: child's view: host paths, the scratch path and its tmpfs options with the sandbox's uid,
+#: machine-wide mount ids; ``open_tree_attr`` (6.15) is ``open_tree`` with attributes;
+#: ``lsm_*`` (6.8) read and set the process's LSM attributes. Since Linux 5.1
+#: (``pidfd_send_signal``, 424) every architecture numbers a new call alike (alpha and mips with
+#: an offset): these numbers hold where libseccomp gives ``pidfd_send_signal`` 424
+#: (:func:`_unified_table`); elsewhere a name libseccomp does not know still stops the build.
+RECENT_NUMBERS = {
+    "statmount": 457, "listmount": 458, "lsm_get_self_attr": 459, "lsm_set_self_attr": 460,
+    "lsm_list_modules": 461, "open_tree_attr": 467,
+}  # fmt: skip
+
+#: The newest system call the lists here were reviewed against: ``file_setattr`` (469, Linux
+#: 6.17; 6.18 adds none). Where the table is the unified one (see :data:`RECENT_NUMBERS`), every
+#: number above it up to :data:`NUMBER_SPAN` gets ``ENOSYS`` (what a kernel without the call
+#: answers, so that glibc falls back) until someone reviews it and moves this line. Allowed
+#: among 457-469: ``mseal`` (462), ``*xattrat`` (463-466), ``file_getattr``/``file_setattr``
+#: (468-469): the calls they extend are allowed.
+NEWEST_REVIEWED = 469
+#: Room of the system call tables: numbers above it are no call on any architecture here
+#: (x86_64's x32 numbers, 0x40000000 and up, are another ABI: killed).
+NUMBER_SPAN = 1023
 
 #: Refused with EPERM unless the policy sets ``isolation.allow_ipc``: SysV IPC and
 #: POSIX message queues (each sandbox also has its own IPC namespace).
@@ -171,10 +207,19 @@ TIOCLINUX = 0x541C
 IOCTL_TYPE_MASK = 0xFF00
 SOCKET_IOCTL_TYPES = (0x89, 0x8B)
 
-#: Refused: ``PR_SET_PDEATHSIG`` (the fork server and the identity layer arm it before the
-#: filter loads; disarmed, a child outlived a fork server and host killed without their
-#: clean-up, re-parented to init, its uid lease freed).
+#: prctl options refused: ``PR_SET_PDEATHSIG`` (the fork server and the identity layer arm it
+#: before the filter loads; disarmed, a child outlived a fork server and host killed without
+#: their clean-up, re-parented to init, its uid lease freed) and ``PR_SET_MEMORY_MERGE``
+#: (KSM for the whole process: a page-deduplication timing channel where ksmd runs).
 PR_SET_PDEATHSIG = 1
+PR_SET_MEMORY_MERGE = 67
+
+#: Classic BPF opcodes, for the prefix of :func:`_unknown_numbers_prefix`.
+_BPF_LD_W_ABS = 0x20
+_BPF_JEQ_K = 0x15
+_BPF_JGT_K = 0x25
+_BPF_JGE_K = 0x35
+_BPF_RET_K = 0x06
 
 
 class SeccompError(OSError):
@@ -218,6 +263,7 @@ def _libseccomp() -> Any:
         lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
         lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+        lib.seccomp_arch_native.restype = ctypes.c_uint32
         _lib = lib
     return _lib
 
@@ -245,6 +291,8 @@ class _Filter:
 
     def rule(self, action: int, name: str, *cmps: tuple[int, int, int, int]) -> None:
         nr = self.lib.seccomp_syscall_resolve_name(name.encode())
+        if nr == NR_SCMP_ERROR and name in RECENT_NUMBERS and _unified_table(self.lib):
+            nr = RECENT_NUMBERS[name]  # newer than this libseccomp: by number (native arch only)
         if nr == NR_SCMP_ERROR:  # a typo would silently drop a rule: refuse to build the filter
             raise SeccompError(errno.EINVAL, f"libseccomp knows no system call named {name!r}")
         # A negative number other than that is a call this architecture lacks
@@ -263,6 +311,35 @@ class _Filter:
 
     def release(self) -> None:
         self.lib.seccomp_release(self.ctx)
+
+
+def _unified_table(lib: Any) -> bool:
+    """The native architecture numbers system calls from 424 on as the kernel's unified table
+    does (x86_64, aarch64, riscv64, ppc64, s390x, ...; not alpha, not mips)."""
+    return bool(lib.seccomp_syscall_resolve_name(b"pidfd_send_signal") == 424)
+
+
+def _insn(code: int, jt: int, jf: int, k: int) -> bytes:
+    return struct.pack("=HBBI", code, jt, jf, k)
+
+
+def _unknown_numbers_prefix(lib: Any) -> bytes:
+    """Classic BPF run before libseccomp's program: on the native architecture, a number in
+    ``NEWEST_REVIEWED + 1 .. NUMBER_SPAN`` returns ``ENOSYS``; anything else goes on to the
+    program (libseccomp's jumps are relative: a prefix leaves them right). Empty where the
+    table is not the unified one."""
+    if not _unified_table(lib):
+        return b""
+    return b"".join(
+        (
+            _insn(_BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+            _insn(_BPF_JEQ_K, 0, 4, lib.seccomp_arch_native()),  # another arch: to the program
+            _insn(_BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
+            _insn(_BPF_JGE_K, 0, 2, NEWEST_REVIEWED + 1),  # reviewed: to the program
+            _insn(_BPF_JGT_K, 1, 0, NUMBER_SPAN),  # beyond the tables (x32): to the program
+            _insn(_BPF_RET_K, 0, 0, _errno_action(errno.ENOSYS)),
+        )
+    )
 
 
 def rule_names(allow_ipc: bool = False) -> tuple[str, ...]:
@@ -320,8 +397,9 @@ def build(allowed_sockets: list[str] | tuple[str, ...], max_processes: int, allo
             f.rule(eperm, "ioctl", (1, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, request))
         for kind in SOCKET_IOCTL_TYPES:  # whatever the direction and size bits say
             f.rule(eperm, "ioctl", (1, SCMP_CMP_MASKED_EQ, IOCTL_TYPE_MASK, kind << 8))
-        f.rule(eperm, "prctl", (0, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, PR_SET_PDEATHSIG))
-        return f.export()
+        for option in (PR_SET_PDEATHSIG, PR_SET_MEMORY_MERGE):
+            f.rule(eperm, "prctl", (0, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, option))
+        return _unknown_numbers_prefix(f.lib) + f.export()
     finally:
         f.release()
 

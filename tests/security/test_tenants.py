@@ -1,5 +1,5 @@
 """Tenants apart: IPC, uids, the process tree, inotify, the filesystem view, inherited state,
-the host's network and lifetime, scheduling.
+the host's network and lifetime, scheduling, recent system calls.
 
 Each cross-tenant attack runs with two sandboxes alive at once, and where it
 matters with a second host process (a subprocess running its own sandbox)
@@ -844,4 +844,46 @@ def test_scheduling_limits_are_the_sandboxs_not_the_hosts(mode: str, env: Env) -
             assert r.stdout == (
                 "RLIMIT_RTPRIO (0, 0)\nRLIMIT_NICE (0, 0)\nRLIMIT_SIGPENDING (128, 128)\nfifo 1\nrr 1\nrenice 13\n"
             ), r
+        assert_contained(env, r, sb)
+
+
+RECENT_CALLS = LIBC + textwrap.dedent(
+    """
+    libc.syscall.restype = ctypes.c_long
+    buf = ctypes.create_string_buffer(4096)
+    size = ctypes.c_uint32(4096)
+    req = (ctypes.c_uint64 * 4)(24, 2**64 - 1, 0, 0)  # mnt_id_req: the root mount, every field
+    for what, nr, args in (
+        ("statmount", 457, (req, buf, 4096, 0)),
+        ("listmount", 458, (req, buf, 64, 0)),
+        ("lsm_get_self_attr", 459, (100, buf, ctypes.byref(size), 0)),
+        ("lsm_set_self_attr", 460, (100, buf, 4096, 0)),
+        ("lsm_list_modules", 461, (buf, ctypes.byref(size), 0)),
+        ("open_tree_attr", 467, (-100, b".", 1, None, 0)),
+        ("memory_merge", 157, (67, 1, 0, 0, 0)),  # prctl(PR_SET_MEMORY_MERGE)
+        ("unreviewed_470", 470, ()),
+        ("unreviewed_1023", 1023, ()),
+    ):
+        ctypes.set_errno(0)
+        print(what, libc.syscall(nr, *args), ctypes.get_errno())
+    ctypes.set_errno(0)
+    print("mseal", libc.syscall(462, 0, 0, 0), ctypes.get_errno())
+    """
+)
+
+
+def test_recent_system_calls_are_refused(mode: str, env: Env) -> None:
+    """The filter is a deny list: calls newer than it went through. listmount/statmount (6.8)
+    listed every mount of the view (host paths, the scratch tmpfs with the sandbox's uid,
+    machine-wide mount ids), open_tree_attr (6.15) was the open_tree the filter refuses, the
+    lsm_* calls and PR_SET_MEMORY_MERGE (KSM) were allowed. Refused (EPERM), and a number above
+    the newest reviewed one gets ENOSYS, as from a kernel that lacks it."""
+    with Sandbox(policy_for(mode)) as sb:
+        r = sb.execute(RECENT_CALLS)
+        if mode == "guard_none":
+            refused = ("statmount", "listmount", "lsm_get_self_attr", "lsm_set_self_attr",
+                       "lsm_list_modules", "open_tree_attr", "memory_merge")  # fmt: skip
+            want = [f"{what} -1 1" for what in refused] + ["unreviewed_470 -1 38", "unreviewed_1023 -1 38"]
+            assert r.stdout.splitlines()[:-1] == want, r
+            assert r.stdout.splitlines()[-1] in ("mseal 0 0", "mseal -1 38"), r  # allowed (or too old)
         assert_contained(env, r, sb)
