@@ -134,17 +134,30 @@ async def _in_thread(
     fn: Callable[[], T],
     on_cancel: Callable[[], None] | None = None,
     discard: Callable[[T], None] | None = None,
+    *,
+    linger: float = 0.0,
+    on_done: Callable[[], None] | None = None,
 ) -> T:
     """Run blocking *fn* in a daemon thread; if this call is cancelled, run *on_cancel* (kill its child).
 
     A value that arrives after the cancellation is handed to *discard* (in a
     thread of its own: it may block). Daemon threads: a call the server gave
     up on never holds the process open at exit.
+
+    *linger*: a cancelled call does not return (re-raise) before the thread has, up to this
+    many seconds, calling *on_cancel* again every :data:`_RECHECK` seconds meanwhile (a child
+    started after the first kill is killed too), shielded from further cancellation. What the
+    caller holds (a session's lock) is therefore held until the cancelled work has stopped.
+    *on_done* runs on the loop when the thread returns, whether or not the call was cancelled
+    (a slot given back only then).
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
+    finished = threading.Event()
 
     def settle(value: Any, error: BaseException | None) -> None:
+        if on_done is not None:
+            on_done()
         if future.done():
             if error is None and discard is not None:
                 threading.Thread(target=discard, args=(value,), daemon=True).start()
@@ -159,6 +172,7 @@ async def _in_thread(
             value, error = fn(), None
         except BaseException as exc:
             value, error = None, exc
+        finished.set()
         with contextlib.suppress(RuntimeError):  # the loop is already closed
             loop.call_soon_threadsafe(settle, value, error)
 
@@ -168,7 +182,20 @@ async def _in_thread(
     except asyncio.CancelledError:
         if on_cancel is not None:
             on_cancel()
+        if linger > 0:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(linger):
+                while not finished.is_set():
+                    await anyio.sleep(_RECHECK)
+                    if on_cancel is not None and not finished.is_set():
+                        on_cancel()
         raise
+
+
+#: How long a cancelled sandbox call may take to stop (its child killed, its thread returned)
+#: before the lock it holds is let go anyway; in practice milliseconds, or one child's start.
+_STOP_LINGER = 15.0
+#: How often a cancelled call's kill is repeated while its thread has not returned.
+_RECHECK = 0.05
 
 
 # ----------------------------------------------------------------- sessions
@@ -650,7 +677,7 @@ class MCPApp:
                 try:
                     async with s.lock:
                         record["sandbox_id"] = s.sandbox.id
-                        r = await _in_thread(lambda: s.sandbox.execute(code), s.sandbox.kill)
+                        r = await self._run_in_session(s, code)
                         s.executions += 1
                 finally:
                     s.busy -= 1
@@ -662,6 +689,28 @@ class MCPApp:
             raise ToolError(str(exc)) from None
         record["outcome"] = "ok" if r.ok else f"limit:{r.limit}" if r.limit else f"error:{r.error_type}"
         return _exec_payload(r, session_id)
+
+    @staticmethod
+    async def _run_in_session(s: _Session, code: str) -> Any:
+        """*code* run in session *s*, whose lock the caller holds.
+
+        A cancelled call neither starts afterwards nor leaves its child running, and keeps
+        the lock until its thread has returned: with the lock let go at once, a call queued
+        behind it took the lock, its cancel killed the first call's (dead) child, and its
+        thread then started a fresh child and ran its code in full, to the wall limit.
+        """
+        cancelled = threading.Event()
+
+        def work() -> Any:
+            if cancelled.is_set():  # cancelled before its thread ran: nothing starts
+                return None
+            return s.sandbox.execute(code)
+
+        def stop() -> None:
+            cancelled.set()
+            s.sandbox.kill()  # repeated until work() returns: a child it started since is killed too
+
+        return await _in_thread(work, stop, linger=_STOP_LINGER)
 
     async def _run_fresh(self, code: str, record: dict[str, Any]) -> Any:
         box: list[Sandbox] = []
@@ -685,7 +734,8 @@ class MCPApp:
             for sb in box:
                 sb.kill()
 
-        return await _in_thread(work, kill)
+        # Its slot is held until the child is gone (kill repeated: see _run_in_session).
+        return await _in_thread(work, kill, linger=_STOP_LINGER)
 
     async def _tool_session_open(
         self, owner: str, args: dict[str, Any], record: dict[str, Any]

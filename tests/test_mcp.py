@@ -481,6 +481,51 @@ def test_disconnect_ends_the_call_and_exit_leaves_no_process(tmp_path: Path) -> 
     assert all_gone(seen["server"] + seen["forks"] + seen["children"])
 
 
+def test_calls_cancelled_together_on_a_session_never_run_afterwards(tmp_path: Path) -> None:
+    """An IDE's "stop" cancels every call in flight: call A running on a session and call B queued
+    behind it. Cancelling A let the session's lock go while A's thread was still in the sandbox; B
+    took the lock, its cancel killed A's (dead) child, and B's thread then started a fresh child
+    and ran B's code to the wall limit, holding the session: the next call waited for it."""
+    policy = write_policy(tmp_path / "p.toml", cpu_seconds=60, wall_seconds=60)
+    audit = tmp_path / "a.jsonl"
+    sleeper = "import time\ntime.sleep(100)"
+
+    async def go() -> None:
+        async with stdio_session("--policy", str(policy), "--audit-log", str(audit), "--pool-size", "0") as s:
+            (server,) = mcp_servers()
+            sid = (await call(s, "session_open"))["session_id"]
+            scopes: list[anyio.CancelScope] = []
+
+            async def sleep_in_session() -> None:
+                with anyio.CancelScope() as scope:
+                    scopes.append(scope)
+                    await s.call_tool("python_exec", {"code": sleeper, "session_id": sid})
+
+            for _ in range(3):  # a few rounds: the race depends on how the two cancels interleave
+                scopes.clear()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(sleep_in_session)  # A
+                    await anyio.to_thread.run_sync(
+                        wait_for,
+                        lambda: [c for c in tree(server)["children"] if "nanosleep" in _wchan(c.pid)],
+                    )
+                    tg.start_soon(sleep_in_session)  # B, queued on the session
+                    await anyio.sleep(0.3)
+                    for scope in scopes:  # A's cancel first, then B's
+                        scope.cancel()
+                with anyio.fail_after(10):  # it waited for B, to the wall limit (60 s)
+                    r = await call(s, "python_exec", code="print('next')", session_id=sid)
+                assert r["ok"] and r["stdout"] == "next\n", r
+                assert not [c for c in tree(server)["children"] if "nanosleep" in _wchan(c.pid)]
+
+    anyio.run(go)
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    ran = [line for line in lines if "code" in line]
+    assert not [line for line in ran if line["outcome"].startswith("limit")], ran
+    calls = [line["outcome"] for line in lines if line.get("tool") == "python_exec"]
+    assert calls == ["cancelled", "cancelled", "ok"] * 3, calls
+
+
 # --------------------------------------------------------------------- HTTP
 class HTTPServer:
     def __init__(self, tmp_path: Path, token: str, *args: str) -> None:
