@@ -42,11 +42,13 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import fcntl
 import functools
 import hashlib
 import hmac
 import json
 import os
+import queue
 import re
 import secrets
 import signal
@@ -1068,11 +1070,82 @@ class _CheckedLines:
                     yield one + "\n"
 
 
+class _StdoutLines:
+    """The server's stdout as the SDK writes it (``write`` and ``flush`` of an anyio file), written
+    by a daemon thread of its own.
+
+    The SDK's own writer blocks in a worker thread that cannot be cancelled: a client that stopped
+    reading while a large result was written left it blocked for good, and the task group waiting
+    for it kept SIGTERM and stdin's end from ever stopping the server (nor its sessions' children).
+    Here a blocked write holds only this thread; the ``write`` that waits for it is cancellable.
+
+    Like the SDK's claim of fd 1, this takes the wire for itself and points fd 1 at stderr while
+    serving, so that stray output misses the wire.
+    """
+
+    def __init__(self) -> None:
+        self._fd = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)  # the wire; never closed (see close)
+        self._saved = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+        os.dup2(2, 1)
+        self._loop = asyncio.get_running_loop()
+        self._jobs: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="rlm-mcp-stdout", daemon=True).start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            data, done = job
+            error: OSError | None = None
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError as exc:  # the client closed its end (EPIPE)
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.call_soon_threadsafe(_settle_write, done, error)
+
+    async def write(self, text: str) -> None:
+        done = self._loop.create_future()
+        self._jobs.put((text.encode("utf-8"), done))
+        await done  # the lines go out in order, one at a time: a cancelled wait tears no frame
+
+    async def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Stop the thread once it is done, and give fd 1 back. The wire's descriptor stays open:
+        a write still blocked on it must not see it closed and reused."""
+        self._jobs.put(None)
+        with contextlib.suppress(OSError):
+            os.dup2(self._saved, 1)
+        os.close(self._saved)
+
+
+def _settle_write(done: asyncio.Future[None], error: OSError | None) -> None:
+    if done.done():  # its wait was cancelled
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(None)
+
+
+#: Seconds the answers still being written get once the client has closed the server's stdin:
+#: a client that reads no more must not keep the server (and its sessions' children) alive.
+_EOF_GRACE = 5.0
+
+
 async def _serve_stdio(app: MCPApp) -> None:
     from mcp.server.stdio import stdio_server
 
-    async with stdio_server(stdin=_CheckedLines()) as (read, write):  # type: ignore[arg-type]
-        await app.server.run(read, write, app.server.create_initialization_options())
+    stdout = _StdoutLines()
+    try:
+        with anyio.CancelScope() as scope:
+            async with stdio_server(stdin=_CheckedLines(), stdout=stdout) as (read, write):  # type: ignore[arg-type]
+                await app.server.run(read, write, app.server.create_initialization_options())
+                scope.deadline = anyio.current_time() + _EOF_GRACE
+    finally:
+        stdout.close()
 
 
 class _BearerGate:

@@ -8,6 +8,7 @@ psutil.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -524,6 +525,62 @@ def test_calls_cancelled_together_on_a_session_never_run_afterwards(tmp_path: Pa
     assert not [line for line in ran if line["outcome"].startswith("limit")], ran
     calls = [line["outcome"] for line in lines if line.get("tool") == "python_exec"]
     assert calls == ["cancelled", "cancelled", "ok"] * 3, calls
+
+
+@pytest.mark.parametrize("how", ["sigterm", "eof"])
+def test_a_client_that_stops_reading_stdout_cannot_keep_the_server_alive(tmp_path: Path, how: str) -> None:
+    """A client that reads nothing more while a large result is written (it fills the pipe).
+
+    The SDK's writer blocked in a thread no cancellation reaches, and the server waited for it:
+    neither SIGTERM nor the end of its stdin stopped it, and its sessions' children lived on.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlm", "mcp", "--audit-log", str(tmp_path / "a.jsonl"), "--pool-size", "0"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=server_env(),
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    server = psutil.Process(proc.pid)
+
+    def send(rid: int | None, method: str, params: dict[str, Any]) -> None:
+        msg = {"jsonrpc": "2.0", "method": method, "params": params, **({"id": rid} if rid else {})}
+        proc.stdin.write(json.dumps(msg).encode() + b"\n")  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+
+    def tool(rid: int, name: str, **args: Any) -> None:
+        send(rid, "tools/call", {"name": name, "arguments": args})
+
+    try:
+        init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
+        send(1, "initialize", init)
+        proc.stdout.readline()
+        send(None, "notifications/initialized", {})
+        tool(2, "session_open")
+        sid = json.loads(proc.stdout.readline())["result"]["structuredContent"]["session_id"]
+        tool(3, "session_open")  # idle: only the server's shutdown ends its child
+        proc.stdout.readline()
+        # From here on nothing is read: this result is larger than the pipe holds.
+        tool(4, "python_exec", code="print('a' * 900_000)")
+        tool(5, "python_exec", code="import time\ntime.sleep(1000)", session_id=sid)
+        seen = wait_for(lambda: (t := tree(server))["children"] and t, timeout=30)
+        wait_for(lambda: [c for c in seen["children"] if "nanosleep" in _wchan(c.pid)], timeout=30)
+        # and the server is blocked writing the large result
+        wait_for(lambda: [t for t in server.threads() if "pipe_write" in _wchan(t.id)], timeout=30)
+        if how == "eof":
+            proc.stdin.close()
+        else:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert all_gone(seen["forks"] + seen["children"])
+    finally:
+        if proc.poll() is None:
+            for p in [*server.children(recursive=True), server]:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            proc.wait(10)
 
 
 # --------------------------------------------------------------------- HTTP
