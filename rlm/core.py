@@ -213,6 +213,12 @@ STOP_WAIT_S = 2.0
 #: (per-read) timeout first, as a call that ended; only one that keeps sending is abandoned.
 REQUEST_GRACE_S = 0.5
 
+#: Set, in the context a run starts from, to an object with ``enter()`` and ``leave()`` (both
+#: thread-safe): each backend call that runs in a thread of its own (:meth:`_Run._complete`)
+#: enters before that thread starts and leaves when it ends, also one the run gave up on and left
+#: running. ``rlm mcp`` holds an ``rlm_query``'s slot until its calls have all ended with it.
+MODEL_CALLS: contextvars.ContextVar[Any] = contextvars.ContextVar("rlm_model_calls", default=None)
+
 #: The longest the loop lets its own helpers run in the model's sandbox (``rlm_describe_vars()``
 #: after each block, ``FINAL_VAR`` from the reply's text), within the time budget: the model may
 #: redefine them or give its objects a slow ``__repr__``. Past it, the child is killed.
@@ -684,6 +690,12 @@ class _Run:
         box: dict[str, Any] = {}
         done = threading.Event()
         backend = self.cfg.backend
+        watch = MODEL_CALLS.get()
+        unwatched = threading.Lock()  # taken by whichever leaves first: the call leaves once
+
+        def leave() -> None:
+            if watch is not None and unwatched.acquire(blocking=False):
+                watch.leave()
 
         def call() -> None:
             try:
@@ -696,9 +708,16 @@ class _Run:
                 box["error"] = exc
             finally:
                 done.set()
+                leave()
 
         context = contextvars.copy_context()
-        threading.Thread(target=context.run, args=(call,), name="rlm-model-call", daemon=True).start()
+        if watch is not None:
+            watch.enter()
+        try:
+            threading.Thread(target=context.run, args=(call,), name="rlm-model-call", daemon=True).start()
+        except BaseException:  # not started (or a Ctrl-C as it started: then it leaves once)
+            leave()
+            raise
         while not done.wait(0.05):
             over = self.ledger.halted()  # not max_sub_calls: a call under way was let through
             if over is not None:
@@ -827,7 +846,8 @@ class _Run:
         stopping = False
         try:
             for pair in enumerate(items):
-                futures.append(pool.submit(one, pair))
+                # in the run's context (MODEL_CALLS): a pool thread starts with an empty one
+                futures.append(pool.submit(contextvars.copy_context().run, one, pair))
             return [future.result() for future in futures]
         except BaseException as exc:
             if not isinstance(exc, Exception):

@@ -200,6 +200,41 @@ _STOP_LINGER = 15.0
 _RECHECK = 0.05
 
 
+class _InFlight:
+    """The threads of one rlm_query still running: the run's own, and each model call it started
+    (:data:`rlm.core.MODEL_CALLS`), also one it gave up on. *done* runs on the loop, once, when
+    the last has ended."""
+
+    def __init__(self, done: Callable[[], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._done = done
+        self._lock = threading.Lock()
+        self._count = 1  # the run's thread (see watching)
+
+    def enter(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._count -= 1
+            last = self._count == 0
+        if last:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.call_soon_threadsafe(self._done)
+
+    @contextlib.contextmanager
+    def watching(self) -> Any:
+        """Around the run, in its thread: its model calls are counted, and the run leaves at the end."""
+        from rlm.core import MODEL_CALLS
+
+        try:
+            MODEL_CALLS.set(self)
+            yield
+        finally:
+            self.leave()
+
+
 # ----------------------------------------------------------------- sessions
 @dataclass
 class _Session:
@@ -787,24 +822,31 @@ class MCPApp:
 
         cfg = self.config
         token = CancelToken()  # a client that gives up (cancels, disconnects) stops the run and its code
-        try:
-            async with self._fresh_slots:  # each run has its own sandbox: it counts like a fresh python_exec
-                result = await _in_thread(
-                    lambda: run(
-                        query,
-                        context or "",
-                        model=cfg.model or "",
-                        sub_model=cfg.sub_model,
-                        api_base=cfg.api_base,
-                        policy=cfg.policy,
-                        log_dir=cfg.log_dir,
-                        max_iterations=n or ceiling,
-                        max_time_s=cfg.max_time_s,
-                        max_cost_usd=cfg.max_cost_usd,
-                        cancel=token,
-                    ),
-                    token.cancel,
+        # Each run has its own sandbox: it counts like a fresh python_exec. Its slot is given back
+        # once the run's thread and every model call it started have ended: a cancelled run gives
+        # up its call in flight (by design), which still runs, and a slot freed at the cancel let
+        # one client keep more provider requests in flight than --max-sessions.
+        await self._fresh_slots.acquire()
+        calls = _InFlight(self._fresh_slots.release)
+
+        def work() -> Any:
+            with calls.watching():
+                return run(
+                    query,
+                    context or "",
+                    model=cfg.model or "",
+                    sub_model=cfg.sub_model,
+                    api_base=cfg.api_base,
+                    policy=cfg.policy,
+                    log_dir=cfg.log_dir,
+                    max_iterations=n or ceiling,
+                    max_time_s=cfg.max_time_s,
+                    max_cost_usd=cfg.max_cost_usd,
+                    cancel=token,
                 )
+
+        try:
+            result = await _in_thread(work, token.cancel)
         except RLMError as exc:
             raise ToolError(f"rlm_query failed: {exc}") from None
         record["outcome"] = f"stop:{result.stop_reason}"

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -1034,6 +1035,38 @@ def test_rlm_query_is_bounded_by_the_server_s_max_time(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, env=env, cwd=str(ROOT),
     )  # fmt: skip
     assert out.returncode == 2 and "--max-time needs --model" in out.stderr, out.stderr
+
+
+def test_a_cancelled_rlm_query_keeps_its_slot_while_its_model_call_runs(tmp_path: Path) -> None:
+    """A cancelled rlm_query gives up its model call in flight (by design), which still runs. Its
+    --max-sessions slot was freed at the cancel: a client that sent and cancelled queries kept
+    more provider requests in flight than the limit. The slot now waits for the call's end."""
+    env = server_env(OPENAI_API_KEY="sk-test-mcp")
+    release = threading.Event()  # ends the slow answer
+    slow = Reply("```repl\nx = 1\n```", trickle_s=0.5, release=release)  # a byte every 0.5 s: minutes
+
+    async def go(llm: LLMServer) -> None:
+        args = ("--model", "openai/root", "--api-base", llm.base_url, "--audit-log", str(tmp_path / "a.jsonl"))
+        async with stdio_session(*args, "--max-sessions", "1", env=env) as s:
+
+            async def query(scope: anyio.CancelScope) -> None:
+                with scope:
+                    await s.call_tool("rlm_query", {"query": "q", "context": "c", "max_iterations": 1})
+
+            first, second = anyio.CancelScope(), anyio.CancelScope()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(query, first)
+                await anyio.to_thread.run_sync(wait_for, lambda: len(llm.requests) == 1)
+                first.cancel()  # its model call goes on, given up
+                tg.start_soon(query, second)
+                await anyio.sleep(3)
+                assert len(llm.requests) == 1  # the second query waits for the slot
+                release.set()  # the first call ends: its slot is free
+                await anyio.to_thread.run_sync(wait_for, lambda: len(llm.requests) >= 2)
+                second.cancel()
+
+    with LLMServer(slow) as llm:
+        anyio.run(go, llm)
 
 
 @pytest.mark.slow
