@@ -1001,8 +1001,8 @@ def _flag_bad_text(line: str) -> str:
     - any other request holding such text or nesting, or too deep for Python's parser, and each
       request of a batch: an error for its id (:func:`_refusal`).
 
-    Any other line (a notification, a response, what Python cannot parse: the SDK answers that
-    with a parse error) is passed on as it is."""
+    Any other line (a notification, a response; what Python cannot parse was answered before, by
+    :func:`_invalid_request`) is passed on as it is."""
     try:
         msg = json.loads(line)
     except RecursionError:  # too deep for Python's parser as well: answer by the request's id
@@ -1061,14 +1061,71 @@ def _flag_bad_text(line: str) -> str:
     return json.dumps(msg) + "\n"
 
 
+#: JSON-RPC's error codes for what :func:`_invalid_request` finds.
+_PARSE_ERROR, _INVALID_REQUEST = -32700, -32600
+
+
+def _invalid_request(line: str) -> str | None:
+    """The JSON-RPC error answering *line* when it is not a valid message (which the SDK drops
+    without an answer: the client would wait for ever), else None.
+
+    Invalid JSON (a byte order mark, two messages on one line) is a -32700 Parse error; a message
+    whose ``jsonrpc`` is not ``"2.0"``, whose method is not a string, whose params are not an
+    object or whose id is neither an integer nor a string is a -32600 Invalid Request. The error
+    carries the request's id when it can be read, else null. A response, a blank line, a batch and
+    what is too deep for Python's parser are left to the SDK and :func:`_flag_bad_text`."""
+    if not line.strip():
+        return None
+    try:
+        msg = json.loads(line)
+    except (RecursionError, MemoryError):
+        return None
+    except ValueError:
+        rid = None
+        match = _top_level(line.lstrip("\ufeff"), _ID.search(line.lstrip("\ufeff")))
+        if match is not None:
+            with contextlib.suppress(ValueError):
+                rid = json.loads(match.group(1))
+        return _error_line(
+            rid, _PARSE_ERROR, "Parse error: not one JSON-RPC message (one JSON object a line)"
+        )
+    if isinstance(msg, list):
+        return None
+    if not isinstance(msg, dict):
+        return _error_line(None, _INVALID_REQUEST, "Invalid Request: not a JSON object")
+    if "method" not in msg and ("result" in msg or "error" in msg):
+        return None  # a response: never answered
+    rid = msg.get("id")
+    why = None
+    if msg.get("jsonrpc") != "2.0":
+        why = 'jsonrpc must be "2.0"'
+    elif not isinstance(msg.get("method"), str):
+        why = "method must be a string"
+    elif "params" in msg and not isinstance(msg["params"], dict):
+        why = "params must be an object"
+    elif "id" in msg and not _answerable(rid):
+        why = "id must be an integer or a string"
+    if why is None:
+        return None
+    return _error_line(rid, _INVALID_REQUEST, f"Invalid Request: {why}")
+
+
+def _error_line(rid: Any, code: int, message: str) -> str:
+    """A JSON-RPC error response line, for *rid* when a client could match it, else for null."""
+    rid = rid if _answerable(rid) else None
+    return json.dumps({"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}}) + "\n"
+
+
 class _CheckedLines:
-    """The server's stdin as the SDK reads it (line by line), with bad text flagged by _flag_bad_text.
+    """The server's stdin as the SDK reads it (line by line), with bad text flagged by _flag_bad_text
+    and invalid messages answered here, through *out* (see :func:`_invalid_request`).
 
     A daemon thread reads the lines: a blocked read must not keep a cancelled
     server (SIGTERM) from stopping, as a worker thread the loop waits for would.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, out: _StdoutLines) -> None:
+        self._out = out
         self._queue: asyncio.Queue[str | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -1104,6 +1161,10 @@ class _CheckedLines:
 
     async def _lines(self) -> Any:
         while (line := await self._queue.get()) is not None:
+            error = _invalid_request(line)
+            if error is not None:
+                self._out.post(error)
+                continue
             if not _might_be_bad(line):
                 yield line
                 continue
@@ -1130,7 +1191,7 @@ class _StdoutLines:
         self._saved = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
         os.dup2(2, 1)
         self._loop = asyncio.get_running_loop()
-        self._jobs: queue.SimpleQueue[tuple[bytes, asyncio.Future[None]] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[bytes, asyncio.Future[None] | None] | None] = queue.SimpleQueue()
         threading.Thread(target=self._run, name="rlm-mcp-stdout", daemon=True).start()
 
     def _run(self) -> None:
@@ -1143,8 +1204,14 @@ class _StdoutLines:
                     view = view[os.write(self._fd, view) :]
             except OSError as exc:  # the client closed its end (EPIPE)
                 error = exc
+            if done is None:  # posted: nobody waits for it
+                continue
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 self._loop.call_soon_threadsafe(_settle_write, done, error)
+
+    def post(self, text: str) -> None:
+        """Write *text* after what is queued, without waiting for it."""
+        self._jobs.put((text.encode("utf-8"), None))
 
     async def write(self, text: str) -> None:
         done = self._loop.create_future()
@@ -1183,7 +1250,7 @@ async def _serve_stdio(app: MCPApp) -> None:
     stdout = _StdoutLines()
     try:
         with anyio.CancelScope() as scope:
-            async with stdio_server(stdin=_CheckedLines(), stdout=stdout) as (read, write):  # type: ignore[arg-type]
+            async with stdio_server(stdin=_CheckedLines(stdout), stdout=stdout) as (read, write):  # type: ignore[arg-type]
                 await app.server.run(read, write, app.server.create_initialization_options())
                 scope.deadline = anyio.current_time() + _EOF_GRACE
     finally:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -389,6 +390,78 @@ def test_text_that_is_not_utf8_is_refused_and_sigterm_stops_cleanly(tmp_path: Pa
     finally:
         proc.stdin.close()
         if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_invalid_stdio_requests_are_answered(tmp_path: Path) -> None:
+    """Lines the SDK dropped without an answer (the client waited for ever): each now gets a
+    JSON-RPC error, for its id when that can be read, else for null, and the server keeps serving."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlm", "mcp", "--audit-log", str(tmp_path / "a.jsonl")],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=server_env(),
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def send(raw: bytes) -> None:
+        proc.stdin.write(raw + b"\n")  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+
+    pending = bytearray()  # read, not yet split into lines
+
+    def until(rid: int) -> list[dict[str, Any]]:
+        """The messages read up to the answer to *rid* (a ping after each case), within 20 s."""
+        got: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            while b"\n" in pending:
+                line, _, rest = bytes(pending).partition(b"\n")
+                pending[:] = rest
+                got.append(json.loads(line))
+                if got[-1].get("id") == rid:
+                    return got
+            if select.select([proc.stdout], [], [], 0.2)[0]:
+                pending.extend(os.read(proc.stdout.fileno(), 1 << 20))  # type: ignore[union-attr]
+        raise AssertionError(f"no answer to {rid}: {got}")
+
+    cases: list[tuple[bytes, Any, int]] = [  # (line, the id of the error, its code)
+        (b'{"jsonrpc":"2.0","id":1.5,"method":"tools/call","params":{"name":"session_list","arguments":{}}}',
+         None, -32600),
+        (b'{"jsonrpc":"2.0","id":{"a":1},"method":"ping"}', None, -32600),
+        (b'{"jsonrpc":"2.0","id":true,"method":"ping"}', None, -32600),
+        (b'{"jsonrpc":"1.0","id":12,"method":"ping"}', 12, -32600),
+        (b'{"id":13,"method":"ping"}', 13, -32600),
+        (b'{"jsonrpc":"2.0","id":14,"method":"tools/call","params":["python_exec"]}', 14, -32600),
+        (b'{"jsonrpc":"2.0","id":15,"method":5}', 15, -32600),
+        (b'\xef\xbb\xbf{"jsonrpc":"2.0","id":16,"method":"ping"}', 16, -32700),
+        (b'{"jsonrpc":"2.0","id":17,"method":"ping"}{"jsonrpc":"2.0","id":18,"method":"ping"}', 17, -32700),
+        (b"not json", None, -32700),
+        (b"42", None, -32600),
+    ]  # fmt: skip
+    try:
+        init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
+        send(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init}).encode())
+        until(0)
+        send(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
+        for n, (line, rid, code) in enumerate(cases, 1000):
+            send(line)
+            send(json.dumps({"jsonrpc": "2.0", "id": n, "method": "ping"}).encode())
+            *answers, pong = until(n)
+            assert "result" in pong, pong
+            assert [(a.get("id"), a.get("error", {}).get("code")) for a in answers] == [(rid, code)], (line, answers)
+        send(b'{"jsonrpc":"2.0","id":2000,"method":"tools/call","params":{"name":"python_exec",'
+             b'"arguments":{"code":"print(6 * 7)"}}}')  # fmt: skip
+        (answer,) = until(2000)
+        assert answer["result"]["structuredContent"]["stdout"] == "42\n"  # still serving
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
 
