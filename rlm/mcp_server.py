@@ -1358,6 +1358,56 @@ def _listen(host: str, port: int) -> socket.socket:
         raise ConfigurationError(f"cannot listen on {where}: {reason}") from None
 
 
+#: Seconds a connection may go without a request under way (none since the last look, or its
+#: headers still unfinished) before it is closed: uvicorn gives a connection that never sends a
+#: request no deadline, and each one holds a descriptor of the server.
+REQUEST_DEADLINE_S = 10.0
+#: Most connections open that have not yet sent a request's headers (the bearer token is checked
+#: only then); past it the one that has waited longest is closed. Without it, idle connections
+#: from any local process used up the server's descriptors and locked every client out.
+MAX_WAITING_CONNECTIONS = 256
+
+
+def _guarded_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, with a deadline for each request's headers and a cap on the
+    connections that have sent none yet (see :data:`REQUEST_DEADLINE_S`)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    waiting: dict[Any, None] = {}  # connections with no request yet, oldest first
+
+    class _Guarded(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._rlm_seen: Any = None
+            self._rlm_timer = self.loop.call_later(REQUEST_DEADLINE_S, self._rlm_check)
+            waiting[self] = None
+            while len(waiting) > MAX_WAITING_CONNECTIONS:
+                oldest = next(iter(waiting))
+                del waiting[oldest]
+                oldest.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None:  # a request's headers are in
+                waiting.pop(self, None)
+
+        def _rlm_check(self) -> None:
+            cycle = self.cycle
+            if cycle is not None and (not cycle.response_complete or cycle is not self._rlm_seen):
+                self._rlm_seen = cycle  # a request under way, or one since the last look
+                self._rlm_timer = self.loop.call_later(REQUEST_DEADLINE_S, self._rlm_check)
+                return
+            waiting.pop(self, None)
+            self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            waiting.pop(self, None)
+            self._rlm_timer.cancel()
+            super().connection_lost(exc)
+
+    return _Guarded
+
+
 async def _serve_http(app: MCPApp, host: str, sock: socket.socket, token: str) -> None:
     import uvicorn
 
@@ -1375,7 +1425,11 @@ async def _serve_http(app: MCPApp, host: str, sock: socket.socket, token: str) -
 
     server = _Server(
         uvicorn.Config(
-            _BearerGate(asgi, token), log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+            _BearerGate(asgi, token),
+            http=_guarded_protocol(),
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
         )
     )
 

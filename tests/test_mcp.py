@@ -14,6 +14,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -737,6 +738,41 @@ def test_http_needs_the_token_and_keeps_sessions_apart(tmp_path: Path) -> None:
         if srv.proc.poll() is None:
             srv.proc.kill()
             srv.proc.wait()
+
+
+def test_http_connections_that_send_no_request_are_capped_and_closed(tmp_path: Path) -> None:
+    """Idle TCP connections, no token needed: uvicorn gave a connection that never sends a request
+    no deadline, so any local process could use up the server's descriptors and lock every client
+    out. Those waiting for a request are now capped (the oldest closed) and closed after 10 s."""
+    import rlm.mcp_server
+
+    cap: int = getattr(rlm.mcp_server, "MAX_WAITING_CONNECTIONS", 256)
+    srv = HTTPServer(tmp_path, "t-" + uuid.uuid4().hex)
+    server = psutil.Process(srv.proc.pid)
+    port = int(srv.url.split(":")[2].split("/")[0])
+    held: list[socket.socket] = []
+    try:
+
+        async def use() -> None:
+            async with srv.client() as s:
+                assert (await call(s, "python_exec", code="print(6 * 7)"))["stdout"] == "42\n"
+
+        anyio.run(use)
+        baseline = server.num_fds()
+        for _ in range(cap + 200):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        wait_for(lambda: server.num_fds() <= baseline + cap + 10, timeout=20)
+        anyio.run(use)  # a client with the token is served meanwhile
+        survivor = held[-1]  # the newest: not closed by the cap, only by the deadline
+        survivor.settimeout(30)
+        t0 = time.monotonic()
+        assert survivor.recv(1) == b""  # closed by the server
+        assert time.monotonic() - t0 < 25
+    finally:
+        for c in held:
+            c.close()
+        srv.proc.terminate()
+        srv.proc.wait(30)
 
 
 def test_http_results_up_to_the_output_cap_reach_the_official_client(tmp_path: Path) -> None:
