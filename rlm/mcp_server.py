@@ -138,7 +138,6 @@ async def _in_thread(
     discard: Callable[[T], None] | None = None,
     *,
     linger: float = 0.0,
-    on_done: Callable[[], None] | None = None,
 ) -> T:
     """Run blocking *fn* in a daemon thread; if this call is cancelled, run *on_cancel* (kill its child).
 
@@ -146,20 +145,16 @@ async def _in_thread(
     thread of its own: it may block). Daemon threads: a call the server gave
     up on never holds the process open at exit.
 
-    *linger*: a cancelled call does not return (re-raise) before the thread has, up to this
-    many seconds, calling *on_cancel* again every :data:`_RECHECK` seconds meanwhile (a child
-    started after the first kill is killed too), shielded from further cancellation. What the
-    caller holds (a session's lock) is therefore held until the cancelled work has stopped.
-    *on_done* runs on the loop when the thread returns, whether or not the call was cancelled
-    (a slot given back only then).
+    *linger*: a cancelled call waits for the thread to return before it re-raises (at most this
+    many seconds, shielded from further cancellation), calling *on_cancel* again every
+    :data:`_RECHECK` seconds meanwhile (a child started after the first kill is killed too).
+    What the caller holds (a session's lock) is therefore held until the cancelled work stopped.
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
     finished = threading.Event()
 
     def settle(value: Any, error: BaseException | None) -> None:
-        if on_done is not None:
-            on_done()
         if future.done():
             if error is None and discard is not None:
                 threading.Thread(target=discard, args=(value,), daemon=True).start()
