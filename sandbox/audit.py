@@ -31,9 +31,13 @@ long, not its square.
 A crash in the middle of an append can leave the file ending in a cut-off
 line. The next append does not chain onto it and does not drop it: it ends
 the fragment with a newline, chains onto the last complete line, and records
-the fragment's size and sha256 in ``torn_before``. :func:`verify` accepts a
-fragment only when the line after it records it that way, so the chain still
-verifies; a fragment nothing records yet is reported as an incomplete line.
+the fragment's size and sha256 in ``torn_before``. Appends cut off in a row
+(the one that was to record a fragment cut off too: a crash loop, a full
+disk) leave fragments and newlines: everything after the last record line is
+one torn region, recorded as one (its bytes, without a newline at its end).
+:func:`verify` accepts such a region only when the line after it records it
+that way, so the chain still verifies; a region nothing records yet is
+reported at its first line.
 """
 
 from __future__ import annotations
@@ -474,7 +478,7 @@ class AuditLog:
                     if known is not None and known[:2] == at:  # by another log object of ours
                         self._last = known[2]
                     else:  # by someone else: read what is there
-                        tail = _read_tail(self._fd, size, self.path)
+                        tail = _read_tail(self._fd, size)
                         self._last = tail.prev_hash
                         if tail.seal:
                             seal = b"\n"
@@ -578,11 +582,7 @@ class _Tail:
     torn: dict[str, Any] | None = None  # the cut-off last line the next line records
 
 
-def _damaged(path: Path) -> AuditError:
-    return AuditError(f"audit log {path} ends with a damaged line; run `rlm audit verify` on it")
-
-
-def _read_tail(fd: int, size: int, path: Path) -> _Tail:
+def _read_tail(fd: int, size: int) -> _Tail:
     """How the file open as *fd* ends (*size* bytes long): read through that descriptor, not
     by name (a log renamed away by a rotation is still the file its writers append to)."""
     if size == 0:
@@ -592,16 +592,33 @@ def _read_tail(fd: int, size: int, path: Path) -> _Tail:
     found = _record_hash(last)
     if found is not None:
         return _Tail(found, seal=not complete)
-    if complete:
-        raise _damaged(path)
-    # A write cut off by a crash: chain onto the line before it and record the fragment.
+    # A write cut off by a crash, maybe several in a row (the append that was to record a
+    # fragment cut off too, after its newline or within its line): everything after the last
+    # record line is one torn region. Chain onto that line and record the region.
+    end = size - 1 if complete else size
     prev = GENESIS
-    if start > 0:
-        prev_found = _record_hash(_line_before(fd, start - 1)[1])
-        if prev_found is None:
-            raise _damaged(path)
-        prev = prev_found
-    return _Tail(prev, seal=True, torn=_torn(last))
+    while start > 0:
+        before, line = _line_before(fd, start - 1)
+        found = _record_hash(line)
+        if found is not None:
+            prev = found
+            break
+        start = before
+    torn = _torn(last) if end - start == len(last) else _torn_region(fd, start, end)  # one line: read already
+    return _Tail(prev, seal=not complete, torn=torn)
+
+
+def _torn_region(fd: int, start: int, end: int) -> dict[str, Any]:
+    """:func:`_torn` of the bytes from *start* to *end* of *fd*, read a block at a time."""
+    h = hashlib.sha256()
+    pos = start
+    while pos < end:
+        chunk = os.pread(fd, min(TAIL_BLOCK, end - pos), pos)
+        if not chunk:
+            raise OSError(errno.EIO, "the audit log shrank while it was read")
+        h.update(chunk)
+        pos += len(chunk)
+    return {"bytes": end - start, "sha256": h.hexdigest()}
 
 
 @dataclass(frozen=True)
@@ -609,7 +626,8 @@ class VerifyReport:
     """Result of :func:`verify`: ``ok``, lines read, and the first bad line (1-based) with why.
 
     ``torn_lines`` are lines cut off by a crash mid-append that the line after
-    each records (``torn_before``); they do not break the chain. ``last_hash``
+    them records (``torn_before``, one region of one or more lines); they do not
+    break the chain. ``last_hash``
     is the ``hash`` of the last line of a chain that verified (None for an
     empty log): lines cut off the *end* leave a shorter chain that verifies
     too, so keep it elsewhere and compare it later to detect that.
@@ -636,7 +654,7 @@ def verify(path: str | Path) -> VerifyReport:
         lines.pop()
     prev = GENESIS
     torn: list[int] = []
-    pending: tuple[int, bytes] | None = None  # a line that is no record, maybe a torn write
+    pending: tuple[int, list[bytes]] | None = None  # lines that are no record, maybe torn writes
     bad_why = ""
     count = 0
 
@@ -649,22 +667,16 @@ def verify(path: str | Path) -> VerifyReport:
         except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
             record = None
         if not isinstance(record, dict) or not isinstance(record.get("hash"), str):
-            why = "not valid JSON" if record is None else "not an audit record"
-            if pending is not None:
-                return bad(pending[0], "not valid JSON")
-            if count == len(lines) and ends_cut:
-                return bad(
-                    count,
-                    "incomplete last line (a write cut off, e.g. by a crash); the lines before it "
-                    "verify, and the next append records it",
-                )
-            pending = (count, raw)
-            bad_why = why
+            if pending is None:
+                pending = (count, [raw])
+                bad_why = "not valid JSON" if record is None else "not an audit record"
+            else:  # writes cut off in a row: one torn region, recorded as one
+                pending[1].append(raw)
             continue
         if pending is not None:
-            if record.get("torn_before") != _torn(pending[1]):
+            if record.get("torn_before") != _torn(b"\n".join(pending[1])):
                 return bad(pending[0], bad_why)
-            torn.append(pending[0])
+            torn.extend(range(pending[0], count))
             pending = None
         elif "torn_before" in record:
             return bad(count, "records a cut-off line before it that is not there")
@@ -689,5 +701,14 @@ def verify(path: str | Path) -> VerifyReport:
             )
         prev = record["hash"]
     if pending is not None:
+        if ends_cut:
+            return bad(
+                pending[0],
+                "incomplete last line (a write cut off, e.g. by a crash); the lines before it "
+                "verify, and the next append records it"
+                if len(pending[1]) == 1
+                else f"incomplete last lines {pending[0]}-{count} (writes cut off, e.g. by crashes);"
+                " the lines before them verify, and the next append records them",
+            )
         return bad(pending[0], bad_why)
     return VerifyReport(True, count, torn_lines=tuple(torn), last_hash=None if prev == GENESIS else prev)

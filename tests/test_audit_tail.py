@@ -15,7 +15,6 @@ import pytest
 
 from sandbox import audit
 from sandbox.audit import AuditLog, verify
-from sandbox.errors import AuditError
 from tests.conftest import run_cli
 
 BIG = 16 * 1024 * 1024
@@ -174,14 +173,69 @@ def test_a_fragment_as_the_only_content(tmp_path):
     assert verify(path).ok
 
 
-def test_a_damaged_complete_last_line_is_still_an_error(tmp_path):
+def _real_crash(path, room):
+    """An append by another process, killed (SIGXFSZ) once the file has grown by *room* bytes."""
+    size = path.stat().st_size
+    script = (
+        "import resource, signal\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_DFL)\n"
+        "from sandbox.audit import AuditLog\n"
+        f"log = AuditLog({str(path)!r})\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size + room}, resource.RLIM_INFINITY))\n"
+        "log.append({'code': 'x' * 100000})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGXFSZ, proc.stderr
+    assert path.stat().st_size == size + room
+
+
+@pytest.mark.parametrize("rooms", [(1000, 500), (1000, 1), (300, 1, 200, 1)])
+def test_appends_cut_off_in_a_row_do_not_wedge_the_log(tmp_path, rooms):
+    """The append that was to record a fragment is cut off too (within its line, or just
+    after the newline it ends the fragment with): what follows the last record is one torn
+    region, which the next append records; the log goes on and verifies."""
+    path = tmp_path / "audit.jsonl"
+    _append(path, 2)
+    head = len(path.read_bytes())
+    for room in rooms:
+        _real_crash(path, room)
+    region = path.read_bytes()[head:]
+    assert region.count(b"\n") >= 1
+    report = verify(path)
+    assert not report.ok and report.bad_line == 3
+    records = _append(path, 2)
+    region = region.removesuffix(b"\n")
+    assert records[0]["torn_before"] == {"bytes": len(region), "sha256": hashlib.sha256(region).hexdigest()}
+    assert records[0]["prev_hash"] == json.loads(_lines(path)[1])["hash"]
+    assert path.read_bytes()[head : head + len(region)] == region  # the evidence is kept as it was
+    report = verify(path)
+    n = region.count(b"\n") + 1
+    assert report.ok and report.lines == 4 + n and report.torn_lines == tuple(range(3, 3 + n)), report
+    # a byte of the recorded region changed, or one of its lines dropped, is still an edit
+    data = path.read_bytes()
+    edited = data[: head + 5] + bytes([data[head + 5] ^ 1]) + data[head + 6 :]
+    path.write_bytes(edited)
+    assert verify(path).bad_line == 3
+    rows = data.split(b"\n")
+    del rows[3]
+    path.write_bytes(b"\n".join(rows))
+    assert not verify(path).ok
+
+
+def test_a_complete_last_line_that_is_no_record_is_recorded_as_torn(tmp_path):
+    """A fragment followed by the newline of the append that was to record it (cut off just
+    after it) looks like any complete line that is no record: it is recorded, not a wedge;
+    verify names it until then."""
     path = tmp_path / "audit.jsonl"
     _append(path, 2)
     with open(path, "ab") as f:
-        f.write(b"garbage\n")
-    with pytest.raises(AuditError, match="damaged line"):
-        _append(path, 1)
-    assert verify(path).bad_line == 3
+        f.write(b'{"code":"x = 1","outc\n')
+    report = verify(path)
+    assert not report.ok and report.bad_line == 3 and "not valid JSON" in report.reason
+    records = _append(path, 1)
+    assert records[0]["torn_before"]["bytes"] == 21
+    report = verify(path)
+    assert report.ok and report.lines == 4 and report.torn_lines == (3,)
 
 
 def _counting_preads(monkeypatch):
