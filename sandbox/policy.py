@@ -448,6 +448,8 @@ def _validate(data: Any, where: str) -> Policy:
         return Policy.model_validate(data)  # runs Policy.__init__
     except _Invalid as exc:
         raise PolicyError(f"{where}: {exc.detail}") from None
+    except RecursionError:  # a value nested too deeply (an override from code, say)
+        raise PolicyError(f"{where}: a value is nested too deeply") from None
 
 
 def _explain(exc: ValidationError) -> str:
@@ -483,6 +485,8 @@ MAX_POLICY_BYTES = 1024 * 1024
 def _read_policy_file(path: Path) -> bytes:
     """The bytes of a regular file of at most :data:`MAX_POLICY_BYTES`; else PolicyError. A FIFO
     would block the read forever, ``/dev/zero`` would fill memory."""
+    if "\0" in str(path):  # os.open would raise ValueError
+        raise PolicyError(f"policy file {str(path)!r}: a path cannot contain a NUL byte")
     try:
         raw = read_regular(path, MAX_POLICY_BYTES + 1)
     except OSError as exc:
@@ -503,6 +507,8 @@ def load_policy(name_or_path: str | Path) -> Policy:
     text = str(name_or_path)
     is_path = isinstance(name_or_path, Path) or "/" in text or text.endswith(".toml") or text.startswith(".")
     if is_path:
+        if "\0" in text:  # (expanding '~' or opening it would raise ValueError)
+            raise PolicyError(f"policy file {text!r}: a path cannot contain a NUL byte")
         try:
             path = Path(text).expanduser()
         except RuntimeError:  # ~user with no such user, or no home directory to be found
@@ -519,5 +525,9 @@ def load_policy(name_or_path: str | Path) -> Policy:
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PolicyError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # arrays or inline tables nested past the parser's recursion limit
+        raise PolicyError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
+    except ValueError as exc:  # an integer past Python's digit limit (int() of 4301+ digits)
         raise PolicyError(f"{path}: not valid TOML: {exc}") from None
     return _validate(data, str(path))

@@ -230,3 +230,32 @@ def test_a_read_path_that_is_not_utf8_is_a_policy_error(monkeypatch):
     with pytest.raises(PolicyError, match="not a UTF-8 path"):
         load_policy("default").override({"isolation.read_paths": ["~/data"]})
     assert load_policy("default").override({"isolation.read_paths": ["/srv/données"]})
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ("[limits]\ncpu_seconds = " + "[" * 1000 + "]" * 1000 + "\n", "nested too deeply"),
+        ("x = " + "{a=" * 1000 + "1" + "}" * 1000 + "\n", "nested too deeply"),
+        ("[limits]\nmemory_mb = " + "9" * 4301 + "\n", "4300 digits"),
+    ],
+)
+def test_a_policy_file_the_toml_parser_chokes_on_is_a_policy_error(tmp_path, body, why):
+    """Nesting past the parser's recursion limit (RecursionError) and an integer past Python's
+    digit limit (ValueError) escaped load_policy raw; `rlm policy check` printed a traceback."""
+    import subprocess
+    import sys
+
+    message = _error(tmp_path, body)
+    assert "not valid TOML" in message and why in message, message
+    done = subprocess.run([sys.executable, "-m", "rlm", "policy", "check", str(tmp_path / "p.toml")],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"rlm: {tmp_path / 'p.toml'}: not valid TOML"), done.stderr
+
+
+def test_a_policy_path_with_a_nul_is_a_policy_error(tmp_path):
+    for path in (str(tmp_path / "a\0.toml"), tmp_path / "a\0.toml", "~/a\0.toml"):
+        with pytest.raises(PolicyError, match="NUL") as info:
+            load_policy(path)
+        assert "a\\x00.toml" in str(info.value)
