@@ -342,7 +342,8 @@ class AuditLog:
         the path was one when this log was made (configured so), not one planted since by
         someone who may write the directory."""
         # read: the last line, through this file; non-blocking: a FIFO at the path must not hang us
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        # O_NOCTTY: a terminal at the path must not become this process's controlling terminal
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
         if not again:
             self._linked = os.path.islink(self.path)
         elif not self._linked:

@@ -325,8 +325,24 @@ class AuditSettings(BaseModel):
     enabled: bool = Field(True, description="Append one hash-chained line per execute. Default true.")
     path: str | None = Field(
         None,
-        description="Log file; '~' is expanded. Default: $XDG_STATE_HOME/rlm/audit.jsonl (~/.local/state/rlm/audit.jsonl).",
+        description="Log file, an absolute path; '~' is expanded. Default: $XDG_STATE_HOME/rlm/audit.jsonl (~/.local/state/rlm/audit.jsonl).",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        """Checked here, not when a sandbox starts: a NUL was a raw ValueError then, and a
+        relative path was taken against whatever the working directory was at that moment."""
+        if value is None:
+            return value
+        if "\0" in value:
+            raise ValueError(f"{value!r} contains a NUL byte")
+        if not value.startswith("~") and not os.path.isabs(value):
+            raise ValueError(
+                f"{value!r} is not an absolute path (a relative one would be taken against the"
+                " working directory of whichever process starts a sandbox)"
+            )
+        return value
 
 
 class Policy(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -297,3 +298,37 @@ def test_a_record_with_a_lone_surrogate_is_written_and_verifies(tmp_path):
     (line,) = path.read_bytes().splitlines()
     assert json.loads(line)["log_path"] == "/tmp/caf\\udce9.jsonl"  # shown, escaped
     assert line_hash(json.loads(line)) == record["hash"]
+
+
+def test_a_terminal_at_the_log_path_does_not_become_the_controlling_terminal():
+    """A tty opened O_RDWR without O_NOCTTY becomes the controlling terminal of a process that
+    has none (a daemon-like host) before the log refuses it as not a regular file."""
+    import pty
+
+    from sandbox.audit import AuditLog
+    from sandbox.errors import AuditError
+
+    master, slave = pty.openpty()
+    tty = os.ttyname(slave)
+    os.close(slave)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            code = 1
+            try:
+                os.setsid()  # no controlling terminal
+                try:
+                    AuditLog(tty)
+                    code = 2
+                except AuditError:
+                    try:
+                        os.close(os.open("/dev/tty", os.O_RDWR))
+                        code = 3  # the tty became ours
+                    except OSError:
+                        code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(master)

@@ -259,3 +259,18 @@ def test_a_policy_path_with_a_nul_is_a_policy_error(tmp_path):
         with pytest.raises(PolicyError, match="NUL") as info:
             load_policy(path)
         assert "a\\x00.toml" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [("/tmp/a\\u0000b", "NUL byte"), ("logs/audit.jsonl", "not an absolute path"), ("", "not an absolute")],
+)
+def test_audit_path_must_be_absolute_and_without_nul(tmp_path, value, why):
+    """A NUL was a raw ValueError only when a sandbox started; a relative path was taken against
+    whatever the working directory was then. Both are refused at load, naming the key."""
+    message = _error(tmp_path, f'[audit]\npath = "{value}"\n')
+    assert "key 'audit.path'" in message and why in message, message
+    with pytest.raises(PolicyError, match="audit.path"):
+        load_policy("default").override({"audit.path": value.replace("\\u0000", "\0")})
+    for fine in ("/var/log/rlm/audit.jsonl", "~/audit.jsonl"):
+        assert _load(tmp_path, f'[audit]\npath = "{fine}"\n').audit.path == fine
