@@ -307,6 +307,49 @@ def _as_path(path: str | Path) -> Path:
         raise AuditError(f"audit log {str(path)!r}: cannot expand '~' on this host") from None
 
 
+#: Symbolic links one log path may lead through (the kernel's own limit is 40).
+_LINK_HOPS = 8
+
+
+def _open_log(path: Path, flags: int, follow: bool) -> tuple[int, bool]:
+    """Open *path* with *flags* (O_CREAT among them) and whether a symbolic link was followed.
+
+    A link at the path (and at each target in turn) is followed only if *follow* and the link
+    itself is owned by this process's effective user or by root: one planted by another user
+    who may write the log's directory (not sticky: ``fs.protected_symlinks`` does not cover
+    it) would make this process create and append to any file it may write. Each link is
+    opened (``O_PATH | O_NOFOLLOW``) and its owner and target read from that descriptor, so
+    a link swapped in after the check is not followed; an untrusted one is an AuditError.
+    """
+    target = os.fspath(path)
+    for _ in range(_LINK_HOPS + 1):
+        try:
+            return os.open(target, flags | os.O_NOFOLLOW, 0o600), target != os.fspath(path)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP or not follow:
+                raise
+        try:
+            link = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:  # the link was removed meanwhile: try the path again
+            continue
+        try:
+            st = os.fstat(link)
+            if not stat.S_ISLNK(st.st_mode):  # replaced by a file meanwhile: open that
+                continue
+            if st.st_uid not in (os.geteuid(), 0):
+                where = "" if target == os.fspath(path) else f" leads to {target}, which"
+                raise AuditError(
+                    f"audit log {path}{where} is a symbolic link owned by uid {st.st_uid}, neither"
+                    " this process's user nor root: not followed (whoever may write its directory"
+                    " could point it at any file)"
+                )
+            dest = os.readlink("", dir_fd=link)
+        finally:
+            os.close(link)
+        target = os.path.join(os.path.dirname(target), dest)
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+
+
 class AuditLog:
     """Appends hash-chained lines to one file."""
 
@@ -340,21 +383,21 @@ class AuditLog:
         """Open (or create) the file at ``path`` and learn where its chain stands. *again*: the
         file this log had open was deleted; a symbolic link at the path now is followed only if
         the path was one when this log was made (configured so), not one planted since by
-        someone who may write the directory."""
+        someone who may write the directory. A link is followed only when owned by this
+        process's user or root (see :func:`_open_log`)."""
         # read: the last line, through this file; non-blocking: a FIFO at the path must not hang us
         # O_NOCTTY: a terminal at the path must not become this process's controlling terminal
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
-        if not again:
-            self._linked = os.path.islink(self.path)
-        elif not self._linked:
-            flags |= os.O_NOFOLLOW
+        follow = not again or self._linked
         fd = -1
         try:
             try:
-                fd = os.open(self.path, flags, 0o600)
+                fd, linked = _open_log(self.path, flags, follow)
             except FileNotFoundError:  # its directory is missing: the first log there
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, flags, 0o600)
+                fd, linked = _open_log(self.path, flags, follow)
+            if not again:
+                self._linked = linked
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):  # a FIFO, a device: a write could block or vanish
                 raise OSError(errno.EINVAL, NOT_REGULAR)

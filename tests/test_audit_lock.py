@@ -449,3 +449,36 @@ def test_logs_inherited_across_fork_keep_one_chain_with_the_parent(tmp_path):
     assert report.ok, report
     children = [json.loads(x) for x in path.read_text().splitlines() if '"child"' in x]
     assert len(children) == 3000
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a link another owner")
+def test_a_symlink_planted_by_another_user_is_not_followed(tmp_path):
+    """A log directory others may write (0777, not sticky: fs.protected_symlinks does not
+    apply): a dangling link planted at the log path by another user made the next AuditLog
+    (the next sandbox) create and write its target, anywhere this process may write. A link
+    is followed only when this process's user or root owns it, at the path or further on."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    secret = tmp_path / "root-only"
+    secret.mkdir(mode=0o700)
+    victim = secret / "evil.sh"
+    path = shared / "audit.jsonl"
+    os.symlink(victim, path)
+    os.lchown(path, 65534, 65534)  # planted by nobody
+    with pytest.raises(AuditError, match="symbolic link owned by uid 65534") as info:
+        AuditLog(path)
+    assert str(path) in str(info.value)
+    assert not victim.exists()
+    # ... also when it is the second link of a chain that starts with one of ours
+    own = tmp_path / "configured.jsonl"
+    os.symlink(path, own)
+    with pytest.raises(AuditError, match=f"leads to {path}, which is a symbolic link owned by uid 65534"):
+        AuditLog(own)
+    assert not victim.exists()
+    # links of this process's user (or root) are followed, as configured
+    os.lchown(path, 0, 0)
+    log = AuditLog(own)
+    log.append({"n": 1})
+    log.close()
+    assert verify(victim).ok and verify(victim).lines == 1
