@@ -132,6 +132,10 @@ class ToolError(Exception):
 
 
 # ------------------------------------------------------------------ threads
+class _NoThread(ToolError):
+    """:func:`_in_thread` could not start its thread: its function never ran."""
+
+
 async def _in_thread(
     fn: Callable[[], T],
     on_cancel: Callable[[], None] | None = None,
@@ -173,7 +177,10 @@ async def _in_thread(
         with contextlib.suppress(RuntimeError):  # the loop is already closed
             loop.call_soon_threadsafe(settle, value, error)
 
-    threading.Thread(target=work, name="rlm-mcp-call", daemon=True).start()
+    try:
+        threading.Thread(target=work, name="rlm-mcp-call", daemon=True).start()
+    except RuntimeError as exc:  # no thread to be had (a pids limit, a thread limit): fn never runs
+        raise _NoThread(f"the server cannot start a thread now ({exc}); try again later") from None
     try:
         return await future
     except asyncio.CancelledError:
@@ -842,6 +849,9 @@ class MCPApp:
 
         try:
             result = await _in_thread(work, token.cancel)
+        except _NoThread:  # the run never started, so it cannot give its slot back itself
+            calls.leave()
+            raise
         except RLMError as exc:
             raise ToolError(f"rlm_query failed: {exc}") from None
         record["outcome"] = f"stop:{result.stop_reason}"
@@ -1064,7 +1074,8 @@ def _invalid_request(line: str) -> str | None:
     """The JSON-RPC error answering *line* when it is not a valid message (which the SDK drops
     without an answer: the client would wait for ever), else None.
 
-    Invalid JSON (a byte order mark, two messages on one line) is a -32700 Parse error; a message
+    Invalid JSON (a byte order mark, two messages on one line) is a -32700 Parse error (for each
+    request of such a line, by its id: :func:`_ids_of_values`); a message
     whose ``jsonrpc`` is not ``"2.0"``, whose method is not a string, whose params are not an
     object or whose id is neither an integer nor a string is a -32600 Invalid Request. The error
     carries the request's id when it can be read, else null. A response, a blank line, a batch and
@@ -1076,14 +1087,16 @@ def _invalid_request(line: str) -> str | None:
     except (RecursionError, MemoryError):
         return None
     except ValueError:
+        parse_error = "Parse error: not one JSON-RPC message (one JSON object a line)"
+        ids = _ids_of_values(line.lstrip("\ufeff"))
+        if ids:  # several messages on one line: each request is told, or its client waits for ever
+            return "".join(_error_line(rid, _PARSE_ERROR, parse_error) for rid in ids)
         rid = None
         match = _top_level(line.lstrip("\ufeff"), _ID.search(line.lstrip("\ufeff")))
         if match is not None:
             with contextlib.suppress(ValueError):
                 rid = json.loads(match.group(1))
-        return _error_line(
-            rid, _PARSE_ERROR, "Parse error: not one JSON-RPC message (one JSON object a line)"
-        )
+        return _error_line(rid, _PARSE_ERROR, parse_error)
     if isinstance(msg, list):
         return None
     if not isinstance(msg, dict):
@@ -1103,6 +1116,37 @@ def _invalid_request(line: str) -> str | None:
     if why is None:
         return None
     return _error_line(rid, _INVALID_REQUEST, f"Invalid Request: {why}")
+
+
+#: Most JSON values on one line whose requests are each answered (see :func:`_ids_of_values`).
+MAX_VALUES_A_LINE = 64
+_DECODER = json.JSONDecoder()
+
+
+def _ids_of_values(line: str) -> list[Any]:
+    """The ids of the requests in *line* when it is two or more whole JSON values one after the
+    other (``{..}{..}``, with spaces between or not), in order; [] when it is not (then the line's
+    first id, if readable, is answered). At most :data:`MAX_VALUES_A_LINE` values are decoded.
+    Notifications and responses (no method, or no answerable id) get nothing, as alone."""
+    values: list[Any] = []
+    at, end = 0, len(line.rstrip())
+    try:
+        while len(values) < MAX_VALUES_A_LINE:
+            while at < end and line[at] in " \t\r":
+                at += 1
+            if at == end:
+                break
+            value, at = _DECODER.raw_decode(line, at)
+            values.append(value)
+    except (ValueError, RecursionError):
+        return []
+    if len(values) < 2:
+        return []
+    return [
+        v["id"]
+        for v in values
+        if isinstance(v, dict) and "method" in v and "id" in v and _answerable(v["id"])
+    ]
 
 
 def _error_line(rid: Any, code: int, message: str) -> str:

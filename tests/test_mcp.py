@@ -429,7 +429,7 @@ def test_invalid_stdio_requests_are_answered(tmp_path: Path) -> None:
                 pending.extend(os.read(proc.stdout.fileno(), 1 << 20))  # type: ignore[union-attr]
         raise AssertionError(f"no answer to {rid}: {got}")
 
-    cases: list[tuple[bytes, Any, int]] = [  # (line, the id of the error, its code)
+    cases: list[tuple[bytes, Any, int]] = [  # (line, the id of the error (a list: one error each), its code)
         (b'{"jsonrpc":"2.0","id":1.5,"method":"tools/call","params":{"name":"session_list","arguments":{}}}',
          None, -32600),
         (b'{"jsonrpc":"2.0","id":{"a":1},"method":"ping"}', None, -32600),
@@ -439,7 +439,11 @@ def test_invalid_stdio_requests_are_answered(tmp_path: Path) -> None:
         (b'{"jsonrpc":"2.0","id":14,"method":"tools/call","params":["python_exec"]}', 14, -32600),
         (b'{"jsonrpc":"2.0","id":15,"method":5}', 15, -32600),
         (b'\xef\xbb\xbf{"jsonrpc":"2.0","id":16,"method":"ping"}', 16, -32700),
-        (b'{"jsonrpc":"2.0","id":17,"method":"ping"}{"jsonrpc":"2.0","id":18,"method":"ping"}', 17, -32700),
+        # Two requests on one line: each is answered, or the client waits for the second for ever.
+        (b'{"jsonrpc":"2.0","id":17,"method":"ping"}{"jsonrpc":"2.0","id":18,"method":"ping"}', [17, 18], -32700),
+        (b' {"jsonrpc":"2.0","id":"a","method":"ping"} {"jsonrpc":"2.0","method":"x"}\t{"id":19,"method":"y"}',
+         ["a", 19], -32700),
+        (b'{"jsonrpc":"2.0","id":20,"method":"ping"} trailing', 20, -32700),
         (b"not json", None, -32700),
         (b"42", None, -32600),
     ]  # fmt: skip
@@ -453,7 +457,8 @@ def test_invalid_stdio_requests_are_answered(tmp_path: Path) -> None:
             send(json.dumps({"jsonrpc": "2.0", "id": n, "method": "ping"}).encode())
             *answers, pong = until(n)
             assert "result" in pong, pong
-            assert [(a.get("id"), a.get("error", {}).get("code")) for a in answers] == [(rid, code)], (line, answers)
+            expected = [(one, code) for one in (rid if isinstance(rid, list) else [rid])]
+            assert [(a.get("id"), a.get("error", {}).get("code")) for a in answers] == expected, (line, answers)
         send(b'{"jsonrpc":"2.0","id":2000,"method":"tools/call","params":{"name":"python_exec",'
              b'"arguments":{"code":"print(6 * 7)"}}}')  # fmt: skip
         (answer,) = until(2000)
@@ -1213,3 +1218,43 @@ def test_rlm_query_is_bounded_by_the_server_s_max_cost(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, env=env, cwd=str(ROOT),
     )  # fmt: skip
     assert out.returncode == 2 and "--max-cost needs --model" in out.stderr, out.stderr
+
+
+PIDS = Path("/sys/fs/cgroup/pids")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not (PIDS / "cgroup.procs").exists(), reason="needs root and the cgroup v1 pids controller"
+)
+def test_an_rlm_query_that_cannot_start_its_thread_gives_its_slot_back(tmp_path: Path) -> None:
+    """With no thread to be had (the server's pids cgroup full), an rlm_query failed after it took
+    its --max-sessions slot and before the thread that was to give it back existed: the slot was
+    gone for good, and every later rlm_query waited for it. Now the query is a tool error that
+    says why, and the next one runs once threads can be made again."""
+    env = server_env(OPENAI_API_KEY="sk-test-mcp")
+    cg = PIDS / f"rlm-test-{uuid.uuid4().hex[:8]}"
+    cg.mkdir()
+
+    async def go(url: str) -> None:
+        args = ("--model", "openai/root", "--api-base", url, "--audit-log", str(tmp_path / "a.jsonl"))
+        before = {p.pid for p in mcp_servers()}
+        async with stdio_session(*args, "--max-sessions", "1", "--pool-size", "0", env=env) as s:
+            (server,) = [p for p in mcp_servers() if p.pid not in before]
+            (cg / "cgroup.procs").write_text(str(server.pid))  # its threads follow it
+            (cg / "pids.max").write_text((cg / "pids.current").read_text().strip())  # not one more
+            with anyio.fail_after(30):
+                res = await s.call_tool("rlm_query", {"query": "q", "context": "a b c", "max_iterations": 2})
+            assert res.is_error and "start" in res.content[0].text and "thread" in res.content[0].text, res.content
+            (cg / "pids.max").write_text("max")
+            with anyio.fail_after(30):  # before: waited for the slot for ever
+                r = await call(s, "rlm_query", query="q", context="a b c", max_iterations=2)
+            assert r["answer"] == "c", r
+
+    try:
+        with LLMServer(_root) as llm:
+            anyio.run(go, llm.base_url)
+    finally:
+        for pid in (cg / "cgroup.procs").read_text().split():  # a server left behind
+            with contextlib.suppress(OSError):
+                (PIDS / "cgroup.procs").write_text(pid)
+        cg.rmdir()
