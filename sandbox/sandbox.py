@@ -1469,21 +1469,20 @@ class Sandbox:
             events = child.poll.poll(0) if alone else []
             # Spin briefly before blocking (a blocked process on a VM takes 100+ us
             # to wake), adaptively and one host thread at a time: see sandbox.spin.
-            if (
-                not events
-                and alone
-                and (budget := child.spinner.budget())
-                and _SLACK.free()
-                and _SPIN_SLOT.acquire(blocking=False)
-            ):
+            if not events and alone and (budget := child.spinner.budget()) and _SLACK.free():
+                spins: list[bool] = []  # [True] once this thread holds the slot (see _try_acquire)
                 try:
-                    child.spinner.spin_started()
-                    spin_until = time.perf_counter() + budget
-                    while not events and time.perf_counter() < spin_until:
-                        events = child.poll.poll(0)
+                    _try_acquire(_SPIN_SLOT, spins)
+                    if spins[0]:
+                        child.spinner.spin_started()
+                        spin_until = time.perf_counter() + budget
+                        while not events and time.perf_counter() < spin_until:
+                            events = child.poll.poll(0)
                 finally:
-                    _SPIN_SLOT.release()
-                child.spinner.spin_ended(bool(events))
+                    if spins and spins[0]:
+                        _SPIN_SLOT.release()
+                if spins[0]:
+                    child.spinner.spin_ended(bool(events))
             if not events:
                 left = None if deadline is None else deadline - time.perf_counter()
                 events = child.poll.poll(None if left is None else protocol.poll_ms(left))

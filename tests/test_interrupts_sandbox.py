@@ -148,6 +148,39 @@ def test_an_interrupt_anywhere_in_executes_bookkeeping_leaves_the_sandbox_usable
         sb.close()
 
 
+def test_an_interrupt_anywhere_in_waiting_for_a_frame_leaves_the_spin_slot_free(
+    audit_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one host thread that may spin holds a process-wide slot while it spins. A Ctrl-C
+    landing just after it took the slot, before the ``try`` that gives it back, kept it for
+    good: no thread of the process spun again (every wait a sleep, 100+ us slower on a VM).
+    At each point of the wait, with spinning allowed (the CPU-slack check and the spin budget
+    fixed, so that a loaded machine cannot skip the spin): the slot is free afterwards and the
+    next execute works."""
+    monkeypatch.setattr(impl.CpuSlack, "free", lambda self: True)
+    monkeypatch.setattr(impl.Spinner, "budget", lambda self: 0.002)
+    codes = codes_of(Sandbox._next_frame, getattr(impl, "_try_acquire", None))
+    sb = Sandbox("default", audit_log=audit_path)
+    try:
+        assert sb.execute("x = 1").ok
+        landed = []
+        for at in range(12):  # the spin starts within the first points; its loop's are alike
+            # A cell that takes a while: the child has not answered by the first look.
+            where = interrupted(codes, at, lambda: sb.execute("import time\ntime.sleep(0.02)"))
+            if where is None:
+                break
+            landed.append(where)
+            assert not impl._SPIN_SLOT.locked(), where
+            result, _ = within(20, lambda: sb.execute("print(1 + 1)"))
+            assert result.ok and result.stdout == "2\n", where
+        assert any(w.startswith("_try_acquire") for w in landed), landed  # the window was tried
+    finally:
+        unlock_for_teardown(sb)
+        if impl._SPIN_SLOT.locked():
+            impl._SPIN_SLOT.release()
+        sb.close()
+
+
 def test_an_interrupt_anywhere_in_close_is_finished_by_the_next_close(audit_path: Path) -> None:
     codes = codes_of(Sandbox.close, impl._Callers.leave)
     probe = Sandbox("default", audit_log=audit_path)
