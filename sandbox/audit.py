@@ -8,7 +8,12 @@ sha256 of ``prev_hash`` joined to the canonical JSON of the line without its
 line, which :func:`verify` names. A line must also be spelled byte for byte as
 the writer writes it (keys sorted, no spaces, ``hash`` last): a key given
 twice, which a JSON parser resolves to its last copy and grep or a reader sees
-first, is an edit even when the hash of the parsed values matches. (Cutting
+first, is an edit even when the hash of the parsed values matches. Text is
+written as UTF-8, but characters where ``str.splitlines()`` ends a line
+(U+0085, U+2028, U+2029), the other C1 controls and the bidirectional controls
+(U+202E and the like, which show text reordered) are written as ``\\uXXXX``:
+one line per record for every reader, shown in its order. Lines written
+before they were escaped hold them raw; that spelling verifies too. (Cutting
 lines off the *end* leaves a valid shorter chain; keep the last hash elsewhere
 if that matters to you.)
 
@@ -98,14 +103,34 @@ def default_audit_path() -> Path:
 
 
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-_STRING = json.encoder.encode_basestring  # what _ENCODER writes for a str (ensure_ascii=False)
+_BASESTRING = json.encoder.encode_basestring  # what _ENCODER writes for a str (ensure_ascii=False)
+
+#: Characters JSON (``ensure_ascii=False``) writes raw that a line must not hold raw: U+0085
+#: (NEL), U+2028 and U+2029, where ``str.splitlines()`` ends a line (the others it ends one at
+#: are C0 controls, which JSON escapes); the other C1 controls (a terminal may take U+009B for
+#: CSI); and the bidirectional controls (U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069),
+#: which make a terminal or an editor show the line's text reordered. Code in a sandbox names
+#: its exception class and writes its code: both reach the line. They are written as ``\uXXXX``.
+_UNSAFE = re.compile("[\x80-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _u_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def _string(value: str) -> str:
+    """The str *value* as the writer spells it: JSON, with the characters of ``_UNSAFE`` escaped."""
+    text = _BASESTRING(value)
+    # str.isascii() reads a flag (no scan): the common all-ASCII value costs nothing more.
+    return text if value.isascii() else _UNSAFE.sub(_u_escape, text)
 
 
 def _json(value: Any) -> str:
-    """*value* as ``_ENCODER`` writes it; flat values without going through it (3x faster)."""
+    """*value* as ``_ENCODER`` writes it, the characters of ``_UNSAFE`` escaped; flat values
+    without going through it (3x faster)."""
     kind = type(value)
     if kind is str:
-        return _STRING(value)
+        return _string(value)
     if kind is int:
         return int.__repr__(value)
     if kind is float and math.isfinite(value):
@@ -119,7 +144,8 @@ def _json(value: Any) -> str:
         # Keys that are not str ({2: .., 10: ..}) are written as strings but sorted as they
         # were: written as verify reads them back, or it would take the line for an edit.
         text = _ENCODER.encode(json.loads(text))
-    return text
+    # Outside its strings JSON is ASCII: what _UNSAFE finds is inside one, where an escape says the same.
+    return text if text.isascii() else _UNSAFE.sub(_u_escape, text)
 
 
 def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
@@ -128,9 +154,10 @@ def encode_fields(fields: Mapping[str, Any]) -> dict[str, str]:
     A caller may encode the fields it knows early (the code of a cell, while
     the cell runs) and hand them to :meth:`AuditLog.append` as ``encoded``.
     """
-    keys = _KEYS
+    keys, plain = _KEYS, _BASESTRING  # (an ASCII str, the common value, without a call of ours)
     return {
-        key: (keys.get(key) or _key(key)) + (_STRING(value) if type(value) is str else _json(value))
+        key: (keys.get(key) or _key(key))
+        + ((plain(value) if value.isascii() else _string(value)) if type(value) is str else _json(value))
         for key, value in fields.items()
     }
 
@@ -140,7 +167,7 @@ _KEYS: dict[str, str] = {}
 
 
 def _key(key: str) -> str:
-    piece = f"{_STRING(key)}:"
+    piece = f"{_string(key)}:"
     if len(_KEYS) < 1024:
         _KEYS[key] = piece
     return piece
@@ -169,6 +196,24 @@ def _escaped(match: re.Match[str]) -> str:
     return f"\\\\u{ord(match.group()):04x}"
 
 
+#: In a body the writer wrote: an escape ``_string`` writes for a character of ``_UNSAFE``, or an
+#: escaped backslash (matched whole, so that the text ``\\u2028``, a backslash and "u2028", is not
+#: taken for an escape). json's encoder writes those characters raw, never escaped: each such
+#: escape in a body is ``_string``'s.
+_UNSAFE_ESCAPE = re.compile(rb"\\(?:\\|u(00[89][0-9a-f]|061c|200[ef]|202[89a-e]|206[6-9]))")
+
+
+def _raw_unsafe(match: re.Match[bytes]) -> bytes:
+    code = match.group(1)
+    return match.group() if code is None else chr(int(code, 16)).encode()
+
+
+def _unescaped(body: bytes) -> bytes:
+    """*body* (as :func:`_canonical` writes it) as the writer wrote it before it escaped the
+    characters of ``_UNSAFE``: with them raw."""
+    return _UNSAFE_ESCAPE.sub(_raw_unsafe, body) if b"\\u" in body else body
+
+
 def _hash_of(prev_hash: str, body: bytes) -> str:
     h = hashlib.sha256(prev_hash.encode() + b"\n")  # fed in two parts: a long body is not copied
     h.update(body)
@@ -182,7 +227,9 @@ def _line(body: bytes, hash_: str) -> bytes:
 
 
 def line_hash(record: dict[str, Any]) -> str:
-    """The ``hash`` a record must carry (computed over everything but ``hash``)."""
+    """The ``hash`` a record must carry (computed over everything but ``hash``), as the writer
+    writes it now: a record with a character of ``_UNSAFE`` from a line written before those
+    were escaped carries the hash of its raw spelling instead."""
     body = {k: v for k, v in record.items() if k != "hash"}
     return _hash_of(str(record.get("prev_hash", "")), _canonical(body))
 
@@ -732,6 +779,14 @@ def verify(path: str | Path) -> VerifyReport:
             body: bytes | None = _canonical({k: v for k, v in record.items() if k != "hash"})
         except (UnicodeEncodeError, RecursionError):  # a lone surrogate (an escape UTF-8 cannot carry)
             body = None  # the writer cannot write such a line: only an edit puts it there
+        if body is not None and raw != _line(body, record["hash"]):
+            # Written before the writer escaped the characters of _UNSAFE (they are raw in the
+            # line): that spelling is the writer's too. Accepting it lets no edit through: the
+            # hash covers the line's bytes as spelled, so a line whose spelling was swapped for
+            # the other (raw for escaped, or back) without hashing it again fails just below.
+            old = _unescaped(body)
+            if old != body and raw == _line(old, record["hash"]):
+                body = old
         if body is None or _hash_of(prev, body) != record["hash"]:
             return bad(count, "hash does not match the line's content (the line was edited)")
         # The hash covers the values json.loads keeps, not the bytes: a key given twice (the

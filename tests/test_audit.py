@@ -142,18 +142,124 @@ def test_code_with_lone_surrogates_is_run_and_audited_escaped(sb, audit_path):
     assert verify(audit_path).ok
 
 
+#: What the writer escapes that json (ensure_ascii=False) writes raw: where str.splitlines() ends
+#: a line (NEL, U+2028, U+2029), the other C1 controls, and the bidirectional controls.
+UNSAFE = (
+    "".join(map(chr, range(0x80, 0xA0)))
+    + "\u2028\u2029\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
+
+def _old_json(value):
+    """What the writer wrote before it escaped UNSAFE (and json writes)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _writer_json(value):
+    """_old_json with each character of UNSAFE escaped: what the writer writes now."""
+    return "".join(f"\\u{ord(c):04x}" if c in UNSAFE else c for c in _old_json(value))
+
+
 def test_canonical_encoding_matches_the_json_encoder():
-    """The fast path of the hashed encoding gives the very bytes json's sorted encoding gives."""
-    from sandbox.audit import _ENCODER, _canonical
+    """The fast path of the hashed encoding gives the very bytes json's sorted encoding gives,
+    with the characters of UNSAFE escaped."""
+    from sandbox.audit import _canonical, _unescaped
 
     records = [
         {"b": 'x\u2028"\\\n\x00é😀', "a": 1, "c": 1.5e300, "d": -0.0, "e": None, "f": True, "g": False},
         {"h": 2**70, "z": "", "time": "2026-12-01T00:00:00.000001+00:00", "n": float("nan")},
-        {"nested": {"torn": 3}, "list": [1, "2"]},
+        {"nested": {"torn": 3, "k\u202e": ["\x85"]}, "list": [1, "2", "\u2066\u2029"]},
+        {"u\u2028": "\\u2028 \\\u2028 \\\\u202e\u202e", "v": "\\" + UNSAFE + "\\u0085\\"},
         {},
     ]
     for record in records:
-        assert _canonical(record) == _ENCODER.encode(record).encode(), record
+        assert _canonical(record) == _writer_json(record).encode(), record
+        # and back to the old spelling (an escaped backslash before "u2028" is no escape)
+        assert _unescaped(_canonical(record)) == _old_json(record).encode(), record
+
+
+def test_line_separators_and_bidi_controls_from_a_sandbox_are_escaped(tmp_path):
+    """Code in a sandbox names its exception class (the line's "outcome") and writes its code;
+    json (ensure_ascii=False) wrote U+2028, U+2029, NEL and the bidi controls raw: the line had
+    no newline and verified, but str.splitlines() cut it in several and a terminal showed it
+    reordered by U+202E. They are written as \\uXXXX escapes: one line per record, the same
+    values read back."""
+    from tests.conftest import policy_with
+
+    path = tmp_path / "audit.jsonl"
+    name = "Err\u2028\u2029\x85\u202eko :emoctuo\u2066\u061c\x9b"
+    codes = [
+        f"raise type({name!r}, (Exception,), {{}})()",
+        f"s = {UNSAFE!r}  # {UNSAFE}\nassert len(s) == {len(UNSAFE)}",
+    ]
+    with Sandbox(policy_with({"python.guard": "none"}), audit_log=path) as box:
+        first = box.execute(codes[0])
+        second = box.execute(codes[1])
+    assert first.error_type == name and second.ok, (first, second)
+    data = path.read_bytes()
+    assert not any(c.encode() in data for c in UNSAFE), data
+    text = data.decode()
+    lines = text.splitlines()
+    assert len(lines) == 2 and text == "".join(line + "\n" for line in lines)
+    records = [json.loads(line) for line in lines]
+    assert records[0]["outcome"] == f"error:{name}" and records[0]["code"] == codes[0]
+    assert records[1]["code"] == codes[1] and records[1]["outcome"] == "ok"
+    report = verify(path)
+    assert report.ok and report.lines == 2, report
+
+
+def _old_line(record, prev):
+    """*record* chained onto *prev* as the writer wrote it before it escaped UNSAFE."""
+    body = _old_json({**record, "prev_hash": prev}).encode()
+    digest = hashlib.sha256(prev.encode() + b"\n" + body).hexdigest()
+    return body[:-1] + b',"hash":"' + digest.encode() + b'"}', digest
+
+
+def test_a_line_written_with_those_characters_raw_still_verifies(tmp_path):
+    """Logs written before the escapes hold the characters raw: that spelling still verifies
+    (and the chain goes on from it); the hash covers the bytes, so it lets no edit through."""
+    from sandbox.audit import AuditLog
+
+    path = tmp_path / "audit.jsonl"
+    first, h1 = _old_line({"seq": 1, "outcome": "error:E\u2028\u202ex", "code": "\\u2028" + UNSAFE}, "0" * 64)
+    second, h2 = _old_line({"seq": 2, "nested": {"k\u2029": ["\x85"]}, "code": "x = 1"}, h1)
+    assert b"\xe2\x80\xa8" in first and b"\xc2\x85" in second  # raw U+2028, raw NEL
+    path.write_bytes(first + b"\n" + second + b"\n")
+    report = verify(path)
+    assert report.ok and report.lines == 2 and report.last_hash == h2, report
+    log = AuditLog(path)
+    log.append({"seq": 3, "outcome": "error:E\u2028"})
+    log.close()
+    report = verify(path)
+    assert report.ok and report.lines == 3, report
+    assert path.read_bytes().splitlines()[2].count(b"\\u2028") == 1
+
+
+def test_a_line_whose_spelling_was_swapped_without_its_hash_is_an_edit(tmp_path):
+    """Either spelling verifies only with the hash of its own bytes: raw for escaped (in a new
+    line), escaped for raw (in an old one), or a mix of the two, is an edit."""
+    from sandbox.audit import AuditLog
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.append({"seq": 1, "outcome": "error:A\u2028B\u202eC"})
+    log.close()
+    new = path.read_bytes()
+    assert verify(path).ok
+    old = _old_line({"seq": 1, "outcome": "error:A\u2028B\u202eC"}, "0" * 64)[0] + b"\n"
+    path.write_bytes(old)
+    assert verify(path).ok
+    edits = [
+        new.replace(b"\\u2028", "\u2028".encode()),  # a new line, raw
+        new.replace(b"\\u202e", "\u202e".encode()),  # a new line, one character raw
+        old.replace("\u2028".encode(), b"\\u2028").replace("\u202e".encode(), b"\\u202e"),  # old, escaped
+        old.replace("\u2028".encode(), b"\\u2028"),  # old, one escaped
+    ]
+    for edited in edits:
+        assert dict(json.loads(edited), hash=0) == dict(json.loads(new), hash=0)  # the same values
+        path.write_bytes(edited)
+        report = verify(path)
+        assert not report.ok and report.bad_line == 1 and "edited" in report.reason, (edited, report)
 
 
 def test_a_line_nested_too_deeply_is_damage_not_a_traceback(tmp_path):
