@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -146,18 +147,30 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from sandbox.audit import verify
     from sandbox.errors import AuditError
 
+    kept = args.expect or []
+    for value in kept:
+        if not _HASH.fullmatch(value):
+            return _fail(
+                f"--expect: {value!r} is not a hash (64 lowercase hex digits, as 'last hash' prints)"
+            )
     try:
-        report = verify(args.log)
+        report = verify(args.log, expect=kept)
     except AuditError as exc:
         return _fail(str(exc))
     if report.ok:
         torn = report.torn_lines
         note = f" (line(s) {', '.join(map(str, torn))} cut off by a crash, recorded)" if torn else ""
+        found = f", {len(set(kept))} kept hash(es) found" if kept else ""
         head = f", last hash {report.last_hash}" if report.last_hash else ""
-        print(f"{args.log}: ok, {report.lines} line(s), hash chain intact{note}{head}")
+        print(f"{args.log}: ok, {report.lines} line(s), hash chain intact{note}{found}{head}")
         return EXIT_OK
-    print(f"{args.log}: line {report.bad_line}: {report.reason}", file=sys.stderr)
+    where = f"line {report.bad_line}: " if report.bad_line is not None else ""
+    print(f"{args.log}: {where}{report.reason}", file=sys.stderr)
     return EXIT_FAILED
+
+
+#: What ``rlm audit verify --expect`` takes: a hash as the log writes it.
+_HASH = re.compile("[0-9a-f]{64}")
 
 
 # ----------------------------------------------------------------- doctor
@@ -672,8 +685,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="work with audit logs")
     asub = p.add_subparsers(dest="audit_cmd", required=True, parser_class=_Parser)
-    q = asub.add_parser("verify", help="check an audit log's hash chain; name the first bad line")
+    q = asub.add_parser(
+        "verify",
+        help="check an audit log's hash chain; name the first bad line",
+        description=(
+            "Check an audit log's hash chain and name the first bad line. Lines cut off its end leave a"
+            " shorter chain that verifies: keep the last hash it prints elsewhere and pass it back with"
+            " --expect later. Exit status: 0 ok, 1 a bad line or a kept hash not in the log, 2 usage"
+            " errors or a log that cannot be read."
+        ),
+    )
     q.add_argument("log")
+    q.add_argument(
+        "--expect",
+        action="append",
+        metavar="HASH",
+        help="a hash kept from an earlier verify (its 'last hash'): fail unless it is the hash of a line"
+        " of the log (repeatable)",
+    )
     p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("doctor", help="show which protection layers work on this machine")

@@ -13,9 +13,14 @@ written as UTF-8, but characters where ``str.splitlines()`` ends a line
 (U+0085, U+2028, U+2029), the other C1 controls and the bidirectional controls
 (U+202E and the like, which show text reordered) are written as ``\\uXXXX``:
 one line per record for every reader, shown in its order. Lines written
-before they were escaped hold them raw; that spelling verifies too. (Cutting
-lines off the *end* leaves a valid shorter chain; keep the last hash elsewhere
-if that matters to you.)
+before they were escaped hold them raw; that spelling verifies too.
+
+Cutting lines off the *end* leaves a valid shorter chain, and cutting into a
+line leaves what looks like a crash's cut-off line, which the next append
+records (below): the log then grows again and verifies. Keep the last hash
+(:attr:`VerifyReport.last_hash`) elsewhere and pass it back later as
+``verify(path, expect=...)`` (``rlm audit verify --expect HASH``): it must be
+the hash of a line of the chain, however much was appended since.
 
 Several sandboxes, in one process or many, may share a file: each append
 takes an exclusive ``flock`` and re-reads the last line only when another
@@ -59,7 +64,7 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -721,7 +726,9 @@ class VerifyReport:
     break the chain. ``last_hash``
     is the ``hash`` of the last line of a chain that verified (None for an
     empty log): lines cut off the *end* leave a shorter chain that verifies
-    too, so keep it elsewhere and compare it later to detect that.
+    too, so keep it elsewhere and pass it to :func:`verify` as ``expect``
+    later. ``missing``: the hashes of ``expect`` that are the ``hash`` of no
+    line of a chain that verified (``ok`` False, ``bad_line`` None).
     """
 
     ok: bool
@@ -730,11 +737,28 @@ class VerifyReport:
     reason: str | None = None
     torn_lines: tuple[int, ...] = ()
     last_hash: str | None = None
+    missing: tuple[str, ...] = ()
 
 
-def verify(path: str | Path) -> VerifyReport:
+#: A hash as the writer writes it: 64 lowercase hex digits.
+_HASH = re.compile("[0-9a-f]{64}")
+
+
+def verify(path: str | Path, expect: str | Iterable[str] = ()) -> VerifyReport:
     """Check the whole chain; name the first line that breaks it (or is not spelled as the
-    writer writes it)."""
+    writer writes it).
+
+    *expect*: hashes kept elsewhere (a ``last_hash`` an earlier verify reported, say), each
+    of which must be the ``hash`` of a line of the chain: one that is not means lines were
+    cut off, even when the log grew again since (a cut-off line looks like a crash's and the
+    next append records it). The report then fails naming them (``missing``). A value that is
+    not 64 lowercase hex digits is a ValueError.
+    """
+    kept = [expect] if isinstance(expect, str) else list(expect)
+    for value in kept:
+        if not isinstance(value, str) or not _HASH.fullmatch(value):
+            raise ValueError(f"expect: {value!r} is not a hash (64 lowercase hex digits)")
+    wanted = set(kept)
     try:
         data = read_regular(_as_path(path))
     except OSError as exc:
@@ -799,6 +823,8 @@ def verify(path: str | Path) -> VerifyReport:
                 " escapes changed): the line was edited",
             )
         prev = record["hash"]
+        if wanted:
+            wanted.discard(prev)
     if pending is not None:
         if ends_cut:
             return bad(
@@ -810,4 +836,15 @@ def verify(path: str | Path) -> VerifyReport:
                 " the lines before them verify, and the next append records them",
             )
         return bad(pending[0], bad_why)
+    if wanted:
+        missing = tuple(dict.fromkeys(value for value in kept if value in wanted))
+        return VerifyReport(
+            False,
+            count,
+            reason=f"kept hash{'es' if len(missing) > 1 else ''} {', '.join(missing)} not in the log:"
+            " lines were cut off (a cut-off line is taken for a crash's, and more may have been"
+            " appended since) or the log was replaced",
+            torn_lines=tuple(torn),
+            missing=missing,
+        )
     return VerifyReport(True, count, torn_lines=tuple(torn), last_hash=None if prev == GENESIS else prev)

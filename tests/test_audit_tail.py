@@ -389,3 +389,53 @@ def test_a_log_deleted_while_in_use_is_created_again_not_written_into_the_void(t
     lines = [json.loads(raw) for raw in path.read_bytes().splitlines()]
     assert [line["seq"] for line in lines] == [2, 3]
     assert lines[0]["prev_hash"] == audit.GENESIS and verify(path).ok
+
+
+def _four_lines(path):
+    for seq, outcome in [(1, "ok"), (2, "ok"), (3, "error:PermissionError"), (4, "ok")]:
+        _append_one(path, {"seq": seq, "code": f"step{seq}()", "outcome": outcome})
+    return path.read_bytes().split(b"\n")[:4]
+
+
+@pytest.mark.parametrize("cut_before", [b'"outcome"', b'"seq"'])
+def test_a_log_cut_into_a_line_then_appended_to_is_caught_by_the_kept_hash(tmp_path, cut_before):
+    """Cut into line 3 (its outcome and line 4 gone), then a normal append: the cut line
+    passes for a crash's, recorded, and the chain verifies. Cut after its prev_hash too: that
+    is the hash of line 2, the last complete line, as a crash's would be. The last hash kept
+    elsewhere, passed as ``expect`` (``rlm audit verify --expect``), is in no line: caught."""
+    path = tmp_path / "audit.jsonl"
+    lines = _four_lines(path)
+    kept = verify(path).last_hash
+    earlier = json.loads(lines[1])["hash"]
+    assert verify(path, expect=[kept, earlier]).ok
+    cut = len(lines[0]) + len(lines[1]) + 2 + lines[2].index(cut_before)
+    assert (b'"prev_hash"' in path.read_bytes()[:cut].split(b"\n")[-1]) == (cut_before == b'"seq"')
+    os.truncate(path, cut)
+    _append_one(path, {"seq": 5, "code": "step5()", "outcome": "ok"})
+    assert verify(path).ok and verify(path).torn_lines == (3,)  # the chain alone cannot tell
+
+    report = verify(path, expect=kept)
+    assert not report.ok and report.bad_line is None and report.missing == (kept,), report
+    assert f"kept hash {kept} not in the log" in report.reason and "cut off" in report.reason
+    assert verify(path, expect=[earlier]).ok  # a line that is still there
+    report = verify(path, expect=(earlier, kept, kept))
+    assert not report.ok and report.missing == (kept,)
+
+    ok = run_cli("audit", "verify", str(path), "--expect", earlier, timeout=60)
+    assert ok.returncode == 0 and "1 kept hash(es) found" in ok.stdout, ok
+    out = run_cli("audit", "verify", str(path), "--expect", earlier, "--expect", kept, timeout=60)
+    assert out.returncode == 1 and out.stdout == "", out
+    assert out.stderr.startswith(f"{path}: kept hash {kept} not in the log: lines were cut off"), out.stderr
+    assert earlier not in out.stderr
+
+
+def test_a_kept_hash_that_is_no_hash_is_a_usage_error(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    _four_lines(path)
+    kept = verify(path).last_hash
+    for bad in (kept.upper(), kept[:-1], kept + "0", "", "x" * 64):
+        with pytest.raises(ValueError, match="not a hash"):
+            verify(path, expect=bad)
+        out = run_cli("audit", "verify", str(path), "--expect", kept, "--expect", bad, timeout=60)
+        assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr, out
+        assert out.stderr.startswith(f"rlm: --expect: {bad!r} is not a hash (64 lowercase hex digits"), out
