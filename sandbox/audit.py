@@ -47,7 +47,12 @@ disk) leave fragments and newlines: everything after the last record line is
 one torn region, recorded as one (its bytes, without a newline at its end).
 :func:`verify` accepts such a region only when the line after it records it
 that way, so the chain still verifies; a region nothing records yet is
-reported at its first line.
+reported at its first line. An append chains onto the last complete line, so
+a line of the region that holds its whole top-level ``prev_hash`` must hold
+that line's hash: one holding another was not cut off by a crash there (lines
+before it were removed, or complete lines were cut into a region) and is
+reported as an edit. A line cut into before its ``prev_hash`` cannot be told
+from a crash's this way; only a kept hash tells.
 """
 
 from __future__ import annotations
@@ -742,6 +747,57 @@ class VerifyReport:
 
 #: A hash as the writer writes it: 64 lowercase hex digits.
 _HASH = re.compile("[0-9a-f]{64}")
+_DECODER = json.JSONDecoder()
+#: What _prev_hash_in returns for a line that holds no complete top-level prev_hash.
+_ABSENT = object()
+
+
+def _prev_hash_in(fragment: bytes) -> object:
+    """The value of the top-level ``prev_hash`` field a line that is no record holds whole
+    (the writer's is a string: whole with its closing quote), or ``_ABSENT``. A line cut off
+    by a crash is a prefix of a line the writer wrote: its fields are read in order until one
+    is cut off (or is not JSON)."""
+    text = fragment.decode("utf-8", "replace")  # (a character cut in two comes last)
+    if text[:1] != "{":
+        return _ABSENT
+    pos = 1
+    try:
+        while text[pos] == '"':
+            key, pos = _DECODER.raw_decode(text, pos)  # (a string: it starts with a quote)
+            if text[pos] != ":":
+                break
+            value, pos = _DECODER.raw_decode(text, pos + 1)
+            if key == "prev_hash":
+                return value
+            if text[pos] != ",":
+                break
+            pos += 1
+    except (ValueError, IndexError, RecursionError):  # cut off (or no JSON from here on)
+        pass
+    return _ABSENT
+
+
+def _stray_fragment(first: int, region: list[bytes], prev: str) -> int | None:
+    """The first line of a torn *region* (starting at line *first*, after the chain's line
+    *prev*) that cannot be the start of an append cut off by a crash, or None.
+
+    An append chains onto the last complete line of the file (the lines of a torn region are
+    none): a line cut off anywhere after its ``prev_hash`` holds that line's hash. One that
+    holds another hash was not cut off there: lines were removed before it, or it was made
+    from a complete line later in the chain (cut off, with the lines after it, and more
+    appended since)."""
+    for at, raw in enumerate(region, start=first):
+        if b'"prev_hash":' in raw:
+            held = _prev_hash_in(raw)
+            if held is not _ABSENT and held != prev:
+                return at
+    return None
+
+
+_STRAY = (
+    "a cut-off line whose prev_hash is not the hash of the last complete line before it: no"
+    " append cut off by a crash leaves that (lines were removed, cut off or edited)"
+)
 
 
 def verify(path: str | Path, expect: str | Iterable[str] = ()) -> VerifyReport:
@@ -791,6 +847,9 @@ def verify(path: str | Path, expect: str | Iterable[str] = ()) -> VerifyReport:
         if pending is not None:
             if record.get("torn_before") != _torn(b"\n".join(pending[1])):
                 return bad(pending[0], bad_why)
+            stray = _stray_fragment(pending[0], pending[1], prev)
+            if stray is not None:
+                return bad(stray, _STRAY)
             torn.extend(range(pending[0], count))
             pending = None
         elif "torn_before" in record:
@@ -826,6 +885,9 @@ def verify(path: str | Path, expect: str | Iterable[str] = ()) -> VerifyReport:
         if wanted:
             wanted.discard(prev)
     if pending is not None:
+        stray = _stray_fragment(pending[0], pending[1], prev)
+        if stray is not None:
+            return bad(stray, _STRAY)
         if ends_cut:
             return bad(
                 pending[0],

@@ -391,6 +391,54 @@ def test_a_log_deleted_while_in_use_is_created_again_not_written_into_the_void(t
     assert lines[0]["prev_hash"] == audit.GENESIS and verify(path).ok
 
 
+def _next_line(path):
+    """The line (newline included, and the newline sealing a cut-off line before it) the next
+    append to *path* writes, found on a copy."""
+    scratch = path.with_name("scratch.jsonl")
+    scratch.write_bytes(path.read_bytes())
+    _append(scratch, code="the cell after: 'é \u2028 😀'")
+    line = scratch.read_bytes()[len(path.read_bytes()) :]
+    scratch.unlink()
+    return line
+
+
+def test_a_line_cut_off_at_any_byte_is_still_taken_for_a_crash(tmp_path):
+    """A crash may cut an append anywhere, also after its prev_hash (which verify now reads in
+    a cut-off line) and in the middle of a character or an escape: each cut of a sandbox's
+    real line, at every byte, is recorded by the next append and verifies. So are two appends
+    cut off in a row (the one that was to record the first), at a sample of cuts."""
+    from sandbox import Sandbox
+    from tests.conftest import policy_with
+
+    path = tmp_path / "audit.jsonl"
+    with Sandbox(policy_with({"python.guard": "none"}), audit_log=path) as box:
+        box.execute("x = 1")
+        box.execute("y = 2")
+        box.execute("s = 'é \u2028 \u202e 😀 \\\\ \"q\"'\nraise type('E\u2028rr', (Exception,), {})()")
+    full = path.read_bytes()
+    head = len(b"".join(full.split(b"\n")[:2])) + 2
+    line = full[head:-1]
+    assert 0 < line.index(b'"prev_hash":') < len(line) - 100 and "😀".encode() in line
+    assert line.count(b"\\u2028") == 3 and line.count(b"\\u202e") == 1  # the escapes cut too
+    for keep in range(1, len(line)):
+        path.write_bytes(full[: head + keep])
+        (record,) = _append(path)
+        assert record["torn_before"]["bytes"] == keep, keep
+        report = verify(path)
+        assert report.ok and report.lines == 4 and report.torn_lines == (3,), (keep, report)
+    # cut off twice in a row: the second append (sealing the first fragment, chained onto line 2,
+    # recording it) cut off too, anywhere in its line
+    for keep in range(1, len(line), 41):
+        path.write_bytes(full[: head + keep])
+        second = _next_line(path)
+        assert second.startswith(b"\n{") and b'"prev_hash":' in second
+        for cut in [*range(1, len(second) - 1, 29), len(second) - 2]:
+            path.write_bytes(full[: head + keep] + second[:cut])
+            _append(path)
+            report = verify(path)
+            assert report.ok and report.torn_lines == ((3,) if cut == 1 else (3, 4)), (keep, cut, report)
+
+
 def _four_lines(path):
     for seq, outcome in [(1, "ok"), (2, "ok"), (3, "error:PermissionError"), (4, "ok")]:
         _append_one(path, {"seq": seq, "code": f"step{seq}()", "outcome": outcome})
@@ -439,3 +487,35 @@ def test_a_kept_hash_that_is_no_hash_is_a_usage_error(tmp_path):
         out = run_cli("audit", "verify", str(path), "--expect", kept, "--expect", bad, timeout=60)
         assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr, out
         assert out.stderr.startswith(f"rlm: --expect: {bad!r} is not a hash (64 lowercase hex digits"), out
+
+
+STRAY = "a cut-off line whose prev_hash is not the hash of the last complete line before it"
+
+
+def test_a_cut_off_line_chained_onto_another_line_than_the_last_is_an_edit(tmp_path):
+    """An append chains onto the last complete line: a cut-off line holding another prev_hash
+    was not cut off there. Lines dropped before a line cut off, or several complete lines made
+    into one torn region (their last byte cut off), then an append, were taken for crashes."""
+    path = tmp_path / "audit.jsonl"
+    lines = _four_lines(path)
+    after_prev = lines[3].index(b'"seq"')  # line 4 cut off after its prev_hash (the hash of line 3)
+    damaged = {
+        "lines dropped before a cut-off line": (b"\n".join([lines[0], lines[1], lines[3][:after_prev]]), 3),
+        "two last lines made a region": (b"\n".join([lines[0], lines[1], lines[2][:-1], lines[3][:-1]]), 4),
+        "first line dropped": (lines[1][:-2], 1),
+    }
+    for name, (data, bad_line) in damaged.items():
+        path.write_bytes(data)
+        report = verify(path)  # not recorded yet: named as an edit, not "incomplete last line"
+        assert not report.ok and report.bad_line == bad_line, (name, report)
+        assert report.reason.startswith(STRAY), (name, report)
+        _append_one(path, {"seq": 5, "code": "step5()", "outcome": "ok"})
+        report = verify(path)
+        assert not report.ok and report.bad_line == bad_line, (name, report)
+        assert report.reason.startswith(STRAY), (name, report)
+        out = run_cli("audit", "verify", str(path), timeout=60)
+        assert out.returncode == 1 and f"line {bad_line}: a cut-off line whose prev_hash" in out.stderr, out
+    # the same lines cut off before their prev_hash: nothing tells them from crashes' (but a kept hash)
+    path.write_bytes(b"\n".join([lines[0], lines[1], lines[2][:20], lines[3][:20]]))
+    _append_one(path, {"seq": 5, "code": "step5()", "outcome": "ok"})
+    assert verify(path).ok
