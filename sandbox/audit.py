@@ -862,20 +862,21 @@ def verify(path: str | Path, expect: str | Iterable[str] = ()) -> VerifyReport:
             body: bytes | None = _canonical({k: v for k, v in record.items() if k != "hash"})
         except (UnicodeEncodeError, RecursionError):  # a lone surrogate (an escape UTF-8 cannot carry)
             body = None  # the writer cannot write such a line: only an edit puts it there
-        if body is not None and raw != _line(body, record["hash"]):
+        spelled = b"" if body is None else _line(body, record["hash"])  # the writer's spelling
+        if body is not None and raw != spelled:
             # Written before the writer escaped the characters of _UNSAFE (they are raw in the
             # line): that spelling is the writer's too. Accepting it lets no edit through: the
             # hash covers the line's bytes as spelled, so a line whose spelling was swapped for
             # the other (raw for escaped, or back) without hashing it again fails just below.
             old = _unescaped(body)
             if old != body and raw == _line(old, record["hash"]):
-                body = old
+                body, spelled = old, raw
         if body is None or _hash_of(prev, body) != record["hash"]:
             return bad(count, "hash does not match the line's content (the line was edited)")
         # The hash covers the values json.loads keeps, not the bytes: a key given twice (the
         # parser keeps the last, grep and a reader see the first), added spaces or escapes
         # leave it matching. The writer's spelling of a record is one: any other is an edit.
-        if raw != _line(body, record["hash"]):
+        if raw != spelled:
             return bad(
                 count,
                 "the line is not spelled as the writer writes it (a key given twice, spaces or"
