@@ -410,3 +410,37 @@ def test_the_repair_of_out_writes_no_file_planted_at_its_temporary_name(tmp_path
     assert (stat.S_ISFIFO if planted == "fifo" else stat.S_ISLNK)(left.lstat().st_mode)
     names = ["in.jsonl", "out.jsonl", "victim.txt", left.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+
+
+def test_closing_the_batch_early_stops_the_runs_in_flight():
+    """An embedder who stops iterating ``rlm.batch`` (``break``, an exception, ``close()``) got
+    the generator closed, but the runs in flight went on in their daemon threads: calling the
+    model turn after turn (18 paid calls in the 3 s after close) up to max_iterations, their
+    results dropped. The engine now cancels them through a CancelToken, and close waits for them."""
+    import threading
+
+    from tests.llm_server import Reply
+
+    def reply(request: ChatRequest) -> Reply:
+        if "FAST" in request.prompt_text:
+            return Reply("```repl\nFINAL('done')\n```", latency_s=0.05)
+        return Reply("```repl\nimport time\ntime.sleep(0.1)\nprint(1)\n```", latency_s=0.2)  # never final
+
+    items = [{"id": "fast", "query": "FAST", "context": "x"}]
+    items += [{"id": f"slow{i}", "query": "SLOW", "context": "x"} for i in range(2)]
+    with LLMServer(reply) as srv:
+        runs = rlm.batch(items, model=MODEL, api_base=srv.base_url, api_key=KEY, workers=3)
+        first = next(runs)
+        assert (first.id, first.answer) == ("fast", "done")
+        deadline = time.monotonic() + 30
+        while sum("SLOW" in q.prompt_text for q in srv.requests) < 4:  # both slow runs are turning
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        started = time.monotonic()
+        runs.close()
+        assert time.monotonic() - started < 5
+        time.sleep(0.3)  # a request already on its way when close() returned is counted
+        asked = len(srv.requests)
+        time.sleep(1.5)  # a run going on would ask again every ~0.35 s
+        assert len(srv.requests) == asked, len(srv.requests) - asked
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("rlm-batch-")]

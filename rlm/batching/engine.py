@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,12 +31,17 @@ from typing import Any, Protocol
 from rlm.batching.items import BatchItem, item_from_mapping
 from rlm.batching.outfile import spent_usd
 from rlm.batching.worker import RunSettings, check_sandbox, error_record, fatal_error, run_item
+from rlm.budget import CancelToken
 from rlm.checks import check_int, check_number
 from rlm.errors import ConfigurationError
 
 __all__ = ["ENGINES", "BatchResult", "Engine", "LocalEngine", "batch", "schedule"]
 
 ENGINES = ("local", "ray")
+
+#: How long closing the local engine waits for its cancelled runs to end (as ``rlm.core.STOP_WAIT_S``:
+#: a cancelled run ends within a fraction of a second).
+STOP_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -89,21 +95,30 @@ class Engine(Protocol):
 
 
 def _execute(
-    item: BatchItem, settings: RunSettings, api_key: str | None, cost_cap: float | None
+    item: BatchItem,
+    settings: RunSettings,
+    api_key: str | None,
+    cost_cap: float | None,
+    cancel: CancelToken | None = None,
 ) -> dict[str, Any]:
     """Load the item's context and run it (in whatever thread or process the engine chose)."""
     try:
         context = item.load_context()
     except ConfigurationError as exc:
         return {"record": error_record(item.id, "error", str(exc)), "fatal": None}
-    return run_item(item.id, item.query, context, settings, api_key=api_key, cost_cap_usd=cost_cap)
+    return run_item(
+        item.id, item.query, context, settings, api_key=api_key, cost_cap_usd=cost_cap, cancel=cancel
+    )
 
 
 class LocalEngine:
     """Up to *workers* runs at once in threads of this process, each with its own sandbox.
 
-    The threads are daemons: after Ctrl-C a run in flight is abandoned (its
-    result is dropped), not waited for; ``sandbox.shutdown()`` stops its child.
+    Closed before the batch's end (the generator closed early, a fatal failure, Ctrl-C), the
+    runs in flight are cancelled through one :class:`~rlm.budget.CancelToken`: their sandboxes'
+    code is killed and their model calls given up, so nothing goes on spending after
+    :meth:`close`, which waits up to :data:`STOP_WAIT_S` for the threads to end. The threads
+    are daemons: one still stuck past that is abandoned (its result dropped).
     """
 
     def __init__(self, settings: RunSettings, *, workers: int, api_key: str | None = None) -> None:
@@ -114,6 +129,7 @@ class LocalEngine:
         self._done: queue.SimpleQueue[tuple[BatchItem, dict[str, Any]]] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._cancelled = threading.Event()
+        self._stop = CancelToken()  # cancelled by close(cancel=True): stops the runs in flight
         # Start the shared fork server from this thread (and check the policy's layers here, once):
         # a sandbox's helper process must not be tied to a worker thread that ends before it.
         check_sandbox(settings.policy)
@@ -125,7 +141,7 @@ class LocalEngine:
                 return
             item, cap = job
             try:
-                outcome = _execute(item, self._settings, self._api_key, cap)
+                outcome = _execute(item, self._settings, self._api_key, cap, self._stop)
             except BaseException as exc:  # a bug must not hang the batch: the item records it
                 outcome = {"record": error_record(item.id, "error", f"{type(exc).__name__}: {exc}")}
                 outcome["fatal"] = None
@@ -153,8 +169,12 @@ class LocalEngine:
     def close(self, *, cancel: bool) -> None:
         if cancel:
             self._cancelled.set()
+            self._stop.cancel()  # the runs in flight end now, their results dropped
         for _ in self._threads:
             self._todo.put(None)
+        deadline = time.monotonic() + STOP_WAIT_S
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _skipped(item: BatchItem) -> BatchResult:

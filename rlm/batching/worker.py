@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlm.errors import (
     AuthenticationError,
@@ -23,6 +23,9 @@ from rlm.errors import (
     UnknownModelError,
 )
 from rlm.llm import redact, secret_values
+
+if TYPE_CHECKING:
+    from rlm.budget import CancelToken
 
 __all__ = ["FATAL_ERRORS", "RunSettings", "check_sandbox", "error_record", "fatal_error", "run_item"]
 
@@ -99,8 +102,11 @@ def run_item(
     *,
     api_key: str | None = None,
     cost_cap_usd: float | None = None,
+    cancel: CancelToken | None = None,
 ) -> dict[str, Any]:
-    """Run one item. Returns ``{"record": {...}, "fatal": None | [error class name, message]}``."""
+    """Run one item. Returns ``{"record": {...}, "fatal": None | [error class name, message]}``.
+    *cancel* stops the run (its sandbox's code killed, its model call given up): the engine's
+    token, cancelled when the batch is closed before its end."""
     from rlm.core import RLM
 
     started = time.perf_counter()
@@ -120,7 +126,7 @@ def run_item(
             max_cost_usd=min(caps) if caps else None,
             **settings.rlm_options,
         )
-        result = rlm.completion(context, root_prompt=query)
+        result = rlm.completion(context, root_prompt=query, cancel=cancel)
     except FATAL_ERRORS as exc:
         message = redact(str(exc), secret_values(api_key))
         record = error_record(item_id, "error", message, time.perf_counter() - started, exc.priced_cost_usd)
