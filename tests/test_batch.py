@@ -444,3 +444,38 @@ def test_closing_the_batch_early_stops_the_runs_in_flight():
         time.sleep(1.5)  # a run going on would ask again every ~0.35 s
         assert len(srv.requests) == asked, len(srv.requests) - asked
     assert not [t.name for t in threading.enumerate() if t.name.startswith("rlm-batch-")]
+
+
+def test_a_rerun_exits_1_while_a_failed_line_of_an_earlier_run_is_in_out(
+    tmp_path: Path, server: LLMServer, capsys: pytest.CaptureFixture[str], key_env: None
+):
+    """The exit status is 0 only when every item of the input has an answer in OUT. A rerun
+    counted only what it ran itself: with a failed item's line from the first run still in OUT
+    (it is not run again), the second run ran nothing and exited 0, telling a script that
+    loops until success that the batch was complete."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(inp, 2)
+    good = inp.read_text().splitlines()
+    failing = json.dumps({"id": "q01", "query": "square?", "context": "\udfff number 01"})  # fails in its run
+    inp.write_text(good[0] + "\n" + failing + "\n")
+    args = ("batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base", server.base_url,
+            "--workers", "1")  # fmt: skip
+    code, stderr = in_process(capsys, *args)
+    assert code == 1, stderr
+    records = {r["id"]: r for r in read_out(out)}
+    assert records["q00"]["answer"] == "0" and records["q01"]["stop_reason"] == "error"
+    code, stderr = in_process(capsys, *args)  # nothing left to run, one item without an answer
+    assert code == 1, stderr
+    assert "2 already in" in stderr and "1 of them without an answer" in stderr
+    new = json.dumps({"id": "q02", "query": "q", "context": "number 02"})
+    inp.write_text(good[0] + "\n" + failing + "\n" + new + "\n")
+    code, stderr = in_process(capsys, *args)  # the new item is answered; q01 still is not
+    assert code == 1, stderr
+    assert read_out(out)[-1]["answer"] == "4"
+    # the failed line deleted and the input fixed: the item runs again and the batch is complete
+    out.write_text("".join(json.dumps(r) + "\n" for r in read_out(out) if r["id"] != "q01"))
+    inp.write_text("\n".join(good) + "\n")
+    code, stderr = in_process(capsys, *args)
+    assert code == 0, stderr
+    answers = sorted((r["id"], r["answer"]) for r in read_out(out))
+    assert answers == [("q00", "0"), ("q01", "1"), ("q02", "4")]

@@ -1,7 +1,8 @@
 """``rlm batch INPUT.jsonl --out OUT.jsonl -m MODEL ...``: the command behind the CLI's ``batch`` block.
 
 Exit status: 0 when every item of the input has an answer in OUT; 1 when
-some item failed or was skipped for the budget (its line says why); 2 for
+some item failed or was skipped for the budget (its line says why), in this
+run or in an earlier one whose line is still in OUT; 2 for
 usage errors, bad input without ``--skip-bad``, and failures that would fail
 every item (a rejected key, an unknown model, an endpoint that refuses
 connections, a missing sandbox layer); 130 on Ctrl-C. Whatever the status,
@@ -122,6 +123,8 @@ def _run(
     todo = [item for item in items if item.id not in done]
     bad = _bad_records(problems, {item.id for item in items} | done, done)
     already = len(items) - len(todo)
+    # Lines of earlier runs that failed stay in OUT and are not run again: they still count.
+    already_failed = len({item.id for item in items} & results.unanswered)
     progress = Progress(len(todo) + len(bad))
     for record in bad:
         results.append(record.record())
@@ -129,8 +132,9 @@ def _run(
     interrupted, stopped = False, None
     try:
         if not todo:  # nothing to run: start no engine (no Ray instance, no sandbox)
-            print(progress.summary(str(results.path), already=already), file=sys.stderr)
-            return EXIT_OK if not bad else EXIT_FAILED
+            summary = progress.summary(str(results.path), already=already, already_failed=already_failed)
+            print(summary, file=sys.stderr)
+            return EXIT_OK if not bad and not already_failed else EXIT_FAILED
         runs = batch(
             todo,
             model=args.model,
@@ -160,7 +164,10 @@ def _run(
         interrupted = True
     except RLMError as exc:  # a failure that would fail every item (see rlm.batching.worker.FATAL_ERRORS)
         stopped = exc
-    print(progress.summary(str(results.path), already=already, interrupted=interrupted), file=sys.stderr)
+    summary = progress.summary(
+        str(results.path), already=already, already_failed=already_failed, interrupted=interrupted
+    )
+    print(summary, file=sys.stderr)
     if interrupted:
         _say("stopped by Ctrl-C; rerun the same command to run the items that are missing")
         return EXIT_INTERRUPTED
@@ -168,4 +175,5 @@ def _run(
         _say(f"stopped: {stopped}")
         return EXIT_USAGE
     complete = progress.done == progress.total and progress.failed == 0 and progress.skipped == 0
+    complete = complete and not already_failed
     return EXIT_OK if complete else EXIT_FAILED

@@ -14,7 +14,8 @@ Rules that make a batch resumable:
   Such a repair writes a new file beside OUT (created under a random name,
   so nothing planted there is written through) and renames it over OUT, so a
   crash during the repair leaves the old file or the new one, never half;
-- the ids of the remaining records are the items already done;
+- the ids of the remaining records are the items already done (and those
+  whose record has no answer, the ``error`` lines, are the ones that failed);
 - OUT and ``OUT.lock`` must be regular files: a FIFO there (opening it would
   wait for its other end, forever) or a device is refused, not waited on.
 """
@@ -96,6 +97,9 @@ class ResultsFile:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.done: set[str] = set()
+        #: The ids in :attr:`done` whose record has no answer (a run that failed): the batch's exit
+        #: status counts them, and a rerun does not run them again.
+        self.unanswered: set[str] = set()
         #: USD the runs already in the file spent (their priced calls): a resumed batch's budget
         #: counts them.
         self.spent_usd = 0.0
@@ -172,6 +176,8 @@ class ResultsFile:
             self.dropped += 1
             return
         self.done.add(record_id)
+        if record.get("answer") is None:
+            self.unanswered.add(record_id)
         self.spent_usd += spent_usd(record)
         kept.append(line + b"\n")
 

@@ -84,8 +84,11 @@ class Progress:
         self.stream.flush()
         self._drawn = True
 
-    def summary(self, out: str, *, already: int = 0, interrupted: bool = False) -> str:
-        """The closing lines (the live line is cleared first)."""
+    def summary(
+        self, out: str, *, already: int = 0, already_failed: int = 0, interrupted: bool = False
+    ) -> str:
+        """The closing lines (the live line is cleared first). *already*: the items of the input
+        answered in OUT by earlier runs; *already_failed* of them have no answer."""
         if self._drawn:
             self.draw(force=True)
             self.stream.write("\n")
@@ -102,4 +105,6 @@ class Progress:
         )
         if already:
             text += f"; {already} already in {out} before this run"
+            if already_failed:
+                text += f" ({already_failed} of them without an answer: delete their lines to rerun them)"
         return text + f"\nrlm batch: results in {out}"
