@@ -479,3 +479,37 @@ def test_a_rerun_exits_1_while_a_failed_line_of_an_earlier_run_is_in_out(
     assert code == 0, stderr
     answers = sorted((r["id"], r["answer"]) for r in read_out(out))
     assert answers == [("q00", "0"), ("q01", "1"), ("q02", "4")]
+
+
+def test_out_through_a_symbolic_link_is_one_file_with_one_lock_and_its_lock_is_never_a_link(tmp_path: Path):
+    """OUT.lock was opened following links, then truncated and given the pid: a link planted
+    there (a directory others may write) emptied the file it led to. OUT given as a link took its
+    lock beside the link, so a batch writing the same file under its own name ran at the same
+    time (ids twice), and a repair renamed the new file over the link: the link became a copy,
+    the real file kept its cut line. The lock is now never opened through a link, and OUT's
+    links are followed once: one lock beside the real file, the repair renames over it."""
+    from tests.conftest import run_cli
+
+    inp, real, link = tmp_path / "in.jsonl", tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    write_items(inp, 1)
+    done = json.dumps({f: None for f in RECORD_FIELDS} | {"id": "q00", "answer": "0", "stop_reason": "final"})
+    real.write_text(done + "\n" + '{"id": "q01", "ans')  # the last line cut by a crash
+    link.symlink_to(real.name)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "real.jsonl.lock").symlink_to(victim.name)
+    with pytest.raises(ConfigurationError, match="real.jsonl.lock: a symbolic link, refused"):
+        ResultsFile(link).open()
+    assert victim.read_text() == "precious" and real.read_text().endswith('"ans')
+    (tmp_path / "real.jsonl.lock").unlink()
+    with ResultsFile(link) as results:
+        assert results.done == {"q00"} and link.is_symlink()
+        assert real.read_text() == done + "\n"  # the real file repaired, the link left a link
+        # a batch writing the same file by its own name, from another process, is refused
+        other = run_cli("batch", str(inp), "--out", str(real), "-m", MODEL, "--api-base",
+                        "http://127.0.0.1:9/v1", timeout=60)  # fmt: skip
+        assert other.returncode == 2 and "another rlm batch is writing" in other.stderr, other.stderr
+        results.append(json.loads(done) | {"id": "q01", "answer": "1"})
+    assert [r["id"] for r in read_out(real)] == ["q00", "q01"] and link.is_symlink()
+    names = ["in.jsonl", "link.jsonl", "real.jsonl", "victim.txt"]  # no lock left, no copy
+    assert sorted(p.name for p in tmp_path.iterdir()) == names

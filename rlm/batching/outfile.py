@@ -17,12 +17,19 @@ Rules that make a batch resumable:
 - the ids of the remaining records are the items already done (and those
   whose record has no answer, the ``error`` lines, are the ones that failed);
 - OUT and ``OUT.lock`` must be regular files: a FIFO there (opening it would
-  wait for its other end, forever) or a device is refused, not waited on.
+  wait for its other end, forever) or a device is refused, not waited on;
+- OUT may be a symbolic link: the file it leads to is the one locked,
+  repaired and written (its lock beside it, so a batch writing it under
+  another name is refused too, and the repair renames over that file, never
+  over the link). ``OUT.lock`` is never opened through a link: a link there
+  is refused (the lock file is truncated: through a link planted there it
+  would be another file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -95,6 +102,8 @@ class ResultsFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        #: The file written: :attr:`path` with its symbolic links followed (when it is opened).
+        self.file = self.path
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.done: set[str] = set()
         #: The ids in :attr:`done` whose record has no answer (a run that failed): the batch's exit
@@ -111,9 +120,10 @@ class ResultsFile:
     def _take_lock(self) -> None:
         while True:
             try:
-                fd = open_regular(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = open_regular(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as exc:
-                raise ConfigurationError(f"{self.lock_path}: {exc.strerror or exc}") from None
+                why = "a symbolic link, refused" if exc.errno == errno.ELOOP else exc.strerror or exc
+                raise ConfigurationError(f"{self.lock_path}: {why}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -143,7 +153,7 @@ class ResultsFile:
     # ---------------------------------------------------------------- repair
     def _load(self) -> None:
         try:
-            data = read_regular(self.path)
+            data = read_regular(self.file)
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -183,16 +193,20 @@ class ResultsFile:
 
     def _replace(self, lines: list[bytes]) -> None:
         try:  # a new file (never one planted at its temporary name), renamed over OUT
-            replace_file(self.path, lines, fsync=True)
+            replace_file(self.file, lines, fsync=True)
         except OSError as exc:
             raise ConfigurationError(f"{self.path}: cannot repair the file: {exc.strerror or exc}") from None
 
     # ------------------------------------------------------------- lifecycle
     def open(self) -> ResultsFile:
+        # OUT's links followed once, here: the lock, the repair and the appends all act on the file
+        # they lead to (a link elsewhere to the same file finds the same lock).
+        self.file = Path(os.path.realpath(self.path))
+        self.lock_path = self.file.with_name(self.file.name + ".lock")
         self._take_lock()
         try:
             self._load()
-            self._fd = open_regular(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd = open_regular(self.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
             self._release_lock()
             raise ConfigurationError(f"{self.path}: {exc.strerror or exc}") from None
