@@ -513,3 +513,23 @@ def test_out_through_a_symbolic_link_is_one_file_with_one_lock_and_its_lock_is_n
     assert [r["id"] for r in read_out(real)] == ["q00", "q01"] and link.is_symlink()
     names = ["in.jsonl", "link.jsonl", "real.jsonl", "victim.txt"]  # no lock left, no copy
     assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+
+def test_the_repair_of_out_keeps_its_permissions(tmp_path: Path):
+    """Repairing OUT (a cut last line dropped) renamed a new file made with mode 0666 less the
+    umask over it: answers kept private in a 0600 file became readable by every user (0644).
+    The new file now gets OUT's own mode (less the umask: never looser)."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(inp, 1)
+    done = json.dumps({"id": "q00", "answer": "0", "stop_reason": "final"}) + "\n"
+    out.write_text(done + '{"id": "q01", "ans')  # the last line cut by a crash
+    out.chmod(0o600)
+    # nothing is left to run: no model server is needed
+    argv = [sys.executable, "-m", "rlm", "batch", str(inp), "--out", str(out), "-m", MODEL,
+            "--api-base", "http://127.0.0.1:9/v1"]  # fmt: skip
+    run = subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, cwd=ROOT_DIR, env=cli_env(), umask=0o022
+    )
+    assert run.returncode == 0, run.stderr
+    assert out.read_text() == done  # repaired
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600

@@ -12,8 +12,9 @@ Rules that make a batch resumable:
   full disk) is dropped, and so are records that stand for no real run
   (``stop_reason`` ``"skipped"`` or ``"bad_input"``): those items run again.
   Such a repair writes a new file beside OUT (created under a random name,
-  so nothing planted there is written through) and renames it over OUT, so a
-  crash during the repair leaves the old file or the new one, never half;
+  so nothing planted there is written through, with OUT's permissions) and
+  renames it over OUT, so a crash during the repair leaves the old file or
+  the new one, never half;
 - the ids of the remaining records are the items already done (and those
   whose record has no answer, the ``error`` lines, are the ones that failed);
 - OUT and ``OUT.lock`` must be regular files: a FIFO there (opening it would
@@ -34,12 +35,13 @@ import fcntl
 import json
 import math
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from rlm.errors import ConfigurationError
-from rlm.files import open_regular, read_regular, replace_file
+from rlm.files import open_regular, replace_file
 
 __all__ = ["RECORD_FIELDS", "RERUN_STOP_REASONS", "ResultsFile", "encode_record", "spent_usd"]
 
@@ -153,7 +155,9 @@ class ResultsFile:
     # ---------------------------------------------------------------- repair
     def _load(self) -> None:
         try:
-            data = read_regular(self.file)
+            with open(open_regular(self.file), "rb") as f:
+                mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+                data = f.read()
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -178,7 +182,7 @@ class ResultsFile:
             else:
                 self._keep(parsed, tail, kept)  # whole but without its newline: the rewrite adds it
         if self.dropped or tail:
-            self._replace(kept)
+            self._replace(kept, mode)
 
     def _keep(self, parsed: tuple[str, dict[str, Any]], line: bytes, kept: list[bytes]) -> None:
         record_id, record = parsed
@@ -191,9 +195,11 @@ class ResultsFile:
         self.spent_usd += spent_usd(record)
         kept.append(line + b"\n")
 
-    def _replace(self, lines: list[bytes]) -> None:
-        try:  # a new file (never one planted at its temporary name), renamed over OUT
-            replace_file(self.file, lines, fsync=True)
+    def _replace(self, lines: list[bytes], mode: int) -> None:
+        # A new file (never one planted at its temporary name), renamed over OUT, with OUT's mode
+        # (less the umask: never looser): answers kept private (0600) must not become readable.
+        try:
+            replace_file(self.file, lines, mode=mode, fsync=True)
         except OSError as exc:
             raise ConfigurationError(f"{self.path}: cannot repair the file: {exc.strerror or exc}") from None
 
