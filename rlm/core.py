@@ -1452,6 +1452,7 @@ class _Run:
         history: list[dict[str, Any]] = []
         stop_reason: str | None = None
         error: str | None = None
+        error_type: str | None = None
         iterations = 0
         for turn in range(1, self.cfg.max_iterations + 1):
             if self.ledger.exhausted():
@@ -1469,7 +1470,7 @@ class _Run:
             except ModelError as exc:
                 if isinstance(exc, (AuthenticationError, UnknownModelError)) or turn == 1:
                     raise
-                stop_reason, error = "model_error", str(exc)
+                stop_reason, error, error_type = "model_error", str(exc), type(exc).__name__
                 break
             iterations = turn
             response = completion.text
@@ -1557,7 +1558,7 @@ class _Run:
         if stop_reason is None or stop_reason == "max_sub_calls":
             stop_reason = stop_reason or "max_iterations"
             answer, closing = self._closing_answer(sb, messages)
-        result = self._result(answer, stop_reason, iterations, history, started, error)
+        result = self._result(answer, stop_reason, iterations, history, started, error, error_type)
         if self.logger is not None:
             self.logger.result(
                 closing_response=closing, **result.model_dump(mode="json", exclude={"history"})
@@ -1634,6 +1635,7 @@ class _Run:
         history: list[dict[str, Any]],
         started: float,
         error: str | None,
+        error_type: str | None = None,
     ) -> RLMResult:
         input_tokens, output_tokens, cost = self._totals()
         return RLMResult(
@@ -1656,4 +1658,5 @@ class _Run:
             log_path=str(self.logger.path) if self.logger is not None else None,
             audit_log_path=self._audit_log_path(),
             error=error,
+            error_type=error_type,
         )

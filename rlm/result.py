@@ -119,6 +119,13 @@ class RLMResult(BaseModel):
     log_path: str | None = None
     audit_log_path: str | None = None
     error: str | None = None
+    error_type: str | None = Field(
+        None,
+        description=(
+            "The class of the error behind error (model_error: e.g. ModelUnreachable, a server that "
+            "went away mid-run, which a batch treats as stopping it rather than as the item's failure)."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -39,14 +39,17 @@ Every request is recorded (body and headers) in :attr:`LLMServer.requests`,
 so tests can check what reached the server, e.g. that an API key appears only
 in the ``Authorization`` header.
 
-The server stops when the ``with`` block ends (or on :meth:`LLMServer.stop`);
+The server stops when the ``with`` block ends (or on :meth:`LLMServer.stop`;
+:meth:`LLMServer.kill` also closes the connections kept alive, as a killed server would);
 its threads are daemons, so a forgotten server never blocks interpreter exit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -276,6 +279,21 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 512  # many concurrent clients connect at once in the batch tests
     state: _State
 
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self.connections: set[socket.socket] = set()  # open ones, for kill()
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
 
 class LLMServer:
     """An OpenAI-compatible chat server on 127.0.0.1, running in a thread.
@@ -312,6 +330,18 @@ class LLMServer:
         server.server_close()
         if self._thread is not None:
             self._thread.join(5)
+
+    def kill(self) -> None:
+        """Stop as a killed server process would: also every open connection is closed (:meth:`stop`
+        leaves a kept-alive connection served; a client reusing it would not notice)."""
+        server = self._server
+        self.stop()
+        if server is not None:
+            with server.connections_lock:
+                connections = list(server.connections)
+            for connection in connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> LLMServer:
         return self.start()

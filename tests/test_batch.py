@@ -533,3 +533,39 @@ def test_the_repair_of_out_keeps_its_permissions(tmp_path: Path):
     assert run.returncode == 0, run.stderr
     assert out.read_text() == done  # repaired
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+@pytest.mark.timeout(600)
+def test_an_endpoint_that_goes_away_mid_run_stops_the_batch_and_records_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key_env: None
+):
+    """A server that refuses connections stops the batch without an error line per item, so the
+    items run again once it is back. But a run that lost it after its first turn ended with
+    ``stop_reason="model_error"``, written to OUT as the item's failure and never run again: a
+    server restarted during a batch failed every run in flight for good. Such a run (its
+    ``error_type`` is ModelUnreachable) now stops the batch as the first turn's failure does."""
+    import threading
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(inp, 1)
+    turning = "```repl\nimport time\ntime.sleep(0.5)\nprint('thinking')\n```"  # never final
+    args = ("batch", str(inp), "--out", str(out), "-m", MODEL, "--workers", "1")
+    with LLMServer(turning, latency_s=0.05) as srv:
+
+        def stop_after_the_first_turn() -> None:
+            while not any(q.sent_at for q in srv.requests):
+                time.sleep(0.01)
+            srv.kill()  # the run's second call finds nobody there
+
+        stopper = threading.Thread(target=stop_after_the_first_turn, daemon=True)
+        stopper.start()
+        code, stderr = in_process(capsys, *args, "--api-base", srv.base_url)
+        stopper.join(10)
+        asked = len(srv.requests)
+    assert asked == 1, asked
+    assert code == 2 and "stopped:" in stderr and "connection refused" in stderr, stderr
+    assert read_out(out) == []  # nothing recorded: the item runs again
+    with LLMServer(square_reply) as srv:  # the server is back (on another port)
+        code, stderr = in_process(capsys, *args, "--api-base", srv.base_url)
+    assert code == 0, stderr
+    assert [(r["id"], r["answer"]) for r in read_out(out)] == [("q00", "0")]

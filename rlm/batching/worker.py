@@ -3,8 +3,9 @@
 :func:`run_item` builds an :class:`~rlm.core.RLM` from :class:`RunSettings`,
 answers one question and returns a plain dict: the output record, and
 ``fatal`` when the failure says the whole batch cannot work (a rejected or
-missing key, an unknown model, an endpoint that refuses connections, a
-sandbox layer missing on this machine). Everything it returns is plain data
+missing key, an unknown model, an endpoint that refuses connections, also
+when it goes away after the run's first turn, a sandbox layer missing on
+this machine). Everything it returns is plain data
 that crosses a process boundary unchanged, and none of it holds a key.
 """
 
@@ -151,6 +152,10 @@ def run_item(
         "error": None if result.error is None else redact(result.error, secret_values(api_key)),
         "priced_usd": result.priced_cost_usd,
     }
+    if result.stop_reason == "model_error" and result.error_type == ModelUnreachable.__name__:
+        # The endpoint went away mid-run (a later turn: the first turn's raises): as at the first
+        # turn, the batch stops and the item is not recorded, so the next invocation runs it again.
+        return {"record": record, "fatal": [result.error_type, record["error"]]}
     return {"record": record, "fatal": None}
 
 
