@@ -569,3 +569,35 @@ def test_an_endpoint_that_goes_away_mid_run_stops_the_batch_and_records_nothing(
         code, stderr = in_process(capsys, *args, "--api-base", srv.base_url)
     assert code == 0, stderr
     assert [(r["id"], r["answer"]) for r in read_out(out)] == [("q00", "0")]
+
+
+@pytest.mark.timeout(600)
+def test_out_deleted_while_the_batch_runs_stops_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key_env: None
+):
+    """OUT deleted during a batch (an ``rm``, a cleanup job): the batch went on appending to the
+    unlinked file, every later result lost, and ended with exit 0 and "results in OUT", a file
+    that did not exist. The next append now sees the file gone and stops the batch (exit 2)."""
+    import threading
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(inp, 4)
+    args = ("batch", str(inp), "--out", str(out), "-m", MODEL, "--workers", "1")
+    with LLMServer(square_reply, latency_s=0.3) as srv:
+
+        def delete_after_the_first_line() -> None:
+            while not (out.exists() and out.read_text().count("\n") >= 1):
+                time.sleep(0.01)
+            out.unlink()
+
+        deleter = threading.Thread(target=delete_after_the_first_line, daemon=True)
+        deleter.start()
+        code, stderr = in_process(capsys, *args, "--api-base", srv.base_url)
+        deleter.join(10)
+        asked = len(srv.requests)
+        assert code == 2 and "deleted or replaced while the batch ran" in stderr, stderr
+        assert asked < 4  # stopped: not every item was run into the void
+        srv.set_latency(0.05)
+        code, stderr = in_process(capsys, *args, "--api-base", srv.base_url)
+    assert code == 0, stderr
+    assert sorted(r["id"] for r in read_out(out)) == [f"q{i:02d}" for i in range(4)]

@@ -19,6 +19,9 @@ Rules that make a batch resumable:
   whose record has no answer, the ``error`` lines, are the ones that failed);
 - OUT and ``OUT.lock`` must be regular files: a FIFO there (opening it would
   wait for its other end, forever) or a device is refused, not waited on;
+- OUT deleted (or renamed over) while the batch runs is noticed at the next
+  append, which raises: the lines written since went to a file nobody can
+  open, so the batch stops instead of spending on runs whose results are lost;
 - OUT may be a symbolic link: the file it leads to is the one locked,
   repaired and written (its lock beside it, so a batch writing it under
   another name is refused too, and the repair renames over that file, never
@@ -232,9 +235,15 @@ class ResultsFile:
             written = os.write(self._fd, data)
             while written < len(data):  # only on a full disk or a signal: finish or fail loudly
                 written += os.write(self._fd, data[written:])
+            gone = os.fstat(self._fd).st_nlink == 0
         except OSError as exc:
             raise ConfigurationError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
         self.done.add(record["id"])
+        if gone:  # the lines go to a file nobody can open any more: stop spending on runs now
+            raise ConfigurationError(
+                f"{self.path}: deleted or replaced while the batch ran; the results written since are "
+                "lost (rerun the command to run those items again)"
+            )
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
