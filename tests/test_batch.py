@@ -601,3 +601,43 @@ def test_out_deleted_while_the_batch_runs_stops_it(
         code, stderr = in_process(capsys, *args, "--api-base", srv.base_url)
     assert code == 0, stderr
     assert sorted(r["id"] for r in read_out(out)) == [f"q{i:02d}" for i in range(4)]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a link another owner")
+def test_a_link_at_out_planted_by_another_user_is_not_followed(tmp_path: Path):
+    """OUT was opened following any symbolic link, with O_CREAT: a link planted at OUT's name by
+    another user who may write its directory (not sticky, so fs.protected_symlinks does not
+    help) made the batch append its results to any file it may write, or create one (a dangling
+    link), as its own user. A link at OUT, and each one after it, is now followed only when it is
+    owned by this process's user or by root, as for an audit log."""
+    from tests.conftest import run_cli
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # anyone may write here, no sticky bit
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "query": "q", "context": "c"}\n')
+    victim, created = tmp_path / "victim.jsonl", tmp_path / "created.jsonl"
+    victim.write_text("")  # an empty file the batch's user may write
+    out, hop = shared / "out.jsonl", shared / "hop.jsonl"
+    for first, leads_to in ((victim, None), (created, None), (victim, hop)):
+        if leads_to is None:
+            out.symlink_to(first)
+            os.lchown(out, 65534, 65534)  # planted by nobody
+        else:  # a link of root's leading to one of nobody's
+            leads_to.symlink_to(first)
+            os.lchown(leads_to, 65534, 65534)
+            out.symlink_to(leads_to)
+        with pytest.raises(ConfigurationError, match="owned by uid 65534.*not followed"):
+            ResultsFile(out).open()
+        done = run_cli("batch", str(tmp_path / "in.jsonl"), "--out", str(out), "-m", MODEL, "--api-base",
+                       "http://127.0.0.1:9/v1", timeout=60)  # fmt: skip
+        assert done.returncode == 2 and "not followed" in done.stderr, done.stderr
+        assert victim.read_text() == "" and not created.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "shared", "victim.jsonl"]
+        assert not list(shared.glob("*.lock"))
+        for link in (out, hop):
+            link.unlink(missing_ok=True)
+    out.symlink_to(victim)  # root's own link is followed
+    with ResultsFile(out) as results:
+        results.append({f: None for f in RECORD_FIELDS} | {"id": "a", "answer": "1", "stop_reason": "final"})
+    assert json.loads(victim.read_text())["id"] == "a" and out.is_symlink()

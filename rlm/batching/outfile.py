@@ -25,8 +25,12 @@ Rules that make a batch resumable:
 - OUT may be a symbolic link: the file it leads to is the one locked,
   repaired and written (its lock beside it, so a batch writing it under
   another name is refused too, and the repair renames over that file, never
-  over the link). ``OUT.lock`` is never opened through a link: a link there
-  is refused (the lock file is truncated: through a link planted there it
+  over the link). A link at OUT (and each one after it) is followed only
+  when the link is owned by this process's effective user or by root, as
+  for an audit log: one planted by another user who may write OUT's
+  directory would have the batch create and append to any file it may
+  write. ``OUT.lock`` is never opened through a link: a link there is
+  refused (the lock file is truncated: through a link planted there it
   would be another file).
 """
 
@@ -47,6 +51,44 @@ from rlm.errors import ConfigurationError
 from rlm.files import open_regular, replace_file
 
 __all__ = ["RECORD_FIELDS", "RERUN_STOP_REASONS", "ResultsFile", "encode_record", "spent_usd"]
+
+#: Symbolic links OUT may lead through (the kernel's own limit is 40).
+_LINK_HOPS = 8
+
+
+def _followed(path: Path) -> Path:
+    """The file *path* leads to: the symbolic links at its end followed, each only when the link
+    itself is owned by this process's effective user or by root (read from the link's own
+    ``O_PATH`` descriptor); its directory's links resolved. ConfigurationError otherwise. The
+    file is then opened with ``O_NOFOLLOW``: a link swapped in after this is refused, not followed.
+    """
+    target = os.fspath(path)
+    for _ in range(_LINK_HOPS + 1):
+        try:
+            link = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            break  # nothing there yet: the file is created there
+        except OSError as exc:
+            raise ConfigurationError(f"{path}: {exc.strerror or exc}") from None
+        try:
+            st = os.fstat(link)
+            if not stat.S_ISLNK(st.st_mode):
+                break
+            if st.st_uid not in (os.geteuid(), 0):
+                where = "" if target == os.fspath(path) else f" leads to {target}, which"
+                raise ConfigurationError(
+                    f"{path}{where} is a symbolic link owned by uid {st.st_uid}, neither this user nor"
+                    " root: not followed (whoever may write its directory could point it at any file)"
+                )
+            dest = os.readlink("", dir_fd=link)
+        finally:
+            os.close(link)
+        target = os.path.join(os.path.dirname(target), dest)
+    else:
+        raise ConfigurationError(f"{path}: more than {_LINK_HOPS} symbolic links in a row")
+    parent, name = os.path.split(target)
+    return Path(os.path.realpath(parent or ".")) / name
+
 
 #: The fields of an output line, in order.
 RECORD_FIELDS: tuple[str, ...] = (
@@ -158,7 +200,7 @@ class ResultsFile:
     # ---------------------------------------------------------------- repair
     def _load(self) -> None:
         try:
-            with open(open_regular(self.file), "rb") as f:
+            with open(open_regular(self.file, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
                 mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
                 data = f.read()
         except FileNotFoundError:
@@ -210,12 +252,12 @@ class ResultsFile:
     def open(self) -> ResultsFile:
         # OUT's links followed once, here: the lock, the repair and the appends all act on the file
         # they lead to (a link elsewhere to the same file finds the same lock).
-        self.file = Path(os.path.realpath(self.path))
+        self.file = _followed(self.path)
         self.lock_path = self.file.with_name(self.file.name + ".lock")
         self._take_lock()
         try:
             self._load()
-            self._fd = open_regular(self.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd = open_regular(self.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             self._release_lock()
             raise ConfigurationError(f"{self.path}: {exc.strerror or exc}") from None
