@@ -641,3 +641,21 @@ def test_a_link_at_out_planted_by_another_user_is_not_followed(tmp_path: Path):
     with ResultsFile(out) as results:
         results.append({f: None for f in RECORD_FIELDS} | {"id": "a", "answer": "1", "stop_reason": "final"})
     assert json.loads(victim.read_text())["id"] == "a" and out.is_symlink()
+
+
+def test_the_summary_shows_escapes_in_out_s_name_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key_env: None
+):
+    """The closing summary printed OUT's name as it was: a file name holding terminal escapes
+    (``rlm batch "$f" --out "out/$f"`` over files someone else named) set the terminal's title
+    or cleared it. Every other line of the command shows control characters escaped; so does
+    the summary now."""
+    inp = tmp_path / "in.jsonl"
+    write_items(inp, 1)
+    out = tmp_path / "out\x1b]0;pwned\x07\x1b[2J.jsonl"
+    out.write_text(json.dumps({"id": "q00", "answer": "0", "stop_reason": "final"}) + "\n")
+    code, stderr = in_process(capsys, "batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base",
+                              "http://127.0.0.1:9/v1")  # fmt: skip
+    assert code == 0, stderr
+    assert "1 already in" in stderr and "results in" in stderr
+    assert "\x1b" not in stderr and "\x07" not in stderr and "\\x1b]0;pwned\\x07" in stderr

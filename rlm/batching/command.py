@@ -126,13 +126,14 @@ def _run(
     # Lines of earlier runs that failed stay in OUT and are not run again: they still count.
     already_failed = len({item.id for item in items} & results.unanswered)
     progress = Progress(len(todo) + len(bad))
+    shown = visible(str(results.path))  # a file name may hold terminal escapes too
     for record in bad:
         results.append(record.record())
         progress.add(record)
     interrupted, stopped = False, None
     try:
         if not todo:  # nothing to run: start no engine (no Ray instance, no sandbox)
-            summary = progress.summary(str(results.path), already=already, already_failed=already_failed)
+            summary = progress.summary(shown, already=already, already_failed=already_failed)
             print(summary, file=sys.stderr)
             return EXIT_OK if not bad and not already_failed else EXIT_FAILED
         runs = batch(
@@ -164,9 +165,7 @@ def _run(
         interrupted = True
     except RLMError as exc:  # a failure that would fail every item (see rlm.batching.worker.FATAL_ERRORS)
         stopped = exc
-    summary = progress.summary(
-        str(results.path), already=already, already_failed=already_failed, interrupted=interrupted
-    )
+    summary = progress.summary(shown, already=already, already_failed=already_failed, interrupted=interrupted)
     print(summary, file=sys.stderr)
     if interrupted:
         _say("stopped by Ctrl-C; rerun the same command to run the items that are missing")

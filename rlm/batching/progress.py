@@ -4,7 +4,8 @@ On a terminal one line is redrawn in place: a bar, done / total, failures,
 tokens and cost so far, items per second and the time left (ETA). When stderr
 is not a terminal nothing is drawn while the batch runs; the summary is
 printed either way. Only counts and sums are shown: no id, answer or error
-text, so hostile data cannot write terminal escapes here.
+text, so hostile data cannot write terminal escapes here (the summary's OUT
+name comes escaped, from the command).
 """
 
 from __future__ import annotations
