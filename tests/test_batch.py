@@ -659,3 +659,21 @@ def test_the_summary_shows_escapes_in_out_s_name_escaped(
     assert code == 0, stderr
     assert "1 already in" in stderr and "results in" in stderr
     assert "\x1b" not in stderr and "\x07" not in stderr and "\\x1b]0;pwned\\x07" in stderr
+
+
+def test_a_bad_setting_with_skip_bad_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key_env: None
+):
+    """``rlm batch`` checks its settings before it writes anything. With ``--skip-bad``, the bad
+    lines' records were written first and the batch's settings (a policy that does not exist)
+    checked after: exit 2 with OUT holding records and a summary of a batch that never ran. The
+    runs are now set up (and their settings checked) before any record is written."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(inp, 1)
+    with inp.open("a") as f:
+        f.write('{"id": "broken", "query": \n')
+    code, stderr = in_process(capsys, "batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base",
+                              "http://127.0.0.1:9/v1", "--skip-bad", "--policy", "nosuchpolicy")  # fmt: skip
+    assert code == 2, stderr
+    assert "nosuchpolicy" in stderr and "results in" not in stderr and "Traceback" not in stderr, stderr
+    assert not out.exists() or out.read_text() == ""

@@ -127,15 +127,11 @@ def _run(
     already_failed = len({item.id for item in items} & results.unanswered)
     progress = Progress(len(todo) + len(bad))
     shown = visible(str(results.path))  # a file name may hold terminal escapes too
-    for record in bad:
-        results.append(record.record())
-        progress.add(record)
-    interrupted, stopped = False, None
-    try:
-        if not todo:  # nothing to run: start no engine (no Ray instance, no sandbox)
-            summary = progress.summary(shown, already=already, already_failed=already_failed)
-            print(summary, file=sys.stderr)
-            return EXIT_OK if not bad and not already_failed else EXIT_FAILED
+    runs = None
+    if todo:
+        # Built before anything is written: a policy, model or option that cannot work is a usage
+        # error (exit 2) leaving OUT as it was, not one after --skip-bad's lines were written.
+        # (No engine starts here: that is on the first result, a failure there is a fatal one.)
         runs = batch(
             todo,
             model=args.model,
@@ -157,6 +153,15 @@ def _run(
             on_idle=progress.draw,
             **options,
         )
+    for record in bad:
+        results.append(record.record())
+        progress.add(record)
+    interrupted, stopped = False, None
+    try:
+        if runs is None:  # nothing to run: start no engine (no Ray instance, no sandbox)
+            summary = progress.summary(shown, already=already, already_failed=already_failed)
+            print(summary, file=sys.stderr)
+            return EXIT_OK if not bad and not already_failed else EXIT_FAILED
         with contextlib.closing(runs):
             for result in runs:
                 results.append(result.record())
