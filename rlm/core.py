@@ -753,6 +753,13 @@ class _Run:
             self.tokens[1] += output_tokens
 
     def _log_call(self, entry: dict[str, Any]) -> None:
+        # Kept for the whole run (its history, the trajectory): the texts cut as the trajectory cuts
+        # them. A prompt comes from the code: whole, a block looping on a 5 MB prompt that the
+        # provider refused (a ContextWindowExceeded, free) kept 5 MB of the host per call.
+        for name in ("prompt", "response", "error"):
+            text = entry.get(name)
+            if isinstance(text, str) and len(text) > LOG_TEXT_CHARS:
+                entry[name] = clip_text(text)
         # Entries of a batch arrive in completion order; the key puts them back in prompt order.
         key = getattr(self._order, "key", None) or (next(self._seq), 0)
         self.calls.append((key, entry))  # list.append is atomic
@@ -887,14 +894,16 @@ class _Run:
             raise RuntimeError(f"tool {tool.name}() not run: the run has stopped ({self.ledger.stopped_by})")
         self.ledger.record_tool_call()
         stopped = self.ledger.exhausted()  # a loop of tool calls must not outlive the budgets
+        call = _call_text(tool.name, args, kwargs)
+        whole = len(call) <= LOG_TEXT_CHARS  # the arguments as data only when their text is kept whole
         entry: dict[str, Any] = {
             "type": "tool",
             "name": tool.name,
-            "args": list(args),
-            "kwargs": kwargs,
+            "args": list(args) if whole else None,
+            "kwargs": kwargs if whole else None,
             # what trajectory viewers show of a call: the call as text, no tokens spent
             "root_model": f"tool:{tool.name}",
-            "prompt": _call_text(tool.name, args, kwargs),
+            "prompt": call,
             "prompt_tokens": 0,
             "completion_tokens": 0,
             "timestamp": datetime.now().isoformat(),
@@ -910,9 +919,11 @@ class _Run:
                 error = f"{type(exc).__name__}: {exc}"
             except Exception:
                 error = type(exc).__name__
+        response = _as_text(value) if error is None else ""
         entry.update(
-            result=value,
-            response=_as_text(value) if error is None else "",
+            # the value as data only when its text is kept whole (:meth:`_log_call` cuts the text)
+            result=value if len(response) <= LOG_TEXT_CHARS else None,
+            response=response,
             error=error,
             execution_time=time.perf_counter() - started,
         )

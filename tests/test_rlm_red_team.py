@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from rlm import ScriptedBackend, run
+from rlm.trajectory import LOG_TEXT_CHARS
 from tests.llm_server import LLMServer
 
 
@@ -547,3 +548,44 @@ def test_a_block_cannot_pass_itself_off_as_the_loop_s_own_code_in_rlm_view(tmp_p
     assert record["internal"] is False and record["outcome"] == "ok"
     internal = [rec["code"] for rec in root["audit"]["records"] if rec["internal"]]
     assert "rlm_describe_vars()" in internal and disguised not in internal
+
+
+def test_sub_calls_the_provider_refused_keep_only_a_cut_prompt_in_the_host(tmp_path):
+    """Each sub-call's log entry is kept for the whole run (``history``, the trajectory), and it
+    held the whole prompt: a block looping on a 5 MB prompt that the provider refused as too long
+    (free, and no budget counts it) took 5 MB of the host per call, 100 calls 770 MB. What the
+    host keeps of a call (prompt, response, error, a tool's arguments and value) is now cut as
+    the trajectory cuts any text. Through litellm's real HTTP path, against the loopback server."""
+    import json
+
+    from tests.llm_server import Reply
+
+    def lookup(key: list) -> str:
+        return "v" * (3 * LOG_TEXT_CHARS)
+
+    big = 4 * LOG_TEXT_CHARS
+    code = (
+        f"p = 'w ' * {big // 2}\nn = 0\n"
+        "for i in range(4):\n    try:\n        llm_query(p)\n    except Exception as exc:\n        n += 1\n"
+        f"v = lookup(['k'] * {big // 4})\n"
+        "print(n, len(v))"
+    )  # fmt: skip
+    refused = Reply(
+        "This model's maximum context length is 128000 tokens", status=400, error_code="context_length_exceeded"
+    )
+    with LLMServer(refused) as srv:
+        r = run(
+            "q", "c", model="openai/root", sub_model="openai/sub", api_base=srv.base_url,
+            backend=_RootScripted(repl(code) + "FINAL(done)", srv.base_url), tools=[lookup],
+            log_dir=tmp_path, max_iterations=1, max_retries=0,
+        )  # fmt: skip
+        assert [len(q.last_user) for q in srv.requests] == [big] * 4  # the provider got each whole
+    block = r.history[0]["code_blocks"][0]
+    assert block["result"]["stdout"] == f"4 {3 * LOG_TEXT_CHARS}\n"
+    calls = block["result"]["rlm_calls"]
+    assert [c.get("error_type") for c in calls] == ["ContextWindowExceeded"] * 4 + [None]
+    kept = [c[key] for c in calls for key in ("prompt", "response") if isinstance(c.get(key), str)]
+    assert len(kept) == 10 and all(len(text) < LOG_TEXT_CHARS + 100 for text in kept)
+    assert sum("characters not logged" in text for text in kept) == 6  # 4 prompts, the tool's call and value
+    assert calls[-1]["args"] is None and calls[-1]["kwargs"] is None and calls[-1]["result"] is None
+    assert len(json.dumps(r.history)) < 12 * LOG_TEXT_CHARS
