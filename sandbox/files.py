@@ -10,12 +10,14 @@ this package does not import.)
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import os
 import stat
 from pathlib import Path
 
-__all__ = ["NOT_REGULAR", "read_regular"]
+__all__ = ["NOT_REGULAR", "read_regular", "remove_tree"]
 
 #: The strerror of the OSError :func:`read_regular` raises for a path that is not a regular file.
 NOT_REGULAR = "not a regular file"
@@ -40,3 +42,66 @@ def read_regular(path: str | Path, limit: int | None = None) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def remove_tree(path: str) -> None:
+    """Remove the directory *path* and everything in it, best effort: what cannot be removed is
+    skipped, as ``shutil.rmtree(path, ignore_errors=True)`` skips it; never raises.
+
+    The tree is a sandbox's scratch directory, shaped by its code. ``shutil.rmtree`` (before
+    Python 3.13) recurses once per level: a directory nested 1,500 deep (where no scratch tmpfs
+    hides it from the host) raised RecursionError out of ``Sandbox.close()`` and stayed on disk.
+    Here nothing recurses and at most three descriptors are open: each directory's
+    subdirectories are renamed up into *path* (a rename moves a link, never what it points
+    to), its other entries unlinked, then it is removed. Every step names an entry relative to
+    a descriptor opened with ``O_NOFOLLOW``: a symbolic link in the tree is removed, never
+    followed. Each directory is moved at most once and looked into once: the work is linear
+    in the size of the tree."""
+    try:
+        top = os.open(path, _DIR_FLAGS)
+    except OSError:
+        return
+    try:
+        pending = [name for name, is_dir in _empty(top) if is_dir]
+        names = (
+            f".rm-{os.urandom(8).hex()}-{n}" for n in itertools.count()
+        )  # a name the code cannot have taken
+        while pending:
+            name = pending.pop()
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=top)
+            except OSError:
+                continue
+            try:
+                for entry, is_dir in _empty(fd):
+                    if is_dir:
+                        with contextlib.suppress(OSError):
+                            new = next(names)
+                            os.rename(entry, new, src_dir_fd=fd, dst_dir_fd=top)
+                            pending.append(new)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.rmdir(name, dir_fd=top)
+    finally:
+        os.close(top)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _empty(fd: int) -> list[tuple[str, bool]]:
+    """Unlink every entry of the directory *fd* that is not a directory (links included: never
+    followed); returns ``(name, is_dir)`` of each entry it found."""
+    try:
+        with os.scandir(fd) as entries:
+            found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+    except OSError:
+        return []
+    for name, is_dir in found:
+        if not is_dir:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=fd)
+    return found

@@ -53,7 +53,6 @@ import os
 import random
 import re
 import select
-import shutil
 import signal
 import socket
 import stat
@@ -79,6 +78,7 @@ from sandbox.errors import (
     SandboxStartError,
     VariableError,
 )
+from sandbox.files import remove_tree
 from sandbox.policy import Policy, load_policy
 from sandbox.pool import DEFAULT, Default, SandboxPool, default_pool
 from sandbox.result import ExecResult, LimitName
@@ -200,7 +200,7 @@ def _sweep_scratch(root: str, limit: int = 1024, age: float = _SWEEP_AGE) -> int
         except OSError:
             continue
         try:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
             removed += 1
         finally:
             os.close(fd)
@@ -526,7 +526,7 @@ def _spawn_ready(spec: _Spec) -> _Child:
         if lease is not None:
             lease.release()  # no child was started under it
         if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+            remove_tree(scratch)
         if isinstance(exc, OSError):
             raise SandboxStartError(f"cannot prepare a sandbox child: {exc}") from None
         raise
@@ -607,7 +607,7 @@ def _abandon(
     finally:
         sock.close()
         os.close(pidfd)
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch)
         if scratch_lock >= 0:
             os.close(scratch_lock)
 
@@ -716,7 +716,7 @@ def _stop_child(child: _Child, graceful: bool) -> None:
     if child.pidfd >= 0:  # each step may be done again: a stop cut short (Ctrl-C) is finished later
         pidfd, child.pidfd = child.pidfd, -1
         os.close(pidfd)
-    shutil.rmtree(child.scratch, ignore_errors=True)
+    remove_tree(child.scratch)
     if child.scratch_lock >= 0:  # removed first, then let go: a sweep never sees it unlocked
         lock, child.scratch_lock = child.scratch_lock, -1
         os.close(lock)

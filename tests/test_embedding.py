@@ -459,18 +459,18 @@ def test_execute_cancelled_while_a_thread_replaces_the_child_frees_the_sandbox_o
 def test_ctrl_c_while_a_dead_child_is_cleaned_up_leaves_a_usable_sandbox(audit_path, monkeypatch) -> None:
     """Ctrl-C landing in the clean-up of a dead child (its last step deletes the scratch dir):
     the next call starts a fresh child instead of closing that child's descriptors again."""
-    real_rmtree = sandbox.sandbox.shutil.rmtree
+    real_remove_tree = sandbox.sandbox.remove_tree
     interrupts = [KeyboardInterrupt()]
 
-    def rmtree(path: str, ignore_errors: bool = False) -> None:
-        real_rmtree(path, ignore_errors=ignore_errors)
+    def remove_tree(path: str) -> None:
+        real_remove_tree(path)
         if interrupts:
             raise interrupts.pop()
 
     with Sandbox("default", audit_log=audit_path, pool=None) as sb:
         assert sb.execute("x = 1").ok
         sb.kill()
-        monkeypatch.setattr(sandbox.sandbox.shutil, "rmtree", rmtree)
+        monkeypatch.setattr(sandbox.sandbox, "remove_tree", remove_tree)
         with pytest.raises(KeyboardInterrupt):
             sb.execute("y = 2")
         r = sb.execute("print(3)")

@@ -571,7 +571,9 @@ def test_sub_calls_the_provider_refused_keep_only_a_cut_prompt_in_the_host(tmp_p
         "print(n, len(v))"
     )  # fmt: skip
     refused = Reply(
-        "This model's maximum context length is 128000 tokens", status=400, error_code="context_length_exceeded"
+        "This model's maximum context length is 128000 tokens",
+        status=400,
+        error_code="context_length_exceeded",
     )
     with LLMServer(refused) as srv:
         r = run(

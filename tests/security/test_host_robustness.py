@@ -166,6 +166,68 @@ def test_call_flood_does_not_block_execute(mode: str) -> None:
         assert again.ok and again.stdout == "42\n" and again.state_lost
 
 
+DEEP_SCRATCH = """
+import os
+os.symlink({target!r}, 'link')
+for i in range(1500):
+    os.mkdir('d')
+    os.chdir('d')
+    open('f', 'w').write('x')
+os.symlink({target!r}, 'link')
+print('nested')
+"""
+
+
+def test_closing_a_sandbox_whose_scratch_is_nested_deep(mode: str, tmp_path: Path) -> None:
+    """Without the scratch tmpfs (``scratch_fs`` off: ``portable``, a host without user
+    namespaces) the host removes the scratch directory the code filled. ``shutil.rmtree``
+    recursed once per level: 1,500 nested directories made ``close()`` raise RecursionError
+    and left the tree on disk for good (the sweep of leftovers stopped at it too). Links in the
+    tree are removed, never followed."""
+    target = tmp_path / "host"
+    target.mkdir()
+    (target / "keep").write_text("host data")
+    policy = hostile_policy(mode, **{"isolation.scratch_fs": False, "isolation.require": []})
+    sb = Sandbox(policy)
+    try:
+        r = sb.execute(DEEP_SCRATCH.format(target=str(target)))
+        assert r.ok and r.stdout == "nested\n", r
+        assert r.layers["scratch_fs"] == "off"
+        assert sb._child is not None
+        scratch = Path(sb._child.scratch)
+        assert (scratch / "d" / "d" / "f").is_file()  # the host sees the tree it must remove
+        try:
+            sb.close()
+            removed = not os.path.lexists(scratch)
+        finally:  # what a failed close left (shutil.rmtree in pytest's clean-up would fail on it too)
+            subprocess.run(["rm", "-rf", "--", str(scratch)], check=False)
+    finally:
+        sb.close()
+    assert removed
+    assert (target / "keep").read_text() == "host data"
+
+
+def test_the_sweep_removes_a_leftover_scratch_nested_deep(tmp_path: Path) -> None:
+    from sandbox.sandbox import _sweep_scratch
+
+    leftover = tmp_path / "sandbox-abcd1234"
+    os.mkdir(leftover)
+    here = os.open(leftover, os.O_RDONLY)
+    for _ in range(1500):  # deeper than the interpreter's recursion limit
+        os.mkdir("d", dir_fd=here)
+        deeper = os.open("d", os.O_RDONLY, dir_fd=here)
+        os.close(here)
+        here = deeper
+    os.close(here)
+    os.utime(leftover, (0, 0))  # old enough to be swept
+    try:
+        swept = _sweep_scratch(str(tmp_path))
+        removed = not os.path.lexists(leftover)
+    finally:  # (shutil.rmtree in pytest's clean-up would fail on it too)
+        subprocess.run(["rm", "-rf", "--", str(leftover)], check=False)
+    assert swept == 1 and removed
+
+
 def test_set_variable_to_a_child_that_stopped_reading(mode: str) -> None:
     with Sandbox(hostile_policy(mode)) as sb:
         assert sb.execute(STOP_READING).ok
