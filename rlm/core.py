@@ -51,7 +51,14 @@ from rlm.final import extract_code_blocks, find_final
 from rlm.llm import Completion, redact, secret_values
 from rlm.result import RLMResult
 from rlm.tools import Tool, describe_tools, tool_table
-from rlm.trajectory import LOG_TEXT_CHARS, TrajectoryLogger, clip_text, nested_deeper, new_run_id
+from rlm.trajectory import (
+    LOG_TEXT_CHARS,
+    REPEAT_CHARS,
+    TrajectoryLogger,
+    clip_text,
+    nested_deeper,
+    new_run_id,
+)
 from rlm.typed import AnswerType, AnswerTypeError
 
 __all__ = ["RLM", "run"]
@@ -233,6 +240,12 @@ MAX_BATCH = 10_000
 #: bound, one reply of a thousand blocks ran for a thousand wall limits in one turn, and kept every
 #: block's output in the run's history (gigabytes of host memory).
 MAX_BLOCKS_PER_REPLY = 50
+
+#: Characters of sub-call and tool-call text (prompts, responses, errors) that the log entries of
+#: one block keep at up to LOG_TEXT_CHARS each; past them, each text of a later call of the block
+#: keeps REPEAT_CHARS (head and tail). A block of 2,000 sub-calls that the provider refused kept
+#: 100 MB (and wrote a 100 MB trajectory line) for 0.4 s of the child's CPU.
+BLOCK_CALL_LOG_CHARS = 2_000_000
 
 
 def retry_wait(attempt: int, retry_after: float | None, backoff_s: float) -> float | None:
@@ -612,6 +625,8 @@ class _Run:
         self.pending_name: str | None = None
         self.fatal: ModelError | None = None
         self.calls: list[tuple[tuple[int, int], dict[str, Any]]] = []  # (order key, log entry)
+        self.call_chars = 0  # characters of text the block's entries keep (see BLOCK_CALL_LOG_CHARS)
+        self._log_lock = threading.Lock()
         self._order = threading.local()  # set by _batch: the key of the prompt being served
         self._seq = itertools.count()
         self.tokens = [0, 0]  # input, output tokens of this run's calls and of its child runs
@@ -755,11 +770,20 @@ class _Run:
     def _log_call(self, entry: dict[str, Any]) -> None:
         # Kept for the whole run (its history, the trajectory): the texts cut as the trajectory cuts
         # them. A prompt comes from the code: whole, a block looping on a 5 MB prompt that the
-        # provider refused (a ContextWindowExceeded, free) kept 5 MB of the host per call.
-        for name in ("prompt", "response", "error"):
-            text = entry.get(name)
-            if isinstance(text, str) and len(text) > LOG_TEXT_CHARS:
-                entry[name] = clip_text(text)
+        # provider refused (a ContextWindowExceeded, free) kept 5 MB of the host per call. Past
+        # BLOCK_CALL_LOG_CHARS in one block, each text is cut to REPEAT_CHARS.
+        with self._log_lock:
+            cap = LOG_TEXT_CHARS if self.call_chars < BLOCK_CALL_LOG_CHARS else REPEAT_CHARS
+            for name in ("prompt", "response", "error"):
+                text = entry.get(name)
+                if isinstance(text, str):
+                    if len(text) > cap:
+                        entry[name] = text = clip_text(text, cap)
+                        # a tool's arguments or value as data only when their text is kept whole
+                        for data in {"prompt": ("args", "kwargs"), "response": ("result",)}.get(name, ()):
+                            if data in entry:
+                                entry[data] = None
+                    self.call_chars += len(text)
         # Entries of a batch arrive in completion order; the key puts them back in prompt order.
         key = getattr(self._order, "key", None) or (next(self._seq), 0)
         self.calls.append((key, entry))  # list.append is atomic
@@ -894,16 +918,14 @@ class _Run:
             raise RuntimeError(f"tool {tool.name}() not run: the run has stopped ({self.ledger.stopped_by})")
         self.ledger.record_tool_call()
         stopped = self.ledger.exhausted()  # a loop of tool calls must not outlive the budgets
-        call = _call_text(tool.name, args, kwargs)
-        whole = len(call) <= LOG_TEXT_CHARS  # the arguments as data only when their text is kept whole
         entry: dict[str, Any] = {
             "type": "tool",
             "name": tool.name,
-            "args": list(args) if whole else None,
-            "kwargs": kwargs if whole else None,
+            "args": list(args),  # (None once _log_call cuts the call's text)
+            "kwargs": kwargs,
             # what trajectory viewers show of a call: the call as text, no tokens spent
             "root_model": f"tool:{tool.name}",
-            "prompt": call,
+            "prompt": _call_text(tool.name, args, kwargs),
             "prompt_tokens": 0,
             "completion_tokens": 0,
             "timestamp": datetime.now().isoformat(),
@@ -919,11 +941,9 @@ class _Run:
                 error = f"{type(exc).__name__}: {exc}"
             except Exception:
                 error = type(exc).__name__
-        response = _as_text(value) if error is None else ""
         entry.update(
-            # the value as data only when its text is kept whole (:meth:`_log_call` cuts the text)
-            result=value if len(response) <= LOG_TEXT_CHARS else None,
-            response=response,
+            result=value,  # (None once _log_call cuts its text)
+            response=_as_text(value) if error is None else "",
             error=error,
             execution_time=time.perf_counter() - started,
         )
@@ -1167,6 +1187,7 @@ class _Run:
         ``wall_seconds`` alone would let a block run past it, and host functions are not counted
         there at all); the loop then stops with ``stop_reason="max_time_s"``."""
         self.calls = []
+        self.call_chars = 0
         result = self._execute(sb, code)
         self.code_executions += 1
         calls = [entry for _, entry in sorted(self.calls, key=lambda pair: pair[0])]

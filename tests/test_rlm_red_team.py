@@ -591,3 +591,43 @@ def test_sub_calls_the_provider_refused_keep_only_a_cut_prompt_in_the_host(tmp_p
     assert sum("characters not logged" in text for text in kept) == 6  # 4 prompts, the tool's call and value
     assert calls[-1]["args"] is None and calls[-1]["kwargs"] is None and calls[-1]["result"] is None
     assert len(json.dumps(r.history)) < 12 * LOG_TEXT_CHARS
+
+
+def test_the_call_log_of_one_block_is_bounded_however_many_calls_it_makes(tmp_path):
+    """Cut at LOG_TEXT_CHARS each, the entries of a block of many refused sub-calls still grew
+    with their number: 2,000 calls with 60,000-character prompts (0.4 s of the child's CPU) kept
+    100 MB of the host and wrote a 100 MB trajectory line. Past BLOCK_CALL_LOG_CHARS of kept
+    text in a block, each text of a later call keeps REPEAT_CHARS."""
+    import rlm.core
+    from rlm.trajectory import REPEAT_CHARS
+    from tests.llm_server import Reply
+
+    budget = 2_000_000  # rlm.core.BLOCK_CALL_LOG_CHARS (checked last)
+
+    n, size = 150, 60_000
+    code = f"r = llm_query_batched(['w ' * {size // 2}] * {n})\nprint(sum(x.startswith('Error') for x in r))"
+    refused = Reply(
+        "This model's maximum context length is 128000 tokens",
+        status=400,
+        error_code="context_length_exceeded",
+    )
+    with LLMServer(refused) as srv:
+        r = run(
+            "q", "c", model="openai/root", sub_model="openai/sub", api_base=srv.base_url,
+            backend=_RootScripted(repl(code) + "FINAL(done)", srv.base_url),
+            log_dir=tmp_path, max_iterations=1, max_retries=0,
+        )  # fmt: skip
+        assert len(srv.requests) == n and all(len(q.last_user) == size for q in srv.requests)
+    block = r.history[0]["code_blocks"][0]
+    assert block["result"]["stdout"] == f"{n}\n"
+    calls = block["result"]["rlm_calls"]
+    assert len(calls) == n
+    texts = [sum(len(c[k]) for k in ("prompt", "response", "error")) for c in calls]
+    # (a batch's entries come in prompt order: the first to end kept the most)
+    full = sum(1 for c in calls if len(c["prompt"]) > LOG_TEXT_CHARS)  # cut at LOG_TEXT_CHARS: a few more
+    assert 0 < full <= budget // LOG_TEXT_CHARS + 1
+    assert sum(1 for c in calls if len(c["prompt"]) < REPEAT_CHARS + 100) == n - full
+    assert sum(texts) < budget + LOG_TEXT_CHARS + n * 3 * (REPEAT_CHARS + 100)
+    (trajectory,) = tmp_path.glob("*.jsonl")
+    assert trajectory.stat().st_size < 2 * budget
+    assert budget == rlm.core.BLOCK_CALL_LOG_CHARS
