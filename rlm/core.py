@@ -626,6 +626,7 @@ class _Run:
         self.fatal: ModelError | None = None
         self.calls: list[tuple[tuple[int, int], dict[str, Any]]] = []  # (order key, log entry)
         self.call_chars = 0  # characters of text the block's entries keep (see BLOCK_CALL_LOG_CHARS)
+        self.helper: str | None = None  # the loop's own code running in the sandbox (see _execute)
         self._log_lock = threading.Lock()
         self._order = threading.local()  # set by _batch: the key of the prompt being served
         self._seq = itertools.count()
@@ -913,6 +914,7 @@ class _Run:
 
     def _tool_call(self, tool: Tool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run one of the caller's tools here; its failure is raised in the child, never here."""
+        self._no_calls_in_helper(tool.name)
         started = time.perf_counter()
         if self.ledger.stopped_by is not None:  # refused at once, unlogged, like a sub-call (_refused)
             raise RuntimeError(f"tool {tool.name}() not run: the run has stopped ({self.ledger.stopped_by})")
@@ -962,19 +964,33 @@ class _Run:
         return value
 
     # -------------------------------------------------------- host functions
+    def _no_calls_in_helper(self, fn: str) -> None:
+        """Refuse a model or tool call made while the loop runs its own helper in the sandbox
+        (``rlm_describe_vars()`` after each block, ``FINAL_VAR`` from the reply's text: the model
+        may redefine either, and a thread the code left running may call at any time). Refused
+        at once, counted and logged nowhere. Served, such a call ran past the helper's
+        HELPER_TIMEOUT_S (the child was killed on time, but the host waited for the model's
+        answer, up to its request timeout), and its entry was logged nowhere."""
+        if self.helper is not None:
+            raise RuntimeError(f"{fn}() is refused while the loop runs {self.helper}")
+
     def host_functions(self) -> dict[str, Any]:
         def llm_query(prompt: Any, model: Any = None) -> str:
+            self._no_calls_in_helper("llm_query")
             return self._sub_query(prompt, model, raise_errors=True)
 
         def llm_query_batched(prompts: Any, model: Any = None) -> list[str]:
+            self._no_calls_in_helper("llm_query_batched")
             items = self._prompt_list(prompts, "llm_query_batched")
             self._model(model, self.cfg.sub_model, "llm_query_batched")  # refused before any call
             return self._batch(lambda p: self._sub_query(p, model, raise_errors=False), items)
 
         def rlm_query(prompt: Any, context: Any = None, model: Any = None) -> str:
+            self._no_calls_in_helper("rlm_query")
             return self._rlm_query(prompt, context, model, raise_errors=True)
 
         def rlm_query_batched(prompts: Any, contexts: Any = None, model: Any = None) -> list[str]:
+            self._no_calls_in_helper("rlm_query_batched")
             items = self._prompt_list(prompts, "rlm_query_batched")
             self._model(model, self.cfg.model, "rlm_query_batched")
             if contexts is not None and (not isinstance(contexts, list) or len(contexts) != len(items)):
@@ -1131,18 +1147,21 @@ class _Run:
                 f"the sandbox refused the RLM prelude: {result.error_type}: {result.error_message}"
             )
 
-    def _execute(self, sb: Any, code: str, cap: float | None = None) -> Any:
+    def _execute(self, sb: Any, code: str, cap: float | None = None, helper: str | None = None) -> Any:
         """``sb.execute(code)``, its child killed when the time budget runs out (or after *cap* s).
 
         Every execute the loop makes in the model's sandbox goes through here: the policy's
         ``wall_seconds`` alone would let a block run past the budget, and host functions are
-        not counted there at all."""
+        not counted there at all. *helper* names the loop's own code being run (``rlm_describe_vars()``,
+        ``FINAL_VAR``): while it runs, the code's model and tool calls are refused (see
+        :meth:`_no_calls_in_helper`)."""
         limit = self._time_cap(cap)
         timer = None
         if limit is not None:
             timer = threading.Timer(max(0.0, limit), sb.kill)
             timer.daemon = True
             timer.start()
+        self.helper = helper
         try:
             return sb.execute(code)
         except ValueError as exc:  # code too large for one request (a tiny max_message_mb): the
@@ -1151,6 +1170,7 @@ class _Run:
 
             return ExecResult(ok=False, error_type="ValueError", error_message=str(exc))
         finally:
+            self.helper = None
             if timer is not None:
                 timer.cancel()
 
@@ -1168,7 +1188,7 @@ class _Run:
         """The model's variables for the trajectory, by the prelude's ``rlm_describe_vars()``: code
         the model may have redefined, so bounded like a block (and by :data:`HELPER_TIMEOUT_S`)."""
         try:
-            result = self._execute(sb, "rlm_describe_vars()", HELPER_TIMEOUT_S)
+            result = self._execute(sb, "rlm_describe_vars()", HELPER_TIMEOUT_S, helper="rlm_describe_vars()")
             # A redefined helper may print up to the policy's output cap: a description that long is
             # not kept (the run's history holds one per block, for the whole run).
             if result.ok and len(result.stdout) <= LOG_TEXT_CHARS:
@@ -1293,7 +1313,7 @@ class _Run:
             return
         if sb.alive and self._may_run_code():
             try:
-                self._execute(sb, f"FINAL_VAR({directive.argument!r})", HELPER_TIMEOUT_S)
+                self._execute(sb, f"FINAL_VAR({directive.argument!r})", HELPER_TIMEOUT_S, helper="FINAL_VAR")
             except Exception:
                 pass
         else:  # the value straight from the child, as FINAL_VAR would give it

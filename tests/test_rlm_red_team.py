@@ -631,3 +631,34 @@ def test_the_call_log_of_one_block_is_bounded_however_many_calls_it_makes(tmp_pa
     (trajectory,) = tmp_path.glob("*.jsonl")
     assert trajectory.stat().st_size < 2 * budget
     assert budget == rlm.core.BLOCK_CALL_LOG_CHARS
+
+
+def test_the_loop_s_own_helpers_serve_no_model_call(tmp_path):
+    """After each block the loop runs ``rlm_describe_vars()`` in the sandbox, and ``FINAL_VAR``
+    for one written in the reply, both capped at HELPER_TIMEOUT_S: the model may redefine them.
+    A redefined one that called ``llm_query`` had its calls served: the child was killed on
+    time, but the host waited for the model's answer in flight (a sub-model answering in 8 s
+    kept a 10 s helper 23 s; up to the request timeout, 600 s, per block), and the calls were
+    billed but logged in no block's ``rlm_calls``. While a helper runs, model and tool calls
+    are now refused at once (a thread the code left running is refused too)."""
+    code = (
+        "def rlm_describe_vars():\n    llm_query('from rlm_describe_vars')\n    print('{}')\n"
+        "def FINAL_VAR(name):\n    rlm_submit_final(lookup(llm_query('from FINAL_VAR')))\n"
+        "x = llm_query('from the block')\nprint(x)"
+    )  # fmt: skip
+
+    def lookup(key: str) -> str:
+        return "tool " + key
+
+    with LLMServer("s") as srv:
+        r = run(
+            "q", "c", model="openai/root", sub_model="openai/sub", api_base=srv.base_url,
+            backend=_RootScripted(repl(code) + "FINAL_VAR(x)", srv.base_url), tools=[lookup],
+            log_dir=tmp_path, max_iterations=1,
+        )  # fmt: skip
+        assert [q.last_user for q in srv.requests] == ["from the block"]
+    assert r.sub_calls == 1 and r.tool_calls == 0
+    assert r.answer == "x"  # FINAL_VAR failed: the name itself, as for a missing variable
+    (block,) = r.history[0]["code_blocks"]
+    assert block["result"]["stdout"] == "s\n"
+    assert [c["prompt"] for c in block["result"]["rlm_calls"]] == ["from the block"]
