@@ -1126,22 +1126,31 @@ class _Run:
         from sandbox.errors import SandboxError
 
         session = self.session
-        try:
-            if session is None:
-                sb.set_variable("context", self.context)
-                result = sb.execute(PRELUDE)
-            else:
-                fresh = session.loaded == 0 or not sb.alive
-                session.restarted = session.loaded > 0 and fresh  # told in _session_note
-                first = 0 if fresh else session.loaded
-                for i in range(first, len(session.contexts)):
-                    sb.set_variable(f"context_{i}", session.contexts[i])
-                sb.set_variable("history", [dict(turn) for turn in session.history])
-                session.loaded = len(session.contexts)
-                last = len(session.contexts) - 1
-                result = sb.execute((PRELUDE if fresh else "") + f"\ncontext = context_{last}\n")
-        except SandboxError as exc:
-            raise SandboxFailure(f"cannot load the context into the sandbox: {exc}") from None
+        for attempt in (1, 2):
+            live = session is not None and session.loaded > 0 and sb.alive
+            try:
+                if session is None:
+                    sb.set_variable("context", self.context)
+                    result = sb.execute(PRELUDE)
+                else:
+                    fresh = session.loaded == 0 or not sb.alive
+                    session.restarted = session.loaded > 0 and fresh  # told in _session_note
+                    first = 0 if fresh else session.loaded
+                    for i in range(first, len(session.contexts)):
+                        sb.set_variable(f"context_{i}", session.contexts[i])
+                    sb.set_variable("history", [dict(turn) for turn in session.history])
+                    session.loaded = len(session.contexts)
+                    last = len(session.contexts) - 1
+                    result = sb.execute((PRELUDE if fresh else "") + f"\ncontext = context_{last}\n")
+                break
+            except SandboxError as exc:
+                # A session's live child that broke the protocol (a thread its code left running
+                # called a host function between executes, where the host expected an ack) was
+                # killed: loaded once more, into a fresh child, as after a limit. It made the next
+                # completion of the session raise SandboxFailure.
+                if attempt == 1 and live and not sb.alive:
+                    continue
+                raise SandboxFailure(f"cannot load the context into the sandbox: {exc}") from None
         if not result.ok:
             raise SandboxFailure(
                 f"the sandbox refused the RLM prelude: {result.error_type}: {result.error_message}"

@@ -7,6 +7,8 @@ within what the caller configured.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from rlm import ScriptedBackend, run
@@ -662,3 +664,42 @@ def test_the_loop_s_own_helpers_serve_no_model_call(tmp_path):
     (block,) = r.history[0]["code_blocks"]
     assert block["result"]["stdout"] == "s\n"
     assert [c["prompt"] for c in block["result"]["rlm_calls"]] == ["from the block"]
+
+
+@pytest.mark.parametrize("guard", ["allowlist", "none"])
+def test_a_thread_left_calling_does_not_break_the_session_s_next_question(guard: str):
+    """With a policy that allows threads, code in a persistent session can leave one that calls a
+    host function between completions. The next completion loads its context with
+    ``set_variable``, the host found a ``call`` where it expected the ``ack``, killed the child
+    (a protocol violation) and the completion raised SandboxFailure. It now loads the context
+    once more, into a fresh child (the model is told the REPL restarted, as after a limit)."""
+    from rlm import RLM
+    from sandbox import load_policy
+
+    base = load_policy("default")
+    policy = base.override({
+        "python.guard": guard, "limits.max_processes": 4, "audit.enabled": False,
+        "python.allowed_imports": [*base.python.allowed_imports, "threading", "time"],
+    })  # fmt: skip
+    code = (
+        "import threading, time\n"
+        "def call_on():\n    while True:\n        time.sleep(0.05)\n"
+        "        try:\n            llm_query('late')\n        except Exception:\n            pass\n"
+        "threading.Thread(target=call_on, daemon=True).start()\nprint('started')"
+    )  # fmt: skip
+    seen: list[str] = []
+
+    def model(name: str, messages: list[dict[str, str]]) -> str:
+        if name == "sub":
+            return "s"
+        seen.append(messages[-1]["content"])
+        return [repl(code), "FINAL(one)", "FINAL(two)"][len(seen) - 1]
+
+    backend = ScriptedBackend(model)
+    with RLM(model="root", sub_model="sub", backend=backend, policy=policy, persistent=True) as r:
+        first = r.completion("c1", root_prompt="q1")
+        assert first.answer == "one" and first.history[0]["code_blocks"][0]["result"]["stdout"] == "started\n"
+        time.sleep(0.5)  # the thread calls on meanwhile: a call frame waits for the next completion
+        second = r.completion("c2", root_prompt="q2")
+    assert second.answer == "two"
+    assert "the REPL was restarted since the last question" in seen[2]
