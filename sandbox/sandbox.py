@@ -47,7 +47,9 @@ import contextvars
 import fcntl
 import functools
 import hashlib
+import heapq
 import inspect
+import itertools
 import keyword
 import os
 import random
@@ -818,6 +820,114 @@ class _Timeout(Exception):
     """A deadline passed while we waited for a frame."""
 
 
+class _Watched:
+    """One execute's entry in :class:`_CpuWatch`: *calling* while a host function of it runs."""
+
+    __slots__ = ("calling", "ex", "killed", "lock", "used")
+
+    def __init__(self, ex: _Exec) -> None:
+        #: None once the execute ended: the watch never touches its child again, and keeps
+        #: nothing of it (the entry stays scheduled until its next due time).
+        self.ex: _Exec | None = ex
+        self.lock = threading.Lock()  # held while the watch reads the child's clock or kills it
+        self.calling = False
+        self.killed = False
+        self.used = 0.0
+
+
+class _CpuWatch:
+    """The CPU limit while a host function runs.
+
+    The host checks the child's CPU clock between the frames it waits for; while a host
+    function of the execute ran (a model call, a whole child RLM) it waited for nothing and
+    checked nothing: the child, whose main thread waits for the reply, burnt CPU in a signal
+    handler or its threads for as long as the function ran (5.9 s of a 1 s ``cpu_seconds``
+    during a 6 s call), bounded only by ``lifetime_cpu_seconds``. One daemon thread per host
+    process watches the executes that have made a host call, each on the schedule of its own
+    CPU checks, and kills a child that reaches ``cpu_seconds`` while a call of its runs (the
+    execute then ends with ``limit="cpu"``, as at its next check). Executes that make no host
+    call never come here.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._cond = threading.Condition(threading.Lock())
+        self._due: list[tuple[float, int, _Watched]] = []
+        self._order = itertools.count()
+        self._started = False
+
+    def add(self, ex: _Exec) -> _Watched | None:
+        """Watch *ex* until :meth:`remove`; None when no thread can be started (a pids limit):
+        the CPU is then checked between frames only."""
+        watched = _Watched(ex)
+        with self._cond:
+            if not self._started:
+                try:
+                    threading.Thread(target=self._run, name="sandbox-cpu-watch", daemon=True).start()
+                except RuntimeError:
+                    return None
+                self._started = True
+            heapq.heappush(self._due, (ex.next_cpu_check, next(self._order), watched))
+            if self._due[0][2] is watched:  # due before whatever the thread waits for
+                self._cond.notify()
+        return watched
+
+    @staticmethod
+    def remove(watched: _Watched) -> None:
+        """Stop watching (the entry leaves the schedule at its next due time)."""
+        with watched.lock:
+            watched.ex = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    now = time.perf_counter()
+                    if self._due and self._due[0][0] <= now:
+                        watched = heapq.heappop(self._due)[2]
+                        break
+                    self._cond.wait(self._due[0][0] - now if self._due else None)
+            try:
+                due = self._check(watched)
+            except Exception:  # never the end of the watch for every other execute
+                due = None
+            if due is not None:
+                with self._cond:
+                    heapq.heappush(self._due, (due, next(self._order), watched))
+
+    @staticmethod
+    def _check(watched: _Watched) -> float | None:
+        """When to look again, or None (the execute ended, or its child was killed)."""
+        with watched.lock:
+            ex = watched.ex
+            if ex is None:
+                return None
+            lim = ex.lim
+            used = (ex.child.cpu.seconds() or ex.cpu_start) - ex.cpu_start
+            if watched.calling and used >= lim.cpu_seconds:
+                watched.killed = True
+                watched.used = used
+                ex.child.kill()
+                return None
+            return time.perf_counter() + max(0.005, (lim.cpu_seconds - used) / ex.cpu_rate)
+
+
+_cpu_watch: _CpuWatch | None = None
+_cpu_watch_lock = threading.Lock()
+
+
+def _the_cpu_watch() -> _CpuWatch:
+    """This process's :class:`_CpuWatch` (a forked process makes its own: threads do not survive a fork)."""
+    global _cpu_watch
+    watch = _cpu_watch
+    if watch is None or watch.pid != os.getpid():
+        with _cpu_watch_lock:
+            watch = _cpu_watch
+            if watch is None or watch.pid != os.getpid():
+                watch = _cpu_watch = _CpuWatch()
+    return watch
+
+
 class _Exec:
     """The bookkeeping of one ``execute``, whichever way the host waits for the child.
 
@@ -833,6 +943,7 @@ class _Exec:
     __slots__ = (
         "audit", "built", "child", "code", "cpu_rate", "cpu_start", "cpu_used", "done", "exec_id", "handed",
         "host_time", "idle", "killed_for", "lim", "next_cpu_check", "protocol_error", "sb", "state_lost", "t0",
+        "watched",
     )  # fmt: skip
 
     def __init__(
@@ -863,6 +974,7 @@ class _Exec:
         #: Given when an event loop drives this execute (nothing may wait for the audit log's lock
         #: there): set when the sandbox's lock is handed to a thread that releases it (:meth:`cancelled`).
         self.handed = handed
+        self.watched: _Watched | None = None  # in the CPU watch since its first host call
 
     def __enter__(self) -> _Exec:
         return self
@@ -873,6 +985,8 @@ class _Exec:
         the protocol (``WireError``), or the execute was given up (any other exception:
         KeyboardInterrupt, asyncio cancellation, a host function's BaseException), which
         kills the child, is audited and goes on."""
+        if self.watched is not None:
+            _CpuWatch.remove(self.watched)
         if kind is None or issubclass(kind, _Died):
             return True
         if issubclass(kind, _Timeout):
@@ -923,6 +1037,32 @@ class _Exec:
             return False
         self.cpu_used = used
         self.child.kill()
+        return True
+
+    def call_started(self) -> None:
+        """A host function of this execute is about to run: its child's CPU is watched meanwhile
+        (see :class:`_CpuWatch`)."""
+        watched = self.watched
+        if watched is None:
+            watched = self.watched = _the_cpu_watch().add(self)
+            if watched is None:
+                return
+        with watched.lock:
+            watched.calling = True
+
+    def call_ended(self) -> bool:
+        """The host function returned (or raised). True when the CPU watch killed the child
+        meanwhile: the caller raises :class:`_Died` (nothing is replied), and the execute ends
+        with ``limit="cpu"``."""
+        watched = self.watched
+        if watched is None:
+            return False
+        with watched.lock:
+            watched.calling = False
+            if not watched.killed:
+                return False
+        self.killed_for = "cpu"
+        self.cpu_used = watched.used
         return True
 
     def received(self, msg: dict[str, Any]) -> dict[str, Any] | None:
@@ -1552,14 +1692,16 @@ class Sandbox:
                     call = ex.received(msg)
                     if call is None:
                         break
-                    ex.host_time += self._serve_call(child, call, ex.wall_deadline())
+                    ex.host_time += self._serve_call(child, call, ex)
         return ex.finish()
 
-    def _serve_call(self, child: _Child, msg: dict[str, Any], wall_deadline: float) -> float:
-        """Run the host function a ``call`` frame names and send its ``reply`` before
-        *wall_deadline* (shifted by the function's own time). Returns that time."""
+    def _serve_call(self, child: _Child, msg: dict[str, Any], ex: _Exec) -> float:
+        """Run the host function a ``call`` frame names and send its ``reply`` before the
+        execute's wall deadline (shifted by the function's own time). Returns that time."""
+        wall_deadline = ex.wall_deadline()
         fn = self._host.get(msg["fn"])
         h0 = time.perf_counter()
+        ex.call_started()
         try:
             if fn is None:
                 raise LookupError(f"no host function named {protocol.shown(msg['fn'])}")
@@ -1567,6 +1709,10 @@ class Sandbox:
             failed = False
         except Exception as exc:  # the host function's failure is the child's HostFunctionError
             outcome, failed = exc, True
+        finally:
+            killed = ex.call_ended()
+        if killed:
+            raise _Died
         spent = time.perf_counter() - h0
         frame, fd = self._reply(child, msg, outcome, failed)
         self._send(child, frame, fd, wall_deadline + spent - time.perf_counter() + DEADLINE_GRACE)
@@ -1958,7 +2104,7 @@ class AsyncSandbox:
                     call = ex.received(msg)
                     if call is None:
                         break
-                    ex.host_time += await self._serve_call(sb, child, call, ex.wall_deadline())
+                    ex.host_time += await self._serve_call(sb, child, call, ex)
                     # A turn for the loop's other tasks between calls: a coroutine host function
                     # that does not suspend, and calls already read (a child that wrote 5,000 at
                     # once), would otherwise be served back to back (400 ms stalls measured).
@@ -1976,15 +2122,15 @@ class AsyncSandbox:
             handed[0] = True  # and the sandbox stays locked until then
             raise
 
-    async def _serve_call(
-        self, sb: Sandbox, child: _Child, msg: dict[str, Any], wall_deadline: float
-    ) -> float:
+    async def _serve_call(self, sb: Sandbox, child: _Child, msg: dict[str, Any], ex: _Exec) -> float:
         """:meth:`Sandbox._serve_call` on the loop: coroutine host functions are awaited here,
         others run in the executor so that they cannot block the loop."""
+        wall_deadline = ex.wall_deadline()
         fn = self._host.get(msg["fn"])
         h0 = time.perf_counter()
         calling = [self]
         token = _IN_HOST_CALL.set(calling)  # this task's context only: a re-entrant call can tell
+        ex.call_started()
         try:
             if fn is None:
                 raise LookupError(f"no host function named {protocol.shown(msg['fn'])}")
@@ -2001,6 +2147,9 @@ class AsyncSandbox:
             # without cancelling it, and the garbage collector closes it): nothing to reset there.
             with contextlib.suppress(ValueError):
                 _IN_HOST_CALL.reset(token)
+            killed = ex.call_ended()
+        if killed:
+            raise _Died
         spent = time.perf_counter() - h0
         frame, fd = sb._reply(child, msg, outcome, failed)
         await _send_async(sb, child, frame, fd, wall_deadline + spent - time.perf_counter() + DEADLINE_GRACE)

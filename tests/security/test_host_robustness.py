@@ -501,6 +501,61 @@ def test_cpu_of_a_thread_between_executes_is_charged(tmp_path: Path) -> None:
     check_idle_cpu_is_charged("guard_none", BURN_IN_THREAD.format(seconds=1.5), tmp_path / "audit.jsonl")
 
 
+BURN_DURING_CALL = """
+import signal
+def burn(*a):
+    while True:
+        pass
+signal.signal(signal.SIGALRM, burn)
+signal.setitimer(signal.ITIMER_REAL, 0.05)
+wait()
+"""
+
+
+def _waiting_for_the_child(child: Any) -> Any:
+    """A host function that returns once the child (``child()``: the host's record of it) has
+    burnt 3 s of CPU or was killed, or after 60 s."""
+    from sandbox.limits import cpu_seconds
+
+    def wait() -> None:
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not child().dead:
+            if (cpu_seconds(child().pid) or 0.0) >= 3.0:
+                return
+            time.sleep(0.02)
+
+    return wait
+
+
+def test_cpu_burnt_while_a_host_function_runs_is_limited(mode: str) -> None:
+    """The host checked the child's CPU only between frames: while a host function ran (a
+    model call, a child RLM), a signal handler (or a thread) of the child burnt CPU for as long
+    as the function took (5.9 s of a 1 s ``cpu_seconds`` during a 6 s call), bounded only by
+    ``lifetime_cpu_seconds``. The host function here waits until the child has burnt 3 s, or
+    was killed: it is killed at its 1 s."""
+    policy = hostile_policy(mode, **{"limits.cpu_seconds": 1, "limits.wall_seconds": 60})
+    sb = Sandbox(policy, host_functions={"wait": _waiting_for_the_child(lambda: sb._child)})
+    with sb:
+        r = sb.execute(BURN_DURING_CALL)
+        assert r.limit == "cpu" and r.error_type == "CPULimitExceeded", r
+        assert 1.0 <= r.cpu_s < 2.0, r
+        again = sb.execute("print(6 * 7)")
+        assert again.ok and again.stdout == "42\n" and again.state_lost
+
+
+def test_cpu_burnt_while_an_async_host_function_runs_is_limited() -> None:
+    policy = hostile_policy("guard_none", **{"limits.cpu_seconds": 1, "limits.wall_seconds": 60})
+
+    async def main() -> Any:
+        sb = AsyncSandbox(policy, host_functions={"wait": _waiting_for_the_child(lambda: sb._sync._child)})
+        async with sb:
+            return await sb.execute(BURN_DURING_CALL)
+
+    r = asyncio.run(main())
+    assert r.limit == "cpu" and r.error_type == "CPULimitExceeded", r
+    assert 1.0 <= r.cpu_s < 2.0, r
+
+
 def test_cpu_between_executes_is_limited(mode: str) -> None:
     policy = hostile_policy(mode, **{"limits.cpu_seconds": 1, "limits.wall_seconds": 5})
     with Sandbox(policy) as sb:
