@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from sandbox.errors import AuditError
-from sandbox.files import NOT_REGULAR, read_regular
+from sandbox.files import NOT_REGULAR, UntrustedLinkError, read_regular, read_trusted_link
 
 __all__ = [
     "GENESIS",
@@ -386,23 +386,16 @@ def _open_log(path: Path, flags: int, follow: bool) -> tuple[int, bool]:
             if exc.errno != errno.ELOOP or not follow:
                 raise
         try:
-            link = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:  # the link was removed meanwhile: try the path again
+            dest = read_trusted_link(target)
+        except UntrustedLinkError as exc:
+            where = "" if target == os.fspath(path) else f" leads to {target}, which"
+            raise AuditError(
+                f"audit log {path}{where} is a symbolic link owned by uid {exc.uid}, neither"
+                " this process's user nor root: not followed (whoever may write its directory"
+                " could point it at any file)"
+            ) from None
+        if dest is None:  # removed, or replaced by a file, meanwhile: open the path again
             continue
-        try:
-            st = os.fstat(link)
-            if not stat.S_ISLNK(st.st_mode):  # replaced by a file meanwhile: open that
-                continue
-            if st.st_uid not in (os.geteuid(), 0):
-                where = "" if target == os.fspath(path) else f" leads to {target}, which"
-                raise AuditError(
-                    f"audit log {path}{where} is a symbolic link owned by uid {st.st_uid}, neither"
-                    " this process's user nor root: not followed (whoever may write its directory"
-                    " could point it at any file)"
-                )
-            dest = os.readlink("", dir_fd=link)
-        finally:
-            os.close(link)
         target = os.path.join(os.path.dirname(target), dest)
     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
 

@@ -17,10 +17,43 @@ import os
 import stat
 from pathlib import Path
 
-__all__ = ["NOT_REGULAR", "read_regular", "remove_tree"]
+__all__ = ["NOT_REGULAR", "UntrustedLinkError", "read_regular", "read_trusted_link", "remove_tree"]
 
 #: The strerror of the OSError :func:`read_regular` raises for a path that is not a regular file.
 NOT_REGULAR = "not a regular file"
+
+
+class UntrustedLinkError(Exception):
+    """:func:`read_trusted_link` found a symbolic link owned by neither this process's effective
+    user nor root (``uid``). Callers turn it into their own error naming the path."""
+
+    def __init__(self, uid: int) -> None:
+        super().__init__(f"a symbolic link owned by uid {uid}")
+        self.uid = uid
+
+
+def read_trusted_link(path: str) -> str | None:
+    """The text of the symbolic link at *path*, when the link itself is owned by this process's
+    effective user or by root; None when *path* is no link (or nothing is there).
+
+    Owner and text are read from the link's own ``O_PATH | O_NOFOLLOW`` descriptor, so a link
+    swapped in after the check is not the one read. A link owned by anyone else raises
+    :class:`UntrustedLinkError`: one planted by another user who may write the directory (not
+    sticky: ``fs.protected_symlinks`` does not cover it) could point at any file the caller may
+    write. Other OSErrors pass."""
+    try:
+        link = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(link)
+        if not stat.S_ISLNK(st.st_mode):
+            return None
+        if st.st_uid not in (os.geteuid(), 0):
+            raise UntrustedLinkError(st.st_uid)
+        return os.readlink("", dir_fd=link)
+    finally:
+        os.close(link)
 
 
 def read_regular(path: str | Path, limit: int | None = None) -> bytes:

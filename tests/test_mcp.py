@@ -70,6 +70,27 @@ async def stdio_session(*args: str, env: dict[str, str] | None = None) -> AsyncI
         yield session
 
 
+def raw_server(tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``rlm mcp`` over stdio with pipes of our own: for what the SDK's client cannot send or
+    would not do (bytes that are not UTF-8, malformed lines, a client that stops reading)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlm", "mcp", "--audit-log", str(tmp_path / "a.jsonl"), *args],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=server_env(),
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    return proc
+
+
+def write_line(proc: subprocess.Popen[bytes], raw: bytes) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(raw + b"\n")
+    proc.stdin.flush()
+
+
 async def call(session: ClientSession, tool: str, **args: Any) -> dict[str, Any]:
     res = await session.call_tool(tool, args)
     assert not res.is_error, res.content
@@ -275,19 +296,10 @@ def test_text_that_is_not_utf8_is_refused_and_sigterm_stops_cleanly(tmp_path: Pa
 
     The SDK's client cannot even encode such text, so this one speaks JSON-RPC to the server itself.
     """
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlm", "mcp", "--audit-log", str(tmp_path / "a.jsonl")],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=server_env(),
-    )
-    assert proc.stdin is not None and proc.stdout is not None
+    proc = raw_server(tmp_path)
 
     def send(raw: bytes) -> None:
-        proc.stdin.write(raw + b"\n")  # type: ignore[union-attr]
-        proc.stdin.flush()  # type: ignore[union-attr]
+        write_line(proc, raw)
 
     early: dict[Any, dict[str, Any]] = {}  # answers read while waiting for another
 
@@ -398,19 +410,10 @@ def test_text_that_is_not_utf8_is_refused_and_sigterm_stops_cleanly(tmp_path: Pa
 def test_invalid_stdio_requests_are_answered(tmp_path: Path) -> None:
     """Lines the SDK dropped without an answer (the client waited for ever): each now gets a
     JSON-RPC error, for its id when that can be read, else for null, and the server keeps serving."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlm", "mcp", "--audit-log", str(tmp_path / "a.jsonl")],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=server_env(),
-    )
-    assert proc.stdin is not None and proc.stdout is not None
+    proc = raw_server(tmp_path)
 
     def send(raw: bytes) -> None:
-        proc.stdin.write(raw + b"\n")  # type: ignore[union-attr]
-        proc.stdin.flush()  # type: ignore[union-attr]
+        write_line(proc, raw)
 
     pending = bytearray()  # read, not yet split into lines
 
@@ -614,21 +617,12 @@ def test_a_client_that_stops_reading_stdout_cannot_keep_the_server_alive(tmp_pat
     The SDK's writer blocked in a thread no cancellation reaches, and the server waited for it:
     neither SIGTERM nor the end of its stdin stopped it, and its sessions' children lived on.
     """
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlm", "mcp", "--audit-log", str(tmp_path / "a.jsonl"), "--pool-size", "0"],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=server_env(),
-    )
-    assert proc.stdin is not None and proc.stdout is not None
+    proc = raw_server(tmp_path, "--pool-size", "0")
     server = psutil.Process(proc.pid)
 
     def send(rid: int | None, method: str, params: dict[str, Any]) -> None:
         msg = {"jsonrpc": "2.0", "method": method, "params": params, **({"id": rid} if rid else {})}
-        proc.stdin.write(json.dumps(msg).encode() + b"\n")  # type: ignore[union-attr]
-        proc.stdin.flush()  # type: ignore[union-attr]
+        write_line(proc, json.dumps(msg).encode())
 
     def tool(rid: int, name: str, **args: Any) -> None:
         send(rid, "tools/call", {"name": name, "arguments": args})

@@ -552,6 +552,17 @@ def test_a_block_cannot_pass_itself_off_as_the_loop_s_own_code_in_rlm_view(tmp_p
     assert "rlm_describe_vars()" in internal and disguised not in internal
 
 
+def _context_window_exceeded():
+    """The loopback server's answer to every request: the prompt is too long (HTTP 400)."""
+    from tests.llm_server import Reply
+
+    return Reply(
+        "This model's maximum context length is 128000 tokens",
+        status=400,
+        error_code="context_length_exceeded",
+    )
+
+
 def test_sub_calls_the_provider_refused_keep_only_a_cut_prompt_in_the_host(tmp_path):
     """Each sub-call's log entry is kept for the whole run (``history``, the trajectory), and it
     held the whole prompt: a block looping on a 5 MB prompt that the provider refused as too long
@@ -560,7 +571,6 @@ def test_sub_calls_the_provider_refused_keep_only_a_cut_prompt_in_the_host(tmp_p
     the trajectory cuts any text. Through litellm's real HTTP path, against the loopback server."""
     import json
 
-    from tests.llm_server import Reply
 
     def lookup(key: list) -> str:
         return "v" * (3 * LOG_TEXT_CHARS)
@@ -572,11 +582,7 @@ def test_sub_calls_the_provider_refused_keep_only_a_cut_prompt_in_the_host(tmp_p
         f"v = lookup(['k'] * {big // 4})\n"
         "print(n, len(v))"
     )  # fmt: skip
-    refused = Reply(
-        "This model's maximum context length is 128000 tokens",
-        status=400,
-        error_code="context_length_exceeded",
-    )
+    refused = _context_window_exceeded()
     with LLMServer(refused) as srv:
         r = run(
             "q", "c", model="openai/root", sub_model="openai/sub", api_base=srv.base_url,
@@ -602,17 +608,12 @@ def test_the_call_log_of_one_block_is_bounded_however_many_calls_it_makes(tmp_pa
     text in a block, each text of a later call keeps REPEAT_CHARS."""
     import rlm.core
     from rlm.trajectory import REPEAT_CHARS
-    from tests.llm_server import Reply
 
     budget = 2_000_000  # rlm.core.BLOCK_CALL_LOG_CHARS (checked last)
 
     n, size = 150, 60_000
     code = f"r = llm_query_batched(['w ' * {size // 2}] * {n})\nprint(sum(x.startswith('Error') for x in r))"
-    refused = Reply(
-        "This model's maximum context length is 128000 tokens",
-        status=400,
-        error_code="context_length_exceeded",
-    )
+    refused = _context_window_exceeded()
     with LLMServer(refused) as srv:
         r = run(
             "q", "c", model="openai/root", sub_model="openai/sub", api_base=srv.base_url,

@@ -49,6 +49,7 @@ from typing import Any
 
 from rlm.errors import ConfigurationError
 from rlm.files import open_regular, replace_file
+from sandbox.files import UntrustedLinkError, read_trusted_link
 
 __all__ = ["RECORD_FIELDS", "RERUN_STOP_REASONS", "ResultsFile", "encode_record", "spent_usd"]
 
@@ -65,24 +66,17 @@ def _followed(path: Path) -> Path:
     target = os.fspath(path)
     for _ in range(_LINK_HOPS + 1):
         try:
-            link = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            break  # nothing there yet: the file is created there
+            dest = read_trusted_link(target)
+        except UntrustedLinkError as exc:
+            where = "" if target == os.fspath(path) else f" leads to {target}, which"
+            raise ConfigurationError(
+                f"{path}{where} is a symbolic link owned by uid {exc.uid}, neither this user nor"
+                " root: not followed (whoever may write its directory could point it at any file)"
+            ) from None
         except OSError as exc:
             raise ConfigurationError(f"{path}: {exc.strerror or exc}") from None
-        try:
-            st = os.fstat(link)
-            if not stat.S_ISLNK(st.st_mode):
-                break
-            if st.st_uid not in (os.geteuid(), 0):
-                where = "" if target == os.fspath(path) else f" leads to {target}, which"
-                raise ConfigurationError(
-                    f"{path}{where} is a symbolic link owned by uid {st.st_uid}, neither this user nor"
-                    " root: not followed (whoever may write its directory could point it at any file)"
-                )
-            dest = os.readlink("", dir_fd=link)
-        finally:
-            os.close(link)
+        if dest is None:
+            break  # no link: the file itself, or nothing there yet (it is created there)
         target = os.path.join(os.path.dirname(target), dest)
     else:
         raise ConfigurationError(f"{path}: more than {_LINK_HOPS} symbolic links in a row")
