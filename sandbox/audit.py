@@ -388,12 +388,7 @@ def _open_log(path: Path, flags: int, follow: bool) -> tuple[int, bool]:
         try:
             dest = read_trusted_link(target)
         except UntrustedLinkError as exc:
-            where = "" if target == os.fspath(path) else f" leads to {target}, which"
-            raise AuditError(
-                f"audit log {path}{where} is a symbolic link owned by uid {exc.uid}, neither"
-                " this process's user nor root: not followed (whoever may write its directory"
-                " could point it at any file)"
-            ) from None
+            raise AuditError(f"audit log {exc.explain(path, target)}") from None
         if dest is None:  # removed, or replaced by a file, meanwhile: open the path again
             continue
         target = os.path.join(os.path.dirname(target), dest)

@@ -31,6 +31,15 @@ class UntrustedLinkError(Exception):
         super().__init__(f"a symbolic link owned by uid {uid}")
         self.uid = uid
 
+    def explain(self, path: str | os.PathLike[str], link: str) -> str:
+        """Why *path* was not followed, *link* the link found on the way (*path* itself, or a
+        target of its links)."""
+        where = "" if link == os.fspath(path) else f" leads to {link}, which"
+        return (
+            f"{path}{where} is a symbolic link owned by uid {self.uid}, neither this process's user"
+            " nor root: not followed (whoever may write its directory could point it at any file)"
+        )
+
 
 def read_trusted_link(path: str) -> str | None:
     """The text of the symbolic link at *path*, when the link itself is owned by this process's

@@ -68,11 +68,7 @@ def _followed(path: Path) -> Path:
         try:
             dest = read_trusted_link(target)
         except UntrustedLinkError as exc:
-            where = "" if target == os.fspath(path) else f" leads to {target}, which"
-            raise ConfigurationError(
-                f"{path}{where} is a symbolic link owned by uid {exc.uid}, neither this user nor"
-                " root: not followed (whoever may write its directory could point it at any file)"
-            ) from None
+            raise ConfigurationError(exc.explain(path, target)) from None
         except OSError as exc:
             raise ConfigurationError(f"{path}: {exc.strerror or exc}") from None
         if dest is None:
