@@ -200,6 +200,10 @@ def _as_answer(value: Any) -> str:
     return str(value)
 
 
+#: What each prompt of a batch not yet sent gets once the code that asked for it was stopped.
+STOPPED_TEXT = "Error: not sent: the code that asked for it was stopped (its sandbox child was killed)"
+
+
 def _error_text(exc: BaseException) -> str:
     return f"Error: {type(exc).__name__}: {exc}"
 
@@ -627,6 +631,7 @@ class _Run:
         self.calls: list[tuple[tuple[int, int], dict[str, Any]]] = []  # (order key, log entry)
         self.call_chars = 0  # characters of text the block's entries keep (see BLOCK_CALL_LOG_CHARS)
         self.helper: str | None = None  # the loop's own code running in the sandbox (see _execute)
+        self.running: Any = None  # the sandbox an execute of this run waits for now (see _execute)
         self._log_lock = threading.Lock()
         self._order = threading.local()  # set by _batch: the key of the prompt being served
         self._seq = itertools.count()
@@ -864,6 +869,12 @@ class _Run:
         batch = next(self._seq)
 
         def one(pair: tuple[int, Any]) -> str:
+            # The code that asked was stopped (a limit, the time budget, a crash killed its child):
+            # nobody will read this answer, so it is not paid for (a batch of 10,000 prompts went
+            # on for minutes after its cell had ended). Not logged, as a refused call.
+            sb = self.running
+            if sb is not None and not sb.alive:
+                return STOPPED_TEXT
             self._order.key = (batch, pair[0])
             try:
                 return fn(pair[1])  # type: ignore[no-any-return]
@@ -1170,7 +1181,7 @@ class _Run:
             timer = threading.Timer(max(0.0, limit), sb.kill)
             timer.daemon = True
             timer.start()
-        self.helper = helper
+        self.helper, self.running = helper, sb
         try:
             return sb.execute(code)
         except ValueError as exc:  # code too large for one request (a tiny max_message_mb): the
@@ -1179,7 +1190,7 @@ class _Run:
 
             return ExecResult(ok=False, error_type="ValueError", error_message=str(exc))
         finally:
-            self.helper = None
+            self.helper = self.running = None
             if timer is not None:
                 timer.cancel()
 

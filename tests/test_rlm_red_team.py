@@ -704,3 +704,34 @@ def test_a_thread_left_calling_does_not_break_the_session_s_next_question(guard:
         second = r.completion("c2", root_prompt="q2")
     assert second.answer == "two"
     assert "the REPL was restarted since the last question" in seen[2]
+
+
+def test_a_batch_whose_cell_was_killed_sends_no_more_prompts(tmp_path):
+    """A batch of sub-calls went on to its last prompt after the cell that asked for it was
+    killed (here by the CPU limit, burnt in a signal handler while the batch ran): every answer
+    was thrown away, and every one paid for. Prompts not yet sent then get an error instead."""
+    from sandbox import load_policy
+    from tests.llm_server import Reply
+
+    policy = load_policy("default").override(
+        {"python.guard": "none", "limits.cpu_seconds": 1, "limits.wall_seconds": 60}
+    )
+    code = (
+        "import signal\n"
+        "def burn(*a):\n    while True:\n        pass\n"
+        "signal.signal(signal.SIGALRM, burn)\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.3)\n"
+        "r = llm_query_batched(['q'] * 12)"
+    )
+    with LLMServer(Reply("an answer", latency_s=0.5)) as srv:
+        r = run(
+            "q", "c", model="openai/root", sub_model="openai/sub", api_base=srv.base_url,
+            backend=_RootScripted(repl(code) + "FINAL(done)", srv.base_url), policy=policy,
+            log_dir=tmp_path, max_iterations=1, max_retries=0, max_concurrency=2,
+        )  # fmt: skip
+        time.sleep(1)  # a prompt sent after the run would show now
+        sent = len(srv.requests)
+    block = r.history[0]["code_blocks"][0]
+    assert "CPULimitExceeded" in block["result"]["stderr"], block["result"]
+    assert 2 <= sent <= 6, sent  # those in flight when the CPU limit struck (1 s at 2 x 0.5 s)
+    assert r.answer == "done"
