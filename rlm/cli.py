@@ -144,6 +144,7 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ audit
 def _cmd_audit(args: argparse.Namespace) -> int:
+    from rlm.display import visible
     from sandbox.audit import verify
     from sandbox.errors import AuditError
 
@@ -162,10 +163,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         note = f" (line(s) {', '.join(map(str, torn))} cut off by a crash, recorded)" if torn else ""
         found = f", {len(set(kept))} kept hash(es) found" if kept else ""
         head = f", last hash {report.last_hash}" if report.last_hash else ""
-        print(f"{args.log}: ok, {report.lines} line(s), hash chain intact{note}{found}{head}")
+        # The path as given, shown inert (no escape sequence in a file name reaches the terminal).
+        print(visible(f"{args.log}: ok, {report.lines} line(s), hash chain intact{note}{found}{head}"))
         return EXIT_OK
     where = f"line {report.bad_line}: " if report.bad_line is not None else ""
-    print(f"{args.log}: {where}{report.reason}", file=sys.stderr)
+    print(visible(f"{args.log}: {where}{report.reason}"), file=sys.stderr)
     return EXIT_FAILED
 
 

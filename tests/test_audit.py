@@ -107,6 +107,20 @@ def test_cli_audit_verify(audit_path):
     assert bad.returncode == 1 and "line 2" in bad.stderr
 
 
+def test_cli_audit_verify_shows_escapes_in_the_path_inert(tmp_path):
+    """The path was printed raw: a log whose name holds terminal escape sequences (a title set,
+    the screen cleared) reached the terminal with them, both for a good log and a bad one."""
+    path = tmp_path / "a\x1b]0;owned\x07\x1b[2J.jsonl"
+    _make_log(path, 2)
+    ok = run_cli("audit", "verify", str(path))
+    assert ok.returncode == 0 and "2 line(s)" in ok.stdout
+    _tamper(path, lambda rows: [rows[1]])
+    bad = run_cli("audit", "verify", str(path))
+    assert bad.returncode == 1 and "line 1" in bad.stderr
+    for text in (ok.stdout, bad.stderr):
+        assert "\x1b" not in text and "\x07" not in text, text
+
+
 def test_concurrent_sandboxes_share_one_chain(audit_path):
     def work():
         with Sandbox("default", audit_log=audit_path) as box:
