@@ -677,3 +677,37 @@ def test_a_bad_setting_with_skip_bad_writes_nothing(
     assert code == 2, stderr
     assert "nosuchpolicy" in stderr and "results in" not in stderr and "Traceback" not in stderr, stderr
     assert not out.exists() or out.read_text() == ""
+
+
+def test_two_hard_links_of_one_out_are_one_file_with_one_lock(tmp_path: Path):
+    """Two names of one OUT (hard links, here in two directories) took two lock files, each
+    beside its name: two batches wrote the same file at once, their lines interleaved and ids
+    twice. OUT itself is now locked too (an flock on its descriptor follows the file, not the
+    name), also the new file a repair renames over OUT; OUT.lock stays as it was."""
+    from tests.conftest import run_cli
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    inp, first, second = tmp_path / "in.jsonl", tmp_path / "a" / "out.jsonl", tmp_path / "b" / "other.jsonl"
+    write_items(inp, 1)
+    done = json.dumps({f: None for f in RECORD_FIELDS} | {"id": "q00", "answer": "0", "stop_reason": "final"})
+    first.write_text(done + "\n")
+    os.link(first, second)
+    with ResultsFile(first) as results:
+        assert (tmp_path / "a" / "out.jsonl.lock").exists()
+        with pytest.raises(ConfigurationError, match="another rlm batch is writing this file"):
+            ResultsFile(second).open()
+        other = run_cli("batch", str(inp), "--out", str(second), "-m", MODEL, "--api-base",
+                        "http://127.0.0.1:9/v1", timeout=60)  # fmt: skip
+        assert other.returncode == 2 and "another rlm batch is writing" in other.stderr, other.stderr
+        results.append(json.loads(done) | {"id": "q01", "answer": "1"})
+    assert not list(tmp_path.glob("*/*.lock"))  # the refused batch left no lock behind either
+    with ResultsFile(second) as results:  # released
+        assert results.done == {"q00", "q01"}
+    # a repair renames a new file over OUT: that file is the one locked
+    first.write_text(done + "\n" + '{"id": "q01", "ans')  # the last line cut by a crash
+    with ResultsFile(first) as results:
+        assert results.dropped == 1 and first.read_text() == done + "\n"
+        os.link(first, tmp_path / "b" / "third.jsonl")
+        with pytest.raises(ConfigurationError, match="another rlm batch is writing this file"):
+            ResultsFile(tmp_path / "b" / "third.jsonl").open()

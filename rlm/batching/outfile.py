@@ -7,7 +7,11 @@ Rules that make a batch resumable:
   included) leaves the lines written so far, whole;
 - one batch at a time writes a file: a second one is refused while the first
   holds ``OUT.lock`` (an ``flock``, released by the kernel when the holder
-  dies, so a killed batch never blocks the next one);
+  dies, so a killed batch never blocks the next one), and while the first
+  holds an ``flock`` on OUT itself, which follows the file, not its name: a
+  batch writing the same file under another name (a hard link) is refused
+  too. OUT is created under ``OUT.lock`` when missing, then locked, and read
+  through the descriptor it is locked and written through;
 - on opening, a last line without its newline (a write cut by a crash or a
   full disk) is dropped, and so are records that stand for no real run
   (``stop_reason`` ``"skipped"`` or ``"bad_input"``): those items run again.
@@ -188,13 +192,17 @@ class ResultsFile:
         os.close(fd)
 
     # ---------------------------------------------------------------- repair
-    def _load(self) -> None:
+    def _load(self) -> bool:
+        """Read OUT through the locked descriptor and repair it; True when it was replaced."""
+        assert self._fd is not None
         try:
-            with open(open_regular(self.file, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
-                mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-                data = f.read()
-        except FileNotFoundError:
-            return
+            mode = stat.S_IMODE(os.fstat(self._fd).st_mode)
+            chunks = []
+            offset = 0
+            while chunk := os.pread(self._fd, 1 << 20, offset):
+                chunks.append(chunk)
+                offset += len(chunk)
+            data = b"".join(chunks)
         except OSError as exc:
             raise ConfigurationError(f"{self.path}: {exc.strerror or exc}") from None
         kept: list[bytes] = []
@@ -218,6 +226,8 @@ class ResultsFile:
                 self._keep(parsed, tail, kept)  # whole but without its newline: the rewrite adds it
         if self.dropped or tail:
             self._replace(kept, mode)
+            return True
+        return False
 
     def _keep(self, parsed: tuple[str, dict[str, Any]], line: bytes, kept: list[bytes]) -> None:
         record_id, record = parsed
@@ -246,15 +256,34 @@ class ResultsFile:
         self.lock_path = self.file.with_name(self.file.name + ".lock")
         self._take_lock()
         try:
-            self._load()
-            self._fd = open_regular(self.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as exc:
-            self._release_lock()
-            raise ConfigurationError(f"{self.path}: {exc.strerror or exc}") from None
+            self._fd = self._open_locked()
+            if self._load():  # a new file was renamed over OUT: lock and write that one
+                old, self._fd = self._fd, None
+                os.close(old)
+                self._fd = self._open_locked()
         except BaseException:
-            self._release_lock()
+            self.close()
             raise
         return self
+
+    def _open_locked(self) -> int:
+        """OUT opened for reading and appending (created when missing, under OUT.lock), with an
+        ``flock`` on the file itself: OUT.lock is found by name, and a hard link is another name
+        of the same file, whose batch takes another OUT.lock but meets this lock."""
+        try:
+            fd = open_regular(self.file, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise ConfigurationError(f"{self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConfigurationError(f"{self.path}: cannot lock: {exc.strerror or exc}") from None
+            raise ConfigurationError(
+                f"{self.path}: another rlm batch is writing this file under another name (a hard link)"
+            ) from None
+        return fd
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record as one line, at once (the id must not be in :attr:`done`)."""
