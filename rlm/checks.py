@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from rlm.errors import ConfigurationError
 
-__all__ = ["check_api_base", "check_int", "check_log_dir", "check_number"]
+__all__ = ["check_api_base", "check_int", "check_log_dir", "check_number", "check_text"]
 
 
 def _shown(value: Any) -> str:
@@ -49,6 +49,19 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0, optional: bool 
         raise ConfigurationError(f"{name} must be a finite number, got {number!r}")
     if number < minimum:
         raise ConfigurationError(f"{name} must be >= {minimum:g}, got {value!r}")
+
+
+def check_text(name: str, value: str) -> None:
+    """*value* must be text UTF-8 can carry: a lone surrogate (``"\\ud800"`` in JSON, bytes that are
+    not UTF-8 decoded with ``surrogateescape``, as in ``sys.argv``) can never be sent to a model,
+    and every attempt to would fail the same way."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"{name} is not valid Unicode text (a lone surrogate at character {exc.start}): "
+            "it cannot be sent to a model"
+        ) from None
 
 
 def check_api_base(value: Any, name: str = "api_base") -> None:

@@ -322,6 +322,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     problem = check_run_flags(args)
     if problem is not None:
         return _run_error(args, problem, EXIT_USAGE)
+    from rlm.checks import check_text
+
+    try:
+        check_text("--query", args.query)  # bytes that are not UTF-8 in argv: lone surrogates
+    except ConfigurationError as exc:
+        return _run_error(args, str(exc), EXIT_USAGE)
     try:
         context = _read_source(args.context)
     except OSError as exc:

@@ -34,7 +34,7 @@ from typing import Any
 
 from rlm.backend import LiteLLMBackend, ModelBackend
 from rlm.budget import Budgets, CancelToken, Ledger
-from rlm.checks import check_api_base, check_int, check_log_dir, check_number
+from rlm.checks import check_api_base, check_int, check_log_dir, check_number, check_text
 from rlm.errors import (
     AuthenticationError,
     BudgetExceeded,
@@ -494,6 +494,10 @@ class RLM:
         *cancel* cancels it, and so do a cancelled ``acompletion`` task and Ctrl-C during a batch of
         child RLMs. Linked for this run only: a late ``cancel.cancel()`` touches nothing after it."""
         context = _check_context(context)
+        if isinstance(root_prompt, str):
+            # Refused before anything starts: the provider's client cannot encode it, and each
+            # retry of the first call (about 12 s of them) failed the same way.
+            check_text("root_prompt", root_prompt)
         stop = stop if stop is not None else CancelToken()
         link = _Link(stop)
         if cancel is not None:

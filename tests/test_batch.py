@@ -711,3 +711,42 @@ def test_two_hard_links_of_one_out_are_one_file_with_one_lock(tmp_path: Path):
         os.link(first, tmp_path / "b" / "third.jsonl")
         with pytest.raises(ConfigurationError, match="another rlm batch is writing this file"):
             ResultsFile(tmp_path / "b" / "third.jsonl").open()
+
+
+def test_a_query_with_a_lone_surrogate_is_refused_before_any_request(
+    tmp_path: Path, server: LLMServer, capsys: pytest.CaptureFixture[str], key_env: None
+):
+    """A query holding a lone surrogate (``"\\ud800"`` in the JSON, ``rlm.batch`` from Python,
+    bytes that are not UTF-8 in ``rlm run --query``) can never be sent: the provider's client
+    cannot encode it. Each item tried and retried its first call for about 12 s, then failed
+    (``rlm run`` exited 1 after as long). It is now refused at once, before any request: bad
+    input naming the line (exit 2, or a ``bad_input`` line with --skip-bad), a ConfigurationError
+    naming the item from ``rlm.batch`` and ``RLM.completion``, exit 2 from ``rlm run``."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_items(inp, 1)
+    with inp.open("a") as f:
+        f.write('{"id": "lone", "query": "square\\ud800?", "context": "number 03"}\n')
+    args = ("batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base", server.base_url)
+    started = time.monotonic()
+    code, stderr = in_process(capsys, *args)
+    assert code == 2 and "line 2: field 'query' is not valid Unicode text" in stderr, stderr
+    assert not server.requests and not out.exists()
+    code, stderr = in_process(capsys, *args, "--skip-bad", "--workers", "1")
+    assert code == 1, stderr
+    records = {r["id"]: r for r in read_out(out)}
+    assert records["q00"]["answer"] == "0" and records["lone"]["stop_reason"] == "bad_input"
+    assert len(server.requests) == 1
+    for item in (
+        {"id": "lone", "query": "q\ud800", "context": "c"},
+        rlm.BatchItem("lone", "q\ud800", context="c"),
+    ):
+        with pytest.raises(ConfigurationError, match="item 0: field 'query' is not valid Unicode"):
+            list(rlm.batch([item], model=MODEL, api_base=server.base_url, api_key=KEY, workers=1))
+    with pytest.raises(ConfigurationError, match="root_prompt is not valid Unicode"):
+        rlm.RLM(MODEL, api_base=server.base_url, api_key=KEY).completion("c", root_prompt="q\udcff")
+    (tmp_path / "context.txt").write_text("number 03")
+    code, stderr = in_process(capsys, "run", "-m", MODEL, "--api-base", server.base_url, "--context",
+                              str(tmp_path / "context.txt"), "--query", "square\udcff?")  # fmt: skip
+    assert code == 2 and "--query is not valid Unicode text" in stderr, stderr
+    assert len(server.requests) == 1  # none of them sent a request
+    assert time.monotonic() - started < 10

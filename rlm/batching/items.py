@@ -7,7 +7,8 @@ are ignored (an evaluation file may carry its expected answers). A line that
 cannot be used becomes an :class:`InputProblem` naming its line number:
 invalid JSON, not an object, a missing or mistyped field, both or neither of
 ``context`` and ``context_path``, an id seen on an earlier line, a
-``context_path`` that cannot be read.
+``context_path`` that cannot be read, a query that is not valid Unicode text
+(a lone surrogate, which no model request can carry).
 
 Contexts named by ``context_path`` are checked for readability when the file
 is read and loaded only when their item starts, so a batch of thousands of
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlm.checks import check_text
 from rlm.errors import ConfigurationError
 from rlm.files import open_regular
 
@@ -93,6 +95,7 @@ def _check_readable(path: Path) -> None:
 def item_from_mapping(data: Any, *, base_dir: Path | None = None, line: int | None = None) -> BatchItem:
     """A :class:`BatchItem` from a decoded JSON object; ValueError says what is wrong with it."""
     if isinstance(data, BatchItem):
+        check_text("field 'query'", data.query)
         return data
     if not isinstance(data, Mapping):
         raise ValueError(f"an item must be a JSON object, not {type(data).__name__}")
@@ -100,6 +103,9 @@ def item_from_mapping(data: Any, *, base_dir: Path | None = None, line: int | No
     if not item_id:
         raise ValueError("field 'id' is empty")
     query = _field(data, "query")
+    # A lone surrogate ("\\ud800" in the JSON) can never be sent: refused here, naming the line,
+    # not tried (and retried) when the item runs.
+    check_text("field 'query'", query)
     has_text, has_path = "context" in data, "context_path" in data
     if has_text == has_path:
         raise ValueError("give exactly one of 'context' and 'context_path'")
