@@ -609,9 +609,10 @@ def _add_batch_parser(sub: Any) -> None:
         description=(
             'Run one RLM per line of INPUT ({"id", "query", "context"} or {"id", "query", "context_path"}) '
             "and append one result line per item to OUT as each finishes. Ids already in OUT are skipped, "
-            "so rerunning the command after a crash or Ctrl-C runs only what is missing. Exit status: 0 "
-            "every item answered, 1 some failed or were skipped, 2 usage, bad input or a setup failure "
-            "(key, model, endpoint, sandbox), 130 Ctrl-C."
+            "so rerunning the command after a crash or Ctrl-C runs only what is missing; an id whose line "
+            "in OUT answered another question (its query or context changed) is refused. Exit status: 0 "
+            "every item answered, 1 some failed or were skipped, 2 usage, bad input, a changed question "
+            "or a setup failure (key, model, endpoint, sandbox), 130 Ctrl-C."
         ),
     )
     p.add_argument("input", metavar="INPUT.jsonl", help="one item per line")

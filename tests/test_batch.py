@@ -750,3 +750,84 @@ def test_a_query_with_a_lone_surrogate_is_refused_before_any_request(
     assert code == 2 and "--query is not valid Unicode text" in stderr, stderr
     assert len(server.requests) == 1  # none of them sent a request
     assert time.monotonic() - started < 10
+
+
+def test_a_rerun_refuses_ids_whose_question_changed(
+    tmp_path: Path, server: LLMServer, capsys: pytest.CaptureFixture[str], key_env: None
+):
+    """A rerun skipped every id already in OUT, also when the input now asks that id another
+    question (its query edited, its context file rewritten): the old answer stood for the new
+    question, exit 0. Each line now records ``question_sha256`` (the query and the context's
+    bytes as the run read them), and a rerun whose item hashes otherwise is refused, naming the
+    ids, before anything runs (exit 2). Lines without the field (older ones) count as answers."""
+    from rlm.batching.items import BatchItem
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "one.txt").write_text("number 01")
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"id": "q00", "query": "square?", "context": "number 00"},
+             {"id": "q01", "query": "square?", "context_path": "docs/one.txt"},
+             {"id": "q02", "query": "square?", "context": "number 02"}]  # fmt: skip
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = (
+        "batch",
+        str(inp),
+        "--out",
+        str(out),
+        "-m",
+        MODEL,
+        "--api-base",
+        server.base_url,
+        "--workers",
+        "2",
+    )
+    code, stderr = in_process(capsys, *args)
+    assert code == 0, stderr
+    records = {r["id"]: r for r in read_out(out)}
+    assert {i: r["answer"] for i, r in records.items()} == {"q00": "0", "q01": "1", "q02": "4"}
+    assert (
+        records["q00"]["question_sha256"]
+        == BatchItem("q00", "square?", context="number 00").question_sha256()
+    )
+    one = BatchItem("q01", "square?", context_path=tmp_path / "docs" / "one.txt")
+    assert records["q01"]["question_sha256"] == one.question_sha256()
+    assert len({r["question_sha256"] for r in records.values()}) == 3
+    # the input moved elsewhere, its context file too: the same questions, nothing to run
+    moved = tmp_path / "moved"
+    (moved / "docs").mkdir(parents=True)
+    (moved / "docs" / "one.txt").write_text("number 01")
+    (moved / "in.jsonl").write_text(inp.read_text())
+    code, stderr = in_process(capsys, "batch", str(moved / "in.jsonl"), *args[2:])
+    assert code == 0 and "3 already in" in stderr, stderr
+    # a line written before the field existed is an answer to whatever its id asks now
+    legacy = {k: v for k, v in records["q02"].items() if k != "question_sha256"}
+    out.write_text("".join(json.dumps(records[i]) + "\n" for i in ("q00", "q01")) + json.dumps(legacy) + "\n")
+    before = out.read_text()
+    lines[0]["query"] = "cube?"  # another question under the same id
+    lines[2]["context"] = "number 03"
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (tmp_path / "docs" / "one.txt").write_text("number 11")
+    asked = len(server.requests)
+    code, stderr = in_process(capsys, *args)
+    assert code == 2, stderr
+    assert "2 id(s) of the input have a line there that answered another question" in stderr, stderr
+    assert "'q00', 'q01'" in stderr and "q02" not in stderr
+    assert len(server.requests) == asked and out.read_text() == before  # nothing ran or was written
+    # their lines deleted, they run again
+    out.write_text(json.dumps(legacy) + "\n")
+    code, stderr = in_process(capsys, *args)
+    assert code == 0, stderr
+    assert {r["id"]: r["answer"] for r in read_out(out)} == {"q00": "0", "q01": "121", "q02": "4"}
+    assert len(server.requests) == asked + 2
+    # many: a few are named, then a count
+    inp.write_text(
+        "".join(json.dumps({"id": f"x{i}", "query": "q", "context": "c"}) + "\n" for i in range(8))
+    )
+    other = {f: None for f in RECORD_FIELDS} | {
+        "answer": "1",
+        "stop_reason": "final",
+        "question_sha256": "0" * 64,
+    }
+    out.write_text("".join(json.dumps(other | {"id": f"x{i}"}) + "\n" for i in range(8)))
+    code, stderr = in_process(capsys, *args)
+    assert code == 2 and "8 id(s)" in stderr and "'x4' and 3 more." in stderr and "'x5'" not in stderr, stderr

@@ -100,6 +100,9 @@ def test_ray_engine_gives_the_same_results_and_never_shows_the_key(tmp_path: Pat
     assert sorted(r["id"] for r in records) == [f"q{i:02d}" for i in range(50)]
     assert all(r["answer"] == expected(r["id"]) and r["stop_reason"] == "final" for r in records)
     assert all(r["cost_usd"] > 0 for r in records)
+    # each line records the question it answered, hashed in the driver as the context was read
+    assert len({r["question_sha256"] for r in records}) == 50
+    assert all(len(r["question_sha256"]) == 64 for r in records)
     # the key reached the workers (through the runtime environment: this cluster's processes lack it)
     assert len(requests) == 50
     assert all(q.headers.get("authorization") == f"Bearer {KEY}" for q in requests)

@@ -3,7 +3,8 @@
 Exit status: 0 when every item of the input has an answer in OUT; 1 when
 some item failed or was skipped for the budget (its line says why), in this
 run or in an earlier one whose line is still in OUT; 2 for
-usage errors, bad input without ``--skip-bad``, and failures that would fail
+usage errors, bad input without ``--skip-bad``, an id whose line in OUT answered
+another question (its query or context changed since), and failures that would fail
 every item (a rejected key, an unknown model, an endpoint that refuses
 connections, a missing sandbox layer); 130 on Ctrl-C. Whatever the status,
 the lines already in OUT are whole and final, and rerunning the same command
@@ -26,12 +27,13 @@ from rlm.batching.progress import Progress
 from rlm.batching.worker import error_record
 from rlm.checks import check_log_dir
 from rlm.display import visible
-from rlm.errors import RLMError
+from rlm.errors import ConfigurationError, RLMError
 
 __all__ = ["run_batch_command"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _SHOWN_PROBLEMS = 20
+_SHOWN_IDS = 5
 
 
 def _say(message: str) -> None:
@@ -63,6 +65,24 @@ def _read(path: Path) -> tuple[list[BatchItem], list[InputProblem]]:
         else:
             items.append(entry)
     return items, problems
+
+
+def _changed(items: list[BatchItem], results: ResultsFile) -> list[str]:
+    """The ids whose line in OUT records another question than the item's now (lines without
+    ``question_sha256``, written before it was recorded, are taken as answering it). A
+    ``context_path`` is read again to be hashed; one that cannot be read raises ConfigurationError."""
+    changed = []
+    for item in items:
+        recorded = results.questions.get(item.id)
+        if recorded is None:
+            continue
+        try:
+            question = item.question_sha256()
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"cannot check what id {item.id!r} asks now: {exc}") from None
+        if question != recorded:
+            changed.append(item.id)
+    return changed
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
@@ -119,6 +139,16 @@ def _run(
     from rlm.cli import model_kwargs
 
     options: dict[str, Any] = {"model_kwargs": kw} if (kw := model_kwargs(args)) else {}
+    changed = _changed(items, results)
+    if changed:
+        shown_ids = ", ".join(repr(item_id) for item_id in changed[:_SHOWN_IDS])
+        more = f" and {len(changed) - _SHOWN_IDS} more" if len(changed) > _SHOWN_IDS else ""
+        _say(
+            f"{results.path}: {len(changed)} id(s) of the input have a line there that answered "
+            f"another question (their query or context changed): {shown_ids}{more}. Nothing was run: "
+            "delete those lines to run these items again, or write to another file"
+        )
+        return EXIT_USAGE
     done = set(results.done)
     todo = [item for item in items if item.id not in done]
     bad = _bad_records(problems, {item.id for item in items} | done, done)

@@ -61,6 +61,10 @@ class BatchResult:
     #: USD of the run's calls whose price is known (``cost_usd`` is None when any price is not):
     #: what the batch's budget counts. None for an item that did not run (and in older lines).
     priced_usd: float | None = None
+    #: The question the run answered: :meth:`BatchItem.question_sha256` of its query and context
+    #: as the run read them. None for an item whose context could not be read or that did not run
+    #: (and in older lines). ``rlm batch`` refuses to resume an OUT whose id now asks another one.
+    question_sha256: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -103,11 +107,18 @@ def _execute(
 ) -> dict[str, Any]:
     """Load the item's context and run it (in whatever thread or process the engine chose)."""
     try:
-        context = item.load_context()
+        context, question = item.load()
     except ConfigurationError as exc:
         return {"record": error_record(item.id, "error", str(exc)), "fatal": None}
     return run_item(
-        item.id, item.query, context, settings, api_key=api_key, cost_cap_usd=cost_cap, cancel=cancel
+        item.id,
+        item.query,
+        context,
+        settings,
+        api_key=api_key,
+        cost_cap_usd=cost_cap,
+        cancel=cancel,
+        question_sha256=question,
     )
 
 

@@ -13,16 +13,21 @@ invalid JSON, not an object, a missing or mistyped field, both or neither of
 Contexts named by ``context_path`` are checked for readability when the file
 is read and loaded only when their item starts, so a batch of thousands of
 long documents does not hold them all in memory.
+:meth:`BatchItem.question_sha256` names an item's question (its query and its
+context's bytes) in its output line; ``rlm batch`` compares it on a rerun,
+reading a ``context_path`` again in pieces.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from rlm.checks import check_text
 from rlm.errors import ConfigurationError
@@ -43,19 +48,58 @@ class BatchItem:
 
     def load_context(self) -> str:
         """The context text (read from ``context_path`` when there is one). Raises ConfigurationError."""
+        return self.load()[0]
+
+    def load(self) -> tuple[str, str]:
+        """The context text and :meth:`question_sha256`, from one read of ``context_path`` (when
+        there is one): the digest is of the bytes the text came from. Raises ConfigurationError."""
         if self.context_path is None:
-            return self.context or ""
+            return self.context or "", self.question_sha256()
+        with self._open() as f:
+            data = f.read()
+        digest = _question_hash(self.query)
+        digest.update(data)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigurationError(f"{self.context_path}: not UTF-8 text") from None
+        del data
+        # As a file opened in text mode reads it (universal newlines), which it was until now.
+        return text.replace("\r\n", "\n").replace("\r", "\n"), digest.hexdigest()
+
+    def question_sha256(self) -> str:
+        """What question this item is, as recorded in its output line (``question_sha256``): the
+        sha256 of the query's UTF-8 bytes preceded by their number in decimal and a newline, then
+        the context's bytes: ``context`` in UTF-8, or the bytes of the ``context_path`` file (read
+        again here, in pieces). Raises ConfigurationError when the file cannot be read."""
+        digest = _question_hash(self.query)
+        if self.context_path is None:
+            digest.update((self.context or "").encode("utf-8", "surrogatepass"))
+            return digest.hexdigest()
+        with self._open() as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[BinaryIO]:
+        assert self.context_path is not None
         try:
             # Read through the descriptor that was checked: a FIFO swapped in after a check by
             # name would hang the read.
-            with open(_open_regular(self.context_path), encoding="utf-8", closefd=True) as f:
-                return f.read()
+            with open(_open_regular(self.context_path), "rb", closefd=True) as f:
+                yield f
         except OSError as exc:
             raise ConfigurationError(f"{self.context_path}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigurationError(f"{self.context_path}: not UTF-8 text") from None
         except ValueError as exc:  # from _open_regular
             raise ConfigurationError(str(exc)) from None
+
+
+def _question_hash(query: str) -> hashlib._Hash:
+    data = query.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(b"%d\n" % len(data))
+    digest.update(data)
+    return digest
 
 
 @dataclass(frozen=True)

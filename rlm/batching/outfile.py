@@ -97,6 +97,7 @@ RECORD_FIELDS: tuple[str, ...] = (
     "time_s",
     "error",
     "priced_usd",
+    "question_sha256",
 )
 
 
@@ -153,6 +154,9 @@ class ResultsFile:
         #: USD the runs already in the file spent (their priced calls): a resumed batch's budget
         #: counts them.
         self.spent_usd = 0.0
+        #: The question each id of :attr:`done` answered, for the records that say
+        #: (``question_sha256``; lines written before it was recorded do not).
+        self.questions: dict[str, str] = {}
         self.dropped = 0  # lines dropped by the repair (cut lines, skipped and bad-input records)
         self._lock_fd: int | None = None
         self._fd: int | None = None
@@ -237,6 +241,8 @@ class ResultsFile:
         self.done.add(record_id)
         if record.get("answer") is None:
             self.unanswered.add(record_id)
+        if isinstance(question := record.get("question_sha256"), str):
+            self.questions[record_id] = question
         self.spent_usd += spent_usd(record)
         kept.append(line + b"\n")
 

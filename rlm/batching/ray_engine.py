@@ -64,7 +64,12 @@ def _environment_hook(env: dict[str, str]) -> Any:
 
 
 def _run_on_node(
-    item_id: str, query: str, context: str, settings: RunSettings, cost_cap: float | None
+    item_id: str,
+    query: str,
+    context: str,
+    settings: RunSettings,
+    cost_cap: float | None,
+    question_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The Ray task: check this node's sandbox layers, then run the item here."""
     try:
@@ -72,7 +77,15 @@ def _run_on_node(
     except SandboxFailure as exc:
         return {"record": error_record(item_id, "error", str(exc)), "fatal": ["SandboxFailure", str(exc)]}
     api_key = os.environ.get(API_KEY_VARIABLE)
-    return run_item(item_id, query, context, settings, api_key=api_key, cost_cap_usd=cost_cap)
+    return run_item(
+        item_id,
+        query,
+        context,
+        settings,
+        api_key=api_key,
+        cost_cap_usd=cost_cap,
+        question_sha256=question_sha256,
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -131,11 +144,11 @@ class RayEngine:
 
     def submit(self, item: BatchItem, cost_cap_usd: float | None) -> None:
         try:
-            context = item.load_context()
+            context, question = item.load()
         except ConfigurationError as exc:
             self._ready.append((item, {"record": error_record(item.id, "error", str(exc)), "fatal": None}))
             return
-        ref = self._task.remote(item.id, item.query, context, self._settings, cost_cap_usd)
+        ref = self._task.remote(item.id, item.query, context, self._settings, cost_cap_usd, question)
         self._pending[ref] = item
 
     def wait(self, timeout: float) -> list[tuple[BatchItem, dict[str, Any]]]:

@@ -62,10 +62,16 @@ class RunSettings:
 
 
 def error_record(
-    item_id: str, stop_reason: str, error: str, time_s: float = 0.0, priced_usd: float | None = None
+    item_id: str,
+    stop_reason: str,
+    error: str,
+    time_s: float = 0.0,
+    priced_usd: float | None = None,
+    question_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The output record of an item that did not run to a result (*priced_usd*: what a run that
-    failed spent on priced calls first; it counts towards the batch's budget)."""
+    failed spent on priced calls first; it counts towards the batch's budget; *question_sha256*:
+    the question it was asked, when its context was read)."""
     return {
         "id": item_id,
         "answer": None,
@@ -78,6 +84,7 @@ def error_record(
         "time_s": round(time_s, 3),
         "error": error,
         "priced_usd": priced_usd,
+        "question_sha256": question_sha256,
     }
 
 
@@ -104,10 +111,12 @@ def run_item(
     api_key: str | None = None,
     cost_cap_usd: float | None = None,
     cancel: CancelToken | None = None,
+    question_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Run one item. Returns ``{"record": {...}, "fatal": None | [error class name, message]}``.
     *cancel* stops the run (its sandbox's code killed, its model call given up): the engine's
-    token, cancelled when the batch is closed before its end."""
+    token, cancelled when the batch is closed before its end. *question_sha256* (see
+    :meth:`~rlm.batching.items.BatchItem.question_sha256`) goes into the record as it is."""
     from rlm.core import RLM
 
     started = time.perf_counter()
@@ -130,13 +139,17 @@ def run_item(
         result = rlm.completion(context, root_prompt=query, cancel=cancel)
     except FATAL_ERRORS as exc:
         message = redact(str(exc), secret_values(api_key))
-        record = error_record(item_id, "error", message, time.perf_counter() - started, exc.priced_cost_usd)
+        record = error_record(
+            item_id, "error", message, time.perf_counter() - started, exc.priced_cost_usd, question_sha256
+        )
         return {"record": record, "fatal": [type(exc).__name__, message]}
     except (RLMError, OSError, ValueError, RuntimeError) as exc:
         message = redact(f"{type(exc).__name__}: {exc}", secret_values(api_key))
         spent = getattr(exc, "priced_cost_usd", None)  # an RLMError's: what the run spent first
         return {
-            "record": error_record(item_id, "error", message, time.perf_counter() - started, spent),
+            "record": error_record(
+                item_id, "error", message, time.perf_counter() - started, spent, question_sha256
+            ),
             "fatal": None,
         }
     record = {
@@ -151,6 +164,7 @@ def run_item(
         "time_s": round(time.perf_counter() - started, 3),
         "error": None if result.error is None else redact(result.error, secret_values(api_key)),
         "priced_usd": result.priced_cost_usd,
+        "question_sha256": question_sha256,
     }
     if result.stop_reason == "model_error" and result.error_type == ModelUnreachable.__name__:
         # The endpoint went away mid-run (a later turn: the first turn's raises): as at the first
