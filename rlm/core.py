@@ -494,9 +494,10 @@ class RLM:
         *cancel* cancels it, and so do a cancelled ``acompletion`` task and Ctrl-C during a batch of
         child RLMs. Linked for this run only: a late ``cancel.cancel()`` touches nothing after it."""
         context = _check_context(context)
-        if isinstance(root_prompt, str):
-            # Refused before anything starts: the provider's client cannot encode it, and each
-            # retry of the first call (about 12 s of them) failed the same way.
+        if isinstance(root_prompt, str) and isinstance(self.backend, LiteLLMBackend):
+            # Refused before anything starts: litellm's client cannot encode it, and each retry
+            # of the first call (about 12 s of them) failed the same way. A backend of the
+            # caller's own decides for itself what it can send.
             check_text("root_prompt", root_prompt)
         stop = stop if stop is not None else CancelToken()
         link = _Link(stop)
