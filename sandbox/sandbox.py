@@ -902,14 +902,13 @@ class _CpuWatch:
             ex = watched.ex
             if ex is None:
                 return None
-            lim = ex.lim
-            used = (ex.child.cpu.seconds() or ex.cpu_start) - ex.cpu_start
-            if watched.calling and used >= lim.cpu_seconds:
+            used = ex.cpu_so_far()
+            if watched.calling and used >= ex.lim.cpu_seconds:
                 watched.killed = True
                 watched.used = used
                 ex.child.kill()
                 return None
-            return time.perf_counter() + max(0.005, (lim.cpu_seconds - used) / ex.cpu_rate)
+            return ex.cpu_check_after(used, time.perf_counter())
 
 
 _cpu_watch: _CpuWatch | None = None
@@ -1027,17 +1026,26 @@ class _Exec:
         """A wait of :meth:`timeout` passed: True when a limit is reached (the child is
         killed); False to wait on (the CPU clock said there is budget left)."""
         now = time.perf_counter()
-        used = (self.child.cpu.seconds() or self.cpu_start) - self.cpu_start
+        used = self.cpu_so_far()
         if used >= self.lim.cpu_seconds:
             self.killed_for = "cpu"
         elif now >= self.wall_deadline():
             self.killed_for = "wall"
         else:
-            self.next_cpu_check = now + max(0.005, (self.lim.cpu_seconds - used) / self.cpu_rate)
+            self.next_cpu_check = self.cpu_check_after(used, now)
             return False
         self.cpu_used = used
         self.child.kill()
         return True
+
+    def cpu_so_far(self) -> float:
+        """CPU seconds this execute has used (what its child used since it went idle)."""
+        return (self.child.cpu.seconds() or self.cpu_start) - self.cpu_start
+
+    def cpu_check_after(self, used: float, now: float) -> float:
+        """When the CPU clock is next worth a look, *used* seconds spent at *now*: the soonest
+        the rest of ``cpu_seconds`` can be burnt (at most ``cpu_rate`` per second)."""
+        return now + max(0.005, (self.lim.cpu_seconds - used) / self.cpu_rate)
 
     def call_started(self) -> None:
         """A host function of this execute is about to run: its child's CPU is watched meanwhile
