@@ -782,6 +782,66 @@ class _Using:
         # The lock is released next, by the caller's ``with`` (see the class).
 
 
+class _GivenUp(SandboxError):
+    """A set_variable/get_variable whose caller gave it up before it reached the child (an
+    :class:`AsyncSandbox` call cancelled while its worker thread waited): nothing was done.
+    Nobody sees it: the awaiting task has its ``CancelledError`` already."""
+
+
+class _Transfer:
+    """One :class:`AsyncSandbox` set_variable/get_variable, run by :class:`Sandbox` in a worker
+    thread (its context carries this in ``_TRANSFER``). A cancellation lets the task go on at
+    once while the thread cannot be stopped: left alone, the thread went on with the call,
+    after calls the caller made since (a cancelled ``set_variable`` overwrote the value of a
+    later one) or for the rest of its own deadline (a minute with a stopped child, holding the
+    sandbox). Entered with the sandbox's lock and child held: a call given up before that does
+    nothing (:class:`_GivenUp`), and one given up inside kills the child, as a cancelled execute
+    does, so that the thread ends at once and no answer on its way is left for the next call."""
+
+    __slots__ = ("gate", "given_up", "inside", "sb")
+
+    def __init__(self, sb: Sandbox) -> None:
+        self.sb = sb
+        self.gate = threading.Lock()
+        self.given_up = False
+        self.inside = False
+
+    def __enter__(self) -> None:
+        with self.gate:
+            if self.given_up:
+                raise _GivenUp("the call was cancelled before it reached the child")
+            self.inside = True
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        with self.gate:
+            self.inside = False
+
+    def give_up(self) -> None:
+        """The awaiting task was cancelled (from the loop's thread)."""
+        with self.gate:
+            self.given_up = True
+            if self.inside:  # its thread holds the sandbox, so the child is the one it talks to
+                self.sb.kill()
+
+
+class _NoTransfer:
+    """``_TRANSFER`` outside an :class:`AsyncSandbox` worker: a plain call, nothing to check."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        return None
+
+
+_TRANSFER: contextvars.ContextVar[_Transfer | _NoTransfer] = contextvars.ContextVar(
+    "sandbox_transfer",
+    default=_NoTransfer(),  # noqa: B039 (no state: nothing to mutate)
+)
+
+
 #: Longest variable name set_variable/get_variable take (a frame carries it whole).
 MAX_NAME = 1024
 
@@ -1318,7 +1378,7 @@ class Sandbox:
             )
         wait = self._variable_timeout(timeout)
         self._admit()
-        with self._lock, self._using_cm as child:  # see _Using
+        with self._lock, self._using_cm as child, _TRANSFER.get():  # see _Using, _Transfer
             end = time.monotonic() + wait
             owed = _idle_cpu(child)
             if size <= self._inline:
@@ -1386,7 +1446,7 @@ class Sandbox:
             raise VariableError(f"{protocol.shown(name)} is not a valid variable name")
         wait = self._variable_timeout(timeout)
         self._admit()
-        with self._lock, self._using_cm as child:  # see _Using
+        with self._lock, self._using_cm as child, _TRANSFER.get():  # see _Using, _Transfer
             end = time.monotonic() + wait
             owed = _idle_cpu(child)
             self._post(
@@ -2164,14 +2224,18 @@ class AsyncSandbox:
         return spent
 
     async def set_variable(self, name: str, value: Any, *, timeout: float | None = None) -> None:
+        """:meth:`Sandbox.set_variable`, in a worker thread. Cancelled before the value reached
+        the child, it does nothing; cancelled while it was on its way, the child is killed (the
+        next result says ``state_lost=True``), as for a cancelled :meth:`execute`."""
         sb = await self._sandbox()
         async with self._turn():
-            await asyncio.to_thread(functools.partial(sb.set_variable, name, value, timeout=timeout))
+            await _transfer(sb, functools.partial(sb.set_variable, name, value, timeout=timeout))
 
     async def get_variable(self, name: str, *, timeout: float | None = None) -> Any:
+        """:meth:`Sandbox.get_variable`, in a worker thread; cancelled, as :meth:`set_variable`."""
         sb = await self._sandbox()
         async with self._turn():
-            return await asyncio.to_thread(functools.partial(sb.get_variable, name, timeout=timeout))
+            return await _transfer(sb, functools.partial(sb.get_variable, name, timeout=timeout))
 
     async def close(self) -> None:
         """Stop the child. Idempotent. A start whose caller was cancelled (``asyncio.timeout``
@@ -2252,6 +2316,20 @@ async def _in_thread(
         # Nobody awaits it now: what it raises later (an AuditError) is not "never retrieved".
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         raise
+
+
+async def _transfer(sb: Sandbox, call: Callable[[], Any]) -> Any:
+    """*call* (*sb*'s set_variable or get_variable) in a worker thread, given up with the
+    awaiting task: see :class:`_Transfer`."""
+    ticket = _Transfer(sb)
+    token = _TRANSFER.set(ticket)  # to_thread runs the call in a copy of this context
+    try:
+        return await asyncio.to_thread(call)
+    except asyncio.CancelledError:
+        ticket.give_up()
+        raise
+    finally:
+        _TRANSFER.reset(token)
 
 
 async def _send_async(sb: Sandbox, child: _Child, frame: bytes, fd: int | None, timeout: float) -> None:

@@ -806,3 +806,67 @@ def test_one_hanging_async_sandbox_does_not_hold_up_the_others_on_its_loop(audit
 
     asyncio.run(main())
     assert sandbox.audit.verify(audit_path).ok
+
+
+def test_a_cancelled_async_set_variable_does_not_land_after_later_calls(audit_path) -> None:
+    """set_variable of a large list is cancelled while its worker thread still packs the value;
+    the caller then sets the variable again. The cancelled worker went on, took the sandbox
+    after the later call and overwrote its value: the variable ended up holding the value
+    whose set was cancelled. A call given up before it reached the child does nothing."""
+    big = list(range(3_000_000))  # packing it takes a worker thread a good part of a second
+    sb = AsyncSandbox("default", audit_log=audit_path)
+
+    async def first() -> None:
+        await sb.start()
+        task = asyncio.ensure_future(sb.set_variable("x", big))
+        await asyncio.sleep(0.05)  # a worker thread has taken the call and packs the value
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await sb.set_variable("x", "later")
+
+    try:
+        asyncio.run(first())  # returns once every worker thread of the loop has ended
+
+        async def second() -> object:
+            return await sb.get_variable("x")
+
+        assert asyncio.run(second()) == "later"
+    finally:
+        sb._close_sync()
+
+
+@pytest.mark.parametrize("call", ["set_variable", "get_variable"])
+def test_a_cancelled_async_variable_transfer_with_a_stopped_child_frees_the_sandbox(
+    audit_path, call: str
+) -> None:
+    """The child is stopped (SIGSTOP) and a 40 MB set_variable or get_variable is cancelled by
+    ``asyncio.timeout``. Its worker thread waited on for the call's own deadline (wall_seconds
+    + 30 s, a minute), holding the sandbox: the next execute waited that long, and the value
+    still went in once the child ran again. The child is now killed when a transfer under way
+    is given up, as for a cancelled execute: the next execute runs at once, on a fresh child,
+    and says state_lost."""
+    big = b"v" * (40 * 1024 * 1024)
+
+    async def main() -> None:
+        async with AsyncSandbox("default", audit_log=audit_path, pool=None) as sb:
+            assert (await sb.execute("y = b'y' * (40 * 1024 * 1024)")).ok
+            pid = sb.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        if call == "set_variable":
+                            await sb.set_variable("v", big)
+                        else:
+                            await sb.get_variable("y")
+                assert _gone(pid)  # killed on the cancellation, not at the call's own deadline
+                async with asyncio.timeout(20):  # without the kill: a minute
+                    r = await sb.execute("print('v' in dir(), 'y' in dir())")
+                assert r.ok and r.state_lost and r.stdout == "False False\n", r
+            finally:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGCONT)
+
+    asyncio.run(main())
