@@ -2242,14 +2242,19 @@ class AsyncSandbox:
         around ``start()``) may still be building the sandbox in a worker thread: close waits
         for it and stops that child too, and nothing starts one afterwards.
 
+        From another task while a call runs: as :meth:`Sandbox.close` from another thread, the
+        child is killed at once (that call ends with a result saying the child died, or a
+        ``ProtocolError`` for set/get_variable), and the sandbox is closed once the call has
+        returned. Not in the object's turn: waiting for it waited out the running cell (up to
+        ``wall_seconds``). Cancelled, the close still goes on in its worker thread.
+
         From one of its own host functions: :class:`SandboxError`, as for the sync
-        :meth:`Sandbox.close` (it would wait for the turn its own execute holds, for ever:
-        time in host functions is not wall time)."""
+        :meth:`Sandbox.close` (it would wait for its own execute to end, for ever: time in
+        host functions is not wall time)."""
         if self in _IN_HOST_CALL.get():
             raise SandboxError("re-entrant use is not allowed: a host function closed its own sandbox")
         self._closed = True
-        async with self._turn():
-            await asyncio.to_thread(self._close_sync)
+        await _in_thread(asyncio.get_running_loop(), self._close_sync, _no_op)
 
     def _close_sync(self) -> None:
         with self._make_lock:  # a start still under way finishes first
@@ -2280,6 +2285,10 @@ def _try_acquire(lock: threading.Lock, outcome: list[bool]) -> None:
     stores its outcome (``map``, ``list.extend``), so such an exception comes once it is known.
     """
     outcome.extend(map(lock.acquire, (False,)))
+
+
+def _no_op() -> None:
+    return None
 
 
 async def _in_thread(

@@ -870,3 +870,59 @@ def test_a_cancelled_async_variable_transfer_with_a_stopped_child_frees_the_sand
                     os.kill(pid, signal.SIGCONT)
 
     asyncio.run(main())
+
+
+def test_async_close_from_another_task_stops_the_running_cell(audit_path) -> None:
+    """AsyncSandbox.close() while another task's execute runs a long cell: as Sandbox.close()
+    from another thread, the child is killed at once and that execute returns a result saying
+    so. close() waited for the sandbox's turn instead, so for the whole cell (up to
+    wall_seconds; a server closing its sessions at shutdown waited that long for each)."""
+
+    async def main() -> None:
+        sb = AsyncSandbox("default", audit_log=audit_path, pool=None)
+        await sb.start()
+        pid = sb.pid
+        assert pid is not None
+        cell = asyncio.ensure_future(sb.execute("import time\ntime.sleep(25)\nprint('finished')"))
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        await sb.close()
+        assert time.monotonic() - t0 < 10  # without the kill: the rest of the 25 s cell
+        r = await cell
+        assert not r.ok and r.error_type in ("ChildCrashed", "ChildExited"), r
+        assert _gone(pid, 1.0)
+        with pytest.raises(SandboxClosedError):
+            await sb.execute("x = 1")
+
+    asyncio.run(main())
+
+
+def test_an_async_close_cancelled_while_a_cell_runs_still_closes_the_sandbox(audit_path) -> None:
+    """close() given up by ``asyncio.timeout`` while another task's cell runs: the object
+    refused further use, but the close itself never happened (it was waiting for the cell's
+    turn): the child ran on after the cell, with its scratch directory and descriptors, until
+    the garbage collector came for the object. The close now goes on in its thread: the child
+    is killed at once, and the sandbox is closed once the cell's execute has returned."""
+
+    async def main() -> None:
+        sb = AsyncSandbox("default", audit_log=audit_path, pool=None)
+        await sb.start()
+        pid, inner = sb.pid, sb._sync
+        assert pid is not None and inner is not None
+        scratch = inner._child.scratch if inner._child else None
+        cell = asyncio.ensure_future(sb.execute("import time\ntime.sleep(25)"))
+        await asyncio.sleep(0.5)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0):  # given up at its first wait
+                await sb.close()
+        async with asyncio.timeout(10):  # without the fix: the 25 s cell
+            r = await cell
+        assert not r.ok, r
+        assert _gone(pid, 1.0)
+        deadline = time.monotonic() + 10
+        while inner._child is not None:  # the close finishes in its thread after the cell
+            assert time.monotonic() < deadline, "the sandbox was never closed"
+            await asyncio.sleep(0.01)
+        assert scratch is not None and not os.path.exists(scratch)
+
+    asyncio.run(main())
