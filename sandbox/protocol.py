@@ -68,6 +68,7 @@ import array
 import codecs
 import ctypes
 import fcntl
+import itertools
 import json
 import math
 import mmap
@@ -578,16 +579,29 @@ def send_message(
     send_frame(sock, encode(msg), fd, timeout)
 
 
-def write_shm(data: bytes) -> int:
-    """Copy *data* into a fresh memfd; return its descriptor (caller closes)."""
-    fd = os.memfd_create("sandbox-value", os.MFD_CLOEXEC)
+def _memfd(into: list[int] | None) -> int:
+    """A fresh memfd for a value. With *into*, appended to it by C as it is made: an exception
+    a signal handler raises (Ctrl-C) comes before the memfd exists or once its owner's list
+    holds it, never in between, where nobody would close it."""
+    if into is None:
+        return os.memfd_create("sandbox-value", os.MFD_CLOEXEC)
+    into.extend(map(os.memfd_create, ("sandbox-value",), (os.MFD_CLOEXEC,)))
+    return into[-1]
+
+
+def write_shm(data: bytes, into: list[int] | None = None) -> int:
+    """Copy *data* into a fresh memfd; return its descriptor (caller closes). With *into*, the
+    descriptor is appended to that list as it is made and left there if anything fails: the
+    owner of the list closes it (see :func:`_memfd`)."""
+    fd = _memfd(into)
     try:
         view = memoryview(data)
         while view:
             n = os.write(fd, view)
             view = view[n:]
     except BaseException:
-        os.close(fd)
+        if into is None:
+            os.close(fd)
         raise
     return fd
 
@@ -687,9 +701,15 @@ def stream_kind(value: Any) -> str | None:
     return None
 
 
-def open_stream() -> tuple[int, int]:
-    """A pipe for one streamed value: ``(read_end, write_end)``, close-on-exec."""
-    r, w = os.pipe2(os.O_CLOEXEC)
+def open_stream(into: list[int] | None = None) -> tuple[int, int]:
+    """A pipe for one streamed value: ``(read_end, write_end)``, close-on-exec. With *into*,
+    both ends are appended to that list by C as the pipe is made, and left there if anything
+    fails: the owner of the list closes them (see :func:`_memfd`)."""
+    if into is None:
+        r, w = os.pipe2(os.O_CLOEXEC)
+    else:
+        into.extend(itertools.chain.from_iterable(map(os.pipe2, (os.O_CLOEXEC,))))
+        r, w = into[-2:]
     try:
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
     except OSError:
@@ -748,9 +768,18 @@ def write_stream(fd: int, value: str | bytes, timeout: float | None) -> None:
 
 
 def read_stream(
-    fd: int, size: int, kind: Any, max_len: int, timeout: float | None = None, max_items: int | None = None
+    fd: int,
+    size: int,
+    kind: Any,
+    max_len: int,
+    timeout: float | None = None,
+    max_items: int | None = None,
+    *,
+    close: bool = True,
 ) -> Any:
-    """Read one streamed value of *size* bytes from the pipe *fd*; always closes *fd*.
+    """Read one streamed value of *size* bytes from the pipe *fd*; always closes *fd* (unless
+    ``close=False``: the caller keeps it, in a list of its own it closes, so that no Ctrl-C can
+    land between the hand-over and this function's own ``finally``).
 
     *kind* is ``"bytes"``, ``"str"`` (all ASCII) or ``"msgpack"`` (any plain
     value, packed; decoded within *max_items* elements if given, else
@@ -762,7 +791,7 @@ def read_stream(
     With *timeout* (seconds): :class:`TimeoutError` once it passes.
     """
     if kind == "msgpack":
-        return unpack_value(read_stream(fd, size, "bytes", max_len, timeout), max_len, max_items)
+        return unpack_value(read_stream(fd, size, "bytes", max_len, timeout, close=close), max_len, max_items)
     try:
         if kind not in _DATA_OFFSET:
             raise WireError(f"unknown stream kind {shown(kind)}")
@@ -787,7 +816,8 @@ def read_stream(
     except OSError as exc:  # not readable (the write end of a pipe, say)
         raise WireError(f"cannot read the streamed value: {exc.strerror or exc}") from None
     finally:
-        os.close(fd)
+        if close:
+            os.close(fd)
 
 
 def _fill(fd: int, view: memoryview, ascii_only: bool, deadline: float | None) -> None:
@@ -817,11 +847,12 @@ def _msgpack_header(kind: str, size: int) -> bytes:
     return (b"\xdb" if kind == "str" else b"\xc6") + size.to_bytes(4, "big")
 
 
-def write_value_shm(value: Any) -> tuple[int, int]:
+def write_value_shm(value: Any, into: list[int] | None = None) -> tuple[int, int]:
     """Put *value*, msgpack-encoded, in a fresh memfd; return ``(fd, size)``.
 
     A str or bytes goes in as a msgpack header followed by its raw bytes,
-    copied once, straight from the object's own buffer.
+    copied once, straight from the object's own buffer. *into*: as for
+    :func:`write_shm`.
     """
     if type(value) is str:
         parts: list[bytes | memoryview] = [b"", _str_buffer(value)]
@@ -830,7 +861,7 @@ def write_value_shm(value: Any) -> tuple[int, int]:
         parts = [_msgpack_header("bin", len(value)), memoryview(value)]
     else:
         parts = [pack_value(value)]
-    fd = os.memfd_create("sandbox-value", os.MFD_CLOEXEC)
+    fd = _memfd(into)
     size = 0
     try:
         for part in parts:
@@ -840,13 +871,17 @@ def write_value_shm(value: Any) -> tuple[int, int]:
                 view = view[n:]
                 size += n
     except BaseException:
-        os.close(fd)
+        if into is None:
+            os.close(fd)
         raise
     return fd, size
 
 
-def read_shm(fd: int, size: int, max_len: int, *, mapped: bool, max_items: int | None = None) -> Any:
-    """Unpack the value in a memfd of *size* bytes; always closes *fd*.
+def read_shm(
+    fd: int, size: int, max_len: int, *, mapped: bool, max_items: int | None = None, close: bool = True
+) -> Any:
+    """Unpack the value in a memfd of *size* bytes; always closes *fd* (unless ``close=False``:
+    as for :func:`read_stream`).
 
     ``mapped=True`` maps it (no copy; only for a sender that cannot shrink it
     under us, i.e. the host). The host reads what a child sends with
@@ -875,4 +910,5 @@ def read_shm(fd: int, size: int, max_len: int, *, mapped: bool, max_items: int |
             got += n
         return unpack_value(buf, max_len, max_items)
     finally:
-        os.close(fd)
+        if close:
+            os.close(fd)

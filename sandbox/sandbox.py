@@ -285,6 +285,14 @@ def _resolve(policy: Policy | str | Path) -> Policy:
 _CHILD_LIMITS: dict[str, LimitName] = {k: k for k in ("memory", "output", "processes", "files", "disk")}
 
 
+def _close_popped(fds: list[int], index: int = -1) -> None:
+    """``os.close(fds.pop(index))`` in one call into C (``map`` calls both; see
+    :func:`_try_acquire`): an exception a signal handler raises (Ctrl-C) comes before both or
+    after both, never between, where the descriptor would be out of the list and still open."""
+    for _ in map(os.close, itertools.starmap(fds.pop, ((index,),))):
+        pass
+
+
 class _Child:
     """Host-side record of one live child."""
 
@@ -351,15 +359,17 @@ class _Child:
 
     def drop_fds(self) -> None:
         while self.fds:
-            os.close(self.fds.pop())
+            _close_popped(self.fds)
 
-    def lend(self, fd: int) -> None:
-        """*fd*, a memfd the host filled and sends now, is emptied at :meth:`take_back`; so is
-        every one lent before it. An honest child reads a reply before it sends its next call,
-        so an earlier memfd is read by now; a child that pipelined 200 calls in one write
-        would otherwise have had 200 memfds (3 GiB, charged to the host) lent at once."""
+    def lend(self) -> list[int]:
+        """The list a memfd the host fills and sends now is made in (``into`` of
+        :func:`protocol.write_shm`: a Ctrl-C cannot lose it between its making and this
+        record), emptied at :meth:`take_back`; so is every one lent before it, here. An
+        honest child reads a reply before it sends its next call, so an earlier memfd is read
+        by now; a child that pipelined 200 calls in one write would otherwise have had 200
+        memfds (3 GiB, charged to the host) lent at once."""
         self.take_back()
-        self.lent.append(fd)
+        return self.lent
 
     def take_back(self) -> None:
         """The child answered after reading what it was lent (or is gone): empty and close the memfds.
@@ -368,10 +378,9 @@ class _Child:
         cgroup; a child that kept a duplicate of each (guard off) held 1 GiB of host memory after
         55 calls. Truncating frees the pages whoever holds the descriptor."""
         while self.lent:
-            fd = self.lent.pop()
             with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-            os.close(fd)
+                os.ftruncate(self.lent[-1], 0)  # cut short here: truncated again next time
+            _close_popped(self.lent)
 
     def pidfd_ready(self) -> bool:
         """True once the child has exited (its pidfd is readable); one ``poll`` call."""
@@ -1388,16 +1397,21 @@ class Sandbox:
             elif stream is not None:
                 self._stream_to(child, name, value, stream, end)
             else:
-                try:
-                    fd, size = protocol.write_value_shm(value) if direct else (protocol.write_shm(data), size)
+                try:  # the memfd is made in child.lent (a Ctrl-C cannot lose it) and closed from there
+                    lent = child.lend()
+                    fd, size = (
+                        protocol.write_value_shm(value, lent)
+                        if direct
+                        else (protocol.write_shm(data, lent), size)
+                    )
                 except (protocol.WireError, UnicodeEncodeError) as exc:
+                    child.take_back()
                     raise VariableError(f"cannot set {name!r}: {exc}") from None
                 if size > self._max_message:  # non-ASCII text is longer in bytes than in characters
-                    os.close(fd)
+                    child.take_back()
                     raise VariableError(
                         f"cannot set {name!r}: {size} bytes is over the policy's max_message_mb"
                     )
-                child.lend(fd)
                 self._post(child, protocol.encode({"t": "set", "name": name, "shm": size}), fd, wait, name)
             msg = self._expect(child, "ack", end - time.monotonic())
             self._mark_cpu(child, owed)
@@ -1408,13 +1422,19 @@ class Sandbox:
         """Send *value* to the child as a ``set`` through a pipe (see :func:`protocol.write_stream`),
         by *end* (monotonic) or the child is killed; its ``ack`` is left to read."""
         size = len(value)  # bytes, or an ASCII str: one byte per character
-        r, w = protocol.open_stream()
+        ends: list[int] = []  # the pipe's [read, write] once made: each closed from here (_close_popped)
+        try:
+            r, w = protocol.open_stream(ends)
+        except BaseException:
+            while ends:
+                _close_popped(ends)
+            raise
         try:
             try:
                 frame = protocol.encode({"t": "set", "name": name, "stream": size, "kind": kind})
                 self._post(child, frame, r, end - time.monotonic(), name)
             finally:
-                os.close(r)
+                _close_popped(ends, 0)  # the read end: the child has its own copy now
             with _sigpipe_held():
                 protocol.write_stream(w, value, end - time.monotonic())
         except BrokenPipeError:
@@ -1431,7 +1451,8 @@ class Sandbox:
             child.kill()
             raise
         finally:
-            os.close(w)
+            while ends:
+                _close_popped(ends)
 
     def get_variable(self, name: str, *, timeout: float | None = None) -> Any:
         """A copy of the variable *name* (plain data only, else :class:`VariableError`).
@@ -1468,12 +1489,13 @@ class Sandbox:
                 return value
             if "shm" in msg:
                 try:
-                    return protocol.read_shm(
-                        child.fds.pop(0),
+                    return protocol.read_shm(  # closed from child.fds (drop_fds), as it arrived
+                        child.fds[0],
                         msg["shm"],
                         self._max_message,
                         mapped=False,
                         max_items=protocol.MAX_ITEMS,
+                        close=False,
                     )
                 except protocol.BudgetError as exc:  # too big to decode here: the child lives on
                     raise VariableError(f"cannot get {name!r}: {exc}") from None
@@ -1490,13 +1512,14 @@ class Sandbox:
         try:
             if "shm" in msg:
                 self._fail(child, "value announced both in a memfd and in a stream")
-            return protocol.read_stream(
-                child.fds.pop(0),
+            return protocol.read_stream(  # closed from child.fds (drop_fds), as it arrived
+                child.fds[0],
                 msg["stream"],
                 msg.get("kind"),
                 self._max_message,
                 end - time.monotonic(),
                 protocol.MAX_ITEMS,
+                close=False,
             )
         except MemoryError:  # no room here: the child saw the pipe close and lives on
             raise VariableError(f"cannot get {name!r}: no memory for {msg['stream']} bytes") from None
@@ -1814,8 +1837,7 @@ class Sandbox:
         reply["ok"] = True
         if len(data) <= self._inline:
             return protocol.encode_with_value(reply, data), None
-        fd = protocol.write_shm(data)
-        child.lend(fd)
+        fd = protocol.write_shm(data, child.lend())
         return protocol.encode({**reply, "shm": len(data)}), fd
 
     def _result(

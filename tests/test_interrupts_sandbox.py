@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 import sandbox.sandbox as impl
-from sandbox import AsyncSandbox, Sandbox, audit, forkserver, limits
+from sandbox import AsyncSandbox, Sandbox, audit, forkserver, limits, protocol
 from sandbox import pool as pool_module
 from sandbox.pool import SandboxPool
 from tests.conftest import within
@@ -277,6 +277,67 @@ def test_an_exit_cut_short_at_its_entry_stops_the_child_at_the_next_call(audit_p
             assert interrupted(codes_of(impl._Using.__exit__), 0, lambda: sb.get_variable("x")) is not None
             result, _ = within(20, lambda: sb.execute("print(3 + 3)"))
             assert result.stdout == "6\n" and result.state_lost
+        finally:
+            unlock_for_teardown(sb)
+
+
+# ------------------------------------------------------------ an interrupted variable transfer
+_TRANSFER_CODES = codes_of(
+    Sandbox.set_variable,
+    Sandbox._stream_to,
+    Sandbox.get_variable,
+    Sandbox._stream_from,
+    Sandbox._reply,
+    impl._Child.lend,
+    impl._Child.take_back,
+    impl._Child.drop_fds,
+    protocol.write_shm,
+    protocol.write_value_shm,
+    protocol.open_stream,
+    protocol.read_stream,
+    protocol.read_shm,
+)
+_GLOBALS = "gb = b'g' * 3_000_000; gl = list(range(300_000))"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        ("set", "\xe9" * 2_000_000),  # text that is not ASCII: packed into a memfd
+        ("set", list(range(300_000))),  # a list: packed into a memfd
+        ("set", b"b" * 3_000_000),  # bytes: through a pipe
+        ("get", "gb"),  # bytes back: through a pipe
+        ("get", "gl"),  # a list back: packed, through a pipe
+        ("execute", "x = big()"),  # a host function's large result: packed into a memfd
+    ],
+    ids=["set-text", "set-list", "set-bytes", "get-bytes", "get-list", "host-result"],
+)
+def test_an_interrupt_anywhere_in_a_variable_transfer_leaks_no_descriptor(
+    audit_path: Path, call: tuple[str, Any]
+) -> None:
+    """At each point of a large set_variable or get_variable, or of the reply that carries a
+    host function's large result: no descriptor is left behind.
+    A Ctrl-C as a value's memfd was lent to the child, or as a received pipe was handed to
+    the reader, lost the descriptor: a memfd holding the whole value (host memory) or a
+    pipe with up to 1 MiB in it, per interrupt, until the host exited."""
+    how, arg = call
+    big = {"big": lambda: "\xe9" * 2_000_000}
+    with Sandbox("default", audit_log=audit_path, pool=None, host_functions=big) as sb:
+        try:
+
+            def run() -> object:
+                if how == "execute":
+                    return sb.execute(arg)
+                return sb.set_variable("v", arg) if how == "set" else sb.get_variable(arg)
+
+            assert sb.execute(_GLOBALS).ok
+            for at in each_point(_TRANSFER_CODES, run):
+                assert sb.execute(_GLOBALS).ok
+                before = len(os.listdir("/proc/self/fd"))
+                where = interrupted(_TRANSFER_CODES, at, run)
+                result, _ = within(30, lambda: sb.execute(_GLOBALS + "; print('ok')"))
+                assert result.stdout == "ok\n", (where, result)
+                assert len(os.listdir("/proc/self/fd")) == before, where
         finally:
             unlock_for_teardown(sb)
 
