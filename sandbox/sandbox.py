@@ -44,6 +44,7 @@ import array
 import asyncio
 import contextlib
 import contextvars
+import errno
 import fcntl
 import functools
 import hashlib
@@ -283,6 +284,15 @@ def _resolve(policy: Policy | str | Path) -> Policy:
 
 #: Limits a child may report for its own exception (labelling only; nothing is enforced on its word).
 _CHILD_LIMITS: dict[str, LimitName] = {k: k for k in ("memory", "output", "processes", "files", "disk")}
+
+
+def _short_of(exc: OSError) -> str:
+    """What the host ran out of, for a message: descriptors said as such (the fix is a limit)."""
+    if exc.errno == errno.EMFILE:
+        return "this process is out of file descriptors (RLIMIT_NOFILE)"
+    if exc.errno == errno.ENFILE:
+        return "the system is out of file descriptors (fs.file-max)"
+    return exc.strerror or str(exc)
 
 
 def _close_popped(fds: list[int], index: int = -1) -> None:
@@ -1407,6 +1417,11 @@ class Sandbox:
                 except (protocol.WireError, UnicodeEncodeError) as exc:
                     child.take_back()
                     raise VariableError(f"cannot set {name!r}: {exc}") from None
+                except OSError as exc:  # no memfd here (descriptors, memory): nothing was sent
+                    child.take_back()
+                    raise VariableError(
+                        f"cannot set {name!r}: no memory file for it: {_short_of(exc)}"
+                    ) from None
                 if size > self._max_message:  # non-ASCII text is longer in bytes than in characters
                     child.take_back()
                     raise VariableError(
@@ -1425,9 +1440,11 @@ class Sandbox:
         ends: list[int] = []  # the pipe's [read, write] once made: each closed from here (_close_popped)
         try:
             r, w = protocol.open_stream(ends)
-        except BaseException:
+        except BaseException as exc:
             while ends:
                 _close_popped(ends)
+            if isinstance(exc, OSError):  # no pipe here: nothing was sent, the child is unharmed
+                raise VariableError(f"cannot set {name!r}: no pipe for it: {_short_of(exc)}") from None
             raise
         try:
             try:
@@ -1837,7 +1854,14 @@ class Sandbox:
         reply["ok"] = True
         if len(data) <= self._inline:
             return protocol.encode_with_value(reply, data), None
-        fd = protocol.write_shm(data, child.lend())
+        try:
+            fd = protocol.write_shm(data, child.lend())
+        except OSError as exc:  # no memfd here (descriptors, memory): the child gets the error
+            child.take_back()
+            reply.update(
+                ok=False, error=f"{msg['fn']}() returned a value the host cannot send: {_short_of(exc)}"
+            )
+            return protocol.encode(reply), None
         return protocol.encode({**reply, "shm": len(data)}), fd
 
     def _result(
