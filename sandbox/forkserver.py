@@ -30,9 +30,10 @@ a child that exits on its own leaves nothing behind in its group either.
 :class:`ForkServer` is the host's client. One per host process is shared by
 all sandboxes (:func:`shared`), replaced transparently when it is found dead;
 :func:`spawn` retries once on a new server when the old one died under it.
-After ``os.fork()`` of the host, the child process forgets the parent's servers
-(it closes its copies of their sockets, which the parent keeps using) and
-starts its own on first use. :func:`shutdown` stops them and waits for them.
+After ``os.fork()`` of the host, the child process forgets the parent's servers,
+also one another thread was starting (it closes its copies of their sockets,
+which the parent keeps using: a copy left open would keep the server alive after
+the parent died), and starts its own on first use. :func:`shutdown` stops them and waits for them.
 Every failure here is a :class:`~sandbox.errors.SandboxStartError`.
 """
 
@@ -50,6 +51,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -289,14 +291,26 @@ class ForkServer:
     def __init__(self) -> None:
         from sandbox.errors import SandboxStartError
 
+        self.closed = False
+        self.owner_pid = os.getpid()
+        self._pidfd = -1
+        self._fds: list[int] = []
+        self._lock = threading.Lock()
+        self._reap_lock = threading.Lock()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Known to the at-fork hook from here on: a process another thread forks while this
+        # server starts must not keep a copy of its control socket, which would keep the server
+        # (and every child it forks) alive after this process died.
+        self.sock = ours
+        self._starting: socket.socket | None = theirs
+        _servers.add(self)
         try:
             if theirs.fileno() <= 2:
                 # A host that closed its stdin, stdout or stderr (a daemon): the server's 0-2 are
                 # made /dev/null, over the control socket had it kept one of those numbers.
                 high = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
                 theirs.close()
-                theirs = socket.socket(fileno=high)
+                theirs = self._starting = socket.socket(fileno=high)
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _BOOT, *_search_path(), str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
@@ -308,9 +322,11 @@ class ForkServer:
                 start_new_session=True,
             )
         except OSError as exc:
+            self.closed = True
             ours.close()
             raise SandboxStartError(f"cannot start the fork server: {exc}") from None
         finally:
+            self._starting = None
             theirs.close()
         # Its liveness and its end are watched through a pidfd, not Popen.poll()/wait(): an
         # exception a signal handler raises inside those can leave Popen's waitpid lock held for
@@ -319,18 +335,14 @@ class ForkServer:
         try:
             self._pidfd = os.pidfd_open(self.proc.pid)
         except OSError as exc:
+            self.closed = True
             ours.close()  # the server exits at end of file
             self.proc.kill()
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.proc.pid, 0)
             self.proc.returncode = -signal.SIGKILL
             raise SandboxStartError(f"cannot start the fork server: {exc}") from None
-        self._reap_lock = threading.Lock()
-        self.sock = ours
-        self.owner_pid = os.getpid()
-        self._lock = threading.Lock()
         self._reader = protocol.FrameReader(_CONTROL_FRAME_CAP)
-        self._fds: list[int] = []
         self._exits: dict[int, ExitInfo] = {}
         # Each spawn request is numbered and its answer names it: the answer to a request given
         # up before it came (Ctrl-C while waiting) is not taken for a later one's; its child is
@@ -338,7 +350,6 @@ class ForkServer:
         self._requests = 0
         self._waiting = 0  # the request whose answer spawn() waits for (0: none)
         self._dropped: set[int] = set()  # children of given-up requests: exit reports not kept
-        self.closed = False
 
     @property
     def pid(self) -> int:
@@ -634,6 +645,9 @@ class ForkServer:
         self._lock = threading.Lock()  # may have been held by another thread at fork time
         self._reap_lock = threading.Lock()
         self._close_fds()
+        starting, self._starting = self._starting, None
+        if starting is not None:  # forked while another thread started this server
+            starting.close()
         if self._pidfd >= 0:  # our copy; the parent's stays open
             fd, self._pidfd = self._pidfd, -1
             os.close(fd)
@@ -648,6 +662,9 @@ SPAWN_TIMEOUT = 30.0
 # load only the stdlib and msgpack. The registry is process state (like the
 # servers it names), not configuration.
 _shared: dict[bool, ForkServer] = {}
+#: Every server object of this process, also one another thread is starting or closing now:
+#: a forked process forgets them all (see _after_fork_in_child).
+_servers: weakref.WeakSet[ForkServer] = weakref.WeakSet()
 _shared_lock = threading.Lock()
 _on_shutdown: list[Any] = []  # callables run by shutdown() first (the child pools drain here)
 
@@ -707,9 +724,8 @@ def _after_fork_in_child() -> None:
     """``os.fork()`` of the host: the new process drops the parent's servers without touching them."""
     global _shared_lock
     _shared_lock = threading.Lock()
-    servers = list(_shared.values())
     _shared.clear()
-    for server in servers:
+    for server in list(_servers):  # not only the shared ones: one may be starting in another thread
         server.forget()
 
 

@@ -1,0 +1,88 @@
+"""A host that forks (pre-fork servers, multiprocessing's fork start method) while its sandbox
+machinery is busy in another thread: the forked process keeps nothing of the parent's that
+would outlive the parent, and the parent's processes end with the parent."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+# The host forks while its fork server starts: an audit hook forks the moment the server's
+# Popen is asked for (its control socket is open, the server object not yet made). The forked
+# process then waits on stdin, as a pre-fork worker outlives a master that was SIGKILLed.
+FORK_WHILE_THE_SERVER_STARTS = """
+import os, sys
+from sandbox import Sandbox, forkserver
+
+forked = []
+
+def hook(event, args):
+    if event == "subprocess.Popen" and not forked and "sandbox.forkserver" in " ".join(map(str, args[1])):
+        pid = os.fork()
+        if pid == 0:
+            os.read(0, 1)  # lives until the test closes our stdin
+            os._exit(0)
+        forked.append(pid)
+
+sys.addaudithook(hook)
+sb = Sandbox("default", audit_log=os.path.join(os.environ["TMPDIR"], "a.jsonl"), pool=None)
+assert sb.execute("x = 1").ok
+print(forked[0], forkserver.shared().pid, sb.pid, flush=True)
+os.read(0, 1)  # SIGKILLed here
+"""
+
+
+def test_a_fork_while_the_fork_server_starts_does_not_keep_it_alive(tmp_path: Path) -> None:
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    host = subprocess.Popen(
+        [sys.executable, "-c", FORK_WHILE_THE_SERVER_STARTS],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    pids: list[int] = []
+    try:
+        assert host.stdout is not None
+        line = host.stdout.readline()
+        assert line, "the host did not start its sandbox"
+        forked, server, child = pids = [int(x) for x in line.split()]
+        host.kill()  # dies without shutdown(): its fork server must see end of file
+        host.wait(30)
+        assert not _gone(forked, 0.5), "the forked process should still be waiting"
+        assert _gone(server, 15.0), "the dead host's fork server lives on: the forked process holds its socket"
+        assert _gone(child, 15.0)
+    finally:
+        host.kill()
+        if host.stdin is not None:
+            host.stdin.close()  # the forked process exits
+        for pid in pids:
+            if not _gone(pid, 10.0):
+                _kill(pid)
+        host.wait(30)
