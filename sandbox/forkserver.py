@@ -678,10 +678,30 @@ def shared(restricted: bool = False) -> ForkServer:
             return server
         old = server
         server = _shared[restricted] = ForkServer()
+        _shut_down_with_the_worker()
     if old is not None:  # reaped outside the lock: other threads' sandboxes need not wait for it
         with contextlib.suppress(Exception):
             old.close(timeout=1.0)
     return server
+
+
+_worker_pid: int | None = None  # the multiprocessing worker that registered shutdown() at its end
+
+
+def _shut_down_with_the_worker() -> None:
+    """In a ``multiprocessing`` worker (a ``Pool``'s, a ``ProcessPoolExecutor``'s, a ``Process``),
+    run :func:`shutdown` when the worker returns. One made by fork or forkserver ends with
+    ``os._exit``, so ``atexit`` never runs there, and every worker that had used the default
+    pool left its ready children's scratch directories and uid lock files behind for a later
+    host's sweep. multiprocessing runs its own finalizers on that way out."""
+    global _worker_pid
+    mp = sys.modules.get("multiprocessing")
+    if mp is None or _worker_pid == os.getpid() or mp.parent_process() is None:
+        return
+    from multiprocessing import util
+
+    util.Finalize(None, shutdown, exitpriority=0)
+    _worker_pid = os.getpid()
 
 
 def spawn(restricted: bool, config: dict[str, Any], chan_fd: int) -> tuple[ForkServer, int, int, str | None]:

@@ -151,7 +151,7 @@ os.register_at_fork(after_in_child=_ids.seed)
 
 
 # ------------------------------------------------------------------ leftovers
-# A host that dies without cleaning up (SIGKILL, os._exit in a multiprocessing worker) leaves
+# A host that dies without cleaning up (SIGKILL, an os._exit of its own) leaves
 # its children's scratch directories (empty on the host's side: the tmpfs was mounted in the
 # fork server's namespace) and uid lock files. The host holds an flock on each scratch
 # directory of a live child (the kernel drops it when the host dies, whatever its PID

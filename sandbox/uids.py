@@ -27,8 +27,8 @@ a user namespace that does not map the range (a rootless container) cannot, and 
 treated as any user that is not root: each child gets a user namespace of its own,
 with every capability dropped.
 
-A host that dies without releasing (SIGKILL, ``os._exit`` in a
-``multiprocessing`` worker) leaves its lock files behind, unlocked: harmless
+A host that dies without releasing (SIGKILL, an ``os._exit`` of its
+own) leaves its lock files behind, unlocked: harmless
 (the next reserver of that uid takes the file over) but clutter.
 :func:`sweep` removes such files the same way a release does: it takes each
 file's lock and, holding it, unlinks it.

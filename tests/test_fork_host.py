@@ -76,7 +76,9 @@ def test_a_fork_while_the_fork_server_starts_does_not_keep_it_alive(tmp_path: Pa
         host.kill()  # dies without shutdown(): its fork server must see end of file
         host.wait(30)
         assert not _gone(forked, 0.5), "the forked process should still be waiting"
-        assert _gone(server, 15.0), "the dead host's fork server lives on: the forked process holds its socket"
+        assert _gone(server, 15.0), (
+            "the dead host's fork server lives on: the forked process holds its socket"
+        )
         assert _gone(child, 15.0)
     finally:
         host.kill()
@@ -86,3 +88,43 @@ def test_a_fork_while_the_fork_server_starts_does_not_keep_it_alive(tmp_path: Pa
             if not _gone(pid, 10.0):
                 _kill(pid)
         host.wait(30)
+
+
+# A multiprocessing worker made by fork or forkserver leaves by os._exit (atexit does not run
+# there): each used sandboxes and the default pool (ready children, each with a scratch
+# directory), then returns normally.
+WORKERS_THAT_RETURN = """
+import multiprocessing, os, sys
+from concurrent.futures import ProcessPoolExecutor
+
+def task(n):
+    from sandbox import Sandbox
+    from sandbox.pool import default_pool
+    for _ in range(3):
+        with Sandbox("default", audit_log=os.path.join(os.environ["TMPDIR"], "a.jsonl")) as sb:
+            assert sb.execute("x = 1").ok
+    assert default_pool().wait_ready(30)  # ready children wait in this worker's pool
+    return n
+
+if __name__ == "__main__":
+    for method in ("fork", "forkserver"):
+        ctx = multiprocessing.get_context(method)
+        worker = ctx.Process(target=task, args=(1,))
+        worker.start()
+        worker.join(120)
+        assert worker.exitcode == 0, (method, worker.exitcode)
+        with ProcessPoolExecutor(1, mp_context=ctx) as executor:
+            assert executor.submit(task, 2).result(120) == 2
+    left = sorted(d for d in os.listdir(os.environ["TMPDIR"]) if d.startswith("sandbox-"))
+    print("left:", left)
+    print("done")
+"""
+
+
+def test_multiprocessing_workers_that_return_leave_no_scratch_directory(tmp_path: Path) -> None:
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    script = tmp_path / "host.py"  # forkserver workers import the main module from a file
+    script.write_text(WORKERS_THAT_RETURN)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and proc.stdout.endswith("done\n"), proc.stdout + proc.stderr
+    assert "left: []\n" in proc.stdout, proc.stdout
