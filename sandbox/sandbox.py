@@ -147,7 +147,21 @@ _unconfirmed: list[uids.UidLease] = []
 #: Draws sandbox ids (64 random bits, like the uuid4 prefix they replace, without a system call
 #: per sandbox). Seeded from os.urandom, again in a forked process: ids never repeat across a fork.
 _ids = random.Random()
-os.register_at_fork(after_in_child=_ids.seed)
+
+
+def _after_fork_in_child() -> None:
+    """A forked process: the calls other threads of the parent had in flight are not its own (its
+    first lone call would never spin, nor tell its child it may), and a lock one of them held
+    stays held there for good (the spin slot; the CPU watch's, which its first host function
+    would wait for forever). Sandbox ids are drawn anew."""
+    global _SPIN_SLOT, _cpu_watch_lock
+    _ids.seed()
+    _CALLERS.keys.clear()
+    _SPIN_SLOT = threading.Lock()
+    _cpu_watch_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # ------------------------------------------------------------------ leftovers

@@ -128,3 +128,62 @@ def test_multiprocessing_workers_that_return_leave_no_scratch_directory(tmp_path
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0 and proc.stdout.endswith("done\n"), proc.stdout + proc.stderr
     assert "left: []\n" in proc.stdout, proc.stdout
+
+
+def _wait_status(pid: int, timeout: float) -> int | None:
+    """The exit code of child *pid*, or None if it did not exit in time (then it is killed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    _kill(pid)
+    os.waitpid(pid, 0)
+    return None
+
+
+def test_a_process_forked_during_other_threads_calls_keeps_none_of_their_state(tmp_path: Path) -> None:
+    """Forked while another thread is inside an execute (its host function runs), while a thread
+    holds the spin slot and while one makes the process's CPU watch: the forked process is alone
+    in its first call (the parent's calls are not its own: it would never spin), and its first
+    host function does not wait for a lock nobody there will release."""
+    import threading
+
+    import sandbox.sandbox as impl
+    from sandbox import Sandbox
+
+    audit = tmp_path / "audit.jsonl"
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> int:
+        inside.set()
+        leave.wait(60)
+        return 1
+
+    with Sandbox("default", host_functions={"hold": hold}, audit_log=audit) as busy:
+        caller = threading.Thread(target=busy.execute, args=("hold()",))
+        caller.start()
+        try:
+            assert inside.wait(60)
+            with impl._SPIN_SLOT, impl._cpu_watch_lock:  # as threads spinning, making the watch
+                pid = os.fork()
+                if pid == 0:
+                    code = 1
+                    try:
+                        seen: list[tuple[int, bool]] = []
+
+                        def probe() -> None:
+                            seen.append((impl._CALLERS.count, impl._SPIN_SLOT.locked()))
+
+                        with Sandbox("default", host_functions={"probe": probe}, audit_log=audit) as sb:
+                            r = sb.execute("probe()")
+                        code = 0 if r.ok and seen == [(1, False)] else 2
+                        if code:
+                            print("forked process saw", r, seen, flush=True)
+                    finally:
+                        os._exit(code)
+            assert _wait_status(pid, 60) == 0
+        finally:
+            leave.set()
+            caller.join(60)
