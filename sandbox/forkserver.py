@@ -297,6 +297,7 @@ class ForkServer:
         self._fds: list[int] = []
         self._lock = threading.Lock()
         self._reap_lock = threading.Lock()
+        self._sock_lock = threading.Lock()  # held while the socket is shut down or closed (briefly)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Known to the at-fork hook from here on: a process another thread forks while this
         # server starts must not keep a copy of its control socket, which would keep the server
@@ -619,17 +620,21 @@ class ForkServer:
         if self.owner_pid != os.getpid():  # a forked copy: leave the parent's server alone
             self.forget()
             return
+        self.closed = True
+        # Hung up before the lock is taken: a thread holding it while it waits for the server's
+        # answer (a spawn on a stopped server waits SPAWN_TIMEOUT) finds end of file at once and
+        # lets go, where close() waited for it past its own timeout.
+        with self._sock_lock, contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         with self._lock:
-            self.closed = True
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
             self._close_fds()
         if not self._reap(timeout):
             self._kill()
             self._reap(timeout)
 
     def _close_fds(self) -> None:
-        self.sock.close()
+        with self._sock_lock:  # never while close() hangs it up: its number could be reused
+            self.sock.close()
         for fd in self._fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -644,6 +649,7 @@ class ForkServer:
         self.closed = True
         self._lock = threading.Lock()  # may have been held by another thread at fork time
         self._reap_lock = threading.Lock()
+        self._sock_lock = threading.Lock()
         self._close_fds()
         starting, self._starting = self._starting, None
         if starting is not None:  # forked while another thread started this server

@@ -187,3 +187,50 @@ def test_a_process_forked_during_other_threads_calls_keeps_none_of_their_state(t
         finally:
             leave.set()
             caller.join(60)
+
+
+def test_closing_a_stopped_fork_server_does_not_wait_out_another_threads_spawn(tmp_path: Path) -> None:
+    """A thread starts a sandbox on a fork server that is stopped (SIGSTOP) and waits for its
+    answer (SPAWN_TIMEOUT, 30 s) holding the server's lock. ``close(timeout)`` (what
+    ``sandbox.shutdown()`` and atexit call) promises to take at most twice *timeout*; it waited
+    for that lock first, the whole 30 s. Now it hangs the socket up first, which ends the
+    waiting thread's request at once (it starts over on a new server)."""
+    import threading
+
+    from sandbox import Sandbox, SandboxError, forkserver
+
+    audit = tmp_path / "audit.jsonl"
+    with Sandbox("default", audit_log=audit, pool=None) as sb:
+        assert sb.execute("x = 1").ok
+    server = forkserver.shared(False)
+    outcome: list[object] = []
+
+    def opener() -> None:
+        try:
+            with Sandbox("default", audit_log=audit, pool=None) as sb:
+                outcome.append(sb.execute("print(6 * 7)").stdout)
+        except SandboxError as exc:  # allowed; never a raw OSError
+            outcome.append(exc)
+
+    os.kill(server.pid, signal.SIGSTOP)
+    thread = threading.Thread(target=opener)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server._lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the opener's spawn request is out: it waits holding the lock
+        assert server._lock.locked()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        server.close(timeout=2.0)
+        took = time.monotonic() - t0
+        thread.join(60)
+        assert not thread.is_alive()
+        assert took < 12, f"close(timeout=2) took {took:.1f} s"
+        assert outcome and (outcome[0] == "42\n" or isinstance(outcome[0], SandboxError)), outcome
+        assert _gone(server.pid, 10.0)
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(server.pid, signal.SIGKILL)
+            os.kill(server.pid, signal.SIGCONT)
+        thread.join(60)
