@@ -351,6 +351,8 @@ class ForkServer:
         self._requests = 0
         self._waiting = 0  # the request whose answer spawn() waits for (0: none)
         self._dropped: set[int] = set()  # children of given-up requests: exit reports not kept
+        #: Children whose release wait_exit could not send (the lock was busy past its timeout).
+        self._unreleased: list[int] = []
 
     @property
     def pid(self) -> int:
@@ -482,6 +484,7 @@ class ForkServer:
                 if self.closed:
                     raise _ServerGone("the fork server is closed")
                 self._drop_orphans()
+                self._send_releases()
                 self._requests += 1
                 self._waiting = request = self._requests
                 try:
@@ -597,7 +600,16 @@ class ForkServer:
         reap it, and the pid be reused) and return its exit report, waiting up to
         *timeout* seconds for it to exit."""
         deadline = time.monotonic() + timeout
-        with self._lock:
+        got: list[bool] = []  # [True] once the lock is ours (see sandbox._try_acquire)
+        try:
+            # Another thread may hold the lock for as long as the server takes to answer it (a
+            # spawn on a stopped server: SPAWN_TIMEOUT): the report is given up at our deadline,
+            # the release left for the lock's next holder to send.
+            got.extend(map(self._lock.acquire, (True,), (min(max(timeout, 0.0), threading.TIMEOUT_MAX),)))
+            if not got[0]:
+                self._unreleased.append(pid)
+                return None
+            self._send_releases()
             if not self.closed:
                 try:
                     protocol.send_message(self.sock, {"t": "release", "pid": pid}, None, timeout)
@@ -612,6 +624,17 @@ class ForkServer:
                 except Exception:
                     return None
             return self._exits.pop(pid)
+        finally:
+            if got and got[0]:
+                self._lock.release()
+
+    def _send_releases(self) -> None:
+        """Release the children whose :meth:`wait_exit` gave up waiting for the lock; their exit
+        reports are not kept. Caller holds the lock."""
+        while self._unreleased:
+            # Out of the list first: a release sent twice (a Ctrl-C in between) could reach a
+            # new child that reused the pid once the server reaped this one.
+            self._drop(self._unreleased.pop(0), None)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the server (it kills its children first) and wait for it: *timeout* seconds,

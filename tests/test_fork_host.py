@@ -234,3 +234,52 @@ def test_closing_a_stopped_fork_server_does_not_wait_out_another_threads_spawn(t
             os.kill(server.pid, signal.SIGKILL)
             os.kill(server.pid, signal.SIGCONT)
         thread.join(60)
+
+
+def test_closing_a_sandbox_does_not_wait_out_another_threads_spawn(tmp_path: Path, monkeypatch) -> None:
+    """The fork server is stopped (SIGSTOP) while a thread starts a sandbox on it: that thread
+    waits for the answer (SPAWN_TIMEOUT) holding the server's lock. Closing another sandbox of
+    that server asks it for its child's exit report for at most 10 s; it waited for the lock
+    first, the whole spawn timeout. Now it gives up on the report when the lock does not come
+    in time (its child is known dead by its pidfd, its pid released later)."""
+    import threading
+
+    from sandbox import Sandbox, SandboxError, forkserver
+
+    monkeypatch.setattr(forkserver, "SPAWN_TIMEOUT", 25.0)
+    audit = tmp_path / "audit.jsonl"
+    first = Sandbox("default", audit_log=audit, pool=None)
+    server = forkserver.shared(False)
+    outcome: list[object] = []
+
+    def opener() -> None:
+        try:
+            with Sandbox("default", audit_log=audit, pool=None) as sb:
+                outcome.append(sb.execute("print(6 * 7)").stdout)
+        except SandboxError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=opener)
+    try:
+        assert first.execute("x = 1").ok
+        child = first.pid
+        assert child is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server._lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server._lock.locked()  # the opener's spawn waits for the stopped server
+        t0 = time.monotonic()
+        first.close()
+        took = time.monotonic() - t0
+        assert took < 17, f"close() took {took:.1f} s"
+        thread.join(60)
+        assert outcome and (outcome[0] == "42\n" or isinstance(outcome[0], SandboxError)), outcome
+        assert _gone(server.pid, 10.0) and _gone(child, 10.0)
+    finally:
+        first.close()
+        with contextlib.suppress(OSError):
+            os.kill(server.pid, signal.SIGKILL)
+            os.kill(server.pid, signal.SIGCONT)
+        thread.join(60)
