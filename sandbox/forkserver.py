@@ -757,8 +757,15 @@ def spawn(restricted: bool, config: dict[str, Any], chan_fd: int) -> tuple[ForkS
 def shutdown() -> None:
     """Stop the shared fork servers, if any run; the next sandbox starts a new one.
 
-    Ready children waiting in pools are stopped first (their scratch removed).
+    Ready children waiting in pools are stopped first (their scratch removed). A server that
+    is stopped (SIGSTOP) is killed before that: draining waits for the spawns in flight, which
+    it would never answer (each waited out SPAWN_TIMEOUT before it was found so).
     """
+    with _shared_lock:
+        servers = list(_shared.values())
+    for server in servers:
+        if server.owner_pid == os.getpid() and server._stopped():
+            server._kill()
     for hook in list(_on_shutdown):
         with contextlib.suppress(Exception):
             hook()

@@ -283,3 +283,40 @@ def test_closing_a_sandbox_does_not_wait_out_another_threads_spawn(tmp_path: Pat
             os.kill(server.pid, signal.SIGKILL)
             os.kill(server.pid, signal.SIGCONT)
         thread.join(60)
+
+
+def test_shutdown_does_not_wait_out_a_pool_refill_on_a_stopped_fork_server(tmp_path: Path) -> None:
+    """The fork server is stopped (SIGSTOP) while a pool refills: the refill thread's spawn waits
+    for its answer (SPAWN_TIMEOUT, 30 s), and ``sandbox.shutdown()`` (the exit hook too) drains
+    the pools first, which waits for spawns in flight: it took 30 s. A stopped server, which
+    can answer nobody, is now killed first."""
+    import sandbox
+    from sandbox import Sandbox, forkserver
+    from sandbox.pool import SandboxPool
+
+    audit = tmp_path / "audit.jsonl"
+    pool = SandboxPool(2)
+    server: forkserver.ForkServer | None = None
+    try:
+        pool.warm("default")
+        assert pool.wait_ready(30)
+        server = forkserver.shared(False)
+        os.kill(server.pid, signal.SIGSTOP)
+        with Sandbox("default", audit_log=audit, pool=pool) as sb:  # takes one: the pool refills
+            assert sb.execute("x = 1").ok
+            deadline = time.monotonic() + 10
+            while not server._lock.locked() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server._lock.locked()  # the refill's spawn waits for the stopped server
+            t0 = time.monotonic()
+            sandbox.shutdown()
+            took = time.monotonic() - t0
+        assert took < 15, f"shutdown() took {took:.1f} s"
+        assert pool.ready_pids() == []
+        assert _gone(server.pid, 10.0)
+    finally:
+        if server is not None:
+            with contextlib.suppress(OSError):
+                os.kill(server.pid, signal.SIGKILL)
+                os.kill(server.pid, signal.SIGCONT)
+        pool.close()
