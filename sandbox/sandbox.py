@@ -62,6 +62,7 @@ import stat
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -153,12 +154,17 @@ def _after_fork_in_child() -> None:
     """A forked process: the calls other threads of the parent had in flight are not its own (its
     first lone call would never spin, nor tell its child it may), and a lock one of them held
     stays held there for good (the spin slot; the CPU watch's, which its first host function
-    would wait for forever). Sandbox ids are drawn anew."""
+    would wait for forever). Sandbox ids are drawn anew, and the descriptors of every child
+    record are closed here (a copy of a scratch directory's kept its lock held after the parent
+    died, for as long as this process lived)."""
     global _SPIN_SLOT, _cpu_watch_lock
     _ids.seed()
     _CALLERS.keys.clear()
     _SPIN_SLOT = threading.Lock()
     _cpu_watch_lock = threading.Lock()
+    for child in list(_children):  # the parent's: its sandboxes', its pools', one being started
+        with contextlib.suppress(Exception):
+            child.forget()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -366,6 +372,7 @@ class _Child:
         #: Memfds of values sent to the child (a host function's result, a set_variable), kept
         #: until it answers: see :meth:`take_back`.
         self.lent: list[int] = []
+        _children.add(self)
 
     def kill(self) -> None:
         """SIGKILL the child and its process group, also when the child already exited on
@@ -451,11 +458,17 @@ class _Child:
         self.rss.close()
         self.cpu.close()
         self.sock.close()
-        with contextlib.suppress(OSError):
-            os.close(self.pidfd)
+        if self.pidfd >= 0:  # (forgotten twice: at the fork, then by its sandbox's close)
+            pidfd, self.pidfd = self.pidfd, -1
+            with contextlib.suppress(OSError):
+                os.close(pidfd)
         if self.scratch_lock >= 0:  # the lock stays with the parent's copy of the descriptor
             lock, self.scratch_lock = self.scratch_lock, -1
             os.close(lock)
+
+
+#: Every child record of this process: a forked process forgets them all (_after_fork_in_child).
+_children: weakref.WeakSet[_Child] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)

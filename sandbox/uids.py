@@ -43,6 +43,7 @@ import os
 import secrets
 import stat
 import threading
+import weakref
 
 __all__ = [
     "RUNTIME_DIR",
@@ -106,7 +107,7 @@ class UidReservationError(OSError):
 class UidLease:
     """A uid/gid held for one sandbox child until :meth:`release` (or the holder's death)."""
 
-    __slots__ = ("_fd", "_lock", "directory", "gid", "uid")
+    __slots__ = ("__weakref__", "_fd", "_lock", "directory", "gid", "uid")
 
     def __init__(self, uid: int, fd: int, directory: str) -> None:
         self.uid = uid
@@ -114,6 +115,7 @@ class UidLease:
         self.directory = directory
         self._fd: int | None = fd
         self._lock = threading.Lock()
+        _leases.add(self)
 
     @property
     def held(self) -> bool:
@@ -148,6 +150,26 @@ class UidLease:
 
     def __repr__(self) -> str:
         return f"UidLease(uid={self.uid}, held={self.held})"
+
+
+#: Every lease of this process: a forked process closes its copies of them all (see _after_fork).
+_leases: weakref.WeakSet[UidLease] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked process: the leases are the parent's. A copy of a descriptor here would keep
+    the uid's lock held after the parent died (it belongs to the open file), for as long as this
+    process lives: no sweep could remove the file, and nobody reserve the uid. Without the lease's
+    own lock, which another thread of the parent may have held."""
+    for lease in list(_leases):
+        lease._lock = threading.Lock()
+        fd, lease._fd = lease._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _directory(path: str) -> str:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -320,3 +321,101 @@ def test_shutdown_does_not_wait_out_a_pool_refill_on_a_stopped_fork_server(tmp_p
                 os.kill(server.pid, signal.SIGKILL)
                 os.kill(server.pid, signal.SIGCONT)
         pool.close()
+
+
+# The host forks while it has a sandbox open (a multiprocessing Pool made inside `with
+# Sandbox()`, a pre-fork master that opened one): the forked process waits on stdin, as a worker
+# outlives a master that was SIGKILLed.
+FORK_WITH_A_SANDBOX_OPEN = """
+import os
+from sandbox import Sandbox, forkserver
+
+sb = Sandbox("default", audit_log=os.path.join(os.environ["TMPDIR"], "a.jsonl"), pool=None)
+assert sb.execute("x = 1").ok
+child = sb._child
+pid = os.fork()
+if pid == 0:
+    os.read(0, 1)  # lives until the test closes our stdin; never touches the inherited sandbox
+    os._exit(0)
+lease = child.lease.uid if child.lease is not None else -1
+print(pid, forkserver.shared().pid, lease, child.scratch, flush=True)
+os.read(0, 1)  # SIGKILLed here
+"""
+
+
+def test_a_forked_process_does_not_hold_the_uid_and_scratch_of_its_parents_children(tmp_path: Path) -> None:
+    """The uid lock and scratch-directory lock of a child belong to the open file: a copy of the
+    descriptor in a forked process kept them held after the host died, so no sweep could remove
+    them and the uid stayed reserved for as long as the forked process lived."""
+    from sandbox import uids
+    from sandbox.files import remove_tree
+    from sandbox.sandbox import _lock_scratch
+
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    host = subprocess.Popen(
+        [sys.executable, "-c", FORK_WITH_A_SANDBOX_OPEN],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    forked = server = -1
+    try:
+        assert host.stdout is not None
+        line = host.stdout.readline()
+        assert line, "the host did not open its sandbox"
+        forked_s, server_s, uid_s, scratch = line.decode().split()
+        forked, server, uid = int(forked_s), int(server_s), int(uid_s)
+        host.kill()
+        host.wait(30)
+        assert _gone(server, 15.0)  # the host's children are gone with it
+        assert not _gone(forked, 0.5), "the forked process should still be waiting"
+        try:
+            fd = _lock_scratch(scratch)
+        except BlockingIOError:
+            raise AssertionError("the forked process holds the scratch directory's lock") from None
+        remove_tree(scratch)  # as the sweep does
+        os.close(fd)
+        if uid >= 0:  # a root host: the child had a uid of its own
+            held = uids._try(uids.RUNTIME_DIR, uid)
+            assert held is not None, "the forked process holds the uid's lock"
+            uids.UidLease(uid, held, uids.RUNTIME_DIR).release()
+    finally:
+        host.kill()
+        if host.stdin is not None:
+            host.stdin.close()
+        for pid in (forked, server):
+            if pid > 0 and not _gone(pid, 10.0):
+                _kill(pid)
+        host.wait(30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="uid leases are root's")
+def test_a_forked_process_closes_its_copies_of_the_parents_uid_leases(tmp_path: Path) -> None:
+    """A lease held by the parent but by no child record yet (a reservation while another thread
+    forks), or kept for a child whose death was never confirmed: the forked process's copy of
+    its descriptor is closed, and the lease is not its own (releasing it there does nothing)."""
+    from sandbox import uids
+
+    directory = str(tmp_path / "uids")
+    lease = uids.reserve(directory)
+    try:
+        fd = lease._fd
+        assert fd is not None
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                try:
+                    os.fstat(fd)
+                    code = 2  # still open here
+                except OSError:
+                    lease.release()  # not ours: must neither unlink the file nor close anything
+                    code = (
+                        0 if not lease.held and os.path.exists(os.path.join(directory, str(lease.uid))) else 3
+                    )
+            finally:
+                os._exit(code)
+        assert _wait_status(pid, 60) == 0
+        assert lease.held and uids._try(directory, lease.uid) is None  # still ours, still locked
+    finally:
+        lease.release()
