@@ -1586,14 +1586,16 @@ class Sandbox:
         with a result saying the child died, or a ``ProtocolError`` for set/get_variable),
         then the sandbox is closed once the call has returned (a host function that is
         running is let finish)."""
-        if self._holder == threading.get_ident() and self._lock.locked():
-            raise SandboxError("re-entrant use is not allowed: a host function closed its own sandbox")
+        # Looked at first: in a process a host function forked, the one thread is the call's
+        # (same ident, the lock copied held), which is no re-entrant use.
         if os.getpid() != self._owner_pid:  # inherited through os.fork(): the parent's child, not ours
             self.closed = True
             if self._child is not None:
                 self._child.forget()
                 self._child = None
             return
+        if self._holder == threading.get_ident() and self._lock.locked():
+            raise SandboxError("re-entrant use is not allowed: a host function closed its own sandbox")
         # Closed first: a call that takes the lock from now on finds it so (_ensure_child), and
         # one that holds it already shows in locked().
         self.closed = True

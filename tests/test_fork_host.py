@@ -419,3 +419,35 @@ def test_a_forked_process_closes_its_copies_of_the_parents_uid_leases(tmp_path: 
         assert lease.held and uids._try(directory, lease.uid) is None  # still ours, still locked
     finally:
         lease.release()
+
+
+def test_a_process_forked_by_a_host_function_may_close_the_sandbox_it_inherited(tmp_path: Path) -> None:
+    """A host function forks (``os.fork``, a multiprocessing fork worker): the forked process's
+    one thread is the one that was running the call, so closing the inherited sandbox there
+    was refused as a host function closing its own sandbox. It only forgets it there."""
+    from sandbox import Sandbox
+
+    audit = tmp_path / "audit.jsonl"
+
+    def fork_and_close() -> int | None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                sb.close()  # the parent's: forgotten here, its child left alone
+                with Sandbox("default", audit_log=audit, pool=None) as mine:
+                    code = 0 if mine.execute("print(3)").stdout == "3\n" else 2
+            except BaseException as exc:
+                print("forked process:", type(exc).__name__, exc, flush=True)
+            finally:
+                os._exit(code)
+        return _wait_status(pid, 60)
+
+    sb = Sandbox("default", host_functions={"fork_and_close": fork_and_close}, audit_log=audit)
+    try:
+        r = sb.execute("x = 5\nprint(fork_and_close())")
+        assert r.ok and r.stdout == "0\n", r
+        r = sb.execute("print(x)")
+        assert r.stdout == "5\n" and not r.state_lost, r
+    finally:
+        sb.close()
