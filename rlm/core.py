@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import itertools
 import json
 import math
@@ -60,6 +61,7 @@ from rlm.trajectory import (
     new_run_id,
 )
 from rlm.typed import AnswerType, AnswerTypeError
+from sandbox.protocol import clean_text
 
 __all__ = ["RLM", "run"]
 
@@ -679,7 +681,12 @@ class _Run:
                 continue
             self.ledger.record(model, completion)
             self._add_tokens(completion.input_tokens, completion.output_tokens)
-            return completion
+            # A server's JSON may spell a lone surrogate ("\ud800"): as it is, the text could cross
+            # neither into the sandbox (llm_query raised UnicodeEncodeError in the code) nor back to
+            # the model with the next turn (every retry failed to encode it: model_error). Written
+            # as a backslash escape, as the sandbox writes what code prints.
+            text = clean_text(completion.text)
+            return completion if text is completion.text else dataclasses.replace(completion, text=text)
 
     def _pause(self, seconds: float) -> None:
         """Wait *seconds* before a retry, or raise :class:`BudgetExceeded` as soon as the run is

@@ -737,3 +737,30 @@ def test_a_batch_whose_cell_was_killed_sends_no_more_prompts(tmp_path):
     # machine), none after; all 40 before (20 s).
     assert 2 <= sent <= 20, sent
     assert r.answer == "done"
+
+
+def test_a_reply_holding_a_lone_surrogate_neither_breaks_the_code_nor_the_next_turn():
+    """A server's JSON may spell a lone surrogate (``"\\ud800"``: valid JSON, not valid Unicode).
+    In a sub-call's answer it made ``llm_query`` raise a UnicodeEncodeError in the code (the answer
+    paid for, lost); in a root reply it was sent back with the next turn, which litellm cannot
+    encode: each retry failed the same way and the run ended with ``model_error``. The text is
+    kept with the surrogate written as a backslash escape, as the sandbox and the result do."""
+    from tests.llm_server import Reply
+
+    def reply(request) -> Reply:
+        if len(request.messages) == 1:  # the sub-call
+            return Reply("sub \ud800 answer")
+        if len(request.messages) == 2:  # the first root turn
+            return Reply("thinking \udcff\n```repl\nr = llm_query('x')\nprint(repr(r))\n```")
+        return Reply("FINAL(done)")
+
+    with LLMServer(reply) as srv:
+        r = run("q", "ctx", model="openai/m", api_base=srv.base_url, api_key="sk-red-team", max_iterations=3,
+                retry_backoff_s=0.05)  # fmt: skip
+        asked = srv.requests
+    assert (r.stop_reason, r.answer, r.error) == ("final", "done", None), r
+    block = r.history[0]["code_blocks"][0]["result"]
+    assert block["stdout"] == "'sub \\\\ud800 answer'\n", block
+    assert len(asked) == 3, [a.messages for a in asked]
+    assert asked[2].messages[2] == {"role": "assistant", "content": r.history[0]["response"]}
+    assert r.history[0]["response"].startswith("thinking \\udcff\n")
