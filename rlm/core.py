@@ -49,7 +49,7 @@ from rlm.errors import (
 )
 from rlm.events import EventCallback, Events, call_sync
 from rlm.final import extract_code_blocks, find_final
-from rlm.llm import Completion, redact, secret_values
+from rlm.llm import CALL_STOP, CallStop, Completion, redact, secret_values
 from rlm.result import RLMResult
 from rlm.tools import Tool, describe_tools, tool_table
 from rlm.trajectory import (
@@ -724,6 +724,9 @@ class _Run:
         done = threading.Event()
         backend = self.cfg.backend
         watch = MODEL_CALLS.get()
+        # Given up, the call is told so (litellm's: its response stops being read, its connection
+        # is shut): one left reading a server that streams without end read on for ever.
+        stop = CallStop()
         unwatched = threading.Lock()  # taken by whichever leaves first: the call leaves once
 
         def leave() -> None:
@@ -736,6 +739,7 @@ class _Run:
                 if callable(prepare):  # (litellm's first import: seconds, not the request's time)
                     prepare()
                 box["started"] = time.monotonic()  # the request timeout counts from here
+                CALL_STOP.set(stop)  # in this thread's own context
                 box["value"] = backend.complete(model, messages, **kwargs)
             except BaseException as exc:  # handed to the caller below
                 box["error"] = exc
@@ -751,30 +755,34 @@ class _Run:
         except BaseException:  # not started (or a Ctrl-C as it started: then it leaves once)
             leave()
             raise
-        while not done.wait(0.05):
-            over = self.ledger.halted()  # not max_sub_calls: a call under way was let through
-            if over is not None:
-                self.ledger.record_abandoned(model)
-                raise BudgetExceeded(
-                    over[0], f"a call to {model} was still running when the run stopped ({over[0]})"
-                )
-            started = box.get("started")
-            if (
-                limit is not None
-                and started is not None
-                and time.monotonic() >= started + limit + REQUEST_GRACE_S
-                and not done.is_set()
-            ):
-                self.ledger.record_abandoned(model)
-                where = getattr(self.cfg.backend, "api_base", None) or "the provider's API endpoint"
-                raise ProviderUnavailable(
-                    redact(
-                        # the HTTP client's own message for a server that sends nothing: the same to the user
-                        f"{model}: no answer from {where} within {limit:g} s (request timeout)",
-                        secret_values(self.cfg._api_key),
-                    ),
-                    model=model,
-                )
+        try:
+            while not done.wait(0.05):
+                over = self.ledger.halted()  # not max_sub_calls: a call under way was let through
+                if over is not None:
+                    self.ledger.record_abandoned(model)
+                    raise BudgetExceeded(
+                        over[0], f"a call to {model} was still running when the run stopped ({over[0]})"
+                    )
+                started = box.get("started")
+                if (
+                    limit is not None
+                    and started is not None
+                    and time.monotonic() >= started + limit + REQUEST_GRACE_S
+                    and not done.is_set()
+                ):
+                    self.ledger.record_abandoned(model)
+                    where = getattr(self.cfg.backend, "api_base", None) or "the provider's API endpoint"
+                    raise ProviderUnavailable(
+                        redact(
+                            # the HTTP client's own message for a server that sends nothing: the same to the user
+                            f"{model}: no answer from {where} within {limit:g} s (request timeout)",
+                            secret_values(self.cfg._api_key),
+                        ),
+                        model=model,
+                    )
+        finally:
+            if not done.is_set():  # given up (a budget, the request timeout, Ctrl-C): told to end
+                stop.stop()
         if "error" in box:
             raise box["error"]
         completion: Completion = box["value"]

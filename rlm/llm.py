@@ -29,18 +29,27 @@ reads its bundled price map instead of fetching one over the network.
   ``cache_write_tokens``) for every provider that reports them, and litellm's
   cost prices them.
 - a call that could not connect at all is :class:`~rlm.errors.ModelUnreachable`, naming
-  the URL and why (connection refused, unknown host ...).
+  the URL and why (connection refused, unknown host ...);
+- the body of a response is read under a guard (OpenAI-compatible endpoints: the calls that go
+  through ``litellm.client_session``, which :func:`_lib` sets when nobody else has): at most
+  :data:`MAX_RESPONSE_BYTES`, uncompressed (``Accept-Encoding: identity``; a compressed reply
+  is refused), and not past the call's ``timeout`` counted from its start; and a call given up
+  by its caller (:class:`CallStop`, set by :mod:`rlm.core` in the thread it runs in) stops
+  reading at once, its connection shut. Without it an abandoned call against a server that
+  streams without end read on for ever, holding memory without bound.
 
 API keys are passed straight to litellm and kept nowhere else.
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
 import os
+import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -57,7 +66,10 @@ from rlm.errors import (
 )
 
 __all__ = [
+    "CALL_STOP",
     "DEFAULT_REQUEST_TIMEOUT_S",
+    "MAX_RESPONSE_BYTES",
+    "CallStop",
     "Completion",
     "acomplete",
     "complete",
@@ -84,6 +96,12 @@ _MIN_KEY_CHARS = 4
 #: such as ``EMPTY`` or ``none`` that local servers accept (the rule ``rlm batch`` has always used).
 _MIN_ENV_KEY_CHARS = 8
 
+#: The most bytes of one response body a call reads (it is read whole, then parsed): a chat
+#: answer is kilobytes, some megabytes at most. Past it the call fails (ProviderUnavailable). A
+#: server that streamed without end (or a gzip bomb, a few MB unpacking to gigabytes) grew the
+#: host's memory until the request timeout, and a call given up went on reading for ever.
+MAX_RESPONSE_BYTES = 32 * 2**20
+
 _litellm: ModuleType | None = None
 _import_lock = threading.Lock()
 _warmed = False  # warm() has run
@@ -103,6 +121,159 @@ class Completion:
     cache_write_tokens: int = 0  # input tokens written to it (part of input_tokens)
 
 
+class CallStop:
+    """Ends the model call of the thread whose context holds it in :data:`CALL_STOP`, from any
+    thread: :meth:`stop` makes the guard of its response (see :func:`_guard_response`) stop
+    reading and shuts its connection, so that a call its caller gave up (``rlm.core`` leaves it
+    to end in a daemon thread) ends now instead of reading on. Before its response has begun,
+    the call ends at its HTTP client's timeout, as before."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._sockets: list[socket.socket] = []
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            sockets, self._sockets = self._sockets, []
+            for sock in sockets:
+                _shut(sock)
+
+    def _watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._stopped:
+                _shut(sock)
+            else:
+                self._sockets.append(sock)
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        """Called before the connection goes back to the pool: another call may use it next."""
+        with self._lock:
+            if sock in self._sockets:
+                self._sockets.remove(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # a read blocked on it returns at once
+    except OSError:
+        pass
+
+
+#: The :class:`CallStop` of the model call made in this context (``rlm.core`` sets it in the
+#: thread a call runs in); None: the call cannot be given up from outside.
+CALL_STOP: contextvars.ContextVar[CallStop | None] = contextvars.ContextVar("rlm_call_stop", default=None)
+
+
+class _Guard:
+    """What the response of one call of :func:`complete` may do: its deadline (monotonic, or None),
+    its :class:`CallStop`, and why the guard ended it (``reason``), for :func:`_map_error`."""
+
+    def __init__(self, deadline: float | None, stop: CallStop | None) -> None:
+        self.deadline = deadline
+        self.stop = stop
+        self.reason: str | None = None  # "stopped", "timeout", "too_large" or "compressed"
+
+    def end(self, reason: str, error: type[Exception], message: str) -> Exception:
+        self.reason = reason
+        return error(message)
+
+
+_GUARD: contextvars.ContextVar[_Guard | None] = contextvars.ContextVar("rlm_response_guard", default=None)
+
+
+def _guard_request(request: Any) -> None:
+    """httpx request hook: ask a call of ours for an uncompressed body (its size is then what is read)."""
+    if _GUARD.get() is not None:
+        request.headers["Accept-Encoding"] = "identity"
+
+
+def _guard_response(response: Any) -> None:
+    """httpx response hook, run once the headers are in, before the body is read: a call of ours
+    (:data:`_GUARD` set) reads its body through :class:`_GuardedStream`; anyone else's is left alone."""
+    import httpx
+
+    guard = _GUARD.get()
+    if guard is None:
+        return
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):  # it would unpack past any bound: a few MB to gigabytes
+        raise guard.end(
+            "compressed", httpx.DecodingError, f"a body compressed ({encoding}) though none was asked for"
+        )
+    length = response.headers.get("content-length", "")
+    if length.strip().isdigit() and int(length) > MAX_RESPONSE_BYTES:
+        raise guard.end("too_large", httpx.DecodingError, f"a body of {int(length)} bytes")
+    sock = None
+    stream = response.extensions.get("network_stream")
+    if stream is not None and guard.stop is not None:
+        try:
+            sock = stream.get_extra_info("socket")
+        except Exception:
+            sock = None
+        if isinstance(sock, socket.socket):
+            guard.stop._watch(sock)
+        else:
+            sock = None
+    response.stream = _guarded_stream(response.stream, guard, sock)
+
+
+def _guarded_stream(inner: Any, guard: _Guard, sock: socket.socket | None) -> Any:
+    """*inner* (a response's byte stream), ended by an httpx error once *guard* says so."""
+    import httpx
+
+    class _GuardedStream(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            read = 0
+            for chunk in inner:
+                read += len(chunk)
+                if guard.stop is not None and guard.stop.stopped:
+                    raise guard.end("stopped", httpx.ReadError, "the call was given up")
+                if guard.deadline is not None and time.monotonic() > guard.deadline:
+                    raise guard.end("timeout", httpx.ReadTimeout, "the request timeout passed")
+                if read > MAX_RESPONSE_BYTES:
+                    raise guard.end(
+                        "too_large", httpx.DecodingError, f"a body over {MAX_RESPONSE_BYTES} bytes"
+                    )
+                yield chunk
+
+        def close(self) -> None:
+            if sock is not None and guard.stop is not None:
+                guard.stop._unwatch(sock)  # before the connection may go back to the pool
+            inner.close()
+
+    return _GuardedStream()
+
+
+def _install_guard(litellm: Any) -> None:
+    """Give litellm's OpenAI-compatible calls an HTTP client whose hooks guard the calls of this
+    module (see :func:`_guard_response`), built as litellm builds its own (TLS settings, HTTP/2).
+    A ``litellm.client_session`` set by someone else is left alone (its calls are not guarded)."""
+    if getattr(litellm, "client_session", None) is not None:
+        return
+    try:
+        from litellm.llms.openai.common_utils import BaseOpenAILLM
+
+        client = BaseOpenAILLM.get_sync_http_client()
+    except Exception:
+        client = None
+    if client is None:
+        import httpx
+
+        client = httpx.Client(follow_redirects=True)
+    hooks = client.event_hooks
+    client.event_hooks = {
+        "request": [*hooks.get("request", []), _guard_request],
+        "response": [*hooks.get("response", []), _guard_response],
+    }
+    litellm.client_session = client
+
+
 def _lib() -> ModuleType:
     """Import and quiet litellm once (thread-safe)."""
     global _litellm
@@ -117,6 +288,7 @@ def _lib() -> ModuleType:
             litellm.telemetry = False
             litellm.suppress_debug_info = True
             litellm.drop_params = True  # a parameter a provider lacks is dropped, not an error
+            _install_guard(litellm)
             _litellm = litellm
     return _litellm
 
@@ -494,13 +666,54 @@ def complete(
     call = _prepare(model, messages, api_base, api_key, kwargs)
     litellm = _lib()
     started = time.perf_counter()
+    timeout = call.get("timeout")
+    deadline = None
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool) and math.isfinite(timeout):
+        deadline = time.monotonic() + timeout
+    guard = _Guard(deadline, CALL_STOP.get())
+    token = _GUARD.set(guard)
     try:
         response = litellm.completion(**call)
     except ModelError:
         raise
     except Exception as exc:
-        raise _map_error(exc, model, call.get("api_key"), call.get("api_base"), call.get("timeout")) from None
+        raise _guard_error(guard, model, call) or _map_error(
+            exc, model, call.get("api_key"), call.get("api_base"), timeout
+        ) from None
+    finally:
+        _GUARD.reset(token)
     return _completion_from(response, model, messages, started, call.get("api_base"), call.get("api_key"))
+
+
+def _guard_error(guard: _Guard, model: str, call: dict[str, Any]) -> ModelError | None:
+    """The error of a call whose response the guard ended (None when it did not)."""
+    where = call.get("api_base") or "the provider's API endpoint"
+    timeout = call.get("timeout")
+    if guard.reason == "stopped":
+        return ProviderUnavailable(f"{model}: the call to {where} was given up", model=model)
+    if guard.reason == "timeout":
+        return ProviderUnavailable(
+            _scrub(
+                f"{model}: no answer from {where} within {timeout:g} s (request timeout)", call.get("api_key")
+            ),
+            model=model,
+        )
+    if guard.reason == "too_large":
+        return ProviderUnavailable(
+            _scrub(
+                f"{model}: a response from {where} over {MAX_RESPONSE_BYTES // 2**20} MiB (cut off)",
+                call.get("api_key"),
+            ),
+            model=model,
+        )
+    if guard.reason == "compressed":
+        return ProviderUnavailable(
+            _scrub(
+                f"{model}: a compressed response from {where}, though none was asked for", call.get("api_key")
+            ),
+            model=model,
+        )
+    return None
 
 
 async def acomplete(

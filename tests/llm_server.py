@@ -30,7 +30,11 @@ included), ``body=`` the whole JSON body (a response of the wrong shape), and
 ``trickle_s=`` sends the response one byte at a time, that many seconds apart
 (a server that never trips a per-read timeout; stopping the server ends it,
 setting the event given as ``release=`` sends the rest at once).
-``ChatRequest.sent_at`` says when the whole response was written.
+``ChatRequest.sent_at`` says when the whole response was written. ``endless_s=`` sends a 200
+whose chunked body never ends (a 64 KiB chunk of spaces every that many seconds; 0: as fast as
+the client reads) until the client goes or the server stops (``ChatRequest.streamed`` counts
+its bytes, ``ChatRequest.gone_at`` says when the client went), and ``raw=`` sends these bytes
+as the body, whatever they are (a gzip bomb, with ``headers=``).
 
 Token counts are deterministic and documented: ``prompt_tokens`` is the number
 of whitespace-separated words over every message's text content, plus 1 per
@@ -88,6 +92,8 @@ class Reply:
     body: Any = None  # sent as the whole JSON body instead of a chat completion (a bad response shape)
     trickle_s: float = 0.0  # > 0: the response (status line, headers, body) goes out a byte at a time, this far apart
     release: threading.Event | None = None  # once set, the rest of a trickled response goes out at once
+    endless_s: float | None = None  # not None: a chunked 200 body without end, a 64 KiB chunk this often
+    raw: bytes | None = None  # sent as the body as it is (with the reply's headers)
 
 
 @dataclass
@@ -101,6 +107,8 @@ class ChatRequest:
     reply: Reply | None = None
     usage: tuple[int, int] = (0, 0)
     sent_at: float | None = None  # time.time() when the whole response was written (None: it was not)
+    streamed: int = 0  # bytes of an endless body sent so far
+    gone_at: float | None = None  # time.time() when the client of an endless body went away
 
     @property
     def model(self) -> str:
@@ -206,6 +214,31 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
+    def _endless(self, reply: Reply, request: ChatRequest) -> None:
+        """A 200 whose chunked body never ends: until the client goes, or the server stops."""
+        assert reply.endless_s is not None
+        self.close_connection = True
+        stopped = self.server.state.stopped
+        chunk = b" " * 65536
+        frame = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+        try:
+            self.send_response(200)
+            for name, value in reply.headers:
+                self.send_header(name, value)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            head = b'{"choices": [{"message": {"role": "assistant", "content": "'
+            self.wfile.write(b"%x\r\n" % len(head) + head + b"\r\n")
+            self.wfile.flush()
+            pause = reply.endless_s
+            while not (stopped.wait(pause) if pause > 0 else stopped.is_set()):
+                self.wfile.write(frame)
+                self.wfile.flush()
+                request.streamed += len(chunk)
+        except OSError:  # the client has gone
+            request.gone_at = time.time()
+
     def do_GET(self) -> None:
         if self.path.rstrip("/") in ("/v1/models", "/models"):
             self._send_json(200, {"object": "list", "data": []})
@@ -235,6 +268,19 @@ class _Handler(BaseHTTPRequestHandler):
         delay = state.latency_s if reply.latency_s is None else reply.latency_s
         if delay > 0:
             time.sleep(delay)
+        if reply.endless_s is not None:
+            self._endless(reply, request)
+            return
+        if reply.raw is not None:
+            self.send_response(200)
+            for name, value in reply.headers:
+                self.send_header(name, value)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply.raw)))
+            self.end_headers()
+            self.wfile.write(reply.raw)
+            request.sent_at = time.time()
+            return
         if reply.status != 200:
             error = {"message": reply.text or "error", "type": reply.error_type, "code": reply.error_code}
             self._send_json(reply.status, {"error": error}, reply, request)

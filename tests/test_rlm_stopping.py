@@ -482,3 +482,87 @@ def test_a_fresh_rlm_run_with_a_short_request_timeout_sends_its_first_call_once(
     payload = json.loads(done.stdout)
     assert payload["answer"] == "first try" and sent == 1, (payload["answer"], sent, done.stderr)
     assert payload["usage"]["openai/m"]["abandoned"] == 0, payload["usage"]
+
+
+# ------------------------------------------------------------------ a server that streams without end
+def _no_call_reads_on(srv: LLMServer, seconds: float = 5.0) -> None:
+    """Within *seconds*, every model call made against *srv* has ended (the threads of calls
+    reading from it are gone) and the client of every endless body has gone."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if all(r.gone_at is not None for r in srv.requests):
+            return
+        time.sleep(0.05)
+    streamed = [(r.streamed, r.gone_at) for r in srv.requests]
+    calls = [t for t in threading.enumerate() if t.name == "rlm-model-call"]
+    raise AssertionError(f"still reading {seconds:g} s later: {calls}, {streamed}")
+
+
+def test_a_body_that_never_ends_is_cut_off_and_nothing_reads_on():
+    """A 200 whose chunked body never ends, sent as fast as the host reads: each attempt read it
+    until the request timeout (growing the host's memory by hundreds of MB a second), and the
+    attempts the loop gave up read on in their threads after the run had returned, for ever. A
+    body over MAX_RESPONSE_BYTES is now cut off, and nothing reads on."""
+    from rlm import llm
+    from rlm.errors import ProviderUnavailable
+
+    with LLMServer(Reply(endless_s=0)) as srv:
+        with pytest.raises(ProviderUnavailable, match="over 32 MiB"):
+            within(
+                60,
+                lambda: run(
+                    "q", "ctx", model="openai/m", api_base=srv.base_url, api_key=KEY,
+                    model_kwargs={"timeout": 5}, max_retries=1, retry_backoff_s=0.05,
+                ),
+            )  # fmt: skip
+        _no_call_reads_on(srv)
+        asked = srv.requests
+    assert len(asked) == 2 and all(r.streamed < 2 * llm.MAX_RESPONSE_BYTES for r in asked), asked
+    assert all(r.headers.get("accept-encoding") == "identity" for r in asked), asked[0].headers
+
+
+@pytest.mark.parametrize("stop", ["cancel", "max_time_s", "request_timeout"])
+def test_a_call_given_up_stops_reading_its_body(stop):
+    """A body that never ends, a chunk every 50 ms (well under the size cap): the loop gives the
+    call up (a cancel, the time budget, the request timeout counted from the call's start), and
+    its thread now stops reading too, its connection shut, instead of reading on for ever."""
+    from rlm.errors import ProviderUnavailable
+
+    token = CancelToken()
+    kwargs: dict[str, Any] = {"max_retries": 0}
+    if stop == "cancel":
+        threading.Timer(1.0, token.cancel).start()
+        kwargs["cancel"] = token
+    elif stop == "max_time_s":
+        kwargs["max_time_s"] = 1.5
+    else:
+        kwargs["model_kwargs"] = {"timeout": 1.0}
+    with LLMServer(Reply(endless_s=0.05)) as srv:
+        go = lambda: run("q", "ctx", model="openai/m", api_base=srv.base_url, api_key=KEY, **kwargs)
+        if stop == "request_timeout":
+            with pytest.raises(ProviderUnavailable, match=r"within 1 s \(request timeout\)"):
+                within(30, go)
+        else:
+            result, _ = within(30, go)
+            assert result.stop_reason == ("cancelled" if stop == "cancel" else "max_time_s"), result
+            assert result.usage["openai/m"].abandoned == 1, result.usage
+        _no_call_reads_on(srv)
+
+
+def test_a_compressed_body_is_refused_unread():
+    """A gzip bomb: a few hundred KB that unpack to hundreds of MB (the host's memory grew by
+    gigabytes for a few MB). Calls ask for an uncompressed body, and one compressed anyway is
+    refused before it is unpacked."""
+    import zlib
+
+    from rlm.errors import ProviderUnavailable
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip
+    body = packer.compress(b'{"choices": [{"message": {"role": "assistant", "content": "FINAL(a')
+    body += b"".join(packer.compress(b" " * 2**20) for _ in range(64)) + packer.compress(b')"}}]}')
+    body += packer.flush()
+    assert len(body) < 2**20
+    with LLMServer(Reply(raw=body, headers=(("Content-Encoding", "gzip"),))) as srv:
+        with pytest.raises(ProviderUnavailable, match="a compressed response"):
+            within(60, lambda: run("q", "ctx", model="openai/m", api_base=srv.base_url, api_key=KEY, max_retries=0))
+        assert srv.requests[0].headers.get("accept-encoding") == "identity"
