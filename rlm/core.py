@@ -511,10 +511,18 @@ class RLM:
             run = _Run(self, ledger, self._events(loop), depth=0, model=self.model)
             if not self.persistent:
                 return run.execute(context, root_prompt)
-            with self._session_lock:  # one completion at a time in a session
+            # One completion at a time in a session. Waiting for it, this one still stops when it is
+            # cancelled or out of time: it waited for the whole other completion, then stopped.
+            while not self._session_lock.acquire(timeout=0.05):
+                over = ledger.halted()
+                if over is not None:
+                    return run.stopped_before_start(context, root_prompt, over[0])
+            try:
                 if self._session is None:
                     self._session = _Session()
                 return run.execute(context, root_prompt, self._session)
+            finally:
+                self._session_lock.release()
         except RLMError as exc:
             # What the run spent before it failed stays known: a batch's budget counts it.
             if ledger is not None:
@@ -1472,9 +1480,48 @@ class _Run:
         lines.append("`history` is the list of those earlier turns as {'query': ..., 'answer': ...} dicts.")
         return "\n".join(lines) + "\n\n"
 
+    def stopped_before_start(self, context: Context, query: str | None, stop_reason: str) -> RLMResult:
+        """The result of a session's completion stopped (cancelled, out of time) while it waited for
+        the session: logged and reported as a run of no turn, the session left untouched."""
+        self.context = context
+        started = self._start(context, query, None)
+        result = self._result(None, stop_reason, 0, [], started, None)
+        self._finish(result, None)
+        return result
+
     def execute(self, context: Context, query: str | None, session: _Session | None = None) -> RLMResult:
         self.context = context
         self.session = session
+        started = self._start(context, query, session)
+        try:
+            if session is not None:
+                answer: str | None = None
+                try:
+                    result = self._loop(self._attach(session), query, started)
+                    answer = result.answer
+                    return result
+                finally:
+                    session.history.append({"query": query, "answer": answer})
+                    if self.ledger.cancel is not None and session.sandbox is not None:
+                        self.ledger.cancel.unwatch(session.sandbox)  # later runs use it
+            sb = self._open_sandbox()
+            try:
+                return self._loop(sb, query, started)
+            finally:
+                sb.close()
+                if self.ledger.cancel is not None:
+                    self.ledger.cancel.unwatch(sb)
+        except BaseException as exc:
+            self.emit("run_end", answer=None, stop_reason="error", error=f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, RLMError) and self.logger is not None:
+                # the run's outcome, so a viewer can tell "failed" from "cut off"
+                self.logger.result(
+                    run_id=self.run_id, stop_reason="error", error=f"{type(exc).__name__}: {exc}"
+                )
+            raise
+
+    def _start(self, context: Context, query: str | None, session: _Session | None) -> float:
+        """Log the run's metadata and emit ``run_start``; returns when the run started."""
         started = time.perf_counter()
         description = describe_context(context)
         if self.logger is not None:
@@ -1508,32 +1555,7 @@ class _Run:
             parent_run_id=self.parent_id,
             session_turn=None if session is None else len(session.history) + 1,
         )
-        try:
-            if session is not None:
-                answer: str | None = None
-                try:
-                    result = self._loop(self._attach(session), query, started)
-                    answer = result.answer
-                    return result
-                finally:
-                    session.history.append({"query": query, "answer": answer})
-                    if self.ledger.cancel is not None and session.sandbox is not None:
-                        self.ledger.cancel.unwatch(session.sandbox)  # later runs use it
-            sb = self._open_sandbox()
-            try:
-                return self._loop(sb, query, started)
-            finally:
-                sb.close()
-                if self.ledger.cancel is not None:
-                    self.ledger.cancel.unwatch(sb)
-        except BaseException as exc:
-            self.emit("run_end", answer=None, stop_reason="error", error=f"{type(exc).__name__}: {exc}")
-            if isinstance(exc, RLMError) and self.logger is not None:
-                # the run's outcome, so a viewer can tell "failed" from "cut off"
-                self.logger.result(
-                    run_id=self.run_id, stop_reason="error", error=f"{type(exc).__name__}: {exc}"
-                )
-            raise
+        return started
 
     def _loop(self, sb: Any, query: str | None, started: float) -> RLMResult:
         self.first_message = self._first_message(query)
@@ -1651,6 +1673,11 @@ class _Run:
             stop_reason = stop_reason or "max_iterations"
             answer, closing = self._closing_answer(sb, messages)
         result = self._result(answer, stop_reason, iterations, history, started, error, error_type)
+        self._finish(result, closing)
+        return result
+
+    def _finish(self, result: RLMResult, closing: str | None) -> None:
+        """Write the run's outcome to its log and emit ``run_end``."""
         if self.logger is not None:
             self.logger.result(
                 closing_response=closing, **result.model_dump(mode="json", exclude={"history"})
@@ -1667,7 +1694,6 @@ class _Run:
             tool_calls=result.tool_calls,
             elapsed_s=result.execution_time,
         )
-        return result
 
     def _too_many_errors(self) -> bool:
         limit = self.cfg.max_errors

@@ -265,6 +265,53 @@ def test_a_completion_cancelled_before_it_runs_leaves_the_session_alone():
     assert after.answer == "42" and after.stop_reason == "final", after
 
 
+@pytest.mark.parametrize("how", ["token", "task"])
+def test_a_completion_queued_behind_another_of_its_session_stops_when_cancelled(how):
+    """Completions of one session run one at a time: one cancelled while it waited for the session
+    (its token, or its acompletion task) went on waiting until the other completion had ended
+    (here seconds; with real turns, up to its whole run), then stopped. It now ends at once with
+    stop_reason="cancelled", touching nothing of the session; the running completion goes on."""
+
+    def script(model: str, messages: list[dict[str, Any]]) -> str:
+        time.sleep(0.4)
+        if "Question: first" in messages[1]["content"] and len(messages) < 2 * 6:
+            return repl("x = 41")
+        return repl("FINAL(x + 1)")
+
+    backend = ScriptedBackend(script)
+    with RLM("m", backend=backend, persistent=True, max_iterations=8) as r:
+        box: dict[str, Any] = {}
+        first = threading.Thread(target=lambda: box.setdefault("first", r.completion("ctx", "first")))
+        first.start()
+        time.sleep(0.5)  # the first completion holds the session now
+        started = time.monotonic()
+        if how == "token":
+            token = CancelToken()
+            threading.Timer(0.3, token.cancel).start()
+            second, _ = within(20, lambda: r.completion("ctx", "second", cancel=token))
+            assert second.stop_reason == "cancelled" and second.answer is None and second.iterations == 0
+        else:
+
+            async def cancel_task() -> None:
+                task = asyncio.create_task(r.acompletion("ctx", "second"))
+                await asyncio.sleep(0.3)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+
+            within(20, lambda: asyncio.run(cancel_task()))
+        waited = time.monotonic() - started
+        # was: it returned only once the first completion had ended (about 2 s later)
+        assert first.is_alive(), f"the cancelled completion returned after the first had ended ({waited:.1f} s)"
+        assert waited < 0.3 + 1.0, waited
+        first.join(20)
+        assert box["first"].answer == "42" and box["first"].stop_reason == "final", box["first"]
+        third = r.completion("ctx", "third")
+    assert third.answer == "42", third  # the session's variables survived
+    told = backend.calls[-1][1][1]["content"]
+    assert "This is question 2 of a session" in told, told  # the cancelled one was no turn of it
+
+
 def test_a_session_whose_child_was_killed_tells_the_next_completion():
     """A cancel kills the session's child mid-block: the next completion's first message says the
     REPL was restarted and the variables are gone (not that it still holds them)."""
