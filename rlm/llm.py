@@ -211,7 +211,8 @@ def _guard_response(response: Any) -> None:
         raise guard.end("too_large", httpx.DecodingError, f"a body of {int(length)} bytes")
     sock = None
     stream = response.extensions.get("network_stream")
-    if stream is not None and guard.stop is not None:
+    # Only an HTTP/1 connection is this call's alone: an HTTP/2 one carries other calls' streams.
+    if stream is not None and guard.stop is not None and response.http_version in ("HTTP/1.1", "HTTP/1.0"):
         try:
             sock = stream.get_extra_info("socket")
         except Exception:

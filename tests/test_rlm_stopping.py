@@ -613,3 +613,22 @@ def test_a_compressed_body_is_refused_unread():
         with pytest.raises(ProviderUnavailable, match="a compressed response"):
             within(60, lambda: run("q", "ctx", model="openai/m", api_base=srv.base_url, api_key=KEY, max_retries=0))
         assert srv.requests[0].headers.get("accept-encoding") == "identity"
+
+
+def test_a_call_given_up_while_its_body_stalls_ends_at_once():
+    """The body stops coming mid-response (the server waits for ever, as a stalled one does): a
+    call given up then (here by a cancel) was blocked in its read until the HTTP client's own
+    timeout (600 s by default). Its connection is shut, so its thread ends at once."""
+    before = set(threading.enumerate())
+    token = CancelToken()
+    threading.Timer(1.0, token.cancel).start()
+    with LLMServer(Reply(endless_s=3600)) as srv:
+        result, _ = within(
+            30, lambda: run("q", "ctx", model="openai/m", api_base=srv.base_url, api_key=KEY, cancel=token)
+        )
+        assert result.stop_reason == "cancelled" and result.usage["openai/m"].abandoned == 1, result
+        deadline = time.monotonic() + 5
+        calls = [t for t in set(threading.enumerate()) - before if t.name == "rlm-model-call"]
+        while any(t.is_alive() for t in calls) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(t.is_alive() for t in calls), "the call given up still waits for its body"
