@@ -18,6 +18,7 @@ child and hands its value to ``rlm_submit_final``.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextvars
 import dataclasses
 import itertools
@@ -252,6 +253,42 @@ MAX_BLOCKS_PER_REPLY = 50
 #: keeps REPEAT_CHARS (head and tail). A block of 2,000 sub-calls that the provider refused kept
 #: 100 MB (and wrote a 100 MB trajectory line) for 0.4 s of the child's CPU.
 BLOCK_CALL_LOG_CHARS = 2_000_000
+
+
+#: The model calls running in threads of their own (see :meth:`_Run._complete`), each with its
+#: :class:`~rlm.llm.CallStop`: told to stop and waited for when the interpreter exits.
+_IN_FLIGHT: dict[threading.Thread, CallStop] = {}
+_in_flight_lock = threading.Lock()
+_exit_hook: list[bool] = []  # [True] once the exit hook is registered
+
+
+def _stop_calls_at_exit() -> None:
+    """At interpreter exit, stop the model calls still in flight and wait for their threads, at
+    most STOP_WAIT_S in all. A call given up runs on in a daemon thread while it winds down
+    (litellm maps the error of a call whose connection was shut, and imports modules to do so);
+    frozen there by the interpreter's exit, it held the import lock, and the interpreter's last
+    imports (a litellm client's ``__del__``) waited for it for ever: a program that exited after
+    a run stopped by a cancel, the time budget or Ctrl-C (``rlm run``) could hang."""
+    with _in_flight_lock:
+        calls = list(_IN_FLIGHT.items())
+    for _, stop in calls:
+        stop.stop()
+    deadline = time.monotonic() + STOP_WAIT_S
+    for thread, _ in calls:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _track(thread: threading.Thread, stop: CallStop) -> None:
+    with _in_flight_lock:
+        _IN_FLIGHT[thread] = stop
+        if not _exit_hook:
+            atexit.register(_stop_calls_at_exit)
+            _exit_hook.append(True)
+
+
+def _untrack(thread: threading.Thread) -> None:
+    with _in_flight_lock:
+        _IN_FLIGHT.pop(thread, None)
 
 
 def retry_wait(attempt: int, retry_after: float | None, backoff_s: float) -> float | None:
@@ -754,14 +791,19 @@ class _Run:
             finally:
                 done.set()
                 leave()
+                _untrack(threading.current_thread())
 
         context = contextvars.copy_context()
         if watch is not None:
             watch.enter()
+        thread = threading.Thread(target=context.run, args=(call,), name="rlm-model-call", daemon=True)
         try:
-            threading.Thread(target=context.run, args=(call,), name="rlm-model-call", daemon=True).start()
+            _track(thread, stop)
+            thread.start()
         except BaseException:  # not started (or a Ctrl-C as it started: then it leaves once)
             leave()
+            if not thread.is_alive():  # (one that started untracks itself when it ends)
+                _untrack(thread)
             raise
         try:
             while not done.wait(0.05):

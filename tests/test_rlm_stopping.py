@@ -632,3 +632,43 @@ def test_a_call_given_up_while_its_body_stalls_ends_at_once():
         while any(t.is_alive() for t in calls) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(t.is_alive() for t in calls), "the call given up still waits for its body"
+
+
+# ------------------------------------------------------------------ model calls in flight at exit
+EXIT_SCRIPT = r"""
+import sys, time
+from rlm import ScriptedBackend, run
+from rlm.llm import CALL_STOP
+
+class WindsDown(ScriptedBackend):
+    def complete(self, model, messages, **kwargs):
+        stop = CALL_STOP.get()
+        while not stop.stopped:
+            time.sleep(0.01)
+        time.sleep(0.5)  # litellm maps the error of a call given up: its first imports, on a loaded machine
+        with open(sys.argv[1], "w") as f:
+            f.write("ended")
+        raise RuntimeError("given up")
+
+result = run("q", "ctx", model="m", backend=WindsDown([]), max_time_s=1.0)
+print(result.stop_reason)
+"""
+
+
+def test_a_call_given_up_ends_before_the_interpreter_exits(tmp_path: Path):
+    """A program that exits right after a run whose model call was given up (a time budget, a
+    cancel, Ctrl-C): the call's daemon thread, still winding down (litellm maps the error of a
+    call whose connection was shut, importing modules on the way), was frozen at exit, holding
+    the import lock, and the interpreter's last imports (a litellm client's ``__del__``) waited
+    for it for ever: ``rlm run`` hung after Ctrl-C. At exit, each call still in flight is now told
+    to stop and waited for (at most STOP_WAIT_S)."""
+    mark = tmp_path / "ended"
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(mark)], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "max_time_s", done.stdout + done.stderr
+    assert mark.exists(), "the process exited while the call given up was still winding down"
+    assert time.monotonic() - started < 30
