@@ -131,7 +131,7 @@ class CallStop:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stopped = False
-        self._sockets: list[socket.socket] = []
+        self._sockets: set[socket.socket] = set()
 
     @property
     def stopped(self) -> bool:
@@ -140,7 +140,7 @@ class CallStop:
     def stop(self) -> None:
         with self._lock:
             self._stopped = True
-            sockets, self._sockets = self._sockets, []
+            sockets, self._sockets = self._sockets, set()
             for sock in sockets:
                 _shut(sock)
 
@@ -149,13 +149,12 @@ class CallStop:
             if self._stopped:
                 _shut(sock)
             else:
-                self._sockets.append(sock)
+                self._sockets.add(sock)
 
     def _unwatch(self, sock: socket.socket) -> None:
         """Called before the connection goes back to the pool: another call may use it next."""
         with self._lock:
-            if sock in self._sockets:
-                self._sockets.remove(sock)
+            self._sockets.discard(sock)
 
 
 def _shut(sock: socket.socket) -> None:
@@ -188,9 +187,41 @@ _GUARD: contextvars.ContextVar[_Guard | None] = contextvars.ContextVar("rlm_resp
 
 
 def _guard_request(request: Any) -> None:
-    """httpx request hook: ask a call of ours for an uncompressed body (its size is then what is read)."""
-    if _GUARD.get() is not None:
-        request.headers["Accept-Encoding"] = "identity"
+    """httpx request hook: ask a call of ours for an uncompressed body (its size is then what is
+    read); and when it opens a new connection, let its :class:`CallStop` shut that connection
+    from then on, before any response has come (a server that stalls or floods ``1xx`` lines
+    before its answer held a call given up for ever; one on a connection kept alive is shut
+    only once its response has begun, see :func:`_guard_response`)."""
+    guard = _GUARD.get()
+    if guard is None:
+        return
+    request.headers["Accept-Encoding"] = "identity"
+    stop = guard.stop
+    if stop is None:
+        return
+    earlier = request.extensions.get("trace")
+    plain = request.url.scheme == "http"
+
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if earlier is not None:
+            earlier(event, info)
+        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            return
+        try:
+            stream: Any = info.get("return_value")
+            if event.endswith("start_tls.complete"):
+                ssl = stream.get_extra_info("ssl_object")
+                if ssl is not None and ssl.selected_alpn_protocol() == "h2":
+                    return  # HTTP/2: the connection may carry other calls' streams
+            elif not plain:
+                return  # TLS: watched once its protocol is known
+            sock = stream.get_extra_info("socket")
+        except Exception:
+            return
+        if isinstance(sock, socket.socket):
+            stop._watch(sock)
+
+    request.extensions["trace"] = trace
 
 
 def _guard_response(response: Any) -> None:

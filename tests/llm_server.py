@@ -33,8 +33,9 @@ setting the event given as ``release=`` sends the rest at once).
 ``ChatRequest.sent_at`` says when the whole response was written. ``endless_s=`` sends a 200
 whose chunked body never ends (a 64 KiB chunk of spaces every that many seconds; 0: as fast as
 the client reads) until the client goes or the server stops (``ChatRequest.streamed`` counts
-its bytes, ``ChatRequest.gone_at`` says when the client went), and ``raw=`` sends these bytes
-as the body, whatever they are (a gzip bomb, with ``headers=``).
+its bytes, ``ChatRequest.gone_at`` says when the client went), ``flood_1xx=True`` sends
+``102 Processing`` lines without end and never an answer (the same two fields), and ``raw=``
+sends these bytes as the body, whatever they are (a gzip bomb, with ``headers=``).
 
 Token counts are deterministic and documented: ``prompt_tokens`` is the number
 of whitespace-separated words over every message's text content, plus 1 per
@@ -94,6 +95,7 @@ class Reply:
     release: threading.Event | None = None  # once set, the rest of a trickled response goes out at once
     endless_s: float | None = None  # not None: a chunked 200 body without end, a 64 KiB chunk this often
     raw: bytes | None = None  # sent as the body as it is (with the reply's headers)
+    flood_1xx: bool = False  # 102 Processing lines without end, never an answer
 
 
 @dataclass
@@ -270,6 +272,17 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(delay)
         if reply.endless_s is not None:
             self._endless(reply, request)
+            return
+        if reply.flood_1xx:
+            self.close_connection = True
+            line = b"HTTP/1.1 102 Processing\r\n\r\n" * 64
+            try:
+                while not self.server.state.stopped.wait(0.005):
+                    self.wfile.write(line)
+                    self.wfile.flush()
+                    request.streamed += len(line)
+            except OSError:  # the client has gone
+                request.gone_at = time.time()
             return
         if reply.raw is not None:
             self.send_response(200)
