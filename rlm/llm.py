@@ -125,8 +125,9 @@ class CallStop:
     """Ends the model call of the thread whose context holds it in :data:`CALL_STOP`, from any
     thread: :meth:`stop` makes the guard of its response (see :func:`_guard_response`) stop
     reading and shuts its connection, so that a call its caller gave up (``rlm.core`` leaves it
-    to end in a daemon thread) ends now instead of reading on. Before its response has begun,
-    the call ends at its HTTP client's timeout, as before."""
+    to end in a daemon thread) ends now instead of reading on. A new connection is shut from
+    the moment it opens (see :func:`_guard_request`); one kept alive from an earlier call only
+    once the response has begun: before that, the call ends at its HTTP client's timeout."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
