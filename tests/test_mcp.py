@@ -1146,12 +1146,16 @@ def test_rlm_query_is_bounded_by_the_server_s_max_time(tmp_path: Path) -> None:
 
 
 def test_a_cancelled_rlm_query_keeps_its_slot_while_its_model_call_runs(tmp_path: Path) -> None:
-    """A cancelled rlm_query gives up its model call in flight (by design), which still runs. Its
+    """A cancelled rlm_query gives up its model call in flight (by design), which may still run. Its
     --max-sessions slot was freed at the cancel: a client that sent and cancelled queries kept
-    more provider requests in flight than the limit. The slot now waits for the call's end."""
+    more provider requests in flight than the limit. The slot now waits for the call's end.
+    (A call given up has its connection shut, and ends, once its response has begun, or at once
+    on a new connection: the call that still runs here is the query's second, on the connection
+    its first kept alive, whose response has not begun: its status line comes a byte at a time.)"""
     env = server_env(OPENAI_API_KEY="sk-test-mcp")
     release = threading.Event()  # ends the slow answer
     slow = Reply("```repl\nx = 1\n```", trickle_s=0.5, release=release)  # a byte every 0.5 s: minutes
+    replies = ["```repl\nx = 0\n```", slow]  # the first turn at once, then the slow one (it repeats)
 
     async def go(llm: LLMServer) -> None:
         args = ("--model", "openai/root", "--api-base", llm.base_url, "--audit-log", str(tmp_path / "a.jsonl"))
@@ -1159,21 +1163,21 @@ def test_a_cancelled_rlm_query_keeps_its_slot_while_its_model_call_runs(tmp_path
 
             async def query(scope: anyio.CancelScope) -> None:
                 with scope:
-                    await s.call_tool("rlm_query", {"query": "q", "context": "c", "max_iterations": 1})
+                    await s.call_tool("rlm_query", {"query": "q", "context": "c", "max_iterations": 2})
 
             first, second = anyio.CancelScope(), anyio.CancelScope()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(query, first)
-                await anyio.to_thread.run_sync(wait_for, lambda: len(llm.requests) == 1)
+                await anyio.to_thread.run_sync(wait_for, lambda: len(llm.requests) == 2)
                 first.cancel()  # its model call goes on, given up
                 tg.start_soon(query, second)
                 await anyio.sleep(3)
-                assert len(llm.requests) == 1  # the second query waits for the slot
+                assert len(llm.requests) == 2  # the second query waits for the slot
                 release.set()  # the first call ends: its slot is free
-                await anyio.to_thread.run_sync(wait_for, lambda: len(llm.requests) >= 2)
+                await anyio.to_thread.run_sync(wait_for, lambda: len(llm.requests) >= 3)
                 second.cancel()
 
-    with LLMServer(slow) as llm:
+    with LLMServer(replies) as llm:
         anyio.run(go, llm)
 
 
