@@ -2098,7 +2098,8 @@ class AsyncSandbox:
     blocking and the answer awaited through the loop's reader callbacks, so
     one loop drives many sandboxes with no thread per call. Work that may
     block (starting or replacing a child, ``set_variable``/``get_variable``,
-    ``close``, sync host functions) runs in the loop's default executor.
+    sync host functions) runs in the loop's default executor; ``close`` in a
+    thread of its own.
     Host functions may be coroutine functions; they run on the loop that
     called ``execute``. Calls on one object are served one at a time; concurrent
     first calls share one child. Cancelling an ``execute`` (``task.cancel()``,
@@ -2329,7 +2330,9 @@ class AsyncSandbox:
         if self in _IN_HOST_CALL.get():
             raise SandboxError("re-entrant use is not allowed: a host function closed its own sandbox")
         self._closed = True
-        await _in_thread(asyncio.get_running_loop(), self._close_sync, _no_op)
+        # In a thread of its own, not the loop's executor: it waits for the running call's end,
+        # which needs an executor thread to build that call's result (see _in_own_thread).
+        await _in_own_thread(asyncio.get_running_loop(), self._close_sync)
 
     def _close_sync(self) -> None:
         with self._make_lock:  # a start still under way finishes first
@@ -2397,6 +2400,42 @@ async def _in_thread(
             done = state["done"]
         if done:
             on_cancel()
+        # Nobody awaits it now: what it raises later (an AuditError) is not "never retrieved".
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
+
+
+async def _in_own_thread(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a new thread; if the awaiting task is cancelled, it still runs to its end.
+
+    For a call that waits for another call's end, which may need the loop's executor (an
+    execute's result is built there): run there, as many of them at once as the executor
+    has threads took them all, and the calls they waited for never got one."""
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def deliver(outcome: Any, error: BaseException | None) -> None:
+        if fut.done():
+            return
+        if error is None:
+            fut.set_result(outcome)
+        else:
+            fut.set_exception(error)
+
+    def run() -> None:
+        try:
+            outcome, error = fn(), None
+        except BaseException as exc:
+            outcome, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits it now
+            loop.call_soon_threadsafe(deliver, outcome, error)
+
+    try:
+        threading.Thread(target=run, name="sandbox-close").start()
+    except RuntimeError:  # no thread to be had: the executor's, then
+        return await _in_thread(loop, fn, _no_op)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
         # Nobody awaits it now: what it raises later (an AuditError) is not "never retrieved".
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         raise

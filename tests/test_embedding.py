@@ -14,8 +14,11 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -24,6 +27,8 @@ import sandbox
 from sandbox import AsyncSandbox, Sandbox, SandboxError, forkserver
 from sandbox.errors import SandboxClosedError
 from sandbox.pool import SandboxPool, default_pool
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _gone(pid: int, timeout: float = 10.0) -> bool:
@@ -927,3 +932,52 @@ def test_an_async_close_cancelled_while_a_cell_runs_still_closes_the_sandbox(aud
         assert scratch is not None and not os.path.exists(scratch)
 
     asyncio.run(main())
+
+
+# Sandboxes whose cells run, closed together from the event loop (a server closing its sessions
+# at shutdown) on a loop whose default executor has two threads: the default one has
+# min(32, CPUs + 4), which as many closes at once fill as well.
+CLOSES_THAT_FILL_THE_EXECUTOR = """
+import asyncio, os, time
+from concurrent.futures import ThreadPoolExecutor
+from sandbox import AsyncSandbox
+
+async def main():
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
+    audit = os.path.join(os.environ["TMPDIR"], "audit.jsonl")
+    boxes = [AsyncSandbox("default", audit_log=audit, pool=None) for _ in range(2)]
+    for box in boxes:
+        await box.start()
+    cells = [asyncio.ensure_future(box.execute("import time\\ntime.sleep(25)")) for box in boxes]
+    await asyncio.sleep(0.5)
+    t0 = time.monotonic()
+    await asyncio.gather(*(box.close() for box in boxes))
+    took = time.monotonic() - t0
+    results = await asyncio.gather(*cells)
+    print("closed", round(took, 1), [r.error_type for r in results], flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_async_closes_of_running_sandboxes_do_not_wait_for_each_other_in_the_executor(tmp_path) -> None:
+    """close() ran Sandbox.close() in the loop's default executor, where it kills the child and
+    waits for the sandbox's lock, which the running execute releases once its result is built,
+    in that same executor: as many closes at once as the executor has threads took them all,
+    and every execute waited for a thread behind them, for ever (the wall limit did not help:
+    its result waits for a thread too). close() now runs in a thread of its own."""
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", CLOSES_THAT_FILL_THE_EXECUTOR],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError("closes and executes waited for each other: killed after 60 s") from None
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    took, kinds = proc.stdout.split(" ", 2)[1:]
+    assert float(took) < 15, proc.stdout  # without the kill: the rest of the 25 s cells
+    assert "None" not in kinds, proc.stdout  # both cells were stopped, not finished
