@@ -658,10 +658,13 @@ class ForkServer:
     def _close_fds(self) -> None:
         with self._sock_lock:  # never while close() hangs it up: its number could be reused
             self.sock.close()
-        for fd in self._fds:
+        while self._fds:
+            # Out of the list before it is closed: a process another thread forks in between
+            # forgets this server (_after_fork_in_child) and would close the number again,
+            # which there may be a descriptor opened since (by a third thread) that it needs.
+            fd = self._fds.pop()
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self._fds.clear()
 
     def forget(self) -> None:
         """In a forked copy of the host: close our copies of the descriptors, nothing else.

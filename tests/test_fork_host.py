@@ -451,3 +451,57 @@ def test_a_process_forked_by_a_host_function_may_close_the_sandbox_it_inherited(
         assert r.stdout == "5\n" and not r.state_lost, r
     finally:
         sb.close()
+
+
+def test_a_fork_while_a_fork_server_closes_leaves_the_forked_processs_descriptors_alone() -> None:
+    """A fork server is closed (``sandbox.shutdown()``, a dead server replaced) while another
+    thread forks: the forked process forgets the server, closing its copies of the pidfds the
+    server still held (a spawn whose frame was lost). close() closed each pidfd before it took
+    it out of its list, so a fork in between left the number in the forked process's copy of the
+    list, and the hook there closed it again: by then it may be another descriptor, opened by a
+    third thread of the parent before the fork, which the forked process needs. Here the fork
+    comes (from a profiler) the moment that pidfd is closed, a new descriptor taking its number."""
+    from types import FrameType
+
+    from sandbox import forkserver
+
+    server = forkserver.ForkServer()
+    orphan = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    server._fds.append(orphan)  # a pidfd whose `spawned` frame was lost (a Ctrl-C)
+    forked: list[int] = []
+    reader = writer = -1
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        nonlocal reader, writer
+        if event != "c_return" or arg is not os.close or forked:
+            return
+        if frame.f_code.co_name != "_close_fds":
+            return
+        sys.setprofile(None)
+        reader, writer = os.pipe()
+        os.dup2(reader, orphan)  # another thread's new descriptor takes the closed number
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.fstat(orphan)  # still open here: nothing closed it again
+                code = 0
+            except OSError:
+                code = 2
+            finally:
+                os._exit(code)
+        forked.append(pid)
+
+    try:
+        sys.setprofile(profile)
+        server.close(timeout=5.0)
+    finally:
+        sys.setprofile(None)
+    try:
+        assert forked, "the server's close() closed no pidfd"
+        assert _wait_status(forked[0], 60) == 0, "the forked process's descriptor was closed at the fork"
+    finally:
+        for fd in (orphan, reader, writer):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
