@@ -2452,7 +2452,10 @@ async def _transfer(sb: Sandbox, call: Callable[[], Any]) -> Any:
         ticket.give_up()
         raise
     finally:
-        _TRANSFER.reset(token)
+        # ValueError: the coroutine is closed outside the task's context (its loop was closed
+        # without cancelling it, and the garbage collector closes it): nothing to reset there.
+        with contextlib.suppress(ValueError):
+            _TRANSFER.reset(token)
 
 
 async def _send_async(sb: Sandbox, child: _Child, frame: bytes, fd: int | None, timeout: float) -> None:

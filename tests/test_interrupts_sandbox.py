@@ -10,6 +10,7 @@ turn. Real children throughout."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dis
 import gc
 import os
@@ -629,6 +630,58 @@ def test_a_host_call_left_on_a_loop_closed_without_cancelling_it_is_dropped_quie
     del task
     gc.collect()
     assert not [exc for exc in unraisable if isinstance(exc, ValueError)], unraisable
+
+    async def again() -> str:
+        r = await asyncio.wait_for(asb.execute("print(2)"), 20)
+        await asb.close()
+        return r.stdout
+
+    assert within(30, lambda: asyncio.run(again()))[0] == "2\n"
+
+
+def test_a_variable_transfer_left_on_a_loop_closed_without_cancelling_it_is_dropped_quietly(
+    audit_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for an execute above: a set_variable still in its worker thread (its child stopped)
+    when its loop is closed without cancelling it. The garbage collector closes the coroutine
+    outside the task's context, where resetting the transfer's ticket raised "ValueError:
+    <Token ...> was created in a different Context" (printed as ignored). The sandbox is usable
+    from a new loop and closes."""
+    import signal
+    import time
+    import weakref
+
+    unraisable: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: unraisable.append(info.exc_value))
+    asb = AsyncSandbox("default", audit_log=audit_path, pool=None)
+
+    async def abandon() -> asyncio.Task[None]:
+        await asb.start()
+        assert asb.pid is not None
+        os.kill(asb.pid, signal.SIGSTOP)  # the transfer waits for it until its timeout
+        task = asyncio.ensure_future(asb.set_variable("x", "y" * 100, timeout=1.0))
+        await asyncio.sleep(0.2)
+        return task
+
+    loop = asyncio.new_event_loop()
+    pid: int | None = None
+    try:
+        task = loop.run_until_complete(abandon())
+        pid = asb.pid
+        assert not task.done()
+    finally:
+        loop.close()  # no cancel: the pending task is dropped
+    gone = weakref.ref(task)
+    del task
+    deadline = time.monotonic() + 60
+    while gone() is not None:  # collectable once its worker thread let go of it (timed out)
+        assert time.monotonic() < deadline, "the abandoned set_variable was never collected"
+        time.sleep(0.05)
+        gc.collect()
+    assert not [exc for exc in unraisable if isinstance(exc, ValueError)], unraisable
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
     async def again() -> str:
         r = await asyncio.wait_for(asb.execute("print(2)"), 20)
