@@ -97,6 +97,9 @@ _START_TIMEOUT = 15.0
 DEADLINE_GRACE = 2.0
 #: Default per-call timeout of set_variable/get_variable, on top of the policy's wall_seconds.
 VARIABLE_TIMEOUT_EXTRA = 30.0
+#: Seconds the host waits for its fork server's report of how a stopped child ended (the server's
+#: lock included: another thread's spawn may hold it); past that the report is given up.
+EXIT_REPORT_WAIT = 10.0
 #: Bytes of markers the output cap may add to max_output_bytes (the child's cut and the host's).
 _OUTPUT_SLACK = 4 * limits.CUT_MARKER_BYTES + 160
 #: How long the host polls for the child's answer before it blocks (at most; see sandbox.spin).
@@ -651,7 +654,7 @@ def _abandon(
     with contextlib.suppress(OSError):
         os.killpg(pid, signal.SIGKILL)
     try:
-        _settle_lease(lease, server.wait_exit(pid, 10.0), pidfd)
+        _settle_lease(lease, server.wait_exit(pid, EXIT_REPORT_WAIT), pidfd)
     finally:
         sock.close()
         os.close(pidfd)
@@ -717,7 +720,7 @@ def _collect_exit(child: _Child) -> forkserver.ExitInfo | None:
     if not child.released:
         with child.fd_lock:
             child.released = True
-        child.exit_info = child.server.wait_exit(child.pid, 10.0)
+        child.exit_info = child.server.wait_exit(child.pid, EXIT_REPORT_WAIT)
     return child.exit_info
 
 

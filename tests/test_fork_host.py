@@ -240,14 +240,17 @@ def test_closing_a_stopped_fork_server_does_not_wait_out_another_threads_spawn(t
 def test_closing_a_sandbox_does_not_wait_out_another_threads_spawn(tmp_path: Path, monkeypatch) -> None:
     """The fork server is stopped (SIGSTOP) while a thread starts a sandbox on it: that thread
     waits for the answer (SPAWN_TIMEOUT) holding the server's lock. Closing another sandbox of
-    that server asks it for its child's exit report for at most 10 s; it waited for the lock
-    first, the whole spawn timeout. Now it gives up on the report when the lock does not come
-    in time (its child is known dead by its pidfd, its pid released later)."""
+    that server asks it for its child's exit report for at most EXIT_REPORT_WAIT (10 s; 2 s
+    here); it waited for the lock first, the whole spawn timeout. Now it gives up on the report
+    when the lock does not come in time (its child is known dead by its pidfd, its pid released
+    later)."""
     import threading
 
+    import sandbox.sandbox
     from sandbox import Sandbox, SandboxError, forkserver
 
-    monkeypatch.setattr(forkserver, "SPAWN_TIMEOUT", 25.0)
+    monkeypatch.setattr(forkserver, "SPAWN_TIMEOUT", 12.0)
+    monkeypatch.setattr(sandbox.sandbox, "EXIT_REPORT_WAIT", 2.0)
     audit = tmp_path / "audit.jsonl"
     first = Sandbox("default", audit_log=audit, pool=None)
     server = forkserver.shared(False)
@@ -274,7 +277,7 @@ def test_closing_a_sandbox_does_not_wait_out_another_threads_spawn(tmp_path: Pat
         t0 = time.monotonic()
         first.close()
         took = time.monotonic() - t0
-        assert took < 17, f"close() took {took:.1f} s"
+        assert took < 8, f"close() took {took:.1f} s"  # the spawn holds the lock for 12 s
         thread.join(60)
         assert outcome and (outcome[0] == "42\n" or isinstance(outcome[0], SandboxError)), outcome
         assert _gone(server.pid, 10.0) and _gone(child, 10.0)
