@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from sandbox import Policy, Sandbox, load_policy
@@ -64,6 +65,19 @@ def run_cli(
         env=None if env is None else dict(env),
         timeout=timeout,
     )
+
+
+def gone(pid: int, timeout: float = 10.0) -> bool:
+    """True once process *pid* has exited (a zombie counts: its parent reaps it) within *timeout* s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def within(seconds: float, fn: Callable[[], Any]) -> Any:

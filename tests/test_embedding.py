@@ -27,20 +27,9 @@ import sandbox
 from sandbox import AsyncSandbox, Sandbox, SandboxError, forkserver
 from sandbox.errors import SandboxClosedError
 from sandbox.pool import SandboxPool, default_pool
+from tests.conftest import gone
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # ------------------------------------------------------------------ lifecycle
@@ -82,8 +71,8 @@ def test_fork_server_killed_existing_and_new_sandboxes_recover(audit_path) -> No
         assert sb.execute("x = 41").ok
         server = forkserver.shared()
         os.kill(server.pid, signal.SIGKILL)
-        assert _gone(server.pid)
-        assert _gone(sb.pid)  # its children die with it
+        assert gone(server.pid)
+        assert gone(sb.pid)  # its children die with it
         try:
             r = sb.execute("print(x)")
         except SandboxError:
@@ -102,7 +91,7 @@ def test_fork_server_killed_existing_and_new_sandboxes_recover(audit_path) -> No
 def test_spawn_on_a_server_that_just_died_is_retried(audit_path, monkeypatch) -> None:
     server = forkserver.shared()
     os.kill(server.pid, signal.SIGKILL)
-    assert _gone(server.pid)
+    assert gone(server.pid)
     # As if it died between the liveness check and the request: only the spawn itself can find out.
     monkeypatch.setattr(forkserver.ForkServer, "alive", property(lambda self: not self.closed))
     with Sandbox("default", audit_log=audit_path, pool=None) as sb:
@@ -169,7 +158,7 @@ def test_cancelled_execute_stops_the_cell(audit_path, how: str) -> None:
                 with pytest.raises(TimeoutError):
                     async with asyncio.timeout(0.5):
                         await sb.execute(cell)
-            assert pid is not None and _gone(pid)  # the cell stopped: its child was killed
+            assert pid is not None and gone(pid)  # the cell stopped: its child was killed
             r = await sb.execute("print(2)")
             assert r.ok and r.state_lost and r.stdout == "2\n"
 
@@ -332,7 +321,7 @@ def test_pooled_children_serve_one_sandbox_each(audit_path) -> None:
             a.execute("secret = 'tenant a'")
             assert a.execute("print(d(21))").stdout == "42\n"  # host functions reach a pooled child
             pid_a = a.pid
-        assert _gone(pid_a)  # never reused
+        assert gone(pid_a)  # never reused
         assert pool.wait_ready(30)
         with Sandbox("default", audit_log=audit_path, pool=pool) as b:
             assert b.pid != pid_a
@@ -341,7 +330,7 @@ def test_pooled_children_serve_one_sandbox_each(audit_path) -> None:
             r = b.execute("d(1)")
             assert r.error_type == "NameError"  # the previous tenant's host functions are not there
         ready = set(pool.ready_pids())
-    assert all(_gone(pid) for pid in ready)  # close() stopped the ready children
+    assert all(gone(pid) for pid in ready)  # close() stopped the ready children
 
 
 def test_pool_size_zero_and_pool_none_fork_on_demand(audit_path) -> None:
@@ -362,7 +351,7 @@ def test_pool_children_of_a_killed_server_are_replaced(audit_path) -> None:
         assert pool.wait_ready(30)
         old = set(pool.ready_pids())
         os.kill(forkserver.shared().pid, signal.SIGKILL)
-        assert all(_gone(pid) for pid in old)
+        assert all(gone(pid) for pid in old)
         with Sandbox("default", audit_log=audit_path, pool=pool) as sb:
             assert sb.pid not in old
             r = sb.execute("print(7)")
@@ -589,7 +578,7 @@ def test_ctrl_c_during_a_sync_execute_kills_the_cell_and_is_audited(audit_path, 
                 sb.execute(cell)
         finally:
             timer.cancel()
-        assert pid is not None and _gone(pid)
+        assert pid is not None and gone(pid)
         r = sb.execute("print('x' in dir())")
         assert r.ok and r.stdout == "False\n" and r.state_lost, r
     outcomes = [json.loads(line)["outcome"] for line in audit_path.read_text().splitlines()]
@@ -634,7 +623,7 @@ def test_ctrl_c_during_a_variable_transfer_does_not_hand_its_answer_to_the_next_
                     time.sleep(5)  # the transfer ended first: the interrupt lands here
             finally:
                 timer.cancel()
-            if pid is not None and _gone(pid, 3.0):  # a killed child is gone in milliseconds
+            if pid is not None and gone(pid, 3.0):  # a killed child is gone in milliseconds
                 break
         else:
             pytest.fail(f"no interrupt landed while the child was answering (a transfer took {took:.2f} s)")
@@ -867,7 +856,7 @@ def test_a_cancelled_async_variable_transfer_with_a_stopped_child_frees_the_sand
                             await sb.set_variable("v", big)
                         else:
                             await sb.get_variable("y")
-                assert _gone(pid)  # killed on the cancellation, not at the call's own deadline
+                assert gone(pid)  # killed on the cancellation, not at the call's own deadline
                 async with asyncio.timeout(20):  # without the kill: a minute
                     r = await sb.execute("print('v' in dir(), 'y' in dir())")
                 assert r.ok and r.state_lost and r.stdout == "False False\n", r
@@ -896,7 +885,7 @@ def test_async_close_from_another_task_stops_the_running_cell(audit_path) -> Non
         assert time.monotonic() - t0 < 10  # without the kill: the rest of the 25 s cell
         r = await cell
         assert not r.ok and r.error_type in ("ChildCrashed", "ChildExited"), r
-        assert _gone(pid, 1.0)
+        assert gone(pid, 1.0)
         with pytest.raises(SandboxClosedError):
             await sb.execute("x = 1")
 
@@ -924,7 +913,7 @@ def test_an_async_close_cancelled_while_a_cell_runs_still_closes_the_sandbox(aud
         async with asyncio.timeout(10):  # without the fix: the 25 s cell
             r = await cell
         assert not r.ok, r
-        assert _gone(pid, 1.0)
+        assert gone(pid, 1.0)
         deadline = time.monotonic() + 10
         while inner._child is not None:  # the close finishes in its thread after the cell
             assert time.monotonic() < deadline, "the sandbox was never closed"

@@ -12,22 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
+from sandbox import forkserver
+from tests.conftest import gone
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _kill(pid: int) -> None:
@@ -60,6 +50,26 @@ os.read(0, 1)  # SIGKILLed here
 """
 
 
+def _until_locked(server: forkserver.ForkServer) -> None:
+    """Wait (10 s at most) until a thread holds the fork server's lock: a spawn in flight."""
+    deadline = time.monotonic() + 10
+    while not server._lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server._lock.locked()
+
+
+def _open_and_run(audit: Path, outcome: list[object]) -> None:
+    """Open a sandbox, run one cell and close it, in a thread: what it printed, or the
+    SandboxError it raised (allowed; never a raw OSError), goes to *outcome*."""
+    from sandbox import Sandbox, SandboxError
+
+    try:
+        with Sandbox("default", audit_log=audit, pool=None) as sb:
+            outcome.append(sb.execute("print(6 * 7)").stdout)
+    except SandboxError as exc:
+        outcome.append(exc)
+
+
 def test_a_fork_while_the_fork_server_starts_does_not_keep_it_alive(tmp_path: Path) -> None:
     env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
     host = subprocess.Popen(
@@ -76,17 +86,15 @@ def test_a_fork_while_the_fork_server_starts_does_not_keep_it_alive(tmp_path: Pa
         forked, server, child = pids = [int(x) for x in line.split()]
         host.kill()  # dies without shutdown(): its fork server must see end of file
         host.wait(30)
-        assert not _gone(forked, 0.5), "the forked process should still be waiting"
-        assert _gone(server, 15.0), (
-            "the dead host's fork server lives on: the forked process holds its socket"
-        )
-        assert _gone(child, 15.0)
+        assert not gone(forked, 0.5), "the forked process should still be waiting"
+        assert gone(server, 15.0), "the dead host's fork server lives on: the forked process holds its socket"
+        assert gone(child, 15.0)
     finally:
         host.kill()
         if host.stdin is not None:
             host.stdin.close()  # the forked process exits
         for pid in pids:
-            if not _gone(pid, 10.0):
+            if not gone(pid, 10.0):
                 _kill(pid)
         host.wait(30)
 
@@ -206,15 +214,8 @@ def test_closing_a_stopped_fork_server_does_not_wait_out_another_threads_spawn(t
     server = forkserver.shared(False)
     outcome: list[object] = []
 
-    def opener() -> None:
-        try:
-            with Sandbox("default", audit_log=audit, pool=None) as sb:
-                outcome.append(sb.execute("print(6 * 7)").stdout)
-        except SandboxError as exc:  # allowed; never a raw OSError
-            outcome.append(exc)
-
     os.kill(server.pid, signal.SIGSTOP)
-    thread = threading.Thread(target=opener)
+    thread = threading.Thread(target=_open_and_run, args=(audit, outcome))
     try:
         thread.start()
         deadline = time.monotonic() + 10
@@ -229,7 +230,7 @@ def test_closing_a_stopped_fork_server_does_not_wait_out_another_threads_spawn(t
         assert not thread.is_alive()
         assert took < 12, f"close(timeout=2) took {took:.1f} s"
         assert outcome and (outcome[0] == "42\n" or isinstance(outcome[0], SandboxError)), outcome
-        assert _gone(server.pid, 10.0)
+        assert gone(server.pid, 10.0)
     finally:
         with contextlib.suppress(OSError):
             os.kill(server.pid, signal.SIGKILL)
@@ -256,31 +257,21 @@ def test_closing_a_sandbox_does_not_wait_out_another_threads_spawn(tmp_path: Pat
     server = forkserver.shared(False)
     outcome: list[object] = []
 
-    def opener() -> None:
-        try:
-            with Sandbox("default", audit_log=audit, pool=None) as sb:
-                outcome.append(sb.execute("print(6 * 7)").stdout)
-        except SandboxError as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=opener)
+    thread = threading.Thread(target=_open_and_run, args=(audit, outcome))
     try:
         assert first.execute("x = 1").ok
         child = first.pid
         assert child is not None
         os.kill(server.pid, signal.SIGSTOP)
         thread.start()
-        deadline = time.monotonic() + 10
-        while not server._lock.locked() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert server._lock.locked()  # the opener's spawn waits for the stopped server
+        _until_locked(server)  # the opener's spawn waits for the stopped server
         t0 = time.monotonic()
         first.close()
         took = time.monotonic() - t0
         assert took < 8, f"close() took {took:.1f} s"  # the spawn holds the lock for 12 s
         thread.join(60)
         assert outcome and (outcome[0] == "42\n" or isinstance(outcome[0], SandboxError)), outcome
-        assert _gone(server.pid, 10.0) and _gone(child, 10.0)
+        assert gone(server.pid, 10.0) and gone(child, 10.0)
     finally:
         first.close()
         with contextlib.suppress(OSError):
@@ -308,16 +299,13 @@ def test_shutdown_does_not_wait_out_a_pool_refill_on_a_stopped_fork_server(tmp_p
         os.kill(server.pid, signal.SIGSTOP)
         with Sandbox("default", audit_log=audit, pool=pool) as sb:  # takes one: the pool refills
             assert sb.execute("x = 1").ok
-            deadline = time.monotonic() + 10
-            while not server._lock.locked() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert server._lock.locked()  # the refill's spawn waits for the stopped server
+            _until_locked(server)  # the refill's spawn waits for the stopped server
             t0 = time.monotonic()
             sandbox.shutdown()
             took = time.monotonic() - t0
         assert took < 15, f"shutdown() took {took:.1f} s"
         assert pool.ready_pids() == []
-        assert _gone(server.pid, 10.0)
+        assert gone(server.pid, 10.0)
     finally:
         if server is not None:
             with contextlib.suppress(OSError):
@@ -370,8 +358,8 @@ def test_a_forked_process_does_not_hold_the_uid_and_scratch_of_its_parents_child
         forked, server, uid = int(forked_s), int(server_s), int(uid_s)
         host.kill()
         host.wait(30)
-        assert _gone(server, 15.0)  # the host's children are gone with it
-        assert not _gone(forked, 0.5), "the forked process should still be waiting"
+        assert gone(server, 15.0)  # the host's children are gone with it
+        assert not gone(forked, 0.5), "the forked process should still be waiting"
         try:
             fd = _lock_scratch(scratch)
         except BlockingIOError:
@@ -387,7 +375,7 @@ def test_a_forked_process_does_not_hold_the_uid_and_scratch_of_its_parents_child
         if host.stdin is not None:
             host.stdin.close()
         for pid in (forked, server):
-            if pid > 0 and not _gone(pid, 10.0):
+            if pid > 0 and not gone(pid, 10.0):
                 _kill(pid)
         host.wait(30)
 
