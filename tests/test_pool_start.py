@@ -234,7 +234,7 @@ def test_a_pooled_child_taken_by_a_sandbox_that_fails_to_start_is_stopped(tmp_pa
     import pytest
 
     from sandbox.errors import AuditError
-    from tests.test_embedding import _gone
+    from tests.conftest import gone
 
     policy = load_policy("default")
     with SandboxPool(size=1) as pool:
@@ -243,7 +243,7 @@ def test_a_pooled_child_taken_by_a_sandbox_that_fails_to_start_is_stopped(tmp_pa
         (pid,) = pool.ready_pids()
         with pytest.raises(AuditError):  # the log is a directory: set-up fails after the take
             Sandbox(policy, audit_log=tmp_path, pool=pool)
-        assert _gone(pid)  # woken by its init, then stopped: not leaked, not handed out again
+        assert gone(pid)  # woken by its init, then stopped: not leaked, not handed out again
         assert pid not in pool.ready_pids()
 
 
