@@ -79,7 +79,7 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 import msgpack
@@ -589,21 +589,30 @@ def _memfd(into: list[int] | None) -> int:
     return into[-1]
 
 
-def write_shm(data: bytes, into: list[int] | None = None) -> int:
-    """Copy *data* into a fresh memfd; return its descriptor (caller closes). With *into*, the
-    descriptor is appended to that list as it is made and left there if anything fails: the
-    owner of the list closes it (see :func:`_memfd`)."""
+def _shm_of(parts: Sequence[bytes | memoryview], into: list[int] | None) -> tuple[int, int]:
+    """A fresh memfd holding *parts* one after the other: ``(fd, size)``. Without *into* it is
+    closed if anything fails; with it, left in that list for its owner (see :func:`_memfd`)."""
     fd = _memfd(into)
+    size = 0
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+                size += n
     except BaseException:
         if into is None:
             os.close(fd)
         raise
-    return fd
+    return fd, size
+
+
+def write_shm(data: bytes, into: list[int] | None = None) -> int:
+    """Copy *data* into a fresh memfd; return its descriptor (caller closes). With *into*, the
+    descriptor is appended to that list as it is made and left there if anything fails: the
+    owner of the list closes it (see :func:`_memfd`)."""
+    return _shm_of((data,), into)[0]
 
 
 # CPython's C API through private function objects (a prototype bound to a name),
@@ -861,20 +870,7 @@ def write_value_shm(value: Any, into: list[int] | None = None) -> tuple[int, int
         parts = [_msgpack_header("bin", len(value)), memoryview(value)]
     else:
         parts = [pack_value(value)]
-    fd = _memfd(into)
-    size = 0
-    try:
-        for part in parts:
-            view = memoryview(part)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-                size += n
-    except BaseException:
-        if into is None:
-            os.close(fd)
-        raise
-    return fd, size
+    return _shm_of(parts, into)
 
 
 def read_shm(
