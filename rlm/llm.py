@@ -561,9 +561,8 @@ def _map_error(
     if why is not None:
         return ModelUnreachable(_scrub(f"{model}: cannot connect to {where}: {why}", api_key), model=model)
     if isinstance(exc, litellm.Timeout):
-        within = f" within {timeout:g} s" if isinstance(timeout, (int, float)) else ""
         return ProviderUnavailable(
-            _scrub(f"{model}: no answer from {where}{within} (request timeout)", api_key),
+            _scrub(_no_answer(model, where, timeout), api_key),
             model=model,
             retry_after=_retry_after(exc),
         )
@@ -720,33 +719,22 @@ def complete(
 
 def _guard_error(guard: _Guard, model: str, call: dict[str, Any]) -> ModelError | None:
     """The error of a call whose response the guard ended (None when it did not)."""
+    if guard.reason is None:
+        return None
     where = call.get("api_base") or "the provider's API endpoint"
-    timeout = call.get("timeout")
-    if guard.reason == "stopped":
-        return ProviderUnavailable(f"{model}: the call to {where} was given up", model=model)
-    if guard.reason == "timeout":
-        return ProviderUnavailable(
-            _scrub(
-                f"{model}: no answer from {where} within {timeout:g} s (request timeout)", call.get("api_key")
-            ),
-            model=model,
-        )
-    if guard.reason == "too_large":
-        return ProviderUnavailable(
-            _scrub(
-                f"{model}: a response from {where} over {MAX_RESPONSE_BYTES // 2**20} MiB (cut off)",
-                call.get("api_key"),
-            ),
-            model=model,
-        )
-    if guard.reason == "compressed":
-        return ProviderUnavailable(
-            _scrub(
-                f"{model}: a compressed response from {where}, though none was asked for", call.get("api_key")
-            ),
-            model=model,
-        )
-    return None
+    text = {
+        "stopped": f"{model}: the call to {where} was given up",
+        "timeout": _no_answer(model, where, call.get("timeout")),
+        "too_large": f"{model}: a response from {where} over {MAX_RESPONSE_BYTES // 2**20} MiB (cut off)",
+        "compressed": f"{model}: a compressed response from {where}, though none was asked for",
+    }[guard.reason]
+    return ProviderUnavailable(_scrub(text, call.get("api_key")), model=model)
+
+
+def _no_answer(model: str, where: str, timeout: Any) -> str:
+    """What a call that got no answer within its request timeout says (by the HTTP client or the guard)."""
+    within = f" within {timeout:g} s" if isinstance(timeout, (int, float)) else ""
+    return f"{model}: no answer from {where}{within} (request timeout)"
 
 
 async def acomplete(
