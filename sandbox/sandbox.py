@@ -873,21 +873,10 @@ class _Transfer:
                 self.sb.kill()
 
 
-class _NoTransfer:
-    """``_TRANSFER`` outside an :class:`AsyncSandbox` worker: a plain call, nothing to check."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        return None
-
-
-_TRANSFER: contextvars.ContextVar[_Transfer | _NoTransfer] = contextvars.ContextVar(
+#: Outside an :class:`AsyncSandbox` worker a plain call: nothing to check (a null context).
+_TRANSFER: contextvars.ContextVar[_Transfer | contextlib.nullcontext[None]] = contextvars.ContextVar(
     "sandbox_transfer",
-    default=_NoTransfer(),  # noqa: B039 (no state: nothing to mutate)
+    default=contextlib.nullcontext(),  # noqa: B039 (no state: nothing to mutate)
 )
 
 
