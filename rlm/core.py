@@ -49,7 +49,7 @@ from rlm.errors import (
     UnknownModelError,
 )
 from rlm.events import EventCallback, Events, call_sync
-from rlm.final import extract_code_blocks, find_final
+from rlm.final import count_code_blocks, extract_code_blocks, find_final
 from rlm.llm import CALL_STOP, CallStop, Completion, redact, secret_values
 from rlm.result import RLMResult
 from rlm.tools import Tool, describe_tools, tool_table
@@ -1637,10 +1637,13 @@ class _Run:
                 input_tokens=completion.input_tokens,
                 output_tokens=completion.output_tokens,
             )
-            blocks = extract_code_blocks(response)
+            # Only the blocks that may run are copied out; the others are counted (a reply of a
+            # million blocks kept them all, and the host's memory with them).
+            blocks = extract_code_blocks(response, limit=MAX_BLOCKS_PER_REPLY)
+            found = len(blocks) if len(blocks) < MAX_BLOCKS_PER_REPLY else count_code_blocks(response)
             code_entries: list[dict[str, Any]] = []
             outputs: list[str] = []
-            for index, code in enumerate(blocks[:MAX_BLOCKS_PER_REPLY], 1):
+            for index, code in enumerate(blocks, 1):
                 entry, text, ok = self._run_block(sb, code)
                 code_entries.append(entry)
                 outputs.append(text)
@@ -1699,7 +1702,7 @@ class _Run:
                 stop_reason = "max_errors"
                 break
             messages.append({"role": "assistant", "content": response})
-            feedback = self._feedback(blocks, outputs, turn)
+            feedback = self._feedback(found, outputs, turn)
             if rejected is not None:
                 feedback = (
                     f"Your final answer was rejected: it does not match the required answer format "
@@ -1741,24 +1744,25 @@ class _Run:
         limit = self.cfg.max_errors
         return limit is not None and self.errors_in_a_row >= limit
 
-    def _feedback(self, blocks: list[str], outputs: list[str], turn: int) -> str:
+    def _feedback(self, found: int, outputs: list[str], turn: int) -> str:
+        """The next user message: each run block's output, for *found* blocks in the reply."""
         left = self.cfg.max_iterations - turn
-        if not blocks:
+        if not found:
             body = (
                 "Your reply had no ```repl block and no FINAL(...). Write code in a ```repl block to make "
                 "progress, or give your final answer."
             )
         else:
             body = "\n\n".join(
-                f"Output of block {i} of {len(blocks)}:\n{text}" for i, text in enumerate(outputs, 1)
+                f"Output of block {i} of {found}:\n{text}" for i, text in enumerate(outputs, 1)
             )
-            if len(outputs) < len(blocks):
+            if len(outputs) < found:
                 why = (
                     f": at most {MAX_BLOCKS_PER_REPLY} blocks of a reply run"
                     if len(outputs) == MAX_BLOCKS_PER_REPLY
                     else ""
                 )
-                body += f"\n\n[blocks {len(outputs) + 1} to {len(blocks)} were not run{why}]"
+                body += f"\n\n[blocks {len(outputs) + 1} to {found} were not run{why}]"
         return f"{body}\n\n[{left} turn{'s' if left != 1 else ''} left]"
 
     def _closing_answer(self, sb: Any, messages: Messages) -> tuple[str | None, str | None]:

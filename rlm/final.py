@@ -16,15 +16,18 @@ Rules (pinned by the project's contract):
 from __future__ import annotations
 
 import ast
+import itertools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["FinalDirective", "extract_code_blocks", "find_final", "strip_code"]
+__all__ = ["FinalDirective", "count_code_blocks", "extract_code_blocks", "find_final", "strip_code"]
 
 # Possessive quantifiers (never given back): a line of ``` and 60,000 spaces cost the old
 # pattern quadratic time, a minute per 60 KB of the model's reply, holding the GIL.
 _FENCE = re.compile(r"^[ \t]*+(`{3,}+|~{3,}+)([^\n`]*+)$", re.MULTILINE)
+_NON_SPACE = re.compile(r"\S")
 _DIRECTIVE = re.compile(r"^[ \t]*(FINAL_VAR|FINAL)[ \t]*\(", re.MULTILINE)
 
 
@@ -37,41 +40,53 @@ class FinalDirective:
     quoted: bool = False
 
 
-def _segments(text: str) -> list[tuple[bool, str, str]]:
-    """Split *text* into (is_code, info_string, body) segments; an unclosed fence runs to the end."""
-    out: list[tuple[bool, str, str]] = []
+def _segments(text: str) -> Iterator[tuple[bool, str, int, int]]:
+    """The (is_code, info_string, start, end) segments of *text*, in order, as they are found:
+    a caller slices only those it needs, and stops when it has enough (a reply may hold a
+    million blocks). An unclosed fence runs to the end. One pass over the fence lines: a
+    block is closed by the first later fence line of its character, at least as long, with
+    nothing but spaces and tabs after it."""
     pos = 0
-    while True:
-        opening = _FENCE.search(text, pos)
+    opening: re.Match[str] | None = None
+    for line in _FENCE.finditer(text):
         if opening is None:
-            out.append((False, "", text[pos:]))
-            return out
-        out.append((False, "", text[pos : opening.start()]))
-        fence, info = opening.group(1), opening.group(2).strip()
-        body_start = opening.end() + 1
-        closing = re.compile(rf"^[ \t]*+{re.escape(fence[0])}{{{len(fence)},}}+[ \t]*+$", re.MULTILINE)
-        end = closing.search(text, body_start) if body_start <= len(text) else None
-        if end is None:
-            out.append((True, info, text[body_start:]))
-            return out
-        out.append((True, info, text[body_start : end.start()]))
-        pos = end.end()
+            yield False, "", pos, line.start()
+            opening = line
+            continue
+        fence, info = line.group(1), line.group(2)
+        if fence[0] == opening.group(1)[0] and len(fence) >= len(opening.group(1)) and not info.strip(" \t"):
+            yield True, opening.group(2), opening.end() + 1, line.start()
+            pos, opening = line.end(), None
+    if opening is None:
+        yield False, "", pos, len(text)
+    else:
+        yield True, opening.group(2), min(opening.end() + 1, len(text)), len(text)
 
 
-def extract_code_blocks(text: str, language: str = "repl") -> list[str]:
-    """The bodies of the fenced blocks tagged *language*, in order (an unclosed last block counts)."""
-    blocks = []
-    for is_code, info, body in _segments(text):
-        if is_code and info.split()[:1] == [language]:
-            code = body.rstrip("\n")
-            if code.strip():
-                blocks.append(code)
-    return blocks
+def _blocks(text: str, language: str) -> Iterator[tuple[int, int]]:
+    """(start, end) of each block tagged *language* that holds more than white space, without
+    its trailing newlines."""
+    for is_code, info, start, end in _segments(text):
+        if is_code and info.split()[:1] == [language] and _NON_SPACE.search(text, start, end):
+            while text[end - 1] == "\n":
+                end -= 1
+            yield start, end
+
+
+def extract_code_blocks(text: str, language: str = "repl", *, limit: int | None = None) -> list[str]:
+    """The bodies of the fenced blocks tagged *language*, in order (an unclosed last block
+    counts); the first *limit* of them only, when given (the rest of the text is not read)."""
+    return [text[start:end] for start, end in itertools.islice(_blocks(text, language), limit)]
+
+
+def count_code_blocks(text: str, language: str = "repl") -> int:
+    """How many blocks :func:`extract_code_blocks` would return, without copying any of them."""
+    return sum(1 for _ in _blocks(text, language))
 
 
 def strip_code(text: str) -> str:
     """*text* with every fenced block removed (each replaced by a newline)."""
-    return "\n".join(body for is_code, _, body in _segments(text) if not is_code)
+    return "\n".join(text[start:end] for is_code, _, start, end in _segments(text) if not is_code)
 
 
 def _balanced_close(region: str) -> int | None:
@@ -151,9 +166,10 @@ def _argument(region: str) -> tuple[str, bool]:
 
 def find_final(text: str) -> FinalDirective | None:
     """The first FINAL/FINAL_VAR at the start of a line outside code blocks, or None."""
-    for is_code, _, body in _segments(text):
+    for is_code, _, start, end in _segments(text):
         if is_code:
             continue
+        body = text[start:end]
         match = _DIRECTIVE.search(body)
         if match is None:
             continue

@@ -7,7 +7,8 @@ import ast
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlm.final import extract_code_blocks, find_final
+from rlm.backend import _count_words
+from rlm.final import count_code_blocks, extract_code_blocks, find_final, strip_code
 
 # Answer text: anything but backticks (a fence would start a code block) and carriage returns.
 TEXT = st.text(
@@ -129,3 +130,36 @@ def test_a_hostile_quoted_answer_is_read_in_one_pass(monkeypatch):
     d = find_final('FINAL("a ) b" "c")\nmore)')
     assert d.quoted and d.argument == "a ) bc" and len(calls) == 1
     assert find_final("FINAL(x\n" + "y)\n" * 50_000).argument.endswith("y")
+
+
+# Replies made of fences, tags, blank and white-space-only bodies, and FINAL lines.
+FENCED = st.lists(
+    st.sampled_from(
+        ["```", "````", "~~~", "~~~~", "`", "repl", " repl x", "python", "\n", " ", "\t", "x = 1", "FINAL(1)"]
+    ),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(FENCED, st.integers(0, 4))
+def test_a_limit_keeps_the_first_blocks_and_the_count_counts_them_all(text, limit):
+    blocks = extract_code_blocks(text)
+    assert extract_code_blocks(text, limit=limit) == blocks[:limit]
+    assert count_code_blocks(text) == len(blocks)
+    assert count_code_blocks(text, "python") == len(extract_code_blocks(text, "python"))
+    for block in blocks:
+        assert block.strip() and not block.endswith("\n")
+
+
+def test_a_fence_closes_only_with_its_own_character_and_at_least_its_length():
+    reply = "````repl\na\n```\n~~~~\nb\n````  \n```repl\nc\n~~~\n"
+    assert extract_code_blocks(reply) == ["a\n```\n~~~~\nb", "c\n~~~"]
+    assert count_code_blocks(reply) == 2
+    assert strip_code("x\n```repl\ny\n```\nz") == "x\n\n\nz"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.sampled_from("ab \n\t\u3000\x1c\u2028"), max_size=60), st.integers(1, 5))
+def test_the_scripted_backend_counts_words_as_split_does(text, step):
+    assert _count_words(text, step) == len(text.split())

@@ -526,7 +526,42 @@ def test_a_reply_of_many_loud_blocks_keeps_the_host_bounded():
     assert len(blocks) == MAX_BLOCKS_PER_REPLY
     assert all(len(b["result"]["stdout"]) < LOG_TEXT_CHARS + 100 for b in blocks)
     assert all(b["result"]["locals"] == {} for b in blocks[1:])  # the megabyte description is not kept
-    assert f"[blocks {MAX_BLOCKS_PER_REPLY + 1} to {MAX_BLOCKS_PER_REPLY + 11} were not run: at most" in seen[1]
+    assert (
+        f"[blocks {MAX_BLOCKS_PER_REPLY + 1} to {MAX_BLOCKS_PER_REPLY + 11} were not run: at most" in seen[1]
+    )
+
+
+def test_a_reply_of_fifty_thousand_blocks_is_read_without_copying_them():
+    """Every ```repl block of a reply was copied out, twice over as (kind, info, text) segments,
+    although at most MAX_BLOCKS_PER_REPLY run: a 20 MB reply of a million small blocks from a
+    server took 424 MB of host memory (119 MB now; a 20 MB reply of prose takes 112 MB) and
+    reading it 6 s of CPU holding the GIL (4 s now), a pattern compiled per block. The blocks
+    that run are copied; the others are only counted. ScriptedBackend counted the reply's
+    words with a list of them all (25 MB here)."""
+    import tracemalloc
+
+    from rlm.core import MAX_BLOCKS_PER_REPLY
+
+    count = 50_000
+    reply = repl("x = 1") * count
+    seen: list[str] = []
+
+    def model(name: str, messages: list[dict[str, str]]) -> str:
+        seen.append(messages[-1]["content"])
+        return reply if len(seen) == 1 else "FINAL(done)"
+
+    run("q", "c", model="m", backend=ScriptedBackend(["FINAL(warm)"]))  # modules imported before tracing
+    tracemalloc.start()
+    try:
+        result = run("q", "c", model="m", backend=ScriptedBackend(model), max_iterations=2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.answer == "done"
+    assert len(result.history[0]["code_blocks"]) == MAX_BLOCKS_PER_REPLY
+    assert f"[blocks {MAX_BLOCKS_PER_REPLY + 1} to {count} were not run: at most" in seen[1]
+    # The reply is 0.95 MB: the run's peak was 19 MB, 1 MB now.
+    assert peak < 3 * len(reply), f"{peak / 1e6:.1f} MB traced for a {len(reply) / 1e6:.1f} MB reply"
 
 
 def test_a_block_cannot_pass_itself_off_as_the_loop_s_own_code_in_rlm_view(tmp_path):
@@ -570,7 +605,6 @@ def test_sub_calls_the_provider_refused_keep_only_a_cut_prompt_in_the_host(tmp_p
     host keeps of a call (prompt, response, error, a tool's arguments and value) is now cut as
     the trajectory cuts any text. Through litellm's real HTTP path, against the loopback server."""
     import json
-
 
     def lookup(key: list) -> str:
         return "v" * (3 * LOG_TEXT_CHARS)
