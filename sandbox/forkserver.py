@@ -699,6 +699,8 @@ _shared: dict[bool, ForkServer] = {}
 _servers: weakref.WeakSet[ForkServer] = weakref.WeakSet()
 _shared_lock = threading.Lock()
 _on_shutdown: list[Any] = []  # callables run by shutdown() first (the child pools drain here)
+#: Callables run at exit after :func:`shutdown` (the child records no close() reached are cleaned here).
+_on_exit: list[Any] = []
 
 
 def shared(restricted: bool = False) -> ForkServer:
@@ -732,7 +734,7 @@ def _shut_down_with_the_worker() -> None:
         return
     from multiprocessing import util
 
-    util.Finalize(None, shutdown, exitpriority=0)
+    util.Finalize(None, _at_exit, exitpriority=0)
     _worker_pid = os.getpid()
 
 
@@ -788,5 +790,18 @@ def _after_fork_in_child() -> None:
         server.forget()
 
 
+def _at_exit() -> None:
+    """The process ends (``atexit``, or a ``multiprocessing`` worker's return): :func:`shutdown`,
+    then what no ``close()`` will do now. A sandbox its embedder did not close is closed by its
+    ``__del__`` only if the interpreter frees it, and it does not free what a daemon thread's
+    frame still holds (the sandbox it runs a cell in, every global of a module whose function
+    it runs, ``__main__``'s): such a sandbox left its scratch directory and, as root, its uid
+    lock file behind for a later host's sweep."""
+    shutdown()
+    for hook in list(_on_exit):
+        with contextlib.suppress(Exception):
+            hook()
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(shutdown)
+atexit.register(_at_exit)

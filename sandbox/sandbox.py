@@ -474,6 +474,39 @@ class _Child:
 _children: weakref.WeakSet[_Child] = weakref.WeakSet()
 
 
+#: How long the exit waits, for all children together, to see each one dead before it gives back
+#: its uid (its fork server, stopped first, killed it: this takes milliseconds).
+_EXIT_WAIT = 1.0
+
+
+def _clean_up_at_exit() -> None:
+    """At exit, once :func:`forkserver.shutdown` stopped the fork servers (and so every child):
+    remove the scratch directory and release the uid lease of each child record no ``close()``
+    reached (see :func:`forkserver._at_exit`). Only those of a child seen dead lose their uid;
+    the record's descriptors are left to the exit (a daemon thread may still be using them)."""
+    deadline = time.monotonic() + _EXIT_WAIT
+    for child in list(_children):
+        with contextlib.suppress(Exception):
+            _clean_up_child_at_exit(child, deadline)
+
+
+def _clean_up_child_at_exit(child: _Child, deadline: float) -> None:
+    if child.scratch_lock < 0 and child.lease is None:
+        return  # stopped by its sandbox or pool, or a record forgotten in a forked process
+    child.kill()
+    pidfd = child.pidfd
+    if pidfd < 0 or not forkserver.pidfd_exited(pidfd, max(0.0, deadline - time.monotonic())):
+        return  # being stopped by another thread, or not dead: its uid stays held until the exit
+    lease, child.lease = child.lease, None
+    if lease is not None:
+        lease.release()
+    if child.scratch_lock >= 0:  # removed, still locked: the lock goes with the exit
+        remove_tree(child.scratch)
+
+
+forkserver._on_exit.append(_clean_up_at_exit)
+
+
 @dataclass(frozen=True)
 class _Spec:
     """Everything a ready child depends on: the same for every sandbox of one policy."""

@@ -1,0 +1,75 @@
+"""How a host process that embeds sandboxes ends: each way out leaves nothing behind (scratch
+directories, uid lock files, processes) and does not hang. Each case runs in a host process of
+its own, under a timeout, with its temporary directory in the test's own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sandbox import uids
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _host(
+    tmp_path: Path, script: str, timeout: float = 30.0
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run *script* as ``__main__`` of a host process (TMPDIR in *tmp_path*); its result and seconds."""
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "audit.jsonl")],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+    return proc, time.monotonic() - start
+
+
+def _left(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """What the host's ``left <scratch> <uid>`` lines name that is still there."""
+    left = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("left "):
+            _, scratch, uid = line.split()
+            left += [scratch] if os.path.exists(scratch) else []
+            lock = os.path.join(uids.RUNTIME_DIR, uid)
+            left += [lock] if uid != "-1" and os.path.exists(lock) else []
+    return left
+
+
+_REPORT = (
+    "def report(sb):\n"
+    "    c = sb._child\n"
+    "    print('left', c.scratch, c.lease.uid if c.lease else -1, flush=True)\n"
+)
+
+# A server's worker: a daemon thread that runs a function of __main__ (its frame holds __main__'s
+# globals, so the interpreter never frees them) and is inside a host function at exit.
+DAEMON_THREAD_AT_EXIT = (
+    "import sys, threading\n"
+    "from sandbox import Sandbox\n" + _REPORT + "inside = threading.Event()\n"
+    "def wait():\n"
+    "    inside.set()\n"
+    "    threading.Event().wait()\n"
+    "busy = Sandbox('default', audit_log=sys.argv[1], host_functions={'wait': wait})\n"
+    "idle = Sandbox('default', audit_log=sys.argv[1])\n"
+    "report(busy)\n"
+    "report(idle)\n"
+    "threading.Thread(target=lambda: busy.execute('wait()'), daemon=True).start()\n"
+    "inside.wait()\n"
+    "print('exiting', flush=True)\n"
+)
+
+
+def test_sandboxes_a_daemon_thread_holds_at_exit_leave_no_scratch_or_uid(tmp_path: Path) -> None:
+    """Unclosed sandboxes are closed by their ``__del__``, but the interpreter frees nothing a
+    daemon thread's frame holds at exit: both sandboxes (the one the thread runs a cell in, and a
+    global of ``__main__``) left their scratch directories and uid lock files."""
+    proc, _ = _host(tmp_path, DAEMON_THREAD_AT_EXIT)
+    assert proc.returncode == 0 and proc.stdout.endswith("exiting\n"), proc.stdout + proc.stderr
+    assert proc.stdout.count("left ") == 2
+    assert _left(proc) == []
+    assert proc.stderr == ""
