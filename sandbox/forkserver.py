@@ -281,6 +281,26 @@ def pidfd_exited(pidfd: int, timeout: float) -> bool:
     return bool(waiter.poll(protocol.poll_ms(timeout)))
 
 
+class _Holding:
+    """``with server._lock, server._holding``: notes which thread holds the lock for a request
+    (see :meth:`ForkServer.close`), and closes the descriptors a close() left to it."""
+
+    __slots__ = ("server",)
+
+    def __init__(self, server: ForkServer) -> None:
+        self.server = server
+
+    def __enter__(self) -> None:
+        self.server._holder = threading.get_ident()
+
+    def __exit__(self, *exc: object) -> None:
+        server = self.server
+        server._holder = None
+        if server._left_open:
+            server._left_open = False
+            server._close_fds()
+
+
 class _ServerGone(Exception):
     """The fork server died or hung up under a request (the caller may retry on a new one)."""
 
@@ -296,6 +316,11 @@ class ForkServer:
         self._pidfd = -1
         self._fds: list[int] = []
         self._lock = threading.Lock()
+        #: The thread that holds ``_lock`` for a request (spawn, wait_exit), while it does.
+        self._holder: int | None = None
+        #: close() left the descriptors to the holder of ``_lock`` (see close()).
+        self._left_open = False
+        self._holding = _Holding(self)
         self._reap_lock = threading.Lock()
         self._sock_lock = threading.Lock()  # held while the socket is shut down or closed (briefly)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -480,7 +505,7 @@ class ForkServer:
         timeout = SPAWN_TIMEOUT if timeout is None else timeout
         taken: tuple[int, int, str | None] | None = None
         try:
-            with self._lock:
+            with self._lock, self._holding:
                 if self.closed:
                     raise _ServerGone("the fork server is closed")
                 self._drop_orphans()
@@ -600,6 +625,11 @@ class ForkServer:
         reap it, and the pid be reused) and return its exit report, waiting up to
         *timeout* seconds for it to exit."""
         deadline = time.monotonic() + timeout
+        if self._holder == threading.get_ident():
+            # This thread's own request holds the lock: a signal handler or a __del__ (a sandbox
+            # freed by the garbage collector) runs inside it. Waiting would never end.
+            self._unreleased.append(pid)
+            return None
         got: list[bool] = []  # [True] once the lock is ours (see sandbox._try_acquire)
         try:
             # Another thread may hold the lock for as long as the server takes to answer it (a
@@ -609,6 +639,7 @@ class ForkServer:
             if not got[0]:
                 self._unreleased.append(pid)
                 return None
+            self._holding.__enter__()
             self._send_releases()
             if not self.closed:
                 try:
@@ -626,6 +657,7 @@ class ForkServer:
             return self._exits.pop(pid)
         finally:
             if got and got[0]:
+                self._holding.__exit__(None, None, None)
                 self._lock.release()
 
     def _send_releases(self) -> None:
@@ -649,8 +681,18 @@ class ForkServer:
         # lets go, where close() waited for it past its own timeout.
         with self._sock_lock, contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        with self._lock:
-            self._close_fds()
+        # Any other thread that holds the lock finds end of file and lets go at once. This thread
+        # may hold it itself: close() (sandbox.shutdown()) from a signal handler or a __del__ that
+        # runs inside this thread's own request waited for it for ever. The descriptors are then
+        # left to the request, which closes them on its way out; so they are when the lock is not
+        # had in *timeout* (a signal came between the lock's taking and the noting of its holder).
+        if self._holder != threading.get_ident() and self._lock.acquire(True, max(timeout, 0.0)):
+            try:
+                self._close_fds()
+            finally:
+                self._lock.release()
+        else:
+            self._left_open = True
         if not self._reap(timeout):
             self._kill()
             self._reap(timeout)
@@ -674,6 +716,8 @@ class ForkServer:
         """
         self.closed = True
         self._lock = threading.Lock()  # may have been held by another thread at fork time
+        self._holder = None
+        self._left_open = False
         self._reap_lock = threading.Lock()
         self._sock_lock = threading.Lock()
         self._close_fds()
@@ -766,19 +810,40 @@ def shutdown() -> None:
     is stopped (SIGSTOP) is killed before that: draining waits for the spawns in flight, which
     it would never answer (each waited out SPAWN_TIMEOUT before it was found so).
     """
-    with _shared_lock:
-        servers = list(_shared.values())
-    for server in servers:
+    for server in _shared_servers(clear=False):
         if server.owner_pid == os.getpid() and server._stopped():
             server._kill()
     for hook in list(_on_shutdown):
         with contextlib.suppress(Exception):
             hook()
-    with _shared_lock:
-        servers = list(_shared.values())
-        _shared.clear()
-    for server in servers:
+    for server in _shared_servers(clear=True):
         server.close()
+
+
+#: Seconds shutdown() waits for the registry's lock: it may be held by this very thread (a signal
+#: handler that runs while the thread starts a server), which would never let go.
+_SHARED_LOCK_WAIT = 1.0
+
+
+def _shared_servers(clear: bool) -> list[ForkServer]:
+    """The shared servers (and, with *clear*, none from now on). Without the lock when it is not
+    had in time: a dict is copied whole under the GIL, and a server left in it is found closed."""
+    got = _shared_lock.acquire(True, _SHARED_LOCK_WAIT)
+    try:
+        servers = list(_shared.values())
+        if clear and got:
+            _shared.clear()
+    finally:
+        if got:
+            _shared_lock.release()
+    return servers
+
+
+def held_here() -> bool:
+    """This thread holds a server's lock for a request (spawn, wait_exit): code that runs inside
+    it (a signal handler, a ``__del__``) must not wait for what needs that lock."""
+    me = threading.get_ident()
+    return any(server._holder == me for server in list(_servers))
 
 
 def _after_fork_in_child() -> None:

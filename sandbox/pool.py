@@ -64,6 +64,8 @@ _SETTLE_SECONDS = 0.005
 #: While a policy is pooled, the refill thread looks for taken children this often (no wake-up
 #: from the hand-out path, which stays free of thread switches).
 _POLL_SECONDS = 0.02
+#: Seconds drain() waits for the pool's condition (see drain()).
+_DRAIN_LOCK_WAIT = 1.0
 
 
 class Default:
@@ -157,7 +159,14 @@ class SandboxPool:
 
     def drain(self) -> None:
         """Stop every ready child now; policies are pooled again when asked for again."""
-        with self._cond:
+        from sandbox import forkserver
+
+        # Bounded: this thread may hold the condition itself (a signal handler that runs inside
+        # its take() calls sandbox.shutdown()). Not had, the ready children are left: each is
+        # found unusable when taken once its fork server was stopped.
+        if not self._cond.acquire(True, _DRAIN_LOCK_WAIT):
+            return
+        try:
             if self._pid != os.getpid():
                 return
             stale = [c for slot in self._slots.values() for c in slot.ready]
@@ -167,11 +176,20 @@ class SandboxPool:
                 slot.requests = 0
             self._cond.notify_all()
             deadline = time.monotonic() + 30.0
-            while any(s.pending for s in self._slots.values()) and time.monotonic() < deadline:
-                self._cond.wait(0.1)  # a spawn in flight adds its child (then discarded below)
+            # A spawn in flight adds its child (then discarded below); not waited for while this
+            # thread holds a fork server's lock (a signal handler inside its own spawn): the spawn
+            # waits for that lock, and the refill thread discards its child (no longer wanted).
+            while (
+                any(s.pending for s in self._slots.values())
+                and time.monotonic() < deadline
+                and not forkserver.held_here()
+            ):
+                self._cond.wait(0.1)
             stale += [c for slot in self._slots.values() for c in slot.ready]
             for slot in self._slots.values():
                 slot.ready.clear()
+        finally:
+            self._cond.release()
         for child in stale:
             with contextlib.suppress(Exception):
                 child.discard()

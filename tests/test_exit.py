@@ -5,6 +5,7 @@ its own, under a timeout, with its temporary directory in the test's own."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -73,3 +74,53 @@ def test_sandboxes_a_daemon_thread_holds_at_exit_leave_no_scratch_or_uid(tmp_pat
     assert proc.stdout.count("left ") == 2
     assert _left(proc) == []
     assert proc.stderr == ""
+
+
+# A job runner's SIGTERM handler: stop the sandboxes, then exit. The signal lands while the main
+# thread waits for the fork server's answer to a spawn (holding the server's lock; the server is
+# stopped here so that the wait lasts), and while the pool's refill thread waits for that lock.
+SHUTDOWN_IN_A_SIGNAL_HANDLER = (
+    "import os, signal, sys, threading, time\n"
+    "import sandbox\n"
+    "from sandbox import Sandbox, forkserver\n"
+    "from sandbox.pool import SandboxPool\n" + _REPORT + "def on_term(sig, frame):\n"
+    "    print('term', flush=True)\n"
+    "    sandbox.shutdown()\n"
+    "    print('shut down', flush=True)\n"
+    "    sys.exit(3)\n"
+    "signal.signal(signal.SIGTERM, on_term)\n"
+    "first = Sandbox('default', audit_log=sys.argv[1], pool=None)\n"
+    "report(first)\n"
+    "server = forkserver.shared(False)\n"
+    "print('server', server.pid, flush=True)\n"
+    "pool = SandboxPool(1)\n"
+    "def signal_when_waiting():\n"
+    "    while not server._lock.locked():\n"
+    "        time.sleep(0.005)\n"
+    "    pool.warm('default')\n"
+    "    while not any(slot.pending for slot in pool._slots.values()):\n"
+    "        time.sleep(0.005)\n"
+    "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    "os.kill(server.pid, signal.SIGSTOP)\n"
+    "threading.Thread(target=signal_when_waiting, daemon=True).start()\n"
+    "Sandbox('default', audit_log=sys.argv[1], pool=None)\n"
+)
+
+
+def test_shutdown_from_a_signal_handler_that_interrupted_a_spawn_returns_at_once(tmp_path: Path) -> None:
+    """``sandbox.shutdown()`` from a signal handler that runs while the main thread holds a fork
+    server's lock (in the middle of a ``Sandbox()``, or of a close) hung for ever: closing the
+    server waited for that lock, which only the interrupted thread could release; and before
+    that, draining the pool waited 30 s for a refill that waited for the same lock."""
+    try:
+        proc, took = _host(tmp_path, SHUTDOWN_IN_A_SIGNAL_HANDLER, timeout=20)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        for line in out.splitlines():  # the stopped server would outlive its host
+            if line.startswith("server "):
+                os.kill(int(line.split()[1]), signal.SIGKILL)
+        raise AssertionError(f"the host hung: {out!r}") from None
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "term\nshut down\n" in proc.stdout
+    assert took < 5.0
+    assert _left(proc) == []
