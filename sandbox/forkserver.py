@@ -229,6 +229,7 @@ def _serve(ctl_fd: int) -> None:
             for pid in list(children):
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
+            isolation.server_leave()
             for res in resources.values():
                 isolation.collect(res)
                 isolation.release(res)

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from sandbox import uids
+from sandbox import forkserver, protocol, uids
+from sandbox.isolation import cgroups
+from sandbox.policy import load_policy
+from sandbox.sandbox import _spec_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,3 +128,44 @@ def test_shutdown_from_a_signal_handler_that_interrupted_a_spawn_returns_at_once
     assert "term\nshut down\n" in proc.stdout
     assert took < 5.0
     assert _left(proc) == []
+
+
+def _cgroup_trees(server_pid: int) -> list[str]:
+    """Where the fork server *server_pid* made its ``rlm-<pid>`` trees (those that exist)."""
+    v1, v2 = cgroups._mounts()
+    own = cgroups._own_paths()
+    tops = [v1[c] + own.get(c, "/") for c in (*cgroups.CONTROLLERS, cgroups.ACCOUNTING) if c in v1]
+    tops += [v2 + own.get("", "/")] if v2 is not None and not v1 else []
+    return [tree for top in tops if os.path.isdir(tree := os.path.join(top, f"rlm-{server_pid}"))]
+
+
+def test_a_fork_server_hung_up_on_in_the_middle_of_a_spawn_exits_at_once_and_leaves_no_cgroup(
+    tmp_path: Path,
+) -> None:
+    """``sandbox.shutdown()`` (or the exit) while another thread's sandbox was being forked: the
+    server could not tell the host of the child, so its main thread stayed in the child's cgroup
+    (cgroup v1), which then could not be removed. The server took 1.7 s to exit, retrying, and
+    left its ``rlm-<pid>`` trees behind for a later host's sweep."""
+    spec, _ = _spec_for(load_policy("default"))
+    for attempt in range(3):
+        scratch = tmp_path / f"scratch{attempt}"
+        scratch.mkdir()
+        server = forkserver.ForkServer()
+        config = {
+            "policy": spec.policy,
+            "policy_sha256": spec.policy_sha256,
+            "scratch": str(scratch),
+            "uid": None,
+            "gid": None,
+        }
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with ours, theirs:
+            protocol.send_message(
+                server.sock, {"t": "spawn", "request": 1, "config": config}, theirs.fileno()
+            )
+            start = time.monotonic()
+            server.close()  # hung up at once: the server is forking the child now
+            took = time.monotonic() - start
+        assert server.proc.returncode is not None
+        assert took < 1.0, f"the server took {took:.2f} s to exit"
+        assert _cgroup_trees(server.pid) == []

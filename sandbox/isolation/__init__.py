@@ -75,6 +75,7 @@ __all__ = [
     "libc",
     "prepare",
     "release",
+    "server_leave",
     "server_setup",
     "server_teardown",
 ]
@@ -148,6 +149,12 @@ def server_setup() -> Server:
         ):
             getattr(lib, name)
     return _server
+
+
+def server_leave() -> None:
+    """Server exit, its children dead: its main thread leaves their cgroups (see cgroups.go_home)."""
+    if _server is not None:
+        cgroups.go_home(_server.cg)
 
 
 def server_teardown() -> None:
