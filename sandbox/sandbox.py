@@ -1644,9 +1644,21 @@ class Sandbox:
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "closed", True):
-            with contextlib.suppress(Exception):
+        if getattr(self, "closed", True):
+            return
+        with contextlib.suppress(Exception):
+            if self._lock.acquire(False):  # nothing else can take it now: nobody else refers to us
+                self._lock.release()
                 self.close()
+                return
+            # Held by a call nobody will finish: an AsyncSandbox execute whose task was dropped
+            # pending with its event loop (the garbage collector finalizes the two in any order; a
+            # thread in a call would keep us alive). close() waited for that lock for ever: at exit
+            # the host never ended. The child is stopped without it.
+            self.closed = True
+            child, self._child = self._child, None
+            if child is not None:
+                _stop_child(child, graceful=False)
 
     # --------------------------------------------------------------- children
     def _ensure_child(self, replace_exited: bool = True) -> _Child:

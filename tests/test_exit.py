@@ -169,3 +169,31 @@ def test_a_fork_server_hung_up_on_in_the_middle_of_a_spawn_exits_at_once_and_lea
         assert server.proc.returncode is not None
         assert took < 1.0, f"the server took {took:.2f} s to exit"
         assert _cgroup_trees(server.pid) == []
+
+
+# A service that leaves its event loop open at exit, an AsyncSandbox's execute still running on it.
+ASYNC_EXECUTE_LEFT_ON_AN_OPEN_LOOP = (
+    "import asyncio, sys\n"
+    "from sandbox import AsyncSandbox\n" + _REPORT + "loop = asyncio.new_event_loop()\n"
+    "sb = AsyncSandbox('default', audit_log=sys.argv[1])\n"
+    "loop.run_until_complete(sb.start())\n"
+    "report(sb._sync)\n"
+    "task = loop.create_task(sb.execute('import time\\nwhile True: time.sleep(0.01)'))\n"
+    "while not sb._sync._lock.locked():  # the execute holds the sandbox\n"
+    "    loop.run_until_complete(asyncio.sleep(0.01))\n"
+    "print('exiting', flush=True)\n"
+)
+
+
+def test_an_async_execute_left_running_on_an_open_loop_does_not_hang_the_exit(tmp_path: Path) -> None:
+    """At exit the garbage collector finalizes the pending execute's coroutine and its sandbox
+    in any order. The sandbox's ``__del__`` came first: ``close()`` waited for the lock the
+    coroutine held, for ever (the host never ended)."""
+    try:
+        proc, took = _host(tmp_path, ASYNC_EXECUTE_LEFT_ON_AN_OPEN_LOOP, timeout=20)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        raise AssertionError(f"the host hung: {out!r}") from None
+    assert proc.returncode == 0 and proc.stdout.endswith("exiting\n"), proc.stdout + proc.stderr
+    assert took < 5.0
+    assert _left(proc) == []
