@@ -2189,7 +2189,7 @@ class AsyncSandbox:
             )
         sb = self._sync
         if sb is None:
-            sb = await asyncio.to_thread(self._make)
+            sb = await _to_thread(self._make)
         return sb
 
     async def start(self) -> AsyncSandbox:
@@ -2318,7 +2318,7 @@ class AsyncSandbox:
             if inspect.iscoroutinefunction(fn):
                 outcome: Any = await fn(*msg["args"], **msg["kwargs"])
             else:
-                outcome = await asyncio.to_thread(fn, *msg["args"], **msg["kwargs"])
+                outcome = await _to_thread(fn, *msg["args"], **msg["kwargs"])
             failed = False
         except Exception as exc:  # the host function's failure is the child's HostFunctionError
             outcome, failed = exc, True
@@ -2428,7 +2428,14 @@ async def _in_thread(
             if abandoned:
                 on_cancel()
 
-    fut = loop.run_in_executor(None, run)
+    try:
+        fut = loop.run_in_executor(None, run)
+    except RuntimeError:
+        # The executor takes no more work: the interpreter is exiting (a loop in a daemon thread
+        # whose execute saw its child stopped at exit) or its owner shut it down. Raised, an
+        # execute's result was never built: the cell had no audit line, the caller a RuntimeError.
+        # Done here, on the loop's own thread, instead.
+        return run()
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
@@ -2440,6 +2447,17 @@ async def _in_thread(
         # Nobody awaits it now: what it raises later (an AuditError) is not "never retrieved".
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         raise
+
+
+async def _to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """``asyncio.to_thread(fn, *args, **kwargs)``; once the loop's executor takes no more work
+    (see :func:`_in_thread`), the call runs here, on the loop's thread, instead of raising."""
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    try:
+        fut = asyncio.get_running_loop().run_in_executor(None, call)
+    except RuntimeError:
+        return call()
+    return await fut
 
 
 async def _in_own_thread(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any]) -> Any:
@@ -2482,9 +2500,9 @@ async def _transfer(sb: Sandbox, call: Callable[[], Any]) -> Any:
     """*call* (*sb*'s set_variable or get_variable) in a worker thread, given up with the
     awaiting task: see :class:`_Transfer`."""
     ticket = _Transfer(sb)
-    token = _TRANSFER.set(ticket)  # to_thread runs the call in a copy of this context
+    token = _TRANSFER.set(ticket)  # _to_thread runs the call in a copy of this context
     try:
-        return await asyncio.to_thread(call)
+        return await _to_thread(call)
     except asyncio.CancelledError:
         ticket.give_up()
         raise
@@ -2513,7 +2531,7 @@ async def _send_async(sb: Sandbox, child: _Child, frame: bytes, fd: int | None, 
         child.kill()
         raise _Died() from None
     if sent < len(frame):
-        await asyncio.to_thread(sb._send, child, frame[sent:], fd if sent == 0 else None, timeout)
+        await _to_thread(sb._send, child, frame[sent:], fd if sent == 0 else None, timeout)
 
 
 def _settle(fut: asyncio.Future[bool], value: bool) -> None:

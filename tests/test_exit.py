@@ -197,3 +197,44 @@ def test_an_async_execute_left_running_on_an_open_loop_does_not_hang_the_exit(tm
     assert proc.returncode == 0 and proc.stdout.endswith("exiting\n"), proc.stdout + proc.stderr
     assert took < 5.0
     assert _left(proc) == []
+
+
+# An event loop in a daemon thread, an execute running on it at exit. The embedder's own exit
+# handler (registered before sandbox was imported: it runs after ours) waits for the execute's end.
+ASYNC_EXECUTE_IN_A_DAEMON_THREAD_AT_EXIT = (
+    "import asyncio, atexit, sys, threading\n"
+    "ended = threading.Event()\n"
+    "atexit.register(ended.wait, 10)\n"
+    "from sandbox import AsyncSandbox\n"
+    "running = threading.Event()\n"
+    "def serve():\n"
+    "    async def go():\n"
+    "        sb = AsyncSandbox('default', audit_log=sys.argv[1])\n"
+    "        await sb.start()\n"
+    "        running.set()\n"
+    "        try:\n"
+    "            r = await sb.execute('import time\\nwhile True: time.sleep(0.01)')\n"
+    "            print('result', r.error_type, flush=True)\n"
+    "        except BaseException as exc:\n"
+    "            print('raised', repr(exc), flush=True)\n"
+    "        finally:\n"
+    "            ended.set()\n"
+    "    asyncio.run(go())\n"
+    "threading.Thread(target=serve, daemon=True).start()\n"
+    "running.wait()\n"
+    "print('exiting', flush=True)\n"
+)
+
+
+def test_an_async_execute_in_a_daemon_threads_loop_at_exit_ends_with_a_result_and_its_audit_line(
+    tmp_path: Path,
+) -> None:
+    """The exit stops the children; the execute then builds its result in the loop's executor,
+    which takes no more work once the interpreter exits: ``run_in_executor`` raised RuntimeError
+    ("cannot schedule new futures after shutdown") out of ``execute``, and the cell that ran had
+    no audit line."""
+    proc, _ = _host(tmp_path, ASYNC_EXECUTE_IN_A_DAEMON_THREAD_AT_EXIT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "exiting\nresult ChildExited\n" in proc.stdout, proc.stdout + proc.stderr
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and '"outcome":"crashed"' in lines[0]
