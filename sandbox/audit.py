@@ -409,6 +409,7 @@ class AuditLog:
         #: of the chain belong to one thread at a time, even when the file is replaced meanwhile.
         self._lock = threading.Lock()
         self._close_pending = False
+        self._finalized = False  # closed by __del__, not by close() (see append)
         self._linked = False  # the path was a symbolic link when the log was made
         self._inherited = False  # opened by the parent of this forked process (see _after_fork)
         self._open()
@@ -423,6 +424,7 @@ class AuditLog:
         # (a Ctrl-C as AuditLog() returned, before the caller held it) cannot be closed else.
         if getattr(self, "_fd", -1) >= 0:
             self._close_now()
+            self._finalized = True
 
     def _open(self, again: bool = False) -> None:
         """Open (or create) the file at ``path`` and learn where its chain stands. *again*: the
@@ -485,7 +487,7 @@ class AuditLog:
         lock = self._lock
         # Both locks are taken through _attempt: a Ctrl-C landing anywhere here cannot leave
         # one held (the gate is process-wide: every later append to the file would wait on it).
-        locked = False
+        locked = revived = False
         try:
             for locked in _attempt(lock, wait, timeout):  # noqa: B007 (see _attempt)
                 break
@@ -495,6 +497,14 @@ class AuditLog:
                 raise AuditError(
                     f"audit log {self.path}: another append through this log took over {timeout:g} s"
                 )
+            if self._fd < 0 and self._finalized and not self._close_pending:
+                # Closed by its finalizer, not by close(): the garbage collector finalized it
+                # before a call it was collected with, which writes its line now (an
+                # AsyncSandbox execute left pending on a closed loop: its "cancelled" line was
+                # lost, with an "Exception ignored" traceback). Opened again for that line
+                # (a link at the path followed only if it was one at first), closed after it.
+                self._open(again=True)
+                revived = True
             if self._fd < 0 or self._close_pending:
                 raise AuditError(f"audit log {self.path} is closed")
             if self._inherited:  # opened by the parent: a description of our own
@@ -529,6 +539,8 @@ class AuditLog:
                     gate.release()
         finally:
             if locked:
+                if revived:
+                    self._close_now()
                 lock.release()
                 # A close gave up waiting for this append: it ends here. Looked at after the
                 # release, as close() sets the flag before it tries the lock once more: one of

@@ -4,15 +4,21 @@ its own, under a timeout, with its temporary directory in the test's own."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
-from sandbox import forkserver, protocol, uids
+import pytest
+
+from sandbox import AsyncSandbox, forkserver, protocol, uids
+from sandbox.audit import verify
 from sandbox.isolation import cgroups
 from sandbox.policy import load_policy
 from sandbox.sandbox import _spec_for
@@ -238,3 +244,36 @@ def test_an_async_execute_in_a_daemon_threads_loop_at_exit_ends_with_a_result_an
     assert "exiting\nresult ChildExited\n" in proc.stdout, proc.stdout + proc.stderr
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
     assert len(lines) == 1 and '"outcome":"crashed"' in lines[0]
+
+
+def test_an_async_execute_dropped_with_its_closed_loop_still_writes_its_audit_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loop closed without cancelling an execute on it, then dropped (a framework's shutdown):
+    the garbage collector finalizes the coroutine, the sandbox and its audit log in any order.
+    The log's finalizer closed it first, and the coroutine's "cancelled" line was lost, with an
+    "Exception ignored ... AuditError: audit log ... is closed" traceback."""
+    unraisable: list[str] = []
+    monkeypatch.setattr(
+        sys, "unraisablehook", lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}")
+    )
+    audit = tmp_path / "audit.jsonl"
+
+    def abandon() -> None:
+        loop = asyncio.new_event_loop()
+        sb = AsyncSandbox("default", audit_log=audit)
+        loop.run_until_complete(sb.start())
+        task = loop.create_task(sb.execute("import time\nwhile True: time.sleep(0.01)"))
+        while sb._sync is None or not sb._sync._lock.locked():  # the execute holds the sandbox
+            loop.run_until_complete(asyncio.sleep(0.01))
+        assert not task.done()
+        loop.close()  # the task neither awaited nor cancelled
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        abandon()
+        gc.collect()
+    assert [u for u in unraisable if "AuditError" in u] == []
+    lines = audit.read_text().splitlines()
+    assert len(lines) == 1 and '"outcome":"cancelled"' in lines[0]
+    assert verify(audit).ok
