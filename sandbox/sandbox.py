@@ -2160,7 +2160,7 @@ class AsyncSandbox:
         self._pool = pool
         self._sync: Sandbox | None = None
         self._make_lock = threading.Lock()
-        self._serial: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._serial: tuple[asyncio.AbstractEventLoop, _Turn] | None = None
         self._closed = False
 
     def _make(self) -> Sandbox:
@@ -2173,11 +2173,11 @@ class AsyncSandbox:
                 )
             return self._sync
 
-    def _turn(self) -> asyncio.Lock:
+    def _turn(self) -> _Turn:
         """The lock that serves this object's calls one at a time, on the running loop."""
         loop = asyncio.get_running_loop()
         if self._serial is None or self._serial[0] is not loop:
-            self._serial = (loop, asyncio.Lock())
+            self._serial = (loop, _Turn(loop))
         return self._serial[1]
 
     async def _sandbox(self) -> Sandbox:
@@ -2389,6 +2389,29 @@ class _LoopSandbox(Sandbox):
     host functions."""
 
     _AWAITS_HOST_FUNCTIONS = True
+
+
+class _Turn:
+    """``async with``: an :class:`asyncio.Lock` whose release says nothing when the loop is
+    closed. A call left pending on a loop closed without cancelling it is closed by the garbage
+    collector, and its release woke the next waiting call through that loop: "Exception
+    ignored in: <coroutine AsyncSandbox.get_variable> ... RuntimeError: Event loop is closed"."""
+
+    __slots__ = ("lock", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = asyncio.Lock()
+
+    async def __aenter__(self) -> None:
+        await self.lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            self.lock.release()
+        except RuntimeError:
+            if not self.loop.is_closed():
+                raise
 
 
 def _try_acquire(lock: threading.Lock, outcome: list[bool]) -> None:

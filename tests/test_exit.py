@@ -277,3 +277,32 @@ def test_an_async_execute_dropped_with_its_closed_loop_still_writes_its_audit_li
     lines = audit.read_text().splitlines()
     assert len(lines) == 1 and '"outcome":"cancelled"' in lines[0]
     assert verify(audit).ok
+
+
+def test_async_calls_dropped_with_their_closed_loop_print_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two executes left on a loop closed without cancelling them, one running, one waiting for
+    its turn: finalizing the first released the turn, which woke the second through the closed
+    loop ("Exception ignored in: <coroutine AsyncSandbox.execute> ... RuntimeError: Event loop
+    is closed")."""
+    unraisable: list[str] = []
+    monkeypatch.setattr(
+        sys, "unraisablehook", lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}")
+    )
+
+    def abandon() -> None:
+        loop = asyncio.new_event_loop()
+        sb = AsyncSandbox("default", audit_log=tmp_path / "audit.jsonl")
+        loop.run_until_complete(sb.start())
+        tasks = [loop.create_task(sb.execute("import time\nwhile True: time.sleep(0.01)")) for _ in range(2)]
+        while sb._sync is None or not sb._sync._lock.locked():  # the first execute holds the sandbox
+            loop.run_until_complete(asyncio.sleep(0.01))
+        assert not any(task.done() for task in tasks)
+        loop.close()  # neither awaited nor cancelled
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        abandon()
+        gc.collect()
+    assert unraisable == []
