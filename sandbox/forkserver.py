@@ -636,7 +636,11 @@ class ForkServer:
             # Another thread may hold the lock for as long as the server takes to answer it (a
             # spawn on a stopped server: SPAWN_TIMEOUT): the report is given up at our deadline,
             # the release left for the lock's next holder to send.
-            got.extend(map(self._lock.acquire, (True,), (min(max(timeout, 0.0), threading.TIMEOUT_MAX),)))
+            # Once the interpreter finalizes (a sandbox closed by its __del__ as modules are torn
+            # down), daemon threads are frozen: one that held the lock (in the middle of a spawn)
+            # never lets go, and the wait was the whole timeout (10 s of the exit).
+            wait = 0.0 if sys.is_finalizing() else min(max(timeout, 0.0), threading.TIMEOUT_MAX)
+            got.extend(map(self._lock.acquire, (True,), (wait,)))
             if not got[0]:
                 self._unreleased.append(pid)
                 return None
@@ -746,6 +750,8 @@ _shared_lock = threading.Lock()
 _on_shutdown: list[Any] = []  # callables run by shutdown() first (the child pools drain here)
 #: Callables run at exit after :func:`shutdown` (the child records no close() reached are cleaned here).
 _on_exit: list[Any] = []
+#: The process is exiting: _at_exit has begun (ready-child pools hand out and refill nothing now).
+_exiting = False
 
 
 def shared(restricted: bool = False) -> ForkServer:
@@ -849,8 +855,9 @@ def held_here() -> bool:
 
 def _after_fork_in_child() -> None:
     """``os.fork()`` of the host: the new process drops the parent's servers without touching them."""
-    global _shared_lock
+    global _shared_lock, _exiting
     _shared_lock = threading.Lock()
+    _exiting = False
     _shared.clear()
     for server in list(_servers):  # not only the shared ones: one may be starting in another thread
         server.forget()
@@ -863,6 +870,8 @@ def _at_exit() -> None:
     frame still holds (the sandbox it runs a cell in, every global of a module whose function
     it runs, ``__main__``'s): such a sandbox left its scratch directory and, as root, its uid
     lock file behind for a later host's sweep."""
+    global _exiting
+    _exiting = True
     shutdown()
     for hook in list(_on_exit):
         with contextlib.suppress(Exception):

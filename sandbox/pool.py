@@ -48,6 +48,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sandbox import forkserver
+
 if TYPE_CHECKING:
     from sandbox.policy import Policy
 
@@ -133,7 +135,7 @@ class SandboxPool:
         spec = Sandbox._spec_of(policy)
         with self._cond:
             slot = self._slot(spec.policy_sha256, lambda: _spawn_ready(spec))
-            slot.wanted = self.size > 0
+            slot.wanted = self.size > 0 and not forkserver._exiting  # (see take)
             self._wake()
 
     def ready_pids(self) -> list[int]:
@@ -159,8 +161,6 @@ class SandboxPool:
 
     def drain(self) -> None:
         """Stop every ready child now; policies are pooled again when asked for again."""
-        from sandbox import forkserver
-
         # Bounded: this thread may hold the condition itself (a signal handler that runs inside
         # its take() calls sandbox.shutdown()). Not had, the ready children are left: each is
         # found unusable when taken once its fork server was stopped.
@@ -205,8 +205,14 @@ class SandboxPool:
 
     # ----------------------------------------------------------- internal
     def take(self, key: str, make: Callable[[], Any]) -> Any:
-        """A ready child for policy *key* (None: none ready; the caller forks its own with *make*)."""
-        if self.size == 0 or self.closed:
+        """A ready child for policy *key* (None: none ready; the caller forks its own with *make*).
+
+        None once the process exits (:func:`forkserver._at_exit` has drained the pools): a
+        sandbox an exit handler that runs after it opens (one registered before sandbox was
+        imported) must not start refilling, whose ready children nobody stops then (their
+        scratch directories and uids were left) and whose thread, frozen as the interpreter
+        finalizes, could hold a fork server's lock."""
+        if self.size == 0 or self.closed or forkserver._exiting:
             return None
         stale: list[Ready] = []
         child: Ready | None = None
@@ -343,8 +349,6 @@ def _after_fork() -> None:
 
 
 def _register() -> None:
-    from sandbox import forkserver
-
     forkserver._on_shutdown.append(_drain_all)
     os.register_at_fork(after_in_child=_after_fork)
 

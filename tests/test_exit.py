@@ -306,3 +306,32 @@ def test_async_calls_dropped_with_their_closed_loop_print_nothing(
         abandon()
         gc.collect()
     assert unraisable == []
+
+
+# An exit handler registered before sandbox was imported runs after sandbox's own: it opens
+# sandboxes (a second of one policy starts the pool's refill) and leaves one open.
+SANDBOXES_IN_A_LATER_EXIT_HANDLER = (
+    "import atexit, sys\n"
+    "def late():\n"
+    "    from sandbox import Sandbox\n"
+    "    with Sandbox('default', audit_log=sys.argv[1]) as sb:\n"
+    "        print('late', sb.execute('print(1)').stdout, end='', flush=True)\n"
+    "    global kept\n"
+    "    kept = Sandbox('default', audit_log=sys.argv[1])\n"
+    "atexit.register(late)\n"
+    "from sandbox import Sandbox\n"
+    "with Sandbox('default', audit_log=sys.argv[1]) as sb:\n"
+    "    print('main', sb.execute('print(0)').stdout, end='', flush=True)\n"
+)
+
+
+def test_sandboxes_of_an_exit_handler_that_runs_after_sandboxs_leave_nothing(tmp_path: Path) -> None:
+    """sandbox's exit handler had drained the pools; a later one's second sandbox of a policy
+    started refilling the default pool, whose ready children nobody stopped (their scratch
+    directories were left, every run), and whose refill thread, frozen mid-spawn as the
+    interpreter finalized, held the fork server's lock: the open sandbox's ``__del__`` then
+    waited 10 s for it (half the runs)."""
+    proc, took = _host(tmp_path, SANDBOXES_IN_A_LATER_EXIT_HANDLER)
+    assert proc.returncode == 0 and proc.stdout == "main 0\nlate 1\n", proc.stdout + proc.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("sandbox-")] == []
+    assert took < 8.0
