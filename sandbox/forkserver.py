@@ -872,10 +872,22 @@ def _at_exit() -> None:
     lock file behind for a later host's sweep."""
     global _exiting
     _exiting = True
-    shutdown()
-    for hook in list(_on_exit):
-        with contextlib.suppress(Exception):
-            hook()
+    for step in (shutdown, _close_every_server, *_on_exit):
+        # Each step runs, whatever the one before raised: a Ctrl-C (a second one, while the
+        # process exits anyway) or a signal handler's SystemExit cut the exit short, printed
+        # "Exception ignored in atexit callback" with its traceback, and skipped the rest (the
+        # clean-up of sandboxes no close() reached). Every step is bounded by its own timeouts.
+        try:
+            step()
+        except BaseException:
+            pass
+
+
+def _close_every_server() -> None:
+    """Close what an interrupted :func:`shutdown` left (closing twice does nothing)."""
+    for server in list(_servers):
+        if server.owner_pid == os.getpid():
+            server.close(timeout=1.0)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -335,3 +335,36 @@ def test_sandboxes_of_an_exit_handler_that_runs_after_sandboxs_leave_nothing(tmp
     assert proc.returncode == 0 and proc.stdout == "main 0\nlate 1\n", proc.stdout + proc.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("sandbox-")] == []
     assert took < 8.0
+
+
+# Ctrl-C pressed again while the host exits; its sandboxes are held by a daemon thread (only the
+# exit's clean-up can remove their scratch directories).
+CTRL_C_DURING_THE_EXIT = (
+    "import os, signal, sys, threading, time\n"
+    "from sandbox import Sandbox, forkserver\n"
+    + _REPORT
+    + "boxes = [Sandbox('default', audit_log=sys.argv[1], pool=None) for _ in range(4)]\n"
+    "for box in boxes:\n"
+    "    report(box)\n"
+    "def worker():\n"
+    "    while not forkserver._exiting:\n"
+    "        time.sleep(0.0005)\n"
+    "    os.kill(os.getpid(), signal.SIGINT)\n"
+    "    while True:\n"
+    "        time.sleep(1)\n"
+    "threading.Thread(target=worker, daemon=True).start()\n"
+    "print('exiting', flush=True)\n"
+)
+
+
+def test_ctrl_c_during_the_exit_neither_prints_a_traceback_nor_cuts_the_clean_up_short(
+    tmp_path: Path,
+) -> None:
+    """A KeyboardInterrupt that lands in sandbox's exit handler printed "Exception ignored in
+    atexit callback" with a traceback (every run), and skipped what came after it: the fork
+    servers not yet closed, and the clean-up of sandboxes no ``close()`` reached."""
+    proc, _ = _host(tmp_path, CTRL_C_DURING_THE_EXIT)
+    assert proc.returncode == 0 and proc.stdout.endswith("exiting\n"), proc.stdout + proc.stderr
+    assert proc.stdout.count("left ") == 4
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert _left(proc) == []
