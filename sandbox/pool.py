@@ -126,6 +126,7 @@ class SandboxPool:
         self._slots: dict[str, _Slot] = {}
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
+        self._draining = 0  # drains waiting for the spawns in flight (see take)
 
     # ------------------------------------------------------------- public
     def warm(self, policy: Policy | str | Path = "default") -> None:
@@ -179,12 +180,16 @@ class SandboxPool:
             # A spawn in flight adds its child (then discarded below); not waited for while this
             # thread holds a fork server's lock (a signal handler inside its own spawn): the spawn
             # waits for that lock, and the refill thread discards its child (no longer wanted).
-            while (
-                any(s.pending for s in self._slots.values())
-                and time.monotonic() < deadline
-                and not forkserver.held_here()
-            ):
-                self._cond.wait(0.1)
+            self._draining += 1
+            try:
+                while (
+                    any(s.pending for s in self._slots.values())
+                    and time.monotonic() < deadline
+                    and not forkserver.held_here()
+                ):
+                    self._cond.wait(0.1)
+            finally:
+                self._draining -= 1
             stale += [c for slot in self._slots.values() for c in slot.ready]
             for slot in self._slots.values():
                 slot.ready.clear()
@@ -233,7 +238,15 @@ class SandboxPool:
                     stale.append(held)
                     held = None
                 slot.requests += 1
-                if not slot.wanted and slot.requests >= 2 and slot.failures < _MAX_FAILURES:
+                # Not while a drain waits for the spawns in flight: sandboxes opened meanwhile
+                # wanted the policy again at once, a refill followed each spawn, and the drain
+                # (sandbox.shutdown()) waited its whole 30 s under a steady load.
+                if (
+                    not slot.wanted
+                    and slot.requests >= 2
+                    and slot.failures < _MAX_FAILURES
+                    and not self._draining
+                ):
                     slot.wanted = True
                     self._wake()
                 elif slot.wanted and (self._thread is None or not self._thread.is_alive()):
