@@ -48,8 +48,8 @@ class CancelToken:
     Pass it as ``cancel=`` to :meth:`RLM.completion` (or :func:`rlm.run`). The
     code running in the run's sandboxes is killed at once, and the run ends at
     its next check (before a model call, a code block or a turn) with
-    ``stop_reason="cancelled"``. A model call in flight is given up (it ends on its own in
-    a daemon thread, its answer unused).
+    ``stop_reason="cancelled"``. A model call in flight is given up: its answer is unused,
+    and a call made through rlm's HTTP client reads its response no further.
     One token may stop several runs; it cannot be reset.
     """
 

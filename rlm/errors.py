@@ -84,7 +84,9 @@ class RateLimited(ModelError):
 
 
 class ProviderUnavailable(ModelError):
-    """The call timed out, could not connect, or the provider answered 5xx. The loop retries it."""
+    """The call timed out, its connection dropped, the provider answered 5xx, or its response could
+    not be read. The loop retries it. (An endpoint that cannot be reached at all is
+    :class:`ModelUnreachable`, not retried.)"""
 
 
 class ModelUnreachable(ModelError):

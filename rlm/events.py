@@ -5,9 +5,10 @@ being the Unix time in seconds. The types, in the order a run emits them:
 
 ================  ==============================================================
 ``run_start``     model, query, context (its description), max_iterations,
-                  parent_run_id (``None`` for the root)
+                  parent_run_id (``None`` for the root), session_turn (the
+                  completion's number in a ``persistent`` session, else ``None``)
 ``iteration_start`` iteration
-``compaction``    iteration, tokens_before, tokens_after, turns_summarized
+``compaction``    iteration, tokens_before, tokens_after, turns_summarized, summary
 ``model_reply``   iteration, response, input_tokens, output_tokens
 ``retry``         model, attempt, delay_s, error (a model call is tried again)
 ``sub_call``      kind (``"llm"`` or ``"rlm"``), model, prompt, response, error
