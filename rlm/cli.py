@@ -62,8 +62,10 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not name.isidentifier():
             raise ValueError(f"--set expects NAME=@FILE or NAME=TEXT, got {item!r}")
         if spec.startswith("@"):
-            path = Path(spec[1:])
-            data = path.read_bytes()
+            try:
+                data = Path(spec[1:]).read_bytes()
+            except OSError as exc:  # named by its flag, as `rlm run` names --context
+                raise ValueError(f"--set {item}: {exc.strerror}") from None
             try:
                 values[name] = data.decode("utf-8")
             except UnicodeDecodeError:
@@ -323,9 +325,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         context = _read_source(args.context)
     except OSError as exc:
-        return _run_error(args, f"{exc.filename}: {exc.strerror}", EXIT_USAGE)
+        return _run_error(args, f"--context {args.context}: {exc.strerror}", EXIT_USAGE)
     except ValueError as exc:  # not UTF-8 (_read_source names the file or standard input)
-        return _run_error(args, str(exc), EXIT_USAGE)
+        return _run_error(args, f"--context {exc}", EXIT_USAGE)
     from rlm.checks import check_log_dir
     from rlm.core import run
 

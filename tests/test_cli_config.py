@@ -90,6 +90,28 @@ def test_run_with_a_log_dir_that_cannot_be_written_exits_2_with_one_line_and_a_j
     assert payload["error"] == line.removeprefix("rlm: ") and payload["root_model"] == "openai/x"
 
 
+@pytest.mark.parametrize("what", ["missing", "directory", "not UTF-8"])
+def test_run_and_exec_name_the_flag_of_a_file_they_cannot_read(tmp_path: Path, what: str):
+    """``--context``/``--set NAME=@FILE`` naming a file that cannot be read: the error line
+    named the path alone (``rlm: ctx: No such file or directory``), not the flag it came from."""
+    path = {"missing": tmp_path / "nope.txt", "directory": tmp_path, "not UTF-8": tmp_path / "b.bin"}[what]
+    if what == "not UTF-8":
+        path.write_bytes(b"\xff\xfe")
+    reason = {"missing": "No such file or directory", "directory": "Is a directory"}.get(
+        what, "not UTF-8 text (byte 0)"
+    )
+    done = run_cli(
+        "run", "-m", "openai/x", *REFUSED, "--context", str(path), "--query", "q",
+        cwd=ROOT, env=_env(tmp_path), timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert _one_line(done.stderr) == f"rlm: --context {path}: {reason}"
+    if what != "not UTF-8":  # --set binds bytes that are not UTF-8
+        done = run_cli("exec", "--set", f"x=@{path}", "-", stdin="print(1)", cwd=ROOT, env=_env(tmp_path))
+        assert done.returncode == 2 and done.stdout == ""
+        assert _one_line(done.stderr) == f"rlm: --set x=@{path}: {reason}"
+
+
 @pytest.mark.parametrize(
     ("flags", "expect"),
     [

@@ -135,7 +135,7 @@ def test_run_error_lines_are_escaped_even_into_a_pipe(tmp_path: Path):
         capture_output=True, text=True, cwd=ROOT, env=_env(tmp_path), timeout=60,
     )  # fmt: skip
     assert done.returncode == 2
-    assert done.stderr == f"rlm: {tmp_path}/no\\x1b]0;T\\x07: No such file or directory\n"
+    assert done.stderr == f"rlm: --context {tmp_path}/no\\x1b]0;T\\x07: No such file or directory\n"
 
 
 # ----------------------------------------------------------------- 6: a lone surrogate in the answer
