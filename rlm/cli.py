@@ -190,7 +190,8 @@ def _add_run_parser(sub: Any) -> None:
         description=(
             "Answer --query about the text in --context with a Recursive Language Model. API keys are read "
             "from the provider's usual environment variables (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...), never "
-            "from the command line. Exit status: 0 with an answer, 1 without one, 2 for usage errors."
+            "from the command line. Exit status: 0 with an answer, 1 without one, 2 for usage errors and "
+            "setup errors (a missing or rejected key, an unknown model, an endpoint that cannot be reached)."
         ),
     )
     p.add_argument(
@@ -474,7 +475,10 @@ def _add_mcp_parser(sub: Any) -> None:
         " ~/.local/state/rlm/audit.jsonl)",
     )
     p.add_argument(
-        "-m", "--model", default=os.environ.get("RLM_MODEL"), help="offer rlm_query with this root model"
+        "-m",
+        "--model",
+        default=os.environ.get("RLM_MODEL"),
+        help="offer rlm_query with this root model (default: $RLM_MODEL; unset: no rlm_query)",
     )
     p.add_argument("--sub-model", help="rlm_query's sub-model (default: the root model)")
     p.add_argument("--api-base", help="base URL of an OpenAI-compatible endpoint, for rlm_query's models")
