@@ -31,6 +31,19 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _needs_a_command(parser: argparse.ArgumentParser) -> None:
+    """*parser* run without one of its sub-commands prints its help, which lists them, and exits 2.
+
+    (argparse said "the following arguments are required: policy_cmd", an internal name.)
+    """
+
+    def show_help(args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+
+    parser.set_defaults(func=show_help)
+
+
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
     from rlm.display import visible
 
@@ -132,7 +145,7 @@ def _cmd_policy(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy)
     except PolicyError as exc:
         return _fail(str(exc))
-    if args.policy_cmd == "check":
+    if args.subcommand == "check":
         print(
             f"{args.policy}: ok (policy {policy.name!r}, schema_version {policy.schema_version}, sha256 {policy.sha256[:16]}...)"
         )
@@ -663,7 +676,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlm", description="Recursive Language Models on a hardened sandbox.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    _needs_a_command(parser)
 
     p = sub.add_parser("exec", help="run a Python file in a fresh sandbox")
     p.add_argument("file", help="the code to run, or - for standard input")
@@ -683,15 +697,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_exec)
 
     p = sub.add_parser("policy", help="show or check a policy")
-    psub = p.add_subparsers(dest="policy_cmd", required=True, parser_class=_Parser)
+    psub = p.add_subparsers(dest="subcommand", parser_class=_Parser)
+    _needs_a_command(p)
     q = psub.add_parser("show", help="print a policy's effective values, defaults included")
     q.add_argument("policy", metavar="NAME|PATH")
+    q.set_defaults(func=_cmd_policy)
     q = psub.add_parser("check", help="validate a policy file")
     q.add_argument("policy", metavar="PATH")
-    p.set_defaults(func=_cmd_policy)
+    q.set_defaults(func=_cmd_policy)
 
     p = sub.add_parser("audit", help="work with audit logs")
-    asub = p.add_subparsers(dest="audit_cmd", required=True, parser_class=_Parser)
+    asub = p.add_subparsers(dest="subcommand", parser_class=_Parser)
+    _needs_a_command(p)
     q = asub.add_parser(
         "verify",
         help="check an audit log's hash chain; name the first bad line",
@@ -710,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a hash kept from an earlier verify (its 'last hash'): fail unless it is the hash of a line"
         " of the log (repeatable)",
     )
-    p.set_defaults(func=_cmd_audit)
+    q.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("doctor", help="show which protection layers work on this machine")
     p.set_defaults(func=_cmd_doctor)

@@ -187,3 +187,17 @@ def test_usage_errors_quote_arguments_with_control_characters_escaped():
     assert done.stderr.splitlines()[-1] == (
         "rlm: error: unrecognized arguments: \\x1b]0;pwned\\x07\\x1b[2J\\u202e"
     ), done.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["policy"], ["audit"]])
+def test_a_command_without_its_sub_command_prints_its_help(args: list[str]):
+    """``rlm`` alone said "the following arguments are required: command" under a bare usage line,
+    and ``rlm policy`` named argparse's internal ``policy_cmd``: the help, which lists the
+    sub-commands and what each does, is what a newcomer needs there."""
+    done = run_cli(*args)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "Traceback" not in done.stderr and "_cmd" not in done.stderr, done.stderr
+    expect = {(): "answer a question about a long context", ("policy",): "validate a policy file",
+              ("audit",): "check an audit log's hash chain"}[tuple(args)]  # fmt: skip
+    assert expect in " ".join(done.stderr.split()), done.stderr
+
