@@ -19,6 +19,7 @@ from typing import Any
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a program that SIGPIPE ended
 
 
 class _Parser(argparse.ArgumentParser):
@@ -747,8 +748,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe can be told apart, not at exit
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`rlm policy show default | head -1`): stop quietly, as `cat` does,
+        # instead of a traceback. Output still buffered goes nowhere, not to the closed pipe at exit.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return code
 
 

@@ -201,3 +201,18 @@ def test_a_command_without_its_sub_command_prints_its_help(args: list[str]):
               ("audit",): "check an audit log's hash chain"}[tuple(args)]  # fmt: skip
     assert expect in " ".join(done.stderr.split()), done.stderr
 
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """``rlm policy show default | head -1``: the reader gone, the write failed with a
+    BrokenPipeError traceback. It ends quietly now, as ``cat`` does, with the status a shell
+    reports for a program SIGPIPE ended."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "rlm", "policy", "show", "default"],
+            stdout=write, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.stderr == "" and done.returncode == 128 + 13, done.stderr
