@@ -15,7 +15,7 @@ Per run, in ``<log_dir>``:
   ``compaction`` field (``tokens_before``, ``tokens_after``,
   ``turns_summarized``, ``summary``): a field, not a line of its own.
 - ``<run_id>.result.json``: the run's outcome (the :class:`~rlm.result.RLMResult`
-  fields without ``history``, plus ``closing_response``), written atomically
+  fields without ``history``, plus ``closing_response`` and a ``timestamp``), written atomically
   when the run ends. No such file: the run did not finish.
 - ``<run_id>.audit.log``: the sandbox's hash-chained audit log of the run (not
   ``.jsonl``, so nobody loads it into a trajectory viewer by mistake).
