@@ -446,7 +446,8 @@ def _cmd_view(args: argparse.Namespace) -> int:
     if args.open:
         import webbrowser
 
-        webbrowser.open(out.resolve().as_uri())
+        if not webbrowser.open(out.resolve().as_uri()):  # no browser here (a server, no $BROWSER)
+            _fail(f"--open: no browser could be started here; open {out} yourself")
     return EXIT_OK
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -218,3 +219,14 @@ def test_a_fifo_where_the_page_goes_is_a_clear_error_not_a_hang(tmp_path: Path):
     out = run_cli("view", r.log_path, timeout=60)
     text = page.read_text()
     assert out.returncode == 0 and text.startswith("<!DOCTYPE html>") and "STALE" not in text
+
+
+def test_cli_view_open_without_a_browser_says_so(tmp_path: Path):
+    """``--open`` where no browser can be started (a server; here ``$BROWSER`` names none) wrote
+    the page and said nothing, as if it had opened it."""
+    r = _hostile_run(tmp_path / "logs")
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}  # no GUI browser
+    env["BROWSER"] = str(tmp_path / "no-such-browser")
+    out = run_cli("view", r.log_path, "-o", str(tmp_path / "p.html"), "--open", env=env)
+    assert out.returncode == 0 and out.stdout.strip() == str(tmp_path / "p.html")  # the page is written
+    assert out.stderr == f"rlm: --open: no browser could be started here; open {tmp_path / 'p.html'} yourself\n"
