@@ -350,6 +350,11 @@ def test_progress_line_and_summary(monkeypatch: pytest.MonkeyPatch):
     summary = progress.summary("out.jsonl", already=3)
     assert "2 of 4 item(s)" in summary and "1 answered, 1 failed, 0 skipped (budget)" in summary
     assert "3 already in out.jsonl" in summary and "\x1b" not in stream.getvalue() + summary
+    # "b" never ran (priced_usd None: its context could not be read, say): it made no call of
+    # unknown price, which the summary claimed it had; a run without a price for a call did.
+    assert "unknown price" not in summary
+    progress.add(rlm.BatchResult("c", "2", "final", 1, 0, 10, 2, None, 0.1, None, 0.0))
+    assert "$0.5000 (+ calls of unknown price in 1 run(s))" in progress.summary("out.jsonl")
     quiet = io.StringIO()
     Progress(4, quiet).add(ok)  # a StringIO is not a terminal: nothing drawn while running
     assert quiet.getvalue() == ""

@@ -52,7 +52,9 @@ class Progress:
         self.input_tokens += result.input_tokens
         self.output_tokens += result.output_tokens
         if result.cost_usd is None:  # its priced calls count; the rest is unknown
-            self.unknown_cost += result.stop_reason not in ("skipped", "bad_input")
+            # priced_usd None: the item never ran (skipped, bad input, a context that could not be
+            # read), so it made no call, priced or not.
+            self.unknown_cost += result.priced_usd is not None
             self.cost_usd += result.spent_usd
         else:
             self.cost_usd += result.cost_usd
