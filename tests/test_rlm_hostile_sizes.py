@@ -1,0 +1,72 @@
+"""What the host spends on hostile input, per megabyte of it: the model's replies, sub-call
+answers, what the code prints or returns, and what the loop writes about them.
+
+Every one of these inputs is untrusted (a prompt injection or a hostile server controls it).
+The host's memory and CPU must stay within a small multiple of the input's size, never grow
+faster than it, and never hold the GIL for seconds on a small input (an ``rlm mcp`` server or
+a batch runs other runs in the same process). Memory is measured with tracemalloc, after a
+first run has imported everything; a parse that could hang runs in a process of its own,
+under a generous timeout.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+from rlm import ScriptedBackend, run
+
+
+def repl(code: str, text: str = "") -> str:
+    return f"{text}\n```repl\n{code}\n```\n"
+
+
+def _bounded(code: str, seconds: float = 30) -> str:
+    """Run *code* in a Python process of its own and return its output: a regular expression
+    that holds the GIL cannot be timed out from a thread of this one."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _traced_run(
+    replies: list[str] | Callable[[str, list[dict[str, Any]]], str], **kwargs: Any
+) -> tuple[Any, int]:
+    """``run()`` on a scripted model, and the peak of memory traced while it ran (the modules
+    it needs imported by a first run, before tracing)."""
+    run("q", "c", model="m", backend=ScriptedBackend(["FINAL(warm)"]))
+    kwargs.setdefault("max_iterations", 2)
+    tracemalloc.start()
+    try:
+        result = run("q", "c", model="m", backend=ScriptedBackend(replies), **kwargs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return result, peak
+
+
+def test_a_final_of_many_quotes_is_read_in_linear_time():
+    """A quoted FINAL argument was found by a pattern that backtracked into each literal it had
+    read: ``FINAL(`` and 80 quotes took 8 s of CPU, each 10 more quotes six times as long (a
+    reply of 106 bytes held the GIL for hours: an ``rlm mcp`` server answered no client, and
+    ``max_time_s`` could not stop it). Each literal is read once now."""
+    out = _bounded(
+        "from rlm.final import find_final\n"
+        "for reply in ['FINAL(' + \"'\" * 100, 'FINAL(' + '\"' * 101, 'FINAL(' + \"r'' \" * 100 + 'x']:\n"
+        "    print(find_final(reply).quoted)\n"
+    )
+    assert out.split() == ["False", "False", "False"]
+
+
+def test_an_unclosed_quoted_final_costs_no_more_than_its_size():
+    """``FINAL("`` and text that never closes the quote: the pattern kept a backtracking entry
+    per character, 147 bytes of host memory for each byte of the reply (a 4 MB reply: 587 MB).
+    It reads a run of plain characters at a time now."""
+    reply = 'FINAL("' + "a" * 1_000_000
+    result, peak = _traced_run([reply])
+    assert result.answer == reply[len("FINAL(") :]
+    # 147 MB before, 1 MB now.
+    assert peak < 10 * len(reply), f"{peak / 1e6:.1f} MB traced for a {len(reply) / 1e6:.1f} MB reply"
