@@ -101,23 +101,23 @@ def _balanced_close(region: str) -> int | None:
     return None
 
 
+#: White space up to the end of a line (a line ends at ``\n`` only, as the text is split).
+_REST_OF_LINE = re.compile(r"[^\S\n]*+$", re.MULTILINE)
+#: The last ``)`` that ends its line (nothing but white space after it on the line), found from
+#: the end: the greedy ``.*`` gives back one character at a time, and keeps nothing per line.
+_LAST_LINE_ENDER = re.compile(r".*(\))[^\S\n]*+$", re.DOTALL | re.MULTILINE)
+
+
 def _ends_line(region: str, i: int) -> bool:
-    newline = region.find("\n", i + 1)
-    rest = region[i + 1 :] if newline < 0 else region[i + 1 : newline]
-    return not rest.strip()
+    return _REST_OF_LINE.match(region, i + 1) is not None
 
 
-def _line_enders(region: str) -> list[int]:
-    """Positions of the ``)`` that end their line (only whitespace after them on it), in one
-    pass: asking :func:`_ends_line` of every ``)`` costs the square of a line of them."""
-    enders = []
-    start = 0
-    for line in region.split("\n"):
-        end = len(line.rstrip())
-        if end and line[end - 1] == ")":
-            enders.append(start + end - 1)
-        start += len(line) + 1
-    return enders
+def _last_line_ender(region: str, end: int) -> int | None:
+    """The position of the last ``)`` of ``region[:end]`` that ends its line, or None. Found by a
+    pattern, not by splitting the region into lines: ``FINAL(`` and a 16 MB reply of short lines
+    made a list of five million of them (332 MB of host memory)."""
+    match = _LAST_LINE_ENDER.match(region, 0, end)
+    return None if match is None else match.start(1)
 
 
 #: One Python string literal (prefix, quotes, escapes, triple quotes), matched in linear time:
@@ -159,10 +159,12 @@ def _argument(region: str) -> tuple[str, bool]:
     if close is not None and _ends_line(region, close):
         return region[:close].strip(), False
     first_line_end = region.find("\n")
-    line_enders = _line_enders(region)
-    if line_enders:
-        on_first_line = [i for i in line_enders if first_line_end < 0 or i < first_line_end]
-        return region[: (on_first_line or line_enders)[-1]].strip(), False
+    # the ``)`` ending the first line, failing that the last ``)`` ending a line
+    ender = _last_line_ender(region, first_line_end) if first_line_end >= 0 else None
+    if ender is None:
+        ender = _last_line_ender(region, len(region))
+    if ender is not None:
+        return region[:ender].strip(), False
     if close is not None:
         return region[:close].strip(), False
     return region.strip(), False
@@ -170,14 +172,16 @@ def _argument(region: str) -> tuple[str, bool]:
 
 def find_final(text: str) -> FinalDirective | None:
     """The first FINAL/FINAL_VAR at the start of a line outside code blocks, or None."""
+    if _DIRECTIVE.search(text) is None:  # none anywhere: the blocks need not be found
+        return None
     for is_code, _, start, end in _segments(text):
         if is_code:
             continue
-        body = text[start:end]
-        match = _DIRECTIVE.search(body)
+        # searched in place, not in a copy of the segment (the whole reply, when it has no block)
+        match = _DIRECTIVE.search(text, start, end)
         if match is None:
             continue
-        argument, quoted = _argument(body[match.end() :])
+        argument, quoted = _argument(text[match.end() : end])
         if match.group(1) == "FINAL_VAR":
             return FinalDirective("FINAL_VAR", argument, quoted)
         return FinalDirective("FINAL", argument, quoted)
