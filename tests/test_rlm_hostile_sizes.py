@@ -82,3 +82,18 @@ def test_an_unclosed_final_over_many_short_lines_is_not_split_into_lines():
     assert result.answer == reply[len("FINAL(") :].strip()
     # 21 MB before, 2 MB now (the argument and its stripped copy, which is the answer).
     assert peak < 5 * len(reply), f"{peak / 1e6:.1f} MB traced for a {len(reply) / 1e6:.1f} MB reply"
+
+
+def test_a_written_final_var_of_no_variable_name_is_not_run_as_code(tmp_path):
+    """``FINAL_VAR(...)`` written in a reply was run in the sandbox as ``FINAL_VAR(<repr of its
+    argument>)`` whatever the argument: 4 MB of control characters made a 16 MB literal, a
+    20 MB audit line and 121 MB of host memory (241 MB resident). An argument that names no
+    variable is the answer itself, as FINAL_VAR gives it, without running anything."""
+    from pathlib import Path
+
+    reply = "FINAL_VAR(" + "\x01" * 1_000_000 + ")"
+    result, peak = _traced_run([reply], log_dir=tmp_path)
+    assert result.answer == "\x01" * 1_000_000
+    assert Path(result.audit_log_path).stat().st_size < 100_000  # the prelude and the block's description
+    # 31 MB before (and a 5 MB audit line), 3 MB now.
+    assert peak < 5 * len(reply), f"{peak / 1e6:.1f} MB traced for a {len(reply) / 1e6:.1f} MB reply"
