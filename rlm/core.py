@@ -254,6 +254,14 @@ MAX_BLOCKS_PER_REPLY = 50
 #: 100 MB (and wrote a 100 MB trajectory line) for 0.4 s of the child's CPU.
 BLOCK_CALL_LOG_CHARS = 2_000_000
 
+#: Sub-call and tool-call log entries one block keeps (a full batch of MAX_BATCH prompts); the
+#: calls past them are counted (``rlm_calls_omitted`` in the block's result), not kept. Each
+#: entry costs the host about 3 KB and the trajectory about 430 bytes however short its texts:
+#: a block of ten ``llm_query_batched([""] * 10_000)`` against a server that answers at once
+#: kept 320 MB and wrote a 43 MB trajectory line, and host time spent serving calls counts
+#: towards no limit of the sandbox's.
+BLOCK_CALL_ENTRIES = 10_000
+
 
 #: The model calls running in threads of their own (see :meth:`_Run._complete`), each with its
 #: :class:`~rlm.llm.CallStop`: told to stop and waited for when the interpreter exits.
@@ -682,6 +690,7 @@ class _Run:
         self.fatal: ModelError | None = None
         self.calls: list[tuple[tuple[int, int], dict[str, Any]]] = []  # (order key, log entry)
         self.call_chars = 0  # characters of text the block's entries keep (see BLOCK_CALL_LOG_CHARS)
+        self.calls_omitted = [0, 0]  # the block's sub-calls and tool calls past BLOCK_CALL_ENTRIES
         self.helper: str | None = None  # the loop's own code running in the sandbox (see _execute)
         self.running: Any = None  # the sandbox an execute of this run waits for now (see _execute)
         self._log_lock = threading.Lock()
@@ -849,6 +858,9 @@ class _Run:
         # provider refused (a ContextWindowExceeded, free) kept 5 MB of the host per call. Past
         # BLOCK_CALL_LOG_CHARS in one block, each text is cut to REPEAT_CHARS.
         with self._log_lock:
+            if len(self.calls) >= BLOCK_CALL_ENTRIES:
+                self.calls_omitted[entry.get("type") == "tool"] += 1
+                return
             cap = LOG_TEXT_CHARS if self.call_chars < BLOCK_CALL_LOG_CHARS else REPEAT_CHARS
             for name in ("prompt", "response", "error"):
                 text = entry.get(name)
@@ -860,9 +872,9 @@ class _Run:
                             if data in entry:
                                 entry[data] = None
                     self.call_chars += len(text)
-        # Entries of a batch arrive in completion order; the key puts them back in prompt order.
-        key = getattr(self._order, "key", None) or (next(self._seq), 0)
-        self.calls.append((key, entry))  # list.append is atomic
+            # Entries of a batch arrive in completion order; the key puts them back in prompt order.
+            key = getattr(self._order, "key", None) or (next(self._seq), 0)
+            self.calls.append((key, entry))
 
     def _model(self, model: Any, default: str, fn: str) -> str:
         """The model a call from the code asked for: *default* for None (or ""), else one of the
@@ -1298,6 +1310,7 @@ class _Run:
         there at all); the loop then stops with ``stop_reason="max_time_s"``."""
         self.calls = []
         self.call_chars = 0
+        self.calls_omitted = [0, 0]
         result = self._execute(sb, code)
         self.code_executions += 1
         calls = [entry for _, entry in sorted(self.calls, key=lambda pair: pair[0])]
@@ -1340,7 +1353,7 @@ class _Run:
         if self.pending_name is not None and self.final is None:
             self._resolve_name(sb, self.pending_name)
         # Kept for the whole run (its history, the trajectory): cut as the trajectory cuts any text.
-        entry = {
+        entry: dict[str, Any] = {
             "code": code,
             "result": {
                 "stdout": clip_text(result.stdout),
@@ -1354,6 +1367,9 @@ class _Run:
                 "rlm_calls": calls,
             },
         }
+        if any(self.calls_omitted):
+            subs, tools = self.calls_omitted
+            entry["result"]["rlm_calls_omitted"] = {"sub_calls": subs, "tool_calls": tools}
         return entry, text, result.ok
 
     def _set_final(self, value: Any) -> None:
@@ -1653,6 +1669,7 @@ class _Run:
                 entry, text, ok = self._run_block(sb, code)
                 code_entries.append(entry)
                 outputs.append(text)
+                omitted = entry["result"].get("rlm_calls_omitted", {})
                 self.emit(
                     "code_result",
                     iteration=turn,
@@ -1660,8 +1677,10 @@ class _Run:
                     code=code,
                     output=text,
                     ok=ok,
-                    sub_calls=sum(1 for c in entry["result"]["rlm_calls"] if c.get("type") != "tool"),
-                    tool_calls=sum(1 for c in entry["result"]["rlm_calls"] if c.get("type") == "tool"),
+                    sub_calls=sum(1 for c in entry["result"]["rlm_calls"] if c.get("type") != "tool")
+                    + omitted.get("sub_calls", 0),
+                    tool_calls=sum(1 for c in entry["result"]["rlm_calls"] if c.get("type") == "tool")
+                    + omitted.get("tool_calls", 0),
                 )
                 self.errors_in_a_row = 0 if ok else self.errors_in_a_row + 1
                 if self.fatal is not None:

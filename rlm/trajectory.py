@@ -5,7 +5,9 @@ Per run, in ``<log_dir>``:
 - ``<run_id>.jsonl``, the trajectory: a ``metadata`` line, then one
   ``iteration`` line per root turn (``prompt`` = the messages sent that turn,
   ``response``, ``code_blocks: [{code, result: {stdout, stderr, locals,
-  execution_time, rlm_calls}}]``, ``final_answer``, ``iteration_time``).
+  execution_time, rlm_calls}}]``, ``final_answer``, ``iteration_time``; a
+  block's calls past ``rlm.core.BLOCK_CALL_ENTRIES`` are counted in its
+  result's ``rlm_calls_omitted``, not listed).
   Nothing else: the reference viewer (``visualizer/`` in the official RLM
   repository) reads every line that is not ``metadata`` as an iteration, so
   any other line type breaks it. The file is only ever appended to, one whole

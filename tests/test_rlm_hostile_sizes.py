@@ -97,3 +97,42 @@ def test_a_written_final_var_of_no_variable_name_is_not_run_as_code(tmp_path):
     assert Path(result.audit_log_path).stat().st_size < 100_000  # the prelude and the block's description
     # 31 MB before (and a 5 MB audit line), 3 MB now.
     assert peak < 5 * len(reply), f"{peak / 1e6:.1f} MB traced for a {len(reply) / 1e6:.1f} MB reply"
+
+
+def test_the_call_entries_of_one_block_are_bounded_however_many_calls_it_makes(tmp_path, monkeypatch):
+    """Each sub-call and tool call a block made kept a log entry for the whole run (about 3 KB
+    of host memory and 430 bytes of trajectory, however short its texts), and host time spent
+    serving calls counts towards no limit of the sandbox's: a block of ten
+    ``llm_query_batched([""] * 10_000)`` against a server that answers at once kept 320 MB
+    (369 MB resident) and wrote a 43 MB trajectory line (118 MB and 4.3 MB now). Past
+    BLOCK_CALL_ENTRIES (a full batch) the calls are counted, not kept."""
+    import json
+
+    import rlm.core
+
+    real = getattr(rlm.core, "BLOCK_CALL_ENTRIES", None)
+    monkeypatch.setattr(rlm.core, "BLOCK_CALL_ENTRIES", 50, raising=False)
+    events: list[dict[str, Any]] = []
+
+    def lookup(key: str) -> str:
+        return key
+
+    code = "for i in range(3):\n    r = llm_query_batched([''] * 40)\nfor i in range(30):\n    lookup('k')"
+
+    def model(name: str, messages: list[dict[str, Any]]) -> str:
+        if len(messages) == 1:
+            return "sub"
+        return repl(code) if len(messages) == 2 else "FINAL(done)"
+
+    r = run("q", "c", model="m", backend=ScriptedBackend(model), tools=[lookup], log_dir=tmp_path,
+            max_iterations=2, on_event=events.append)  # fmt: skip
+    assert r.answer == "done" and r.sub_calls == 120 and r.tool_calls == 30
+    result = r.history[0]["code_blocks"][0]["result"]
+    assert len(result["rlm_calls"]) == 50
+    assert result["rlm_calls_omitted"] == {"sub_calls": 70, "tool_calls": 30}
+    (block,) = [e for e in events if e["type"] == "code_result"]
+    assert (block["sub_calls"], block["tool_calls"]) == (120, 30)
+    (trajectory,) = tmp_path.glob("*.jsonl")
+    line = json.loads(trajectory.read_text().splitlines()[1])
+    assert line["code_blocks"][0]["result"]["rlm_calls_omitted"] == {"sub_calls": 70, "tool_calls": 30}
+    assert real == 10_000
