@@ -1487,13 +1487,21 @@ class _Run:
         if not window:
             return messages
         budget = int(window * (self.cfg.compaction_threshold or DEFAULT_COMPACTION_THRESHOLD))
-        if self.cfg.backend.count_tokens(self.model, messages) <= budget:
+        count = self.cfg.backend.count_tokens
+        total = count(self.model, messages)
+        if total <= budget:
             return messages
         fitted = [dict(m) for m in messages]
         for i in range(2, len(fitted) - 1):
             if fitted[i]["role"] == "user":
+                # The total changes by what this message's own count changes by: the conversation
+                # is not counted again after each elision (the square of its length: a hostile
+                # server's replies, which are never elided, made each turn count them all again
+                # for every earlier turn).
+                before = count(self.model, [fitted[i]])
                 fitted[i]["content"] = "[output of this turn elided to fit the context window]"
-                if self.cfg.backend.count_tokens(self.model, fitted) <= budget:
+                total += count(self.model, [fitted[i]]) - before
+                if total <= budget:
                     break
         return fitted
 

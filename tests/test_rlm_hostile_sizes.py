@@ -154,3 +154,32 @@ def test_a_typed_answer_of_many_wrong_items_is_refused_at_its_first():
     assert "0: Input should be a valid integer" in seen[1] and "1: Input" not in seen[1]
     # 200,000 error records: 136 MB traced before (2.7 s of CPU), 4 MB now.
     assert peak < 20_000_000, f"{peak / 1e6:.1f} MB traced"
+
+
+def test_fitting_the_conversation_to_the_window_counts_each_message_once():
+    """Over the model's window, the oldest outputs are elided one at a time, and the whole
+    conversation was counted again after each: the square of its length per turn. A hostile
+    server's replies are never elided (they are the model's own turns), so each turn counted
+    them all again for every earlier turn (at 0.5 MB a reply, ten turns of ``openai/gpt-4o``
+    cost 52 counts). Each elided message is counted once now, and the total updated."""
+    counted = [0]
+    sent = [0]
+
+    class Counting(ScriptedBackend):
+        def count_tokens(self, model: str, messages: list[dict[str, Any]]) -> int:
+            counted[0] += sum(len(str(m.get("content") or "")) for m in messages)
+            return super().count_tokens(model, messages)
+
+        def complete(self, model: str, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+            sent[0] += sum(len(str(m.get("content") or "")) for m in messages)
+            return super().complete(model, messages, **kwargs)
+
+    wordy = "w " * 3_000
+    turns = 16
+    backend = Counting([repl("print('o ' * 500)", wordy)] * turns, context_window=1200)
+    r = run("q", "c", model="m", backend=backend, compaction_threshold=None, max_iterations=turns)
+    assert r.iterations == turns
+    # Each turn counts the conversation it sends at most twice (once whole, its messages once
+    # each as they are elided), 1.3 times over here; it counted it once per earlier turn before
+    # (11.5 times over).
+    assert counted[0] < 3 * sent[0], (counted[0], sent[0])
