@@ -68,6 +68,7 @@ from rlm.errors import (
 __all__ = [
     "CALL_STOP",
     "DEFAULT_REQUEST_TIMEOUT_S",
+    "MAX_ERROR_BYTES",
     "MAX_RESPONSE_BYTES",
     "CallStop",
     "Completion",
@@ -101,6 +102,13 @@ _MIN_ENV_KEY_CHARS = 8
 #: server that streamed without end (or a gzip bomb, a few MB unpacking to gigabytes) grew the
 #: host's memory until the request timeout, and a call given up went on reading for ever.
 MAX_RESPONSE_BYTES = 32 * 2**20
+
+#: The most of an error response's body (status 400 and above) that is read; the rest is dropped
+#: (the call fails on its status either way). litellm scrubs an error's text of secrets with a
+#: pattern of some twenty alternatives, six times over, each holding the GIL: an 800 KB error
+#: body took 6 s of the host's CPU, 32 MB would take minutes (an ``rlm mcp`` server answered
+#: nobody meanwhile). A provider's error says what went wrong in a few hundred bytes.
+MAX_ERROR_BYTES = 64 * 2**10
 
 _litellm: ModuleType | None = None
 _import_lock = threading.Lock()
@@ -253,17 +261,22 @@ def _guard_response(response: Any) -> None:
             guard.stop._watch(sock)
         else:
             sock = None
-    response.stream = _guarded_stream(response.stream, guard, sock)
+    cut = MAX_ERROR_BYTES if response.status_code >= 400 else None
+    response.stream = _guarded_stream(response.stream, guard, sock, cut)
 
 
-def _guarded_stream(inner: Any, guard: _Guard, sock: socket.socket | None) -> Any:
-    """*inner* (a response's byte stream), ended by an httpx error once *guard* says so."""
+def _guarded_stream(inner: Any, guard: _Guard, sock: socket.socket | None, cut: int | None = None) -> Any:
+    """*inner* (a response's byte stream), ended by an httpx error once *guard* says so, and
+    ended quietly after *cut* bytes when given (an error's body: see :data:`MAX_ERROR_BYTES`)."""
     import httpx
 
     class _GuardedStream(httpx.SyncByteStream):
         def __iter__(self) -> Iterator[bytes]:
             read = 0
             for chunk in inner:
+                if cut is not None and read + len(chunk) >= cut:
+                    yield chunk[: cut - read]
+                    return
                 read += len(chunk)
                 if guard.stop is not None and guard.stop.stopped:
                     raise guard.end("stopped", httpx.ReadError, "the call was given up")

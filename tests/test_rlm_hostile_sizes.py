@@ -183,3 +183,41 @@ def test_fitting_the_conversation_to_the_window_counts_each_message_once():
     # each as they are elided), 1.3 times over here; it counted it once per earlier turn before
     # (11.5 times over).
     assert counted[0] < 3 * sent[0], (counted[0], sent[0])
+
+
+def test_a_huge_error_body_is_read_only_as_far_as_its_cut(monkeypatch):
+    """A server's error response (status 400 and above) was read whole, up to the 32 MiB of any
+    response, and litellm scrubs an error's text of secrets with a pattern of some twenty
+    alternatives, six times over, each holding the GIL: a 2.4 MB error body cost the host 14.5 s
+    of CPU (an ``rlm mcp`` server answered nobody meanwhile). At most MAX_ERROR_BYTES of it are
+    read now; the call fails on its status as before."""
+    from rlm import llm
+    from tests.llm_server import LLMServer, Reply
+
+    llm._lib()  # litellm imported as rlm imports it (its price map read locally, not fetched)
+    from litellm.litellm_core_utils import secret_redaction
+
+    scrubbed: list[int] = []
+    pattern = secret_redaction._SECRET_RE
+
+    class Recording:
+        def sub(self, repl: str, text: str) -> str:
+            scrubbed.append(len(text))
+            return pattern.sub(repl, text)
+
+    monkeypatch.setattr(secret_redaction, "_SECRET_RE", Recording())
+    code = "try:\n    llm_query('x')\nexcept Exception as e:\n    print(type(e).__name__, str(e)[:60])"
+
+    def reply(request: Any) -> Reply:
+        if len(request.messages) == 1:  # the sub-call
+            return Reply("Traceback (most recent call last):\n" + " a\n" * 400_000, status=400)
+        return Reply(repl(code) if len(request.messages) == 2 else "FINAL(done)")
+
+    with LLMServer(reply) as srv:
+        r = run(
+            "q", "c", model="openai/m", api_base=srv.base_url, api_key="k", max_iterations=3, max_retries=0
+        )
+    assert r.answer == "done"
+    assert r.history[0]["code_blocks"][0]["result"]["stdout"].startswith("HostFunctionError"), r.history[0]
+    assert scrubbed and max(scrubbed) < 2 * 64 * 1024, max(scrubbed)  # 3.6 MB before
+    assert getattr(llm, "MAX_ERROR_BYTES", None) == 64 * 1024
