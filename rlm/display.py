@@ -109,7 +109,8 @@ class LiveView:
         )
 
     def note(self, message: str) -> None:
-        self._line(message, "yellow")
+        # cut like every other text shown: a tool's error may quote its arguments, which the code chose
+        self._line(self._short(message), "yellow")
 
     def finish(self, answer: str | None, stop_reason: str, **extra: Any) -> None:
         from rich.panel import Panel

@@ -221,3 +221,26 @@ def test_a_huge_error_body_is_read_only_as_far_as_its_cut(monkeypatch):
     assert r.history[0]["code_blocks"][0]["result"]["stdout"].startswith("HostFunctionError"), r.history[0]
     assert scrubbed and max(scrubbed) < 2 * 64 * 1024, max(scrubbed)  # 3.6 MB before
     assert getattr(llm, "MAX_ERROR_BYTES", None) == 64 * 1024
+
+
+def test_the_live_view_cuts_a_tool_s_error_as_it_cuts_every_other_text():
+    """``verbose=True`` showed a tool's error whole on the operator's terminal: a tool raising
+    ``KeyError(key)`` on a 4 MB key the code chose printed a 4 MB line (1.1 s of CPU). Notes are
+    cut like the reply, the code and the output (1,500 characters, head and tail)."""
+    import io
+
+    from rich.console import Console
+
+    from rlm.display import VerboseView
+
+    def lookup(key: str) -> str:
+        return {}[key]  # type: ignore[no-any-return]
+
+    shown = io.StringIO()
+    code = "try:\n    lookup('k' * 1_000_000)\nexcept Exception as e:\n    print(len(str(e)))"
+    view = VerboseView(Console(file=shown, width=100))
+    r = run("q", "c", model="m", backend=ScriptedBackend([repl(code), "FINAL(done)"]), tools=[lookup],
+            on_event=view.handle)  # fmt: skip
+    assert r.answer == "done" and r.tool_calls == 1
+    assert "tool lookup: error KeyError" in shown.getvalue()
+    assert len(shown.getvalue()) < 20_000, len(shown.getvalue())  # 1 MB before
