@@ -400,6 +400,14 @@ _CUT_NOTE = "\n[... cut to fit one MCP message]"
 def _fit_result(payload: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """*payload* cut to fit :data:`RESULT_JSON_MAX` (its longest texts first, marked, with
     ``output_truncated`` set where the result has it), and the text block that goes with it."""
+    # A text longer than the whole message cannot fit: cut to that first, so that the JSON made
+    # below stays near RESULT_JSON_MAX (a 20 MB answer of control characters made 120 MB of
+    # JSON, then as much again encoded: 240 MB of the server's memory).
+    for key, value in list(payload.items()):
+        if isinstance(value, str) and len(value) > RESULT_JSON_MAX:
+            payload = {**payload, key: value[:RESULT_JSON_MAX] + _CUT_NOTE}
+            if "output_truncated" in payload:
+                payload["output_truncated"] = True
     text = json.dumps(payload, ensure_ascii=False)
     size = len(text.encode())
     while size > RESULT_JSON_MAX:

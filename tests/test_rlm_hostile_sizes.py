@@ -244,3 +244,25 @@ def test_the_live_view_cuts_a_tool_s_error_as_it_cuts_every_other_text():
     assert r.answer == "done" and r.tool_calls == 1
     assert "tool lookup: error KeyError" in shown.getvalue()
     assert len(shown.getvalue()) < 20_000, len(shown.getvalue())  # 1 MB before
+
+
+def test_an_mcp_result_of_a_huge_answer_is_cut_before_it_is_encoded():
+    """``rlm mcp`` fits a tool result into one MCP message (RESULT_JSON_MAX bytes of JSON) by
+    cutting its longest text, but encoded the whole result first: a 20 MB answer of control
+    characters (an ``rlm_query`` whose model gave it) made 120 MB of JSON, then as much again
+    encoded, 240 MB of the server's memory. A text longer than the whole message is cut to it
+    first."""
+    from rlm.mcp_server import RESULT_JSON_MAX, _fit_result
+
+    _fit_result({"answer": "warm", "stop_reason": "final"})
+    tracemalloc.start()
+    try:
+        payload, text = _fit_result({"answer": "\x01" * 20_000_000, "stop_reason": "final"})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert payload["answer"].endswith("cut to fit one MCP message]") and payload["stop_reason"] == "final"
+    assert RESULT_JSON_MAX // 7 < len(payload["answer"]) < RESULT_JSON_MAX // 5
+    assert "is in structuredContent" in text
+    # 260 MB before, 13 MB now (the JSON of a text cut to RESULT_JSON_MAX characters).
+    assert peak < 40_000_000, f"{peak / 1e6:.0f} MB traced"
