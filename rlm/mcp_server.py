@@ -943,7 +943,10 @@ def _unicode_ok(text: str) -> bool:
 
 
 _METHOD = re.compile(r'"method"\s*:\s*"([^"\\]*)"')
-_ID = re.compile(r'"id"\s*:\s*(-?\d+|"(?:[^"\\]|\\.)*")')
+#: The request's id in a line that is not JSON. Its string is read a run of plain characters at a
+#: time and never given back: a character at a time, a string left open (a client's truncated
+#: line) kept a backtracking entry per character, 140 bytes each (4 MB of id: 560 MB).
+_ID = re.compile(r'"id"\s*+:\s*+(-?\d++|"(?:[^"\\]++|\\.)*+")')
 
 #: Deepest nesting of tool arguments passed on to the SDK (its JSON parser drops deeper lines
 #: without an answer; the sandbox takes plain data at most 100 deep anyway).

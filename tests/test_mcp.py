@@ -91,6 +91,23 @@ def write_line(proc: subprocess.Popen[bytes], raw: bytes) -> None:
     proc.stdin.flush()
 
 
+def read_until(proc: subprocess.Popen[bytes], pending: bytearray, rid: int) -> list[dict[str, Any]]:
+    """The messages *proc* wrote up to its answer to *rid*, within 20 s (*pending*: bytes read
+    and not yet split into lines, kept between calls)."""
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        while b"\n" in pending:
+            line, _, rest = bytes(pending).partition(b"\n")
+            pending[:] = rest
+            got.append(json.loads(line))
+            if got[-1].get("id") == rid:
+                return got
+        if select.select([proc.stdout], [], [], 0.2)[0]:
+            pending.extend(os.read(proc.stdout.fileno(), 1 << 20))  # type: ignore[union-attr]
+    raise AssertionError(f"no answer to {rid}: {got}")
+
+
 async def call(session: ClientSession, tool: str, **args: Any) -> dict[str, Any]:
     res = await session.call_tool(tool, args)
     assert not res.is_error, res.content
@@ -291,6 +308,37 @@ def test_bad_input_is_a_tool_error_and_the_server_keeps_serving(tmp_path: Path) 
     assert lines and max(map(len, lines)) < 2_000, max(map(len, lines))
 
 
+def test_a_line_with_an_unclosed_id_costs_the_server_no_more_than_its_size(tmp_path: Path) -> None:
+    """A line that is not JSON is answered for its id when one can be read: the pattern that
+    looks for it kept a backtracking entry per character of a string it could not close, so
+    ``"id": "`` and 4 MB with no closing quote took 552 MB more of the server's memory (140
+    bytes a character: a client's truncated 100 MB line, 14 GB). It reads the string in runs
+    now (12 MB more)."""
+    proc = raw_server(tmp_path)
+    pending = bytearray()
+    try:
+        init = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
+        write_line(proc, json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": init}).encode())
+        read_until(proc, pending, 0)
+        write_line(proc, b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
+        before = psutil.Process(proc.pid).memory_info().rss
+        write_line(proc, b'{"jsonrpc":"2.0","method":"ping","id":"' + b"a" * 4_000_000)
+        write_line(proc, b'{"jsonrpc":"2.0","id":1,"method":"ping"}')
+        *answers, pong = read_until(proc, pending, 1)
+        assert "result" in pong, pong
+        assert [(a.get("id"), a["error"]["code"]) for a in answers] == [(None, -32700)], answers
+        with open(f"/proc/{proc.pid}/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        assert peak - before < 100_000_000, f"{(peak - before) / 1e6:.0f} MB more at the peak"
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def test_text_that_is_not_utf8_is_refused_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
     """A lone surrogate (valid JSON, not valid Unicode) and raw bytes that are not UTF-8 on the wire.
 
@@ -418,19 +466,7 @@ def test_invalid_stdio_requests_are_answered(tmp_path: Path) -> None:
     pending = bytearray()  # read, not yet split into lines
 
     def until(rid: int) -> list[dict[str, Any]]:
-        """The messages read up to the answer to *rid* (a ping after each case), within 20 s."""
-        got: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            while b"\n" in pending:
-                line, _, rest = bytes(pending).partition(b"\n")
-                pending[:] = rest
-                got.append(json.loads(line))
-                if got[-1].get("id") == rid:
-                    return got
-            if select.select([proc.stdout], [], [], 0.2)[0]:
-                pending.extend(os.read(proc.stdout.fileno(), 1 << 20))  # type: ignore[union-attr]
-        raise AssertionError(f"no answer to {rid}: {got}")
+        return read_until(proc, pending, rid)
 
     cases: list[tuple[bytes, Any, int]] = [  # (line, the id of the error (a list: one error each), its code)
         (b'{"jsonrpc":"2.0","id":1.5,"method":"tools/call","params":{"name":"session_list","arguments":{}}}',
