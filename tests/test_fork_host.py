@@ -58,6 +58,18 @@ def _until_locked(server: forkserver.ForkServer) -> None:
     assert server._lock.locked()
 
 
+def _host_env(tmp_path: Path) -> dict[str, str]:
+    """A host process's environment: this checkout importable, its temporary files in *tmp_path*."""
+    return dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
+
+
+def _start_host(tmp_path: Path, script: str) -> subprocess.Popen[bytes]:
+    """*script* running as a host process, its standard input and output piped to this test."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_host_env(tmp_path)
+    )
+
+
 def _open_and_run(audit: Path, outcome: list[object]) -> None:
     """Open a sandbox, run one cell and close it, in a thread: what it printed, or the
     SandboxError it raised (allowed; never a raw OSError), goes to *outcome*."""
@@ -71,13 +83,7 @@ def _open_and_run(audit: Path, outcome: list[object]) -> None:
 
 
 def test_a_fork_while_the_fork_server_starts_does_not_keep_it_alive(tmp_path: Path) -> None:
-    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
-    host = subprocess.Popen(
-        [sys.executable, "-c", FORK_WHILE_THE_SERVER_STARTS],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env,
-    )
+    host = _start_host(tmp_path, FORK_WHILE_THE_SERVER_STARTS)
     pids: list[int] = []
     try:
         assert host.stdout is not None
@@ -131,7 +137,7 @@ if __name__ == "__main__":
 
 
 def test_multiprocessing_workers_that_return_leave_no_scratch_directory(tmp_path: Path) -> None:
-    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    env = _host_env(tmp_path)
     script = tmp_path / "host.py"  # forkserver workers import the main module from a file
     script.write_text(WORKERS_THAT_RETURN)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
@@ -342,13 +348,7 @@ def test_a_forked_process_does_not_hold_the_uid_and_scratch_of_its_parents_child
     from sandbox.files import remove_tree
     from sandbox.sandbox import _lock_scratch
 
-    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT))
-    host = subprocess.Popen(
-        [sys.executable, "-c", FORK_WITH_A_SANDBOX_OPEN],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env,
-    )
+    host = _start_host(tmp_path, FORK_WITH_A_SANDBOX_OPEN)
     forked = server = -1
     try:
         assert host.stdout is not None
