@@ -113,6 +113,20 @@ MAX_ERROR_BYTES = 64 * 2**10
 _litellm: ModuleType | None = None
 _import_lock = threading.Lock()
 _warmed = False  # warm() has run
+#: The process whose HTTP clients litellm holds (see :func:`_lib`); 0 before the import.
+_clients_pid = 0
+#: The guarded client :func:`_install_guard` made (replaced in a forked process), or None.
+_guarded: Any = None
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have held the lock as it forked: that thread is not here to
+    # release it. Nothing else runs in the child yet, so a new lock is the child's own.
+    global _import_lock
+    _import_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass(frozen=True)
@@ -300,6 +314,7 @@ def _install_guard(litellm: Any) -> None:
     """Give litellm's OpenAI-compatible calls an HTTP client whose hooks guard the calls of this
     module (see :func:`_guard_response`), built as litellm builds its own (TLS settings, HTTP/2).
     A ``litellm.client_session`` set by someone else is left alone (its calls are not guarded)."""
+    global _guarded
     if getattr(litellm, "client_session", None) is not None:
         return
     try:
@@ -318,14 +333,41 @@ def _install_guard(litellm: Any) -> None:
         "response": [*hooks.get("response", []), _guard_response],
     }
     litellm.client_session = client
+    _guarded = client
+
+
+def _fresh_clients(litellm: Any) -> None:
+    """Forget the HTTP clients this process inherited through ``fork()``: their pooled
+    keep-alive connections are the parent's sockets. A pre-fork server's workers (or a
+    multiprocessing ``fork`` worker) each sent their first request on the connection the
+    parent had last used, all on one socket: a worker read another's answer (two of four runs
+    of each of two forked workers answered the other worker's question; one hung until its
+    ``max_time_s``), and the server got requests spliced into each other. The guarded client
+    is made again and litellm's cache of provider clients (which hold it) is emptied; the old
+    ones are dropped unclosed (closing a connection's descriptor here leaves the parent's
+    open). A ``litellm.client_session`` someone else set is theirs to renew."""
+    if getattr(litellm, "client_session", None) is _guarded and _guarded is not None:
+        litellm.client_session = None
+        _install_guard(litellm)
+    cache = getattr(litellm, "in_memory_llm_clients_cache", None)
+    flush = getattr(cache, "flush_cache", None)
+    if callable(flush):
+        try:
+            flush()
+        except Exception:  # litellm's cache of another version: the client above is new anyway
+            pass
 
 
 def _lib() -> ModuleType:
-    """Import and quiet litellm once (thread-safe)."""
-    global _litellm
-    if _litellm is not None:
+    """Import and quiet litellm once (thread-safe); in a process forked since, give it HTTP
+    clients of its own first (see :func:`_fresh_clients`)."""
+    global _litellm, _clients_pid
+    if _litellm is not None and _clients_pid == os.getpid():
         return _litellm
     with _import_lock:
+        if _litellm is not None and _clients_pid != os.getpid():
+            _fresh_clients(_litellm)
+            _clients_pid = os.getpid()
         if _litellm is None:
             os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
             os.environ.setdefault("LITELLM_TELEMETRY", "False")
@@ -335,6 +377,7 @@ def _lib() -> ModuleType:
             litellm.suppress_debug_info = True
             litellm.drop_params = True  # a parameter a provider lacks is dropped, not an error
             _install_guard(litellm)
+            _clients_pid = os.getpid()
             _litellm = litellm
     return _litellm
 

@@ -111,6 +111,7 @@ class ChatRequest:
     sent_at: float | None = None  # time.time() when the whole response was written (None: it was not)
     streamed: int = 0  # bytes of an endless body sent so far
     gone_at: float | None = None  # time.time() when the client of an endless body went away
+    peer: tuple[str, int] = ("", 0)  # the client's address and port: one connection, one peer
 
     @property
     def model(self) -> str:
@@ -260,6 +261,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, {"error": {"message": "body is not JSON", "type": "invalid_request_error"}})
             return
         request = ChatRequest(self.path, body, {k.lower(): v for k, v in self.headers.items()}, time.time())
+        request.peer = tuple(self.client_address[:2])  # type: ignore[assignment]
         with state.lock:
             state.requests.append(request)
         try:

@@ -305,3 +305,64 @@ def test_a_model_server_that_drips_cannot_outlive_the_time_budget(monkeypatch):
         stop.set()
         httpd.shutdown()
         httpd.server_close()
+
+
+# A pre-fork host: one run before the fork leaves a keep-alive connection in litellm's HTTP
+# client; then two forked workers and the parent run at once, each asking its own question.
+FORKED_WORKERS = """
+import os, sys
+import rlm
+
+base = sys.argv[1]
+
+def ask(tag):
+    r = rlm.run(f"QQ{tag}QQ", "c", model="openai/m", api_base=base, api_key="sk-fork-test", max_time_s=20)
+    return r.answer == f"answer-{tag}", r.answer, r.stop_reason
+
+print("warm", *ask("parent-warm"), flush=True)
+workers = []
+for w in range(2):
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            for i in range(2):
+                ok, answer, why = ask(f"w{w}-{i}")
+                print(f"w{w}-{i}", ok, answer, why, flush=True)
+                code |= not ok
+        finally:
+            os._exit(code)
+    workers.append(pid)
+for i in range(2):
+    print(f"parent-{i}", *ask(f"parent-{i}"), flush=True)
+print("workers", [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in workers], flush=True)
+"""
+
+
+def test_forked_workers_do_not_share_the_parents_model_connection():
+    """litellm's HTTP client keeps connections alive, and a forked process inherited them: each
+    pre-fork worker sent its first request on the socket the parent had last used, so two
+    workers' requests went down one connection and each could read the other's answer (two of
+    four runs of each worker answered the other worker's question, one hung until its
+    max_time_s). A forked process makes its own connections now."""
+    import re
+
+    def reply(request: ChatRequest) -> str:
+        found = re.search(r"QQ([\w-]+)QQ", request.prompt_text)
+        time.sleep(0.05)  # the three processes' requests overlap
+        return f"FINAL(answer-{found.group(1) if found else 'none'})"
+
+    with LLMServer(reply) as srv:
+        out = subprocess.run(
+            [sys.executable, "-c", FORKED_WORKERS, srv.base_url],
+            cwd=ROOT_DIR, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        requests = list(srv.requests)
+    assert "workers [0, 0]" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert out.stdout.count(" True ") == 7, out.stdout
+    # Every connection (client port) carried the questions of one process only.
+    owners: dict[tuple[str, int], set[str]] = {}
+    for request in requests:
+        found = re.search(r"QQ(w\d|parent)", request.prompt_text)
+        owners.setdefault(request.peer, set()).add(found.group(1) if found else "?")
+    assert all(len(tags) == 1 for tags in owners.values()), owners
