@@ -21,6 +21,7 @@ import json
 import os
 import tomllib
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType, UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -84,12 +85,44 @@ class _Contradiction(ValueError):
         self.message = message
 
 
-class _Invalid(PolicyError):
-    """A policy failed validation: ``detail`` names the keys, the message also says where."""
+#: Where the policy being validated comes from (its file), set by :func:`_validate` for the
+#: messages of :func:`_strict_init`; None for ``Policy(...)`` built in code.
+_WHERE: ContextVar[str | None] = ContextVar("_WHERE", default=None)
+#: True while a model of this module is being validated: a section built inside a Policy leaves
+#: its ValidationError to the policy, which names the section's key in its PolicyError.
+_INSIDE: ContextVar[bool] = ContextVar("_INSIDE", default=False)
 
-    def __init__(self, where: str, detail: str) -> None:
-        super().__init__(f"{where}: {detail}")
-        self.detail = detail
+
+def _strict_init(model: BaseModel, data: dict[str, Any], where: str) -> None:
+    """``BaseModel.__init__`` of *model*, a ValidationError turned into a :class:`PolicyError`
+    naming the keys, after *where*: the error tree's own class, never a private subclass
+    (``_Invalid`` was one, and could not be unpickled: Ray and multiprocessing hand exceptions
+    from one process to another)."""
+    if _INSIDE.get():
+        BaseModel.__init__(model, **data)
+        return
+    token = _INSIDE.set(True)
+    try:
+        BaseModel.__init__(model, **data)
+    except ValidationError as exc:
+        raise PolicyError(f"{_WHERE.get() or where}: {_explain(exc, _section_key(type(model)))}") from None
+    finally:
+        _INSIDE.reset(token)
+
+
+def _section_key(model: type[BaseModel]) -> str:
+    """The key a section model is found under in a policy (``limits`` for Limits); "" for Policy."""
+    return next((key for key, field in Policy.model_fields.items() if field.annotation is model), "")
+
+
+class _Section(BaseModel):
+    """A table of a policy. Built alone (``Limits(cpu_seconds=-1)``), a bad value is a
+    :class:`PolicyError` naming the key as a policy file would (``limits.cpu_seconds``)."""
+
+    model_config = _MODEL
+
+    def __init__(self, **data: Any) -> None:
+        _strict_init(self, data, type(self).__name__)
 
 
 def _takes_tuple(annotation: Any) -> bool:
@@ -122,7 +155,7 @@ def _arrays_as_tuples(model: type[BaseModel], data: Any) -> Any:
     return out
 
 
-class Limits(BaseModel):
+class Limits(_Section):
     """Resource limits, applied per ``execute`` call unless stated otherwise."""
 
     model_config = _MODEL
@@ -204,7 +237,7 @@ class Limits(BaseModel):
     )
 
 
-class PythonSettings(BaseModel):
+class PythonSettings(_Section):
     """The Python-level guard: readable errors for the model, not the security boundary."""
 
     model_config = _MODEL
@@ -222,7 +255,7 @@ class PythonSettings(BaseModel):
     )
 
 
-class IsolationSettings(BaseModel):
+class IsolationSettings(_Section):
     """Kernel layers applied in the child before any model code runs.
 
     One switch per layer of :data:`sandbox.layers.LAYER_TABLE` (its
@@ -317,7 +350,7 @@ def _host_state_at(path: str) -> str | None:
         os.close(fd)
 
 
-class AuditSettings(BaseModel):
+class AuditSettings(_Section):
     """Where the tamper-evident execution log goes."""
 
     model_config = _MODEL
@@ -360,10 +393,7 @@ class Policy(BaseModel):
 
     def __init__(self, **data: Any) -> None:
         """Validate strictly; a bad key or value is a :class:`PolicyError` naming it."""
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise _Invalid(f"policy {data.get('name', '?')!r}", _explain(exc)) from None
+        _strict_init(self, data, f"policy {data.get('name', '?')!r}")
 
     @model_validator(mode="before")
     @classmethod
@@ -460,27 +490,29 @@ def _validate(data: Any, where: str) -> Policy:
         raise PolicyError(
             f"{where}: unknown schema_version {version!r} (this version reads schema_version = 1)"
         )
+    token = _WHERE.set(where)
     try:
-        return Policy.model_validate(data)  # runs Policy.__init__
-    except _Invalid as exc:
-        raise PolicyError(f"{where}: {exc.detail}") from None
+        return Policy.model_validate(data)  # runs Policy.__init__, whose PolicyError says *where*
     except RecursionError:  # a value nested too deeply (an override from code, say)
         raise PolicyError(f"{where}: a value is nested too deeply") from None
+    finally:
+        _WHERE.reset(token)
 
 
-def _explain(exc: ValidationError) -> str:
-    """``key 'a.b': what is wrong; key ...``, for the first three problems."""
-    problems = [_describe(error) for error in exc.errors()]
+def _explain(exc: ValidationError, section: str = "") -> str:
+    """``key 'a.b': what is wrong; key ...``, for the first three problems (the keys of a
+    section built alone, ``Limits(...)``, under that *section*'s key)."""
+    problems = [_describe(error, section) for error in exc.errors()]
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
     return "; ".join(problems[:3]) + more
 
 
-def _describe(error: Any) -> str:
+def _describe(error: Any, section: str = "") -> str:
     """One pydantic error as ``key 'a.b': what is wrong``."""
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, _Contradiction):
         return f"key {cause.key!r}: {cause.message}"
-    key = ".".join(str(p) for p in error["loc"]) or "<top>"
+    key = ".".join(str(p) for p in [*([section] if section else []), *error["loc"]]) or "<top>"
     kind, msg = error["type"], error["msg"]
     if kind == "extra_forbidden":
         return f"key {key!r}: unknown key"

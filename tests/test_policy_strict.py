@@ -165,6 +165,38 @@ def test_policy_built_in_python_is_strict_too():
         p.override({"limits.memory_mb": "512"})
 
 
+def test_a_bad_value_built_in_python_raises_policy_error_itself_naming_the_key(tmp_path):
+    """``Policy(...)`` with a bad value raised ``sandbox.policy._Invalid``, a private subclass
+    that could not be unpickled (its ``__init__`` took two arguments: a Ray task or a
+    multiprocessing worker handing it back raised TypeError instead), and a section built
+    alone (``Limits(cpu_seconds=-1)``) raised pydantic's ValidationError, outside the package's
+    error tree. Each is now a PolicyError itself, naming the dotted key."""
+    import pickle
+
+    from sandbox.policy import AuditSettings, Limits, PythonSettings
+
+    base = {"schema_version": 1, "name": "py", "description": "d"}
+    attempts = [
+        (lambda: Policy(**base, limits={"cpu_seconds": -1}), "policy 'py': key 'limits.cpu_seconds'"),
+        (lambda: Policy.model_validate({**base, "python": {"guard": "x"}}), "policy 'py': key 'python.guard'"),
+        (lambda: Limits(cpu_seconds=-1), "Limits: key 'limits.cpu_seconds'"),
+        (lambda: PythonSettings(guard="x"), "PythonSettings: key 'python.guard'"),
+        (lambda: IsolationSettings(read_paths=["rel"]), "IsolationSettings: key 'isolation.read_paths'"),
+        (lambda: AuditSettings(path="rel"), "AuditSettings: key 'audit.path'"),
+        (lambda: Limits.model_validate({"memory_mb": "2"}), "Limits: key 'limits.memory_mb'"),
+    ]
+    for attempt, names in attempts:
+        with pytest.raises(PolicyError) as err:
+            attempt()
+        assert type(err.value) is PolicyError, type(err.value)
+        assert str(err.value).startswith(names), str(err.value)
+        again = pickle.loads(pickle.dumps(err.value))
+        assert type(again) is PolicyError and str(again) == str(err.value)
+    # From a file the message still names the file (and a section's key in full).
+    message = _error(tmp_path, "[limits]\ncpu_seconds = -1\n")
+    assert message.startswith(str(tmp_path / "p.toml")) and "'limits.cpu_seconds'" in message
+
+
 def test_every_model_is_strict_frozen_and_documented():
     def walk(model: type[BaseModel]) -> None:
         config = model.model_config
