@@ -332,14 +332,15 @@ def clean_text(text: str) -> str:
     return text
 
 
-def shown(value: Any, limit: int = 60) -> str:
+def shown(value: Any, limit: int = 60, *, quoted: bool = True) -> str:
     """A short, quoted, escaped form of a value the peer sent, for an error message: a str cut
-    at *limit* characters (JSON-quoted: control characters escaped), anything else by its type
-    only. Never ``repr`` of the peer's data, never all of a long string."""
+    at *limit* characters (JSON-quoted: control characters, and everything not ASCII, escaped),
+    anything else by its type only. Never ``repr`` of the peer's data, never all of a long
+    string. ``quoted=False`` leaves out the outer quotes (a peer's sentence, not a name)."""
     if type(value) is not str:
         return f"<{type(value).__name__}>"
-    cut = value[:limit]
-    return json.dumps(cut) + ("..." if len(value) > limit else "")
+    cut = json.dumps(value[:limit])
+    return (cut if quoted else cut[1:-1]) + ("..." if len(value) > limit else "")
 
 
 def frame_cap(max_message: int) -> int:

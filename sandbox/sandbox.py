@@ -930,9 +930,14 @@ def _error_type(name: str | None) -> str | None:
 
 
 def _child_error(msg: dict[str, Any], default: str) -> str:
-    """The ``error`` text of a child's refusal, cut to ``protocol.MAX_REFUSAL`` characters."""
-    error: str = msg.get("error", default)  # a str: checked against the message table
-    return _cut(error, protocol.MAX_REFUSAL)
+    """The ``error`` text of a child's refusal for a host exception's message: cut to
+    ``protocol.MAX_REFUSAL`` characters, its control characters escaped (``\\u001b``) as
+    :func:`protocol.shown` escapes every peer text in a message. The child words it (the
+    name of a class of the code's, a message it chose, or any text a child taken over sends):
+    raw, it reached whatever terminal or log shows the exception."""
+    if "error" not in msg:
+        return default
+    return protocol.shown(msg["error"], protocol.MAX_REFUSAL, quoted=False)
 
 
 def _signal_name(sig: int) -> str:

@@ -501,3 +501,24 @@ def test_an_exception_or_a_value_with_a_huge_class_name_keeps_the_child(audit_pa
             sb.get_variable("v")
         r = sb.execute("print(keep)")
         assert r.ok and r.stdout == "42\n" and not r.state_lost, r
+
+
+def test_a_childs_refusal_reaches_variable_error_with_its_control_characters_escaped(audit_path):
+    """The child words a get_variable refusal, with the code's class name in it: a class named
+    with a terminal's escape sequences put them raw into the VariableError's message, and so
+    onto the terminal or into the log that shows it (a window title set, the screen cleared).
+    They are escaped now, as every peer text in a host exception's message is; the message is
+    still cut to protocol.MAX_REFUSAL characters."""
+    from sandbox import protocol
+
+    with Sandbox("default", audit_log=audit_path) as sb:
+        assert sb.execute("v = type('T\\x1b]0;pwned\\x07\\x1b[2J\\u202e' + 'X' * 5000, (), {})()").ok
+        with pytest.raises(VariableError) as err:
+            sb.get_variable("v")
+        message = str(err.value)
+        assert message.startswith("variable 'v': "), message[:200]
+        assert "T\\u001b]0;pwned\\u0007\\u001b[2J\\u202e" in message, message[:200]
+        assert all(c >= " " and c != "\x7f" for c in message), message[:200]
+        assert len(message) <= protocol.MAX_REFUSAL + 100, len(message)
+        r = sb.execute("print(type(v).__name__[:1])")
+        assert r.ok and r.stdout == "T\n" and not r.state_lost, r
