@@ -308,7 +308,7 @@ def test_an_endpoint_that_refuses_connections_is_a_setup_error(
     write_items(inp, 20)
     code, stderr = in_process(capsys, "batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base", url)
     assert code == 2 and "stopped:" in stderr and "connection refused" in stderr and url in stderr, stderr
-    assert read_out(out) == []  # no error line per item: rerunning once the server is up runs them all
+    assert not out.exists()  # no error line per item (no file): rerunning once the server is up runs them all
 
 
 def test_only_the_ray_engine_imports_ray_and_batch_help_imports_neither_ray_nor_litellm():
@@ -569,7 +569,7 @@ def test_an_endpoint_that_goes_away_mid_run_stops_the_batch_and_records_nothing(
         asked = len(srv.requests)
     assert asked == 1, asked
     assert code == 2 and "stopped:" in stderr and "connection refused" in stderr, stderr
-    assert read_out(out) == []  # nothing recorded: the item runs again
+    assert not out.exists()  # nothing recorded (no file made): the item runs again
     with LLMServer(square_reply) as srv:  # the server is back (on another port)
         code, stderr = in_process(capsys, *args, "--api-base", srv.base_url)
     assert code == 0, stderr
@@ -681,7 +681,7 @@ def test_a_bad_setting_with_skip_bad_writes_nothing(
                               "http://127.0.0.1:9/v1", "--skip-bad", "--policy", "nosuchpolicy")  # fmt: skip
     assert code == 2, stderr
     assert "nosuchpolicy" in stderr and "results in" not in stderr and "Traceback" not in stderr, stderr
-    assert not out.exists() or out.read_text() == ""
+    assert not out.exists()
 
 
 def test_two_hard_links_of_one_out_are_one_file_with_one_lock(tmp_path: Path):
@@ -836,3 +836,29 @@ def test_a_rerun_refuses_ids_whose_question_changed(
     out.write_text("".join(json.dumps(other | {"id": f"x{i}"}) + "\n" for i in range(8)))
     code, stderr = in_process(capsys, *args)
     assert code == 2 and "8 id(s)" in stderr and "'x4' and 3 more." in stderr and "'x5'" not in stderr, stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_batch_stopped_before_any_result_makes_no_out_and_claims_no_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key_env: None
+):
+    """A setup error (a policy that does not exist) or a first run that fails every item (a
+    model litellm cannot route, an endpoint that refuses connections) exited 2 but left OUT
+    made and empty, and the fatal first run's summary still said "results in OUT": an empty
+    file that looked like a batch's results. A batch that writes no line now removes the OUT
+    it made, and its summary says nothing was written; an OUT that was there stays."""
+    inp = tmp_path / "in.jsonl"
+    write_items(inp, 2)
+    refused = ("--api-base", f"http://127.0.0.1:{closed_port()}/v1")
+    for extra in [("--policy", "nosuchpolicy", *refused), refused, ("-m", "nosuchprovider/zzz")]:
+        out = tmp_path / "out.jsonl"
+        code, stderr = in_process(capsys, "batch", str(inp), "--out", str(out), "-m", MODEL, *extra)
+        assert code == 2 and "Traceback" not in stderr, (extra, stderr)
+        assert "results in" not in stderr, (extra, stderr)
+        assert not out.exists() and not (tmp_path / "out.jsonl.lock").exists(), (extra, stderr)
+    # An OUT that was there before (empty, or with earlier lines) is left as it was.
+    out = tmp_path / "kept.jsonl"
+    out.write_text("")
+    code, stderr = in_process(capsys, "batch", str(inp), "--out", str(out), "-m", "nosuchprovider/zzz")
+    assert code == 2 and out.exists() and out.read_text() == "", stderr
+    assert f"nothing was written to {out}" in stderr and "results in" not in stderr, stderr

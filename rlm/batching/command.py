@@ -8,7 +8,8 @@ another question (its query or context changed since), and failures that would f
 every item (a rejected key, an unknown model, an endpoint that refuses
 connections, a missing sandbox layer); 130 on Ctrl-C. Whatever the status,
 the lines already in OUT are whole and final, and rerunning the same command
-runs only the items that are missing.
+runs only the items that are missing. A batch that wrote no line removes the
+OUT it made (an OUT that was there stays).
 """
 
 from __future__ import annotations
@@ -123,7 +124,11 @@ def run_batch_command(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     try:
         with ResultsFile(out) as results:
-            return _run(args, items, problems, results)
+            try:
+                code = _run(args, items, problems, results)
+            finally:  # a setting no run can work with, a fatal first run, Ctrl-C: no empty OUT made
+                results.discard_if_unused()
+            return code
     except RLMError as exc:
         _say(str(exc))
         return EXIT_USAGE
@@ -189,7 +194,9 @@ def _run(
     interrupted, stopped = False, None
     try:
         if runs is None:  # nothing to run: start no engine (no Ray instance, no sandbox)
-            summary = progress.summary(shown, already=already, already_failed=already_failed)
+            summary = progress.summary(
+                shown, already=already, already_failed=already_failed, written=bool(results.done)
+            )
             print(summary, file=sys.stderr)
             return EXIT_OK if not bad and not already_failed else EXIT_FAILED
         with contextlib.closing(runs):
@@ -200,7 +207,13 @@ def _run(
         interrupted = True
     except RLMError as exc:  # a failure that would fail every item (see rlm.batching.worker.FATAL_ERRORS)
         stopped = exc
-    summary = progress.summary(shown, already=already, already_failed=already_failed, interrupted=interrupted)
+    summary = progress.summary(
+        shown,
+        already=already,
+        already_failed=already_failed,
+        interrupted=interrupted,
+        written=bool(results.done),
+    )
     print(summary, file=sys.stderr)
     if interrupted:
         _say("stopped by Ctrl-C; rerun the same command to run the items that are missing")

@@ -158,6 +158,10 @@ class ResultsFile:
         #: (``question_sha256``; lines written before it was recorded do not).
         self.questions: dict[str, str] = {}
         self.dropped = 0  # lines dropped by the repair (cut lines, skipped and bad-input records)
+        #: OUT did not exist: this batch made it (see :meth:`discard_if_unused`).
+        self.created = False
+        #: Lines this batch appended.
+        self.appended = 0
         self._lock_fd: int | None = None
         self._fd: int | None = None
 
@@ -262,6 +266,7 @@ class ResultsFile:
         self.lock_path = self.file.with_name(self.file.name + ".lock")
         self._take_lock()
         try:
+            self.created = not os.path.lexists(self.file)  # under the lock: no batch makes it meanwhile
             self._fd = self._open_locked()
             if self._load():  # a new file was renamed over OUT: lock and write that one
                 old, self._fd = self._fd, None
@@ -306,11 +311,27 @@ class ResultsFile:
         except OSError as exc:
             raise ConfigurationError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
         self.done.add(record["id"])
+        self.appended += 1
         if gone:  # the lines go to a file nobody can open any more: stop spending on runs now
             raise ConfigurationError(
                 f"{self.path}: deleted or replaced while the batch ran; the results written since are "
                 "lost (rerun the command to run those items again)"
             )
+
+    def discard_if_unused(self) -> bool:
+        """Remove OUT if this batch made it and wrote nothing to it (a setup error stopped the
+        batch before any result): a failed command leaves no empty file that looks like a
+        batch's results. True when it was removed (a link at OUT stays, as it was)."""
+        if self._fd is None or not self.created or self.appended:
+            return False
+        try:
+            st = os.fstat(self._fd)
+            if st.st_size or not os.path.samestat(st, os.stat(self.file, follow_symlinks=False)):
+                return False  # written to after all, or replaced: not ours to remove
+            os.unlink(self.file)  # still locked: another batch waits on nothing it could use
+        except OSError:
+            return False
+        return True
 
     def close(self) -> None:
         fd, self._fd = self._fd, None

@@ -88,10 +88,18 @@ class Progress:
         self._drawn = True
 
     def summary(
-        self, out: str, *, already: int = 0, already_failed: int = 0, interrupted: bool = False
+        self,
+        out: str,
+        *,
+        already: int = 0,
+        already_failed: int = 0,
+        interrupted: bool = False,
+        written: bool = True,
     ) -> str:
         """The closing lines (the live line is cleared first). *already*: the items of the input
-        answered in OUT by earlier runs; *already_failed* of them have no answer."""
+        answered in OUT by earlier runs; *already_failed* of them have no answer. *written*
+        False: OUT holds no line (a batch that made it then removed it), which the last line
+        says instead of pointing at results."""
         if self._drawn:
             self.draw(force=True)
             self.stream.write("\n")
@@ -110,4 +118,6 @@ class Progress:
             text += f"; {already} already in {out} before this run"
             if already_failed:
                 text += f" ({already_failed} of them without an answer: delete their lines to rerun them)"
+        if not written:
+            return text + f"\nrlm batch: nothing was written to {out}"
         return text + f"\nrlm batch: results in {out}"
