@@ -298,7 +298,9 @@ class IsolationSettings(_Section):
             "granted by Landlock); a leading '~' is expanded on the host when the policy is "
             "loaded, relative paths are refused, and so are '/' and anything in, leading by a "
             "symbolic link to, or being a mount of /proc, /sys and /dev (the host's, not the "
-            "sandbox's), or holding one mounted beneath. Default none."
+            "sandbox's), or holding one mounted beneath. An entry with nothing there when a sandbox "
+            "starts (a dangling link included) stops that start (SandboxStartError naming it). "
+            "Default none."
         ),
     )
     require: tuple[str, ...] = Field(

@@ -570,8 +570,27 @@ def _check_utf8_path(path: str) -> None:
         )
 
 
+def _check_read_paths(spec: _Spec) -> None:
+    """SandboxStartError naming the first of the policy's ``read_paths`` that leads nowhere on
+    this machine now (nothing there, a dangling link): the code would miss what the policy says
+    it may read, and the child, which opens each entry itself, would only leave it out. (What
+    is there is judged again by the child: see :func:`sandbox.isolation._check_read_paths`.)"""
+    for path in spec.policy["isolation"]["read_paths"]:
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            real = os.path.realpath(path)
+            how = "does not exist" if real == path else f"leads to {real!r}, which does not exist"
+            raise SandboxStartError(
+                f"policy {spec.policy['name']!r}: isolation.read_paths entry {path!r} {how} on this machine"
+            ) from None
+        except OSError:
+            pass  # there, but not to be judged from here (a directory it is under is closed to us)
+
+
 def _spawn_ready(spec: _Spec) -> _Child:
     """Fork a child of *spec*'s policy and wait for its ``hello``: it then waits for ``init``."""
+    _check_read_paths(spec)
     _sweep_leftovers()
     lease: uids.UidLease | None = None
     scratch: str | None = None

@@ -11,6 +11,7 @@ import pytest
 from sandbox import AsyncSandbox, ExecResult, Sandbox, load_policy
 from sandbox.audit import verify
 from sandbox.errors import AuditError, PolicyError, SandboxClosedError, VariableError
+from sandbox.pool import SandboxPool
 from tests.conftest import policy_with
 
 
@@ -522,3 +523,37 @@ def test_a_childs_refusal_reaches_variable_error_with_its_control_characters_esc
         assert len(message) <= protocol.MAX_REFUSAL + 100, len(message)
         r = sb.execute("print(type(v).__name__[:1])")
         assert r.ok and r.stdout == "T\n" and not r.state_lost, r
+
+
+def test_a_read_path_with_nothing_there_stops_the_sandbox_naming_it(tmp_path, audit_path):
+    """A ``read_paths`` entry with nothing there when a sandbox started (a typo, a directory not
+    mounted yet, a link whose target is gone) was left out by the child without a word: the
+    sandbox started and the code found nothing where the policy said it could read. It is a
+    SandboxStartError naming the key and the path now, whatever the layers; once the path is
+    there, the same policy starts."""
+    from sandbox.errors import SandboxStartError
+
+    data = tmp_path / "data"
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "gone")
+    for entry, says in [
+        (data, f"'{data}' does not exist"),
+        (dangling, f"'{dangling}' leads to '{tmp_path / 'gone'}', which does not exist"),
+        (data / ".." / "data" / "f.txt", f"'{data / 'f.txt'}' does not exist"),
+    ]:
+        views_off = {"isolation.filesystem_view": False, "isolation.landlock": False, "isolation.require": []}
+        for changes in ({}, views_off):
+            policy = load_policy("default").override({"isolation.read_paths": [str(entry)], **changes})
+            for pool in (None, SandboxPool(size=1)):
+                with pytest.raises(SandboxStartError) as err:
+                    with Sandbox(policy, audit_log=audit_path, pool=pool):
+                        raise AssertionError("started")
+                assert f"isolation.read_paths entry {says}" in str(err.value), str(err.value)
+                if pool is not None:
+                    pool.close()
+    data.mkdir()
+    (data / "f.txt").write_text("granted")
+    policy = load_policy("default").override({"isolation.read_paths": [str(data)], "python.guard": "none"})
+    with Sandbox(policy, audit_log=audit_path, pool=None) as sb:
+        r = sb.execute(f"print(open({str(data / 'f.txt')!r}).read())")
+        assert r.ok and r.stdout == "granted\n", r
