@@ -521,14 +521,30 @@ class ForkServer:
                     self._waiting = 0
                     raise self._gone(f"cannot write to the fork server: {exc.strerror or exc}") from None
                 try:
+                    deadline = time.monotonic() + timeout
+                    stopped_at: float | None = None  # when it was first seen stopped, unanswered
                     while True:
-                        msg = self._read_one(timeout)
+                        left = deadline - time.monotonic()
+                        msg = self._read_one(min(left, STOP_CHECK)) if left > 0 else None
                         if msg is None:
-                            if self._stopped():  # useless to every later sandbox too: replaced
+                            # Looked at every STOP_CHECK seconds, not only at the deadline: a
+                            # stopped server answers nobody, and the start waited out the whole
+                            # timeout (30 s) before it was replaced. Seen stopped twice in a row
+                            # (a tracer's brief stop is not one), it is useless to every later
+                            # sandbox too: replaced.
+                            now = time.monotonic()
+                            if not self._stopped():
+                                stopped_at = None
+                            elif stopped_at is None:
+                                stopped_at = now
+                            elif now - stopped_at >= STOP_CHECK or now >= deadline:
                                 self._kill()
+                                waited = now - deadline + timeout
                                 raise self._gone(
-                                    f"the fork server was stopped and did not answer in {timeout:g} s; it was killed"
+                                    f"the fork server was stopped and did not answer in {waited:.1f} s; it was killed"
                                 )
+                            if now < deadline:
+                                continue
                             # Running but slow (a machine under heavy load): killing it would end every
                             # sandbox it serves, so only this start fails.
                             raise SandboxStartError(
@@ -737,6 +753,9 @@ class ForkServer:
 #: Seconds a fork server has to answer a spawn request (it answers in milliseconds; the margin is
 #: for a machine under heavy load). A server found stopped then is killed and replaced.
 SPAWN_TIMEOUT = 30.0
+#: Seconds between two looks at whether a fork server that has not answered a spawn request is
+#: stopped: one seen stopped at two looks in a row is killed and replaced.
+STOP_CHECK = 0.5
 
 # One server per preload set: a server that has loaded RestrictedPython for a
 # restricted policy must not fork children of the other policies, which may

@@ -769,6 +769,35 @@ def test_a_stopped_fork_server_is_replaced(audit_path, monkeypatch) -> None:
             os.kill(server.proc.pid, signal.SIGCONT)
 
 
+def test_a_stopped_fork_server_is_replaced_without_waiting_out_the_spawn_timeout(audit_path, monkeypatch) -> None:
+    """A stopped fork server was found so only once a spawn request had waited the whole
+    SPAWN_TIMEOUT (30 s): the first new sandbox after a SIGSTOP took that long. The server is
+    looked at while the request waits now; seen stopped twice in a row, it is killed and the
+    sandbox starts on a new one. (The timeout is raised here so that waiting it out shows as
+    a hang.)"""
+    from tests.conftest import within
+
+    monkeypatch.setattr(forkserver, "SPAWN_TIMEOUT", 600.0)
+    with Sandbox("default", audit_log=audit_path, pool=None) as first:
+        assert first.execute("x = 1").ok
+    server = forkserver.shared(False)
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+
+        def start() -> str:
+            with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+                return sb.execute("print(6 * 7)").stdout
+
+        stdout, _ = within(60, start)
+        assert stdout == "42\n"
+        assert forkserver.shared(False) is not server
+        assert server.proc.wait(10) is not None  # killed, not left stopped
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(server.proc.pid, signal.SIGKILL)
+            os.kill(server.proc.pid, signal.SIGCONT)
+
+
 def test_one_hanging_async_sandbox_does_not_hold_up_the_others_on_its_loop(audit_path) -> None:
     """Sixteen sandboxes on one loop; one cell hangs (sleeping, under a 60 s wall limit). The
     others finish their work while it still hangs; once it is cancelled, no reader of its
