@@ -170,6 +170,9 @@ class Prepared:
         self.preload_failures = preload_failures
         self.read_roots: list[str] = []
         self.seccomp_program: bytes = b""
+        #: The filter for a child with neither a filesystem view nor a uid of its own: it also
+        #: refuses changes of files' metadata (see seccomp.METADATA_SYSCALLS).
+        self.seccomp_program_metadata: bytes = b""
         self.seccomp_error = ""
 
 
@@ -217,8 +220,12 @@ def prepare(policy: dict[str, Any]) -> Prepared:
         prepared.read_roots = _module_roots()
     if iso["seccomp"]:
         try:
+            processes = int(policy["limits"]["max_processes"])
             prepared.seccomp_program = seccomp.build(
-                iso["allowed_sockets"], int(policy["limits"]["max_processes"]), bool(iso["allow_ipc"])
+                iso["allowed_sockets"], processes, bool(iso["allow_ipc"])
+            )
+            prepared.seccomp_program_metadata = seccomp.build(
+                iso["allowed_sockets"], processes, bool(iso["allow_ipc"]), metadata=True
             )
         except OSError as exc:
             prepared.seccomp_error = exc.strerror or str(exc)
@@ -398,6 +405,10 @@ class _Ctx:
         self.read_error: OSError | None = None
         self.ruleset: int | None = None
         self.ruleset_error: OSError | None = None
+        #: The filesystem view is in place; the child runs under a uid of its own (identity as
+        #: root). Either keeps the files it can change to its own: see _seccomp.
+        self.in_view = False
+        self.own_uid = False
 
 
 def _no_new_privs(ctx: _Ctx) -> None:
@@ -520,6 +531,7 @@ def _filesystem_view(ctx: _Ctx) -> None:
     scratch = ctx.config["scratch"]
     namespaces.enter_view([*ctx.prepared.read_roots, *ctx.read_views], [scratch], sources=ctx.read_views)
     os.chdir(scratch)
+    ctx.in_view = True
 
 
 def _landlock(ctx: _Ctx) -> None:
@@ -544,6 +556,7 @@ def _identity(ctx: _Ctx) -> None:
         os.setresuid(uid, uid, uid)  # leaving uid 0 clears every capability set but the bounding set
         if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
             raise OSError("uid/gid did not change")
+        ctx.own_uid = True
     elif _in_userns(ctx):
         namespaces.drop_capabilities(bounding=False)
     elif os.geteuid() == 0:
@@ -565,9 +578,14 @@ def _in_userns(ctx: _Ctx) -> bool:
 
 
 def _seccomp(ctx: _Ctx) -> None:
-    if not ctx.prepared.seccomp_program:
+    # Landlock does not govern chmod, chown, utime or xattrs: outside a filesystem view, a child
+    # running as the host's user (or as a root without capabilities) could change those of every
+    # file of that user it can name. Such a child gets the filter that refuses them.
+    fenced = ctx.in_view or ctx.own_uid
+    program = ctx.prepared.seccomp_program if fenced else ctx.prepared.seccomp_program_metadata
+    if not program:
         raise OSError(ctx.prepared.seccomp_error or "no seccomp program was built")
-    seccomp.load(ctx.prepared.seccomp_program)
+    seccomp.load(program)
 
 
 _APPLY = {

@@ -34,6 +34,14 @@ The filter allows everything except:
   and ``sysinfo`` (host memory and process count) -> ``EPERM``;
 - ``flock`` and ``fcntl(F_SETLEASE)`` -> ``EPERM``: locks and leases on the
   read-only runtime every sandbox shares would block other tenants;
+- setting the set-user-ID or set-group-ID bit of a file (``chmod`` and the calls that create
+  files, with either bit in their mode) -> ``EPERM``, and ``openat2`` (its mode lives in memory
+  a filter cannot read) -> ``ENOSYS`` (glibc and Python use ``openat``): where the scratch
+  directory is on the host's disk, such a file is there for every local user to run as the
+  child's uid (the host's own user, for a host that is not root);
+- with ``metadata`` (a child whose uid may own host files it can reach: no filesystem view, no
+  uid of its own) every change of a file's mode, owner, times or extended attributes ->
+  ``EPERM``: Landlock governs none of them;
 - machine-wide pools: native AIO (``io_setup`` ...) and huge pages
   (``MAP_HUGETLB``, ``MFD_HUGETLB``, ``SHM_HUGETLB``) -> ``EPERM``; so are
   ``splice``/``tee``/``vmsplice`` (they pin pages the host wrote);
@@ -111,15 +119,17 @@ EPERM_SYSCALLS = (
 #: (:func:`_unified_table`); elsewhere a name libseccomp does not know still stops the build.
 RECENT_NUMBERS = {
     "statmount": 457, "listmount": 458, "lsm_get_self_attr": 459, "lsm_set_self_attr": 460,
-    "lsm_list_modules": 461, "open_tree_attr": 467,
+    "lsm_list_modules": 461, "setxattrat": 463, "removexattrat": 466, "open_tree_attr": 467,
+    "file_setattr": 469,
 }  # fmt: skip
 
 #: The newest system call the lists here were reviewed against: ``file_setattr`` (469, Linux
 #: 6.17; 6.18 adds none). Where the table is the unified one (see :data:`RECENT_NUMBERS`), every
 #: number above it up to :data:`NUMBER_SPAN` gets ``ENOSYS`` (what a kernel without the call
 #: answers, so that glibc falls back) until someone reviews it and moves this line. Allowed
-#: among 457-469: ``mseal`` (462), ``*xattrat`` (463-466), ``file_getattr``/``file_setattr``
-#: (468-469): the calls they extend are allowed.
+#: among 457-469: ``mseal`` (462), ``getxattrat``/``listxattrat`` (464-465), ``file_getattr``
+#: (468): the calls they extend are allowed; ``setxattrat``, ``removexattrat`` and
+#: ``file_setattr`` go with :data:`METADATA_SYSCALLS`.
 NEWEST_REVIEWED = 469
 #: Room of the system call tables: numbers above it are no call on any architecture here
 #: (x86_64's x32 numbers, 0x40000000 and up, are another ABI: killed).
@@ -165,6 +175,34 @@ CHANNEL_ONLY_SYSCALLS = ("bind", "connect", "listen", "accept", "accept4")
 #: ``shmget`` with ``SHM_HUGETLB``, as (system call, flags argument, flag). Transparent huge
 #: pages (``madvise``) are ordinary memory and stay.
 HUGETLB_FLAGS = (("mmap", 3, 0x40000), ("memfd_create", 1, 0x4), ("shmget", 2, 0x800))
+
+#: The set-user-ID and set-group-ID bits of a mode.
+SETID_BITS = (0o4000, 0o2000)
+#: Calls that take a file mode, with the index of that argument: refused with EPERM when it carries
+#: a set-id bit, whatever the policy. Without the ``scratch_fs`` tmpfs (turned off, or no user
+#: namespaces) the scratch directory is on the host's disk, and the child owns it: it made a copy
+#: of the interpreter there set-user-ID (``chmod 4755``), opened the directory to all (``chmod
+#: 755``), and any local user could run that copy as the child's uid, which for a host that is
+#: not root is the host's own user. No code in a sandbox needs such a file.
+MODE_ARGUMENTS = (
+    ("chmod", 1), ("fchmod", 1), ("fchmodat", 2), ("fchmodat2", 2),
+    ("open", 2), ("openat", 3), ("creat", 1), ("mknod", 1), ("mknodat", 2),
+)  # fmt: skip
+#: Refused with EPERM when the filter is built with ``metadata``: a file's mode, owner, times and
+#: extended attributes. Landlock governs none of them (it knows reads, writes, creations, renames
+#: and removals), so where no filesystem view hides the host's files and the child's uid is not one
+#: of its own (a host that is not root, or root without the identity layer) the code changed its
+#: user's files: ``chmod 644`` on a 0600 key file for every local user to read, ``chmod 777`` on a
+#: directory of the interpreter's (a virtual environment in the home directory) for any of them to
+#: write code into, extended attributes, times. In a filesystem view these reach only the scratch
+#: directory (every other file there is a read-only bind), and under a uid of its own only files
+#: of that uid.
+METADATA_SYSCALLS = (
+    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat",
+    "utime", "utimes", "futimesat", "utimensat",
+    "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
+    "setxattrat", "removexattrat", "file_setattr",
+)  # fmt: skip
 
 #: fcntl commands refused with EPERM: ``F_NOTIFY`` (dnotify: a signal each time anyone, another
 #: tenant or the host, reads a file in a shared directory, the inotify the filter refuses) and
@@ -343,23 +381,40 @@ def _unknown_numbers_prefix(lib: Any) -> bytes:
 
 
 def rule_names(allow_ipc: bool = False) -> tuple[str, ...]:
-    """Every system call name a filter built with these settings names."""
+    """Every system call name a filter built with these settings names (``metadata`` included)."""
     names: tuple[str, ...] = (
         *EPERM_SYSCALLS, *OBSERVE_SYSCALLS, *SHARED_STATE_SYSCALLS, *KILL_SYSCALLS,
         "clone3", "fork", "vfork", "clone", "socket", "socketpair", "ioctl", "fcntl", "mmap", "memfd_create",
-        "prctl",
-        *CHANNEL_ONLY_SYSCALLS,
+        "prctl", "openat2",
+        *CHANNEL_ONLY_SYSCALLS, *(name for name, _ in MODE_ARGUMENTS), *METADATA_SYSCALLS,
     )  # fmt: skip
     return names if allow_ipc else (*names, *IPC_SYSCALLS)
 
 
-def build(allowed_sockets: list[str] | tuple[str, ...], max_processes: int, allow_ipc: bool = False) -> bytes:
-    """Compile the filter for a policy; returns the raw BPF program (8-byte instructions)."""
+def build(
+    allowed_sockets: list[str] | tuple[str, ...],
+    max_processes: int,
+    allow_ipc: bool = False,
+    metadata: bool = False,
+) -> bytes:
+    """Compile the filter for a policy; returns the raw BPF program (8-byte instructions). With
+    *metadata*, changes of files' mode, owner, times and extended attributes are refused too
+    (:data:`METADATA_SYSCALLS`), for a child that has neither a filesystem view nor a uid of its
+    own."""
     f = _Filter()
     try:
         eperm = _errno_action(errno.EPERM)
         for name in EPERM_SYSCALLS + OBSERVE_SYSCALLS + SHARED_STATE_SYSCALLS:
             f.rule(eperm, name)
+        if metadata:
+            for name in METADATA_SYSCALLS:
+                f.rule(eperm, name)
+        for name, arg in MODE_ARGUMENTS:
+            if metadata and name in METADATA_SYSCALLS:
+                continue  # refused whatever the mode
+            for bit in SETID_BITS:
+                f.rule(eperm, name, (arg, SCMP_CMP_MASKED_EQ, bit, bit))
+        f.rule(_errno_action(errno.ENOSYS), "openat2")
         for command in (F_SETLEASE, F_NOTIFY):
             f.rule(eperm, "fcntl", (1, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, command))
         if not allow_ipc:
