@@ -25,6 +25,8 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from sandbox.files import UntrustedLinkError, open_through_trusted_links
+
 __all__ = ["NOT_REGULAR", "open_regular", "read_regular", "replace_file", "write_regular"]
 
 #: The strerror of the OSError for a path that is not a regular file.
@@ -40,9 +42,28 @@ def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, mode: i
     regular file: OSError otherwise, with the strerror ``"not a regular file"``. O_NONBLOCK
     changes nothing for a regular file's reads and writes; it is left set. Pass no ``O_TRUNC``:
     it would act before the check (truncate with :func:`os.ftruncate` after, as
-    :func:`write_regular` does)."""
+    :func:`write_regular` does).
+
+    Opened for writing, without ``O_NOFOLLOW``, *path* leads through a symbolic link only when
+    the link is owned by this process's effective user or by root
+    (:func:`sandbox.files.open_through_trusted_links`): another user who may write the directory
+    (a shared log directory, not sticky) could otherwise point the name of a trajectory, or of
+    the page ``rlm view`` writes beside a log, at any file this user may write. Such a link is
+    an OSError (``EPERM``) naming it, and nothing is opened."""
+    flags |= os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, mode)
+        if flags & (os.O_WRONLY | os.O_RDWR) and not flags & os.O_NOFOLLOW:
+            fd, _ = open_through_trusted_links(path, flags, mode)
+        else:
+            fd = os.open(path, flags, mode)
+    except UntrustedLinkError as exc:
+        where = "" if exc.link == os.fspath(path) else f"leads to {exc.link}, "
+        raise OSError(
+            errno.EPERM,
+            f"{where}a symbolic link owned by uid {exc.uid}, neither this process's user nor root:"
+            " not followed (whoever may write its directory could point it at any file)",
+            os.fspath(path),
+        ) from None
     except OSError as exc:
         if exc.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO opened for writing with no reader, a
             raise _not_regular(path) from None  # socket; a directory opened for writing

@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from sandbox.errors import AuditError
-from sandbox.files import NOT_REGULAR, UntrustedLinkError, read_regular, read_trusted_link
+from sandbox.files import NOT_REGULAR, UntrustedLinkError, open_through_trusted_links, read_regular
 
 __all__ = [
     "GENESIS",
@@ -364,10 +364,6 @@ def _as_path(path: str | Path) -> Path:
         raise AuditError(f"audit log {str(path)!r}: cannot expand '~' on this host") from None
 
 
-#: Symbolic links one log path may lead through (the kernel's own limit is 40).
-_LINK_HOPS = 8
-
-
 def _open_log(path: Path, flags: int, follow: bool) -> tuple[int, bool]:
     """Open *path* with *flags* (O_CREAT among them) and whether a symbolic link was followed.
 
@@ -376,23 +372,16 @@ def _open_log(path: Path, flags: int, follow: bool) -> tuple[int, bool]:
     who may write the log's directory (not sticky: ``fs.protected_symlinks`` does not cover
     it) would make this process create and append to any file it may write. Each link is
     opened (``O_PATH | O_NOFOLLOW``) and its owner and target read from that descriptor, so
-    a link swapped in after the check is not followed; an untrusted one is an AuditError.
+    a link swapped in after the check is not followed; an untrusted one is an AuditError
+    (:func:`sandbox.files.open_through_trusted_links`).
     """
-    target = os.fspath(path)
-    for _ in range(_LINK_HOPS + 1):
-        try:
-            return os.open(target, flags | os.O_NOFOLLOW, 0o600), target != os.fspath(path)
-        except OSError as exc:
-            if exc.errno != errno.ELOOP or not follow:
-                raise
-        try:
-            dest = read_trusted_link(target)
-        except UntrustedLinkError as exc:
-            raise AuditError(f"audit log {exc.explain(path, target)}") from None
-        if dest is None:  # removed, or replaced by a file, meanwhile: open the path again
-            continue
-        target = os.path.join(os.path.dirname(target), dest)
-    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+    if not follow:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o600), False
+    try:
+        fd, opened = open_through_trusted_links(path, flags, 0o600)
+    except UntrustedLinkError as exc:
+        raise AuditError(f"audit log {exc.explain(path, exc.link)}") from None
+    return fd, opened != os.fspath(path)
 
 
 class AuditLog:

@@ -17,7 +17,15 @@ import os
 import stat
 from pathlib import Path
 
-__all__ = ["NOT_REGULAR", "UntrustedLinkError", "read_regular", "read_trusted_link", "remove_tree"]
+__all__ = [
+    "LINK_HOPS",
+    "NOT_REGULAR",
+    "UntrustedLinkError",
+    "open_through_trusted_links",
+    "read_regular",
+    "read_trusted_link",
+    "remove_tree",
+]
 
 #: The strerror of the OSError :func:`read_regular` raises for a path that is not a regular file.
 NOT_REGULAR = "not a regular file"
@@ -27,9 +35,11 @@ class UntrustedLinkError(Exception):
     """:func:`read_trusted_link` found a symbolic link owned by neither this process's effective
     user nor root (``uid``). Callers turn it into their own error naming the path."""
 
-    def __init__(self, uid: int) -> None:
+    def __init__(self, uid: int, link: str = "") -> None:
         super().__init__(f"a symbolic link owned by uid {uid}")
         self.uid = uid
+        #: The link refused, where the raiser knows it (:func:`open_through_trusted_links`).
+        self.link = link
 
     def explain(self, path: str | os.PathLike[str], link: str) -> str:
         """Why *path* was not followed, *link* the link found on the way (*path* itself, or a
@@ -63,6 +73,41 @@ def read_trusted_link(path: str) -> str | None:
         return os.readlink("", dir_fd=link)
     finally:
         os.close(link)
+
+
+#: Symbolic links one path may lead through in :func:`open_through_trusted_links` (the kernel's
+#: own limit is 40).
+LINK_HOPS = 8
+
+
+def open_through_trusted_links(
+    path: str | os.PathLike[str], flags: int, mode: int = 0o600
+) -> tuple[int, str]:
+    """Open *path* with *flags* (``O_NOFOLLOW`` added) and *mode*; a symbolic link at the path,
+    and at each target in turn, is followed only if :func:`read_trusted_link` trusts it (owned by
+    this process's effective user or by root). Returns the descriptor and the path opened.
+
+    For a file this process creates or writes where another user may write the directory (not
+    sticky: ``fs.protected_symlinks`` does not cover it): a link planted there would make it
+    create, truncate or append to any file it may write. Each link is read from its own
+    descriptor, and the file opened with ``O_NOFOLLOW``: a link swapped in after the check is
+    refused, not followed. :class:`UntrustedLinkError` (its ``link`` set) for another user's
+    link; OSError ``ELOOP`` past :data:`LINK_HOPS` links."""
+    target = os.fspath(path)
+    for _ in range(LINK_HOPS + 1):
+        try:
+            return os.open(target, flags | os.O_NOFOLLOW, mode), target
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+        try:
+            dest = read_trusted_link(target)
+        except UntrustedLinkError as exc:
+            raise UntrustedLinkError(exc.uid, target) from None
+        if dest is None:  # removed, or replaced by a file, meanwhile: open the path again
+            continue
+        target = os.path.join(os.path.dirname(target), dest)
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fspath(path))
 
 
 def read_regular(path: str | Path, limit: int | None = None) -> bytes:

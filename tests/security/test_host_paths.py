@@ -4,7 +4,8 @@ meets outside the sandbox's own scratch directory.
 Each attack runs under the default policy and with ``python.guard = "none"``, with layers
 turned off where a policy may turn them off (or a machine lacks them): ``scratch_fs`` (the
 scratch directory is then on the host's disk) and ``filesystem_view`` (the host's files can
-then be named, and only Landlock, the uid and seccomp stand in the way).
+then be named, and only Landlock, the uid and seccomp stand in the way). Then what another
+unprivileged local user can make the host do to files through paths it shares with them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from rlm.errors import ConfigurationError
+from rlm.trajectory import TrajectoryLogger
+from rlm.view import default_output, write_page
 from sandbox import Policy, Sandbox
 from sandbox.layers import LAYERS
 from tests.security.conftest import Env, assert_contained, policy_for
@@ -120,3 +126,64 @@ def test_no_set_id_file_is_left_where_other_users_can_run_it(mode: str, env: Env
             assert set(found) == {"py"}, found  # looked at while the sandbox lives
             assert not any(m & (stat.S_ISUID | stat.S_ISGID) for m in found.values()), found
         assert_contained(env, r, sb)
+
+
+# ------------------------------------------------------------------ another local user
+#: The uid of the other local user who plants links (nobody: any uid but the host's and root's).
+OTHER_UID = 65534
+
+
+def plant_link(where: Path, target: Path) -> None:
+    """A symbolic link at *where* to *target*, owned by another local user, as one they made in a
+    directory they may write (a shared log directory, 0777 without the sticky bit)."""
+    os.symlink(target, where)
+    os.lchown(where, OTHER_UID, OTHER_UID)
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Path:
+    """A log directory every local user may write (not sticky: fs.protected_symlinks does not
+    cover it), and a file of the host's user beside it that nobody else may write."""
+    d = tmp_path / "shared"
+    d.mkdir()
+    d.chmod(0o777)
+    victim = tmp_path / "victim"
+    victim.write_text("the host user's own file\n")
+    victim.chmod(0o600)
+    return d
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting a link owned by another user needs root")
+def test_a_trajectory_is_not_appended_through_a_link_another_user_planted(shared: Path) -> None:
+    """A trajectory line is appended by opening ``<run_id>.jsonl`` again each time. Another user
+    who may write the log directory replaced the file with a link to a file of the host's user,
+    and the next line (text the model chose) was appended to that file. A link owned by another
+    user is now not followed: the write fails, nothing reaches the target."""
+    victim = shared.parent / "victim"
+    log = TrajectoryLogger(shared, "rlm_planted")
+    log.metadata(model="m")
+    log.path.unlink()
+    plant_link(log.path, victim)
+    with pytest.raises(ConfigurationError, match="symbolic link owned by uid 65534"):
+        log.metadata(model="echo pwned")
+    assert victim.read_text() == "the host user's own file\n"
+    log.path.unlink()  # the link (what the suite's check of every trajectory would read)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting a link owned by another user needs root")
+def test_rlm_view_writes_no_page_through_a_link_another_user_planted(shared: Path) -> None:
+    """``rlm view LOG`` writes its page beside LOG, at a name anyone can tell from LOG's: another
+    user who may write the directory planted a link there, and the page overwrote the file it
+    led to (truncated, then the page). Refused now; a link of the host's own user is followed."""
+    victim = shared.parent / "victim"
+    log = TrajectoryLogger(shared, "rlm_viewed")
+    log.metadata(model="m")
+    page = default_output(log.path)
+    plant_link(page, victim)
+    with pytest.raises(OSError, match="symbolic link owned by uid 65534"):
+        write_page(log.path)
+    assert victim.read_text() == "the host user's own file\n"
+    page.unlink()
+    mine = shared.parent / "mine.html"
+    page.symlink_to(mine)  # the host user's own link: followed, as before
+    assert write_page(log.path) == page and mine.read_text().startswith("<!DOCTYPE html>")
