@@ -158,6 +158,23 @@ class Ledger:
                 self.stopped_by = over[0]
             return over
 
+    def interrupted(self) -> tuple[str, str] | None:
+        """(limit, message) when the run is cancelled or out of time, else None: what gives up a
+        model call in flight. A token or cost budget used up does not: a call under way was let
+        through before it ran out, and the provider bills it whether or not its answer is read,
+        so it is waited for and counted (the documented slack of those budgets); only the next
+        call is refused (:meth:`check`, :meth:`refuse_any`)."""
+        limit = self.budgets.max_time_s
+        with self._lock:
+            over: tuple[str, str] | None = None
+            if self.cancel is not None and self.cancel.cancelled:
+                over = "cancelled", "the run was cancelled"
+            elif limit is not None and self.elapsed() >= limit:
+                over = "max_time_s", f"time budget used up ({self.elapsed():.1f} s of {limit:g} s)"
+            if over is not None and self.stopped_by is None:
+                self.stopped_by = over[0]
+            return over
+
     def refusal(self) -> BudgetExceeded | None:
         """Once the run has stopped (:attr:`stopped_by` set: every budget that sets it refuses
         sub-calls from then on), the refusal a new sub-call gets, counted nowhere; else None."""

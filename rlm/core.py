@@ -816,7 +816,9 @@ class _Run:
             raise
         try:
             while not done.wait(0.05):
-                over = self.ledger.halted()  # not max_sub_calls: a call under way was let through
+                # Cancelled or out of time only: a call under way was let through, and a token
+                # or cost budget that runs out meanwhile lets it end and counts it (it is paid for)
+                over = self.ledger.interrupted()
                 if over is not None:
                     self.ledger.record_abandoned(model)
                     raise BudgetExceeded(

@@ -1,0 +1,64 @@
+"""Budgets of a run whose calls run at once: a batch, child RLMs, several runs of one process.
+
+What a run spent must be in its ``usage``, ``cost_usd`` and trajectory whatever stopped it, and
+no more than that. Real sandboxes; the model is the loopback server (tests/llm_server.py), whose
+token counts are known, with ``openai/gpt-4o`` (priced by litellm) as the sub-model.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rlm import RLM
+from tests.llm_server import ChatRequest, LLMServer, Reply
+
+KEY = "sk-test-budget-concurrency"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def litellm_imported() -> None:
+    """Import litellm before any run starts: its first import takes seconds."""
+    from rlm import llm
+
+    llm._lib()
+
+
+def repl(code: str) -> str:
+    return f"```repl\n{code}\n```\n"
+
+
+def root_then_final(code: str, slow_s: float = 0.0):  # type: ignore[no-untyped-def]
+    """The root's first turn runs *code*, its second answers; a sub-call whose prompt is "slow"
+    is answered after *slow_s* seconds, any other at once."""
+
+    def reply(request: ChatRequest) -> str | Reply:
+        if request.model == "root":
+            turn = sum(1 for m in request.messages if m.get("role") == "assistant")
+            return repl(code) if turn == 0 else "FINAL(done)"
+        if request.last_user == "slow":
+            return Reply("slow answer", latency_s=slow_s)
+        return "fast answer"
+
+    return reply
+
+
+def test_calls_in_flight_when_the_cost_budget_runs_out_are_waited_for_and_counted():
+    """The first answer of a batch uses up the cost budget while three calls are under way: they
+    were let through before it ran out, the server answers (and bills) them, so they count, as
+    README says ("calls already in flight when one runs out ... are still counted"). They were
+    given up instead: ``usage`` showed 1 call and 3 abandoned for the 4 the server answered."""
+    code = "r = llm_query_batched(['fast'] + ['slow'] * 3)\nprint(r)"
+    with LLMServer(root_then_final(code, slow_s=2.0)) as srv:
+        r = RLM(
+            "openai/root", sub_model="openai/gpt-4o", api_base=srv.base_url, api_key=KEY,
+            max_cost_usd=1e-9, max_concurrency=4, max_iterations=3,
+        ).completion("ctx", "q")  # fmt: skip
+        served = srv.usage_totals("gpt-4o")
+    sub = r.usage["openai/gpt-4o"]
+    assert r.stop_reason == "max_cost_usd", r.stop_reason
+    assert (sub.calls, sub.abandoned) == (4, 0), sub
+    assert (sub.input_tokens, sub.output_tokens) == served
+    assert sub.cost_usd is not None and r.priced_cost_usd == pytest.approx(sub.cost_usd)
+    calls = r.history[0]["code_blocks"][0]["result"]["rlm_calls"]
+    assert [c["response"] for c in calls] == ["fast answer"] + ["slow answer"] * 3
+    assert sum(c["prompt_tokens"] for c in calls) == served[0]
