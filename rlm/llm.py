@@ -702,9 +702,15 @@ def _read_response(response: Any, model: str, messages: list[dict[str, Any]], st
     # (a string, a list) must not raise.
     input_tokens = _count(getattr(usage, "prompt_tokens", 0))
     output_tokens = _count(getattr(usage, "completion_tokens", 0))
-    if usage is None:
-        input_tokens = count_tokens(model, messages)
-        output_tokens = count_tokens(model, [{"role": "assistant", "content": text}])
+    # No request is read in zero tokens, and no text written in zero. A server that sends no
+    # usage gets zeros from litellm (they are its only sign), and so does a count that is not a
+    # number: as they were, every such call was free for max_tokens and max_cost_usd. Such a
+    # count is litellm's estimate instead, and the call's cost the price of the counts used.
+    estimated = False
+    if input_tokens == 0 and messages:
+        input_tokens, estimated = count_tokens(model, messages), True
+    if output_tokens == 0 and text:
+        output_tokens, estimated = count_tokens(model, [{"role": "assistant", "content": text}]), True
     details = getattr(usage, "prompt_tokens_details", None)
     cache_read = _count(getattr(usage, "cache_read_input_tokens", None)) or _count(
         getattr(details, "cached_tokens", None)
@@ -715,7 +721,15 @@ def _read_response(response: Any, model: str, messages: list[dict[str, Any]], st
     cost: float | None = None
     hidden = getattr(response, "_hidden_params", None) or {}
     raw_cost = hidden.get("response_cost") if isinstance(hidden, dict) else None
-    if raw_cost is not None:
+    if estimated:  # litellm priced the counts the server sent, not these
+        try:
+            prices = litellm.cost_per_token(
+                model=model, prompt_tokens=input_tokens, completion_tokens=output_tokens
+            )
+            cost = float(prices[0]) + float(prices[1])
+        except Exception:
+            cost = None  # not in the price map
+    elif raw_cost is not None:
         cost = float(raw_cost)
     else:
         try:

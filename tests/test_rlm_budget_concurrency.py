@@ -62,3 +62,38 @@ def test_calls_in_flight_when_the_cost_budget_runs_out_are_waited_for_and_counte
     calls = r.history[0]["code_blocks"][0]["result"]["rlm_calls"]
     assert [c["response"] for c in calls] == ["fast answer"] + ["slow answer"] * 3
     assert sum(c["prompt_tokens"] for c in calls) == served[0]
+
+
+# ------------------------------------------------------------------ a server's usage
+def without_usage(text: str) -> dict[str, object]:
+    """A chat completion body with no ``usage`` (some OpenAI-compatible servers send none)."""
+    message = {"role": "assistant", "content": text}
+    return {"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("budget", [{"max_tokens": 1000}, {"max_cost_usd": 1e-9}], ids=["tokens", "cost"])
+def test_a_server_that_reports_no_usage_cannot_make_calls_free(budget: dict[str, float]):
+    """Without ``usage`` litellm reports 0 tokens and a cost of $0: every call was free, and neither
+    budget ever stopped the run (8 turns and the closing call, 0 tokens). The counts are litellm's
+    estimate now, and the cost their price: the budget stops the run."""
+    code = repl("print(llm_query('how many words are in this prompt'))")
+
+    def reply(request: ChatRequest) -> Reply:
+        return Reply(body=without_usage(code if request.model == "root" else "seven"))
+
+    with LLMServer(reply) as srv:
+        r = RLM(
+            "openai/root", sub_model="openai/gpt-4o", api_base=srv.base_url, api_key=KEY,
+            max_iterations=8, **budget,
+        ).completion("ctx", "q")  # fmt: skip
+    assert r.stop_reason == next(iter(budget)) and r.iterations < 8, (r.stop_reason, r.iterations)
+    root, sub = r.usage["openai/root"], r.usage["openai/gpt-4o"]
+    assert root.input_tokens > 600 and root.output_tokens > 0, root  # the system prompt alone is more
+    assert sub.input_tokens > 0 and sub.output_tokens > 0, sub
+    import litellm
+
+    prices = litellm.cost_per_token(
+        model="openai/gpt-4o", prompt_tokens=sub.input_tokens, completion_tokens=sub.output_tokens
+    )
+    assert sub.cost_usd == pytest.approx(sum(prices)) and sub.cost_usd > 0

@@ -302,22 +302,26 @@ def test_verbose_view_shows_each_turn_on_stderr_only(capsys):
 
 
 def test_a_server_reporting_negative_usage_cannot_undo_the_budgets():
-    """A model server claims -1e9 prompt tokens and a negative cost: counted as none (they
-    made the token total negative, so max_tokens could never trigger)."""
+    """A model server claims -1e9 prompt tokens and a negative cost: they made the token total
+    negative, so max_tokens could never trigger. The counts are litellm's estimates of the
+    messages and the reply instead, priced as such (a model missing from the price map: None)."""
     from types import SimpleNamespace
 
-    from rlm.llm import _completion_from
+    from rlm.llm import _completion_from, count_tokens
 
+    messages = [{"role": "user", "content": "q"}]
     response = SimpleNamespace(
         choices=[SimpleNamespace(message=SimpleNamespace(content="hi"))],
         usage=SimpleNamespace(prompt_tokens=-1_000_000_000, completion_tokens=-5, cache_read_input_tokens=-7),
         _hidden_params={"response_cost": -3.0},
     )
-    c = _completion_from(response, "openai/x", [{"role": "user", "content": "q"}], 0.0)
-    assert (c.input_tokens, c.output_tokens, c.cache_read_tokens) == (0, 0, 0)
-    assert c.cost_usd is None
+    c = _completion_from(response, "openai/x", messages, 0.0)
+    reply = count_tokens("openai/x", [{"role": "assistant", "content": "hi"}])
+    assert (c.input_tokens, c.output_tokens, c.cache_read_tokens) == (count_tokens("openai/x", messages), reply, 0)
+    assert c.input_tokens > 0 and c.output_tokens > 0 and c.cost_usd is None
+    response.usage = SimpleNamespace(prompt_tokens=3, completion_tokens=1)
     response._hidden_params = {"response_cost": float("nan")}
-    assert _completion_from(response, "openai/x", [], 0.0).cost_usd is None
+    assert _completion_from(response, "openai/x", messages, 0.0).cost_usd is None
 
 
 def test_a_block_too_large_for_one_request_is_an_error_the_model_sees(tmp_path: Path):
