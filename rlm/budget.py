@@ -147,6 +147,12 @@ class Ledger:
                     self.stopped_by = over[0]
                 raise BudgetExceeded(*over)
 
+    def uncount_sub_call(self) -> None:
+        """Take back the sub-call :meth:`check` counted for a call then refused before it was sent
+        (the run stopped while it waited for a slot): ``sub_calls`` counts the calls made."""
+        with self._lock:
+            self.sub_calls = max(0, self.sub_calls - 1)
+
     def halted(self) -> tuple[str, str] | None:
         """(limit, message) of a budget that now refuses every call (cancelled, tokens, cost,
         time), or None. Unlike :meth:`exhausted` it does not look at ``max_sub_calls``, which

@@ -711,7 +711,8 @@ class _Run:
     # ------------------------------------------------------------ model calls
     def _call(self, model: str, messages: Messages, *, sub: bool) -> Completion:
         """One model call: budgets checked, usage recorded, transient failures retried."""
-        self.ledger.check(sub_call=sub or self.depth > 0)
+        counted = sub or self.depth > 0
+        self.ledger.check(sub_call=counted)
         attempt = 0
         while True:
             kwargs: dict[str, Any] = {"cache_prefix": True} if not sub and self.cfg.prompt_caching else {}
@@ -722,7 +723,13 @@ class _Run:
                 with self.ledger.slot():
                     # Checked again once a slot is free: the run may have stopped while this call
                     # waited for one (the calls it stopped free their slots for the next waiter).
-                    self.ledger.refuse_any()
+                    # Refused before it was ever sent, it is no sub-call (a retry's first try was).
+                    try:
+                        self.ledger.refuse_any()
+                    except BudgetExceeded:
+                        if counted and attempt == 0:
+                            self.ledger.uncount_sub_call()
+                        raise
                     completion = self._complete(model, messages, kwargs)
             except (RateLimited, ProviderUnavailable) as exc:
                 wait = retry_wait(attempt, exc.retry_after, self.cfg.retry_backoff_s)

@@ -7,6 +7,8 @@ token counts are known, with ``openai/gpt-4o`` (priced by litellm) as the sub-mo
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rlm import RLM
@@ -97,3 +99,30 @@ def test_a_server_that_reports_no_usage_cannot_make_calls_free(budget: dict[str,
         model="openai/gpt-4o", prompt_tokens=sub.input_tokens, completion_tokens=sub.output_tokens
     )
     assert sub.cost_usd == pytest.approx(sum(prices)) and sub.cost_usd > 0
+
+
+# ------------------------------------------------------------------ counters
+def test_sub_calls_counts_the_calls_made_not_those_refused_while_they_waited_for_a_slot():
+    """Two child RLMs each batch two slow sub-calls: four calls for two slots (max_concurrency=2).
+    The first answer uses up the cost budget; the two calls still waiting for a slot are refused
+    there, never sent. ``sub_calls`` counted them anyway (6 for the 4 calls the server got)."""
+    top = repl("print(rlm_query_batched(['child 0', 'child 1']))")
+    child = repl("print(llm_query_batched(['slow', 'slow']))")
+
+    def reply(request: ChatRequest) -> str | Reply:
+        if request.model == "gpt-4o":
+            return Reply("slow answer", latency_s=1.0)
+        turn = sum(1 for m in request.messages if m.get("role") == "assistant")
+        code = child if "Question: child" in str(request.messages[1].get("content")) else top
+        return code if turn == 0 else "FINAL(done)"
+
+    with LLMServer(reply) as srv:
+        r = RLM(
+            "openai/root", sub_model="openai/gpt-4o", api_base=srv.base_url, api_key=KEY,
+            max_depth=2, max_cost_usd=1e-9, max_concurrency=2, max_iterations=3,
+        ).completion("ctx", "top")  # fmt: skip
+        requests = srv.requests
+    made = [q for q in requests if "Question: top" not in json.dumps(q.messages)]  # the top run's: no sub-call
+    assert r.stop_reason == "max_cost_usd", r.stop_reason
+    assert r.sub_calls == len(made), (r.sub_calls, [q.model for q in made])
+    assert r.usage["openai/gpt-4o"].calls == sum(1 for q in made if q.model == "gpt-4o")
