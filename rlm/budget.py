@@ -4,7 +4,9 @@ One :class:`Ledger` per root run. Every model call of the tree is recorded in
 it (per model: calls, tokens, cost) and asks it first whether a budget still
 allows the call. Budgets are enforced here, in the parent process; nothing in
 the sandbox can see or change them. It also bounds how many model calls are
-in flight at once across the tree (``max_concurrency``).
+in flight at once across the tree (``max_concurrency``). Each child run also
+keeps a :class:`Tally` of its own calls and its child runs': what its result
+reports.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from rlm.errors import BudgetExceeded, ConfigurationError
 from rlm.llm import Completion
 from rlm.result import ModelUsage
 
-__all__ = ["Budgets", "CancelToken", "Ledger"]
+__all__ = ["Budgets", "CancelToken", "Ledger", "Tally"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,85 @@ class CancelToken:
                 pass
 
 
+class Tally:
+    """What a part of a run tree used: one run and its child runs (a child RLM's result counts
+    these), or the whole tree (:attr:`Ledger.tally`). Per model: calls, tokens, cost, retries,
+    calls given up; sub-calls and tool calls. Thread-safe; it checks no budget."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._usage: dict[str, ModelUsage] = {}
+        #: Every known price paid, whatever the model: what max_cost_usd counts. (A model's
+        #: ``cost_usd`` in the usage becomes None once one of its calls has no price, and its
+        #: earlier spend must not stop counting then.)
+        self._priced = 0.0
+        self.sub_calls = 0
+        self.tool_calls = 0
+
+    def record(self, model_key: str, completion: Completion) -> None:
+        with self._lock:
+            if completion.cost_usd is not None:
+                self._priced += completion.cost_usd
+            u = self._usage.get(model_key) or ModelUsage()
+            known = u.cost_usd is not None or u.calls == 0
+            cost = (
+                (u.cost_usd or 0.0) + completion.cost_usd
+                if known and completion.cost_usd is not None
+                else None
+            )
+            self._usage[model_key] = u.model_copy(
+                update={
+                    "calls": u.calls + 1,
+                    "input_tokens": u.input_tokens + completion.input_tokens,
+                    "output_tokens": u.output_tokens + completion.output_tokens,
+                    "cache_read_tokens": u.cache_read_tokens + completion.cache_read_tokens,
+                    "cache_write_tokens": u.cache_write_tokens + completion.cache_write_tokens,
+                    "cost_usd": cost,
+                }
+            )
+
+    def record_retry(self, model_key: str) -> None:
+        with self._lock:
+            u = self._usage.get(model_key) or ModelUsage()
+            self._usage[model_key] = u.model_copy(update={"retries": u.retries + 1})
+
+    def record_abandoned(self, model_key: str) -> None:
+        with self._lock:
+            u = self._usage.get(model_key) or ModelUsage()
+            self._usage[model_key] = u.model_copy(update={"abandoned": u.abandoned + 1})
+
+    def add_sub_calls(self, n: int) -> None:
+        with self._lock:
+            self.sub_calls = max(0, self.sub_calls + n)
+
+    def add_tool_call(self) -> None:
+        with self._lock:
+            self.tool_calls += 1
+
+    def usage(self) -> dict[str, ModelUsage]:
+        with self._lock:
+            return dict(self._usage)
+
+    def priced(self) -> float:
+        """USD of every call whose price is known (what max_cost_usd counts)."""
+        with self._lock:
+            return self._priced
+
+    def tokens(self) -> int:
+        """Input and output tokens of every call (what max_tokens counts)."""
+        with self._lock:
+            return sum(u.input_tokens + u.output_tokens for u in self._usage.values())
+
+    def totals(self) -> tuple[int, int, float | None]:
+        """(input tokens, output tokens, cost in USD or None when any price is unknown)."""
+        with self._lock:
+            usage = list(self._usage.values())
+        cost: float | None = sum(u.cost_usd or 0.0 for u in usage)
+        if any(u.cost_usd is None for u in usage):
+            cost = None
+        return sum(u.input_tokens for u in usage), sum(u.output_tokens for u in usage), cost
+
+
 class Ledger:
     """Thread-safe usage totals and budget checks for one run tree."""
 
@@ -98,15 +179,17 @@ class Ledger:
         self.started = time.monotonic()
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_concurrency)
-        self._usage: dict[str, ModelUsage] = {}
-        #: Every known price paid, whatever the model: what max_cost_usd counts. (A model's
-        #: ``cost_usd`` in the usage becomes None once one of its calls has no price, and its
-        #: earlier spend must not stop counting then.)
-        self._priced = 0.0
-        self.sub_calls = 0
-        self.tool_calls = 0
+        self.tally = Tally()  # the whole tree's usage: what the budgets count
         self.stopped_by: str | None = None  # the first budget that ran out
         self.cancel = cancel
+
+    @property
+    def sub_calls(self) -> int:
+        return self.tally.sub_calls
+
+    @property
+    def tool_calls(self) -> int:
+        return self.tally.tool_calls
 
     # -- checks ------------------------------------------------------------
     def elapsed(self) -> float:
@@ -121,11 +204,11 @@ class Ledger:
         if self.cancel is not None and self.cancel.cancelled:
             return "cancelled", "the run was cancelled"
         b = self.budgets
-        tokens = sum(u.input_tokens + u.output_tokens for u in self._usage.values())
+        tokens = self.tally.tokens()
         if b.max_tokens is not None and tokens >= b.max_tokens:
             return "max_tokens", f"token budget used up ({tokens} of {b.max_tokens})"
         if b.max_cost_usd is not None:
-            cost = self._priced  # a call without a price counts nothing (there is nothing to count)
+            cost = self.tally.priced()  # a call without a price counts nothing (there is nothing to count)
             if cost >= b.max_cost_usd:
                 return "max_cost_usd", f"cost budget used up (${cost:.6f} of ${b.max_cost_usd:g})"
         if b.max_time_s is not None and self.elapsed() >= b.max_time_s:
@@ -141,7 +224,7 @@ class Ledger:
                 if limit is not None and self.sub_calls >= limit:
                     over = "max_sub_calls", f"sub-call budget used up ({self.sub_calls} of {limit})"
                 else:
-                    self.sub_calls += 1
+                    self.tally.add_sub_calls(1)
             if over is not None:
                 if self.stopped_by is None:
                     self.stopped_by = over[0]
@@ -151,7 +234,7 @@ class Ledger:
         """Take back the sub-call :meth:`check` counted for a call then refused before it was sent
         (the run stopped while it waited for a slot): ``sub_calls`` counts the calls made."""
         with self._lock:
-            self.sub_calls = max(0, self.sub_calls - 1)
+            self.tally.add_sub_calls(-1)
 
     def halted(self) -> tuple[str, str] | None:
         """(limit, message) of a budget that now refuses every call (cancelled, tokens, cost,
@@ -216,26 +299,7 @@ class Ledger:
 
     # -- accounting --------------------------------------------------------
     def record(self, model_key: str, completion: Completion) -> None:
-        with self._lock:
-            if completion.cost_usd is not None:
-                self._priced += completion.cost_usd
-            u = self._usage.get(model_key) or ModelUsage()
-            known = u.cost_usd is not None or u.calls == 0
-            cost = (
-                (u.cost_usd or 0.0) + completion.cost_usd
-                if known and completion.cost_usd is not None
-                else None
-            )
-            self._usage[model_key] = u.model_copy(
-                update={
-                    "calls": u.calls + 1,
-                    "input_tokens": u.input_tokens + completion.input_tokens,
-                    "output_tokens": u.output_tokens + completion.output_tokens,
-                    "cache_read_tokens": u.cache_read_tokens + completion.cache_read_tokens,
-                    "cache_write_tokens": u.cache_write_tokens + completion.cache_write_tokens,
-                    "cost_usd": cost,
-                }
-            )
+        self.tally.record(model_key, completion)
 
     def record_retry(self, model_key: str, wait_s: float) -> None:
         """Count one retry of a call to *model_key*, due in *wait_s* seconds.
@@ -252,33 +316,22 @@ class Ledger:
                 if self.stopped_by is None:
                     self.stopped_by = over[0]
                 raise BudgetExceeded(*over)
-            u = self._usage.get(model_key) or ModelUsage()
-            self._usage[model_key] = u.model_copy(update={"retries": u.retries + 1})
+            self.tally.record_retry(model_key)
 
     def record_abandoned(self, model_key: str) -> None:
         """Count one call to *model_key* given up in flight (its usage will not be known)."""
-        with self._lock:
-            u = self._usage.get(model_key) or ModelUsage()
-            self._usage[model_key] = u.model_copy(update={"abandoned": u.abandoned + 1})
+        self.tally.record_abandoned(model_key)
 
     def record_tool_call(self) -> None:
-        with self._lock:
-            self.tool_calls += 1
+        self.tally.add_tool_call()
 
     def usage(self) -> dict[str, ModelUsage]:
-        with self._lock:
-            return dict(self._usage)
+        return self.tally.usage()
 
     def priced(self) -> float:
         """USD of every call whose price is known (what max_cost_usd counts)."""
-        with self._lock:
-            return self._priced
+        return self.tally.priced()
 
     def totals(self) -> tuple[int, int, float | None]:
         """(input tokens, output tokens, cost in USD or None when any price is unknown)."""
-        with self._lock:
-            usage = list(self._usage.values())
-        cost: float | None = sum(u.cost_usd or 0.0 for u in usage)
-        if any(u.cost_usd is None for u in usage):
-            cost = None
-        return sum(u.input_tokens for u in usage), sum(u.output_tokens for u in usage), cost
+        return self.tally.totals()

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rlm.backend import LiteLLMBackend, ModelBackend
-from rlm.budget import Budgets, CancelToken, Ledger
+from rlm.budget import Budgets, CancelToken, Ledger, Tally
 from rlm.checks import check_api_base, check_int, check_log_dir, check_number, check_text
 from rlm.errors import (
     AuthenticationError,
@@ -667,9 +667,15 @@ class _Run:
         depth: int,
         model: str,
         parent_id: str | None = None,
+        parent: _Run | None = None,
     ) -> None:
         self.cfg = cfg
         self.ledger = ledger
+        # What this run and its child runs used, for its result: the root's is the ledger's (the
+        # whole tree), a child's its own. A child's calls are also recorded in the tallies of the
+        # child runs above it (``_tallies``, nearest first); the ledger records every call itself.
+        self.tally = ledger.tally if parent is None else Tally()
+        self._tallies: list[Tally] = [] if parent is None else [self.tally, *parent._tallies]
         self.events = events
         self.depth = depth
         self.model = model
@@ -713,6 +719,10 @@ class _Run:
         """One model call: budgets checked, usage recorded, transient failures retried."""
         counted = sub or self.depth > 0
         self.ledger.check(sub_call=counted)
+        # A child run's own turns are sub-calls of the runs above it, not of itself.
+        tallies = self._tallies if sub else self._tallies[1:]
+        for tally in tallies:
+            tally.add_sub_calls(1)
         attempt = 0
         while True:
             kwargs: dict[str, Any] = {"cache_prefix": True} if not sub and self.cfg.prompt_caching else {}
@@ -729,6 +739,8 @@ class _Run:
                     except BudgetExceeded:
                         if counted and attempt == 0:
                             self.ledger.uncount_sub_call()
+                            for tally in tallies:
+                                tally.add_sub_calls(-1)
                         raise
                     completion = self._complete(model, messages, kwargs)
             except (RateLimited, ProviderUnavailable) as exc:
@@ -737,10 +749,14 @@ class _Run:
                     raise
                 attempt += 1
                 self.ledger.record_retry(model, wait)  # BudgetExceeded when the wait would outlive a budget
+                for tally in self._tallies:
+                    tally.record_retry(model)
                 self.emit("retry", model=model, attempt=attempt, delay_s=wait, error=str(exc))
                 self._pause(wait)
                 continue
             self.ledger.record(model, completion)
+            for tally in self._tallies:
+                tally.record(model, completion)
             self._add_tokens(completion.input_tokens, completion.output_tokens)
             # A server's JSON may spell a lone surrogate ("\ud800"): as it is, the text could cross
             # neither into the sandbox (llm_query raised UnicodeEncodeError in the code) nor back to
@@ -827,7 +843,7 @@ class _Run:
                 # or cost budget that runs out meanwhile lets it end and counts it (it is paid for)
                 over = self.ledger.interrupted()
                 if over is not None:
-                    self.ledger.record_abandoned(model)
+                    self._record_abandoned(model)
                     raise BudgetExceeded(
                         over[0], f"a call to {model} was still running when the run stopped ({over[0]})"
                     )
@@ -838,7 +854,7 @@ class _Run:
                     and time.monotonic() >= started + limit + REQUEST_GRACE_S
                     and not done.is_set()
                 ):
-                    self.ledger.record_abandoned(model)
+                    self._record_abandoned(model)
                     where = getattr(self.cfg.backend, "api_base", None) or "the provider's API endpoint"
                     raise ProviderUnavailable(
                         redact(
@@ -855,6 +871,11 @@ class _Run:
             raise box["error"]
         completion: Completion = box["value"]
         return completion
+
+    def _record_abandoned(self, model: str) -> None:
+        self.ledger.record_abandoned(model)
+        for tally in self._tallies:
+            tally.record_abandoned(model)
 
     def _add_tokens(self, input_tokens: int, output_tokens: int) -> None:
         with self._tokens_lock:
@@ -1021,6 +1042,8 @@ class _Run:
         if self.ledger.stopped_by is not None:  # refused at once, unlogged, like a sub-call (_refused)
             raise RuntimeError(f"tool {tool.name}() not run: the run has stopped ({self.ledger.stopped_by})")
         self.ledger.record_tool_call()
+        for tally in self._tallies:
+            tally.add_tool_call()
         stopped = self.ledger.exhausted()  # a loop of tool calls must not outlive the budgets
         entry: dict[str, Any] = {
             "type": "tool",
@@ -1144,7 +1167,13 @@ class _Run:
             "timestamp": datetime.now().isoformat(),
         }
         child = _Run(
-            self.cfg, self.ledger, self.events, depth=self.depth + 1, model=name, parent_id=self.run_id
+            self.cfg,
+            self.ledger,
+            self.events,
+            depth=self.depth + 1,
+            model=name,
+            parent_id=self.run_id,
+            parent=self,
         )
         try:
             self.ledger.refuse_any()  # a run out of tokens, cost or time starts no child (a sandbox, files)
@@ -1843,21 +1872,22 @@ class _Run:
         error: str | None,
         error_type: str | None = None,
     ) -> RLMResult:
-        input_tokens, output_tokens, cost = self._totals()
+        # This run's calls and its child runs' (the root's: the whole tree's)
+        input_tokens, output_tokens, cost = self.tally.totals()
         return RLMResult(
             answer=answer,
             stop_reason=stop_reason,
             iterations=iterations,
             code_executions=self.code_executions,
-            sub_calls=self.ledger.sub_calls,
-            tool_calls=self.ledger.tool_calls,
+            sub_calls=self.tally.sub_calls,
+            tool_calls=self.tally.tool_calls,
             parsed=self.parsed,
             total_input_tokens=input_tokens,
             total_output_tokens=output_tokens,
             cost_usd=cost,
-            priced_cost_usd=self.ledger.priced(),
+            priced_cost_usd=self.tally.priced(),
             execution_time=time.perf_counter() - started,
-            usage=self.ledger.usage(),
+            usage=self.tally.usage(),
             history=history,
             root_model=self.model,
             run_id=self.run_id,

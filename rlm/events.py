@@ -21,7 +21,8 @@ being the Unix time in seconds. The types, in the order a run emits them:
                   elapsed_s (usage of the whole tree so far)
 ``closing_call``  (out of turns: one last call asks for the best answer)
 ``run_end``       answer, stop_reason, iterations, input_tokens, output_tokens,
-                  cost_usd, sub_calls, tool_calls, elapsed_s
+                  cost_usd, sub_calls, tool_calls, elapsed_s (usage of this run
+                  and its child runs: the root's is the whole tree's)
 ================  ==============================================================
 
 A child RLM (``rlm_query``) emits its own events through the same callback,

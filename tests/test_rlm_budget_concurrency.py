@@ -8,6 +8,8 @@ token counts are known, with ``openai/gpt-4o`` (priced by litellm) as the sub-mo
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,3 +128,53 @@ def test_sub_calls_counts_the_calls_made_not_those_refused_while_they_waited_for
     assert r.stop_reason == "max_cost_usd", r.stop_reason
     assert r.sub_calls == len(made), (r.sub_calls, [q.model for q in made])
     assert r.usage["openai/gpt-4o"].calls == sum(1 for q in made if q.model == "gpt-4o")
+
+
+def asked(request: ChatRequest) -> str | None:
+    """The question of the run that made *request* (None for a sub-call)."""
+    first = str(request.messages[1].get("content")) if len(request.messages) > 1 else ""
+    return first.split("\n", 1)[0].removeprefix("Question: ") if first.startswith("Question: ") else None
+
+
+def test_a_child_rlm_reports_its_own_usage_not_the_trees(tmp_path: Path):
+    """Two child RLMs run at once, each with one sub-call. A child's ``.result.json`` and
+    ``run_end`` event gave the whole tree's totals as they stood when it ended: its parent's
+    calls and its sibling's were charged to it (a child of 1,385 input tokens reported 2,749 and
+    3,450). Each counts its own calls now, and the root's the whole tree's, which the children's
+    add up to with the root's own calls."""
+    top = repl("print(rlm_query_batched(['child 0', 'child 1']))")
+    child = repl("print(llm_query('leaf of ' + context))")
+
+    def reply(request: ChatRequest) -> str:
+        if request.model == "gpt-4o":
+            return "leaf answer"
+        turn = sum(1 for m in request.messages if m.get("role") == "assistant")
+        code = child if asked(request) != "top" else top
+        return code if turn == 0 else "FINAL(done)"
+
+    ends: dict[str, dict[str, Any]] = {}
+    with LLMServer(reply) as srv:
+        r = RLM(
+            "openai/root", sub_model="openai/gpt-4o", api_base=srv.base_url, api_key=KEY, max_depth=2,
+            max_iterations=3, log_dir=tmp_path,
+            on_event=lambda e: ends.update({e["run_id"]: e}) if e["type"] == "run_end" else None,
+        ).completion("ctx", "top")  # fmt: skip
+        requests = srv.requests
+    assert r.answer == "done" and r.sub_calls == 6, r  # 2 turns and 1 sub-call per child
+    children = [json.loads(p.read_text()) for p in tmp_path.glob("*.result.json") if p.stem[:-7] != r.run_id]
+    assert len(children) == 2
+    own_in = own_out = 0
+    for result in children:
+        name = json.loads(Path(result["log_path"]).read_text().split("\n")[0])["query"]  # its metadata
+        mine = [q for q in requests if asked(q) == name or q.last_user == f"leaf of {name}"]
+        assert len(mine) == 3, [q.model for q in mine]  # its two turns and its sub-call
+        served = (sum(q.usage[0] for q in mine), sum(q.usage[1] for q in mine))
+        assert (result["total_input_tokens"], result["total_output_tokens"]) == served, (name, result)
+        assert result["sub_calls"] == 1 and result["usage"]["openai/gpt-4o"]["calls"] == 1, result
+        assert result["usage"]["openai/root"]["calls"] == 2, result
+        end = ends[result["run_id"]]
+        assert (end["input_tokens"], end["output_tokens"], end["sub_calls"]) == (*served, 1), end
+        own_in, own_out = own_in + served[0], own_out + served[1]
+    roots = [q for q in requests if asked(q) == "top"]
+    own_in, own_out = own_in + sum(q.usage[0] for q in roots), own_out + sum(q.usage[1] for q in roots)
+    assert (r.total_input_tokens, r.total_output_tokens) == (own_in, own_out) == srv.usage_totals()
