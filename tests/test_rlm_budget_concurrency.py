@@ -178,3 +178,20 @@ def test_a_child_rlm_reports_its_own_usage_not_the_trees(tmp_path: Path):
     roots = [q for q in requests if asked(q) == "top"]
     own_in, own_out = own_in + sum(q.usage[0] for q in roots), own_out + sum(q.usage[1] for q in roots)
     assert (r.total_input_tokens, r.total_output_tokens) == (own_in, own_out) == srv.usage_totals()
+
+
+@pytest.mark.parametrize("header, priced", [("0", False), ("-5", True), ("nan", True), ("0.5", False)])
+def test_a_response_cost_header_prices_the_call_as_readme_says(header: str, priced: bool):
+    """litellm takes a response's ``x-litellm-response-cost`` (a LiteLLM proxy's) as the call's
+    cost when it is a finite number of at least 0, else prices the reported tokens: README says
+    so, since a server can move a run under (``0``) or over its cost budget with it."""
+    import litellm
+
+    from rlm import llm
+
+    with LLMServer(Reply("two words", headers=(("x-litellm-response-cost", header),))) as srv:
+        c = llm.complete("openai/gpt-4o", [{"role": "user", "content": "a b c"}], api_base=srv.base_url, api_key=KEY)
+        served = srv.usage_totals()
+    prices = litellm.cost_per_token(model="openai/gpt-4o", prompt_tokens=served[0], completion_tokens=served[1])
+    assert (c.input_tokens, c.output_tokens) == served
+    assert c.cost_usd == pytest.approx(sum(prices) if priced else float(header)), c
