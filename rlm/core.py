@@ -865,7 +865,7 @@ class _Run:
                         model=model,
                     )
         finally:
-            if not done.is_set():  # given up (a budget, the request timeout, Ctrl-C): told to end
+            if not done.is_set():  # given up (a cancel, max_time_s, the request timeout, Ctrl-C): told to end
                 stop.stop()
         if "error" in box:
             raise box["error"]

@@ -71,7 +71,8 @@ class ModelUsage(BaseModel):
     abandoned: int = Field(
         0,
         description=(
-            "Calls given up in flight when the run stopped (a budget ran out, or it was cancelled)."
+            "Calls given up in flight when the run stopped (out of time, or cancelled), or past the"
+            " request timeout."
             " The provider may still bill them; their tokens are not known, so they are in neither"
             " the token nor the cost figures (nor in calls)."
         ),
@@ -88,7 +89,8 @@ class RLMResult(BaseModel):
     Tokens, cost and ``usage`` cover every call of the tree, the closing
     "best answer" call included, except calls given up in flight when the run
     stopped (counted in ``usage[model].abandoned``: their tokens are not
-    known). ``cost_usd`` is None when a price is unknown.
+    known). ``cost_usd`` is None when a price is unknown. The result of a
+    child RLM (its ``.result.json``) counts its own calls and its child runs'.
 
     Lone surrogates in any of its text are stored as backslash escapes (see the
     module docstring), so the result always serializes and round-trips to JSON.
