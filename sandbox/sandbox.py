@@ -982,12 +982,17 @@ class _Watched:
 
     def __init__(self, ex: _Exec) -> None:
         #: None once the execute ended: the watch never touches its child again, and keeps
-        #: nothing of it (the entry stays scheduled until its next due time).
+        #: nothing of it (the entry stays scheduled until its next due time, or until
+        #: :meth:`_CpuWatch.remove` drops the ended ones).
         self.ex: _Exec | None = ex
         self.lock = threading.Lock()  # held while the watch reads the child's clock or kills it
         self.calling = False
         self.killed = False
         self.used = 0.0
+
+
+#: Entries of :class:`_CpuWatch`'s schedule kept before ended executes' are dropped from it.
+_WATCH_COMPACT_MIN = 64
 
 
 class _CpuWatch:
@@ -1010,6 +1015,8 @@ class _CpuWatch:
         self._due: list[tuple[float, int, _Watched]] = []
         self._order = itertools.count()
         self._started = False
+        #: The schedule's length at which :meth:`remove` next drops the entries of ended executes.
+        self._compact_at = _WATCH_COMPACT_MIN
 
     def add(self, ex: _Exec) -> _Watched | None:
         """Watch *ex* until :meth:`remove`; None when no thread can be started (a pids limit):
@@ -1027,11 +1034,19 @@ class _CpuWatch:
                 self._cond.notify()
         return watched
 
-    @staticmethod
-    def remove(watched: _Watched) -> None:
-        """Stop watching (the entry leaves the schedule at its next due time)."""
+    def remove(self, watched: _Watched) -> None:
+        """Stop watching. The entry leaves the schedule at its next due time, which is up to
+        ``cpu_seconds`` away: the entries of ended executes are dropped whenever the schedule
+        has doubled since they last were, so that it holds at most about twice the executes
+        still watched (it held every execute that made a host call in the last ``cpu_seconds``:
+        with ``cpu_seconds`` of an hour, some 190 bytes per such execute, without bound)."""
         with watched.lock:
             watched.ex = None
+        with self._cond:
+            if len(self._due) >= self._compact_at:
+                self._due = [entry for entry in self._due if entry[2].ex is not None]
+                heapq.heapify(self._due)  # the thread finds its next due time at its next wake-up
+                self._compact_at = max(_WATCH_COMPACT_MIN, 2 * len(self._due))
 
     def _run(self) -> None:
         while True:
@@ -1140,7 +1155,7 @@ class _Exec:
         KeyboardInterrupt, asyncio cancellation, a host function's BaseException), which
         kills the child, is audited and goes on."""
         if self.watched is not None:
-            _CpuWatch.remove(self.watched)
+            _the_cpu_watch().remove(self.watched)
         if kind is None or issubclass(kind, _Died):
             return True
         if issubclass(kind, _Timeout):
