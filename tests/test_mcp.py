@@ -8,6 +8,7 @@ psutil.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -707,6 +708,10 @@ class HTTPServer:
         found = re.search(r"(http://127\.0\.0\.1:\d+/mcp)", line)
         assert found, line
         self.url = found.group(1)
+        # Read the rest as it comes (the last lines kept): a pipe nobody reads fills, and the
+        # server then blocks in its next log line (about 14 tracebacks of clients that went).
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=200)
+        threading.Thread(target=self.stderr_tail.extend, args=(self.proc.stderr,), daemon=True).start()
 
     @asynccontextmanager
     async def client(self, token: str | None = None) -> AsyncIterator[ClientSession]:
