@@ -8,6 +8,7 @@ token counts are known, with ``openai/gpt-4o`` (priced by litellm) as the sub-mo
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,20 @@ def test_calls_in_flight_when_the_cost_budget_runs_out_are_waited_for_and_counte
     README says ("calls already in flight when one runs out ... are still counted"). They were
     given up instead: ``usage`` showed 1 call and 3 abandoned for the 4 the server answered."""
     code = "r = llm_query_batched(['fast'] + ['slow'] * 3)\nprint(r)"
-    with LLMServer(root_then_final(code, slow_s=2.0)) as srv:
+    arrived: list[str] = []
+    all_four = threading.Event()
+    scripted = root_then_final(code, slow_s=2.0)
+
+    def reply(request: ChatRequest) -> str | Reply:
+        if request.model != "root":  # the first answer waits until all four calls are under way
+            arrived.append(request.last_user)  # (on a loaded machine the fourth could start late)
+            if len(arrived) == 4:
+                all_four.set()
+            if request.last_user == "fast":
+                all_four.wait(30)
+        return scripted(request)
+
+    with LLMServer(reply) as srv:
         r = RLM(
             "openai/root", sub_model="openai/gpt-4o", api_base=srv.base_url, api_key=KEY,
             max_cost_usd=1e-9, max_concurrency=4, max_iterations=3,
