@@ -601,6 +601,13 @@ def main(config: dict[str, Any], chan_fd: int, prepared: Any) -> NoReturn:
                  "error": exc.reason, "layer": exc.layer},
             )  # fmt: skip
             os._exit(3)
+        except isolation.ReadPathFailure as exc:
+            protocol.send_message(
+                sock,
+                {"t": "hello", "version": protocol.PROTOCOL_VERSION, "pid": os.getpid(), "layers": {},
+                 "error": exc.reason, "read_path": exc.path, "errno": exc.errno},
+            )  # fmt: skip
+            os._exit(3)
         if chan_fd != CHANNEL_FD:
             # Its number was whatever was free in the fork server (higher with every live
             # sibling): the channel is now descriptor 3, the only one besides 0-2 (apply closed

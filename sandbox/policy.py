@@ -299,8 +299,9 @@ class IsolationSettings(_Section):
             "loaded, relative paths are refused, and so are '/' and anything in, leading by a "
             "symbolic link to, or being a mount of /proc, /sys and /dev (the host's, not the "
             "sandbox's), or holding one mounted beneath. An entry with nothing there when a sandbox "
-            "starts (a dangling link included) stops that start (SandboxStartError naming it). "
-            "Default none."
+            "starts (a dangling link included), or one the sandbox cannot open (a directory on "
+            "its way closed to the host's user, a loop of links), stops that start "
+            "(SandboxStartError naming it). Default none."
         ),
     )
     require: tuple[str, ...] = Field(

@@ -47,6 +47,8 @@ This module is imported by the child, so it may use only the stdlib and msgpack.
 Conversation (host = H, child = C)::
 
     C: hello{version, pid, layers, error?}          once, after the child has locked itself down
+                     (error: with layer, a required layer failed; with read_path and errno, a
+                     read_paths entry could not be opened)
     H: init{host_functions}                          once, first (a pooled child waits for it)
     H: exec{id, code}  -> C: call{id, fn, args, kwargs}* ... done{id, ...}
                           (each call is answered by H: reply{id, ok, value|error} before the next)
@@ -174,7 +176,18 @@ class BudgetError(WireError):
 # "child" frames come from it, "server" frames are the fork server's.
 MESSAGES: Final[dict[str, tuple[str, dict[str, Any]]]] = {
     # child -> host
-    "hello": ("child", {"version": int, "pid": int, "layers": dict, "error?": str, "layer?": str}),
+    "hello": (
+        "child",
+        {
+            "version": int,
+            "pid": int,
+            "layers": dict,
+            "error?": str,
+            "layer?": str,
+            "read_path?": str,
+            "errno?": int,
+        },
+    ),
     "done": (
         "child",
         {

@@ -588,6 +588,17 @@ def _check_read_paths(spec: _Spec) -> None:
             pass  # there, but not to be judged from here (a directory it is under is closed to us)
 
 
+def _read_path_refused(spec: _Spec, path: str, number: int, reason: str) -> str:
+    """The message of the SandboxStartError for a ``read_paths`` entry the child found there but
+    could not open (see :class:`sandbox.isolation.ReadPathFailure`)."""
+    code = errno.errorcode.get(number, str(number))
+    return (
+        f"policy {spec.policy['name']!r}: isolation.read_paths entry {path!r} cannot be opened by the "
+        f"sandbox ({code}: {reason}), so neither the filesystem view nor Landlock could grant it: "
+        "fix the entry or the permissions of the directories on its way, or remove it"
+    )
+
+
 def _spawn_ready(spec: _Spec) -> _Child:
     """Fork a child of *spec*'s policy and wait for its ``hello``: it then waits for ``init``."""
     _check_read_paths(spec)
@@ -652,6 +663,10 @@ def _spawn_ready(spec: _Spec) -> _Child:
             raise SandboxStartError(
                 f"the sandbox child did not start: got {hello['t']!r} version {hello.get('version')}"
                 f" (host speaks protocol {protocol.PROTOCOL_VERSION})"
+            )
+        if "read_path" in hello:
+            raise SandboxStartError(
+                _read_path_refused(spec, hello["read_path"], hello.get("errno", 0), hello["error"])
             )
         if "error" in hello:
             raise LayerUnavailableError(hello.get("layer", "?"), hello["error"])

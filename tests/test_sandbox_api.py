@@ -557,3 +557,30 @@ def test_a_read_path_with_nothing_there_stops_the_sandbox_naming_it(tmp_path, au
     with Sandbox(policy, audit_log=audit_path, pool=None) as sb:
         r = sb.execute(f"print(open({str(data / 'f.txt')!r}).read())")
         assert r.ok and r.stdout == "granted\n", r
+
+
+def test_a_read_path_the_sandbox_cannot_open_stops_the_start_naming_it(tmp_path, audit_path):
+    """A ``read_paths`` entry that is there but that the child cannot open (here a loop of
+    symbolic links, ELOOP; for a host that is not root, a directory on its way closed to it,
+    EACCES: see tests/test_unprivileged_host.py) made the child report ``filesystem_view`` and
+    ``landlock`` "unavailable": a policy that does not require them (a custom one, or
+    portable.toml) then ran without both. It stops the start now, a SandboxStartError (not a
+    missing layer) naming the key, the path and the errno, whatever the policy requires."""
+    from sandbox.errors import LayerUnavailableError, SandboxStartError
+
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    custom = load_policy("default").override({"isolation.require": []})
+    for base in (custom, load_policy("portable"), load_policy("default")):
+        policy = base.override({"isolation.read_paths": [str(loop)]})
+        for pool in (None, SandboxPool(size=1)):
+            with pytest.raises(SandboxStartError) as err:
+                with Sandbox(policy, audit_log=audit_path, pool=pool) as sb:
+                    raise AssertionError(f"started: {sb.layers}")
+            assert not isinstance(err.value, LayerUnavailableError), err.value
+            message = str(err.value)
+            assert f"isolation.read_paths entry '{loop}' cannot be opened" in message, message
+            assert "ELOOP" in message, message
+            if pool is not None:
+                pool.close()

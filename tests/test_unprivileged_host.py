@@ -157,3 +157,45 @@ def test_a_child_born_through_the_pid_helper_survives_the_helper_exit_under_load
             p.kill()
             p.wait()
     assert outcomes == ["refused:cgroup"] * 10, outcomes
+
+
+# A read path under a directory closed to the host's user: the start must stop, naming it.
+CLOSED_READ_PATH = r"""
+import json, sys
+from sandbox import Sandbox, load_policy
+from sandbox.errors import SandboxStartError
+out = {}
+custom = load_policy("default").override({"isolation.require": []})
+for name, base in (("portable", load_policy("portable")), ("custom", custom)):
+    policy = base.override({"isolation.read_paths": [sys.argv[2]]})
+    try:
+        with Sandbox(policy, audit_log=sys.argv[1] + "/a.jsonl", pool=None) as sb:
+            out[name] = "started: " + sb.layers["filesystem_view"] + " / " + sb.layers["landlock"]
+    except SandboxStartError as exc:
+        out[name] = type(exc).__name__ + ": " + str(exc)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(_usable() is not None, reason=str(_usable()))
+def test_a_read_path_closed_to_an_unprivileged_host_stops_the_start(shared_dir):
+    """A ``read_paths`` entry under a directory closed to the host's user (EACCES when the child
+    opens it) made the child report the filesystem view and Landlock "unavailable", and
+    portable.toml (or any policy that does not require them) started without either. The start
+    stops now with a SandboxStartError naming the key, the path and the errno."""
+    closed = shared_dir / "closed"
+    (closed / "data").mkdir(parents=True)
+    closed.chmod(0o700)  # root's: nobody may not pass it
+    env = {"PYTHONPATH": f"{ROOT}:{SITE}", "HOME": str(shared_dir), "PATH": "/usr/bin:/bin",
+           "TMPDIR": str(shared_dir)}  # fmt: skip
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(SYSTEM_PYTHON), "-c",
+         CLOSED_READ_PATH, str(shared_dir), str(closed / "data")],
+        capture_output=True, text=True, env=env, timeout=120, cwd=shared_dir,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in ("portable", "custom"):
+        assert report[name].startswith("SandboxStartError: "), (name, report[name])
+        assert f"isolation.read_paths entry '{closed / 'data'}' cannot be opened" in report[name], report[name]
+        assert "EACCES" in report[name], report[name]

@@ -14,7 +14,10 @@ Three moments, three costs:
 - :func:`apply` runs in each freshly forked child and returns each layer's
   state, ``"active"``, ``"off"`` (the policy switched it off) or
   ``"unavailable: <reason>"``. A layer listed in ``isolation.require`` that
-  is not active raises :class:`LayerFailure`: the sandbox fails closed.
+  is not active raises :class:`LayerFailure`: the sandbox fails closed. A
+  ``read_paths`` entry that is there but cannot be opened raises
+  :class:`ReadPathFailure`, whatever the policy requires: a problem of that
+  path, not of the machine, which must not cost the view and Landlock.
 
 The layers are the records of :data:`sandbox.layers.LAYER_TABLE`;
 :data:`_APPLY` maps each name to the function below that applies it, and
@@ -66,6 +69,7 @@ from sandbox.layers import LAYERS, host_state, mount_table
 __all__ = [
     "LayerFailure",
     "Prepared",
+    "ReadPathFailure",
     "Resources",
     "after_fork",
     "apply",
@@ -101,6 +105,20 @@ class LayerFailure(Exception):
         super().__init__(f"{layer}: {reason}")
         self.layer = layer
         self.reason = reason
+
+
+class ReadPathFailure(Exception):
+    """A ``read_paths`` entry is there but the child cannot open it (``EACCES``: a directory on
+    its way is closed to the host's user; ``ELOOP``: a loop of symbolic links; ...). Neither the
+    filesystem view nor Landlock could hold with it, and the policy turned them on: the start
+    stops, naming the entry, whether or not the policy requires the layers (a typo or a
+    permission problem must not silently cost two kernel layers)."""
+
+    def __init__(self, path: str, exc: OSError) -> None:
+        self.path = path
+        self.errno = exc.errno or 0
+        self.reason = exc.strerror or str(exc)
+        super().__init__(f"read_paths entry {path}: {self.reason}")
 
 
 class Server:
@@ -402,7 +420,6 @@ class _Ctx:
         #: The policy's read_paths kept, checked once (_check_read_paths): path -> (where it is,
         #: its device and inode), for the view; the Landlock ruleset made from them, or why not.
         self.read_views: dict[str, tuple[str, tuple[int, int]]] = {}
-        self.read_error: OSError | None = None
         self.ruleset: int | None = None
         self.ruleset_error: OSError | None = None
         #: The filesystem view is in place; the child runs under a uid of its own (identity as
@@ -487,10 +504,11 @@ def _check_read_paths(ctx: _Ctx) -> None:
     (the policy refused entries that are, lead to, or hold below them the host's /proc, /sys,
     /dev or /, when it loaded; one that has come to since is left out here), and note what the
     view must bind (where it is, its device and inode: :func:`namespaces.enter_view` keeps a
-    bind only if it shows that file). Landlock's ruleset is made now from the same descriptors,
-    and enforced in its turn: renaming or relinking a path meanwhile changes nothing. Each
-    descriptor is closed at once, so later limits (RLIMIT_NOFILE) never meet them. (Paths are
-    absolute and '~'-free: expanded on the host.)"""
+    bind only if it shows that file). An entry that is there but cannot be opened raises
+    :class:`ReadPathFailure`: neither layer could hold with it. Landlock's ruleset is made now
+    from the same descriptors, and enforced in its turn: renaming or relinking a path meanwhile
+    changes nothing. Each descriptor is closed at once, so later limits (RLIMIT_NOFILE) never
+    meet them. (Paths are absolute and '~'-free: expanded on the host.)"""
     iso = ctx.policy["isolation"]
     checked: list[tuple[str, int]] = []  # (path, descriptor) of the entries kept
     mounts = mount_table() if iso["read_paths"] else []  # read once for every entry
@@ -500,9 +518,8 @@ def _check_read_paths(ctx: _Ctx) -> None:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             except (FileNotFoundError, NotADirectoryError):
                 continue  # nothing there to show
-            except OSError as exc:  # it is there but cannot be judged: neither layer can hold
-                ctx.read_error = OSError(exc.errno, f"read_paths entry {path}: {exc.strerror}")
-                return
+            except OSError as exc:  # it is there but cannot be judged: the policy's path is wrong
+                raise ReadPathFailure(path, exc) from None
             checked.append((path, fd))
             real = os.readlink(f"/proc/self/fd/{fd}")
             if host_state(real, fd, mounts) is not None:
@@ -526,8 +543,6 @@ def _check_read_paths(ctx: _Ctx) -> None:
 
 
 def _filesystem_view(ctx: _Ctx) -> None:
-    if ctx.read_error is not None:
-        raise ctx.read_error
     scratch = ctx.config["scratch"]
     namespaces.enter_view([*ctx.prepared.read_roots, *ctx.read_views], [scratch], sources=ctx.read_views)
     os.chdir(scratch)
@@ -535,8 +550,6 @@ def _filesystem_view(ctx: _Ctx) -> None:
 
 
 def _landlock(ctx: _Ctx) -> None:
-    if ctx.read_error is not None:
-        raise ctx.read_error
     if ctx.ruleset_error is not None:
         raise ctx.ruleset_error
     if ctx.ruleset is None:
@@ -604,7 +617,8 @@ _APPLY = {
 
 
 def apply(prepared: Prepared, config: dict[str, Any], chan_fd: int) -> dict[str, str]:
-    """Child side: apply every layer in order; fail closed on required ones."""
+    """Child side: apply every layer in order; fail closed on required ones (:class:`LayerFailure`)
+    and on a read path that cannot be opened (:class:`ReadPathFailure`)."""
     ctx = _Ctx(prepared, config, _server)
     leave = ctx.info.get("cgroup_leave")
     if leave:
