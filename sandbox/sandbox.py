@@ -82,7 +82,7 @@ from sandbox.errors import (
     SandboxStartError,
     VariableError,
 )
-from sandbox.files import remove_tree
+from sandbox.files import open_dir, remove_tree
 from sandbox.policy import Policy, load_policy
 from sandbox.pool import DEFAULT, Default, SandboxPool, default_pool
 from sandbox.result import ExecResult, LimitName
@@ -191,8 +191,10 @@ _swept_by: int | None = None  # the pid that started the sweep (once per process
 
 
 def _lock_scratch(path: str) -> int:
-    """An open descriptor of the scratch directory *path*, holding its flock (see above)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """An open descriptor of the scratch directory *path*, holding its flock (see above). Opened
+    without following a symbolic link, and given owner rwx where the code of its sandbox took
+    them away (:func:`files.open_dir`): a sweep must be able to lock, and then remove, it."""
+    fd = open_dir(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BaseException:

@@ -278,3 +278,27 @@ def test_a_fork_server_takes_its_tree_lock_even_while_a_sweeper_looks_at_it(tmp_
         if fd >= 0:
             os.close(fd)
     assert cgroups._abandoned(str(tree), 2**22 + 12345)  # nobody holds it and no such pid
+
+
+def test_remove_tree_removes_files_as_it_reads_them(tmp_path):
+    """remove_tree listed each directory whole before it unlinked anything: an on-disk scratch of
+    300,000 files took 23 MB of host memory at close (a few million, over 100 MB). It removes
+    entries as it reads them: its peak allocation does not grow with the number of files
+    (about 2 KB here; 1.5 MB before, for these 20,000)."""
+    import tracemalloc
+
+    from sandbox.files import remove_tree
+
+    tree = tmp_path / "scratch"
+    (tree / "sub").mkdir(parents=True)
+    for i in range(20_000):
+        where = tree if i % 2 else tree / "sub"
+        os.close(os.open(where / f"a-file-name-of-some-length-{i:06d}", os.O_CREAT | os.O_WRONLY, 0o600))
+    tracemalloc.start()
+    try:
+        remove_tree(str(tree))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not tree.exists()
+    assert peak < 256 * 1024, peak

@@ -199,3 +199,104 @@ def test_a_read_path_closed_to_an_unprivileged_host_stops_the_start(shared_dir):
         assert report[name].startswith("SandboxStartError: "), (name, report[name])
         assert f"isolation.read_paths entry '{closed / 'data'}' cannot be opened" in report[name], report[name]
         assert "EACCES" in report[name], report[name]
+
+
+# remove_tree as a user without CAP_DAC_OVERRIDE, over a tree whose directories lack owner rights.
+REMOVE_LOCKED_TREE = r"""
+import os, sys
+from sandbox.files import remove_tree
+tree, outside = sys.argv[1], sys.argv[2]
+os.makedirs(tree + "/a/b/c")
+for d in ("/a", "/a/b", "/a/b/c"):
+    open(tree + d + "/f", "w").close()
+os.makedirs(tree + "/e")
+open(tree + "/e/f", "w").close()
+os.makedirs(outside)
+open(outside + "/kept", "w").close()
+os.symlink(outside, tree + "/a/b/link")  # a link to a directory of the same user, locked too
+os.chmod(outside, 0o500)
+os.chmod(tree + "/a/b/c", 0)
+os.chmod(tree + "/a/b", 0o500)
+os.chmod(tree + "/a", 0o300)
+os.chmod(tree + "/e", 0o100)
+os.chmod(tree, 0)
+remove_tree(tree)
+print(os.path.lexists(tree), oct(os.stat(outside).st_mode & 0o777), os.listdir(outside))
+# What a killed host left, locked by its code, the scratch itself included: the next host's sweep.
+from sandbox.sandbox import _sweep_scratch
+leftover = sys.argv[3] + "/sandbox-abcd1234"
+os.makedirs(leftover + "/d")
+open(leftover + "/d/f", "w").close()
+os.chmod(leftover + "/d", 0)
+os.chmod(leftover, 0)
+os.utime(leftover, (0, 0))  # old enough to be swept
+print(_sweep_scratch(sys.argv[3]), os.path.lexists(leftover))
+"""
+
+
+@pytest.mark.skipif(_usable() is not None, reason=str(_usable()))
+def test_remove_tree_removes_directories_their_owner_locked_and_follows_no_link(shared_dir):
+    """A sandbox's code may ``chmod 000`` (or 0o500) a directory of its scratch: on disk (no
+    scratch tmpfs) and for a host that is not root, the host, the same user without
+    CAP_DAC_OVERRIDE, could neither list nor empty it, and the scratch stayed after close and
+    after every later sweep. remove_tree gives the directories of its user owner rwx through
+    their descriptors; a link in the tree to another locked directory of that user is removed,
+    not followed: that directory keeps its mode and its file. The sweep of what a killed host
+    left could not even lock such a scratch, and skipped it for good: it removes it now."""
+    env = {"PYTHONPATH": f"{ROOT}:{SITE}", "HOME": str(shared_dir), "PATH": "/usr/bin:/bin",
+           "TMPDIR": str(shared_dir)}  # fmt: skip
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(SYSTEM_PYTHON), "-c",
+         REMOVE_LOCKED_TREE, str(shared_dir / "tree"), str(shared_dir / "outside"), str(shared_dir)],
+        capture_output=True, text=True, env=env, timeout=60, cwd=shared_dir,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "0o500", "['kept']", "1", "False"], out.stdout
+
+
+# A sandbox whose code locks directories of its on-disk scratch: they must go at close.
+LOCKED_SCRATCH = r"""
+import json, os, sys
+from sandbox import Sandbox, load_policy
+policy = load_policy("portable").override(
+    {"python.guard": "none", "isolation.scratch_fs": False, "audit.enabled": False}
+)
+with Sandbox(policy, pool=None) as sb:
+    layers = sb.layers
+    r = sb.execute('''
+import os
+os.makedirs("a/b/c")
+open("a/b/c/f", "w").close()
+os.chmod("a/b/c", 0)
+os.chmod("a/b", 0o500)
+os.makedirs("d")
+open("d/f", "w").close()
+os.chmod("d", 0)
+print(os.getcwd())
+os.chmod(".", 0)
+''')
+print(json.dumps({"layers": layers, "ok": r.ok, "error": r.error_message, "scratch": r.stdout.strip()}))
+"""
+
+
+@pytest.mark.skipif(_usable() is not None, reason=str(_usable()))
+def test_an_unprivileged_host_removes_a_scratch_its_code_locked(shared_dir):
+    """With the filesystem view on and ``scratch_fs`` off (the scratch on disk), the code of a
+    sandbox started by a host that is not root owns its scratch as that host's user: it could
+    ``chmod 000`` directories there, the scratch itself included, and the host could not remove
+    them at close (nor could a later sweep). They are removed now."""
+    env = {"PYTHONPATH": f"{ROOT}:{SITE}", "HOME": str(shared_dir), "PATH": "/usr/bin:/bin",
+           "TMPDIR": str(shared_dir)}  # fmt: skip
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(SYSTEM_PYTHON), "-c",
+         LOCKED_SCRATCH],
+        capture_output=True, text=True, env=env, timeout=120, cwd=shared_dir,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["layers"]["filesystem_view"] == "active", report
+    assert report["layers"]["scratch_fs"] == "off", report
+    assert report["ok"], report
+    scratch = Path(report["scratch"])
+    assert scratch.parent == shared_dir, report
+    assert not os.path.lexists(scratch), sorted(str(p) for p in scratch.rglob("*"))
