@@ -621,8 +621,13 @@ def _spawn_ready(spec: _Spec) -> _Child:
         # later bind fail with EINVAL.
         theirs.bind("")
         scratch_lock = _lock_scratch(scratch)
+        if os.fstat(scratch_lock).st_uid != os.geteuid():  # not the directory mkdtemp made
+            replaced, scratch = scratch, None  # nor ours to remove
+            raise OSError(errno.EPERM, f"{replaced} was replaced by another user's directory")
         if lease is not None:
-            os.chown(scratch, lease.uid, lease.gid)
+            # On the descriptor, not by name: in a shared TMPDIR that is not sticky, another
+            # user could rename the directory away and leave a link to any directory there.
+            os.fchown(scratch_lock, lease.uid, lease.gid)
         config = {
             "policy": spec.policy,
             "policy_sha256": spec.policy_sha256,

@@ -187,3 +187,74 @@ def test_rlm_view_writes_no_page_through_a_link_another_user_planted(shared: Pat
     mine = shared.parent / "mine.html"
     page.symlink_to(mine)  # the host user's own link: followed, as before
     assert write_page(log.path) == page and mine.read_text().startswith("<!DOCTYPE html>")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a scratch directory is given to a uid of its own only as root")
+@pytest.mark.parametrize("swap", ["a link, before the lock", "a link, after the lock", "a directory of another user"])
+def test_the_scratch_directory_given_to_the_sandbox_uid_cannot_be_swapped(
+    swap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host makes the scratch directory (``mkdtemp`` in TMPDIR), locks it, and gives it to the
+    sandbox's uid. It gave it by name: in a TMPDIR another user may write and that is not sticky,
+    they could rename the directory away and leave a link to any directory (or a directory of
+    their own) at its name, and ``chown`` made that the sandbox uid's. It is given on the
+    descriptor the host locks, opened without following a link, and only if it is the host's
+    user's: here the swap lands at each moment, and the victim keeps its owner."""
+    import tempfile
+
+    import sandbox.sandbox as host
+    from sandbox.errors import SandboxStartError
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    victim.chmod(0o755)
+    if swap == "a directory of another user":
+        os.chown(victim, OTHER_UID, OTHER_UID)
+    owner = os.stat(victim).st_uid
+
+    def plant(scratch: str) -> None:
+        os.rename(scratch, scratch + "-moved")
+        if swap == "a directory of another user":
+            os.rename(victim, scratch)
+        else:
+            os.symlink(victim, scratch)
+
+    real_mkdtemp, real_lock = tempfile.mkdtemp, host._lock_scratch
+    made: list[str] = []
+
+    def mkdtemp(*args: Any, **kwargs: Any) -> str:
+        path = real_mkdtemp(*args, **kwargs)
+        if kwargs.get("prefix") == "sandbox-" and not made:
+            made.append(path)
+            if swap != "a link, after the lock":
+                plant(path)
+        return path
+
+    def lock(path: str) -> int:
+        fd = real_lock(path)
+        if swap == "a link, after the lock" and path in made:
+            plant(path)
+        return fd
+
+    monkeypatch.setattr(host.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(host, "_lock_scratch", lock)
+    policy = policy_for("default")
+    try:
+        try:
+            with Sandbox(policy, pool=None) as sb:
+                assert swap == "a link, after the lock", swap  # the start had to fail
+                assert sb.execute("x = 1").ok
+        except SandboxStartError as exc:
+            assert swap != "a link, after the lock", exc
+        assert made
+        assert os.stat(victim if swap != "a directory of another user" else made[0]).st_uid == owner
+    finally:
+        monkeypatch.undo()
+        for path in made:
+            if os.path.islink(path):
+                os.unlink(path)
+            elif os.path.isdir(path) and swap == "a directory of another user":
+                os.rename(path, victim)
+            for leftover in (path + "-moved",):
+                if os.path.isdir(leftover):
+                    os.rmdir(leftover)
