@@ -347,7 +347,8 @@ def clean_text(text: str) -> str:
 
 def shown(value: Any, limit: int = 60, *, quoted: bool = True) -> str:
     """A short, quoted, escaped form of a value the peer sent, for an error message: a str cut
-    at *limit* characters (JSON-quoted: control characters, and everything not ASCII, escaped),
+    at *limit* characters (JSON-quoted: control characters, DEL, and everything not ASCII, the C1
+    controls U+0080-U+009F included, escaped as ``\\u00XX``),
     anything else by its type only. Never ``repr`` of the peer's data, never all of a long
     string. ``quoted=False`` leaves out the outer quotes (a peer's sentence, not a name)."""
     if type(value) is not str:

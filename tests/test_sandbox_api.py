@@ -513,13 +513,15 @@ def test_a_childs_refusal_reaches_variable_error_with_its_control_characters_esc
     from sandbox import protocol
 
     with Sandbox("default", audit_log=audit_path) as sb:
-        assert sb.execute("v = type('T\\x1b]0;pwned\\x07\\x1b[2J\\u202e' + 'X' * 5000, (), {})()").ok
+        name = "'T\\x1b]0;pwned\\x07\\x1b[2J\\u202e\\x7f\\x9b2J\\x85' + 'X' * 5000"
+        assert sb.execute(f"v = type({name}, (), {{}})()").ok
         with pytest.raises(VariableError) as err:
             sb.get_variable("v")
         message = str(err.value)
         assert message.startswith("variable 'v': "), message[:200]
-        assert "T\\u001b]0;pwned\\u0007\\u001b[2J\\u202e" in message, message[:200]
-        assert all(c >= " " and c != "\x7f" for c in message), message[:200]
+        # DEL and the C1 controls too (a terminal may take U+009B for CSI, as ESC [).
+        assert "T\\u001b]0;pwned\\u0007\\u001b[2J\\u202e\\u007f\\u009b2J\\u0085" in message, message[:200]
+        assert all(" " <= c < "\x7f" for c in message), message[:200]
         assert len(message) <= protocol.MAX_REFUSAL + 100, len(message)
         r = sb.execute("print(type(v).__name__[:1])")
         assert r.ok and r.stdout == "T\n" and not r.state_lost, r

@@ -196,9 +196,10 @@ def test_a_read_path_closed_to_an_unprivileged_host_stops_the_start(shared_dir):
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     for name in ("portable", "custom"):
-        assert report[name].startswith("SandboxStartError: "), (name, report[name])
-        assert f"isolation.read_paths entry '{closed / 'data'}' cannot be opened" in report[name], report[name]
-        assert "EACCES" in report[name], report[name]
+        said = report[name]
+        assert said.startswith("SandboxStartError: "), (name, said)
+        assert f"isolation.read_paths entry '{closed / 'data'}' cannot be opened" in said, said
+        assert "EACCES" in said, said
 
 
 # remove_tree as a user without CAP_DAC_OVERRIDE, over a tree whose directories lack owner rights.

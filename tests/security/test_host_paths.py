@@ -190,7 +190,9 @@ def test_rlm_view_writes_no_page_through_a_link_another_user_planted(shared: Pat
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a scratch directory is given to a uid of its own only as root")
-@pytest.mark.parametrize("swap", ["a link, before the lock", "a link, after the lock", "a directory of another user"])
+@pytest.mark.parametrize(
+    "swap", ["a link, before the lock", "a link, after the lock", "a directory of another user"]
+)
 def test_the_scratch_directory_given_to_the_sandbox_uid_cannot_be_swapped(
     swap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
