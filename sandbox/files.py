@@ -202,7 +202,7 @@ def _open_granted(path: str, dir_fd: int | None) -> int:
     held = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         st = os.fstat(held)
-        if st.st_uid != os.geteuid():
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():  # only a directory of this user
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
         link = f"/proc/self/fd/{held}"
         os.chmod(link, stat.S_IMODE(st.st_mode) | 0o700)
