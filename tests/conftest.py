@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +16,13 @@ import pytest
 
 from sandbox import Policy, Sandbox, load_policy
 from tests.viewer_schema import problems_in_file
+
+# The tests of Ctrl-C send SIGINT to this process or to the programs it starts. A suite started
+# with SIGINT ignored (`make test &` from a script: a shell without job control makes its
+# background commands ignore it) passed that on: Python then installs no KeyboardInterrupt
+# handler, here or in any program started from here, and seven tests failed for nothing.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
