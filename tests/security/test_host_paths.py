@@ -34,24 +34,32 @@ def without(mode: str, *layers: str, **changes: Any) -> Policy:
     return policy_for(mode, **over)
 
 
+#: Child code: ``attempts(calls)`` runs each ``(name, call)`` and says how it ended.
+ATTEMPTS = textwrap.dedent(
+    """
+    def attempts(calls):
+        seen = []
+        for name, call in calls:
+            try:
+                call()
+                seen.append(name + " done")
+            except OSError as exc:
+                seen.append(name + " " + type(exc).__name__)
+        return seen
+    """
+)
+
 #: Every change of a file's metadata that Landlock does not govern, on the file FILE.
-METADATA = textwrap.dedent(
+METADATA = ATTEMPTS + textwrap.dedent(
     """
     import os
-    seen = []
-    for name, call in (
+    print(attempts((
         ("chmod", lambda: os.chmod(FILE, 0o644)),
         ("chown", lambda: os.chown(FILE, -1, -1)),
         ("utime", lambda: os.utime(FILE, (0, 0))),
         ("setxattr", lambda: os.setxattr(FILE, "user.planted", b"1")),
         ("fchmod", lambda: os.fchmod(os.open(FILE, os.O_PATH), 0o644)),
-    ):
-        try:
-            call()
-            seen.append(name + " done")
-        except OSError as exc:
-            seen.append(name + " " + type(exc).__name__)
-    print(seen)
+    )))
     """
 )
 
@@ -83,26 +91,19 @@ def test_without_a_view_the_code_changes_no_metadata_of_the_hosts_files(mode: st
 
 
 #: Set-id files in the scratch directory: by chmod, and made with the bits in their mode.
-SET_ID = textwrap.dedent(
+SET_ID = ATTEMPTS + textwrap.dedent(
     """
     import os, sys
     with open("py", "wb") as f:
         f.write(b"#!" + sys.executable.encode() + b"\\n")
-    seen = []
-    for name, call in (
+    print(attempts((
         ("chmod 4755", lambda: os.chmod("py", 0o4755)),
         ("chmod 2755", lambda: os.chmod("py", 0o2755)),
         ("fchmod", lambda: os.fchmod(os.open("py", os.O_RDONLY), 0o4755)),
         ("open", lambda: os.close(os.open("made", os.O_CREAT | os.O_WRONLY, 0o4755))),
         ("mknod", lambda: os.mknod("node", 0o100000 | 0o6755)),
         ("chmod 755", lambda: os.chmod(".", 0o755)),
-    ):
-        try:
-            call()
-            seen.append(name + " done")
-        except OSError as exc:
-            seen.append(name + " " + type(exc).__name__)
-    print(seen)
+    )))
     print(os.getcwd())
     """
 )
