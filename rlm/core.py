@@ -572,6 +572,7 @@ class RLM:
             # What the run spent before it failed stays known: a batch's budget counts it.
             if ledger is not None:
                 exc.priced_cost_usd = ledger.priced()
+                exc.spent = ledger.totals()
             raise
         finally:
             if cancel is not None:

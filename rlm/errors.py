@@ -44,10 +44,13 @@ class RLMError(Exception):
     ``priced_cost_usd`` is set on the error a run raises (``RLM.completion``,
     ``rlm.run``): USD of the run's model calls with a known price, made before
     it failed (``0.0`` when none were). ``None`` on an error raised before any
-    run started, or by anything but a run.
+    run started, or by anything but a run. ``spent`` is set with it: ``(input
+    tokens, output tokens, cost in USD)`` of those calls, the cost ``None`` when
+    any of their prices is unknown.
     """
 
     priced_cost_usd: float | None = None
+    spent: tuple[int, int, float | None] | None = None
 
 
 class ConfigurationError(RLMError, ValueError):

@@ -371,6 +371,42 @@ def test_a_run_that_fails_after_priced_calls_keeps_its_spend_in_the_batch(tmp_pa
     assert json.loads(encode_record(record))["priced_usd"] == pytest.approx(0.45)
 
 
+def test_a_run_that_fails_after_priced_calls_reports_its_tokens_and_cost_in_the_batch():
+    """The error line of such a run had 0 tokens and ``cost_usd`` null, though every call it
+    made was priced: the batch's summary showed its tokens as none and said "calls of unknown
+    price in 1 run(s)". The error carries what the run spent (``RLMError.spent``); the line
+    has its tokens and its cost, and the summary no price it does not know."""
+    import io
+
+    from rlm import BatchResult
+    from rlm.backend import ScriptedBackend as Scripted
+    from rlm.batching.progress import Progress
+    from rlm.batching.worker import RunSettings, run_item
+    from rlm.errors import AuthenticationError
+    from rlm.llm import Completion
+    from sandbox import load_policy
+
+    def reply(model: str, messages: object) -> Completion:
+        if model == "root":
+            return Completion(repl("print(llm_query('hi'))"), model, 10, 7, 0.45)
+        raise AuthenticationError("the sub-model's key was rejected", model=model)
+
+    with pytest.raises(AuthenticationError) as info:
+        run("q", "c", model="root", sub_model="sub", backend=Scripted(reply), max_iterations=3)
+    assert info.value.spent == (10, 7, pytest.approx(0.45))
+    settings = RunSettings(
+        model="root", sub_model="sub", policy=load_policy("default"), max_iterations=3,
+        rlm_options={"backend": Scripted(reply)},
+    )  # fmt: skip
+    record = run_item("a", "q", "c", settings)["record"]
+    assert (record["input_tokens"], record["output_tokens"]) == (10, 7), record
+    assert record["cost_usd"] == pytest.approx(0.45) and record["priced_usd"] == pytest.approx(0.45)
+    progress = Progress(1, io.StringIO(), live=False)
+    progress.add(BatchResult.from_record(record))
+    summary = progress.summary("out.jsonl")
+    assert "17 tokens, $0.4500" in summary and "unknown price" not in summary, summary
+
+
 def test_a_resumed_batch_counts_what_the_runs_already_in_out_spent(tmp_path):
     """``rlm batch`` handed the whole ``--budget-usd`` to every invocation: a batch stopped by a
     crash or Ctrl-C and run again got its budget afresh ($2.70 spent of $1 over two runs). The

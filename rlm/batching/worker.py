@@ -68,19 +68,22 @@ def error_record(
     time_s: float = 0.0,
     priced_usd: float | None = None,
     question_sha256: str | None = None,
+    spent: tuple[int, int, float | None] | None = None,
 ) -> dict[str, Any]:
     """The output record of an item that did not run to a result (*priced_usd*: what a run that
     failed spent on priced calls first; it counts towards the batch's budget; *question_sha256*:
-    the question it was asked, when its context was read)."""
+    the question it was asked, when its context was read; *spent*: that run's input tokens,
+    output tokens and cost, as :attr:`rlm.errors.RLMError.spent`)."""
+    input_tokens, output_tokens, cost_usd = spent if spent is not None else (0, 0, None)
     return {
         "id": item_id,
         "answer": None,
         "stop_reason": stop_reason,
         "iterations": 0,
         "sub_calls": 0,
-        "input_tokens": 0,
-        "output_tokens": 0,
-        "cost_usd": None,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cost_usd": cost_usd,
         "time_s": round(time_s, 3),
         "error": error,
         "priced_usd": priced_usd,
@@ -140,15 +143,22 @@ def run_item(
     except FATAL_ERRORS as exc:
         message = redact(str(exc), secret_values(api_key))
         record = error_record(
-            item_id, "error", message, time.perf_counter() - started, exc.priced_cost_usd, question_sha256
+            item_id,
+            "error",
+            message,
+            time.perf_counter() - started,
+            exc.priced_cost_usd,
+            question_sha256,
+            exc.spent,
         )
         return {"record": record, "fatal": [type(exc).__name__, message]}
     except (RLMError, OSError, ValueError, RuntimeError) as exc:
         message = redact(f"{type(exc).__name__}: {exc}", secret_values(api_key))
-        spent = getattr(exc, "priced_cost_usd", None)  # an RLMError's: what the run spent first
+        # An RLMError's: what the run spent first
+        priced, spent = getattr(exc, "priced_cost_usd", None), getattr(exc, "spent", None)
         return {
             "record": error_record(
-                item_id, "error", message, time.perf_counter() - started, spent, question_sha256
+                item_id, "error", message, time.perf_counter() - started, priced, question_sha256, spent
             ),
             "fatal": None,
         }
