@@ -47,6 +47,7 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import os
 import queue
 import re
@@ -1360,7 +1361,27 @@ class _BearerGate:
                 watch.answered = True
             await send(message)
 
-        await self.app(scope, watched_receive, watched_send)
+        try:
+            await self.app(scope, watched_receive, watched_send)
+        except Exception:
+            # Its answer was complete, or its client gone, before the failure: the SDK then
+            # sends a 500 that has nowhere to go (a session its client ended while one of its
+            # calls was answered), and uvicorn logged a traceback of some 5 KB for each such
+            # request, nobody's error. A failure of a request still being answered is raised.
+            if watch.answered or watch.fired:
+                return
+            raise
+
+
+class _ClientGone(logging.Filter):
+    """Drops the SDK's "Error handling POST request" record of a request whose session's streams
+    were closed meanwhile (its client ended the session while a call was answered: anyio's
+    ``ClosedResourceError`` or ``BrokenResourceError``), a traceback of some 5 KB per such
+    client; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (anyio.ClosedResourceError, anyio.BrokenResourceError))
 
 
 #: Where :class:`_BearerGate` puts a POST request's :class:`_DropWatch` in its ASGI scope.
@@ -1465,6 +1486,7 @@ async def _serve_http(app: MCPApp, host: str, sock: socket.socket, token: str) -
         host=host,
         max_request_body_size=max(4 * 1024 * 1024, 2 * app.config.max_message_bytes),
     )
+    logging.getLogger("mcp.server.streamable_http").addFilter(_ClientGone())
     bound = sock.getsockname()
     print(f"rlm mcp: serving streamable HTTP on http://{host}:{bound[1]}/mcp", file=sys.stderr, flush=True)
 

@@ -1297,3 +1297,51 @@ def test_an_rlm_query_that_cannot_start_its_thread_gives_its_slot_back(tmp_path:
             with contextlib.suppress(OSError):
                 (PIDS / "cgroup.procs").write_text(pid)
         cg.rmdir()
+
+
+def test_a_request_that_fails_after_its_answer_is_no_error_of_the_server() -> None:
+    """A client that ends its session while one of its calls is answered: the SDK logged
+    "Error handling POST request" with the ``ClosedResourceError`` of the closed session, then
+    sent a 500 after the answer was complete, which uvicorn logged as "Exception in ASGI
+    application": some 5 KB of tracebacks per such client, for nobody (about 1 client in 16
+    that cancel and leave, here). The gate ends such a request quietly, and the SDK's record of
+    a closed session is dropped; a request that fails before its answer still raises, and
+    every other record passes."""
+    import logging
+
+    from rlm.mcp_server import _BearerGate, _ClientGone
+
+    sent: list[dict[str, Any]] = []
+
+    async def fails_after_its_answer(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+        raise RuntimeError("Unexpected ASGI message 'http.response.start' sent, after response already completed.")
+
+    async def fails_before_it(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("a bug of the server")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    def scope() -> dict[str, Any]:
+        return {"type": "http", "method": "POST", "headers": [(b"authorization", b"Bearer tok")]}
+
+    anyio.run(_BearerGate(fails_after_its_answer, "tok"), scope(), receive, send)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    with pytest.raises(RuntimeError, match="a bug of the server"):
+        anyio.run(_BearerGate(fails_before_it, "tok"), scope(), receive, send)
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord(
+            "mcp.server.streamable_http", logging.ERROR, __file__, 1, "Error handling POST request", None,
+            (type(exc), exc, None),
+        )  # fmt: skip
+
+    gone = _ClientGone()
+    assert not gone.filter(record(anyio.ClosedResourceError()))
+    assert not gone.filter(record(anyio.BrokenResourceError()))
+    assert gone.filter(record(ValueError("a real failure")))
