@@ -199,18 +199,20 @@ class Ledger:
         limit = self.budgets.max_time_s
         return None if limit is None else limit - self.elapsed()
 
-    def _over(self) -> tuple[str, str] | None:
-        """(limit, message) of a token/cost/time budget that is used up (lock held)."""
+    def _over(self, spending: bool = True) -> tuple[str, str] | None:
+        """(limit, message) of a token/cost/time budget that is used up, or of a cancel (lock
+        held); *spending* False: the token and cost budgets are not looked at."""
         if self.cancel is not None and self.cancel.cancelled:
             return "cancelled", "the run was cancelled"
         b = self.budgets
-        tokens = self.tally.tokens()
-        if b.max_tokens is not None and tokens >= b.max_tokens:
-            return "max_tokens", f"token budget used up ({tokens} of {b.max_tokens})"
-        if b.max_cost_usd is not None:
-            cost = self.tally.priced()  # a call without a price counts nothing (there is nothing to count)
-            if cost >= b.max_cost_usd:
-                return "max_cost_usd", f"cost budget used up (${cost:.6f} of ${b.max_cost_usd:g})"
+        if spending:
+            tokens = self.tally.tokens()
+            if b.max_tokens is not None and tokens >= b.max_tokens:
+                return "max_tokens", f"token budget used up ({tokens} of {b.max_tokens})"
+            if b.max_cost_usd is not None:
+                cost = self.tally.priced()  # a call without a price counts nothing (nothing to count)
+                if cost >= b.max_cost_usd:
+                    return "max_cost_usd", f"cost budget used up (${cost:.6f} of ${b.max_cost_usd:g})"
         if b.max_time_s is not None and self.elapsed() >= b.max_time_s:
             return "max_time_s", f"time budget used up ({self.elapsed():.1f} s of {b.max_time_s:g} s)"
         return None
@@ -241,11 +243,7 @@ class Ledger:
         time), or None. Unlike :meth:`exhausted` it does not look at ``max_sub_calls``, which
         refuses only new sub-calls (at :meth:`check`): a call already let through (the closing
         root call of a run out of sub-calls) goes on."""
-        with self._lock:
-            over = self._over()
-            if over is not None and self.stopped_by is None:
-                self.stopped_by = over[0]
-            return over
+        return self._stopped(spending=True)
 
     def interrupted(self) -> tuple[str, str] | None:
         """(limit, message) when the run is cancelled or out of time, else None: what gives up a
@@ -253,13 +251,12 @@ class Ledger:
         through before it ran out, and the provider bills it whether or not its answer is read,
         so it is waited for and counted (the documented slack of those budgets); only the next
         call is refused (:meth:`check`, :meth:`refuse_any`)."""
-        limit = self.budgets.max_time_s
+        return self._stopped(spending=False)
+
+    def _stopped(self, spending: bool) -> tuple[str, str] | None:
+        """:meth:`_over`, noted as what stopped the run when it is the first."""
         with self._lock:
-            over: tuple[str, str] | None = None
-            if self.cancel is not None and self.cancel.cancelled:
-                over = "cancelled", "the run was cancelled"
-            elif limit is not None and self.elapsed() >= limit:
-                over = "max_time_s", f"time budget used up ({self.elapsed():.1f} s of {limit:g} s)"
+            over = self._over(spending)
             if over is not None and self.stopped_by is None:
                 self.stopped_by = over[0]
             return over
