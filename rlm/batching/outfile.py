@@ -160,8 +160,6 @@ class ResultsFile:
         self.dropped = 0  # lines dropped by the repair (cut lines, skipped and bad-input records)
         #: OUT did not exist: this batch made it (see :meth:`discard_if_unused`).
         self.created = False
-        #: Lines this batch appended.
-        self.appended = 0
         self._lock_fd: int | None = None
         self._fd: int | None = None
 
@@ -311,7 +309,6 @@ class ResultsFile:
         except OSError as exc:
             raise ConfigurationError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
         self.done.add(record["id"])
-        self.appended += 1
         if gone:  # the lines go to a file nobody can open any more: stop spending on runs now
             raise ConfigurationError(
                 f"{self.path}: deleted or replaced while the batch ran; the results written since are "
@@ -322,12 +319,12 @@ class ResultsFile:
         """Remove OUT if this batch made it and wrote nothing to it (a setup error stopped the
         batch before any result): a failed command leaves no empty file that looks like a
         batch's results. True when it was removed (a link at OUT stays, as it was)."""
-        if self._fd is None or not self.created or self.appended:
+        if self._fd is None or not self.created:
             return False
         try:
             st = os.fstat(self._fd)
             if st.st_size or not os.path.samestat(st, os.stat(self.file, follow_symlinks=False)):
-                return False  # written to after all, or replaced: not ours to remove
+                return False  # written to (a line of this batch's), or replaced: not ours to remove
             os.unlink(self.file)  # still locked: another batch waits on nothing it could use
         except OSError:
             return False
