@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -743,16 +744,28 @@ def test_close_from_another_thread_while_the_next_child_starts(audit_path, delay
     assert isinstance(out[0], SandboxClosedError) or not out[0].ok, out[0]  # type: ignore[attr-defined]
 
 
-def test_a_stopped_fork_server_is_replaced(audit_path, monkeypatch) -> None:
-    """A fork server that stops answering (SIGSTOP, a hang) made every new sandbox wait out the
-    spawn timeout and fail, forever. Now the first one to time out kills it, and that sandbox
-    and the next start on a new server."""
-    monkeypatch.setattr(forkserver, "SPAWN_TIMEOUT", 2.0)
+@contextlib.contextmanager
+def _stopped_server(audit_path: Path) -> Iterator[forkserver.ForkServer]:
+    """The shared fork server, SIGSTOPped once it has served one sandbox; killed (and let go on)
+    at the end, whatever the test did to it."""
     with Sandbox("default", audit_log=audit_path, pool=None) as first:
         assert first.execute("x = 1").ok
     server = forkserver.shared(False)
     os.kill(server.proc.pid, signal.SIGSTOP)
     try:
+        yield server
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(server.proc.pid, signal.SIGKILL)
+            os.kill(server.proc.pid, signal.SIGCONT)
+
+
+def test_a_stopped_fork_server_is_replaced(audit_path, monkeypatch) -> None:
+    """A fork server that stops answering (SIGSTOP, a hang) made every new sandbox wait out the
+    spawn timeout and fail, forever. Now the first one to time out kills it, and that sandbox
+    and the next start on a new server."""
+    monkeypatch.setattr(forkserver, "SPAWN_TIMEOUT", 2.0)
+    with _stopped_server(audit_path) as server:
         t0 = time.monotonic()
         with Sandbox("default", audit_log=audit_path, pool=None) as sb:
             assert sb.execute("print(6 * 7)").stdout == "42\n"
@@ -763,10 +776,6 @@ def test_a_stopped_fork_server_is_replaced(audit_path, monkeypatch) -> None:
         with Sandbox("default", audit_log=audit_path, pool=None) as sb:
             assert sb.execute("x = 1").ok
         assert time.monotonic() - t0 < 2
-    finally:
-        with contextlib.suppress(OSError):
-            os.kill(server.proc.pid, signal.SIGKILL)
-            os.kill(server.proc.pid, signal.SIGCONT)
 
 
 def test_a_stopped_fork_server_is_replaced_without_waiting_out_the_spawn_timeout(audit_path, monkeypatch) -> None:
@@ -778,24 +787,16 @@ def test_a_stopped_fork_server_is_replaced_without_waiting_out_the_spawn_timeout
     from tests.conftest import within
 
     monkeypatch.setattr(forkserver, "SPAWN_TIMEOUT", 600.0)
-    with Sandbox("default", audit_log=audit_path, pool=None) as first:
-        assert first.execute("x = 1").ok
-    server = forkserver.shared(False)
-    os.kill(server.proc.pid, signal.SIGSTOP)
-    try:
 
-        def start() -> str:
-            with Sandbox("default", audit_log=audit_path, pool=None) as sb:
-                return sb.execute("print(6 * 7)").stdout
+    def start() -> str:
+        with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+            return sb.execute("print(6 * 7)").stdout
 
+    with _stopped_server(audit_path) as server:
         stdout, _ = within(60, start)
         assert stdout == "42\n"
         assert forkserver.shared(False) is not server
         assert server.proc.wait(10) is not None  # killed, not left stopped
-    finally:
-        with contextlib.suppress(OSError):
-            os.kill(server.proc.pid, signal.SIGKILL)
-            os.kill(server.proc.pid, signal.SIGCONT)
 
 
 def test_one_hanging_async_sandbox_does_not_hold_up_the_others_on_its_loop(audit_path) -> None:
