@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType, UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Self, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -115,11 +115,37 @@ def _section_key(model: type[BaseModel]) -> str:
     return next((key for key, field in Policy.model_fields.items() if field.annotation is model), "")
 
 
-class _Section(BaseModel):
-    """A table of a policy. Built alone (``Limits(cpu_seconds=-1)``), a bad value is a
-    :class:`PolicyError` naming the key as a policy file would (``limits.cpu_seconds``)."""
+class _Checked(BaseModel):
+    """A model of this module: every instance validated, whichever way it is made.
+
+    pydantic's ``model_copy(update=...)`` and ``model_construct(...)`` build an instance
+    without validating it: ``policy.model_copy(update={"isolation": ...})`` (the documented way
+    to derive a frozen model) gave a policy whose ``require`` named a layer it switched off, and
+    the sandbox started without that layer; a ``cpu_seconds`` of -5 went through too. Here both
+    validate as the constructor does, and a bad value is a :class:`PolicyError` naming its key.
+    """
 
     model_config = _MODEL
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy, with the fields in *update* replaced and the result validated."""
+        if not update:
+            return super().model_copy(deep=deep)
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        made = type(self)(**{**fields, **update})
+        return made.model_copy(deep=True) if deep else made
+
+    @classmethod
+    def model_construct(  # type: ignore[override]  # (pydantic's mypy plugin writes its own signature)
+        cls, _fields_set: set[str] | None = None, **values: Any
+    ) -> Self:
+        """The same as the constructor: validated (pydantic's skips validation)."""
+        return cls(**values)
+
+
+class _Section(_Checked):
+    """A table of a policy. Built alone (``Limits(cpu_seconds=-1)``), a bad value is a
+    :class:`PolicyError` naming the key as a policy file would (``limits.cpu_seconds``)."""
 
     def __init__(self, **data: Any) -> None:
         _strict_init(self, data, type(self).__name__)
@@ -381,10 +407,8 @@ class AuditSettings(_Section):
         return value
 
 
-class Policy(BaseModel):
+class Policy(_Checked):
     """A sandbox policy (schema version 1)."""
-
-    model_config = _MODEL
 
     schema_version: Literal[1] = Field(description="Version of this schema; only 1 exists.")
     name: str = Field(min_length=1, description="Short name, reported in every result and audit line.")

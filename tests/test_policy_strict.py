@@ -197,6 +197,36 @@ def test_a_bad_value_built_in_python_raises_policy_error_itself_naming_the_key(t
     assert message.startswith(str(tmp_path / "p.toml")) and "'limits.cpu_seconds'" in message
 
 
+def test_a_copy_or_a_construct_is_validated_as_the_constructor_is():
+    """pydantic's ``model_copy(update=...)`` and ``model_construct`` skip validation: a policy
+    derived with ``model_copy`` could require seccomp and switch it off (the sandbox then started
+    without it: fail-closed bypassed), or carry ``cpu_seconds = -5`` and a ``max_output_bytes``
+    no frame can carry. Both validate now, and a bad value is a PolicyError naming its key."""
+    from sandbox.policy import Limits
+
+    p = load_policy("default")
+    no_seccomp = p.isolation.model_copy(update={"seccomp": False, "require": ("seccomp",)})
+    attempts = [
+        (lambda: p.limits.model_copy(update={"cpu_seconds": -5.0}), "'limits.cpu_seconds'"),
+        (lambda: p.model_copy(update={"isolation": no_seccomp}), "'isolation.require'"),
+        (lambda: p.model_copy(update={"limits": {"max_output_bytes": 10**12}}), "'limits.max_output_bytes'"),
+        (lambda: p.model_copy(update={"nosuch": 1}), "'nosuch'"),
+        (lambda: p.model_copy(update={"name": ""}, deep=True), "'name'"),
+        (lambda: Limits.model_construct(memory_mb="2"), "'limits.memory_mb'"),
+        (lambda: Policy.model_construct(name="x"), "'schema_version'"),
+    ]
+    for attempt, key in attempts:
+        with pytest.raises(PolicyError) as err:
+            attempt()
+        assert type(err.value) is PolicyError and key in str(err.value), str(err.value)
+    # Good updates work as pydantic's do: the other fields kept, the copy a new policy.
+    q = p.model_copy(update={"name": "derived", "limits": p.limits.model_copy(update={"cpu_seconds": 2.5})})
+    assert (q.name, q.limits.cpu_seconds, q.limits.memory_mb) == ("derived", 2.5, p.limits.memory_mb)
+    assert q.isolation == p.isolation and q.sha256 != p.sha256
+    assert p.model_copy() == p and p.model_copy(deep=True) == p
+    assert Limits.model_construct(cpu_seconds=3) == Limits(cpu_seconds=3)
+
+
 def test_every_model_is_strict_frozen_and_documented():
     def walk(model: type[BaseModel]) -> None:
         config = model.model_config
