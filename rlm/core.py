@@ -1298,7 +1298,10 @@ class _Run:
         :meth:`_no_calls_in_helper`)."""
         limit = self._time_cap(cap)
         timer = None
-        if limit is not None:
+        # A budget past threading.TIMEOUT_MAX (some 292 years: max_time_s=1e10, a finite number like
+        # any other) cannot run out in this process's life, and its wait would overflow: the timer's
+        # thread died with an OverflowError traceback on stderr.
+        if limit is not None and limit < threading.TIMEOUT_MAX:
             timer = threading.Timer(max(0.0, limit), sb.kill)
             timer.daemon = True
             timer.start()

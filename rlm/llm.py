@@ -91,6 +91,13 @@ _PLACEHOLDER_KEY = "no-key-configured"
 #: that long in all (``LiteLLMBackend.request_timeout``, ``rlm.core._Run._complete``).
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 
+#: The longest timeout handed to the HTTP client, in seconds (about 31 years: for ever). Python's
+#: socket timeouts overflow past ``threading.TIMEOUT_MAX`` (int64 nanoseconds, about 292 years):
+#: ``--request-timeout 1e10``, a finite number like any other, made every call fail at its connect
+#: ("timestamp out of range for platform time_t", retried as a provider error). A longer timeout
+#: waits this long instead.
+MAX_REQUEST_TIMEOUT_S = 1e9
+
 #: Shortest ``api_key`` argument scrubbed from text (shorter ones would redact ordinary text).
 _MIN_KEY_CHARS = 4
 #: Shortest environment key scrubbed: real provider keys are long; shorter values are placeholders
@@ -469,8 +476,13 @@ def _prepare(
     if call.pop("cache_prefix", False) and _takes_cache_markers(litellm, model, api_base):
         messages = mark_cache_prefix(messages)
     call.setdefault("max_retries", 0)  # retries are the loop's (rlm.core), counted and bounded by budgets
-    if call.get("timeout") is None:  # litellm would wait 6000 s for a server that never answers
+    timeout = call.get("timeout")
+    if timeout is None:  # litellm would wait 6000 s for a server that never answers
         call["timeout"] = DEFAULT_REQUEST_TIMEOUT_S
+    elif (
+        isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > MAX_REQUEST_TIMEOUT_S
+    ):
+        call["timeout"] = MAX_REQUEST_TIMEOUT_S
     call.update(model=model, messages=messages)
     if api_base:
         call["api_base"] = api_base

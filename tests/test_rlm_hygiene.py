@@ -214,6 +214,25 @@ def test_run_refuses_a_request_timeout_that_is_not_positive(tmp_path: Path):
         assert done.returncode == 2 and done.stderr.strip() == expect, done.stderr
 
 
+@pytest.mark.parametrize("flag", ["--request-timeout", "--max-time"])
+@pytest.mark.parametrize("value", ["1e10", "1e300"])
+def test_run_takes_a_timeout_longer_than_python_can_wait(tmp_path: Path, flag: str, value: str):
+    """A finite number is a limit like any other, however large: past ``threading.TIMEOUT_MAX``
+    (about 292 years) Python's socket and lock timeouts overflow. ``--request-timeout 1e10`` made
+    every call fail at its connect (retried, then exit 1: "timestamp out of range for platform
+    time_t"), and ``--max-time 1e10`` printed the OverflowError traceback of the thread that
+    bounds a block by the time budget."""
+    context = _context(tmp_path)
+    with LLMServer(["```repl\nx = 6 * 7\n```", "FINAL_VAR(x)"]) as srv:
+        done = subprocess.run(
+            _argv(srv, context, flag, value),
+            capture_output=True, text=True, cwd=ROOT, env=_env(tmp_path), timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "42\n"
+    assert "Traceback" not in done.stderr and "Overflow" not in done.stderr, done.stderr
+
+
 @pytest.fixture
 def silent_server() -> Iterator[str]:
     """An endpoint that accepts every connection and never sends a byte."""
