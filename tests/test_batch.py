@@ -265,6 +265,23 @@ def test_a_fifo_as_out_or_its_lock_is_bad_input_not_a_hang(tmp_path: Path):
         fifo.unlink()
 
 
+@pytest.mark.parametrize("out", ["", ".", "/"])
+def test_a_directory_without_a_name_as_out_is_bad_input_not_a_traceback(tmp_path: Path, out: str):
+    """``rlm batch IN --out .`` (or ``/``, or ``""``, which is ``.``) raised pathlib's ValueError
+    "has an empty name" out of the lock's path: a traceback, exit 1. Like any directory at OUT it
+    is "not a regular file": bad input, exit 2, nothing written."""
+    from tests.conftest import run_cli
+
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "query": "q", "context": "c"}\n')
+    flags = ["-m", "openai/x", "--api-base", "http://127.0.0.1:9/v1"]
+    done = run_cli("batch", "in.jsonl", "--out", out, *flags, cwd=tmp_path, timeout=60)
+    assert done.returncode == 2, done
+    assert done.stderr == f"rlm batch: {out or '.'}: not a regular file\n", done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    with pytest.raises(ConfigurationError, match="not a regular file"):
+        ResultsFile(out)
+
+
 def test_library_batch_runs_items_concurrently_and_yields_as_they_finish(server: LLMServer):
     items = [rlm.BatchItem(f"q{i:02d}", "square?", context=f"number {i:02d}") for i in range(12)]
     seen = []

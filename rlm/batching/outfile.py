@@ -144,6 +144,8 @@ class ResultsFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        if not self.path.name:  # "", "." or "/": a directory, and no name to put OUT.lock beside
+            raise ConfigurationError(f"{self.path}: not a regular file")
         #: The file written: :attr:`path` with its symbolic links followed (when it is opened).
         self.file = self.path
         self.lock_path = self.path.with_name(self.path.name + ".lock")
