@@ -93,11 +93,14 @@ def _write_all(fd: int, chunks: Iterable[bytes]) -> None:
 def write_regular(path: str | os.PathLike[str], data: bytes, mode: int = 0o666) -> None:
     """Make *data* the whole contents of *path*, created if missing (*mode*, less the umask), which
     must be a regular file: OSError otherwise (``"not a regular file"``: a FIFO, a device or a
-    directory there is refused before anything is written, and never waited on)."""
+    directory there is refused before anything is written, and never waited on). An OSError of the
+    write itself (a full disk) names *path*."""
     fd = open_regular(path, os.O_WRONLY | os.O_CREAT, mode)
     try:
         os.ftruncate(fd, 0)  # after the check: a device is never truncated
         _write_all(fd, [data])
+    except OSError as exc:  # (a write on a descriptor names no file: say which, not the caller's input)
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
     finally:
         os.close(fd)
 

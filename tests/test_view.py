@@ -221,6 +221,28 @@ def test_a_fifo_where_the_page_goes_is_a_clear_error_not_a_hang(tmp_path: Path):
     assert out.returncode == 0 and text.startswith("<!DOCTYPE html>") and "STALE" not in text
 
 
+def test_a_page_that_cannot_be_written_is_an_error_naming_the_page(tmp_path: Path):
+    """A write of the page that fails (a full disk; here a file-size rlimit under the page's size)
+    raised an OSError that names no file, and ``rlm view`` named its *input* instead ("rlm:
+    logs/<run id>.jsonl: File too large"), sending the user to the wrong file."""
+    import resource
+    import subprocess
+    import sys
+
+    r = run("q", "c", model="root", backend=ScriptedBackend([repl("FINAL(7)")]), log_dir=tmp_path / "logs")
+    page = tmp_path / "page.html"
+
+    def small_files() -> None:  # (Python ignores SIGXFSZ: the write fails with EFBIG instead)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out = subprocess.run(
+        [sys.executable, "-m", "rlm", "view", str(r.log_path), "-o", str(page)],
+        capture_output=True, text=True, preexec_fn=small_files, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and out.stderr == f"rlm: {page}: File too large\n", out
+    assert out.stdout == ""
+
+
 def test_cli_view_open_without_a_browser_says_so(tmp_path: Path):
     """``--open`` where no browser can be started (a server; here ``$BROWSER`` names none) wrote
     the page and said nothing, as if it had opened it."""
