@@ -594,7 +594,12 @@ def load_policy(name_or_path: str | Path) -> Policy:
         except OSError as exc:  # e.g. no descriptor left to list the directory
             raise PolicyError(f"cannot list the shipped policies: {exc.strerror}") from None
         if text not in shipped:
-            raise PolicyError(f"no shipped policy named {text!r} (shipped: {', '.join(shipped) or 'none'})")
+            # A file of that name here is not what a bare name means (it would make a typo of a
+            # shipped name load whatever file sits in the current directory): say how to name it.
+            hint = f"; for the file {text!r} here, write './{text}'" if os.path.lexists(text) else ""
+            raise PolicyError(
+                f"no shipped policy named {text!r} (shipped: {', '.join(shipped) or 'none'}){hint}"
+            )
         path = shipped[text]
     raw = _read_policy_file(path)
     try:

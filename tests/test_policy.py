@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,22 @@ def test_unknown_name_and_missing_file():
         load_policy("nope")
     with pytest.raises(PolicyError, match="cannot read"):
         load_policy("/nonexistent/p.toml")
+
+
+def test_a_bare_name_that_is_a_file_here_says_how_to_load_the_file(tmp_path, monkeypatch):
+    """``--policy mypolicy`` with a file ``mypolicy`` in the current directory said only "no
+    shipped policy named 'mypolicy'"; a bare name is a shipped name, and the error now says how
+    to name the file instead. Loading it as a path works."""
+    shutil.copy(shipped_policies()["default"], tmp_path / "mypolicy")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PolicyError) as err:
+        load_policy("mypolicy")
+    assert "no shipped policy named 'mypolicy'" in str(err.value)
+    assert "write './mypolicy'" in str(err.value), str(err.value)
+    assert load_policy("./mypolicy").name == "default"
+    with pytest.raises(PolicyError) as err:  # no such file: no hint
+        load_policy("nope")
+    assert "./nope" not in str(err.value)
 
 
 def test_policies_are_frozen_and_hash_what_they_enforce():
