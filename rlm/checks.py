@@ -89,6 +89,8 @@ def check_log_dir(value: Any, name: str = "log_dir") -> Path:
     """
     if not isinstance(value, (str, os.PathLike)):
         raise ConfigurationError(f"{name} must be a path, not {type(value).__name__}")
+    if not os.fspath(value):  # Path("") is the current directory: an unset variable, not a choice
+        raise ConfigurationError(f"{name} is an empty path (write '.' for the current directory)")
     path = Path(value)
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,14 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
     return values
 
 
+def _path(text: str) -> str:
+    """An argparse type: a path, refused when empty. ``--log-dir "$DIR"`` with DIR unset was the
+    current directory, and ``--audit-log ""`` the default log, where the user meant a path."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path (write . for the current directory)")
+    return text
+
+
 def _cmd_exec(args: argparse.Namespace) -> int:
     from sandbox import Sandbox, load_policy, shutdown
     from sandbox.errors import PolicyError, SandboxError
@@ -229,7 +237,7 @@ def _add_run_parser(sub: Any) -> None:
         help="1: rlm_query is a plain sub-call; 2: one level of child RLMs (default: 1)",
     )
     p.add_argument("--policy", default="default", help="sandbox policy name or .toml path (default: default)")
-    p.add_argument("--log-dir", help="write the JSONL trajectory and the audit log here")
+    p.add_argument("--log-dir", type=_path, help="write the JSONL trajectory and the audit log here")
     p.add_argument("--budget-usd", type=float, metavar="X", help="stop when the run has cost this much")
     p.add_argument("--max-sub-calls", type=int, metavar="N", help="stop after this many sub-calls")
     p.add_argument("--max-time", type=float, metavar="SECONDS", help="stop after this much wall time")
@@ -424,7 +432,9 @@ def _add_view_parser(sub: Any) -> None:
         ),
     )
     p.add_argument("path", metavar="PATH", help="<run id>.jsonl, a log directory, or an audit log")
-    p.add_argument("-o", "--output", metavar="FILE.html", help="where to write (default: beside PATH, .html)")
+    p.add_argument(
+        "-o", "--output", type=_path, metavar="FILE.html", help="where to write (default: beside PATH, .html)"
+    )
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
     p.set_defaults(func=_cmd_view)
 
@@ -486,6 +496,7 @@ def _add_mcp_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--audit-log",
+        type=_path,
         help="audit log path (default: the policy's, else $XDG_STATE_HOME/rlm/audit.jsonl, else"
         " ~/.local/state/rlm/audit.jsonl)",
     )
@@ -497,7 +508,7 @@ def _add_mcp_parser(sub: Any) -> None:
     )
     p.add_argument("--sub-model", help="rlm_query's sub-model (default: the root model)")
     p.add_argument("--api-base", help="base URL of an OpenAI-compatible endpoint, for rlm_query's models")
-    p.add_argument("--log-dir", help="write rlm_query trajectories here (default: none)")
+    p.add_argument("--log-dir", type=_path, help="write rlm_query trajectories here (default: none)")
     p.add_argument("--max-iterations", type=int, metavar="N", help="rlm_query's turns at most (default: 20)")
     p.add_argument(
         "--max-time",
@@ -650,7 +661,9 @@ def _add_batch_parser(sub: Any) -> None:
     p.add_argument("--item-budget-usd", type=float, metavar="X", help="stop any one run that has cost X")
     p.add_argument("--policy", default="default", help="sandbox policy name or .toml path (default: default)")
     p.add_argument(
-        "--log-dir", help="write each run's trajectory and audit log here (on the node that runs it)"
+        "--log-dir",
+        type=_path,
+        help="write each run's trajectory and audit log here (on the node that runs it)",
     )
     p.add_argument(
         "--max-iterations", type=int, default=20, metavar="K", help="root turns per run (default: 20)"
@@ -687,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy", default="default", help="a shipped policy name or a .toml path (default: default)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object with the ExecResult fields")
-    p.add_argument("--audit-log", help="append the audit line here instead of the policy's log")
+    p.add_argument("--audit-log", type=_path, help="append the audit line here instead of the policy's log")
     p.add_argument(
         "--set",
         action="append",

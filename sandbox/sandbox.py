@@ -303,6 +303,17 @@ def _check_pool(pool: object) -> None:
         raise TypeError(f"pool must be a SandboxPool or None, not {type(pool).__name__}")
 
 
+def _check_audit_log(audit_log: object) -> None:
+    """An ``audit_log`` argument: None (the policy's log) or a non-empty path. ``""`` was taken
+    for None and wrote to the default log, though the caller named a path (an unset variable)."""
+    if audit_log is None:
+        return
+    if not isinstance(audit_log, str | os.PathLike):
+        raise TypeError(f"audit_log must be a path or None, not {type(audit_log).__name__}")
+    if not os.fspath(audit_log):
+        raise ValueError("audit_log is an empty path (None means the policy's log)")
+
+
 def _resolve(policy: Policy | str | Path) -> Policy:
     return policy if isinstance(policy, Policy) else load_policy(policy)
 
@@ -1363,6 +1374,7 @@ class Sandbox:
         self.id = f"{_ids.getrandbits(64):016x}"
         self._host = _host_functions(host_functions, coroutines=self._AWAITS_HOST_FUNCTIONS)
         _check_pool(pool)
+        _check_audit_log(audit_log)
         self._spec, self._make = _spec_for(self.policy)
         self._policy_sha = self._spec.policy_sha256
         self._pool = default_pool() if isinstance(pool, Default) else pool
@@ -2217,6 +2229,7 @@ class AsyncSandbox:
         self.policy = _resolve(policy)
         self._host = _host_functions(host_functions, coroutines=True)
         _check_pool(pool)
+        _check_audit_log(audit_log)
         self._audit_log = audit_log
         self._pool = pool
         self._sync: Sandbox | None = None

@@ -19,6 +19,7 @@ import rlm
 from rlm import RLM
 from rlm.backend import LiteLLMBackend
 from rlm.errors import ConfigurationError, RLMError
+from tests.conftest import run_cli
 from tests.llm_server import LLMServer
 
 NAN, INF = float("nan"), float("inf")
@@ -84,6 +85,31 @@ def test_a_log_dir_that_cannot_be_written_is_refused_at_construction(tmp_path: P
     assert str(info.value).startswith(f"log_dir {log_dir}: ")
     good = RLM("openai/x", log_dir=tmp_path / "new" / "logs")  # created, as a run would
     assert good.log_dir is not None and good.log_dir.is_dir()
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory_or_the_default_log(tmp_path: Path):
+    """``--log-dir "$DIR"`` with DIR unset wrote the run's logs into the current directory, and
+    ``--audit-log ""`` (``Sandbox(audit_log="")``) appended to the default audit log: an empty path
+    is now refused, in the Python API and on the command line (exit 2), before anything runs."""
+    from sandbox import AsyncSandbox, Sandbox
+
+    with pytest.raises(ConfigurationError, match="log_dir is an empty path"):
+        RLM("openai/x", log_dir="")
+    for cls in (Sandbox, AsyncSandbox):
+        with pytest.raises(ValueError, match="audit_log is an empty path"):
+            cls(audit_log="")
+    for args in (
+        ["run", "-m", "openai/x", "--context", "-", "--log-dir", "", "q"],
+        ["batch", "IN", "--out", "OUT", "-m", "openai/x", "--log-dir", ""],
+        ["exec", "--audit-log", "", "-"],
+        ["mcp", "--audit-log", ""],
+        ["mcp", "--log-dir", ""],
+        ["view", "PATH", "-o", ""],
+    ):
+        out = run_cli(*args, stdin="print(1)", cwd=tmp_path)
+        assert out.returncode == 2 and "an empty path" in out.stderr, (args, out.stderr)
+        assert "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written where the empty path would have led
 
 
 def test_a_log_dir_gone_after_construction_is_a_configuration_error_not_an_oserror(tmp_path: Path):
