@@ -878,6 +878,11 @@ def verify(path: str | Path, expect: str | Iterable[str] = ()) -> VerifyReport:
         stray = _stray_fragment(pending[0], pending[1], prev)
         if stray is not None:
             return bad(stray, _STRAY)
+        if ends_cut and pending[0] == 1 and not any(line.startswith(b"{") for line in pending[1]):
+            # Nothing a writer began (every append starts a line with "{"): /bin/ls, a text file.
+            return bad(
+                1, "no audit record in the file (it is not an audit log, or every write to it was cut off)"
+            )
         if ends_cut:
             return bad(
                 pending[0],

@@ -163,6 +163,23 @@ def test_a_fragment_as_the_only_content(tmp_path):
     assert verify(path).ok
 
 
+def test_a_file_that_holds_no_record_is_not_called_a_log_with_cut_off_lines(tmp_path):
+    """``rlm audit verify /bin/ls`` said "incomplete last lines 1-509 (writes cut off, e.g. by
+    crashes)": a program, or any text without a final newline, read as an audit log whose every
+    write a crash cut off. Every append starts its line with "{": a file with no such line holds
+    no audit record, and says so; a first write cut off is still a cut-off line."""
+    with open(sys.executable, "rb") as program:
+        head = program.read(4096)
+    for content in (head, b"hello\nworld"):
+        path = tmp_path / "not-a-log"
+        path.write_bytes(content)
+        report = verify(path)
+        assert not report.ok and report.bad_line == 1
+        assert report.reason.startswith("no audit record in the file"), report.reason
+    path.write_bytes(b'{"code":"x = 1","outc')  # a first append cut off
+    assert "incomplete last line" in verify(path).reason
+
+
 def _real_crash(path, room):
     """An append by another process, killed (SIGXFSZ) once the file has grown by *room* bytes."""
     size = path.stat().st_size
