@@ -50,7 +50,7 @@ from rlm.errors import (
 )
 from rlm.events import EventCallback, Events, call_sync
 from rlm.final import count_code_blocks, extract_code_blocks, find_final
-from rlm.llm import CALL_STOP, CallStop, Completion, redact, secret_values
+from rlm.llm import CALL_STOP, CallStop, Completion, close_client, redact, secret_values
 from rlm.result import RLMResult
 from rlm.tools import Tool, describe_tools, tool_table
 from rlm.trajectory import (
@@ -276,7 +276,9 @@ def _stop_calls_at_exit() -> None:
     (litellm maps the error of a call whose connection was shut, and imports modules to do so);
     frozen there by the interpreter's exit, it held the import lock, and the interpreter's last
     imports (a litellm client's ``__del__``) waited for it for ever: a program that exited after
-    a run stopped by a cancel, the time budget or Ctrl-C (``rlm run``) could hang."""
+    a run stopped by a cancel, the time budget or Ctrl-C (``rlm run``) could hang. Then the HTTP
+    client of litellm's calls is closed (:func:`rlm.llm.close_client`, which its own exit hook
+    left open while these calls used it)."""
     with _in_flight_lock:
         calls = list(_IN_FLIGHT.items())
     for _, stop in calls:
@@ -284,6 +286,7 @@ def _stop_calls_at_exit() -> None:
     deadline = time.monotonic() + STOP_WAIT_S
     for thread, _ in calls:
         thread.join(max(0.0, deadline - time.monotonic()))
+    close_client()
 
 
 def _track(thread: threading.Thread, stop: CallStop) -> None:

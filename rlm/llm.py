@@ -43,6 +43,7 @@ API keys are passed straight to litellm and kept nowhere else.
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import math
 import os
@@ -73,6 +74,7 @@ __all__ = [
     "CallStop",
     "Completion",
     "acomplete",
+    "close_client",
     "complete",
     "count_tokens",
     "mark_cache_prefix",
@@ -124,13 +126,20 @@ _warmed = False  # warm() has run
 _clients_pid = 0
 #: The guarded client :func:`_install_guard` made (replaced in a forked process), or None.
 _guarded: Any = None
+#: Calls of :func:`complete` under way in this process: :func:`close_client` leaves a client in use alone.
+_calls = 0
+_calls_lock = threading.Lock()
+_close_at_exit: list[bool] = []  # [True] once close_client is registered with atexit
 
 
 def _after_fork_in_child() -> None:
     # A thread of the parent may have held the lock as it forked: that thread is not here to
-    # release it. Nothing else runs in the child yet, so a new lock is the child's own.
-    global _import_lock
+    # release it. Nothing else runs in the child yet, so a new lock is the child's own, and
+    # the parent's calls under way are not the child's.
+    global _import_lock, _calls_lock, _calls
     _import_lock = threading.Lock()
+    _calls_lock = threading.Lock()
+    _calls = 0
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -341,6 +350,37 @@ def _install_guard(litellm: Any) -> None:
     }
     litellm.client_session = client
     _guarded = client
+    if not _close_at_exit:
+        atexit.register(close_client)
+        _close_at_exit.append(True)
+
+
+def close_client() -> None:
+    """Close the HTTP client :func:`_install_guard` made, unless a call of :func:`complete` is
+    using it (then leave it: closing a connection that a call in another thread is reading
+    does not wake that read). Run at interpreter exit, and again by ``rlm.core`` once it has
+    stopped the calls still in flight then. The connection it kept alive to the server was
+    otherwise left to the interpreter's last collection, which warned "ResourceWarning:
+    unclosed <socket.socket ...>" (``python -X dev``). litellm is let go of it (and of its
+    cached provider clients, which hold it): a later call, an exit handler's, is litellm's own,
+    unguarded."""
+    global _guarded
+    with _calls_lock:
+        if _calls:
+            return
+        client, _guarded = _guarded, None
+        if client is None:
+            return
+        litellm: Any = _litellm
+        if litellm is not None and getattr(litellm, "client_session", None) is client:
+            litellm.client_session = None
+    try:
+        client.close()
+        flush = getattr(getattr(litellm, "in_memory_llm_clients_cache", None), "flush_cache", None)
+        if callable(flush):
+            flush()
+    except Exception:  # best effort: the process ends anyway
+        pass
 
 
 def _fresh_clients(litellm: Any) -> None:
@@ -786,6 +826,7 @@ def complete(
         deadline = time.monotonic() + timeout
     guard = _Guard(deadline, CALL_STOP.get())
     token = _GUARD.set(guard)
+    _using_client(1)
     try:
         response = litellm.completion(**call)
     except ModelError:
@@ -795,8 +836,15 @@ def complete(
             exc, model, call.get("api_key"), call.get("api_base"), timeout
         ) from None
     finally:
+        _using_client(-1)
         _GUARD.reset(token)
     return _completion_from(response, model, messages, started, call.get("api_base"), call.get("api_key"))
+
+
+def _using_client(step: int) -> None:
+    global _calls
+    with _calls_lock:
+        _calls += step
 
 
 def _guard_error(guard: _Guard, model: str, call: dict[str, Any]) -> ModelError | None:

@@ -693,3 +693,44 @@ def test_a_call_given_up_ends_before_the_interpreter_exits(tmp_path: Path):
     assert done.returncode == 0 and done.stdout.strip() == "max_time_s", done.stdout + done.stderr
     assert mark.exists(), "the process exited while the call given up was still winding down"
     assert time.monotonic() - started < 30
+
+
+# A program that runs against a server, then exits. Its own exit handler, registered before rlm
+# was imported, runs after rlm's: it counts the sockets still open to the server.
+CLIENT_AT_EXIT = r"""
+import atexit, gc, socket, sys
+base, port = sys.argv[1], int(sys.argv[2])
+
+def to_server():
+    gc.collect()
+    open_ = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, socket.socket) and obj.family == socket.AF_INET and obj.fileno() >= 0:
+            try:
+                open_ += obj.getpeername()[1] == port
+            except OSError:  # shut, not closed
+                open_ += 1
+    return open_
+
+atexit.register(lambda: print("open at exit", to_server(), flush=True))
+from rlm import run
+print("answer", run("q", "ctx", model="openai/m", api_base=base, api_key="k", max_retries=0).answer, flush=True)
+"""
+
+
+def test_the_connections_kept_alive_to_the_model_are_closed_at_exit(tmp_path: Path):
+    """rlm gives litellm an HTTP client of its own (its guarded calls) and never closed it: the
+    connection it kept alive to the server was left to the interpreter's last collection, which
+    warned "ResourceWarning: unclosed <socket.socket ...>" (``python -X dev``; with ``-W error``
+    an "Exception ignored" line). At exit, once no call is in flight, the client is closed."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent), TMPDIR=str(tmp_path))
+    code = repl('print(llm_query("sub"))')
+    with LLMServer(lambda req: "sub" if req.last_user == "sub" else code if len(req.messages) <= 2 else "FINAL(1)") as srv:
+        done = subprocess.run(
+            [sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-c", CLIENT_AT_EXIT, srv.base_url, str(srv.port)],
+            capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == "answer 1\nopen at exit 0\n", done.stdout + done.stderr
+    assert "unclosed <socket" not in done.stderr, done.stderr
