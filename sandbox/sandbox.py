@@ -876,13 +876,26 @@ class _Using:
     (set/get_variable). ``execute`` does not ask for that: its result then says
     how the child ended (a CPU limit reached while idle, a crash), and the next
     call gets a fresh child with ``state_lost=True``.
+
+    The sandbox keeps its two of these, and they refer to it weakly: a reference cycle put
+    every sandbox its embedder dropped unclosed off until the garbage collector's next pass,
+    its child process, scratch directory and uid with it (28 children at once in a loop of
+    100 such sandboxes), and the collector then finalized its channel's socket before the
+    sandbox's ``__del__`` closed it ("ResourceWarning: unclosed <socket.socket ...>"). The
+    caller of a call holds the sandbox for as long as the call lasts.
     """
 
-    __slots__ = ("replace_exited", "sb")
+    __slots__ = ("_sb", "replace_exited")
 
     def __init__(self, sb: Sandbox, replace_exited: bool) -> None:
-        self.sb = sb
+        self._sb = weakref.ref(sb)
         self.replace_exited = replace_exited
+
+    @property
+    def sb(self) -> Sandbox:
+        sb = self._sb()
+        assert sb is not None  # its caller holds it
+        return sb
 
     def __enter__(self) -> _Child:
         sb = self.sb

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import psutil
 
 import sandbox
-from sandbox import Sandbox
+from sandbox import AsyncSandbox, Sandbox
 from sandbox.pool import DEFAULT_SIZE, default_pool
+from tests.conftest import gone
 
 
 def _fds() -> set[int]:
@@ -40,6 +43,48 @@ def test_500_sandboxes_leave_no_process_fd_or_temp_dir(audit_path):
     sandbox.shutdown()  # drains the pool, stops the server
     assert me.children(recursive=True) == []
     assert _fds() <= fds_before | {max(fds_before) + 1}  # at most a lazily reopened log
+
+
+def test_sandboxes_dropped_unclosed_are_closed_as_they_are_dropped(audit_path):
+    """A sandbox its embedder drops without ``close()`` is closed by its ``__del__``. Each
+    referred to itself (through the objects that guard its calls), so none was freed when
+    dropped, only at the garbage collector's next pass: 28 children at once (with their
+    scratch directories and uids) in a loop of 100 such sandboxes, and the collector then
+    finalized each one's channel socket before the sandbox closed it ("ResourceWarning:
+    unclosed <socket.socket ...>"). With the collector off, every one is gone at once."""
+    import asyncio
+
+    records = []
+    loop = asyncio.new_event_loop()
+    gc.collect()
+    gc.disable()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            for i in range(20):
+                if i % 2:
+                    box = Sandbox("default", audit_log=audit_path, pool=None, host_functions={"f": len})
+                    assert box.execute("f([1])").ok
+                    box.set_variable("x", 1)
+                    assert box.get_variable("x") == 1
+                else:
+                    abox = AsyncSandbox("default", audit_log=audit_path, pool=None, host_functions={"f": len})
+                    assert loop.run_until_complete(abox.execute("f([1])")).ok
+                    box = abox._sync
+                    del abox
+                child = box._child
+                records.append((child.pid, child.scratch, child.lease))
+                del box, child  # dropped, never closed
+            running = [pid for pid, _, _ in records if not gone(pid, 1.0)]
+            kept = [scratch for _, scratch, _ in records if os.path.exists(scratch)]
+            held = [lease.uid for _, _, lease in records if lease is not None and lease.held]
+            gc.enable()
+            gc.collect()
+    finally:
+        gc.enable()
+        loop.close()
+    assert (running, kept, held) == ([], [], [])
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
 def _server_pid() -> int:
