@@ -565,11 +565,15 @@ class RLM:
                 over = ledger.halted()
                 if over is not None:
                     return run.stopped_before_start(context, root_prompt, over[0])
+            session: _Session | None = None
             try:
                 if self._session is None:
                     self._session = _Session()
-                return run.execute(context, root_prompt, self._session)
+                session = self._session
+                return run.execute(context, root_prompt, session)
             finally:
+                if session is not None:  # the run is over: the session keeps none of it (see _Session)
+                    session.handlers.clear()
                 self._session_lock.release()
         except RLMError as exc:
             # What the run spent before it failed stays known: a batch's budget counts it.
@@ -623,7 +627,11 @@ class _Session:
     """The state ``RLM(persistent=True)`` keeps between completions: one sandbox, the contexts, the turns.
 
     The sandbox's host functions dispatch to the current run's (``handlers``),
-    so each completion's sub-calls, tools and FINAL reach that completion.
+    so each completion's sub-calls, tools and FINAL reach that completion. They hold the
+    ``handlers`` dict, not the session, and it is emptied when the completion ends: a run's
+    functions hold the run, the run holds its RLM, and the RLM its session, a reference
+    cycle that kept the sandbox of a persistent RLM dropped unclosed (its child process,
+    scratch directory and uid) until the garbage collector's next pass.
     """
 
     def __init__(self) -> None:
@@ -631,13 +639,15 @@ class _Session:
         self.audit_path: Path | None = None
         self.contexts: list[Context] = []
         self.history: list[dict[str, Any]] = []
-        self.handlers: dict[str, Any] = {}
+        self.handlers: dict[str, Any] = {}  # changed in place only: the sandbox's functions hold it
         self.loaded = 0  # contexts present in the live child
         self.restarted = False  # the child was replaced since the last completion (its variables lost)
 
     def host_functions(self, names: dict[str, Any]) -> dict[str, Any]:
+        handlers = self.handlers
+
         def route(name: str) -> Any:
-            return lambda *args, **kwargs: self.handlers[name](*args, **kwargs)
+            return lambda *args, **kwargs: handlers[name](*args, **kwargs)
 
         return {name: route(name) for name in names}
 
@@ -1240,7 +1250,8 @@ class _Run:
 
     def _attach(self, session: _Session) -> Any:
         """Make this run the session's current one: its sandbox, with this run's context added."""
-        session.handlers = self.host_functions()
+        session.handlers.clear()
+        session.handlers.update(self.host_functions())
         session.contexts.append(self.context)
         if session.sandbox is None:
             session.sandbox = self._new_sandbox(session.host_functions(session.handlers))

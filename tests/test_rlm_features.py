@@ -360,6 +360,44 @@ def test_a_session_shares_one_sandbox_across_completions(tmp_path: Path):
     r.close()
 
 
+def test_a_session_dropped_unclosed_closes_its_sandbox_as_it_is_dropped():
+    """A persistent RLM dropped without ``close()``: its session's sandbox held the host functions
+    of its last run, the run its RLM, the RLM its session, a cycle that kept the sandbox (its
+    child, scratch directory and uid) until the garbage collector's next pass. With the
+    collector off, each sandbox is closed as its RLM is dropped, and the next completion of a
+    kept one still reaches its own run's functions."""
+    import gc
+    import weakref
+
+    def session(answer: str) -> RLM:
+        backend = ScriptedBackend([repl("x = llm_query('a')\nFINAL(x)"), answer] * 2)
+        return RLM("root", backend=backend, persistent=True, log_dir=None)
+
+    gc.collect()
+    gc.disable()
+    try:
+        boxes = []
+        for i in range(4):
+            r = session(f"answer {i}")
+            assert r.completion("abc", "q").answer == f"answer {i}"
+            boxes.append(weakref.ref(r._session.sandbox))  # type: ignore[union-attr]
+            del r  # dropped, never closed
+
+        def still_open() -> list[int]:
+            return [i for i, ref in enumerate(boxes) if (sb := ref()) is not None and not sb.closed]
+
+        # (the last of a run's helper timers, cancelled, may still hold one for a moment)
+        deadline = time.monotonic() + 10
+        while still_open() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        open_ = still_open()
+    finally:
+        gc.enable()
+    assert open_ == []
+    with session("kept") as r:
+        assert [r.completion("abc", "q").answer for _ in range(2)] == ["kept", "kept"]
+
+
 def test_a_restart_mid_session_reloads_every_context_and_says_the_rest_was_lost():
     policy = policy_with({"limits.cpu_seconds": 1, "limits.wall_seconds": 5, "audit.enabled": False})
     backend = ScriptedBackend(
