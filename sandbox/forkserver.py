@@ -14,7 +14,9 @@ RSS and CPU time (from ``wait4``) back to the host.
 
 It lives as long as the host *process*: it exits when its control socket
 reaches end of file, which happens when the host closes it or dies (even of
-SIGKILL), and it kills every child first. (``PR_SET_PDEATHSIG`` would fire when
+SIGKILL), and it kills every child first, then removes the scratch directory of
+each one the host had not released, once it can take the directory's lock the
+host held (see :func:`_remove_orphaned_scratch`). (``PR_SET_PDEATHSIG`` would fire when
 the host *thread* that started it ends, which killed the server of a host that
 opened its first sandbox in a worker thread.) Children die with the server
 (their own ``PR_SET_PDEATHSIG``; the server is single-threaded).
@@ -55,7 +57,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from sandbox import protocol
+from sandbox import files, protocol
 
 __all__ = ["ExitInfo", "ForkServer", "serve", "shared", "shutdown", "spawn"]
 
@@ -111,6 +113,7 @@ def _serve(ctl_fd: int) -> None:
     from sandbox import isolation
 
     server_pid = os.getpid()
+    host_pid = os.getppid()
     # A disposition of SIG_IGN survives exec: from a host that ignores SIGCHLD (a daemon letting
     # the kernel reap its children) the children would vanish before wait4, which then fails.
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -126,6 +129,7 @@ def _serve(ctl_fd: int) -> None:
     exited: set[int] = set()  # exited, not yet released by the host: not reaped, the pid stays ours
     released: set[int] = set()  # released by the host, not yet exited
     resources: dict[int, isolation.Resources] = {}  # pid -> its cgroup and scratch mount
+    scratch: dict[int, str] = {}  # pid -> its scratch directory, until the host released the pid
     prepared: dict[str, Any] = {}
 
     def child_exited(pid: int) -> None:
@@ -149,6 +153,7 @@ def _serve(ctl_fd: int) -> None:
         os.close(children.pop(pid))
         _, status, usage = os.wait4(pid, 0)
         res = resources.pop(pid)
+        scratch.pop(pid, None)  # released: the host removes the directory itself
         events = isolation.collect(res)  # kills leftovers in its cgroup, reads the limit counters
         cpu = usage.ru_utime + usage.ru_stime
         msg = {"t": "exited", "pid": pid, "status": status, "maxrss": usage.ru_maxrss * 1024, "cpu": cpu}
@@ -176,6 +181,7 @@ def _serve(ctl_fd: int) -> None:
                 mine = prepared[key]
                 children.clear()
                 resources.clear()
+                scratch.clear()
                 prepared.clear()
                 fds.clear()
             except BaseException:
@@ -183,6 +189,7 @@ def _serve(ctl_fd: int) -> None:
             raise _Forked(config, chan_fd, mine)
         os.close(chan_fd)
         resources[pid] = res
+        scratch[pid] = config["scratch"]
         pidfd = os.pidfd_open(pid)
         children[pid] = pidfd
         sel.register(pidfd, selectors.EVENT_READ, pid)
@@ -234,6 +241,61 @@ def _serve(ctl_fd: int) -> None:
                 isolation.collect(res)
                 isolation.release(res)
             isolation.server_teardown()
+            held = [path for path in scratch.values() if not _remove_orphaned_scratch(path)]
+            if held and _host_exiting(host_pid):
+                # End of file came as the host's descriptors were being closed: its locks go
+                # with the rest of them, before the kernel hands this server to another parent.
+                deadline = time.monotonic() + _HOST_EXIT_WAIT
+                while os.getppid() == host_pid and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                for path in held:
+                    _remove_orphaned_scratch(path)
+
+
+#: How long an exiting server waits for its dying host's last descriptors to close.
+_HOST_EXIT_WAIT = 2.0
+#: PF_EXITING, in the flags field of /proc/<pid>/stat: the process is on its way out.
+_PF_EXITING = 0x4
+
+
+def _host_exiting(host_pid: int) -> bool:
+    """The host that started this server is gone (this server has another parent now) or on
+    its way out (a host alive hung up on purpose: ``shutdown()``, its exit handlers)."""
+    if os.getppid() != host_pid:
+        return True
+    try:
+        with open(f"/proc/{host_pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return bool(int(fields[6]) & _PF_EXITING)
+    except (OSError, IndexError, ValueError):
+        return False  # unknown: a live host's directories are its own to remove
+
+
+def _remove_orphaned_scratch(path: str) -> bool:
+    """Server exit, its children dead and their scratch tmpfs unmounted: remove the scratch
+    directory *path* of a child the host never released, unless a live host still holds its
+    flock (see sandbox.sandbox's leftovers; the one that made it removes it on close).
+
+    A host that ends without running its exit handlers drops its locks: SIGKILL (a worker
+    manager's, past its graceful timeout), or the default action of SIGTERM, which uvicorn
+    re-raises once its graceful shutdown is done (so every uvicorn worker ends that way). Its
+    directories, its pool's ready children's too, were left for a later host's sweep, which
+    takes only those over 10 minutes old. Best effort: never raises. False when another
+    process holds the lock (a live host, or one whose descriptors are still being closed)."""
+    try:
+        fd = files.open_dir(path)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        files.remove_tree(path)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return True
 
 
 # ------------------------------------------------------------------ host side

@@ -176,7 +176,9 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # ------------------------------------------------------------------ leftovers
 # A host that dies without cleaning up (SIGKILL, an os._exit of its own) leaves
 # its children's scratch directories (empty on the host's side: the tmpfs was mounted in the
-# fork server's namespace) and uid lock files. The host holds an flock on each scratch
+# fork server's namespace) and uid lock files. Its fork server, seeing it go, removes the
+# directories (forkserver._remove_orphaned_scratch), unless it was killed too (a whole job
+# killed): what is left then is for the sweep below. The host holds an flock on each scratch
 # directory of a live child (the kernel drops it when the host dies, whatever its PID
 # namespace), and the first sandbox of each process removes, in a background thread, the
 # scratch directories nobody holds that are over _SWEEP_AGE old (a directory is locked

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import psutil
+import pytest
 
 import sandbox
 from sandbox import AsyncSandbox, Sandbox
@@ -105,10 +106,10 @@ def test_shutdown_kills_live_children(audit_path):
 
 
 def test_what_a_killed_host_left_is_swept_by_the_next(tmp_path, monkeypatch):
-    """A host killed with SIGKILL (or ended by os._exit, as multiprocessing workers are) leaves
-    its children's scratch directories and uid lock files. The next host's sweep removes them,
-    and leaves alone those of a host that lives (its flock on each scratch directory and each
-    uid file tells)."""
+    """A host killed with SIGKILL together with its fork server (a whole job or container
+    killed) leaves its children's scratch directories and uid lock files. The next host's sweep
+    removes them, and leaves alone those of a host that lives (its flock on each scratch
+    directory and each uid file tells)."""
     import signal
     import subprocess
     import sys
@@ -124,6 +125,7 @@ def test_what_a_killed_host_left_is_swept_by_the_next(tmp_path, monkeypatch):
         "boxes = [Sandbox('default', audit_log=sys.argv[1], pool=None) for _ in range(2)]\n"
         "for b in boxes:\n"
         "    print(b._child.scratch, b._child.lease.uid if b._child.lease else -1, flush=True)\n"
+        "os.kill(boxes[0]._child.server.proc.pid, 9)\n"
         "os.kill(os.getpid(), 9)\n"
     )
     env = dict(os.environ, TMPDIR=str(tmp_path))
@@ -157,6 +159,44 @@ def test_what_a_killed_host_left_is_swept_by_the_next(tmp_path, monkeypatch):
             assert live._child is not None and live._child.lease is not None
             assert os.path.exists(os.path.join(uids.RUNTIME_DIR, str(live._child.lease.uid)))
         assert live.execute("print(1)").stdout == "1\n"
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_the_fork_server_of_a_host_killed_by_a_signal_removes_its_scratch_directories(tmp_path, sig):
+    """A host ended by a signal runs no exit handler: SIGKILL, or SIGTERM's default action, which
+    every uvicorn worker ends with (it re-raises the SIGTERM it caught, once its graceful shutdown
+    is done). Its fork server sees it go, stops its children and removes the scratch directories
+    of those it still had, an open sandbox's and the pool's ready children's: they were left for
+    a later host's sweep, which takes only those over 10 minutes old."""
+    import signal
+    import time
+
+    script = (
+        "import os, signal, sys\n"
+        "from sandbox import Sandbox\n"
+        "from sandbox.pool import SandboxPool\n"
+        "pool = SandboxPool(size=2)\n"
+        "pool.warm('default')\n"
+        "assert pool.wait_ready(60)\n"
+        "box = Sandbox('default', audit_log=sys.argv[1], pool=None)\n"
+        "assert box.execute('open(\"kept.txt\", \"w\").write(\"x\")').ok\n"
+        "print(len(os.listdir(os.environ['TMPDIR'])), box._child.server.proc.pid, flush=True)\n"
+        f"os.kill(os.getpid(), signal.{sig})\n"
+    )
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"))
+    os.mkdir(env["TMPDIR"])
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "audit.jsonl")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == -getattr(signal, sig), out.stderr[-2000:]
+    made, server = (int(x) for x in out.stdout.split())
+    assert made == 3  # the sandbox's and the two ready children's
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not psutil.pid_exists(server)
+    assert os.listdir(env["TMPDIR"]) == []
 
 
 def test_uid_sweep_removes_only_files_nobody_holds(tmp_path):
