@@ -48,7 +48,7 @@ from rlm.errors import (
     SandboxFailure,
     UnknownModelError,
 )
-from rlm.events import EventCallback, Events, call_sync
+from rlm.events import EventCallback, Events, call_sync, raised_by_a_signal_handler
 from rlm.final import count_code_blocks, extract_code_blocks, find_final
 from rlm.llm import CALL_STOP, CallStop, Completion, close_client, redact, secret_values
 from rlm.result import RLMResult
@@ -1077,7 +1077,9 @@ class _Run:
             if stopped is not None:
                 raise RuntimeError(f"not run: the run is stopping ({stopped})")
             value = call_sync(tool.fn, args, kwargs, self.events.loop)
-        except (Exception, SystemExit) as exc:  # the model sees it; this process never raises it
+        except (Exception, SystemExit) as exc:  # the model sees it; this process never raises it ...
+            if isinstance(exc, SystemExit) and raised_by_a_signal_handler(exc):
+                raise  # ... unless a signal handler of the embedder's raised it: the process is to end
             try:
                 error = f"{type(exc).__name__}: {exc}"
             except Exception:

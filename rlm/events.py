@@ -29,7 +29,10 @@ A child RLM (``rlm_query``) emits its own events through the same callback,
 with its own ``run_id`` and ``depth + 1``. Events of one tree are delivered
 one at a time, in the order they happen (sub-calls of a batch in the order
 they finish). A callback that raises is logged once (logger ``rlm``) and
-never stops the run. A coroutine function is awaited: on the caller's event
+never stops the run, and neither does its ``SystemExit`` (a tool's is shown to the
+model as an error), unless a signal handler of this process raised it: an
+embedder's SIGTERM handler calling ``sys.exit()`` while a callback or a tool
+runs ends the process as it would anywhere else. A coroutine function is awaited: on the caller's event
 loop under ``acompletion``, in a private loop under ``completion``.
 """
 
@@ -39,12 +42,14 @@ import asyncio
 import concurrent.futures
 import inspect
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from types import CodeType
 from typing import Any
 
-__all__ = ["Event", "EventCallback", "Events", "call_sync"]
+__all__ = ["Event", "EventCallback", "Events", "call_sync", "raised_by_a_signal_handler"]
 
 Event = dict[str, Any]
 EventCallback = Callable[[Event], Any]
@@ -81,6 +86,35 @@ def call_sync(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any
     return asyncio.run(wrapper())
 
 
+def raised_by_a_signal_handler(exc: BaseException) -> bool:
+    """Whether *exc* came out of a Python signal handler of this process (or a function it called).
+
+    A callback's or a tool's ``SystemExit`` is theirs to report, not the process's end (a tool
+    whose argument parser calls ``sys.exit`` on the arguments a model chose must not stop the
+    host). But a handler runs in the main thread wherever that thread is: an embedder's SIGTERM
+    handler calling ``sys.exit()`` during a tool's ``time.sleep`` raised it inside the tool,
+    and the run went on to its end (the process exited 0 once it was done). Such an exception
+    has the handler's frame in its traceback."""
+    handlers: set[CodeType] = set()
+    for sig in signal.valid_signals():
+        try:
+            handler: Any = signal.getsignal(sig)
+        except (OSError, ValueError):
+            continue
+        for fn in (handler, getattr(handler, "__func__", None), getattr(handler, "func", None)):
+            code = getattr(fn, "__code__", None)
+            if isinstance(code, CodeType):
+                handlers.add(code)
+    if not handlers:
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in handlers:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 class Events:
     """Delivers the events of one run tree to its callbacks, one at a time."""
 
@@ -103,6 +137,8 @@ class Events:
                 try:
                     call_sync(callback, (event,), {}, self.loop)
                 except (Exception, SystemExit) as exc:  # a broken callback never stops the run
+                    if isinstance(exc, SystemExit) and raised_by_a_signal_handler(exc):
+                        raise  # the process is asked to end, not the callback
                     if i not in self._failed:
                         self._failed.add(i)
                         log.warning(

@@ -183,6 +183,57 @@ def test_tools_run_in_this_process_are_listed_counted_and_logged(tmp_path: Path)
     assert [e["tool_calls"] for e in events if e["type"] == "code_result"] == [2, 1, 1, 1]
 
 
+_SIGTERM_DURING = """
+import signal, sys, time
+from rlm import RLM, ScriptedBackend
+
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(7))  # an embedder's handler
+
+
+def slow() -> str:
+    \"\"\"Takes a while.\"\"\"
+    print("BUSY", flush=True)
+    time.sleep(60)
+    return "done"
+
+
+def on_event(event):
+    if event["type"] == "iteration_start" and {where!r} == "on_event":
+        slow()
+
+
+fence = "```repl\\n{{}}\\n```".format
+backend = ScriptedBackend([fence("print(slow())" if {where!r} == "tool" else "x = 1"), fence("FINAL('finished')")])
+print("ANSWER", RLM("m", backend=backend, tools=[slow], on_event=on_event).completion("c", "q").answer, flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["tool", "on_event"])
+def test_an_embedders_sigterm_handler_calling_sys_exit_during_a_tool_or_callback_ends_the_process(where: str):
+    """A tool's or a callback's own SystemExit is reported (the test above), but one raised by the
+    embedder's SIGTERM handler while a tool or an ``on_event`` callback ran was swallowed with
+    it: the run went on to its end and the process exited 0 ("ANSWER finished"). It now
+    propagates: the process exits with the handler's status, its sandbox closed."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SIGTERM_DURING.format(where=where)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "BUSY\n"
+        proc.send_signal(15)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 7, (proc.returncode, out, err)
+    assert "ANSWER" not in out and "Traceback" not in err, (out, err)
+
+
 @pytest.mark.usefixtures("fork_server_on_main_thread")
 def test_coroutine_tools_are_awaited_on_the_callers_loop():
     async def fetch(n: int) -> int:
