@@ -16,6 +16,7 @@ anything that contains a path separator or ends in ``.toml`` is a path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -498,13 +499,13 @@ class Policy(_Checked):
         return _validate(data, f"policy {self.name!r} (override)")
 
 
-def _shipped_dir() -> Path:
-    return Path(__file__).resolve().parent / "policies"
+#: The shipped policies' directory (resolved once: about 40 us a time).
+_SHIPPED_DIR = Path(__file__).resolve().parent / "policies"
 
 
 def shipped_policies() -> dict[str, Path]:
     """Names of the policies shipped with the package, and their files."""
-    return {p.stem: p for p in sorted(_shipped_dir().glob("*.toml"))}
+    return {p.stem: p for p in sorted(_SHIPPED_DIR.glob("*.toml"))}
 
 
 def _validate(data: Any, where: str) -> Policy:
@@ -588,6 +589,8 @@ def load_policy(name_or_path: str | Path) -> Policy:
             path = Path(text).expanduser()
         except RuntimeError:  # ~user with no such user, or no home directory to be found
             raise PolicyError(f"policy file {text!r}: cannot expand '~' on this host") from None
+    elif "\0" not in text and text.isprintable() and (_SHIPPED_DIR / f"{text}.toml").is_file():
+        path = _SHIPPED_DIR / f"{text}.toml"  # (a name has no '/': it cannot lead out of the directory)
     else:
         try:
             shipped = shipped_policies()
@@ -602,6 +605,10 @@ def load_policy(name_or_path: str | Path) -> Policy:
             )
         path = shipped[text]
     raw = _read_policy_file(path)
+    key = (str(path), raw)
+    known = _loaded.get(key)
+    if known is not None:
+        return known
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -610,4 +617,19 @@ def load_policy(name_or_path: str | Path) -> Policy:
         raise PolicyError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
     except ValueError as exc:  # an integer past Python's digit limit (int() of 4301+ digits)
         raise PolicyError(f"{path}: not valid TOML: {exc}") from None
-    return _validate(data, str(path))
+    policy = _validate(data, str(path))
+    # Kept only when the file's bytes alone made it: a read_path is checked against the host's
+    # filesystem as it is now, and '~' expands to the home of the moment.
+    if not policy.isolation.read_paths and b"~" not in raw and len(raw) <= 65536:
+        if len(_loaded) >= _LOADED_KEPT:
+            with contextlib.suppress(RuntimeError, StopIteration, KeyError):  # another thread: fine
+                del _loaded[next(iter(_loaded))]
+        _loaded[key] = policy
+    return policy
+
+
+#: Policies loaded, by path and the file's bytes: ``Sandbox()`` (policy "default") read, parsed
+#: and validated the shipped file each time, about 1 ms of its start. A file changed since is
+#: loaded anew (its bytes are read each time: a few microseconds).
+_loaded: dict[tuple[str, bytes], Policy] = {}
+_LOADED_KEPT = 32

@@ -109,6 +109,29 @@ def test_read_paths_may_not_show_the_hosts_processes_kernel_or_devices(tmp_path)
         assert load_policy("default").override({"isolation.read_paths": [entry]})
 
 
+def test_a_policy_loaded_again_is_the_same_unless_its_file_or_the_hosts_paths_could_differ(tmp_path):
+    """``Sandbox()`` (policy "default") read, parsed and validated the shipped file each time,
+    about 1 ms of its start (and a new Policy object, so the sandbox's spec was built anew too).
+    A policy loaded again from the same bytes is the same object now; a file changed since is
+    read anew, and so is one whose validity depends on the host's filesystem at the time (a
+    read_path is checked where it leads now) or on the home directory ('~')."""
+    assert load_policy("default") is load_policy("default")
+    assert load_policy("default") is not load_policy("strict")
+    first = _load(tmp_path, "[limits]\ncpu_seconds = 5\n")
+    assert _load(tmp_path, "[limits]\ncpu_seconds = 5\n") is first
+    changed = _load(tmp_path, "[limits]\ncpu_seconds = 6\n")
+    assert changed.limits.cpu_seconds == 6 and first.limits.cpu_seconds == 5
+    # A read_path that was a plain directory at the first load leads into /proc at the second.
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "data")
+    body = f'[isolation]\nread_paths = ["{link}"]\n'
+    assert _load(tmp_path, body).isolation.read_paths == (str(link),)
+    link.unlink()
+    link.symlink_to("/proc")
+    assert "the host's" in _error(tmp_path, body)
+
+
 @pytest.mark.parametrize(
     "body",
     [
