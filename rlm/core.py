@@ -41,6 +41,7 @@ from rlm.errors import (
     AuthenticationError,
     BudgetExceeded,
     ConfigurationError,
+    ContextError,
     ModelError,
     ProviderUnavailable,
     RateLimited,
@@ -1255,15 +1256,24 @@ class _Run:
         session.handlers.clear()
         session.handlers.update(self.host_functions())
         session.contexts.append(self.context)
-        if session.sandbox is None:
-            session.sandbox = self._new_sandbox(session.host_functions(session.handlers))
-            session.audit_path = session.sandbox.audit_path
-            session.loaded = 0
-        elif self.ledger.cancel is not None and not self.ledger.cancel.cancelled:
-            # The sandbox of an earlier run: this run's token watches it too. A run cancelled before
-            # it began (queued behind another completion) must not kill it: watch() would, at once.
-            self.ledger.cancel.watch(session.sandbox)
-        self._load(session.sandbox)
+        try:
+            if session.sandbox is None:
+                session.sandbox = self._new_sandbox(session.host_functions(session.handlers))
+                session.audit_path = session.sandbox.audit_path
+                session.loaded = 0
+            elif self.ledger.cancel is not None and not self.ledger.cancel.cancelled:
+                # The sandbox of an earlier run: this run's token watches it too. A run cancelled
+                # before it began (queued behind another completion) must not kill it: watch()
+                # would, at once.
+                self.ledger.cancel.watch(session.sandbox)
+            self._load(session.sandbox)
+        except BaseException:
+            # A context that never reached the sandbox is not the session's: kept, it was loaded
+            # again by every later completion, and one that cannot be (a dict with tuple keys)
+            # made each of them fail as this one did, for the rest of the session.
+            if len(session.contexts) > session.loaded and session.contexts[-1] is self.context:
+                session.contexts.pop()
+            raise
         return session.sandbox
 
     def _load(self, sb: Any) -> None:
@@ -1271,7 +1281,7 @@ class _Run:
 
         A fresh child gets everything; a session's live child only what it lacks.
         """
-        from sandbox.errors import SandboxError
+        from sandbox.errors import SandboxError, VariableError
 
         session = self.session
         for attempt in (1, 2):
@@ -1291,6 +1301,8 @@ class _Run:
                     last = len(session.contexts) - 1
                     result = sb.execute((PRELUDE if fresh else "") + f"\ncontext = context_{last}\n")
                 break
+            except VariableError as exc:  # the context is no plain data, or too large: the caller's
+                raise ContextError(f"the context cannot be loaded into the sandbox: {exc}") from None
             except SandboxError as exc:
                 # A session's live child that broke the protocol (a thread its code left running
                 # called a host function between executes, where the host expected an ack) was

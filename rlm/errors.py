@@ -10,6 +10,7 @@ The tree::
 
     RLMError                        root of everything this package raises
     ├── ConfigurationError          bad arguments: context type, policy, limits (also a ValueError)
+    │   └── ContextError            this context cannot be loaded into the sandbox (not plain data, too large)
     ├── ModelError                  a model call failed (root of model-call failures)
     │   ├── AuthenticationError     no API key for the provider, or the key was rejected
     │   ├── UnknownModelError       litellm cannot route the model string to a provider
@@ -27,6 +28,7 @@ __all__ = [
     "AuthenticationError",
     "BudgetExceeded",
     "ConfigurationError",
+    "ContextError",
     "ContextWindowExceeded",
     "ModelError",
     "ModelUnreachable",
@@ -55,6 +57,14 @@ class RLMError(Exception):
 
 class ConfigurationError(RLMError, ValueError):
     """An argument cannot be used: unsupported context type, unknown policy, bad limit."""
+
+
+class ContextError(ConfigurationError):
+    """The context cannot be loaded into the sandbox: a dict key that is not plain data, a lone
+    surrogate in its text, nesting too deep, more bytes than the policy's ``max_message_mb``.
+
+    Raised before the run's first model call. A fault of this one context, not of the
+    configuration: a batch records it as the item's error and goes on."""
 
 
 class ModelError(RLMError):

@@ -879,3 +879,26 @@ def test_a_batch_stopped_before_any_result_makes_no_out_and_claims_no_results(
     code, stderr = in_process(capsys, "batch", str(inp), "--out", str(out), "-m", "nosuchprovider/zzz")
     assert code == 2 and out.exists() and out.read_text() == "", stderr
     assert f"nothing was written to {out}" in stderr and "results in" not in stderr, stderr
+
+
+def test_an_items_context_that_cannot_be_loaded_fails_that_item_only(server: LLMServer, key_env: None):
+    """A context the sandbox cannot take (here over the policy's max_message_mb) is a
+    ContextError, a ConfigurationError: a batch stops at a ConfigurationError, which would fail
+    every item the same way, but this one is the item's own. It is that item's error line; the
+    rest are answered."""
+    from tests.conftest import policy_with
+
+    items = [
+        rlm.BatchItem("q00", "square?", context="number 00"),
+        rlm.BatchItem("big", "square?", context="number 01 " + "x" * 1_500_000),
+        rlm.BatchItem("q02", "square?", context="number 02"),
+    ]
+    policy = policy_with({"limits.max_message_mb": 1, "limits.max_output_bytes": 100_000})
+    records = {
+        r.id: r
+        for r in rlm.batch(items, model=MODEL, api_base=server.base_url, api_key=KEY, workers=1, policy=policy)
+    }
+    assert [records[i].answer for i in ("q00", "q02")] == ["0", "4"], records
+    big = records["big"]
+    assert big.stop_reason == "error" and big.error is not None and "cannot be loaded" in big.error, records
+    assert len(server.requests) == 2

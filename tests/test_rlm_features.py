@@ -183,6 +183,34 @@ def test_tools_run_in_this_process_are_listed_counted_and_logged(tmp_path: Path)
     assert [e["tool_calls"] for e in events if e["type"] == "code_result"] == [2, 1, 1, 1]
 
 
+def test_a_context_that_cannot_be_loaded_is_a_context_error_and_leaves_the_session_usable():
+    """A context that is not plain data for the sandbox (a dict with tuple keys, a lone surrogate,
+    nesting past 100) raised SandboxFailure ("the sandbox could not be started or used"), and in a
+    ``persistent=True`` session it stayed in the session's contexts: every later completion
+    loaded it again and failed the same way, for the rest of the session. It is now a
+    ContextError (a ConfigurationError), raised before any model call, and the session goes on
+    without it."""
+    from rlm.errors import ConfigurationError, ContextError
+
+    deep: Any = []
+    for _ in range(150):
+        deep = [deep]
+    for bad in ({(1, 2): "x"}, "a\udc80b", deep):
+        backend = ScriptedBackend([repl("FINAL('no')")])
+        with pytest.raises(ContextError, match="the context cannot be loaded into the sandbox"):
+            RLM("root", backend=backend).completion(bad, "q")
+        assert backend.calls == []
+    assert issubclass(ContextError, ConfigurationError)
+    backend = ScriptedBackend([repl("FINAL(str(len(history)) + ' ' + context)")] * 3)
+    with RLM("root", backend=backend, persistent=True) as r:
+        assert r.completion("first", "q").answer == "0 first"
+        with pytest.raises(ContextError):
+            r.completion({(1, 2): "x"}, "q")
+        assert len(backend.calls) == 1
+        second = r.completion("second", "q")
+        assert second.answer.endswith(" second") and second.stop_reason == "final", second
+
+
 _SIGTERM_DURING = """
 import signal, sys, time
 from rlm import RLM, ScriptedBackend

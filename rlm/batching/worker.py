@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from rlm.errors import (
     AuthenticationError,
     ConfigurationError,
+    ContextError,
     ModelUnreachable,
     RLMError,
     SandboxFailure,
@@ -140,6 +141,14 @@ def run_item(
             **settings.rlm_options,
         )
         result = rlm.completion(context, root_prompt=query, cancel=cancel)
+    except ContextError as exc:  # this item's context (a ConfigurationError, but not one of the batch's)
+        message = redact(str(exc), secret_values(api_key))
+        return {
+            "record": error_record(
+                item_id, "error", message, time.perf_counter() - started, None, question_sha256, exc.spent
+            ),
+            "fatal": None,
+        }
     except FATAL_ERRORS as exc:
         message = redact(str(exc), secret_values(api_key))
         record = error_record(
