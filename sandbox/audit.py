@@ -32,9 +32,12 @@ its pid, instead of hanging every writer of the file. This process remembers, pe
 modification time and hash its last append left; an append (or a new log
 object, the next sandbox on that file) that finds the file at that size and
 time chains onto that hash and reads nothing back, so sandboxes of one
-process sharing the default log do not read each other's lines. The last
-line is read through the log's own descriptor: a log renamed away by a
-rotation stays the file its open writers append to. Finding the last line
+process sharing the default log do not read each other's lines. An append
+first checks, under the lock, that the path still names the file it has open:
+a log renamed away by a rotation (or deleted) gets no further line, the append
+opens (or creates) the file at the path and goes on with that file's chain.
+The last line is read through the log's own descriptor, never by name.
+Finding the last line
 reads backwards from the end, so it costs the length of that line, however
 long, not its square.
 
@@ -331,9 +334,9 @@ def _holder(file: tuple[int, int]) -> str:
     return ""
 
 
-#: What AuditLog._append returns for a file deleted since it was opened.
+#: What AuditLog._append returns for a file deleted or renamed away since it was opened.
 _DELETED = object()
-#: Times one append creates a deleted log again before it gives up.
+#: Times one append opens the log at its path again before it gives up.
 _REOPENS = 8
 
 
@@ -397,6 +400,9 @@ class AuditLog:
     def __init__(self, path: str | Path, lock_timeout: float | None = None) -> None:
         """*lock_timeout*: seconds an append waits for the file's lock (default :data:`LOCK_SECONDS`)."""
         self.path = _as_path(path)
+        #: The path as opened, made absolute: a later chdir must not make it name another file
+        #: (each append compares what it names with the file open, see _replaced).
+        self._where = self.path if os.path.isabs(self.path) else Path(os.path.abspath(self.path))
         self.lock_timeout = LOCK_SECONDS if lock_timeout is None else lock_timeout
         if not 0 < self.lock_timeout <= threading.TIMEOUT_MAX:
             raise ValueError(f"lock_timeout must be positive and finite, not {lock_timeout!r}")
@@ -435,10 +441,10 @@ class AuditLog:
         fd = -1
         try:
             try:
-                fd, linked = _open_log(self.path, flags, follow)
+                fd, linked = _open_log(self._where, flags, follow)
             except FileNotFoundError:  # its directory is missing: the first log there
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd, linked = _open_log(self.path, flags, follow)
+                self._where.parent.mkdir(parents=True, exist_ok=True)
+                fd, linked = _open_log(self._where, flags, follow)
             if not again:
                 self._linked = linked
             st = os.fstat(fd)
@@ -521,10 +527,11 @@ class AuditLog:
                     )
                 done = self._append(record, encoded, deadline if wait else None)
                 reopened = 0
-                while done is _DELETED:  # the file was deleted: a new one at the path, a new chain
+                while done is _DELETED:  # deleted or renamed away: the file at the path, maybe a new chain
                     if reopened == _REOPENS:
                         raise AuditError(
-                            f"audit log {self.path} was deleted each time it was created again ({reopened} times)"
+                            f"audit log {self.path} was deleted or replaced each time it was opened again"
+                            f" ({reopened} times)"
                         )
                     self._open(again=True)
                     reopened += 1
@@ -543,6 +550,22 @@ class AuditLog:
                 # the two closes.
                 if self._close_pending:
                     self._close_if_free()
+
+    def _replaced(self) -> bool:
+        """Whether the path no longer names the file open: it was renamed away (logrotate's
+        ``create``, a ``mv``) or removed and maybe replaced. Appends then go to the file at the
+        path (created if none is there), never to the renamed one: one moved aside by a rotation
+        would be written on for as long as the process lives, and a line written while it was
+        compressed (read, then unlinked) would be lost. Looked at under the flock, so at most
+        the append in flight as the file is renamed lands in it: once its lock is free (what
+        ``verify`` waits for), the renamed file is final."""
+        try:
+            st = os.stat(self._where) if self._linked else os.lstat(self._where)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:  # (a directory on the way made unsearchable): not known to be replaced
+            return False
+        return (st.st_dev, st.st_ino) != self._file
 
     def _close_if_free(self) -> None:
         """Close the file now unless an append (or a close) holds the log's lock."""
@@ -566,7 +589,7 @@ class AuditLog:
                 if not _flock(self._fd, deadline, self.lock_timeout, self.path, self._file):
                     return None
                 st = os.fstat(self._fd)
-                if st.st_nlink == 0:  # deleted since it was opened: lines written here would be lost
+                if st.st_nlink == 0 or self._replaced():  # lines written here would be lost, or go astray
                     return _DELETED
                 size, at = st.st_size, (st.st_size, st.st_mtime_ns)
                 seal = b""

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tracemalloc
 
 import pytest
@@ -208,3 +209,64 @@ def test_verify_during_appends_by_8_processes_never_reports_a_false_break(tmp_pa
     assert not bad, (len(bad), len(reports), bad[0])
     final = verify(path)
     assert final.ok and final.lines == 8 * 4 * 6, final
+
+
+#: Appends argv[2] lines to argv[1], one every 2 ms, through one AuditLog, and prints how many.
+APPEND_PACED = """
+import sys, time
+from sandbox.audit import AuditLog
+log = AuditLog(sys.argv[1])
+for i in range(int(sys.argv[2])):
+    log.append({"w": sys.argv[3], "i": i, "code": "x = %d" % i})
+    time.sleep(0.002)
+log.close()
+"""
+
+
+def _records(data):
+    return [json.loads(raw) for raw in data.splitlines()]
+
+
+def test_logrotate_create_against_live_writers_loses_no_line(tmp_path):
+    """logrotate's create: the log renamed to audit.jsonl.1 and a new one made at the path,
+    while 4 processes append; then the rotated file compressed (read, and unlinked a moment
+    later, as gzip does). Writers went on appending to the renamed file: the lines written
+    while it was compressed were lost (464 of 600 here), and the rest went to the
+    rotated file, not the new one. Now each writer's next append goes to the new file: once
+    verify has checked the rotated file (waiting for the append in flight), nothing more is
+    written to it, and every line is in the compressed copy or in the new log."""
+    path = tmp_path / "audit.jsonl"
+    rotated = tmp_path / "audit.jsonl.1"
+    path.touch()
+    writers = [subprocess.Popen([sys.executable, "-c", APPEND_PACED, str(path), "150", str(k)]) for k in range(4)]
+    try:
+        deadline = time.monotonic() + 60
+        while path.read_bytes().count(b"\n") < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.rename(path, rotated)
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # logrotate's create
+        before = verify(rotated)  # in logrotate's postrotate, say
+        assert before.ok and before.lines >= 40, before
+        kept = before.last_hash
+        compressed = rotated.read_bytes()
+        time.sleep(0.3)  # gzip compressing
+        rotated.unlink()
+        for w in writers:
+            assert w.wait(120) == 0
+    finally:
+        for w in writers:
+            w.kill()
+            w.wait(60)
+    old, new = _records(compressed), _records(path.read_bytes())
+    assert old[-1]["hash"] == kept  # nothing was written to it after it was verified
+    assert len(old) + len(new) == 600, (len(old), len(new))
+    assert sorted((r["w"], r["i"]) for r in old + new) == sorted((str(k), i) for k in range(4) for i in range(150))
+    current = verify(path)
+    assert current.ok and current.lines == len(new), current
+    assert new[0]["prev_hash"] == audit.GENESIS  # each file is a chain of its own
+    # A hash kept before the rotation is checked against the file it was kept from.
+    copy = tmp_path / "audit.jsonl.1.copy"
+    copy.write_bytes(compressed)
+    assert verify(copy, expect=kept).ok
+    elsewhere = verify(path, expect=kept)
+    assert not elsewhere.ok and elsewhere.missing == (kept,), elsewhere

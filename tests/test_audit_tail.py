@@ -345,10 +345,12 @@ def test_a_log_truncated_and_refilled_to_the_same_size_is_read_again(tmp_path):
     assert report.ok and report.lines == 3, report
 
 
-def test_a_log_renamed_away_keeps_its_chain_for_writers_that_have_it_open(tmp_path):
-    """A rotation by rename while another process has the log open: that writer appends to the
-    renamed file, and an append here that must read the tail reads that file (it read the new
-    file by name, with the old one's size, and wrote a torn, unchainable line)."""
+def test_a_log_renamed_away_gets_no_line_from_writers_that_have_it_open(tmp_path):
+    """A rotation by rename (logrotate's create) while another process has the log open: every
+    writer's next line goes to the new file at the path, chained onto its lines, and the
+    renamed file keeps the chain it had. Writers appended to the renamed file for as long as
+    they lived (and a line written while it was compressed was lost); before that, an append
+    here read the new file by name, with the old one's size, and wrote a torn line."""
     path = tmp_path / "audit.jsonl"
     other = subprocess.Popen(
         [sys.executable, "-c",
@@ -375,8 +377,12 @@ def test_a_log_renamed_away_keeps_its_chain_for_writers_that_have_it_open(tmp_pa
     finally:
         other.kill()
     rotated = verify(tmp_path / "audit.jsonl.1")
-    assert rotated.ok and rotated.lines == 4, rotated
-    assert verify(path).ok
+    assert rotated.ok and rotated.lines == 2, rotated
+    events = [json.loads(raw)["event"] for raw in (tmp_path / "audit.jsonl.1").read_bytes().splitlines()]
+    assert events == ["q0", "p0"]
+    current = verify(path)
+    assert current.ok and current.lines == 3, current
+    assert [json.loads(raw)["event"] for raw in path.read_bytes().splitlines()] == ["new0", "q1", "p1"]
 
 
 def test_a_log_deleted_while_in_use_is_created_again_not_written_into_the_void(tmp_path):
