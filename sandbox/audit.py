@@ -584,6 +584,7 @@ class AuditLog:
         self, record: dict[str, Any], encoded: Mapping[str, str] | None, deadline: float | None
     ) -> Any:
         """The append under this process's gate; *deadline* None: only if the flock is free now."""
+        given = record
         try:
             try:  # the flock taken inside: a Ctrl-C just after it must not leave it held
                 if not _flock(self._fd, deadline, self.lock_timeout, self.path, self._file):
@@ -598,7 +599,14 @@ class AuditLog:
                     if known is not None and known[:2] == at:  # by another log object of ours
                         self._last = known[2]
                     else:  # by someone else: read what is there
-                        tail = _read_tail(self._fd, size)
+                        for _ in range(_REOPENS):
+                            try:
+                                tail = _read_tail(self._fd, size)
+                                break
+                            except _Shrank:  # truncated under the lock (copytruncate): read it again
+                                size = os.fstat(self._fd).st_size
+                        else:
+                            raise OSError(errno.EIO, "the audit log shrank each time it was read")
                         self._last = tail.prev_hash
                         if tail.seal:
                             seal = b"\n"
@@ -611,8 +619,28 @@ class AuditLog:
                 line = seal + _line(body, record["hash"]) + b"\n"
                 _write_all(self._fd, line)
                 after = os.fstat(self._fd)  # what the next append compares (still under the lock)
-                self._at = (after.st_size, after.st_mtime_ns)
+                if after.st_size == len(line) and size:
+                    # Truncated between the fstat above and the write, by one that ignores the lock
+                    # (logrotate's copytruncate: a busy log is locked most of the time, so most
+                    # truncations land inside an append): the line begins the file, chained onto
+                    # a line that is not there. It is the file's only line and the lock is ours:
+                    # written again, as the first line of a new chain.
+                    os.ftruncate(self._fd, 0)
+                    record = dict(given, prev_hash=GENESIS)
+                    body = _canonical(record, encoded)
+                    record["hash"] = _hash_of(GENESIS, body)
+                    line = _line(body, record["hash"]) + b"\n"
+                    _write_all(self._fd, line)
+                    size = 0
+                    after = os.fstat(self._fd)
                 self._last = record["hash"]
+                if after.st_size != size + len(line):
+                    # Changed by someone outside the lock (truncated after the write, say): what
+                    # this line left is not known, and the next append reads the tail.
+                    self._at = (-1, -1)
+                    _heads.pop(self._file, None)
+                    return record
+                self._at = (after.st_size, after.st_mtime_ns)
                 if self._file not in _heads and len(_heads) >= _HEADS_KEPT:
                     with contextlib.suppress(RuntimeError, StopIteration, KeyError):
                         del _heads[next(iter(_heads))]
@@ -656,6 +684,13 @@ def _write_all(fd: int, data: bytes) -> None:
 TAIL_BLOCK = 65536
 
 
+class _Shrank(OSError):
+    """The log is shorter than its size said a moment ago: truncated while it was read."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EIO, "the audit log shrank while it was read")
+
+
 def _line_before(fd: int, end: int) -> tuple[int, bytes]:
     """Where the line that ends at *end* (newline excluded) starts, and its bytes.
 
@@ -669,7 +704,7 @@ def _line_before(fd: int, end: int) -> tuple[int, bytes]:
         pos -= step
         chunk = os.pread(fd, step, pos)
         if len(chunk) != step:
-            raise OSError(errno.EIO, "the audit log shrank while it was read")
+            raise _Shrank
         cut = chunk.rfind(b"\n")
         if cut >= 0:
             chunks.append(chunk[cut + 1 :])
@@ -735,7 +770,7 @@ def _torn_region(fd: int, start: int, end: int) -> dict[str, Any]:
     while pos < end:
         chunk = os.pread(fd, min(TAIL_BLOCK, end - pos), pos)
         if not chunk:
-            raise OSError(errno.EIO, "the audit log shrank while it was read")
+            raise _Shrank
         h.update(chunk)
         pos += len(chunk)
     return {"bytes": end - start, "sha256": h.hexdigest()}
