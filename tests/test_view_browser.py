@@ -187,6 +187,28 @@ def test_directory_index_and_audit_pages(browser: Any, real_run: Any, tmp_path: 
     assert q.errors == [] and r.errors == []
 
 
+def test_an_audit_log_past_the_page_limit_says_what_it_left_out(browser: Any, tmp_path: Path, monkeypatch):
+    from rlm.view import load, write_page
+    from sandbox.audit import AuditLog
+
+    monkeypatch.setattr(load, "MAX_AUDIT_RECORDS", 25, raising=False)
+    monkeypatch.setattr(load, "MAX_AUDIT_CODE", 100, raising=False)
+    path = tmp_path / "service.audit.log"
+    log = AuditLog(path)
+    for i in range(60):
+        log.append({"seq": i, "code": f"x = {i}  # " + "long comment " * 20})
+    log.close()
+    p = Page(browser, write_page(path, tmp_path / "service.html"))
+    box = p.page.locator("details.audit").first
+    _shows(box, "showing the last 25 of 60 executions: the first 35 are in the log, not on this page")
+    rows = box.locator("tr.clickable")
+    assert rows.count() == 25 and rows.first.inner_text().startswith("36")
+    rows.last.click()
+    _shows(box, "more characters, in the log")
+    assert "60 executions" in p.page.locator("details.audit > summary").first.inner_text()
+    assert p.errors == []
+
+
 @pytest.mark.slow
 def test_a_run_of_1000_iterations_and_10000_sub_calls_stays_usable(browser: Any, tmp_path: Path):
     from bench.view import synthetic_run

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,13 @@ from rlm.errors import ConfigurationError
 from rlm.files import open_regular, read_regular
 from rlm.trajectory import audit_path_for, nested_deeper, result_path_for
 
-__all__ = ["load_audit", "load_directory", "load_path", "load_run"]
+__all__ = ["MAX_AUDIT_CODE", "MAX_AUDIT_RECORDS", "load_audit", "load_directory", "load_path", "load_run"]
+
+#: Records of an audit log the page holds: the last ones (a service's log runs to millions of
+#: lines; the page held them all, 46 MB of page for a 50 MB log). The chain is verified whole.
+MAX_AUDIT_RECORDS = 2000
+#: Characters of a record's code the page holds (the rest is in the log, the page says how much).
+MAX_AUDIT_CODE = 20_000
 
 #: The other code the RLM loop itself runs in the sandbox: a session's switch to its latest
 #: context (after the prelude, in a fresh sandbox), and the lookup of a FINAL_VAR in a reply's text.
@@ -44,7 +52,13 @@ def _internal(code: object) -> bool:
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
     entries: list[dict[str, Any]] = []
-    bad = 0
+    bad = [0]
+    entries.extend(_objects(path, bad))
+    return entries, bad[0]
+
+
+def _objects(path: Path, bad: list[int]) -> Iterator[dict[str, Any]]:
+    """The JSON objects of *path*, a line at a time; ``bad[0]`` counts the lines that are none."""
     with open(open_regular(path), encoding="utf-8", errors="replace") as f:
         for line in f:
             if not line.strip():
@@ -52,13 +66,12 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
             try:
                 value = json.loads(line)
             except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
-                bad += 1
+                bad[0] += 1
                 continue
             if isinstance(value, dict) and not nested_deeper(value):  # too deep for the page's walks
-                entries.append(value)
+                yield value
             else:
-                bad += 1
-    return entries, bad
+                bad[0] += 1
 
 
 def _sha(code: Any) -> str:
@@ -66,7 +79,12 @@ def _sha(code: Any) -> str:
 
 
 def load_audit(path: Path) -> dict[str, Any]:
-    """The audit log's records (code, outcome, CPU, peak memory) and its verified hash chain."""
+    """The audit log's records (code, outcome, CPU, peak memory) and its verified hash chain.
+
+    The chain is verified whole; the page gets the last :data:`MAX_AUDIT_RECORDS` records
+    (``total`` says how many there are, ``first`` the number of the first one kept, from 1)
+    and at most :data:`MAX_AUDIT_CODE` characters of each one's code (``code_cut``: how many
+    more the log holds). The log is read a line at a time: memory holds what the page gets."""
     from sandbox.audit import verify
     from sandbox.errors import AuditError
 
@@ -82,24 +100,34 @@ def load_audit(path: Path) -> dict[str, Any]:
     except AuditError as exc:
         out["verify"] = {"ok": False, "lines": 0, "bad_line": None, "reason": str(exc)}
         out["records"] = []
+        out["total"], out["first"] = 0, 1
         return out
-    records, _ = _read_jsonl(path)
-    out["records"] = [
-        {
-            "time": r.get("time"),
-            "sandbox_id": r.get("sandbox_id"),
-            "seq": r.get("seq"),
-            "policy": r.get("policy"),
-            "outcome": r.get("outcome"),
-            "duration_s": r.get("duration_s"),
-            "cpu_s": r.get("cpu_s"),
-            "max_rss_bytes": r.get("max_rss_bytes"),
-            "code": r.get("code"),
-            "code_sha256": r.get("code_sha256"),
-            "internal": _internal(r.get("code")),
-        }
-        for r in records
-    ]
+    kept: deque[dict[str, Any]] = deque(maxlen=MAX_AUDIT_RECORDS)
+    total = 0
+    for r in _objects(path, [0]):
+        total += 1
+        code = r.get("code")
+        cut = 0
+        if isinstance(code, str) and len(code) > MAX_AUDIT_CODE:
+            cut, code = len(code) - MAX_AUDIT_CODE, code[:MAX_AUDIT_CODE]
+        kept.append(
+            {
+                "time": r.get("time"),
+                "sandbox_id": r.get("sandbox_id"),
+                "seq": r.get("seq"),
+                "policy": r.get("policy"),
+                "outcome": r.get("outcome"),
+                "duration_s": r.get("duration_s"),
+                "cpu_s": r.get("cpu_s"),
+                "max_rss_bytes": r.get("max_rss_bytes"),
+                "code": code,
+                "code_cut": cut,
+                "code_sha256": r.get("code_sha256"),
+                "internal": _internal(r.get("code")),
+            }
+        )
+    out["records"] = list(kept)
+    out["total"], out["first"] = total, total - len(kept) + 1
     return out
 
 
@@ -112,13 +140,20 @@ def _link_audit(run: dict[str, Any]) -> None:
     for i, record in enumerate(audit["records"]):
         if not record["internal"]:
             queue.setdefault(str(record.get("code_sha256")), []).append(i)
-    for iteration in run["iterations"]:
-        for block in iteration.get("code_blocks") or []:
-            if not isinstance(block, dict):
-                continue
-            waiting = queue.get(_sha(block.get("code", "")))
-            if waiting:
-                block["audit"] = waiting.pop(0)
+    blocks = [
+        block
+        for iteration in run["iterations"]
+        for block in iteration.get("code_blocks") or []
+        if isinstance(block, dict)
+    ]
+    if audit.get("first", 1) > 1:  # the page holds the last records only: matched from the end
+        for indices in queue.values():
+            indices.reverse()
+        blocks.reverse()
+    for block in blocks:
+        waiting = queue.get(_sha(block.get("code", "")))
+        if waiting:
+            block["audit"] = waiting.pop(0)
 
 
 def _shape(iteration: dict[str, Any]) -> dict[str, Any]:
@@ -242,7 +277,7 @@ def load_path(path: Path) -> dict[str, Any]:
 
 def _any_hash(path: Path) -> bool:
     """True when a line of *path* is a JSON object with a ``hash``: an audit record, maybe a bad one."""
-    return any("hash" in entry for entry in _read_jsonl(path)[0])
+    return any("hash" in entry for entry in _objects(path, [0]))  # (read up to the first)
 
 
 def _beside_a_trajectory(audit: Path, directory: Path) -> bool:

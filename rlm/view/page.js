@@ -269,19 +269,23 @@
       ? el("div", null, tag("hash chain verified", "ok"), ` ${fmtInt(v.lines)} lines, ${audit.name}`)
       : el("div", { class: "errbox" }, tag("hash chain BROKEN", "bad"), ` ${audit.name}: ` +
           (v.bad_line ? `line ${v.bad_line}: ` : "") + str(v.reason));
-    return lazy([title || "Audit log", " ", v.ok ? tag("verified", "ok") : tag("broken", "bad"), tag(`${(audit.records || []).length} executions`)], (body) => {
+    const recs = audit.records || [], first = num(audit.first) || 1, total = num(audit.total) || recs.length;
+    return lazy([title || "Audit log", " ", v.ok ? tag("verified", "ok") : tag("broken", "bad"), tag(`${fmtInt(total)} executions`)], (body) => {
       body.append(status);
+      if (first > 1) body.append(el("div", { class: "mute", text: `showing the last ${fmtInt(recs.length)} of ${fmtInt(total)} executions: ` +
+        `the first ${fmtInt(first - 1)} are in the log, not on this page (the hash chain above covers them all)` }));
       const t = el("table", null, el("tr", null, el("th", { text: "#" }), el("th", { text: "time" }), el("th", { text: "outcome" }),
         el("th", { class: "num", text: "wall" }), el("th", { class: "num", text: "CPU" }), el("th", { class: "num", text: "peak memory" }), el("th", { text: "code" })));
-      (audit.records || []).forEach((r, i) => {
-        const row = el("tr", { class: "clickable" }, el("td", { text: String(i + 1) }), el("td", { text: str(r.time).slice(11, 23) }),
+      recs.forEach((r, i) => {
+        const row = el("tr", { class: "clickable" }, el("td", { text: String(first + i) }), el("td", { text: str(r.time).slice(11, 23) }),
           el("td", null, outcomeTag(r), r.internal ? tag("internal") : null), el("td", { class: "num", text: fmtS(r.duration_s) }),
           el("td", { class: "num", text: fmtS(r.cpu_s) }), el("td", { class: "num", text: fmtBytes(r.max_rss_bytes) }),
           el("td", null, el("code", { text: short(r.code, 80) })));
         let open = null;
         row.addEventListener("click", () => {
           if (open) { open.remove(); open = null; return; }
-          open = el("tr", null, el("td", { colspan: "7" }, highlight(r.code)));
+          open = el("tr", null, el("td", { colspan: "7" }, highlight(r.code),
+            r.code_cut ? el("div", { class: "mute", text: `\u2026 ${fmtInt(r.code_cut)} more characters, in the log` }) : null));
           row.after(open);
         });
         t.append(row);
