@@ -321,10 +321,11 @@ log.close()
 
 
 def test_copytruncate_against_busy_writers_leaves_each_new_log_verifying(tmp_path):
-    """3 processes append without a pause while the log is copied and truncated 10
-    times: each time, the truncated log verifies a moment later (before, most did not, 81 of 104 in a longer run:
-    its first line chained onto one cut off), and no append fails. Lines appended between the
-    copy and the truncation are lost: copytruncate cannot be made safe, only survivable."""
+    """3 processes append without a pause while the log is copied and truncated 10 times: each
+    time, the truncated log verifies a moment later (before, most did not, 81 of 104 in a
+    longer run: its first line chained onto one cut off), and no append fails. Lines appended
+    between the copy and the truncation are lost: copytruncate cannot be made safe, only
+    survivable."""
     path = tmp_path / "audit.jsonl"
     path.touch()
     stop = tmp_path / "stop"
