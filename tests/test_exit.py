@@ -97,8 +97,9 @@ SHUTDOWN_IN_A_SIGNAL_HANDLER = (
     "from sandbox import Sandbox, forkserver\n"
     "from sandbox.pool import SandboxPool\n" + _REPORT + "def on_term(sig, frame):\n"
     "    print('term', flush=True)\n"
+    "    started = time.monotonic()\n"
     "    sandbox.shutdown()\n"
-    "    print('shut down', flush=True)\n"
+    "    print('shut down in', time.monotonic() - started, flush=True)\n"
     "    sys.exit(3)\n"
     "signal.signal(signal.SIGTERM, on_term)\n"
     "first = Sandbox('default', audit_log=sys.argv[1], pool=None)\n"
@@ -125,7 +126,7 @@ def test_shutdown_from_a_signal_handler_that_interrupted_a_spawn_returns_at_once
     server waited for that lock, which only the interrupted thread could release; and before
     that, draining the pool waited 30 s for a refill that waited for the same lock."""
     try:
-        proc, took = _host(tmp_path, SHUTDOWN_IN_A_SIGNAL_HANDLER, timeout=20)
+        proc, _ = _host(tmp_path, SHUTDOWN_IN_A_SIGNAL_HANDLER, timeout=60)
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
         for line in out.splitlines():  # the stopped server would outlive its host
@@ -133,8 +134,10 @@ def test_shutdown_from_a_signal_handler_that_interrupted_a_spawn_returns_at_once
                 os.kill(int(line.split()[1]), signal.SIGKILL)
         raise AssertionError(f"the host hung: {out!r}") from None
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert "term\nshut down\n" in proc.stdout
-    assert took < 5.0
+    assert "term\nshut down in " in proc.stdout
+    # The shutdown's own time (some 10 ms), not the host's: its start-up (an interpreter, a
+    # first sandbox, a pool) took 5.2 s of a 5 s bound on a loaded machine.
+    assert float(proc.stdout.split("shut down in ")[1].split()[0]) < 5.0, proc.stdout
     assert _left(proc) == []
 
 

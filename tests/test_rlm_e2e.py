@@ -319,6 +319,10 @@ def ask(tag):
     r = rlm.run(f"QQ{tag}QQ", "c", model="openai/m", api_base=base, api_key="sk-fork-test", max_time_s=20)
     return r.answer == f"answer-{tag}", r.answer, r.stop_reason
 
+# litellm's import first, outside any run: it takes seconds, and on a loaded machine it used up
+# the first run's max_time_s before that run asked anything.
+from rlm import llm
+llm.warm()
 print("warm", *ask("parent-warm"), flush=True)
 workers = []
 for w in range(2):
