@@ -682,11 +682,13 @@ def test_close_from_another_thread_stops_the_running_cell(audit_path) -> None:
     """close() while another thread's execute runs a long cell: the child is killed at once,
     that execute returns a result saying so, and close returns without waiting for the cell
     (it waited out the whole cell, up to wall_seconds)."""
-    sb = Sandbox("default", audit_log=audit_path)
+    running = threading.Event()  # set by the cell: it runs in its child now
+    sb = Sandbox("default", audit_log=audit_path, host_functions={"running": running.set})
     results = []
-    worker = threading.Thread(target=lambda: results.append(sb.execute("import time\ntime.sleep(25)")))
+    cell = "running()\nimport time\ntime.sleep(25)"
+    worker = threading.Thread(target=lambda: results.append(sb.execute(cell)))
     worker.start()
-    time.sleep(0.5)
+    assert running.wait(30)
     t0 = time.monotonic()
     sb.close()
     assert time.monotonic() - t0 < 10

@@ -597,27 +597,20 @@ def test_cancel_token_kills_the_running_code_and_stops_the_run(tmp_path: Path):
     from rlm import CancelToken
 
     token = CancelToken()
-    backend = ScriptedBackend(
-        [repl("print('started', flush=True)\nimport time\ntime.sleep(60)"), repl("FINAL(1)")]
-    )
+    backend = ScriptedBackend([repl("started()\nimport time\ntime.sleep(60)"), repl("FINAL(1)")])
     policy = policy_with({"limits.wall_seconds": 120, "limits.cpu_seconds": 60})
     events: list[dict[str, Any]] = []
-    started = threading.Event()
-
-    def on_event(event: dict[str, Any]) -> None:
-        events.append(event)
-        if event["type"] == "model_reply":
-            started.set()
+    started = threading.Event()  # set by the cell: it runs in its child now
 
     box: list[RLMResult] = []
     worker = threading.Thread(
         target=lambda: box.append(
-            go(None, backend=backend, policy=policy, cancel=token, on_event=on_event, log_dir=tmp_path)
+            go(None, backend=backend, policy=policy, cancel=token, on_event=events.append, log_dir=tmp_path,
+               tools={"started": started.set})
         )
-    )
+    )  # fmt: skip
     worker.start()
     assert started.wait(60)
-    time.sleep(1.0)  # the cell is sleeping in its child now
     token.cancel()
     worker.join(60)
     assert not worker.is_alive(), "the run did not stop"
