@@ -589,7 +589,7 @@ def test_ctrl_c_during_a_sync_execute_kills_the_cell_and_is_audited(audit_path, 
 
 @pytest.mark.parametrize("call", ["get_variable", "set_variable"])
 def test_ctrl_c_during_a_variable_transfer_does_not_hand_its_answer_to_the_next_call(
-    audit_path, call: str
+    audit_path, monkeypatch, call: str
 ) -> None:
     """A real SIGINT while get_variable or set_variable waits for the child: the answer on its
     way must not be taken by the next call for its own (get_variable("small") returning the
@@ -597,37 +597,34 @@ def test_ctrl_c_during_a_variable_transfer_does_not_hand_its_answer_to_the_next_
     the protocol). The child is stopped; the next calls work on a fresh one and say so.
 
     The interrupt must land after the request went out (not while the host still packs the
-    value) and before the answer: the delays are shares of the time one undisturbed transfer
-    took (measured first, so a loaded machine moves them too), tried until one stopped the
-    child."""
+    value) and before the answer: it is sent as the host starts to wait for the answer. (Timers
+    set to shares of one measured transfer missed that window in all 9 tries on a loaded
+    machine, and slept 5 s after each miss.)"""
     assert threading.current_thread() is threading.main_thread()
     big = [f"item {i}" for i in range(600_000)]
+    real_expect = Sandbox._expect
+    armed: list[str] = []
+
+    def interrupted_expect(self: Sandbox, child: object, kind: str, timeout: float) -> object:
+        if armed and kind == armed[0]:  # the request is out: its answer is awaited from here
+            armed.clear()
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        return real_expect(self, child, kind, timeout)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Sandbox, "_expect", interrupted_expect)
     with Sandbox("default", audit_log=audit_path) as sb:
         if call == "get_variable":
             assert sb.execute("big = ['item %d' % i for i in range(600_000)]; small = 'SMALL'").ok
-        t0 = time.monotonic()
-        sb.get_variable("big") if call == "get_variable" else sb.set_variable("big", big)
-        took = time.monotonic() - t0
-        for share in (0.6, 0.75, 0.5, 0.85, 0.4, 0.9, 0.3, 0.95, 0.2):
-            delay = took * share
+        pid = sb.pid
+        assert pid is not None
+        armed.append("value" if call == "get_variable" else "ack")
+        with pytest.raises(KeyboardInterrupt):
             if call == "get_variable":
-                assert sb.execute("big = ['item %d' % i for i in range(600_000)]; small = 'SMALL'").ok
-            pid = sb.pid
-            timer = threading.Timer(delay, signal.pthread_kill, (threading.get_ident(), signal.SIGINT))
-            timer.start()
-            try:
-                with pytest.raises(KeyboardInterrupt):
-                    if call == "get_variable":
-                        sb.get_variable("big")
-                    else:
-                        sb.set_variable("big", big)
-                    time.sleep(5)  # the transfer ended first: the interrupt lands here
-            finally:
-                timer.cancel()
-            if pid is not None and gone(pid, 3.0):  # a killed child is gone in milliseconds
-                break
-        else:
-            pytest.fail(f"no interrupt landed while the child was answering (a transfer took {took:.2f} s)")
+                sb.get_variable("big")
+            else:
+                sb.set_variable("big", big)
+        assert not armed
+        assert gone(pid, 10.0), "the child the answer was on its way from still runs"
         if call == "get_variable":
             with pytest.raises(SandboxError, match="restarted"):
                 sb.get_variable("small")
