@@ -80,10 +80,10 @@ def test_cpu_of_a_process_the_code_forks_counts(audit_path):
     forked a burner and waited for it used 3 s of CPU against a 1 s limit, reported cpu_s=0 and
     ok. The whole cgroup is charged now."""
     with _forking_box(audit_path) as box:
-        t0 = time.monotonic()
         r = box.execute(FORKED_BURN.format(s=3) + "os.waitpid(pid, 0)")
+        # Stopped before the burner was done: the whole cgroup's CPU is at the limit, not 3 s. (A
+        # bound on the wall time said the same on an idle machine only: 3.3 s on a loaded one.)
         assert r.limit == "cpu" and not r.ok and 1.0 <= r.cpu_s <= 1.6, r
-        assert time.monotonic() - t0 < 2.9  # stopped before the burner was done
 
 
 def test_cpu_a_left_process_burns_between_executes_counts_towards_the_next(audit_path):
