@@ -385,13 +385,15 @@ def test_batch_request_timeout_gives_up_a_call_that_gets_no_answer(tmp_path: Pat
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_items(inp, 1)
     with LLMServer([Reply("never sent", latency_s=30), SQUARE]) as srv:
+        # (2 s: the retried call's answer must come within it on a loaded machine too; the
+        # subprocess timeout only catches a hang: litellm's import alone took 20-45 s at load 9.)
         done = subprocess.run(
-            batch_argv(inp, out, srv, "--request-timeout", "0.5", "--workers", "1"),
-            capture_output=True, text=True, cwd=ROOT_DIR, env=cli_env(), timeout=60,
+            batch_argv(inp, out, srv, "--request-timeout", "2", "--workers", "1"),
+            capture_output=True, text=True, cwd=ROOT_DIR, env=cli_env(), timeout=240,
         )  # fmt: skip
         asked = len(srv.requests)
         bad = subprocess.run(batch_argv(inp, tmp_path / "x.jsonl", srv, "--request-timeout", "-1"),
-                             capture_output=True, text=True, cwd=ROOT_DIR, env=cli_env(), timeout=60)  # fmt: skip
+                             capture_output=True, text=True, cwd=ROOT_DIR, env=cli_env(), timeout=240)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert [(r["id"], r["answer"]) for r in read_out(out)] == [("q00", "0")]
     assert asked == 2, asked
