@@ -2,10 +2,10 @@
 #   make demo   create .venv if needed, install, run the main job
 #   make test   create .venv if needed, install dev deps, run every check and test
 PYTHON ?= python3
-# pytest workers (pytest-xdist); JOBS=0 runs the suite in this one process. Three on two cores:
+# pytest workers (pytest-xdist); JOBS=0 runs the suite in this one process. Four on two cores:
 # many tests wait (on a server's latency, a child's limit, a subprocess) rather than compute,
 # and the suite is written to hold on a loaded machine.
-JOBS   ?= 3
+JOBS   ?= 4
 VENV   := .venv
 BIN    := $(VENV)/bin
 
