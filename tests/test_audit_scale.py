@@ -3,12 +3,15 @@ processes append to it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -118,24 +121,48 @@ def _next_line(path):
     return line
 
 
+@contextlib.contextmanager
+def _writers(script: str, *argv: list[str]) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """One writer process running *script* per argument list; on leaving the block each must
+    have exited 0 (waited for at most 120 s), and all are killed whatever happened."""
+    writers = [subprocess.Popen([sys.executable, "-c", script, *args]) for args in argv]
+    try:
+        yield writers
+        for w in writers:
+            assert w.wait(120) == 0
+    finally:
+        for w in writers:
+            w.kill()
+            w.wait(60)
+
+
+@contextlib.contextmanager
+def _half_written(path: Path, then: str) -> Iterator[tuple[subprocess.Popen[str], bytes]]:
+    """A log of three lines, and a writer process that has written half of the fourth under the
+    append lock; *then* "finish": it writes the rest, "hold": it keeps the lock. Yields the
+    writer and the line; the writer is killed after."""
+    _write(path, ({"seq": i} for i in range(3)))
+    line = _next_line(path)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITE_SLOWLY, str(path), line.hex(), then], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "half"
+        yield writer, line
+    finally:
+        writer.kill()
+        writer.wait(60)
+
+
 def test_a_line_being_written_is_not_read_in_part(tmp_path):
     """verify read up to the end of the file as it was: a line an append was writing, read in
     part, was reported as an incomplete last line (exit 1), a false alarm. It now reads up to
     the size the log had when no append was in progress (taking the append lock shared for an
     instant): the append in flight ends first, and its line verifies."""
     path = tmp_path / "audit.jsonl"
-    _write(path, ({"seq": i} for i in range(3)))
-    line = _next_line(path)
-    writer = subprocess.Popen(
-        [sys.executable, "-c", WRITE_SLOWLY, str(path), line.hex(), "finish"], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert writer.stdout is not None and writer.stdout.readline().strip() == "half"
+    with _half_written(path, "finish") as (writer, line):
         report = verify(path)  # the append in flight holds the lock: its whole line is read
         assert writer.wait(60) == 0
-    finally:
-        writer.kill()
-        writer.wait(60)
     assert report.ok and report.lines == 4, report
     assert json.loads(line)["hash"] == report.last_hash
 
@@ -144,17 +171,8 @@ def test_a_writer_stopped_mid_line_is_named_not_waited_for(tmp_path):
     """A writer stopped with the lock held and half its line written: verify waits at most
     lock_timeout, reads the log as it is, and says who held the lock."""
     path = tmp_path / "audit.jsonl"
-    _write(path, ({"seq": i} for i in range(3)))
-    line = _next_line(path)
-    writer = subprocess.Popen(
-        [sys.executable, "-c", WRITE_SLOWLY, str(path), line.hex(), "hold"], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert writer.stdout is not None and writer.stdout.readline().strip() == "half"
+    with _half_written(path, "hold") as (writer, _):
         report = verify(path, lock_timeout=0.5)
-    finally:
-        writer.kill()
-        writer.wait(60)
     assert not report.ok and report.bad_line == 4, report
     assert "incomplete last line" in str(report.reason) and f"(pid {writer.pid})" in str(report.reason), report
     assert verify(path, lock_timeout=0.5) == report.__class__(
@@ -192,19 +210,10 @@ def test_verify_during_appends_by_8_processes_never_reports_a_false_break(tmp_pa
     line in part and reported an incomplete last line."""
     path = tmp_path / "audit.jsonl"
     path.touch()
-    writers = [
-        subprocess.Popen([sys.executable, "-c", APPEND_MANY, str(path), "6", str(k)]) for k in range(8)
-    ]
     reports = []
-    try:
+    with _writers(APPEND_MANY, *([str(path), "6", str(k)] for k in range(8))) as writers:
         while any(w.poll() is None for w in writers) or not reports:
             reports.append(verify(path))
-        for w in writers:
-            assert w.wait(120) == 0
-    finally:
-        for w in writers:
-            w.kill()
-            w.wait(60)
     bad = [r for r in reports if not r.ok]
     assert not bad, (len(bad), len(reports), bad[0])
     final = verify(path)
@@ -238,8 +247,7 @@ def test_logrotate_create_against_live_writers_loses_no_line(tmp_path):
     path = tmp_path / "audit.jsonl"
     rotated = tmp_path / "audit.jsonl.1"
     path.touch()
-    writers = [subprocess.Popen([sys.executable, "-c", APPEND_PACED, str(path), "150", str(k)]) for k in range(4)]
-    try:
+    with _writers(APPEND_PACED, *([str(path), "150", str(k)] for k in range(4))):
         deadline = time.monotonic() + 60
         while path.read_bytes().count(b"\n") < 40 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -251,12 +259,6 @@ def test_logrotate_create_against_live_writers_loses_no_line(tmp_path):
         compressed = rotated.read_bytes()
         time.sleep(0.3)  # gzip compressing
         rotated.unlink()
-        for w in writers:
-            assert w.wait(120) == 0
-    finally:
-        for w in writers:
-            w.kill()
-            w.wait(60)
     old, new = _records(compressed), _records(path.read_bytes())
     assert old[-1]["hash"] == kept  # nothing was written to it after it was verified
     assert len(old) + len(new) == 600, (len(old), len(new))
@@ -329,10 +331,9 @@ def test_copytruncate_against_busy_writers_leaves_each_new_log_verifying(tmp_pat
     path = tmp_path / "audit.jsonl"
     path.touch()
     stop = tmp_path / "stop"
-    writers = [subprocess.Popen([sys.executable, "-c", APPEND_BUSY, str(path), str(stop)]) for _ in range(3)]
     broken = []
     rotations = 0
-    try:
+    with _writers(APPEND_BUSY, *([str(path), str(stop)] for _ in range(3))) as writers:
         deadline = time.monotonic() + 60
         while path.stat().st_size < 100_000 and time.monotonic() < deadline:  # the writers started
             time.sleep(0.01)
@@ -350,12 +351,6 @@ def test_copytruncate_against_busy_writers_leaves_each_new_log_verifying(tmp_pat
             if not (kept.ok or "incomplete last line" in str(kept.reason)):
                 broken.append(kept)
         stop.touch()
-        for w in writers:
-            assert w.wait(120) == 0
-    finally:
-        for w in writers:
-            w.kill()
-            w.wait(60)
     assert rotations == 10 and not broken, (rotations, broken[:1])
     assert verify(path).ok
 
