@@ -1,5 +1,3 @@
-import sys
+from rlm.cli import entry
 
-from rlm.cli import main
-
-sys.exit(main())
+entry()

@@ -9,6 +9,7 @@ Exit status: 0 success, 1 the code/run failed (error, limit, crash, no answer),
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import warnings
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a program that SIGPIPE ended
@@ -777,3 +778,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def entry() -> None:
+    """The ``rlm`` program (``python -m rlm`` and the console script): :func:`main`, then exit.
+
+    On the way out every object is put beyond the garbage collector's reach (``gc.freeze``): the
+    interpreter's last collection walked all the objects litellm's import had made, 1.7 s of CPU at
+    the end of each ``rlm run`` or ``rlm batch`` here. Exit handlers (which close sandboxes, pools
+    and connections) run and output is flushed as before; only objects kept alive by a reference
+    cycle are left to the process's end instead of being finalized one by one.
+    """
+    try:
+        code = main()
+    finally:
+        gc.freeze()
+    sys.exit(code)
