@@ -23,6 +23,7 @@ import pytest
 import rlm
 from rlm.batching.outfile import RECORD_FIELDS, ResultsFile
 from rlm.errors import ConfigurationError, ModelUnreachable
+from tests import warm_cli
 from tests.llm_server import ChatRequest, LLMServer
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
@@ -59,11 +60,11 @@ def cli_env() -> dict[str, str]:
 
 
 def batch_argv(inp: Path, out: Path, srv: LLMServer, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rlm", "batch", str(inp), "--out", str(out), "-m", MODEL,
-            "--api-base", srv.base_url, *extra]  # fmt: skip
+    """``rlm batch`` against *srv* (run warm, tests/warm_cli.py: litellm is imported once per worker)."""
+    return ["batch", str(inp), "--out", str(out), "-m", MODEL, "--api-base", srv.base_url, *extra]
 
 
-def wait_for_lines(out: Path, n: int, proc: subprocess.Popen[str], timeout: float = 300.0) -> None:
+def wait_for_lines(out: Path, n: int, proc: warm_cli.Process, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if out.exists() and out.read_text().count("\n") >= n:
@@ -104,7 +105,7 @@ def test_kill_9_then_ctrl_c_then_rerun_gives_each_id_once_with_its_answer(
     write_items(inp, 50)
     env = cli_env()
     # 1. killed with SIGKILL partway
-    proc = subprocess.Popen(batch_argv(inp, out, server, "--workers", "4"), env=env, cwd=tmp_path,
+    proc = warm_cli.Process(batch_argv(inp, out, server, "--workers", "4"), env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     wait_for_lines(out, 8, proc)
     proc.send_signal(signal.SIGKILL)
@@ -112,10 +113,10 @@ def test_kill_9_then_ctrl_c_then_rerun_gives_each_id_once_with_its_answer(
     after_kill = read_out(out)
     assert 8 <= len(after_kill) < 50
     # 2. a rerun, interrupted with SIGINT (Ctrl-C) once it has added lines; a second writer meanwhile is refused
-    proc = subprocess.Popen(batch_argv(inp, out, server, "--workers", "2"), env=env, cwd=tmp_path,
+    proc = warm_cli.Process(batch_argv(inp, out, server, "--workers", "2"), env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     wait_for_lines(out, len(after_kill) + 3, proc)
-    second = subprocess.run(batch_argv(inp, out, server), env=env, cwd=tmp_path, capture_output=True,
+    second = warm_cli.run(batch_argv(inp, out, server), env=env, cwd=tmp_path, capture_output=True,
                             text=True, timeout=600)  # fmt: skip
     assert second.returncode == 2 and "another rlm batch is writing" in second.stderr, second.stderr
     proc.send_signal(signal.SIGINT)
@@ -127,7 +128,7 @@ def test_kill_9_then_ctrl_c_then_rerun_gives_each_id_once_with_its_answer(
     assert len(after_kill) + 3 <= len(after_int) < 50
     # 3. the rerun finishes the rest (in this process: a third interpreter would import litellm again)
     root_calls_before = len(server.requests)
-    code, stderr = in_process(capsys, *batch_argv(inp, out, server, "--workers", "4")[3:])
+    code, stderr = in_process(capsys, *batch_argv(inp, out, server, "--workers", "4"))
     assert code == 0, stderr
     assert f"{len(after_int)} already in" in stderr
     records = read_out(out)
@@ -387,12 +388,12 @@ def test_batch_request_timeout_gives_up_a_call_that_gets_no_answer(tmp_path: Pat
     with LLMServer([Reply("never sent", latency_s=30), SQUARE]) as srv:
         # (2 s: the retried call's answer must come within it on a loaded machine too; the
         # subprocess timeout only catches a hang: litellm's import alone took 20-45 s at load 9.)
-        done = subprocess.run(
+        done = warm_cli.run(
             batch_argv(inp, out, srv, "--request-timeout", "2", "--workers", "1"),
             capture_output=True, text=True, cwd=ROOT_DIR, env=cli_env(), timeout=240,
         )  # fmt: skip
         asked = len(srv.requests)
-        bad = subprocess.run(batch_argv(inp, tmp_path / "x.jsonl", srv, "--request-timeout", "-1"),
+        bad = warm_cli.run(batch_argv(inp, tmp_path / "x.jsonl", srv, "--request-timeout", "-1"),
                              capture_output=True, text=True, cwd=ROOT_DIR, env=cli_env(), timeout=240)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert [(r["id"], r["answer"]) for r in read_out(out)] == [("q00", "0")]

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from rlm.result import RLMResult
+from tests import warm_cli
 from tests.llm_server import ChatRequest, LLMServer, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +49,9 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _argv(srv: LLMServer, context: Path, *flags: str) -> list[str]:
+    """``rlm run`` against *srv*; run warm (tests/warm_cli.py: litellm is imported once per worker)."""
     return [
-        sys.executable, "-m", "rlm", "run", "-m", "openai/m", "--api-base", srv.base_url,
+        "run", "-m", "openai/m", "--api-base", srv.base_url,
         "--context", str(context), "--query", "q", *flags,
     ]  # fmt: skip
 
@@ -60,17 +62,15 @@ def _context(tmp_path: Path) -> Path:
     return path
 
 
-def _start_on_pty(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
-    """Start *argv* with stdout and stderr on a new pseudo-terminal; returns it and the master fd."""
+def _start_on_pty(argv: list[str], env: dict[str, str]) -> tuple[warm_cli.Process, int]:
+    """Start ``rlm ARGV`` with stdout and stderr on a new pseudo-terminal; returns it and the master fd."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, cwd=ROOT, env=env, close_fds=True
-    )
+    proc = warm_cli.Process(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, cwd=ROOT, env=env)
     os.close(slave)
     return proc, master
 
 
-def _read_pty(proc: subprocess.Popen[bytes], master: int, timeout: float = 60) -> tuple[bytes, int]:
+def _read_pty(proc: warm_cli.Process, master: int, timeout: float = 60) -> tuple[bytes, int]:
     """Everything written to the terminal until the process closed it, and the exit status."""
     out = b""
     deadline = time.monotonic() + timeout
@@ -144,7 +144,7 @@ SURROGATE_ANSWER = "bad \ud800 and \x1b[31m red"
 
 def _run_surrogate_answer(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[bytes]:
     with LLMServer(f"FINAL({SURROGATE_ANSWER!r})") as srv:
-        return subprocess.run(
+        return warm_cli.run(
             _argv(srv, _context(tmp_path), "--log-dir", str(tmp_path / "logs"), *flags),
             capture_output=True, cwd=ROOT, env=_env(tmp_path), timeout=60,
         )  # fmt: skip
@@ -192,7 +192,7 @@ def test_run_gives_up_a_call_that_gets_no_answer_within_the_request_timeout(tmp_
     context = _context(tmp_path)
     # The first call gets no answer (the handler sleeps past the timeout); the retry is answered.
     with LLMServer([Reply("never sent", latency_s=30), 'FINAL("late but here")']) as srv:
-        done = subprocess.run(
+        done = warm_cli.run(
             _argv(srv, context, "--request-timeout", "0.5", "--verbose"),
             capture_output=True, text=True, cwd=ROOT, env=_env(tmp_path), timeout=60,
         )  # fmt: skip
@@ -224,7 +224,7 @@ def test_run_takes_a_timeout_longer_than_python_can_wait(tmp_path: Path, flag: s
     bounds a block by the time budget."""
     context = _context(tmp_path)
     with LLMServer(["```repl\nx = 6 * 7\n```", "FINAL_VAR(x)"]) as srv:
-        done = subprocess.run(
+        done = warm_cli.run(
             _argv(srv, context, flag, value),
             capture_output=True, text=True, cwd=ROOT, env=_env(tmp_path), timeout=120,
         )  # fmt: skip
@@ -368,7 +368,7 @@ def test_an_environment_key_echoed_by_the_server_reaches_no_output_log_or_prompt
         return code if len(req.messages) == 2 else 'FINAL("done")'
 
     with LLMServer(reply) as srv:
-        done = subprocess.run(
+        done = warm_cli.run(
             _argv(srv, context, "--log-dir", str(log_dir), "--json"),
             capture_output=True, text=True, cwd=ROOT, env=_env(tmp_path, OPENAI_API_KEY=ENV_KEY), timeout=60,
         )  # fmt: skip
@@ -483,7 +483,7 @@ def test_a_response_conversion_that_fails_is_a_provider_error():
 @pytest.mark.parametrize("usage", BAD_USAGE[:2], ids=["read-str", "write-list"])
 def test_rlm_run_with_malformed_token_counts_answers_without_a_traceback(tmp_path: Path, usage: dict[str, object]):
     with LLMServer(Reply("FINAL(fine)", usage=usage)) as srv:
-        done = subprocess.run(
+        done = warm_cli.run(
             _argv(srv, _context(tmp_path)), capture_output=True, text=True, cwd=ROOT,
             env=_env(tmp_path, OPENAI_API_KEY=ENV_KEY), timeout=120,
         )  # fmt: skip
@@ -493,7 +493,7 @@ def test_rlm_run_with_malformed_token_counts_answers_without_a_traceback(tmp_pat
 
 def test_rlm_run_with_a_response_of_the_wrong_shape_fails_in_one_line(tmp_path: Path):
     with LLMServer(Reply(body=BAD_BODIES[1])) as srv:
-        done = subprocess.run(
+        done = warm_cli.run(
             _argv(srv, _context(tmp_path), "--json"), capture_output=True, text=True, cwd=ROOT,
             env=_env(tmp_path, OPENAI_API_KEY=ENV_KEY), timeout=120,
         )  # fmt: skip

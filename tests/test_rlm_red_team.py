@@ -495,16 +495,17 @@ def test_rlm_batch_shows_a_server_s_error_with_its_escapes_escaped(tmp_path):
     import json
     import os
 
-    from tests.conftest import run_cli
+    from tests import warm_cli
     from tests.llm_server import LLMServer, Reply
 
     hostile = "key rejected \x1b]0;owned\x07\x1b[2J \x1b]8;;http://evil/\x1b\\click\x1b]8;;\x1b\\"
     (tmp_path / "in.jsonl").write_text(json.dumps({"id": "a", "query": "q", "context": "c"}) + "\n")
     env = dict(os.environ, OPENAI_API_KEY="sk-test-not-a-real-key")
     with LLMServer(Reply(hostile, status=401, error_code="invalid_api_key")) as srv:
-        got = run_cli(
-            "batch", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"),
-            "-m", "openai/gpt-4o-mini", "--api-base", srv.base_url, env=env,
+        got = warm_cli.run(
+            ["batch", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"),
+             "-m", "openai/gpt-4o-mini", "--api-base", srv.base_url],
+            env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
     assert "key rejected" in got.stderr, got.stderr
     assert "\x1b" not in got.stderr and "\x07" not in got.stderr

@@ -1,0 +1,76 @@
+"""tests/warm_cli.py runs ``rlm`` as ``python -m rlm`` does: the same output, status and stdio, cold or warm."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import warm_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cold(argv: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "rlm", *argv], capture_output=True, cwd=ROOT, timeout=120, **kw
+    )  # type: ignore[call-overload, no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("argv", "stdin"),
+    [
+        (["run", "--context"], None),  # a usage error: exit 2, one line
+        (
+            ["exec", "-"],
+            b"import sys\nprint(sys.argv[0] == '-c', 'caf\\u00e9')\nprint('\\udcff')",
+        ),  # a surrogate
+        (["exec", "-", "--json"], b"print(1)\nraise SystemExit(3)"),
+        (["policy", "show", "nope"], None),
+    ],
+)
+def test_warm_and_cold_give_the_same_status_and_bytes(
+    tmp_path: Path, argv: list[str], stdin: bytes | None
+) -> None:
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    cold = _cold(argv, input=stdin, env=env)
+    warm = warm_cli.run(argv, input=stdin, capture_output=True, cwd=ROOT, env=env, timeout=120)
+    assert (warm.returncode, _stable(warm.stdout), warm.stderr) == (
+        cold.returncode,
+        _stable(cold.stdout),
+        cold.stderr,
+    )
+
+
+def _stable(out: bytes) -> object:
+    """*out*, with an ExecResult's measurements (time, CPU, memory) left out."""
+    if not out.startswith(b"{"):
+        return out
+    return {k: v for k, v in json.loads(out).items() if k not in ("duration_s", "cpu_s", "max_rss_bytes")}
+
+
+def test_a_warm_process_is_real_signals_reach_it() -> None:
+    proc = warm_cli.Process(
+        ["exec", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(b"import time\ntime.sleep(60)\n")
+    proc.stdin.close()
+    time.sleep(1.0)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)  # the CLI's Ctrl-C: exit 130, as cold
+    assert proc.wait(60) == 130
+    proc = warm_cli.Process(["exec", "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    proc.kill()
+    assert proc.wait(60) == -signal.SIGKILL
+
+
+def test_an_environment_that_would_start_another_interpreter_is_refused() -> None:
+    with pytest.raises(ValueError, match="PYTHONPATH"):
+        warm_cli.run(["--help"], env=dict(os.environ, PYTHONPATH="/elsewhere"))
