@@ -38,6 +38,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from rlm.mcp_server import EXEC_FIELDS, RLM_FIELDS
 from sandbox.audit import verify
+from tests import warm_cli
 from tests.llm_server import ChatRequest, LLMServer, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,10 +63,14 @@ def server_env(**extra: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def stdio_session(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[ClientSession]:
-    params = StdioServerParameters(
-        command=sys.executable, args=["-m", "rlm", "mcp", *args], cwd=str(ROOT), env=env or server_env()
-    )
+async def stdio_session(
+    *args: str, env: dict[str, str] | None = None, warm: bool = False
+) -> AsyncIterator[ClientSession]:
+    """A session of the SDK's stdio client with ``rlm mcp ARGS``; *warm*: started through
+    tests/warm_cli.py (litellm imported once per worker: for servers whose ``rlm_query`` calls a
+    model; the process the client starts is then the launcher, not the server)."""
+    command = warm_cli.command(["mcp", *args]) if warm else [sys.executable, "-m", "rlm", "mcp", *args]
+    params = StdioServerParameters(command=command[0], args=command[1:], cwd=str(ROOT), env=env or server_env())
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         yield session
@@ -994,12 +999,15 @@ def test_rlm_query_reads_only_inside_allow_read(tmp_path: Path) -> None:
 
 @asynccontextmanager
 async def session_with_stderr(
-    stderr: Path, *args: str, env: dict[str, str], script: str | None = None
+    stderr: Path, *args: str, env: dict[str, str], script: str | None = None, warm: bool = False
 ) -> AsyncIterator[ClientSession]:
     """A stdio session whose server writes its stderr to *stderr*; with *script*, the server is
     ``python -c SCRIPT mcp ARGS`` (a script that ends by calling ``rlm.cli.main``)."""
-    argv = ["-c", script, "mcp", *args] if script is not None else ["-m", "rlm", "mcp", *args]
-    params = StdioServerParameters(command=sys.executable, args=argv, cwd=str(ROOT), env=env)
+    if script is not None:
+        argv = [sys.executable, "-c", script, "mcp", *args]
+    else:
+        argv = warm_cli.command(["mcp", *args]) if warm else [sys.executable, "-m", "rlm", "mcp", *args]
+    params = StdioServerParameters(command=argv[0], args=argv[1:], cwd=str(ROOT), env=env)
     with stderr.open("w") as errlog:
         async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
             await session.initialize()
@@ -1021,7 +1029,7 @@ def test_rlm_query_against_a_server_with_malformed_replies(tmp_path: Path) -> No
 
     async def go(url: str, srv: LLMServer) -> None:
         args = ("--model", "openai/root", "--api-base", url, "--audit-log", str(audit))
-        async with session_with_stderr(stderr, *args, env=server_env(OPENAI_API_KEY="sk-test-mcp")) as s:
+        async with session_with_stderr(stderr, *args, env=server_env(OPENAI_API_KEY="sk-test-mcp"), warm=True) as s:
             for usage in ({**good, "cache_read_input_tokens": "zz"}, {**good, "cache_creation_input_tokens": [1]}):
                 srv.set_reply(Reply("FINAL(fine)", usage=usage))
                 r = await call(s, "rlm_query", query="q", context="c", max_iterations=1)
@@ -1165,7 +1173,7 @@ def test_rlm_query_is_bounded_by_the_server_s_max_time(tmp_path: Path) -> None:
 
     async def go(url: str) -> None:
         args = ("--model", "openai/root", "--api-base", url, "--audit-log", str(tmp_path / "a.jsonl"))
-        async with stdio_session(*args, "--max-time", "2", env=env) as s:
+        async with stdio_session(*args, "--max-time", "2", env=env, warm=True) as s:
             t0 = time.monotonic()
             r = await call(s, "rlm_query", query="SLEEPER", context="x", max_iterations=3)
             assert r["stop_reason"] == "max_time_s", r
@@ -1200,7 +1208,7 @@ def test_a_cancelled_rlm_query_keeps_its_slot_while_its_model_call_runs(tmp_path
 
     async def go(llm: LLMServer) -> None:
         args = ("--model", "openai/root", "--api-base", llm.base_url, "--audit-log", str(tmp_path / "a.jsonl"))
-        async with stdio_session(*args, "--max-sessions", "1", env=env) as s:
+        async with stdio_session(*args, "--max-sessions", "1", env=env, warm=True) as s:
 
             async def query(scope: anyio.CancelScope) -> None:
                 with scope:
@@ -1235,7 +1243,7 @@ def test_rlm_query_is_bounded_by_the_server_s_max_cost(tmp_path: Path) -> None:
 
     async def go(url: str) -> None:
         args = ("--model", "openai/gpt-4o-mini", "--api-base", url, "--audit-log", str(audit))
-        async with stdio_session(*args, "--max-cost", repr(budget), env=env) as s:
+        async with stdio_session(*args, "--max-cost", repr(budget), env=env, warm=True) as s:
             r = await call(s, "rlm_query", query="never done", context="x", max_iterations=8)
             assert r["stop_reason"] == "max_cost_usd" and r["answer"] is None, r
             assert r["cost_usd"] is not None and r["cost_usd"] >= budget and r["iterations"] < 8, r

@@ -74,3 +74,22 @@ def test_a_warm_process_is_real_signals_reach_it() -> None:
 def test_an_environment_that_would_start_another_interpreter_is_refused() -> None:
     with pytest.raises(ValueError, match="PYTHONPATH"):
         warm_cli.run(["--help"], env=dict(os.environ, PYTHONPATH="/elsewhere"))
+
+
+def test_the_launcher_hands_over_its_stdio_passes_signals_on_and_exits_as_the_process_did() -> None:
+    argv = warm_cli.command(["exec", "-"])
+    done = subprocess.run(argv, input=b"print(6 * 7)", capture_output=True, cwd=ROOT, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"42\n", b"")
+    usage = subprocess.run(warm_cli.command(["run"]), capture_output=True, cwd=ROOT, timeout=120)
+    assert usage.returncode == 2 and b"--context" in usage.stderr
+    launcher = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
+    assert launcher.stdin is not None
+    launcher.stdin.write(b"import time\ntime.sleep(60)\n")
+    launcher.stdin.close()
+    time.sleep(1.0)
+    launcher.send_signal(signal.SIGINT)  # passed on: the CLI's Ctrl-C, exit 130
+    assert launcher.wait(60) == 130
+    refused = subprocess.run(
+        argv, env=dict(os.environ, PYTHONPATH="/elsewhere"), capture_output=True, cwd=ROOT
+    )
+    assert refused.returncode != 0 and b"PYTHONPATH differs" in refused.stderr

@@ -15,8 +15,10 @@ server's (``PYTHONPATH``, a locale, ``PYTHONIOENCODING``, ...) is refused with a
 variable, rather than run in an interpreter that is not the one it asked for.
 
 Wire (``AF_UNIX``, ``SOCK_SEQPACKET``): the client sends one JSON request (argv, env, cwd, new
-session) with its three stdio descriptors; the server answers the pid as 4 bytes, then, once that
-process has exited, its exit status (``subprocess`` convention: ``-N`` for signal N) as 4 bytes.
+session) with its three stdio descriptors; the server answers the pid as 4 bytes (or why it
+refuses, as text), then, once that process has exited, its exit status (``subprocess``
+convention: ``-N`` for signal N) as 4 bytes. :func:`command` gives a command line for code that
+starts the process itself (the MCP SDK's stdio client): a small launcher that does the same.
 """
 
 from __future__ import annotations
@@ -57,6 +59,16 @@ _FIXED_AT_START = ("PYTHONPATH", "PYTHONHOME", "PYTHONIOENCODING", "PYTHONUTF8",
 _SET_BY_RLM = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
 
 
+def _refusal(env: Mapping[str, str], own: Mapping[str, str]) -> str:
+    """Why a command with *env* cannot run in an interpreter started with *own*; "" if it can."""
+    for name in _FIXED_AT_START:
+        if name == "PYTHONPATH" and env.get(name, "") in ("", str(ROOT)):
+            continue  # the package is this checkout's either way (installed in place)
+        if env.get(name, _SET_BY_RLM.get(name)) != own.get(name):
+            return f"warm_cli: {name} differs from the warm interpreter's: start this one cold"
+    return ""
+
+
 def _server_env() -> dict[str, str]:
     """The server's environment: the test process's, without provider keys (litellm reads some at import)."""
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and not k.startswith("RLM_")}
@@ -82,6 +94,7 @@ def _serve(path: str) -> None:
     parent = os.pidfd_open(os.getppid())  # the test process: when it goes, so does the server
     sel.register(parent, selectors.EVENT_READ)
     children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, its client's connection)
+    own_env = dict(os.environ)
     while True:
         for key, _ in sel.select():
             if key.fileobj is listener:
@@ -91,8 +104,16 @@ def _serve(path: str) -> None:
                     if len(fds) != 3:
                         raise ValueError(f"{len(fds)} descriptors, not 3")
                     request = json.loads(msg)
+                    refusal = _refusal(request["env"], own_env)
                 except (OSError, ValueError) as exc:
                     print(f"warm_cli: bad request: {exc}", file=sys.stderr, flush=True)
+                    conn.close()
+                    continue
+                if refusal:
+                    for fd in fds:
+                        os.close(fd)
+                    with contextlib.suppress(OSError):
+                        conn.send(refusal.encode())
                     conn.close()
                     continue
                 pid = os.fork()
@@ -204,6 +225,49 @@ class _Server:
             return server
 
 
+def _pid_from(conn: socket.socket) -> int:
+    """The pid the server answered, or its refusal raised as a ValueError."""
+    answer = conn.recv(_MAX_REQUEST)
+    if len(answer) != _INT.size:
+        conn.close()
+        raise ValueError(answer.decode() or "the warm CLI server went away")
+    pid: int = _INT.unpack(answer)[0]
+    return pid
+
+
+def command(argv: Sequence[str]) -> list[str]:
+    """A command line that runs ``rlm ARGV`` warm, for code that starts the process itself (the
+    MCP SDK's stdio client): a small launcher hands its stdio, environment and working directory
+    to a warm process, passes on the signals it gets (not SIGKILL: the process then ends when its
+    stdin closes, as ``rlm mcp`` does), and exits as that process exited."""
+    return [sys.executable, "-m", "tests.warm_cli", "--exec", _Server.get().path, *argv]
+
+
+def _launch(path: str, argv: list[str]) -> None:
+    """The launcher of :func:`command` (its own process)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn.connect(path)
+    request = {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "new_session": False}
+    socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
+    pid = _pid_from(conn)
+    devnull = os.open(os.devnull, os.O_RDWR)  # the process has the stdio now; this one keeps none
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+    def pass_on(signum: int, _: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, pass_on)
+    answer = conn.recv(_INT.size)
+    code = _INT.unpack(answer)[0] if len(answer) == _INT.size else 1
+    if code < 0:  # ended by a signal: so does this one
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code)
+
+
 def helper_pids() -> set[int]:
     """The pid of this process's warm server, if it runs: a child the tests that count this
     process's children must leave out (the processes it forks for commands still count)."""
@@ -248,11 +312,6 @@ class Process:
     ) -> None:
         server = _Server.get()
         env = dict(os.environ if env is None else env)
-        for name in _FIXED_AT_START:
-            if name == "PYTHONPATH" and env.get(name, "") in ("", str(ROOT)):
-                continue  # the package is this checkout's either way (installed in place)
-            if env.get(name, _SET_BY_RLM.get(name)) != server.env.get(name):
-                raise ValueError(f"warm_cli: {name} differs from the warm interpreter's: start this one cold")
         theirs: list[int] = []
         try:
             fd0, ours0 = _fd_of(stdin, 0, "r", theirs)
@@ -266,7 +325,7 @@ class Process:
         finally:
             for fd in theirs:
                 os.close(fd)
-        self.pid: int = _INT.unpack(self._conn.recv(_INT.size))[0]
+        self.pid: int = _pid_from(self._conn)
         self.args = ["rlm", *argv]
         self.returncode: int | None = None
         kw: dict[str, Any] = {"encoding": "utf-8", "errors": "strict"} if text else {}
@@ -378,4 +437,7 @@ def run(
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1])
+    if sys.argv[1] == "--exec":
+        _launch(sys.argv[2], sys.argv[3:])
+    else:
+        _serve(sys.argv[1])
