@@ -193,7 +193,7 @@ class _Server:
     _current: _Server | None = None
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="rlm-warm-")
+        self.dir = tempfile.mkdtemp(prefix="warm-cli-")
         self.path = os.path.join(self.dir, "s")
         self.env = _server_env()
         self.proc = subprocess.Popen(
