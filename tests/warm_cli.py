@@ -117,15 +117,13 @@ def _serve(path: str) -> None:
                     conn.close()
                     continue
                 pid = os.fork()
-                if pid == 0:
-                    for fd in (
-                        *children,
-                        parent,
-                        listener.fileno(),
-                        *(c.fileno() for _, c in children.values()),
-                    ):
-                        os.close(fd)
+                if pid == 0:  # the server's descriptors closed through their objects, once
                     sel.close()
+                    for fd in (*children, parent):
+                        os.close(fd)
+                    for _, other in children.values():
+                        other.close()
+                    listener.close()
                     _become(request, fds, conn)  # never returns
                 for fd in fds:
                     os.close(fd)
