@@ -344,26 +344,36 @@ _DELETED = object()
 _REOPENS = 8
 
 
-def _flock(fd: int, deadline: float | None, timeout: float, path: Path, file: tuple[int, int]) -> bool:
-    """Take *fd*'s exclusive flock before *deadline* (``time.monotonic``), polling: another
-    process holds it for microseconds, unless it was stopped with it. *deadline* None: only
-    if it is free now (False if not)."""
+def _poll_flock(fd: int, op: int, deadline: float | None) -> bool:
+    """Take *fd*'s flock (*op*: ``LOCK_EX`` or ``LOCK_SH``) before *deadline*
+    (``time.monotonic``), polling: another process holds it for microseconds, unless it was
+    stopped with it. False if it is still held then (at once when *deadline* is None)."""
     delay = 0.00005
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
             if deadline is None:
                 return False
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AuditError(
-                f"audit log {path} stayed locked by another process{_holder(file)} for {timeout:g} s;"
-                " a process stopped or hung while it appended holds the lock"
-            )
+            return False
         time.sleep(min(delay, left))
         delay = min(2 * delay, 0.002)
+
+
+def _flock(fd: int, deadline: float | None, timeout: float, path: Path, file: tuple[int, int]) -> bool:
+    """Take *fd*'s exclusive flock before *deadline* (:func:`_poll_flock`); past it, an
+    AuditError naming the holder. *deadline* None: only if it is free now (False if not)."""
+    if _poll_flock(fd, fcntl.LOCK_EX, deadline):
+        return True
+    if deadline is None:
+        return False
+    raise AuditError(
+        f"audit log {path} stayed locked by another process{_holder(file)} for {timeout:g} s;"
+        " a process stopped or hung while it appended holds the lock"
+    )
 
 
 def _as_path(path: str | Path) -> Path:
@@ -617,11 +627,8 @@ class AuditLog:
                             seal = b"\n"
                         if tail.torn is not None:
                             record = dict(record, torn_before=tail.torn)
-                record = dict(record, prev_hash=self._last)
-                body = _canonical(record, encoded)
-                record["hash"] = _hash_of(self._last, body)
-                # Encode once: the line is the hashed body with "hash" spliced in.
-                line = seal + _line(body, record["hash"]) + b"\n"
+                record, line = _chained(record, self._last, encoded)
+                line = seal + line + b"\n"
                 _write_all(self._fd, line)
                 after = os.fstat(self._fd)  # what the next append compares (still under the lock)
                 if after.st_size == len(line) and size:
@@ -631,10 +638,8 @@ class AuditLog:
                     # a line that is not there. It is the file's only line and the lock is ours:
                     # written again, as the first line of a new chain.
                     os.ftruncate(self._fd, 0)
-                    record = dict(given, prev_hash=GENESIS)
-                    body = _canonical(record, encoded)
-                    record["hash"] = _hash_of(GENESIS, body)
-                    line = _line(body, record["hash"]) + b"\n"
+                    record, line = _chained(given, GENESIS, encoded)
+                    line += b"\n"
                     _write_all(self._fd, line)
                     size = 0
                     after = os.fstat(self._fd)
@@ -677,6 +682,17 @@ class AuditLog:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+
+
+def _chained(
+    record: dict[str, Any], prev: str, encoded: Mapping[str, str] | None
+) -> tuple[dict[str, Any], bytes]:
+    """*record* chained onto the line whose hash is *prev* (with its ``prev_hash`` and ``hash``),
+    and its line, newline excluded: encoded once, the hashed body with "hash" spliced in."""
+    record = dict(record, prev_hash=prev)
+    body = _canonical(record, encoded)
+    record["hash"] = _hash_of(prev, body)
+    return record, _line(body, record["hash"])
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -871,7 +887,7 @@ def _lines(fd: int, size: int, cut: list[bool]) -> Iterator[bytes]:
     while pos < size:
         block = os.pread(fd, min(READ_BLOCK, size - pos), pos)
         if not block:  # truncated under us (a copytruncate rotation)
-            raise OSError(errno.EIO, "the audit log shrank while it was read")
+            raise _Shrank
         pos += len(block)
         pieces = block.split(b"\n")
         if len(pieces) == 1:
@@ -898,21 +914,12 @@ def _snapshot(fd: int, deadline: float) -> tuple[int, bool]:
     and the size grows with each page). Taken shared, for as long as an ``fstat`` takes, the
     lock waits for the append in flight to end; appends after it only add bytes past that
     size, and verification reads no further: the log is checked as it stood then."""
-    delay = 0.00005
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return os.fstat(fd).st_size, False
-            time.sleep(min(delay, left))
-            delay = min(2 * delay, 0.002)
-            continue
-        try:
-            return os.fstat(fd).st_size, True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+    if not _poll_flock(fd, fcntl.LOCK_SH, deadline):
+        return os.fstat(fd).st_size, False
+    try:
+        return os.fstat(fd).st_size, True
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _body(record: dict[str, Any]) -> bytes:
