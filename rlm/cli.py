@@ -776,10 +776,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 def entry() -> None:
     """The ``rlm`` program (``python -m rlm`` and the console script): :func:`main`, then exit.
 
@@ -794,3 +790,7 @@ def entry() -> None:
     finally:
         gc.freeze()
     sys.exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

@@ -51,9 +51,8 @@ def _internal(code: object) -> bool:
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
-    entries: list[dict[str, Any]] = []
     bad = [0]
-    entries.extend(_objects(path, bad))
+    entries = list(_objects(path, bad))
     return entries, bad[0]
 
 
