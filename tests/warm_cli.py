@@ -215,22 +215,38 @@ class _Server:
             os.rmdir(self.dir)
 
     @classmethod
+    def live(cls) -> _Server | None:
+        """This process's server if it runs (one inherited through a fork is its parent's)."""
+        server = cls._current
+        if server is None or server.pid != os.getpid() or server.proc.poll() is not None:
+            return None
+        return server
+
+    @classmethod
     def get(cls) -> _Server:
         with cls._lock:
-            server = cls._current
-            if server is None or server.pid != os.getpid() or server.proc.poll() is not None:
+            server = cls.live()
+            if server is None:
                 cls._current = server = cls()
             return server
 
 
-def _pid_from(conn: socket.socket) -> int:
-    """The pid the server answered, or its refusal raised as a ValueError."""
-    answer = conn.recv(_MAX_REQUEST)
+def _ask(path: str, request: dict[str, Any], fds: Sequence[int]) -> tuple[socket.socket, int]:
+    """Send *request* with the stdio *fds* to the server at *path*: the connection its exit
+    status will come on, and the pid it answered; its refusal raised as a ValueError."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        conn.connect(path)
+        socket.send_fds(conn, [json.dumps(request).encode()], list(fds))
+        answer = conn.recv(_MAX_REQUEST)
+    except BaseException:
+        conn.close()
+        raise
     if len(answer) != _INT.size:
         conn.close()
         raise ValueError(answer.decode() or "the warm CLI server went away")
     pid: int = _INT.unpack(answer)[0]
-    return pid
+    return conn, pid
 
 
 def command(argv: Sequence[str]) -> list[str]:
@@ -243,11 +259,8 @@ def command(argv: Sequence[str]) -> list[str]:
 
 def _launch(path: str, argv: list[str]) -> None:
     """The launcher of :func:`command` (its own process)."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    conn.connect(path)
     request = {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "new_session": False}
-    socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
-    pid = _pid_from(conn)
+    conn, pid = _ask(path, request, [0, 1, 2])
     devnull = os.open(os.devnull, os.O_RDWR)  # the process has the stdio now; this one keeps none
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
@@ -269,10 +282,8 @@ def _launch(path: str, argv: list[str]) -> None:
 def helper_pids() -> set[int]:
     """The pid of this process's warm server, if it runs: a child the tests that count this
     process's children must leave out (the processes it forks for commands still count)."""
-    server = _Server._current
-    if server is None or server.pid != os.getpid() or server.proc.poll() is not None:
-        return set()
-    return {server.proc.pid}
+    server = _Server.live()
+    return set() if server is None else {server.proc.pid}
 
 
 def _fd_of(spec: int | IO[Any] | None, default: int, mode: str, pipes: list[int]) -> tuple[int, int | None]:
@@ -317,13 +328,10 @@ class Process:
             fd2, ours2 = (fd1, None) if stderr == subprocess.STDOUT else _fd_of(stderr, 2, "w", theirs)
             request = {"argv": list(argv), "env": env, "cwd": os.fspath(cwd or os.getcwd()),
                        "new_session": start_new_session}  # fmt: skip
-            self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            self._conn.connect(server.path)
-            socket.send_fds(self._conn, [json.dumps(request).encode()], [fd0, fd1, fd2])
+            self._conn, self.pid = _ask(server.path, request, [fd0, fd1, fd2])
         finally:
             for fd in theirs:
                 os.close(fd)
-        self.pid: int = _pid_from(self._conn)
         self.args = ["rlm", *argv]
         self.returncode: int | None = None
         kw: dict[str, Any] = {"encoding": "utf-8", "errors": "strict"} if text else {}
