@@ -26,8 +26,8 @@ The filter allows everything except:
   channel, a socket the host made, they described the host's network
   namespace (interfaces, addresses, MACs, drivers);
 - ``prctl(PR_SET_PDEATHSIG)`` (it would disarm the signal that kills the
-  child with its fork server) and ``prctl(PR_SET_MEMORY_MERGE)`` (KSM)
-  -> ``EPERM``;
+  child with its fork server), ``prctl(PR_SET_MEMORY_MERGE)`` and
+  ``madvise(MADV_MERGEABLE)`` (KSM, for the process or a region) -> ``EPERM``;
 - SysV IPC and POSIX message queues -> ``EPERM`` unless the policy sets
   ``isolation.allow_ipc``; ``inotify_*`` and ``fcntl(F_NOTIFY)`` (they name
   files in directories the code may not list, or tell when others read them)
@@ -251,6 +251,9 @@ SOCKET_IOCTL_TYPES = (0x89, 0x8B)
 #: (KSM for the whole process: a page-deduplication timing channel where ksmd runs).
 PR_SET_PDEATHSIG = 1
 PR_SET_MEMORY_MERGE = 67
+#: ``madvise`` advice refused: ``MADV_MERGEABLE`` opts one region into the KSM merging that
+#: ``PR_SET_MEMORY_MERGE`` asks for the whole process (the same timing channel).
+MADV_MERGEABLE = 12
 
 #: Classic BPF opcodes, for the prefix of :func:`_unknown_numbers_prefix`.
 _BPF_LD_W_ABS = 0x20
@@ -454,6 +457,7 @@ def build(
             f.rule(eperm, "ioctl", (1, SCMP_CMP_MASKED_EQ, IOCTL_TYPE_MASK, kind << 8))
         for option in (PR_SET_PDEATHSIG, PR_SET_MEMORY_MERGE):
             f.rule(eperm, "prctl", (0, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, option))
+        f.rule(eperm, "madvise", (2, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, MADV_MERGEABLE))
         return _unknown_numbers_prefix(f.lib) + f.export()
     finally:
         f.release()

@@ -853,6 +853,9 @@ RECENT_CALLS = LIBC + textwrap.dedent(
     buf = ctypes.create_string_buffer(4096)
     size = ctypes.c_uint32(4096)
     req = (ctypes.c_uint64 * 4)(24, 2**64 - 1, 0, 0)  # mnt_id_req: the root mount, every field
+    import mmap
+    region = mmap.mmap(-1, 4 * 4096)
+    at = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(region)))
     for what, nr, args in (
         ("statmount", 457, (req, buf, 4096, 0)),
         ("listmount", 458, (req, buf, 64, 0)),
@@ -861,6 +864,8 @@ RECENT_CALLS = LIBC + textwrap.dedent(
         ("lsm_list_modules", 461, (buf, ctypes.byref(size), 0)),
         ("open_tree_attr", 467, (-100, b".", 1, None, 0)),
         ("memory_merge", 157, (67, 1, 0, 0, 0)),  # prctl(PR_SET_MEMORY_MERGE)
+        ("merge_region", 28, (at, 4 * 4096, 12)),  # madvise(MADV_MERGEABLE): the same, per region
+        ("hugepage_region", 28, (at, 4 * 4096, 14)),  # madvise(MADV_HUGEPAGE): allowed
         ("unreviewed_470", 470, ()),
         ("unreviewed_1023", 1023, ()),
     ):
@@ -876,14 +881,16 @@ def test_recent_system_calls_are_refused(mode: str, env: Env) -> None:
     """The filter is a deny list: calls newer than it went through. listmount/statmount (6.8)
     listed every mount of the view (host paths, the scratch tmpfs with the sandbox's uid,
     machine-wide mount ids), open_tree_attr (6.15) was the open_tree the filter refuses, the
-    lsm_* calls and PR_SET_MEMORY_MERGE (KSM) were allowed. Refused (EPERM), and a number above
-    the newest reviewed one gets ENOSYS, as from a kernel that lacks it."""
+    lsm_* calls and PR_SET_MEMORY_MERGE (KSM) were allowed, and with KSM refused for the whole
+    process, madvise(MADV_MERGEABLE) still opted a region into it. Refused (EPERM), and a number
+    above the newest reviewed one gets ENOSYS, as from a kernel that lacks it."""
     with Sandbox(policy_for(mode)) as sb:
         r = sb.execute(RECENT_CALLS)
         if mode == "guard_none":
             refused = ("statmount", "listmount", "lsm_get_self_attr", "lsm_set_self_attr",
-                       "lsm_list_modules", "open_tree_attr", "memory_merge")  # fmt: skip
-            want = [f"{what} -1 1" for what in refused] + ["unreviewed_470 -1 38", "unreviewed_1023 -1 38"]
+                       "lsm_list_modules", "open_tree_attr", "memory_merge", "merge_region")  # fmt: skip
+            want = [f"{what} -1 1" for what in refused] + ["hugepage_region 0 0"]
+            want += ["unreviewed_470 -1 38", "unreviewed_1023 -1 38"]
             assert r.stdout.splitlines()[:-1] == want, r
             assert r.stdout.splitlines()[-1] in ("mseal 0 0", "mseal -1 38"), r  # allowed (or too old)
         assert_contained(env, r, sb)
