@@ -155,6 +155,17 @@ def _refusal(text: str) -> str:
 _CELL_FILE = re.compile(r"<cell-[0-9]+>")
 
 
+def _exit_status(error: BaseException | None) -> int:
+    """A forked process's exit status for how its part of the cell ended: 0, a ``SystemExit``'s
+    number, else 1."""
+    if error is None:
+        return 0
+    if isinstance(error, SystemExit):
+        code = error.code
+        return code & 0xFF if isinstance(code, int) else (0 if code is None else 1)
+    return 1
+
+
 def _code_only_traceback(exc: BaseException) -> str:
     """``traceback.format_exception`` keeping only frames of executed cells."""
     # lookup_lines=False: source lines are read at format time, for the frames kept only
@@ -233,6 +244,9 @@ class Child:
     def __init__(self, sock: socket.socket, config: dict[str, Any], runtime: Runtime) -> None:
         policy = config["policy"]
         self.sock = sock
+        #: This process: a process the code forks (policies with ``max_processes``) shares the
+        #: channel, and must neither report a cell nor call the host on it (see :meth:`execute`).
+        self.pid = os.getpid()
         self.policy_name: str = policy["name"]
         self.max_output = int(policy["limits"]["max_output_bytes"])
         self.max_message = int(policy["limits"]["max_message_mb"]) * 1024 * 1024
@@ -411,6 +425,10 @@ class Child:
         child = self
 
         def host_function(*args: Any, **kwargs: Any) -> Any:
+            if os.getpid() != child.pid:  # its reply would be read by either process
+                raise RuntimeError(
+                    f"{name}(): host functions answer the sandbox's own process, not one its code forked"
+                )
             with child.call_lock:
                 return call(args, kwargs)
 
@@ -471,6 +489,11 @@ class Child:
             error = exc
         finally:
             sys.stdout, sys.stderr = saved
+        if os.getpid() != self.pid:
+            # A process the cell forked ran to the end of it (no os._exit): its result would be a
+            # second answer to this exec on the shared channel (taken for the cell's, and the
+            # next frames read by two processes). It ends here, as a forked worker does.
+            os._exit(_exit_status(error))
         try:
             return self.report(exec_id, capture, error, filename)
         except MemoryError:  # the code left no room to build its result: use the reserve

@@ -238,7 +238,9 @@ class Limits(_Section):
         description=(
             "Extra processes or threads the code may start. Default 0 (none). With the cgroup layer, "
             "the CPU of every process of the sandbox counts towards cpu_seconds (one left running "
-            "after a cell towards the next execute); without it only the child's own (see SECURITY.md)."
+            "after a cell towards the next execute); without it only the child's own (see SECURITY.md). "
+            "A forked process that reaches the end of the cell exits there (0, 1 after an exception), "
+            "and calling a host function from one raises RuntimeError: only the child answers the host."
         ),
     )
     max_open_files: int = Field(

@@ -203,6 +203,47 @@ def test_processes_are_refused(audit_path):
         assert box.execute("print('alive')").stdout == "alive\n"
 
 
+FORK_AND_FALL_THROUGH = """
+import os
+pid = os.fork()
+if pid == 0:
+    {child}
+else:
+    _, status = os.waitpid(pid, 0)
+    print("parent; the forked one exited", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.parametrize(
+    ("child", "status"),
+    [("x = 'no os._exit'", 0), ("raise ValueError('in the forked one')", 1), ("raise SystemExit(3)", 3)],
+    ids=["ends", "raises", "exits"],
+)
+def test_a_process_the_code_forks_that_runs_to_the_end_of_the_cell_exits_there(audit_path, child, status):
+    """A forked process that ran to the end of the cell (no ``os._exit``) reported it on the
+    shared channel: its result was taken for the cell's (``ValueError`` instead of the parent's
+    output), and it went on reading the host's next frames beside its parent. It exits there
+    (0, 1 for an exception, a SystemExit's number); the cell's result is its parent's."""
+    with _box({"python.guard": "none", "limits.max_processes": 2}, audit_path) as box:
+        r = box.execute(FORK_AND_FALL_THROUGH.format(child=child))
+        assert r.ok and r.stdout == f"parent; the forked one exited {status}\n", r
+        for i in range(3):
+            r = box.execute(f"print({i})")
+            assert r.ok and r.stdout == f"{i}\n" and not r.state_lost, r
+
+
+def test_a_process_the_code_forks_cannot_call_host_functions(audit_path):
+    """Its call and the reply would share the channel with its parent (either could read the
+    reply): the call raises in the forked process; the parent's own calls still work."""
+    code = FORK_AND_FALL_THROUGH.format(
+        child="try:\n        ping()\n    except RuntimeError as e:\n        os._exit(7 if 'forked' in str(e) else 8)"
+    )
+    with _box({"python.guard": "none", "limits.max_processes": 2}, audit_path,
+              host_functions={"ping": lambda: "pong"}) as box:  # fmt: skip
+        r = box.execute(code + "print(ping())")
+        assert r.ok and r.stdout == "parent; the forked one exited 7\npong\n", r
+
+
 def test_open_files_limit(audit_path):
     with _box({"limits.max_open_files": 16}, audit_path) as box:
         r = box.execute("fs = [open(f'f{i}', 'w') for i in range(100)]")
