@@ -699,14 +699,21 @@ class ForkServer:
         with contextlib.suppress(OSError):
             protocol.send_message(self.sock, {"t": "release", "pid": pid}, None, 5.0)
 
-    def wait_exit(self, pid: int, timeout: float) -> ExitInfo | None:
+    def wait_exit(self, pid: int, timeout: float, asked: list[bool] | None = None) -> ExitInfo | None:
         """Release child *pid* (the caller's last use of that pid: the server may now
         reap it, and the pid be reused) and return its exit report, waiting up to
-        *timeout* seconds for it to exit."""
+        *timeout* seconds for it to exit.
+
+        *asked*: True is appended to it just before the release is sent or queued. A caller
+        this call was cut short in (an exception a signal handler raised) that finds it empty
+        queues the release itself (:meth:`release_later`); one found there is never sent again
+        (once the server reaped the child, its pid may be a new child's)."""
+        asked = [] if asked is None else asked
         deadline = time.monotonic() + timeout
         if self._holder == threading.get_ident():
             # This thread's own request holds the lock: a signal handler or a __del__ (a sandbox
             # freed by the garbage collector) runs inside it. Waiting would never end.
+            asked.append(True)
             self._unreleased.append(pid)
             return None
         got: list[bool] = []  # [True] once the lock is ours (see sandbox._try_acquire)
@@ -720,10 +727,12 @@ class ForkServer:
             wait = 0.0 if sys.is_finalizing() else min(max(timeout, 0.0), threading.TIMEOUT_MAX)
             got.extend(map(self._lock.acquire, (True,), (wait,)))
             if not got[0]:
+                asked.append(True)
                 self._unreleased.append(pid)
                 return None
             self._holding.__enter__()
             self._send_releases()
+            asked.append(True)  # (closed: the server kills and reaps every child as it ends)
             if not self.closed:
                 try:
                     protocol.send_message(self.sock, {"t": "release", "pid": pid}, None, timeout)
@@ -742,6 +751,10 @@ class ForkServer:
             if got and got[0]:
                 self._holding.__exit__(None, None, None)
                 self._lock.release()
+
+    def release_later(self, pid: int) -> None:
+        """Queue the release of child *pid* for the lock's next holder (see :meth:`wait_exit`)."""
+        self._unreleased.append(pid)
 
     def _send_releases(self) -> None:
         """Release the children whose :meth:`wait_exit` gave up waiting for the lock; their exit

@@ -805,9 +805,17 @@ def _collect_exit(child: _Child) -> forkserver.ExitInfo | None:
     nothing may address it by pid afterwards (``kill`` becomes a no-op).
     """
     if not child.released:
-        with child.fd_lock:
-            child.released = True
-        child.exit_info = child.server.wait_exit(child.pid, EXIT_REPORT_WAIT)
+        asked: list[bool] = []
+        try:
+            with child.fd_lock:
+                child.released = True
+            child.exit_info = child.server.wait_exit(child.pid, EXIT_REPORT_WAIT, asked)
+        except BaseException:
+            # Cut short (Ctrl-C) before the release was sent: nothing would ever send it (the
+            # record says released), and the server kept the child's zombie until it exited.
+            if child.released and not asked:
+                child.server.release_later(child.pid)
+            raise
     return child.exit_info
 
 
@@ -836,7 +844,8 @@ def _stop_child(child: _Child, graceful: bool) -> None:
     if graceful and not child.dead:
         try:
             protocol.send_frame(child.sock, protocol.encode({"t": "bye"}), None, 0.5)
-            child.poll.unregister(child.sock.fileno())
+            with contextlib.suppress(KeyError):  # unregistered by a stop cut short just after
+                child.poll.unregister(child.sock.fileno())
             if not child.poll.poll(500):
                 child.kill()
         except OSError:
@@ -1732,9 +1741,17 @@ class Sandbox:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "closed", True):
+        if getattr(self, "_child", None) is None and getattr(self, "closed", True):
             return
         with contextlib.suppress(Exception):
+            if self.closed:
+                # A close() cut short (an exception a signal handler raised: Ctrl-C, a request
+                # timeout's SIGALRM in a ``with`` block's exit) and dropped: nobody calls it again.
+                # Its child (pid, pidfd, uid, scratch) was left for good. Stopped here, at once.
+                child, self._child = self._child, None
+                if child is not None:
+                    _stop_child(child, graceful=False)
+                return
             if self._lock.acquire(False):  # nothing else can take it now: nobody else refers to us
                 self._lock.release()
                 self.close()

@@ -215,6 +215,42 @@ def test_an_interrupt_anywhere_in_close_is_finished_by_the_next_close(audit_path
             sb.close()
 
 
+def test_an_interrupt_anywhere_in_close_then_the_sandbox_dropped_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close cut short (Ctrl-C, or a request timeout's SIGALRM in a ``with`` block's exit)
+    and the sandbox dropped, so no later close finishes it: the finalizer saw ``closed`` and did
+    nothing, and the child (zombie), its pidfd, channel, uid lease and scratch directory stayed
+    for good (44 of 50 such closes in the embedder's test). Dropped, it is stopped at once."""
+    _close_default_pool()
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    codes = codes_of(Sandbox.close, impl._Callers.leave, impl._stop_child, impl._collect_exit)
+
+    def start() -> Sandbox:
+        return Sandbox("default", audit_log=tmp_path / "audit.jsonl", pool=None)
+
+    probe = start()
+    probe.execute("x = 1")
+    cut = 0
+    for at in each_point(codes, probe.close):
+        before = _leftovers(scratch_root)
+        sb = start()
+        assert sb.execute("x = 1").ok
+        where = interrupted(codes, at, sb.close)
+        cut += where is not None
+        unlock_for_teardown(sb)
+        del sb
+        fds, _, dirs = _leftovers(scratch_root)
+        assert (fds, dirs) == (before[0], before[2]), where
+        # The fork server reaps the child once released; a release the cut kept from being sent
+        # goes with the server's next request.
+        start().close()
+        assert _leftovers(scratch_root) == before, where
+    assert cut > 0
+
+
 def test_an_interrupt_anywhere_as_an_async_execute_takes_its_sandbox_leaves_it_usable(
     audit_path: Path,
 ) -> None:
