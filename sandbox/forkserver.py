@@ -553,10 +553,17 @@ class ForkServer:
                 raise self._gone("the fork server exited")
 
     def spawn(
-        self, config: dict[str, Any], chan_fd: int, timeout: float | None = None
+        self,
+        config: dict[str, Any],
+        chan_fd: int,
+        timeout: float | None = None,
+        held: list[int] | None = None,
     ) -> tuple[int, int, str | None]:
         """Ask for a child on *chan_fd*; return ``(pid, pidfd, cpu_path)``: *cpu_path* names the
         file that counts the CPU time of the child's cgroup (None without one).
+
+        *held*: the caller's list of descriptors a process forked meanwhile closes; the pidfd
+        is put there before it leaves this server's (:meth:`forget` closes those).
 
         Raises :class:`_ServerGone` when the server is dead, or did not answer within
         *timeout* seconds (default :data:`SPAWN_TIMEOUT`) because it is stopped (then it is
@@ -626,6 +633,8 @@ class ForkServer:
                                     " descriptors (RLIMIT_NOFILE); the child was stopped"
                                 )
                             taken = (pid, self._fds[index], cpu_path)
+                            if held is not None:
+                                held.append(taken[1])
                             del self._fds[index]  # ours now (no signal handler runs between these two)
                             break
                 except protocol.WireError as exc:
@@ -638,6 +647,8 @@ class ForkServer:
             # A pidfd received but not handed to the caller (an exception a signal handler raised
             # on the way out): its child is stopped and released, as for any given-up request.
             if taken is not None and taken[1] not in self._fds:
+                if held is not None and taken[1] in held:
+                    held.remove(taken[1])  # closed next: a fork must not close the number again
                 with self._lock:
                     self._drop(taken[0], taken[1])
             raise
@@ -883,7 +894,9 @@ def _shut_down_with_the_worker() -> None:
     _worker_pid = os.getpid()
 
 
-def spawn(restricted: bool, config: dict[str, Any], chan_fd: int) -> tuple[ForkServer, int, int, str | None]:
+def spawn(
+    restricted: bool, config: dict[str, Any], chan_fd: int, held: list[int] | None = None
+) -> tuple[ForkServer, int, int, str | None]:
     """A child from the shared server: ``(server, pid, pidfd, cpu_path)`` (see :meth:`ForkServer.spawn`).
 
     A server that died (killed, or its host thread's death in older versions)
@@ -895,7 +908,7 @@ def spawn(restricted: bool, config: dict[str, Any], chan_fd: int) -> tuple[ForkS
     for attempt in (1, 2):
         server = shared(restricted)
         try:
-            pid, pidfd, cpu_path = server.spawn(config, chan_fd)
+            pid, pidfd, cpu_path = server.spawn(config, chan_fd, held=held)
         except _ServerGone as exc:
             if attempt == 2:
                 raise SandboxStartError(f"the fork server died twice in a row: {exc}") from None

@@ -168,6 +168,9 @@ def _after_fork_in_child() -> None:
     for child in list(_children):  # the parent's: its sandboxes', its pools', one being started
         with contextlib.suppress(Exception):
             child.forget()
+    for start in list(_starts):  # children being started: their descriptors are in no record yet
+        with contextlib.suppress(Exception):
+            start.forget()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -614,8 +617,48 @@ def _read_path_refused(spec: _Spec, path: str, number: int, reason: str) -> str:
     )
 
 
+class _Start:
+    """The descriptors of a child being started (:func:`_spawn_ready`) before its :class:`_Child`
+    record holds them: a process another thread forks meanwhile closes its copies (a pre-fork
+    server that forks while its pool refills: each worker kept the channel's two ends and the
+    scratch directory's lock, and the directory outlived the host)."""
+
+    __slots__ = ("__weakref__", "lock", "pidfds", "socks")
+
+    def __init__(self) -> None:
+        self.socks: tuple[socket.socket, ...] = ()
+        self.lock = -1
+        #: The child's pidfd, put here by the fork server's record as it hands it over.
+        self.pidfds: list[int] = []
+
+    def forget(self) -> None:
+        """In a forked process: close this process's copies (a descriptor its record, or the fork
+        server's, closed already is closed again to no effect: nothing opens one in between)."""
+        for sock in self.socks:
+            sock.close()
+        fds, self.lock = [self.lock, *self.pidfds], -1
+        self.pidfds.clear()
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+#: Starts in flight in this process (see :class:`_Start`).
+_starts: weakref.WeakSet[_Start] = weakref.WeakSet()
+
+
 def _spawn_ready(spec: _Spec) -> _Child:
     """Fork a child of *spec*'s policy and wait for its ``hello``: it then waits for ``init``."""
+    start = _Start()
+    _starts.add(start)
+    try:
+        return _spawn_started(spec, start)
+    finally:
+        _starts.discard(start)
+
+
+def _spawn_started(spec: _Spec, start: _Start) -> _Child:
     _check_read_paths(spec)
     _sweep_leftovers()
     lease: uids.UidLease | None = None
@@ -626,14 +669,14 @@ def _spawn_ready(spec: _Spec) -> _Child:
         lease = _choose_identity(spec)
         scratch = tempfile.mkdtemp(prefix="sandbox-")
         _check_utf8_path(scratch)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = start.socks = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # The pair belongs to the host's network namespace, and binding a name to a connected
         # socket is allowed: the child could bind its end to an abstract name the host's
         # processes then find taken (and probe which ones are). An automatic name now (unique,
         # unguessable to no purpose: nothing can connect to a connected socket) makes any
         # later bind fail with EINVAL.
         theirs.bind("")
-        scratch_lock = _lock_scratch(scratch)
+        scratch_lock = start.lock = _lock_scratch(scratch)
         if os.fstat(scratch_lock).st_uid != os.geteuid():  # not the directory mkdtemp made
             replaced, scratch = scratch, None  # nor ours to remove
             raise OSError(errno.EPERM, f"{replaced} was replaced by another user's directory")
@@ -648,7 +691,9 @@ def _spawn_ready(spec: _Spec) -> _Child:
             "uid": lease.uid if lease else None,
             "gid": lease.gid if lease else None,
         }
-        server, pid, pidfd, cpu_path = forkserver.spawn(spec.restricted, config, theirs.fileno())
+        server, pid, pidfd, cpu_path = forkserver.spawn(
+            spec.restricted, config, theirs.fileno(), start.pidfds
+        )
     except BaseException as exc:
         # Descriptors first: removing the directory takes some (they may be what ran out).
         if ours is not None:
@@ -656,6 +701,7 @@ def _spawn_ready(spec: _Spec) -> _Child:
         if theirs is not None:
             theirs.close()
         if scratch_lock >= 0:
+            start.lock = -1
             os.close(scratch_lock)
         if lease is not None:
             lease.release()  # no child was started under it
@@ -673,6 +719,8 @@ def _spawn_ready(spec: _Spec) -> _Child:
         theirs.close()
         child = _Child(server, pid, pidfd, ours, scratch, lease, spec.max_frame)
         child.scratch_lock = scratch_lock
+        start.lock, start.socks = -1, ()  # the record's now (see _Start.forget)
+        start.pidfds.clear()
         child.rss.open(pid)  # here, where child.discard() closes what it opened (see _Child.rss)
         try:
             hello = Sandbox._next_frame(child, _START_TIMEOUT)
@@ -709,6 +757,8 @@ def _spawn_ready(spec: _Spec) -> _Child:
         if child is not None:
             child.discard()
         else:  # cut short while its record was made
+            start.lock = -1
+            start.pidfds.clear()
             _abandon(server, pid, pidfd, ours, scratch, lease, scratch_lock)
         raise
 

@@ -490,3 +490,45 @@ def test_a_fork_while_a_fork_server_closes_leaves_the_forked_processs_descriptor
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+
+def test_a_fork_while_another_thread_starts_a_child_closes_that_starts_descriptors(monkeypatch) -> None:
+    """A pre-fork server forks while its pool refills (or another thread opens a sandbox): the
+    start's channel ends, scratch-directory lock and pidfd were in no record yet, and each
+    forked worker kept its copies (the directory then outlived a host killed before its
+    workers). The fork is made at the moment the fork server has answered, with all four held."""
+    import json
+
+    import sandbox.sandbox as impl
+    from sandbox import Sandbox
+
+    real = impl.forkserver.spawn
+    reports: list[list[str]] = []
+
+    def spawn_then_fork(*args, **kwargs):
+        got = real(*args, **kwargs)
+        held = sys._getframe(1).f_locals  # _spawn_started's: what the start holds now
+        fds = {"ours": held["ours"].fileno(), "theirs": held["theirs"].fileno(),
+               "scratch lock": held["scratch_lock"], "pidfd": got[2]}  # fmt: skip
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the forked process: which of the start's descriptors it still has
+            try:
+                still = []
+                for name, fd in fds.items():
+                    with contextlib.suppress(OSError):
+                        os.fstat(fd)
+                        still.append(name)
+                os.write(w, json.dumps(still).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as answer:
+            reports.append(json.loads(answer.read() or b'["no answer"]'))
+        os.waitpid(pid, 0)
+        return got
+
+    monkeypatch.setattr(impl.forkserver, "spawn", spawn_then_fork)
+    with Sandbox("default", pool=None) as sb:
+        assert sb.execute("print(1)").stdout == "1\n"
+    assert reports == [[]], reports

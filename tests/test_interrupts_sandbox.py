@@ -432,6 +432,7 @@ _START_CODES = codes_of(
     Sandbox.__init__,
     Sandbox._start,
     impl._spawn_ready,
+    impl._spawn_started,
     impl._mark_cpu,
     limits.set_cpu_backstop,
     limits.RSSMeter.reset,
