@@ -364,8 +364,12 @@ class _Holding:
             server._close_fds()
 
 
-class _ServerGone(Exception):
-    """The fork server died or hung up under a request (the caller may retry on a new one)."""
+class ServerGone(Exception):
+    """The fork server died or hung up under a request (the caller may retry on a new one, with
+    a new channel: the server may have forked a child on the old one before it went)."""
+
+
+_ServerGone = ServerGone
 
 
 class ForkServer:
@@ -899,22 +903,14 @@ def spawn(
 ) -> tuple[ForkServer, int, int, str | None]:
     """A child from the shared server: ``(server, pid, pidfd, cpu_path)`` (see :meth:`ForkServer.spawn`).
 
-    A server that died (killed, or its host thread's death in older versions)
-    is replaced and the request retried once; a second failure is a
-    ``SandboxStartError``.
+    A server that died (killed, shut down, or its host thread's death in older versions) raises
+    :class:`ServerGone`; the next call starts a new one. The caller retries with a new channel,
+    never *chan_fd* again: the dead server may have forked a child on it, whose ``hello`` was
+    then read as the second child's and the second's taken for a broken first answer.
     """
-    from sandbox.errors import SandboxStartError
-
-    for attempt in (1, 2):
-        server = shared(restricted)
-        try:
-            pid, pidfd, cpu_path = server.spawn(config, chan_fd, held=held)
-        except _ServerGone as exc:
-            if attempt == 2:
-                raise SandboxStartError(f"the fork server died twice in a row: {exc}") from None
-            continue
-        return server, pid, pidfd, cpu_path
-    raise AssertionError("unreachable")
+    server = shared(restricted)
+    pid, pidfd, cpu_path = server.spawn(config, chan_fd, held=held)
+    return server, pid, pidfd, cpu_path
 
 
 def shutdown() -> None:

@@ -648,17 +648,38 @@ class _Start:
 _starts: weakref.WeakSet[_Start] = weakref.WeakSet()
 
 
+class _Retry(Exception):
+    """The fork server went under a start: started again from the beginning, under *lease*."""
+
+    def __init__(self, why: str, lease: uids.UidLease | None) -> None:
+        super().__init__(why)
+        self.lease = lease
+
+
 def _spawn_ready(spec: _Spec) -> _Child:
-    """Fork a child of *spec*'s policy and wait for its ``hello``: it then waits for ``init``."""
-    start = _Start()
-    _starts.add(start)
-    try:
-        return _spawn_started(spec, start)
-    finally:
-        _starts.discard(start)
+    """Fork a child of *spec*'s policy and wait for its ``hello``: it then waits for ``init``.
+
+    A fork server that went under the request (killed, shut down) is replaced and the start made
+    again once, with a new channel and scratch directory (the dead server may have forked a
+    child with the first) and the same uid (a child forked under it may not be dead yet)."""
+    lease: uids.UidLease | Default | None = DEFAULT  # DEFAULT: the start chooses one
+    for attempt in (1, 2):
+        start = _Start()
+        _starts.add(start)
+        try:
+            return _spawn_started(spec, start, lease)
+        except _Retry as retry:
+            lease = retry.lease
+            if attempt == 2:
+                if lease is not None:
+                    _unconfirmed.append(lease)  # the children of two dead servers: kept
+                raise SandboxStartError(f"the fork server died twice in a row: {retry}") from None
+        finally:
+            _starts.discard(start)
+    raise AssertionError("unreachable")
 
 
-def _spawn_started(spec: _Spec, start: _Start) -> _Child:
+def _spawn_started(spec: _Spec, start: _Start, chosen: uids.UidLease | Default | None) -> _Child:
     _check_read_paths(spec)
     _sweep_leftovers()
     lease: uids.UidLease | None = None
@@ -666,7 +687,7 @@ def _spawn_started(spec: _Spec, start: _Start) -> _Child:
     ours = theirs = None
     scratch_lock = -1
     try:  # each step may fail for want of a descriptor, space or a process: undo the ones before
-        lease = _choose_identity(spec)
+        lease = _choose_identity(spec) if isinstance(chosen, Default) else chosen
         scratch = tempfile.mkdtemp(prefix="sandbox-")
         _check_utf8_path(scratch)
         ours, theirs = start.socks = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -703,10 +724,13 @@ def _spawn_started(spec: _Spec, start: _Start) -> _Child:
         if scratch_lock >= 0:
             start.lock = -1
             os.close(scratch_lock)
-        if lease is not None:
+        gone = isinstance(exc, forkserver.ServerGone)  # the lease: maybe a child of the dead server's
+        if lease is not None and not gone:
             lease.release()  # no child was started under it
         if scratch is not None:
             remove_tree(scratch)
+        if gone:
+            raise _Retry(str(exc), lease) from None
         if isinstance(exc, OSError):
             raise SandboxStartError(f"cannot prepare a sandbox child: {exc}") from None
         raise

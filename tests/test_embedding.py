@@ -100,6 +100,38 @@ def test_spawn_on_a_server_that_just_died_is_retried(audit_path, monkeypatch) ->
     assert server.closed and forkserver.shared() is not server
 
 
+def test_a_server_that_forked_the_child_then_died_is_retried_on_a_new_channel(audit_path, monkeypatch) -> None:
+    """A fork server that goes under a spawn request (``sandbox.shutdown()`` from another thread,
+    a kill) after it forked the child: the child's ``hello`` was on the channel, the request was
+    retried on the same channel, and the new child's ``hello`` reached the first execute: a
+    ``ProtocolError`` blaming a child that broke nothing (the embedder's shutdown race, 4 runs
+    of 8). The start is made again with a new channel."""
+    import select
+
+    real = forkserver.ForkServer.spawn
+    went: list[int] = []
+
+    def forks_then_goes(self, config, chan_fd, *args, **kwargs):
+        got = real(self, config, chan_fd, *args, **kwargs)
+        if went:
+            return got
+        frame = sys._getframe(1)
+        while "ours" not in frame.f_locals:  # the start's end of the channel
+            frame = frame.f_back
+        assert select.select([frame.f_locals["ours"]], [], [], 20)[0], "the first child said nothing"
+        went.append(got[0])
+        self._kill()
+        assert gone(self.pid)
+        raise forkserver._ServerGone("the fork server died under the request")
+
+    monkeypatch.setattr(forkserver.ForkServer, "spawn", forks_then_goes)
+    with Sandbox("default", audit_log=audit_path, pool=None) as sb:
+        for i in range(3):
+            r = sb.execute(f"print({i})")
+            assert r.ok and r.stdout == f"{i}\n" and not r.state_lost, r
+    assert went
+
+
 def test_sandbox_in_a_forked_host_process(audit_path) -> None:
     parent = Sandbox("default", audit_log=audit_path)
     try:
