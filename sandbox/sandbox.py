@@ -1818,6 +1818,12 @@ class Sandbox:
         if getattr(self, "_child", None) is None and getattr(self, "closed", True):
             return
         with contextlib.suppress(Exception):
+            if os.getpid() != self._owner_pid:  # inherited through os.fork(): the parent's child
+                self.closed = True
+                child, self._child = self._child, None
+                if child is not None:
+                    child.forget()  # (its scratch directory is the parent's to remove)
+                return
             if self.closed:
                 # A close() cut short (an exception a signal handler raised: Ctrl-C, a request
                 # timeout's SIGALRM in a ``with`` block's exit) and dropped: nobody calls it again.

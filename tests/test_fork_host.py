@@ -532,3 +532,41 @@ def test_a_fork_while_another_thread_starts_a_child_closes_that_starts_descripto
     with Sandbox("default", pool=None) as sb:
         assert sb.execute("print(1)").stdout == "1\n"
     assert reports == [[]], reports
+
+
+def test_a_forked_process_dropping_an_inherited_sandbox_whose_close_was_cut_short_leaves_it_alone(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The parent's close was cut short (Ctrl-C) and the sandbox is still referenced; a process
+    forked then drops its copy: its finalizer must only forget the parent's child (stopping it
+    there removed the parent's scratch directory). The parent's next close finishes its own."""
+    import gc
+
+    import sandbox.sandbox as impl
+    from sandbox import Sandbox
+
+    sb = Sandbox("default", audit_log=tmp_path / "a.jsonl", pool=None)
+    assert sb.execute("x = 1").ok
+    child = sb._child
+    assert child is not None
+    real = impl._collect_exit
+
+    def cut(c):
+        monkeypatch.setattr(impl, "_collect_exit", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(impl, "_collect_exit", cut)
+    with pytest.raises(KeyboardInterrupt):
+        sb.close()
+    assert sb.closed and sb._child is child and os.path.isdir(child.scratch)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            del sb
+            gc.collect()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.path.isdir(child.scratch), "the forked process removed the parent's scratch directory"
+    sb.close()
+    assert sb._child is None and not os.path.exists(child.scratch) and child.pidfd == -1
