@@ -366,7 +366,15 @@ class _Holding:
 
 class ServerGone(Exception):
     """The fork server died or hung up under a request (the caller may retry on a new one, with
-    a new channel: the server may have forked a child on the old one before it went)."""
+    a new channel: the server may have forked a child on the old one before it went).
+
+    *sent*: the request reached the server, which may have forked a child before it went (a
+    child that dies with its server, though not necessarily before the caller moves on); False
+    when it was found closed or could not be written to."""
+
+    def __init__(self, why: str, sent: bool = True) -> None:
+        super().__init__(why)
+        self.sent = sent
 
 
 _ServerGone = ServerGone
@@ -511,9 +519,9 @@ class ForkServer:
             return self._exited()
         return state in (b"T", b"t", b"Z", b"X")
 
-    def _gone(self, why: str) -> _ServerGone:
+    def _gone(self, why: str, sent: bool = True) -> _ServerGone:
         self.closed = True
-        return _ServerGone(why)
+        return _ServerGone(why, sent)
 
     def _read_one(self, timeout: float | None) -> dict[str, Any] | None:
         """Next server frame, or None on timeout. Caller holds the lock."""
@@ -581,7 +589,7 @@ class ForkServer:
         try:
             with self._lock, self._holding:
                 if self.closed:
-                    raise _ServerGone("the fork server is closed")
+                    raise _ServerGone("the fork server is closed", sent=False)
                 self._drop_orphans()
                 self._send_releases()
                 self._requests += 1
@@ -592,7 +600,9 @@ class ForkServer:
                     )
                 except OSError as exc:
                     self._waiting = 0
-                    raise self._gone(f"cannot write to the fork server: {exc.strerror or exc}") from None
+                    raise self._gone(  # not whole: the server forks for a whole frame only
+                        f"cannot write to the fork server: {exc.strerror or exc}", sent=False
+                    ) from None
                 try:
                     deadline = time.monotonic() + timeout
                     stopped_at: float | None = None  # when it was first seen stopped, unanswered
@@ -747,10 +757,11 @@ class ForkServer:
                 return None
             self._holding.__enter__()
             self._send_releases()
-            asked.append(True)  # (closed: the server kills and reaps every child as it ends)
+            frame = protocol.encode({"t": "release", "pid": pid})  # made first: the mark is then
+            asked.append(True)  # as near the write as Python allows (closed: the server reaps all)
             if not self.closed:
                 try:
-                    protocol.send_message(self.sock, {"t": "release", "pid": pid}, None, timeout)
+                    protocol.send_frame(self.sock, frame, None, timeout)
                 except OSError:
                     return None
             while pid not in self._exits:

@@ -160,17 +160,19 @@ def _after_fork_in_child() -> None:
     would wait for forever). Sandbox ids are drawn anew, and the descriptors of every child
     record are closed here (a copy of a scratch directory's kept its lock held after the parent
     died, for as long as this process lived)."""
-    global _SPIN_SLOT, _cpu_watch_lock
+    global _SPIN_SLOT, _cpu_watch_lock, _dropped_lock
     _ids.seed()
     _CALLERS.keys.clear()
     _SPIN_SLOT = threading.Lock()
     _cpu_watch_lock = threading.Lock()
+    _dropped_lock = threading.Lock()
     for child in list(_children):  # the parent's: its sandboxes', its pools', one being started
         with contextlib.suppress(Exception):
             child.forget()
     for start in list(_starts):  # children being started: their descriptors are in no record yet
         with contextlib.suppress(Exception):
             start.forget()
+    _dropped.clear()  # (forgotten above: the parent's to finish, scratch directories included)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -651,7 +653,7 @@ _starts: weakref.WeakSet[_Start] = weakref.WeakSet()
 class _Retry(Exception):
     """The fork server went under a start: started again from the beginning, under *lease*."""
 
-    def __init__(self, why: str, lease: uids.UidLease | None) -> None:
+    def __init__(self, why: str, lease: uids.UidLease | Default | None) -> None:
         super().__init__(why)
         self.lease = lease
 
@@ -661,7 +663,9 @@ def _spawn_ready(spec: _Spec) -> _Child:
 
     A fork server that went under the request (killed, shut down) is replaced and the start made
     again once, with a new channel and scratch directory (the dead server may have forked a
-    child with the first) and the same uid (a child forked under it may not be dead yet)."""
+    child with the first) and, if the request had reached it, the same uid (a child forked under
+    it may not be dead yet; kept until the host exits if the second start fails too)."""
+    _finish_dropped()
     lease: uids.UidLease | Default | None = DEFAULT  # DEFAULT: the start chooses one
     for attempt in (1, 2):
         start = _Start()
@@ -671,8 +675,8 @@ def _spawn_ready(spec: _Spec) -> _Child:
         except _Retry as retry:
             lease = retry.lease
             if attempt == 2:
-                if lease is not None:
-                    _unconfirmed.append(lease)  # the children of two dead servers: kept
+                if isinstance(lease, uids.UidLease):
+                    _unconfirmed.append(lease)  # maybe a dead server's child's: kept
                 raise SandboxStartError(f"the fork server died twice in a row: {retry}") from None
         finally:
             _starts.discard(start)
@@ -686,8 +690,10 @@ def _spawn_started(spec: _Spec, start: _Start, chosen: uids.UidLease | Default |
     scratch: str | None = None
     ours = theirs = None
     scratch_lock = -1
+    # A lease given (a retry's) may be the uid of a child the dead server forked: never released here.
+    inherited = not isinstance(chosen, Default)
     try:  # each step may fail for want of a descriptor, space or a process: undo the ones before
-        lease = _choose_identity(spec) if isinstance(chosen, Default) else chosen
+        lease = chosen if not isinstance(chosen, Default) else _choose_identity(spec)
         scratch = tempfile.mkdtemp(prefix="sandbox-")
         _check_utf8_path(scratch)
         ours, theirs = start.socks = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -724,13 +730,17 @@ def _spawn_started(spec: _Spec, start: _Start, chosen: uids.UidLease | Default |
         if scratch_lock >= 0:
             start.lock = -1
             os.close(scratch_lock)
-        gone = isinstance(exc, forkserver.ServerGone)  # the lease: maybe a child of the dead server's
-        if lease is not None and not gone:
+        gone = isinstance(exc, forkserver.ServerGone)
+        # Kept: a lease a dead server may have forked a child under (the request reached it).
+        keep = lease is not None and (inherited or (isinstance(exc, forkserver.ServerGone) and exc.sent))
+        if lease is not None and not keep:
             lease.release()  # no child was started under it
         if scratch is not None:
             remove_tree(scratch)
         if gone:
-            raise _Retry(str(exc), lease) from None
+            raise _Retry(str(exc), lease if keep else DEFAULT) from None
+        if keep and lease is not None:
+            _unconfirmed.append(lease)  # a retry that failed otherwise: kept until the exit
         if isinstance(exc, OSError):
             raise SandboxStartError(f"cannot prepare a sandbox child: {exc}") from None
         raise
@@ -912,6 +922,31 @@ def _sigpipe_held() -> Iterator[None]:
                 signal.sigtimedwait(held, 0)
             finally:  # unblocked even if an exception (a second Ctrl-C) comes in between
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+#: Children of sandboxes dropped while their stop was cut short (an exception a signal handler
+#: raised inside a finalizer): finished at the next start, or at the exit (_clean_up_at_exit).
+_dropped: set[_Child] = set()
+_dropped_lock = threading.Lock()
+
+
+def _stopped(child: _Child) -> bool:
+    """Everything of *child* has been let go (what :func:`_stop_child` does, done to the end)."""
+    return child.released and child.pidfd < 0 and child.scratch_lock < 0 and child.lease is None
+
+
+def _finish_dropped() -> None:
+    """Stop the children in ``_dropped`` (one thread at a time; the others go on)."""
+    if not _dropped or not _dropped_lock.acquire(False):
+        return
+    try:
+        for child in list(_dropped):
+            with contextlib.suppress(Exception):
+                _stop_child(child, graceful=False)
+            if _stopped(child):
+                _dropped.discard(child)
+    finally:
+        _dropped_lock.release()
 
 
 def _stop_child(child: _Child, graceful: bool) -> None:
@@ -1824,6 +1859,18 @@ class Sandbox:
                 if child is not None:
                     child.forget()  # (its scratch directory is the parent's to remove)
                 return
+            kept = self._child
+            if kept is not None:
+                # Held strongly until stopped: a stop cut short here (a second Ctrl-C) left the
+                # record to its weak references only, and nothing could finish it.
+                _dropped.add(kept)
+            self._finalize()
+            if kept is not None and _stopped(kept):
+                _dropped.discard(kept)
+
+    def _finalize(self) -> None:
+        """:meth:`__del__` once the child is held in ``_dropped``."""
+        with contextlib.suppress(Exception):
             if self.closed:
                 # A close() cut short (an exception a signal handler raised: Ctrl-C, a request
                 # timeout's SIGALRM in a ``with`` block's exit) and dropped: nobody calls it again.

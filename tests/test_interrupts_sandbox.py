@@ -251,6 +251,50 @@ def test_an_interrupt_anywhere_in_close_then_the_sandbox_dropped_leaves_nothing(
     assert cut > 0
 
 
+def test_a_dropped_sandboxs_stop_cut_short_again_in_its_finalizer_is_finished_by_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The close is cut short, and so is the finalizer's stop of the dropped sandbox's child (a
+    second signal): the finalizer had let go of the record first, which then had only weak
+    references, and nothing could ever finish it (the attack on this session's change: 77
+    scratch directories left after the exit). It is held until the next start stops it."""
+    _close_default_pool()
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+
+    def start() -> Sandbox:
+        return Sandbox("default", audit_log=tmp_path / "audit.jsonl", pool=None)
+
+    with start() as warm:
+        warm.execute("x = 1")  # (what an execute opens once per process: /proc/loadavg)
+    before = _leftovers(scratch_root)
+    real = impl._collect_exit
+    cuts = []
+
+    def cut(child: Any) -> Any:
+        if len(cuts) < 2:
+            cuts.append(child)
+            raise KeyboardInterrupt
+        return real(child)
+
+    monkeypatch.setattr(impl, "_collect_exit", cut)
+    unraisable: list[Any] = []  # the types only: a traceback would keep the sandbox alive
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_type))
+    sb = start()
+    assert sb.execute("x = 1").ok
+    with pytest.raises(KeyboardInterrupt):
+        sb.close()
+    del sb
+    gc.collect()
+    assert len(cuts) == 2 and unraisable == [KeyboardInterrupt]
+    assert impl._dropped == {cuts[0]}
+    sb = start()  # finishes it
+    sb.close()
+    assert not impl._dropped
+    assert _leftovers(scratch_root) == before
+
+
 def test_an_interrupt_anywhere_as_an_async_execute_takes_its_sandbox_leaves_it_usable(
     audit_path: Path,
 ) -> None:
