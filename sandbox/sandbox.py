@@ -658,13 +658,31 @@ class _Retry(Exception):
         self.lease = lease
 
 
+#: Seconds a failed start waits to see no process under a uid a dead fork server may have
+#: forked a child under (it dies with its server: milliseconds) before it lets the uid go.
+_EXPOSED_WAIT = 1.0
+
+
+def _let_go_once_unused(lease: uids.UidLease) -> None:
+    """Release *lease* once no process of the machine runs under its uid (a child a dead fork
+    server forked under it is killed with that server); still in use after :data:`_EXPOSED_WAIT`,
+    or not known: kept until the host exits (it must never go to another sandbox while one runs)."""
+    deadline = time.monotonic() + _EXPOSED_WAIT
+    while (used := uids.in_use(lease.uid)) is not False:
+        if used is None or time.monotonic() >= deadline:
+            _unconfirmed.append(lease)
+            return
+        time.sleep(0.01)
+    lease.release()
+
+
 def _spawn_ready(spec: _Spec) -> _Child:
     """Fork a child of *spec*'s policy and wait for its ``hello``: it then waits for ``init``.
 
     A fork server that went under the request (killed, shut down) is replaced and the start made
     again once, with a new channel and scratch directory (the dead server may have forked a
     child with the first) and, if the request had reached it, the same uid (a child forked under
-    it may not be dead yet; kept until the host exits if the second start fails too)."""
+    it may not be dead yet; if the second start fails too, the uid goes once no process uses it)."""
     _finish_dropped()
     lease: uids.UidLease | Default | None = DEFAULT  # DEFAULT: the start chooses one
     for attempt in (1, 2):
@@ -676,7 +694,7 @@ def _spawn_ready(spec: _Spec) -> _Child:
             lease = retry.lease
             if attempt == 2:
                 if isinstance(lease, uids.UidLease):
-                    _unconfirmed.append(lease)  # maybe a dead server's child's: kept
+                    _let_go_once_unused(lease)  # maybe a dead server's child's
                 raise SandboxStartError(f"the fork server died twice in a row: {retry}") from None
         finally:
             _starts.discard(start)
@@ -740,7 +758,7 @@ def _spawn_started(spec: _Spec, start: _Start, chosen: uids.UidLease | Default |
         if gone:
             raise _Retry(str(exc), lease if keep else DEFAULT) from None
         if keep and lease is not None:
-            _unconfirmed.append(lease)  # a retry that failed otherwise: kept until the exit
+            _let_go_once_unused(lease)  # a retry that failed otherwise
         if isinstance(exc, OSError):
             raise SandboxStartError(f"cannot prepare a sandbox child: {exc}") from None
         raise

@@ -228,6 +228,28 @@ def reserve(directory: str = RUNTIME_DIR) -> UidLease:
     raise UidReservationError(errno.EAGAIN, f"uid reservations: {_TRIES} uids tried, all taken")
 
 
+def in_use(uid: int) -> bool | None:
+    """Whether a process of this machine runs as *uid* (real, effective, saved or filesystem id),
+    read from ``/proc`` (the host sees the processes of every PID namespace below its own). None:
+    ``/proc`` cannot be read. A process that exits meanwhile is not counted."""
+    wanted = str(uid)
+    try:
+        names = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return None
+    for name in names:
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Uid:"):
+                        if wanted in line.decode().split()[1:]:
+                            return True
+                        break
+        except OSError:
+            continue
+    return False
+
+
 def sweep(directory: str = RUNTIME_DIR, limit: int = 1024) -> int:
     """Remove lock files nobody holds (left by hosts that died); at most *limit* looked at.
     Returns how many were removed. Root only; a directory that is not there is nothing to do."""

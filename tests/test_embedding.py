@@ -132,31 +132,49 @@ def test_a_server_that_forked_the_child_then_died_is_retried_on_a_new_channel(au
     assert went
 
 
-@pytest.mark.parametrize("sent", [False, True], ids=["found-closed", "went-after-the-request"])
-def test_a_start_that_meets_two_dead_servers_keeps_a_uid_only_if_a_child_may_have_it(
-    audit_path, monkeypatch, sent: bool
+@pytest.mark.parametrize(
+    "how", ["found-closed", "went-after-the-request", "went-and-a-child-runs"]
+)
+def test_a_start_that_meets_two_dead_servers_keeps_a_uid_only_while_a_process_uses_it(
+    audit_path, monkeypatch, how: str
 ) -> None:
     """``shutdown()`` racing with starts: each start that met two dead servers kept its uid until
-    the exit (a lock file and a descriptor each: 68-75 in 15 s of the attack), although a server
-    found closed before the request was sent forked nothing under it. Kept only when the
-    request reached a server that then went."""
+    the exit (a lock file and a descriptor each: 68-75 in 15 s of the attack), although a child
+    the dead servers forked under it dies with them, and a server found closed before the
+    request forked nothing. The uid is let go once no process runs under it; kept (until the
+    exit) only while one does."""
     import sandbox.sandbox as impl
 
-    monkeypatch.setattr(
-        forkserver.ForkServer,
-        "spawn",
-        lambda self, *a, **k: (_ for _ in ()).throw(forkserver.ServerGone("went", sent=sent)),
-    )
+    survivors: list[int] = []
+
+    def goes(self, config, chan_fd, *args, **kwargs):
+        if how == "went-and-a-child-runs" and config["uid"] is not None and not survivors:
+            pid = os.fork()
+            if pid == 0:  # a child of the dead server that has not died yet
+                try:
+                    os.setresuid(config["uid"], config["uid"], config["uid"])
+                    time.sleep(30)
+                finally:
+                    os._exit(0)
+            survivors.append(pid)
+        raise forkserver.ServerGone("went", sent=how != "found-closed")
+
+    monkeypatch.setattr(forkserver.ForkServer, "spawn", goes)
+    monkeypatch.setattr(impl, "_EXPOSED_WAIT", 0.3)
     kept = len(impl._unconfirmed)
-    with pytest.raises(SandboxError, match="died twice in a row"):
-        Sandbox("default", audit_log=audit_path, pool=None)
+    try:
+        with pytest.raises(SandboxError, match="died twice in a row"):
+            Sandbox("default", audit_log=audit_path, pool=None)
+    finally:
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
     taken = impl._unconfirmed[kept:]
     del impl._unconfirmed[kept:]
     try:
-        if os.geteuid() == 0:  # a uid of its own for each child
-            assert len(taken) == (1 if sent else 0), taken
-        else:
-            assert taken == []
+        if how == "went-and-a-child-runs" and os.geteuid() == 0:
+            assert survivors  # (a root host: a uid of its own for each child)
+        assert len(taken) == len(survivors), (taken, survivors)
     finally:
         for lease in taken:
             lease.release()
