@@ -154,7 +154,17 @@ def remove_tree(path: str) -> None:
     moves anything (a directory moved up during a pass is read in that pass or the next; what
     cannot be removed ends the passes). Each directory is moved at most once and emptied in
     the pass that meets it: the work is linear in the size of the tree, plus one more look
-    per pass at what cannot be removed."""
+    per pass at what cannot be removed.
+
+    An empty directory (a scratch whose tmpfs lived in the child's namespace, or a start that
+    failed) is removed first, with no descriptor: a host out of descriptors (where the start
+    failed for want of one, and other threads took each one freed) left it on disk."""
+    try:
+        os.rmdir(path)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EACCES, errno.EPERM):
+            return  # gone, or not a directory (a link is never followed)
     try:
         top = open_dir(path)
     except OSError:

@@ -395,3 +395,31 @@ def test_remove_tree_removes_files_as_it_reads_them(tmp_path):
     assert out.returncode == 0, out.stderr
     assert not tree.exists()
     assert int(out.stdout) < 256 * 1024, out.stdout
+
+
+def test_remove_tree_removes_an_empty_directory_with_no_descriptor_free(tmp_path):
+    """A start that failed for want of a descriptor removes its (empty) scratch directory while
+    other threads take every descriptor it frees: remove_tree opened the directory first, failed
+    with EMFILE and left it on disk (9-13 left in 6 s of 16 threads at RLIMIT_NOFILE 64). An
+    empty one goes without a descriptor; a full one still needs them."""
+    script = (
+        "import os, resource, sys\n"
+        "from sandbox.files import remove_tree\n"
+        "empty, full = sys.argv[1], sys.argv[2]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16))\n"
+        "pads = []\n"
+        "while True:\n"
+        "    try:\n"
+        "        pads.append(os.open(os.devnull, os.O_RDONLY))\n"
+        "    except OSError:\n"
+        "        break\n"
+        "remove_tree(empty)\n"
+        "remove_tree(full)\n"
+        "print(os.path.exists(empty), os.path.exists(full))\n"
+    )
+    empty, full = tmp_path / "sandbox-empty", tmp_path / "sandbox-full"
+    empty.mkdir()
+    (full / "sub").mkdir(parents=True)
+    out = subprocess.run([sys.executable, "-c", script, str(empty), str(full)], capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.stdout == "False True\n", out
