@@ -222,15 +222,8 @@ def test_an_interrupt_anywhere_in_close_then_the_sandbox_dropped_leaves_nothing(
     and the sandbox dropped, so no later close finishes it: the finalizer saw ``closed`` and did
     nothing, and the child (zombie), its pidfd, channel, uid lease and scratch directory stayed
     for good (44 of 50 such closes in the embedder's test). Dropped, it is stopped at once."""
-    _close_default_pool()
-    scratch_root = tmp_path / "tmp"
-    scratch_root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    scratch_root, start = _unpooled_starts(tmp_path, monkeypatch)
     codes = codes_of(Sandbox.close, impl._Callers.leave, impl._stop_child, impl._collect_exit)
-
-    def start() -> Sandbox:
-        return Sandbox("default", audit_log=tmp_path / "audit.jsonl", pool=None)
-
     probe = start()
     probe.execute("x = 1")
     cut = 0
@@ -258,13 +251,7 @@ def test_a_dropped_sandboxs_stop_cut_short_again_in_its_finalizer_is_finished_by
     second signal): the finalizer had let go of the record first, which then had only weak
     references, and nothing could ever finish it (the attack on this session's change: 77
     scratch directories left after the exit). It is held until the next start stops it."""
-    _close_default_pool()
-    scratch_root = tmp_path / "tmp"
-    scratch_root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
-
-    def start() -> Sandbox:
-        return Sandbox("default", audit_log=tmp_path / "audit.jsonl", pool=None)
+    scratch_root, start = _unpooled_starts(tmp_path, monkeypatch)
 
     with start() as warm:
         warm.execute("x = 1")  # (what an execute opens once per process: /proc/loadavg)
@@ -472,6 +459,20 @@ def _close_default_pool() -> None:
         pool_module._default = None
 
 
+def _unpooled_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Callable[[], Sandbox]]:
+    """No default pool (its refills would count in :func:`_leftovers`), scratch directories in a
+    root of the test's own, and how to start a sandbox without a pool there."""
+    _close_default_pool()
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+
+    def start() -> Sandbox:
+        return Sandbox("default", audit_log=tmp_path / "audit.jsonl", pool=None)
+
+    return scratch_root, start
+
+
 _START_CODES = codes_of(
     Sandbox.__init__,
     Sandbox._start,
@@ -536,13 +537,7 @@ def _interrupt_each_start(
     start is left (scratch, processes, descriptors: ``_leftovers``) and the next start works.
     Points *skip* (given what the injector says it fired at) returns true for are not judged.
     Returns how many points were judged."""
-    _close_default_pool()
-    scratch_root = tmp_path / "tmp"
-    scratch_root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
-
-    def start() -> Sandbox:
-        return Sandbox("default", audit_log=tmp_path / "audit.jsonl", pool=None)
+    scratch_root, start = _unpooled_starts(tmp_path, monkeypatch)
 
     start().close()
     tried = 0
