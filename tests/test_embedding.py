@@ -149,14 +149,19 @@ def test_a_start_that_meets_two_dead_servers_keeps_a_uid_only_while_a_process_us
 
     def goes(self, config, chan_fd, *args, **kwargs):
         if how == "went-and-a-child-runs" and config["uid"] is not None and not survivors:
+            r, w = os.pipe()
             pid = os.fork()
             if pid == 0:  # a child of the dead server that has not died yet
                 try:
                     os.setresuid(config["uid"], config["uid"], config["uid"])
+                    os.write(w, b"x")
                     time.sleep(30)
                 finally:
                     os._exit(0)
             survivors.append(pid)
+            os.close(w)
+            with os.fdopen(r, "rb") as ready:
+                assert ready.read(1) == b"x"  # under its uid now (a loaded machine: not at once)
         raise forkserver.ServerGone("went", sent=how != "found-closed")
 
     monkeypatch.setattr(forkserver.ForkServer, "spawn", goes)

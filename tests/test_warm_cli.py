@@ -76,6 +76,15 @@ def test_an_environment_that_would_start_another_interpreter_is_refused() -> Non
         warm_cli.run(["--help"], env=dict(os.environ, PYTHONPATH="/elsewhere"))
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process *pid* has a handler for *sig* (``SigCgt`` of its status)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
 def test_the_launcher_hands_over_its_stdio_passes_signals_on_and_exits_as_the_process_did() -> None:
     argv = warm_cli.command(["exec", "-"])
     done = subprocess.run(argv, input=b"print(6 * 7)", capture_output=True, cwd=ROOT, timeout=120)
@@ -86,7 +95,13 @@ def test_the_launcher_hands_over_its_stdio_passes_signals_on_and_exits_as_the_pr
     assert launcher.stdin is not None
     launcher.stdin.write(b"import time\ntime.sleep(60)\n")
     launcher.stdin.close()
-    time.sleep(1.0)
+    # Once the launcher passes signals on (it installs SIGUSR2's handler last): a SIGINT before,
+    # while its interpreter still started (over a second on a loaded machine), ended it alone.
+    deadline = time.monotonic() + 60
+    while not _catches(launcher.pid, signal.SIGUSR2):
+        assert time.monotonic() < deadline, "the launcher never passed signals on"
+        time.sleep(0.02)
+    time.sleep(0.5)  # the warm process into its cell
     launcher.send_signal(signal.SIGINT)  # passed on: the CLI's Ctrl-C, exit 130
     assert launcher.wait(60) == 130
     refused = subprocess.run(
