@@ -163,7 +163,7 @@ def remove_tree(path: str) -> None:
         os.rmdir(path)
         return
     except OSError as exc:
-        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EACCES, errno.EPERM):
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EBUSY):
             return  # gone, or not a directory (a link is never followed)
     try:
         top = open_dir(path)

@@ -231,7 +231,8 @@ def reserve(directory: str = RUNTIME_DIR) -> UidLease:
 def in_use(uid: int) -> bool | None:
     """Whether a process of this machine runs as *uid* (real, effective, saved or filesystem id),
     read from ``/proc`` (the host sees the processes of every PID namespace below its own). None:
-    ``/proc`` cannot be read. A process that exits meanwhile is not counted."""
+    not known (``/proc`` or a process's status could not be read: no descriptor free, hidden).
+    A process that exits meanwhile is not counted."""
     wanted = str(uid)
     try:
         names = [name for name in os.listdir("/proc") if name.isdigit()]
@@ -245,8 +246,10 @@ def in_use(uid: int) -> bool | None:
                         if wanted in line.decode().split()[1:]:
                             return True
                         break
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile
         except OSError:
-            continue
+            return None  # (EMFILE: skipping it answered "no" for a process that runs)
     return False
 
 
