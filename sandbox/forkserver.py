@@ -377,9 +377,6 @@ class ServerGone(Exception):
         self.sent = sent
 
 
-_ServerGone = ServerGone
-
-
 class ForkServer:
     """Host-side handle on one fork server process. Thread-safe."""
 
@@ -519,9 +516,9 @@ class ForkServer:
             return self._exited()
         return state in (b"T", b"t", b"Z", b"X")
 
-    def _gone(self, why: str, sent: bool = True) -> _ServerGone:
+    def _gone(self, why: str, sent: bool = True) -> ServerGone:
         self.closed = True
-        return _ServerGone(why, sent)
+        return ServerGone(why, sent)
 
     def _read_one(self, timeout: float | None) -> dict[str, Any] | None:
         """Next server frame, or None on timeout. Caller holds the lock."""
@@ -577,7 +574,7 @@ class ForkServer:
         *held*: the caller's list of descriptors a process forked meanwhile closes; the pidfd
         is put there before it leaves this server's (:meth:`forget` closes those).
 
-        Raises :class:`_ServerGone` when the server is dead, or did not answer within
+        Raises :class:`ServerGone` when the server is dead, or did not answer within
         *timeout* seconds (default :data:`SPAWN_TIMEOUT`) because it is stopped (then it is
         killed), so that the caller may retry on a new one; ``SandboxStartError`` on every
         other failure (a server that runs but is slow is left to its other sandboxes).
@@ -589,7 +586,7 @@ class ForkServer:
         try:
             with self._lock, self._holding:
                 if self.closed:
-                    raise _ServerGone("the fork server is closed", sent=False)
+                    raise ServerGone("the fork server is closed", sent=False)
                 self._drop_orphans()
                 self._send_releases()
                 self._requests += 1
@@ -739,7 +736,7 @@ class ForkServer:
             # This thread's own request holds the lock: a signal handler or a __del__ (a sandbox
             # freed by the garbage collector) runs inside it. Waiting would never end.
             asked.append(True)
-            self._unreleased.append(pid)
+            self.release_later(pid)
             return None
         got: list[bool] = []  # [True] once the lock is ours (see sandbox._try_acquire)
         try:
@@ -753,7 +750,7 @@ class ForkServer:
             got.extend(map(self._lock.acquire, (True,), (wait,)))
             if not got[0]:
                 asked.append(True)
-                self._unreleased.append(pid)
+                self.release_later(pid)
                 return None
             self._holding.__enter__()
             self._send_releases()

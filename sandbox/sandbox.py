@@ -748,15 +748,15 @@ def _spawn_started(spec: _Spec, start: _Start, chosen: uids.UidLease | Default |
         if scratch_lock >= 0:
             start.lock = -1
             os.close(scratch_lock)
-        gone = isinstance(exc, forkserver.ServerGone)
+        gone = exc if isinstance(exc, forkserver.ServerGone) else None
         # Kept: a lease a dead server may have forked a child under (the request reached it).
-        keep = lease is not None and (inherited or (isinstance(exc, forkserver.ServerGone) and exc.sent))
+        keep = lease is not None and (inherited or (gone is not None and gone.sent))
         if lease is not None and not keep:
             lease.release()  # no child was started under it
         if scratch is not None:
             remove_tree(scratch)
-        if gone:
-            raise _Retry(str(exc), lease if keep else DEFAULT) from None
+        if gone is not None:
+            raise _Retry(str(gone), lease if keep else DEFAULT) from None
         if keep and lease is not None:
             _let_go_once_unused(lease)  # a retry that failed otherwise
         if isinstance(exc, OSError):
@@ -1877,38 +1877,29 @@ class Sandbox:
                 if child is not None:
                     child.forget()  # (its scratch directory is the parent's to remove)
                 return
-            kept = self._child
-            if kept is not None:
+            child = self._child
+            if child is not None:
                 # Held strongly until stopped: a stop cut short here (a second Ctrl-C) left the
                 # record to its weak references only, and nothing could finish it.
-                _dropped.add(kept)
-            self._finalize()
-            if kept is not None and _stopped(kept):
-                _dropped.discard(kept)
-
-    def _finalize(self) -> None:
-        """:meth:`__del__` once the child is held in ``_dropped``."""
-        with contextlib.suppress(Exception):
-            if self.closed:
-                # A close() cut short (an exception a signal handler raised: Ctrl-C, a request
-                # timeout's SIGALRM in a ``with`` block's exit) and dropped: nobody calls it again.
-                # Its child (pid, pidfd, uid, scratch) was left for good. Stopped here, at once.
-                child, self._child = self._child, None
-                if child is not None:
-                    _stop_child(child, graceful=False)
-                return
-            if self._lock.acquire(False):  # nothing else can take it now: nobody else refers to us
+                _dropped.add(child)
+            if not self.closed and self._lock.acquire(False):  # nobody else can take it now
                 self._lock.release()
                 self.close()
-                return
-            # Held by a call nobody will finish: an AsyncSandbox execute whose task was dropped
-            # pending with its event loop (the garbage collector finalizes the two in any order; a
-            # thread in a call would keep us alive). close() waited for that lock for ever: at exit
-            # the host never ended. The child is stopped without it.
-            self.closed = True
-            child, self._child = self._child, None
-            if child is not None:
-                _stop_child(child, graceful=False)
+            else:
+                # Closed already: a close() cut short (an exception a signal handler raised:
+                # Ctrl-C, a request timeout's SIGALRM in a ``with`` block's exit), which nobody
+                # calls again, had left the child (pid, pidfd, uid, scratch) for good. Or the
+                # lock is held by a call nobody will finish: an AsyncSandbox execute whose task
+                # was dropped pending with its event loop (the garbage collector finalizes the
+                # two in any order; a thread in a call would keep us alive), and close() waited
+                # for it for ever: at exit the host never ended. Either way the child is stopped
+                # here, at once, without the lock.
+                self.closed = True
+                self._child = None
+                if child is not None:
+                    _stop_child(child, graceful=False)
+            if child is not None and _stopped(child):
+                _dropped.discard(child)
 
     # --------------------------------------------------------------- children
     def _ensure_child(self, replace_exited: bool = True) -> _Child:
