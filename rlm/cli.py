@@ -414,10 +414,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 #: JSON escapes for the characters JSON itself lets through raw but a terminal may act on: DEL, the
-#: C1 controls (U+0080-U+009F) and the bidirectional overrides and isolates.
+#: C1 controls (U+0080-U+009F) and the bidirectional controls (as :func:`rlm.display.visible`).
 _JSON_ESCAPES = {
     code: f"\\u{code:04x}"
-    for code in [0x7F, *range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+    for code in [
+        0x7F,
+        *range(0x80, 0xA0),
+        0x061C,
+        0x200E,
+        0x200F,
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+    ]
 }
 
 

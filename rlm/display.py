@@ -20,13 +20,17 @@ if TYPE_CHECKING:
 
 __all__ = ["LiveView", "VerboseView", "visible"]
 
-# C0 controls but newline and tab, DEL, C1 controls, and the bidirectional overrides
-# and isolates that reorder what is shown ("trojan source").
+# C0 controls but newline and tab, DEL, C1 controls, and the bidirectional controls that
+# reorder what is shown ("trojan source"): the overrides, embeddings and isolates, and the
+# marks U+061C, U+200E and U+200F (the set the audit log escapes).
 _ESCAPES = {
     code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
     for code in [
         *(c for c in range(0x20) if c not in (0x09, 0x0A)),
         *range(0x7F, 0xA0),
+        0x061C,
+        0x200E,
+        0x200F,
         *range(0x202A, 0x202F),
         *range(0x2066, 0x206A),
     ]

@@ -102,17 +102,27 @@ def _read_pty(proc: warm_cli.Process, master: int, timeout: float = 60) -> tuple
 
 
 # ------------------------------------------------------------------ 5: the operator's terminal
-TTY_ANSWER = "before\x1b]0;PWNED-TITLE\x07\x1b[2J\x1b]8;;http://evil/\x1b\\click\x1b]8;;\x1b\\\u202eafter"
+TTY_ANSWER = "before\x1b]0;PWNED-TITLE\x07\x1b[2J\x1b]8;;http://evil/\x1b\\click\x1b]8;;\x1b\\\u202e\u200f\u061c\u200eafter"
 
 
 def test_run_on_a_terminal_shows_the_answer_with_controls_escaped(tmp_path: Path):
     with LLMServer(f"FINAL({TTY_ANSWER!r})") as srv:
         out, code = _read_pty(*_start_on_pty(_argv(srv, _context(tmp_path)), _env(tmp_path)))
     assert code == 0, out
-    assert b"\x1b" not in out and b"\x07" not in out and "\u202e".encode() not in out, out
+    assert b"\x1b" not in out and b"\x07" not in out, out
+    assert not any(mark.encode() in out for mark in "\u202e\u200f\u061c\u200e"), out
     shown = out.decode()
     assert shown.startswith("before\\x1b]0;PWNED-TITLE\\x07\\x1b[2J\\x1b]8;;http://evil/\\x1b\\click"), shown
-    assert "\\u202eafter\r\n" in shown and "\r\nrlm: final, 1 turn(s)" in shown, shown
+    assert "\\u202e\\u200f\\u061c\\u200eafter\r\n" in shown and "\r\nrlm: final, 1 turn(s)" in shown, shown
+
+
+def test_run_json_on_a_terminal_escapes_the_controls_and_keeps_the_answer(tmp_path: Path):
+    with LLMServer(f"FINAL({TTY_ANSWER!r})") as srv:
+        out, code = _read_pty(*_start_on_pty(_argv(srv, _context(tmp_path), "--json"), _env(tmp_path)))
+    assert code == 0, out
+    assert b"\x1b" not in out and b"\x07" not in out, out
+    assert not any(mark.encode() in out for mark in "\u202e\u200f\u061c\u200e"), out
+    assert json.loads(out.decode())["answer"] == TTY_ANSWER  # escaped in JSON, the same answer
 
 
 def test_run_on_a_terminal_shows_a_server_error_as_one_escaped_line(tmp_path: Path):
