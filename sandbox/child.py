@@ -52,6 +52,10 @@ SPIN_SECONDS = 0.0005
 
 #: Cells whose source is kept for tracebacks (older ones show file and line only).
 SOURCE_CELLS_KEPT = 200
+#: Where the compiler ends a line of source: after ``\n``, ``\r\n`` and a lone ``\r``, not at the
+#: other characters ``str.splitlines()`` breaks at (U+2028, form feed, ...): split there, a
+#: traceback would quote another line than the one that raised.
+_SOURCE_LINE_END = re.compile(r"(?<=\n)|(?<=\r)(?!\n)")
 
 TRUNCATION_MARKER = "\n[... output truncated at {limit} bytes by policy {policy!r}]\n"
 
@@ -153,6 +157,14 @@ def _refusal(text: str) -> str:
 
 
 _CELL_FILE = re.compile(r"<cell-[0-9]+>")
+
+
+def _source_lines(code: str) -> list[str]:
+    """*code*'s lines as the compiler numbers them, each with its line end."""
+    lines = _SOURCE_LINE_END.split(code)
+    if lines and not lines[-1]:
+        lines.pop()
+    return lines
 
 
 def _exit_status(error: BaseException | None) -> int:
@@ -464,7 +476,7 @@ class Child:
     def execute(self, exec_id: int, code: str) -> dict[str, Any]:
         self.exec_count += 1
         filename = f"<cell-{self.exec_count}>"
-        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        linecache.cache[filename] = (len(code), None, _source_lines(code), filename)
         # Keep the source of the last cells only, so a long-lived child does not grow per execute.
         linecache.cache.pop(f"<cell-{self.exec_count - SOURCE_CELLS_KEPT}>", None)
         capture = _Capture(self.max_output)

@@ -124,3 +124,20 @@ def test_guard_refusals_at_run_time(box):
         r = box.execute("getattr(1, '__class__')")
         assert r.error_type == "AttributeError" and "__class__" in r.error_message
     assert_clean(r)
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\x0c", "\x0b", "\x1c", "\x85"])
+def test_a_traceback_quotes_the_line_that_raised_whatever_the_code_holds_between_lines(box, sep):
+    # str.splitlines() ends a line at these, the compiler does not: the cell's source split so
+    # quoted a decoy ("nothing to see here") for the line that raised.
+    code = f'note = "build ok"  # see docs{sep}print("nothing to see here")\nraise KeyError("the real line")\n'
+    r = box.execute(code)
+    assert r.error_type == "KeyError", r
+    assert 'raise KeyError("the real line")' in r.traceback, r.traceback
+    assert "nothing to see here" not in r.traceback, r.traceback
+
+
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"])
+def test_a_traceback_quotes_the_line_that_raised_with_any_line_end(box, end):
+    r = box.execute(end.join(["a = 1", "b = 2", "raise KeyError('third')", "c = 3"]))
+    assert "line 3" in r.traceback and "raise KeyError('third')" in r.traceback, r.traceback
