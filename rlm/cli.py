@@ -117,7 +117,10 @@ def _cmd_exec(args: argparse.Namespace) -> int:
         with Sandbox(policy, audit_log=args.audit_log) as sb:
             for name, value in variables.items():
                 sb.set_variable(name, value)
-            result = sb.execute(code)
+            try:
+                result = sb.execute(code)
+            except ValueError as exc:  # too large for one request: nothing ran
+                return _fail(f"{args.file}: {exc}")
             audit_path = sb.audit_path
     except SandboxError as exc:
         return _fail(str(exc))

@@ -171,3 +171,18 @@ def test_exec_and_help_do_not_import_litellm(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False False"
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_file_too_large_for_one_request_exits_two_in_one_line(tmp_path, json_flag):
+    policy = tmp_path / "small.toml"
+    policy.write_text(
+        (ROOT / "policies" / "default.toml").read_text().replace("max_message_mb = 256", "max_message_mb = 1")
+    )
+    big = tmp_path / "big.py"
+    big.write_text("#" + "x" * 3_000_000 + "\nprint(1)\n")
+    out = run_cli("exec", "--policy", str(policy), *json_flag, str(big))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(big) in lines[0] and "a request may carry" in lines[0], lines
+    assert out.stdout == ""
