@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -227,7 +228,10 @@ def _add_run_parser(sub: Any) -> None:
         help="litellm model string (default: $RLM_MODEL)",
     )
     p.add_argument("--sub-model", help="model for llm_query sub-calls (default: the root model)")
-    p.add_argument("--api-base", help="base URL of an OpenAI-compatible or proxy endpoint, for every model")
+    p.add_argument(
+        "--api-base",
+        help="base URL of an OpenAI-compatible or proxy endpoint, for every model (default: $RLM_API_BASE)",
+    )
     p.add_argument(
         "--context", required=True, metavar="FILE|-", help="the context: a text file, or - for standard input"
     )
@@ -296,6 +300,7 @@ def check_run_flags(args: argparse.Namespace) -> str | None:
     from rlm.checks import check_api_base, check_number
     from rlm.errors import ConfigurationError
 
+    api_base_flag = _api_base_from_env(args)
     for flag, (name, least, fractional) in _RUN_FLAGS.items():
         value = getattr(args, name, None)
         if value is None:
@@ -312,10 +317,20 @@ def check_run_flags(args: argparse.Namespace) -> str | None:
     if timeout is not None and not timeout > 0:
         return f"--request-timeout must be > 0, got {timeout!r}"
     try:
-        check_api_base(getattr(args, "api_base", None), "--api-base")
+        check_api_base(getattr(args, "api_base", None), api_base_flag)
     except ConfigurationError as exc:
         return str(exc)
     return None
+
+
+def _api_base_from_env(args: argparse.Namespace) -> str:
+    """``--api-base`` defaults to ``$RLM_API_BASE`` (as ``-m`` to ``$RLM_MODEL``, and as the
+    examples read it): set in *args* when the flag was not given. Returns the name to show in
+    an error about the value."""
+    if getattr(args, "api_base", None) is None and os.environ.get("RLM_API_BASE"):
+        args.api_base = os.environ["RLM_API_BASE"]
+        return "$RLM_API_BASE"
+    return "--api-base"
 
 
 def _run_error(args: argparse.Namespace, message: str, code: int) -> int:
@@ -487,8 +502,10 @@ def _add_mcp_parser(sub: Any) -> None:
     )
     p.add_argument("--policy", default="default", help="sandbox policy name or .toml path (default: default)")
     p.add_argument("--transport", choices=("stdio", "http"), default="stdio", help="default: stdio")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8765, help="HTTP port, 0 for any free one (default: 8765)")
+    p.add_argument("--host", help="HTTP bind address, with --transport http (default: 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, help="HTTP port, 0 for any free one, with --transport http (default: 8765)"
+    )
     p.add_argument(
         "--max-sessions", type=int, default=8, metavar="N", help="open sessions at most (default: 8)"
     )
@@ -519,7 +536,10 @@ def _add_mcp_parser(sub: Any) -> None:
         help="offer rlm_query with this root model (default: $RLM_MODEL; unset: no rlm_query)",
     )
     p.add_argument("--sub-model", help="rlm_query's sub-model (default: the root model)")
-    p.add_argument("--api-base", help="base URL of an OpenAI-compatible endpoint, for rlm_query's models")
+    p.add_argument(
+        "--api-base",
+        help="base URL of an OpenAI-compatible endpoint, for rlm_query's models (default with --model: $RLM_API_BASE)",
+    )
     p.add_argument("--log-dir", type=_path, help="write rlm_query trajectories here (default: none)")
     p.add_argument("--max-iterations", type=int, metavar="N", help="rlm_query's turns at most (default: 20)")
     p.add_argument(
@@ -568,6 +588,9 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
 
     # rlm_query's flags mean nothing without --model (the tool is not offered): refused, not ignored.
     given = [flag for flag, value in _rlm_query_flags(args) if value is not None]
+    api_base_flag = (
+        _api_base_from_env(args) if args.model else "--api-base"
+    )  # (the variable: only for rlm_query)
     if given and not args.model:
         return _fail(f"{given[0]} needs --model (rlm_query is offered only with a model)")
     max_iterations = 20 if args.max_iterations is None else args.max_iterations
@@ -585,9 +608,15 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
 
     try:
         check_number("--max-cost", args.max_cost, minimum=0)  # as rlm run's --budget-usd
-        check_api_base(args.api_base, "--api-base")
+        check_api_base(args.api_base, api_base_flag)
     except ConfigurationError as exc:
         return _fail(str(exc))
+    if args.transport != "http":  # meaningless for stdio: refused, not ignored
+        for flag, value in (("--host", args.host), ("--port", args.port)):
+            if value is not None:
+                return _fail(f"{flag} needs --transport http (the stdio transport listens on nothing)")
+    args.host = "127.0.0.1" if args.host is None else args.host
+    args.port = 8765 if args.port is None else args.port
     if not 0 <= args.port <= 65535:
         return _fail("--port must be between 0 and 65535")
     if not 0 <= args.pool_size <= 64:
@@ -657,7 +686,10 @@ def _add_batch_parser(sub: Any) -> None:
         "-m", "--model", default=os.environ.get("RLM_MODEL"), help="root model (default: $RLM_MODEL)"
     )
     p.add_argument("--sub-model", help="model for llm_query sub-calls (default: the root model)")
-    p.add_argument("--api-base", help="base URL of an OpenAI-compatible or proxy endpoint, for every model")
+    p.add_argument(
+        "--api-base",
+        help="base URL of an OpenAI-compatible or proxy endpoint, for every model (default: $RLM_API_BASE)",
+    )
     p.add_argument(
         "--workers", type=int, metavar="N", help="runs at once (default: CPUs here, or the cluster's)"
     )

@@ -686,6 +686,14 @@ def _map_error(
         return ContextWindowExceeded(
             f"{model}: the prompt does not fit the context window: {message}", model=model
         )
+    if isinstance(exc, litellm.NotFoundError) and api_base:
+        # A 404 from a server named by api_base is more often a wrong path (a missing or extra
+        # /v1) than a wrong model: say both, and where it came from.
+        return UnknownModelError(
+            f"{model}: {api_base} answered 404 (not found): check the API base URL (an OpenAI-compatible"
+            f" server's usually ends in /v1) and the model name: {message}",
+            model=model,
+        )
     if isinstance(exc, litellm.NotFoundError) or "llm provider not provided" in lowered:
         return UnknownModelError(f"{model}: unknown model: {message}", model=model)
     retry_after = _retry_after(exc)

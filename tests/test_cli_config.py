@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
+from tests.llm_server import LLMServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,6 +123,7 @@ def test_run_and_exec_name_the_flag_of_a_file_they_cannot_read(tmp_path: Path, w
         (["--max-time", "-1"], "rlm batch: --max-time must be >= 0, got -1.0"),
         (["--api-base", "not a url"], "rlm batch: --api-base 'not a url' is not an http:// or https:// URL"),
         (["--log-dir", "/proc/rlm-no-such-dir"], "rlm batch: --log-dir /proc/rlm-no-such-dir: "),
+        (["--ray-address", "auto"], "rlm batch: --ray-address needs --engine ray"),
     ],
 )
 def test_batch_refuses_bad_flags_before_writing_anything(tmp_path: Path, flags: list[str], expect: str):
@@ -137,6 +139,60 @@ def test_batch_refuses_bad_flags_before_writing_anything(tmp_path: Path, flags: 
     assert done.returncode == 2, done.stderr
     assert _one_line(done.stderr).startswith(expect), done.stderr  # no "0 of 2 items" summary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no OUT, no OUT.lock
+
+
+def test_batch_with_the_ray_engine_and_no_ray_says_so_before_anything_runs(tmp_path: Path):
+    hide = tmp_path / "no-ray"  # a Python where `import ray` fails, as in an install without the extra
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['ray'] = None\n")
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "query": "q", "context": "c"}\n')
+    done = run_cli(
+        "batch", str(source), "--out", str(tmp_path / "out.jsonl"), "-m", "openai/x", "--engine", "ray",
+        cwd=ROOT, env={**_env(tmp_path), "PYTHONPATH": str(hide)}, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert _one_line(done.stderr).startswith("rlm batch: the ray engine needs Ray: pip install"), done.stderr
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.jsonl.lock").exists()
+
+
+def test_run_takes_its_api_base_from_rlm_api_base_when_the_flag_is_not_given(tmp_path: Path):
+    with LLMServer("FINAL('from the variable')") as srv:
+        context = tmp_path / "context.txt"
+        context.write_text("some records\n")
+        done = run_cli(
+            "run", "-m", "openai/x", "--context", str(context), "--query", "q", "--json",
+            cwd=ROOT, env={**_env(tmp_path), "RLM_API_BASE": srv.base_url}, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["answer"] == "from the variable" and srv.requests
+    # a bad value is named as the variable it came from; the flag wins over it
+    env = {**_env(tmp_path), "RLM_API_BASE": "not a url"}
+    done = run_cli(
+        "run", "-m", "openai/x", "--context", str(context), "--query", "q", cwd=ROOT, env=env, timeout=60
+    )
+    assert done.returncode == 2 and _one_line(done.stderr).startswith(
+        "rlm: $RLM_API_BASE 'not a url' is not"
+    ), done
+    done = run_cli(*["run", "-m", "openai/x", "--context", str(context), "--query", "q", *REFUSED], cwd=ROOT,
+                   env=env, timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "cannot connect to http://127.0.0.1:9/v1" in _one_line(done.stderr), done
+
+
+def test_mcp_host_and_port_need_the_http_transport(tmp_path: Path):
+    pytest.importorskip("mcp", reason="needs the mcp extra: pip install -e '.[mcp]'")
+    for flags in (["--port", "9000"], ["--host", "0.0.0.0"]):
+        done = run_cli("mcp", "--audit-log", str(tmp_path / "a.jsonl"), *flags, stdin="", cwd=ROOT,
+                       env=_env(tmp_path), timeout=60)  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert (
+            _one_line(done.stderr)
+            == f"rlm: {flags[0]} needs --transport http (the stdio transport listens on nothing)"
+        )
+    # $RLM_API_BASE is rlm_query's: without a model it is not a flag given without one
+    done = run_cli("mcp", "--audit-log", str(tmp_path / "a.jsonl"), stdin="", cwd=ROOT,
+                   env={**_env(tmp_path), "RLM_API_BASE": "http://127.0.0.1:9/v1"}, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
 
 
 def test_mcp_rlm_query_flags_need_a_model(tmp_path: Path):
@@ -183,7 +239,9 @@ def test_usage_errors_quote_arguments_with_control_characters_escaped():
     hostile = "\x1b]0;pwned\x07\x1b[2J\u202e"
     done = run_cli("doctor", hostile)
     assert done.returncode == 2
-    assert "\x1b" not in done.stderr and "\x07" not in done.stderr and "\u202e" not in done.stderr, done.stderr
+    assert "\x1b" not in done.stderr and "\x07" not in done.stderr and "\u202e" not in done.stderr, (
+        done.stderr
+    )
     assert done.stderr.splitlines()[-1] == (
         "rlm: error: unrecognized arguments: \\x1b]0;pwned\\x07\\x1b[2J\\u202e"
     ), done.stderr

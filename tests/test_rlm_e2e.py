@@ -160,6 +160,16 @@ def test_missing_key_unknown_model_and_rejected_key(monkeypatch):
     assert KEY not in str(info.value)
 
 
+def test_a_404_from_a_given_api_base_names_the_url_and_the_likely_path_mistake():
+    with LLMServer(Reply("no route", status=404, error_code="not_found")) as srv:
+        wrong = srv.base_url.removesuffix("/v1") + "/wrong/v1"
+        with pytest.raises(UnknownModelError) as info:
+            run("q", "c", model="openai/m", api_base=wrong, api_key=KEY)
+    message = str(info.value)
+    assert message.startswith(f"openai/m: {wrong} answered 404 (not found): check the API base URL"), message
+    assert "ends in /v1" in message and KEY not in message
+
+
 def test_llm_module_surface():
     from rlm import llm
 

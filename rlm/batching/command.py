@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -86,6 +87,20 @@ def _changed(items: list[BatchItem], results: ResultsFile) -> list[str]:
     return changed
 
 
+def _engine_flag_problem(args: argparse.Namespace) -> str | None:
+    """``--ray-address`` without ``--engine ray`` (refused, not ignored), or the ray engine
+    without Ray installed: said before anything runs, not after a summary of nothing."""
+    if args.engine != "ray":
+        return "--ray-address needs --engine ray" if args.ray_address is not None else None
+    try:
+        found = importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):  # a broken install: as good as none
+        found = False
+    if not found:
+        return "the ray engine needs Ray: pip install 'rlm[ray]' (no module named 'ray')"
+    return None
+
+
 def run_batch_command(args: argparse.Namespace) -> int:
     """Run ``rlm batch`` with parsed arguments (see :func:`rlm.cli._add_batch_parser`)."""
     if not args.model:
@@ -93,7 +108,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from rlm.cli import check_run_flags
 
-    bad_flag = check_run_flags(args)  # before anything is read, run or written
+    bad_flag = check_run_flags(args) or _engine_flag_problem(args)  # before anything is read, run or written
     if bad_flag is not None:
         _say(bad_flag)
         return EXIT_USAGE
