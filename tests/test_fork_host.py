@@ -122,6 +122,13 @@ def task(n):
     return n
 
 if __name__ == "__main__":
+    # The forkserver's socket goes in multiprocessing's temporary directory, under TMPDIR: under
+    # pytest's deep tmp_path in a long TMPDIR its path passes AF_UNIX's 108 bytes. Made under
+    # /tmp instead; the sandboxes' scratch directories stay under TMPDIR.
+    import multiprocessing.util, tempfile
+    tempfile.tempdir = "/tmp"
+    multiprocessing.util.get_temp_dir()
+    tempfile.tempdir = None
     for method in ("fork", "forkserver"):
         ctx = multiprocessing.get_context(method)
         worker = ctx.Process(target=task, args=(1,))
