@@ -24,8 +24,10 @@ CANARY = "sk-demo-canary-0123456789abcdef"
 def demo_policies(directory: Path) -> tuple[Path, Path]:
     """The shipped default policy with demo-sized timings, with and without the Python guard."""
     text = (ROOT / "policies" / "default.toml").read_text()
-    text = text.replace("cpu_seconds = 10", "cpu_seconds = 2").replace(
-        "wall_seconds = 30", "wall_seconds = 3"
+    text = (
+        text.replace("cpu_seconds = 10", "cpu_seconds = 2")
+        .replace("wall_seconds = 30", "wall_seconds = 3")
+        .replace("memory_mb = 1024", "memory_mb = 256")  # reached well before the 2 s of CPU
     )
     guarded = directory / "default.toml"
     guarded.write_text(text)
@@ -77,7 +79,8 @@ def main() -> int:
         guarded, no_guard = (str(p) for p in demo_policies(tmpdir))
         print("Each script runs in a fresh sandbox, once with the Python guard and once without it,")
         print(
-            "under the shipped default policy (CPU and wall limits cut to 2 s and 3 s to keep the demo short)."
+            "under the shipped default policy (CPU, wall and memory limits cut to 2 s, 3 s and 256 MiB"
+            " to keep the demo short)."
         )
         print(f"A fake key ({CANARY[:12]}...) sits in the environment of `rlm exec`.\n")
         print(f"{'script':<20} {'policy default (guard on)':<58} policy default, guard = none (kernel only)")
@@ -99,4 +102,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, as a shell command does
+        sys.exit(130)

@@ -15,6 +15,7 @@ import argparse
 import os
 import random
 import sys
+from pathlib import Path
 
 SHIPS = [
     "Albatross",
@@ -82,18 +83,22 @@ def main() -> int:
         return 0
     import rlm
 
-    result = rlm.run(
-        query=(
-            f"How many times in the whole logbook did the ship {ship} put into port? "
-            "Sightings without calling do not count. Answer with a number."
-        ),
-        context=text,
-        model=model,
-        api_base=os.environ.get("RLM_API_BASE"),
-        max_iterations=15,
-        verbose=args.verbose,
-        log_dir=args.log_dir,
-    )
+    try:
+        result = rlm.run(
+            query=(
+                f"How many times in the whole logbook did the ship {ship} put into port? "
+                "Sightings without calling do not count. Answer with a number."
+            ),
+            context=text,
+            model=model,
+            api_base=os.environ.get("RLM_API_BASE"),
+            max_iterations=15,
+            verbose=args.verbose,
+            log_dir=args.log_dir,
+        )
+    except rlm.RLMError as exc:  # a missing key, an unreachable server, ...: one line, not a traceback
+        print(f"{Path(__file__).name}: {exc}", file=sys.stderr)
+        return 1
     print(f"answer: {result.answer}  (expected {arrivals[ship]})")
     cost = "unknown" if result.cost_usd is None else f"${result.cost_usd:.4f}"
     print(f"stop: {result.stop_reason}, {result.iterations} turns, {result.sub_calls} sub-calls, cost {cost}")
@@ -101,4 +106,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -102,9 +102,9 @@ def main() -> int:
             log_dir=LOG_DIR,
             **({"backend": backend, "sub_model": "scripted-sub"} if backend is not None else {}),
         )
-    except rlm.RLMError as exc:
+    except rlm.RLMError as exc:  # the configured model failed (a key, a server): make demo says so
         print(f"RLM demo: {exc}")
-        return 0
+        return 1
     cost = "unknown" if result.cost_usd is None else f"${result.cost_usd:.4f}"
     print(f"  answer: {result.answer}   (expected {expected:,})")
     print(f"  {result.iterations} turns, {result.code_executions} code blocks, {result.sub_calls} sub-calls, "
@@ -115,4 +115,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 RECORDS = """Employee records
 - Alice: Engineering, $75,000
@@ -29,14 +30,18 @@ def main() -> int:
         return 0
     import rlm
 
-    result = rlm.run(
-        query="What is the total salary of all Engineering employees?",
-        context=RECORDS,
-        model=model,
-        api_base=os.environ.get("RLM_API_BASE"),
-        max_iterations=10,
-        verbose="-v" in sys.argv,
-    )
+    try:
+        result = rlm.run(
+            query="What is the total salary of all Engineering employees?",
+            context=RECORDS,
+            model=model,
+            api_base=os.environ.get("RLM_API_BASE"),
+            max_iterations=10,
+            verbose="-v" in sys.argv,
+        )
+    except rlm.RLMError as exc:  # a missing key, an unreachable server, ...: one line, not a traceback
+        print(f"{Path(__file__).name}: {exc}", file=sys.stderr)
+        return 1
     print(f"answer: {result.answer}  (expected $252,000)")
     cost = "unknown" if result.cost_usd is None else f"${result.cost_usd:.4f}"
     print(f"{result.iterations} turns, {result.code_executions} code blocks, {result.sub_calls} sub-calls, "
@@ -45,4 +50,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
