@@ -115,12 +115,14 @@ _default_path: tuple[tuple[str | None, str | None], Path] | None = None
 
 
 def default_audit_path() -> Path:
-    """``$XDG_STATE_HOME/rlm/audit.jsonl`` (``~/.local/state/rlm/audit.jsonl`` without it)."""
+    """``$XDG_STATE_HOME/rlm/audit.jsonl`` (``~/.local/state/rlm/audit.jsonl`` without it, or when
+    it is relative: the XDG spec says to ignore a relative value, and a log found by the current
+    directory would move with it)."""
     global _default_path
     key = (os.environ.get("XDG_STATE_HOME"), os.environ.get("HOME"))
     if _default_path is not None and _default_path[0] == key:  # pathlib is slow on a cold start
         return _default_path[1]
-    state = key[0] or str(Path.home() / ".local" / "state")
+    state = key[0] if key[0] and os.path.isabs(key[0]) else str(Path.home() / ".local" / "state")
     path = Path(state) / "rlm" / "audit.jsonl"
     _default_path = (key, path)
     return path

@@ -222,6 +222,9 @@ def test_the_default_audit_path_follows_the_environment(monkeypatch, tmp_path) -
     monkeypatch.delenv("XDG_STATE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_audit_path() == tmp_path / "home" / ".local" / "state" / "rlm" / "audit.jsonl"
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/state")  # ignored, as the XDG spec says
+    assert default_audit_path() == tmp_path / "home" / ".local" / "state" / "rlm" / "audit.jsonl"
+    monkeypatch.delenv("XDG_STATE_HOME")
     log = AuditLog("~/logs/x.jsonl")  # "~" expanded, the missing directory made
     assert log.path == tmp_path / "home" / "logs" / "x.jsonl" and log.path.parent.is_dir()
     log.close()
