@@ -60,6 +60,8 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 def _read_source(arg: str) -> str:
     """The text of a file, or of standard input for ``-``: UTF-8, strictly (under the C locale,
     ``sys.stdin`` would decode bad bytes to lone surrogates, refused later as another error)."""
+    if not arg:  # Path("") is the current directory: "Is a directory" would not say what is wrong
+        raise ValueError("'': an empty path (a file, or - for standard input)")
     try:
         if arg == "-":
             raw = getattr(sys.stdin, "buffer", None)  # None: a text stream put in its place
@@ -75,8 +77,10 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for item in items:
         name, sep, spec = item.partition("=")
-        if not sep or not name.isidentifier():
+        if not sep:
             raise ValueError(f"--set expects NAME=@FILE or NAME=TEXT, got {item!r}")
+        if not name.isidentifier():
+            raise ValueError(f"--set {item!r}: {name!r} is not a Python variable name")
         if spec.startswith("@"):
             try:
                 data = Path(spec[1:]).read_bytes()
@@ -360,16 +364,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _run_error(args, problem, EXIT_USAGE)
     from rlm.checks import check_text
 
+    # Bytes that are not UTF-8 in argv arrive as lone surrogates U+DC80-U+DCFF (surrogateescape).
+    escaped = next((at for at, ch in enumerate(args.query) if "\udc80" <= ch <= "\udcff"), None)
+    if escaped is not None:
+        byte = ord(args.query[escaped]) - 0xDC00
+        return _run_error(
+            args, f"--query is not valid UTF-8 (byte 0x{byte:02x} at character {escaped})", EXIT_USAGE
+        )
     try:
-        check_text("--query", args.query)  # bytes that are not UTF-8 in argv: lone surrogates
+        check_text("--query", args.query)
     except ConfigurationError as exc:
         return _run_error(args, str(exc), EXIT_USAGE)
+    if not args.query.strip():  # a paid run about nothing
+        return _run_error(args, "--query is empty", EXIT_USAGE)
     try:
         context = _read_source(args.context)
     except OSError as exc:
         return _run_error(args, f"--context {args.context}: {exc.strerror}", EXIT_USAGE)
     except ValueError as exc:  # not UTF-8 (_read_source names the file or standard input)
         return _run_error(args, f"--context {exc}", EXIT_USAGE)
+    if not context:
+        print(f"rlm: warning: the context ({args.context}) is empty", file=sys.stderr)
     from rlm.checks import check_log_dir
     from rlm.core import run
 

@@ -775,7 +775,10 @@ def test_a_query_with_a_lone_surrogate_is_refused_before_any_request(
     (tmp_path / "context.txt").write_text("number 03")
     code, stderr = in_process(capsys, "run", "-m", MODEL, "--api-base", server.base_url, "--context",
                               str(tmp_path / "context.txt"), "--query", "square\udcff?")  # fmt: skip
-    assert code == 2 and "--query is not valid Unicode text" in stderr, stderr
+    assert code == 2 and "--query is not valid UTF-8 (byte 0xff at character 6)" in stderr, stderr
+    code, stderr = in_process(capsys, "run", "-m", MODEL, "--api-base", server.base_url, "--context",
+                              str(tmp_path / "context.txt"), "--query", "square\ud800?")  # fmt: skip
+    assert code == 2 and "--query is not valid Unicode text" in stderr, stderr  # not from argv's bytes
     assert len(server.requests) == 1  # none of them sent a request
     assert time.monotonic() - started < 10
 

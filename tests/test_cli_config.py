@@ -179,6 +179,31 @@ def test_run_takes_its_api_base_from_rlm_api_base_when_the_flag_is_not_given(tmp
     assert done.returncode == 2 and "cannot connect to http://127.0.0.1:9/v1" in _one_line(done.stderr), done
 
 
+def test_run_refuses_an_empty_query_and_an_empty_context_path_and_warns_of_an_empty_context(tmp_path: Path):
+    for flags, expect in (
+        (["--query", " \n"], "rlm: --query is empty"),
+        (
+            ["--context", "", "--query", "q"],
+            "rlm: --context '': an empty path (a file, or - for standard input)",
+        ),
+    ):
+        done = run_cli("run", "-m", "openai/x", "--context", str(ROOT / "README.md"), *flags, *REFUSED, cwd=ROOT,
+                       env=_env(tmp_path), timeout=60)  # fmt: skip
+        assert done.returncode == 2 and _one_line(done.stderr) == expect, done.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    done = run_cli("run", "-m", "openai/x", "--context", str(empty), "--query", "q", *REFUSED, cwd=ROOT,
+                   env=_env(tmp_path), timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr  # the run went on (to the refused endpoint), warned
+    assert done.stderr.splitlines()[0] == f"rlm: warning: the context ({empty}) is empty", done.stderr
+
+
+def test_exec_set_names_a_bad_variable_name(tmp_path: Path):
+    done = run_cli("exec", "--set", "1x=3", "-", stdin="print(1)", cwd=ROOT, env=_env(tmp_path), timeout=60)
+    assert done.returncode == 2
+    assert _one_line(done.stderr) == "rlm: --set '1x=3': '1x' is not a Python variable name", done.stderr
+
+
 def test_mcp_host_and_port_need_the_http_transport(tmp_path: Path):
     pytest.importorskip("mcp", reason="needs the mcp extra: pip install -e '.[mcp]'")
     for flags in (["--port", "9000"], ["--host", "0.0.0.0"]):
