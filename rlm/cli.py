@@ -34,6 +34,22 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed distribution's version, looked up only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"rlm {version('rlm')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            print("rlm (not installed: version unknown)")
+        parser.exit()
+
+
 def _needs_a_command(parser: argparse.ArgumentParser) -> None:
     """*parser* run without one of its sub-commands prints its help, which lists them, and exits 2.
 
@@ -167,11 +183,33 @@ def _cmd_policy(args: argparse.Namespace) -> int:
         print(
             f"{args.policy}: ok (policy {policy.name!r}, schema_version {policy.schema_version}, sha256 {policy.sha256[:16]}...)"
         )
+        from rlm.display import visible
+
+        for name in _unknown_modules(policy.python.allowed_imports):
+            print(f"rlm policy check: warning: python.allowed_imports: no module {visible(name)!r} here (a typo?)",
+                  file=sys.stderr)  # fmt: skip
         return EXIT_OK
     data = policy.model_dump(mode="json")
     data["sha256"] = policy.sha256
     print(json.dumps(data, indent=2))
     return EXIT_OK
+
+
+def _unknown_modules(names: Sequence[str]) -> list[str]:
+    """The entries of *names* whose top-level package this Python cannot find (found without
+    importing anything: a dotted entry's parent would be imported, running its code)."""
+    import importlib.util
+
+    unknown = []
+    for name in names:
+        top = name.split(".", 1)[0]
+        try:
+            found = top in sys.builtin_module_names or importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            unknown.append(name)
+    return unknown
 
 
 # ------------------------------------------------------------------ audit
@@ -750,6 +788,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlm", description="Recursive Language Models on a hardened sandbox.")
+    parser.add_argument("--version", action=_Version, help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _needs_a_command(parser)
 

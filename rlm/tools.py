@@ -64,6 +64,14 @@ def _signature(fn: Callable[..., Any]) -> str:
         return "(...)"
 
 
+def _short_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        return "(no repr)"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def tool_table(
     tools: Mapping[str, Callable[..., Any]] | Iterable[Callable[..., Any]] | None,
 ) -> dict[str, Tool]:
@@ -79,7 +87,8 @@ def tool_table(
     table: dict[str, Tool] = {}
     for name, fn in pairs:
         if not callable(fn):
-            raise ConfigurationError(f"tool {name!r} is not callable")
+            shown = repr(name) if name is not None else f"{type(fn).__name__} {_short_repr(fn)}"
+            raise ConfigurationError(f"tool {shown} is not callable")
         if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
             raise ConfigurationError(
                 f"tool name {name!r} must be an identifier not starting with '_' "

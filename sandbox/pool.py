@@ -114,7 +114,11 @@ class SandboxPool:
     """
 
     def __init__(self, size: int = DEFAULT_SIZE) -> None:
-        if type(size) is not int or not 0 <= size <= _MAX_SIZE:
+        if type(size) is not int:  # (a bool is not a size either)
+            raise TypeError(
+                f"pool size must be an int from 0 to {_MAX_SIZE}, not {type(size).__name__} {size!r}"
+            )
+        if not 0 <= size <= _MAX_SIZE:
             raise ValueError(f"pool size must be an int from 0 to {_MAX_SIZE}, not {size!r}")
         self.size = size
         self.closed = False

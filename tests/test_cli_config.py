@@ -299,3 +299,25 @@ def test_output_into_a_closed_pipe_ends_quietly():
     finally:
         os.close(write)
     assert done.stderr == "" and done.returncode == 128 + 13, done.stderr
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    done = run_cli("--version", cwd=ROOT, timeout=60)
+    assert done.returncode == 0 and done.stdout == f"rlm {version('rlm')}\n", done
+
+
+def test_policy_check_warns_of_an_allowed_import_this_python_does_not_have(tmp_path: Path):
+    policy = tmp_path / "typo.toml"
+    policy.write_text(
+        (ROOT / "policies" / "default.toml").read_text().replace('"re", "json"', '"re", "jsonn", "json"')
+    )
+    done = run_cli("policy", "check", str(policy), cwd=ROOT, env=_env(tmp_path), timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith(f"{policy}: ok"), done
+    assert _one_line(done.stderr) == (
+        "rlm policy check: warning: python.allowed_imports: no module 'jsonn' here (a typo?)"
+    )
+    for shipped in ("default", "strict", "portable"):  # every shipped entry exists
+        done = run_cli("policy", "check", shipped, cwd=ROOT, env=_env(tmp_path), timeout=60)
+        assert done.returncode == 0 and done.stderr == "", done

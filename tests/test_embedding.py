@@ -432,6 +432,9 @@ def test_pool_size_zero_and_pool_none_fork_on_demand(audit_path) -> None:
         assert sb.execute("print(1)").ok
     with pytest.raises(ValueError):
         SandboxPool(size=-1)
+    for wrong in ("2", 2.0, True):  # a wrong type is a TypeError, as the README says of every argument
+        with pytest.raises(TypeError, match="pool size must be an int"):
+            SandboxPool(size=wrong)  # type: ignore[arg-type]
 
 
 def test_pool_children_of_a_killed_server_are_replaced(audit_path) -> None:

@@ -295,6 +295,8 @@ def test_tool_names_are_checked():
         with pytest.raises(ConfigurationError):
             RLM("m", tools=bad)
     assert list(RLM("m", tools={"find": lookup}).tools) == ["find"]
+    with pytest.raises(ConfigurationError, match=r"^tool int 5 is not callable$"):  # not "tool None"
+        RLM("m", tools=[5])
 
 
 # --------------------------------------------------------- error threshold
