@@ -485,7 +485,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 #: JSON escapes for the characters JSON itself lets through raw but a terminal may act on: DEL, the
-#: C1 controls (U+0080-U+009F) and the bidirectional controls (as :func:`rlm.display.visible`).
+#: C1 controls (U+0080-U+009F), the line and paragraph separators and the bidirectional marks,
+#: embeddings, overrides and isolates (those of ``visible``'s set that JSON writes raw).
 _JSON_ESCAPES = {
     code: f"\\u{code:04x}"
     for code in [
@@ -494,6 +495,8 @@ _JSON_ESCAPES = {
         0x061C,
         0x200E,
         0x200F,
+        0x2028,
+        0x2029,
         *range(0x202A, 0x202F),
         *range(0x2066, 0x206A),
     ]

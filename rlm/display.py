@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 
 __all__ = ["LiveView", "VerboseView", "visible"]
 
-# C0 controls but newline and tab, DEL, C1 controls, and the bidirectional controls that
-# reorder what is shown ("trojan source"): the overrides, embeddings and isolates, and the
-# marks U+061C, U+200E and U+200F (the set the audit log escapes).
+# C0 controls but newline and tab, DEL, C1 controls, the line and paragraph separators, and
+# the bidirectional marks, embeddings, overrides and isolates that reorder what is shown
+# ("trojan source"); the audit log escapes the same (those of them JSON does not), and the
+# `rlm view` page draws the same set escaped (page.js UNSAFE).
 _ESCAPES = {
     code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
     for code in [
@@ -31,6 +32,8 @@ _ESCAPES = {
         0x061C,
         0x200E,
         0x200F,
+        0x2028,
+        0x2029,
         *range(0x202A, 0x202F),
         *range(0x2066, 0x206A),
     ]

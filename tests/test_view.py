@@ -297,3 +297,148 @@ def test_a_run_whose_audit_records_were_cut_is_matched_from_the_end():
     _link_audit(run_data)
     linked = {it["code_blocks"][0]["n"]: it["code_blocks"][0].get("audit") for it in run_data["iterations"]}
     assert linked == {1: None, 2: None, 3: None, 4: 0, 5: 1}
+
+
+def _depth(value: object) -> int:
+    """How many levels of lists and objects *value* nests (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+DEEP_VARS = "def rlm_describe_vars():\n    print('{\"x\": ' + '[' * 97 + ']' * 97 + '}')\n"
+
+
+def test_a_step_nested_too_deeply_is_shown_cut_not_dropped(tmp_path: Path):
+    """A block that redefines ``rlm_describe_vars()`` to print JSON 98 levels deep (which the loop
+    accepts) puts its step's line past MAX_JSON_DEPTH: the loader dropped the whole line, and
+    with it the step's code and its sub-call (the one that sent the context out), under "a run
+    cut off mid-write?". The too-deep part is cut, the rest of the step kept."""
+    from rlm.trajectory import MAX_JSON_DEPTH
+    from rlm.view.load import TOO_DEEP
+
+    evil = "leaked = llm_query('EXFILTRATE: ' + context)\n" + DEEP_VARS + "answer = 'all fine'"
+    backend = ScriptedBackend({"root": [repl("print(len(context))"), repl(evil) + "\nFINAL_VAR(answer)"],
+                               "sub": ["ok"]})  # fmt: skip
+    r = run("q", "SECRET", model="root", sub_model="sub", backend=backend, log_dir=tmp_path, max_iterations=4)
+    assert r.answer == "all fine" and r.sub_calls == 1
+    assert _depth(json.loads(Path(r.log_path).read_text().splitlines()[-1])) > MAX_JSON_DEPTH
+    root = _data(build_page(r.log_path))["runs"][0]
+    assert len(root["iterations"]) == 2 and root["skipped_lines"] == 0 and root["too_deep_lines"] == 0
+    assert root["pruned_values"] == 1 and root["summary"]["sub_calls"] == 1
+    step = root["iterations"][1]
+    block = step["code_blocks"][0]
+    assert block["code"] == evil and block["result"]["rlm_calls"][0]["prompt"] == "EXFILTRATE: SECRET"
+    # cut at MAX_JSON_DEPTH levels of the line: the placeholder stands where the rest was
+    assert _depth(step) == MAX_JSON_DEPTH and TOO_DEEP in json.dumps(block["result"]["locals"]["x"])
+
+
+def test_lines_too_deep_for_the_page_or_the_parser_are_not_blamed_on_a_cut_off_write(tmp_path: Path):
+    """A tool's argument 95 levels deep sits past MAX_JSON_DEPTH in its step's line: the step
+    is kept, the argument cut. A line the JSON parser cannot read for its depth is skipped and
+    said to be too deep; only a line that is not JSON is counted as a cut-off write."""
+    from rlm.view.load import TOO_DEEP
+
+    deep_args = [json.loads("[" * 95 + "]" * 95)]
+    call = {"type": "tool", "name": "lookup", "args": deep_args, "kwargs": {}, "root_model": "tool:lookup",
+            "prompt": "lookup([[...]])", "response": "found"}  # fmt: skip
+    lines = [
+        json.dumps({"type": "metadata", "run_id": "r"}),
+        json.dumps(
+            {"type": "iteration", "code_blocks": [{"code": "lookup(d)", "result": {"rlm_calls": [call]}}]}
+        ),
+        '{"type": "iteration", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}",  # past the parser's depth
+        '{"type": "iteration", "response": "cut o',  # a write cut off
+    ]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    root = _data(build_page(path))["runs"][0]
+    assert (root["skipped_lines"], root["too_deep_lines"], root["pruned_values"]) == (1, 1, 1)
+    (step,) = root["iterations"]
+    (kept,) = step["code_blocks"][0]["result"]["rlm_calls"]
+    assert kept["prompt"] == "lookup([[...]])" and TOO_DEEP in json.dumps(kept["args"])
+    assert root["summary"]["sub_calls"] == 1
+
+
+def test_a_finished_run_whose_parsed_answer_nests_too_deeply_is_finished(tmp_path: Path):
+    """An ``output_type=list`` answer 100 levels deep is written into ``.result.json`` as
+    ``parsed``: the loader dropped the file, and the page said the run did not finish."""
+    from rlm.trajectory import MAX_JSON_DEPTH
+    from rlm.view.load import TOO_DEEP
+
+    code = "x = []\nfor _ in range(99):\n    x = [x]\nanswer = x"
+    backend = ScriptedBackend({"root": [repl(code) + "\nFINAL_VAR(answer)"]})
+    r = run("q", "c", model="root", backend=backend, log_dir=tmp_path, max_iterations=3, output_type=list)
+    assert r.stop_reason == "final"
+    outcome = json.loads(Path(r.log_path).with_name(f"{r.run_id}.result.json").read_text())
+    assert _depth(outcome) > MAX_JSON_DEPTH
+    root = _data(build_page(r.log_path))["runs"][0]
+    assert root["result"] is not None and root["result"]["stop_reason"] == "final"
+    assert root["result"]["answer"] == r.answer and root["pruned_values"] == 1
+    assert _depth(root["result"]) == MAX_JSON_DEPTH and TOO_DEEP in json.dumps(root["result"]["parsed"])
+
+
+def test_sub_calls_past_a_blocks_cap_are_counted_on_the_page(tmp_path: Path, monkeypatch):
+    """A block keeps BLOCK_CALL_ENTRIES call entries and counts the rest (``rlm_calls_omitted``):
+    the page never read that count, so the calls past the cap (the one that sent the context
+    out, say) were nowhere on it, and the run's totals left them out."""
+    import rlm.core
+
+    monkeypatch.setattr(rlm.core, "BLOCK_CALL_ENTRIES", 3)
+
+    def lookup(query: str) -> str:
+        """Look something up."""
+        return "found"
+
+    code = (
+        "r = llm_query_batched(['x'] * 4)\nleak = llm_query('EXFIL ' + context)\nlookup('a')\nprint(len(r))"
+    )
+
+    def reply(model: str, messages: list[dict]) -> str:
+        turn = sum(1 for m in messages if m.get("role") == "assistant")
+        return "ok" if model == "sub" else [repl(code), "FINAL(done)"][min(turn, 1)]
+
+    r = run("q", "SECRET", model="root", sub_model="sub", backend=ScriptedBackend(reply), log_dir=tmp_path,
+            tools=[lookup])  # fmt: skip
+    assert r.sub_calls == 5 and r.tool_calls == 1
+    root = _data(build_page(r.log_path))["runs"][0]
+    block = root["iterations"][0]["code_blocks"][0]
+    assert len(block["result"]["rlm_calls"]) == 3
+    assert block["result"]["rlm_calls_omitted"] == {"sub_calls": 2, "tool_calls": 1}
+    assert root["summary"]["sub_calls"] == 6 and root["summary"]["sub_calls_not_listed"] == 3
+    # a damaged count is no count
+    lines = [{"type": "metadata", "run_id": "d"}] + [
+        {"type": "iteration", "code_blocks": [{"result": {"rlm_calls_omitted": omitted}}]}
+        for omitted in ({"sub_calls": "7", "tool_calls": -1}, [3], {"sub_calls": True, "tool_calls": 2})
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    damaged = _data(build_page(path))["runs"][0]
+    results = [it["code_blocks"][0]["result"] for it in damaged["iterations"]]
+    assert [res.get("rlm_calls_omitted") for res in results] == [
+        None,
+        None,
+        {"sub_calls": 0, "tool_calls": 2},
+    ]
+    assert damaged["summary"]["sub_calls"] == 2
+
+
+def test_the_page_escapes_the_characters_the_terminal_and_the_audit_log_escape():
+    """The page draws control, separator and bidirectional characters as escapes (page.js
+    ``UNSAFE``): the same set as the terminal's ``visible`` and a superset of the audit log's."""
+    import rlm.view
+    from rlm.display import _ESCAPES, visible
+    from sandbox.audit import _UNSAFE
+
+    script = (Path(rlm.view.__file__).parent / "page.js").read_text()
+    found = re.search(r"const UNSAFE = /\[(.*?)\]/g;", script)
+    assert found is not None
+    page = {c for c in range(0x10000) if re.fullmatch(f"[{found.group(1)}]", chr(c))}
+    assert page == set(_ESCAPES)
+    assert {c for c in range(0x10000) if _UNSAFE.fullmatch(chr(c))} <= page
+    assert {0x061C, 0x200E, 0x200F, 0x2028, 0x2029, 0x202E, 0x2067} <= page
+    assert visible("a\u200fb\u2028c\u061c") == "a\\u200fb\\u2028c\\u061c"

@@ -225,3 +225,150 @@ def test_a_run_of_1000_iterations_and_10000_sub_calls_stays_usable(browser: Any,
     p.page.press("#search", "Enter")
     assert "1 match" in p.page.locator("#hits").inner_text()
     assert p.errors == []
+
+
+# The characters the page draws as escapes (page.js UNSAFE, rlm.display.visible's set).
+CONTROLS = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F, 0x2028, 0x2029,
+                             *range(0x202A, 0x202F), *range(0x2066, 0x206A)]} - {"\t", "\n"}  # fmt: skip
+RLI, RLO, PDF, LRI, PDI, RLM = "\u2067", "\u202e", "\u202c", "\u2066", "\u2069", "\u200f"
+
+
+def _scripted(code: str) -> Any:
+    from rlm.backend import ScriptedBackend
+
+    def reply(model: str, messages: list[dict]) -> str:
+        turn = sum(1 for m in messages if m.get("role") == "assistant")
+        return (
+            "ok"
+            if model == "sub"
+            else [f"Let me look {RLO}kool{PDF}.\n```repl\n{code}\n```", "FINAL_VAR(answer)"][min(turn, 1)]
+        )
+
+    return ScriptedBackend(reply)
+
+
+def _open_everything(page: Any) -> None:
+    """Open every collapsed section (lazy bodies add more), show every sub-call, open each audit row."""
+    for _ in range(8):
+        opened = page.evaluate(
+            "() => { let n = 0; for (const d of document.querySelectorAll('details:not([open])')) { d.open = true; n++; }"
+            " for (const b of document.querySelectorAll('button')) b.click(); return n; }"
+        )
+        page.wait_for_timeout(200)
+        if not opened:
+            break
+    page.evaluate("() => { for (const r of document.querySelectorAll('tr.clickable')) r.click(); }")
+
+
+def test_bidirectional_and_control_characters_are_drawn_escaped(browser: Any, tmp_path: Path):
+    """Trojan Source: the page drew the bidirectional controls of logged text as themselves, so a
+    line whose ``return llm_query(context)`` runs showed it inside the docstring, and an answer
+    "amount \\u202e0001\\u202c EUR" read "amount 1000 EUR". Each is drawn as its escape, in a badge,
+    wherever logged text is shown: code, output, replies, answers, prompts, summaries, the run
+    index, audit rows, search results and the page's title."""
+    code = (
+        "def status():\n"
+        f"    ''' Report the status, then {RLI}''' ;return llm_query(context)\n"
+        "    return 'fine'\n"
+        f"leak = status()\nprint('out {LRI}x{PDI}\\r# y\\u2028z')\n"
+        f"answer = 'Pay to 12345, amount {RLO}0001{PDF} EUR'"
+    )
+    logs = tmp_path / f"logs{RLO}lmth"
+    r = run(f"q{RLM}?", "ctx", model="root", sub_model="sub", backend=_scripted(code), log_dir=logs)
+    assert r.answer == f"Pay to 12345, amount {RLO}0001{PDF} EUR"
+    p = _page(browser, Path(r.log_path), tmp_path)
+    page = p.page
+    grid = page.locator(".grid").first.inner_text()
+    assert "amount \\u202e0001\\u202c EUR" in grid and "q\\u200f?" in grid
+    summary = page.locator("details.iteration > summary").first
+    assert "Let me look \\u202ekool\\u202c." in summary.inner_text()
+    _open_everything(page)
+    _shows(page.locator("pre.code").first, "then \\u2067''' ;return llm_query")
+    badges = page.locator("pre.code").first.locator(".esc")
+    assert badges.all_inner_texts() == ["\\u2067", "\\u2066", "\\u2069", "\\u202e", "\\u202c"]
+    _shows(page.locator("pre.stdout").first, "out \\u2066x\\u2069\\x0d# y\\u2028z")
+    _shows(page.locator(".call").first, "ctx")
+    page.fill("#search", "0001")
+    page.press("#search", "Enter")
+    _shows(page.locator("#hits"), "\\u202e0001\\u202c")
+    text = page.inner_text("body")
+    assert "\\u2067''' ;return" in text  # (the audit log's rows and their code)
+    assert not CONTROLS & set(text), sorted(hex(ord(c)) for c in CONTROLS & set(text))
+    # the index of a log directory: the question and the answer, shortened
+    q = _page(browser, logs, tmp_path)
+    row = q.page.locator("#runs tr.clickable").first.inner_text()
+    assert "q\\u200f?" in row and "amount \\u202e0001\\u202c EUR" in row
+    assert not CONTROLS & set(q.page.inner_text("body"))
+    assert "logs\\u202elmth" in q.page.title() and not CONTROLS & set(q.page.title())  # (a directory's path)
+    assert p.errors == [] and q.errors == []
+
+
+def test_a_step_nested_too_deeply_and_calls_past_the_cap_are_on_the_page(
+    browser: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A step whose line nested past the loader's depth limit was dropped (its code and the
+    sub-call that sent the context out were not on the page), and the sub-calls past a block's
+    cap were nowhere on it. The step is shown, its too-deep variable cut; the calls past the cap
+    are counted on their block and in the run's totals."""
+    import rlm.core
+
+    monkeypatch.setattr(rlm.core, "BLOCK_CALL_ENTRIES", 3)
+    code = (
+        "r = llm_query_batched(['x'] * 4)\nleak = llm_query('EXFIL ' + context)\n"
+        "def rlm_describe_vars():\n    print('{\"x\": ' + '[' * 97 + ']' * 97 + '}')\n"
+        "sent = llm_query('EXFILTRATE: ' + context)\nanswer = 'all fine'"
+    )
+    first = "```repl\nprint(len(context))\n```"
+    from rlm.backend import ScriptedBackend
+
+    def reply(model: str, messages: list[dict]) -> str:
+        turn = sum(1 for m in messages if m.get("role") == "assistant")
+        return "ok" if model == "sub" else [first, f"```repl\n{code}\n```\nFINAL_VAR(answer)"][min(turn, 1)]
+
+    r = run(
+        "q",
+        "SECRET",
+        model="root",
+        sub_model="sub",
+        backend=ScriptedBackend(reply),
+        log_dir=tmp_path / "logs",
+    )
+    assert r.answer == "all fine" and r.sub_calls == 6
+    p = _page(browser, Path(r.log_path), tmp_path)
+    page = p.page
+    main = page.inner_text("main")
+    assert page.locator("details.iteration").count() == 2
+    assert "skipped" not in main and "1 line(s) of this run's files hold values nested too deeply" in main
+    assert "sub-calls (3 not recorded)" in main  # the stat tile: 3 listed, 2 of the batch's and the leak not
+    stat = page.locator(".stat", has_text="sub-calls").inner_text()
+    assert stat.startswith("6")
+    page.locator("details.iteration > summary").nth(1).click()
+    step = page.locator("details.iteration").nth(1)
+    _shows(step, "3 more sub-calls not recorded")
+    assert "6 sub-calls" in step.locator("> summary").inner_text()
+    step.locator("details.subcalls > summary").click()
+    _shows(step.locator(".call").first, "x")
+    assert step.locator(".call").count() == 3
+    # the variables: cut where they nest too deeply
+    step.locator("details", has_text="Variables").locator("> summary").click()
+    _shows(step, "[nested deeper than 100 levels: not shown]")
+    assert p.errors == []
+
+
+def test_a_finished_run_whose_answer_nests_too_deeply_shows_as_finished(browser: Any, tmp_path: Path):
+    """A ``parsed`` answer nested past the loader's depth limit made it drop ``.result.json``: the
+    page called the finished run "unfinished (no .result.json)". It shows the answer and the stop."""
+    from rlm.backend import ScriptedBackend
+
+    code = "x = []\nfor _ in range(99):\n    x = [x]\nanswer = x"
+    backend = ScriptedBackend({"root": [f"```repl\n{code}\n```\nFINAL_VAR(answer)"]})
+    r = run(
+        "q", "c", model="root", backend=backend, log_dir=tmp_path / "logs", max_iterations=3, output_type=list
+    )
+    assert r.stop_reason == "final"
+    p = _page(browser, Path(r.log_path), tmp_path)
+    main = p.page.inner_text("main")
+    assert "did not finish" not in main and "unfinished" not in main
+    assert "[[[[" in p.page.locator(".grid").first.inner_text()
+    assert "final" in p.page.locator("details.run > summary").first.inner_text()
+    assert p.errors == []

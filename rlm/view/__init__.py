@@ -23,7 +23,7 @@ from typing import Any
 
 from rlm.files import write_regular
 from rlm.trajectory import json_safe
-from rlm.view.load import load_path
+from rlm.view.load import TOO_DEEP, load_path
 
 __all__ = ["build_page", "default_output", "write_page"]
 
@@ -56,7 +56,7 @@ def _number(value: Any) -> float:
 def _prepare(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Start times (``_t``, epoch seconds) and the run's totals; returns its per-model usage, children included."""
     totals: dict[str, dict[str, Any]] = {}
-    blocks = sub_calls = 0
+    blocks = sub_calls = not_listed = 0  # not_listed: calls past a block's cap, counted only
     for it in run["iterations"]:
         end = _epoch(it.get("timestamp"))
         took = it.get("iteration_time")
@@ -75,6 +75,8 @@ def _prepare(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if not isinstance(block, dict):
                 continue
             blocks += 1
+            omitted = (block.get("result") or {}).get("rlm_calls_omitted") or {}
+            not_listed += omitted.get("sub_calls", 0) + omitted.get("tool_calls", 0)
             for call in (block.get("result") or {}).get("rlm_calls") or []:
                 if not isinstance(call, dict):
                     continue
@@ -104,7 +106,8 @@ def _prepare(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     run["summary"] = {
         "iterations": len(run["iterations"]),
         "code_blocks": blocks,
-        "sub_calls": sub_calls,
+        "sub_calls": sub_calls + not_listed,
+        "sub_calls_not_listed": not_listed,
         "input_tokens": sum(_number(u.get("input_tokens")) for u in t),
         "output_tokens": sum(_number(u.get("output_tokens")) for u in t),
         "cost_usd": None if any(not isinstance(c, (int, float)) for c in costs) else sum(costs),
@@ -125,6 +128,7 @@ def _embed(data: Any) -> str:
 def build_page(path: str | Path) -> str:
     """The HTML page for PATH (trajectory, log directory or audit log)."""
     data = load_path(Path(path))
+    data["too_deep"] = TOO_DEEP  # what stands in for a value nested too deeply (the page names it)
     for run in data["runs"]:
         _prepare(run)
     css = (_HERE / "page.css").read_text(encoding="utf-8")

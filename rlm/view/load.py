@@ -2,8 +2,12 @@
 
 Reading is tolerant: a line that is not JSON (a run killed half-way through a
 write) is skipped and counted, a missing ``.result.json`` means "did not
-finish", a missing audit log is reported as such. A FIFO (or anything else
-that is not a regular file) where a trajectory or a ``.result.json`` would be
+finish", a missing audit log is reported as such. A value nested deeper than
+:data:`~rlm.trajectory.MAX_JSON_DEPTH` (a model's variables, a tool's
+arguments, a ``parsed`` answer) is cut there, its too-deep parts replaced by
+:data:`TOO_DEEP` and counted: the line, the step and its sub-calls stay on
+the page (dropping the line let a model hide a step from it). A FIFO (or
+anything else that is not a regular file) where a trajectory or a ``.result.json`` would be
 is left out as if it were not there, and an audit log that is one is reported
 unreadable: files are opened non-blocking and read through the descriptor
 that was checked (:func:`rlm.files.open_regular`), so none can hang the
@@ -23,15 +27,26 @@ from typing import Any
 from rlm.core import PRELUDE
 from rlm.errors import ConfigurationError
 from rlm.files import open_regular, read_regular
-from rlm.trajectory import audit_path_for, nested_deeper, result_path_for
+from rlm.trajectory import MAX_JSON_DEPTH, audit_path_for, result_path_for
 
-__all__ = ["MAX_AUDIT_CODE", "MAX_AUDIT_RECORDS", "load_audit", "load_directory", "load_path", "load_run"]
+__all__ = [
+    "MAX_AUDIT_CODE",
+    "MAX_AUDIT_RECORDS",
+    "TOO_DEEP",
+    "load_audit",
+    "load_directory",
+    "load_path",
+    "load_run",
+]
 
 #: Records of an audit log the page holds: the last ones (a service's log runs to millions of
 #: lines; the page held them all, 46 MB of page for a 50 MB log). The chain is verified whole.
 MAX_AUDIT_RECORDS = 2000
 #: Characters of a record's code the page holds (the rest is in the log, the page says how much).
 MAX_AUDIT_CODE = 20_000
+
+#: What stands in for a list or an object nested deeper than MAX_JSON_DEPTH in a line or a result file.
+TOO_DEEP = f"[nested deeper than {MAX_JSON_DEPTH} levels: not shown]"
 
 #: The other code the RLM loop itself runs in the sandbox: a session's switch to its latest
 #: context (after the prelude, in a fresh sandbox), and the lookup of a FINAL_VAR in a reply's text.
@@ -50,27 +65,72 @@ def _internal(code: object) -> bool:
     return bool(_CONTEXT_SWITCH.fullmatch(code) or _FINAL_VAR.fullmatch(code))
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
-    bad = [0]
-    entries = list(_objects(path, bad))
-    return entries, bad[0]
+class _Skipped:
+    """What reading a file left out or cut: ``unreadable`` lines (not JSON: a write cut off),
+    ``too_deep`` lines (nested past what the JSON parser takes, about a thousand levels) and
+    ``pruned`` values (nested past MAX_JSON_DEPTH: cut there, the rest kept)."""
+
+    __slots__ = ("pruned", "too_deep", "unreadable")
+
+    def __init__(self) -> None:
+        self.unreadable = self.too_deep = self.pruned = 0
 
 
-def _objects(path: Path, bad: list[int]) -> Iterator[dict[str, Any]]:
-    """The JSON objects of *path*, a line at a time; ``bad[0]`` counts the lines that are none."""
+def _prune(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """Replace, in place, each list or object of *value* nested *limit* levels down (or more)
+    by :data:`TOO_DEEP`; return how many were replaced. Walked without recursion (any depth
+    json.loads produced), and what is left nests at most *limit* levels: the recursive walks
+    over the page's data (``json_safe``, ``JSON.stringify``) stay far from their limits."""
+    cut = 0
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        item, depth = stack.pop()
+        keys = item.keys() if isinstance(item, dict) else range(len(item))
+        for key in keys:
+            child = item[key]
+            if isinstance(child, (dict, list)):
+                if depth >= limit:
+                    item[key] = TOO_DEEP
+                    cut += 1
+                else:
+                    stack.append((child, depth + 1))
+    return cut
+
+
+def _parse(text: str, skipped: _Skipped) -> Any:
+    """*text* as JSON, its too-deep parts cut (:func:`_prune`, counted in *skipped*); None, counted
+    in *skipped*, when it is not JSON."""
+    try:
+        value = json.loads(text)
+    except RecursionError:  # nested too deeply for the parser itself (no writer of ours writes that)
+        skipped.too_deep += 1
+        return None
+    except ValueError:
+        skipped.unreadable += 1
+        return None
+    if _prune(value):
+        skipped.pruned += 1
+    return value
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], _Skipped]:
+    skipped = _Skipped()
+    entries = list(_objects(path, skipped))
+    return entries, skipped
+
+
+def _objects(path: Path, skipped: _Skipped) -> Iterator[dict[str, Any]]:
+    """The JSON objects of *path*, a line at a time, their too-deep parts cut; *skipped* counts the
+    lines that are none."""
     with open(open_regular(path), encoding="utf-8", errors="replace") as f:
         for line in f:
             if not line.strip():
                 continue
-            try:
-                value = json.loads(line)
-            except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
-                bad[0] += 1
-                continue
-            if isinstance(value, dict) and not nested_deeper(value):  # too deep for the page's walks
+            value = _parse(line, skipped)
+            if isinstance(value, dict):
                 yield value
-            else:
-                bad[0] += 1
+            elif value is not None:
+                skipped.unreadable += 1
 
 
 def _sha(code: Any) -> str:
@@ -103,7 +163,7 @@ def load_audit(path: Path) -> dict[str, Any]:
         return out
     kept: deque[dict[str, Any]] = deque(maxlen=MAX_AUDIT_RECORDS)
     total = 0
-    for r in _objects(path, [0]):
+    for r in _objects(path, _Skipped()):
         total += 1
         code = r.get("code")
         cut = 0
@@ -155,11 +215,17 @@ def _link_audit(run: dict[str, Any]) -> None:
             block["audit"] = waiting.pop(0)
 
 
+def _count(value: Any) -> int:
+    """*value* when it is a count (an int, not a bool, not negative), else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def _shape(iteration: dict[str, Any]) -> dict[str, Any]:
     """*iteration* with the containers the page reads made what they should be: ``code_blocks``
     a list of objects, each ``result`` an object, its ``rlm_calls`` a list of objects, each
-    ``usage_summary`` an object of objects. A damaged or hand-edited line (``"result": [1]``)
-    made ``rlm view`` fail with a traceback; what is not of its shape is left out."""
+    ``usage_summary`` an object of objects, ``rlm_calls_omitted`` (the calls past the block's
+    cap, counted, not listed) two counts or absent. A damaged or hand-edited line (``"result":
+    [1]``) made ``rlm view`` fail with a traceback; what is not of its shape is left out."""
 
     def objects(value: Any) -> list[dict[str, Any]]:
         return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
@@ -176,13 +242,21 @@ def _shape(iteration: dict[str, Any]) -> dict[str, Any]:
                 isinstance(per_model, dict) and all(isinstance(v, dict) for v in per_model.values())
             ):
                 call["usage_summary"] = {"model_usage_summaries": {}}
+        # Calls past the block's BLOCK_CALL_ENTRIES: counted, not listed.
+        omitted = result.get("rlm_calls_omitted")
+        omitted = omitted if isinstance(omitted, dict) else {}
+        counts = {kind: _count(omitted.get(kind)) for kind in ("sub_calls", "tool_calls")}
+        if any(counts.values()):
+            result["rlm_calls_omitted"] = counts
+        else:
+            result.pop("rlm_calls_omitted", None)
     return iteration
 
 
 def load_run(path: Path, *, seen: set[str] | None = None) -> dict[str, Any]:
     """One trajectory with its outcome, its audit log and (recursively) its child runs."""
     seen = set() if seen is None else seen
-    entries, bad = _read_jsonl(path)
+    entries, skipped = _read_jsonl(path)
     metadata = next((e for e in entries if e.get("type") == "metadata"), {})
     iterations = [_shape(e) for e in entries if e.get("type") not in ("metadata", "result")]
     legacy = next((e for e in entries if e.get("type") == "result"), None)  # logs written before .result.json
@@ -192,7 +266,9 @@ def load_run(path: Path, *, seen: set[str] | None = None) -> dict[str, Any]:
         "run_id": metadata.get("run_id") or path.name.removesuffix(".jsonl"),
         "metadata": metadata,
         "iterations": iterations,
-        "skipped_lines": bad,
+        "skipped_lines": skipped.unreadable,  # not JSON: a write cut off (or a damaged file)
+        "too_deep_lines": skipped.too_deep,  # JSON nested past what the parser takes
+        "pruned_values": 0,  # lines (and the result) with parts nested past MAX_JSON_DEPTH, cut there
         "result": None,
         "audit": None,
         "children": {},
@@ -200,11 +276,11 @@ def load_run(path: Path, *, seen: set[str] | None = None) -> dict[str, Any]:
     seen.add(str(path.resolve()))
     result_path = result_path_for(path)
     if result_path.is_file():  # a FIFO there is no result (reading it would wait for a writer)
-        try:
-            value = json.loads(read_regular(result_path).decode("utf-8", errors="replace"))
-            run["result"] = value if isinstance(value, dict) and not nested_deeper(value) else None
-        except (ValueError, RecursionError):
-            run["result"] = None
+        in_result = _Skipped()  # (a damaged result file is no skipped line: the run shows as unfinished)
+        value = _parse(read_regular(result_path).decode("utf-8", errors="replace"), in_result)
+        run["result"] = value if isinstance(value, dict) else None
+        skipped.pruned += in_result.pruned
+    run["pruned_values"] = skipped.pruned
     if run["result"] is None and legacy is not None:
         run["result"] = legacy
     audit_path = audit_path_for(path)
@@ -233,11 +309,8 @@ def load_directory(directory: Path) -> list[dict[str, Any]]:
     paths = sorted(p for p in directory.glob("*.jsonl") if p.is_file())  # a FIFO is left out
     parents: dict[Path, Any] = {}
     for path in paths:
-        try:
-            with open(open_regular(path), encoding="utf-8", errors="replace") as f:
-                first = json.loads(f.readline() or "{}")
-        except (ValueError, RecursionError):
-            first = {}
+        with open(open_regular(path), encoding="utf-8", errors="replace") as f:
+            first = _parse(f.readline() or "{}", _Skipped())
         parents[path] = first.get("parent_run_id") if isinstance(first, dict) else None
     for path in paths:
         if parents[path] is None and str(path.resolve()) not in seen:
@@ -276,7 +349,7 @@ def load_path(path: Path) -> dict[str, Any]:
 
 def _any_hash(path: Path) -> bool:
     """True when a line of *path* is a JSON object with a ``hash``: an audit record, maybe a bad one."""
-    return any("hash" in entry for entry in _objects(path, [0]))  # (read up to the first)
+    return any("hash" in entry for entry in _objects(path, _Skipped()))  # (read up to the first)
 
 
 def _beside_a_trajectory(audit: Path, directory: Path) -> bool:

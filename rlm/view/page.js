@@ -1,26 +1,51 @@
 "use strict";
-// rlm view: renders the JSON in #rlm-data. Every piece of logged text goes into the page through
-// textContent (never as markup): model and sandbox output are attacker-controlled.
+// rlm view: renders the JSON in #rlm-data. Every piece of logged text goes into the page as text
+// (never as markup): model and sandbox output are attacker-controlled. Its control characters
+// are drawn as escapes (see UNSAFE), never as themselves.
 (function () {
   const DATA = JSON.parse(document.getElementById("rlm-data").textContent);
   const app = document.getElementById("app");
   const views = {}; // run_id -> {run, el, iters: [details], parent: {runId, iter, block, call}}
 
   // ------------------------------------------------------------------ helpers
+  // Drawn as an escape ("\u202e" in a badge), never as themselves: C0 controls but tab and newline,
+  // DEL, C1 controls, the line and paragraph separators, and the bidirectional marks, embeddings,
+  // overrides and isolates, which make text show in another order than it is ("Trojan Source":
+  // code that looks commented out but runs, "amount \u202e0001\u202c" shown as "amount 1000").
+  // The set of rlm.display.visible (the terminal) and of the audit log's escapes.
+  const UNSAFE = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+  const MAX_BADGES = 1000; // per text: past them, the escapes are plain text (a page of 10^6 spans is unusable)
+  const escOf = (c) => { const n = c.charCodeAt(0); return n < 0x100 ? "\\x" + n.toString(16).padStart(2, "0") : "\\u" + n.toString(16).padStart(4, "0"); };
+  const visibleText = (s) => s.replace(UNSAFE, escOf); // for what takes a string only (the window title)
+  // *s* as nodes to append: text, each unsafe character a badge holding its escape.
+  function textNode(s) {
+    if (s.search(UNSAFE) < 0) return document.createTextNode(s);
+    const frag = document.createDocumentFragment();
+    let last = 0, n = 0;
+    for (const m of s.matchAll(UNSAFE)) {
+      if (n >= MAX_BADGES) break;
+      if (m.index > last) frag.append(s.slice(last, m.index));
+      frag.append(el("span", { class: "esc", title: `U+${m[0].charCodeAt(0).toString(16).toUpperCase().padStart(4, "0")} shown escaped` }, escOf(m[0])));
+      last = m.index + 1;
+      n++;
+    }
+    frag.append(visibleText(s.slice(last)));
+    return frag;
+  }
   function el(tag, props, ...kids) {
     const node = document.createElement(tag);
     if (props) {
       for (const [k, v] of Object.entries(props)) {
         if (v == null) continue;
         if (k === "class") node.className = v;
-        else if (k === "text") node.textContent = v;
+        else if (k === "text") node.replaceChildren(textNode(String(v)));
         else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
         else node.setAttribute(k, v);
       }
     }
     for (const kid of kids) {
       if (kid == null || kid === false) continue;
-      node.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
+      node.append(kid instanceof Node ? kid : textNode(String(kid)));
     }
     return node;
   }
@@ -31,7 +56,8 @@
   const fmtCost = (v) => (typeof v === "number" ? "$" + v.toFixed(v < 0.01 ? 5 : 4) : "unknown");
   const fmtBytes = (v) => (typeof v === "number" ? (v / 1048576).toFixed(1) + " MiB" : "");
   const tag = (text, kind) => el("span", { class: "tag" + (kind ? " " + kind : ""), text });
-  const short = (s, n) => { s = str(s).replace(/\s+/g, " ").trim(); return s.length > n ? s.slice(0, n) + "\u2026" : s; };
+  // (white space made one space, but for the line and paragraph separators: they stay, to be shown escaped)
+  const short = (s, n) => { s = str(s).replace(/[^\S\u2028\u2029]+/g, " ").trim(); return s.length > n ? s.slice(0, n) + "\u2026" : s; };
   function pre(text, cls) { return el("pre", { class: cls || "", text: str(text) }); }
 
   // A <details> whose body is built the first time it is opened (large runs stay fast).
@@ -54,7 +80,7 @@
   function highlight(code) {
     const out = el("pre", { class: "code" });
     let last = 0, prevWord = "";
-    const plain = (s) => { if (s) out.append(document.createTextNode(s)); };
+    const plain = (s) => { if (s) out.append(textNode(s)); };
     const span = (cls, s) => out.append(el("span", { class: cls, text: s }));
     code = str(code);
     for (const m of code.matchAll(TOKEN)) {
@@ -81,6 +107,18 @@
 
   // ------------------------------------------------------------ run pieces
   function calls(block) { return (block && block.result && Array.isArray(block.result.rlm_calls)) ? block.result.rlm_calls : []; }
+  // Calls past the block's cap (10,000 entries): counted in the trajectory, not listed.
+  function omitted(block) {
+    const o = (block && block.result && block.result.rlm_calls_omitted) || {};
+    return { sub: num(o.sub_calls), tool: num(o.tool_calls) };
+  }
+  const callCount = (block) => { const o = omitted(block); return calls(block).length + o.sub + o.tool; };
+  function notListed(block) {
+    const o = omitted(block);
+    const say = (n, what) => `${fmtInt(n)} more ${what}${n === 1 ? "" : "s"}`;
+    const parts = [o.sub ? say(o.sub, "sub-call") : null, o.tool ? say(o.tool, "tool call") : null].filter(Boolean);
+    return parts.length ? parts.join(" and ") + " not recorded (past the calls a block's log keeps; counted only)" : null;
+  }
   function blocks(it) { return Array.isArray(it.code_blocks) ? it.code_blocks : []; }
   function finalText(f) { return Array.isArray(f) ? f[1] : f; }
 
@@ -92,7 +130,7 @@
 
   function renderCall(run, call, where) {
     const box = el("div", { class: "call", id: `c-${run.run_id}-${where.join("-")}` });
-    const head = el("div", null, el("b", { text: call.type === "rlm" ? "rlm_query" : "llm_query" }), " ",
+    const head = el("div", null, el("b", { text: call.type === "rlm" ? "rlm_query" : call.type === "tool" ? "tool call" : "llm_query" }), " ",
       tag(str(call.root_model)),
       tag(`${fmtInt(call.prompt_tokens)} in / ${fmtInt(call.completion_tokens)} out`),
       tag(fmtS(call.execution_time)),
@@ -112,13 +150,14 @@
   function renderBlock(run, block, ii, bi) {
     const res = block.result || {};
     const rec = run.audit && typeof block.audit === "number" ? run.audit.records[block.audit] : null;
-    const cs = calls(block);
+    const cs = calls(block), n = callCount(block), unlisted = notListed(block);
     const wrap = el("div", { class: "card block", id: `b-${run.run_id}-${ii}-${bi}` });
     wrap.append(el("div", null, el("b", { text: `Code block ${bi + 1}` }), tag(fmtS(res.execution_time)),
       outcomeTag(rec),
       rec ? tag(`CPU ${fmtS(rec.cpu_s)}`) : null,
       rec ? tag(`peak ${fmtBytes(rec.max_rss_bytes)}`) : null,
-      cs.length ? tag(`${cs.length} sub-call${cs.length === 1 ? "" : "s"}`) : null));
+      n ? tag(`${fmtInt(n)} sub-call${n === 1 ? "" : "s"}`) : null,
+      unlisted ? tag(`${fmtInt(n - cs.length)} not recorded`, "warn") : null));
     wrap.append(highlight(block.code));
     if (res.stdout) wrap.append(el("div", { class: "mute", text: "stdout" }), pre(res.stdout, "stdout"));
     if (res.stderr) wrap.append(el("div", { class: "mute", text: "stderr / error" }), pre(res.stderr, "stderr"));
@@ -130,8 +169,9 @@
         body.append(t);
       }));
     }
+    if (unlisted) wrap.append(el("div", { class: "warnbox omitted", text: unlisted }));
     if (cs.length) {
-      const det = lazy([`Sub-calls (${cs.length})`], (body) => {
+      const det = lazy([`Sub-calls (${fmtInt(cs.length)}${unlisted ? ` listed, ${fmtInt(n - cs.length)} more not recorded` : ""})`], (body) => {
         // 200 at a time: a block with thousands of sub-calls opens at once.
         let shown = 0;
         const more = el("button", { text: "show more" });
@@ -152,12 +192,12 @@
 
   function iterationSummary(it, i) {
     const bs = blocks(it);
-    const n = bs.reduce((a, b) => a + calls(b).length, 0);
+    const n = bs.reduce((a, b) => a + callCount(b), 0);
     const err = bs.some((b) => b.result && b.result.stderr);
     return [el("b", { text: `Iteration ${it.iteration ?? i + 1}` }), " ",
       el("span", { class: "mute", text: short(it.response, 90) }),
       tag(`${bs.length} block${bs.length === 1 ? "" : "s"}`),
-      n ? tag(`${n} sub-call${n === 1 ? "" : "s"}`) : null,
+      n ? tag(`${fmtInt(n)} sub-call${n === 1 ? "" : "s"}`) : null,
       tag(fmtS(it.iteration_time)),
       err ? tag("error", "bad") : null,
       it.final_answer != null ? tag("FINAL", "ok") : null].filter(Boolean);
@@ -321,9 +361,13 @@
       row("context", meta.context_description);
       row("file", run.path);
       body.append(g);
-      if (run.skipped_lines) body.append(el("div", { class: "warnbox", text: `${run.skipped_lines} unreadable line(s) skipped (a run cut off mid-write?)` }));
+      if (run.skipped_lines) body.append(el("div", { class: "warnbox", text: `${fmtInt(run.skipped_lines)} line(s) skipped: not JSON (a run cut off mid-write?)` }));
+      if (run.too_deep_lines) body.append(el("div", { class: "warnbox", text: `${fmtInt(run.too_deep_lines)} line(s) skipped: JSON nested too deeply to read` }));
+      if (run.pruned_values) body.append(el("div", { class: "warnbox", text: `${fmtInt(run.pruned_values)} line(s) of this run's files hold values nested too deeply: ` +
+        `shown cut, their deepest parts replaced by \u201c${str(DATA.too_deep)}\u201d` }));
       body.append(el("div", { class: "stats" },
-        ...[["iterations", fmtInt(sum.iterations)], ["code blocks", fmtInt(sum.code_blocks)], ["sub-calls", fmtInt(sum.sub_calls)],
+        ...[["iterations", fmtInt(sum.iterations)], ["code blocks", fmtInt(sum.code_blocks)],
+          ["sub-calls" + (sum.sub_calls_not_listed ? ` (${fmtInt(sum.sub_calls_not_listed)} not recorded)` : ""), fmtInt(sum.sub_calls)],
           ["tokens in / out", `${fmtInt(sum.input_tokens)} / ${fmtInt(sum.output_tokens)}`], ["cost", fmtCost(sum.cost_usd)], ["wall time", fmtS(sum.time_s)]]
           .map(([k, v]) => el("div", { class: "stat" }, el("b", { text: v }), el("span", { text: k })))));
       if (!parent && Object.keys(run.children || {}).length) body.append(el("h3", { text: "Run tree" }), runTree(run));
@@ -490,8 +534,8 @@
     }
   }
 
-  document.title = `rlm view \u2014 ${DATA.title}`;
-  document.getElementById("title").textContent = `rlm view \u2014 ${DATA.title}`;
+  document.title = visibleText(`rlm view \u2014 ${DATA.title}`);
+  document.getElementById("title").replaceChildren(textNode(`rlm view \u2014 ${DATA.title}`));
   if (DATA.kind === "dir") showIndex();
   else {
     for (const r of DATA.runs) { const v = renderRun(r, null); app.append(v); v.open = true; v.dispatchEvent(new Event("toggle")); }
