@@ -548,6 +548,8 @@ def _describe(error: Any, section: str = "") -> str:
         return f"key {key!r}: unknown key"
     if kind == "missing":
         return f"key {key!r}: missing key"
+    if kind == "value_error" and cause is not None:  # our validator's own words name the value
+        return f"key {key!r}: {cause}"
     if kind == "tuple_type":
         msg = "Input should be an array"
     shown = repr(error.get("input"))

@@ -201,7 +201,10 @@ def test_a_bad_value_built_in_python_raises_policy_error_itself_naming_the_key(t
     base = {"schema_version": 1, "name": "py", "description": "d"}
     attempts = [
         (lambda: Policy(**base, limits={"cpu_seconds": -1}), "policy 'py': key 'limits.cpu_seconds'"),
-        (lambda: Policy.model_validate({**base, "python": {"guard": "x"}}), "policy 'py': key 'python.guard'"),
+        (
+            lambda: Policy.model_validate({**base, "python": {"guard": "x"}}),
+            "policy 'py': key 'python.guard'",
+        ),
         (lambda: Limits(cpu_seconds=-1), "Limits: key 'limits.cpu_seconds'"),
         (lambda: PythonSettings(guard="x"), "PythonSettings: key 'python.guard'"),
         (lambda: IsolationSettings(read_paths=["rel"]), "IsolationSettings: key 'isolation.read_paths'"),
@@ -359,3 +362,13 @@ def test_audit_path_must_be_absolute_and_without_nul(tmp_path, value, why):
         load_policy("default").override({"audit.path": value.replace("\\u0000", "\0")})
     for fine in ("/var/log/rlm/audit.jsonl", "~/audit.jsonl"):
         assert _load(tmp_path, f'[audit]\npath = "{fine}"\n').audit.path == fine
+
+
+def test_a_value_our_validator_refuses_is_named_in_its_words_only(tmp_path):
+    """pydantic wrapped our validators' messages as "Value error, <ours> (got ('docs',) of type
+    tuple)": its prefix and the value again, as Python spells it, after our message had named it."""
+    message = _error(tmp_path, '[isolation]\nread_paths = ["docs"]\n')
+    assert message.endswith("key 'isolation.read_paths': read_paths entry 'docs' is not an absolute path"), (
+        message
+    )
+    assert "Value error" not in message and "of type" not in message
