@@ -204,33 +204,36 @@ def test_exec_set_names_a_bad_variable_name(tmp_path: Path):
     assert _one_line(done.stderr) == "rlm: --set '1x=3': '1x' is not a Python variable name", done.stderr
 
 
-def test_mcp_host_and_port_need_the_http_transport(tmp_path: Path):
+_NEEDS_MODEL = "needs --model (rlm_query is offered only with a model)"
+_NEEDS_HTTP = "needs --transport http (the stdio transport listens on nothing)"
+
+
+@pytest.mark.parametrize(
+    ("flags", "needs"),
+    [
+        (["--max-iterations", "5"], _NEEDS_MODEL),
+        (["--log-dir", "{tmp}/logs"], _NEEDS_MODEL),
+        (["--sub-model", "m"], _NEEDS_MODEL),
+        (["--port", "9000"], _NEEDS_HTTP),
+        (["--host", "0.0.0.0"], _NEEDS_HTTP),
+    ],
+)
+def test_mcp_flags_that_mean_nothing_alone_are_refused(tmp_path: Path, flags: list[str], needs: str):
     pytest.importorskip("mcp", reason="needs the mcp extra: pip install -e '.[mcp]'")
-    for flags in (["--port", "9000"], ["--host", "0.0.0.0"]):
-        done = run_cli("mcp", "--audit-log", str(tmp_path / "a.jsonl"), *flags, stdin="", cwd=ROOT,
-                       env=_env(tmp_path), timeout=60)  # fmt: skip
-        assert done.returncode == 2, done.stderr
-        assert (
-            _one_line(done.stderr)
-            == f"rlm: {flags[0]} needs --transport http (the stdio transport listens on nothing)"
-        )
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    done = run_cli("mcp", "--audit-log", str(tmp_path / "a.jsonl"), *flags, stdin="", cwd=ROOT,
+                   env=_env(tmp_path), timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert _one_line(done.stderr) == f"rlm: {flags[0]} {needs}"
+    assert not (tmp_path / "logs").exists()
+
+
+def test_mcp_without_a_model_leaves_rlm_api_base_alone(tmp_path: Path):
     # $RLM_API_BASE is rlm_query's: without a model it is not a flag given without one
+    pytest.importorskip("mcp", reason="needs the mcp extra: pip install -e '.[mcp]'")
     done = run_cli("mcp", "--audit-log", str(tmp_path / "a.jsonl"), stdin="", cwd=ROOT,
                    env={**_env(tmp_path), "RLM_API_BASE": "http://127.0.0.1:9/v1"}, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
-
-
-def test_mcp_rlm_query_flags_need_a_model(tmp_path: Path):
-    pytest.importorskip("mcp", reason="needs the mcp extra: pip install -e '.[mcp]'")
-    for flags in (["--max-iterations", "5"], ["--log-dir", str(tmp_path / "logs")], ["--sub-model", "m"]):
-        done = run_cli("mcp", "--audit-log", str(tmp_path / "a.jsonl"), *flags, stdin="", cwd=ROOT,
-                       env=_env(tmp_path), timeout=60)  # fmt: skip
-        assert done.returncode == 2, done.stderr
-        assert (
-            _one_line(done.stderr)
-            == f"rlm: {flags[0]} needs --model (rlm_query is offered only with a model)"
-        )
-    assert not (tmp_path / "logs").exists()
 
 
 def test_mcp_http_on_a_taken_port_exits_2_with_one_line_and_prints_no_token(tmp_path: Path):
