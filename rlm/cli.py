@@ -371,6 +371,7 @@ def _api_base_from_env(args: argparse.Namespace) -> str:
     an error about the value."""
     if getattr(args, "api_base", None) is None and os.environ.get("RLM_API_BASE"):
         args.api_base = os.environ["RLM_API_BASE"]
+        args.api_base_from_env = True  # said in a setup error, where the URL would be a mystery
         return "$RLM_API_BASE"
     return "--api-base"
 
@@ -422,7 +423,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # not UTF-8 (_read_source names the file or standard input)
         return _run_error(args, f"--context {exc}", EXIT_USAGE)
     if not context:
-        print(f"rlm: warning: the context ({args.context}) is empty", file=sys.stderr)
+        from rlm.display import visible
+
+        print(visible(f"rlm: warning: the context ({args.context}) is empty"), file=sys.stderr)
     from rlm.checks import check_log_dir
     from rlm.core import run
 
@@ -452,7 +455,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (ConfigurationError, AuthenticationError, UnknownModelError, ModelUnreachable) as exc:
         # ModelUnreachable reaches here only from the first call (later ones stop the run instead):
         # a wrong --api-base or a server that is down is a setup error, like a bad key.
-        return _run_error(args, str(exc), EXIT_USAGE)
+        where = " (the URL is $RLM_API_BASE's)" if getattr(args, "api_base_from_env", False) else ""
+        return _run_error(args, str(exc) + where, EXIT_USAGE)
     except RLMError as exc:
         return _run_error(args, str(exc), EXIT_FAILED)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -23,6 +24,11 @@ from tests.viewer_schema import problems_in_file
 # handler, here or in any program started from here, and seven tests failed for nothing.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# `rlm run`, `rlm batch` and `rlm mcp --model` take their --api-base from RLM_API_BASE: one left in
+# a developer's shell (by `make demo`'s hint, say) would send the tests' runs there. The tests that
+# are about it set it themselves.
+os.environ.pop("RLM_API_BASE", None)
 
 
 @pytest.fixture(scope="session", autouse=True)

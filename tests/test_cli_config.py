@@ -177,6 +177,14 @@ def test_run_takes_its_api_base_from_rlm_api_base_when_the_flag_is_not_given(tmp
     done = run_cli(*["run", "-m", "openai/x", "--context", str(context), "--query", "q", *REFUSED], cwd=ROOT,
                    env=env, timeout=60)  # fmt: skip
     assert done.returncode == 2 and "cannot connect to http://127.0.0.1:9/v1" in _one_line(done.stderr), done
+    assert "RLM_API_BASE" not in done.stderr  # the flag's URL, not the variable's
+    env["RLM_API_BASE"] = REFUSED[1]  # a setup error with the variable's URL says where it came from
+    done = run_cli(
+        "run", "-m", "openai/x", "--context", str(context), "--query", "q", cwd=ROOT, env=env, timeout=60
+    )
+    line = _one_line(done.stderr)
+    assert done.returncode == 2 and "cannot connect to http://127.0.0.1:9/v1" in line, done
+    assert line.endswith(" (the URL is $RLM_API_BASE's)"), line
 
 
 def test_run_refuses_an_empty_query_and_an_empty_context_path_and_warns_of_an_empty_context(tmp_path: Path):
@@ -190,12 +198,13 @@ def test_run_refuses_an_empty_query_and_an_empty_context_path_and_warns_of_an_em
         done = run_cli("run", "-m", "openai/x", "--context", str(ROOT / "README.md"), *flags, *REFUSED, cwd=ROOT,
                        env=_env(tmp_path), timeout=60)  # fmt: skip
         assert done.returncode == 2 and _one_line(done.stderr) == expect, done.stderr
-    empty = tmp_path / "empty.txt"
+    empty = tmp_path / "empty\x1b]0;PWNED\x07.txt"  # (its name shown escaped, as every path we print)
     empty.write_text("")
     done = run_cli("run", "-m", "openai/x", "--context", str(empty), "--query", "q", *REFUSED, cwd=ROOT,
                    env=_env(tmp_path), timeout=60)  # fmt: skip
     assert done.returncode == 2, done.stderr  # the run went on (to the refused endpoint), warned
-    assert done.stderr.splitlines()[0] == f"rlm: warning: the context ({empty}) is empty", done.stderr
+    shown = f"{tmp_path}/empty\\x1b]0;PWNED\\x07.txt"
+    assert done.stderr.splitlines()[0] == f"rlm: warning: the context ({shown}) is empty", done.stderr
 
 
 def test_exec_set_names_a_bad_variable_name(tmp_path: Path):

@@ -353,11 +353,13 @@ def test_lines_too_deep_for_the_page_or_the_parser_are_not_blamed_on_a_cut_off_w
         ),
         '{"type": "iteration", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}",  # past the parser's depth
         '{"type": "iteration", "response": "cut o',  # a write cut off
+        "null",  # JSON, but no object: skipped as one too (it was lost between "not JSON" and "null")
+        "[1]",
     ]
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(lines) + "\n")
     root = _data(build_page(path))["runs"][0]
-    assert (root["skipped_lines"], root["too_deep_lines"], root["pruned_values"]) == (1, 1, 1)
+    assert (root["skipped_lines"], root["too_deep_lines"], root["pruned_values"]) == (3, 1, 1)
     (step,) = root["iterations"]
     (kept,) = step["code_blocks"][0]["result"]["rlm_calls"]
     assert kept["prompt"] == "lookup([[...]])" and TOO_DEEP in json.dumps(kept["args"])

@@ -267,6 +267,7 @@ def test_bidirectional_and_control_characters_are_drawn_escaped(browser: Any, tm
     wherever logged text is shown: code, output, replies, answers, prompts, summaries, the run
     index, audit rows, search results and the page's title."""
     code = (
+        "note = 1  # a comment\rshown = 2\n"  # a lone \r ends the comment for the compiler: for the page too
         "def status():\n"
         f"    ''' Report the status, then {RLI}''' ;return llm_query(context)\n"
         "    return 'fine'\n"
@@ -285,7 +286,8 @@ def test_bidirectional_and_control_characters_are_drawn_escaped(browser: Any, tm
     _open_everything(page)
     _shows(page.locator("pre.code").first, "then \\u2067''' ;return llm_query")
     badges = page.locator("pre.code").first.locator(".esc")
-    assert badges.all_inner_texts() == ["\\u2067", "\\u2066", "\\u2069", "\\u202e", "\\u202c"]
+    assert badges.all_inner_texts() == ["\\x0d", "\\u2067", "\\u2066", "\\u2069", "\\u202e", "\\u202c"]
+    assert page.locator("pre.code").first.locator(".com").all_inner_texts()[0] == "# a comment"
     _shows(page.locator("pre.stdout").first, "out \\u2066x\\u2069\\x0d# y\\u2028z")
     _shows(page.locator(".call").first, "ctx")
     page.fill("#search", "0001")

@@ -97,17 +97,21 @@ def _prune(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
     return cut
 
 
+#: What :func:`_parse` returns for text that is not JSON (``None`` is the JSON ``null``).
+_NOT_JSON = object()
+
+
 def _parse(text: str, skipped: _Skipped) -> Any:
-    """*text* as JSON, its too-deep parts cut (:func:`_prune`, counted in *skipped*); None, counted
-    in *skipped*, when it is not JSON."""
+    """*text* as JSON, its too-deep parts cut (:func:`_prune`, counted in *skipped*);
+    :data:`_NOT_JSON`, counted in *skipped*, when it is not JSON."""
     try:
         value = json.loads(text)
     except RecursionError:  # nested too deeply for the parser itself (no writer of ours writes that)
         skipped.too_deep += 1
-        return None
+        return _NOT_JSON
     except ValueError:
         skipped.unreadable += 1
-        return None
+        return _NOT_JSON
     if _prune(value):
         skipped.pruned += 1
     return value
@@ -129,7 +133,7 @@ def _objects(path: Path, skipped: _Skipped) -> Iterator[dict[str, Any]]:
             value = _parse(line, skipped)
             if isinstance(value, dict):
                 yield value
-            elif value is not None:
+            elif value is not _NOT_JSON:  # JSON, but not an object (null, a list, a number)
                 skipped.unreadable += 1
 
 

@@ -56,8 +56,8 @@
   const fmtCost = (v) => (typeof v === "number" ? "$" + v.toFixed(v < 0.01 ? 5 : 4) : "unknown");
   const fmtBytes = (v) => (typeof v === "number" ? (v / 1048576).toFixed(1) + " MiB" : "");
   const tag = (text, kind) => el("span", { class: "tag" + (kind ? " " + kind : ""), text });
-  // (white space made one space, but for the line and paragraph separators: they stay, to be shown escaped)
-  const short = (s, n) => { s = str(s).replace(/[^\S\u2028\u2029]+/g, " ").trim(); return s.length > n ? s.slice(0, n) + "\u2026" : s; };
+  // (white space made one space, but for what is shown escaped: the line and paragraph separators, \r, \v, \f)
+  const short = (s, n) => { s = str(s).replace(/[^\S\u2028\u2029\r\v\f]+/g, " ").trim(); return s.length > n ? s.slice(0, n) + "\u2026" : s; };
   function pre(text, cls) { return el("pre", { class: cls || "", text: str(text) }); }
 
   // A <details> whose body is built the first time it is opened (large runs stay fast).
@@ -76,7 +76,7 @@
   const BI = new Set(("print len range str int float list dict set tuple sorted sum min max enumerate zip map filter any all " +
     "isinstance open repr type abs round bool bytes reversed iter next hasattr getattr setattr super object Exception " +
     "llm_query llm_query_batched rlm_query rlm_query_batched FINAL FINAL_VAR context").split(" "));
-  const TOKEN = /(#[^\n]*)|([rRbBuUfF]{0,2}(?:"""[\s\S]*?(?:"""|$)|'''[\s\S]*?(?:'''|$)|"(?:\\.|[^"\\\n])*"?|'(?:\\.|[^'\\\n])*'?))|(@[A-Za-z_][\w.]*)|(\b\d[\d_]*(?:\.\d*)?(?:[eE][+-]?\d+)?j?\b|\b0[xXoObB][\da-fA-F_]+\b)|([A-Za-z_]\w*)/g;
+  const TOKEN = /(#[^\r\n]*)|([rRbBuUfF]{0,2}(?:"""[\s\S]*?(?:"""|$)|'''[\s\S]*?(?:'''|$)|"(?:\\.|[^"\\\r\n])*"?|'(?:\\.|[^'\\\r\n])*'?))|(@[A-Za-z_][\w.]*)|(\b\d[\d_]*(?:\.\d*)?(?:[eE][+-]?\d+)?j?\b|\b0[xXoObB][\da-fA-F_]+\b)|([A-Za-z_]\w*)/g;
   function highlight(code) {
     const out = el("pre", { class: "code" });
     let last = 0, prevWord = "";
