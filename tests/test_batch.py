@@ -191,6 +191,7 @@ def test_bad_input_lines_are_named_and_skip_bad_records_them(
         '{"id": "gone", "query": "q", "context_path": "docs/missing.txt"}',
         '["not", "an", "object"]',
         '{"id": "both", "query": "q", "context": "a", "context_path": "docs/seven.txt"}',
+        '{"id": "blank", "query": " ", "context": "a"}',
     ]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join(lines) + "\n\n")
@@ -198,7 +199,8 @@ def test_bad_input_lines_are_named_and_skip_bad_records_them(
     code, stderr = in_process(capsys, *args)
     assert code == 2 and not out.exists()
     for number, words in ((2, "invalid JSON"), (3, "missing field 'query'"), (5, "duplicate id 'q03'"),
-                          (6, "missing.txt"), (7, "JSON object"), (8, "exactly one")):  # fmt: skip
+                          (6, "missing.txt"), (7, "JSON object"), (8, "exactly one"),
+                          (9, "field 'query' is empty")):  # fmt: skip
         assert f"line {number}: " in stderr and words in stderr, (number, stderr)
     assert "line 1:" not in stderr and "line 4:" not in stderr
     assert not server.requests  # nothing ran
@@ -210,7 +212,7 @@ def test_bad_input_lines_are_named_and_skip_bad_records_them(
         records["q03"]["answer"] == "9" and records["q07"]["answer"] == "49"
     )  # context_path: relative to the input
     bad = {k: v for k, v in records.items() if v["stop_reason"] == "bad_input"}
-    assert set(bad) == {"line:2", "noquery", "line:5", "gone", "line:7", "both"}
+    assert set(bad) == {"line:2", "noquery", "line:5", "gone", "line:7", "both", "blank"}
     assert bad["line:5"]["error"].startswith("line 5: duplicate id")
     assert len(server.requests) == 2
 

@@ -150,6 +150,8 @@ def item_from_mapping(data: Any, *, base_dir: Path | None = None, line: int | No
     # A lone surrogate ("\\ud800" in the JSON) can never be sent: refused here, naming the line,
     # not tried (and retried) when the item runs.
     check_text("field 'query'", query)
+    if not query.strip():  # a paid run about nothing (as `rlm run --query ""`)
+        raise ValueError("field 'query' is empty")
     has_text, has_path = "context" in data, "context_path" in data
     if has_text == has_path:
         raise ValueError("give exactly one of 'context' and 'context_path'")
