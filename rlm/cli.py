@@ -241,8 +241,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------- doctor
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from sandbox.doctor import layer_report
+    from sandbox.errors import SandboxError
 
-    report = layer_report()
+    try:
+        report = layer_report()
+    except SandboxError as exc:  # not even a child with no layer required starts here
+        return _fail(f"no sandbox starts on this machine: {exc}")
     width = max(len(k) for k in report)
     for layer, state in report.items():
         print(f"{layer:<{width}}  {state}")
@@ -515,7 +519,8 @@ def _add_view_parser(sub: Any) -> None:
         description=(
             "Write one HTML page (no network, opens from file://) showing a run: its child runs, every "
             "iteration, code, output, sub-calls, a timeline, tokens and cost per model, and the audit log "
-            "with its hash chain checked. A directory gives an index of its runs."
+            "with its hash chain checked. A directory gives an index of its runs. Exit status: 0 the page"
+            " was written, 2 a path that cannot be read or is not a trajectory, a log directory or an audit log."
         ),
     )
     p.add_argument("path", metavar="PATH", help="<run id>.jsonl, a log directory, or an audit log")
@@ -799,7 +804,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _needs_a_command(parser)
 
-    p = sub.add_parser("exec", help="run a Python file in a fresh sandbox")
+    p = sub.add_parser(
+        "exec",
+        help="run a Python file in a fresh sandbox",
+        description=(
+            "Run a Python file in a fresh sandbox under a policy, audited. What the code prints goes to"
+            " stdout and stderr (control characters escaped on a terminal). Exit status: 0 ok, 1 the code"
+            " failed, hit a limit or crashed, 2 usage or policy errors, or a sandbox error (a child that"
+            " cannot start, an audit log that cannot be written)."
+        ),
+    )
     p.add_argument("file", help="the code to run, or - for standard input")
     p.add_argument(
         "--policy", default="default", help="a shipped policy name or a .toml path (default: default)"
@@ -819,10 +833,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("policy", help="show or check a policy")
     psub = p.add_subparsers(dest="subcommand", parser_class=_Parser)
     _needs_a_command(p)
-    q = psub.add_parser("show", help="print a policy's effective values, defaults included")
+    q = psub.add_parser(
+        "show",
+        help="print a policy's effective values, defaults included",
+        description="Print a policy's effective values as JSON, defaults included. Exit status: 0 ok, 2 a"
+        " policy that does not load (the error names the file and the key).",
+    )
     q.add_argument("policy", metavar="NAME|PATH")
     q.set_defaults(func=_cmd_policy)
-    q = psub.add_parser("check", help="validate a policy file")
+    q = psub.add_parser(
+        "check",
+        help="validate a policy file",
+        description="Load a policy strictly and say ok, or name each bad key. Warns on stderr of an"
+        " allowed import this Python does not have. Exit status: 0 ok, 2 a policy that does not load.",
+    )
     q.add_argument("policy", metavar="PATH")
     q.set_defaults(func=_cmd_policy)
 
@@ -849,7 +873,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.set_defaults(func=_cmd_audit)
 
-    p = sub.add_parser("doctor", help="show which protection layers work on this machine")
+    p = sub.add_parser(
+        "doctor",
+        help="show which protection layers work on this machine",
+        description="Start a sandbox child with every kernel layer tried (none required) and say, per layer,"
+        " whether it works here or why not, and whether the default policy starts. Exit status: 0, 2 when"
+        " no sandbox starts at all.",
+    )
     p.set_defaults(func=_cmd_doctor)
 
     _add_run_parser(sub)

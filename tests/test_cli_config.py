@@ -333,3 +333,21 @@ def test_policy_check_warns_of_an_allowed_import_this_python_does_not_have(tmp_p
     for shipped in ("default", "strict", "portable"):  # every shipped entry exists
         done = run_cli("policy", "check", shipped, cwd=ROOT, env=_env(tmp_path), timeout=60)
         assert done.returncode == 0 and done.stderr == "", done
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["exec"],
+        ["run"],
+        ["batch"],
+        ["view"],
+        ["doctor"],
+        ["policy", "show"],
+        ["policy", "check"],
+        ["audit", "verify"],
+    ],
+)
+def test_every_command_says_its_exit_statuses_in_its_help(command: list[str]):
+    done = run_cli(*command, "--help", cwd=ROOT, timeout=60)
+    assert done.returncode == 0 and "Exit status:" in " ".join(done.stdout.split()), done.stdout
