@@ -241,10 +241,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------- doctor
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from sandbox.doctor import layer_report
-    from sandbox.errors import SandboxError
+    from sandbox.errors import PolicyError, SandboxError
 
     try:
-        report = layer_report()
+        report = layer_report(args.policy)
+    except PolicyError as exc:
+        return _fail(str(exc))
     except SandboxError as exc:  # not even a child with no layer required starts here
         return _fail(f"no sandbox starts on this machine: {exc}")
     width = max(len(k) for k in report)
@@ -879,6 +881,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a sandbox child with every kernel layer tried (none required) and say, per layer,"
         " whether it works here or why not, and whether the default policy starts. Exit status: 0, 2 when"
         " no sandbox starts at all.",
+    )
+    p.add_argument(
+        "--policy", default="default", help="the policy whose required layers are judged (default: default)"
     )
     p.set_defaults(func=_cmd_doctor)
 

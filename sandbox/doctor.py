@@ -36,16 +36,18 @@ def _details() -> dict[str, str]:
     return out
 
 
-def layer_report() -> dict[str, str]:
+def layer_report(policy_name: str = "default") -> dict[str, str]:
     """Each layer -> ``"works (...)"`` or ``"unavailable: <reason>"``, found by starting a real sandbox.
 
-    Also ``kernel`` and ``verdict``: whether ``default.toml`` (which requires
-    every layer) starts here, else which policy to use.
+    Also ``kernel`` and ``verdict``: whether the policy *policy_name* (a shipped name or a path;
+    ``default`` requires every layer) starts here, else which policy to use. Raises
+    :class:`~sandbox.errors.PolicyError` for a policy that does not load.
     """
     from sandbox.layers import LAYER_TABLE
     from sandbox.policy import load_policy
     from sandbox.sandbox import Sandbox
 
+    judged = load_policy(policy_name)
     policy = load_policy("default").override({"isolation.require": [], "audit.enabled": False})
     with Sandbox(policy) as sb:
         layers = sb.layers
@@ -58,10 +60,10 @@ def layer_report() -> dict[str, str]:
             report[entry.name] = f"works: {entry.doctor}" + (f" [{extra}]" if extra else "")
         else:
             report[entry.name] = state
-    missing = [layer for layer in load_policy("default").isolation.require if layers.get(layer) != "active"]
+    missing = [layer for layer in judged.isolation.require if layers.get(layer) != "active"]
     report["verdict"] = (
-        "policy 'default' starts here (every layer it requires works)"
+        f"policy {judged.name!r} starts here (every layer it requires works)"
         if not missing
-        else f"policy 'default' will refuse to start (missing: {', '.join(missing)}); use 'portable' and read its description"
+        else f"policy {judged.name!r} will refuse to start (missing: {', '.join(missing)}); use 'portable' and read its description"
     )
     return report

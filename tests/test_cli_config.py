@@ -351,3 +351,14 @@ def test_policy_check_warns_of_an_allowed_import_this_python_does_not_have(tmp_p
 def test_every_command_says_its_exit_statuses_in_its_help(command: list[str]):
     done = run_cli(*command, "--help", cwd=ROOT, timeout=60)
     assert done.returncode == 0 and "Exit status:" in " ".join(done.stdout.split()), done.stdout
+
+
+def test_doctor_judges_the_policy_it_is_given(tmp_path: Path):
+    done = run_cli("doctor", "--policy", "portable", cwd=ROOT, env=_env(tmp_path), timeout=120)
+    assert done.returncode == 0, done.stderr
+    verdict = [line for line in done.stdout.splitlines() if line.startswith("verdict")]
+    assert len(verdict) == 1 and "policy 'portable' starts here" in verdict[0], done.stdout
+    done = run_cli(
+        "doctor", "--policy", str(tmp_path / "none.toml"), cwd=ROOT, env=_env(tmp_path), timeout=60
+    )
+    assert done.returncode == 2 and "none.toml: cannot read policy file" in _one_line(done.stderr), done
