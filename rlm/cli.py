@@ -720,6 +720,11 @@ def _cmd_mcp(args: argparse.Namespace) -> int:
     )
     from sandbox.errors import SandboxError
 
+    if args.transport == "stdio" and sys.stdin.isatty():  # started by hand: say what it waits for
+        print(
+            "rlm mcp: serving MCP over stdin/stdout; an MCP client starts this command (Ctrl-D or Ctrl-C to stop)",
+            file=sys.stderr,
+        )
     try:
         run_server(config, args.transport, args.host, args.port)
     # ConfigurationError: the port is taken, the address is not ours, ... (checked first);

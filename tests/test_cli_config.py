@@ -362,3 +362,33 @@ def test_doctor_judges_the_policy_it_is_given(tmp_path: Path):
         "doctor", "--policy", str(tmp_path / "none.toml"), cwd=ROOT, env=_env(tmp_path), timeout=60
     )
     assert done.returncode == 2 and "none.toml: cannot read policy file" in _one_line(done.stderr), done
+
+
+def test_mcp_started_by_hand_on_a_terminal_says_what_it_waits_for(tmp_path: Path):
+    pytest.importorskip("mcp", reason="needs the mcp extra: pip install -e '.[mcp]'")
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlm", "mcp", "--audit-log", str(tmp_path / "a.jsonl")],
+        stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=_env(tmp_path),
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline().decode()
+        assert first.startswith(
+            "rlm mcp: serving MCP over stdin/stdout; an MCP client starts this command"
+        ), first
+    finally:
+        os.close(master)  # the terminal hangs up: the server ends
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    # on a pipe (as a client starts it) it says nothing: stderr is the client's log
+    done = run_cli(
+        "mcp", "--audit-log", str(tmp_path / "a.jsonl"), stdin="", cwd=ROOT, env=_env(tmp_path), timeout=60
+    )
+    assert done.returncode == 0 and done.stderr == "", done
