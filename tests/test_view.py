@@ -363,7 +363,7 @@ def test_lines_too_deep_for_the_page_or_the_parser_are_not_blamed_on_a_cut_off_w
     (step,) = root["iterations"]
     (kept,) = step["code_blocks"][0]["result"]["rlm_calls"]
     assert kept["prompt"] == "lookup([[...]])" and TOO_DEEP in json.dumps(kept["args"])
-    assert root["summary"]["sub_calls"] == 1
+    assert (root["summary"]["sub_calls"], root["summary"]["tool_calls"]) == (0, 1)  # a tool's call
 
 
 def test_a_finished_run_whose_parsed_answer_nests_too_deeply_is_finished(tmp_path: Path):
@@ -411,7 +411,9 @@ def test_sub_calls_past_a_blocks_cap_are_counted_on_the_page(tmp_path: Path, mon
     block = root["iterations"][0]["code_blocks"][0]
     assert len(block["result"]["rlm_calls"]) == 3
     assert block["result"]["rlm_calls_omitted"] == {"sub_calls": 2, "tool_calls": 1}
-    assert root["summary"]["sub_calls"] == 6 and root["summary"]["sub_calls_not_listed"] == 3
+    summary = root["summary"]  # the run's own counts: tool calls apart, as RLMResult has them
+    assert (summary["sub_calls"], summary["sub_calls_not_listed"]) == (r.sub_calls, 2)
+    assert (summary["tool_calls"], summary["tool_calls_not_listed"]) == (r.tool_calls, 1)
     # a damaged count is no count
     lines = [{"type": "metadata", "run_id": "d"}] + [
         {"type": "iteration", "code_blocks": [{"result": {"rlm_calls_omitted": omitted}}]}
@@ -426,7 +428,7 @@ def test_sub_calls_past_a_blocks_cap_are_counted_on_the_page(tmp_path: Path, mon
         None,
         {"sub_calls": 0, "tool_calls": 2},
     ]
-    assert damaged["summary"]["sub_calls"] == 2
+    assert (damaged["summary"]["sub_calls"], damaged["summary"]["tool_calls"]) == (0, 2)
 
 
 def test_the_page_escapes_the_characters_the_terminal_and_the_audit_log_escape():

@@ -56,7 +56,8 @@ def _number(value: Any) -> float:
 def _prepare(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Start times (``_t``, epoch seconds) and the run's totals; returns its per-model usage, children included."""
     totals: dict[str, dict[str, Any]] = {}
-    blocks = sub_calls = not_listed = 0  # not_listed: calls past a block's cap, counted only
+    # *not_listed: the calls past a block's cap, counted there, not listed
+    blocks = sub_calls = not_listed = tool_calls = tools_not_listed = 0
     for it in run["iterations"]:
         end = _epoch(it.get("timestamp"))
         took = it.get("iteration_time")
@@ -76,11 +77,15 @@ def _prepare(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 continue
             blocks += 1
             omitted = (block.get("result") or {}).get("rlm_calls_omitted") or {}
-            not_listed += omitted.get("sub_calls", 0) + omitted.get("tool_calls", 0)
+            not_listed += omitted.get("sub_calls", 0)
+            tools_not_listed += omitted.get("tool_calls", 0)
             for call in (block.get("result") or {}).get("rlm_calls") or []:
                 if not isinstance(call, dict):
                     continue
-                sub_calls += 1
+                if call.get("type") == "tool":  # counted apart, as RLMResult.tool_calls is
+                    tool_calls += 1
+                else:
+                    sub_calls += 1
                 start = _epoch(call.get("timestamp"))
                 if start is not None:
                     call["_t"] = start
@@ -108,6 +113,8 @@ def _prepare(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "code_blocks": blocks,
         "sub_calls": sub_calls + not_listed,
         "sub_calls_not_listed": not_listed,
+        "tool_calls": tool_calls + tools_not_listed,
+        "tool_calls_not_listed": tools_not_listed,
         "input_tokens": sum(_number(u.get("input_tokens")) for u in t),
         "output_tokens": sum(_number(u.get("output_tokens")) for u in t),
         "cost_usd": None if any(not isinstance(c, (int, float)) for c in costs) else sum(costs),

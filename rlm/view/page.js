@@ -368,6 +368,7 @@
       body.append(el("div", { class: "stats" },
         ...[["iterations", fmtInt(sum.iterations)], ["code blocks", fmtInt(sum.code_blocks)],
           ["sub-calls" + (sum.sub_calls_not_listed ? ` (${fmtInt(sum.sub_calls_not_listed)} not recorded)` : ""), fmtInt(sum.sub_calls)],
+          ...(sum.tool_calls ? [["tool calls" + (sum.tool_calls_not_listed ? ` (${fmtInt(sum.tool_calls_not_listed)} not recorded)` : ""), fmtInt(sum.tool_calls)]] : []),
           ["tokens in / out", `${fmtInt(sum.input_tokens)} / ${fmtInt(sum.output_tokens)}`], ["cost", fmtCost(sum.cost_usd)], ["wall time", fmtS(sum.time_s)]]
           .map(([k, v]) => el("div", { class: "stat" }, el("b", { text: v }), el("span", { text: k })))));
       if (!parent && Object.keys(run.children || {}).length) body.append(el("h3", { text: "Run tree" }), runTree(run));
