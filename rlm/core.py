@@ -418,6 +418,15 @@ class RLM:
         check_number("retry_backoff_s", retry_backoff_s, optional=False)
         self.max_retries = max_retries
         check_api_base(api_base)
+        for flag, value in (
+            ("verbose", verbose),
+            ("persistent", persistent),
+            ("prompt_caching", prompt_caching),
+        ):
+            if not isinstance(value, bool):  # "yes" or "no" would both be taken for True
+                raise ConfigurationError(
+                    f"{flag} must be True or False, not {type(value).__name__} {value!r}"
+                )
         self.output_type = output_type
         self.persistent = persistent
         self.prompt_caching = prompt_caching

@@ -299,6 +299,14 @@ def test_tool_names_are_checked():
         RLM("m", tools=[5])
 
 
+def test_switches_must_be_booleans():
+    # "no" was taken for True
+    for name in ("verbose", "persistent", "prompt_caching"):
+        with pytest.raises(ConfigurationError, match=f"^{name} must be True or False, not str 'no'$"):
+            RLM("m", **{name: "no"})
+    assert RLM("m", verbose=True, persistent=False, prompt_caching=False).verbose is True
+
+
 # --------------------------------------------------------- error threshold
 
 
