@@ -473,7 +473,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     if args.json:
         # JSON escapes C0 controls; the C1 ones, DEL and bidi overrides are escaped too (same value).
-        print(result.model_dump_json().translate(_JSON_ESCAPES))
+        print(result.model_dump_json().translate(_json_escapes()))
     elif result.answer is not None:
         # The answer is the model's: written as it is into a pipe or file, with control characters
         # escaped on a terminal (as rlm exec does with what the code printed).
@@ -494,23 +494,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-#: JSON escapes for the characters JSON itself lets through raw but a terminal may act on: DEL, the
-#: C1 controls (U+0080-U+009F), the line and paragraph separators and the bidirectional marks,
-#: embeddings, overrides and isolates (those of ``visible``'s set that JSON writes raw).
-_JSON_ESCAPES = {
-    code: f"\\u{code:04x}"
-    for code in [
-        0x7F,
-        *range(0x80, 0xA0),
-        0x061C,
-        0x200E,
-        0x200F,
-        0x2028,
-        0x2029,
-        *range(0x202A, 0x202F),
-        *range(0x2066, 0x206A),
-    ]
-}
+#: JSON escapes for the characters JSON itself lets through raw but a terminal may act on or draw as
+#: nothing: those of :data:`rlm.display.UNSAFE_CODES` JSON writes raw (all but the C0 controls), a
+#: character past U+FFFF as its surrogate pair, as JSON spells it.
+def _json_escape(code: int) -> str:
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    high, low = divmod(code - 0x10000, 0x400)
+    return f"\\u{0xD800 + high:04x}\\u{0xDC00 + low:04x}"
+
+
+def _json_escapes() -> dict[int, str]:
+    from rlm.display import UNSAFE_CODES
+
+    return {code: _json_escape(code) for code in UNSAFE_CODES if code >= 0x20}
 
 
 # ------------------------------------------------------------------- view
@@ -546,6 +543,8 @@ def _cmd_view(args: argparse.Namespace) -> int:
         return _fail(f"{exc.filename or path}: {exc.strerror}")
     except ConfigurationError as exc:  # nothing to show: no page is written
         return _fail(str(exc))
+    except RecursionError:  # a hostile or broken log: hundreds of child runs, each inside the last
+        return _fail(f"{path}: its runs nest too deeply to draw (child runs hundreds of levels deep)")
     print(out)
     if args.open:
         import webbrowser

@@ -20,24 +20,42 @@ if TYPE_CHECKING:
 
 __all__ = ["LiveView", "VerboseView", "visible"]
 
-# C0 controls but newline and tab, DEL, C1 controls, the line and paragraph separators, and
-# the bidirectional marks, embeddings, overrides and isolates that reorder what is shown
-# ("trojan source"); the audit log escapes the same (those of them JSON does not), and the
-# `rlm view` page draws the same set escaped (page.js UNSAFE).
-_ESCAPES = {
-    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-    for code in [
-        *(c for c in range(0x20) if c not in (0x09, 0x0A)),
-        *range(0x7F, 0xA0),
-        0x061C,
-        0x200E,
-        0x200F,
-        0x2028,
-        0x2029,
-        *range(0x202A, 0x202F),
-        *range(0x2066, 0x206A),
-    ]
-}
+#: Written as escapes wherever logged text is shown (the terminal here, ``rlm run --json``, the
+#: ``rlm view`` page's ``UNSAFE``): C0 controls but newline and tab, DEL, C1 controls, the line
+#: and paragraph separators, the bidirectional marks, embeddings, overrides and isolates that
+#: reorder what is shown ("trojan source"), and the characters drawn as nothing (the soft
+#: hyphen, zero-width spaces and joiners, word joiners and invisible operators, variation
+#: selectors, fillers, the BOM, interlinear annotation marks, tag characters), which hide text
+#: (an instruction spelt in tag characters). The audit log escapes the part that ends or reorders lines.
+UNSAFE_CODES: tuple[int, ...] = (
+    *(c for c in range(0x20) if c not in (0x09, 0x0A)),
+    *range(0x7F, 0xA0),
+    0x00AD,
+    0x034F,
+    0x061C,
+    0x115F,
+    0x1160,
+    0x17B4,
+    0x17B5,
+    *range(0x180B, 0x1810),
+    *range(0x200B, 0x2010),
+    *range(0x2028, 0x202F),
+    *range(0x2060, 0x2070),
+    0x3164,
+    *range(0xFE00, 0xFE10),
+    0xFEFF,
+    0xFFA0,
+    *range(0xFFF9, 0xFFFC),
+    *range(0x1D173, 0x1D17B),
+    *range(0xE0000, 0xE1000),
+)
+
+
+def _escape(code: int) -> str:
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+_ESCAPES = {code: _escape(code) for code in UNSAFE_CODES}
 
 
 def visible(text: str) -> str:

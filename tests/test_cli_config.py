@@ -394,3 +394,34 @@ def test_mcp_started_by_hand_on_a_terminal_says_what_it_waits_for(tmp_path: Path
         "mcp", "--audit-log", str(tmp_path / "a.jsonl"), stdin="", cwd=ROOT, env=_env(tmp_path), timeout=60
     )
     assert done.returncode == 0 and done.stderr == "", done
+
+
+def test_view_of_a_chain_of_runs_too_deep_to_draw_exits_2_in_one_line(tmp_path: Path):
+    """A log directory whose runs form a chain of 400 child runs (a hostile or broken log: the
+    page nests each child inside its parent) ended in a RecursionError traceback."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    n = 400
+    for i in range(n):
+        meta = {
+            "type": "metadata",
+            "run_id": f"r{i:05d}",
+            "parent_run_id": f"r{i - 1:05d}" if i else None,
+            "depth": i,
+        }
+        calls = (
+            [{"type": "rlm", "run_id": f"r{i + 1:05d}", "prompt": "go", "response": "ok"}]
+            if i < n - 1
+            else []
+        )
+        step = {
+            "type": "iteration",
+            "iteration": 1,
+            "code_blocks": [{"code": "go()", "result": {"rlm_calls": calls}}],
+        }
+        (logs / f"r{i:05d}.jsonl").write_text(json.dumps(meta) + "\n" + json.dumps(step) + "\n")
+    done = run_cli(
+        "view", str(logs), "-o", str(tmp_path / "page.html"), cwd=ROOT, env=_env(tmp_path), timeout=120
+    )
+    assert done.returncode == 2 and "nest too deeply to draw" in _one_line(done.stderr), done.stderr[-500:]
+    assert not (tmp_path / "page.html").exists()

@@ -439,10 +439,15 @@ def test_the_page_escapes_the_characters_the_terminal_and_the_audit_log_escape()
     from sandbox.audit import _UNSAFE
 
     script = (Path(rlm.view.__file__).parent / "page.js").read_text()
-    found = re.search(r"const UNSAFE = /\[(.*?)\]/g;", script)
+    found = re.search(r"const UNSAFE = /\[(.*?)\]\+/gu;", script)
     assert found is not None
-    page = {c for c in range(0x10000) if re.fullmatch(f"[{found.group(1)}]", chr(c))}
+    js_class = re.sub(r"\\u\{([0-9a-f]+)\}", lambda m: f"\\U{int(m.group(1), 16):08x}", found.group(1))
+    in_class = re.compile(f"[{js_class}]")
+    page = {c for c in range(0x110000) if in_class.fullmatch(chr(c))}
     assert page == set(_ESCAPES)
     assert {c for c in range(0x10000) if _UNSAFE.fullmatch(chr(c))} <= page
     assert {0x061C, 0x200E, 0x200F, 0x2028, 0x2029, 0x202E, 0x2067} <= page
+    # and what draws as nothing: zero-width joiner, word joiner, BOM, soft hyphen, tag characters
+    assert {0x200D, 0x2060, 0xFEFF, 0x00AD, 0xFE0F, 0xE0041} <= page
     assert visible("a\u200fb\u2028c\u061c") == "a\\u200fb\\u2028c\\u061c"
+    assert visible("admin\u200d \U000e0041") == "admin\\u200d \\U000e0041"

@@ -5,29 +5,44 @@
 (function () {
   const DATA = JSON.parse(document.getElementById("rlm-data").textContent);
   const app = document.getElementById("app");
-  const views = {}; // run_id -> {run, el, iters: [details], parent: {runId, iter, block, call}}
+  const views = Object.create(null); // run_id -> {run, el, iters: [details], parent: {runId, iter, block, call}}
 
   // ------------------------------------------------------------------ helpers
   // Drawn as an escape ("\u202e" in a badge), never as themselves: C0 controls but tab and newline,
-  // DEL, C1 controls, the line and paragraph separators, and the bidirectional marks, embeddings,
+  // DEL, C1 controls, the line and paragraph separators, the bidirectional marks, embeddings,
   // overrides and isolates, which make text show in another order than it is ("Trojan Source":
-  // code that looks commented out but runs, "amount \u202e0001\u202c" shown as "amount 1000").
-  // The set of rlm.display.visible (the terminal) and of the audit log's escapes.
-  const UNSAFE = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+  // code that looks commented out but runs, "amount \u202e0001\u202c" shown as "amount 1000"),
+  // and the characters drawn as nothing (zero-width spaces and joiners, word joiners, invisible
+  // operators, the soft hyphen, variation selectors, fillers, the BOM, tag characters), which hide
+  // text from the eye and from search (an instruction spelt in tag characters inside a prompt).
+  // The set of rlm.display.visible (the terminal); the audit log escapes a part of it.
+  const UNSAFE = /[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb\u{1d173}-\u{1d17a}\u{e0000}-\u{e0fff}]+/gu;
   const MAX_BADGES = 1000; // per text: past them, the escapes are plain text (a page of 10^6 spans is unusable)
-  const escOf = (c) => { const n = c.charCodeAt(0); return n < 0x100 ? "\\x" + n.toString(16).padStart(2, "0") : "\\u" + n.toString(16).padStart(4, "0"); };
-  const visibleText = (s) => s.replace(UNSAFE, escOf); // for what takes a string only (the window title)
-  // *s* as nodes to append: text, each unsafe character a badge holding its escape.
+  let pageBadges = 50000; // and for the whole page (code is drawn as many texts)
+  const escOf = (c) => {
+    const n = c.codePointAt(0);
+    return n < 0x100 ? "\\x" + n.toString(16).padStart(2, "0") : n < 0x10000 ? "\\u" + n.toString(16).padStart(4, "0") : "\\U" + n.toString(16).padStart(8, "0");
+  };
+  // A run of unsafe characters as one text: each escaped; a run of one character repeated, once with its count.
+  const escRun = (run) => {
+    const chars = Array.from(run);
+    return chars.length > 3 && chars.every((c) => c === chars[0]) ? `${escOf(chars[0])}\u00d7${chars.length}` : chars.map(escOf).join("");
+  };
+  const visibleText = (s) => s.replace(UNSAFE, escRun); // for what takes a string only (the window title)
+  // *s* as nodes to append: text, each run of unsafe characters a badge holding their escapes.
   function textNode(s) {
     if (s.search(UNSAFE) < 0) return document.createTextNode(s);
     const frag = document.createDocumentFragment();
     let last = 0, n = 0;
     for (const m of s.matchAll(UNSAFE)) {
-      if (n >= MAX_BADGES) break;
+      if (n >= MAX_BADGES || pageBadges <= 0) break;
       if (m.index > last) frag.append(s.slice(last, m.index));
-      frag.append(el("span", { class: "esc", title: `U+${m[0].charCodeAt(0).toString(16).toUpperCase().padStart(4, "0")} shown escaped` }, escOf(m[0])));
-      last = m.index + 1;
+      const count = Array.from(m[0]).length;
+      const what = count === 1 ? `U+${m[0].codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}` : `${count} characters`;
+      frag.append(el("span", { class: "esc", title: `${what} shown escaped` }, escRun(m[0])));
+      last = m.index + m[0].length;
       n++;
+      pageBadges--;
     }
     frag.append(visibleText(s.slice(last)));
     return frag;
@@ -76,7 +91,7 @@
   const BI = new Set(("print len range str int float list dict set tuple sorted sum min max enumerate zip map filter any all " +
     "isinstance open repr type abs round bool bytes reversed iter next hasattr getattr setattr super object Exception " +
     "llm_query llm_query_batched rlm_query rlm_query_batched FINAL FINAL_VAR context").split(" "));
-  const TOKEN = /(#[^\r\n]*)|([rRbBuUfF]{0,2}(?:"""[\s\S]*?(?:"""|$)|'''[\s\S]*?(?:'''|$)|"(?:\\.|[^"\\\r\n])*"?|'(?:\\.|[^'\\\r\n])*'?))|(@[A-Za-z_][\w.]*)|(\b\d[\d_]*(?:\.\d*)?(?:[eE][+-]?\d+)?j?\b|\b0[xXoObB][\da-fA-F_]+\b)|([A-Za-z_]\w*)/g;
+  const TOKEN = /(#[^\r\n]*)|([rRbBuUfF]{0,2}(?:"""[\s\S]*?(?:"""|$)|'''[\s\S]*?(?:'''|$)|"(?:\\[\s\S]|[^"\\\r\n])*"?|'(?:\\[\s\S]|[^'\\\r\n])*'?))|(@[A-Za-z_][\w.]*)|(\b\d[\d_]*(?:\.\d*)?(?:[eE][+-]?\d+)?j?\b|\b0[xXoObB][\da-fA-F_]+\b)|([A-Za-z_]\w*)/g;
   function highlight(code) {
     const out = el("pre", { class: "code" });
     let last = 0, prevWord = "";
@@ -449,7 +464,7 @@
 
   // ---------------------------------------------------------------- search
   const allRuns = [];
-  const rootFor = {};
+  const rootFor = Object.create(null);
   (function collect(runs, root) {
     for (const r of runs) { allRuns.push(r); rootFor[r.run_id] = root || r.run_id; collect(Object.values(r.children || {}), root || r.run_id); }
   })(DATA.runs, null);
@@ -483,18 +498,21 @@
   function search(q) {
     hits.replaceChildren();
     if (!q) { hits.hidden = true; return; }
-    const needle = q.toLowerCase();
+    // Found case-insensitively in the text itself: an index into a lowercased copy (where "\u0130"
+    // takes two characters) would mark the wrong words.
+    const needle = new RegExp(q.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"), "iu");
     let count = 0, total = 0;
     for (const [text, target, what] of haystack()) {
       const s = str(text);
-      const at = s.toLowerCase().indexOf(needle);
-      if (at < 0) continue;
+      const found = needle.exec(s);
+      if (!found) continue;
+      const at = found.index, len = found[0].length;
       total++;
       if (count >= 200) continue;
       count++;
       const from = Math.max(0, at - 60);
-      const snip = el("div", { class: "snip" }, (from ? "\u2026" : "") + s.slice(from, at), el("mark", { text: s.slice(at, at + q.length) }),
-        s.slice(at + q.length, at + q.length + 100));
+      const snip = el("div", { class: "snip" }, (from ? "\u2026" : "") + s.slice(from, at), el("mark", { text: s.slice(at, at + len) }),
+        s.slice(at + len, at + len + 100));
       const where = `${target.runId} \u00b7 iteration ${target.iter + 1} \u00b7 ${what}`;
       hits.append(el("div", { class: "hit", onclick: () => { hits.hidden = true; reveal(target); } }, el("div", { class: "where", text: where }), snip));
     }
@@ -507,7 +525,7 @@
   box.addEventListener("keydown", (e) => { if (e.key === "Enter") { clearTimeout(timer); search(box.value.trim()); } if (e.key === "Escape") { hits.hidden = true; } });
 
   // ------------------------------------------------------------------ pages
-  const runEls = {};
+  const runEls = Object.create(null);
   function showRun(rootId) {
     if (DATA.kind !== "dir") return;
     app.replaceChildren(el("div", null, el("span", { class: "link", text: "\u2190 all runs", onclick: showIndex })));
