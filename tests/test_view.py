@@ -251,7 +251,9 @@ def test_cli_view_open_without_a_browser_says_so(tmp_path: Path):
     env["BROWSER"] = str(tmp_path / "no-such-browser")
     out = run_cli("view", r.log_path, "-o", str(tmp_path / "p.html"), "--open", env=env)
     assert out.returncode == 0 and out.stdout.strip() == str(tmp_path / "p.html")  # the page is written
-    assert out.stderr == f"rlm: --open: no browser could be started here; open {tmp_path / 'p.html'} yourself\n"
+    assert (
+        out.stderr == f"rlm: --open: no browser could be started here; open {tmp_path / 'p.html'} yourself\n"
+    )
 
 
 def test_a_large_audit_log_gives_a_bounded_page_that_says_what_it_left_out(tmp_path: Path, monkeypatch):
@@ -451,3 +453,20 @@ def test_the_page_escapes_the_characters_the_terminal_and_the_audit_log_escape()
     assert {0x200D, 0x2060, 0xFEFF, 0x00AD, 0xFE0F, 0xE0041} <= page
     assert visible("a\u200fb\u2028c\u061c") == "a\\u200fb\\u2028c\\u061c"
     assert visible("admin\u200d \U000e0041") == "admin\\u200d \\U000e0041"
+
+
+def test_run_ids_that_are_not_text_are_replaced_by_the_file_name(tmp_path: Path):
+    """A hostile log's ``run_id`` or ``parent_run_id`` that is an object (``{"toString": 1}``)
+    reached the page as a key and stopped its script (no run drawn at all)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "good.jsonl").write_text(json.dumps({"type": "metadata", "run_id": "good"}) + "\n")
+    bad = {"type": "metadata", "run_id": {"toString": 1}, "parent_run_id": {"x": 1}}
+    step = {
+        "type": "iteration",
+        "code_blocks": [{"code": "x", "result": {"rlm_calls": [{"type": "rlm", "run_id": [1]}]}}],
+    }
+    (logs / "bad.jsonl").write_text(json.dumps(bad) + "\n" + json.dumps(step) + "\n")
+    runs = _data(build_page(logs))["runs"]
+    assert sorted(r["run_id"] for r in runs) == ["bad", "good"]
+    assert all(not r["children"] for r in runs)

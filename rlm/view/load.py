@@ -219,6 +219,12 @@ def _link_audit(run: dict[str, Any]) -> None:
             block["audit"] = waiting.pop(0)
 
 
+def _text(value: Any) -> str | None:
+    """*value* when it is a non-empty str (a run id, used as a key by the page), else None: an
+    object there (``{"toString": 1}`` in a hostile log) stopped the page's script."""
+    return value if isinstance(value, str) and value else None
+
+
 def _count(value: Any) -> int:
     """*value* when it is a count (an int, not a bool, not negative), else 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
@@ -267,7 +273,7 @@ def load_run(path: Path, *, seen: set[str] | None = None) -> dict[str, Any]:
     run: dict[str, Any] = {
         "file": path.name,
         "path": str(path),
-        "run_id": metadata.get("run_id") or path.name.removesuffix(".jsonl"),
+        "run_id": _text(metadata.get("run_id")) or path.name.removesuffix(".jsonl"),
         "metadata": metadata,
         "iterations": iterations,
         "skipped_lines": skipped.unreadable,  # not JSON: a write cut off (or a damaged file)
@@ -298,7 +304,7 @@ def load_run(path: Path, *, seen: set[str] | None = None) -> dict[str, Any]:
         for block in iteration.get("code_blocks") or []:
             calls = (block.get("result") or {}).get("rlm_calls") if isinstance(block, dict) else None
             for call in calls or []:
-                if not isinstance(call, dict) or call.get("type") != "rlm" or not call.get("run_id"):
+                if not isinstance(call, dict) or call.get("type") != "rlm" or not _text(call.get("run_id")):
                     continue
                 child_path = path.with_name(f"{Path(str(call['run_id'])).name}.jsonl")
                 if child_path.is_file() and str(child_path.resolve()) not in seen:
@@ -315,7 +321,7 @@ def load_directory(directory: Path) -> list[dict[str, Any]]:
     for path in paths:
         with open(open_regular(path), encoding="utf-8", errors="replace") as f:
             first = _parse(f.readline() or "{}", _Skipped())
-        parents[path] = first.get("parent_run_id") if isinstance(first, dict) else None
+        parents[path] = _text(first.get("parent_run_id")) if isinstance(first, dict) else None
     for path in paths:
         if parents[path] is None and str(path.resolve()) not in seen:
             runs.append(load_run(path, seen=seen))
