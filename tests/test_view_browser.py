@@ -10,6 +10,7 @@ installs both when it can.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -320,6 +321,7 @@ def test_what_draws_as_nothing_is_drawn_escaped_and_the_highlighter_and_search_f
         f"asked = llm_query('Summarise.' + '{hidden}')\n"
         "print(chr(1) * 1000 + 'end')\n"
         "print('\u0130' * 9 + 'REJECTED APPROVED')\n"
+        "amounts = ['\u05d0', 100, 5, '\u05d1']\n"
         "answer = 'done'"
     )
     r = run("q", "ctx", model="root", sub_model="sub", backend=_scripted(code), log_dir=tmp_path / "logs")
@@ -336,6 +338,11 @@ def test_what_draws_as_nothing_is_drawn_escaped_and_the_highlighter_and_search_f
     _shows(page.locator(".call").first, "Summarise.\\U000e0052")  # the prompt as sent, its tags escaped
     out = page.locator("pre.stdout").first
     assert out.locator(".esc").all_inner_texts()[0] == "\\x01\u00d71000"  # one badge for the run
+    # code in the order it is written: the Hebrew letters do not carry 100 and 5 past each other
+    numbers = {
+        t: block.locator("span.num", has_text=re.compile(f"^{t}$")).first.bounding_box() for t in ("100", "5")
+    }
+    assert numbers["100"] and numbers["5"] and numbers["100"]["x"] < numbers["5"]["x"], numbers
     page.fill("#search", "rejected")
     page.press("#search", "Enter")
     marks = page.locator("#hits mark").all_inner_texts()
