@@ -898,12 +898,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The sub-command's parser *args* went through (``rlm policy check``'s, say), else *parser*."""
+    for dest in ("command", "subcommand"):
+        choices = next(
+            (
+                a.choices
+                for a in parser._actions
+                if isinstance(a, argparse._SubParsersAction) and a.dest == dest
+            ),
+            None,
+        )
+        name = getattr(args, dest, None)
+        if not choices or name not in choices:
+            break
+        parser = choices[name]
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # A server's malformed reply (a message that is not an object, content that is not text) is
     # reported as one error line; on the way litellm serializes the response and pydantic warns,
     # several lines on stderr naming the host's site-packages. Not in this process's output.
     warnings.filterwarnings("ignore", message="Pydantic serializer warnings", category=UserWarning)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser, with its usage (the top one showed rlm's)
+        _chosen(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code: int = args.func(args)
         sys.stdout.flush()  # here, where a closed pipe can be told apart, not at exit

@@ -281,7 +281,7 @@ def test_usage_errors_quote_arguments_with_control_characters_escaped():
         done.stderr
     )
     assert done.stderr.splitlines()[-1] == (
-        "rlm: error: unrecognized arguments: \\x1b]0;pwned\\x07\\x1b[2J\\u202e"
+        "rlm doctor: error: unrecognized arguments: \\x1b]0;pwned\\x07\\x1b[2J\\u202e"
     ), done.stderr
 
 
@@ -425,3 +425,15 @@ def test_view_of_a_chain_of_runs_too_deep_to_draw_exits_2_in_one_line(tmp_path: 
     )
     assert done.returncode == 2 and "nest too deeply to draw" in _one_line(done.stderr), done.stderr[-500:]
     assert not (tmp_path / "page.html").exists()
+
+
+def test_an_unknown_flag_is_refused_with_its_commands_usage():
+    """It was refused with the top-level usage ("rlm [-h] [--version] {exec,...}"), not the
+    command's, which lists the flags there are."""
+    done = run_cli(
+        "run", "-m", "openai/x", "--context", "-", "--query", "q", "--bogus", stdin="", cwd=ROOT, timeout=60
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.startswith("usage: rlm run ") and done.stderr.splitlines()[-1] == (
+        "rlm run: error: unrecognized arguments: --bogus"
+    ), done.stderr
