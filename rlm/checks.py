@@ -17,12 +17,40 @@ from urllib.parse import urlsplit
 
 from rlm.errors import ConfigurationError
 
-__all__ = ["check_api_base", "check_int", "check_log_dir", "check_number", "check_text"]
+__all__ = [
+    "check_api_base",
+    "check_int",
+    "check_log_dir",
+    "check_number",
+    "check_text",
+    "module_found",
+    "shown",
+]
 
 
-def _shown(value: Any) -> str:
-    text = repr(value)
+def shown(value: Any) -> str:
+    """*value*'s repr for a message, cut at 60 characters (``"(no repr)"`` when its repr fails)."""
+    try:
+        text = repr(value)
+    except Exception:
+        return "(no repr)"
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def module_found(name: str) -> bool:
+    """Whether this Python has the top-level module of *name* (``"ray"``, ``"html"`` for
+    ``"html.parser"``), found without importing anything (a dotted name's parent would be
+    imported, running its code); an install that breaks the lookup counts as none."""
+    import importlib.util
+    import sys
+
+    top = name.split(".", 1)[0]
+    if top in sys.builtin_module_names:
+        return True
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def check_int(name: str, value: Any, *, minimum: int, optional: bool = False) -> None:
@@ -31,7 +59,7 @@ def check_int(name: str, value: Any, *, minimum: int, optional: bool = False) ->
         return
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         kind = "an int or None" if optional else "an int"
-        raise ConfigurationError(f"{name} must be {kind}, not {type(value).__name__} ({_shown(value)})")
+        raise ConfigurationError(f"{name} must be {kind}, not {type(value).__name__} ({shown(value)})")
     if value < minimum:
         raise ConfigurationError(f"{name} must be >= {minimum}, got {value!r}")
 
@@ -43,7 +71,7 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0, optional: bool 
         return
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         kind = "a number or None" if optional else "a number"
-        raise ConfigurationError(f"{name} must be {kind}, not {type(value).__name__} ({_shown(value)})")
+        raise ConfigurationError(f"{name} must be {kind}, not {type(value).__name__} ({shown(value)})")
     number = float(value)
     if not math.isfinite(number):
         raise ConfigurationError(f"{name} must be a finite number, got {number!r}")

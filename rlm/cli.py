@@ -183,9 +183,10 @@ def _cmd_policy(args: argparse.Namespace) -> int:
         print(
             f"{args.policy}: ok (policy {policy.name!r}, schema_version {policy.schema_version}, sha256 {policy.sha256[:16]}...)"
         )
+        from rlm.checks import module_found
         from rlm.display import visible
 
-        for name in _unknown_modules(policy.python.allowed_imports):
+        for name in (n for n in policy.python.allowed_imports if not module_found(n)):
             print(f"rlm policy check: warning: python.allowed_imports: no module {visible(name)!r} here (a typo?)",
                   file=sys.stderr)  # fmt: skip
         return EXIT_OK
@@ -193,23 +194,6 @@ def _cmd_policy(args: argparse.Namespace) -> int:
     data["sha256"] = policy.sha256
     print(json.dumps(data, indent=2))
     return EXIT_OK
-
-
-def _unknown_modules(names: Sequence[str]) -> list[str]:
-    """The entries of *names* whose top-level package this Python cannot find (found without
-    importing anything: a dotted entry's parent would be imported, running its code)."""
-    import importlib.util
-
-    unknown = []
-    for name in names:
-        top = name.split(".", 1)[0]
-        try:
-            found = top in sys.builtin_module_names or importlib.util.find_spec(top) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            unknown.append(name)
-    return unknown
 
 
 # ------------------------------------------------------------------ audit

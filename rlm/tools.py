@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from rlm.checks import shown
 from rlm.errors import ConfigurationError
 
 __all__ = ["RESERVED_NAMES", "Tool", "describe_tools", "tool_table"]
@@ -64,14 +65,6 @@ def _signature(fn: Callable[..., Any]) -> str:
         return "(...)"
 
 
-def _short_repr(value: Any) -> str:
-    try:
-        text = repr(value)
-    except Exception:
-        return "(no repr)"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def tool_table(
     tools: Mapping[str, Callable[..., Any]] | Iterable[Callable[..., Any]] | None,
 ) -> dict[str, Tool]:
@@ -87,8 +80,8 @@ def tool_table(
     table: dict[str, Tool] = {}
     for name, fn in pairs:
         if not callable(fn):
-            shown = repr(name) if name is not None else f"{type(fn).__name__} {_short_repr(fn)}"
-            raise ConfigurationError(f"tool {shown} is not callable")
+            which = repr(name) if name is not None else f"{type(fn).__name__} {shown(fn)}"
+            raise ConfigurationError(f"tool {which} is not callable")
         if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
             raise ConfigurationError(
                 f"tool name {name!r} must be an identifier not starting with '_' "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from rlm.batching.items import BatchItem, InputProblem, read_input
 from rlm.batching.outfile import ResultsFile
 from rlm.batching.progress import Progress
 from rlm.batching.worker import error_record
-from rlm.checks import check_log_dir
+from rlm.checks import check_log_dir, module_found
 from rlm.display import visible
 from rlm.errors import ConfigurationError, RLMError
 
@@ -92,11 +91,7 @@ def _engine_flag_problem(args: argparse.Namespace) -> str | None:
     without Ray installed: said before anything runs, not after a summary of nothing."""
     if args.engine != "ray":
         return "--ray-address needs --engine ray" if args.ray_address is not None else None
-    try:
-        found = importlib.util.find_spec("ray") is not None
-    except (ImportError, ValueError):  # a broken install: as good as none
-        found = False
-    if not found:
+    if not module_found("ray"):
         return "the ray engine needs Ray: pip install 'rlm[ray]' (no module named 'ray')"
     return None
 
